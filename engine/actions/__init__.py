@@ -1,0 +1,1 @@
+"""Executors: one module per action kind, each journaled; `execute` dispatches by type."""

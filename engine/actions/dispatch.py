@@ -1,0 +1,24 @@
+"""Dispatch an action to its executor by type. An unknown kind is a bug and raises."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from engine.actions import apply_schema, create_database, destroy_database, recreate_shard, update_database
+from engine.actions.base import ApplyContext
+from engine.plan import models
+
+EXECUTORS: dict[type, Callable] = {
+    models.CreateDatabase: create_database.execute,
+    models.DestroyDatabase: destroy_database.execute,
+    models.ApplySchema: apply_schema.execute,
+    models.UpdateDatabase: update_database.execute,
+    models.RecreateShard: recreate_shard.execute,
+}
+
+
+def execute(action, ctx: ApplyContext) -> None:
+    executor = EXECUTORS.get(type(action))
+    if executor is None:
+        raise TypeError(f"no executor for action kind {type(action).__name__}")
+    executor(action, ctx)

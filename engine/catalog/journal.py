@@ -1,0 +1,96 @@
+"""The operation journal: every step of an action recorded before and after it runs.
+
+Executors are written so that each step can run again after a crash (they check what already
+exists); the journal tells a person, `status` and a resuming apply what was in flight.
+A failpoint (SHARDCTL_FAILPOINT=<step prefix>) kills the process right after a step's 'begin'
+is recorded, so the crash tests can stop an apply at every step for real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from engine.catalog.lock import who
+from engine.errors import UserError
+
+FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
+_stop_requested = False
+
+
+class Interrupted(UserError):
+    """Raised at a step boundary after the user asked to stop (Ctrl-C)."""
+
+
+def request_stop() -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
+def clear_stop() -> None:
+    global _stop_requested
+    _stop_requested = False
+
+
+class Operation:
+    def __init__(self, conn: psycopg.Connection, op_id: int):
+        self.conn = conn
+        self.id = op_id
+
+    @classmethod
+    def start(cls, conn: psycopg.Connection, kind: str, address: str, plan_serial: int,
+              detail: dict[str, Any] | None = None) -> "Operation":
+        op_id = conn.execute(
+            "INSERT INTO shardctl.operations (kind, address, state, plan_serial, who, detail)"
+            " VALUES (%s, %s, 'running', %s, %s, %s) RETURNING id",
+            (kind, address, plan_serial, who(), Jsonb(detail or {})),
+        ).fetchone()[0]
+        return cls(conn, op_id)
+
+    @contextmanager
+    def step(self, name: str, **detail: Any) -> Iterator[None]:
+        if _stop_requested:
+            raise Interrupted(f"stopped before step {name!r}; apply again to continue")
+        self._record(name, "begin", detail)
+        failpoint = os.environ.get(FAILPOINT_ENV)
+        if failpoint and name.startswith(failpoint):
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            yield
+        except BaseException as exc:
+            self._record(name, "failed", {**detail, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+            raise
+        self._record(name, "done", detail)
+
+    def finish(self, state: str = "done") -> None:
+        self.conn.execute("UPDATE shardctl.operations SET state = %s, finished_at = now() WHERE id = %s",
+                          (state, self.id))
+
+    def _record(self, step: str, status: str, detail: dict[str, Any]) -> None:
+        if self.conn.closed:
+            return
+        self.conn.execute(
+            "INSERT INTO shardctl.journal (operation, step, status, detail) VALUES (%s, %s, %s, %s)",
+            (self.id, step, status, Jsonb({k: str(v) for k, v in detail.items()})),
+        )
+
+
+def interrupted(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Operations that were running when their process died (the apply lock is not held)."""
+    rows = conn.execute(
+        "SELECT o.id, o.kind, o.address, o.started_at,"
+        " (SELECT step FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1)"
+        " FROM shardctl.operations o WHERE o.state = 'running' ORDER BY o.id"
+    ).fetchall()
+    return [dict(id=r[0], kind=r[1], address=r[2], started_at=r[3], last_step=r[4]) for r in rows]
+
+
+def close_interrupted(conn: psycopg.Connection) -> None:
+    """Mark operations left 'running' by a dead process as failed; the new plan resumes their work."""
+    conn.execute("UPDATE shardctl.operations SET state = 'failed', finished_at = now(),"
+                 " detail = detail || '{\"interrupted\": true}' WHERE state = 'running'")

@@ -1,0 +1,178 @@
+"""The control database's own schema, versioned and migrated forward.
+
+Each entry of MIGRATIONS is applied once, in order, in one transaction, under a transaction
+advisory lock so two processes starting at once cannot both migrate. Never edit an entry that
+has shipped; append a new one.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from engine.errors import UserError
+
+MIGRATION_LOCK_KEY = 0x5348_4443_4D49  # "SHDCMI"
+
+V1 = r"""
+CREATE SCHEMA IF NOT EXISTS shardctl;
+
+CREATE TABLE shardctl.meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+
+-- one row: the serial every apply bumps (saved plans are checked against it) and the routing
+-- epoch clients cache the shard map by
+CREATE TABLE shardctl.state (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    serial     bigint NOT NULL,
+    epoch      bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO shardctl.state (serial, epoch) VALUES (0, 1);
+
+CREATE TABLE shardctl.databases (
+    name        text PRIMARY KEY,
+    key_column  text NOT NULL,
+    key_type    text NOT NULL CHECK (key_type IN ('bigint', 'text')),
+    protect     boolean NOT NULL,
+    policy_name text NOT NULL,
+    policy      jsonb NOT NULL,
+    placement   text[] NOT NULL,
+    state       text NOT NULL CHECK (state IN ('creating', 'active', 'destroying')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- the schema steps every active shard of a database has applied, in order
+CREATE TABLE shardctl.schema_steps (
+    database   text NOT NULL REFERENCES shardctl.databases (name) ON DELETE CASCADE,
+    seq        int NOT NULL,
+    name       text NOT NULL,
+    sha256     text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (database, seq)
+);
+
+CREATE TABLE shardctl.shards (
+    database           text NOT NULL REFERENCES shardctl.databases (name) ON DELETE CASCADE,
+    name               text NOT NULL,              -- Vitess-style range name: -40, 40-80, 80-
+    lo                 bigint,                     -- NULL: bottom of the keyspace
+    hi                 bigint,                     -- NULL: top of the keyspace (2^63 is no bigint)
+    server             text NOT NULL,
+    dbname             text NOT NULL,
+    state              text NOT NULL CHECK (state IN ('creating', 'active', 'retired')),
+    schema_fingerprint text,
+    schema_snapshot    jsonb,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (database, name),
+    UNIQUE (server, dbname),
+    CHECK (lo IS NULL OR hi IS NULL OR lo < hi)
+);
+
+CREATE TABLE shardctl.operations (
+    id          bigserial PRIMARY KEY,
+    kind        text NOT NULL,
+    address     text NOT NULL,
+    state       text NOT NULL CHECK (state IN ('running', 'done', 'failed')),
+    plan_serial bigint NOT NULL,
+    who         text NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    detail      jsonb NOT NULL DEFAULT '{}'
+);
+
+-- every step of an operation, recorded before ('begin') and after ('done' / 'failed') it runs
+CREATE TABLE shardctl.journal (
+    operation bigint NOT NULL REFERENCES shardctl.operations (id),
+    seq       bigserial,
+    step      text NOT NULL,
+    status    text NOT NULL CHECK (status IN ('begin', 'done', 'failed')),
+    at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    detail    jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (operation, seq)
+);
+
+CREATE TABLE shardctl.history (
+    id      bigserial PRIMARY KEY,
+    at      timestamptz NOT NULL DEFAULT now(),
+    event   text NOT NULL,
+    address text NOT NULL,
+    serial  bigint NOT NULL,
+    detail  jsonb NOT NULL DEFAULT '{}'
+);
+
+-- who holds the apply lock (the lock itself is a session advisory lock)
+CREATE TABLE shardctl.lock_info (
+    id        boolean PRIMARY KEY DEFAULT true CHECK (id),
+    lock_id   text NOT NULL,
+    operation text NOT NULL,
+    who       text NOT NULL,
+    version   text NOT NULL,
+    created   timestamptz NOT NULL DEFAULT now()
+);
+
+-- routing: the shard that owns a key (only active shards own ranges)
+CREATE FUNCTION shardctl.key_hash(p_database text, p_key text) RETURNS bigint
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT CASE d.key_type
+               WHEN 'bigint' THEN hashint8extended(p_key::bigint, 0)
+               ELSE hashtextextended(p_key, 0)
+           END
+    FROM shardctl.databases d WHERE d.name = p_database
+$$;
+
+CREATE FUNCTION shardctl.route(p_database text, p_key text)
+RETURNS TABLE (shard text, server text, dbname text, epoch bigint)
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT s.name, s.server, s.dbname, st.epoch
+    FROM shardctl.shards s, shardctl.state st
+    WHERE s.database = p_database
+      AND s.state = 'active'
+      AND (s.lo IS NULL OR shardctl.key_hash(p_database, p_key) >= s.lo)
+      AND (s.hi IS NULL OR shardctl.key_hash(p_database, p_key) < s.hi)
+$$;
+
+CREATE FUNCTION shardctl.route(p_database text, p_key bigint)
+RETURNS TABLE (shard text, server text, dbname text, epoch bigint)
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT * FROM shardctl.route(p_database, p_key::text)
+$$;
+"""
+
+MIGRATIONS: list[str] = [V1]
+VERSION = len(MIGRATIONS)
+
+
+def installed_version(conn: psycopg.Connection) -> int:
+    """0 when the catalog schema does not exist yet."""
+    exists = conn.execute("SELECT to_regclass('shardctl.meta') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return 0
+    row = conn.execute("SELECT value FROM shardctl.meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def check_readable(version: int) -> None:
+    if version > VERSION:
+        raise UserError(
+            f"the catalog was written by a newer shardctl (catalog schema v{version}, this one knows v{VERSION})",
+            "upgrade shardctl before using this fleet",
+        )
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Bring the catalog schema up to VERSION; returns the version found before."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        found = installed_version(conn)
+        check_readable(found)
+        for version in range(found + 1, VERSION + 1):
+            conn.execute(sql.SQL(MIGRATIONS[version - 1]))  # static text shipped with the code
+            conn.execute(
+                "INSERT INTO shardctl.meta (key, value) VALUES ('schema_version', %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(version),),
+            )
+    return found

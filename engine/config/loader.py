@@ -1,0 +1,498 @@
+"""Loading a config directory: YAML with positions -> validated, cross-checked `Desired` state.
+
+ruamel.yaml keeps the line and column of every key and value; pydantic validates the shape.
+This module joins the two so that every problem is reported as `file:line:column: message`,
+merges the documents of a directory, checks cross-references, reads schema files (and parses
+their SQL with pglast so a typo is caught before any server is touched), and resolves each
+database's effective policy. Nothing here touches a server or writes a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Any
+
+import pglast
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from engine.config import models
+from engine.errors import ConfigError, Diagnostic, Location
+
+PRESET_DIRS = (
+    Path(__file__).resolve().parent.parent / "presets",  # installed wheel
+    Path(__file__).resolve().parent.parent.parent / "policies",  # source checkout
+)
+RESERVED_DATABASES = {"postgres", "template0", "template1"}
+
+Path_ = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class SchemaStep:
+    """One schema step (a migration) with its content hash: applied once per shard, in order."""
+
+    name: str
+    sql: str
+    sha256: str
+    location: Location
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    name: str
+    policy: models.Policy
+    location: Location
+
+
+@dataclass(frozen=True)
+class DesiredDatabase:
+    name: str
+    spec: models.Database
+    schema_steps: tuple[SchemaStep, ...]
+    policy_name: str
+    effective_policy: models.Policy
+    location: Location
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The validated desired state of a config directory."""
+
+    directory: Path
+    servers: dict[str, models.Server]
+    databases: dict[str, DesiredDatabase]
+    policies: dict[str, ResolvedPolicy]
+    catalog_server: str | None
+    catalog_database: str
+    files: tuple[str, ...]
+    sources: dict[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
+
+    def where(self, *path: Any) -> Location | None:
+        return self.sources.get(tuple(path))
+
+
+# ---------------------------------------------------------------------------- YAML with positions
+
+
+class _Doc:
+    """One YAML document and the file it came from."""
+
+    def __init__(self, file: Path, data: Any, display: str):
+        self.file = file
+        self.display = display
+        self.data = data
+
+    def loc(self, path: Path_) -> Location:
+        """The best position for `path`: the key if it exists, else the nearest parent key."""
+        node = self.data
+        line, col = _node_pos(node)
+        for item in path:
+            if isinstance(node, CommentedMap) and item in node:
+                kl, kc = node.lc.key(item)
+                line, col = kl + 1, kc + 1
+                node = node[item]
+            elif isinstance(node, CommentedSeq) and isinstance(item, int) and 0 <= item < len(node):
+                il, ic = node.lc.item(item)
+                line, col = il + 1, ic + 1
+                node = node[item]
+            # anything else is a pydantic union tag or a missing key: stay at the parent
+        return Location(self.display, line, col)
+
+    def value_loc(self, path: Path_) -> Location:
+        """The position of the value at `path` (for errors about a value, not its key)."""
+        parent = self.data
+        for item in path[:-1]:
+            try:
+                parent = parent[item]
+            except (KeyError, IndexError, TypeError):
+                return self.loc(path)
+        last = path[-1] if path else None
+        if isinstance(parent, CommentedMap) and last in parent:
+            vl, vc = parent.lc.value(last)
+            return Location(self.display, vl + 1, vc + 1)
+        return self.loc(path)
+
+
+def _node_pos(node: Any) -> tuple[int, int]:
+    lc = getattr(node, "lc", None)
+    if lc is not None and lc.line is not None:
+        return lc.line + 1, lc.col + 1
+    return 1, 1
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, CommentedMap):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _plain(v) for k, v in node.items()}
+    if isinstance(node, CommentedSeq):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _display(path: Path, cwd: Path) -> str:
+    try:
+        return str(path.relative_to(cwd))
+    except ValueError:
+        return str(path)
+
+
+def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path) -> list[_Doc]:
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
+    docs: list[_Doc] = []
+    for file in files:
+        display = _display(file, cwd)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Diagnostic(Location(display), f"cannot read the file: {exc}"))
+            continue
+        try:
+            for data in yaml.load_all(text):
+                if data is None:
+                    continue
+                if not isinstance(data, CommentedMap):
+                    problems.append(Diagnostic(
+                        Location(display, *_node_pos(data)),
+                        "a config document must be a mapping with servers:, databases:, policies: or catalog:",
+                    ))
+                    continue
+                docs.append(_Doc(file, data, display))
+        except MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+            what = exc.problem or exc.context or "invalid YAML"
+            if "duplicate key" in str(exc):
+                what = "duplicate key " + str(exc).split('duplicate key', 1)[1].split("\n")[0].strip()
+            problems.append(Diagnostic(Location(display, line, col), f"YAML syntax: {what}"))
+        except Exception as exc:  # ruamel raises a few non-marked errors (e.g. bad unicode)
+            problems.append(Diagnostic(Location(display, 1, 1), f"YAML syntax: {exc}"))
+    return docs
+
+
+# ---------------------------------------------------------------------------- pydantic errors -> positions
+
+
+def _allowed_keys(loc: Path_) -> list[str]:
+    """Keys a mapping at `loc` may hold, found by walking the models (for 'did you mean')."""
+    current: Any = models.ConfigFile
+    items = list(loc)
+    while items:
+        origin = typing.get_origin(current)
+        if origin is typing.Annotated:
+            current = typing.get_args(current)[0]
+            continue
+        if origin in (typing.Union, UnionType):
+            members = [a for a in typing.get_args(current) if a is not type(None)]
+            models_only = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+            if not models_only:
+                return []
+            if items and items[0] in {m.__name__ for m in members if isinstance(m, type)}:
+                named = items.pop(0)
+                current = next(m for m in models_only if m.__name__ == named)
+            else:
+                current = models_only[0]
+            continue
+        item = items.pop(0)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            fields = {(f.alias or n): f for n, f in current.model_fields.items()}
+            if item not in fields:
+                return []
+            current = fields[item].annotation
+        elif origin is dict:
+            current = typing.get_args(current)[1]
+        elif origin is list:
+            current = typing.get_args(current)[0]
+        else:
+            return []
+    while typing.get_origin(current) in (typing.Annotated, typing.Union, UnionType):
+        args = [a for a in typing.get_args(current) if a is not type(None)]
+        current = args[0]
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted((f.alias or n) for n, f in current.model_fields.items())
+    return []
+
+
+def _message(error: dict) -> tuple[str, str | None]:
+    kind = error["type"]
+    msg = error["msg"]
+    loc = error["loc"]
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else (f"allowed keys: {', '.join(allowed)}" if allowed else None)
+        return f"unknown key {key!r}", hint
+    if kind == "missing":
+        return f"missing required key {loc[-1]!r}", None
+    if kind == "string_pattern_mismatch":
+        pattern = error.get("ctx", {}).get("pattern")
+        value = error.get("input")
+        if pattern == models.NAME_PATTERN:
+            return (f"invalid name {value!r}",
+                    "names use lower-case letters, digits and _, start with a letter, and have at most 31 characters")
+        if pattern == models.COLUMN_PATTERN:
+            return f"invalid column name {value!r}", "use a lower-case unquoted PostgreSQL identifier"
+        if pattern == models.ENV_PATTERN:
+            return f"invalid environment variable name {value!r}", None
+        return f"invalid value {value!r}", f"must match {pattern}"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"invalid value {error.get('input')!r}: expected {expected}", None
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return msg[0].lower() + msg[1:] if msg else msg, None
+
+
+def _diagnostics_from(exc: ValidationError, doc: _Doc) -> list[Diagnostic]:
+    out: dict[tuple, Diagnostic] = {}
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        # A union reports once per member; the schema-step union gets one plain message.
+        union_tags = {"str", "InlineSchema"}
+        if any(isinstance(p, str) and p in union_tags for p in loc):
+            base = tuple(p for p in loc if p not in union_tags)
+            cut = loc.index(next(p for p in loc if p in union_tags))
+            if len(loc) > cut + 1 and loc[cut] == "InlineSchema":
+                message, hint = _message({**error, "loc": base})
+                where = doc.loc(base)
+            else:
+                message = "a schema step is a .sql file name or a mapping {name: ..., sql: ...}"
+                hint, where = None, doc.value_loc(tuple(loc[:cut]))
+            out.setdefault((where, message), Diagnostic(where, message, hint))
+            continue
+        message, hint = _message(error)
+        if error["type"] in ("extra_forbidden", "missing") or (loc and loc[-1] == "[key]"):
+            where = doc.loc(tuple(p for p in loc if p != "[key]"))
+        else:
+            where = doc.value_loc(loc)
+        out.setdefault((where, message), Diagnostic(where, message, hint))
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------- the directory
+
+
+def config_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.iterdir()
+        if p.is_file() and p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+    )
+
+
+def preset_files() -> list[Path]:
+    for d in PRESET_DIRS:
+        if d.is_dir():
+            return config_files(d)
+    return []
+
+
+def load(directory: str | Path, cwd: Path | None = None) -> Desired:
+    """Load and validate a config directory. Raises ConfigError listing every problem found."""
+    cwd = cwd or Path.cwd()
+    root = Path(directory).resolve()
+    problems: list[Diagnostic] = []
+    if not root.is_dir():
+        raise ConfigError([Diagnostic(Location(str(directory)), "no such config directory",
+                                      "pass the directory that holds your YAML files with -C DIR")])
+    files = config_files(root)
+    if not files:
+        raise ConfigError([Diagnostic(Location(_display(root, cwd)), "no .yaml or .yml files in this directory",
+                                      "pass the directory that holds your YAML files with -C DIR")])
+
+    preset_docs = _read_documents(preset_files(), problems, cwd)
+    docs = _read_documents(files, problems, cwd)
+
+    sources: dict[Path_, Location] = {}
+    servers: dict[str, models.Server] = {}
+    databases: dict[str, tuple[models.Database, _Doc]] = {}
+    policies: dict[str, ResolvedPolicy] = {}
+    first_seen: dict[tuple[str, str], Location] = {}
+    catalog: tuple[models.CatalogSettings, _Doc] | None = None
+
+    for is_preset, doc_list in ((True, preset_docs), (False, docs)):
+        for doc in doc_list:
+            try:
+                parsed = models.ConfigFile.model_validate(_plain(doc.data))
+            except ValidationError as exc:
+                problems.extend(_diagnostics_from(exc, doc))
+                continue
+            _record_sources(doc, sources)
+            for name, policy in parsed.policies.items():
+                where = doc.loc(("policies", name))
+                if not is_preset and ("policy", name) in first_seen:
+                    problems.append(_duplicate("policy", name, where, first_seen[("policy", name)]))
+                    continue
+                if not is_preset:
+                    first_seen[("policy", name)] = where
+                policies[name] = ResolvedPolicy(name, policy, where)
+            if is_preset:
+                continue
+            for name, server in parsed.servers.items():
+                where = doc.loc(("servers", name))
+                if ("server", name) in first_seen:
+                    problems.append(_duplicate("server", name, where, first_seen[("server", name)]))
+                    continue
+                first_seen[("server", name)] = where
+                servers[name] = server
+            for name, database in parsed.databases.items():
+                where = doc.loc(("databases", name))
+                if ("database", name) in first_seen:
+                    problems.append(_duplicate("database", name, where, first_seen[("database", name)]))
+                    continue
+                first_seen[("database", name)] = where
+                databases[name] = (database, doc)
+            if parsed.catalog is not None:
+                where = doc.loc(("catalog",))
+                if catalog is not None:
+                    problems.append(_duplicate("catalog", "settings", where, catalog[1].loc(("catalog",))))
+                else:
+                    catalog = (parsed.catalog, doc)
+
+    resolved: dict[str, DesiredDatabase] = {}
+    for name, (database, doc) in databases.items():
+        for i, server in enumerate(database.placement):
+            if server not in servers:
+                problems.append(_unknown_ref("server", server, doc.loc(("databases", name, "placement", i)), servers))
+        if database.policy not in policies:
+            problems.append(_unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies))
+        steps = _schema_steps(name, database, doc, root, cwd, problems)
+        policy = policies.get(database.policy)
+        effective = _effective_policy(policy.policy, database.thresholds) if policy else models.Policy()
+        resolved[name] = DesiredDatabase(
+            name=name, spec=database, schema_steps=tuple(steps),
+            policy_name=database.policy, effective_policy=effective,
+            location=doc.loc(("databases", name)),
+        )
+
+    catalog_server: str | None = None
+    catalog_database = "shardctl"
+    if catalog is not None:
+        settings, doc = catalog
+        catalog_database = settings.database
+        if settings.database in RESERVED_DATABASES or settings.database in resolved:
+            problems.append(Diagnostic(doc.value_loc(("catalog", "database")),
+                                       f"{settings.database!r} cannot be the control database",
+                                       "choose a name of its own, such as shardctl"))
+        if settings.server is not None:
+            if settings.server not in servers:
+                problems.append(_unknown_ref("server", settings.server, doc.value_loc(("catalog", "server")), servers))
+            catalog_server = settings.server
+    if catalog_server is None:
+        catalog_server = next((n for n, s in servers.items() if s.embedded), None)
+        if catalog_server is None and servers:
+            problems.append(Diagnostic(
+                Location(_display(files[0], cwd), 1, 1),
+                "no server for the catalog: there is no embedded server to default to",
+                "add `catalog: {server: NAME}` naming the server that holds shardctl's control database",
+            ))
+    if not servers and databases:
+        problems.append(Diagnostic(Location(_display(files[0], cwd), 1, 1), "no servers are declared",
+                                   "declare at least one server under `servers:`"))
+
+    if problems:
+        raise ConfigError(problems)
+    return Desired(
+        directory=root, servers=servers, databases=dict(sorted(resolved.items())), policies=policies,
+        catalog_server=catalog_server, catalog_database=catalog_database,
+        files=tuple(_display(f, cwd) for f in files), sources=sources,
+    )
+
+
+def _record_sources(doc: _Doc, sources: dict[Path_, Location]) -> None:
+    def walk(node: Any, path: Path_) -> None:
+        if isinstance(node, CommentedMap):
+            for key in node:
+                sub = path + (key,)
+                sources[sub] = doc.loc(sub)
+                walk(node[key], sub)
+        elif isinstance(node, CommentedSeq):
+            for i, item in enumerate(node):
+                sub = path + (i,)
+                sources[sub] = doc.loc(sub)
+                walk(item, sub)
+    walk(doc.data, ())
+
+
+def _duplicate(kind: str, name: str, where: Location, first: Location) -> Diagnostic:
+    return Diagnostic(where, f"{kind} {name!r} is declared twice", f"it was first declared at {first}")
+
+
+def _unknown_ref(kind: str, name: str, where: Location, known: dict) -> Diagnostic:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {close[0]!r}?"
+    elif known:
+        hint = f"declared {kind}s: {', '.join(sorted(known))}"
+    else:
+        hint = f"no {kind}s are declared"
+    return Diagnostic(where, f"unknown {kind} {name!r}", hint)
+
+
+def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, cwd: Path,
+                  problems: list[Diagnostic]) -> list[SchemaStep]:
+    steps: list[SchemaStep] = []
+    seen: dict[str, Location] = {}
+    listed = isinstance(doc.data["databases"][name]["schema"], CommentedSeq)
+    for i, step in enumerate(database.schema_):
+        key = ("databases", name, "schema")
+        where = doc.loc(key + (i,)) if listed else doc.value_loc(key)
+        if isinstance(step, str):
+            path = (doc.file.parent / step).resolve()
+            if not path.is_file():
+                problems.append(Diagnostic(where, f"schema file {step!r} not found",
+                                           f"paths are relative to {_display(doc.file.parent, cwd)}/"))
+                continue
+            try:
+                sql = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(Diagnostic(where, f"cannot read schema file {step!r}: {exc}"))
+                continue
+            step_name = _display(path, root)
+            sql_location = Location(_display(path, cwd), 1, 1)
+        else:
+            sql, step_name, sql_location = step.sql, step.name, where
+        if step_name in seen:
+            problems.append(Diagnostic(where, f"schema step {step_name!r} is listed twice", f"first at {seen[step_name]}"))
+            continue
+        seen[step_name] = where
+        problem = _sql_problem(sql, sql_location)
+        if problem:
+            problems.append(problem)
+            continue
+        steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where))
+    return steps
+
+
+def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
+    try:
+        statements = pglast.parse_sql(sql)
+    except pglast.parser.ParseError as exc:
+        message, index = exc.args[0], (exc.args[1] if len(exc.args) > 1 else 0)
+        if where.line and where.file.endswith(".sql"):
+            before = sql.encode()[:index].decode(errors="replace")
+            line = before.count("\n") + 1
+            column = len(before) - (before.rfind("\n") + 1) + 1
+            where = Location(where.file, line, column)
+        return Diagnostic(where, f"SQL syntax error: {message}")
+    if not statements:
+        return Diagnostic(where, "the schema step holds no SQL statement")
+    for raw in statements:
+        kind = type(raw.stmt).__name__
+        if kind in ("TransactionStmt", "CreatedbStmt", "DropdbStmt", "VacuumStmt", "CreateSubscriptionStmt"):
+            return Diagnostic(where, f"{kind.removesuffix('Stmt')} statements are not allowed in a schema step",
+                              "shardctl runs each step in one transaction on every shard")
+    return None
+
+
+def _effective_policy(policy: models.Policy, overrides: models.PolicyOverrides) -> models.Policy:
+    hot = policy.hot.model_copy(update=overrides.hot.model_dump(exclude_none=True))
+    cold = policy.cold.model_copy(update=overrides.cold.model_dump(exclude_none=True))
+    return policy.model_copy(update={"hot": hot, "cold": cold})

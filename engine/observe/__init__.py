@@ -1,0 +1,1 @@
+"""Observation: the catalog, introspection of the real servers, and (later) load metrics."""

@@ -1,0 +1,85 @@
+"""What was observed at one moment: the catalog's records and what really exists on servers.
+
+Frozen models, so a plan computed from an observation can always be explained from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AppliedStep(Frozen):
+    seq: int
+    name: str
+    sha256: str
+
+
+class CatalogShard(Frozen):
+    database: str
+    name: str
+    lo: int | None
+    hi: int | None
+    server: str
+    dbname: str
+    state: str
+    schema_fingerprint: str | None = None
+    schema_snapshot: dict[str, Any] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.database}/{self.name}"
+
+
+class CatalogDatabase(Frozen):
+    name: str
+    key_column: str
+    key_type: str
+    protect: bool
+    policy_name: str
+    policy: dict[str, Any]
+    placement: tuple[str, ...]
+    state: str
+    schema_steps: tuple[AppliedStep, ...]
+    shards: tuple[CatalogShard, ...]
+
+
+class CatalogState(Frozen):
+    exists: bool
+    schema_version: int = 0
+    serial: int = 0
+    epoch: int = 0
+    databases: dict[str, CatalogDatabase] = {}
+
+
+class LiveShard(Frozen):
+    """A shard database as found on its server."""
+
+    exists: bool
+    applied_steps: tuple[str, ...] = ()  # sha256 of the steps in the shard's own ledger
+    schema_fingerprint: str | None = None
+    schema_snapshot: dict[str, Any] | None = None
+
+
+class LiveServer(Frozen):
+    name: str
+    reachable: bool
+    error: str | None = None
+    version: str | None = None
+    wal_level: str | None = None
+    databases: tuple[str, ...] = ()
+
+
+class Observation(Frozen):
+    catalog: CatalogState
+    servers: dict[str, LiveServer]
+    shards: dict[str, LiveShard]  # by address, e.g. "orders/-40"
+
+    @property
+    def serial(self) -> int:
+        return self.catalog.serial

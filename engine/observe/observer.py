@@ -1,0 +1,54 @@
+"""Take an observation: read the catalog, then look at every declared server and shard.
+
+Read-only. One connection per server for its inventory; one per existing shard for its schema
+snapshot (the schema lives in each database, so there is no cheaper way to see it).
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from engine.catalog import store
+from engine.errors import redact
+from engine.observe import introspect
+from engine.observe.models import CatalogState, LiveServer, LiveShard, Observation
+from engine.servers.connect import ServerUnreachable
+from engine.servers.fleet import Fleet
+
+
+def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None) -> Observation:
+    catalog = store.read(catalog_conn) if catalog_conn is not None else CatalogState(exists=False)
+    servers = {name: _server(fleet, name) for name in sorted(fleet.servers)}
+    shards: dict[str, LiveShard] = {}
+    for database in catalog.databases.values():
+        for shard in database.shards:
+            live = servers.get(shard.server)
+            if live is None or not live.reachable:
+                continue  # unknown, not missing: the planner must not act on it
+            if shard.dbname not in live.databases:
+                shards[shard.address] = LiveShard(exists=False)
+                continue
+            try:
+                with fleet.servers[shard.server].connect(shard.dbname) as conn:
+                    snap = introspect.snapshot(conn)
+                    shards[shard.address] = LiveShard(
+                        exists=True, applied_steps=introspect.applied_steps(conn),
+                        schema_fingerprint=introspect.fingerprint(snap), schema_snapshot=snap,
+                    )
+            except ServerUnreachable:
+                continue
+    return Observation(catalog=catalog, servers=servers, shards=shards)
+
+
+def _server(fleet: Fleet, name: str) -> LiveServer:
+    try:
+        with fleet.servers[name].connect() as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+            wal_level = conn.execute("SHOW wal_level").fetchone()[0]
+            databases = tuple(r[0] for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY datname"))
+    except ServerUnreachable as exc:
+        return LiveServer(name=name, reachable=False, error=exc.summary)
+    except psycopg.Error as exc:
+        return LiveServer(name=name, reachable=False, error=redact(str(exc)))
+    return LiveServer(name=name, reachable=True, version=version, wal_level=wal_level, databases=databases)

@@ -1,0 +1,198 @@
+"""The plan: frozen data, one class per kind of action, rendered elsewhere, applied as saved.
+
+A reason explains an action; it never steers apply. Apply reads only the fields of the action,
+so a saved plan does exactly what it shows. The JSON form of `Plan` is a versioned contract
+(`format_version`); add fields, never change the meaning of one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+
+Cause = Literal["config", "drift", "resume"]
+Symbol = Literal["create", "update", "delete", "replace"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Reason(Frozen):
+    cause: Cause
+    text: str
+
+
+class ShardSpec(Frozen):
+    name: str  # range name, e.g. 40-80
+    lo: int | None
+    hi: int | None
+    server: str
+    dbname: str
+
+
+class StepSpec(Frozen):
+    seq: int
+    name: str
+    sha256: str
+    sql: str
+
+
+class AttributeChange(Frozen):
+    path: str
+    before: Any = None
+    after: Any = None
+
+
+class DatabaseSettings(Frozen):
+    """What the catalog records about a database besides its shards."""
+
+    protect: bool
+    policy_name: str
+    policy: dict[str, Any]
+    placement: tuple[str, ...]
+
+
+class CreateDatabase(Frozen):
+    """Create every shard database of a new sharded database and apply its schema."""
+
+    kind: Literal["create_database"] = "create_database"
+    database: str
+    key_column: str
+    key_type: Literal["bigint", "text"]
+    settings: DatabaseSettings
+    shards: tuple[ShardSpec, ...]
+    steps: tuple[StepSpec, ...]
+    reason: Reason
+
+    @property
+    def address(self) -> str:
+        return f"database.{self.database}"
+
+    symbol: Symbol = "create"
+
+
+class DestroyDatabase(Frozen):
+    """Drop every shard database of a database and forget it."""
+
+    kind: Literal["destroy_database"] = "destroy_database"
+    database: str
+    shards: tuple[ShardSpec, ...]
+    reason: Reason
+    symbol: Symbol = "delete"
+
+    @property
+    def address(self) -> str:
+        return f"database.{self.database}"
+
+
+class ApplySchema(Frozen):
+    """Apply new schema steps to every shard, one transaction per shard."""
+
+    kind: Literal["apply_schema"] = "apply_schema"
+    database: str
+    steps: tuple[StepSpec, ...]
+    shards: tuple[ShardSpec, ...]
+    reason: Reason
+    symbol: Symbol = "update"
+
+    @property
+    def address(self) -> str:
+        return f"schema.{self.database}"
+
+
+class UpdateDatabase(Frozen):
+    """Record changed settings (policy and thresholds, protection, placement) in the catalog."""
+
+    kind: Literal["update_database"] = "update_database"
+    database: str
+    settings: DatabaseSettings
+    changes: tuple[AttributeChange, ...]
+    reason: Reason
+    symbol: Symbol = "update"
+
+    @property
+    def address(self) -> str:
+        return f"database.{self.database}"
+
+
+class RecreateShard(Frozen):
+    """A shard database that was dropped outside shardctl: create it again, empty, with its schema."""
+
+    kind: Literal["recreate_shard"] = "recreate_shard"
+    database: str
+    shard: ShardSpec
+    steps: tuple[StepSpec, ...]
+    reason: Reason
+    symbol: Symbol = "create"
+
+    @property
+    def address(self) -> str:
+        return f"shard.{self.database}/{self.shard.name}"
+
+
+Action = Annotated[
+    Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard],
+    Field(discriminator="kind"),
+]
+
+# Destructive first, so the danger is read before the rest (UX.md).
+ORDER = {"destroy_database": 0, "recreate_shard": 1, "create_database": 2, "apply_schema": 3, "update_database": 4}
+
+
+class Drift(Frozen):
+    """Something changed outside shardctl, told in the past tense, apart from the actions."""
+
+    address: str
+    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable"]
+    summary: str
+    details: tuple[str, ...] = ()
+
+
+class Summary(Frozen):
+    add: int
+    change: int
+    destroy: int
+    by_kind: dict[str, int]
+    by_cause: dict[str, int]
+
+
+class Plan(Frozen):
+    format_version: int = FORMAT_VERSION
+    shardctl_version: str
+    based_on_serial: int
+    catalog_exists: bool
+    actions: tuple[Action, ...]
+    drift: tuple[Drift, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.actions)
+
+    @property
+    def summary(self) -> Summary:
+        add = change = destroy = 0
+        by_kind: dict[str, int] = {}
+        by_cause: dict[str, int] = {}
+        for action in self.actions:
+            if action.symbol == "create":
+                add += 1
+            elif action.symbol == "update":
+                change += 1
+            elif action.symbol == "delete":
+                destroy += 1
+            else:
+                add += 1
+                destroy += 1
+            by_kind[action.kind] = by_kind.get(action.kind, 0) + 1
+            by_cause[action.reason.cause] = by_cause.get(action.reason.cause, 0) + 1
+        return Summary(add=add, change=change, destroy=destroy, by_kind=dict(sorted(by_kind.items())),
+                       by_cause=dict(sorted(by_cause.items())))
+
+
+def sort_actions(actions: list) -> tuple:
+    return tuple(sorted(actions, key=lambda a: (ORDER[a.kind], a.address)))

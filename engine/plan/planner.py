@@ -1,0 +1,262 @@
+"""The diff: (desired, observation) -> Plan. No side effects, no I/O.
+
+Compare, then emit one op per kind of change, as Alembic's autogenerate does. Anything that
+cannot be planned safely (destroying a protected database, an edited schema step that shards
+already ran) fails the whole plan with the location of the cause, as Terraform's
+prevent_destroy does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from deepdiff import DeepDiff
+
+import engine
+from engine.config.loader import Desired, DesiredDatabase
+from engine.errors import ConfigError, Diagnostic, Location
+from engine.keyspace import KeyRange, even_ranges
+from engine.observe.models import CatalogDatabase, Observation
+from engine.plan.models import (
+    ApplySchema, AttributeChange, CreateDatabase, DatabaseSettings, DestroyDatabase, Drift, Plan, Reason,
+    RecreateShard, ShardSpec, StepSpec, UpdateDatabase, sort_actions,
+)
+
+
+def physical_name(database: str, key_range: KeyRange) -> str:
+    return f"{database}_{key_range.slug}"
+
+
+def settings_of(db: DesiredDatabase) -> DatabaseSettings:
+    return DatabaseSettings(
+        protect=db.spec.protect, policy_name=db.policy_name,
+        policy=db.effective_policy.model_dump(mode="json"), placement=tuple(db.spec.placement),
+    )
+
+
+def _recorded_settings(db: CatalogDatabase) -> DatabaseSettings:
+    return DatabaseSettings(protect=db.protect, policy_name=db.policy_name, policy=db.policy,
+                            placement=db.placement)
+
+
+def _steps(db: DesiredDatabase) -> tuple[StepSpec, ...]:
+    return tuple(StepSpec(seq=i + 1, name=s.name, sha256=s.sha256, sql=s.sql) for i, s in enumerate(db.schema_steps))
+
+
+def _shard_spec(shard) -> ShardSpec:
+    return ShardSpec(name=shard.name, lo=shard.lo, hi=shard.hi, server=shard.server, dbname=shard.dbname)
+
+
+def _where(desired: Desired, db: str, *path: Any) -> Location:
+    return desired.where("databases", db, *path) or desired.databases[db].location
+
+
+def plan(desired: Desired, observation: Observation) -> Plan:
+    actions: list = []
+    drift: list[Drift] = []
+    warnings: list[str] = []
+    problems: list[Diagnostic] = []
+    catalog = observation.catalog
+
+    for name, db in desired.databases.items():
+        recorded = catalog.databases.get(name)
+        where = desired.databases[name].location
+        if recorded is None:
+            actions.append(_create(db, f"{name} is declared at {where} and does not exist yet", "config"))
+            continue
+        if recorded.state == "creating" or any(s.state == "creating" for s in recorded.shards):
+            actions.append(_resume_create(db, recorded))
+            continue
+        if recorded.state == "destroying":
+            problems.append(Diagnostic(where, f"database {name!r} was being destroyed when an apply was interrupted",
+                                       "remove it from the configuration and apply to finish destroying it"))
+            continue
+        key_changed = (recorded.key_column, recorded.key_type) != (db.spec.shard_key.column, db.spec.shard_key.type)
+        if key_changed:
+            if recorded.protect or db.spec.protect:
+                problems.append(Diagnostic(
+                    _where(desired, name, "shard_key"),
+                    f"database {name!r} cannot be destroyed: changing its shard key replaces every shard",
+                    "it is protected (protect: true); keep the shard key, or remove protection in a separate apply first",
+                ))
+                continue
+            why = (f"shard key changed from {recorded.key_column} ({recorded.key_type}) to "
+                   f"{db.spec.shard_key.column} ({db.spec.shard_key.type}); resharding by a new key replaces every shard")
+            actions.append(DestroyDatabase(database=name, shards=tuple(_shard_spec(s) for s in recorded.shards),
+                                           reason=Reason(cause="config", text=why)))
+            actions.append(_create(db, why, "config"))
+            continue
+
+        active = [s for s in recorded.shards if s.state == "active"]
+        desired_steps = _steps(db)
+        applied = recorded.schema_steps
+        for i, step in enumerate(applied):
+            if i >= len(desired_steps) or desired_steps[i].sha256 != step.sha256:
+                loc = db.schema_steps[i].location if i < len(db.schema_steps) else _where(desired, name, "schema")
+                what = (f"schema step {step.name!r} was changed after it was applied to {name}"
+                        if i < len(desired_steps) else f"schema step {step.name!r} was removed after it was applied to {name}")
+                problems.append(Diagnostic(loc, what, "schema steps are append-only: restore it and add a new step"))
+                break
+        else:
+            new_steps = desired_steps[len(applied):]
+            if new_steps:
+                names = ", ".join(s.name for s in new_steps)
+                actions.append(ApplySchema(
+                    database=name, steps=new_steps, shards=tuple(_shard_spec(s) for s in active),
+                    reason=Reason(cause="config", text=f"new schema step{'s' if len(new_steps) > 1 else ''} {names}"
+                                  f" declared at {_where(desired, name, 'schema')}"),
+                ))
+
+        new_settings, old_settings = settings_of(db), _recorded_settings(recorded)
+        changes = _changes(old_settings, new_settings)
+        if changes:
+            actions.append(UpdateDatabase(
+                database=name, settings=new_settings, changes=changes,
+                reason=Reason(cause="config", text=f"settings changed at {where}"),
+            ))
+            if old_settings.placement != new_settings.placement:
+                warnings.append(f"database.{name}: placement changed; existing shards stay where they are"
+                                " (new shards from splits use the new placement)")
+        if db.spec.shards != len(active) and recorded.state == "active":
+            warnings.append(f"database.{name}: `shards: {db.spec.shards}` is the initial shard count; {name} has "
+                            f"{len(active)} shards and changing the number does not reshard it")
+
+        for shard in recorded.shards:
+            live = observation.shards.get(shard.address)
+            server = observation.servers.get(shard.server)
+            if server is None or not server.reachable:
+                drift.append(Drift(address=f"shard.{shard.address}", kind="unreachable",
+                                   summary=f"could not be checked: server {shard.server} is unreachable"))
+                continue
+            if live is None:
+                continue
+            if not live.exists:
+                drift.append(Drift(address=f"shard.{shard.address}", kind="deleted",
+                                   summary=f"has been deleted (database {shard.dbname} on server {shard.server})"))
+                actions.append(RecreateShard(
+                    database=name, shard=_shard_spec(shard), steps=desired_steps[:len(applied)] or desired_steps,
+                    reason=Reason(cause="drift", text=f"database {shard.dbname} was dropped outside shardctl; "
+                                  "it will be recreated empty with its schema (restore its rows from a backup)"),
+                ))
+            elif shard.schema_fingerprint and live.schema_fingerprint != shard.schema_fingerprint:
+                drift.append(Drift(address=f"shard.{shard.address}", kind="schema_changed",
+                                   summary="has changed outside shardctl (schema)",
+                                   details=_schema_diff(shard.schema_snapshot or {}, live.schema_snapshot or {})))
+
+    for name, recorded in catalog.databases.items():
+        if name in desired.databases:
+            continue
+        if recorded.protect:
+            problems.append(Diagnostic(
+                Location(desired.files[0] if desired.files else str(desired.directory)),
+                f"database {name!r} cannot be destroyed: it is protected (protect: true when last applied)",
+                f"to destroy it, first apply with `protect: false` on {name}, then remove it",
+            ))
+            continue
+        actions.append(DestroyDatabase(
+            database=name, shards=tuple(_shard_spec(s) for s in recorded.shards),
+            reason=Reason(cause="config", text=f"{name} is not in the configuration"),
+        ))
+
+    drift.extend(_unmanaged(desired, observation))
+    for server in observation.servers.values():
+        if not server.reachable:
+            drift.append(Drift(address=f"server.{server.name}", kind="unreachable",
+                               summary=f"is unreachable: {server.error}"))
+        elif server.wal_level != "logical":
+            warnings.append(f"server.{server.name}: wal_level is {server.wal_level}; splits and merges will need"
+                            " wal_level = logical")
+
+    if problems:
+        raise ConfigError(problems)
+    return Plan(
+        shardctl_version=engine.__version__, based_on_serial=observation.serial,
+        catalog_exists=catalog.exists, actions=sort_actions(actions),
+        drift=tuple(sorted(drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(warnings))),
+    )
+
+
+def _create(db: DesiredDatabase, why: str, cause: str) -> CreateDatabase:
+    ranges = even_ranges(db.spec.shards)
+    placement = db.spec.placement
+    shards = tuple(
+        ShardSpec(name=r.name, lo=r.lo, hi=r.hi, server=placement[i % len(placement)], dbname=physical_name(db.name, r))
+        for i, r in enumerate(ranges)
+    )
+    return CreateDatabase(
+        database=db.name, key_column=db.spec.shard_key.column, key_type=db.spec.shard_key.type,
+        settings=settings_of(db), shards=shards, steps=_steps(db), reason=Reason(cause=cause, text=why),
+    )
+
+
+def _resume_create(db: DesiredDatabase, recorded: CatalogDatabase) -> CreateDatabase:
+    """An interrupted create finishes with the layout it already recorded, not a new one."""
+    return CreateDatabase(
+        database=db.name, key_column=recorded.key_column, key_type=recorded.key_type,  # type: ignore[arg-type]
+        settings=settings_of(db), shards=tuple(_shard_spec(s) for s in recorded.shards), steps=_steps(db),
+        reason=Reason(cause="resume", text=f"an earlier apply was interrupted while creating {db.name}; "
+                      "finishing it (each step checks what already exists)"),
+    )
+
+
+def _changes(before: DatabaseSettings, after: DatabaseSettings) -> tuple[AttributeChange, ...]:
+    diff = DeepDiff(before.model_dump(mode="json"), after.model_dump(mode="json"), ignore_order=False,
+                    verbose_level=2)
+    out: list[AttributeChange] = []
+    for kind, entries in diff.items():
+        for path, value in entries.items():
+            dotted = _dotted(path)
+            if kind == "values_changed" or kind == "type_changes":
+                out.append(AttributeChange(path=dotted, before=value["old_value"], after=value["new_value"]))
+            elif kind in ("dictionary_item_added", "iterable_item_added"):
+                out.append(AttributeChange(path=dotted, before=None, after=value))
+            elif kind in ("dictionary_item_removed", "iterable_item_removed"):
+                out.append(AttributeChange(path=dotted, before=value, after=None))
+    # list-valued settings read better whole than item by item
+    if before.placement != after.placement:
+        out = [c for c in out if not c.path.startswith("placement")]
+        out.append(AttributeChange(path="placement", before=list(before.placement), after=list(after.placement)))
+    return tuple(sorted(out, key=lambda c: c.path))
+
+
+def _dotted(path: str) -> str:
+    # root['policy']['hot']['queries_per_second'] -> policy.hot.queries_per_second
+    parts = re.findall(r"\['([^']*)'\]|\[(\d+)\]", path)
+    return ".".join(a if a else f"[{b}]" for a, b in parts).replace(".[", "[")
+
+
+def _schema_diff(recorded: dict[str, Any], live: dict[str, Any]) -> tuple[str, ...]:
+    diff = DeepDiff(recorded, live, verbose_level=2)
+    lines = []
+    for kind, entries in diff.items():
+        for path, value in entries.items():
+            dotted = _dotted(path).removeprefix("tables.")
+            if kind == "dictionary_item_added":
+                lines.append(f"+ {dotted}" + (f": {value}" if isinstance(value, str) else ""))
+            elif kind == "dictionary_item_removed":
+                lines.append(f"- {dotted}" + (f": {value}" if isinstance(value, str) else ""))
+            elif kind in ("values_changed", "type_changes"):
+                lines.append(f"~ {dotted}: {value['old_value']} -> {value['new_value']}")
+            else:
+                lines.append(f"~ {dotted}")
+    return tuple(sorted(lines))
+
+
+_SLUG = re.compile(r"^(?P<db>[a-z][a-z0-9_]*)_(?P<lo>min|[0-9a-f]{2,16})_(?P<hi>max|[0-9a-f]{2,16})$")
+
+
+def _unmanaged(desired: Desired, observation: Observation) -> list[Drift]:
+    """Databases on our servers named like shards of a declared database, but not in the catalog."""
+    known = {(s.server, s.dbname) for d in observation.catalog.databases.values() for s in d.shards}
+    out = []
+    for server in observation.servers.values():
+        for dbname in server.databases:
+            match = _SLUG.match(dbname)
+            if not match or (server.name, dbname) in known:
+                continue
+            if match.group("db") in desired.databases or match.group("db") in observation.catalog.databases:
+                out.append(Drift(address=f"server.{server.name}/{dbname}", kind="unmanaged",
+                                 summary=f"looks like a shard of {match.group('db')} but is not in the catalog",
+                                 details=("shardctl leaves it alone; drop it or move its rows by hand",)))
+    return out

@@ -1,0 +1,159 @@
+"""The plan as something to read: one block per action, built from the plan model alone.
+
+Every renderer (text, markdown) lays out these blocks with a jinja2 template; this module only
+decides what each kind of action shows. It never imports the database layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from engine.plan.models import (
+    ApplySchema, CreateDatabase, DestroyDatabase, Plan, RecreateShard, UpdateDatabase,
+)
+
+SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
+VERBS = {"create": "created", "update": "updated in-place", "delete": "destroyed", "replace": "replaced"}
+LEGEND = {"create": "create", "update": "update in-place", "delete": "destroy", "replace": "destroy and then create replacement"}
+KIND_WORDS = {
+    "create_database": ("database to create", "databases to create"),
+    "destroy_database": ("database to destroy", "databases to destroy"),
+    "apply_schema": ("schema change", "schema changes"),
+    "update_database": ("settings update", "settings updates"),
+    "recreate_shard": ("shard to recreate", "shards to recreate"),
+}
+
+
+@dataclass
+class Line:
+    sign: str
+    text: str
+
+
+@dataclass
+class Block:
+    address: str
+    symbol: str
+    sign: str
+    verb: str
+    title: str
+    reason: str
+    cause: str
+    lines: list[Line] = field(default_factory=list)
+    hidden: int = 0
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _shard_lines(sign: str, shards) -> list[Line]:
+    width = max((len(s.name) for s in shards), default=0) + 2
+    return [Line(sign, f"shard {json.dumps(s.name).ljust(width)} on {s.server} ({s.dbname})") for s in shards]
+
+
+def _step_lines(sign: str, steps) -> list[Line]:
+    return [Line(sign, f"schema step {s.seq}: {s.name} (sha256 {s.sha256[:12]})") for s in steps]
+
+
+def _create_database(a: CreateDatabase) -> list[Line]:
+    lines = [Line("+", f"shard_key = {a.key_column} ({a.key_type})"), Line("+", f"shards    = {len(a.shards)}")]
+    lines += _shard_lines("+", a.shards)
+    lines += _step_lines("+", a.steps)
+    lines += [Line("+", f"policy    = {a.settings.policy_name}"), Line("+", f"protect   = {_value(a.settings.protect)}")]
+    return lines
+
+
+def _destroy_database(a: DestroyDatabase) -> list[Line]:
+    return _shard_lines("-", a.shards)
+
+
+def _apply_schema(a: ApplySchema) -> list[Line]:
+    lines = _step_lines("+", a.steps)
+    for step in a.steps:
+        for sql_line in step.sql.strip().splitlines():
+            lines.append(Line(" ", "    " + sql_line.rstrip()))
+    lines.append(Line(" ", f"on {len(a.shards)} shard{'s' if len(a.shards) != 1 else ''}, one transaction each"))
+    return lines
+
+
+def _update_database(a: UpdateDatabase) -> list[Line]:
+    width = max(len(c.path) for c in a.changes)
+    return [Line("~", f"{c.path.ljust(width)} = {_value(c.before)} -> {_value(c.after)}") for c in a.changes]
+
+
+def _recreate_shard(a: RecreateShard) -> list[Line]:
+    return _shard_lines("+", [a.shard]) + _step_lines("+", a.steps)
+
+
+_TITLES: dict[type, Callable[[Any], str]] = {
+    CreateDatabase: lambda a: f'database "{a.database}"',
+    DestroyDatabase: lambda a: f'database "{a.database}"',
+    ApplySchema: lambda a: f'schema "{a.database}"',
+    UpdateDatabase: lambda a: f'database "{a.database}"',
+    RecreateShard: lambda a: f'shard "{a.database}/{a.shard.name}"',
+}
+_LINES: dict[type, Callable[[Any], list[Line]]] = {
+    CreateDatabase: _create_database,
+    DestroyDatabase: _destroy_database,
+    ApplySchema: _apply_schema,
+    UpdateDatabase: _update_database,
+    RecreateShard: _recreate_shard,
+}
+
+
+def block(action) -> Block:
+    kind = type(action)
+    if kind not in _LINES:
+        raise TypeError(f"no renderer for action kind {kind.__name__}")
+    hidden = 0
+    if isinstance(action, UpdateDatabase):
+        hidden = max(0, _setting_count(action) - len(action.changes))
+    return Block(address=action.address, symbol=action.symbol, sign=SIGNS[action.symbol],
+                 verb=VERBS[action.symbol], title=_TITLES[kind](action), reason=action.reason.text,
+                 cause=action.reason.cause, lines=_LINES[kind](action), hidden=hidden)
+
+
+def _setting_count(action: UpdateDatabase) -> int:
+    def leaves(v: Any) -> int:
+        return sum(leaves(x) for x in v.values()) if isinstance(v, dict) else 1
+    return leaves(action.settings.model_dump(mode="json"))
+
+
+@dataclass
+class PlanView:
+    blocks: list[Block]
+    legend: list[tuple[str, str]]
+    summary_line: str
+    headline: str
+    plan: Plan
+
+
+def view(plan: Plan) -> PlanView:
+    blocks = [block(a) for a in plan.actions]
+    used = []
+    for symbol in ("create", "update", "delete", "replace"):
+        if any(b.symbol == symbol for b in blocks):
+            used.append((SIGNS[symbol], LEGEND[symbol]))
+    s = plan.summary
+    summary_line = f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
+    parts = []
+    for kind in ("destroy_database", "recreate_shard", "create_database", "apply_schema", "update_database"):
+        n = s.by_kind.get(kind, 0)
+        if n:
+            one, many = KIND_WORDS[kind]
+            parts.append(f"{n} {one if n == 1 else many}")
+    headline = ", ".join(parts)
+    return PlanView(blocks=blocks, legend=used, summary_line=summary_line, headline=headline, plan=plan)

@@ -1,0 +1,1 @@
+"""Servers: embedded server lifecycle and connections to declared servers."""

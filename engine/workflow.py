@@ -1,0 +1,131 @@
+"""The pipeline the commands share: load -> observe -> plan, and lock -> re-check -> execute.
+
+The CLI (and later the daemon) call these; they print nothing themselves but through `say`.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from engine.actions import dispatch
+from engine.actions.base import ApplyContext
+from engine.catalog import journal, schema, store
+from engine.catalog.lock import apply_lock
+from engine.config import loader
+from engine.config.loader import Desired
+from engine.errors import UserError
+from engine.observe.models import Observation
+from engine.observe.observer import observe
+from engine.plan import planner
+from engine.plan.models import Plan
+from engine.servers.fleet import Fleet
+
+Say = Callable[[str], None]
+
+
+class StalePlan(UserError):
+    def __init__(self, planned: int, current: int):
+        super().__init__(
+            "Saved plan is stale",
+            "The given plan file can no longer be applied because the state was changed by another\n"
+            f"operation after the plan was created (plan based on serial {planned}, catalog now at {current}).\n"
+            "Nothing was changed. Run `shardctl plan -out FILE` again and review the new plan.",
+        )
+
+
+class Cancelled(UserError):
+    def __init__(self) -> None:
+        super().__init__("Apply cancelled.")
+
+    def render(self) -> str:
+        return "Apply cancelled."
+
+
+@dataclass(frozen=True)
+class Planned:
+    desired: Desired
+    observation: Observation
+    plan: Plan
+
+
+def load(config_dir: str) -> Desired:
+    return loader.load(config_dir)
+
+
+def make_plan(desired: Desired, say: Say = lambda _: None) -> Planned:
+    fleet = Fleet(desired)
+    fleet.start_embedded(say)
+    with fleet.catalog(create=False) as conn:
+        observation = observe(fleet, conn)
+    return Planned(desired, observation, planner.plan(desired, observation))
+
+
+@dataclass
+class ApplyResult:
+    plan: Plan
+    counts: dict[str, int]
+
+
+def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
+          confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
+          show: Callable[[Plan], None] = lambda _: None) -> ApplyResult:
+    """Apply a saved plan exactly, or plan now and (after `confirm`) apply that.
+
+    The lock is held from before the observation to the end, prompt included, so what was
+    shown is what runs.
+    """
+    fleet = Fleet(desired)
+    fleet.start_embedded(say)
+    with fleet.catalog(create=True) as conn:
+        assert conn is not None
+        schema.migrate(conn)
+        with apply_lock(conn, "apply", timeout=lock_timeout,
+                        on_wait=lambda: say("Acquiring state lock. This may take a few moments...")):
+            current = store.current_serial(conn)
+            if saved is not None:
+                if saved.based_on_serial != current:
+                    raise StalePlan(saved.based_on_serial, current)
+                plan = saved
+            else:
+                observation = observe(fleet, conn)
+                plan = planner.plan(desired, observation)
+                show(plan)
+                if plan.has_changes:
+                    confirm(plan)
+            journal.close_interrupted(conn)
+            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say)
+            with _graceful_interrupts(say):
+                for action in plan.actions:
+                    dispatch.execute(action, ctx)
+            return ApplyResult(plan, ctx.counts)
+
+
+@contextmanager
+def _graceful_interrupts(say: Say) -> Iterator[None]:
+    """First Ctrl-C: finish the running step, then stop (the journal lets a rerun continue).
+    Second Ctrl-C: stop at once."""
+    state = {"count": 0}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        state["count"] += 1
+        if state["count"] == 1:
+            say("Interrupt received.\nPlease wait for shardctl to exit or data loss may occur.\n"
+                "Gracefully shutting down...")
+            journal.request_stop()
+        else:
+            raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        journal.clear_stop()
