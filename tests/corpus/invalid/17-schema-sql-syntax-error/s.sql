@@ -1,0 +1,2 @@
+CREATE TABLE t (
+  customer_id bigint,, PRIMARY KEY (customer_id));

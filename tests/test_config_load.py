@@ -1,0 +1,68 @@
+"""A valid config loads into frozen models with positions, presets and effective policies."""
+
+import pytest
+from pydantic import ValidationError
+
+from engine.config import loader, models
+
+FLEET = """\
+servers:
+  a: {embedded: true}
+  prod:
+    dsn_env: PROD_DSN
+    capacity: {storage: 500GiB, memory: 64GiB, cpus: 16}
+databases:
+  orders:
+    shard_key: {column: customer_id, type: bigint}
+    schema: [s1.sql, {name: 002_inline, sql: "ALTER TABLE t ADD COLUMN note text;"}]
+    shards: 4
+    placement: [a, prod]
+    thresholds:
+      hot: {queries_per_second: 5000}
+"""
+
+
+@pytest.fixture
+def desired(tmp_path):
+    (tmp_path / "fleet.yaml").write_text(FLEET)
+    (tmp_path / "s1.sql").write_text("CREATE TABLE t (customer_id bigint PRIMARY KEY);\n")
+    return loader.load(tmp_path, cwd=tmp_path)
+
+
+def test_servers_databases_and_schema_steps_load(desired):
+    assert list(desired.servers) == ["a", "prod"]
+    assert desired.servers["prod"].capacity.storage == 500 * 2**30
+    db = desired.databases["orders"]
+    assert [s.name for s in db.schema_steps] == ["s1.sql", "002_inline"]
+    assert len(db.schema_steps[0].sha256) == 64
+    assert desired.catalog_server == "a"  # the first embedded server
+
+
+def test_the_shipped_default_policy_applies_with_database_overrides(desired):
+    policy = desired.databases["orders"].effective_policy
+    assert policy.hot.queries_per_second == 5000  # overridden by the database
+    assert policy.hot.cpu_percent == 80  # from policies/default.yaml
+    assert policy.hot.latency_ms == 100
+    assert policy.metrics.interval == 10 and policy.metrics.history == 10
+    assert policy.autosplit.cooldown == 1800 and policy.autosplit.targets == 2
+    assert policy.autosplit.check_every == 60
+
+
+def test_positions_are_kept_for_evidence(desired):
+    where = desired.where("databases", "orders", "thresholds", "hot", "queries_per_second")
+    assert (where.file, where.line) == ("fleet.yaml", 13)
+
+
+def test_models_are_frozen(desired):
+    with pytest.raises(ValidationError):
+        desired.databases["orders"].spec.shards = 8  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text,seconds", [("10s", 10), ("30m", 1800), ("1h", 3600), (5, 5), ("250ms", 0.25)])
+def test_durations(text, seconds):
+    assert models.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text,size", [("20GiB", 20 * 2**30), ("500MB", 500 * 10**6), (1024, 1024)])
+def test_sizes(text, size):
+    assert models.parse_size(text) == size
