@@ -114,24 +114,32 @@ CREATE TABLE shardctl.lock_info (
 );
 
 -- routing: the shard that owns a key (only active shards own ranges)
+-- plpgsql, not sql: an inlined SQL function would constant-fold p_key::bigint even in the
+-- CASE branch a text-keyed database never takes, and fail on 'acct-1'
 CREATE FUNCTION shardctl.key_hash(p_database text, p_key text) RETURNS bigint
-LANGUAGE sql STABLE STRICT AS $$
-    SELECT CASE d.key_type
-               WHEN 'bigint' THEN hashint8extended(p_key::bigint, 0)
-               ELSE hashtextextended(p_key, 0)
-           END
-    FROM shardctl.databases d WHERE d.name = p_database
+LANGUAGE plpgsql STABLE STRICT AS $$
+DECLARE
+    v_type text;
+BEGIN
+    SELECT key_type INTO v_type FROM shardctl.databases WHERE name = p_database;
+    IF v_type = 'bigint' THEN
+        RETURN hashint8extended(p_key::bigint, 0);
+    ELSIF v_type = 'text' THEN
+        RETURN hashtextextended(p_key, 0);
+    END IF;
+    RETURN NULL;
+END
 $$;
 
 CREATE FUNCTION shardctl.route(p_database text, p_key text)
 RETURNS TABLE (shard text, server text, dbname text, epoch bigint)
 LANGUAGE sql STABLE STRICT AS $$
     SELECT s.name, s.server, s.dbname, st.epoch
-    FROM shardctl.shards s, shardctl.state st
+    FROM shardctl.shards s, shardctl.state st, (SELECT shardctl.key_hash(p_database, p_key) AS h) h
     WHERE s.database = p_database
       AND s.state = 'active'
-      AND (s.lo IS NULL OR shardctl.key_hash(p_database, p_key) >= s.lo)
-      AND (s.hi IS NULL OR shardctl.key_hash(p_database, p_key) < s.hi)
+      AND (s.lo IS NULL OR h.h >= s.lo)
+      AND (s.hi IS NULL OR h.h < s.hi)
 $$;
 
 CREATE FUNCTION shardctl.route(p_database text, p_key bigint)

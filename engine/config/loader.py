@@ -314,6 +314,8 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                                       "pass the directory that holds your YAML files with -C DIR")])
 
     preset_docs = _read_documents(preset_files(), problems, cwd)
+    for doc in preset_docs:
+        doc.display = f"policies/{doc.file.name}"  # the same on every machine, installed or not
     docs = _read_documents(files, problems, cwd)
 
     sources: dict[Path_, Location] = {}

@@ -111,9 +111,11 @@ def plan(desired: Desired, observation: Observation) -> Plan:
         new_settings, old_settings = settings_of(db), _recorded_settings(recorded)
         changes = _changes(old_settings, new_settings)
         if changes:
+            places = sorted({f"{c.path.split('.')[0] if not c.path.startswith('policy.') else c.path} at "
+                             f"{_change_location(desired, name, c.path)}" for c in changes})
             actions.append(UpdateDatabase(
                 database=name, settings=new_settings, changes=changes,
-                reason=Reason(cause="config", text=f"settings changed at {where}"),
+                reason=Reason(cause="config", text="changed: " + "; ".join(places)),
             ))
             if old_settings.placement != new_settings.placement:
                 warnings.append(f"database.{name}: placement changed; existing shards stay where they are"
@@ -175,6 +177,21 @@ def plan(desired: Desired, observation: Observation) -> Plan:
         catalog_exists=catalog.exists, actions=sort_actions(actions),
         drift=tuple(sorted(drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(warnings))),
     )
+
+
+def _change_location(desired: Desired, name: str, path: str) -> Location:
+    """Where in the YAML a changed setting comes from: the database's own key, its threshold
+    override, or the line of the policy it inherits the value from."""
+    parts = path.split(".")
+    if parts[0] != "policy":
+        return _where(desired, name, parts[0])
+    rest = tuple(parts[1:])
+    override = desired.where("databases", name, "thresholds", *rest)
+    if override:
+        return override
+    policy = desired.databases[name].policy_name
+    return (desired.where("policies", policy, *rest) or desired.where("policies", policy)
+            or _where(desired, name, "policy"))
 
 
 def _create(db: DesiredDatabase, why: str, cause: str) -> CreateDatabase:
