@@ -76,10 +76,10 @@ class UserError(Exception):
 class ConfigError(UserError):
     """One or more problems in the config files, each with its location."""
 
-    def __init__(self, diagnostics: list[Diagnostic]):
+    def __init__(self, diagnostics: list[Diagnostic], where: str = "in the configuration"):
         self.diagnostics = sorted(set(diagnostics))
         count = len(self.diagnostics)
-        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the configuration")
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} {where}")
 
     def render(self) -> str:
         body = "\n\n".join(redact(d.render()) for d in self.diagnostics)

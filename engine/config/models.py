@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 # Names become parts of PostgreSQL identifiers and file paths: keep them boring on purpose.
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
@@ -61,6 +61,20 @@ def parse_size(value: object) -> int:
     raise ValueError(f"expected a size such as 20GiB or 500MB, got {value!r}")
 
 
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+                              {"type": "string", "pattern": _SIZE.pattern}]}),
+]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+                              {"type": "string", "pattern": _DURATION.pattern}]}),
+]
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -71,14 +85,9 @@ class Frozen(BaseModel):
 class Capacity(Frozen):
     """What the server may use; percentages in metrics and plans are against these."""
 
-    storage: int | None = Field(None, description="disk space for shard databases, e.g. 20GiB")
-    memory: int | None = Field(None, description="memory, e.g. 4GiB")
+    storage: Size | None = Field(None, description="disk space for shard databases, e.g. 20GiB")
+    memory: Size | None = Field(None, description="memory, e.g. 4GiB")
     cpus: float | None = Field(None, gt=0, description="CPU cores")
-
-    @field_validator("storage", "memory", mode="before")
-    @classmethod
-    def _size(cls, value: object) -> int | None:
-        return None if value is None else parse_size(value)
 
 
 class Server(Frozen):
@@ -132,13 +141,12 @@ class Detection(Frozen):
 
 
 class Metrics(Frozen):
-    interval: float = Field(10.0, description="collection interval, e.g. 10s")
+    interval: Duration = Field(10.0, description="collection interval, e.g. 10s")
     history: int = Field(10, ge=2, le=10000, description="samples kept per shard")
 
-    @field_validator("interval", mode="before")
+    @field_validator("interval")
     @classmethod
-    def _interval(cls, value: object) -> float:
-        seconds = parse_duration(value)
+    def _interval(cls, seconds: float) -> float:
         if seconds < 1:
             raise ValueError("the metrics interval must be at least 1s")
         return seconds
@@ -146,16 +154,11 @@ class Metrics(Frozen):
 
 class AutoSplit(Frozen):
     enabled: bool = True
-    check_every: float = Field(60.0, description="how often the daemon looks for hot shards, e.g. 1m")
-    cooldown: float = Field(1800.0, description="no second split or merge of a shard within this time, e.g. 30m")
+    check_every: Duration = Field(60.0, description="how often the daemon looks for hot shards, e.g. 1m")
+    cooldown: Duration = Field(1800.0, description="no second split or merge of a shard within this time, e.g. 30m")
     targets: int = Field(2, ge=2, le=16, description="shards one split produces")
     max_shards: int = Field(256, ge=1, description="never split a database beyond this many shards")
     max_concurrent: int = Field(1, ge=1, description="splits and merges running at once")
-
-    @field_validator("check_every", "cooldown", mode="before")
-    @classmethod
-    def _durations(cls, value: object) -> float:
-        return parse_duration(value)
 
 
 class AutoMerge(Frozen):
@@ -200,6 +203,14 @@ SchemaStep = Annotated[
 ]
 
 
+def _one_or_many(schema: dict) -> None:
+    """In YAML a single step may stand alone; the model always holds a list."""
+    items = schema.pop("items")
+    schema.pop("type", None)
+    schema.pop("minItems", None)
+    schema["anyOf"] = [items, {"type": "array", "items": items, "minItems": 1}]
+
+
 class Database(Frozen):
     """A logical sharded database; each shard is one physical PostgreSQL database."""
 
@@ -208,6 +219,7 @@ class Database(Frozen):
         alias="schema",
         min_length=1,
         description="ordered schema steps applied to every shard; append new steps, never edit applied ones",
+        json_schema_extra=_one_or_many,
     )
     shards: int = Field(1, ge=1, le=256, description="initial shard count; the keyspace is divided evenly")
     placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin")

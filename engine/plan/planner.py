@@ -139,7 +139,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 actions.append(RecreateShard(
                     database=name, shard=_shard_spec(shard), steps=desired_steps[:len(applied)] or desired_steps,
                     reason=Reason(cause="drift", text=f"database {shard.dbname} was dropped outside shardctl; "
-                                  "it will be recreated empty with its schema (restore its rows from a backup)"),
+                                  "it will be recreated empty with its schema, so restore its rows from a backup"),
                 ))
             elif shard.schema_fingerprint and live.schema_fingerprint != shard.schema_fingerprint:
                 drift.append(Drift(address=f"shard.{shard.address}", kind="schema_changed",
@@ -170,13 +170,31 @@ def plan(desired: Desired, observation: Observation) -> Plan:
             warnings.append(f"server.{server.name}: wal_level is {server.wal_level}; splits and merges will need"
                             " wal_level = logical")
 
+    problems.extend(_unreachable_targets(desired, observation, actions))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, "found while planning")
     return Plan(
         shardctl_version=engine.__version__, based_on_serial=observation.serial,
         catalog_exists=catalog.exists, actions=sort_actions(actions),
         drift=tuple(sorted(drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(warnings))),
     )
+
+
+def _targets(action) -> set[str]:
+    shards = getattr(action, "shards", None) or ([action.shard] if hasattr(action, "shard") else [])
+    return {s.server for s in shards}
+
+
+def _unreachable_targets(desired: Desired, observation: Observation, actions: list) -> list[Diagnostic]:
+    """A plan that would change a server it cannot see is refused, not guessed."""
+    out = []
+    for server in sorted(set().union(*(_targets(a) for a in actions)) if actions else set()):
+        live = observation.servers.get(server)
+        if live is not None and not live.reachable:
+            where = desired.where("servers", server) or Location(desired.files[0])
+            out.append(Diagnostic(where, f"server {server!r} is unreachable, and the plan would change it: {live.error}",
+                                  "start it (`shardctl up` for embedded servers) or fix its connection settings"))
+    return out
 
 
 def _change_location(desired: Desired, name: str, path: str) -> Location:

@@ -66,8 +66,8 @@ class ServerHandle:
     @contextmanager
     def connect(self, dbname: str = "postgres", autocommit: bool = True, **kwargs) -> Iterator[psycopg.Connection]:
         try:
-            conn = psycopg.connect(**self.params(dbname), autocommit=autocommit, connect_timeout=10,
-                                   application_name="shardctl", **kwargs)
+            params = {"connect_timeout": "10", "application_name": "shardctl", **self.params(dbname)}
+            conn = psycopg.connect(**params, autocommit=autocommit, **kwargs)
         except psycopg.OperationalError as exc:
             raise ServerUnreachable(self.name, dbname, exc) from None
         try:
