@@ -96,11 +96,18 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
                 if plan.has_changes:
                     confirm(plan)
             journal.close_interrupted(conn)
+            _record_servers(conn, fleet)
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say)
             with _graceful_interrupts(say):
                 for action in plan.actions:
                     dispatch.execute(action, ctx)
             return ApplyResult(plan, ctx.counts)
+
+
+def _record_servers(conn, fleet: Fleet) -> None:
+    """Remember the declared servers in the catalog, so history outlives the YAML."""
+    for name, handle in sorted(fleet.servers.items()):
+        store.record_server(conn, name, "embedded" if handle.embedded else "external", handle.describe())
 
 
 @contextmanager

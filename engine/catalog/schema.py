@@ -32,6 +32,14 @@ CREATE TABLE shardctl.state (
 );
 INSERT INTO shardctl.state (serial, epoch) VALUES (0, 1);
 
+-- the declared servers as last seen by an apply (connection text never holds a password)
+CREATE TABLE shardctl.servers (
+    name       text PRIMARY KEY,
+    kind       text NOT NULL CHECK (kind IN ('embedded', 'external')),
+    connection text NOT NULL,
+    seen_at    timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE shardctl.databases (
     name        text PRIMARY KEY,
     key_column  text NOT NULL,

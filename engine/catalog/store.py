@@ -66,6 +66,14 @@ def current_serial(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT serial FROM shardctl.state").fetchone()[0]
 
 
+def record_server(conn: psycopg.Connection, name: str, kind: str, connection: str) -> None:
+    conn.execute(
+        "INSERT INTO shardctl.servers (name, kind, connection) VALUES (%s, %s, %s)"
+        " ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, connection = excluded.connection, seen_at = now()",
+        (name, kind, connection),
+    )
+
+
 def upsert_database(conn: psycopg.Connection, *, name: str, key_column: str, key_type: str, protect: bool,
                     policy_name: str, policy: dict[str, Any], placement: list[str], state: str) -> None:
     conn.execute(

@@ -7,7 +7,7 @@ so a saved plan does exactly what it shows. The JSON form of `Plan` is a version
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,78 +56,64 @@ class DatabaseSettings(Frozen):
     placement: tuple[str, ...]
 
 
-class CreateDatabase(Frozen):
+class ActionBase(Frozen):
+    """What every action has: the database it acts on and why. `address` names it in output."""
+
+    database: str
+    reason: Reason
+    address_prefix: ClassVar[str] = "database"
+
+    @property
+    def address(self) -> str:
+        return f"{self.address_prefix}.{self.database}"
+
+
+class CreateDatabase(ActionBase):
     """Create every shard database of a new sharded database and apply its schema."""
 
     kind: Literal["create_database"] = "create_database"
-    database: str
+    symbol: Symbol = "create"
     key_column: str
     key_type: Literal["bigint", "text"]
     settings: DatabaseSettings
     shards: tuple[ShardSpec, ...]
     steps: tuple[StepSpec, ...]
-    reason: Reason
-
-    @property
-    def address(self) -> str:
-        return f"database.{self.database}"
-
-    symbol: Symbol = "create"
 
 
-class DestroyDatabase(Frozen):
+class DestroyDatabase(ActionBase):
     """Drop every shard database of a database and forget it."""
 
     kind: Literal["destroy_database"] = "destroy_database"
-    database: str
-    shards: tuple[ShardSpec, ...]
-    reason: Reason
     symbol: Symbol = "delete"
-
-    @property
-    def address(self) -> str:
-        return f"database.{self.database}"
+    shards: tuple[ShardSpec, ...]
 
 
-class ApplySchema(Frozen):
+class ApplySchema(ActionBase):
     """Apply new schema steps to every shard, one transaction per shard."""
 
     kind: Literal["apply_schema"] = "apply_schema"
-    database: str
+    symbol: Symbol = "update"
     steps: tuple[StepSpec, ...]
     shards: tuple[ShardSpec, ...]
-    reason: Reason
-    symbol: Symbol = "update"
-
-    @property
-    def address(self) -> str:
-        return f"schema.{self.database}"
+    address_prefix: ClassVar[str] = "schema"
 
 
-class UpdateDatabase(Frozen):
+class UpdateDatabase(ActionBase):
     """Record changed settings (policy and thresholds, protection, placement) in the catalog."""
 
     kind: Literal["update_database"] = "update_database"
-    database: str
+    symbol: Symbol = "update"
     settings: DatabaseSettings
     changes: tuple[AttributeChange, ...]
-    reason: Reason
-    symbol: Symbol = "update"
-
-    @property
-    def address(self) -> str:
-        return f"database.{self.database}"
 
 
-class RecreateShard(Frozen):
+class RecreateShard(ActionBase):
     """A shard database that was dropped outside shardctl: create it again, empty, with its schema."""
 
     kind: Literal["recreate_shard"] = "recreate_shard"
-    database: str
+    symbol: Symbol = "create"
     shard: ShardSpec
     steps: tuple[StepSpec, ...]
-    reason: Reason
-    symbol: Symbol = "create"
 
     @property
     def address(self) -> str:
