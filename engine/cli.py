@@ -114,18 +114,22 @@ def _print_plan(obj: Ctx, plan, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
 @click.option("--detailed-exitcode", is_flag=True,
               help="Exit 0 when there are no changes, 1 on error, 2 when there are changes.")
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
+              help="Judge load from this recorded samples file instead of live metrics (what-if, CI).")
 @click.pass_obj
-def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool) -> None:
+def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_file: str | None) -> None:
     """Show what apply would do: compare the YAML with the catalog and the servers.
 
     Read-only (embedded servers are started if they are stopped). Drift, things changed
-    outside shardctl, is shown apart from the actions, in the past tense.
+    outside shardctl, is shown apart from the actions, in the past tense. Load comes from the
+    metric history in the catalog plus one fresh sample, or from --metrics FILE: hot shards are
+    split and cold neighbours merged, each with the evidence behind it.
     """
     from engine import workflow
     from engine.plan import planfile
 
     desired = workflow.load(obj.config_dir)
-    planned = workflow.make_plan(desired, say=(lambda t: click.echo(t, err=True)))
+    planned = workflow.make_plan(desired, say=(lambda t: click.echo(t, err=True)), metrics_file=metrics_file)
     _print_plan(obj, planned.plan, fmt)
     if fmt == "text" and planned.plan.has_changes and not obj.automation():
         click.echo("")
@@ -159,11 +163,15 @@ def show(obj: Ctx, plan_file: str, fmt: str) -> None:
 @click.option("--auto-approve", is_flag=True, help="Apply without asking (needed without a terminal).")
 @click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
               help="Wait this long for another apply's lock, e.g. 30s.")
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
+              help="Re-check load premises against this recorded samples file instead of live metrics.")
 @click.pass_obj
-def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str) -> None:
+def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str, metrics_file: str | None) -> None:
     """Apply changes: a saved plan exactly (no prompt), or plan now and ask for `yes`.
 
-    A saved plan is refused, changing nothing, when the catalog changed since it was made.
+    A saved plan is refused, changing nothing, when the catalog changed since it was made, or
+    when the load that justified a split or merge no longer holds (re-measured, with a
+    tolerance band so that small moves do not break a reviewed plan).
     Without a terminal, plan-and-apply needs --auto-approve: shardctl never waits on a
     prompt nobody can answer.
     """
@@ -197,7 +205,7 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str
         click.echo("")
 
     result = workflow.apply(
-        desired, saved, lock_timeout=timeout, confirm=confirm, say=click.echo,
+        desired, saved, lock_timeout=timeout, confirm=confirm, say=click.echo, metrics_file=metrics_file,
         show=lambda p: _print_plan(obj, p, "text"),
     )
     if not result.plan.has_changes:
@@ -244,18 +252,103 @@ def down(obj: Ctx) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
+              help="Show load from this recorded samples file instead of live metrics.")
 @click.pass_obj
-def status(obj: Ctx, as_json: bool) -> None:
-    """Servers, databases, shards with their ranges and placement, and interrupted operations."""
+def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> None:
+    """Servers, databases, shards with their ranges, placement, live load and hot/cold state.
+
+    Each shard shows its latest metrics (`?` = unknown: never counted as zero), its state as the
+    detector sees it, and a sparkline of its query rate over the stored history.
+    """
     from engine import workflow
     from engine.status import collect, render_status
 
     desired = workflow.load(obj.config_dir)
-    report = collect(desired)
+    report = collect(desired, metrics_file)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
         render_status(report, colour=obj.colour)
+
+
+@cli.group()
+def metrics() -> None:
+    """Record and export load samples (the daemon does this every interval)."""
+
+
+@metrics.command("collect")
+@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 10000),
+              help="How many samples to record.")
+@click.option("--interval", default=None, metavar="DURATION",
+              help="Time between samples (default: each database's policy metrics.interval).")
+@click.pass_obj
+def metrics_collect(obj: Ctx, count: int, interval: str | None) -> None:
+    """Record COUNT samples of every shard into the catalog, where every plan sees them."""
+    import time
+
+    from engine import workflow
+    from engine.config.models import parse_duration
+    from engine.observe import history
+    from engine.observe.observer import observe
+    from engine.observe.sampling import LiveSampler
+    from engine.servers.fleet import Fleet
+    from engine.status import state_line
+
+    desired = workflow.load(obj.config_dir)
+    try:
+        gap = parse_duration(interval) if interval else min(
+            (d.effective_policy.metrics.interval for d in desired.databases.values()), default=10.0)
+    except ValueError as exc:
+        raise UserError(f"--interval: {exc}") from None
+    fleet = Fleet(desired)
+    fleet.start_embedded(lambda t: click.echo(t, err=True))
+    with fleet.catalog(create=False) as conn:
+        if conn is None:
+            raise UserError("there is no catalog yet", "run `shardctl apply` first")
+        from engine.catalog import schema
+
+        if schema.installed_version(conn) < 2:
+            raise UserError("the catalog is older than this shardctl", "run `shardctl apply` to upgrade it")
+        sampler = LiveSampler(fleet)
+        history.seed_recent(sampler, desired, history.stored_history(conn)[1])
+        for i in range(count):
+            if i:
+                time.sleep(gap)
+            pairs = history.collect(desired, fleet, conn, observe(fleet, conn, inspect_schemas=False), sampler)
+            click.echo(f"sample {i + 1}/{count}: {state_line(pairs)}")
+
+
+@metrics.command("export")
+@click.option("-o", "--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Write here (.json or .yaml) instead of standard output (YAML).")
+@click.pass_obj
+def metrics_export(obj: Ctx, out: str | None) -> None:
+    """Write the stored samples as a recorded-samples file, for `plan --metrics FILE`."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from engine import workflow
+    from engine.observe import history, recorded
+    from engine.servers.fleet import Fleet
+
+    fleet = Fleet(workflow.load(obj.config_dir))
+    fleet.start_embedded(lambda t: click.echo(t, err=True))
+    with fleet.catalog(create=False) as conn:
+        samples = [s for window in history.stored_history(conn)[0].values() for s in window]
+    doc = recorded.dump(samples)
+    if out and out.endswith(".json"):
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    else:
+        buffer = io.StringIO()
+        YAML(typ="safe", pure=True).dump(doc, buffer)
+        text = buffer.getvalue()
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        click.echo(f"Wrote {len(samples)} samples to {out}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -107,3 +107,8 @@ def parse_name(name: str) -> KeyRange:
         return int(text.ljust(16, "0"), 16) + SIGNED_MIN
 
     return KeyRange(bound(lo_text), bound(hi_text))
+
+
+def physical_name(database: str, key_range: KeyRange) -> str:
+    """The PostgreSQL database name of a shard: orders + 40-80 -> orders_40_80."""
+    return f"{database}_{key_range.slug}"

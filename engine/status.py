@@ -9,12 +9,42 @@ from rich.table import Table
 
 from engine.catalog import journal, store
 from engine.config.loader import Desired
-from engine.errors import UserError
-from engine.observe.observer import _server
+from engine.observe import history
+from engine.observe.metrics import METRICS, UNITS, Reading, Sample
+from engine.observe.observer import _server, observe
+from engine.plan.load import assessments
 from engine.servers.fleet import Fleet
 
+SPARKS = "▁▂▃▄▅▆▇█"
 
-def collect(desired: Desired) -> dict[str, Any]:
+
+def sparkline(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    top = max(known, default=0.0)
+    if top <= 0:
+        return "".join("▁" if v is not None else "·" for v in values)
+    return "".join("·" if v is None else SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5))]
+                   for v in values)
+
+
+def _fmt(metric: str, sample: Sample | None) -> str:
+    value = sample.value(metric) if sample else None
+    if value is None:
+        return "?"
+    return (f"{value:,.0f}" if value >= 100 else f"{value:.3g}") + UNITS.get(metric, "").strip().replace("/s", "")
+
+
+def state_line(pairs: dict[str, tuple[Reading, Sample]]) -> str:
+    """One line per recorded round: how many shards, and the busiest."""
+    if not pairs:
+        return "no shards to sample (no active shards on reachable servers)"
+    busiest = max(pairs.values(), key=lambda p: p[1].value("queries_per_second") or -1.0)[1]
+    qps = busiest.value("queries_per_second")
+    return (f"{len(pairs)} shards sampled; busiest {busiest.shard} at "
+            + ("unknown query rate" if qps is None else f"{qps:,.1f} queries/s"))
+
+
+def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]:
     fleet = Fleet(desired)
     servers = []
     for name, handle in sorted(fleet.servers.items()):
@@ -37,6 +67,10 @@ def collect(desired: Desired) -> dict[str, Any]:
             report["catalog"] = {"server": desired.catalog_server, "state": "not created yet (run shardctl apply)"}
             return report
         state = store.read(conn)
+        observation = history.with_metrics(desired, fleet, conn, observe(fleet, conn, inspect_schemas=False),
+                                           metrics_file)
+        verdicts = assessments(desired, observation)
+        report["metrics_source"] = observation.metrics_source
         report["catalog"] = {"server": desired.catalog_server, "database": desired.catalog_database,
                              "state": "ok", "serial": state.serial, "epoch": state.epoch,
                              "schema_version": state.schema_version}
@@ -44,15 +78,34 @@ def collect(desired: Desired) -> dict[str, Any]:
             report["databases"].append(dict(
                 name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
                 policy=db.policy_name, schema_steps=[s.name for s in db.schema_steps],
-                shards=[dict(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname, state=s.state)
+                shards=[_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address))
                         for s in db.shards],
             ))
         report["interrupted"] = journal.interrupted(conn)
     return report
 
 
+def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
+    latest = window[-1] if window else None
+    return dict(
+        name=shard.name, lo=shard.lo, hi=shard.hi, server=shard.server, dbname=shard.dbname, state=shard.state,
+        load=verdict.state if verdict else "unknown",
+        evidence=[e.describe() for e in verdict.evidence] if verdict else [],
+        near=list(verdict.near) if verdict else [],
+        metrics={m: (None if latest is None or latest.metrics.get(m) is None else latest.metrics[m].model_dump())
+                 for m in METRICS},
+        observed_at=latest.at if latest else None,
+        samples=len(window),
+        query_rate_history=[s.value("queries_per_second") for s in window],
+    )
+
+
 def render_status(report: dict[str, Any], colour: bool) -> None:
-    console = Console(no_color=not colour, highlight=False, soft_wrap=True)
+    import shutil
+    import sys
+
+    width = shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160
+    console = Console(no_color=not colour, highlight=False, width=width)
     servers = Table(title="Servers", title_justify="left")
     for col in ("server", "kind", "state", "version", "connection"):
         servers.add_column(col)
@@ -66,11 +119,35 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         table = Table(title=f"Database {db['name']}: key {db['shard_key']}, {len(db['shards'])} shards, "
                             f"policy {db['policy']}{', protected' if db['protect'] else ''}, {db['state']}",
                       title_justify="left")
-        for col in ("shard", "server", "database", "state"):
-            table.add_column(col)
+        for col in ("shard", "server", "database", "load", "q/s", "cpu %", "mem %", "disk %", "conns",
+                    "latency ms", "q/s history"):
+            table.add_column(col, justify="right" if col not in ("shard", "server", "database", "load") else "left",
+                             no_wrap=True)
         for s in db["shards"]:
-            table.add_row(f"{db['name']}/{s['name']}", s["server"], s["dbname"], s["state"])
+            latest = {m: (v["value"] if v else None) for m, v in s["metrics"].items()}
+
+            def cell(metric: str) -> str:
+                v = latest[metric]
+                return "?" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
+
+            load = s["load"] if s["state"] == "active" else s["state"]
+            style = {"hot": "bold red", "cold": "cyan", "unknown": "dim"}.get(load, "")
+            table.add_row(f"{db['name']}/{s['name']}", s["server"], s["dbname"], f"[{style}]{load}[/]" if style else load,
+                          cell("queries_per_second"), cell("cpu_percent"), cell("memory_percent"),
+                          cell("storage_percent"), cell("connections"), cell("latency_ms"),
+                          sparkline(s["query_rate_history"]))
         console.print(table)
+        for s in db["shards"]:
+            for line in s["evidence"]:
+                console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
+            for line in s["near"]:
+                console.print(f"  near: {db['name']}/{s['name']}: {line}")
+    if report.get("metrics_source"):
+        sources = sorted({v["source"] for db in report["databases"] for s in db["shards"]
+                          for v in s["metrics"].values() if v})
+        console.print(f"Metrics: {report['metrics_source']}; ? = unknown (never counted as zero)")
+        for source in sources:
+            console.print(f"  source: {source}")
     for op in report["interrupted"]:
         console.print(f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r};"
                       " run `shardctl apply` to finish it")

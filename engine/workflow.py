@@ -18,9 +18,11 @@ from engine.config import loader
 from engine.config.loader import Desired
 from engine.errors import UserError
 from engine.observe.models import Observation
-from engine.observe.observer import observe
+from engine.observe import history
+from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner
-from engine.plan.models import Plan
+from engine.detect.detector import premise_holds
+from engine.plan.models import LOAD_KINDS, Plan
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -34,6 +36,52 @@ class StalePlan(UserError):
             f"operation after the plan was created (plan based on serial {planned}, catalog now at {current}).\n"
             "Nothing was changed. Run `shardctl plan -out FILE` again and review the new plan.",
         )
+
+
+class PremiseFailed(UserError):
+    def __init__(self, failures: list[str]):
+        super().__init__(
+            "A premise of the saved plan no longer holds",
+            "The plan was made because of the load below, and the load has changed since (beyond the\n"
+            "tolerance band). Nothing was changed. Plan again to see what the fleet needs now.\n\n"
+            + "\n".join(f"  - {f}" for f in failures),
+        )
+
+
+class NotYetSupported(UserError):
+    def __init__(self, kinds: list[str]):
+        super().__init__(
+            f"this version of shardctl plans {' and '.join(kinds)} actions but cannot execute them yet",
+            "Nothing was changed. Online splits and merges (moving rows with logical replication) come\n"
+            "in a later version. To apply the other changes now, set `resharding: false` on the\n"
+            "database (or `resharding: {enabled: false}` for the fleet) and plan again.",
+        )
+
+
+def check_premises(desired: Desired, plan: Plan, observation: Observation) -> None:
+    """Re-measure the load a saved plan was based on; refuse it when a premise has gone."""
+    failures = []
+    for action in plan.actions:
+        if action.kind not in LOAD_KINDS:
+            continue
+        db = desired.databases.get(action.database)
+        if db is None:
+            failures.append(f"{action.address}: database {action.database} is no longer declared")
+            continue
+        detection = db.effective_policy.detection
+        for evidence in action.evidence:
+            window = detection.window if evidence.kind == "hot" else detection.cold_window
+            held, why = premise_holds(evidence, observation.metrics.get(evidence.shard, ()), detection.hot_samples, window)
+            if not held:
+                failures.append(f"shard.{evidence.shard}: {why}")
+    if failures:
+        raise PremiseFailed(sorted(set(failures)))
+
+
+def refuse_unsupported(plan: Plan) -> None:
+    kinds = sorted({a.kind for a in plan.actions if a.kind in LOAD_KINDS})
+    if kinds:
+        raise NotYetSupported([k.replace("_", " ") for k in kinds])
 
 
 class Cancelled(UserError):
@@ -55,12 +103,20 @@ def load(config_dir: str) -> Desired:
     return loader.load(config_dir)
 
 
-def make_plan(desired: Desired, say: Say = lambda _: None) -> Planned:
+def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None) -> Planned:
     fleet = Fleet(desired)
     fleet.start_embedded(say)
     with fleet.catalog(create=False) as conn:
-        observation = observe(fleet, conn)
+        observation = observe_all(desired, fleet, conn, metrics_file)
     return Planned(desired, observation, planner.plan(desired, observation))
+
+
+def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | None = None) -> Observation:
+    """Catalog and servers, then load, then the shards' schemas: metrics are read before
+    shardctl's own queries on the shards, which would otherwise count as their load."""
+    observation = observe(fleet, conn, inspect_schemas=False)
+    observation = history.with_metrics(desired, fleet, conn, observation, metrics_file)
+    return inspect_shards(fleet, observation)
 
 
 @dataclass
@@ -69,7 +125,7 @@ class ApplyResult:
     counts: dict[str, int]
 
 
-def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
+def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, metrics_file: str | None = None,
           confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
           show: Callable[[Plan], None] = lambda _: None) -> ApplyResult:
     """Apply a saved plan exactly, or plan now and (after `confirm`) apply that.
@@ -89,12 +145,19 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
                 if saved.based_on_serial != current:
                     raise StalePlan(saved.based_on_serial, current)
                 plan = saved
+                if any(a.kind in LOAD_KINDS for a in plan.actions):
+                    say("Re-measuring the load premises of the saved plan...")
+                    observation = observe(fleet, conn, inspect_schemas=False)
+                    observation = history.with_metrics(desired, fleet, conn, observation, metrics_file)
+                    check_premises(desired, plan, observation)
             else:
-                observation = observe(fleet, conn)
+                observation = observe_all(desired, fleet, conn, metrics_file)
                 plan = planner.plan(desired, observation)
                 show(plan)
+                refuse_unsupported(plan)
                 if plan.has_changes:
                     confirm(plan)
+            refuse_unsupported(plan)
             journal.close_interrupted(conn)
             _record_servers(conn, fleet)
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say)

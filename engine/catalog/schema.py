@@ -157,7 +157,22 @@ LANGUAGE sql STABLE STRICT AS $$
 $$;
 """
 
-MIGRATIONS: list[str] = [V1]
+V2 = r"""
+-- metric history: what the daemon (or `shardctl metrics collect`) recorded, so a plan run from a
+-- laptop or CI sees the same window. `reading` holds raw counters (rates need the previous
+-- one); `metrics` the derived sample the detector judges.
+CREATE TABLE shardctl.metric_samples (
+    id       bigserial PRIMARY KEY,
+    shard    text NOT NULL,          -- address, e.g. orders/-40
+    server   text NOT NULL,
+    at       timestamptz NOT NULL,
+    reading  jsonb NOT NULL,
+    metrics  jsonb NOT NULL
+);
+CREATE INDEX metric_samples_by_shard ON shardctl.metric_samples (shard, at DESC);
+"""
+
+MIGRATIONS: list[str] = [V1, V2]
 VERSION = len(MIGRATIONS)
 
 

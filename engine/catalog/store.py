@@ -14,7 +14,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from engine.catalog import schema
-from engine.observe.models import AppliedStep, CatalogDatabase, CatalogShard, CatalogState
+from engine.observe.models import AppliedStep, CatalogDatabase, CatalogShard, CatalogState, ReshardEvent
 
 
 def database_exists(conn: psycopg.Connection, name: str) -> bool:
@@ -50,7 +50,13 @@ def read(conn: psycopg.Connection) -> CatalogState:
             placement=tuple(row[6]), state=row[7], schema_steps=tuple(steps.get(row[0], [])),
             shards=tuple(shards.get(row[0], [])),
         )
-    return CatalogState(exists=True, schema_version=version, serial=serial, epoch=epoch, databases=databases)
+    events = tuple(
+        ReshardEvent(at=e["at"], database=e["detail"].get("database", e["address"].split(".", 1)[-1].split("/")[0]),
+                     ranges=tuple((r[0], r[1]) for r in e["detail"].get("ranges", [])))
+        for e in reshard_events(conn)
+    ) if version >= 2 else ()
+    return CatalogState(exists=True, schema_version=version, serial=serial, epoch=epoch, databases=databases,
+                        reshard_events=events)
 
 
 # ---------------------------------------------------------------------------- writes
@@ -139,3 +145,39 @@ def history(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
         "SELECT at, event, address, serial, detail FROM shardctl.history ORDER BY id DESC LIMIT %s", (limit,)
     ).fetchall()
     return [dict(at=r[0], event=r[1], address=r[2], serial=r[3], detail=r[4]) for r in rows]
+
+
+# ---------------------------------------------------------------------------- metric history
+
+
+def save_samples(conn: psycopg.Connection, rows: list[tuple[Any, Any]], keep: dict[str, int]) -> None:
+    """Store (reading, sample) pairs and keep only the newest `keep[shard]` per shard."""
+    with conn.transaction():
+        for reading, sample in rows:
+            conn.execute(
+                "INSERT INTO shardctl.metric_samples (shard, server, at, reading, metrics) VALUES (%s, %s, %s, %s, %s)",
+                (sample.shard, sample.server, sample.at, Jsonb(reading.model_dump(mode="json")),
+                 Jsonb(sample.model_dump(mode="json"))),
+            )
+        for shard in sorted({s.shard for _, s in rows}):
+            conn.execute(
+                "DELETE FROM shardctl.metric_samples WHERE shard = %s AND id NOT IN"
+                " (SELECT id FROM shardctl.metric_samples WHERE shard = %s ORDER BY at DESC, id DESC LIMIT %s)",
+                (shard, shard, keep.get(shard, 10)),
+            )
+
+
+def load_samples(conn: psycopg.Connection) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every stored (reading, sample) pair, oldest first."""
+    if schema.installed_version(conn) < 2:
+        return []
+    return [(r[0], r[1]) for r in conn.execute("SELECT reading, metrics FROM shardctl.metric_samples ORDER BY at, id")]
+
+
+def reshard_events(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Splits and merges from the history, for cooldowns."""
+    rows = conn.execute(
+        "SELECT at, event, address, detail FROM shardctl.history"
+        " WHERE event IN ('split_shard', 'merge_shards') ORDER BY id"
+    ).fetchall()
+    return [dict(at=r[0], event=r[1], address=r[2], detail=r[3]) for r in rows]

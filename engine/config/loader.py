@@ -49,8 +49,11 @@ class SchemaStep:
 @dataclass(frozen=True)
 class ResolvedPolicy:
     name: str
-    policy: models.Policy
+    policy: models.Policy  # as declared; `effective` has what it inherits filled in
     location: Location
+    parent: str | None = None
+    effective: models.Policy | None = None
+    chain: tuple[str, ...] = ()  # itself, then each policy it inherits from
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,21 @@ class Desired:
     catalog_server: str | None
     catalog_database: str
     files: tuple[str, ...]
+    resharding_enabled: bool = True
     sources: dict[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, *path: Any) -> Location | None:
         return self.sources.get(tuple(path))
+
+    def threshold_location(self, database: str, kind: str, metric: str) -> str:
+        """Where a database's effective threshold comes from: its override or its policy's line."""
+        db = self.databases[database]
+        where = self.where("databases", database, "thresholds", kind, metric)
+        chain = self.policies[db.policy_name].chain if db.policy_name in self.policies else (db.policy_name,)
+        for name in chain:
+            where = where or self.where("policies", name.removeprefix("preset:"), kind, metric)
+        where = where or self.where("policies", db.policy_name)
+        return str(where) if where else f"policy {db.policy_name}"
 
 
 # ---------------------------------------------------------------------------- YAML with positions
@@ -324,6 +338,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
     policies: dict[str, ResolvedPolicy] = {}
     first_seen: dict[tuple[str, str], Location] = {}
     catalog: tuple[models.CatalogSettings, _Doc] | None = None
+    resharding: tuple[models.ReshardingSettings, _Doc] | None = None
 
     for is_preset, doc_list in ((True, preset_docs), (False, docs)):
         for doc in doc_list:
@@ -338,9 +353,16 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                 if not is_preset and ("policy", name) in first_seen:
                     problems.append(_duplicate("policy", name, where, first_seen[("policy", name)]))
                     continue
-                if not is_preset:
+                if is_preset:
+                    parent = policy.extends
+                else:
                     first_seen[("policy", name)] = where
-                policies[name] = ResolvedPolicy(name, policy, where)
+                    # a declared policy that shares a preset's name refines that preset
+                    parent = policy.extends or (f"preset:{name}" if name in policies else
+                                                (None if name == "default" else "default"))
+                    if name in policies:
+                        policies[f"preset:{name}"] = policies[name]
+                policies[name] = ResolvedPolicy(name, policy, where, parent=parent)
             if is_preset:
                 continue
             for name, server in parsed.servers.items():
@@ -357,6 +379,12 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                     continue
                 first_seen[("database", name)] = where
                 databases[name] = (database, doc)
+            if parsed.resharding is not None:
+                if resharding is not None:
+                    problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
+                                               resharding[1].loc(("resharding",))))
+                else:
+                    resharding = (parsed.resharding, doc)
             if parsed.catalog is not None:
                 where = doc.loc(("catalog",))
                 if catalog is not None:
@@ -364,16 +392,18 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                 else:
                     catalog = (parsed.catalog, doc)
 
+    policies = _resolve_inheritance(policies, problems)
     resolved: dict[str, DesiredDatabase] = {}
     for name, (database, doc) in databases.items():
         for i, server in enumerate(database.placement):
             if server not in servers:
                 problems.append(_unknown_ref("server", server, doc.loc(("databases", name, "placement", i)), servers))
-        if database.policy not in policies:
+        if database.policy not in policies or database.policy.startswith("preset:"):
             problems.append(_unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies))
         steps = _schema_steps(name, database, doc, root, cwd, problems)
         policy = policies.get(database.policy)
-        effective = _effective_policy(policy.policy, database.thresholds) if policy else models.Policy()
+        effective = (_effective_policy(policy.effective or policy.policy, database.thresholds)
+                     if policy else models.Policy())
         resolved[name] = DesiredDatabase(
             name=name, spec=database, schema_steps=tuple(steps),
             policy_name=database.policy, effective_policy=effective,
@@ -411,6 +441,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
         directory=root, servers=servers, databases=dict(sorted(resolved.items())), policies=policies,
         catalog_server=catalog_server, catalog_database=catalog_database,
         files=tuple(_display(f, cwd) for f in files), sources=sources,
+        resharding_enabled=resharding[0].enabled if resharding else True,
     )
 
 
@@ -498,6 +529,50 @@ def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
             return Diagnostic(where, f"{kind.removesuffix('Stmt')} statements are not allowed in a schema step",
                               "shardctl runs each step in one transaction on every shard")
     return None
+
+
+def _deep_update(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Diagnostic]) -> dict[str, ResolvedPolicy]:
+    """Fill in what each policy inherits (`extends`, by default the `default` policy)."""
+    done: dict[str, ResolvedPolicy] = {}
+
+    def resolve(name: str, seen: tuple[str, ...]) -> ResolvedPolicy | None:
+        if name in done:
+            return done[name]
+        entry = policies[name]
+        if entry.parent is None:
+            done[name] = ResolvedPolicy(name, entry.policy, entry.location, None, entry.policy, (name,))
+            return done[name]
+        if entry.parent not in policies:
+            problems.append(_unknown_ref("policy", entry.parent, entry.location,
+                                         {k: v for k, v in policies.items() if not k.startswith("preset:")}))
+            return None
+        if entry.parent in seen:
+            problems.append(Diagnostic(entry.location, f"policy {name!r} extends itself through {' -> '.join(seen)}"))
+            return None
+        parent = resolve(entry.parent, seen + (entry.parent,))
+        if parent is None or parent.effective is None:
+            return None
+        merged = _deep_update(parent.effective.model_dump(), entry.policy.model_dump(exclude_unset=True))
+        merged["extends"] = entry.parent.removeprefix("preset:")
+        try:
+            effective = models.Policy.model_validate(merged)
+        except ValidationError as exc:
+            problems.append(Diagnostic(entry.location, f"policy {name!r} with what it inherits is invalid: "
+                                       + _message(exc.errors(include_url=False)[0])[0]))
+            return None
+        done[name] = ResolvedPolicy(name, entry.policy, entry.location, entry.parent, effective, (name,) + parent.chain)
+        return done[name]
+
+    for name in list(policies):
+        resolve(name, (name,))
+    return {k: v for k, v in {**policies, **done}.items()}
 
 
 def _effective_policy(policy: models.Policy, overrides: models.PolicyOverrides) -> models.Policy:

@@ -169,6 +169,8 @@ class Policy(Frozen):
     """When a shard is hot or cold, and what automation may do about it."""
 
     description: str | None = None
+    extends: Name | None = Field(
+        None, description="inherit every setting not given here from this policy (default: `default`)")
     hot: HotThresholds = HotThresholds()
     cold: ColdThresholds = ColdThresholds()
     detection: Detection = Detection()
@@ -226,6 +228,7 @@ class Database(Frozen):
     policy: Name = Field("default", description="a policy from policies: or a shipped preset")
     thresholds: PolicyOverrides = PolicyOverrides()
     protect: bool = Field(False, description="refuse any plan that would destroy this database")
+    resharding: bool = Field(True, description="plan splits of hot shards and merges of cold ones for this database")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -250,6 +253,10 @@ class CatalogSettings(Frozen):
     database: Name = Field("shardctl", description="name of the control database")
 
 
+class ReshardingSettings(Frozen):
+    enabled: bool = Field(True, description="global switch: plan no load-driven splits or merges anywhere when false")
+
+
 class ConfigFile(Frozen):
     """One YAML document. Documents of a config directory are merged; names must be unique."""
 
@@ -257,6 +264,7 @@ class ConfigFile(Frozen):
     databases: dict[Name, Database] = {}
     policies: dict[Name, Policy] = {}
     catalog: CatalogSettings | None = None
+    resharding: ReshardingSettings | None = None
 
     model_config = ConfigDict(
         frozen=True,

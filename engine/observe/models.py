@@ -5,9 +5,12 @@ Frozen models, so a plan computed from an observation can always be explained fr
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+from engine.observe.metrics import Sample
 
 
 class Frozen(BaseModel):
@@ -49,12 +52,21 @@ class CatalogDatabase(Frozen):
     shards: tuple[CatalogShard, ...]
 
 
+class ReshardEvent(Frozen):
+    """A split or merge from the history: cooldowns start from these."""
+
+    at: datetime
+    database: str
+    ranges: tuple[tuple[int | None, int | None], ...]  # every range it touched, before and after
+
+
 class CatalogState(Frozen):
     exists: bool
     schema_version: int = 0
     serial: int = 0
     epoch: int = 0
     databases: dict[str, CatalogDatabase] = {}
+    reshard_events: tuple[ReshardEvent, ...] = ()
 
 
 class LiveShard(Frozen):
@@ -79,6 +91,9 @@ class Observation(Frozen):
     catalog: CatalogState
     servers: dict[str, LiveServer]
     shards: dict[str, LiveShard]  # by address, e.g. "orders/-40"
+    metrics: dict[str, tuple[Sample, ...]] = {}  # sample window per shard address, oldest first
+    metrics_source: str = "none"  # "live", "recorded FILE" or "none"
+    taken_at: datetime | None = None
 
     @property
     def serial(self) -> int:

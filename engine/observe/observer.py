@@ -16,9 +16,18 @@ from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
 
 
-def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None) -> Observation:
+def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True) -> Observation:
+    """`inspect_schemas=False` skips the per-shard connections (metric rounds need only the
+    catalog and the servers, and every query on a shard would count as load on it)."""
     catalog = store.read(catalog_conn) if catalog_conn is not None else CatalogState(exists=False)
     servers = {name: _server(fleet, name) for name in sorted(fleet.servers)}
+    observation = Observation(catalog=catalog, servers=servers, shards={})
+    return inspect_shards(fleet, observation) if inspect_schemas else observation
+
+
+def inspect_shards(fleet: Fleet, observation: Observation) -> Observation:
+    """Look into every shard the catalog knows: does it exist, what schema does it have."""
+    catalog, servers = observation.catalog, observation.servers
     shards: dict[str, LiveShard] = {}
     for database in catalog.databases.values():
         for shard in database.shards:
@@ -29,15 +38,19 @@ def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None) -> Observatio
                 shards[shard.address] = LiveShard(exists=False)
                 continue
             try:
-                with fleet.servers[shard.server].connect(shard.dbname) as conn:
+                # one read-only transaction: one transaction in the shard's statistics, not six
+                with fleet.servers[shard.server].connect(shard.dbname, autocommit=False) as conn:
+                    conn.read_only = True
                     snap = introspect.snapshot(conn)
-                    shards[shard.address] = LiveShard(
-                        exists=True, applied_steps=introspect.applied_steps(conn),
-                        schema_fingerprint=introspect.fingerprint(snap), schema_snapshot=snap,
-                    )
+                    steps = introspect.applied_steps(conn)
+                    conn.rollback()
+                shards[shard.address] = LiveShard(
+                    exists=True, applied_steps=steps,
+                    schema_fingerprint=introspect.fingerprint(snap), schema_snapshot=snap,
+                )
             except ServerUnreachable:
                 continue
-    return Observation(catalog=catalog, servers=servers, shards=shards)
+    return observation.model_copy(update={"shards": shards})
 
 
 def _server(fleet: Fleet, name: str) -> LiveServer:

@@ -11,9 +11,11 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.detect.detector import Evidence
+
 FORMAT_VERSION = 1
 
-Cause = Literal["config", "drift", "resume"]
+Cause = Literal["config", "drift", "resume", "load"]
 Symbol = Literal["create", "update", "delete", "replace"]
 
 
@@ -120,13 +122,48 @@ class RecreateShard(ActionBase):
         return f"shard.{self.database}/{self.shard.name}"
 
 
+class SplitShard(ActionBase):
+    """Replace a hot shard by N shards dividing its range (rows move by logical replication).
+
+    `evidence` is also the plan's premise: apply re-measures it and refuses the plan when it no
+    longer holds. `automatic` says whether policy lets the daemon apply it without a person."""
+
+    kind: Literal["split_shard"] = "split_shard"
+    symbol: Symbol = "replace"
+    source: ShardSpec
+    targets: tuple[ShardSpec, ...]
+    evidence: tuple[Evidence, ...]
+    automatic: bool
+
+    @property
+    def address(self) -> str:
+        return f"shard.{self.database}/{self.source.name}"
+
+
+class MergeShards(ActionBase):
+    """Replace adjacent cold shards by one shard owning their joint range."""
+
+    kind: Literal["merge_shards"] = "merge_shards"
+    symbol: Symbol = "replace"
+    sources: tuple[ShardSpec, ...]
+    target: ShardSpec
+    evidence: tuple[Evidence, ...]
+    automatic: bool
+
+    @property
+    def address(self) -> str:
+        return f"shard.{self.database}/{self.target.name}"
+
+
 Action = Annotated[
-    Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard],
+    Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, SplitShard, MergeShards],
     Field(discriminator="kind"),
 ]
+LOAD_KINDS = ("split_shard", "merge_shards")
 
 # Destructive first, so the danger is read before the rest (UX.md).
-ORDER = {"destroy_database": 0, "recreate_shard": 1, "create_database": 2, "apply_schema": 3, "update_database": 4}
+ORDER = {"destroy_database": 0, "merge_shards": 1, "split_shard": 2, "recreate_shard": 3, "create_database": 4,
+         "apply_schema": 5, "update_database": 6}
 
 
 class Drift(Frozen):
@@ -154,6 +191,7 @@ class Plan(Frozen):
     actions: tuple[Action, ...]
     drift: tuple[Drift, ...] = ()
     warnings: tuple[str, ...] = ()
+    metrics_source: str = "none"
 
     @property
     def has_changes(self) -> bool:
@@ -161,18 +199,21 @@ class Plan(Frozen):
 
     @property
     def summary(self) -> Summary:
+        """Objects added, changed and destroyed, as Terraform counts them: a split adds its
+        targets and retires its source; a merge adds its target and retires its sources."""
         add = change = destroy = 0
         by_kind: dict[str, int] = {}
         by_cause: dict[str, int] = {}
         for action in self.actions:
-            if action.symbol == "create":
+            if isinstance(action, SplitShard):
+                add, destroy = add + len(action.targets), destroy + 1
+            elif isinstance(action, MergeShards):
+                add, destroy = add + 1, destroy + len(action.sources)
+            elif action.symbol == "create":
                 add += 1
             elif action.symbol == "update":
                 change += 1
             elif action.symbol == "delete":
-                destroy += 1
-            else:
-                add += 1
                 destroy += 1
             by_kind[action.kind] = by_kind.get(action.kind, 0) + 1
             by_cause[action.reason.cause] = by_cause.get(action.reason.cause, 0) + 1

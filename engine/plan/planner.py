@@ -16,16 +16,13 @@ from deepdiff import DeepDiff
 import engine
 from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
-from engine.keyspace import KeyRange, even_ranges
+from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
+from engine.plan.load import load_actions
 from engine.plan.models import (
     ApplySchema, AttributeChange, CreateDatabase, DatabaseSettings, DestroyDatabase, Drift, Plan, Reason,
     RecreateShard, ShardSpec, StepSpec, UpdateDatabase, sort_actions,
 )
-
-
-def physical_name(database: str, key_range: KeyRange) -> str:
-    return f"{database}_{key_range.slug}"
 
 
 def settings_of(db: DesiredDatabase) -> DatabaseSettings:
@@ -120,9 +117,10 @@ def plan(desired: Desired, observation: Observation) -> Plan:
             if old_settings.placement != new_settings.placement:
                 warnings.append(f"database.{name}: placement changed; existing shards stay where they are"
                                 " (new shards from splits use the new placement)")
-        if db.spec.shards != len(active) and recorded.state == "active":
-            warnings.append(f"database.{name}: `shards: {db.spec.shards}` is the initial shard count; {name} has "
-                            f"{len(active)} shards and changing the number does not reshard it")
+        if db.spec.shards > len(active) and recorded.state == "active":
+            warnings.append(f"database.{name}: `shards: {db.spec.shards}` is the initial shard count and the floor"
+                            f" for merges; {name} has {len(active)} shards, and raising the number does not split"
+                            " them (splits follow load)")
 
         for shard in recorded.shards:
             live = observation.shards.get(shard.address)
@@ -161,6 +159,16 @@ def plan(desired: Desired, observation: Observation) -> Plan:
             reason=Reason(cause="config", text=f"{name} is not in the configuration"),
         ))
 
+    busy = {a.database for a in actions}
+    load, notes = load_actions(desired, observation)
+    warnings.extend(notes)
+    for action in load:
+        if action.database in busy:
+            warnings.append(f"{action.address}: {action.kind.replace('_', ' ')} waits until the other changes"
+                            f" to {action.database} in this plan are applied")
+        else:
+            actions.append(action)
+
     drift.extend(_unmanaged(desired, observation))
     for server in observation.servers.values():
         if not server.reachable:
@@ -175,13 +183,18 @@ def plan(desired: Desired, observation: Observation) -> Plan:
         raise ConfigError(problems, "found while planning")
     return Plan(
         shardctl_version=engine.__version__, based_on_serial=observation.serial,
+        metrics_source=observation.metrics_source,
         catalog_exists=catalog.exists, actions=sort_actions(actions),
         drift=tuple(sorted(drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(warnings))),
     )
 
 
 def _targets(action) -> set[str]:
-    shards = getattr(action, "shards", None) or ([action.shard] if hasattr(action, "shard") else [])
+    shards = list(getattr(action, "shards", None) or ())
+    for attr in ("shard", "source", "target"):
+        if getattr(action, attr, None) is not None:
+            shards.append(getattr(action, attr))
+    shards += list(getattr(action, "targets", None) or ()) + list(getattr(action, "sources", None) or ())
     return {s.server for s in shards}
 
 

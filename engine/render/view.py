@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.plan.models import (
-    ApplySchema, CreateDatabase, DestroyDatabase, Plan, RecreateShard, UpdateDatabase,
+    ApplySchema, CreateDatabase, DestroyDatabase, MergeShards, Plan, RecreateShard, SplitShard, UpdateDatabase,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -23,7 +23,10 @@ KIND_WORDS = {
     "apply_schema": ("schema change", "schema changes"),
     "update_database": ("settings update", "settings updates"),
     "recreate_shard": ("shard to recreate", "shards to recreate"),
+    "split_shard": ("split", "splits"),
+    "merge_shards": ("merge", "merges"),
 }
+VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged"}
 
 
 @dataclass
@@ -98,12 +101,34 @@ def _recreate_shard(a: RecreateShard) -> list[Line]:
     return _shard_lines("+", [a.shard]) + _step_lines("+", a.steps)
 
 
+def _evidence_lines(evidence) -> list[Line]:
+    return [Line("#", e.describe()) for e in evidence]
+
+
+def _split_shard(a: SplitShard) -> list[Line]:
+    lines = [Line("-", f"shard {json.dumps(a.source.name)} on {a.source.server} ({a.source.dbname}), retired after cutover")]
+    lines += _shard_lines("+", a.targets)
+    lines.append(Line(" ", "automatic = " + ("true (the daemon may apply it on its own)" if a.automatic
+                                             else "false (needs a person's apply)")))
+    return lines + _evidence_lines(a.evidence)
+
+
+def _merge_shards(a: MergeShards) -> list[Line]:
+    lines = [Line("-", f"shard {json.dumps(s.name)} on {s.server} ({s.dbname}), retired after cutover") for s in a.sources]
+    lines += _shard_lines("+", [a.target])
+    lines.append(Line(" ", "automatic = " + ("true (the daemon may apply it on its own)" if a.automatic
+                                             else "false (needs a person's apply)")))
+    return lines + _evidence_lines(a.evidence)
+
+
 _TITLES: dict[type, Callable[[Any], str]] = {
     CreateDatabase: lambda a: f'database "{a.database}"',
     DestroyDatabase: lambda a: f'database "{a.database}"',
     ApplySchema: lambda a: f'schema "{a.database}"',
     UpdateDatabase: lambda a: f'database "{a.database}"',
     RecreateShard: lambda a: f'shard "{a.database}/{a.shard.name}"',
+    SplitShard: lambda a: f'shard "{a.database}/{a.source.name}"',
+    MergeShards: lambda a: f'shards "{a.database}/{a.sources[0].name}" + "{a.database}/{a.sources[-1].name}"',
 }
 _LINES: dict[type, Callable[[Any], list[Line]]] = {
     CreateDatabase: _create_database,
@@ -111,6 +136,8 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     ApplySchema: _apply_schema,
     UpdateDatabase: _update_database,
     RecreateShard: _recreate_shard,
+    SplitShard: _split_shard,
+    MergeShards: _merge_shards,
 }
 
 
@@ -122,7 +149,8 @@ def block(action) -> Block:
     if isinstance(action, UpdateDatabase):
         hidden = max(0, _setting_count(action) - len(action.changes))
     return Block(address=action.address, symbol=action.symbol, sign=SIGNS[action.symbol],
-                 verb=VERBS[action.symbol], title=_TITLES[kind](action), reason=action.reason.text,
+                 verb=VERBS_BY_KIND.get(action.kind, VERBS[action.symbol]), title=_TITLES[kind](action),
+                 reason=action.reason.text,
                  cause=action.reason.cause, lines=_LINES[kind](action), hidden=hidden)
 
 
@@ -146,11 +174,15 @@ def view(plan: Plan) -> PlanView:
     used = []
     for symbol in ("create", "update", "delete", "replace"):
         if any(b.symbol == symbol for b in blocks):
-            used.append((SIGNS[symbol], LEGEND[symbol]))
+            meaning = LEGEND[symbol]
+            if symbol == "replace":
+                meaning = "replace (split or merge: new shards take over the range, then the old ones retire)"
+            used.append((SIGNS[symbol], meaning))
     s = plan.summary
     summary_line = f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
     parts = []
-    for kind in ("destroy_database", "recreate_shard", "create_database", "apply_schema", "update_database"):
+    for kind in ("destroy_database", "merge_shards", "split_shard", "recreate_shard", "create_database",
+                 "apply_schema", "update_database"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]

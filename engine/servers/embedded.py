@@ -118,7 +118,16 @@ class EmbeddedServer:
             str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
             "-o", options, "-l", str(self.log_file), "start",
         ], what="start")
+        self._create_extensions()
         return True
+
+    def _create_extensions(self) -> None:
+        """The statistics views the metric collectors read (tiers 2 and 3); both ship in the wheel."""
+        import psycopg
+
+        with psycopg.connect(**self.conninfo(), autocommit=True) as conn:
+            for extension in ("pg_stat_statements", "pg_buffercache"):
+                conn.execute(f"CREATE EXTENSION IF NOT EXISTS {extension}")  # constant names, not input
 
     def stop(self) -> bool:
         if not self.running_pid():

@@ -1,0 +1,1 @@
+"""Detection: hot and cold shards from sample windows, with evidence; cooldowns and limits."""

@@ -1,0 +1,92 @@
+"""The sample window a plan judges: the history stored in the catalog plus one fresh sample,
+or a recorded file instead of both (what-if planning, CI without database access)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+from pydantic import ValidationError
+
+from engine.catalog import store
+from engine.config.loader import Desired
+from engine.observe import recorded
+from engine.observe.metrics import Reading, Sample
+from engine.observe.models import CatalogShard, Observation
+from engine.observe.sampling import LiveSampler
+from engine.servers.fleet import Fleet
+
+
+def stored_history(conn: psycopg.Connection | None) -> tuple[dict[str, list[Sample]], dict[str, Reading]]:
+    """Stored samples per shard (oldest first) and the newest stored reading per shard."""
+    samples: dict[str, list[Sample]] = {}
+    last: dict[str, Reading] = {}
+    if conn is None:
+        return samples, last
+    for reading_json, sample_json in store.load_samples(conn):
+        try:
+            reading, sample = Reading.model_validate(reading_json), Sample.model_validate(sample_json)
+        except ValidationError:
+            continue  # a row written by another version: skip it rather than guess
+        samples.setdefault(sample.shard, []).append(sample)
+        last[reading.shard] = reading
+    return samples, last
+
+
+def monitored_shards(observation: Observation) -> list[CatalogShard]:
+    return [s for d in observation.catalog.databases.values() if d.state == "active"
+            for s in d.shards if s.state == "active"
+            and observation.servers.get(s.server) is not None and observation.servers[s.server].reachable]
+
+
+def history_limits(desired: Desired, shards: list[CatalogShard]) -> dict[str, int]:
+    limits = {}
+    for s in shards:
+        db = desired.databases.get(s.database)
+        limits[s.address] = db.effective_policy.metrics.history if db else 10
+    return limits
+
+
+def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
+    """Reuse a stored reading as the 'previous' one only while it is recent enough to make a
+    meaningful rate (five intervals, at least a minute)."""
+    now = datetime.now(timezone.utc)
+    fresh = {}
+    for address, reading in last.items():
+        db = desired.databases.get(address.split("/")[0])
+        interval = db.effective_policy.metrics.interval if db else 10.0
+        if now - reading.at <= timedelta(seconds=max(5 * interval, 60.0)):
+            fresh[address] = reading
+    sampler.seed(fresh)
+
+
+def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None, observation: Observation,
+                 metrics_file: str | None = None) -> Observation:
+    now = datetime.now(timezone.utc)
+    if metrics_file:
+        samples = recorded.load(metrics_file)
+        latest = max((s.at for window in samples.values() for s in window), default=now)
+        return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
+                                              "taken_at": latest})
+    history, last = stored_history(conn)
+    shards = monitored_shards(observation)
+    if shards:
+        sampler = LiveSampler(fleet)
+        seed_recent(sampler, desired, last)
+        for address, (_, sample) in sampler.sample(shards).items():
+            history.setdefault(address, []).append(sample)
+    limits = history_limits(desired, shards)
+    window = {a: tuple(v[-limits.get(a, 10):]) for a, v in sorted(history.items())}
+    return observation.model_copy(update={"metrics": window, "metrics_source": "live", "taken_at": now})
+
+
+def collect(desired: Desired, fleet: Fleet, conn: psycopg.Connection, observation: Observation,
+            sampler: LiveSampler | None = None) -> dict[str, tuple[Reading, Sample]]:
+    """One recorded round: sample every monitored shard and store it in the catalog."""
+    shards = monitored_shards(observation)
+    if sampler is None:
+        sampler = LiveSampler(fleet)
+        seed_recent(sampler, desired, stored_history(conn)[1])
+    pairs = sampler.sample(shards)
+    store.save_samples(conn, list(pairs.values()), history_limits(desired, shards))
+    return pairs

@@ -1,0 +1,72 @@
+"""Recorded samples: a YAML or JSON file in the shape the catalog stores, for what-if planning,
+reviews in CI without database access, and tests of the detector.
+
+    samples:
+      - shard: orders/-40
+        server: a
+        at: 2026-11-26T10:00:00Z
+        metrics:
+          queries_per_second: 12000          # a bare number: source "recorded"
+          cpu_percent: {value: 41.5, source: pg_stat_database active_time}
+          latency_ms: null                   # unknown
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from engine.errors import UserError
+from engine.observe.metrics import METRICS, Sample
+
+
+def load(path: str | Path) -> dict[str, tuple[Sample, ...]]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read metrics file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else YAML(typ="safe").load(text)
+    except (json.JSONDecodeError, YAMLError) as exc:
+        raise UserError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
+        raise UserError(f"{path}: expected a mapping with a `samples:` list",
+                        "write one with `shardctl metrics export -o FILE`")
+    out: dict[str, list[Sample]] = {}
+    for i, raw in enumerate(data["samples"]):
+        try:
+            sample = Sample.model_validate(_normalise(raw))
+        except (ValidationError, ValueError, TypeError) as exc:
+            detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            where = ".".join(map(str, exc.errors()[0]["loc"])) if isinstance(exc, ValidationError) else ""
+            raise UserError(f"{path}: sample {i + 1}{' ' + where if where else ''}: {detail}") from None
+        out.setdefault(sample.shard, []).append(sample)
+    return {k: tuple(sorted(v, key=lambda s: s.at)) for k, v in sorted(out.items())}
+
+
+def _normalise(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError("a sample is a mapping with shard, server, at and metrics")
+    metrics = raw.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ValueError("metrics must be a mapping")
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+    full = {}
+    for name in METRICS:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = {"value": float(value), "source": "recorded"}
+        full[name] = value
+    return {**raw, "metrics": full}
+
+
+def dump(samples: list[Sample]) -> dict[str, Any]:
+    return {"samples": [s.model_dump(mode="json") for s in sorted(samples, key=lambda s: (s.at, s.shard))]}

