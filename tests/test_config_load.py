@@ -66,3 +66,27 @@ def test_durations(text, seconds):
 @pytest.mark.parametrize("text,size", [("20GiB", 20 * 2**30), ("500MB", 500 * 10**6), (1024, 1024)])
 def test_sizes(text, size):
     assert models.parse_size(text) == size
+
+
+def test_a_policy_inherits_what_it_does_not_say_from_default(tmp_path):
+    (tmp_path / "fleet.yaml").write_text(FLEET.replace("    thresholds:\n      hot: {queries_per_second: 5000}\n",
+                                                       "    policy: quick\n")
+                                         + "policies:\n  quick:\n    hot: {latency_ms: 20}\n"
+                                         "  quicker:\n    extends: quick\n    detection: {window: 3, hot_samples: 2}\n")
+    (tmp_path / "s1.sql").write_text("CREATE TABLE t (customer_id bigint PRIMARY KEY);\n")
+    desired = loader.load(tmp_path, cwd=tmp_path)
+    policy = desired.databases["orders"].effective_policy
+    assert policy.hot.latency_ms == 20 and policy.hot.queries_per_second == 10000
+    assert policy.cold.connections == 20
+    assert desired.threshold_location("orders", "hot", "latency_ms") == "fleet.yaml:15:11"
+    assert desired.threshold_location("orders", "hot", "queries_per_second") == "policies/default.yaml:10:7"
+    quicker = desired.policies["quicker"]
+    assert quicker.chain == ("quicker", "quick", "default")
+    assert quicker.effective.hot.latency_ms == 20 and quicker.effective.detection.window == 3
+
+
+def test_a_declared_default_policy_refines_the_shipped_one(tmp_path):
+    (tmp_path / "fleet.yaml").write_text(FLEET + "policies:\n  default:\n    hot: {cpu_percent: 60}\n")
+    (tmp_path / "s1.sql").write_text("CREATE TABLE t (customer_id bigint PRIMARY KEY);\n")
+    policy = loader.load(tmp_path, cwd=tmp_path).databases["orders"].effective_policy
+    assert policy.hot.cpu_percent == 60 and policy.hot.latency_ms == 100

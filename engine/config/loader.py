@@ -32,6 +32,7 @@ PRESET_DIRS = (
     Path(__file__).resolve().parent.parent.parent / "policies",  # source checkout
 )
 RESERVED_DATABASES = {"postgres", "template0", "template1"}
+PLURALS = {"policy": "policies"}
 
 Path_ = tuple[Any, ...]
 
@@ -52,6 +53,7 @@ class ResolvedPolicy:
     policy: models.Policy  # as declared; `effective` has what it inherits filled in
     location: Location
     parent: str | None = None
+    parent_location: Location | None = None
     effective: models.Policy | None = None
     chain: tuple[str, ...] = ()  # itself, then each policy it inherits from
 
@@ -362,7 +364,9 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                                                 (None if name == "default" else "default"))
                     if name in policies:
                         policies[f"preset:{name}"] = policies[name]
-                policies[name] = ResolvedPolicy(name, policy, where, parent=parent)
+                policies[name] = ResolvedPolicy(name, policy, where, parent=parent,
+                                                parent_location=doc.value_loc(("policies", name, "extends"))
+                                                if policy.extends else None)
             if is_preset:
                 continue
             for name, server in parsed.servers.items():
@@ -469,9 +473,9 @@ def _unknown_ref(kind: str, name: str, where: Location, known: dict) -> Diagnost
     if close:
         hint = f"did you mean {close[0]!r}?"
     elif known:
-        hint = f"declared {kind}s: {', '.join(sorted(known))}"
+        hint = f"declared {PLURALS.get(kind, kind + 's')}: {', '.join(sorted(known))}"
     else:
-        hint = f"no {kind}s are declared"
+        hint = f"no {PLURALS.get(kind, kind + 's')} are declared"
     return Diagnostic(where, f"unknown {kind} {name!r}", hint)
 
 
@@ -547,10 +551,10 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
             return done[name]
         entry = policies[name]
         if entry.parent is None:
-            done[name] = ResolvedPolicy(name, entry.policy, entry.location, None, entry.policy, (name,))
+            done[name] = ResolvedPolicy(name, entry.policy, entry.location, None, None, entry.policy, (name,))
             return done[name]
         if entry.parent not in policies:
-            problems.append(_unknown_ref("policy", entry.parent, entry.location,
+            problems.append(_unknown_ref("policy", entry.parent, entry.parent_location or entry.location,
                                          {k: v for k, v in policies.items() if not k.startswith("preset:")}))
             return None
         if entry.parent in seen:
@@ -567,7 +571,8 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
             problems.append(Diagnostic(entry.location, f"policy {name!r} with what it inherits is invalid: "
                                        + _message(exc.errors(include_url=False)[0])[0]))
             return None
-        done[name] = ResolvedPolicy(name, entry.policy, entry.location, entry.parent, effective, (name,) + parent.chain)
+        done[name] = ResolvedPolicy(name, entry.policy, entry.location, entry.parent, entry.parent_location, effective,
+                                    (name,) + parent.chain)
         return done[name]
 
     for name in list(policies):
