@@ -310,13 +310,13 @@ def metrics_collect(obj: Ctx, count: int, interval: str | None) -> None:
 
         if schema.installed_version(conn) < 2:
             raise UserError("the catalog is older than this shardctl", "run `shardctl apply` to upgrade it")
-        sampler = LiveSampler(fleet)
-        history.seed_recent(sampler, desired, history.stored_history(conn)[1])
-        for i in range(count):
-            if i:
-                time.sleep(gap)
-            pairs = history.collect(desired, fleet, conn, observe(fleet, conn, inspect_schemas=False), sampler)
-            click.echo(f"sample {i + 1}/{count}: {state_line(pairs)}")
+        with LiveSampler(fleet) as sampler:
+            history.seed_recent(sampler, desired, history.stored_history(conn)[1])
+            for i in range(count):
+                if i:
+                    time.sleep(gap)
+                pairs = history.collect(desired, conn, observe(fleet, conn, inspect_schemas=False), sampler)
+                click.echo(f"sample {i + 1}/{count}: {state_line(pairs)}")
 
 
 @metrics.command("export")

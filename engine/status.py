@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -92,7 +93,7 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
         load=verdict.state if verdict else "unknown",
         evidence=[e.describe() for e in verdict.evidence] if verdict else [],
         near=list(verdict.near) if verdict else [],
-        metrics={m: (None if latest is None or latest.metrics.get(m) is None else latest.metrics[m].model_dump())
+        metrics={m: (None if latest is None or latest.metrics.get(m) is None else asdict(latest.metrics[m]))
                  for m in METRICS},
         observed_at=latest.at if latest else None,
         samples=len(window),

@@ -71,22 +71,19 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
     history, last = stored_history(conn)
     shards = monitored_shards(observation)
     if shards:
-        sampler = LiveSampler(fleet)
-        seed_recent(sampler, desired, last)
-        for address, (_, sample) in sampler.sample(shards).items():
-            history.setdefault(address, []).append(sample)
+        with LiveSampler(fleet) as sampler:
+            seed_recent(sampler, desired, last)
+            for address, (_, sample) in sampler.sample(shards).items():
+                history.setdefault(address, []).append(sample)
     limits = history_limits(desired, shards)
     window = {a: tuple(v[-limits.get(a, 10):]) for a, v in sorted(history.items())}
     return observation.model_copy(update={"metrics": window, "metrics_source": "live", "taken_at": now})
 
 
-def collect(desired: Desired, fleet: Fleet, conn: psycopg.Connection, observation: Observation,
-            sampler: LiveSampler | None = None) -> dict[str, tuple[Reading, Sample]]:
+def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
+            sampler: LiveSampler) -> dict[str, tuple[Reading, Sample]]:
     """One recorded round: sample every monitored shard and store it in the catalog."""
     shards = monitored_shards(observation)
-    if sampler is None:
-        sampler = LiveSampler(fleet)
-        seed_recent(sampler, desired, stored_history(conn)[1])
     pairs = sampler.sample(shards)
     store.save_samples(conn, list(pairs.values()), history_limits(desired, shards))
     return pairs

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from pydantic.dataclasses import dataclass
 
 METRICS = ("queries_per_second", "cpu_percent", "memory_percent", "storage_percent", "connections", "latency_ms")
 UNITS = {"queries_per_second": "/s", "cpu_percent": "%", "memory_percent": "%", "storage_percent": "%",
@@ -24,7 +25,11 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class MetricValue(Frozen):
+@dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
+class MetricValue:
+    """A slotted dataclass, not a model: a plan over 10,000 shards holds hundreds of thousands
+    of these, and a model instance costs several times the memory."""
+
     value: float
     source: str
 

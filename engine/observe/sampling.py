@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timedelta
 
 import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from engine.observe.collectors import Collector, default_collectors
 from engine.observe.metrics import Capacity, Reading, Sample, derive
@@ -48,11 +49,37 @@ def capacity_for(handle: ServerHandle, reading: Reading | None) -> Capacity:
 
 
 class LiveSampler:
+    """Samples the fleet. Keeps one small psycopg pool per server, so that a daemon's rounds
+    reuse a warm connection (a round is then a few milliseconds); close() when done."""
+
     def __init__(self, fleet: Fleet, collectors: list[Collector] | None = None):
         self.fleet = fleet
         self.collectors = collectors if collectors is not None else default_collectors()
         self._lock = threading.Lock()
         self._last: dict[str, Reading] = {}
+        self._pools: dict[str, ConnectionPool] = {}
+
+    def __enter__(self) -> "LiveSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
+
+    def _pool(self, handle: ServerHandle) -> ConnectionPool:
+        with self._lock:
+            pool = self._pools.get(handle.name)
+            if pool is None:
+                params = {"connect_timeout": "5", "application_name": "shardctl-metrics", **handle.params()}
+                pool = ConnectionPool(kwargs={**params, "autocommit": True}, min_size=1, max_size=1,
+                                      open=True, timeout=10, name=f"shardctl-{handle.name}")
+                self._pools[handle.name] = pool
+            return pool
 
     def seed(self, readings: dict[str, Reading]) -> None:
         with self._lock:
@@ -74,11 +101,12 @@ class LiveSampler:
                 continue
             round_readings: dict[str, Reading] = {}
             try:
-                for collector in self.collectors:
-                    if collector.applies_to(handle):
-                        round_readings = collector.collect(handle, server_shards, round_readings, full)
-            except (ServerUnreachable, psycopg.Error):
-                continue
+                with self._pool(handle).connection() as conn:
+                    for collector in self.collectors:
+                        if collector.applies_to(handle):
+                            round_readings = collector.collect(handle, conn, server_shards, round_readings, full)
+            except (ServerUnreachable, PoolTimeout, psycopg.Error):
+                continue  # unknown, never zero
             readings.update(round_readings)
         return readings
 

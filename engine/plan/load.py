@@ -14,7 +14,7 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.detect.detector import Assessment, assess
 from engine.keyspace import KeyRange, physical_name
 from engine.observe.metrics import METRICS
-from engine.observe.models import CatalogDatabase, CatalogShard, Observation
+from engine.observe.models import CatalogShard, Observation
 from engine.plan.models import MergeShards, Reason, ShardSpec, SplitShard
 
 
@@ -48,6 +48,7 @@ def load_actions(desired: Desired, observation: Observation) -> tuple[list, list
     warnings: list[str] = []
     now = observation.taken_at or datetime.now(timezone.utc)
     verdicts = assessments(desired, observation)
+    storage = _storage_by_server(observation)
     for name, db in desired.databases.items():
         recorded = observation.catalog.databases.get(name)
         if recorded is None or recorded.state != "active":
@@ -67,14 +68,14 @@ def load_actions(desired: Desired, observation: Observation) -> tuple[list, list
             for a in hot:
                 warnings.append(f"shard.{a.shard}: hot, but {switched_off}")
             continue
-        actions_for_db, notes = _plan_database(db, recorded, shards, hot, cold, verdicts, observation, now)
+        actions_for_db, notes = _plan_database(db, shards, hot, cold, verdicts, observation, storage, now)
         actions += actions_for_db
         warnings += notes
     return actions, warnings
 
 
-def _plan_database(db: DesiredDatabase, recorded: CatalogDatabase, shards: list[CatalogShard], hot: list[Assessment],
-                   cold: set[str], verdicts: dict[str, Assessment], observation: Observation,
+def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[Assessment], cold: set[str],
+                   verdicts: dict[str, Assessment], observation: Observation, storage: dict[str, float],
                    now: datetime) -> tuple[list, list[str]]:
     policy = db.effective_policy
     cooldown = timedelta(seconds=policy.autosplit.cooldown)
@@ -100,7 +101,7 @@ def _plan_database(db: DesiredDatabase, recorded: CatalogDatabase, shards: list[
             notes.append(f"shard.{shard.address}: hot, but {db.name} would exceed autosplit.max_shards"
                          f" ({policy.autosplit.max_shards})")
             continue
-        candidates.append(("split", _split(db, shard, verdict, observation)))
+        candidates.append(("split", _split(db, shard, verdict, storage)))
         count += policy.autosplit.targets - 1
 
     # merges never go below the declared shard count: that layout is the operator's decision
@@ -119,7 +120,7 @@ def _plan_database(db: DesiredDatabase, recorded: CatalogDatabase, shards: list[
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but held back by the cooldown"
                              f" until {held.strftime('%Y-%m-%dT%H:%M:%SZ')}")
             else:
-                candidates.append(("merge", _merge(db, [left, right], verdicts, observation)))
+                candidates.append(("merge", _merge(db, [left, right], verdicts, observation, storage)))
                 merged += 1
                 i += 2
                 continue
@@ -133,24 +134,28 @@ def _plan_database(db: DesiredDatabase, recorded: CatalogDatabase, shards: list[
     return chosen, notes
 
 
-def _server_load(db: DesiredDatabase, observation: Observation) -> dict[str, float]:
-    """Storage share in use per server, summed over the shards of every database seen there."""
-    load = {name: 0.0 for name in db.spec.placement}
+def _latest_storage(observation: Observation, address: str) -> float | None:
+    for sample in reversed(observation.metrics.get(address, ())):
+        value = sample.value("storage_percent")
+        if value is not None:
+            return value
+    return None
+
+
+def _storage_by_server(observation: Observation) -> dict[str, float]:
+    """Storage share in use per server, summed over every shard seen there (computed once a plan)."""
+    load: dict[str, float] = {}
     for database in observation.catalog.databases.values():
         for shard in database.shards:
-            window = observation.metrics.get(shard.address, ())
-            value = next((s.value("storage_percent") for s in reversed(window)
-                          if s.value("storage_percent") is not None), None)
-            if shard.server in load and value is not None:
-                load[shard.server] += value
+            value = _latest_storage(observation, shard.address)
+            load[shard.server] = load.get(shard.server, 0.0) + (value or 0.0)
     return load
 
 
-def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, observation: Observation) -> SplitShard:
+def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storage: dict[str, float]) -> SplitShard:
     policy = db.effective_policy
-    load = _server_load(db, observation)
     # prefer servers other than the source's, then the least loaded by storage, then by name
-    order = sorted(db.spec.placement, key=lambda s: (s == shard.server, load.get(s, 0.0), s))
+    order = sorted(db.spec.placement, key=lambda s: (s == shard.server, storage.get(s, 0.0), s))
     ranges = KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)
     targets = tuple(
         ShardSpec(name=r.name, lo=r.lo, hi=r.hi, server=order[i % len(order)], dbname=physical_name(db.name, r))
@@ -166,15 +171,11 @@ def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, observ
 
 
 def _merge(db: DesiredDatabase, shards: list[CatalogShard], verdicts: dict[str, Assessment],
-           observation: Observation) -> MergeShards:
+           observation: Observation, storage: dict[str, float]) -> MergeShards:
     joint = KeyRange(shards[0].lo, shards[-1].hi)
-
-    def size(s: CatalogShard) -> float:
-        window = observation.metrics.get(s.address, ())
-        return next((x.value("storage_percent") for x in reversed(window) if x.value("storage_percent") is not None), 0.0)
-
-    # the target lives where the larger source is: less data moves
-    home = max(shards, key=lambda s: (size(s), s.server == shards[0].server)).server
+    # the target lives where the larger source is (less data moves); on a tie, the less loaded server
+    home = max(shards, key=lambda s: (_latest_storage(observation, s.address) or 0.0,
+                                      -storage.get(s.server, 0.0), s.server == shards[0].server)).server
     evidence = tuple(e for s in shards for e in verdicts[s.address].evidence)
     return MergeShards(
         database=db.name, sources=tuple(_spec(s) for s in shards),

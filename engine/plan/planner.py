@@ -249,6 +249,8 @@ def _resume_create(db: DesiredDatabase, recorded: CatalogDatabase) -> CreateData
 
 
 def _changes(before: DatabaseSettings, after: DatabaseSettings) -> tuple[AttributeChange, ...]:
+    if before == after:
+        return ()
     diff = DeepDiff(before.model_dump(mode="json"), after.model_dump(mode="json"), ignore_order=False,
                     verbose_level=2)
     out: list[AttributeChange] = []

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 from typing import ClassVar
 
+import psycopg
+
 from engine.observe.metrics import Reading
 from engine.observe.models import CatalogShard
 from engine.servers.connect import ServerHandle
@@ -25,9 +27,10 @@ class Collector(ABC):
         return True
 
     @abstractmethod
-    def collect(self, server: ServerHandle, shards: list[CatalogShard], readings: dict[str, Reading],
-                full: bool) -> dict[str, Reading]:
+    def collect(self, server: ServerHandle, conn: psycopg.Connection, shards: list[CatalogShard],
+                readings: dict[str, Reading], full: bool) -> dict[str, Reading]:
         """Return `readings` with what this collector adds (new values, never mutation).
+        `conn` is the round's one connection to the server (autocommit, database postgres).
         `full` asks for the slower tier too (sizes, buffer shares)."""
 
 

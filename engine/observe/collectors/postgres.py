@@ -45,14 +45,33 @@ SHARED_BUFFERS = "SELECT setting::bigint * current_setting('block_size')::bigint
 class PostgresCollector(Collector):
     name = "postgres"
 
-    def collect(self, server: ServerHandle, shards: list[CatalogShard], readings: dict[str, Reading],
-                full: bool) -> dict[str, Reading]:
+    def __init__(self) -> None:
+        # settings that change only with a restart or an extension install: read once a minute
+        self._cached: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def _once_a_minute(self, key: tuple[str, str], read):
+        import time
+
+        hit = self._cached.get(key)
+        if hit is None or time.monotonic() - hit[0] > 60:
+            hit = (time.monotonic(), read())
+            self._cached[key] = hit
+        return hit[1]
+
+    def _extensions(self, server: ServerHandle, conn: psycopg.Connection) -> set[str]:
+        return self._once_a_minute((server.name, "ext"), lambda: {r[0] for r in conn.execute(EXTENSIONS)})
+
+    def _shared_buffers(self, server: ServerHandle, conn: psycopg.Connection) -> str:
+        return self._once_a_minute((server.name, "sb"), lambda: str(conn.execute(SHARED_BUFFERS).fetchone()[0]))
+
+    def collect(self, server: ServerHandle, conn: psycopg.Connection, shards: list[CatalogShard],
+                readings: dict[str, Reading], full: bool) -> dict[str, Reading]:
         by_db = {s.dbname: s for s in shards}
         names = sorted(by_db)
         out = dict(readings)
-        with server.connect() as conn:
+        with conn.transaction():  # one snapshot of the statistics for the round
             at = datetime.now(timezone.utc)
-            extensions = {r[0] for r in conn.execute(EXTENSIONS)}
+            extensions = self._extensions(server, conn)
             counters: dict[str, dict[str, float]] = {n: {} for n in names}
             gauges: dict[str, dict[str, float]] = {n: {} for n in names}
             for datname, xacts, active_ms, conns in conn.execute(TIER1, (names,)):
@@ -60,14 +79,16 @@ class PostgresCollector(Collector):
                 gauges[datname]["connections"] = float(conns)
             if "pg_stat_statements" in extensions:
                 try:
-                    for datname, calls, exec_ms in conn.execute(TIER2, (names,)):
+                    with conn.transaction():  # a savepoint: a failure here leaves tier 1 intact
+                        rows = conn.execute(TIER2, (names,)).fetchall()
+                    for datname, calls, exec_ms in rows:
                         counters[datname].update(calls=float(calls), exec_ms=float(exec_ms))
                     for n in names:  # a database with no statements yet has zero calls, not unknown
                         counters[n].setdefault("calls", 0.0)
                         counters[n].setdefault("exec_ms", 0.0)
                 except psycopg.Error:
-                    pass  # loaded in the catalog but not preloaded: tier 2 stays unknown
-            notes = {"shared_buffers_bytes": str(conn.execute(SHARED_BUFFERS).fetchone()[0])}
+                    pass  # created but not preloaded: tier 2 stays unknown
+            notes = {"shared_buffers_bytes": self._shared_buffers(server, conn)}
             if full:
                 for datname, size in conn.execute(SIZES, (names,)):
                     gauges[datname]["size_bytes"] = float(size)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
+
 from engine.observe.collectors import Collector, register
 from engine.observe.metrics import Reading
 from engine.observe.models import CatalogShard
@@ -37,15 +39,14 @@ class ProcCollector(Collector):
     def applies_to(self, server: ServerHandle) -> bool:
         return server.embedded is not None and Path("/proc/self/stat").exists()
 
-    def collect(self, server: ServerHandle, shards: list[CatalogShard], readings: dict[str, Reading],
-                full: bool) -> dict[str, Reading]:
+    def collect(self, server: ServerHandle, conn: psycopg.Connection, shards: list[CatalogShard],
+                readings: dict[str, Reading], full: bool) -> dict[str, Reading]:
         by_db = {s.dbname: s for s in shards}
         ticks: dict[str, dict[str, float]] = {n: {} for n in by_db}
-        with server.connect() as conn:
-            for datname, pid in conn.execute(PIDS, (sorted(by_db),)):
-                t = _ticks(pid)
-                if t is not None:
-                    ticks[datname][str(pid)] = t
+        for datname, pid in conn.execute(PIDS, (sorted(by_db),)):
+            t = _ticks(pid)
+            if t is not None:
+                ticks[datname][str(pid)] = t
         out = dict(readings)
         for dbname, shard in by_db.items():
             reading = out.get(shard.address)

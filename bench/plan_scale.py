@@ -1,0 +1,119 @@
+"""A plan over a recorded observation of 10,000 shards on 20 servers: time and peak memory.
+
+    python bench/plan_scale.py [--databases 100] [--shards 100] [--servers 20]
+
+No server is started: the config is written to a temporary directory and the observation
+(catalog, servers, schemas, five metric samples per shard, 1% of shards hot) is built in
+memory, as a plan from recorded samples would see it. The baseline, measured in the same run,
+is one pass of serialising that observation to JSON: the least any planner must do is read it
+once, so the ratio says how much the planning itself costs beyond that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import loader  # noqa: E402
+from engine.keyspace import even_ranges, physical_name  # noqa: E402
+from engine.observe.metrics import METRICS, MetricValue, Sample  # noqa: E402
+from engine.observe.models import (  # noqa: E402
+    AppliedStep, CatalogDatabase, CatalogShard, CatalogState, LiveServer, LiveShard, Observation,
+)
+from engine.plan import planner  # noqa: E402
+from engine.render.renderers import render  # noqa: E402
+
+SCHEMA = "CREATE TABLE t (k bigint PRIMARY KEY, v text);"
+
+
+def build(tmp: Path, databases: int, shards: int, servers: int):
+    names = [f"s{i:02d}" for i in range(servers)]
+    lines = ["servers:"] + [f"  {n}: {{embedded: true}}" for n in names] + ["databases:"]
+    for d in range(databases):
+        lines += [f"  db{d:03d}:", "    shard_key: {column: k, type: bigint}",
+                  f"    schema: {{name: init, sql: \"{SCHEMA}\"}}", f"    shards: {shards}",
+                  f"    placement: [{', '.join(names)}]"]
+    (tmp / "fleet.yaml").write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    desired = loader.load(tmp, cwd=tmp)
+    load_s = time.perf_counter() - started
+
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+    fingerprint = "f" * 64
+    catalog_dbs, live, metrics = {}, {}, {}
+    for d, (name, db) in enumerate(desired.databases.items()):
+        settings = planner.settings_of(db)
+        rows = []
+        for i, r in enumerate(even_ranges(shards)):
+            shard = CatalogShard(database=name, name=r.name, lo=r.lo, hi=r.hi, server=names[(d + i) % servers],
+                                 dbname=physical_name(name, r), state="active", schema_fingerprint=fingerprint)
+            rows.append(shard)
+            live[shard.address] = LiveShard(exists=True, schema_fingerprint=fingerprint)
+            hot = (d * shards + i) % 100 == 0
+            metrics[shard.address] = tuple(
+                Sample(shard=shard.address, server=shard.server, at=now - timedelta(seconds=10 * (4 - k)),
+                       interval_s=10.0, metrics={m: MetricValue(value=(20000.0 if hot and m == "queries_per_second"
+                                                                       else 500.0 if m == "queries_per_second" else 30.0),
+                                                                source="recorded") for m in METRICS})
+                for k in range(5))
+        catalog_dbs[name] = CatalogDatabase(
+            name=name, key_column="k", key_type="bigint", protect=False, policy_name=db.policy_name,
+            policy=settings.policy, placement=settings.placement, state="active",
+            schema_steps=tuple(AppliedStep(seq=i + 1, name=s.name, sha256=s.sha256) for i, s in enumerate(db.schema_steps)),
+            shards=tuple(rows))
+    observation = Observation(
+        catalog=CatalogState(exists=True, schema_version=2, serial=1, epoch=1, databases=catalog_dbs),
+        servers={n: LiveServer(name=n, reachable=True, version="18.6", wal_level="logical", databases=()) for n in names},
+        shards=live, metrics=metrics, metrics_source="recorded", taken_at=now)
+    return desired, observation, load_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--databases", type=int, default=100)
+    parser.add_argument("--shards", type=int, default=100)
+    parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        desired, observation, load_s = build(Path(tmp), args.databases, args.shards, args.servers)
+    total = sum(len(d.shards) for d in observation.catalog.databases.values())
+
+    plans = []
+    plan_s = statistics.median(_timed(lambda: plans.append(planner.plan(desired, observation)), args.repeat))
+    plan = plans[-1]
+    text_s = statistics.median(_timed(lambda: render(plan, "text"), args.repeat))
+    json_s = statistics.median(_timed(lambda: render(plan, "json"), args.repeat))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the baseline's big dict
+    baseline = statistics.median(
+        _timed(lambda: json.dumps(observation.model_dump(mode="json")), args.repeat))
+
+    print(f"{total} shards, {len(observation.catalog.databases)} databases, {len(observation.servers)} servers")
+    print(f"  config load (YAML -> validated models)      {load_s * 1000:8.1f} ms")
+    print(f"  baseline: serialise the observation once    {baseline * 1000:8.1f} ms")
+    print(f"  plan (diff + detection + load actions)      {plan_s * 1000:8.1f} ms   {plan_s / baseline:5.2f}x the baseline")
+    print(f"  render text / json                          {text_s * 1000:8.1f} / {json_s * 1000:.1f} ms")
+    print(f"  actions: {len(plan.actions)} ({', '.join(f'{v} {k}' for k, v in plan.summary.by_kind.items())})")
+    print(f"  peak RSS: config, observation, plans, renders {rss_mb:6.1f} MB")
+
+
+def _timed(fn, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+if __name__ == "__main__":
+    main()
