@@ -216,6 +216,25 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str
     click.echo(f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed.")
 
 
+@cli.command()
+@click.argument("operation", type=int)
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
+              help="Wait this long for another apply's lock, e.g. 30s.")
+@click.pass_obj
+def abort(obj: Ctx, operation: int, lock_timeout: str) -> None:
+    """Roll back an interrupted split or merge that has not reached its cutover.
+
+    Removes the operation's subscriptions, slots, publications, write fence and target
+    databases; the source shards are left exactly as they were. `shardctl status` lists
+    interrupted operations and their numbers. After the cutover, apply finishes the operation
+    instead.
+    """
+    from engine import workflow
+    from engine.config.models import parse_duration
+
+    workflow.abort(workflow.load(obj.config_dir), operation, lock_timeout=parse_duration(lock_timeout), say=click.echo)
+
+
 # ---------------------------------------------------------------------------- servers and status
 
 

@@ -150,7 +150,9 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         for source in sources:
             console.print(f"  source: {source}")
     for op in report["interrupted"]:
-        console.print(f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r};"
-                      " run `shardctl apply` to finish it")
+        hint = "run `shardctl apply` to finish it"
+        if op["kind"] in ("split_shard", "merge_shards"):
+            hint += f", or `shardctl abort {op['id']}` to roll it back (before its cutover)"
+        console.print(f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}")
     if not report["databases"] and cat.get("state") == "ok":
         console.print("No databases yet.")

@@ -48,21 +48,11 @@ class PremiseFailed(UserError):
         )
 
 
-class NotYetSupported(UserError):
-    def __init__(self, kinds: list[str]):
-        super().__init__(
-            f"this version of shardctl plans {' and '.join(kinds)} actions but cannot execute them yet",
-            "Nothing was changed. Online splits and merges (moving rows with logical replication) come\n"
-            "in a later version. To apply the other changes now, set `resharding: false` on the\n"
-            "database (or `resharding: {enabled: false}` for the fleet) and plan again.",
-        )
-
-
 def check_premises(desired: Desired, plan: Plan, observation: Observation) -> None:
     """Re-measure the load a saved plan was based on; refuse it when a premise has gone."""
     failures = []
     for action in plan.actions:
-        if action.kind not in LOAD_KINDS:
+        if action.kind not in LOAD_KINDS or action.reason.cause != "load":
             continue
         db = desired.databases.get(action.database)
         if db is None:
@@ -76,12 +66,6 @@ def check_premises(desired: Desired, plan: Plan, observation: Observation) -> No
                 failures.append(f"shard.{evidence.shard}: {why}")
     if failures:
         raise PremiseFailed(sorted(set(failures)))
-
-
-def refuse_unsupported(plan: Plan) -> None:
-    kinds = sorted({a.kind for a in plan.actions if a.kind in LOAD_KINDS})
-    if kinds:
-        raise NotYetSupported([k.replace("_", " ") for k in kinds])
 
 
 class Cancelled(UserError):
@@ -145,7 +129,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                 if saved.based_on_serial != current:
                     raise StalePlan(saved.based_on_serial, current)
                 plan = saved
-                if any(a.kind in LOAD_KINDS for a in plan.actions):
+                if any(a.kind in LOAD_KINDS and a.reason.cause == "load" for a in plan.actions):
                     say("Re-measuring the load premises of the saved plan...")
                     observation = observe(fleet, conn, inspect_schemas=False)
                     observation = history.with_metrics(desired, fleet, conn, observation, metrics_file)
@@ -154,10 +138,8 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                 observation = observe_all(desired, fleet, conn, metrics_file)
                 plan = planner.plan(desired, observation)
                 show(plan)
-                refuse_unsupported(plan)
                 if plan.has_changes:
                     confirm(plan)
-            refuse_unsupported(plan)
             journal.close_interrupted(conn)
             _record_servers(conn, fleet)
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say)
@@ -199,3 +181,48 @@ def _graceful_interrupts(say: Say) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
         journal.clear_stop()
+
+
+def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: Say = lambda _: None) -> None:
+    """Roll back a split or merge that has not passed its cutover: its subscriptions, slots,
+    publications, fence and target databases go; the sources are left as they were."""
+    from engine.actions import move
+    from engine.catalog.journal import Operation
+    from engine.plan.models import SplitShard
+
+    fleet = Fleet(desired)
+    fleet.start_embedded(say)
+    with fleet.catalog(create=False) as conn:
+        if conn is None:
+            raise UserError("there is no catalog yet, so no operation to abort")
+        with apply_lock(conn, "abort", timeout=lock_timeout,
+                        on_wait=lambda: say("Acquiring state lock. This may take a few moments...")):
+            pending = {p.operation: p for p in store.pending_moves(conn)}
+            if operation not in pending:
+                raise UserError(f"operation {operation} is not an unfinished split or merge",
+                                "`shardctl status` lists interrupted operations")
+            p = pending[operation]
+            if p.flipped:
+                raise UserError(f"operation {operation} has passed its cutover and cannot be aborted",
+                                "its targets own the range now; run `shardctl apply` to finish its cleanup")
+            action = _resume_action(p)
+            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say)
+            key_column, key_type = move.key_of(ctx, action.database)
+            split = isinstance(action, SplitShard)
+            sources = (action.source,) if split else action.sources
+            targets = action.targets if split else (action.target,)
+            links = tuple(move.Link(i, action.source, t, True) for i, t in enumerate(targets)) if split else \
+                tuple(move.Link(i, s, action.target, False) for i, s in enumerate(sources))
+            mv = move.Move(ctx=ctx, op=Operation(conn, operation), database=action.database, key_column=key_column,
+                           key_type=key_type, sources=sources, targets=targets, links=links, steps=(),
+                           label=f"abort {operation}")
+            say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
+            mv.abort()
+            store.add_history(conn, "abort", action.address, {"operation": operation, "last_step": p.last_step})
+            say(f"Operation {operation} aborted: replication objects, fence and targets removed; the source is as it was.")
+
+
+def _resume_action(pending):
+    from engine.plan.planner import _resume_move
+
+    return _resume_move(pending)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.actions import apply_schema, create_database, destroy_database, recreate_shard, update_database
+from engine.actions import (
+    apply_schema, create_database, destroy_database, drop_retired_shard, merge_shards, recreate_shard, split_shard,
+    update_database,
+)
 from engine.actions.base import ApplyContext
 from engine.plan import models
 
@@ -14,6 +17,9 @@ EXECUTORS: dict[type, Callable] = {
     models.ApplySchema: apply_schema.execute,
     models.UpdateDatabase: update_database.execute,
     models.RecreateShard: recreate_shard.execute,
+    models.SplitShard: split_shard.execute,
+    models.MergeShards: merge_shards.execute,
+    models.DropRetiredShard: drop_retired_shard.execute,
 }
 
 

@@ -91,6 +91,9 @@ def interrupted(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 
 def close_interrupted(conn: psycopg.Connection) -> None:
-    """Mark operations left 'running' by a dead process as failed; the new plan resumes their work."""
+    """Mark operations left 'running' by a dead process as failed; the new plan redoes their
+    (idempotent) work. Splits and merges stay 'running': they resume under their own names,
+    or `shardctl abort` rolls them back."""
     conn.execute("UPDATE shardctl.operations SET state = 'failed', finished_at = now(),"
-                 " detail = detail || '{\"interrupted\": true}' WHERE state = 'running'")
+                 " detail = detail || '{\"interrupted\": true}'"
+                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards')")

@@ -70,7 +70,8 @@ CREATE TABLE shardctl.shards (
     hi                 bigint,                     -- NULL: top of the keyspace (2^63 is no bigint)
     server             text NOT NULL,
     dbname             text NOT NULL,
-    state              text NOT NULL CHECK (state IN ('creating', 'active', 'retired')),
+    state              text NOT NULL CHECK (state IN ('creating', 'moving', 'active', 'retired')),
+    retired_at         timestamptz,                -- when a split or merge retired it (kept read-only)
     schema_fingerprint text,
     schema_snapshot    jsonb,
     created_at         timestamptz NOT NULL DEFAULT now(),
@@ -83,7 +84,7 @@ CREATE TABLE shardctl.operations (
     id          bigserial PRIMARY KEY,
     kind        text NOT NULL,
     address     text NOT NULL,
-    state       text NOT NULL CHECK (state IN ('running', 'done', 'failed')),
+    state       text NOT NULL CHECK (state IN ('running', 'done', 'failed', 'aborted')),
     plan_serial bigint NOT NULL,
     who         text NOT NULL,
     started_at  timestamptz NOT NULL DEFAULT now(),

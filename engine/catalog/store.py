@@ -14,7 +14,9 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from engine.catalog import schema
-from engine.observe.models import AppliedStep, CatalogDatabase, CatalogShard, CatalogState, ReshardEvent
+from engine.observe.models import AppliedStep, CatalogDatabase, CatalogShard, CatalogState, PendingMove, ReshardEvent
+
+MOVE_KINDS = ("split_shard", "merge_shards")
 
 
 def database_exists(conn: psycopg.Connection, name: str) -> bool:
@@ -34,11 +36,11 @@ def read(conn: psycopg.Connection) -> CatalogState:
         steps.setdefault(database, []).append(AppliedStep(seq=seq, name=name, sha256=sha))
     shards: dict[str, list[CatalogShard]] = {}
     for row in conn.execute(
-        "SELECT database, name, lo, hi, server, dbname, state, schema_fingerprint, schema_snapshot"
+        "SELECT database, name, lo, hi, server, dbname, state, schema_fingerprint, schema_snapshot, retired_at"
         " FROM shardctl.shards ORDER BY database, lo NULLS FIRST, name"
     ):
         shard = CatalogShard(database=row[0], name=row[1], lo=row[2], hi=row[3], server=row[4], dbname=row[5],
-                             state=row[6], schema_fingerprint=row[7], schema_snapshot=row[8])
+                             state=row[6], schema_fingerprint=row[7], schema_snapshot=row[8], retired_at=row[9])
         shards.setdefault(shard.database, []).append(shard)
     databases = {}
     for row in conn.execute(
@@ -56,7 +58,7 @@ def read(conn: psycopg.Connection) -> CatalogState:
         for e in reshard_events(conn)
     ) if version >= 2 else ()
     return CatalogState(exists=True, schema_version=version, serial=serial, epoch=epoch, databases=databases,
-                        reshard_events=events)
+                        reshard_events=events, pending_moves=tuple(pending_moves(conn)))
 
 
 # ---------------------------------------------------------------------------- writes
@@ -181,3 +183,19 @@ def reshard_events(conn: psycopg.Connection) -> list[dict[str, Any]]:
         " WHERE event IN ('split_shard', 'merge_shards') ORDER BY id"
     ).fetchall()
     return [dict(at=r[0], event=r[1], address=r[2], detail=r[3]) for r in rows]
+
+
+def pending_moves(conn: psycopg.Connection) -> list[PendingMove]:
+    rows = conn.execute(
+        """SELECT o.id, o.kind, o.detail,
+                  (SELECT step FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1),
+                  EXISTS (SELECT 1 FROM shardctl.journal j WHERE j.operation = o.id AND j.step LIKE '%%: fence'
+                          AND j.status = 'done'),
+                  EXISTS (SELECT 1 FROM shardctl.journal j WHERE j.operation = o.id AND j.step LIKE '%%: flip'
+                          AND j.status = 'done')
+           FROM shardctl.operations o
+           WHERE o.state = 'running' AND o.kind = ANY(%s) ORDER BY o.id""",
+        (list(MOVE_KINDS),),
+    ).fetchall()
+    return [PendingMove(operation=r[0], kind=r[1], database=r[2]["action"]["database"], action=r[2]["action"],
+                        last_step=r[3], fenced=r[4], flipped=r[5]) for r in rows]

@@ -159,6 +159,7 @@ class AutoSplit(Frozen):
     targets: int = Field(2, ge=2, le=16, description="shards one split produces")
     max_shards: int = Field(256, ge=1, description="never split a database beyond this many shards")
     max_concurrent: int = Field(1, ge=1, description="splits and merges running at once")
+    retire_after: Duration = Field(3600.0, description="keep a split or merged source read-only this long, then drop it")
 
 
 class AutoMerge(Frozen):

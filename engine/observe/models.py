@@ -33,6 +33,7 @@ class CatalogShard(Frozen):
     state: str
     schema_fingerprint: str | None = None
     schema_snapshot: dict[str, Any] | None = None
+    retired_at: datetime | None = None
 
     @property
     def address(self) -> str:
@@ -60,6 +61,18 @@ class ReshardEvent(Frozen):
     ranges: tuple[tuple[int | None, int | None], ...]  # every range it touched, before and after
 
 
+class PendingMove(Frozen):
+    """A split or merge that started and did not finish: its action, to be resumed or aborted."""
+
+    operation: int
+    kind: str
+    database: str
+    action: dict[str, Any]
+    last_step: str | None = None
+    fenced: bool = False
+    flipped: bool = False
+
+
 class CatalogState(Frozen):
     exists: bool
     schema_version: int = 0
@@ -67,6 +80,7 @@ class CatalogState(Frozen):
     epoch: int = 0
     databases: dict[str, CatalogDatabase] = {}
     reshard_events: tuple[ReshardEvent, ...] = ()
+    pending_moves: tuple[PendingMove, ...] = ()
 
 
 class LiveShard(Frozen):

@@ -8,6 +8,7 @@ new shards go (another server first, the least loaded by storage).
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 
 from engine.config.loader import Desired, DesiredDatabase
@@ -53,6 +54,8 @@ def load_actions(desired: Desired, observation: Observation) -> tuple[list, list
         recorded = observation.catalog.databases.get(name)
         if recorded is None or recorded.state != "active":
             continue
+        if any(p.database == name for p in observation.catalog.pending_moves):
+            continue  # an unfinished split or merge comes first
         shards = sorted((s for s in recorded.shards if s.state == "active"), key=lambda s: KeyRange(s.lo, s.hi).lo_unsigned)
         for shard in shards:
             for line in verdicts[shard.address].near:
@@ -101,6 +104,10 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
             notes.append(f"shard.{shard.address}: hot, but {db.name} would exceed autosplit.max_shards"
                          f" ({policy.autosplit.max_shards})")
             continue
+        blocked = preconditions(db, [shard], observation)
+        if blocked:
+            notes.append(f"shard.{shard.address}: hot, but it cannot be split: {blocked}")
+            continue
         candidates.append(("split", _split(db, shard, verdict, storage)))
         count += policy.autosplit.targets - 1
 
@@ -116,9 +123,13 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but {db.name} is at its"
                              f" declared shard count ({floor}); lower `shards:` to allow merges")
                 break
+            blocked = preconditions(db, [left, right], observation)
             if held:
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but held back by the cooldown"
                              f" until {held.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+            elif blocked:
+                notes.append(f"shard.{left.address} and shard.{right.address}: cold, but they cannot be merged:"
+                             f" {blocked}")
             else:
                 candidates.append(("merge", _merge(db, [left, right], verdicts, observation, storage)))
                 merged += 1
@@ -132,6 +143,36 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
         notes.append(f"{action.address}: {action.kind.replace('_', ' ')} deferred to a later plan"
                      f" (autosplit.max_concurrent is {limit})")
     return chosen, notes
+
+
+_PK = re.compile(r"^PRIMARY KEY \((.*)\)")
+
+
+def preconditions(db: DesiredDatabase, shards: list[CatalogShard], observation: Observation) -> str | None:
+    """Why rows of these shards cannot move with logical replication, or None. Checked on what
+    was observed; the executor checks again before it creates anything."""
+    key = db.spec.shard_key.column
+    for shard in shards:
+        server = observation.servers.get(shard.server)
+        if server is not None and server.reachable and server.wal_level != "logical":
+            return f"server {shard.server} has wal_level = {server.wal_level} (logical is needed)"
+        live = observation.shards.get(shard.address)
+        snapshot = live.schema_snapshot if live else None
+        for table, info in sorted((snapshot or {}).get("tables", {}).items()):
+            if info.get("kind") not in ("table", "partitioned table"):
+                continue
+            if not key_in_primary_key(info, key):
+                return (f"table {table} has no primary key that contains the shard key {key} (a row filter needs"
+                        " the key in the replica identity, or UPDATE and DELETE on the source would fail)")
+    return None
+
+
+def key_in_primary_key(table_info: dict, key: str) -> bool:
+    for definition in table_info.get("constraints", {}).values():
+        match = _PK.match(definition)
+        if match and key in [c.strip().strip('"') for c in match.group(1).split(",")]:
+            return True
+    return False
 
 
 def _latest_storage(observation: Observation, address: str) -> float | None:

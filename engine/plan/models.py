@@ -7,6 +7,7 @@ so a saved plan does exactly what it shows. The JSON form of `Plan` is a version
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -134,6 +135,7 @@ class SplitShard(ActionBase):
     targets: tuple[ShardSpec, ...]
     evidence: tuple[Evidence, ...]
     automatic: bool
+    operation: int | None = None  # set when resuming an interrupted operation: its names derive from it
 
     @property
     def address(self) -> str:
@@ -149,21 +151,36 @@ class MergeShards(ActionBase):
     target: ShardSpec
     evidence: tuple[Evidence, ...]
     automatic: bool
+    operation: int | None = None
 
     @property
     def address(self) -> str:
         return f"shard.{self.database}/{self.target.name}"
 
 
+class DropRetiredShard(ActionBase):
+    """Drop a shard database that a split or merge retired, once its grace period is over."""
+
+    kind: Literal["drop_retired_shard"] = "drop_retired_shard"
+    symbol: Symbol = "delete"
+    shard: ShardSpec
+    retired_at: datetime
+
+    @property
+    def address(self) -> str:
+        return f"shard.{self.database}/{self.shard.name}"
+
+
 Action = Annotated[
-    Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, SplitShard, MergeShards],
+    Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, SplitShard, MergeShards,
+          DropRetiredShard],
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")
 
 # Destructive first, so the danger is read before the rest (UX.md).
-ORDER = {"destroy_database": 0, "merge_shards": 1, "split_shard": 2, "recreate_shard": 3, "create_database": 4,
-         "apply_schema": 5, "update_database": 6}
+ORDER = {"destroy_database": 0, "drop_retired_shard": 1, "merge_shards": 2, "split_shard": 3, "recreate_shard": 4,
+         "create_database": 5, "apply_schema": 6, "update_database": 7}
 
 
 class Drift(Frozen):

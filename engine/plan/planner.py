@@ -9,6 +9,7 @@ prevent_destroy does.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from deepdiff import DeepDiff
@@ -20,8 +21,8 @@ from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
 from engine.plan.load import load_actions
 from engine.plan.models import (
-    ApplySchema, AttributeChange, CreateDatabase, DatabaseSettings, DestroyDatabase, Drift, Plan, Reason,
-    RecreateShard, ShardSpec, StepSpec, UpdateDatabase, sort_actions,
+    ApplySchema, AttributeChange, CreateDatabase, DatabaseSettings, DestroyDatabase, Drift, DropRetiredShard,
+    MergeShards, Plan, Reason, RecreateShard, ShardSpec, SplitShard, StepSpec, UpdateDatabase, sort_actions,
 )
 
 
@@ -123,6 +124,8 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                             " them (splits follow load)")
 
         for shard in recorded.shards:
+            if shard.state != "active":
+                continue  # moving targets and retired sources belong to their operation
             live = observation.shards.get(shard.address)
             server = observation.servers.get(shard.server)
             if server is None or not server.reachable:
@@ -159,6 +162,9 @@ def plan(desired: Desired, observation: Observation) -> Plan:
             reason=Reason(cause="config", text=f"{name} is not in the configuration"),
         ))
 
+    for pending in catalog.pending_moves:
+        actions.append(_resume_move(pending))
+    actions.extend(_retired_drops(desired, observation))
     busy = {a.database for a in actions}
     load, notes = load_actions(desired, observation)
     warnings.extend(notes)
@@ -187,6 +193,36 @@ def plan(desired: Desired, observation: Observation) -> Plan:
         catalog_exists=catalog.exists, actions=sort_actions(actions),
         drift=tuple(sorted(drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(warnings))),
     )
+
+
+def _resume_move(pending) -> Any:
+    """An interrupted split or merge is finished under its own operation (its names derive from it)."""
+    data = {**pending.action, "operation": pending.operation}
+    kind = SplitShard if pending.kind == "split_shard" else MergeShards
+    where = ("past its cutover: only cleanup is left" if pending.flipped else
+             "with writes to its source fenced: resume it now, or `shardctl abort` it" if pending.fenced else
+             "before its cutover; the source took writes all along")
+    data["reason"] = {"cause": "resume", "text": f"operation {pending.operation} was interrupted at step "
+                      f"{pending.last_step!r}, {where}"}
+    return kind.model_validate(data)
+
+
+def _retired_drops(desired: Desired, observation: Observation) -> list[DropRetiredShard]:
+    # wall-clock time, not the time of recorded samples: a grace period is about real time
+    now = datetime.now(timezone.utc)
+    out = []
+    for name, recorded in observation.catalog.databases.items():
+        db = desired.databases.get(name)
+        grace = db.effective_policy.autosplit.retire_after if db else 0.0
+        for shard in recorded.shards:
+            if shard.state == "retired" and shard.retired_at and shard.retired_at + timedelta(seconds=grace) <= now:
+                out.append(DropRetiredShard(
+                    database=name, shard=_shard_spec(shard), retired_at=shard.retired_at,
+                    reason=Reason(cause="config", text=f"retired by a split or merge at "
+                                  f"{shard.retired_at.strftime('%Y-%m-%dT%H:%M:%SZ')}; its grace period"
+                                  f" (autosplit.retire_after {grace:g}s) is over"),
+                ))
+    return out
 
 
 def _targets(action) -> set[str]:

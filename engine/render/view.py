@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.plan.models import (
-    ApplySchema, CreateDatabase, DestroyDatabase, MergeShards, Plan, RecreateShard, SplitShard, UpdateDatabase,
+    ApplySchema, CreateDatabase, DestroyDatabase, DropRetiredShard, MergeShards, Plan, RecreateShard, SplitShard,
+    UpdateDatabase,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -25,6 +26,7 @@ KIND_WORDS = {
     "recreate_shard": ("shard to recreate", "shards to recreate"),
     "split_shard": ("split", "splits"),
     "merge_shards": ("merge", "merges"),
+    "drop_retired_shard": ("retired shard to drop", "retired shards to drop"),
 }
 VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged"}
 
@@ -121,6 +123,10 @@ def _merge_shards(a: MergeShards) -> list[Line]:
     return lines + _evidence_lines(a.evidence)
 
 
+def _drop_retired(a: DropRetiredShard) -> list[Line]:
+    return _shard_lines("-", [a.shard])
+
+
 _TITLES: dict[type, Callable[[Any], str]] = {
     CreateDatabase: lambda a: f'database "{a.database}"',
     DestroyDatabase: lambda a: f'database "{a.database}"',
@@ -129,6 +135,7 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     RecreateShard: lambda a: f'shard "{a.database}/{a.shard.name}"',
     SplitShard: lambda a: f'shard "{a.database}/{a.source.name}"',
     MergeShards: lambda a: f'shards "{a.database}/{a.sources[0].name}" + "{a.database}/{a.sources[-1].name}"',
+    DropRetiredShard: lambda a: f'retired shard "{a.database}/{a.shard.name}"',
 }
 _LINES: dict[type, Callable[[Any], list[Line]]] = {
     CreateDatabase: _create_database,
@@ -138,6 +145,7 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     RecreateShard: _recreate_shard,
     SplitShard: _split_shard,
     MergeShards: _merge_shards,
+    DropRetiredShard: _drop_retired,
 }
 
 
@@ -181,8 +189,8 @@ def view(plan: Plan) -> PlanView:
     s = plan.summary
     summary_line = f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
     parts = []
-    for kind in ("destroy_database", "merge_shards", "split_shard", "recreate_shard", "create_database",
-                 "apply_schema", "update_database"):
+    for kind in ("destroy_database", "drop_retired_shard", "merge_shards", "split_shard", "recreate_shard",
+                 "create_database", "apply_schema", "update_database"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]

@@ -1,0 +1,118 @@
+"""Helpers for split and merge tests: load shards with rows, drive a concurrent writer through
+the client helper, and check that every row is where it belongs exactly once."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+from engine.client import ShardClient, hashint8extended
+from engine.keyspace import even_ranges
+from traces import samples, to_file
+
+
+def hot_file(path, hot: str = "orders/40-80", shards: int = 4) -> None:
+    names = [f"orders/{r.name}" for r in even_ranges(shards)]
+    windows = {n: samples(n, {"queries_per_second": [15000] * 5} if n == hot else {"queries_per_second": [5.0] * 5},
+                          server="ab"[i % 2]) for i, n in enumerate(names)}
+    path.write_text(json.dumps(to_file(windows)))
+
+
+def cold_file(path, shards: int = 4) -> None:
+    names = [f"orders/{r.name}" for r in even_ranges(shards)]
+    windows = {n: samples(n, {"queries_per_second": [5.0] * 10}, server="ab"[i % 2]) for i, n in enumerate(names)}
+    path.write_text(json.dumps(to_file(windows)))
+
+
+def active_shards(fleet) -> list[tuple[str, int | None, int | None, str, str]]:
+    with fleet.catalog() as conn:
+        return conn.execute("SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = 'orders'"
+                            " AND state = 'active' ORDER BY lo NULLS FIRST").fetchall()
+
+
+def preload(fleet, customers: int = 20000) -> None:
+    """Customers 1..N, each on the shard that owns it, written straight into the shards."""
+    for name, lo, hi, server, dbname in active_shards(fleet):
+        with fleet.connect(server, dbname) as conn:
+            conn.execute(
+                "INSERT INTO customers (customer_id, name) SELECT g, 'c' || g FROM generate_series(1, %s) g"
+                " WHERE (%s::bigint IS NULL OR hashint8extended(g::bigint, 0) >= %s)"
+                " AND (%s::bigint IS NULL OR hashint8extended(g::bigint, 0) < %s)", (customers, lo, lo, hi, hi))
+
+
+def all_rows(fleet) -> tuple[dict[int, str], list[str]]:
+    """Every customer row of the active shards, and any problem: duplicates, misplaced rows."""
+    rows: dict[int, str] = {}
+    problems = []
+    for name, lo, hi, server, dbname in active_shards(fleet):
+        with fleet.connect(server, dbname) as conn:
+            for cid, cname in conn.execute("SELECT customer_id, name FROM customers"):
+                h = hashint8extended(cid)
+                if not ((lo is None or h >= lo) and (hi is None or h < hi)):
+                    problems.append(f"misplaced: customer {cid} on {name}")
+                if cid in rows:
+                    problems.append(f"duplicated: customer {cid}")
+                rows[cid] = cname
+    return rows, problems
+
+
+def checksum(fleet, server: str, dbname: str) -> tuple:
+    with fleet.connect(server, dbname) as conn:
+        return conn.execute("SELECT count(*), sum(hashtextextended(c::text, 0)::numeric) FROM customers c").fetchone()
+
+
+@dataclass
+class Writer:
+    """Inserts, updates and deletes through the client helper every ~2 ms; remembers what it
+    committed, so the final state can be compared row by row."""
+
+    catalog: dict
+    start_id: int = 1_000_000
+    expected: dict[int, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds)
+    writes: int = 0
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self, known: dict[int, str]) -> None:
+        self.expected = dict(known)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def _loop(self) -> None:
+        rng = random.Random(7)
+        next_id = self.start_id
+        with ShardClient(self.catalog, "orders", retry_timeout=60) as client:
+            while not self._stop.is_set():
+                roll = rng.random()
+                began = time.monotonic()
+                try:
+                    if roll < 0.5 or len(self.expected) < 100:
+                        cid, next_id = next_id, next_id + 1
+                        client.execute(cid, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)", (cid, f"n{cid}"))
+                        self.expected[cid] = f"n{cid}"
+                    elif roll < 0.8:
+                        cid = rng.choice(list(self.expected))
+                        client.execute(cid, "UPDATE customers SET name = name || '+' WHERE customer_id = %s", (cid,))
+                        self.expected[cid] += "+"
+                    else:
+                        cid = rng.choice(list(self.expected))
+                        client.execute(cid, "DELETE FROM customers WHERE customer_id = %s", (cid,))
+                        del self.expected[cid]
+                    self.writes += 1
+                    self.latencies.append((began, time.monotonic() - began))
+                except psycopg.Error as exc:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                time.sleep(0.002)

@@ -1,0 +1,148 @@
+"""Online splits and merges on two real servers, under a concurrent writer and with the apply
+process killed at every journaled step: nothing lost, duplicated or misplaced."""
+
+import json
+
+import pytest
+
+from engine.catalog.journal import FAILPOINT_ENV
+from engine.servers.embedded import EmbeddedServer
+from movers import Writer, active_shards, all_rows, checksum, cold_file, hot_file, preload
+
+SPLIT = "split orders/40-80"
+MERGE = "merge orders/-80"
+
+
+@pytest.fixture
+def loaded(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet)
+    hot_file(fleet.base / "hot.json")
+    cold_file(fleet.base / "cold.json")
+    return fleet
+
+
+def _catalog_params(fleet):
+    return EmbeddedServer("a", fleet.path / ".shardctl" / "servers" / "a").conninfo("shardctl")
+
+
+def _allow_merges(fleet):
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 4", "shards: 2"))
+
+
+def _no_replication_left(fleet):
+    for server in ("a", "b"):
+        with fleet.connect(server) as conn:
+            assert conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall() == []
+
+
+def _moved_under_load(fleet, metrics: str):
+    before, problems = all_rows(fleet)
+    assert not problems
+    writer = Writer(_catalog_params(fleet))
+    writer.start(before)
+    try:
+        result = fleet.cli("apply", "--auto-approve", "--metrics", metrics)
+    finally:
+        import time
+        time.sleep(0.5)  # writes continue on the new shards after the cutover
+        writer.stop()
+    assert result.code == 0, result.both
+    assert writer.errors == [], writer.errors
+    rows, problems = all_rows(fleet)
+    assert problems == []
+    assert rows == writer.expected  # 0 lost, 0 duplicated, 0 misplaced, every update kept
+    assert writer.writes > 100
+    _no_replication_left(fleet)
+    assert fleet.cli("plan", "--detailed-exitcode", "--metrics", metrics).code in (0, 2)
+    return result, writer
+
+
+def test_a_split_under_a_concurrent_writer_loses_nothing(loaded):
+    result, writer = _moved_under_load(loaded, "hot.json")
+    assert "Split complete" in result.out
+    names = [s[0] for s in active_shards(loaded)]
+    assert names == ["-40", "40-60", "60-80", "80-c0", "c0-"]
+    with loaded.catalog() as conn:
+        assert conn.execute("SELECT epoch FROM shardctl.state").fetchone() == (2,)
+        (event,) = conn.execute("SELECT detail FROM shardctl.history WHERE event = 'split_shard'").fetchone()
+        assert event["verification"] and event["evidence"][0]["metric"] == "queries_per_second"
+        assert event["fence_ms"] < 5000
+    # the retired source is read-only, and a later plan drops it when the grace period is over
+    with loaded.connect("b", "orders_40_80") as conn:
+        with pytest.raises(Exception, match="read-only"):
+            conn.execute("INSERT INTO customers VALUES (-1, 'x')")
+    loaded.write("fleet.yaml", loaded.read("fleet.yaml") + "policies:\n  default:\n    autosplit: {retire_after: 0s}\n")
+    plan = loaded.cli("plan")
+    assert "# shard.orders/40-80 will be destroyed" in plan.out
+    assert loaded.cli("apply", "--auto-approve").code == 0
+    assert "orders_40_80" not in loaded.databases("b")
+
+
+def test_a_merge_under_a_concurrent_writer_loses_nothing(loaded):
+    _allow_merges(loaded)
+    result, _ = _moved_under_load(loaded, "cold.json")
+    assert "Merge complete" in result.out
+    assert [s[0] for s in active_shards(loaded)] == ["-80", "80-c0", "c0-"]
+
+
+@pytest.mark.parametrize("step", ["record", "targets", "publish", "subscribe", "sync", "fence", "catch up",
+                                  "sequences", "verify", "flip", "cleanup"])
+def test_a_split_killed_at_each_step_converges_on_rerun(loaded, step):
+    before, _ = all_rows(loaded)
+    killed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json", env={FAILPOINT_ENV: f"{SPLIT}: {step}"})
+    assert killed.code == -9, killed.both
+    plan = loaded.cli("plan", "--metrics", "hot.json")
+    assert plan.code == 0, plan.both
+    if step != "record":
+        assert "was interrupted at step" in plan.out
+    resumed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json")
+    assert resumed.code == 0, resumed.both
+    rows, problems = all_rows(loaded)
+    assert problems == [] and rows == before
+    assert [s[0] for s in active_shards(loaded)] == ["-40", "40-60", "60-80", "80-c0", "c0-"]
+    _no_replication_left(loaded)
+    with loaded.catalog() as conn:
+        assert conn.execute("SELECT count(*) FROM shardctl.operations WHERE state = 'running'").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("step", ["publish", "fence", "flip"])
+def test_a_merge_killed_at_a_step_converges_on_rerun(loaded, step):
+    _allow_merges(loaded)
+    before, _ = all_rows(loaded)
+    killed = loaded.cli("apply", "--auto-approve", "--metrics", "cold.json", env={FAILPOINT_ENV: f"{MERGE}: {step}"})
+    assert killed.code == -9, killed.both
+    assert loaded.cli("apply", "--auto-approve", "--metrics", "cold.json").code == 0
+    rows, problems = all_rows(loaded)
+    assert problems == [] and rows == before
+    _no_replication_left(loaded)
+
+
+def test_abort_before_the_fence_leaves_the_source_as_it_was(loaded):
+    source_before = checksum(loaded, "b", "orders_40_80")
+    killed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json", env={FAILPOINT_ENV: f"{SPLIT}: sync"})
+    assert killed.code == -9
+    (op,) = json.loads(loaded.cli("status", "--json").out)["interrupted"]
+    aborted = loaded.cli("abort", str(op["id"]))
+    assert aborted.code == 0, aborted.both
+    assert checksum(loaded, "b", "orders_40_80") == source_before
+    assert not {"orders_40_60", "orders_60_80"} & (loaded.databases("a") | loaded.databases("b"))
+    _no_replication_left(loaded)
+    with loaded.connect("b", "orders_40_80") as conn:
+        assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'shardctl_fence%'").fetchone() == (0,)
+        conn.execute("UPDATE customers SET name = name WHERE customer_id = 1")  # writable
+    assert [s[0] for s in active_shards(loaded)] == ["-40", "40-80", "80-c0", "c0-"]
+    again = loaded.cli("plan", "--metrics", "hot.json")
+    assert "# shard.orders/40-80 will be split" in again.out
+
+
+def test_a_table_without_the_shard_key_in_its_primary_key_refuses_the_split(loaded):
+    (loaded.path / "schema" / "002_events.sql").write_text("CREATE TABLE events (id bigint PRIMARY KEY, customer_id bigint);\n")
+    loaded.write("fleet.yaml", loaded.read("fleet.yaml").replace(
+        "schema: schema/001_init.sql", "schema: [schema/001_init.sql, schema/002_events.sql]"))
+    assert loaded.cli("apply", "--auto-approve").code == 0
+    plan = loaded.cli("plan", "--metrics", "hot.json", "--detailed-exitcode")
+    assert plan.code == 0
+    assert ("shard.orders/40-80: hot, but it cannot be split: table public.events has no primary key that contains"
+            " the shard key customer_id") in plan.out
