@@ -29,6 +29,16 @@ def cold_file(path, shards: int = 4) -> None:
     path.write_text(json.dumps(to_file(windows)))
 
 
+def load_file(path, fleet, hot: tuple[str, ...] = (), cold: tuple[str, ...] = ()) -> None:
+    """Samples for the shards active now: the named ones hot or cold, the rest in between."""
+    windows = {}
+    for name, lo, hi, server, dbname in active_shards(fleet):
+        address = f"orders/{name}"
+        qps = 15000.0 if address in hot else 5.0 if address in cold else 500.0
+        windows[address] = samples(address, {"queries_per_second": [qps] * 10}, server=server)
+    path.write_text(json.dumps(to_file(windows)))
+
+
 def active_shards(fleet) -> list[tuple[str, int | None, int | None, str, str]]:
     with fleet.catalog() as conn:
         return conn.execute("SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = 'orders'"

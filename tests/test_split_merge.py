@@ -39,7 +39,7 @@ def _no_replication_left(fleet):
 def _moved_under_load(fleet, metrics: str):
     before, problems = all_rows(fleet)
     assert not problems
-    writer = Writer(_catalog_params(fleet))
+    writer = Writer(_catalog_params(fleet), start_id=max(before, default=0) + 1_000_000)
     writer.start(before)
     try:
         result = fleet.cli("apply", "--auto-approve", "--metrics", metrics)
@@ -146,3 +146,35 @@ def test_a_table_without_the_shard_key_in_its_primary_key_refuses_the_split(load
     assert plan.code == 0
     assert ("shard.orders/40-80: hot, but it cannot be split: table public.events has no primary key that contains"
             " the shard key customer_id") in plan.out
+
+
+def _drop_retired(fleet):
+    with fleet.catalog() as conn:
+        conn.execute("UPDATE shardctl.shards SET retired_at = now() - interval '2 hours' WHERE state = 'retired'")
+    load_file_neutral = fleet.base / "neutral.json"
+    from movers import load_file
+
+    load_file(load_file_neutral, fleet)
+    result = fleet.cli("apply", "--auto-approve", "--metrics", "neutral.json")
+    assert result.code == 0 and "Destruction complete" in result.out, result.both
+
+
+@pytest.mark.stress
+def test_ten_moves_under_a_concurrent_writer(loaded):
+    """Five cycles of splitting a hot shard and merging its halves back, each under the writer."""
+    from movers import load_file
+
+    loaded.write("fleet.yaml", loaded.read("fleet.yaml") + "policies:\n  default:\n    autosplit: {cooldown: 0s}\n")
+    assert loaded.cli("apply", "--auto-approve").code == 0  # the policy change first: it holds load actions back
+    moves = 0
+    for _ in range(5):
+        load_file(loaded.base / "split.json", loaded, hot=("orders/40-80",))
+        _moved_under_load(loaded, "split.json")
+        assert [s[0] for s in active_shards(loaded)] == ["-40", "40-60", "60-80", "80-c0", "c0-"]
+        _drop_retired(loaded)  # a retired shard's range name is free again only once it is dropped
+        load_file(loaded.base / "merge.json", loaded, cold=("orders/40-60", "orders/60-80"))
+        _moved_under_load(loaded, "merge.json")
+        assert [s[0] for s in active_shards(loaded)] == ["-40", "40-80", "80-c0", "c0-"]
+        _drop_retired(loaded)
+        moves += 2
+    assert moves == 10

@@ -112,6 +112,12 @@ class Move:
         with self.step("record"):
             with self.ctx.catalog.transaction():
                 for target in self.targets:
+                    row = self.ctx.catalog.execute(
+                        "SELECT state FROM shardctl.shards WHERE database = %s AND name = %s",
+                        (self.database, target.name)).fetchone()
+                    if row and row[0] != "moving":
+                        raise MoveFailed(f"{self.label}: shard {target.name} exists already ({row[0]})",
+                                         "a retired shard of the same range is dropped after autosplit.retire_after")
                     store.upsert_shard(self.ctx.catalog, database=self.database, name=target.name, lo=target.lo,
                                        hi=target.hi, server=target.server, dbname=target.dbname, state="moving")
                 store.bump_serial(self.ctx.catalog)
@@ -195,6 +201,16 @@ class Move:
                 worst = max(worst, int(lag[0]) if lag else 0)
         return waiting, total, worst
 
+    def _subscription_errors(self) -> str:
+        out = []
+        for link in self.links:
+            with self.connect(link.target) as conn:
+                row = conn.execute("SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats"
+                                   " WHERE subname = %s", (link.name(self.op.id),)).fetchone()
+            if row and (row[0] or row[1]):
+                out.append(f"{link.target.dbname}: {row[0]} apply errors, {row[1]} table-sync errors")
+        return "; ".join(out)
+
     def sync(self) -> None:
         with self.step("sync"):
             deadline = time.monotonic() + SYNC_TIMEOUT
@@ -204,6 +220,11 @@ class Move:
                 waiting, total, lag = self._lag()
                 if total >= expected and waiting == 0 and lag < LAG_BYTES:
                     break
+                failing = self._subscription_errors()
+                if failing:
+                    raise MoveFailed(f"{self.label}: replication into the targets is failing ({failing})",
+                                     "the source is untouched; see the target server's log, then `shardctl abort`"
+                                     " the operation or fix the cause and apply again")
                 if time.monotonic() - told > 2:
                     self.say(f"copying: {total - waiting}/{expected} tables synchronised, replication lag "
                              f"{lag / 1e6:.1f} MB")
@@ -213,21 +234,22 @@ class Move:
                                      "the source is untouched; `shardctl abort` removes what was created")
                 time.sleep(0.1)
 
-    def fence(self) -> str:
-        """Stop writes on every source; returns the fence LSN (a logical message after it)."""
+    def fence(self) -> dict[str, str]:
+        """Stop writes on every source; returns each source's fence LSN (a logical message after it)."""
         with self.step("fence"):
             started = time.monotonic()
             for source in self.sources:
                 self._fence_one(source)
             fence_ms = (time.monotonic() - started) * 1000
-            lsn = None
+            lsns: dict[str, str] = {}  # per source: LSNs of different servers do not compare
             for source in self.sources:
                 with self.connect(source) as conn:
-                    lsn = conn.execute("SELECT pg_logical_emit_message(true, 'shardctl_fence', %s)::text",
-                                       (f"operation {self.op.id}",)).fetchone()[0]
+                    lsns[source.name] = conn.execute(
+                        "SELECT pg_logical_emit_message(true, 'shardctl_fence', %s)::text",
+                        (f"operation {self.op.id}",)).fetchone()[0]
             self.say(f"writes fenced in {fence_ms:.0f} ms")
             self.fence_ms = fence_ms
-            return lsn
+            return lsns
 
     def _fence_one(self, source: ShardSpec) -> None:
         tables = self.tables(source)
@@ -267,17 +289,16 @@ class Move:
                     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(qualified))
                     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(qualified))
 
-    def catch_up(self, fence_lsn: str | None) -> None:
-        with self.step("catch up", lsn=fence_lsn or ""):
+    def catch_up(self, fence_lsns: dict[str, str]) -> None:
+        with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
             deadline = time.monotonic() + CATCH_UP_TIMEOUT
             while True:
                 behind = 0
                 for link in self.links:
                     with self.connect(link.source) as conn:
                         row = conn.execute(
-                            "SELECT confirmed_flush_lsn >= coalesce(%s::pg_lsn, pg_current_wal_lsn())"
-                            " FROM pg_replication_slots WHERE slot_name = %s",
-                            (fence_lsn, link.name(self.op.id))).fetchone()
+                            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                            (fence_lsns[link.source.name], link.name(self.op.id))).fetchone()
                         if not row or not row[0]:
                             behind += 1
                 if not behind:

@@ -90,6 +90,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
         return max(ends) if ends else None
 
     by_address = {s.address: s for s in shards}
+    recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
     candidates: list[tuple[str, object]] = []
     notes: list[str] = []
     count = len(shards)
@@ -104,7 +105,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
             notes.append(f"shard.{shard.address}: hot, but {db.name} would exceed autosplit.max_shards"
                          f" ({policy.autosplit.max_shards})")
             continue
-        blocked = preconditions(db, [shard], observation)
+        blocked = preconditions(db, [shard], observation) or _name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets))
         if blocked:
             notes.append(f"shard.{shard.address}: hot, but it cannot be split: {blocked}")
             continue
@@ -123,7 +124,8 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but {db.name} is at its"
                              f" declared shard count ({floor}); lower `shards:` to allow merges")
                 break
-            blocked = preconditions(db, [left, right], observation)
+            blocked = (preconditions(db, [left, right], observation)
+                       or _name_taken(recorded_names, [KeyRange(left.lo, right.hi)]))
             if held:
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but held back by the cooldown"
                              f" until {held.strftime('%Y-%m-%dT%H:%M:%SZ')}")
@@ -143,6 +145,14 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
         notes.append(f"{action.address}: {action.kind.replace('_', ' ')} deferred to a later plan"
                      f" (autosplit.max_concurrent is {limit})")
     return chosen, notes
+
+
+def _name_taken(recorded: dict[str, str], ranges) -> str | None:
+    for r in ranges:
+        if r.name in recorded:
+            return (f"shard {r.name} still exists ({recorded[r.name]}); it is dropped when its grace period"
+                    " (autosplit.retire_after) is over")
+    return None
 
 
 _PK = re.compile(r"^PRIMARY KEY \((.*)\)")
