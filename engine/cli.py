@@ -148,6 +148,38 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
 
 
 @cli.command()
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 0 in sync, 1 on error, 2 when drifted.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
+              help="Judge load from this recorded samples file instead of live metrics.")
+@click.option("--lock-timeout", default="10m", show_default=True, metavar="DURATION",
+              help="How long to wait for an apply in flight before giving up.")
+@click.pass_obj
+def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None, lock_timeout: str) -> None:
+    """Compare the YAML, the catalog and the servers, read-only, and say why they differ.
+
+    \b
+    Causes are kept apart:
+      config    the YAML changed: apply would change the fleet
+      outside   the fleet changed outside shardctl: shards dropped or altered by hand
+      load      hot or cold shards: splits or merges pending (reported, not drift)
+    An apply in flight is waited for (it holds the lock), so half-applied state is never
+    reported as drift. For CI: --detailed-exitcode exits 0 in sync, 2 drifted, 1 on error.
+    """
+    from engine import workflow
+    from engine.config.models import parse_duration
+    from engine.render.drift import render_json, render_text, report
+
+    desired = workflow.load(obj.config_dir)
+    planned = workflow.make_plan(desired, say=lambda t: click.echo(t, err=True), metrics_file=metrics_file,
+                                 wait_for_apply=parse_duration(lock_timeout))
+    result = report(planned.plan)
+    click.echo(render_json(result) if fmt == "json" else render_text(result), nl=False)
+    if detailed_exitcode and result.drifted:
+        sys.exit(EXIT_CHANGES)
+
+
+@cli.command()
 @click.argument("plan_file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
 @click.pass_obj

@@ -87,11 +87,19 @@ def load(config_dir: str) -> Desired:
     return loader.load(config_dir)
 
 
-def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None) -> Planned:
+def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None,
+              wait_for_apply: float | None = None) -> Planned:
+    """Observe and plan. With `wait_for_apply` (seconds), first wait for the apply lock, so that
+    an apply in flight is not seen half done (drift checks)."""
     fleet = Fleet(desired)
     fleet.start_embedded(say)
     with fleet.catalog(create=False) as conn:
-        observation = observe_all(desired, fleet, conn, metrics_file)
+        if conn is not None and wait_for_apply is not None and schema.installed_version(conn):
+            with apply_lock(conn, "drift check", timeout=wait_for_apply,
+                            on_wait=lambda: say("Waiting for an apply in flight to finish...")):
+                observation = observe_all(desired, fleet, conn, metrics_file)
+        else:
+            observation = observe_all(desired, fleet, conn, metrics_file)
     return Planned(desired, observation, planner.plan(desired, observation))
 
 
