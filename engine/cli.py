@@ -116,8 +116,12 @@ def _print_plan(obj: Ctx, plan, fmt: str) -> None:
               help="Exit 0 when there are no changes, 1 on error, 2 when there are changes.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Judge load from this recorded samples file instead of live metrics (what-if, CI).")
+@click.option("--compare-policy", "compare", default=None, metavar="REF_OR_DIR",
+              help="Also judge the same load under the config at this git ref (or in this directory) and "
+                   "show which shards would now split or merge, or no longer would.")
 @click.pass_obj
-def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_file: str | None) -> None:
+def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_file: str | None,
+         compare: str | None) -> None:
     """Show what apply would do: compare the YAML with the catalog and the servers.
 
     Read-only (embedded servers are started if they are stopped). Drift, things changed
@@ -128,8 +132,19 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     from engine import workflow
     from engine.plan import planfile
 
-    desired = workflow.load(obj.config_dir)
-    planned = workflow.make_plan(desired, say=(lambda t: click.echo(t, err=True)), metrics_file=metrics_file)
+    from engine.config.loader import load_baseline
+
+    try:
+        desired = workflow.load(obj.config_dir)
+        baseline = load_baseline(obj.config_dir, compare) if compare else None
+        planned = workflow.make_plan(desired, say=(lambda t: click.echo(t, err=True)), metrics_file=metrics_file,
+                                     baseline=baseline)
+    except UserError as exc:
+        if fmt == "markdown":  # the pull-request comment says why there is no plan
+            from engine.render.renderers import render_markdown_error
+
+            click.echo(render_markdown_error(exc), nl=False)
+        raise
     _print_plan(obj, planned.plan, fmt)
     if fmt == "text" and planned.plan.has_changes and not obj.automation():
         click.echo("")

@@ -20,7 +20,7 @@ from engine.errors import UserError
 from engine.observe.models import Observation
 from engine.observe import history
 from engine.observe.observer import inspect_shards, observe
-from engine.plan import planner
+from engine.plan import planner, whatif
 from engine.detect.detector import premise_holds
 from engine.plan.models import LOAD_KINDS, Plan
 from engine.servers.fleet import Fleet
@@ -88,7 +88,7 @@ def load(config_dir: str) -> Desired:
 
 
 def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None,
-              wait_for_apply: float | None = None) -> Planned:
+              wait_for_apply: float | None = None, baseline: tuple[Desired, str] | None = None) -> Planned:
     """Observe and plan. With `wait_for_apply` (seconds), first wait for the apply lock, so that
     an apply in flight is not seen half done (drift checks)."""
     fleet = Fleet(desired)
@@ -100,7 +100,10 @@ def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | N
                 observation = observe_all(desired, fleet, conn, metrics_file)
         else:
             observation = observe_all(desired, fleet, conn, metrics_file)
-    return Planned(desired, observation, planner.plan(desired, observation))
+    plan = planner.plan(desired, observation)
+    if baseline is not None:
+        plan = plan.model_copy(update={"what_if": whatif.compare(baseline[0], desired, observation, baseline[1])})
+    return Planned(desired, observation, plan)
 
 
 def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | None = None) -> Observation:

@@ -584,3 +584,31 @@ def _effective_policy(policy: models.Policy, overrides: models.PolicyOverrides) 
     hot = policy.hot.model_copy(update=overrides.hot.model_dump(exclude_none=True))
     cold = policy.cold.model_copy(update=overrides.cold.model_dump(exclude_none=True))
     return policy.model_copy(update={"hot": hot, "cold": cold})
+
+
+def load_baseline(config_dir: str, ref_or_dir: str) -> tuple[Desired, str]:
+    """The configuration to compare against: a directory, or the config directory as it is at a
+    git ref (read with `git archive`, nothing checked out). Returns it and a label."""
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from engine.errors import UserError
+
+    if Path(ref_or_dir).is_dir():
+        return load(ref_or_dir), ref_or_dir
+    root_proc = subprocess.run(["git", "-C", config_dir, "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if root_proc.returncode != 0:
+        raise UserError(f"--compare-policy {ref_or_dir}: not a directory, and {config_dir} is not in a git repository")
+    root = Path(root_proc.stdout.strip())
+    rel = Path(config_dir).resolve().relative_to(root.resolve()).as_posix() or "."
+    archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", ref_or_dir, "--", rel],
+                             capture_output=True)
+    if archive.returncode != 0:
+        raise UserError(f"--compare-policy {ref_or_dir}: git cannot read {rel} at that ref",
+                        archive.stderr.decode(errors="replace").strip())
+    tmp = Path(tempfile.mkdtemp(prefix="shardctl-baseline-"))
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(tmp, filter="data")
+    return load(tmp / rel, cwd=tmp), ref_or_dir

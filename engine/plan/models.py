@@ -200,6 +200,26 @@ class Summary(Frozen):
     by_cause: dict[str, int]
 
 
+WhatIfKind = Literal["now_split", "no_longer_split", "now_merge", "no_longer_merge"]
+
+
+class WhatIfChange(Frozen):
+    """A shard whose verdict differs between the baseline policy and the proposed one."""
+
+    address: str
+    change: WhatIfKind
+    evidence: tuple[Evidence, ...]
+    under: Literal["baseline", "proposed"]
+
+
+class PolicyWhatIf(Frozen):
+    baseline: str
+    metrics_source: str
+    changes: tuple[WhatIfChange, ...]
+    hot_both: int
+    cold_both: int
+
+
 class Plan(Frozen):
     format_version: int = FORMAT_VERSION
     shardctl_version: str
@@ -209,6 +229,7 @@ class Plan(Frozen):
     drift: tuple[Drift, ...] = ()
     warnings: tuple[str, ...] = ()
     metrics_source: str = "none"
+    what_if: PolicyWhatIf | None = None  # with `plan --compare-policy`
 
     @property
     def has_changes(self) -> bool:

@@ -39,9 +39,49 @@ def render_text(plan: Plan, colour: bool = False) -> str:
     return out.strip("\n") + "\n"
 
 
-def render_markdown(plan: Plan) -> str:
-    out = _environment(False).get_template("plan.md.j2").render(v=view(plan))
-    return out.strip("\n") + "\n"
+GITHUB_COMMENT_LIMIT = 65_535  # bytes GitHub accepts in one comment
+
+
+def render_markdown(plan: Plan, limit: int = GITHUB_COMMENT_LIMIT) -> str:
+    """A pull-request comment. When the whole plan would not fit in `limit` bytes, the detail
+    sections go first (from the end, so destructive ones stay), then summary rows, and a note
+    says what was left out and how to see it all."""
+    template = _environment(False).get_template("plan.md.j2")
+    full = view(plan)
+
+    def render_with(details: int, rows: int) -> str:
+        v = view(plan)
+        v.detail_blocks = full.blocks[:details]
+        v.row_blocks = full.blocks[:rows]
+        left = len(full.blocks) - details
+        cut_rows = len(full.blocks) - rows
+        if left or cut_rows:
+            v.omitted = (f"This comment is cut to fit GitHub's {limit:,}-byte limit: {left} of {len(full.blocks)}"
+                         f" action details" + (f" and {cut_rows} summary rows" if cut_rows else "") +
+                         " are left out. Run `shardctl plan` (or `shardctl show` on the saved plan) for all of it.")
+        return template.render(v=v).strip("\n") + "\n"
+
+    n = len(full.blocks)
+    text = render_with(n, n)
+    if len(text.encode()) <= limit:
+        return text
+    lo, hi = 0, n  # the most detail sections that fit with every summary row
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(render_with(mid, n).encode()) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    if len(render_with(lo, n).encode()) <= limit:
+        return render_with(lo, n)
+    lo_rows, hi_rows = 0, n
+    while lo_rows < hi_rows:
+        mid = (lo_rows + hi_rows + 1) // 2
+        if len(render_with(0, mid).encode()) <= limit:
+            lo_rows = mid
+        else:
+            hi_rows = mid - 1
+    return render_with(0, lo_rows)
 
 
 def plan_document(plan: Plan) -> dict:
@@ -65,3 +105,11 @@ def render(plan: Plan, fmt: str, colour: bool = False) -> str:
     if fmt == "json":
         return render_json(plan)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def render_markdown_error(error) -> str:
+    """A refused plan, as the same pull-request comment (same marker, so it replaces the last)."""
+    body = error.render().replace("```", "'''")
+    return ("<!-- shardctl-plan -->\n### shardctl plan: refused\n\n"
+            "The plan could not be made, so nothing would be changed:\n\n"
+            f"```text\n{body}\n```\n")

@@ -175,6 +175,29 @@ class PlanView:
     summary_line: str
     headline: str
     plan: Plan
+    what_if: list[Block] = field(default_factory=list)
+    what_if_title: str = ""
+    what_if_footer: str = ""
+    detail_blocks: list[Block] | None = None  # markdown may show fewer sections than blocks
+    row_blocks: list[Block] | None = None
+    omitted: str = ""
+
+
+def _what_if(plan: Plan) -> tuple[list[Block], str, str]:
+    from engine.plan.whatif import WORDS
+
+    w = plan.what_if
+    if w is None:
+        return [], "", ""
+    title = (f"Policy what-if: the same load ({w.metrics_source}) judged under {w.baseline} and under this"
+             " configuration")
+    blocks = [Block(address=c.address, symbol="create" if c.change.startswith("now") else "delete",
+                    sign="+" if c.change.startswith("now") else "-", verb=WORDS[c.change], title="",
+                    reason=f"under the {'proposed' if c.under == 'proposed' else 'baseline'} policy",
+                    cause="load", lines=_evidence_lines(c.evidence)) for c in w.changes]
+    footer = (f"{len(w.changes)} shard verdict{'s' if len(w.changes) != 1 else ''} change; {w.hot_both} shard"
+              f"{'s' if w.hot_both != 1 else ''} hot and {w.cold_both} cold under both")
+    return blocks, title, footer
 
 
 def view(plan: Plan) -> PlanView:
@@ -196,4 +219,6 @@ def view(plan: Plan) -> PlanView:
             one, many = KIND_WORDS[kind]
             parts.append(f"{n} {one if n == 1 else many}")
     headline = ", ".join(parts)
-    return PlanView(blocks=blocks, legend=used, summary_line=summary_line, headline=headline, plan=plan)
+    what_if, title, footer = _what_if(plan)
+    return PlanView(blocks=blocks, legend=used, summary_line=summary_line, headline=headline, plan=plan,
+                    what_if=what_if, what_if_title=title, what_if_footer=footer)

@@ -1,0 +1,41 @@
+"""Policy what-if: the same observation judged under a baseline policy and the proposed one.
+
+For a reviewer of a threshold change: which shards would now split or merge, and which no
+longer would, each with the evidence under the policy that decides it. Pure: two desired
+states and one observation in, a frozen comparison out.
+"""
+
+from __future__ import annotations
+
+from engine.config.loader import Desired
+from engine.observe.models import Observation
+from engine.plan.load import assessments
+from engine.plan.models import PolicyWhatIf, WhatIfChange
+
+WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
+         "now_merge": "would now be a merge candidate", "no_longer_merge": "would no longer be a merge candidate"}
+
+
+def compare(baseline: Desired, proposed: Desired, observation: Observation, label: str) -> PolicyWhatIf:
+    old = assessments(baseline, observation)
+    new = assessments(proposed, observation)
+    changes: list[WhatIfChange] = []
+    hot_both = cold_both = 0
+    for shard in sorted(set(old) | set(new)):
+        before = old[shard].state if shard in old else "normal"
+        after = new[shard].state if shard in new else "normal"
+        address = f"shard.{shard}"
+        for state, now, gone in (("hot", "now_split", "no_longer_split"), ("cold", "now_merge", "no_longer_merge")):
+            if after == state and before != state:
+                changes.append(WhatIfChange(address=address, change=now, evidence=new[shard].evidence, under="proposed"))
+            elif before == state and after != state:
+                evidence = tuple(e.model_copy(update={"policy_location": f"{label}:{e.policy_location}"})
+                                 for e in old[shard].evidence)
+                changes.append(WhatIfChange(address=address, change=gone, evidence=evidence, under="baseline"))
+            elif before == after == state:
+                if state == "hot":
+                    hot_both += 1
+                else:
+                    cold_both += 1
+    return PolicyWhatIf(baseline=label, metrics_source=observation.metrics_source, changes=tuple(changes),
+                        hot_both=hot_both, cold_both=cold_both)
