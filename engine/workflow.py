@@ -199,7 +199,6 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
     publications, fence and target databases go; the sources are left as they were."""
     from engine.actions import move
     from engine.catalog.journal import Operation
-    from engine.plan.models import SplitShard
 
     fleet = Fleet(desired)
     fleet.start_embedded(say)
@@ -218,15 +217,7 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
                                 "its targets own the range now; run `shardctl apply` to finish its cleanup")
             action = _resume_action(p)
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say)
-            key_column, key_type = move.key_of(ctx, action.database)
-            split = isinstance(action, SplitShard)
-            sources = (action.source,) if split else action.sources
-            targets = action.targets if split else (action.target,)
-            links = tuple(move.Link(i, action.source, t, True) for i, t in enumerate(targets)) if split else \
-                tuple(move.Link(i, s, action.target, False) for i, s in enumerate(sources))
-            mv = move.Move(ctx=ctx, op=Operation(conn, operation), database=action.database, key_column=key_column,
-                           key_type=key_type, sources=sources, targets=targets, links=links, steps=(),
-                           label=f"abort {operation}")
+            mv = move.for_action(ctx, action, Operation(conn, operation), label=f"abort {operation}")
             say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
             mv.abort()
             store.add_history(conn, "abort", action.address, {"operation": operation, "last_step": p.last_step})

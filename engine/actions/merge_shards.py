@@ -4,24 +4,14 @@ from __future__ import annotations
 
 from engine.actions import move
 from engine.actions.base import ApplyContext, Timer
-from engine.catalog.journal import Operation
 from engine.plan.models import MergeShards
 
 
 def execute(action: MergeShards, ctx: ApplyContext) -> None:
     timer = Timer()
-    label = f"merge {action.database}/{action.target.name}"
     ctx.say(f"{action.address}: Merging {' + '.join(s.name for s in action.sources)}...")
-    op = (Operation(ctx.catalog, action.operation) if action.operation is not None
-          else ctx.begin(action.kind, action.address, action=action.model_dump(mode="json")))
-    key_column, key_type = move.key_of(ctx, action.database)
-    plan = move.Move(
-        ctx=ctx, op=op, database=action.database, key_column=key_column, key_type=key_type,
-        sources=action.sources, targets=(action.target,),
-        links=tuple(move.Link(i, s, action.target, filtered=False) for i, s in enumerate(action.sources)),
-        steps=move.database_steps(ctx, action.database), label=label,
-    )
-    move.run(plan, lambda: {
+    op = move.operation_for(ctx, action)
+    move.run(move.for_action(ctx, action, op), lambda: {
         "event": "merge_shards", "address": action.address, "operation": op.id,
         "sources": [s.model_dump() for s in action.sources], "target": action.target.model_dump(),
         "evidence": [e.model_dump(mode="json") for e in action.evidence], "reason": action.reason.text,

@@ -71,7 +71,6 @@ class Move:
     sources: tuple[ShardSpec, ...]
     targets: tuple[ShardSpec, ...]
     links: tuple[Link, ...]
-    steps: tuple[StepSpec, ...]
     label: str  # e.g. "split orders/40-80"
 
     # ------------------------------------------------------------------ helpers
@@ -124,9 +123,10 @@ class Move:
 
     def create_targets(self) -> None:
         with self.step("targets"):
+            steps = database_steps(self.ctx, self.database)  # what every shard ran: same schema as the source
             for target in self.targets:
                 ensure_database(self.ctx, target)
-                apply_steps(self.ctx, target, self.steps)
+                apply_steps(self.ctx, target, steps)
 
     def check_replica_identity(self) -> None:
         """A row filter on a column outside the replica identity breaks UPDATE and DELETE on the
@@ -446,6 +446,28 @@ BEGIN
 END
 $$;
 """
+
+
+def for_action(ctx: ApplyContext, action, op: Operation, label: str | None = None) -> Move:
+    """The move a SplitShard or MergeShards action describes (also used to abort one)."""
+    key_column, key_type = key_of(ctx, action.database)
+    if action.kind == "split_shard":
+        sources, targets = (action.source,), action.targets
+        links = tuple(Link(i, action.source, t, filtered=True) for i, t in enumerate(targets))
+        label = label or f"split {action.database}/{action.source.name}"
+    else:
+        sources, targets = action.sources, (action.target,)
+        links = tuple(Link(i, s, action.target, filtered=False) for i, s in enumerate(sources))
+        label = label or f"merge {action.database}/{action.target.name}"
+    return Move(ctx=ctx, op=op, database=action.database, key_column=key_column, key_type=key_type,
+                sources=sources, targets=targets, links=links, label=label)
+
+
+def operation_for(ctx: ApplyContext, action) -> Operation:
+    """The action's operation: the interrupted one it resumes, or a new one."""
+    if action.operation is not None:
+        return Operation(ctx.catalog, action.operation)
+    return ctx.begin(action.kind, action.address, action=action.model_dump(mode="json"))
 
 
 def key_of(ctx: ApplyContext, database: str) -> tuple[str, str]:
