@@ -178,3 +178,20 @@ def test_ten_moves_under_a_concurrent_writer(loaded):
         _drop_retired(loaded)
         moves += 2
     assert moves == 10
+
+
+def test_a_schema_change_waits_for_an_interrupted_move(loaded):
+    killed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json", env={FAILPOINT_ENV: f"{SPLIT}: sync"})
+    assert killed.code == -9
+    (loaded.path / "schema" / "002_note.sql").write_text("ALTER TABLE customers ADD COLUMN note text;\n")
+    loaded.write("fleet.yaml", loaded.read("fleet.yaml").replace(
+        "schema: schema/001_init.sql", "schema: [schema/001_init.sql, schema/002_note.sql]"))
+    plan = loaded.cli("plan", "--metrics", "hot.json")
+    assert "new schema steps wait until the interrupted split or merge of orders is finished" in plan.out
+    assert "# schema.orders will be updated" not in plan.out
+    assert loaded.cli("apply", "--auto-approve", "--metrics", "hot.json").code == 0  # finishes the split
+    assert loaded.cli("apply", "--auto-approve", "--metrics", "hot.json").code == 0  # then the schema step
+    for name, lo, hi, server, dbname in active_shards(loaded):
+        with loaded.connect(server, dbname) as conn:
+            assert conn.execute("SELECT count(*) FROM information_schema.columns"
+                                " WHERE table_name = 'customers' AND column_name = 'note'").fetchone() == (1,)

@@ -98,7 +98,12 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 break
         else:
             new_steps = desired_steps[len(applied):]
-            if new_steps:
+            moving = any(p.database == name for p in catalog.pending_moves)
+            if new_steps and moving:
+                # DDL is not replicated: a schema change waits until the split or merge is done
+                warnings.append(f"schema.{name}: new schema steps wait until the interrupted split or merge of"
+                                f" {name} is finished (apply, or `shardctl abort`)")
+            elif new_steps:
                 names = ", ".join(s.name for s in new_steps)
                 actions.append(ApplySchema(
                     database=name, steps=new_steps, shards=tuple(_shard_spec(s) for s in active),
