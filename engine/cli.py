@@ -338,6 +338,46 @@ def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> None:
         render_status(report, colour=obj.colour)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def branches(obj: Ctx, as_json: bool) -> None:
+    """List branches: parent, data, size, created, expires, server, connection (no password)."""
+    from engine import workflow
+    from engine.catalog import schema, store
+    from engine.servers.fleet import Fleet
+
+    desired = workflow.load(obj.config_dir)
+    fleet = Fleet(desired)
+    fleet.start_embedded(lambda t: click.echo(t, err=True))
+    rows = []
+    with fleet.catalog(create=False) as conn:
+        found = store.read_branches(conn) if conn is not None and schema.installed_version(conn) >= 3 else {}
+    for b in found.values():
+        handle = fleet.servers.get(b.server)
+        rows.append(dict(name=b.name, parent=b.parent, data=b.data if b.data != "sample" else f"sample {b.sample_percent:g}%",
+                         state=b.state, size_bytes=b.size_bytes, created_at=b.created_at, expires_at=b.expires_at,
+                         server=b.server, connection=handle.describe(b.dbname) if handle else "(server not declared)"))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
+        return
+    if not rows:
+        click.echo("No branches.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Branches", title_justify="left")
+    for col in ("branch", "parent", "data", "state", "size", "created", "expires", "server", "connection"):
+        table.add_column(col)
+    for r in rows:
+        size = f"{r['size_bytes'] / 1e6:.1f} MB" if r["size_bytes"] else "-"
+        table.add_row(r["name"], r["parent"], r["data"], r["state"], size,
+                      r["created_at"].strftime("%Y-%m-%d %H:%M"), r["expires_at"].strftime("%Y-%m-%d %H:%M"),
+                      r["server"], r["connection"])
+    Console(no_color=not obj.colour, width=200 if not sys.stdout.isatty() else None).print(table)
+
+
 @cli.group()
 def metrics() -> None:
     """Record and export load samples (the daemon does this every interval)."""

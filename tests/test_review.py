@@ -27,17 +27,32 @@ def _mixed_windows():
     return {n: samples(n, {"queries_per_second": [q] * 5}) for n, q in MIXED.items()}
 
 
-def test_markdown_for_splits_and_a_merge_is_pinned(tmp_path):
+def test_markdown_for_splits_a_merge_and_branches_is_pinned(tmp_path):
+    from datetime import datetime, timezone
+
+    from engine.observe.models import CatalogBranch
+
     (tmp_path / "fleet.yaml").write_text(FLEET + "    policy: busy\npolicies:\n  busy:\n"
-                                         "    autosplit: {max_concurrent: 3}\n")
+                                         "    autosplit: {max_concurrent: 3}\n"
+                                         "branches:\n  feature:\n    from: orders\n    data: sample\n"
+                                         "    sample_percent: 5\n    server: b\n    ttl: 3d\n"
+                                         "  spike:\n    from: orders\n    server: a\n")
     desired = loader.load(tmp_path, cwd=tmp_path)
     windows = _windows(hot_shards=("orders/-40", "orders/40-80"), cold=True)
     windows["orders/40-80"] = samples("orders/40-80", {"queries_per_second": [16000] * 10})
     windows["orders/-40"] = samples("orders/-40", {"queries_per_second": [21000] * 10})
-    plan = planner.plan(desired, _observation(desired, windows))
-    assert sorted(a.kind for a in plan.actions) == ["merge_shards", "split_shard", "split_shard"]
+    observation = _observation(desired, windows)
+    expired = CatalogBranch(name="spike", parent="orders", data="schema", sample_percent=None, server="a",
+                            dbname="branch_spike", state="active", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+                            expires_at=datetime(2026, 1, 8, tzinfo=timezone.utc))
+    observation = observation.model_copy(update={"catalog": observation.catalog.model_copy(
+        update={"branches": {"spike": expired}})})
+    plan = planner.plan(desired, observation)
+    assert sorted(a.kind for a in plan.actions) == ["create_branch", "delete_branch", "merge_shards", "split_shard",
+                                                    "split_shard"]
     text = render_markdown(plan)
-    assert text.startswith("<!-- shardctl-plan -->\n### shardctl plan: 1 merge, 2 splits\n")
+    assert text.startswith("<!-- shardctl-plan -->\n### shardctl plan: 1 branch to delete, 1 merge, 2 splits,"
+                           " 1 branch to create\n")
     assert_golden("review.md", text)
 
 

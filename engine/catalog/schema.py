@@ -173,7 +173,24 @@ CREATE TABLE shardctl.metric_samples (
 CREATE INDEX metric_samples_by_shard ON shardctl.metric_samples (shard, at DESC);
 """
 
-MIGRATIONS: list[str] = [V1, V2]
+V3 = r"""
+-- development branches: one ordinary database each, made from every shard of a parent
+CREATE TABLE shardctl.branches (
+    name           text PRIMARY KEY,
+    parent         text NOT NULL,
+    data           text NOT NULL CHECK (data IN ('schema', 'sample', 'full')),
+    sample_percent double precision,
+    server         text NOT NULL,
+    dbname         text NOT NULL,
+    state          text NOT NULL CHECK (state IN ('creating', 'active', 'expired')),
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    expires_at     timestamptz NOT NULL,
+    base_schema    jsonb,          -- the parent's schema at creation: the base of a schema merge
+    size_bytes     bigint
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3]
 VERSION = len(MIGRATIONS)
 
 

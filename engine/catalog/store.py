@@ -14,7 +14,9 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from engine.catalog import schema
-from engine.observe.models import AppliedStep, CatalogDatabase, CatalogShard, CatalogState, PendingMove, ReshardEvent
+from engine.observe.models import (
+    AppliedStep, CatalogBranch, CatalogDatabase, CatalogShard, CatalogState, PendingMove, ReshardEvent,
+)
 
 MOVE_KINDS = ("split_shard", "merge_shards")
 
@@ -58,7 +60,8 @@ def read(conn: psycopg.Connection) -> CatalogState:
         for e in reshard_events(conn)
     ) if version >= 2 else ()
     return CatalogState(exists=True, schema_version=version, serial=serial, epoch=epoch, databases=databases,
-                        reshard_events=events, pending_moves=tuple(pending_moves(conn)))
+                        reshard_events=events, pending_moves=tuple(pending_moves(conn)),
+                        branches=read_branches(conn) if version >= 3 else {})
 
 
 # ---------------------------------------------------------------------------- writes
@@ -199,3 +202,10 @@ def pending_moves(conn: psycopg.Connection) -> list[PendingMove]:
     ).fetchall()
     return [PendingMove(operation=r[0], kind=r[1], database=r[2]["action"]["database"], action=r[2]["action"],
                         last_step=r[3], fenced=r[4], flipped=r[5]) for r in rows]
+
+
+def read_branches(conn: psycopg.Connection) -> dict[str, CatalogBranch]:
+    rows = conn.execute("SELECT name, parent, data, sample_percent, server, dbname, state, created_at, expires_at,"
+                        " size_bytes FROM shardctl.branches ORDER BY name").fetchall()
+    return {r[0]: CatalogBranch(name=r[0], parent=r[1], data=r[2], sample_percent=r[3], server=r[4], dbname=r[5],
+                                state=r[6], created_at=r[7], expires_at=r[8], size_bytes=r[9]) for r in rows}

@@ -80,6 +80,7 @@ class Desired:
     catalog_database: str
     files: tuple[str, ...]
     resharding_enabled: bool = True
+    branches: dict[str, models.Branch] = field(default_factory=dict)
     sources: dict[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, *path: Any) -> Location | None:
@@ -341,6 +342,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
     first_seen: dict[tuple[str, str], Location] = {}
     catalog: tuple[models.CatalogSettings, _Doc] | None = None
     resharding: tuple[models.ReshardingSettings, _Doc] | None = None
+    branches: dict[str, tuple[models.Branch, _Doc]] = {}
 
     for is_preset, doc_list in ((True, preset_docs), (False, docs)):
         for doc in doc_list:
@@ -383,6 +385,13 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                     continue
                 first_seen[("database", name)] = where
                 databases[name] = (database, doc)
+            for name, branch in parsed.branches.items():
+                where = doc.loc(("branches", name))
+                if ("branch", name) in first_seen:
+                    problems.append(_duplicate("branch", name, where, first_seen[("branch", name)]))
+                    continue
+                first_seen[("branch", name)] = where
+                branches[name] = (branch, doc)
             if parsed.resharding is not None:
                 if resharding is not None:
                     problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
@@ -397,6 +406,11 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                     catalog = (parsed.catalog, doc)
 
     policies = _resolve_inheritance(policies, problems)
+    for name, (branch, doc) in branches.items():
+        if branch.from_ not in databases:
+            problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")), databases))
+        if branch.server not in servers:
+            problems.append(_unknown_ref("server", branch.server, doc.value_loc(("branches", name, "server")), servers))
     resolved: dict[str, DesiredDatabase] = {}
     for name, (database, doc) in databases.items():
         for i, server in enumerate(database.placement):
@@ -446,6 +460,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
         catalog_server=catalog_server, catalog_database=catalog_database,
         files=tuple(_display(f, cwd) for f in files), sources=sources,
         resharding_enabled=resharding[0].enabled if resharding else True,
+        branches={name: b for name, (b, _) in sorted(branches.items())},
     )
 
 

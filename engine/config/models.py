@@ -254,6 +254,18 @@ class CatalogSettings(Frozen):
     database: Name = Field("shardctl", description="name of the control database")
 
 
+class Branch(Frozen):
+    """A development copy of a sharded database: one ordinary database on one server."""
+
+    from_: Name = Field(alias="from", description="the sharded database it is made from")
+    data: Literal["schema", "sample", "full"] = Field("schema", description="schema only, a hash sample, or all rows")
+    sample_percent: float = Field(1.0, gt=0, le=100, description="with data: sample, the share of shard keys kept")
+    server: Name = Field(description="the server the branch lives on")
+    ttl: Duration = Field(7 * 86400.0, description="deleted this long after creation, e.g. 7d")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
 class ReshardingSettings(Frozen):
     enabled: bool = Field(True, description="global switch: plan no load-driven splits or merges anywhere when false")
 
@@ -266,6 +278,7 @@ class ConfigFile(Frozen):
     policies: dict[Name, Policy] = {}
     catalog: CatalogSettings | None = None
     resharding: ReshardingSettings | None = None
+    branches: dict[Name, Branch] = {}
 
     model_config = ConfigDict(
         frozen=True,

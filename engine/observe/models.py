@@ -73,6 +73,19 @@ class PendingMove(Frozen):
     flipped: bool = False
 
 
+class CatalogBranch(Frozen):
+    name: str
+    parent: str
+    data: str
+    sample_percent: float | None
+    server: str
+    dbname: str
+    state: str
+    created_at: datetime
+    expires_at: datetime
+    size_bytes: int | None = None
+
+
 class CatalogState(Frozen):
     exists: bool
     schema_version: int = 0
@@ -81,6 +94,7 @@ class CatalogState(Frozen):
     databases: dict[str, CatalogDatabase] = {}
     reshard_events: tuple[ReshardEvent, ...] = ()
     pending_moves: tuple[PendingMove, ...] = ()
+    branches: dict[str, CatalogBranch] = {}
 
 
 class LiveShard(Frozen):

@@ -171,16 +171,50 @@ class DropRetiredShard(ActionBase):
         return f"shard.{self.database}/{self.shard.name}"
 
 
+class CreateBranch(ActionBase):
+    """Make a branch: the parent's schema, then (a sample of) its rows from every shard, streamed
+    with COPY from a consistent snapshot of each shard; indexes and constraints after the data."""
+
+    kind: Literal["create_branch"] = "create_branch"
+    symbol: Symbol = "create"
+    branch: str
+    data: Literal["schema", "sample", "full"]
+    sample_percent: float | None
+    server: str
+    dbname: str
+    ttl_seconds: float
+    shards: tuple[ShardSpec, ...]
+
+    @property
+    def address(self) -> str:
+        return f"branch.{self.branch}"
+
+
+class DeleteBranch(ActionBase):
+    """Drop a branch's database: removed from the YAML, or past its expiry."""
+
+    kind: Literal["delete_branch"] = "delete_branch"
+    symbol: Symbol = "delete"
+    branch: str
+    server: str
+    dbname: str
+    expired: bool
+
+    @property
+    def address(self) -> str:
+        return f"branch.{self.branch}"
+
+
 Action = Annotated[
     Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, SplitShard, MergeShards,
-          DropRetiredShard],
+          DropRetiredShard, CreateBranch, DeleteBranch],
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")
 
 # Destructive first, so the danger is read before the rest (UX.md).
-ORDER = {"destroy_database": 0, "drop_retired_shard": 1, "merge_shards": 2, "split_shard": 3, "recreate_shard": 4,
-         "create_database": 5, "apply_schema": 6, "update_database": 7}
+ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
+         "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "update_database": 8, "create_branch": 9}
 
 
 class Drift(Frozen):

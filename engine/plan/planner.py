@@ -21,7 +21,8 @@ from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
 from engine.plan.load import load_actions
 from engine.plan.models import (
-    ApplySchema, AttributeChange, CreateDatabase, DatabaseSettings, DestroyDatabase, Drift, DropRetiredShard,
+    ApplySchema, AttributeChange, CreateBranch, CreateDatabase, DatabaseSettings, DeleteBranch, DestroyDatabase, Drift,
+    DropRetiredShard,
     MergeShards, Plan, Reason, RecreateShard, ShardSpec, SplitShard, StepSpec, UpdateDatabase, sort_actions,
 )
 
@@ -170,7 +171,10 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     for pending in catalog.pending_moves:
         actions.append(_resume_move(pending))
     actions.extend(_retired_drops(desired, observation))
-    busy = {a.database for a in actions}
+    busy = {a.database for a in actions}  # branches only read their parent: they do not hold moves back
+    branch_actions, branch_notes = _branches(desired, observation)
+    actions.extend(branch_actions)
+    warnings.extend(branch_notes)
     load, notes = load_actions(desired, observation)
     warnings.extend(notes)
     for action in load:
@@ -210,6 +214,49 @@ def _resume_move(pending) -> Any:
     data["reason"] = {"cause": "resume", "text": f"operation {pending.operation} was interrupted at step "
                       f"{pending.last_step!r}, {where}"}
     return kind.model_validate(data)
+
+
+def _branches(desired: Desired, observation: Observation) -> tuple[list, list[str]]:
+    now = datetime.now(timezone.utc)  # expiry is wall-clock time
+    actions: list = []
+    notes: list[str] = []
+    recorded = observation.catalog.branches
+    for name, branch in desired.branches.items():
+        have = recorded.get(name)
+        where = desired.where("branches", name)
+        if have is None:
+            parent = observation.catalog.databases.get(branch.from_)
+            if parent is None or parent.state != "active":
+                notes.append(f"branch.{name}: waits until {branch.from_} exists")
+                continue
+            actions.append(CreateBranch(
+                database=branch.from_, branch=name, data=branch.data,
+                sample_percent=branch.sample_percent if branch.data == "sample" else None,
+                server=branch.server, dbname=f"branch_{name}", ttl_seconds=branch.ttl,
+                shards=tuple(_shard_spec(s) for s in parent.shards if s.state == "active"),
+                reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"),
+            ))
+        elif have.state == "expired":
+            notes.append(f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
+                         " deleted; remove it from the configuration (or declare it under a new name)")
+        elif have.expires_at <= now:
+            actions.append(_delete_branch(have, expired=True))
+        elif (have.parent, have.data, have.server) != (branch.from_, branch.data, branch.server):
+            notes.append(f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
+                         " branch (a new name) for the new settings")
+    for name, have in recorded.items():
+        if have.state == "expired":
+            continue
+        if name not in desired.branches:
+            actions.append(_delete_branch(have, expired=have.expires_at <= now))
+    return actions, notes
+
+
+def _delete_branch(have, expired: bool) -> DeleteBranch:
+    why = (f"its ttl ran out at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if expired
+           else f"branch {have.name} is not in the configuration")
+    return DeleteBranch(database=have.parent, branch=have.name, server=have.server, dbname=have.dbname,
+                        expired=expired, reason=Reason(cause="config", text=why))
 
 
 def _retired_drops(desired: Desired, observation: Observation) -> list[DropRetiredShard]:

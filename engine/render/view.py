@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.plan.models import (
-    ApplySchema, CreateDatabase, DestroyDatabase, DropRetiredShard, MergeShards, Plan, RecreateShard, SplitShard,
-    UpdateDatabase,
+    ApplySchema, CreateBranch, CreateDatabase, DeleteBranch, DestroyDatabase, DropRetiredShard, MergeShards, Plan,
+    RecreateShard, SplitShard, UpdateDatabase,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -27,6 +27,8 @@ KIND_WORDS = {
     "split_shard": ("split", "splits"),
     "merge_shards": ("merge", "merges"),
     "drop_retired_shard": ("retired shard to drop", "retired shards to drop"),
+    "create_branch": ("branch to create", "branches to create"),
+    "delete_branch": ("branch to delete", "branches to delete"),
 }
 VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged"}
 
@@ -123,6 +125,18 @@ def _merge_shards(a: MergeShards) -> list[Line]:
     return lines + _evidence_lines(a.evidence)
 
 
+def _create_branch(a: CreateBranch) -> list[Line]:
+    data = f"sample of {a.sample_percent:g}% of shard keys" if a.data == "sample" else a.data
+    days = a.ttl_seconds / 86400
+    return [Line("+", f"from      = {a.database} ({len(a.shards)} shards)"), Line("+", f"data      = {data}"),
+            Line("+", f"server    = {a.server} ({a.dbname})"),
+            Line("+", f"ttl       = {days:g} days" if days >= 1 else f"ttl       = {a.ttl_seconds:g}s")]
+
+
+def _delete_branch(a: DeleteBranch) -> list[Line]:
+    return [Line("-", f"server    = {a.server} ({a.dbname})")]
+
+
 def _drop_retired(a: DropRetiredShard) -> list[Line]:
     return _shard_lines("-", [a.shard])
 
@@ -136,6 +150,8 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     SplitShard: lambda a: f'shard "{a.database}/{a.source.name}"',
     MergeShards: lambda a: f'shards "{a.database}/{a.sources[0].name}" + "{a.database}/{a.sources[-1].name}"',
     DropRetiredShard: lambda a: f'retired shard "{a.database}/{a.shard.name}"',
+    CreateBranch: lambda a: f'branch "{a.branch}"',
+    DeleteBranch: lambda a: f'branch "{a.branch}"',
 }
 _LINES: dict[type, Callable[[Any], list[Line]]] = {
     CreateDatabase: _create_database,
@@ -146,6 +162,8 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     SplitShard: _split_shard,
     MergeShards: _merge_shards,
     DropRetiredShard: _drop_retired,
+    CreateBranch: _create_branch,
+    DeleteBranch: _delete_branch,
 }
 
 
@@ -212,8 +230,8 @@ def view(plan: Plan) -> PlanView:
     s = plan.summary
     summary_line = f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
     parts = []
-    for kind in ("destroy_database", "drop_retired_shard", "merge_shards", "split_shard", "recreate_shard",
-                 "create_database", "apply_schema", "update_database"):
+    for kind in ("destroy_database", "delete_branch", "drop_retired_shard", "merge_shards", "split_shard",
+                 "recreate_shard", "create_database", "apply_schema", "update_database", "create_branch"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]

@@ -1,0 +1,143 @@
+"""Create a branch: one database holding the parent's schema and (a sample of) its rows.
+
+Tables come from `pg_dump --section=pre-data` of one parent shard; rows are streamed with binary
+COPY from a REPEATABLE READ, READ ONLY snapshot of every shard (shards in parallel, one
+connection each); then `--section=post-data` builds primary keys, indexes and foreign keys,
+and ANALYZE runs. A sample keeps the rows whose shard key hashes into the kept share (a hash
+with another seed than routing's), the same predicate in every table, so related rows come
+together and foreign keys hold. A table without the shard key is a reference table present
+in every shard: it is copied once. The parent is only ever read.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from engine.actions.base import ApplyContext, Timer, ensure_database
+from engine.catalog import store
+from engine.errors import UserError
+from engine.observe import introspect
+from engine.plan.models import CreateBranch, ShardSpec
+from engine.servers.embedded import bin_dir
+
+HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
+
+
+def execute(action: CreateBranch, ctx: ApplyContext) -> None:
+    timer = Timer()
+    ctx.say(f"{action.address}: Creating...")
+    op = ctx.begin(action.kind, action.address, server=action.server)
+    target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
+    key_column, key_type = ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
+                                               (action.database,)).fetchone()
+    expires = datetime.now(timezone.utc) + timedelta(seconds=action.ttl_seconds)
+    with op.step(f"record {action.branch}"):
+        ctx.catalog.execute(
+            "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s) ON CONFLICT (name) DO NOTHING",
+            (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname, expires))
+    with op.step(f"database {action.branch}"):
+        _drop_if_half_made(ctx, target)
+        ensure_database(ctx, target)
+    first = action.shards[0]
+    with op.step(f"pre-data {action.branch}"):
+        _run_sql(ctx, target, _dump(ctx, first, "pre-data"))
+    with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+        tables = [(r[0], r[1], r[2]) for r in conn.execute(
+            "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
+            " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
+            " ORDER BY 1, 2", (key_column,))]
+    rows = {}
+    if action.data != "schema":
+        with op.step(f"data {action.branch}", shards=len(action.shards)):
+            filt = _sample_filter(key_column, key_type, action.sample_percent) if action.data == "sample" else None
+            with ThreadPoolExecutor(max_workers=min(4, len(action.shards))) as pool:
+                jobs = [pool.submit(_copy_shard, ctx, shard, target, tables, filt, index == 0)
+                        for index, shard in enumerate(action.shards)]
+                for job in jobs:
+                    for table, count in job.result().items():
+                        rows[table] = rows.get(table, 0) + count
+            ctx.say(f"{action.address}: copied {sum(rows.values()):,} rows from {len(action.shards)} shards"
+                    f" [{timer} elapsed]")
+    with op.step(f"post-data {action.branch}"):
+        _run_sql(ctx, target, _dump(ctx, first, "post-data"))
+        with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+            conn.execute("ANALYZE")
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    with ctx.fleet.servers[first.server].connect(first.dbname) as conn:
+        base = introspect.snapshot(conn)
+    with ctx.catalog.transaction():
+        ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
+                            " WHERE name = %s", (Jsonb(base), size, action.branch))
+        store.bump_serial(ctx.catalog)
+        store.add_history(ctx.catalog, "create_branch", action.address, {"rows": rows, "data": action.data})
+    op.finish()
+    ctx.counts["added"] += 1
+    ctx.say(f"{action.address}: Creation complete after {timer}")
+
+
+def _drop_if_half_made(ctx: ApplyContext, target: ShardSpec) -> None:
+    """A branch interrupted midway is rebuilt from scratch: it holds no one's work yet."""
+    from engine.actions.base import drop_database
+
+    drop_database(ctx, target)
+
+
+def _sample_filter(key_column: str, key_type: str, percent: float | None) -> sql.Composable:
+    per_million = int(round((percent or 100.0) * 10000))
+    return sql.SQL("abs({}({}, 1) % 1000000) < {}").format(
+        sql.SQL(HASH[key_type]), sql.Identifier(key_column), sql.Literal(per_million))
+
+
+def _copy_shard(ctx: ApplyContext, shard: ShardSpec, target: ShardSpec, tables, filt, copy_reference: bool):
+    counts = {}
+    with ctx.fleet.servers[shard.server].connect(shard.dbname, autocommit=False) as src, \
+            ctx.fleet.servers[target.server].connect(target.dbname, autocommit=False) as dst:
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")  # one snapshot; never writes
+        for schema, table, has_key in tables:
+            if not has_key and not copy_reference:
+                continue  # a reference table: the first shard's copy is enough
+            qualified = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+            where = filt if (filt is not None and has_key) else sql.SQL("true")
+            into_cursor = dst.cursor()
+            with src.cursor().copy(sql.SQL("COPY (SELECT * FROM {} WHERE {}) TO STDOUT (FORMAT binary)").format(
+                    qualified, where)) as out, \
+                    into_cursor.copy(sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(qualified)) as into:
+                for chunk in out:
+                    into.write(chunk)
+            counts[f"{schema}.{table}"] = max(into_cursor.rowcount, 0)
+        dst.commit()
+        src.rollback()
+    return counts
+
+
+def _dump(ctx: ApplyContext, shard: ShardSpec, section: str) -> str:
+    params = ctx.fleet.servers[shard.server].params(shard.dbname)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    mapping = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE", "password": "PGPASSWORD",
+               "service": "PGSERVICE", "sslmode": "PGSSLMODE"}
+    for key, value in params.items():
+        if key in mapping:
+            env[mapping[key]] = str(value)  # the password travels in the environment, never on argv
+    proc = subprocess.run([str(bin_dir() / "pg_dump"), "--schema-only", f"--section={section}", "--no-owner",
+                           "--no-privileges", "--exclude-schema=_shardctl"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise UserError(f"pg_dump of {shard.dbname} failed", proc.stderr.strip())
+    # plain dumps of PostgreSQL 17.6+ carry psql meta-commands (\restrict); they are not SQL
+    return "\n".join(line for line in proc.stdout.splitlines() if not line.startswith("\\"))
+
+
+def _run_sql(ctx: ApplyContext, target: ShardSpec, text: str) -> None:
+    with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+        try:
+            conn.execute(text)
+        except psycopg.Error as exc:
+            raise UserError(f"building branch database {target.dbname} failed: {str(exc).splitlines()[0]}") from None

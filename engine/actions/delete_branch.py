@@ -1,0 +1,25 @@
+"""Delete a branch: drop its database. An expired branch stays in the catalog as 'expired', so
+a declaration left in the YAML is not silently created again."""
+
+from __future__ import annotations
+
+from engine.actions.base import ApplyContext, drop_database
+from engine.catalog import store
+from engine.plan.models import DeleteBranch, ShardSpec
+
+
+def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
+    ctx.say(f"{action.address}: Destroying...")
+    op = ctx.begin(action.kind, action.address, expired=action.expired)
+    with op.step(f"drop {action.branch}", dbname=action.dbname):
+        drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname))
+    with ctx.catalog.transaction():
+        if action.expired:
+            ctx.catalog.execute("UPDATE shardctl.branches SET state = 'expired' WHERE name = %s", (action.branch,))
+        else:
+            ctx.catalog.execute("DELETE FROM shardctl.branches WHERE name = %s", (action.branch,))
+        store.bump_serial(ctx.catalog)
+        store.add_history(ctx.catalog, "delete_branch", action.address, {"expired": action.expired})
+    op.finish()
+    ctx.counts["destroyed"] += 1
+    ctx.say(f"{action.address}: Destruction complete")

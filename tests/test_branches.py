@@ -1,0 +1,104 @@
+"""Branches on real servers: schema-only, sampled and full copies of a 4-shard database in one
+database each, never writing to the parent; expiry and removal."""
+
+import time
+
+import pytest
+
+from movers import active_shards, preload
+
+BRANCHES = """
+branches:
+  dev_full:
+    from: orders
+    data: full
+    server: b
+  dev_sample:
+    from: orders
+    data: sample
+    sample_percent: 10
+    server: b
+  dev_schema:
+    from: orders
+    server: a
+"""
+
+
+def _sums(conn, table):
+    return conn.execute(f"SELECT count(*), coalesce(sum(hash_record_extended(t, 0)), 0) FROM {table} t").fetchone()
+
+
+def _parent_sums(fleet, table):
+    count = total = 0
+    for name, lo, hi, server, dbname in active_shards(fleet):
+        with fleet.connect(server, dbname) as conn:
+            c, t = _sums(conn, table)
+            count, total = count + c, total + t
+    return count, total
+
+
+@pytest.fixture
+def parent(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=8000)
+    for name, lo, hi, server, dbname in active_shards(fleet):
+        with fleet.connect(server, dbname) as conn:
+            conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
+                         " SELECT customer_id, k, k * 1.5 FROM customers, generate_series(1, 2) k")
+    return fleet
+
+
+def test_schema_sample_and_full_branches(parent):
+    before = {t: _parent_sums(parent, t) for t in ("customers", "orders")}
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + BRANCHES)
+    plan = parent.cli("plan")
+    assert "Plan: 3 to add, 0 to change, 0 to destroy. (3 branches to create)" in plan.out
+    applied = parent.cli("apply", "--auto-approve")
+    assert applied.code == 0, applied.both
+
+    with parent.connect("b", "branch_dev_full") as conn:  # exactly the union of the shards' rows
+        for table in ("customers", "orders"):
+            assert _sums(conn, table) == before[table]
+        fks = conn.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'f'").fetchone()[0]
+        assert fks == 1
+    with parent.connect("b", "branch_dev_sample") as conn:
+        customers = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+        assert 0.07 * 8000 < customers < 0.13 * 8000
+        assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 2 * customers
+        assert conn.execute("SELECT count(*) FROM orders o LEFT JOIN customers c USING (customer_id)"
+                            " WHERE c.customer_id IS NULL").fetchone() == (0,)
+        assert conn.execute("SELECT convalidated FROM pg_constraint WHERE contype = 'f'").fetchone() == (True,)
+    with parent.connect("a", "branch_dev_schema") as conn:
+        assert _sums(conn, "customers") == (0, 0)
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_placed_at'").fetchone() == (1,)
+        assert conn.execute("SELECT to_regclass('_shardctl.schema_steps')").fetchone() == (None,)
+
+    assert {t: _parent_sums(parent, t) for t in ("customers", "orders")} == before  # the parent is untouched
+    listing = parent.cli("branches")
+    assert "dev_sample" in listing.out and "sample 10%" in listing.out and "password" not in listing.out
+    assert parent.cli("plan", "--detailed-exitcode").code == 0
+
+
+def test_an_expired_branch_is_deleted_and_not_made_again(parent):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + "branches:\n  brief:\n    from: orders\n"
+                 "    server: a\n    ttl: 2s\n")
+    assert parent.cli("apply", "--auto-approve").code == 0
+    assert "branch_brief" in parent.databases("a")
+    time.sleep(2.5)
+    plan = parent.cli("plan")
+    assert "# branch.brief will be destroyed" in plan.out and "its ttl ran out at" in plan.out
+    assert parent.cli("apply", "--auto-approve").code == 0
+    assert "branch_brief" not in parent.databases("a")
+    again = parent.cli("plan", "--detailed-exitcode")
+    assert again.code == 0 and "branch.brief: expired at" in again.out
+
+
+def test_a_branch_removed_from_the_yaml_is_deleted(parent):
+    original = parent.read("fleet.yaml")
+    parent.write("fleet.yaml", original + "branches:\n  gone:\n    from: orders\n    server: b\n")
+    assert parent.cli("apply", "--auto-approve").code == 0
+    parent.write("fleet.yaml", original)
+    plan = parent.cli("plan")
+    assert "# branch.gone will be destroyed" in plan.out and "branch gone is not in the configuration" in plan.out
+    assert parent.cli("apply", "--auto-approve").code == 0
+    assert "branch_gone" not in parent.databases("b")
