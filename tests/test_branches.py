@@ -102,3 +102,44 @@ def test_a_branch_removed_from_the_yaml_is_deleted(parent):
     assert "# branch.gone will be destroyed" in plan.out and "branch gone is not in the configuration" in plan.out
     assert parent.cli("apply", "--auto-approve").code == 0
     assert "branch_gone" not in parent.databases("b")
+
+
+def test_a_branch_schema_change_merges_into_every_shard(parent):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + "branches:\n  feat:\n    from: orders\n    server: b\n"
+                 "    merge_schema: true\n")
+    assert parent.cli("apply", "--auto-approve").code == 0
+    assert parent.cli("plan", "--detailed-exitcode").code == 0  # nothing changed on the branch yet
+    with parent.connect("b", "branch_feat") as conn:
+        conn.execute("ALTER TABLE orders ADD COLUMN note text")
+        conn.execute("CREATE INDEX orders_note ON orders (note)")
+    plan = parent.cli("plan")
+    assert "# branch.feat.schema will be updated in-place" in plan.out
+    assert 'ALTER TABLE "public"."orders" ADD COLUMN "note" text;' in plan.out
+    assert "lint (warning): index built without CONCURRENTLY" in plan.out
+    md = parent.cli("plan", "--format", "markdown").out
+    assert "lint (warning): index built without CONCURRENTLY" in md
+    doc = __import__("json").loads(parent.cli("plan", "--format", "json").out)
+    assert doc["actions"][0]["findings"][0][0] == "warning"
+    assert parent.cli("apply", "--auto-approve").code == 0
+    for name, lo, hi, server, dbname in active_shards(parent):
+        with parent.connect(server, dbname) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_note'").fetchone() == (1,)
+    assert parent.cli("plan", "--detailed-exitcode").code == 0  # every shard now equals the branch
+
+
+def test_a_schema_merge_is_refused_when_a_shard_drifted_or_it_drops_data(parent):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + "branches:\n  feat:\n    from: orders\n    server: b\n"
+                 "    merge_schema: true\n")
+    assert parent.cli("apply", "--auto-approve").code == 0
+    with parent.connect("b", "branch_feat") as conn:
+        conn.execute("ALTER TABLE customers DROP COLUMN created_at")
+    plan = parent.cli("plan", "--detailed-exitcode")
+    assert plan.code == 0
+    assert "schema merge refused: drops a column and its data" in plan.out
+    assert "set allow_destructive: true" in plan.out
+    with parent.connect("a", "orders_80_c0") as conn:  # a hotfix on one shard since the branch was made
+        conn.execute("CREATE INDEX hotfix ON customers (name)")
+    parent.write("fleet.yaml", parent.read("fleet.yaml").replace("    merge_schema: true\n",
+                                                                 "    merge_schema: true\n    allow_destructive: true\n"))
+    plan = parent.cli("plan")
+    assert "schema merge refused: orders/80-c0 no longer match the schema the branch was made from" in plan.out

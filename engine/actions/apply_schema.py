@@ -17,7 +17,7 @@ def execute(action: ApplySchema, ctx: ApplyContext) -> None:
             record_schema(ctx, action.database, shard)
     with op.step(f"record {action.database}"):
         with ctx.catalog.transaction():
-            store.record_steps(ctx.catalog, action.database, [(s.seq, s.name, s.sha256) for s in action.steps])
+            store.record_steps(ctx.catalog, action.database, [(s.seq, s.name, s.sha256, s.sql) for s in action.steps])
             store.bump_serial(ctx.catalog)
             store.add_history(ctx.catalog, "apply_schema", action.address,
                               {"steps": [s.name for s in action.steps], "shards": len(action.shards)})

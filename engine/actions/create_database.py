@@ -32,7 +32,7 @@ def execute(action: CreateDatabase, ctx: ApplyContext) -> None:
         ctx.say(f"{action.address}: shard {shard.name} ready on {shard.server} [{timer} elapsed]")
     with op.step(f"activate {action.database}"):
         with ctx.catalog.transaction():
-            store.record_steps(ctx.catalog, action.database, [(s.seq, s.name, s.sha256) for s in action.steps])
+            store.record_steps(ctx.catalog, action.database, [(s.seq, s.name, s.sha256, s.sql) for s in action.steps])
             store.set_database_state(ctx.catalog, action.database, "active")
             store.bump_serial(ctx.catalog)
             store.add_history(ctx.catalog, "create_database", action.address,

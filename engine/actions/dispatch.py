@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from engine.actions import (
-    apply_schema, create_branch, create_database, delete_branch, destroy_database, drop_retired_shard, merge_shards,
-    recreate_shard, split_shard, update_database,
+    apply_schema, create_branch, create_database, delete_branch, destroy_database, drop_retired_shard,
+    merge_branch_schema, merge_shards, recreate_shard, split_shard, update_database,
 )
 from engine.actions.base import ApplyContext
 from engine.plan import models
@@ -22,6 +22,7 @@ EXECUTORS: dict[type, Callable] = {
     models.DropRetiredShard: drop_retired_shard.execute,
     models.CreateBranch: create_branch.execute,
     models.DeleteBranch: delete_branch.execute,
+    models.MergeBranchSchema: merge_branch_schema.execute,
 }
 
 

@@ -479,12 +479,13 @@ def key_of(ctx: ApplyContext, database: str) -> tuple[str, str]:
 def database_steps(ctx: ApplyContext, database: str) -> tuple[StepSpec, ...]:
     """The schema steps every shard of the database has run; a new target runs the same, so
     its schema equals the source's. The SQL comes from the desired config (same hashes)."""
-    recorded = ctx.catalog.execute("SELECT seq, name, sha256 FROM shardctl.schema_steps WHERE database = %s"
+    recorded = ctx.catalog.execute("SELECT seq, name, sha256, sql FROM shardctl.schema_steps WHERE database = %s"
                                    " ORDER BY seq", (database,)).fetchall()
     desired = ctx.fleet.desired.databases.get(database)
     by_hash = {s.sha256: s.sql for s in desired.schema_steps} if desired else {}
+    by_hash.update({r[2]: r[3] for r in recorded if r[3]})  # steps merged from branches live only here
     steps = []
-    for seq, name, sha in recorded:
+    for seq, name, sha, _ in recorded:
         if sha not in by_hash:
             from engine.errors import UserError
 

@@ -59,6 +59,7 @@ CREATE TABLE shardctl.schema_steps (
     seq        int NOT NULL,
     name       text NOT NULL,
     sha256     text NOT NULL,
+    sql        text,            -- kept so new shards (splits) run steps that came from a branch merge
     applied_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (database, seq)
 );

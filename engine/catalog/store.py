@@ -128,12 +128,13 @@ def set_shard_schema(conn: psycopg.Connection, database: str, name: str, fingerp
     )
 
 
-def record_steps(conn: psycopg.Connection, database: str, steps: list[tuple[int, str, str]]) -> None:
-    for seq, name, sha in steps:
+def record_steps(conn: psycopg.Connection, database: str, steps: list[tuple]) -> None:
+    """(seq, name, sha256[, sql]) per step."""
+    for seq, name, sha, *sql_text in steps:
         conn.execute(
-            "INSERT INTO shardctl.schema_steps (database, seq, name, sha256) VALUES (%s, %s, %s, %s)"
+            "INSERT INTO shardctl.schema_steps (database, seq, name, sha256, sql) VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (database, seq) DO NOTHING",
-            (database, seq, name, sha),
+            (database, seq, name, sha, sql_text[0] if sql_text else None),
         )
 
 
@@ -206,6 +207,7 @@ def pending_moves(conn: psycopg.Connection) -> list[PendingMove]:
 
 def read_branches(conn: psycopg.Connection) -> dict[str, CatalogBranch]:
     rows = conn.execute("SELECT name, parent, data, sample_percent, server, dbname, state, created_at, expires_at,"
-                        " size_bytes FROM shardctl.branches ORDER BY name").fetchall()
+                        " size_bytes, base_schema FROM shardctl.branches ORDER BY name").fetchall()
     return {r[0]: CatalogBranch(name=r[0], parent=r[1], data=r[2], sample_percent=r[3], server=r[4], dbname=r[5],
-                                state=r[6], created_at=r[7], expires_at=r[8], size_bytes=r[9]) for r in rows}
+                                state=r[6], created_at=r[7], expires_at=r[8], size_bytes=r[9], base_schema=r[10])
+            for r in rows}

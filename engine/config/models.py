@@ -262,6 +262,8 @@ class Branch(Frozen):
     sample_percent: float = Field(1.0, gt=0, le=100, description="with data: sample, the share of shard keys kept")
     server: Name = Field(description="the server the branch lives on")
     ttl: Duration = Field(7 * 86400.0, description="deleted this long after creation, e.g. 7d")
+    merge_schema: bool = Field(False, description="merge the branch's schema changes back into every shard")
+    allow_destructive: bool = Field(False, description="let a schema merge drop columns or tables")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -84,6 +84,7 @@ class CatalogBranch(Frozen):
     created_at: datetime
     expires_at: datetime
     size_bytes: int | None = None
+    base_schema: dict[str, Any] | None = None
 
 
 class CatalogState(Frozen):
@@ -121,6 +122,7 @@ class Observation(Frozen):
     shards: dict[str, LiveShard]  # by address, e.g. "orders/-40"
     metrics: dict[str, tuple[Sample, ...]] = {}  # sample window per shard address, oldest first
     metrics_source: str = "none"  # "live", "recorded FILE" or "none"
+    branch_schemas: dict[str, dict[str, Any]] = {}  # live schema of each active branch
     taken_at: datetime | None = None
 
     @property

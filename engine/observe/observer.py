@@ -50,7 +50,17 @@ def inspect_shards(fleet: Fleet, observation: Observation) -> Observation:
                 )
             except ServerUnreachable:
                 continue
-    return observation.model_copy(update={"shards": shards})
+    branches: dict = {}
+    for branch in catalog.branches.values():
+        live = servers.get(branch.server)
+        if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
+            continue
+        try:
+            with fleet.servers[branch.server].connect(branch.dbname) as conn:
+                branches[branch.name] = introspect.snapshot(conn)
+        except ServerUnreachable:
+            continue
+    return observation.model_copy(update={"shards": shards, "branch_schemas": branches})
 
 
 def _server(fleet: Fleet, name: str) -> LiveServer:

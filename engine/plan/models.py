@@ -205,16 +205,34 @@ class DeleteBranch(ActionBase):
         return f"branch.{self.branch}"
 
 
+class MergeBranchSchema(ActionBase):
+    """Apply a branch's schema change (diff of its base -> the branch) to every shard, shard by
+    shard, one transaction each with lock_timeout; the statements become a schema step."""
+
+    kind: Literal["merge_branch_schema"] = "merge_branch_schema"
+    symbol: Symbol = "update"
+    branch: str
+    statements: tuple[str, ...]
+    findings: tuple[tuple[str, str, str], ...]  # (severity, statement, finding)
+    shards: tuple[ShardSpec, ...]
+    branch_schema_sha256: str
+
+    @property
+    def address(self) -> str:
+        return f"branch.{self.branch}.schema"
+
+
 Action = Annotated[
     Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, SplitShard, MergeShards,
-          DropRetiredShard, CreateBranch, DeleteBranch],
+          DropRetiredShard, CreateBranch, DeleteBranch, MergeBranchSchema],
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")
 
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
-         "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "update_database": 8, "create_branch": 9}
+         "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
+         "create_branch": 10}
 
 
 class Drift(Frozen):

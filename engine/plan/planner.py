@@ -22,9 +22,12 @@ from engine.observe.models import CatalogDatabase, Observation
 from engine.plan.load import load_actions
 from engine.plan.models import (
     ApplySchema, AttributeChange, CreateBranch, CreateDatabase, DatabaseSettings, DeleteBranch, DestroyDatabase, Drift,
-    DropRetiredShard,
+    DropRetiredShard, MergeBranchSchema,
     MergeShards, Plan, Reason, RecreateShard, ShardSpec, SplitShard, StepSpec, UpdateDatabase, sort_actions,
 )
+
+
+BRANCH_STEP_PREFIX = "branch:"
 
 
 def settings_of(db: DesiredDatabase) -> DatabaseSettings:
@@ -89,7 +92,9 @@ def plan(desired: Desired, observation: Observation) -> Plan:
 
         active = [s for s in recorded.shards if s.state == "active"]
         desired_steps = _steps(db)
-        applied = recorded.schema_steps
+        # steps merged from branches live in the catalog, not in the YAML: compare the declared ones
+        applied = tuple(s for s in recorded.schema_steps if not s.name.startswith(BRANCH_STEP_PREFIX))
+        next_seq = max((s.seq for s in recorded.schema_steps), default=0) + 1
         for i, step in enumerate(applied):
             if i >= len(desired_steps) or desired_steps[i].sha256 != step.sha256:
                 loc = db.schema_steps[i].location if i < len(db.schema_steps) else _where(desired, name, "schema")
@@ -98,7 +103,8 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 problems.append(Diagnostic(loc, what, "schema steps are append-only: restore it and add a new step"))
                 break
         else:
-            new_steps = desired_steps[len(applied):]
+            new_steps = tuple(s.model_copy(update={"seq": next_seq + k})
+                              for k, s in enumerate(desired_steps[len(applied):]))
             moving = any(p.database == name for p in catalog.pending_moves)
             if new_steps and moving:
                 # DDL is not replicated: a schema change waits until the split or merge is done
@@ -171,10 +177,11 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     for pending in catalog.pending_moves:
         actions.append(_resume_move(pending))
     actions.extend(_retired_drops(desired, observation))
-    busy = {a.database for a in actions}  # branches only read their parent: they do not hold moves back
     branch_actions, branch_notes = _branches(desired, observation)
-    actions.extend(branch_actions)
     warnings.extend(branch_notes)
+    # branches only read their parent and do not hold moves back; a schema merge does
+    busy = {a.database for a in actions} | {a.database for a in branch_actions if a.kind == "merge_branch_schema"}
+    actions.extend(branch_actions)
     load, notes = load_actions(desired, observation)
     warnings.extend(notes)
     for action in load:
@@ -244,12 +251,58 @@ def _branches(desired: Desired, observation: Observation) -> tuple[list, list[st
         elif (have.parent, have.data, have.server) != (branch.from_, branch.data, branch.server):
             notes.append(f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
                          " branch (a new name) for the new settings")
+        elif branch.merge_schema:
+            action, note = _schema_merge(branch, have, observation)
+            if action:
+                actions.append(action)
+            if note:
+                notes.append(note)
     for name, have in recorded.items():
         if have.state == "expired":
             continue
         if name not in desired.branches:
             actions.append(_delete_branch(have, expired=have.expires_at <= now))
     return actions, notes
+
+
+def _schema_merge(branch, have, observation: Observation) -> tuple[MergeBranchSchema | None, str | None]:
+    """Three-way: the change is diff(base -> branch); every parent shard must still equal the
+    base, or the merge is refused naming the shards that drifted (a two-way diff would undo a
+    hotfix made on a shard since the branch was made)."""
+    import hashlib
+    import json
+
+    from engine.observe.introspect import fingerprint
+    from engine.plan import schemadiff
+
+    live = observation.branch_schemas.get(have.name)
+    if live is None or have.base_schema is None:
+        return None, f"branch.{have.name}: its schema could not be read; no schema merge planned"
+    try:
+        statements = schemadiff.diff(have.base_schema, live)
+    except schemadiff.Unsupported as exc:
+        return None, f"branch.{have.name}: schema merge refused: {exc}"
+    if not statements:
+        return None, None
+    parent = observation.catalog.databases.get(have.parent)
+    shards = [s for s in (parent.shards if parent else ()) if s.state == "active"]
+    base = fingerprint(have.base_schema)
+    drifted = [s.address for s in shards if (observation.shards.get(s.address) is None
+                                             or observation.shards[s.address].schema_fingerprint != base)]
+    if drifted:
+        return None, (f"branch.{have.name}: schema merge refused: {', '.join(drifted)} no longer match the schema"
+                      " the branch was made from (changed since); reconcile them first")
+    findings = tuple(schemadiff.lint(statements))
+    destructive = [f for f in findings if f[0] == schemadiff.DESTRUCTIVE]
+    if destructive and not branch.allow_destructive:
+        return None, (f"branch.{have.name}: schema merge refused: {destructive[0][2]} ({destructive[0][1]});"
+                      " set allow_destructive: true on the branch to allow it")
+    sha = hashlib.sha256(json.dumps(live, sort_keys=True).encode()).hexdigest()
+    return MergeBranchSchema(
+        database=have.parent, branch=have.name, statements=tuple(statements), findings=findings,
+        shards=tuple(_shard_spec(s) for s in shards), branch_schema_sha256=sha,
+        reason=Reason(cause="config", text=f"branch {have.name} has schema changes and merge_schema: true"),
+    ), None
 
 
 def _delete_branch(have, expired: bool) -> DeleteBranch:

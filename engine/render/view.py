@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.plan.models import (
-    ApplySchema, CreateBranch, CreateDatabase, DeleteBranch, DestroyDatabase, DropRetiredShard, MergeShards, Plan,
-    RecreateShard, SplitShard, UpdateDatabase,
+    ApplySchema, CreateBranch, CreateDatabase, DeleteBranch, DestroyDatabase, DropRetiredShard, MergeBranchSchema,
+    MergeShards, Plan, RecreateShard, SplitShard, UpdateDatabase,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -29,6 +29,7 @@ KIND_WORDS = {
     "drop_retired_shard": ("retired shard to drop", "retired shards to drop"),
     "create_branch": ("branch to create", "branches to create"),
     "delete_branch": ("branch to delete", "branches to delete"),
+    "merge_branch_schema": ("branch schema merge", "branch schema merges"),
 }
 VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged"}
 
@@ -133,6 +134,13 @@ def _create_branch(a: CreateBranch) -> list[Line]:
             Line("+", f"ttl       = {days:g} days" if days >= 1 else f"ttl       = {a.ttl_seconds:g}s")]
 
 
+def _merge_branch_schema(a: MergeBranchSchema) -> list[Line]:
+    lines = [Line("+", s) for s in a.statements]
+    lines += [Line("#", f"lint ({severity}): {finding}: {statement}") for severity, statement, finding in a.findings]
+    lines.append(Line(" ", f"on {len(a.shards)} shards of {a.database}, one transaction each"))
+    return lines
+
+
 def _delete_branch(a: DeleteBranch) -> list[Line]:
     return [Line("-", f"server    = {a.server} ({a.dbname})")]
 
@@ -152,6 +160,7 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     DropRetiredShard: lambda a: f'retired shard "{a.database}/{a.shard.name}"',
     CreateBranch: lambda a: f'branch "{a.branch}"',
     DeleteBranch: lambda a: f'branch "{a.branch}"',
+    MergeBranchSchema: lambda a: f'schema of branch "{a.branch}" into "{a.database}"',
 }
 _LINES: dict[type, Callable[[Any], list[Line]]] = {
     CreateDatabase: _create_database,
@@ -164,6 +173,7 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     DropRetiredShard: _drop_retired,
     CreateBranch: _create_branch,
     DeleteBranch: _delete_branch,
+    MergeBranchSchema: _merge_branch_schema,
 }
 
 
@@ -231,7 +241,8 @@ def view(plan: Plan) -> PlanView:
     summary_line = f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
     parts = []
     for kind in ("destroy_database", "delete_branch", "drop_retired_shard", "merge_shards", "split_shard",
-                 "recreate_shard", "create_database", "apply_schema", "update_database", "create_branch"):
+                 "recreate_shard", "create_database", "apply_schema", "merge_branch_schema", "update_database",
+                 "create_branch"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]
