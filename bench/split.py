@@ -23,8 +23,6 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -181,7 +179,7 @@ def run(fleet_dir: Path, fleet: Fleet, args) -> None:
     print(f"baseline raw COPY pipe (binary, PK on target)  {baseline_s:6.2f} s  {rows / baseline_s:10,.0f} rows/s")
     print(f"split copy phase (subscribe + initial sync)     {copy_s:6.2f} s  {rows / copy_s:10,.0f} rows/s"
           f"   {baseline_s / copy_s:.2f}x the baseline's throughput")
-    print(f"split steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
+    print("split steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
     print(f"fence held (lock + trigger, one transaction)    {marks['fence_ms']:6.1f} ms")
     print(f"writer during the cutover: {len(window)} writes, p99 {p99 * 1000:.1f} ms, max {max(window) * 1000:.1f} ms"
           f" (whole run: {len(writer.samples)} writes, max {max(l for _, l in writer.samples) * 1000:.1f} ms)")

@@ -17,6 +17,25 @@ from engine.errors import UserError, redact
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
 
+class Duration(click.ParamType):
+    """A duration option (`30s`, `10m`, `1h`) in seconds; a bad value is a usage error."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        from engine.config.models import parse_duration
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
 class Ctx:
     def __init__(self, config_dir: str, colour: bool, debug: bool):
         self.config_dir = config_dir
@@ -167,10 +186,10 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Judge load from this recorded samples file instead of live metrics.")
-@click.option("--lock-timeout", default="10m", show_default=True, metavar="DURATION",
+@click.option("--lock-timeout", default="10m", show_default=True, metavar="DURATION", type=DURATION,
               help="How long to wait for an apply in flight before giving up.")
 @click.pass_obj
-def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None, lock_timeout: str) -> None:
+def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None, lock_timeout: float) -> None:
     """Compare the YAML, the catalog and the servers, read-only, and say why they differ.
 
     \b
@@ -182,12 +201,11 @@ def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None,
     reported as drift. For CI: --detailed-exitcode exits 0 in sync, 2 drifted, 1 on error.
     """
     from engine import workflow
-    from engine.config.models import parse_duration
     from engine.render.drift import render_json, render_text, report
 
     desired = workflow.load(obj.config_dir)
     planned = workflow.make_plan(desired, say=lambda t: click.echo(t, err=True), metrics_file=metrics_file,
-                                 wait_for_apply=parse_duration(lock_timeout))
+                                 wait_for_apply=lock_timeout)
     result = report(planned.plan)
     click.echo(render_json(result) if fmt == "json" else render_text(result), nl=False)
     if detailed_exitcode and result.drifted:
@@ -208,12 +226,12 @@ def show(obj: Ctx, plan_file: str, fmt: str) -> None:
 @cli.command()
 @click.argument("plan_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--auto-approve", is_flag=True, help="Apply without asking (needed without a terminal).")
-@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION", type=DURATION,
               help="Wait this long for another apply's lock, e.g. 30s.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Re-check load premises against this recorded samples file instead of live metrics.")
 @click.pass_obj
-def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str, metrics_file: str | None) -> None:
+def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: float, metrics_file: str | None) -> None:
     """Apply changes: a saved plan exactly (no prompt), or plan now and ask for `yes`.
 
     A saved plan is refused, changing nothing, when the catalog changed since it was made, or
@@ -223,13 +241,8 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str
     prompt nobody can answer.
     """
     from engine import workflow
-    from engine.config.models import parse_duration
     from engine.plan import planfile
 
-    try:
-        timeout = parse_duration(lock_timeout)
-    except ValueError as exc:
-        raise UserError(f"--lock-timeout: {exc}") from None
     saved = planfile.load(plan_file) if plan_file else None
     desired = workflow.load(obj.config_dir)
     if saved is None and not auto_approve and not sys.stdin.isatty():
@@ -252,7 +265,7 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str
         click.echo("")
 
     result = workflow.apply(
-        desired, saved, lock_timeout=timeout, confirm=confirm, say=click.echo, metrics_file=metrics_file,
+        desired, saved, lock_timeout=lock_timeout, confirm=confirm, say=click.echo, metrics_file=metrics_file,
         show=lambda p: _print_plan(obj, p, "text"),
     )
     if not result.plan.has_changes:
@@ -265,10 +278,10 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: str
 
 @cli.command()
 @click.argument("operation", type=int)
-@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION", type=DURATION,
               help="Wait this long for another apply's lock, e.g. 30s.")
 @click.pass_obj
-def abort(obj: Ctx, operation: int, lock_timeout: str) -> None:
+def abort(obj: Ctx, operation: int, lock_timeout: float) -> None:
     """Roll back an interrupted split or merge that has not reached its cutover.
 
     Removes the operation's subscriptions, slots, publications, write fence and target
@@ -277,9 +290,8 @@ def abort(obj: Ctx, operation: int, lock_timeout: str) -> None:
     instead.
     """
     from engine import workflow
-    from engine.config.models import parse_duration
 
-    workflow.abort(workflow.load(obj.config_dir), operation, lock_timeout=parse_duration(lock_timeout), say=click.echo)
+    workflow.abort(workflow.load(obj.config_dir), operation, lock_timeout=lock_timeout, say=click.echo)
 
 
 # ---------------------------------------------------------------------------- servers and status
@@ -386,15 +398,14 @@ def metrics() -> None:
 @metrics.command("collect")
 @click.option("--count", default=1, show_default=True, type=click.IntRange(1, 10000),
               help="How many samples to record.")
-@click.option("--interval", default=None, metavar="DURATION",
+@click.option("--interval", default=None, metavar="DURATION", type=DURATION,
               help="Time between samples (default: each database's policy metrics.interval).")
 @click.pass_obj
-def metrics_collect(obj: Ctx, count: int, interval: str | None) -> None:
+def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
     """Record COUNT samples of every shard into the catalog, where every plan sees them."""
     import time
 
     from engine import workflow
-    from engine.config.models import parse_duration
     from engine.observe import history
     from engine.observe.observer import observe
     from engine.observe.sampling import LiveSampler
@@ -402,11 +413,8 @@ def metrics_collect(obj: Ctx, count: int, interval: str | None) -> None:
     from engine.status import state_line
 
     desired = workflow.load(obj.config_dir)
-    try:
-        gap = parse_duration(interval) if interval else min(
-            (d.effective_policy.metrics.interval for d in desired.databases.values()), default=10.0)
-    except ValueError as exc:
-        raise UserError(f"--interval: {exc}") from None
+    gap = interval if interval is not None else min(
+        (d.effective_policy.metrics.interval for d in desired.databases.values()), default=10.0)
     fleet = Fleet(desired)
     fleet.start_embedded(lambda t: click.echo(t, err=True))
     with fleet.catalog(create=False) as conn:

@@ -11,8 +11,8 @@ from rich.table import Table
 from engine.catalog import journal, store
 from engine.config.loader import Desired
 from engine.observe import history
-from engine.observe.metrics import METRICS, UNITS, Reading, Sample
-from engine.observe.observer import _server, observe
+from engine.observe.metrics import METRICS, Reading, Sample
+from engine.observe.observer import inspect_server, observe
 from engine.plan.load import assessments
 from engine.servers.fleet import Fleet
 
@@ -28,11 +28,8 @@ def sparkline(values: list[float | None]) -> str:
                    for v in values)
 
 
-def _fmt(metric: str, sample: Sample | None) -> str:
-    value = sample.value(metric) if sample else None
-    if value is None:
-        return "?"
-    return (f"{value:,.0f}" if value >= 100 else f"{value:.3g}") + UNITS.get(metric, "").strip().replace("/s", "")
+def _cell(value: float | None) -> str:
+    return "?" if value is None else (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
 
 
 def state_line(pairs: dict[str, tuple[Reading, Sample]]) -> str:
@@ -54,7 +51,7 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
             servers.append(dict(name=name, kind="embedded", state="stopped", version=None,
                                 connection=handle.describe()))
             continue
-        live = _server(fleet, name)
+        live = inspect_server(fleet, name)
         servers.append(dict(name=name, kind="embedded" if embedded else "external",
                             state="running" if live.reachable else f"unreachable: {live.error}",
                             version=live.version, connection=handle.describe()))
@@ -125,17 +122,12 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
             table.add_column(col, justify="right" if col not in ("shard", "server", "database", "load") else "left",
                              no_wrap=True)
         for s in db["shards"]:
-            latest = {m: (v["value"] if v else None) for m, v in s["metrics"].items()}
-
-            def cell(metric: str) -> str:
-                v = latest[metric]
-                return "?" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
-
+            latest = {m: _cell(v["value"] if v else None) for m, v in s["metrics"].items()}
             load = s["load"] if s["state"] == "active" else s["state"]
             style = {"hot": "bold red", "cold": "cyan", "unknown": "dim"}.get(load, "")
             table.add_row(f"{db['name']}/{s['name']}", s["server"], s["dbname"], f"[{style}]{load}[/]" if style else load,
-                          cell("queries_per_second"), cell("cpu_percent"), cell("memory_percent"),
-                          cell("storage_percent"), cell("connections"), cell("latency_ms"),
+                          latest["queries_per_second"], latest["cpu_percent"], latest["memory_percent"],
+                          latest["storage_percent"], latest["connections"], latest["latency_ms"],
                           sparkline(s["query_rate_history"]))
         console.print(table)
         for s in db["shards"]:

@@ -215,7 +215,7 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             if p.flipped:
                 raise UserError(f"operation {operation} has passed its cutover and cannot be aborted",
                                 "its targets own the range now; run `shardctl apply` to finish its cleanup")
-            action = _resume_action(p)
+            action = planner.resume_move(p)
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say)
             mv = move.for_action(ctx, action, Operation(conn, operation), label=f"abort {operation}")
             say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
@@ -223,8 +223,3 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             store.add_history(conn, "abort", action.address, {"operation": operation, "last_step": p.last_step})
             say(f"Operation {operation} aborted: replication objects, fence and targets removed; the source is as it was.")
 
-
-def _resume_action(pending):
-    from engine.plan.planner import _resume_move
-
-    return _resume_move(pending)

@@ -5,7 +5,6 @@ import json
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import click
 import pytest

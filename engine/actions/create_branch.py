@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine.actions.base import ApplyContext, Timer, ensure_database
+from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
 from engine.catalog import store
 from engine.errors import UserError
 from engine.observe import introspect
@@ -44,7 +44,7 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
             " VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s) ON CONFLICT (name) DO NOTHING",
             (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname, expires))
     with op.step(f"database {action.branch}"):
-        _drop_if_half_made(ctx, target)
+        drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
         ensure_database(ctx, target)
     first = action.shards[0]
     with op.step(f"pre-data {action.branch}"):
@@ -82,13 +82,6 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
     op.finish()
     ctx.counts["added"] += 1
     ctx.say(f"{action.address}: Creation complete after {timer}")
-
-
-def _drop_if_half_made(ctx: ApplyContext, target: ShardSpec) -> None:
-    """A branch interrupted midway is rebuilt from scratch: it holds no one's work yet."""
-    from engine.actions.base import drop_database
-
-    drop_database(ctx, target)
 
 
 def _sample_filter(key_column: str, key_type: str, percent: float | None) -> sql.Composable:

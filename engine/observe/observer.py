@@ -20,7 +20,7 @@ def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schem
     """`inspect_schemas=False` skips the per-shard connections (metric rounds need only the
     catalog and the servers, and every query on a shard would count as load on it)."""
     catalog = store.read(catalog_conn) if catalog_conn is not None else CatalogState(exists=False)
-    servers = {name: _server(fleet, name) for name in sorted(fleet.servers)}
+    servers = {name: inspect_server(fleet, name) for name in sorted(fleet.servers)}
     observation = Observation(catalog=catalog, servers=servers, shards={})
     return inspect_shards(fleet, observation) if inspect_schemas else observation
 
@@ -63,7 +63,8 @@ def inspect_shards(fleet: Fleet, observation: Observation) -> Observation:
     return observation.model_copy(update={"shards": shards, "branch_schemas": branches})
 
 
-def _server(fleet: Fleet, name: str) -> LiveServer:
+def inspect_server(fleet: Fleet, name: str) -> LiveServer:
+    """One server's version, wal_level and databases; unreachable is a value, not an error."""
     try:
         with fleet.servers[name].connect() as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]

@@ -175,7 +175,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
         ))
 
     for pending in catalog.pending_moves:
-        actions.append(_resume_move(pending))
+        actions.append(resume_move(pending))
     actions.extend(_retired_drops(desired, observation))
     branch_actions, branch_notes = _branches(desired, observation)
     warnings.extend(branch_notes)
@@ -211,7 +211,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     )
 
 
-def _resume_move(pending) -> Any:
+def resume_move(pending) -> Any:
     """An interrupted split or merge is finished under its own operation (its names derive from it)."""
     data = {**pending.action, "operation": pending.operation}
     kind = SplitShard if pending.kind == "split_shard" else MergeShards

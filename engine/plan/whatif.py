@@ -12,10 +12,6 @@ from engine.observe.models import Observation
 from engine.plan.load import assessments
 from engine.plan.models import PolicyWhatIf, WhatIfChange
 
-WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
-         "now_merge": "would now be a merge candidate", "no_longer_merge": "would no longer be a merge candidate"}
-
-
 def compare(baseline: Desired, proposed: Desired, observation: Observation, label: str) -> PolicyWhatIf:
     old = assessments(baseline, observation)
     new = assessments(proposed, observation)

@@ -8,11 +8,13 @@ drift; the third is reported but is not drift, since no one changed anything.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from engine.plan.models import Plan
+from engine.render.view import VERBS, VERBS_BY_KIND
 
 
 class Finding(BaseModel):
@@ -39,8 +41,6 @@ class DriftReport(BaseModel):
 
 
 def report(plan: Plan) -> DriftReport:
-    from engine.render.view import VERBS, VERBS_BY_KIND
-
     def finding(action) -> Finding:
         verb = VERBS_BY_KIND.get(action.kind, VERBS[action.symbol])
         return Finding(address=action.address, summary=f"will be {verb}: {action.reason.text}")
@@ -72,6 +72,4 @@ def render_text(r: DriftReport) -> str:
 def render_json(r: DriftReport) -> str:
     doc = r.model_dump(mode="json")
     doc["counts"] = {k: len(doc[k]) for k in ("config", "outside", "interrupted", "load")}
-    import json
-
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"

