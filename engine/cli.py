@@ -465,6 +465,94 @@ def metrics_export(obj: Ctx, out: str | None) -> None:
         click.echo(text, nl=False)
 
 
+# ---------------------------------------------------------------------------- watch / pause / resume
+
+
+@cli.command()
+@click.option("--listen", default="127.0.0.1:8470", show_default=True, metavar="HOST:PORT",
+              help="Where the dashboard, JSON API and /metrics listen (loopback unless you say otherwise).")
+@click.option("--no-http", is_flag=True, help="Serve no HTTP at all.")
+@click.option("--token-env", default="SHARDCTL_DAEMON_TOKEN", show_default=True, metavar="VAR",
+              help="Environment variable holding the bearer token for POST /api/pause and /api/resume;"
+                   " unset, those endpoints are off.")
+@click.pass_obj
+def watch(obj: Ctx, listen: str, no_http: bool, token_env: str) -> int:
+    """Keep the fleet in shape: collect metrics, re-plan on YAML edits, apply what policy allows.
+
+    \b
+    Every policy interval (metrics.interval, 10s) the daemon samples every shard into the
+    catalog; every autosplit.check_every (1m) it plans. Actions the policy lets automation
+    take are applied through the same path, lock and journal as `shardctl apply`:
+      - load-driven splits (autosplit.enabled) and merges (automerge.enabled),
+      - the resumption of a split or merge the journal shows interrupted,
+      - deleting branches past their ttl, dropping shards past autosplit.retire_after.
+    Everything else is shown as pending for a person. Cooldowns, max_concurrent and
+    per-database switches are honoured.
+
+    \b
+    An edit of the YAML is validated and planned at once; an invalid edit is reported with
+    file:line and the last valid config stays in force. One daemon leads (a lock in the
+    catalog); others stand by and take over when it dies. `shardctl pause` stops automation
+    within one interval. SIGTERM finishes or parks the running step and exits 0.
+
+    \b
+    HTTP (127.0.0.1:8470 by default): /  dashboard, /api/status, /api/shards, /api/plan,
+    /api/history, /api/branches, /metrics (Prometheus), POST /api/pause and /api/resume.
+    Events are logged to standard error, one JSON object per line; plans go to standard output.
+    """
+    from engine import workflow
+    from engine.watch.daemon import Daemon, WatchOptions
+    from engine.watch.http import parse_listen
+
+    if not no_http:
+        parse_listen(listen)
+    desired = workflow.load(obj.config_dir)
+    options = WatchOptions(config_dir=Path(obj.config_dir).resolve(), listen=None if no_http else listen,
+                           token_env=token_env)
+    daemon = Daemon(options, desired, out=lambda text: click.echo(text))
+    return daemon.run()
+
+
+def _set_paused(obj: Ctx, paused: bool, reason: str) -> None:
+    from engine import workflow
+    from engine.catalog import control, schema
+    from engine.catalog.lock import who
+    from engine.servers.fleet import Fleet
+
+    fleet = Fleet(workflow.load(obj.config_dir))
+    fleet.start_embedded(lambda t: click.echo(t, err=True))
+    with fleet.catalog(create=False) as conn:
+        if conn is None or schema.installed_version(conn) == 0:
+            raise UserError("there is no catalog yet", "run `shardctl apply` first")
+        schema.migrate(conn)
+        state = control.set_paused(conn, paused, reason, who())
+    if state.paused:
+        click.echo(f"Automation paused by {state.changed_by}{': ' + state.reason if state.reason else ''}.\n"
+                   "Running daemons apply nothing more from their next interval on; `shardctl resume` undoes this.")
+    else:
+        click.echo("Automation resumed: daemons apply what policy allows again from their next check.")
+
+
+@cli.command()
+@click.option("--reason", default="", metavar="TEXT", help="Why, shown on the dashboard and in `status`.")
+@click.pass_obj
+def pause(obj: Ctx, reason: str) -> None:
+    """Kill switch: stop every watch daemon of this fleet from applying anything.
+
+    Stored in the catalog, so it holds across restarts and for every daemon, and is honoured
+    within one metrics interval. A step already running finishes; nothing new starts.
+    Plans are still made and shown as pending.
+    """
+    _set_paused(obj, True, reason)
+
+
+@cli.command()
+@click.pass_obj
+def resume(obj: Ctx) -> None:
+    """Lift `shardctl pause`: daemons apply what policy allows again."""
+    _set_paused(obj, False, "")
+
+
 # ---------------------------------------------------------------------------- entry point
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from engine.catalog import journal, store
+from engine.catalog import control, journal, store
 from engine.config.loader import Desired
 from engine.observe import history
 from engine.observe.metrics import METRICS, Reading, Sample
@@ -80,6 +80,13 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                         for s in db.shards],
             ))
         report["interrupted"] = journal.interrupted(conn)
+        if state.schema_version >= 4:
+            switch, leader = control.read_control(conn), control.read_leader(conn)
+            report["automation"] = {
+                "paused": switch.paused, "reason": switch.reason, "changed_by": switch.changed_by,
+                "daemon": None if leader is None else {"who": leader.who, "listen": leader.listen,
+                                                       "heartbeat": leader.heartbeat},
+            }
     return report
 
 
@@ -146,5 +153,15 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         if op["kind"] in ("split_shard", "merge_shards"):
             hint += f", or `shardctl abort {op['id']}` to roll it back (before its cutover)"
         console.print(f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}")
+    automation = report.get("automation")
+    if automation:
+        daemon = automation["daemon"]
+        console.print(("Automation: PAUSED by " + automation["changed_by"]
+                       + (f" ({automation['reason']})" if automation["reason"] else "") + "; `shardctl resume` lifts it")
+                      if automation["paused"] else "Automation: on (`shardctl pause` stops it)")
+        if daemon:
+            console.print(f"Watch daemon: last leader {daemon['who']}"
+                          + (f" at http://{daemon['listen']}/" if daemon["listen"] else "")
+                          + f", heartbeat {daemon['heartbeat']:%Y-%m-%d %H:%M:%S %Z}")
     if not report["databases"] and cat.get("state") == "ok":
         console.print("No databases yet.")

@@ -122,14 +122,16 @@ class ApplyResult:
 
 def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, metrics_file: str | None = None,
           confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
-          show: Callable[[Plan], None] = lambda _: None) -> ApplyResult:
+          show: Callable[[Plan], None] = lambda _: None, actor: str = "apply",
+          start_servers: bool = True) -> ApplyResult:
     """Apply a saved plan exactly, or plan now and (after `confirm`) apply that.
 
     The lock is held from before the observation to the end, prompt included, so what was
     shown is what runs.
     """
     fleet = Fleet(desired)
-    fleet.start_embedded(say)
+    if start_servers:
+        fleet.start_embedded(say)
     with fleet.catalog(create=True) as conn:
         assert conn is not None
         schema.migrate(conn)
@@ -153,7 +155,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                     confirm(plan)
             journal.close_interrupted(conn)
             _record_servers(conn, fleet)
-            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say)
+            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say, actor=actor)
             with _graceful_interrupts(say):
                 for action in plan.actions:
                     dispatch.execute(action, ctx)

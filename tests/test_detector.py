@@ -4,7 +4,9 @@ never acts, and a moving window over a whole day never flaps between split and m
 from engine.config.models import Policy
 from engine.detect.detector import assess, premise_holds
 
-from traces import QUIET, diurnal, hovering, samples, spike, unknown
+from datetime import timedelta
+
+from traces import QUIET, START, diurnal, hovering, samples, spike, unknown
 
 POLICY = Policy.model_validate({
     "hot": {"queries_per_second": 10000, "cpu_percent": 80, "latency_ms": 100},
@@ -58,6 +60,11 @@ def test_a_diurnal_curve_never_flaps_between_split_and_merge():
 def test_a_server_down_is_unknown_and_never_an_action():
     assert assess("s", unknown("s", 10), POLICY).state == "unknown"
     assert assess("s", (), POLICY).state == "unknown"
+
+
+def test_a_server_that_just_went_down_is_unknown_even_after_hot_samples():
+    hot_then_down = samples("s", {"queries_per_second": [20000] * 4}) + unknown("s", 1, start=START + timedelta(seconds=40))
+    assert assess("s", hot_then_down, POLICY).state == "unknown"
 
 
 def test_unknown_values_do_not_count_toward_hot_or_cold():

@@ -2,24 +2,12 @@
 metrics are collected the way the daemon will, and the plan splits exactly that shard."""
 
 import json
-import subprocess
 
 import pytest
 
-from engine.servers.embedded import EmbeddedServer, bin_dir
+from movers import pgbench
 
 HOT_AT_300 = "    policy: default\n    thresholds:\n      hot: {queries_per_second: 300}\n"
-
-
-def _pgbench(fleet, server: str, dbname: str, seconds: int) -> subprocess.Popen:
-    script = fleet.base / "select1.sql"
-    script.write_text("SELECT 1;\n")
-    srv = EmbeddedServer(server, fleet.path / ".shardctl" / "servers" / server)
-    return subprocess.Popen(
-        [str(bin_dir() / "pgbench"), "-n", "-c", "2", "-j", "1", "-T", str(seconds), "-f", str(script),
-         "-h", str(srv.socket_dir), "-p", "5432", "-U", "postgres", dbname],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
 
 
 @pytest.fixture
@@ -36,7 +24,7 @@ def test_no_load_no_action(hot_ready):
 
 
 def test_load_on_one_shard_splits_exactly_that_shard(hot_ready):
-    bench = _pgbench(hot_ready, "b", "orders_40_80", seconds=14)
+    bench = pgbench(hot_ready, "b", "orders_40_80", seconds=14)
     try:
         collected = hot_ready.cli("metrics", "collect", "--count", "5", "--interval", "1s")
         assert collected.code == 0, collected.both

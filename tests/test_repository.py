@@ -72,5 +72,5 @@ def test_the_readme_quick_start_is_two_commands_and_ci_runs_them():
 
 def test_help_teaches_every_command():
     result = run_cli("--help", cwd=ROOT)
-    for command in ("validate", "plan", "show", "apply", "up", "down", "status", "schema"):
+    for command in ("validate", "plan", "show", "apply", "up", "down", "status", "schema", "watch", "pause", "resume"):
         assert re.search(rf"^\s+{command}\s+\S", result.out, re.M), command

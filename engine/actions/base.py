@@ -39,6 +39,7 @@ class ApplyContext:
     catalog: psycopg.Connection
     plan_serial: int
     say: Callable[[str], None] = lambda _: None
+    actor: str = "apply"  # who runs it: a person's apply, or "daemon <who>"; kept in the history
     counts: dict[str, int] = field(default_factory=lambda: {"added": 0, "changed": 0, "destroyed": 0})
 
     def begin(self, kind: str, address: str, **detail) -> Operation:

@@ -19,7 +19,7 @@ def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
         else:
             ctx.catalog.execute("DELETE FROM shardctl.branches WHERE name = %s", (action.branch,))
         store.bump_serial(ctx.catalog)
-        store.add_history(ctx.catalog, "delete_branch", action.address, {"expired": action.expired})
+        store.add_history(ctx.catalog, "delete_branch", action.address, {"expired": action.expired, "actor": ctx.actor})
     op.finish()
     ctx.counts["destroyed"] += 1
     ctx.say(f"{action.address}: Destruction complete")

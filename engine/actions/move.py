@@ -33,7 +33,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from engine.actions.base import ApplyContext, apply_steps, drop_database, ensure_database, record_schema
-from engine.catalog import store
+from engine.catalog import journal, store
 from engine.catalog.journal import Operation
 from engine.errors import UserError
 from engine.plan.models import ShardSpec, StepSpec
@@ -521,19 +521,23 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
     timed("publish", move.publish)
     timed("subscribe", move.subscribe)
     timed("sync", move.sync)
-    fence_lsn = timed("fence", move.fence)
-    try:
-        timed("catch_up", lambda: move.catch_up(fence_lsn))
-        timed("sequences", move.sequences)
-    except (MoveFailed, psycopg.Error):
-        move.lift_fence()  # rollback path: the source takes writes again; apply resumes later
-        raise
-    try:
-        figures = timed("verify", move.verify)
-    except MoveFailed:
-        move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
-        raise
-    timed("flip", lambda: move.flip({**on_flip(), "timings": timings, "verification": figures,
-                                     "fence_ms": round(getattr(move, "fence_ms", 0.0), 1)}))
+    # from the fence to the flip the source refuses writes: a stop request (Ctrl-C, SIGTERM)
+    # waits for the flip instead of parking the range read-only
+    with journal.until_done():
+        fence_lsn = timed("fence", move.fence)
+        try:
+            timed("catch_up", lambda: move.catch_up(fence_lsn))
+            timed("sequences", move.sequences)
+        except (MoveFailed, psycopg.Error):
+            move.lift_fence()  # rollback path: the source takes writes again; apply resumes later
+            raise
+        try:
+            figures = timed("verify", move.verify)
+        except MoveFailed:
+            move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
+            raise
+        timed("flip", lambda: move.flip({**on_flip(), "timings": timings, "verification": figures,
+                                         "fence_ms": round(getattr(move, "fence_ms", 0.0), 1),
+                                         "actor": move.ctx.actor}))
     timed("cleanup", move.cleanup)
     return {"timings": timings, "verification": figures}

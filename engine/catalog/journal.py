@@ -21,6 +21,7 @@ from engine.errors import UserError
 
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
 _stop_requested = False
+_unstoppable = 0  # depth of `until_done` blocks: a stop waits for their end
 
 
 class Interrupted(UserError):
@@ -35,6 +36,22 @@ def request_stop() -> None:
 def clear_stop() -> None:
     global _stop_requested
     _stop_requested = False
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
+@contextmanager
+def until_done() -> Iterator[None]:
+    """Steps inside run to the end even after a stop request: stopping there would park the
+    fleet in a worse place (a fenced, read-only source) than finishing a few seconds of work."""
+    global _unstoppable
+    _unstoppable += 1
+    try:
+        yield
+    finally:
+        _unstoppable -= 1
 
 
 class Operation:
@@ -54,7 +71,7 @@ class Operation:
 
     @contextmanager
     def step(self, name: str, **detail: Any) -> Iterator[None]:
-        if _stop_requested:
+        if _stop_requested and not _unstoppable:
             raise Interrupted(f"stopped before step {name!r}; apply again to continue")
         self._record(name, "begin", detail)
         failpoint = os.environ.get(FAILPOINT_ENV)

@@ -191,7 +191,28 @@ CREATE TABLE shardctl.branches (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+V4 = r"""
+-- the watch daemon: its kill switch (honoured within one interval) and who leads. The leader
+-- lock itself is a session advisory lock; this row only tells people and standbys who holds it.
+CREATE TABLE shardctl.daemon_control (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    paused     boolean NOT NULL DEFAULT false,
+    reason     text NOT NULL DEFAULT '',
+    changed_by text NOT NULL DEFAULT '',
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO shardctl.daemon_control (paused) VALUES (false);
+
+CREATE TABLE shardctl.daemon_leader (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    who        text NOT NULL,
+    listen     text NOT NULL,
+    since      timestamptz NOT NULL DEFAULT now(),
+    heartbeat  timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4]
 VERSION = len(MIGRATIONS)
 
 

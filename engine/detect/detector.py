@@ -83,6 +83,9 @@ def assess(shard: str, samples: tuple[Sample, ...], policy: Policy,
     window = tuple(samples[-d.window:])
     if not window or all(all(s.value(m) is None for m in METRICS) for s in window):
         return Assessment(shard=shard, state="unknown", samples=len(window))
+    if all(window[-1].value(m) is None for m in METRICS):
+        # the server stopped answering: older samples say nothing about now, so no action
+        return Assessment(shard=shard, state="unknown", samples=len(window))
 
     hot: list[Evidence] = []
     near: list[str] = []

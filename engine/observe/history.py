@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from engine.catalog import store
 from engine.config.loader import Desired
 from engine.observe import recorded
-from engine.observe.metrics import Reading, Sample
+from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.models import CatalogShard, Observation
 from engine.observe.sampling import LiveSampler
 from engine.servers.fleet import Fleet
@@ -87,3 +87,29 @@ def collect(desired: Desired, conn: psycopg.Connection, observation: Observation
     pairs = sampler.sample(shards)
     store.save_samples(conn, list(pairs.values()), history_limits(desired, shards))
     return pairs
+
+
+def stored_window(desired: Desired, conn: psycopg.Connection, observation: Observation,
+                  now: datetime | None = None) -> Observation:
+    """The stored window alone, as a daemon plans between its own collection rounds. A shard
+    whose newest sample is older than three intervals (its server stopped answering, or
+    collection stalled) gets an unknown sample on top, so nothing acts on an old picture."""
+    now = now or datetime.now(timezone.utc)
+    stored, _ = stored_history(conn)
+    shards = monitored_shards(observation)
+    limits = history_limits(desired, shards)
+    window: dict[str, tuple[Sample, ...]] = {}
+    for shard in sorted(shards, key=lambda s: s.address):
+        samples = stored.get(shard.address, [])[-limits[shard.address]:]
+        db = desired.databases.get(shard.database)
+        interval = db.effective_policy.metrics.interval if db else 10.0
+        if not samples or now - samples[-1].at > timedelta(seconds=3 * interval):
+            samples = [*samples, unknown_sample(shard, now, interval)][-limits[shard.address]:]
+        window[shard.address] = tuple(samples)
+    return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
+                                          "taken_at": now})
+
+
+def unknown_sample(shard: CatalogShard, at: datetime, interval: float) -> Sample:
+    return Sample(shard=shard.address, server=shard.server, at=at, interval_s=interval,
+                  metrics={m: None for m in METRICS})

@@ -1,0 +1,443 @@
+"""The daemon's loops, wired together: leadership, config reload, metrics collection and the
+auto-split check, applying through the same apply path, lock and journal as a person.
+
+Threads: the main thread leads (or stands by), reloads config and runs checks and applies; a
+collector thread samples the fleet every policy interval into the catalog while this daemon
+leads; the config watcher and the HTTP server have their own. They share only the `View`
+(a snapshot replaced whole) and a few events.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+
+from engine import workflow
+from engine.catalog import control, journal, schema, store
+from engine.catalog.lock import who as lock_who
+from engine.config import loader
+from engine.config.loader import Desired
+from engine.errors import ConfigError, LockHeldError, UserError, redact
+from engine.observe import history
+from engine.observe.metrics import METRICS
+from engine.observe.models import Observation
+from engine.observe.observer import inspect_shards, observe
+from engine.observe.sampling import LiveSampler
+from engine.plan import load as load_rules
+from engine.plan import planner
+from engine.plan.models import Plan
+from engine.render.renderers import render_text
+from engine.servers.fleet import Fleet
+from engine.watch import autonomy
+from engine.watch.configwatch import ConfigWatcher
+from engine.watch.leader import LeaderLock, LeadershipLost
+from engine.watch.view import BranchView, HistoryEntry, ShardView, Snapshot, View, now
+
+HEARTBEAT_EVERY = 5.0
+SCHEMA_EVERY = 600.0  # shard schemas are re-read on every catalog change, else this often (drift)
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    config_dir: Path
+    listen: str | None = "127.0.0.1:8470"
+    token_env: str = "SHARDCTL_DAEMON_TOKEN"
+    standby_poll: float = 1.0
+    debounce_ms: int = 500
+
+
+class Daemon:
+    def __init__(self, options: WatchOptions, desired: Desired, out: Callable[[str], None] = print,
+                 log: Callable[[str], None] | None = None):
+        self.options = options
+        self.desired = desired
+        self.fleet = Fleet(desired)
+        self.out = out
+        self._log_line = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.who = lock_who()
+        self.view = View(Snapshot(who=self.who, config_dir=str(options.config_dir), listen=options.listen,
+                                  started_at=now(), config_loaded_at=now()))
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._config_changed = threading.Event()
+        self._fleet_generation = 0
+        self._last_plan_key: tuple | None = None
+        self._schema_cache: tuple[int, float, dict, dict] | None = None  # serial, when, shards, branch schemas
+
+    # ------------------------------------------------------------------------------ running
+
+    def run(self) -> int:
+        self._install_signals()
+        self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
+        with self.fleet.catalog(create=True) as conn:
+            assert conn is not None
+            schema.migrate(conn)
+        http = None
+        if self.options.listen:
+            from engine.watch.http import serve
+            http = serve(self, self.options.listen)
+            self.log("listening", url=f"http://{self.options.listen}/")
+        watcher = ConfigWatcher(self.options.config_dir, self._on_config_change, self.options.debounce_ms).start()
+        try:
+            while not self.stopping.is_set():
+                leader = self._stand_by()
+                if leader is None:
+                    break
+                try:
+                    self._lead(leader)
+                except LeadershipLost as exc:
+                    self.log("leadership_lost", error=str(exc))
+                finally:
+                    leader.release()
+        finally:
+            self.view.update(role="stopping")
+            watcher.stop()
+            if http is not None:
+                http.shutdown()
+            self.log("stopped")
+        return 0
+
+    def stop(self, why: str = "stop requested") -> None:
+        if not self.stopping.is_set():
+            self.log("stopping", reason=why)
+        self.stopping.set()
+        journal.request_stop()  # an apply in flight parks at its next safe step
+        self._wake.set()
+
+    def _install_signals(self) -> None:
+        def handler(signum, frame):
+            self.stop(signal.Signals(signum).name)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (tests drive the daemon in-process)
+                pass
+
+    def _catalog_connection(self) -> psycopg.Connection:
+        handle = self.fleet.catalog_server
+        params = {"connect_timeout": "5", "application_name": "shardctl-watch",
+                  **handle.params(self.desired.catalog_database)}
+        return psycopg.connect(**params, autocommit=True)
+
+    # ------------------------------------------------------------------------------ leadership
+
+    def _stand_by(self) -> LeaderLock | None:
+        """Wait until this daemon leads; None when stopping first."""
+        leader = LeaderLock(self._catalog_connection, self.who, self.options.listen or "")
+        told = None
+        while not self.stopping.is_set():
+            try:
+                if leader.try_acquire():
+                    return leader
+                current = leader.current()
+                holder = current.who if current else "another daemon"
+                self.view.update(role="standby", leader=holder)
+                if told != holder:
+                    self.log("standby", leader=holder)
+                    told = holder
+            except (psycopg.Error, UserError) as exc:
+                leader.release()
+                message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self.view.update(role="standby", last_error=f"catalog unreachable: {message}")
+                if told != "unreachable":
+                    self.log("catalog_unreachable", error=message)
+                    told = "unreachable"
+            self.stopping.wait(self.options.standby_poll)
+        leader.release()
+        return None
+
+    def _lead(self, leader: LeaderLock) -> None:
+        self.view.update(role="leader", leader=self.who, last_error=None)
+        self.log("leader", who=self.who)
+        collector_stop = threading.Event()
+        collector = threading.Thread(target=self._collect_loop, args=(collector_stop,), name="shardctl-collect",
+                                     daemon=True)
+        collector.start()
+        next_check = 0.0  # at once: an interrupted operation in the journal is resumed first
+        next_beat = time.monotonic() + HEARTBEAT_EVERY
+        try:
+            while not self.stopping.is_set():
+                if self._config_changed.is_set():
+                    self._config_changed.clear()
+                    if self._reload():
+                        next_check = 0.0
+                if time.monotonic() >= next_check:
+                    acted = self._check()
+                    # after an action, look again soon: the plan and the page should show the new layout
+                    next_check = time.monotonic() + (1.0 if acted else self._check_every())
+                if time.monotonic() >= next_beat:
+                    leader.heartbeat()
+                    next_beat = time.monotonic() + HEARTBEAT_EVERY
+                self._wake.wait(max(0.05, min(next_check, next_beat) - time.monotonic()))
+                self._wake.clear()
+        finally:
+            collector_stop.set()
+            collector.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------------------ config
+
+    def _on_config_change(self, paths: list[str]) -> None:
+        self._config_changed.set()
+        self._wake.set()
+
+    def _reload(self) -> bool:
+        try:
+            desired = loader.load(self.options.config_dir)
+        except UserError as exc:
+            text = exc.render()
+            self.view.update(config_error=text)
+            first = exc.diagnostics[0] if isinstance(exc, ConfigError) and exc.diagnostics else None
+            self.log("config_invalid", where=str(first.location) if first else "",
+                     error=first.message if first else exc.summary, kept="the last valid config stays in force")
+            self.out("Config change rejected; the last valid config stays in force:\n" + text)
+            return False
+        self.desired = desired
+        self.fleet = Fleet(desired)
+        self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
+        self._fleet_generation += 1
+        self._schema_cache = None
+        self.view.update(config_error=None, config_loaded_at=now())
+        self.log("config_reloaded", files=list(desired.files))
+        return True
+
+    def _check_every(self) -> float:
+        values = [db.effective_policy.autosplit.check_every for db in self.desired.databases.values()]
+        return min(values, default=60.0)
+
+    def _interval(self) -> float:
+        values = [db.effective_policy.metrics.interval for db in self.desired.databases.values()]
+        return min(values, default=10.0)
+
+    # ------------------------------------------------------------------------------ collection
+
+    def _collect_loop(self, stop: threading.Event) -> None:
+        """Sample every monitored shard each interval into the catalog. A server that does not
+        answer gives unknown values for its shards, and the loop goes on."""
+        conn: psycopg.Connection | None = None
+        sampler: LiveSampler | None = None
+        generation = -1
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    if generation != self._fleet_generation or sampler is None:
+                        if sampler is not None:
+                            sampler.close()
+                        generation = self._fleet_generation
+                        sampler = LiveSampler(self.fleet)
+                    if conn is None or conn.closed:
+                        conn = self._catalog_connection()
+                        history.seed_recent(sampler, self.desired, history.stored_history(conn)[1])
+                    self._collect_once(conn, sampler)
+                except (psycopg.Error, UserError) as exc:
+                    message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    self.view.update(last_error=f"collection failed: {message}")
+                    self.log("collection_failed", error=message)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                stop.wait(max(0.1, self._interval() - (time.monotonic() - started)))
+        finally:
+            if sampler is not None:
+                sampler.close()
+            if conn is not None:
+                conn.close()
+
+    def _collect_once(self, conn: psycopg.Connection, sampler: LiveSampler) -> None:
+        started = time.monotonic()
+        desired = self.desired
+        observation = observe(self.fleet, conn, inspect_schemas=False)
+        pairs = history.collect(desired, conn, observation, sampler)
+        state = control.read_control(conn)
+        took = time.monotonic() - started
+        at = now()
+        shards = [s for d in observation.catalog.databases.values() if d.state == "active"
+                  for s in d.shards if s.state == "active"]
+        points = {}
+        for shard in shards:
+            sample = pairs.get(shard.address, (None, None))[1]
+            points[shard.address] = (sample.at if sample else at,
+                                     {m: sample.value(m) if sample else None for m in METRICS})
+        self.view.add_points(points)
+        self.view.forget(set(points))
+        previous = {s.address: s for s in self.view.get().shards}
+        views = tuple(
+            (previous.get(s.address) or ShardView(address=s.address, database=s.database, name=s.name, server=s.server))
+            .model_copy(update={"latest": points[s.address][1], "sampled_at": points[s.address][0], "server": s.server})
+            for s in sorted(shards, key=lambda s: s.address))
+        if state.paused != self.view.get().paused:
+            self.log("paused" if state.paused else "resumed", by=state.changed_by, reason=state.reason)
+        self.view.update(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
+                         paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+        self.view.record_collection(took)
+
+    # ------------------------------------------------------------------------------ check and act
+
+    def _observe(self, conn: psycopg.Connection):
+        desired = self.desired
+        observation = observe(self.fleet, conn, inspect_schemas=False)
+        observation = history.stored_window(desired, conn, observation)
+        # shard schemas change through apply (which moves the serial) or by hand (drift, seen
+        # within SCHEMA_EVERY); reading them from every shard each minute would be most of
+        # the daemon's idle work
+        cache = self._schema_cache
+        if cache is not None and cache[0] == observation.serial and time.monotonic() - cache[1] < SCHEMA_EVERY \
+                and set(cache[2]) >= {s.address for d in observation.catalog.databases.values() for s in d.shards
+                                      if s.state != "retired"}:
+            return observation.model_copy(update={"shards": cache[2], "branch_schemas": cache[3]})
+        observation = inspect_shards(self.fleet, observation)
+        self._schema_cache = (observation.serial, time.monotonic(), observation.shards, observation.branch_schemas)
+        return observation
+
+    def _check(self) -> bool:
+        """Plan; show it when it changed; apply what automation may. True when it acted."""
+        desired = self.desired
+        try:
+            with self.fleet.catalog(create=False) as conn:
+                if conn is None:
+                    raise UserError("the catalog does not exist")
+                observation = self._observe(conn)
+                state = control.read_control(conn)
+                plan, decision = decide_round(desired, observation, state.paused)
+                recent = store.history(conn, 50)
+        except (psycopg.Error, UserError) as exc:
+            message = redact(exc.render() if isinstance(exc, UserError) else str(exc).splitlines()[0])
+            self.view.update(last_error=f"check failed: {message}")
+            self.log("check_failed", error=message)
+            return False
+        verdicts = load_rules.assessments(desired, observation)
+        self._publish(plan, decision, verdicts, observation, recent, state)
+        self._show_if_changed(plan)
+        if not decision.autonomous or self.stopping.is_set():
+            return False
+        return self._apply(plan, decision, desired)
+
+    def _publish(self, plan: Plan, decision: autonomy.Decision, verdicts, observation, recent, state) -> None:
+        current = {s.address: s for s in self.view.get().shards}
+        shards = []
+        for d in observation.catalog.databases.values():
+            for s in d.shards:
+                if s.state != "active":
+                    continue
+                verdict = verdicts.get(s.address)
+                base = current.get(s.address) or ShardView(address=s.address, database=s.database, name=s.name,
+                                                           server=s.server)
+                db = self.desired.databases.get(s.database)
+                hot = db.effective_policy.hot.model_dump() if db else {}
+                shards.append(base.model_copy(update={
+                    "hot_thresholds": {m: float(v) for m, v in hot.items() if v is not None},
+                    "server": s.server, "load": verdict.state if verdict else "unknown",
+                    "evidence": tuple(e.describe() for e in verdict.evidence) if verdict else ()}))
+        branches = tuple(BranchView(name=b.name, parent=b.parent, data=b.data, server=b.server, state=b.state,
+                                    created_at=b.created_at, expires_at=b.expires_at, size_bytes=b.size_bytes)
+                         for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name))
+        self.view.update(
+            plan=plan, plan_text=render_text(plan), planned_at=now(),
+            autonomous=tuple(a.address for a in decision.autonomous), pending=decision.pending,
+            notes=plan.warnings, shards=tuple(sorted(shards, key=lambda s: s.address)),
+            history=tuple(_history_entry(h) for h in recent), branches=branches,
+            paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+
+    def _show_if_changed(self, plan: Plan) -> None:
+        key = (tuple((a.kind, a.address, a.reason.cause) for a in plan.actions),
+               tuple((d.kind, d.address) for d in plan.drift))
+        if key == self._last_plan_key:
+            return
+        self._last_plan_key = key
+        self.out(render_text(plan).rstrip("\n"))
+        self.log("plan_changed", actions=[f"{a.kind} {a.address}" for a in plan.actions])
+
+    def _apply(self, plan: Plan, decision: autonomy.Decision, desired: Desired) -> bool:
+        subset = plan.model_copy(update={"actions": decision.autonomous})
+        for action in decision.autonomous:
+            self.log("autonomous_action", action=action.address, kind=action.kind, reason=action.reason.text,
+                     evidence=[e.describe() for e in getattr(action, "evidence", ())],
+                     operation=getattr(action, "operation", None))
+        names = ", ".join(a.address for a in decision.autonomous)
+        self.view.update(activity=f"applying {names}")
+        kinds = [a.kind for a in decision.autonomous]
+        try:
+            result = workflow.apply(desired, subset, lock_timeout=0, actor=f"daemon {self.who}",
+                                    say=lambda line: self.log("progress", message=line), start_servers=False)
+        except LockHeldError as exc:
+            self._count(kinds, "deferred")
+            self.log("apply_deferred", reason="the apply lock is held", holder=exc.info.who if exc.info else "unknown")
+            return False
+        except journal.Interrupted as exc:
+            self._count(kinds, "parked")
+            self.log("apply_parked", message=str(exc), resume="the next start resumes it from the journal")
+            return True
+        except (workflow.StalePlan, workflow.PremiseFailed) as exc:
+            self._count(kinds, "refused")
+            self.log("apply_refused", reason=exc.summary)
+            return True
+        except (UserError, psycopg.Error) as exc:
+            self._count(kinds, "failed")
+            message = redact(exc.render() if isinstance(exc, UserError) else str(exc))
+            self.log("apply_failed", error=message.splitlines()[0] if message else "")
+            self.view.update(last_error=f"apply failed: {message}")
+            return True
+        finally:
+            self.view.update(activity="idle")
+        self._count(kinds, "applied")
+        self.log("applied", actions=[a.address for a in decision.autonomous], counts=result.counts)
+        return True
+
+    def _count(self, kinds: list[str], result: str) -> None:
+        for kind in kinds:
+            self.view.count_action(kind, result)
+
+    # ------------------------------------------------------------------------------ control
+
+    def set_paused(self, paused: bool, reason: str, by: str) -> control.Control:
+        """The kill switch, from the HTTP API: stored in the catalog like `shardctl pause`."""
+        with self._catalog_connection() as conn:
+            state = control.set_paused(conn, paused, reason, by)
+        self.view.update(paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+        self.log("paused" if paused else "resumed", by=by, reason=reason)
+        self._wake.set()
+        return state
+
+    # ------------------------------------------------------------------------------ audit log
+
+    def log(self, event: str, **fields) -> None:
+        """One structured line per event (JSON), passwords redacted."""
+        line = json.dumps({"ts": now().isoformat(timespec="milliseconds"), "event": event, **fields},
+                          default=str, sort_keys=False)
+        self._log_line(redact(line))
+
+
+def decide_round(desired: Desired, observation: Observation, paused: bool) -> tuple[Plan, autonomy.Decision]:
+    """One check of the loop, without side effects: the plan, and what automation may apply of
+    it. Recorded traces are replayed through this same function (tests/test_watch_replay.py)."""
+    plan = planner.plan(desired, observation)
+    return plan, autonomy.decide(plan, paused)
+
+
+def _history_entry(row: dict) -> HistoryEntry:
+    detail = row.get("detail") or {}
+    evidence = tuple(f"{e['metric']} {e['value']:.4g} {'>' if e.get('kind') == 'hot' else '<'} {e['threshold']:g}"
+                     f" in {e.get('samples_agreeing')} of {e.get('window')} samples"
+                     for e in detail.get("evidence", [])
+                     if isinstance(e, dict) and isinstance(e.get("value"), (int, float))
+                     and isinstance(e.get("threshold"), (int, float)) and "metric" in e)
+    targets = detail.get("targets") or []
+    summary = {
+        "split_shard": f"into {', '.join(t.get('name', '?') for t in targets)}" if targets else "",
+        "merge_shards": f"into {(detail.get('target') or {}).get('name', '')}",
+    }.get(row["event"], "")
+    at = row["at"] if isinstance(row["at"], datetime) else datetime.fromisoformat(str(row["at"]))
+    return HistoryEntry(at=at, event=row["event"], address=row["address"], actor=str(detail.get("actor", "apply")),
+                        summary=summary or str(detail.get("reason", ""))[:200], evidence=evidence)

@@ -1,0 +1,165 @@
+"""The daemon's HTTP listener: read-only JSON API, pause/resume with a token, /metrics, dashboard.
+
+Bound to 127.0.0.1 unless `--listen` says otherwise. Everything served comes from the
+daemon's snapshot; only pause/resume write (to the catalog, through the daemon), and only with
+the bearer token from the environment variable the daemon was told (SHARDCTL_DAEMON_TOKEN by
+default). Without that variable set, the write endpoints are off.
+
+The standard library's ThreadingHTTPServer is enough for a handful of loopback routes and adds
+no dependency; a web framework would bring an async server and its stack for nothing more.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from engine.errors import UserError, redact
+from engine.render.dashboard import render_dashboard
+from engine.render.renderers import plan_document
+from engine.watch import prometheus
+
+if TYPE_CHECKING:
+    from engine.watch.daemon import Daemon
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise UserError(f"--listen {listen!r} is not HOST:PORT", "for example --listen 127.0.0.1:8470")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def api_status(daemon: "Daemon") -> dict:
+    snap = daemon.view.get()
+    return {
+        "who": snap.who, "role": snap.role, "leader": snap.leader, "config_dir": snap.config_dir,
+        "paused": snap.paused, "pause_reason": snap.pause_reason, "paused_by": snap.paused_by,
+        "config_error": snap.config_error, "activity": snap.activity, "started_at": snap.started_at,
+        "last_collect_at": snap.last_collect_at, "last_collect_seconds": snap.last_collect_seconds,
+        "planned_at": snap.planned_at, "last_error": snap.last_error, "alerts": list(snap.alerts),
+        "shards": len(snap.shards), "autonomous": list(snap.autonomous), "pending": len(snap.pending),
+        "actions": [{"kind": k, "result": r, "count": n} for (k, r), n in sorted(daemon.view.action_counts().items())],
+    }
+
+
+def api_shards(daemon: "Daemon") -> dict:
+    from engine.observe.metrics import METRICS
+
+    out = []
+    for shard in daemon.view.get().shards:
+        doc = shard.model_dump(mode="json")
+        doc["series"] = [{"at": point[0], **dict(zip(METRICS, point[1:]))} for point in daemon.view.series(shard.address)]
+        out.append(doc)
+    return {"shards": out}
+
+
+def api_plan(daemon: "Daemon") -> dict:
+    snap = daemon.view.get()
+    return {
+        "planned_at": snap.planned_at, "plan": plan_document(snap.plan) if snap.plan else None,
+        "autonomous": list(snap.autonomous), "pending": [p.model_dump() for p in snap.pending],
+        "notes": list(snap.notes), "paused": snap.paused, "text": snap.plan_text,
+    }
+
+
+ROUTES = {
+    "/api/status": api_status,
+    "/api/shards": api_shards,
+    "/api/plan": api_plan,
+    "/api/history": lambda d: {"history": [h.model_dump(mode="json") for h in d.view.get().history]},
+    "/api/branches": lambda d: {"branches": [b.model_dump(mode="json") for b in d.view.get().branches]},
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    daemon: "Daemon"  # set on the subclass made by serve()
+    server_version = "shardctl"
+
+    def log_message(self, format: str, *args) -> None:  # the daemon's log is for events, not requests
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, doc: dict) -> None:
+        body = redact(json.dumps(doc, default=str, indent=2, sort_keys=True)).encode()
+        self._send(status, body + b"\n", "application/json")
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/":
+            snap = self.daemon.view.get()
+            html = render_dashboard(snap, {s.address: self.daemon.view.series(s.address) for s in snap.shards})
+            self._send(200, redact(html).encode(), "text/html; charset=utf-8")
+        elif path == "/metrics":
+            self._send(200, prometheus.exposition(self.daemon.view), prometheus.CONTENT_TYPE)
+        elif path in ROUTES:
+            self._json(200, ROUTES[path](self.daemon))
+        else:
+            self._json(404, {"error": f"no such endpoint {path}", "endpoints": sorted([*ROUTES, "/", "/metrics"])})
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path not in ("/api/pause", "/api/resume"):
+            self._json(404, {"error": f"no such endpoint {path}"})
+            return
+        env = self.daemon.options.token_env
+        token = os.environ.get(env, "")
+        if not token:
+            self._json(403, {"error": f"pause and resume over HTTP are off: start the daemon with {env} set",
+                             "hint": "or run `shardctl pause` / `shardctl resume`"})
+            return
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            self._json(401, {"error": "missing or wrong token", "hint": "send 'Authorization: Bearer <token>'"})
+            return
+        length = min(int(self.headers.get("Content-Length") or 0), 65536)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+        except json.JSONDecodeError:
+            self._json(400, {"error": "the body must be JSON, e.g. {\"reason\": \"maintenance\"}"})
+            return
+        reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
+        state = self.daemon.set_paused(path == "/api/pause", reason, f"http {self.client_address[0]}")
+        self._json(200, {"paused": state.paused, "reason": state.reason, "by": state.changed_by})
+
+
+class Server:
+    def __init__(self, httpd: ThreadingHTTPServer):
+        self.httpd = httpd
+        self.thread = threading.Thread(target=httpd.serve_forever, name="shardctl-http", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def serve(daemon: "Daemon", listen: str) -> Server:
+    host, port = parse_listen(listen)
+    handler = type("BoundHandler", (Handler,), {"daemon": daemon})
+    ThreadingHTTPServer.daemon_threads = True
+    try:
+        httpd = ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {listen}: {exc.strerror}", "pick another port with --listen HOST:PORT") from None
+    server = Server(httpd)
+    server.thread.start()
+    return server

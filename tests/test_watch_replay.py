@@ -1,0 +1,89 @@
+"""Recorded traces replayed through the daemon's decision round: spikes and hovering never act,
+a diurnal curve scales out and back without flapping, and a server that stops answering
+is never acted on."""
+
+from datetime import timedelta
+
+import pytest
+from replay import Replay, flapping_pairs
+from traces import diurnal, hovering, spike
+
+from engine.config import loader
+
+FLEET = """\
+servers:
+  a: {embedded: true}
+  b: {embedded: true}
+databases:
+  orders:
+    shard_key: {column: customer_id, type: bigint}
+    schema: {name: init, sql: "CREATE TABLE t (customer_id bigint PRIMARY KEY);"}
+    shards: 2
+    placement: [a, b]
+    policy: elastic
+policies:
+  elastic:
+    extends: default
+    metrics: {interval: INTERVAL}
+    autosplit: {cooldown: 30m}
+    automerge: {enabled: true}
+"""
+FLAP_WINDOW = timedelta(hours=2)
+
+
+def _desired(tmp_path, interval: str = "10s"):
+    (tmp_path / "fleet.yaml").write_text(FLEET.replace("INTERVAL", interval))
+    return loader.load(tmp_path, cwd=tmp_path)
+
+
+def _quiet(length: int, qps: float = 500.0) -> list[float]:
+    return [qps] * length
+
+
+def test_spikes_shorter_than_the_window_never_act(tmp_path):
+    trace = spike(50000, length=120, at=30, width=2)
+    trace[80:82] = [60000, 60000]
+    taken = Replay(_desired(tmp_path), {"-80": trace, "80-": _quiet(120)}).run()
+    assert taken == []
+
+
+def test_a_load_hovering_at_the_threshold_never_acts(tmp_path):
+    taken = Replay(_desired(tmp_path), {"-80": hovering(10000, length=200), "80-": hovering(100, length=200)}).run()
+    assert taken == []
+
+
+def test_a_diurnal_load_scales_out_by_day_and_back_at_night_without_flapping(tmp_path):
+    two_days = diurnal(20, 30000, length=288)
+    taken = Replay(_desired(tmp_path, "10m"), {"-80": two_days, "80-": diurnal(10, 400, length=288)},
+                   interval=600).run()
+    kinds = [t.kind for t in taken]
+    assert "split_shard" in kinds and "merge_shards" in kinds  # it does follow the load both ways
+    assert flapping_pairs(taken, FLAP_WINDOW) == []
+    assert all(not t.latest_unknown for t in taken)
+    # every split happens while the curve is high, every merge while it is low
+    for t in taken:
+        value = two_days[t.tick]
+        assert (value > 10000) if t.kind == "split_shard" else (value < 1000), (t.kind, t.tick, value)
+
+
+@pytest.mark.parametrize("hot_from, down, cooling_until", [
+    (10, range(12, 40), 0),   # two hot samples, then silence: not three known
+    (0, range(15, 40), 20),   # hot all along but held by a cooldown that ends while the server is down
+])
+def test_a_server_that_stops_answering_is_never_acted_on(tmp_path, hot_from, down, cooling_until):
+    load = _quiet(hot_from) + _quiet(60 - hot_from, 20000)
+    replay = Replay(_desired(tmp_path), {"-80": load, "80-": _quiet(60)}, servers_down={"a": down},
+                    cooling_until=cooling_until)
+    taken = replay.run()
+    assert all(not t.latest_unknown for t in taken)
+    assert all(t.tick not in down for t in taken)
+    # once it answers again and the load is still there, the split comes, on known samples
+    (split,) = taken
+    assert split.kind == "split_shard" and split.address == "shard.orders/-80" and split.tick >= down.stop
+
+
+def test_paused_the_daemon_takes_no_action_on_the_same_load(tmp_path):
+    replay = Replay(_desired(tmp_path), {"-80": _quiet(30, 20000), "80-": _quiet(30)}, paused=True)
+    assert replay.run() == []
+    assert [t.kind for t in Replay(_desired(tmp_path), {"-80": _quiet(30, 20000), "80-": _quiet(30)}).run()] \
+        == ["split_shard"]
