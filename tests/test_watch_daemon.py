@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, FleetDir
 from movers import active_shards, all_rows, pgbench, preload
 
-from engine.catalog.journal import FAILPOINT_ENV
+from engine.catalog.journal import FAILPOINT_ENV, SLOWPOINT_ENV
 
 TOKEN = "test-token-7f3a"
 FAST_POLICY = """
@@ -315,3 +315,54 @@ def test_a_second_daemon_stands_by_and_takes_over(watched):
     standby.wait("the takeover", lambda: standby.status()["role"] == "leader", timeout=15)
     standby.wait("its first collection", lambda: standby.status()["last_collect_at"], timeout=10)
     assert standby.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("shard, slow_step, parked_at", [
+    ("80-c0", "sync", "before the fence"),   # SIGTERM while copying: parks before the fence
+    ("c0-", "verify", "after the flip"),      # SIGTERM inside the fence: finishes the cutover first
+])
+def test_sigterm_during_a_split_exits_0_and_never_leaves_the_source_fenced(watched, shard, slow_step, parked_at):
+    fleet = watched["fleet"]
+    source = _dbname(fleet, shard)
+    watch = Watch(fleet, env={SLOWPOINT_ENV: f"split orders/{shard}: {slow_step}=4"})
+    watched["others"].append(watch)
+    watch.wait("leadership", lambda: watch.status()["role"] == "leader", timeout=30)
+    bench = pgbench(fleet, *source, seconds=90)
+    try:
+        watch.wait(f"the split at {slow_step}", lambda: _last_step(fleet, shard) == f"split orders/{shard}: {slow_step}",
+                   timeout=60)
+        assert watch.stop(signal.SIGTERM) == 0
+        assert watch.events("apply_parked") and watch.events("stopped")
+        with fleet.connect(*source) as conn, conn.transaction(force_rollback=True):
+            if parked_at == "before the fence":  # the source still takes writes
+                conn.execute("INSERT INTO customers (customer_id, name) VALUES (-5, 'probe')")
+        if parked_at == "after the flip":
+            assert _splits_in_catalog(fleet, f"shard.orders/{shard}")  # the cutover was finished
+            assert _last_step(fleet, shard) == f"split orders/{shard}: flip"
+        restarted = Watch(fleet)
+        watched["others"].append(restarted)
+        restarted.wait("the split done", lambda: _splits(restarted, f"shard.orders/{shard}")
+                       and _last_step(fleet, shard) is None, timeout=90)
+    finally:
+        bench.terminate()
+        bench.wait()
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == watched["rows"]
+    assert shard not in [s[0] for s in active_shards(fleet)]
+    assert restarted.stop(signal.SIGTERM) == 0
+
+
+def _last_step(fleet: FleetDir, shard: str) -> str | None:
+    """The last journaled step of a running split of this shard, or None."""
+    with fleet.catalog() as conn:
+        row = conn.execute(
+            "SELECT j.step FROM shardctl.journal j JOIN shardctl.operations o ON o.id = j.operation"
+            " WHERE o.state = 'running' AND o.address = %s ORDER BY j.seq DESC LIMIT 1",
+            (f"shard.orders/{shard}",)).fetchone()
+    return row[0] if row else None
+
+
+def _splits_in_catalog(fleet: FleetDir, address: str) -> list:
+    with fleet.catalog() as conn:
+        return conn.execute("SELECT id FROM shardctl.history WHERE event = 'split_shard' AND address = %s",
+                            (address,)).fetchall()

@@ -32,7 +32,13 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
-from engine.actions.base import ApplyContext, apply_steps, drop_database, ensure_database, record_schema
+from engine.actions.base import (
+    ApplyContext,
+    apply_steps,
+    drop_database,
+    ensure_database,
+    record_schema,
+)
 from engine.catalog import journal, store
 from engine.catalog.journal import Operation
 from engine.errors import UserError
@@ -522,7 +528,9 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
     timed("subscribe", move.subscribe)
     timed("sync", move.sync)
     # from the fence to the flip the source refuses writes: a stop request (Ctrl-C, SIGTERM)
-    # waits for the flip instead of parking the range read-only
+    # waits for the flip instead of parking the range read-only; before the fence, it parks
+    if journal.stop_requested():
+        raise journal.Interrupted("stopped before the fence; apply again to continue")
     with journal.until_done():
         fence_lsn = timed("fence", move.fence)
         try:

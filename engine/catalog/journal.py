@@ -3,13 +3,15 @@
 Executors are written so that each step can run again after a crash (they check what already
 exists); the journal tells a person, `status` and a resuming apply what was in flight.
 A failpoint (SHARDCTL_FAILPOINT=<step prefix>) kills the process right after a step's 'begin'
-is recorded, so the crash tests can stop an apply at every step for real.
+is recorded, so the crash tests can stop an apply at every step for real; a slowpoint
+(SHARDCTL_SLOWPOINT=<step prefix>=<seconds>) holds a step there, so a test can signal it mid-way.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -20,6 +22,7 @@ from engine.catalog.lock import who
 from engine.errors import UserError
 
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
+SLOWPOINT_ENV = "SHARDCTL_SLOWPOINT"  # "<step prefix>=<seconds>": a step that takes that much longer
 _stop_requested = False
 _unstoppable = 0  # depth of `until_done` blocks: a stop waits for their end
 
@@ -77,6 +80,9 @@ class Operation:
         failpoint = os.environ.get(FAILPOINT_ENV)
         if failpoint and name.startswith(failpoint):
             os.kill(os.getpid(), signal.SIGKILL)
+        slowpoint = os.environ.get(SLOWPOINT_ENV, "")
+        if "=" in slowpoint and name.startswith(slowpoint.rsplit("=", 1)[0]):
+            time.sleep(float(slowpoint.rsplit("=", 1)[1]))
         try:
             yield
         except BaseException as exc:

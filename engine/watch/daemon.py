@@ -10,6 +10,7 @@ leads; the config watcher and the HTTP server have their own. They share only th
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -71,12 +72,16 @@ class Daemon:
         self._config_changed = threading.Event()
         self._fleet_generation = 0
         self._last_plan_key: tuple | None = None
+        self._silent_servers: set[str] = set()
         self._schema_cache: tuple[int, float, dict, dict] | None = None  # serial, when, shards, branch schemas
 
     # ------------------------------------------------------------------------------ running
 
     def run(self) -> int:
         self._install_signals()
+        # the pool's own warnings would break the one-JSON-object-per-line log; a server that
+        # stops answering is reported below as a `server_silent` event instead
+        logging.getLogger("psycopg").setLevel(logging.CRITICAL)
         self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
         with self.fleet.catalog(create=True) as conn:
             assert conn is not None
@@ -270,6 +275,11 @@ class Daemon:
             sample = pairs.get(shard.address, (None, None))[1]
             points[shard.address] = (sample.at if sample else at,
                                      {m: sample.value(m) if sample else None for m in METRICS})
+        silent = sorted({s.server for s in shards if s.address not in pairs})
+        for server in sorted(set(silent) ^ self._silent_servers):
+            self.log("server_silent" if server in silent else "server_answering", server=server,
+                     effect="its shards' metrics are unknown; nothing acts on them" if server in silent else "")
+        self._silent_servers = set(silent)
         self.view.add_points(points)
         self.view.forget(set(points))
         previous = {s.address: s for s in self.view.get().shards}

@@ -12,7 +12,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine.observe.metrics import METRICS
 from engine.plan.models import Plan
@@ -32,7 +32,7 @@ class ShardView(Frozen):
     server: str
     load: str = "unknown"  # hot, cold, normal or unknown, as the detector judged the last window
     evidence: tuple[str, ...] = ()
-    latest: dict[str, float | None] = {}
+    latest: dict[str, float | None] = Field(default_factory=lambda: dict.fromkeys(METRICS))  # None: unknown
     hot_thresholds: dict[str, float] = {}  # the effective policy's, for the charts
     sampled_at: datetime | None = None
 
