@@ -505,7 +505,11 @@ def watch(obj: Ctx, listen: str, no_http: bool, token_env: str) -> int:
     from engine.watch.http import parse_listen
 
     if not no_http:
-        parse_listen(listen)
+        host, _ = parse_listen(listen)
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            click.echo(f"Warning: --listen {listen} serves the dashboard, the JSON API and /metrics beyond this"
+                       " host. They are read-only and never show a password; pause and resume still need the"
+                       " token.", err=True)
     desired = workflow.load(obj.config_dir)
     options = WatchOptions(config_dir=Path(obj.config_dir).resolve(), listen=None if no_http else listen,
                            token_env=token_env)

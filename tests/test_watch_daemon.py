@@ -34,7 +34,7 @@ policies:
     extends: default
     hot: {queries_per_second: 300}
     metrics: {interval: 1s}
-    autosplit: {check_every: 2s, cooldown: 30m}
+    autosplit: {check_every: 2s, cooldown: 30m, retire_after: 15s}
 """
 ARTIFACTS = Path(os.environ.get("SHARDCTL_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -366,3 +366,31 @@ def _splits_in_catalog(fleet: FleetDir, address: str) -> list:
     with fleet.catalog() as conn:
         return conn.execute("SELECT id FROM shardctl.history WHERE event = 'split_shard' AND address = %s",
                             (address,)).fetchall()
+
+
+def test_expired_branches_and_retired_shards_are_removed_by_the_daemon(watched):
+    fleet = watched["fleet"]
+    watch = Watch(fleet)
+    watched["others"].append(watch)
+    watch.wait("leadership", lambda: watch.status()["role"] == "leader", timeout=30)
+    fleet.write("branch.yaml", "branches:\n  brief:\n    from: orders\n    server: a\n    ttl: 6s\n")
+    created = fleet.cli("apply", "--auto-approve", "--lock-timeout", "60s")  # a person creates it
+    assert created.code == 0, created.both
+    (branch,) = watch.wait("the branch listed", lambda: watch.get("/api/branches")["branches"], timeout=15)
+    assert branch["name"] == "brief" and branch["expires_at"]
+
+    def removed_by_daemon(event: str) -> list[dict]:
+        return [h for h in watch.get("/api/history")["history"] if h["event"] == event and h["actor"].startswith("daemon")]
+
+    (deleted,) = watch.wait("the expired branch deleted", lambda: removed_by_daemon("delete_branch"), timeout=60)
+    assert deleted["address"] == "branch.brief" and "branch_brief" not in fleet.databases("a")
+    # the first split's source retired minutes ago, well past autosplit.retire_after (15s)
+    watch.wait("the retired source dropped", lambda: "shard.orders/40-80" in
+               {h["address"] for h in removed_by_daemon("drop_retired_shard")}, timeout=60)
+    assert "orders_40_80" not in fleet.databases("b")
+
+    def retired_left() -> int:
+        with fleet.catalog() as conn:
+            return conn.execute("SELECT count(*) FROM shardctl.shards WHERE state = 'retired'").fetchone()[0]
+    watch.wait("no retired shard left", lambda: retired_left() == 0, timeout=60)
+    assert watch.stop(signal.SIGTERM) == 0

@@ -44,6 +44,7 @@ from engine.watch.leader import LeaderLock, LeadershipLost
 from engine.watch.view import BranchView, HistoryEntry, ShardView, Snapshot, View, now
 
 HEARTBEAT_EVERY = 5.0
+LAYOUT_EVERY = 60.0  # the collector re-reads catalog and servers this often at most, unless the serial moves
 SCHEMA_EVERY = 600.0  # shard schemas are re-read on every catalog change, else this often (drift)
 
 
@@ -73,6 +74,8 @@ class Daemon:
         self._fleet_generation = 0
         self._last_plan_key: tuple | None = None
         self._silent_servers: set[str] = set()
+        self._catalog_ready = False  # created and migrated (done once, when it first answers)
+        self._layout_cache: tuple[int, int, float, Observation] | None = None  # collector thread only
         self._schema_cache: tuple[int, float, dict, dict] | None = None  # serial, when, shards, branch schemas
 
     # ------------------------------------------------------------------------------ running
@@ -83,9 +86,6 @@ class Daemon:
         # stops answering is reported below as a `server_silent` event instead
         logging.getLogger("psycopg").setLevel(logging.CRITICAL)
         self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
-        with self.fleet.catalog(create=True) as conn:
-            assert conn is not None
-            schema.migrate(conn)
         http = None
         if self.options.listen:
             from engine.watch.http import serve
@@ -141,6 +141,11 @@ class Daemon:
         told = None
         while not self.stopping.is_set():
             try:
+                if not self._catalog_ready:
+                    with self.fleet.catalog(create=True) as conn:
+                        assert conn is not None
+                        schema.migrate(conn)
+                    self._catalog_ready = True
                 if leader.try_acquire():
                     return leader
                 current = leader.current()
@@ -152,9 +157,9 @@ class Daemon:
             except (psycopg.Error, UserError) as exc:
                 leader.release()
                 message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                self.view.update(role="standby", last_error=f"catalog unreachable: {message}")
+                self.view.update(role="standby", last_error=f"catalog unavailable: {message}")
                 if told != "unreachable":
-                    self.log("catalog_unreachable", error=message)
+                    self.log("catalog_unavailable", error=message)
                     told = "unreachable"
             self.stopping.wait(self.options.standby_poll)
         leader.release()
@@ -263,7 +268,7 @@ class Daemon:
     def _collect_once(self, conn: psycopg.Connection, sampler: LiveSampler) -> None:
         started = time.monotonic()
         desired = self.desired
-        observation = observe(self.fleet, conn, inspect_schemas=False)
+        observation = self._layout(conn)
         pairs = history.collect(desired, conn, observation, sampler)
         state = control.read_control(conn)
         took = time.monotonic() - started
@@ -282,16 +287,35 @@ class Daemon:
         self._silent_servers = set(silent)
         self.view.add_points(points)
         self.view.forget(set(points))
-        previous = {s.address: s for s in self.view.get().shards}
-        views = tuple(
-            (previous.get(s.address) or ShardView(address=s.address, database=s.database, name=s.name, server=s.server))
-            .model_copy(update={"latest": points[s.address][1], "sampled_at": points[s.address][0], "server": s.server})
-            for s in sorted(shards, key=lambda s: s.address))
         if state.paused != self.view.get().paused:
             self.log("paused" if state.paused else "resumed", by=state.changed_by, reason=state.reason)
-        self.view.update(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
-                         paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+
+        def changes(snapshot: Snapshot) -> dict:
+            previous = {s.address: s for s in snapshot.shards}
+            views = tuple(
+                (previous.get(s.address) or ShardView(address=s.address, database=s.database, name=s.name,
+                                                      server=s.server))
+                .model_copy(update={"latest": points[s.address][1], "sampled_at": points[s.address][0],
+                                    "server": s.server})
+                for s in sorted(shards, key=lambda s: s.address))
+            return dict(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
+                        paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+        self.view.update_with(changes)
         self.view.record_collection(took)
+
+    def _layout(self, conn: psycopg.Connection) -> Observation:
+        """The catalog and servers as last observed, read again when the catalog serial moves or
+        after LAYOUT_EVERY, or every round while a server is silent (to see it come back); else
+        one `SELECT serial` a round. A server that stops answering shows at once anyway: the
+        sampler gets no reading from it."""
+        serial = store.current_serial(conn)
+        cached = self._layout_cache
+        if cached and cached[0] == serial and cached[1] == self._fleet_generation and not self._silent_servers \
+                and time.monotonic() - cached[2] < LAYOUT_EVERY:
+            return cached[3]
+        observation = observe(self.fleet, conn, inspect_schemas=False)
+        self._layout_cache = (serial, self._fleet_generation, time.monotonic(), observation)
+        return observation
 
     # ------------------------------------------------------------------------------ check and act
 
@@ -335,7 +359,19 @@ class Daemon:
         return self._apply(plan, decision, desired)
 
     def _publish(self, plan: Plan, decision: autonomy.Decision, verdicts, observation, recent, state) -> None:
-        current = {s.address: s for s in self.view.get().shards}
+        branches = tuple(BranchView(name=b.name, parent=b.parent, data=b.data, server=b.server, state=b.state,
+                                    created_at=b.created_at, expires_at=b.expires_at, size_bytes=b.size_bytes)
+                         for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name))
+        self.view.update_with(lambda snapshot: dict(
+            plan=plan, plan_text=render_text(plan), planned_at=now(),
+            autonomous=tuple(a.address for a in decision.autonomous), pending=decision.pending,
+            notes=plan.warnings, shards=self._judged(snapshot, verdicts, observation),
+            history=tuple(_history_entry(h) for h in recent), branches=branches,
+            paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by))
+
+    def _judged(self, snapshot: Snapshot, verdicts, observation) -> tuple[ShardView, ...]:
+        """The active shards with the detector's verdicts, keeping their latest collected values."""
+        current = {s.address: s for s in snapshot.shards}
         shards = []
         for d in observation.catalog.databases.values():
             for s in d.shards:
@@ -350,15 +386,7 @@ class Daemon:
                     "hot_thresholds": {m: float(v) for m, v in hot.items() if v is not None},
                     "server": s.server, "load": verdict.state if verdict else "unknown",
                     "evidence": tuple(e.describe() for e in verdict.evidence) if verdict else ()}))
-        branches = tuple(BranchView(name=b.name, parent=b.parent, data=b.data, server=b.server, state=b.state,
-                                    created_at=b.created_at, expires_at=b.expires_at, size_bytes=b.size_bytes)
-                         for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name))
-        self.view.update(
-            plan=plan, plan_text=render_text(plan), planned_at=now(),
-            autonomous=tuple(a.address for a in decision.autonomous), pending=decision.pending,
-            notes=plan.warnings, shards=tuple(sorted(shards, key=lambda s: s.address)),
-            history=tuple(_history_entry(h) for h in recent), branches=branches,
-            paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+        return tuple(sorted(shards, key=lambda s: s.address))
 
     def _show_if_changed(self, plan: Plan) -> None:
         key = (tuple((a.kind, a.address, a.reason.cause) for a in plan.actions),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,6 +106,13 @@ class View:
     def update(self, **changes: Any) -> Snapshot:
         with self._lock:
             self._snapshot = self._snapshot.model_copy(update=changes)
+            return self._snapshot
+
+    def update_with(self, changes: Callable[[Snapshot], dict[str, Any]]) -> Snapshot:
+        """Changes computed from the current snapshot, under the lock: two loops that each
+        refresh part of the shard list cannot overwrite each other's part."""
+        with self._lock:
+            self._snapshot = self._snapshot.model_copy(update=changes(self._snapshot))
             return self._snapshot
 
     def count_action(self, kind: str, result: str) -> None:
