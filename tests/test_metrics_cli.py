@@ -80,3 +80,24 @@ def test_a_v1_catalog_is_migrated_forward_by_apply(fleet):
         assert schema.installed_version(conn) == schema.VERSION == 4
         assert conn.execute("SELECT to_regclass('shardctl.metric_samples') IS NOT NULL").fetchone() == (True,)
     assert fleet.cli("metrics", "collect").code == 0
+
+
+def test_the_catalog_keeps_only_the_newest_samples_each_shard_may_have(applied_fleet):
+    from datetime import timedelta
+
+    from engine.catalog import store
+    from engine.observe.metrics import Reading
+    from traces import START, samples
+
+    def rows(address: str, count: int, offset: int):
+        window = samples(address, {"queries_per_second": [float(offset + i) for i in range(count)]},
+                         start=START + timedelta(minutes=offset))
+        return [(Reading(shard=s.shard, server=s.server, dbname="x", at=s.at), s) for s in window]
+
+    with applied_fleet.catalog() as conn:
+        store.save_samples(conn, rows("keep/a", 4, 0) + rows("keep/b", 4, 0), {"keep/a": 3, "keep/b": 1})
+        store.save_samples(conn, rows("keep/a", 2, 10), {"keep/a": 3})
+        kept = conn.execute("SELECT shard, (metrics->'metrics'->'queries_per_second'->>'value')::float"
+                            " FROM shardctl.metric_samples WHERE shard LIKE 'keep/%' ORDER BY shard, at").fetchall()
+        conn.execute("DELETE FROM shardctl.metric_samples WHERE shard LIKE 'keep/%'")
+    assert kept == [("keep/a", 3.0), ("keep/a", 10.0), ("keep/a", 11.0), ("keep/b", 3.0)]

@@ -157,20 +157,26 @@ def history(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
 
 
 def save_samples(conn: psycopg.Connection, rows: list[tuple[Any, Any]], keep: dict[str, int]) -> None:
-    """Store (reading, sample) pairs and keep only the newest `keep[shard]` per shard."""
+    """Store (reading, sample) pairs and keep only the newest `keep[shard]` per shard. Two
+    statements a round, whatever the shard count: a daemon does this every interval."""
+    if not rows:
+        return
+    shards = sorted({s.shard for _, s in rows})
     with conn.transaction():
-        for reading, sample in rows:
-            conn.execute(
-                "INSERT INTO shardctl.metric_samples (shard, server, at, reading, metrics) VALUES (%s, %s, %s, %s, %s)",
-                (sample.shard, sample.server, sample.at, Jsonb(reading.model_dump(mode="json")),
-                 Jsonb(sample.model_dump(mode="json"))),
-            )
-        for shard in sorted({s.shard for _, s in rows}):
-            conn.execute(
-                "DELETE FROM shardctl.metric_samples WHERE shard = %s AND id NOT IN"
-                " (SELECT id FROM shardctl.metric_samples WHERE shard = %s ORDER BY at DESC, id DESC LIMIT %s)",
-                (shard, shard, keep.get(shard, 10)),
-            )
+        conn.execute(
+            "INSERT INTO shardctl.metric_samples (shard, server, at, reading, metrics)"
+            " SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::jsonb[], %s::jsonb[])",
+            ([s.shard for _, s in rows], [s.server for _, s in rows], [s.at for _, s in rows],
+             [Jsonb(r.model_dump(mode="json")) for r, _ in rows], [Jsonb(s.model_dump(mode="json")) for _, s in rows]),
+        )
+        conn.execute(
+            "DELETE FROM shardctl.metric_samples m USING ("
+            "   SELECT id, shard, row_number() OVER (PARTITION BY shard ORDER BY at DESC, id DESC) AS newest"
+            "   FROM shardctl.metric_samples WHERE shard = ANY(%s)) ranked"
+            " JOIN unnest(%s::text[], %s::int[]) AS k(shard, keep) ON k.shard = ranked.shard"
+            " WHERE m.id = ranked.id AND ranked.newest > k.keep",
+            (shards, shards, [keep.get(shard, 10) for shard in shards]),
+        )
 
 
 def load_samples(conn: psycopg.Connection) -> list[tuple[dict[str, Any], dict[str, Any]]]:

@@ -14,7 +14,7 @@ import jinja2
 from engine.observe.metrics import METRICS, UNITS
 from engine.watch.view import Snapshot
 
-CHART_W, CHART_H = 220, 44
+CHART_W, CHART_H = 160, 40
 CHARTED = ("queries_per_second", "cpu_percent", "latency_ms")
 
 _env = jinja2.Environment(
@@ -50,7 +50,7 @@ def chart(points: list[tuple], metric: str, threshold: float | None) -> dict:
         return {"lines": [], "threshold_y": None, "peak": None, "latest": None}
     t0, t1 = points[0][0], points[-1][0]
     span = max(t1 - t0, 1e-9)
-    top = max([v for _, v in known] + ([threshold * 1.15] if threshold else []) + [1e-9])
+    top = max([v * 1.2 for _, v in known] + ([threshold * 1.15] if threshold else []) + [1e-9])
     lines, current = [], []
     for p in points:
         v = p[index]

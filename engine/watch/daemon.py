@@ -120,6 +120,8 @@ class Daemon:
 
     def _install_signals(self) -> None:
         def handler(signum, frame):
+            if self.stopping.is_set():  # a second signal: stop at once; the journal lets the next start resume
+                raise KeyboardInterrupt
             self.stop(signal.Signals(signum).name)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -408,7 +410,8 @@ class Daemon:
         kinds = [a.kind for a in decision.autonomous]
         try:
             result = workflow.apply(desired, subset, lock_timeout=0, actor=f"daemon {self.who}",
-                                    say=lambda line: self.log("progress", message=line), start_servers=False)
+                                    say=lambda line: self.log("progress", message=line), start_servers=False,
+                                    own_signals=False)
         except LockHeldError as exc:
             self._count(kinds, "deferred")
             self.log("apply_deferred", reason="the apply lock is held", holder=exc.info.who if exc.info else "unknown")
