@@ -53,9 +53,8 @@ def test_a_load_hovering_at_the_threshold_never_acts(tmp_path):
 
 
 def test_a_diurnal_load_scales_out_by_day_and_back_at_night_without_flapping(tmp_path):
-    two_days = diurnal(20, 30000, length=288)
-    taken = Replay(_desired(tmp_path, "10m"), {"-80": two_days, "80-": diurnal(10, 400, length=288)},
-                   interval=600).run()
+    two_days = diurnal(20, 30000) * 2  # busy from 10:00 to 22:00, quiet at night, twice
+    taken = Replay(_desired(tmp_path, "10m"), {"-80": two_days, "80-": diurnal(10, 400) * 2}, interval=600).run()
     kinds = [t.kind for t in taken]
     assert "split_shard" in kinds and "merge_shards" in kinds  # it does follow the load both ways
     assert flapping_pairs(taken, FLAP_WINDOW) == []
