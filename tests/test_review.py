@@ -170,3 +170,14 @@ def test_the_ci_examples_use_only_commands_and_flags_that_exist():
     assert seen >= {"validate", "plan", "drift"}
     with pytest.raises(click.UsageError):
         _check_command(["-C", "fleet", "plan", "--no-such-flag"])
+
+
+def test_the_systemd_unit_runs_a_real_watch_command_and_lets_a_cutover_finish():
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string((EXAMPLES / "ci" / "shardctl-watch.service").read_text())
+    (words,) = _shardctl_commands(unit["Service"]["ExecStart"])
+    _check_command(words)
+    assert "watch" in words and "127.0.0.1:8470" in words
+    assert unit["Service"]["KillSignal"] == "SIGTERM" and unit["Service"]["TimeoutStopSec"] == "10min"
