@@ -98,6 +98,7 @@ class LockInfo:
 
 class LockHeldError(UserError):
     def __init__(self, info: LockInfo | None):
+        self.info = info
         lines = [
             "shardctl acquires a lock on the catalog so that only one apply runs at a time.",
             "Another shardctl process holds it now; wait for it to finish, or rerun with",

@@ -26,6 +26,7 @@ from conftest import ROOT, FleetDir
 from movers import active_shards, all_rows, pgbench, preload
 
 from engine.catalog.journal import FAILPOINT_ENV, SLOWPOINT_ENV
+from engine.catalog.lock import apply_lock
 
 TOKEN = "test-token-7f3a"
 FAST_POLICY = """
@@ -113,6 +114,17 @@ class Watch:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
+
+
+def _start_alone(watched: dict, env: dict | None = None) -> Watch:
+    """A new daemon that leads: any other of this module's daemons is stopped first."""
+    for other in [watched["watch"], *watched["others"]]:
+        if other.proc.poll() is None:
+            assert other.stop(signal.SIGTERM) == 0
+    watch = Watch(watched["fleet"], env=env)
+    watched["others"].append(watch)
+    watch.wait("leadership", lambda: watch.status()["role"] == "leader", timeout=30)
+    return watch
 
 
 def _splits(watch: Watch, address: str) -> list[dict]:
@@ -324,9 +336,7 @@ def test_a_second_daemon_stands_by_and_takes_over(watched):
 def test_sigterm_during_a_split_exits_0_and_never_leaves_the_source_fenced(watched, shard, slow_step, parked_at):
     fleet = watched["fleet"]
     source = _dbname(fleet, shard)
-    watch = Watch(fleet, env={SLOWPOINT_ENV: f"split orders/{shard}: {slow_step}=4"})
-    watched["others"].append(watch)
-    watch.wait("leadership", lambda: watch.status()["role"] == "leader", timeout=30)
+    watch = _start_alone(watched, env={SLOWPOINT_ENV: f"split orders/{shard}: {slow_step}=4"})
     bench = pgbench(fleet, *source, seconds=90)
     try:
         watch.wait(f"the split at {slow_step}", lambda: _last_step(fleet, shard) == f"split orders/{shard}: {slow_step}",
@@ -370,14 +380,17 @@ def _splits_in_catalog(fleet: FleetDir, address: str) -> list:
 
 def test_expired_branches_and_retired_shards_are_removed_by_the_daemon(watched):
     fleet = watched["fleet"]
-    watch = Watch(fleet)
-    watched["others"].append(watch)
-    watch.wait("leadership", lambda: watch.status()["role"] == "leader", timeout=30)
-    fleet.write("branch.yaml", "branches:\n  brief:\n    from: orders\n    server: a\n    ttl: 6s\n")
+    watch = _start_alone(watched)
+    fleet.write("branch.yaml", "branches:\n  brief:\n    from: orders\n    server: a\n    ttl: 10s\n")
     created = fleet.cli("apply", "--auto-approve", "--lock-timeout", "60s")  # a person creates it
     assert created.code == 0, created.both
     (branch,) = watch.wait("the branch listed", lambda: watch.get("/api/branches")["branches"], timeout=15)
     assert branch["name"] == "brief" and branch["expires_at"]
+    # while a person's apply holds the lock, the daemon defers and says who holds it
+    with fleet.catalog() as conn, apply_lock(conn, "apply"):
+        deferred = watch.wait("the expired branch deferred", lambda: [
+            e for e in watch.events("apply_deferred") if "branch.brief" in e["actions"]], timeout=30)
+        assert "pid" in deferred[0]["holder"] and watch.status()["role"] == "leader"
 
     def removed_by_daemon(event: str) -> list[dict]:
         return [h for h in watch.get("/api/history")["history"] if h["event"] == event and h["actor"].startswith("daemon")]

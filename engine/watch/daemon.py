@@ -244,13 +244,15 @@ class Daemon:
             while not stop.is_set():
                 started = time.monotonic()
                 try:
+                    if conn is None or conn.closed:
+                        conn = self._catalog_connection()
+                        generation = -1  # reseed from the catalog too
                     if generation != self._fleet_generation or sampler is None:
                         if sampler is not None:
                             sampler.close()
                         generation = self._fleet_generation
                         sampler = LiveSampler(self.fleet)
-                    if conn is None or conn.closed:
-                        conn = self._catalog_connection()
+                        # rates need a previous reading: the stored one, when recent, saves a second read
                         history.seed_recent(sampler, self.desired, history.stored_history(conn)[1])
                     self._collect_once(conn, sampler)
                 except (psycopg.Error, UserError) as exc:
@@ -414,7 +416,9 @@ class Daemon:
                                     own_signals=False)
         except LockHeldError as exc:
             self._count(kinds, "deferred")
-            self.log("apply_deferred", reason="the apply lock is held", holder=exc.info.who if exc.info else "unknown")
+            self.log("apply_deferred", actions=[a.address for a in decision.autonomous],
+                     reason="the apply lock is held; the next check tries again",
+                     holder=exc.info.who if exc.info else "unknown")
             return False
         except journal.Interrupted as exc:
             self._count(kinds, "parked")
