@@ -128,6 +128,18 @@ def test_a_branch_schema_change_merges_into_every_shard(parent):
             assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_note'").fetchone() == (1,)
     assert parent.cli("plan", "--detailed-exitcode").code == 0  # every shard now equals the branch
 
+    # a shard dropped by hand afterwards comes back with the merged step too, not only the YAML's
+    (name, lo, hi, server, dbname), *_ = active_shards(parent)
+    with parent.connect(server) as conn:
+        conn.execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+    recreated = parent.cli("apply", "--auto-approve")
+    assert recreated.code == 0, recreated.both
+    with parent.connect(server, dbname) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_note'").fetchone() == (1,)
+        assert [r[0] for r in conn.execute("SELECT name FROM _shardctl.schema_steps ORDER BY seq")][-1] \
+            .startswith("branch:feat")
+    assert parent.cli("plan", "--detailed-exitcode").code == 0  # no drift: its schema equals the others'
+
 
 def test_a_schema_merge_is_refused_when_a_shard_drifted_or_it_drops_data(parent):
     parent.write("fleet.yaml", parent.read("fleet.yaml") + "branches:\n  feat:\n    from: orders\n    server: b\n"

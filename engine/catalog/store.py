@@ -32,10 +32,10 @@ def read(conn: psycopg.Connection) -> CatalogState:
     schema.check_readable(version)
     serial, epoch = conn.execute("SELECT serial, epoch FROM shardctl.state").fetchone()
     steps: dict[str, list[AppliedStep]] = {}
-    for database, seq, name, sha in conn.execute(
-        "SELECT database, seq, name, sha256 FROM shardctl.schema_steps ORDER BY database, seq"
+    for database, seq, name, sha, text in conn.execute(
+        "SELECT database, seq, name, sha256, sql FROM shardctl.schema_steps ORDER BY database, seq"
     ):
-        steps.setdefault(database, []).append(AppliedStep(seq=seq, name=name, sha256=sha))
+        steps.setdefault(database, []).append(AppliedStep(seq=seq, name=name, sha256=sha, sql=text))
     shards: dict[str, list[CatalogShard]] = {}
     for row in conn.execute(
         "SELECT database, name, lo, hi, server, dbname, state, schema_fingerprint, schema_snapshot, retired_at"

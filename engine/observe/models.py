@@ -21,6 +21,7 @@ class AppliedStep(Frozen):
     seq: int
     name: str
     sha256: str
+    sql: str | None = None  # kept by the catalog for steps merged from a branch (not in the YAML)
 
 
 class CatalogShard(Frozen):

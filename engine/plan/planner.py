@@ -46,6 +46,17 @@ def _steps(db: DesiredDatabase) -> tuple[StepSpec, ...]:
     return tuple(StepSpec(seq=i + 1, name=s.name, sha256=s.sha256, sql=s.sql) for i, s in enumerate(db.schema_steps))
 
 
+def _recorded_steps(recorded, declared: tuple[StepSpec, ...]) -> tuple[StepSpec, ...]:
+    """Every step the other shards ran, in their order: the declared ones with the YAML's SQL,
+    the ones merged from branches with the SQL the catalog kept. Nothing recorded yet: the
+    declared steps."""
+    if not recorded.schema_steps:
+        return declared
+    by_hash = {s.sha256: s.sql for s in declared}
+    return tuple(StepSpec(seq=s.seq, name=s.name, sha256=s.sha256, sql=s.sql or by_hash.get(s.sha256, ""))
+                 for s in recorded.schema_steps if s.sql or s.sha256 in by_hash)
+
+
 def _shard_spec(shard) -> ShardSpec:
     return ShardSpec(name=shard.name, lo=shard.lo, hi=shard.hi, server=shard.server, dbname=shard.dbname)
 
@@ -150,7 +161,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 drift.append(Drift(address=f"shard.{shard.address}", kind="deleted",
                                    summary=f"has been deleted (database {shard.dbname} on server {shard.server})"))
                 actions.append(RecreateShard(
-                    database=name, shard=_shard_spec(shard), steps=desired_steps[:len(applied)] or desired_steps,
+                    database=name, shard=_shard_spec(shard), steps=_recorded_steps(recorded, desired_steps),
                     reason=Reason(cause="drift", text=f"database {shard.dbname} was dropped outside shardctl; "
                                   "it will be recreated empty with its schema, so restore its rows from a backup"),
                 ))
