@@ -79,7 +79,9 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                 shards=[_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address))
                         for s in db.shards],
             ))
-        report["interrupted"] = journal.interrupted(conn)
+        in_flight = state.apply_in_flight
+        report["interrupted"] = [] if in_flight else journal.interrupted(conn)
+        report["in_progress"] = [dict(op, by=in_flight) for op in journal.interrupted(conn)] if in_flight else []
         if state.schema_version >= 4:
             switch, leader = control.read_control(conn), control.read_leader(conn)
             report["automation"] = {
@@ -148,6 +150,9 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         console.print(f"Metrics: {report['metrics_source']}; ? = unknown (never counted as zero)")
         for source in sources:
             console.print(f"  source: {source}")
+    for op in report.get("in_progress", []):
+        console.print(f"In progress: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r},"
+                      f" run by {op['by']}")
     for op in report["interrupted"]:
         hint = "run `shardctl apply` to finish it"
         if op["kind"] in ("split_shard", "merge_shards"):

@@ -96,6 +96,16 @@ def test_a_split_killed_at_each_step_converges_on_rerun(loaded, step):
     assert plan.code == 0, plan.both
     if step != "record":
         assert "was interrupted at step" in plan.out
+    if step == "sync":
+        # while some process holds the apply lock, the operation is its, not interrupted
+        from engine.catalog.lock import apply_lock
+
+        with loaded.catalog() as conn, apply_lock(conn, "apply"):
+            busy = loaded.cli("plan", "--metrics", "hot.json")
+            status = loaded.cli("status")
+        assert "is in progress, at step 'split orders/40-80: sync', run by" in busy.out, busy.out
+        assert "was interrupted" not in busy.out
+        assert "In progress: operation" in status.out and "Interrupted:" not in status.out
     resumed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json")
     assert resumed.code == 0, resumed.both
     rows, problems = all_rows(loaded)

@@ -71,3 +71,18 @@ def apply_lock(conn: psycopg.Connection, operation: str, timeout: float = 0.0,
 
 def who() -> str:
     return _who()
+
+
+def held_elsewhere(conn: psycopg.Connection) -> str | None:
+    """Who holds the apply lock from another session right now (None when nobody does), so an
+    operation in flight is not mistaken for an interrupted one."""
+    held = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = ("
+        " SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid = %s AND objid = %s AND objsubid = 1 AND pid <> pg_backend_pid())",
+        (APPLY_LOCK_KEY >> 32, APPLY_LOCK_KEY & 0xFFFF_FFFF),
+    ).fetchone()[0]
+    if not held:
+        return None
+    info = read_info(conn)
+    return info.who if info else "another shardctl process"

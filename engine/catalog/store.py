@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from engine.catalog import schema
+from engine.catalog import lock, schema
 from engine.observe.models import (
     AppliedStep, CatalogBranch, CatalogDatabase, CatalogShard, CatalogState, PendingMove, ReshardEvent,
 )
@@ -61,7 +61,8 @@ def read(conn: psycopg.Connection) -> CatalogState:
     ) if version >= 2 else ()
     return CatalogState(exists=True, schema_version=version, serial=serial, epoch=epoch, databases=databases,
                         reshard_events=events, pending_moves=tuple(pending_moves(conn)),
-                        branches=read_branches(conn) if version >= 3 else {})
+                        branches=read_branches(conn) if version >= 3 else {},
+                        apply_in_flight=lock.held_elsewhere(conn))
 
 
 # ---------------------------------------------------------------------------- writes

@@ -97,6 +97,7 @@ class CatalogState(Frozen):
     reshard_events: tuple[ReshardEvent, ...] = ()
     pending_moves: tuple[PendingMove, ...] = ()
     branches: dict[str, CatalogBranch] = {}
+    apply_in_flight: str | None = None  # who holds the apply lock from elsewhere, when someone does
 
 
 class LiveShard(Frozen):

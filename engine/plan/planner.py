@@ -186,7 +186,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
         ))
 
     for pending in catalog.pending_moves:
-        actions.append(resume_move(pending))
+        actions.append(resume_move(pending, catalog.apply_in_flight))
     actions.extend(_retired_drops(desired, observation))
     branch_actions, branch_notes = _branches(desired, observation)
     warnings.extend(branch_notes)
@@ -222,15 +222,20 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     )
 
 
-def resume_move(pending) -> Any:
-    """An interrupted split or merge is finished under its own operation (its names derive from it)."""
+def resume_move(pending, in_flight: str | None = None) -> Any:
+    """An interrupted split or merge is finished under its own operation (its names derive from it).
+    With the apply lock held elsewhere (`in_flight`), it is not interrupted but running there."""
     data = {**pending.action, "operation": pending.operation}
     kind = SplitShard if pending.kind == "split_shard" else MergeShards
-    where = ("past its cutover: only cleanup is left" if pending.flipped else
-             "with writes to its source fenced: resume it now, or `shardctl abort` it" if pending.fenced else
-             "before its cutover; the source took writes all along")
-    data["reason"] = {"cause": "resume", "text": f"operation {pending.operation} was interrupted at step "
-                      f"{pending.last_step!r}, {where}"}
+    if in_flight:
+        text = (f"operation {pending.operation} is in progress, at step {pending.last_step!r}, run by {in_flight}"
+                " (it holds the apply lock); if that process dies, apply resumes it from here")
+    else:
+        where = ("past its cutover: only cleanup is left" if pending.flipped else
+                 "with writes to its source fenced: resume it now, or `shardctl abort` it" if pending.fenced else
+                 "before its cutover; the source took writes all along")
+        text = f"operation {pending.operation} was interrupted at step {pending.last_step!r}, {where}"
+    data["reason"] = {"cause": "resume", "text": text}
     return kind.model_validate(data)
 
 
