@@ -79,9 +79,10 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                 shards=[_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address))
                         for s in db.shards],
             ))
-        in_flight = state.apply_in_flight
-        report["interrupted"] = [] if in_flight else journal.interrupted(conn)
-        report["in_progress"] = [dict(op, by=in_flight) for op in journal.interrupted(conn)] if in_flight else []
+        # with the apply lock held elsewhere, running operations are that process's, not interrupted
+        running, in_flight = journal.interrupted(conn), state.apply_in_flight
+        report["interrupted"] = [] if in_flight else running
+        report["in_progress"] = [dict(op, by=in_flight) for op in running] if in_flight else []
         if state.schema_version >= 4:
             switch, leader = control.read_control(conn), control.read_leader(conn)
             report["automation"] = {

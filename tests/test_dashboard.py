@@ -26,7 +26,7 @@ def _snapshot(**changes) -> Snapshot:
                     hot_thresholds={"queries_per_second": 10000.0, "cpu_percent": 80.0, "latency_ms": 100.0})
     quiet = ShardView(address="orders/80-", database="orders", name="80-", server="b", load="unknown")
     base = Snapshot(
-        who="ops@host (pid 1)", config_dir="/srv/fleet", listen="127.0.0.1:8470", started_at=NOW - timedelta(hours=1),
+        who="ops@host (pid 1)", config_dir="/srv/fleet", started_at=NOW - timedelta(hours=1),
         role="leader", leader="ops@host (pid 1)", paused=True, pause_reason="incident 42", paused_by="ops@laptop",
         plan=Plan(shardctl_version=__version__, based_on_serial=3, catalog_exists=True, actions=()),
         plan_text="Plan: 2 to add, 0 to change, 1 to destroy.\n", planned_at=NOW - timedelta(seconds=20),

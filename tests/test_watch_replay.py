@@ -6,20 +6,12 @@ from datetime import timedelta
 
 import pytest
 from replay import Replay, flapping_pairs
+from test_load_planning import FLEET  # the same two-shard fleet, given an elastic policy below
 from traces import diurnal, hovering, spike
 
 from engine.config import loader
 
-FLEET = """\
-servers:
-  a: {embedded: true}
-  b: {embedded: true}
-databases:
-  orders:
-    shard_key: {column: customer_id, type: bigint}
-    schema: {name: init, sql: "CREATE TABLE t (customer_id bigint PRIMARY KEY);"}
-    shards: 2
-    placement: [a, b]
+ELASTIC = FLEET + """\
     policy: elastic
 policies:
   elastic:
@@ -32,7 +24,7 @@ FLAP_WINDOW = timedelta(hours=2)
 
 
 def _desired(tmp_path, interval: str = "10s"):
-    (tmp_path / "fleet.yaml").write_text(FLEET.replace("INTERVAL", interval))
+    (tmp_path / "fleet.yaml").write_text(ELASTIC.replace("INTERVAL", interval))
     return loader.load(tmp_path, cwd=tmp_path)
 
 

@@ -66,8 +66,7 @@ class Daemon:
         self.out = out
         self._log_line = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.who = lock_who()
-        self.view = View(Snapshot(who=self.who, config_dir=str(options.config_dir), listen=options.listen,
-                                  started_at=now(), config_loaded_at=now()))
+        self.view = View(Snapshot(who=self.who, config_dir=str(options.config_dir), started_at=now()))
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._config_changed = threading.Event()
@@ -195,9 +194,6 @@ class Daemon:
             collector_stop.set()
             collector.join(timeout=30)
 
-    def wake(self) -> None:
-        self._wake.set()
-
     # ------------------------------------------------------------------------------ config
 
     def _on_config_change(self, paths: list[str]) -> None:
@@ -220,7 +216,7 @@ class Daemon:
         self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
         self._fleet_generation += 1
         self._schema_cache = None
-        self.view.update(config_error=None, config_loaded_at=now())
+        self.view.update(config_error=None)
         self.log("config_reloaded", files=list(desired.files))
         return True
 

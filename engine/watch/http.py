@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from engine.errors import UserError, redact
+from engine.observe.metrics import METRICS
 from engine.render.dashboard import render_dashboard
 from engine.render.renderers import plan_document
 from engine.watch import prometheus
@@ -49,8 +50,6 @@ def api_status(daemon: "Daemon") -> dict:
 
 
 def api_shards(daemon: "Daemon") -> dict:
-    from engine.observe.metrics import METRICS
-
     out = []
     for shard in daemon.view.get().shards:
         doc = shard.model_dump(mode="json")
@@ -138,14 +137,14 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"paused": state.paused, "reason": state.reason, "by": state.changed_by})
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a request in flight never holds the daemon's exit
+
+
 class Server:
     def __init__(self, httpd: ThreadingHTTPServer):
         self.httpd = httpd
         self.thread = threading.Thread(target=httpd.serve_forever, name="shardctl-http", daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.httpd.server_address[:2]
 
     def shutdown(self) -> None:
         self.httpd.shutdown()
@@ -155,9 +154,8 @@ class Server:
 def serve(daemon: "Daemon", listen: str) -> Server:
     host, port = parse_listen(listen)
     handler = type("BoundHandler", (Handler,), {"daemon": daemon})
-    ThreadingHTTPServer.daemon_threads = True
     try:
-        httpd = ThreadingHTTPServer((host, port), handler)
+        httpd = _HTTPServer((host, port), handler)
     except OSError as exc:
         raise UserError(f"cannot listen on {listen}: {exc.strerror}", "pick another port with --listen HOST:PORT") from None
     server = Server(httpd)

@@ -60,7 +60,6 @@ class HistoryEntry(Frozen):
 class Snapshot(Frozen):
     who: str
     config_dir: str
-    listen: str | None = None
     started_at: datetime
     role: str = "starting"  # starting, standby, leader, stopping
     leader: str | None = None  # who leads (this daemon or another)
@@ -68,7 +67,6 @@ class Snapshot(Frozen):
     pause_reason: str = ""
     paused_by: str = ""
     config_error: str | None = None
-    config_loaded_at: datetime | None = None
     plan: Plan | None = None
     plan_text: str = ""
     planned_at: datetime | None = None
