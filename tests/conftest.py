@@ -16,6 +16,27 @@ from pathlib import Path
 import psycopg
 import pytest
 
+def pytest_addoption(parser):
+    parser.addoption("--travel", metavar="ISO8601", default=None,
+                     help="run the in-process tests with the clock moved to this instant (it keeps ticking);"
+                          " proves that no test depends on the date or the hour it runs at")
+
+
+def pytest_configure(config):
+    destination = config.getoption("--travel")
+    if destination:
+        import time_machine
+
+        config._shardctl_travel = time_machine.travel(destination, tick=True)
+        config._shardctl_travel.start()
+
+
+def pytest_unconfigure(config):
+    traveller = getattr(config, "_shardctl_travel", None)
+    if traveller is not None:
+        traveller.stop()
+
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 GOLDEN = Path(__file__).parent / "golden"

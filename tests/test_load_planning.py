@@ -33,7 +33,7 @@ def _desired(tmp_path, extra: str = "", fleet: str = FLEET):
     return loader.load(tmp_path, cwd=tmp_path)
 
 
-def _observation(desired, windows, shards: int = 4, events=(), now_offset: int = 40):
+def _observation(desired, windows, shards: int = 4, events=(), now_offset: int = 40, metrics_offset: int | None = None):
     db = desired.databases["orders"]
     steps = tuple(AppliedStep(seq=i + 1, name=s.name, sha256=s.sha256) for i, s in enumerate(db.schema_steps))
     catalog_shards = tuple(
@@ -54,6 +54,7 @@ def _observation(desired, windows, shards: int = 4, events=(), now_offset: int =
                              reshard_events=tuple(events)),
         servers=servers, shards={}, metrics=windows, metrics_source="recorded traces.yaml",
         taken_at=START + timedelta(seconds=now_offset),
+        metrics_at=START + timedelta(seconds=now_offset if metrics_offset is None else metrics_offset),
     )
 
 
@@ -124,6 +125,31 @@ def test_a_recent_split_holds_the_range_back_for_the_cooldown(tmp_path):
     assert any("held back by the cooldown until 2026-11-26T10:30:00Z" in w for w in plan.warnings)
     later = planner.plan(desired, _observation(desired, _windows(), events=[event], now_offset=1801))
     assert [a.kind for a in later.actions] == ["split_shard"]
+
+
+def test_a_zero_cooldown_holds_nothing_back_even_an_event_after_now(tmp_path):
+    desired = _desired(tmp_path, "policies:\n  default:\n    autosplit: {cooldown: 0s}\n")
+    r = even_ranges(4)[1]
+    after_now = ReshardEvent(at=START + timedelta(hours=5), database="orders", ranges=((r.lo, r.hi),))
+    plan = planner.plan(desired, _observation(desired, _windows(), events=[after_now]))
+    assert [a.kind for a in plan.actions] == ["split_shard"]
+    assert not any("cooldown" in w for w in plan.warnings)
+
+
+def test_a_what_if_on_an_old_recording_judges_cooldowns_at_the_present(tmp_path):
+    """The load comes from a recording made three days ago; the catalog's splits since then are
+    judged against the present, as the real apply would be: one 10 minutes ago still cools, one
+    two hours ago no longer does (its 30-minute cooldown is over), whatever the recording's age."""
+    desired = _desired(tmp_path)
+    r = even_ranges(4)[1]
+    three_days = 3 * 24 * 3600
+    now = three_days + 40  # the present, seconds after START; the recording ends at START + 40 s
+    recent = ReshardEvent(at=START + timedelta(seconds=now - 600), database="orders", ranges=((r.lo, r.hi),))
+    old = ReshardEvent(at=START + timedelta(seconds=now - 7200), database="orders", ranges=((r.lo, r.hi),))
+    held = planner.plan(desired, _observation(desired, _windows(), events=[recent], now_offset=now, metrics_offset=40))
+    assert held.actions == () and any("held back by the cooldown" in w for w in held.warnings)
+    free = planner.plan(desired, _observation(desired, _windows(), events=[old], now_offset=now, metrics_offset=40))
+    assert [a.kind for a in free.actions] == ["split_shard"]
 
 
 def test_max_concurrent_defers_the_rest_and_max_shards_refuses(tmp_path):

@@ -62,12 +62,14 @@ def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]
 
 def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None, observation: Observation,
                  metrics_file: str | None = None) -> Observation:
-    now = datetime.now(timezone.utc)
+    now = observation.now()
     if metrics_file:
+        # A what-if on a recording: the load is judged as of the recording's newest sample, while
+        # the catalog's own events (cooldowns, expiry, grace periods) stay judged at the present.
         samples = recorded.load(metrics_file)
         latest = max((s.at for window in samples.values() for s in window), default=now)
         return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
-                                              "taken_at": latest})
+                                              "taken_at": now, "metrics_at": latest})
     history, last = stored_history(conn)
     shards = monitored_shards(observation)
     if shards:
@@ -77,7 +79,8 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
                 history.setdefault(address, []).append(sample)
     limits = history_limits(desired, shards)
     window = {a: tuple(v[-limits.get(a, 10):]) for a, v in sorted(history.items())}
-    return observation.model_copy(update={"metrics": window, "metrics_source": "live", "taken_at": now})
+    return observation.model_copy(update={"metrics": window, "metrics_source": "live", "taken_at": now,
+                                          "metrics_at": now})
 
 
 def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
@@ -107,7 +110,7 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
             samples = [*samples, unknown_sample(shard, now, interval)][-limits[shard.address]:]
         window[shard.address] = tuple(samples)
     return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
-                                          "taken_at": now})
+                                          "taken_at": now, "metrics_at": now})
 
 
 def unknown_sample(shard: CatalogShard, at: datetime, interval: float) -> Sample:

@@ -5,7 +5,7 @@ Frozen models, so a plan computed from an observation can always be explained fr
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -125,7 +125,16 @@ class Observation(Frozen):
     metrics: dict[str, tuple[Sample, ...]] = {}  # sample window per shard address, oldest first
     metrics_source: str = "none"  # "live", "recorded FILE" or "none"
     branch_schemas: dict[str, dict[str, Any]] = {}  # live schema of each active branch
+    # The wall clock when the observation was made: cooldowns, branch expiry and retirement
+    # grace periods are judged against it, because the catalog's events happened in real time.
     taken_at: datetime | None = None
+    # The instant the metrics describe: the newest recorded sample for `--metrics FILE`, else
+    # `taken_at`. Load windows are judged against it; it never decides a cooldown.
+    metrics_at: datetime | None = None
+
+    def now(self) -> datetime:
+        """The observation's wall clock (the present when it was not recorded)."""
+        return self.taken_at or datetime.now(timezone.utc)
 
     @property
     def serial(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import psycopg
 
 from engine.catalog import store
+from engine.clock import Clock, system_clock
 from engine.errors import redact
 from engine.observe import introspect
 from engine.observe.models import CatalogState, LiveServer, LiveShard, Observation
@@ -16,12 +17,14 @@ from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
 
 
-def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True) -> Observation:
+def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True,
+            clock: Clock = system_clock) -> Observation:
     """`inspect_schemas=False` skips the per-shard connections (metric rounds need only the
     catalog and the servers, and every query on a shard would count as load on it)."""
+    taken_at = clock()
     catalog = store.read(catalog_conn) if catalog_conn is not None else CatalogState(exists=False)
     servers = {name: inspect_server(fleet, name) for name in sorted(fleet.servers)}
-    observation = Observation(catalog=catalog, servers=servers, shards={})
+    observation = Observation(catalog=catalog, servers=servers, shards={}, taken_at=taken_at)
     return inspect_shards(fleet, observation) if inspect_schemas else observation
 
 

@@ -9,7 +9,7 @@ new shards go (another server first, the least loaded by storage).
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from engine.config.loader import Desired, DesiredDatabase
 from engine.detect.detector import Assessment, assess
@@ -47,7 +47,7 @@ def assessments(desired: Desired, observation: Observation) -> dict[str, Assessm
 def load_actions(desired: Desired, observation: Observation) -> tuple[list, list[str]]:
     actions: list = []
     warnings: list[str] = []
-    now = observation.taken_at or datetime.now(timezone.utc)
+    now = observation.now()  # cooldowns are about real time, never the recording's
     verdicts = assessments(desired, observation)
     storage = _storage_by_server(observation)
     for name, db in desired.databases.items():
@@ -85,6 +85,8 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
     events = [e for e in observation.catalog.reshard_events if e.database == db.name]
 
     def cooling(shard: CatalogShard) -> datetime | None:
+        if cooldown <= timedelta(0):
+            return None  # a zero cooldown holds nothing back, not even an event stamped after `now`
         ends = [e.at + cooldown for e in events
                 if e.at + cooldown > now and any(_overlaps((shard.lo, shard.hi), r) for r in e.ranges)]
         return max(ends) if ends else None

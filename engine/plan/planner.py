@@ -9,7 +9,7 @@ prevent_destroy does.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from deepdiff import DeepDiff
@@ -240,7 +240,7 @@ def resume_move(pending, in_flight: str | None = None) -> Any:
 
 
 def _branches(desired: Desired, observation: Observation) -> tuple[list, list[str]]:
-    now = datetime.now(timezone.utc)  # expiry is wall-clock time
+    now = observation.now()  # expiry is wall-clock time, never a recording's
     actions: list = []
     notes: list[str] = []
     recorded = observation.catalog.branches
@@ -329,8 +329,7 @@ def _delete_branch(have, expired: bool) -> DeleteBranch:
 
 
 def _retired_drops(desired: Desired, observation: Observation) -> list[DropRetiredShard]:
-    # wall-clock time, not the time of recorded samples: a grace period is about real time
-    now = datetime.now(timezone.utc)
+    now = observation.now()  # a grace period is about real time, never a recording's
     out = []
     for name, recorded in observation.catalog.databases.items():
         db = desired.databases.get(name)
