@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
+from engine.actions.compare import Comparison, VerifyRestart
+from engine.actions.locking import with_lock_retries
 from engine.actions.base import (
     ApplyContext,
     apply_steps,
@@ -41,19 +43,70 @@ from engine.actions.base import (
 )
 from engine.catalog import journal, store
 from engine.catalog.journal import Operation
+from engine.config.models import Moves
 from engine.errors import UserError
 from engine.plan.models import ShardSpec, StepSpec
 
-SYNC_TIMEOUT = 600.0
 CATCH_UP_TIMEOUT = 30.0
-LAG_BYTES = 1 << 20
-FENCE_LOCK_TIMEOUT = "2s"
-FENCE_RETRIES = 10
+LAG_FLOOR = 64 << 10  # a lag this small is applied in milliseconds whatever the measured rate
 HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
 
 
 class MoveFailed(UserError):
     pass
+
+
+@dataclass(frozen=True)
+class Progress:
+    at: float  # monotonic seconds
+    ready: int  # tables whose initial copy is done
+    tables: int
+    copied_rows: int
+    copied_bytes: int
+    lag: int  # bytes: the worst slot's distance from its source's WAL position
+    positions: dict[str, tuple[int, int]]  # per source: (WAL position, slowest slot's confirmed position)
+
+
+@dataclass
+class RateMeter:
+    """Rates over the last few seconds of readings: the sources' WAL rate, the apply rate (how
+    fast the slots' confirmed positions advance) and the copy rate in rows."""
+
+    window_s: float = 5.0
+    readings: list[Progress] = field(default_factory=list)
+
+    def add(self, reading: Progress) -> None:
+        self.readings.append(reading)
+        while len(self.readings) > 2 and reading.at - self.readings[1].at >= self.window_s:
+            self.readings.pop(0)
+
+    def _rate(self, value: Callable[[Progress], float]) -> float:
+        if len(self.readings) < 2:
+            return 0.0
+        first, last = self.readings[0], self.readings[-1]
+        elapsed = last.at - first.at
+        return max(0.0, (value(last) - value(first)) / elapsed) if elapsed > 0 else 0.0
+
+    @property
+    def wal_rate(self) -> float:
+        return self._rate(lambda r: sum(w for w, _ in r.positions.values()))
+
+    @property
+    def apply_rate(self) -> float:
+        return self._rate(lambda r: sum(c for _, c in r.positions.values()))
+
+    @property
+    def copy_rate(self) -> float:
+        return self._rate(lambda r: r.copied_rows)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 @dataclass(frozen=True)
@@ -78,6 +131,14 @@ class Move:
     targets: tuple[ShardSpec, ...]
     links: tuple[Link, ...]
     label: str  # e.g. "split orders/40-80"
+    settings: Moves = Moves()
+    fenced_at: float | None = None
+    verified_keys: int = 0  # keys rechecked behind the fence  # monotonic time the fence's locks were held; see pause_ms()
+
+    def pause_ms(self) -> float:
+        """The one pause figure: from the fence holding its locks (writes to the range stop) to the
+        routing flip (the targets own the range). Printed, and kept in the history."""
+        return round((time.monotonic() - self.fenced_at) * 1000, 1) if self.fenced_at else 0.0
 
     # ------------------------------------------------------------------ helpers
 
@@ -181,15 +242,23 @@ class Move:
                 with self.connect(link.target) as conn:
                     if conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)).fetchone():
                         continue
+                    # synchronous_commit off: the apply worker stops waiting on a WAL flush per
+                    # transaction (it spent 84-88% of its time there, and never caught up with a busy
+                    # source). Safe: it reports to the source only positions already durable here,
+                    # so the slot replays anything a crash of this server would lose.
+                    # streaming: large transactions are applied while they run instead of spooled
+                    # to disk first; in parallel by a second worker where the server has it (16+).
+                    streaming = "parallel" if conn.info.server_version >= 160000 else "on"
                     conn.execute(sql.SQL(
                         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (slot_name = {}, create_slot = false,"
-                        " copy_data = true, synchronous_commit = 'on', binary = true)"
+                        " copy_data = true, synchronous_commit = 'off', binary = true, streaming = {})"
                     ).format(sql.Identifier(name), sql.Literal(self.source_conninfo(link.source)),
-                             sql.Identifier(name), sql.Literal(name)))
+                             sql.Identifier(name), sql.Literal(name), sql.Literal(streaming)))
 
-    def _lag(self) -> tuple[int, int, int]:
-        """(tables not yet ready, tables in all, worst slot lag in bytes)."""
-        waiting = total = 0
+    def _progress(self) -> Progress:
+        """One reading of the copy and the replication: tables ready, rows copied so far, and per
+        source its WAL position and the slowest of its slots' confirmed positions."""
+        waiting = total = copied_rows = copied_bytes = 0
         for link in self.links:
             name = link.name(self.op.id)
             with self.connect(link.target) as conn:
@@ -198,14 +267,29 @@ class Move:
                     " JOIN pg_subscription s ON s.oid = sr.srsubid WHERE s.subname = %s", (name,)).fetchone()
                 waiting += row[0]
                 total += row[1]
-        worst = 0
+                # rows of finished tables (their COPY counted as inserts) plus the COPYs running now
+                copying = conn.execute(
+                    "SELECT (SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables"
+                    "        WHERE schemaname <> '_shardctl')::bigint"
+                    " + (SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy"
+                    "    WHERE datname = current_database())::bigint,"
+                    " (SELECT coalesce(sum(bytes_processed), 0) FROM pg_stat_progress_copy"
+                    "  WHERE datname = current_database())::bigint").fetchone()
+                copied_rows += int(copying[0])
+                copied_bytes += int(copying[1])
+        lag = 0
+        positions: dict[str, tuple[int, int]] = {}
         for link in self.links:
             with self.connect(link.source) as conn:
-                lag = conn.execute(
-                    "SELECT coalesce(pg_current_wal_lsn() - confirmed_flush_lsn, 0)::bigint FROM pg_replication_slots"
-                    " WHERE slot_name = %s", (link.name(self.op.id),)).fetchone()
-                worst = max(worst, int(lag[0]) if lag else 0)
-        return waiting, total, worst
+                row = conn.execute(
+                    "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, coalesce(confirmed_flush_lsn, '0/0') - '0/0'::pg_lsn"
+                    " FROM pg_replication_slots WHERE slot_name = %s", (link.name(self.op.id),)).fetchone()
+            if row:
+                wal, confirmed = int(row[0]), int(row[1])
+                prev = positions.get(link.source.name)
+                positions[link.source.name] = (wal, min(confirmed, prev[1]) if prev else confirmed)
+                lag = max(lag, wal - confirmed)
+        return Progress(time.monotonic(), total - waiting, total, copied_rows, copied_bytes, lag, positions)
 
     def _subscription_errors(self) -> str:
         out = []
@@ -217,101 +301,203 @@ class Move:
                 out.append(f"{link.target.dbname}: {row[0]} apply errors, {row[1]} table-sync errors")
         return "; ".join(out)
 
-    def sync(self) -> None:
-        with self.step("sync"):
-            deadline = time.monotonic() + SYNC_TIMEOUT
+    def _expected_rows(self) -> int:
+        """An estimate of the rows to copy, for the ETA: the sources' planner statistics (a split's
+        target gets its share of its source's rows)."""
+        total = 0
+        for link in self.links:
+            with self.connect(link.source) as conn:
+                rows = conn.execute(
+                    "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')"
+                    " AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
+                    " AND n.nspname NOT LIKE 'pg_toast%%'").fetchone()[0]
+            total += int(rows) // (len(self.links) if link.filtered else 1)
+        return total
+
+    def sync(self, final: bool = False) -> None:
+        """Wait for the initial copy, then until the lag is small enough that catch-up behind the
+        fence fits the pause budget (by the measured apply rate). Reports rows, rate, lag and ETA
+        as it goes; gives up after `moves.converge_timeout` saying what it measured."""
+        with self.step("sync" if not final else "converge"):
+            limit = self.settings.converge_timeout
+            budget = self.settings.pause_budget
+            started = time.monotonic()
+            expected_tables = sum(len(self.tables(link.source)) for link in self.links)
+            expected_rows = self._expected_rows() if not final else 0
+            rates = RateMeter()
             told = 0.0
-            expected = sum(len(self.tables(link.source)) for link in self.links)
             while True:
-                waiting, total, lag = self._lag()
-                if total >= expected and waiting == 0 and lag < LAG_BYTES:
-                    break
+                now = self._progress()
+                rates.add(now)
+                copied = now.ready >= expected_tables
+                if copied and (now.lag <= LAG_FLOOR or (rates.apply_rate > 0 and now.lag <= rates.apply_rate * budget)):
+                    self.progress(phase="caught up", lag_bytes=now.lag, wal_rate=rates.wal_rate,
+                                  apply_rate=rates.apply_rate)
+                    return
                 failing = self._subscription_errors()
                 if failing:
                     raise MoveFailed(f"{self.label}: replication into the targets is failing ({failing})",
                                      "the source is untouched; see the target server's log, then `shardctl abort`"
                                      " the operation or fix the cause and apply again")
                 if time.monotonic() - told > 2:
-                    self.say(f"copying: {total - waiting}/{expected} tables synchronised, replication lag "
-                             f"{lag / 1e6:.1f} MB")
+                    if not copied:
+                        rows_rate = rates.copy_rate
+                        remaining = max(0, expected_rows - now.copied_rows)
+                        eta = f", ETA {_duration(remaining / rows_rate)}" if rows_rate > 0 and expected_rows else ""
+                        of = f" of ~{expected_rows:,}" if expected_rows else ""
+                        self.progress(phase="copy", tables_ready=now.ready, tables=expected_tables,
+                                      rows_copied=now.copied_rows, rows_expected=expected_rows,
+                                      bytes_copied=now.copied_bytes, rows_per_s=round(rows_rate),
+                                      text=f"copying: {now.ready}/{expected_tables} tables ready, {now.copied_rows:,}"
+                                           f"{of} rows in flight ({now.copied_bytes / 1e6:.1f} MB) at"
+                                           f" {rows_rate:,.0f} rows/s{eta}")
+                    else:
+                        gain = rates.apply_rate - rates.wal_rate
+                        eta = f", ETA {_duration(now.lag / gain)}" if gain > 0 else ", not converging yet"
+                        self.progress(phase="catch-up", lag_bytes=now.lag, wal_rate=rates.wal_rate,
+                                      apply_rate=rates.apply_rate,
+                                      text=f"catching up: lag {now.lag / 1e6:.1f} MB, source writes"
+                                           f" {rates.wal_rate / 1e6:.1f} MB/s, applied {rates.apply_rate / 1e6:.1f}"
+                                           f" MB/s{eta}")
                     told = time.monotonic()
-                if time.monotonic() > deadline:
-                    raise MoveFailed(f"{self.label}: the initial copy did not finish within {SYNC_TIMEOUT:.0f}s",
-                                     "the source is untouched; `shardctl abort` removes what was created")
+                if time.monotonic() - started > limit:
+                    if not copied:
+                        raise MoveFailed(
+                            f"{self.label}: the initial copy is not finished after {_duration(limit)}:"
+                            f" {now.ready} of {expected_tables} tables ready, {now.copied_rows:,} rows in flight",
+                            "the source is untouched; raise moves.converge_timeout or move a smaller shard;"
+                            " `shardctl abort` removes what was created")
+                    raise MoveFailed(
+                        f"{self.label}: replication did not catch up within {_duration(limit)}: lag"
+                        f" {now.lag / 1e6:.1f} MB, the source writes {rates.wal_rate / 1e6:.2f} MB/s of WAL and the"
+                        f" targets apply {rates.apply_rate / 1e6:.2f} MB/s",
+                        "the source is untouched and takes writes; retry when its write rate is lower, or raise"
+                        " moves.converge_timeout; `shardctl abort` removes what was created")
                 time.sleep(0.1)
+
+    def progress(self, text: str | None = None, **figures) -> None:
+        """A progress report: printed (when there is text), and kept for `status` and the daemon."""
+        if text:
+            self.say(text)
+        self.op.progress({"step": self.label, **figures, **({"text": text} if text else {})})
 
     def fence(self) -> dict[str, str]:
         """Stop writes on every source; returns each source's fence LSN (a logical message after it)."""
         with self.step("fence"):
-            started = time.monotonic()
             for source in self.sources:
                 self._fence_one(source)
-            fence_ms = (time.monotonic() - started) * 1000
             lsns: dict[str, str] = {}  # per source: LSNs of different servers do not compare
             for source in self.sources:
                 with self.connect(source) as conn:
                     lsns[source.name] = conn.execute(
                         "SELECT pg_logical_emit_message(true, 'shardctl_fence', %s)::text",
                         (f"operation {self.op.id}",)).fetchone()[0]
-            self.say(f"writes fenced in {fence_ms:.0f} ms")
-            self.fence_ms = fence_ms
             return lsns
 
+    def _qualified(self, tables: list[tuple[str, str]]) -> list[sql.Composable]:
+        return [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t)) for s, t in tables]
+
     def _fence_one(self, source: ShardSpec) -> None:
+        """LOCK every table (waits for in-flight writes to commit), then the refusing triggers, in
+        one transaction: after it commits, no write to these tables is uncommitted, and none can
+        start. The locks are taken with a lock timeout below deadlock_timeout and retried."""
         tables = self.tables(source)
+        qualified = self._qualified(tables)
+
+        def fence(conn: psycopg.Connection) -> None:
+            conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(qualified)))
+            if self.fenced_at is None:
+                self.fenced_at = time.monotonic()  # writes to the range wait from here (a merge: its first source)
+            conn.execute(FENCE_FUNCTION)
+            for table in qualified:
+                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(table))
+                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(table))
+                conn.execute(sql.SQL("CREATE TRIGGER shardctl_fence BEFORE INSERT OR UPDATE OR DELETE ON {}"
+                                     " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(table))
+                conn.execute(sql.SQL("CREATE TRIGGER shardctl_fence_truncate BEFORE TRUNCATE ON {}"
+                                     " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(table))
+
         with self.connect(source, autocommit=False) as conn:
-            for attempt in range(FENCE_RETRIES):
-                try:
-                    with conn.transaction():
-                        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(FENCE_LOCK_TIMEOUT)))
-                        conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-                            sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t))
-                                               for s, t in tables)))
-                        conn.execute(FENCE_FUNCTION)
-                        for schema, table in tables:
-                            qualified = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-                            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(qualified))
-                            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(qualified))
-                            conn.execute(sql.SQL(
-                                "CREATE TRIGGER shardctl_fence BEFORE INSERT OR UPDATE OR DELETE ON {}"
-                                " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(qualified))
-                            conn.execute(sql.SQL(
-                                "CREATE TRIGGER shardctl_fence_truncate BEFORE TRUNCATE ON {}"
-                                " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(qualified))
-                    conn.commit()
-                    return
-                except errors.LockNotAvailable:
-                    conn.rollback()
-                    time.sleep(0.05 * (attempt + 1))  # a session idle in transaction holds a lock: retry
-            raise MoveFailed(f"{self.label}: could not lock {source.dbname} to fence writes after {FENCE_RETRIES} tries",
-                             "a session holds a lock on its tables (idle in transaction?); apply again to retry")
+            names = [q.as_string(conn) for q in qualified]
+            self.fence_tries = with_lock_retries(conn, fence, what=f"fence writes on {source.dbname}",
+                                                 relations=names, say=self.say)
 
     def lift_fence(self) -> None:
         for source in self.sources:
             tables = self.tables(source)
-            with self.connect(source) as conn:
-                for schema, table in tables:
-                    qualified = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(qualified))
-                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(qualified))
+            qualified = self._qualified(tables)
+
+            def lift(conn: psycopg.Connection) -> None:
+                for table in qualified:
+                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(table))
+                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(table))
+
+            with self.connect(source, autocommit=False) as conn:
+                with_lock_retries(conn, lift, what=f"lift the fence on {source.dbname}",
+                                  relations=[q.as_string(conn) for q in qualified], say=self.say)
+
+    def failure(self, text: str) -> MoveFailed:
+        return MoveFailed(f"{self.label}: verification failed: {text}",
+                          "the source keeps its rows and takes writes; what was created is removed")
+
+    def wait_confirmed(self, marks: dict[str, str], timeout: float, what: str, poll: float = 0.002) -> None:
+        """Until every link's slot has confirmed its source's mark: the target applied the source's
+        WAL up to there and made it durable (the subscriber confirms only flushed positions).
+        Its commits are asynchronous (synchronous_commit off), so after a first look a commit on
+        each target that assigns a transaction id forces its WAL to disk at once, instead of
+        waiting for the WAL writer's next round."""
+        deadline = time.monotonic() + timeout
+        flushed_at = 0.0
+        while True:
+            behind = []
+            for link in self.links:
+                with self.connect(link.source) as conn:
+                    row = conn.execute(
+                        "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                        (marks[link.source.name], link.name(self.op.id))).fetchone()
+                if not row or not row[0]:
+                    behind.append(link)
+            if not behind:
+                return
+            if time.monotonic() - flushed_at > 0.02:
+                for target in {link.target for link in behind}:
+                    with self.connect(target) as conn:
+                        conn.execute("SELECT pg_current_xact_id()")  # autocommit: commits, flushing the WAL
+                flushed_at = time.monotonic()
+            if time.monotonic() > deadline:
+                raise MoveFailed(f"{self.label}: the targets did not confirm {what} within {_duration(timeout)}",
+                                 "the source takes writes again; apply again to retry")
+            time.sleep(poll)
 
     def catch_up(self, fence_lsns: dict[str, str]) -> None:
         with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
-            deadline = time.monotonic() + CATCH_UP_TIMEOUT
-            while True:
-                behind = 0
-                for link in self.links:
-                    with self.connect(link.source) as conn:
-                        row = conn.execute(
-                            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
-                            (fence_lsns[link.source.name], link.name(self.op.id))).fetchone()
-                        if not row or not row[0]:
-                            behind += 1
-                if not behind:
-                    return
-                if time.monotonic() > deadline:
-                    raise MoveFailed(f"{self.label}: the targets did not confirm the fence within {CATCH_UP_TIMEOUT:.0f}s")
-                time.sleep(0.005)
+            self.wait_confirmed(fence_lsns, CATCH_UP_TIMEOUT, "the fence")
+
+    def compare(self) -> Comparison:
+        """Every row compared while writes go on (see engine.actions.compare)."""
+        with self.step("compare"):
+            for attempt in range(3):
+                comparison = Comparison(self)
+                try:
+                    comparison.begin()
+                    comparison.full_round()
+                    comparison.key_rounds()
+                    left = sum(len(v) for v in comparison.left.values())
+                    self.progress(phase="compared", keys_left=left, rounds=comparison.rounds,
+                                  text=f"compared every row while writes went on; {left} changed keys left to"
+                                       " recheck behind the fence")
+                    return comparison
+                except VerifyRestart as truncated:
+                    self.say(f"a TRUNCATE of {truncated} during the comparison: comparing again")
+            raise MoveFailed(f"{self.label}: tables were truncated during every comparison",
+                             "the source is untouched; apply again when the TRUNCATEs are over")
+
+    def verify(self, comparison: Comparison, fence_lsns: dict[str, str]) -> dict[str, dict[str, int]]:
+        """Behind the fence: the keys left by the comparison and those changed since."""
+        with self.step("verify"):
+            self.verified_keys = comparison.final(fence_lsns)
+            return comparison.figures
 
     def sequences(self) -> None:
         with self.step("sequences"):
@@ -331,59 +517,6 @@ class Move:
                         conn.execute("SELECT setval(%s, %s, true)",
                                      (sql.Identifier(schema, name).as_string(conn), value + i * gap + 1))
 
-    def verify(self) -> dict[str, dict[str, int]]:
-        """Counts and checksums per table: the frozen sources (restricted to each target's range
-        for a split) against the targets. Returns the figures; raises on any difference.
-
-        This runs while writes are fenced, so it is made fast: every query of it runs at once
-        (one connection each: sources and targets live on different servers and cores), and rows
-        are hashed with hash_record_extended (by value, about twice as fast as hashing their text
-        form), falling back to the text form for a table with a column type that has no hash."""
-        with self.step("verify"):
-            jobs: list[tuple[str, ShardSpec, sql.Composable, sql.Composable]] = []
-            keys: list[tuple[ShardSpec, str, str]] = []
-            for target in self.targets:
-                for schema, table in self.tables(target):
-                    qualified = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-                    key = f"{target.name}:{schema}.{table}"
-                    keys.append((target, schema, table))
-                    jobs.append((key + "|target", target, qualified, sql.SQL("true")))
-                    for link in self.links:
-                        if link.target == target:
-                            where = self.range_filter(target) if link.filtered else sql.SQL("true")
-                            jobs.append((f"{key}|source{link.index}", link.source, qualified, where))
-            with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
-                results = dict(zip([j[0] for j in jobs], pool.map(lambda j: self._checksum(*j[1:]), jobs)))
-            figures: dict[str, dict[str, int]] = {}
-            mismatches = []
-            for target, schema, table in keys:
-                key = f"{target.name}:{schema}.{table}"
-                count, total = results[key + "|target"]
-                expected = [0, 0]
-                for name, (c, t) in results.items():
-                    if name.startswith(key + "|source"):
-                        expected[0] += c
-                        expected[1] += t
-                figures[key] = {"rows": count, "expected_rows": expected[0]}
-                if (count, total) != (expected[0], expected[1]):
-                    mismatches.append(f"{target.dbname} {schema}.{table}: {count} rows (checksum {total}),"
-                                      f" sources have {expected[0]} rows (checksum {expected[1]})")
-            if mismatches:
-                self.lift_fence()
-                raise MoveFailed(f"{self.label}: verification failed; the fence was lifted and the source is untouched",
-                                 "\n".join(mismatches))
-            return figures
-
-    def _checksum(self, shard: ShardSpec, table: sql.Composable, where: sql.Composable) -> tuple[int, int]:
-        with self.connect(shard) as conn:
-            try:
-                row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(hash_record_extended(t, 0)), 0)::text"
-                                           " FROM {} t WHERE {}").format(table, where)).fetchone()
-            except errors.FeatureNotSupported:  # a column type without a hash function (json, point, ...)
-                row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text"
-                                           " FROM {} t WHERE {}").format(table, where)).fetchone()
-        return int(row[0]), int(row[1])
-
     def cleanup(self) -> None:
         with self.step("cleanup"):
             self.remove_replication()
@@ -391,6 +524,7 @@ class Move:
     def remove_replication(self) -> None:
         """Subscriptions, slots and publications of this operation, wherever they are. A slot
         left behind would retain WAL; a target with a live subscription could not be dropped."""
+        Comparison(self).drop_slots()
         for link in self.links:
             name = link.name(self.op.id)
             try:
@@ -465,8 +599,10 @@ def for_action(ctx: ApplyContext, action, op: Operation, label: str | None = Non
         sources, targets = action.sources, (action.target,)
         links = tuple(Link(i, s, action.target, filtered=False) for i, s in enumerate(sources))
         label = label or f"merge {action.database}/{action.target.name}"
+    desired = ctx.fleet.desired.databases.get(action.database)
+    settings = desired.effective_policy.moves if desired else Moves()
     return Move(ctx=ctx, op=op, database=action.database, key_column=key_column, key_type=key_type,
-                sources=sources, targets=targets, links=links, label=label)
+                sources=sources, targets=targets, links=links, label=label, settings=settings)
 
 
 def operation_for(ctx: ApplyContext, action) -> Operation:
@@ -527,25 +663,28 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
     timed("publish", move.publish)
     timed("subscribe", move.subscribe)
     timed("sync", move.sync)
+    comparison = timed("compare", move.compare)
+    timed("converge", lambda: move.sync(final=True))  # the comparison took time: lag small again
     # from the fence to the flip the source refuses writes: a stop request (Ctrl-C, SIGTERM)
     # waits for the flip instead of parking the range read-only; before the fence, it parks
     if journal.stop_requested():
         raise journal.Interrupted("stopped before the fence; apply again to continue")
     with journal.until_done():
-        fence_lsn = timed("fence", move.fence)
         try:
+            fence_lsn = timed("fence", move.fence)
             timed("catch_up", lambda: move.catch_up(fence_lsn))
             timed("sequences", move.sequences)
-        except (MoveFailed, psycopg.Error):
+        except (UserError, psycopg.Error):
             move.lift_fence()  # rollback path: the source takes writes again; apply resumes later
             raise
         try:
-            figures = timed("verify", move.verify)
+            figures = timed("verify", lambda: move.verify(comparison, fence_lsn))
         except MoveFailed:
             move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
             raise
         timed("flip", lambda: move.flip({**on_flip(), "timings": timings, "verification": figures,
-                                         "fence_ms": round(getattr(move, "fence_ms", 0.0), 1),
+                                         "verified_changed_keys": move.verified_keys, "pause_ms": move.pause_ms(),
                                          "actor": move.ctx.actor}))
+        move.say(f"writes to the range paused for {move.pause_ms():.0f} ms (fence to flip)")
     timed("cleanup", move.cleanup)
     return {"timings": timings, "verification": figures}

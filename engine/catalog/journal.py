@@ -90,6 +90,14 @@ class Operation:
             raise
         self._record(name, "done", detail)
 
+    def progress(self, figures: dict[str, Any]) -> None:
+        """The latest progress of a long step (rows, rates, lag, ETA), for `status` and the daemon.
+        Kept beside the journal, not in it: it is overwritten, not appended."""
+        if self.conn.closed:
+            return
+        self.conn.execute("UPDATE shardctl.operations SET detail = detail || jsonb_build_object('progress', %s::jsonb)"
+                          " WHERE id = %s", (Jsonb(figures), self.id))
+
     def finish(self, state: str = "done") -> None:
         self.conn.execute("UPDATE shardctl.operations SET state = %s, finished_at = now() WHERE id = %s",
                           (state, self.id))

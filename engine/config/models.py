@@ -166,6 +166,17 @@ class AutoMerge(Frozen):
     enabled: bool = False
 
 
+class Moves(Frozen):
+    """How a split or merge moves rows: how long it waits for replication, how short the pause."""
+
+    converge_timeout: Duration = Field(
+        1800.0, description="how long a split or merge waits for the initial copy and for replication to catch up"
+                            " with the source's writes before it gives up (the source is untouched), e.g. 30m")
+    pause_budget: Duration = Field(
+        0.1, description="writes are fenced only when the measured apply rate says the remaining lag is applied"
+                         " within this time, e.g. 100ms")
+
+
 class Policy(Frozen):
     """When a shard is hot or cold, and what automation may do about it."""
 
@@ -178,6 +189,7 @@ class Policy(Frozen):
     metrics: Metrics = Metrics()
     autosplit: AutoSplit = AutoSplit()
     automerge: AutoMerge = AutoMerge()
+    moves: Moves = Moves()
 
 
 class PolicyOverrides(Frozen):

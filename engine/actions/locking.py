@@ -1,0 +1,125 @@
+"""Taking locks on a live shard without ever joining a deadlock, and naming who is in the way.
+
+Every statement that locks a table an application writes (the fence, lifting it) runs through
+`with_lock_retries`: a lock timeout far below the server's `deadlock_timeout`, so our wait ends
+before PostgreSQL's deadlock detector would run and pick a victim (the application's
+transaction or ours); a rollback that releases whatever we held; a short randomised backoff; and
+a bounded number of tries within a total time budget. Between tries it records who held the
+locks we waited for, so that giving up names them. A database condition is never reported as a
+bug: the caller gets `LockContention` with the blockers and what to do.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors, sql
+
+from engine.errors import UserError
+
+LOCK_TIMEOUT_MS = 100  # at most a quarter of deadlock_timeout; see lock_timeout_ms()
+TRIES = 60
+BUDGET_S = 30.0
+# QueryCanceled: our own statement_timeout, which caps a statement that waits on several locks
+RETRYABLE = (errors.LockNotAvailable, errors.DeadlockDetected, errors.QueryCanceled)
+
+
+class LockContention(UserError):
+    """Could not take the locks within the budget: the shard is as it was."""
+
+
+@dataclass(frozen=True)
+class Blocker:
+    pid: int
+    application_name: str
+    state: str
+    xact_age_s: float | None
+    query_start: str
+
+    def describe(self) -> str:
+        age = f", in a transaction for {self.xact_age_s:.1f}s" if self.xact_age_s is not None else ""
+        app = self.application_name or "no application_name"
+        return f"pid {self.pid} ({app}, {self.state}{age}): {self.query_start!r}"
+
+
+_LITERAL = re.compile(r"'(?:[^']|'')*'|\$[A-Za-z_]*\$.*?\$[A-Za-z_]*\$|\b\d+(?:\.\d+)?\b", re.S)
+
+
+def query_start(query: str | None, length: int = 60) -> str:
+    """The start of a statement with its literal values masked: a blocker is named by what it
+    runs, never by the data it carries (parameters, values, secrets)."""
+    text = " ".join(_LITERAL.sub("?", query or "").split())
+    return text[:length] + ("..." if len(text) > length else "")
+
+
+def blockers(conn: psycopg.Connection, relations: list[str]) -> list[Blocker]:
+    """Sessions other than ours holding a lock on any of `relations` (qualified names)."""
+    rows = conn.execute(
+        """SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+                  extract(epoch FROM now() - a.xact_start)::float8, a.query
+             FROM pg_stat_activity a
+            WHERE a.pid <> pg_backend_pid()
+              AND a.pid IN (SELECT l.pid FROM pg_locks l
+                             WHERE l.granted AND l.relation = ANY(%s::regclass[]))
+            ORDER BY a.xact_start NULLS LAST, a.pid LIMIT 5""", (relations,)).fetchall()
+    return [Blocker(r[0], r[1], r[2], r[3], query_start(r[4])) for r in rows]
+
+
+def lock_timeout_ms(conn: psycopg.Connection) -> int:
+    """Well below this server's deadlock_timeout, so our waits never last long enough for the
+    deadlock detector to run on their account."""
+    deadlock_ms = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
+    return max(10, min(LOCK_TIMEOUT_MS, deadlock_ms // 4))  # twice this stays under deadlock_timeout
+
+
+def with_lock_retries(conn: psycopg.Connection, work: Callable[[psycopg.Connection], None], *, what: str,
+                      relations: list[str], say: Callable[[str], None] = lambda _: None,
+                      tries: int = TRIES, budget_s: float = BUDGET_S) -> int:
+    """Run `work(conn)` in one transaction of `conn` (autocommit off) with a short lock timeout,
+    retrying on lock timeouts and deadlocks. Returns the number of tries it took."""
+    timeout = lock_timeout_ms(conn)
+    conn.rollback()
+    started = time.monotonic()
+    seen: list[Blocker] = []
+    rng = random.Random()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{timeout}ms")))
+                # one statement may wait on several locks in turn: cap the whole at twice that
+                conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{2 * timeout}ms")))
+                work(conn)
+            conn.commit()
+            return attempt
+        except RETRYABLE as exc:
+            conn.rollback()
+            kind = "a deadlock" if isinstance(exc, errors.DeadlockDetected) else "a lock held by another session"
+            now_blocking = blockers(conn, relations)
+            conn.rollback()
+            if now_blocking:
+                seen = now_blocking
+            elapsed = time.monotonic() - started
+            if attempt >= tries or elapsed >= budget_s:
+                who = "; ".join(b.describe() for b in seen) or "sessions that finished before they could be named"
+                first = seen[0].pid if seen else None
+                raise LockContention(
+                    f"could not {what}: {attempt} tries over {elapsed:.1f}s each gave up after {timeout} ms"
+                    f" ({kind} on the last); blocked by {who}",
+                    "nothing changed: the shard takes writes as before. A transaction that keeps locks on these"
+                    " tables for long (idle in transaction?) must end first"
+                    + (f" (SELECT pg_terminate_backend({first}) ends it)" if first else "")
+                    + "; then apply again") from None
+            if attempt == 1 or attempt % 10 == 0:
+                who = ", ".join(f"pid {b.pid} ({b.application_name or 'no application_name'}, {b.state})"
+                                for b in now_blocking) or "short transactions"
+                say(f"waiting to {what}: try {attempt} gave way to {who}")
+            # backoff with jitter: give the application's transactions room to finish, and never
+            # retry in lockstep with another waiter
+            time.sleep(min(0.5, 0.02 * attempt) * (0.5 + rng.random()))
