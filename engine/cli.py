@@ -273,7 +273,10 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
             click.echo("No changes. Your fleet matches the configuration.")
         return
     c = result.counts
-    click.echo(f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed.")
+    retired = (f", {c['retired']} retired (read-only, dropped by a later plan after autosplit.retire_after)"
+               if c.get("retired") else "")
+    click.echo(f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed"
+               f"{retired}.")
 
 
 @cli.command()

@@ -40,7 +40,7 @@ class ApplyContext:
     plan_serial: int
     say: Callable[[str], None] = lambda _: None
     actor: str = "apply"  # who runs it: a person's apply, or "daemon <who>"; kept in the history
-    counts: dict[str, int] = field(default_factory=lambda: {"added": 0, "changed": 0, "destroyed": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"added": 0, "changed": 0, "destroyed": 0, "retired": 0})
 
     def begin(self, kind: str, address: str, **detail) -> Operation:
         return Operation.start(self.catalog, kind, address, self.plan_serial, detail)

@@ -18,5 +18,5 @@ def execute(action: MergeShards, ctx: ApplyContext) -> None:
     }, flipped=move.resumed_flipped(ctx, op.id))
     op.finish()
     ctx.counts["added"] += 1
-    ctx.counts["destroyed"] += len(action.sources)
-    ctx.say(f"{action.address}: Merge complete after {timer} (sources retired, read-only)")
+    ctx.counts["retired"] += len(action.sources)
+    ctx.say(f"{action.address}: Merge complete after {timer}; {move.retired_note(ctx, action.database, 'sources')}")

@@ -24,6 +24,7 @@ or aborted operation finds exactly what it made. Identifiers go through psycopg.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -88,6 +89,10 @@ class RateMeter:
         return max(0.0, (value(last) - value(first)) / elapsed) if elapsed > 0 else 0.0
 
     @property
+    def known(self) -> bool:
+        return len(self.readings) >= 2
+
+    @property
     def wal_rate(self) -> float:
         return self._rate(lambda r: sum(w for w, _ in r.positions.values()))
 
@@ -98,6 +103,14 @@ class RateMeter:
     @property
     def copy_rate(self) -> float:
         return self._rate(lambda r: r.copied_rows)
+
+
+def _outcome(work: Callable[[], None]) -> BaseException | None:
+    try:
+        work()
+    except BaseException as exc:  # handed back to the caller's thread, raised there
+        return exc
+    return None
 
 
 def _duration(seconds: float) -> str:
@@ -132,13 +145,13 @@ class Move:
     links: tuple[Link, ...]
     label: str  # e.g. "split orders/40-80"
     settings: Moves = Moves()
-    fenced_at: float | None = None
-    verified_keys: int = 0  # keys rechecked behind the fence  # monotonic time the fence's locks were held; see pause_ms()
+    lock_times: list[float] = field(default_factory=list)  # when each source's fence held its locks
+    verified_keys: int = 0  # keys rechecked behind the fence
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence holding its locks (writes to the range stop) to the
         routing flip (the targets own the range). Printed, and kept in the history."""
-        return round((time.monotonic() - self.fenced_at) * 1000, 1) if self.fenced_at else 0.0
+        return round((time.monotonic() - min(self.lock_times)) * 1000, 1) if self.lock_times else 0.0
 
     # ------------------------------------------------------------------ helpers
 
@@ -194,6 +207,8 @@ class Move:
             for target in self.targets:
                 ensure_database(self.ctx, target)
                 apply_steps(self.ctx, target, steps)
+                with self.connect(target) as conn:
+                    conn.execute(FENCE_MARKS)
 
     def check_replica_identity(self) -> None:
         """A row filter on a column outside the replica identity breaks UPDATE and DELETE on the
@@ -229,6 +244,11 @@ class Move:
                                 else sql.SQL(""))
                             for schema, table in tables
                         ]
+                        # the fence's mark travels with the rows: its arrival is the exact catch-up
+                        conn.execute(FENCE_MARKS)
+                        # only this operation's marks: earlier moves left theirs in every shard they made
+                        members.append(sql.SQL("_shardctl.fence_marks WHERE (operation = {})").format(
+                            sql.Literal(self.op.id)))
                         conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
                             sql.Identifier(name), sql.SQL(", ").join(members)))
                     slot = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
@@ -267,9 +287,11 @@ class Move:
                     " JOIN pg_subscription s ON s.oid = sr.srsubid WHERE s.subname = %s", (name,)).fetchone()
                 waiting += row[0]
                 total += row[1]
-                # rows of finished tables (their COPY counted as inserts) plus the COPYs running now
+        for target in self.targets:  # once per target database, whatever number of links feed it
+            with self.connect(target) as conn:
+                # rows in the tables now plus the COPYs running (their rows are not counted yet)
                 copying = conn.execute(
-                    "SELECT (SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables"
+                    "SELECT (SELECT coalesce(sum(n_live_tup), 0) FROM pg_stat_user_tables"
                     "        WHERE schemaname <> '_shardctl')::bigint"
                     " + (SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy"
                     "    WHERE datname = current_database())::bigint,"
@@ -307,11 +329,11 @@ class Move:
         total = 0
         for link in self.links:
             with self.connect(link.source) as conn:
+                # the larger of the planner's estimate and the statistics' live count: a table
+                # never analysed has no estimate, one never vacuumed a stale live count
                 rows = conn.execute(
-                    "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c"
-                    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')"
-                    " AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
-                    " AND n.nspname NOT LIKE 'pg_toast%%'").fetchone()[0]
+                    "SELECT coalesce(sum(greatest(c.reltuples, s.n_live_tup, 0)), 0)::bigint FROM pg_class c"
+                    " JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE s.schemaname <> '_shardctl'").fetchone()[0]
             total += int(rows) // (len(self.links) if link.filtered else 1)
         return total
 
@@ -323,34 +345,38 @@ class Move:
             limit = self.settings.converge_timeout
             budget = self.settings.pause_budget
             started = time.monotonic()
-            expected_tables = sum(len(self.tables(link.source)) for link in self.links)
+            expected_tables = sum(len(self.tables(link.source)) + 1 for link in self.links)  # + fence_marks
             expected_rows = self._expected_rows() if not final else 0
             rates = RateMeter()
-            told = 0.0
+            told = float("-inf")
             while True:
                 now = self._progress()
                 rates.add(now)
                 copied = now.ready >= expected_tables
                 if copied and (now.lag <= LAG_FLOOR or (rates.apply_rate > 0 and now.lag <= rates.apply_rate * budget)):
                     self.progress(phase="caught up", lag_bytes=now.lag, wal_rate=rates.wal_rate,
-                                  apply_rate=rates.apply_rate)
+                                  apply_rate=rates.apply_rate,
+                                  text=None if final else f"caught up: lag {now.lag / 1e3:,.0f} kB (source writes"
+                                  f" {rates.wal_rate / 1e6:.1f} MB/s of WAL, targets apply {rates.apply_rate / 1e6:.1f}"
+                                  " MB/s)")
                     return
                 failing = self._subscription_errors()
                 if failing:
                     raise MoveFailed(f"{self.label}: replication into the targets is failing ({failing})",
                                      "the source is untouched; see the target server's log, then `shardctl abort`"
                                      " the operation or fix the cause and apply again")
-                if time.monotonic() - told > 2:
+                if rates.known and time.monotonic() - told > 2:
                     if not copied:
                         rows_rate = rates.copy_rate
                         remaining = max(0, expected_rows - now.copied_rows)
-                        eta = f", ETA {_duration(remaining / rows_rate)}" if rows_rate > 0 and expected_rows else ""
+                        eta = (f", ETA {_duration(remaining / rows_rate)}" if rows_rate > 0 and expected_rows
+                               else ", ETA unknown")
                         of = f" of ~{expected_rows:,}" if expected_rows else ""
                         self.progress(phase="copy", tables_ready=now.ready, tables=expected_tables,
                                       rows_copied=now.copied_rows, rows_expected=expected_rows,
                                       bytes_copied=now.copied_bytes, rows_per_s=round(rows_rate),
-                                      text=f"copying: {now.ready}/{expected_tables} tables ready, {now.copied_rows:,}"
-                                           f"{of} rows in flight ({now.copied_bytes / 1e6:.1f} MB) at"
+                                      text=f"copying: {now.ready}/{expected_tables} tables done, {now.copied_rows:,}"
+                                           f"{of} rows ({now.copied_bytes / 1e6:.1f} MB in flight) at"
                                            f" {rows_rate:,.0f} rows/s{eta}")
                     else:
                         gain = rates.apply_rate - rates.wal_rate
@@ -358,8 +384,8 @@ class Move:
                         self.progress(phase="catch-up", lag_bytes=now.lag, wal_rate=rates.wal_rate,
                                       apply_rate=rates.apply_rate,
                                       text=f"catching up: lag {now.lag / 1e6:.1f} MB, source writes"
-                                           f" {rates.wal_rate / 1e6:.1f} MB/s, applied {rates.apply_rate / 1e6:.1f}"
-                                           f" MB/s{eta}")
+                                           f" {rates.wal_rate / 1e6:.1f} MB/s, targets apply"
+                                           f" {rates.apply_rate / 1e6:.1f} MB/s{eta}")
                     told = time.monotonic()
                 if time.monotonic() - started > limit:
                     if not copied:
@@ -385,20 +411,23 @@ class Move:
     def fence(self) -> dict[str, str]:
         """Stop writes on every source; returns each source's fence LSN (a logical message after it)."""
         with self.step("fence"):
-            for source in self.sources:
-                self._fence_one(source)
-            lsns: dict[str, str] = {}  # per source: LSNs of different servers do not compare
-            for source in self.sources:
-                with self.connect(source) as conn:
-                    lsns[source.name] = conn.execute(
-                        "SELECT pg_logical_emit_message(true, 'shardctl_fence', %s)::text",
-                        (f"operation {self.op.id}",)).fetchone()[0]
-            return lsns
+            marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
+            if len(self.sources) == 1:
+                self._fence_one(self.sources[0], marks)
+                return marks
+            # a merge fences its sources at once: the range's pause starts with the first lock
+            with ThreadPoolExecutor(max_workers=len(self.sources)) as pool:
+                outcomes = list(pool.map(lambda source: _outcome(lambda: self._fence_one(source, marks)),
+                                         self.sources))
+            failed = [exc for exc in outcomes if exc is not None]
+            if failed:
+                raise failed[0]
+            return marks
 
     def _qualified(self, tables: list[tuple[str, str]]) -> list[sql.Composable]:
         return [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t)) for s, t in tables]
 
-    def _fence_one(self, source: ShardSpec) -> None:
+    def _fence_one(self, source: ShardSpec, marks: dict[str, str]) -> None:
         """LOCK every table (waits for in-flight writes to commit), then the refusing triggers, in
         one transaction: after it commits, no write to these tables is uncommitted, and none can
         start. The locks are taken with a lock timeout below deadlock_timeout and retried."""
@@ -407,8 +436,7 @@ class Move:
 
         def fence(conn: psycopg.Connection) -> None:
             conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(qualified)))
-            if self.fenced_at is None:
-                self.fenced_at = time.monotonic()  # writes to the range wait from here (a merge: its first source)
+            self.lock_times.append(time.monotonic())  # writes to the range wait from here
             conn.execute(FENCE_FUNCTION)
             for table in qualified:
                 conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(table))
@@ -417,6 +445,12 @@ class Move:
                                      " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(table))
                 conn.execute(sql.SQL("CREATE TRIGGER shardctl_fence_truncate BEFORE TRUNCATE ON {}"
                                      " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(table))
+            # the mark commits with the fence: every write before the fence precedes it in the WAL,
+            # so a target that applied the mark has applied all of them
+            marks[source.name] = conn.execute(
+                "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
+                " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
+                " RETURNING pg_current_wal_insert_lsn()::text", (self.op.id, source.name)).fetchone()[0]
 
         with self.connect(source, autocommit=False) as conn:
             names = [q.as_string(conn) for q in qualified]
@@ -442,33 +476,37 @@ class Move:
                           "the source keeps its rows and takes writes; what was created is removed")
 
     def wait_confirmed(self, marks: dict[str, str], timeout: float, what: str, poll: float = 0.002) -> None:
-        """Until every link's slot has confirmed its source's mark: the target applied the source's
-        WAL up to there and made it durable (the subscriber confirms only flushed positions).
-        Its commits are asynchronous (synchronous_commit off), so after a first look a commit on
-        each target that assigns a transaction id forces its WAL to disk at once, instead of
-        waiting for the WAL writer's next round."""
+        """Until every target has applied its sources' WAL up to their marks, durably. Two ways
+        to know, whichever comes first: the target's replication origin has reached the mark
+        (asked with flush, which makes it durable at once: the apply worker commits
+        asynchronously), or the source's slot has had it confirmed (the subscriber confirms only
+        flushed positions; this is how an idle source's position is reached)."""
         deadline = time.monotonic() + timeout
-        flushed_at = 0.0
-        while True:
-            behind = []
-            for link in self.links:
-                with self.connect(link.source) as conn:
-                    row = conn.execute(
+        with ExitStack() as stack:
+            targets = {t.name: stack.enter_context(self.connect(t)) for t in self.targets}
+            sources = {s.name: stack.enter_context(self.connect(s)) for s in self.sources}
+            waiting = list(self.links)
+            while True:
+                behind = []
+                for link in waiting:
+                    name, mark = link.name(self.op.id), marks[link.source.name]
+                    applied = targets[link.target.name].execute(
+                        "SELECT pg_replication_origin_progress('pg_' || oid, true) >= %s::pg_lsn"
+                        " FROM pg_subscription WHERE subname = %s", (mark, name)).fetchone()
+                    if applied and applied[0]:
+                        continue
+                    confirmed = sources[link.source.name].execute(
                         "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
-                        (marks[link.source.name], link.name(self.op.id))).fetchone()
-                if not row or not row[0]:
-                    behind.append(link)
-            if not behind:
-                return
-            if time.monotonic() - flushed_at > 0.02:
-                for target in {link.target for link in behind}:
-                    with self.connect(target) as conn:
-                        conn.execute("SELECT pg_current_xact_id()")  # autocommit: commits, flushing the WAL
-                flushed_at = time.monotonic()
-            if time.monotonic() > deadline:
-                raise MoveFailed(f"{self.label}: the targets did not confirm {what} within {_duration(timeout)}",
-                                 "the source takes writes again; apply again to retry")
-            time.sleep(poll)
+                        (mark, name)).fetchone()
+                    if not confirmed or not confirmed[0]:
+                        behind.append(link)
+                waiting = behind
+                if not waiting:
+                    return
+                if time.monotonic() > deadline:
+                    raise MoveFailed(f"{self.label}: the targets did not confirm {what} within {_duration(timeout)}",
+                                     "the source takes writes again; apply again to retry")
+                time.sleep(poll)
 
     def catch_up(self, fence_lsns: dict[str, str]) -> None:
         with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
@@ -577,6 +615,16 @@ class Move:
         self.op.finish(state)
 
 
+FENCE_MARKS = """
+CREATE SCHEMA IF NOT EXISTS _shardctl;
+CREATE TABLE IF NOT EXISTS _shardctl.fence_marks (
+    operation bigint NOT NULL,
+    source    text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (operation, source)
+);
+"""
+
 FENCE_FUNCTION = """
 CREATE SCHEMA IF NOT EXISTS _shardctl;
 CREATE OR REPLACE FUNCTION _shardctl.fence() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -637,6 +685,14 @@ def database_steps(ctx: ApplyContext, database: str) -> tuple[StepSpec, ...]:
     return tuple(steps)
 
 
+def retired_note(ctx: ApplyContext, database: str, what: str) -> str:
+    """What happened to a move's sources, and when they go: they are not destroyed by the move."""
+    desired = ctx.fleet.desired.databases.get(database)
+    grace = desired.effective_policy.autosplit.retire_after if desired else 3600.0
+    return (f"{what} retired: read-only, kept for autosplit.retire_after ({_duration(grace)}), then dropped by a"
+            " later plan")
+
+
 def resumed_flipped(ctx: ApplyContext, operation: int) -> bool:
     return ctx.catalog.execute(
         "SELECT EXISTS (SELECT 1 FROM shardctl.journal WHERE operation = %s AND step LIKE '%%: flip'"
@@ -674,8 +730,10 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
             fence_lsn = timed("fence", move.fence)
             timed("catch_up", lambda: move.catch_up(fence_lsn))
             timed("sequences", move.sequences)
-        except (UserError, psycopg.Error):
-            move.lift_fence()  # rollback path: the source takes writes again; apply resumes later
+        except BaseException:
+            # whatever went wrong before the verification, the source takes writes again (a
+            # database condition, or a bug: never leave a range read-only); apply resumes later
+            move.lift_fence()
             raise
         try:
             figures = timed("verify", lambda: move.verify(comparison, fence_lsn))

@@ -11,13 +11,12 @@ def execute(action: SplitShard, ctx: ApplyContext) -> None:
     timer = Timer()
     ctx.say(f"{action.address}: Splitting into {', '.join(t.name for t in action.targets)}...")
     op = move.operation_for(ctx, action)
-    result = move.run(move.for_action(ctx, action, op), lambda: {
+    move.run(move.for_action(ctx, action, op), lambda: {
         "event": "split_shard", "address": action.address, "operation": op.id,
         "source": action.source.model_dump(), "targets": [t.model_dump() for t in action.targets],
         "evidence": [e.model_dump(mode="json") for e in action.evidence], "reason": action.reason.text,
     }, flipped=move.resumed_flipped(ctx, op.id))
     op.finish()
     ctx.counts["added"] += len(action.targets)
-    ctx.counts["destroyed"] += 1
-    ctx.say(f"{action.address}: Split complete after {timer} (fence {result['timings'].get('fence', 0) * 1000:.0f} ms"
-            " incl. locking; source retired, read-only)")
+    ctx.counts["retired"] += 1
+    ctx.say(f"{action.address}: Split complete after {timer}; {move.retired_note(ctx, action.database, 'source')}")

