@@ -297,6 +297,31 @@ def abort(obj: Ctx, operation: int, lock_timeout: float) -> None:
     workflow.abort(workflow.load(obj.config_dir), operation, lock_timeout=lock_timeout, say=click.echo)
 
 
+@cli.command()
+@click.argument("address", metavar="DATABASE/RANGE")
+@click.option("--move", is_flag=True, help="Copy them to the shards that own their keys, then delete them here.")
+@click.pass_obj
+def strays(obj: Ctx, address: str, move: bool) -> None:
+    """Rows in a shard whose key hashes outside its range.
+
+    They were written straight into the shard's database, past routing (`shardctl.route()` and
+    the client helper never put them there). Splits and merges refuse to start while their
+    sources hold any, because the rows would stay behind in the retired source. Without
+    --move this counts them per table (exit 2 when there are some); with --move each is
+    copied to the shard that owns its key and deleted here once the owner holds it unchanged.
+    A row whose key the owner already holds with other values stays, and is reported.
+
+    \b
+    Example:
+      shardctl strays orders/40-80           # count them
+      shardctl strays orders/40-80 --move    # move them where they belong
+    """
+    from engine import workflow
+
+    left = workflow.stray_rows(workflow.load(obj.config_dir), address, move, say=click.echo)
+    raise SystemExit(2 if left else 0)
+
+
 # ---------------------------------------------------------------------------- servers and status
 
 

@@ -17,8 +17,8 @@ from engine.catalog.lock import apply_lock
 from engine.config import loader
 from engine.config.loader import Desired
 from engine.errors import UserError
+from engine.observe import history, strays
 from engine.observe.models import Observation
-from engine.observe import history
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
 from engine.detect.detector import premise_holds
@@ -100,10 +100,38 @@ def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | N
                 observation = observe_all(desired, fleet, conn, metrics_file)
         else:
             observation = observe_all(desired, fleet, conn, metrics_file)
-    plan = planner.plan(desired, observation)
+    observation, plan = plan_with_strays(desired, fleet, observation)
     if baseline is not None:
         plan = plan.model_copy(update={"what_if": whatif.compare(baseline[0], desired, observation, baseline[1])})
     return Planned(desired, observation, plan)
+
+
+def plan_with_strays(desired: Desired, fleet: Fleet, observation: Observation) -> tuple[Observation, Plan]:
+    """Plan; when the sources of its splits and merges hold stray rows, plan again with them
+    observed: they show as drift, and those moves are held back until they are dealt with."""
+    plan = planner.plan(desired, observation)
+    found = count_strays(fleet, plan)
+    if not found:
+        return observation, plan
+    observation = observation.model_copy(update={"strays": found})
+    return observation, planner.plan(desired, observation)
+
+
+def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
+    """Stray rows in the sources of the plan's splits and merges (the only shards worth a full
+    read): address -> table -> rows."""
+    found: dict[str, dict[str, int]] = {}
+    for action in plan.actions:
+        if action.kind not in ("split_shard", "merge_shards") or action.operation is not None:
+            continue
+        sources = [action.source] if action.kind == "split_shard" else list(action.sources)
+        db = fleet.desired.databases[action.database].spec.shard_key
+        for source in sources:
+            with fleet.servers[source.server].connect(source.dbname) as conn:
+                counts = strays.count(conn, db.column, db.type, source.lo, source.hi)
+            if counts:
+                found[f"{action.database}/{source.name}"] = counts
+    return found
 
 
 def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | None = None) -> Observation:
@@ -149,7 +177,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                     check_premises(desired, plan, observation)
             else:
                 observation = observe_all(desired, fleet, conn, metrics_file)
-                plan = planner.plan(desired, observation)
+                observation, plan = plan_with_strays(desired, fleet, observation)
                 show(plan)
                 if plan.has_changes:
                     confirm(plan)
@@ -226,3 +254,44 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             store.add_history(conn, "abort", action.address, {"operation": operation, "last_step": p.last_step})
             say(f"Operation {operation} aborted: replication objects, fence and targets removed; the source is as it was.")
 
+
+
+def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: None) -> int:
+    """List the stray rows of one shard, or move them to the shards that own them. Returns how
+    many stray rows are left."""
+    from engine.actions.relocate_strays import owners_of, relocate
+
+    database, _, name = address.partition("/")
+    fleet = Fleet(desired)
+    fleet.start_embedded(say)
+    with fleet.catalog(create=False) as conn:
+        if conn is None or database not in desired.databases:
+            raise UserError(f"no sharded database {database!r} is declared and applied",
+                            "name a shard as DATABASE/RANGE, e.g. orders/40-80 (see `shardctl status`)")
+        rows = conn.execute("SELECT name, lo, hi, server, dbname, state FROM shardctl.shards WHERE database = %s"
+                            " ORDER BY lo NULLS FIRST", (database,)).fetchall()
+        key = desired.databases[database].spec.shard_key
+        shard = next((r for r in rows if r[0] == name and r[5] in ("active", "retired")), None)
+        if shard is None:
+            raise UserError(f"{address} is not a shard of {database}",
+                            f"its shards: {', '.join(database + '/' + r[0] for r in rows if r[5] == 'active')}")
+        spec = owners_of([shard[:5]])[0]
+        with fleet.servers[spec.server].connect(spec.dbname) as shard_conn:
+            counts = strays.count(shard_conn, key.column, key.type, spec.lo, spec.hi)
+        if not counts:
+            say(f"{address}: no stray rows: every row's key hashes inside its range.")
+            return 0
+        say(f"{address}: {strays.describe(counts)}")
+        if not move:
+            say("Run again with --move to copy them to the shards that own their keys and delete them here.")
+            return sum(counts.values())
+        with apply_lock(conn, "strays --move", timeout=0):
+            owners = owners_of([r[:5] for r in rows if r[5] == "active"])
+            for result in relocate(fleet, key.column, key.type, spec, owners):
+                conflict = (f"; {result.conflicting} left here: the owner holds other values under the same key"
+                            if result.conflicting else "")
+                say(f"  {result.table}: {result.moved} moved to {database}/{result.owner}{conflict}")
+            with fleet.servers[spec.server].connect(spec.dbname) as shard_conn:
+                left = strays.count(shard_conn, key.column, key.type, spec.lo, spec.hi)
+        say(f"{address}: {strays.describe(left)} left." if left else f"{address}: every stray row moved.")
+        return sum(left.values())

@@ -10,6 +10,8 @@ from engine.plan.models import MergeShards
 def execute(action: MergeShards, ctx: ApplyContext) -> None:
     timer = Timer()
     ctx.say(f"{action.address}: Merging {' + '.join(s.name for s in action.sources)}...")
+    if action.operation is None:
+        move.refuse_strays(ctx, action)  # before anything is created
     op = move.operation_for(ctx, action)
     move.run(move.for_action(ctx, action, op), lambda: {
         "event": "merge_shards", "address": action.address, "operation": op.id,

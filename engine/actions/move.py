@@ -46,6 +46,7 @@ from engine.catalog import journal, store
 from engine.catalog.journal import Operation
 from engine.config.models import Moves
 from engine.errors import UserError
+from engine.observe import strays
 from engine.plan.models import ShardSpec, StepSpec
 
 CATCH_UP_TIMEOUT = 30.0
@@ -683,6 +684,22 @@ def database_steps(ctx: ApplyContext, database: str) -> tuple[StepSpec, ...]:
                             "a new shard needs every step the others ran; restore it")
         steps.append(StepSpec(seq=seq, name=name, sha256=sha, sql=by_hash[sha]))
     return tuple(steps)
+
+
+def refuse_strays(ctx: ApplyContext, action) -> None:
+    """Before a move starts: its sources must hold no row whose key hashes outside their range
+    (a split would leave such rows in the retired source, to be dropped with it)."""
+    key_column, key_type = key_of(ctx, action.database)
+    sources = [action.source] if action.kind == "split_shard" else list(action.sources)
+    for source in sources:
+        with ctx.fleet.servers[source.server].connect(source.dbname) as conn:
+            counts = strays.count(conn, key_column, key_type, source.lo, source.hi)
+        if counts:
+            raise MoveFailed(
+                f"{action.address}: shard {action.database}/{source.name} holds {strays.describe(counts)}: they were"
+                " written straight into its database, past routing, and no move would put them where they belong",
+                f"nothing was changed. `shardctl strays {action.database}/{source.name}` lists them; move each to the"
+                " shard that owns its key (shardctl.route() names it) or delete it, then apply again")
 
 
 def retired_note(ctx: ApplyContext, database: str, what: str) -> str:

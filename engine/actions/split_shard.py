@@ -10,6 +10,8 @@ from engine.plan.models import SplitShard
 def execute(action: SplitShard, ctx: ApplyContext) -> None:
     timer = Timer()
     ctx.say(f"{action.address}: Splitting into {', '.join(t.name for t in action.targets)}...")
+    if action.operation is None:
+        move.refuse_strays(ctx, action)  # before anything is created
     op = move.operation_for(ctx, action)
     move.run(move.for_action(ctx, action, op), lambda: {
         "event": "split_shard", "address": action.address, "operation": op.id,

@@ -131,6 +131,9 @@ class Observation(Frozen):
     # The instant the metrics describe: the newest recorded sample for `--metrics FILE`, else
     # `taken_at`. Load windows are judged against it; it never decides a cooldown.
     metrics_at: datetime | None = None
+    # rows whose key hashes outside their shard's range, by shard address then table; counted
+    # only for shards a plan would move (it reads every row)
+    strays: dict[str, dict[str, int]] = {}
 
     def now(self) -> datetime:
         """The observation's wall clock (the present when it was not recorded)."""

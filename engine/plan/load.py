@@ -15,6 +15,7 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.detect.detector import Assessment, assess
 from engine.keyspace import KeyRange, physical_name
 from engine.observe.metrics import METRICS
+from engine.observe import strays
 from engine.observe.models import CatalogShard, Observation
 from engine.plan.models import MergeShards, Reason, ShardSpec, SplitShard
 
@@ -176,6 +177,9 @@ def preconditions(db: DesiredDatabase, shards: list[CatalogShard], observation: 
             if not key_in_primary_key(info, key):
                 return (f"table {table} has no primary key that contains the shard key {key} (a row filter needs"
                         " the key in the replica identity, or UPDATE and DELETE on the source would fail)")
+        if observation.strays.get(shard.address):
+            return (f"{shard.address} holds {strays.describe(observation.strays[shard.address])};"
+                    f" `shardctl strays {shard.address} --move` moves them to the shards that own them")
     return None
 
 

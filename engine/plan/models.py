@@ -239,7 +239,7 @@ class Drift(Frozen):
     """Something changed outside shardctl, told in the past tense, apart from the actions."""
 
     address: str
-    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable"]
+    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable", "strays"]
     summary: str
     details: tuple[str, ...] = ()
 

@@ -203,6 +203,13 @@ def plan(desired: Desired, observation: Observation) -> Plan:
             actions.append(action)
 
     drift.extend(_unmanaged(desired, observation))
+    for address, counts in sorted(observation.strays.items()):
+        if counts:
+            drift.append(Drift(address=f"shard.{address}", kind="strays",
+                               summary=f"{sum(counts.values())} rows were written outside the shard's range"
+                                       " (straight into its database, past routing)",
+                               details=tuple(f"{table}: {n} row{'s' if n != 1 else ''}"
+                                             for table, n in sorted(counts.items()))))
     for server in observation.servers.values():
         if not server.reachable:
             drift.append(Drift(address=f"server.{server.name}", kind="unreachable",
