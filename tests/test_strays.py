@@ -61,3 +61,41 @@ def test_strays_show_as_drift_hold_the_split_and_move_home(fleet):
     assert split.code == 0, split.both
     rows_after, problems = all_rows(fleet)
     assert problems == [] and rows_after == rows
+
+
+def test_a_stray_written_during_a_move_fails_it_and_leaves_the_source_as_it_was(fleet):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from engine.catalog.journal import SLOWPOINT_ENV
+
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=2000)
+    hot_file(fleet.base / "hot.json")
+    before, _ = all_rows(fleet)
+    name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDCTL_")}
+    env.update({"NO_COLOR": "1", SLOWPOINT_ENV: "split orders/40-80: converge=4"})
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "-C", "fleet", "apply", "--auto-approve", "--metrics",
+                             "hot.json"], cwd=fleet.base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    with fleet.catalog() as conn:  # wait until the comparison is done and the move waits before its fence
+        deadline = time.monotonic() + 120
+        while not conn.execute("SELECT 1 FROM shardctl.journal WHERE step LIKE '%%: converge'").fetchone():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+    (cid,) = _strays_for(lo, hi, 1)
+    with fleet.connect(server, dbname) as conn:
+        conn.execute("INSERT INTO customers (customer_id, name) VALUES (%s, 'late stray')", (cid,))
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, out
+    assert "1 rows were written into orders_40_80 during the move" in out and "Traceback" not in out
+    with fleet.connect(server, dbname) as conn:  # writable again, nothing left behind
+        conn.execute("UPDATE customers SET name = name WHERE customer_id = %s", (cid,))
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+    assert [s[0] for s in active_shards(fleet)] == ["-40", "40-80", "80-c0", "c0-"]
+    assert "orders_40_60" not in fleet.databases("a") and "orders_60_80" not in fleet.databases("b")
+    rows, _ = all_rows(fleet)
+    assert {k: v for k, v in rows.items() if k != cid} == before

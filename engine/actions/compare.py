@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 from psycopg import errors, sql
 
+from engine.observe.strays import outside
+
 if TYPE_CHECKING:
     from engine.actions.move import Move
     from engine.plan.models import ShardSpec
@@ -144,11 +146,29 @@ class Comparison:
                     "SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
                     " 'skip-empty-xacts', '1', 'include-xids', '0')",
                     (self.slot(source), (upto or {}).get(source.name))).fetchall()
-            new.merge(parse_changes((r[0] for r in rows), self.move.key_column, self.move.key_type))
+                changed = parse_changes((r[0] for r in rows), self.move.key_column, self.move.key_type)
+                self._refuse_strays(conn, source, changed)
+            new.merge(changed)
         if new.truncated:
             raise VerifyRestart(", ".join(f"{s}.{t}" for s, t in sorted(new.truncated)))
         self.changes.merge(new)
         return new
+
+    def _refuse_strays(self, conn, source: "ShardSpec", changed: Changes) -> None:
+        """A row written into the source during the move with a key outside its range (past
+        routing) would stay behind in the retired source: the move fails instead."""
+        keys = set().union(*changed.keys.values()) if changed.keys else set()
+        if not keys:
+            return
+        column = self.move.key_column
+        stray = conn.execute(sql.SQL("SELECT count(*) FROM unnest({}) AS u({}) WHERE {}").format(
+            self._key_array(), sql.Identifier(column), outside(column, self.move.key_type, source.lo, source.hi)),
+            (sorted(keys),)).fetchone()[0]
+        if stray:
+            raise self.move.failure(
+                f"{stray} rows were written into {source.dbname} during the move with a {column} outside its range"
+                f" (straight into the database, past routing); `shardctl strays {self.move.database}/{source.name}"
+                " --move` puts them where they belong, then apply again")
 
     # ------------------------------------------------------------------ reading both sides
 
