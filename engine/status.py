@@ -154,10 +154,14 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     for op in report.get("in_progress", []):
         console.print(f"In progress: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r},"
                       f" run by {op['by']}")
+        if (op.get("progress") or {}).get("text"):
+            console.print(f"  {op['progress']['text']}")
     for op in report["interrupted"]:
         hint = "run `shardctl apply` to finish it"
         if op["kind"] in ("split_shard", "merge_shards"):
-            hint += f", or `shardctl abort {op['id']}` to roll it back (before its cutover)"
+            hint = ("past its cutover: the new shards own the range; run `shardctl apply` to finish its cleanup"
+                    if op.get("past_cutover") else
+                    hint + f", or `shardctl abort {op['id']}` to roll it back (the source still owns the range)")
         console.print(f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}")
     automation = report.get("automation")
     if automation:

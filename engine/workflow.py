@@ -151,7 +151,8 @@ class ApplyResult:
 def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, metrics_file: str | None = None,
           confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
           show: Callable[[Plan], None] = lambda _: None, actor: str = "apply",
-          start_servers: bool = True, own_signals: bool = True) -> ApplyResult:
+          start_servers: bool = True, own_signals: bool = True,
+          progress: Callable[[dict], None] = lambda _: None) -> ApplyResult:
     """Apply a saved plan exactly, or plan now and (after `confirm`) apply that.
 
     The lock is held from before the observation to the end, prompt included, so what was
@@ -183,7 +184,8 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                     confirm(plan)
             journal.close_interrupted(conn)
             _record_servers(conn, fleet)
-            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say, actor=actor)
+            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say, actor=actor,
+                               progress=progress)
             # a daemon handles its signals itself (stopping it stops its apply at a safe step)
             with _graceful_interrupts(say) if own_signals else nullcontext():
                 for action in plan.actions:

@@ -39,6 +39,8 @@ class ApplyContext:
     catalog: psycopg.Connection
     plan_serial: int
     say: Callable[[str], None] = lambda _: None
+    # the latest progress figures of a long step (copy, catch-up, comparison), for a daemon's API
+    progress: Callable[[dict], None] = lambda _: None
     actor: str = "apply"  # who runs it: a person's apply, or "daemon <who>"; kept in the history
     counts: dict[str, int] = field(default_factory=lambda: {"added": 0, "changed": 0, "destroyed": 0, "retired": 0})
 

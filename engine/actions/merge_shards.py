@@ -9,7 +9,10 @@ from engine.plan.models import MergeShards
 
 def execute(action: MergeShards, ctx: ApplyContext) -> None:
     timer = Timer()
-    ctx.say(f"{action.address}: Merging {' + '.join(s.name for s in action.sources)}...")
+    if action.operation is not None:  # say what is resumed, from where; not the original plan again
+        ctx.say(f"{action.address}: Resuming {action.reason.text}...")
+    else:
+        ctx.say(f"{action.address}: Merging {' + '.join(s.name for s in action.sources)}...")
     if action.operation is None:
         move.refuse_strays(ctx, action)  # before anything is created
     op = move.operation_for(ctx, action)

@@ -407,7 +407,9 @@ class Move:
         """A progress report: printed (when there is text), and kept for `status` and the daemon."""
         if text:
             self.say(text)
-        self.op.progress({"step": self.label, **figures, **({"text": text} if text else {})})
+        report = {"step": self.label, **figures, **({"text": text} if text else {})}
+        self.op.progress(report)
+        self.ctx.progress(report)
 
     def fence(self) -> dict[str, str]:
         """Stop writes on every source; returns each source's fence LSN (a logical message after it)."""

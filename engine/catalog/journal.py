@@ -112,13 +112,19 @@ class Operation:
 
 
 def interrupted(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Operations that were running when their process died (the apply lock is not held)."""
+    """Operations left 'running': interrupted when their process died, or in progress when the
+    apply lock is held. With the last step, whether a move is past its cutover (its flip is
+    done: only cleanup is left, it can no longer be aborted), and its latest progress."""
     rows = conn.execute(
         "SELECT o.id, o.kind, o.address, o.started_at,"
-        " (SELECT step FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1)"
+        " (SELECT step FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1),"
+        " EXISTS (SELECT 1 FROM shardctl.journal j WHERE j.operation = o.id AND j.step LIKE '%%: flip'"
+        "         AND j.status = 'done'),"
+        " o.detail -> 'progress'"
         " FROM shardctl.operations o WHERE o.state = 'running' ORDER BY o.id"
     ).fetchall()
-    return [dict(id=r[0], kind=r[1], address=r[2], started_at=r[3], last_step=r[4]) for r in rows]
+    return [dict(id=r[0], kind=r[1], address=r[2], started_at=r[3], last_step=r[4], past_cutover=r[5],
+                 progress=r[6]) for r in rows]
 
 
 def close_interrupted(conn: psycopg.Connection) -> None:

@@ -409,7 +409,7 @@ class Daemon:
         try:
             result = workflow.apply(desired, subset, lock_timeout=0, actor=f"daemon {self.who}",
                                     say=lambda line: self.log("progress", message=line), start_servers=False,
-                                    own_signals=False)
+                                    own_signals=False, progress=lambda figures: self.view.update(progress=figures))
         except LockHeldError as exc:
             self._count(kinds, "deferred")
             self.log("apply_deferred", actions=[a.address for a in decision.autonomous],
@@ -431,7 +431,7 @@ class Daemon:
             self.view.update(last_error=f"apply failed: {message}")
             return True
         finally:
-            self.view.update(activity="idle")
+            self.view.update(activity="idle", progress=None)
         self._count(kinds, "applied")
         self.log("applied", actions=[a.address for a in decision.autonomous], counts=result.counts)
         return True

@@ -41,7 +41,8 @@ def api_status(daemon: "Daemon") -> dict:
     return {
         "who": snap.who, "role": snap.role, "leader": snap.leader, "config_dir": snap.config_dir,
         "paused": snap.paused, "pause_reason": snap.pause_reason, "paused_by": snap.paused_by,
-        "config_error": snap.config_error, "activity": snap.activity, "started_at": snap.started_at,
+        "config_error": snap.config_error, "activity": snap.activity, "progress": snap.progress,
+        "started_at": snap.started_at,
         "last_collect_at": snap.last_collect_at, "last_collect_seconds": snap.last_collect_seconds,
         "planned_at": snap.planned_at, "last_error": snap.last_error, "alerts": list(snap.alerts),
         "shards": len(snap.shards), "autonomous": list(snap.autonomous), "pending": len(snap.pending),

@@ -77,6 +77,7 @@ class Snapshot(Frozen):
     history: tuple[HistoryEntry, ...] = ()
     branches: tuple[BranchView, ...] = ()
     activity: str = "idle"
+    progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)
     last_collect_at: datetime | None = None
     last_collect_seconds: float | None = None
     last_error: str | None = None
