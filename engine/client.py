@@ -94,21 +94,36 @@ class ShardClient:
         self.shards: list[Shard] = []
         self._servers: dict[str, dict[str, Any]] = {}
         self.retries = 0
+        self._catalog_conn: psycopg.Connection | None = None
         self.refresh()
 
     def refresh(self) -> None:
-        with psycopg.connect(**self._catalog_params, autocommit=True) as conn:
-            self.epoch = conn.execute("SELECT epoch FROM shardctl.state").fetchone()[0]
-            row = conn.execute("SELECT key_type FROM shardctl.databases WHERE name = %s AND state = 'active'",
-                               (self.database,)).fetchone()
-            if row is None:
-                raise LookupError(f"no active sharded database {self.database!r} in the catalog")
-            self.key_type = row[0]
-            self.shards = [Shard(*r) for r in conn.execute(
-                "SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s AND state = 'active'"
-                " ORDER BY lo NULLS FIRST", (self.database,))]
-            self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described))
-                             for name, described in conn.execute("SELECT name, connection FROM shardctl.servers")}
+        """Re-read the routing map; on the connection kept to the catalog, because a cutover is
+        the moment a refresh must be quick (a new connection would cost its setup there)."""
+        try:
+            self._refresh(self._catalog())
+        except psycopg.OperationalError:
+            self._catalog_conn = None  # the catalog restarted: once more on a new connection
+            self._refresh(self._catalog())
+
+    def _catalog(self) -> psycopg.Connection:
+        if self._catalog_conn is None or self._catalog_conn.closed:
+            self._catalog_conn = psycopg.connect(**self._catalog_params, autocommit=True,
+                                                 application_name="shardctl-client")
+        return self._catalog_conn
+
+    def _refresh(self, conn: psycopg.Connection) -> None:
+        self.epoch = conn.execute("SELECT epoch FROM shardctl.state").fetchone()[0]
+        row = conn.execute("SELECT key_type FROM shardctl.databases WHERE name = %s AND state = 'active'",
+                           (self.database,)).fetchone()
+        if row is None:
+            raise LookupError(f"no active sharded database {self.database!r} in the catalog")
+        self.key_type = row[0]
+        self.shards = [Shard(*r) for r in conn.execute(
+            "SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s AND state = 'active'"
+            " ORDER BY lo NULLS FIRST", (self.database,))]
+        self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described))
+                         for name, described in conn.execute("SELECT name, connection FROM shardctl.servers")}
 
     def _hash(self, key: Any) -> int:
         if self.key_type == "bigint":
@@ -163,6 +178,9 @@ class ShardClient:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+        if self._catalog_conn is not None:
+            self._catalog_conn.close()
+            self._catalog_conn = None
 
     def __enter__(self) -> "ShardClient":
         return self

@@ -30,6 +30,7 @@ import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -113,6 +114,7 @@ class Comparison:
     left: dict[tuple[str, tuple[str, str]], set] = field(default_factory=dict)  # (target, table) -> keys
     figures: dict[str, dict[str, int]] = field(default_factory=dict)
     rounds: int = 0
+    opened: ExitStack = field(default_factory=ExitStack)  # the connections held through the fence
 
     # ------------------------------------------------------------------ the slot
 
@@ -184,35 +186,63 @@ class Comparison:
         return sides
 
     def _run(self, jobs: list[tuple["ShardSpec", sql.Composable, tuple]]) -> list[list[tuple]]:
-        def one(job):
-            shard, query, params = job
-            with self.move.connect(shard) as conn:
-                try:
-                    return conn.execute(query, params).fetchall()
-                except errors.FeatureNotSupported:  # a column type without a hash function (json, point...)
-                    text = query.as_string(conn).replace("hash_record_extended(t, 0)", "hashtextextended(t::text, 0)")
-                    return conn.execute(text, params).fetchall()
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
-            return list(pool.map(one, jobs))
+        """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
+        other on one connection (the fence's own, opened beforehand, when there is one): shards
+        live on different servers and cores, and a connection's setup is not paid in the fence."""
+        by_shard: dict[str, list[int]] = {}
+        for i, (shard, _, _) in enumerate(jobs):
+            by_shard.setdefault(shard.name, []).append(i)
+        results: list[list[tuple]] = [[] for _ in jobs]
 
-    def _grouped(self, target: "ShardSpec", table: tuple[str, str], group: sql.Composable,
-                 where: sql.Composable, params: tuple) -> tuple[dict, dict]:
-        """(target's groups, the sources' groups summed): group -> (rows, checksum)."""
+        def run_shard(indexes: list[int]) -> None:
+            with self.move.session(jobs[indexes[0]][0]) as conn:
+                for i in indexes:
+                    _, query, params = jobs[i]
+                    try:
+                        results[i] = conn.execute(query, params).fetchall()
+                    except errors.FeatureNotSupported:  # a column type without a hash function (json, point...)
+                        text = query.as_string(conn).replace("hash_record_extended(t, 0)",
+                                                             "hashtextextended(t::text, 0)")
+                        results[i] = conn.execute(text, params).fetchall()
+
+        groups = list(by_shard.values())
+        with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+            list(pool.map(run_shard, groups))
+        return results
+
+    def open_connections(self) -> None:
+        """Before the fence: one connection per shard for the work behind it."""
+        for shard in (*self.move.sources, *self.move.targets):
+            if shard.name not in self.move.held:
+                self.move.held[shard.name] = self.opened.enter_context(self.move.connect(shard))
+
+    def close(self) -> None:
+        self.move.held.clear()
+        self.opened.close()
+
+    def _grouped_jobs(self, target: "ShardSpec", table: tuple[str, str], group: sql.Composable,
+                      where: sql.Composable, params: tuple) -> list[tuple["ShardSpec", sql.Composable, tuple]]:
+        """The queries for one table of one target: the target first, then its sources."""
         qualified = sql.SQL("{}.{}").format(sql.Identifier(table[0]), sql.Identifier(table[1]))
-        jobs = []
-        for shard, side_filter in self._sides(target):
-            jobs.append((shard, sql.SQL(
-                "SELECT {group} AS g, count(*), coalesce(sum(hash_record_extended(t, 0)), 0)::text"
-                " FROM {table} t WHERE ({side}) AND ({where}) GROUP BY 1").format(
-                    group=group, table=qualified, side=side_filter, where=where), params))
-        results = self._run(jobs)
+        return [(shard, sql.SQL(
+            "SELECT {group} AS g, count(*), coalesce(sum(hash_record_extended(t, 0)), 0)::text"
+            " FROM {table} t WHERE ({side}) AND ({where}) GROUP BY 1").format(
+                group=group, table=qualified, side=side_filter, where=where), params)
+            for shard, side_filter in self._sides(target)]
+
+    @staticmethod
+    def _sum_sides(results: list[list[tuple]]) -> tuple[dict, dict]:
+        """(target's groups, the sources' groups summed): group -> (rows, checksum)."""
         theirs: dict = {}
         for rows in results[1:]:
             for g, count, total in rows:
                 c, t = theirs.get(g, (0, 0))
                 theirs[g] = (c + count, t + int(total))
-        ours = {g: (count, int(total)) for g, count, total in results[0]}
-        return ours, theirs
+        return {g: (count, int(total)) for g, count, total in results[0]}, theirs
+
+    def _grouped(self, target: "ShardSpec", table: tuple[str, str], group: sql.Composable,
+                 where: sql.Composable, params: tuple) -> tuple[dict, dict]:
+        return self._sum_sides(self._run(self._grouped_jobs(target, table, group, where, params)))
 
     def _key_array(self) -> sql.Composable:
         return sql.SQL("%s::bigint[]" if self.move.key_type == "bigint" else "%s::text[]")
@@ -286,11 +316,12 @@ class Comparison:
             raise self.move.failure(f"{len(suspects)} rows of {table[0]}.{table[1]} on {target.dbname} differ from"
                                     f" the source and were not changed meanwhile ({self.move.key_column} {sample})")
 
-    def key_rounds(self) -> None:
-        """Recheck the changed keys while writes go on, until what is left is small."""
-        for _ in range(KEY_ROUNDS):
+    def key_rounds(self, final: bool = False) -> None:
+        """Recheck the changed keys while writes go on, until what is left is small. `final`:
+        one last round just before the fence, whatever is left."""
+        for _ in range(1 if final else KEY_ROUNDS):
             self.rounds += 1
-            if sum(len(v) for v in self.left.values()) <= SETTLED_ENOUGH:
+            if not final and sum(len(v) for v in self.left.values()) <= SETTLED_ENOUGH:
                 return
             self.wait_applied()
             before = {k: set(v) for k, v in self.left.items()}
@@ -300,23 +331,45 @@ class Comparison:
                 # settled: equal in this round and unchanged during it; the rest goes round again
                 self.left[k] = differing[k] | new.of(k[1])
 
+    def last_rounds(self, limit: int = 4) -> None:
+        """Just before the fence: rounds while each leaves fewer keys than the one before (each is
+        shorter than the last, so fewer keys change during it)."""
+        before = sum(len(v) for v in self.left.values())
+        for _ in range(limit):
+            self.key_rounds(final=True)
+            after = sum(len(v) for v in self.left.values())
+            if after >= before * 0.8:
+                return
+            before = after
+
     def _target(self, name: str) -> "ShardSpec":
         return next(t for t in self.move.targets if t.name == name)
 
     def final(self, fence_lsns: dict[str, str]) -> int:
-        """Inside the fence, after catch-up: the keys left and those changed since. Returns how
-        many keys were compared; raises on any difference."""
+        """Inside the fence, after catch-up: the keys left and those changed since, every table
+        and target in one parallel batch. Returns how many keys were compared; raises on any
+        difference."""
         new = self.read_changes(upto=fence_lsns)
-        checked = 0
+        checks = []
         for target in self.move.targets:
             for table in self.move.tables(target):
                 keys = self.left.get((target.name, table), set()) | new.of(table)
-                checked += len(keys)
-                differing = self._by_key(target, table, keys)
-                if differing:
-                    sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
-                    raise self.move.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
-                                            f" differ from the fenced source ({self.move.key_column} {sample})")
+                if keys:
+                    checks.append((target, table, keys))
+        key = sql.Identifier(self.move.key_column)
+        batches = [self._grouped_jobs(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
+                                      (sorted(keys),)) for target, table, keys in checks]
+        results = self._run([job for batch in batches for job in batch])
+        checked = 0
+        for (target, table, keys), batch in zip(checks, batches):
+            mine, results = results[:len(batch)], results[len(batch):]
+            ours, theirs = self._sum_sides(mine)
+            checked += len(keys)
+            differing = {k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))}
+            if differing:
+                sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
+                raise self.move.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
+                                        f" differ from the fenced source ({self.move.key_column} {sample})")
         return checked
 
 

@@ -24,7 +24,7 @@ or aborted operation finds exactly what it made. Identifiers go through psycopg.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -56,6 +56,10 @@ HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
 
 class MoveFailed(UserError):
     pass
+
+
+class VerificationFailed(MoveFailed):
+    """The copy differs from the source: the move is undone, never resumed."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ class Move:
     settings: Moves = Moves()
     lock_times: list[float] = field(default_factory=list)  # when each source's fence held its locks
     verified_keys: int = 0  # keys rechecked behind the fence
+    table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence holding its locks (writes to the range stop) to the
@@ -162,7 +168,20 @@ class Move:
     def connect(self, shard: ShardSpec, **kw):
         return self.ctx.fleet.servers[shard.server].connect(shard.dbname, **kw)
 
+    def session(self, shard: ShardSpec):
+        """The connection held open through the fence when there is one (no setup paid there),
+        else a new one."""
+        held = self.held.get(shard.name)
+        return nullcontext(held) if held is not None else self.connect(shard)
+
     def tables(self, shard: ShardSpec) -> list[tuple[str, str]]:
+        """The shard's tables, read once per run (DDL waits while a move is unfinished, and the
+        fence must not spend a connection on this)."""
+        if shard.name not in self.table_cache:
+            self.table_cache[shard.name] = self._read_tables(shard)
+        return self.table_cache[shard.name]
+
+    def _read_tables(self, shard: ShardSpec) -> list[tuple[str, str]]:
         with self.connect(shard) as conn:
             return [(r[0], r[1]) for r in conn.execute(
                 "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -474,8 +493,8 @@ class Move:
                 with_lock_retries(conn, lift, what=f"lift the fence on {source.dbname}",
                                   relations=[q.as_string(conn) for q in qualified], say=self.say)
 
-    def failure(self, text: str) -> MoveFailed:
-        return MoveFailed(f"{self.label}: verification failed: {text}",
+    def failure(self, text: str) -> VerificationFailed:
+        return VerificationFailed(f"{self.label}: verification failed: {text}",
                           "the source keeps its rows and takes writes; what was created is removed")
 
     def wait_confirmed(self, marks: dict[str, str], timeout: float, what: str, poll: float = 0.002) -> None:
@@ -544,14 +563,14 @@ class Move:
         with self.step("sequences"):
             last: dict[tuple[str, str], tuple[int, int]] = {}
             for source in self.sources:
-                with self.connect(source) as conn:
+                with self.session(source) as conn:
                     for schema, name, value, maximum in conn.execute(
                             "SELECT schemaname, sequencename, coalesce(last_value, start_value), max_value"
                             " FROM pg_sequences WHERE schemaname <> '_shardctl'"):
                         prev = last.get((schema, name), (value, maximum))
                         last[(schema, name)] = (max(prev[0], value), maximum)
             for i, target in enumerate(self.targets):
-                with self.connect(target) as conn:
+                with self.session(target) as conn:
                     for (schema, name), (value, maximum) in last.items():
                         # disjoint blocks: each target continues in its own range past the source
                         gap = min(10**9, max(1, (maximum - value) // (len(self.targets) + 1)))
@@ -738,8 +757,17 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
     timed("publish", move.publish)
     timed("subscribe", move.subscribe)
     timed("sync", move.sync)
-    comparison = timed("compare", move.compare)
-    timed("converge", lambda: move.sync(final=True))  # the comparison took time: lag small again
+    comparison = None
+    try:
+        comparison = timed("compare", move.compare)
+        timed("converge", lambda: move.sync(final=True))  # the comparison took time: lag small again
+        comparison.open_connections()
+        comparison.last_rounds()  # what changed while it converged: fewer keys behind the fence
+    except VerificationFailed:
+        if comparison is not None:
+            comparison.close()
+        move.abort(state="failed")  # the copy is wrong: remove it all; the source never stopped
+        raise
     # from the fence to the flip the source refuses writes: a stop request (Ctrl-C, SIGTERM)
     # waits for the flip instead of parking the range read-only; before the fence, it parks
     if journal.stop_requested():
@@ -752,6 +780,7 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
         except BaseException:
             # whatever went wrong before the verification, the source takes writes again (a
             # database condition, or a bug: never leave a range read-only); apply resumes later
+            comparison.close()
             move.lift_fence()
             raise
         try:
@@ -759,6 +788,8 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
         except MoveFailed:
             move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
             raise
+        finally:
+            comparison.close()
         timed("flip", lambda: move.flip({**on_flip(), "timings": timings, "verification": figures,
                                          "verified_changed_keys": move.verified_keys, "pause_ms": move.pause_ms(),
                                          "actor": move.ctx.actor}))
