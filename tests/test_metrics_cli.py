@@ -12,7 +12,7 @@ from traces import samples, to_file
 
 def _recorded(path, hot="orders/40-80"):
     names = [f"orders/{r.name}" for r in even_ranges(4)]
-    windows = {n: samples(n, {"queries_per_second": [15000] * 5} if n == hot else {"queries_per_second": [5.0] * 5},
+    windows = {n: samples(n, {"queries_per_second": [15000] * 31} if n == hot else {"queries_per_second": [5.0] * 31},
                           server="ab"[i % 2]) for i, n in enumerate(names)}
     path.write_text(json.dumps(to_file(windows)))
 

@@ -35,6 +35,7 @@ policies:
     extends: default
     hot: {queries_per_second: 300}
     metrics: {interval: 1s}
+    detection: {sustain: 5s, cold_for: 10s}
     autosplit: {check_every: 2s, cooldown: 30m, retire_after: 15s}
 """
 ARTIFACTS = Path(os.environ.get("SHARDCTL_TEST_ARTIFACTS", ROOT / "test-artifacts"))

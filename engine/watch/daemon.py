@@ -469,11 +469,9 @@ def decide_round(desired: Desired, observation: Observation, paused: bool) -> tu
 
 def _history_entry(row: dict) -> HistoryEntry:
     detail = row.get("detail") or {}
-    evidence = tuple(f"{e['metric']} {e['value']:.4g} {'>' if e.get('kind') == 'hot' else '<'} {e['threshold']:g}"
-                     f" in {e.get('samples_agreeing')} of {e.get('window')} samples"
-                     for e in detail.get("evidence", [])
-                     if isinstance(e, dict) and isinstance(e.get("value"), (int, float))
-                     and isinstance(e.get("threshold"), (int, float)) and "metric" in e)
+    evidence = tuple(_evidence_line(e) for e in detail.get("evidence", [])
+                     if isinstance(e, dict) and isinstance(e.get("threshold"), (int, float)) and "metric" in e
+                     and all(isinstance(e.get(k), (int, float)) for k in ("low", "high", "samples")))
     targets = detail.get("targets") or []
     summary = {
         "split_shard": f"into {', '.join(t.get('name', '?') for t in targets)}" if targets else "",
@@ -482,3 +480,10 @@ def _history_entry(row: dict) -> HistoryEntry:
     at = row["at"] if isinstance(row["at"], datetime) else datetime.fromisoformat(str(row["at"]))
     return HistoryEntry(at=at, event=row["event"], address=row["address"], actor=str(detail.get("actor", "apply")),
                         summary=summary or str(detail.get("reason", ""))[:200], evidence=evidence)
+
+
+def _evidence_line(e: dict) -> str:
+    """A stored split's or merge's evidence, short: the judged range of values and the rule."""
+    side = "over" if e.get("kind") == "hot" else "under"
+    return (f"{e['metric']} {e['low']:.4g} to {e['high']:.4g}, all {side} {e['threshold']:g}, in {e['samples']} samples"
+            f" from {e.get('since', '?')} to {e.get('until', '?')}")
