@@ -57,6 +57,7 @@ class Taken:
 class Replay:
     desired: object
     traces: dict[str, list[float | None]]  # initial range name -> queries per second per tick
+    gauges: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)  # metric -> traces like the above
     interval: float = 10.0
     servers_down: dict[str, range] = field(default_factory=dict)  # server -> ticks it does not answer
     paused: bool = False
@@ -81,13 +82,15 @@ class Replay:
                                             database="orders", ranges=((None, None),)))
         self.taken: list[Taken] = []
 
-    def _load(self, shard: CatalogShard, tick: int) -> float | None:
+    def _load(self, shard: CatalogShard, tick: int, traces: dict[str, list[float | None]] | None = None) -> float | None:
+        """The shard's share of the traces of the ranges it overlaps (additive metrics)."""
+        traces = self.traces if traces is None else traces
         lo, hi = _span(shard.lo, shard.hi)
         total = 0.0
         for name, (t_lo, t_hi) in self.trace_spans.items():
             overlap = max(0, min(hi, t_hi) - max(lo, t_lo))
             if overlap:
-                value = self.traces[name][tick]
+                value = traces[name][tick]
                 if value is None:
                     return None
                 total += value * overlap / (t_hi - t_lo)
@@ -98,6 +101,9 @@ class Replay:
         qps = None if down else self._load(shard, tick)
         metrics = {m: None if down else MetricValue(value=QUIET[m], source="recorded") for m in METRICS}
         metrics["queries_per_second"] = None if qps is None else MetricValue(value=qps, source="recorded")
+        for metric, traces in self.gauges.items():
+            value = None if down else self._load(shard, tick, traces)
+            metrics[metric] = None if value is None else MetricValue(value=value, source="recorded")
         return Sample(shard=shard.address, server=shard.server, at=at, interval_s=self.interval, metrics=metrics)
 
     def run(self) -> list[Taken]:
