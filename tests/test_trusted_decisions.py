@@ -296,3 +296,50 @@ def test_the_default_is_not_met_by_a_thirty_second_spike():
     for end in range(1, len(trace) + 1):
         assert assess("s", trace[:end], policy, at=trace[end - 1].at + timedelta(seconds=0)).state != "hot"
     assert START  # traces start at a fixed instant: nothing here reads the clock
+
+
+# ------------------------------------------------------------------------------ reported once
+
+def _plan(*actions, drift=()):
+    from types import SimpleNamespace as NS
+
+    return NS(actions=tuple(NS(kind=k, address=a, reason=NS(cause=c)) for k, a, c in actions), drift=drift)
+
+
+def test_a_load_verdict_is_reported_once_it_held_for_a_check_and_a_flip_never():
+    from engine.watch.settle import Reported, settle
+
+    split = ("split_shard", "shard.orders/-80", "load")
+    person = ("apply_schema", "schema.orders", "config")
+    sequence = [(), (split,), (), (split,), (split,), (split,), (), (), (split, person), (split, person)]
+    state, reported = Reported(), []
+    for i, actions in enumerate(sequence):
+        state, report = settle(state, _plan(*actions))
+        if report:
+            reported.append(i)
+    # the first plan; the split once it held (4); its end once that held (7); a person's change at once (8)
+    assert reported == [0, 4, 7, 8]
+
+
+def test_a_noisy_crossing_is_reported_once_each_way(tmp_path):
+    """Two hours of load rising through the threshold and back with +-8% noise, nothing applied
+    (as in a pull request or a paused daemon): the split appears once and goes once."""
+    import random
+
+    from engine.watch.settle import Reported, settle
+
+    rng = random.Random(7)
+    trace = [(6000 + 8000 * math.sin(math.pi * i / 720)) * (1 + rng.uniform(-0.08, 0.08)) for i in range(720)]
+    seen = {"state": Reported(), "reports": [], "changes": 0, "last": None}
+
+    def on_round(tick, observation, plan, decision):
+        seen["state"], report = settle(seen["state"], plan)
+        key = tuple(a.address for a in plan.actions)
+        seen["changes"] += key != seen["last"]
+        seen["last"] = key
+        if report:
+            seen["reports"].append((tick, key))
+
+    Replay(_desired(tmp_path), {"-80": trace, "80-": _quiet(720)}, paused=True, on_round=on_round).run()
+    assert seen["changes"] == 3  # the empty plan, the split, and back: the plan itself no longer flips
+    assert [key for _, key in seen["reports"]] == [(), ("shard.orders/-80",), ()]

@@ -38,7 +38,7 @@ from engine.plan import planner
 from engine.plan.models import Plan
 from engine.render.renderers import render_text
 from engine.servers.fleet import Fleet
-from engine.watch import autonomy
+from engine.watch import autonomy, settle
 from engine.watch.configwatch import ConfigWatcher
 from engine.watch.leader import LeaderLock, LeadershipLost
 from engine.watch.view import BranchView, HistoryEntry, ShardView, Snapshot, View, now
@@ -71,7 +71,7 @@ class Daemon:
         self._wake = threading.Event()
         self._config_changed = threading.Event()
         self._fleet_generation = 0
-        self._last_plan_key: tuple | None = None
+        self._reported = settle.Reported()
         self._silent_servers: set[str] = set()
         self._catalog_ready = False  # created and migrated (done once, when it first answers)
         self._layout_cache: tuple[int, int, float, Observation] | None = None  # collector thread only
@@ -389,11 +389,11 @@ class Daemon:
         return tuple(sorted(shards, key=lambda s: s.address))
 
     def _show_if_changed(self, plan: Plan) -> None:
-        key = (tuple((a.kind, a.address, a.reason.cause) for a in plan.actions),
-               tuple((d.kind, d.address) for d in plan.drift))
-        if key == self._last_plan_key:
+        """Print and log the plan when it changed: at once for a person's change, after it held
+        for a check for a load-driven one (engine.watch.settle), so a flip is never reported."""
+        self._reported, report = settle.settle(self._reported, plan)
+        if not report:
             return
-        self._last_plan_key = key
         self.out(render_text(plan).rstrip("\n"))
         self.log("plan_changed", actions=[f"{a.kind} {a.address}" for a in plan.actions])
 
