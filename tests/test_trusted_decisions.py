@@ -343,3 +343,24 @@ def test_a_noisy_crossing_is_reported_once_each_way(tmp_path):
     Replay(_desired(tmp_path), {"-80": trace, "80-": _quiet(720)}, paused=True, on_round=on_round).run()
     assert seen["changes"] == 3  # the empty plan, the split, and back: the plan itself no longer flips
     assert [key for _, key in seen["reports"]] == [(), ("shard.orders/-80",), ()]
+
+
+def test_no_merge_whose_summed_peaks_come_within_the_tolerance_of_a_hot_threshold(tmp_path):
+    """Hysteresis between cold and hot: two shards each under the cold threshold would together
+    be within 10% of the hot one, and the merged shard would be split again."""
+    from test_load_planning import COLD_FOR, _observation
+
+    from engine.keyspace import even_ranges
+    from engine.plan import planner
+
+    policy = FLEET + "    policy: tight\npolicies:\n  tight:\n    hot: {queries_per_second: 1000}\n" \
+                     "    cold: {queries_per_second: 500}\n"
+    desired = _desired(tmp_path, policy)
+    names = [f"orders/{r.name}" for r in even_ranges(4)]
+    busy = {n: samples(n, {"queries_per_second": [470.0] * COLD_FOR}) for n in names}
+    plan = planner.plan(desired, _observation(desired, busy))
+    assert [a.kind for a in plan.actions] == []
+    assert any("together their queries_per_second peaks at 940, within the 10% tolerance of the hot threshold 1000"
+               in w for w in plan.warnings)
+    calm = {n: samples(n, {"queries_per_second": [400.0] * COLD_FOR}) for n in names}
+    assert [a.kind for a in planner.plan(desired, _observation(desired, calm)).actions] == ["merge_shards"]
