@@ -12,7 +12,7 @@ from engine.catalog import store
 from engine.config.loader import Desired
 from engine.config.models import Policy
 from engine.observe import cleaning, recorded
-from engine.observe.metrics import METRICS, Reading, Sample
+from engine.observe.metrics import Reading, Sample
 from engine.observe.models import CatalogShard, Observation
 from engine.observe.sampling import LiveSampler
 from engine.servers.fleet import Fleet
@@ -101,24 +101,16 @@ def collect(desired: Desired, conn: psycopg.Connection, observation: Observation
 def stored_window(desired: Desired, conn: psycopg.Connection, observation: Observation,
                   now: datetime | None = None) -> Observation:
     """The stored window alone, as a daemon plans between its own collection rounds. A shard
-    whose newest sample is older than three intervals (its server stopped answering, or
-    collection stalled) gets an unknown sample on top, so nothing acts on an old picture."""
+    whose newest sample is older than the policy's detection.max_age (collection stalled) is
+    judged `stale` by the detector, and one on a server that does not answer has no window here
+    (unknown): nothing acts on an old picture."""
     now = now or datetime.now(timezone.utc)
     stored, notes = cleaning.clean(stored_history(conn)[0])
     shards = monitored_shards(observation)
     limits = history_limits(desired, shards)
     window: dict[str, tuple[Sample, ...]] = {}
     for shard in sorted(shards, key=lambda s: s.address):
-        samples = list(stored.get(shard.address, ()))[-limits[shard.address]:]
-        db = desired.databases.get(shard.database)
-        interval = db.effective_policy.metrics.interval if db else 10.0
-        if not samples or now - samples[-1].at > timedelta(seconds=3 * interval):
-            samples = [*samples, unknown_sample(shard, now, interval)][-limits[shard.address]:]
-        window[shard.address] = tuple(samples)
+        window[shard.address] = stored.get(shard.address, ())[-limits[shard.address]:]
     return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
                                           "metrics_notes": notes, "taken_at": now, "metrics_at": now})
 
-
-def unknown_sample(shard: CatalogShard, at: datetime, interval: float) -> Sample:
-    return Sample(shard=shard.address, server=shard.server, at=at, interval_s=interval,
-                  metrics={m: None for m in METRICS})
