@@ -189,7 +189,7 @@ def span(seconds: float) -> str:
     for unit, size in (("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+    return f"{seconds:g}s" if float(seconds).is_integer() else f"{seconds:.3g}s"
 
 
 class Metrics(Frozen):
