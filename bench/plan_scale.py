@@ -60,11 +60,11 @@ def build(tmp: Path, databases: int, shards: int, servers: int):
             live[shard.address] = LiveShard(exists=True, schema_fingerprint=fingerprint)
             hot = (d * shards + i) % 100 == 0
             metrics[shard.address] = tuple(
-                Sample(shard=shard.address, server=shard.server, at=now - timedelta(seconds=10 * (4 - k)),
+                Sample(shard=shard.address, server=shard.server, at=now - timedelta(seconds=10 * (30 - k)),
                        interval_s=10.0, metrics={m: MetricValue(value=(20000.0 if hot and m == "queries_per_second"
                                                                        else 500.0 if m == "queries_per_second" else 30.0),
                                                                 source="recorded") for m in METRICS})
-                for k in range(5))
+                for k in range(31))  # 5m of 10 s samples: the default sustain
         catalog_dbs[name] = CatalogDatabase(
             name=name, key_column="k", key_type="bigint", protect=False, policy_name=db.policy_name,
             policy=settings.policy, placement=settings.placement, state="active",

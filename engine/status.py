@@ -99,7 +99,7 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
         name=shard.name, lo=shard.lo, hi=shard.hi, server=shard.server, dbname=shard.dbname, state=shard.state,
         load=verdict.state if verdict else "unknown",
         evidence=[e.describe() for e in verdict.evidence] if verdict else [],
-        near=list(verdict.near) if verdict else [],
+        near=list(verdict.near) + ([f"{verdict.state}: {verdict.why}"] if verdict.why else []) if verdict else [],
         metrics={m: (None if latest is None or latest.metrics.get(m) is None else asdict(latest.metrics[m]))
                  for m in METRICS},
         observed_at=latest.at if latest else None,
@@ -134,7 +134,7 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         for s in db["shards"]:
             latest = {m: _cell(v["value"] if v else None) for m, v in s["metrics"].items()}
             load = s["load"] if s["state"] == "active" else s["state"]
-            style = {"hot": "bold red", "cold": "cyan", "unknown": "dim"}.get(load, "")
+            style = {"hot": "bold red", "cold": "cyan", "unknown": "dim", "stale": "yellow"}.get(load, "")
             table.add_row(f"{db['name']}/{s['name']}", s["server"], s["dbname"], f"[{style}]{load}[/]" if style else load,
                           latest["queries_per_second"], latest["cpu_percent"], latest["memory_percent"],
                           latest["storage_percent"], latest["connections"], latest["latency_ms"],

@@ -58,10 +58,9 @@ def check_premises(desired: Desired, plan: Plan, observation: Observation) -> No
         if db is None:
             failures.append(f"{action.address}: database {action.database} is no longer declared")
             continue
-        detection = db.effective_policy.detection
         for evidence in action.evidence:
-            window = detection.window if evidence.kind == "hot" else detection.cold_window
-            held, why = premise_holds(evidence, observation.metrics.get(evidence.shard, ()), detection.hot_samples, window)
+            held, why = premise_holds(evidence, observation.metrics.get(evidence.shard, ()), db.effective_policy,
+                                      at=observation.metrics_at or observation.taken_at)
             if not held:
                 failures.append(f"shard.{evidence.shard}: {why}")
     if failures:

@@ -6,6 +6,7 @@ config directory gets its own servers under <dir>/.shardctl/, stopped at teardow
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,7 +59,18 @@ def run_cli(*args: str, cwd: Path, input: str | None = None, env: dict | None = 
     full_env.update({"NO_COLOR": "1", **(env or {})})
     proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
                           input=input if input is not None else "", env=full_env, timeout=timeout)
+    if ("json" in args or "--json" in args) and proc.stdout.lstrip().startswith("{"):
+        strict_json(proc.stdout)  # every JSON document the suite reads from the CLI is strict
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity, as strict parsers do."""
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 class FleetDir:
@@ -121,3 +133,5 @@ def assert_golden(name: str, text: str) -> None:
         path.write_text(text)
     assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
     assert text == path.read_text(), f"output differs from {path} (UPDATE_GOLDEN=1 to accept)"
+    if name.endswith(".json"):
+        strict_json(text)

@@ -6,16 +6,22 @@ carries the load of the trace ranges it overlaps, in proportion); the daemon's o
 (children replace a split source, a merge target its sources) and starts a cooldown, as the
 real apply does. No rows move here: this is the decision loop; the tests in test_watch_daemon
 apply for real.
+
+Samples may be made dirty on the way (`dirty`: repeated, contradicting or impossible values) or
+stop arriving (`silent`: ticks a trace's shards get no sample at all, as when collection stalls);
+the window is cleaned as the daemon's own stored window is (engine.observe.cleaning).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Callable
 
 from traces import QUIET, START
 
 from engine.keyspace import KeyRange, even_ranges, physical_name
+from engine.observe import cleaning
 from engine.observe.metrics import METRICS, MetricValue, Sample
 from engine.observe.models import (
     AppliedStep,
@@ -51,10 +57,14 @@ class Taken:
 class Replay:
     desired: object
     traces: dict[str, list[float | None]]  # initial range name -> queries per second per tick
+    gauges: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)  # metric -> traces like the above
     interval: float = 10.0
     servers_down: dict[str, range] = field(default_factory=dict)  # server -> ticks it does not answer
     paused: bool = False
     cooling_until: int = 0  # a split of the whole key space that ends its cooldown at this tick
+    silent: dict[str, range] = field(default_factory=dict)  # server -> ticks its shards get no sample
+    dirty: Callable[[Sample, int], list[Sample]] | None = None  # a clean sample and its tick -> what arrives
+    on_round: Callable | None = None  # called with (tick, observation, plan, decision) after every round
 
     def __post_init__(self) -> None:
         db = self.desired.databases["orders"]
@@ -72,13 +82,15 @@ class Replay:
                                             database="orders", ranges=((None, None),)))
         self.taken: list[Taken] = []
 
-    def _load(self, shard: CatalogShard, tick: int) -> float | None:
+    def _load(self, shard: CatalogShard, tick: int, traces: dict[str, list[float | None]] | None = None) -> float | None:
+        """The shard's share of the traces of the ranges it overlaps (additive metrics)."""
+        traces = self.traces if traces is None else traces
         lo, hi = _span(shard.lo, shard.hi)
         total = 0.0
         for name, (t_lo, t_hi) in self.trace_spans.items():
             overlap = max(0, min(hi, t_hi) - max(lo, t_lo))
             if overlap:
-                value = self.traces[name][tick]
+                value = traces[name][tick]
                 if value is None:
                     return None
                 total += value * overlap / (t_hi - t_lo)
@@ -89,18 +101,26 @@ class Replay:
         qps = None if down else self._load(shard, tick)
         metrics = {m: None if down else MetricValue(value=QUIET[m], source="recorded") for m in METRICS}
         metrics["queries_per_second"] = None if qps is None else MetricValue(value=qps, source="recorded")
+        for metric, traces in self.gauges.items():
+            value = None if down else self._load(shard, tick, traces)
+            metrics[metric] = None if value is None else MetricValue(value=value, source="recorded")
         return Sample(shard=shard.address, server=shard.server, at=at, interval_s=self.interval, metrics=metrics)
 
     def run(self) -> list[Taken]:
         ticks = len(next(iter(self.traces.values())))
-        history = self.db.effective_policy.metrics.history
+        history = self.db.effective_policy.history_samples
         for tick in range(ticks):
             at = START + timedelta(seconds=self.interval * tick)
             for shard in self.shards:
                 window = self.windows.setdefault(shard.address, [])
-                window.append(self._sample(shard, tick, at))
+                if tick not in self.silent.get(shard.server, ()):
+                    sample = self._sample(shard, tick, at)
+                    window.extend(self.dirty(sample, tick) if self.dirty else [sample])
                 del window[:-history]
-            plan, decision = decide_round(self.desired, self._observation(at, tick), self.paused)
+            observation = self._observation(at, tick)
+            plan, decision = decide_round(self.desired, observation, self.paused)
+            if self.on_round:
+                self.on_round(tick, observation, plan, decision)
             for action in decision.autonomous:
                 self._take(action, tick, at)
         return self.taken
@@ -114,12 +134,12 @@ class Replay:
         servers = {n: LiveServer(name=n, reachable=tick not in self.servers_down.get(n, ()), version="18.6",
                                  wal_level="logical", databases=()) for n in ("a", "b")}
         active = {s.address for s in self.shards}
+        windows, notes = cleaning.clean({a: w for a, w in self.windows.items() if a in active})
         return Observation(
             catalog=CatalogState(exists=True, schema_version=4, serial=7, epoch=1, databases={"orders": recorded},
                                  reshard_events=tuple(self.events)),
             servers=servers, shards={},
-            metrics={a: tuple(w) for a, w in self.windows.items() if a in active},
-            metrics_source="recorded replay", taken_at=at)
+            metrics=windows, metrics_notes=notes, metrics_source="recorded replay", taken_at=at, metrics_at=at)
 
     def _take(self, action, tick: int, at: datetime) -> None:
         sources = [action.source] if action.kind == "split_shard" else list(action.sources)

@@ -43,7 +43,8 @@ def test_the_shipped_default_policy_applies_with_database_overrides(desired):
     assert policy.hot.queries_per_second == 5000  # overridden by the database
     assert policy.hot.cpu_percent == 80  # from policies/default.yaml
     assert policy.hot.latency_ms == 100
-    assert policy.metrics.interval == 10 and policy.metrics.history == 10
+    assert policy.metrics.interval == 10 and policy.history_samples == 183  # 30m cold_for at 10 s, and margin
+    assert (policy.sustain_seconds, policy.cold_for_seconds, policy.max_age_seconds) == (300, 1800, 30)
     assert policy.autosplit.cooldown == 1800 and policy.autosplit.targets == 2
     assert policy.autosplit.check_every == 60
 

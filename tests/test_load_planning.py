@@ -33,7 +33,13 @@ def _desired(tmp_path, extra: str = "", fleet: str = FLEET):
     return loader.load(tmp_path, cwd=tmp_path)
 
 
-def _observation(desired, windows, shards: int = 4, events=(), now_offset: int = 40, metrics_offset: int | None = None):
+def _observation(desired, windows, shards: int = 4, events=(), now_offset: int | None = None,
+                 metrics_offset: int | None = None):
+    """`now_offset` is the wall clock and `metrics_offset` the instant the metrics describe, in
+    seconds after START; both default to the newest sample, as `plan --metrics FILE` does."""
+    newest = max((s.at for w in windows.values() for s in w), default=START)
+    metrics_at = newest if metrics_offset is None else START + timedelta(seconds=metrics_offset)
+    taken_at = newest if now_offset is None else START + timedelta(seconds=now_offset)
     db = desired.databases["orders"]
     steps = tuple(AppliedStep(seq=i + 1, name=s.name, sha256=s.sha256) for i, s in enumerate(db.schema_steps))
     catalog_shards = tuple(
@@ -53,20 +59,21 @@ def _observation(desired, windows, shards: int = 4, events=(), now_offset: int =
         catalog=CatalogState(exists=True, schema_version=2, serial=7, epoch=1, databases={"orders": recorded},
                              reshard_events=tuple(events)),
         servers=servers, shards={}, metrics=windows, metrics_source="recorded traces.yaml",
-        taken_at=START + timedelta(seconds=now_offset),
-        metrics_at=START + timedelta(seconds=now_offset if metrics_offset is None else metrics_offset),
+        taken_at=taken_at, metrics_at=metrics_at,
     )
 
 
-HOT = {"queries_per_second": [15000, 16000, 15500, 17000, 16500]}
-QUIET5 = {"queries_per_second": [5.0] * 5}
+SUSTAINED = 31  # samples 10 s apart: over a threshold for 5m10s, past the default 5m sustain
+COLD_FOR = 181  # quiet for 30m10s, past the default 30m cold_for
+HOT = {"queries_per_second": [15000, 16000, 15500, 17000, 16500] * 6 + [16000]}
 
 
 def _windows(hot_shards=("orders/40-80",), cold=False):
     names = [f"orders/{r.name}" for r in even_ranges(4)]
-    length = 10 if cold else 5
+    length = COLD_FOR if cold else SUSTAINED
     quiet = {"queries_per_second": [5.0] * length}
-    return {n: samples(n, HOT if n in hot_shards else quiet) for n in names}
+    hot = {"queries_per_second": (HOT["queries_per_second"] * 6)[:length]}
+    return {n: samples(n, hot if n in hot_shards else quiet) for n in names}
 
 
 def test_a_hot_shard_is_split_onto_the_other_server_with_evidence(tmp_path):
@@ -76,7 +83,8 @@ def test_a_hot_shard_is_split_onto_the_other_server_with_evidence(tmp_path):
     assert split.kind == "split_shard" and split.source.name == "40-80"
     assert [(t.name, t.server) for t in split.targets] == [("40-60", "a"), ("60-80", "b")]
     (evidence,) = split.evidence
-    assert evidence.metric == "queries_per_second" and evidence.samples_agreeing == 5
+    assert evidence.metric == "queries_per_second" and evidence.samples == 30  # 5m of 10 s samples
+    assert (evidence.low, evidence.high) == (15000, 17000)
     assert evidence.policy_location == "policies/default.yaml:10:7"
     assert plan.summary.add == 2 and plan.summary.destroy == 1 and plan.summary.by_cause == {"load": 1}
     assert_golden("split.txt", render(plan, "text"))
@@ -86,7 +94,7 @@ def test_a_hot_shard_is_split_onto_the_other_server_with_evidence(tmp_path):
 
 def test_a_database_threshold_override_is_the_evidence_source(tmp_path):
     desired = _desired(tmp_path, "    thresholds:\n      hot: {queries_per_second: 1000}\n")
-    windows = {n: samples(n, {"queries_per_second": [1500] * 5}) if n == "orders/-40" else w
+    windows = {n: samples(n, {"queries_per_second": [1500] * SUSTAINED}) if n == "orders/-40" else w
                for n, w in _windows(hot_shards=()).items()}
     (split,) = planner.plan(desired, _observation(desired, windows)).actions
     assert split.evidence[0].threshold == 1000
@@ -143,12 +151,12 @@ def test_a_what_if_on_an_old_recording_judges_cooldowns_at_the_present(tmp_path)
     desired = _desired(tmp_path)
     r = even_ranges(4)[1]
     three_days = 3 * 24 * 3600
-    now = three_days + 40  # the present, seconds after START; the recording ends at START + 40 s
+    now = three_days + 300  # the present, seconds after START; the recording ends at START + 300 s
     recent = ReshardEvent(at=START + timedelta(seconds=now - 600), database="orders", ranges=((r.lo, r.hi),))
     old = ReshardEvent(at=START + timedelta(seconds=now - 7200), database="orders", ranges=((r.lo, r.hi),))
-    held = planner.plan(desired, _observation(desired, _windows(), events=[recent], now_offset=now, metrics_offset=40))
+    held = planner.plan(desired, _observation(desired, _windows(), events=[recent], now_offset=now))
     assert held.actions == () and any("held back by the cooldown" in w for w in held.warnings)
-    free = planner.plan(desired, _observation(desired, _windows(), events=[old], now_offset=now, metrics_offset=40))
+    free = planner.plan(desired, _observation(desired, _windows(), events=[old], now_offset=now))
     assert [a.kind for a in free.actions] == ["split_shard"]
 
 
@@ -177,7 +185,21 @@ def test_resharding_can_be_switched_off_per_database_and_globally(tmp_path, swit
 def test_a_shard_near_its_threshold_gets_a_warning_not_an_action(tmp_path):
     desired = _desired(tmp_path)
     windows = _windows(hot_shards=())
-    windows["orders/80-c0"] = samples("orders/80-c0", {"latency_ms": [98, 103, 99, 101, 97]})
+    windows["orders/80-c0"] = samples("orders/80-c0", {"latency_ms": [99] * 26 + [98, 103, 99, 101, 97]})
     plan = planner.plan(desired, _observation(desired, windows))
     assert plan.actions == ()
     assert any(w.startswith("shard.orders/80-c0: latency_ms 97 ms is near the hot threshold 100 ms") for w in plan.warnings)
+    windows["orders/80-c0"] = samples("orders/80-c0", {"latency_ms": [99] * 27 + [101] * 4})
+    plan = planner.plan(desired, _observation(desired, windows))
+    assert plan.actions == ()
+    assert any(w.startswith("shard.orders/80-c0: latency_ms over the hot threshold 100 ms for 40s of the 5m sustain")
+               for w in plan.warnings)
+
+
+def test_a_shard_whose_samples_stopped_is_stale_and_never_split(tmp_path):
+    desired = _desired(tmp_path)
+    windows = _windows()
+    plan = planner.plan(desired, _observation(desired, windows, metrics_offset=300 + 31))
+    assert plan.actions == ()
+    assert "shard.orders/40-80: stale: newest sample 2026-11-26T10:05:00Z is 31s old, older than detection.max_age" \
+        " (30s); no split or merge is judged on it" in plan.warnings

@@ -12,7 +12,7 @@ from traces import samples, to_file
 
 def _recorded(path, hot="orders/40-80"):
     names = [f"orders/{r.name}" for r in even_ranges(4)]
-    windows = {n: samples(n, {"queries_per_second": [15000] * 5} if n == hot else {"queries_per_second": [5.0] * 5},
+    windows = {n: samples(n, {"queries_per_second": [15000] * 31} if n == hot else {"queries_per_second": [5.0] * 31},
                           server="ab"[i % 2]) for i, n in enumerate(names)}
     path.write_text(json.dumps(to_file(windows)))
 
@@ -62,6 +62,23 @@ def test_a_bad_samples_file_is_a_clear_error(applied_fleet):
         "samples:\n  - {shard: orders/-40, server: a, at: 2026-11-26T10:00:00Z, metrics: {qps: 5}}\n")
     result = applied_fleet.cli("plan", "--metrics", "typo.yaml")
     assert "unknown metric 'qps'" in result.err
+    (applied_fleet.base / "naive.yaml").write_text(
+        "samples:\n  - {shard: orders/-40, server: a, at: 2026-11-26T10:00:00Z, metrics: {}}\n"
+        "  - {shard: orders/-40, server: a, at: 2026-11-26T10:00:10, metrics: {}}\n")
+    result = applied_fleet.cli("plan", "--metrics", "naive.yaml")
+    assert result.code == 1 and "Traceback" not in result.err and "This is a bug" not in result.err
+    assert result.err.startswith("Error: naive.yaml: sample 2 (orders/-40): the time 2026-11-26T10:00:10 has no time zone")
+
+
+def test_impossible_recorded_values_are_unknown_with_a_note_and_the_json_plan_is_strict(applied_fleet):
+    path = applied_fleet.base / "hot.json"
+    _recorded(path)
+    text = path.read_text().replace('"value": 15000.0', '"value": Infinity').replace('"value": 5.0', '"value": NaN', 1)
+    path.write_text(text)
+    result = applied_fleet.cli("plan", "--format", "json", "--metrics", "hot.json")  # run_cli parses it strictly
+    doc = json.loads(result.out)
+    assert result.code == 0 and doc["actions"] == []
+    assert any("rejected as unknown (not a measurement): queries_per_second infinite" in w for w in doc["warnings"])
 
 
 def test_a_v1_catalog_is_migrated_forward_by_apply(fleet):

@@ -16,14 +16,14 @@ from engine.config import loader
 from engine.observe.models import Observation
 from engine.plan import planner
 from engine.render.renderers import GITHUB_COMMENT_LIMIT, render_markdown
-from test_load_planning import FLEET, _observation, _windows
+from test_load_planning import COLD_FOR, FLEET, SUSTAINED, _observation, _windows
 from traces import samples
 
 MIXED = {"orders/-40": 3000, "orders/40-80": 6000, "orders/80-c0": 8000, "orders/c0-": 12000}
 
 
 def _mixed_windows():
-    return {n: samples(n, {"queries_per_second": [q] * 5}) for n, q in MIXED.items()}
+    return {n: samples(n, {"queries_per_second": [q] * SUSTAINED}) for n, q in MIXED.items()}
 
 
 def test_markdown_for_splits_a_merge_and_branches_is_pinned(tmp_path):
@@ -38,8 +38,8 @@ def test_markdown_for_splits_a_merge_and_branches_is_pinned(tmp_path):
                                          "  spike:\n    from: orders\n    server: a\n")
     desired = loader.load(tmp_path, cwd=tmp_path)
     windows = _windows(hot_shards=("orders/-40", "orders/40-80"), cold=True)
-    windows["orders/40-80"] = samples("orders/40-80", {"queries_per_second": [16000] * 10})
-    windows["orders/-40"] = samples("orders/-40", {"queries_per_second": [21000] * 10})
+    windows["orders/40-80"] = samples("orders/40-80", {"queries_per_second": [16000] * COLD_FOR})
+    windows["orders/-40"] = samples("orders/-40", {"queries_per_second": [21000] * COLD_FOR})
     observation = _observation(desired, windows)
     expired = CatalogBranch(name="spike", parent="orders", data="schema", sample_percent=None, server="a",
                             dbname="branch_spike", state="active", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
@@ -130,7 +130,7 @@ def applied_git_fleet(fleet):
     subprocess.run(["git", "init", "-q"], cwd=fleet.base, check=True)
     subprocess.run(git + ["add", "fleet", ".gitignore"], cwd=fleet.base, check=True)
     subprocess.run(git + ["commit", "-qm", "fleet"], cwd=fleet.base, check=True)
-    windows = {n: samples(n, {"queries_per_second": [q] * 5}, server="ab"[i % 2])
+    windows = {n: samples(n, {"queries_per_second": [q] * SUSTAINED}, server="ab"[i % 2])
                for i, (n, q) in enumerate(MIXED.items())}
     (fleet.base / "mixed.json").write_text(json.dumps({"samples": [s.model_dump(mode="json")
                                                                    for w in windows.values() for s in w]}))

@@ -35,6 +35,7 @@ policies:
     extends: default
     hot: {queries_per_second: 300}
     metrics: {interval: 1s}
+    detection: {sustain: 3s, cold_for: 10s, max_age: 10s}  # 1 s rounds jitter on a busy 2-core machine
     autosplit: {check_every: 2s, cooldown: 30m, retire_after: 15s}
 """
 ARTIFACTS = Path(os.environ.get("SHARDCTL_TEST_ARTIFACTS", ROOT / "test-artifacts"))

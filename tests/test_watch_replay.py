@@ -17,14 +17,15 @@ policies:
   elastic:
     extends: default
     metrics: {interval: INTERVAL}
+    detection: DETECTION
     autosplit: {cooldown: 30m}
     automerge: {enabled: true}
 """
 FLAP_WINDOW = timedelta(hours=2)
 
 
-def _desired(tmp_path, interval: str = "10s"):
-    (tmp_path / "fleet.yaml").write_text(ELASTIC.replace("INTERVAL", interval))
+def _desired(tmp_path, interval: str = "10s", detection: str = "{}"):
+    (tmp_path / "fleet.yaml").write_text(ELASTIC.replace("INTERVAL", interval).replace("DETECTION", detection))
     return loader.load(tmp_path, cwd=tmp_path)
 
 
@@ -46,7 +47,8 @@ def test_a_load_hovering_at_the_threshold_never_acts(tmp_path):
 
 def test_a_diurnal_load_scales_out_by_day_and_back_at_night_without_flapping(tmp_path):
     two_days = diurnal(20, 30000) * 2  # busy from 10:00 to 22:00, quiet at night, twice
-    taken = Replay(_desired(tmp_path, "10m"), {"-80": two_days, "80-": diurnal(10, 400) * 2}, interval=600).run()
+    desired = _desired(tmp_path, "10m", "{sustain: 30m, cold_for: 2h}")  # at 10-minute samples
+    taken = Replay(desired, {"-80": two_days, "80-": diurnal(10, 400) * 2}, interval=600).run()
     kinds = [t.kind for t in taken]
     assert "split_shard" in kinds and "merge_shards" in kinds  # it does follow the load both ways
     assert flapping_pairs(taken, FLAP_WINDOW) == []
@@ -58,12 +60,12 @@ def test_a_diurnal_load_scales_out_by_day_and_back_at_night_without_flapping(tmp
 
 
 @pytest.mark.parametrize("hot_from, down, cooling_until", [
-    (10, range(12, 40), 0),   # two hot samples, then silence: not three known
-    (0, range(15, 40), 20),   # hot all along but held by a cooldown that ends while the server is down
+    (10, range(12, 40), 0),   # two hot samples, then silence: not five minutes known
+    (0, range(35, 60), 40),   # hot all along but held by a cooldown that ends while the server is down
 ])
 def test_a_server_that_stops_answering_is_never_acted_on(tmp_path, hot_from, down, cooling_until):
-    load = _quiet(hot_from) + _quiet(60 - hot_from, 20000)
-    replay = Replay(_desired(tmp_path), {"-80": load, "80-": _quiet(60)}, servers_down={"a": down},
+    load = _quiet(hot_from) + _quiet(120 - hot_from, 20000)
+    replay = Replay(_desired(tmp_path), {"-80": load, "80-": _quiet(120)}, servers_down={"a": down},
                     cooling_until=cooling_until)
     taken = replay.run()
     assert all(not t.latest_unknown for t in taken)
@@ -74,7 +76,7 @@ def test_a_server_that_stops_answering_is_never_acted_on(tmp_path, hot_from, dow
 
 
 def test_paused_the_daemon_takes_no_action_on_the_same_load(tmp_path):
-    replay = Replay(_desired(tmp_path), {"-80": _quiet(30, 20000), "80-": _quiet(30)}, paused=True)
+    replay = Replay(_desired(tmp_path), {"-80": _quiet(40, 20000), "80-": _quiet(40)}, paused=True)
     assert replay.run() == []
-    assert [t.kind for t in Replay(_desired(tmp_path), {"-80": _quiet(30, 20000), "80-": _quiet(30)}).run()] \
+    assert [t.kind for t in Replay(_desired(tmp_path), {"-80": _quiet(40, 20000), "80-": _quiet(40)}).run()] \
         == ["split_shard"]

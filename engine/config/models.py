@@ -76,7 +76,7 @@ Duration = Annotated[
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------- servers
@@ -128,21 +128,75 @@ class ColdThresholds(HotThresholds):
 
 
 class Detection(Frozen):
-    hot_samples: int = Field(3, ge=1, description="samples over a threshold needed in the window")
-    window: int = Field(5, ge=1, description="the last N samples looked at")
-    cold_window: int = Field(10, ge=1, description="samples that must all be cold for a merge")
-    tolerance_percent: float = Field(10, ge=0, le=50, description="no action within this band around a threshold")
+    """When load counts as hot or cold, in time. Hot: over a hot threshold for `sustain` without a
+    break; cold: under every cold threshold for `cold_for`; either only on samples newer than
+    `max_age`. The tolerance never moves a threshold: it is the hysteresis that keeps opposite
+    actions apart. The seed's sample-count form (hot_samples, window, cold_window) is still read,
+    as a time: hot_samples x metrics.interval is the sustain, cold_window x interval the cold_for."""
+
+    sustain: Duration | None = Field(
+        None, description="hot: over a hot threshold this long without a break, e.g. 5m (default 5m); at least"
+                          " two metrics intervals")
+    cold_for: Duration | None = Field(
+        None, description="cold: under every cold threshold this long, e.g. 1h (default 30m); at least two"
+                          " metrics intervals")
+    max_age: Duration | None = Field(
+        None, description="a verdict needs a sample newer than this; older data is `stale` and never acts"
+                          " (default three metrics intervals)")
+    tolerance_percent: float = Field(
+        10, ge=0, le=50, description="hysteresis, never a raised ceiling: a split's premise holds while the load stays"
+                                     " above the hot threshold less this share, a merge's while it stays under the cold"
+                                     " threshold plus it, and a cold threshold must sit this far under its hot one")
+    hot_samples: int | None = Field(
+        None, ge=1, description="sample-count form, kept for older configs: sustain = hot_samples x metrics.interval")
+    window: int | None = Field(None, ge=1, description="sample-count form, kept for older configs: no longer used")
+    cold_window: int | None = Field(
+        None, ge=1, description="sample-count form, kept for older configs: cold_for = cold_window x metrics.interval")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, data: object) -> object:
+        """Whichever form a policy declares replaces the other one it inherits."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for timed, counted in (("sustain", ("hot_samples", "window")), ("cold_for", ("cold_window",))):
+            has_time = out.get(timed) is not None
+            has_count = any(out.get(k) is not None for k in counted)
+            if has_time and has_count:
+                raise ValueError(f"give either {timed} (a time, e.g. 5m) or {' and '.join(counted)} (sample"
+                                 f" counts), not both; {timed} is the one to keep")
+            if has_time:
+                out.update({k: None for k in counted})
+            elif has_count:
+                out[timed] = None
+        return out
 
     @model_validator(mode="after")
     def _fits(self) -> "Detection":
-        if self.hot_samples > self.window:
+        if self.hot_samples is not None and self.window is not None and self.hot_samples > self.window:
             raise ValueError(f"hot_samples ({self.hot_samples}) cannot exceed window ({self.window})")
         return self
 
 
+DEFAULT_SUSTAIN = 300.0
+DEFAULT_COLD_FOR = 1800.0
+DEFAULT_MAX_AGE_INTERVALS = 3
+
+
+def span(seconds: float) -> str:
+    """300 -> '5m', 5400 -> '90m', 7200 -> '2h', 45 -> '45s'."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s" if float(seconds).is_integer() else f"{seconds:.3g}s"
+
+
 class Metrics(Frozen):
     interval: Duration = Field(10.0, description="collection interval, e.g. 10s")
-    history: int = Field(10, ge=2, le=10000, description="samples kept per shard")
+    history: int | None = Field(
+        None, ge=2, le=100000, description="samples kept per shard (default: enough to cover the longer of"
+                                           " detection.sustain and detection.cold_for)")
 
     @field_validator("interval")
     @classmethod
@@ -190,6 +244,63 @@ class Policy(Frozen):
     autosplit: AutoSplit = AutoSplit()
     automerge: AutoMerge = AutoMerge()
     moves: Moves = Moves()
+
+    @property
+    def sustain_seconds(self) -> float:
+        d = self.detection
+        if d.sustain is not None:
+            return d.sustain
+        return d.hot_samples * self.metrics.interval if d.hot_samples is not None else DEFAULT_SUSTAIN
+
+    @property
+    def cold_for_seconds(self) -> float:
+        d = self.detection
+        if d.cold_for is not None:
+            return d.cold_for
+        return d.cold_window * self.metrics.interval if d.cold_window is not None else DEFAULT_COLD_FOR
+
+    @property
+    def max_age_seconds(self) -> float:
+        d = self.detection
+        return d.max_age if d.max_age is not None else DEFAULT_MAX_AGE_INTERVALS * self.metrics.interval
+
+    @property
+    def history_samples(self) -> int:
+        """Samples kept per shard: the declared history, or enough for the longer window."""
+        return self.metrics.history if self.metrics.history is not None else _needed_samples(self)
+
+    @model_validator(mode="after")
+    def _windows_fit_the_interval(self) -> "Policy":
+        interval = self.metrics.interval
+        for name, seconds in (("sustain", self.sustain_seconds), ("cold_for", self.cold_for_seconds)):
+            if seconds < 2 * interval:
+                raise ValueError(
+                    f"detection.{name} ({span(seconds)}) is shorter than two metrics intervals (2 x {span(interval)}):"
+                    f" a verdict needs at least two samples; set detection.{name} to {span(2 * interval)} or more,"
+                    " or shorten metrics.interval")
+        if self.max_age_seconds < interval:
+            raise ValueError(f"detection.max_age ({span(self.max_age_seconds)}) is shorter than the metrics interval"
+                             f" ({span(interval)}): every sample would be stale; set it to"
+                             f" {span(DEFAULT_MAX_AGE_INTERVALS * interval)} or more")
+        needed = _needed_samples(self)
+        if self.metrics.history is not None and self.metrics.history < needed:
+            raise ValueError(f"metrics.history ({self.metrics.history} samples, {span(self.metrics.history * interval)}"
+                             f" at {span(interval)}) cannot cover detection.sustain and cold_for"
+                             f" ({span(max(self.sustain_seconds, self.cold_for_seconds))}); set it to {needed} or"
+                             " more, or leave it out")
+        band = 1 - self.detection.tolerance_percent / 100
+        for metric, hot in self.hot.model_dump().items():
+            cold = getattr(self.cold, metric)
+            if hot is not None and cold is not None and cold >= hot * band:
+                raise ValueError(f"cold.{metric} ({cold:g}) is not under hot.{metric} ({hot:g}) by the"
+                                 f" {self.detection.tolerance_percent:g}% tolerance, so a shard could swing between"
+                                 f" a split and a merge; set cold.{metric} under {hot * band:g}")
+        return self
+
+
+def _needed_samples(policy: "Policy") -> int:
+    longest = max(policy.sustain_seconds, policy.cold_for_seconds)
+    return int(-(-longest // policy.metrics.interval)) + 3  # the span, both ends, and one late sample
 
 
 class PolicyOverrides(Frozen):

@@ -10,11 +10,14 @@ from pydantic import ValidationError
 
 from engine.catalog import store
 from engine.config.loader import Desired
-from engine.observe import recorded
-from engine.observe.metrics import METRICS, Reading, Sample
+from engine.config.models import Policy
+from engine.observe import cleaning, recorded
+from engine.observe.metrics import Reading, Sample
 from engine.observe.models import CatalogShard, Observation
 from engine.observe.sampling import LiveSampler
 from engine.servers.fleet import Fleet
+
+DEFAULT_HISTORY = Policy().history_samples
 
 
 def stored_history(conn: psycopg.Connection | None) -> tuple[dict[str, list[Sample]], dict[str, Reading]]:
@@ -43,7 +46,7 @@ def history_limits(desired: Desired, shards: list[CatalogShard]) -> dict[str, in
     limits = {}
     for s in shards:
         db = desired.databases.get(s.database)
-        limits[s.address] = db.effective_policy.metrics.history if db else 10
+        limits[s.address] = db.effective_policy.history_samples if db else DEFAULT_HISTORY
     return limits
 
 
@@ -66,21 +69,24 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
     if metrics_file:
         # A what-if on a recording: the load is judged as of the recording's newest sample, while
         # the catalog's own events (cooldowns, expiry, grace periods) stay judged at the present.
-        samples = recorded.load(metrics_file)
+        samples, notes = recorded.load_with_notes(metrics_file)
         latest = max((s.at for window in samples.values() for s in window), default=now)
         return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
-                                              "taken_at": now, "metrics_at": latest})
+                                              "metrics_notes": notes, "taken_at": now, "metrics_at": latest})
     history, last = stored_history(conn)
     shards = monitored_shards(observation)
+    metrics_at = now
     if shards:
         with LiveSampler(fleet) as sampler:
             seed_recent(sampler, desired, last)
             for address, (_, sample) in sampler.sample(shards).items():
                 history.setdefault(address, []).append(sample)
+                metrics_at = max(metrics_at, sample.at)  # the fresh round is what the load is judged at
     limits = history_limits(desired, shards)
-    window = {a: tuple(v[-limits.get(a, 10):]) for a, v in sorted(history.items())}
-    return observation.model_copy(update={"metrics": window, "metrics_source": "live", "taken_at": now,
-                                          "metrics_at": now})
+    cleaned, notes = cleaning.clean(history)
+    window = {a: v[-limits.get(a, DEFAULT_HISTORY):] for a, v in cleaned.items()}
+    return observation.model_copy(update={"metrics": window, "metrics_source": "live", "metrics_notes": notes,
+                                          "taken_at": now, "metrics_at": metrics_at})
 
 
 def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
@@ -95,24 +101,16 @@ def collect(desired: Desired, conn: psycopg.Connection, observation: Observation
 def stored_window(desired: Desired, conn: psycopg.Connection, observation: Observation,
                   now: datetime | None = None) -> Observation:
     """The stored window alone, as a daemon plans between its own collection rounds. A shard
-    whose newest sample is older than three intervals (its server stopped answering, or
-    collection stalled) gets an unknown sample on top, so nothing acts on an old picture."""
+    whose newest sample is older than the policy's detection.max_age (collection stalled) is
+    judged `stale` by the detector, and one on a server that does not answer has no window here
+    (unknown): nothing acts on an old picture."""
     now = now or datetime.now(timezone.utc)
-    stored, _ = stored_history(conn)
+    stored, notes = cleaning.clean(stored_history(conn)[0])
     shards = monitored_shards(observation)
     limits = history_limits(desired, shards)
     window: dict[str, tuple[Sample, ...]] = {}
     for shard in sorted(shards, key=lambda s: s.address):
-        samples = stored.get(shard.address, [])[-limits[shard.address]:]
-        db = desired.databases.get(shard.database)
-        interval = db.effective_policy.metrics.interval if db else 10.0
-        if not samples or now - samples[-1].at > timedelta(seconds=3 * interval):
-            samples = [*samples, unknown_sample(shard, now, interval)][-limits[shard.address]:]
-        window[shard.address] = tuple(samples)
+        window[shard.address] = stored.get(shard.address, ())[-limits[shard.address]:]
     return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
-                                          "taken_at": now, "metrics_at": now})
+                                          "metrics_notes": notes, "taken_at": now, "metrics_at": now})
 
-
-def unknown_sample(shard: CatalogShard, at: datetime, interval: float) -> Sample:
-    return Sample(shard=shard.address, server=shard.server, at=at, interval_s=interval,
-                  metrics={m: None for m in METRICS})

@@ -10,10 +10,11 @@ never zero, and unknown never triggers an action.
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic.dataclasses import dataclass
 
 METRICS = ("queries_per_second", "cpu_percent", "memory_percent", "storage_percent", "connections", "latency_ms")
@@ -33,6 +34,11 @@ class MetricValue:
     value: float
     source: str
 
+    @field_validator("source")
+    @classmethod
+    def _shared(cls, source: str) -> str:
+        return sys.intern(source)  # a few distinct sources over hundreds of thousands of values
+
 
 class Reading(Frozen):
     shard: str  # address, e.g. orders/-40
@@ -51,6 +57,11 @@ class Sample(Frozen):
     at: datetime
     interval_s: float | None = None
     metrics: dict[str, MetricValue | None]
+
+    @field_validator("shard", "server")
+    @classmethod
+    def _shared(cls, name: str) -> str:
+        return sys.intern(name)  # one string per shard and server, not one per sample
 
     def value(self, metric: str) -> float | None:
         mv = self.metrics.get(metric)

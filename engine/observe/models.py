@@ -124,6 +124,7 @@ class Observation(Frozen):
     shards: dict[str, LiveShard]  # by address, e.g. "orders/-40"
     metrics: dict[str, tuple[Sample, ...]] = {}  # sample window per shard address, oldest first
     metrics_source: str = "none"  # "live", "recorded FILE" or "none"
+    metrics_notes: tuple[str, ...] = ()  # what cleaning the samples dropped or folded, for the plan's notes
     branch_schemas: dict[str, dict[str, Any]] = {}  # live schema of each active branch
     # The wall clock when the observation was made: cooldowns, branch expiry and retirement
     # grace periods are judged against it, because the catalog's events happened in real time.

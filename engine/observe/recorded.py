@@ -1,5 +1,6 @@
 """Recorded samples: a YAML or JSON file in the shape the catalog stores, for what-if planning,
-reviews in CI without database access, and tests of the detector.
+reviews in CI without database access, and tests of the detector. Cleaned on the way in
+(engine.observe.cleaning); a time must carry its zone.
 
     samples:
       - shard: orders/-40
@@ -22,10 +23,17 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from engine.errors import UserError
+from engine.observe import cleaning
 from engine.observe.metrics import METRICS, Sample
 
 
 def load(path: str | Path) -> dict[str, tuple[Sample, ...]]:
+    return load_with_notes(path)[0]
+
+
+def load_with_notes(path: str | Path) -> tuple[dict[str, tuple[Sample, ...]], tuple[str, ...]]:
+    """The samples per shard, cleaned (engine.observe.cleaning), and the notes of what cleaning
+    folded or rejected. A time without a zone is refused, naming the file and the sample."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -46,8 +54,11 @@ def load(path: str | Path) -> dict[str, tuple[Sample, ...]]:
             detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
             where = ".".join(map(str, exc.errors()[0]["loc"])) if isinstance(exc, ValidationError) else ""
             raise UserError(f"{path}: sample {i + 1}{' ' + where if where else ''}: {detail}") from None
+        if sample.at.tzinfo is None:
+            raise UserError(f"{path}: sample {i + 1} ({sample.shard}): the time {sample.at.isoformat()} has no time zone",
+                            "write times in UTC with a Z, e.g. 2026-11-26T10:00:00Z, or with an offset such as +02:00")
         out.setdefault(sample.shard, []).append(sample)
-    return {k: tuple(sorted(v, key=lambda s: s.at)) for k, v in sorted(out.items())}
+    return cleaning.clean(out)
 
 
 def _normalise(raw: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from engine.observe import cleaning
 from engine.observe.collectors import Collector, default_collectors
 from engine.observe.metrics import Capacity, Reading, Sample, derive
 from engine.observe.models import CatalogShard
@@ -125,7 +126,10 @@ class LiveSampler:
             prev = previous.get(address)
             reading = _carry_tier3(prev, reading, full)
             handle = self.fleet.servers[reading.server]
-            out[address] = (reading, derive(prev, reading, capacity_for(handle, reading), CLOCK_TICKS))
+            derived = derive(prev, reading, capacity_for(handle, reading), CLOCK_TICKS)
+            # nothing impossible is stored: a NaN, infinite or negative value becomes unknown
+            (derived,), _ = cleaning.clean_window(address, [derived])
+            out[address] = (reading, derived)
         self.seed({a: r for a, (r, _) in out.items()})
         return out
 

@@ -12,6 +12,7 @@ import re
 from datetime import datetime, timedelta
 
 from engine.config.loader import Desired, DesiredDatabase
+from engine.config.models import Policy, span
 from engine.detect.detector import Assessment, assess
 from engine.keyspace import KeyRange, physical_name
 from engine.observe.metrics import METRICS
@@ -41,13 +42,18 @@ def assessments(desired: Desired, observation: Observation) -> dict[str, Assessm
         for shard in recorded.shards:
             if shard.state == "active":
                 out[shard.address] = assess(shard.address, observation.metrics.get(shard.address, ()),
-                                            db.effective_policy, locations)
+                                            db.effective_policy, locations, at=judged_at(observation))
     return out
+
+
+def judged_at(observation: Observation):
+    """The instant load is judged at: what the metrics describe, else when they were taken."""
+    return observation.metrics_at or observation.taken_at
 
 
 def load_actions(desired: Desired, observation: Observation) -> tuple[list, list[str]]:
     actions: list = []
-    warnings: list[str] = []
+    warnings: list[str] = list(observation.metrics_notes)
     now = observation.now()  # cooldowns are about real time, never the recording's
     verdicts = assessments(desired, observation)
     storage = _storage_by_server(observation)
@@ -59,8 +65,11 @@ def load_actions(desired: Desired, observation: Observation) -> tuple[list, list
             continue  # an unfinished split or merge comes first
         shards = sorted((s for s in recorded.shards if s.state == "active"), key=lambda s: KeyRange(s.lo, s.hi).lo_unsigned)
         for shard in shards:
-            for line in verdicts[shard.address].near:
+            verdict = verdicts[shard.address]
+            for line in verdict.near:
                 warnings.append(f"shard.{shard.address}: {line}")
+            if verdict.state == "stale":
+                warnings.append(f"shard.{shard.address}: stale: {verdict.why}; no split or merge is judged on it")
         hot = [verdicts[s.address] for s in shards if verdicts[s.address].state == "hot"]
         cold = {s.address for s in shards if verdicts[s.address].state == "cold"}
         if not (hot or cold):
@@ -128,7 +137,8 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                              f" declared shard count ({floor}); lower `shards:` to allow merges")
                 break
             blocked = (preconditions(db, [left, right], observation)
-                       or _name_taken(recorded_names, [KeyRange(left.lo, right.hi)]))
+                       or _name_taken(recorded_names, [KeyRange(left.lo, right.hi)])
+                       or _merged_too_busy(policy, verdicts[left.address], verdicts[right.address]))
             if held:
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but held back by the cooldown"
                              f" until {held.strftime('%Y-%m-%dT%H:%M:%SZ')}")
@@ -155,6 +165,26 @@ def _name_taken(recorded: dict[str, str], ranges) -> str | None:
         if r.name in recorded:
             return (f"shard {r.name} still exists ({recorded[r.name]}); it is dropped when its grace period"
                     " (autosplit.retire_after) is over")
+    return None
+
+
+ADDITIVE = ("queries_per_second", "connections", "cpu_percent", "memory_percent", "storage_percent")
+
+
+def _merged_too_busy(policy: Policy, left: Assessment, right: Assessment) -> str | None:
+    """Hysteresis between cold and hot: a merge whose summed peaks would come within the
+    tolerance of a hot threshold would be split again; say so instead of planning it."""
+    band = 1 - policy.detection.tolerance_percent / 100.0
+    peaks: dict[str, float] = {}
+    for verdict in (left, right):
+        for e in verdict.evidence:
+            if e.metric in ADDITIVE:
+                peaks[e.metric] = peaks.get(e.metric, 0.0) + e.high
+    for metric, total in sorted(peaks.items()):
+        threshold = getattr(policy.hot, metric)
+        if threshold is not None and total >= threshold * band:
+            return (f"together their {metric} peaks at {total:g}, within the {policy.detection.tolerance_percent:g}%"
+                    f" tolerance of the hot threshold {threshold:g}, so the merged shard could be split again")
     return None
 
 
@@ -218,12 +248,12 @@ def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storag
         ShardSpec(name=r.name, lo=r.lo, hi=r.hi, server=order[i % len(order)], dbname=physical_name(db.name, r))
         for i, r in enumerate(ranges)
     )
-    worst = max(verdict.evidence, key=lambda e: e.value / e.threshold)
+    worst = max(verdict.evidence, key=lambda e: e.low / e.threshold)
     return SplitShard(
         database=db.name, source=_spec(shard), targets=targets, evidence=verdict.evidence,
         automatic=policy.autosplit.enabled,
-        reason=Reason(cause="load", text=f"{shard.address} is hot: {worst.metric} over its threshold in "
-                      f"{worst.samples_agreeing} of {worst.window} samples"),
+        reason=Reason(cause="load", text=f"{shard.address} is hot: {worst.metric} over its threshold for"
+                      f" {span(worst.window_seconds)} ({worst.samples} samples)"),
     )
 
 
@@ -239,5 +269,5 @@ def _merge(db: DesiredDatabase, shards: list[CatalogShard], verdicts: dict[str, 
         target=ShardSpec(name=joint.name, lo=joint.lo, hi=joint.hi, server=home, dbname=physical_name(db.name, joint)),
         evidence=evidence, automatic=db.effective_policy.automerge.enabled,
         reason=Reason(cause="load", text=f"{' and '.join(s.address for s in shards)} are adjacent and cold for "
-                      f"{db.effective_policy.detection.cold_window} samples"),
+                      f"{span(db.effective_policy.cold_for_seconds)}"),
     )

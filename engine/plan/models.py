@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.detect.detector import Evidence
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
 
 Cause = Literal["config", "drift", "resume", "load"]
 Symbol = Literal["create", "update", "delete", "replace"]

@@ -94,7 +94,9 @@ def plan_document(plan: Plan) -> dict:
 
 
 def render_json(plan: Plan) -> str:
-    return json.dumps(plan_document(plan), indent=2, sort_keys=True) + "\n"
+    # strict JSON: samples are cleaned of NaN and infinities on the way in, and config refuses them,
+    # so a non-finite number here is a bug to see, not a document to hand to a strict parser
+    return json.dumps(plan_document(plan), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def render(plan: Plan, fmt: str, colour: bool = False) -> str:

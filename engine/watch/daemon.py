@@ -38,7 +38,7 @@ from engine.plan import planner
 from engine.plan.models import Plan
 from engine.render.renderers import render_text
 from engine.servers.fleet import Fleet
-from engine.watch import autonomy
+from engine.watch import autonomy, settle
 from engine.watch.configwatch import ConfigWatcher
 from engine.watch.leader import LeaderLock, LeadershipLost
 from engine.watch.view import BranchView, HistoryEntry, ShardView, Snapshot, View, now
@@ -71,7 +71,7 @@ class Daemon:
         self._wake = threading.Event()
         self._config_changed = threading.Event()
         self._fleet_generation = 0
-        self._last_plan_key: tuple | None = None
+        self._reported = settle.Reported()
         self._silent_servers: set[str] = set()
         self._catalog_ready = False  # created and migrated (done once, when it first answers)
         self._layout_cache: tuple[int, int, float, Observation] | None = None  # collector thread only
@@ -389,11 +389,11 @@ class Daemon:
         return tuple(sorted(shards, key=lambda s: s.address))
 
     def _show_if_changed(self, plan: Plan) -> None:
-        key = (tuple((a.kind, a.address, a.reason.cause) for a in plan.actions),
-               tuple((d.kind, d.address) for d in plan.drift))
-        if key == self._last_plan_key:
+        """Print and log the plan when it changed: at once for a person's change, after it held
+        for a check for a load-driven one (engine.watch.settle), so a flip is never reported."""
+        self._reported, report = settle.settle(self._reported, plan)
+        if not report:
             return
-        self._last_plan_key = key
         self.out(render_text(plan).rstrip("\n"))
         self.log("plan_changed", actions=[f"{a.kind} {a.address}" for a in plan.actions])
 
@@ -469,11 +469,9 @@ def decide_round(desired: Desired, observation: Observation, paused: bool) -> tu
 
 def _history_entry(row: dict) -> HistoryEntry:
     detail = row.get("detail") or {}
-    evidence = tuple(f"{e['metric']} {e['value']:.4g} {'>' if e.get('kind') == 'hot' else '<'} {e['threshold']:g}"
-                     f" in {e.get('samples_agreeing')} of {e.get('window')} samples"
-                     for e in detail.get("evidence", [])
-                     if isinstance(e, dict) and isinstance(e.get("value"), (int, float))
-                     and isinstance(e.get("threshold"), (int, float)) and "metric" in e)
+    evidence = tuple(_evidence_line(e) for e in detail.get("evidence", [])
+                     if isinstance(e, dict) and isinstance(e.get("threshold"), (int, float)) and "metric" in e
+                     and all(isinstance(e.get(k), (int, float)) for k in ("low", "high", "samples")))
     targets = detail.get("targets") or []
     summary = {
         "split_shard": f"into {', '.join(t.get('name', '?') for t in targets)}" if targets else "",
@@ -482,3 +480,10 @@ def _history_entry(row: dict) -> HistoryEntry:
     at = row["at"] if isinstance(row["at"], datetime) else datetime.fromisoformat(str(row["at"]))
     return HistoryEntry(at=at, event=row["event"], address=row["address"], actor=str(detail.get("actor", "apply")),
                         summary=summary or str(detail.get("reason", ""))[:200], evidence=evidence)
+
+
+def _evidence_line(e: dict) -> str:
+    """A stored split's or merge's evidence, short: the judged range of values and the rule."""
+    side = "over" if e.get("kind") == "hot" else "under"
+    return (f"{e['metric']} {e['low']:.4g} to {e['high']:.4g}, all {side} {e['threshold']:g}, in {e['samples']} samples"
+            f" from {e.get('since', '?')} to {e.get('until', '?')}")

@@ -18,7 +18,7 @@ from engine.observe.metrics import METRICS
 from engine.watch.view import View
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LOAD_STATES = ("hot", "cold", "normal", "unknown")
+LOAD_STATES = ("hot", "cold", "normal", "stale", "unknown")
 
 
 class SnapshotCollector:

@@ -30,7 +30,7 @@ class ShardView(Frozen):
     database: str
     name: str
     server: str
-    load: str = "unknown"  # hot, cold, normal or unknown, as the detector judged the last window
+    load: str = "unknown"  # hot, cold, normal, stale or unknown, as the detector judged the last window
     evidence: tuple[str, ...] = ()
     latest: dict[str, float | None] = Field(default_factory=lambda: dict.fromkeys(METRICS))  # None: unknown
     hot_thresholds: dict[str, float] = {}  # the effective policy's, for the charts
