@@ -17,16 +17,23 @@ from engine.keyspace import even_ranges
 from traces import samples, to_file
 
 
+# recorded windows long enough for the default policy: hot sustained for 5 minutes, cold for 30
+HOT_SAMPLES = 36  # 6 minutes at 10 s
+COLD_SAMPLES = 190  # 31.5 minutes at 10 s
+
+
 def hot_file(path, hot: str = "orders/40-80", shards: int = 4) -> None:
     names = [f"orders/{r.name}" for r in even_ranges(shards)]
-    windows = {n: samples(n, {"queries_per_second": [15000] * 5} if n == hot else {"queries_per_second": [5.0] * 5},
+    windows = {n: samples(n, {"queries_per_second": [15000] * HOT_SAMPLES} if n == hot
+                          else {"queries_per_second": [500.0] * HOT_SAMPLES},
                           server="ab"[i % 2]) for i, n in enumerate(names)}
     path.write_text(json.dumps(to_file(windows)))
 
 
 def cold_file(path, shards: int = 4) -> None:
     names = [f"orders/{r.name}" for r in even_ranges(shards)]
-    windows = {n: samples(n, {"queries_per_second": [5.0] * 10}, server="ab"[i % 2]) for i, n in enumerate(names)}
+    windows = {n: samples(n, {"queries_per_second": [5.0] * COLD_SAMPLES}, server="ab"[i % 2])
+               for i, n in enumerate(names)}
     path.write_text(json.dumps(to_file(windows)))
 
 
@@ -36,7 +43,7 @@ def load_file(path, fleet, hot: tuple[str, ...] = (), cold: tuple[str, ...] = ()
     for name, lo, hi, server, dbname in active_shards(fleet):
         address = f"orders/{name}"
         qps = 15000.0 if address in hot else 5.0 if address in cold else 500.0
-        windows[address] = samples(address, {"queries_per_second": [qps] * 10}, server=server)
+        windows[address] = samples(address, {"queries_per_second": [qps] * COLD_SAMPLES}, server=server)
     path.write_text(json.dumps(to_file(windows)))
 
 

@@ -477,7 +477,8 @@ class Move:
         with self.connect(source, autocommit=False) as conn:
             names = [q.as_string(conn) for q in qualified]
             self.fence_tries = with_lock_retries(conn, fence, what=f"fence writes on {source.dbname}",
-                                                 relations=names, say=self.say)
+                                                 relations=names, say=self.say,
+                                                 budget_s=self.settings.fence_timeout)
 
     def lift_fence(self) -> None:
         for source in self.sources:
