@@ -81,6 +81,10 @@ class Desired:
     files: tuple[str, ...]
     resharding_enabled: bool = True
     branches: dict[str, models.Branch] = field(default_factory=dict)
+    # consent to destroy data, by ("database" | "branch", name), with where it was given
+    allow_destroy: dict[tuple[str, str], Location] = field(default_factory=dict)
+    # declared renames: new name -> (old name, where)
+    moved: dict[str, tuple[str, Location]] = field(default_factory=dict)
     sources: dict[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, *path: Any) -> Location | None:
@@ -343,6 +347,9 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
     catalog: tuple[models.CatalogSettings, _Doc] | None = None
     resharding: tuple[models.ReshardingSettings, _Doc] | None = None
     branches: dict[str, tuple[models.Branch, _Doc]] = {}
+    allow_destroy: dict[tuple[str, str], Location] = {}
+    moved: dict[str, tuple[str, Location]] = {}
+    moved_from: dict[str, Location] = {}
 
     for is_preset, doc_list in ((True, preset_docs), (False, docs)):
         for doc in doc_list:
@@ -392,6 +399,23 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                     continue
                 first_seen[("branch", name)] = where
                 branches[name] = (branch, doc)
+            if parsed.allow_destroy is not None:
+                for kind, key in (("database", "databases"), ("branch", "branches")):
+                    for i, name in enumerate(getattr(parsed.allow_destroy, key)):
+                        allow_destroy.setdefault((kind, name), doc.value_loc(("allow_destroy", key, i)))
+            for i, move in enumerate(parsed.moved):
+                where = doc.loc(("moved", i))
+                if move.to in moved or move.from_ in moved_from:
+                    first = moved[move.to][1] if move.to in moved else moved_from[move.from_]
+                    problems.append(Diagnostic(where, f"the rename of {move.from_!r} to {move.to!r} conflicts with"
+                                               " another `moved` entry", f"it was first declared at {first}"))
+                    continue
+                if move.from_ == move.to:
+                    problems.append(Diagnostic(where, f"`moved` renames {move.from_!r} to itself",
+                                               "remove the entry"))
+                    continue
+                moved[move.to] = (move.from_, where)
+                moved_from[move.from_] = where
             if parsed.resharding is not None:
                 if resharding is not None:
                     problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
@@ -411,6 +435,12 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
             problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")), databases))
         if branch.server not in servers:
             problems.append(_unknown_ref("server", branch.server, doc.value_loc(("branches", name, "server")), servers))
+    for new, (old, where) in moved.items():
+        if new not in databases:
+            problems.append(_unknown_ref("database", new, where, databases))
+        elif old in databases:
+            problems.append(Diagnostic(where, f"`moved` renames {old!r} to {new!r}, but {old!r} is still declared",
+                                       f"remove the declaration of {old!r} (the rename keeps its shards and rows)"))
     resolved: dict[str, DesiredDatabase] = {}
     for name, (database, doc) in databases.items():
         for i, server in enumerate(database.placement):
@@ -461,6 +491,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
         files=tuple(_display(f, cwd) for f in files), sources=sources,
         resharding_enabled=resharding[0].enabled if resharding else True,
         branches={name: b for name, (b, _) in sorted(branches.items())},
+        allow_destroy=allow_destroy, moved=moved,
     )
 
 

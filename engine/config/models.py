@@ -272,6 +272,23 @@ class ReshardingSettings(Frozen):
     enabled: bool = Field(True, description="global switch: plan no load-driven splits or merges anywhere when false")
 
 
+class AllowDestroy(Frozen):
+    """Consent to destroy data: each entry approves destroying that one database or branch with
+    its rows. Without it, a plan that would destroy rows is refused. Remove it once applied."""
+
+    databases: list[Name] = Field([], description="databases whose shards may be dropped with their rows")
+    branches: list[Name] = Field([], description="branches that may be dropped with their rows")
+
+
+class Moved(Frozen):
+    """A rename: the database recorded as `from` is now declared as `to`; names change, data stays."""
+
+    from_: Name = Field(alias="from", description="the name it was applied under")
+    to: Name = Field(description="the name it is declared under now")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
 class ConfigFile(Frozen):
     """One YAML document. Documents of a config directory are merged; names must be unique."""
 
@@ -281,6 +298,8 @@ class ConfigFile(Frozen):
     catalog: CatalogSettings | None = None
     resharding: ReshardingSettings | None = None
     branches: dict[Name, Branch] = {}
+    allow_destroy: AllowDestroy | None = None
+    moved: list[Moved] = []
 
     model_config = ConfigDict(
         frozen=True,
