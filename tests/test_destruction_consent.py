@@ -53,6 +53,8 @@ def test_a_shard_key_typo_on_a_database_with_rows_is_refused_naming_what_would_b
     for shard in ("-40", "40-80", "80-c0", "c0-"):
         assert f"orders/{shard}: " in plan.err
     assert "if this is a typo, restore `shard_key: {column: customer_id, type: bigint}`" in plan.err
+    # and the schema has no such column: what validate says too
+    assert "fleet/schema/001_init.sql:3:1: error: table customers has no column customer, the shard key" in plan.err
     assert with_rows.cli("apply", "--auto-approve").code == 1
     assert _rows(with_rows) == (200, 400)
 

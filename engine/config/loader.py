@@ -24,7 +24,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from engine.config import models
+from engine.config import models, sqlcheck
 from engine.errors import ConfigError, Diagnostic, Location
 
 PRESET_DIRS = (
@@ -45,6 +45,7 @@ class SchemaStep:
     sql: str
     sha256: str
     location: Location
+    sql_location: Location | None = None  # where its SQL is: the .sql file, or the step itself when inline
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class Desired:
     allow_destroy: dict[tuple[str, str], Location] = field(default_factory=dict)
     # declared renames: new name -> (old name, where)
     moved: dict[str, tuple[str, Location]] = field(default_factory=dict)
+    # shard-key problems of the schema, when loaded with defer_key_checks: the planner reports
+    # them together with what the change would destroy
+    key_problems: tuple[Diagnostic, ...] = ()
     sources: dict[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, *path: Any) -> Location | None:
@@ -321,11 +325,14 @@ def preset_files() -> list[Path]:
     return []
 
 
-def load(directory: str | Path, cwd: Path | None = None) -> Desired:
-    """Load and validate a config directory. Raises ConfigError listing every problem found."""
+def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False) -> Desired:
+    """Load and validate a config directory. Raises ConfigError listing every problem found.
+    With `defer_key_checks`, problems of the shard key in the schema are returned in
+    `key_problems` (the planner reports them with what a key change would destroy)."""
     cwd = cwd or Path.cwd()
     root = Path(directory).resolve()
     problems: list[Diagnostic] = []
+    key_problems: list[Diagnostic] = []
     if not root.is_dir():
         raise ConfigError([Diagnostic(Location(str(directory)), "no such config directory",
                                       "pass the directory that holds your YAML files with -C DIR")])
@@ -448,7 +455,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                 problems.append(_unknown_ref("server", server, doc.loc(("databases", name, "placement", i)), servers))
         if database.policy not in policies or database.policy.startswith("preset:"):
             problems.append(_unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies))
-        steps = _schema_steps(name, database, doc, root, cwd, problems)
+        steps = _schema_steps(name, database, doc, root, cwd, problems, key_problems)
         policy = policies.get(database.policy)
         effective = (_effective_policy(policy.effective or policy.policy, database.thresholds)
                      if policy else models.Policy())
@@ -483,6 +490,8 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
         problems.append(Diagnostic(Location(_display(files[0], cwd), 1, 1), "no servers are declared",
                                    "declare at least one server under `servers:`"))
 
+    if not defer_key_checks:
+        problems.extend(key_problems)
     if problems:
         raise ConfigError(problems)
     return Desired(
@@ -491,7 +500,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
         files=tuple(_display(f, cwd) for f in files), sources=sources,
         resharding_enabled=resharding[0].enabled if resharding else True,
         branches={name: b for name, (b, _) in sorted(branches.items())},
-        allow_destroy=allow_destroy, moved=moved,
+        allow_destroy=allow_destroy, moved=moved, key_problems=tuple(key_problems),
     )
 
 
@@ -526,7 +535,7 @@ def _unknown_ref(kind: str, name: str, where: Location, known: dict) -> Diagnost
 
 
 def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, cwd: Path,
-                  problems: list[Diagnostic]) -> list[SchemaStep]:
+                  problems: list[Diagnostic], key_problems: list[Diagnostic]) -> list[SchemaStep]:
     steps: list[SchemaStep] = []
     seen: dict[str, Location] = {}
     listed = isinstance(doc.data["databases"][name]["schema"], CommentedSeq)
@@ -556,7 +565,11 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
         if problem:
             problems.append(problem)
             continue
-        steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where))
+        steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
+    if len(steps) == len(database.schema_):
+        key = database.shard_key
+        key_problems.extend(sqlcheck.key_problems([(s.sql, s.sql_location or s.location) for s in steps],
+                                              key.column, key.type))
     return steps
 
 

@@ -70,7 +70,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     actions: list = []
     drift: list[Drift] = []
     warnings: list[str] = []
-    problems: list[Diagnostic] = []
+    problems: list[Diagnostic] = list(desired.key_problems)
     catalog = observation.catalog
 
     consented: set[tuple[str, str]] = set()
