@@ -20,12 +20,9 @@ from typing import Any
 
 import pglast
 from pydantic import BaseModel, ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
 
-from engine.config import models, sqlcheck
-from engine.errors import ConfigError, Diagnostic, Location
+from engine.config import models, sqlcheck, yamlread
+from engine.errors import SECRET_KEY, ConfigError, Diagnostic, Location
 
 PRESET_DIRS = (
     Path(__file__).resolve().parent.parent / "presets",  # installed wheel
@@ -33,6 +30,7 @@ PRESET_DIRS = (
 )
 RESERVED_DATABASES = {"postgres", "template0", "template1"}
 PLURALS = {"policy": "policies"}
+_SECRET_FIELD = re.compile(SECRET_KEY, re.IGNORECASE)
 
 Path_ = tuple[Any, ...]
 
@@ -108,58 +106,7 @@ class Desired:
 # ---------------------------------------------------------------------------- YAML with positions
 
 
-class _Doc:
-    """One YAML document and the file it came from."""
-
-    def __init__(self, file: Path, data: Any, display: str):
-        self.file = file
-        self.display = display
-        self.data = data
-
-    def loc(self, path: Path_) -> Location:
-        """The best position for `path`: the key if it exists, else the nearest parent key."""
-        node = self.data
-        line, col = _node_pos(node)
-        for item in path:
-            if isinstance(node, CommentedMap) and item in node:
-                kl, kc = node.lc.key(item)
-                line, col = kl + 1, kc + 1
-                node = node[item]
-            elif isinstance(node, CommentedSeq) and isinstance(item, int) and 0 <= item < len(node):
-                il, ic = node.lc.item(item)
-                line, col = il + 1, ic + 1
-                node = node[item]
-            # anything else is a pydantic union tag or a missing key: stay at the parent
-        return Location(self.display, line, col)
-
-    def value_loc(self, path: Path_) -> Location:
-        """The position of the value at `path` (for errors about a value, not its key)."""
-        parent = self.data
-        for item in path[:-1]:
-            try:
-                parent = parent[item]
-            except (KeyError, IndexError, TypeError):
-                return self.loc(path)
-        last = path[-1] if path else None
-        if isinstance(parent, CommentedMap) and last in parent:
-            vl, vc = parent.lc.value(last)
-            return Location(self.display, vl + 1, vc + 1)
-        return self.loc(path)
-
-
-def _node_pos(node: Any) -> tuple[int, int]:
-    lc = getattr(node, "lc", None)
-    if lc is not None and lc.line is not None:
-        return lc.line + 1, lc.col + 1
-    return 1, 1
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, CommentedMap):
-        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _plain(v) for k, v in node.items()}
-    if isinstance(node, CommentedSeq):
-        return [_plain(v) for v in node]
-    return node
+_Doc = yamlread.Doc
 
 
 def _display(path: Path, cwd: Path) -> str:
@@ -170,41 +117,9 @@ def _display(path: Path, cwd: Path) -> str:
 
 
 def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path) -> list[_Doc]:
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = False
     docs: list[_Doc] = []
     for file in files:
-        display = _display(file, cwd)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Diagnostic(Location(display), f"cannot read the file: {exc}"))
-            continue
-        try:
-            for data in yaml.load_all(text):
-                if data is None:
-                    continue
-                if not isinstance(data, CommentedMap):
-                    problems.append(Diagnostic(
-                        Location(display, *_node_pos(data)),
-                        "a config document must be a mapping with servers:, databases:, policies: or catalog:",
-                    ))
-                    continue
-                docs.append(_Doc(file, data, display))
-        except MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            what = exc.problem or exc.context or "invalid YAML"
-            if exc.context_mark and "<stream end>" in what:
-                # "unexpected end of file" is useless; point at what was left open instead
-                mark = exc.context_mark
-                what = f"{exc.context} that is never closed ({what})"
-            line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-            duplicate = re.search(r'duplicate key ("[^"]*")', str(exc))
-            if duplicate:
-                what = f"duplicate key {duplicate.group(1)}: each key may appear once in a mapping"
-            problems.append(Diagnostic(Location(display, line, col), f"YAML syntax: {what}"))
-        except Exception as exc:  # ruamel raises a few non-marked errors (e.g. bad unicode)
-            problems.append(Diagnostic(Location(display, 1, 1), f"YAML syntax: {exc}"))
+        docs.extend(yamlread.read(file, _display(file, cwd), problems))
     return docs
 
 
@@ -263,6 +178,8 @@ def _message(error: dict) -> tuple[str, str | None]:
         return f"unknown key {key!r}", hint
     if kind == "missing":
         return f"missing required key {loc[-1]!r}", None
+    if any(isinstance(p, str) and _SECRET_FIELD.fullmatch(p) for p in loc) and kind != "extra_forbidden":
+        return f"invalid value for {loc[-1]!r} (not shown: it may be a secret)", None
     if kind == "string_pattern_mismatch":
         pattern = error.get("ctx", {}).get("pattern")
         value = error.get("input")
@@ -312,10 +229,9 @@ def _diagnostics_from(exc: ValidationError, doc: _Doc) -> list[Diagnostic]:
 
 
 def config_files(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.iterdir()
-        if p.is_file() and p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
-    )
+    """Every .yaml and .yml entry, whatever it is: a broken link or a directory among them is
+    an error when read, never skipped (a later plan would destroy what it declared)."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
 
 
 def preset_files() -> list[Path]:
@@ -361,7 +277,7 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     for is_preset, doc_list in ((True, preset_docs), (False, docs)):
         for doc in doc_list:
             try:
-                parsed = models.ConfigFile.model_validate(_plain(doc.data))
+                parsed = models.ConfigFile.model_validate(doc.data)
             except ValidationError as exc:
                 problems.extend(_diagnostics_from(exc, doc))
                 continue
@@ -486,7 +402,7 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
                 "no server for the catalog: there is no embedded server to default to",
                 "add `catalog: {server: NAME}` naming the server that holds shardctl's control database",
             ))
-    if not servers and databases:
+    if not servers and not problems:
         problems.append(Diagnostic(Location(_display(files[0], cwd), 1, 1), "no servers are declared",
                                    "declare at least one server under `servers:`"))
 
@@ -505,18 +421,8 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
 
 
 def _record_sources(doc: _Doc, sources: dict[Path_, Location]) -> None:
-    def walk(node: Any, path: Path_) -> None:
-        if isinstance(node, CommentedMap):
-            for key in node:
-                sub = path + (key,)
-                sources[sub] = doc.loc(sub)
-                walk(node[key], sub)
-        elif isinstance(node, CommentedSeq):
-            for i, item in enumerate(node):
-                sub = path + (i,)
-                sources[sub] = doc.loc(sub)
-                walk(item, sub)
-    walk(doc.data, ())
+    for path, (line, column) in doc.keys.items():
+        sources[path] = Location(doc.display, line, column)
 
 
 def _duplicate(kind: str, name: str, where: Location, first: Location) -> Diagnostic:
@@ -538,25 +444,27 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
                   problems: list[Diagnostic], key_problems: list[Diagnostic]) -> list[SchemaStep]:
     steps: list[SchemaStep] = []
     seen: dict[str, Location] = {}
-    listed = isinstance(doc.data["databases"][name]["schema"], CommentedSeq)
+    listed = isinstance(doc.data["databases"][name]["schema"], list)
     for i, step in enumerate(database.schema_):
         key = ("databases", name, "schema")
         where = doc.loc(key + (i,)) if listed else doc.value_loc(key)
         if isinstance(step, str):
-            path = (doc.file.parent / step).resolve()
-            if not path.is_file():
-                problems.append(Diagnostic(where, f"schema file {step!r} not found",
-                                           f"paths are relative to {_display(doc.file.parent, cwd)}/"))
+            path, problem = _schema_file(step, doc, root, cwd, where)
+            if problem:
+                problems.append(problem)
                 continue
-            try:
-                sql = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                problems.append(Diagnostic(where, f"cannot read schema file {step!r}: {exc}"))
+            sql, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
+            if problem:
+                problems.append(Diagnostic(problem.location, f"schema file {_shown(step)}: {problem.message}",
+                                           problem.hint))
                 continue
             step_name = _display(path, root)
             sql_location = Location(_display(path, cwd), 1, 1)
         else:
             sql, step_name, sql_location = step.sql, step.name, where
+            if "\0" in sql:
+                problems.append(Diagnostic(where, "a NUL character is not allowed in SQL", "remove it"))
+                continue
         if step_name in seen:
             problems.append(Diagnostic(where, f"schema step {step_name!r} is listed twice", f"first at {seen[step_name]}"))
             continue
@@ -571,6 +479,36 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
         key_problems.extend(sqlcheck.key_problems([(s.sql, s.sql_location or s.location) for s in steps],
                                               key.column, key.type))
     return steps
+
+
+def _shown(step: str) -> str:
+    return repr(step if len(step) <= 80 else step[:77] + "...")
+
+
+def _schema_file(step: str, doc: _Doc, root: Path, cwd: Path, where: Location) -> tuple[Path, Diagnostic | None]:
+    """The schema file a step names, confined to the config directory after symlinks are
+    resolved. Errors name the path, never what is in the file."""
+    base = doc.file.parent
+    if "\0" in step:
+        return base, Diagnostic(where, "a schema file name cannot hold a NUL character")
+    if Path(step).is_absolute():
+        return base, Diagnostic(where, f"schema file {_shown(step)} is an absolute path",
+                                "schema files live in the config directory; give a path relative to the YAML file")
+    try:
+        path = (base / step).resolve(strict=True)
+    except FileNotFoundError:
+        if (base / step).is_symlink():
+            return base, Diagnostic(where, f"schema file {_shown(step)} is a broken symbolic link")
+        return base, Diagnostic(where, f"schema file {_shown(step)} not found",
+                                f"paths are relative to {_display(base, cwd)}/")
+    except (OSError, RuntimeError) as exc:
+        why = getattr(exc, "strerror", None) or "a symbolic link loop"
+        return base, Diagnostic(where, f"schema file {_shown(step)} cannot be resolved: {why}")
+    if not path.is_relative_to(root):
+        return base, Diagnostic(where, f"schema file {_shown(step)} is outside the config directory",
+                                f"schema files must live under {_display(root, cwd) or '.'}/ (symbolic links are"
+                                " followed before this check)")
+    return path, None
 
 
 def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
@@ -604,38 +542,54 @@ def _deep_update(base: dict, changes: dict) -> dict:
 def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Diagnostic]) -> dict[str, ResolvedPolicy]:
     """Fill in what each policy inherits (`extends`, by default the `default` policy)."""
     done: dict[str, ResolvedPolicy] = {}
+    failed: set[str] = set()
 
-    def resolve(name: str, seen: tuple[str, ...]) -> ResolvedPolicy | None:
-        if name in done:
-            return done[name]
-        entry = policies[name]
-        if entry.parent is None:
-            done[name] = ResolvedPolicy(name, entry.policy, entry.location, None, None, entry.policy, (name,))
-            return done[name]
-        if entry.parent not in policies:
-            problems.append(_unknown_ref("policy", entry.parent, entry.parent_location or entry.location,
-                                         {k: v for k, v in policies.items() if not k.startswith("preset:")}))
-            return None
-        if entry.parent in seen:
-            problems.append(Diagnostic(entry.location, f"policy {name!r} extends itself through {' -> '.join(seen)}"))
-            return None
-        parent = resolve(entry.parent, seen + (entry.parent,))
-        if parent is None or parent.effective is None:
-            return None
-        merged = _deep_update(parent.effective.model_dump(), entry.policy.model_dump(exclude_unset=True))
-        merged["extends"] = entry.parent.removeprefix("preset:")
-        try:
-            effective = models.Policy.model_validate(merged)
-        except ValidationError as exc:
-            problems.append(Diagnostic(entry.location, f"policy {name!r} with what it inherits is invalid: "
-                                       + _message(exc.errors(include_url=False)[0])[0]))
-            return None
-        done[name] = ResolvedPolicy(name, entry.policy, entry.location, entry.parent, entry.parent_location, effective,
-                                    (name,) + parent.chain)
-        return done[name]
+    def resolve(name: str) -> None:
+        # walk up the chain without recursion (a chain may be thousands long), then fill in downwards
+        chain = [name]
+        while True:
+            entry = policies[chain[-1]]
+            if chain[-1] in done or chain[-1] in failed or entry.parent is None:
+                break
+            if entry.parent not in policies:
+                problems.append(_unknown_ref("policy", entry.parent, entry.parent_location or entry.location,
+                                             {k: v for k, v in policies.items() if not k.startswith("preset:")}))
+                failed.update(chain)
+                return
+            if entry.parent in chain:
+                cycle = chain[chain.index(entry.parent):] + [entry.parent]
+                first = policies[cycle[0]]
+                problems.append(Diagnostic(first.location, f"policy {cycle[0]!r} extends itself through "
+                                           + " -> ".join(cycle[1:])))
+                failed.update(chain)
+                return
+            chain.append(entry.parent)
+        for current in reversed(chain):
+            if current in done:
+                continue
+            entry = policies[current]
+            if current in failed:
+                failed.update(chain)
+                return
+            if entry.parent is None:
+                done[current] = ResolvedPolicy(current, entry.policy, entry.location, None, None, entry.policy,
+                                               (current,))
+                continue
+            parent = done[entry.parent]
+            merged = _deep_update(parent.effective.model_dump(), entry.policy.model_dump(exclude_unset=True))
+            merged["extends"] = entry.parent.removeprefix("preset:")
+            try:
+                effective = models.Policy.model_validate(merged)
+            except ValidationError as exc:
+                problems.append(Diagnostic(entry.location, f"policy {current!r} with what it inherits is invalid: "
+                                           + _message(exc.errors(include_url=False)[0])[0]))
+                failed.update(chain)
+                return
+            done[current] = ResolvedPolicy(current, entry.policy, entry.location, entry.parent, entry.parent_location,
+                                           effective, (current,) + parent.chain)
 
     for name in list(policies):
-        resolve(name, (name,))
+        resolve(name)
     return {k: v for k, v in {**policies, **done}.items()}
 
 

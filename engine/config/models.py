@@ -20,9 +20,11 @@ ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case letters, digits and _; starts with a letter; at most 31 characters")]
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,12})\s*(ms|s|m|h|d)\s*$")
+MAX_DURATION = 100 * 365 * 86400.0  # a century: anything longer is a typo
+MAX_SIZE = 2**63 - 1  # bytes, as PostgreSQL counts them
 _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,6})?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
 _SIZE_BYTES = {
     "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
@@ -34,14 +36,21 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 10s, 30m or 1h")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("a duration must be a finite number")
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
-    raise ValueError(f"expected a duration such as 10s, 30m or 1h, got {value!r}")
+        if value > MAX_DURATION:
+            raise ValueError("a duration cannot exceed 100 years (36500d)")
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+    else:
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"expected a duration such as 10s, 30m or 1h, got {shown!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration cannot exceed 100 years (36500d)")
+    return seconds
 
 
 def parse_size(value: object) -> int:
@@ -51,14 +60,15 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError("a size must be positive")
-        return value
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match:
-            size = int(float(match.group(1)) * _SIZE_BYTES[match.group(2)])
-            if size > 0:
-                return size
-    raise ValueError(f"expected a size such as 20GiB or 500MB, got {value!r}")
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)) and float(match.group(1)) > 0:
+        size = max(1, int(float(match.group(1)) * _SIZE_BYTES[match.group(2)]))
+    else:
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"expected a size such as 20GiB or 500MB, got {shown!r}")
+    if size > MAX_SIZE:
+        raise ValueError("a size cannot exceed 8 EiB")
+    return size
 
 
 Size = Annotated[
