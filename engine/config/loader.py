@@ -194,6 +194,18 @@ def _message(error: dict) -> tuple[str, str | None]:
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"invalid value {error.get('input')!r}: expected {expected}", None
+    if kind in ("int_type", "float_type", "bool_type", "string_type", "dict_type", "list_type", "model_type"):
+        value = error.get("input")
+        got = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", dict: "a mapping",
+               list: "a list", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
+        hint = None
+        if kind in ("int_type", "float_type") and isinstance(value, str):
+            hint = "write the number without quotes"
+        elif kind == "bool_type":
+            hint = "write true or false (yes, no, 1 and quoted values are not booleans)"
+        elif kind == "string_type" and isinstance(value, (int, float, bool)):
+            hint = "quote it to make it a string"
+        return f"{msg[0].lower() + msg[1:]} (got {got})", hint
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     return msg[0].lower() + msg[1:] if msg else msg, None

@@ -74,19 +74,20 @@ def parse_size(value: object) -> int:
 Size = Annotated[
     int,
     BeforeValidator(parse_size),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_SIZE},
                               {"type": "string", "pattern": _SIZE.pattern}]}),
 ]
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0, "maximum": MAX_DURATION},
                               {"type": "string", "pattern": _DURATION.pattern}]}),
 ]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: "4" is not 4 and yes/1/"true" are not booleans, exactly as the JSON Schema says
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 # ---------------------------------------------------------------------------- servers
@@ -241,7 +242,7 @@ class Database(Frozen):
     protect: bool = Field(False, description="refuse any plan that would destroy this database")
     resharding: bool = Field(True, description="plan splits of hot shards and merges of cold ones for this database")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
     @field_validator("schema_", mode="before")
     @classmethod
@@ -275,7 +276,7 @@ class Branch(Frozen):
     merge_schema: bool = Field(False, description="merge the branch's schema changes back into every shard")
     allow_destructive: bool = Field(False, description="let a schema merge drop columns or tables")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
 
 class ReshardingSettings(Frozen):
@@ -296,24 +297,30 @@ class Moved(Frozen):
     from_: Name = Field(alias="from", description="the name it was applied under")
     to: Name = Field(description="the name it is declared under now")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+
+def _named(schema: dict) -> None:
+    """Names of servers, databases, policies and branches follow NAME_PATTERN in editors too."""
+    schema["propertyNames"] = {"pattern": NAME_PATTERN}
 
 
 class ConfigFile(Frozen):
     """One YAML document. Documents of a config directory are merged; names must be unique."""
 
-    servers: dict[Name, Server] = {}
-    databases: dict[Name, Database] = {}
-    policies: dict[Name, Policy] = {}
+    servers: dict[Name, Server] = Field({}, json_schema_extra=_named)
+    databases: dict[Name, Database] = Field({}, json_schema_extra=_named)
+    policies: dict[Name, Policy] = Field({}, json_schema_extra=_named)
     catalog: CatalogSettings | None = None
     resharding: ReshardingSettings | None = None
-    branches: dict[Name, Branch] = {}
+    branches: dict[Name, Branch] = Field({}, json_schema_extra=_named)
     allow_destroy: AllowDestroy | None = None
     moved: list[Moved] = []
 
     model_config = ConfigDict(
         frozen=True,
         extra="forbid",
+        strict=True,
         title="shardctl configuration",
         json_schema_extra={"$id": "https://shardctl.dev/schemas/shardctl.schema.json"},
     )
