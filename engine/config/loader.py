@@ -418,6 +418,7 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
         problems.append(Diagnostic(Location(_display(files[0], cwd), 1, 1), "no servers are declared",
                                    "declare at least one server under `servers:`"))
 
+    problems.extend(_contradictions(resolved, policies, sources, branches, catalog, catalog_database))
     if not defer_key_checks:
         problems.extend(key_problems)
     if problems:
@@ -430,6 +431,77 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
         branches={name: b for name, (b, _) in sorted(branches.items())},
         allow_destroy=allow_destroy, moved=moved, key_problems=tuple(key_problems),
     )
+
+
+_SHARD_NAME = re.compile(r"^(?P<db>[a-z][a-z0-9_]*)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
+METRICS = ("queries_per_second", "cpu_percent", "memory_percent", "storage_percent", "connections", "latency_ms")
+
+
+def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, ResolvedPolicy],
+                    sources: dict[Path_, Location], branches: dict, catalog, catalog_database: str) -> list[Diagnostic]:
+    """Settings that are each valid but cannot hold together: a shard both hot and cold, a
+    daemon that looks for hot shards faster than metrics arrive, a limit below the start."""
+    out: list[Diagnostic] = []
+
+    def where(database: DesiredDatabase | None, chain: tuple[str, ...], *path: str) -> Location | None:
+        if database is not None and path[0] in ("hot", "cold"):
+            found = sources.get(("databases", database.name, "thresholds", *path))
+            if found:
+                return found
+        for name in chain:
+            found = sources.get(("policies", name.removeprefix("preset:"), *path))
+            if found and not found.file.startswith("policies/"):
+                return found
+        return None
+
+    def check(policy: models.Policy, chain: tuple[str, ...], database: DesiredDatabase | None) -> None:
+        for metric in METRICS:
+            hot, cold = getattr(policy.hot, metric), getattr(policy.cold, metric)
+            if hot is not None and cold is not None and hot <= cold:
+                at = where(database, chain, "hot", metric) or where(database, chain, "cold", metric)
+                if at:
+                    out.append(Diagnostic(at, f"the hot threshold of {metric} ({hot:g}) is not above the cold one"
+                                          f" ({cold:g}): a shard would be hot and cold at once",
+                                          "make hot greater than cold for every metric"))
+        if policy.autosplit.check_every < policy.metrics.interval:
+            at = where(database, chain, "autosplit", "check_every") or where(database, chain, "metrics", "interval")
+            if at:
+                out.append(Diagnostic(at, f"autosplit.check_every ({policy.autosplit.check_every:g}s) is shorter than"
+                                      f" metrics.interval ({policy.metrics.interval:g}s): the daemon would look again"
+                                      " before a new sample arrives", "make check_every at least metrics.interval"))
+        for key, value in (("window", policy.detection.window), ("cold_window", policy.detection.cold_window)):
+            if value > policy.metrics.history:
+                at = where(database, chain, "detection", key) or where(database, chain, "metrics", "history")
+                if at:
+                    out.append(Diagnostic(at, f"detection.{key} ({value}) is longer than metrics.history"
+                                          f" ({policy.metrics.history}): the window could never fill",
+                                          f"keep at least {value} samples (metrics.history) or shorten the window"))
+
+    for name, entry in policies.items():
+        if entry.effective is not None and not name.startswith("preset:"):
+            check(entry.effective, entry.chain, None)
+    for name, database in databases.items():
+        entry = policies.get(database.policy_name)
+        chain = entry.chain if entry else ()
+        check(database.effective_policy, chain, database)
+        limit = database.effective_policy.autosplit.max_shards
+        if database.spec.shards > limit:
+            at = sources.get(("databases", name, "shards")) or database.location
+            out.append(Diagnostic(at, f"shards ({database.spec.shards}) is above autosplit.max_shards ({limit})"
+                                  f" of policy {database.policy_name!r}",
+                                  "lower shards, or raise max_shards in the policy"))
+    for name, (branch, doc) in branches.items():
+        match = _SHARD_NAME.match(f"branch_{name}")
+        if match and match.group("db") in databases:
+            out.append(Diagnostic(doc.loc(("branches", name)), f"branch {name!r} would be database branch_{name},"
+                                  f" which is named like a shard of database {match.group('db')!r}",
+                                  "choose another branch name"))
+    match = _SHARD_NAME.match(catalog_database)
+    if match and match.group("db") in databases:
+        at = catalog[1].value_loc(("catalog", "database")) if catalog else Location("catalog")
+        out.append(Diagnostic(at, f"the control database {catalog_database!r} is named like a shard of database"
+                              f" {match.group('db')!r}", "choose a name of its own, such as shardctl"))
+    return out
 
 
 def _record_sources(doc: _Doc, sources: dict[Path_, Location]) -> None:
