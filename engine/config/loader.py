@@ -220,7 +220,7 @@ def _diagnostics_from(exc: ValidationError, doc: _Doc) -> list[Diagnostic]:
         if any(isinstance(p, str) and p in union_tags for p in loc):
             base = tuple(p for p in loc if p not in union_tags)
             cut = loc.index(next(p for p in loc if p in union_tags))
-            if len(loc) > cut + 1 and loc[cut] == "InlineSchema":
+            if loc[cut] == "InlineSchema" and (len(loc) > cut + 1 or error["type"] == "value_error"):
                 message, hint = _message({**error, "loc": base})
                 where = doc.loc(base)
             else:
@@ -532,6 +532,9 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
     for i, step in enumerate(database.schema_):
         key = ("databases", name, "schema")
         where = doc.loc(key + (i,)) if listed else doc.value_loc(key)
+        allowed = not isinstance(step, str) and step.allow_outside_database
+        if not isinstance(step, str) and step.file is not None:
+            step = step.file
         if isinstance(step, str):
             path, problem = _schema_file(step, doc, root, cwd, where)
             if problem:
@@ -557,6 +560,11 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
         if problem:
             problems.append(problem)
             continue
+        if not allowed:
+            outside = sqlcheck.outside_problems(sql, sql_location)
+            if outside:
+                problems.extend(outside)
+                continue
         steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
     if len(steps) == len(database.schema_):
         key = database.shard_key

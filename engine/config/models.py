@@ -207,13 +207,33 @@ class ShardKey(Frozen):
 
 
 class InlineSchema(Frozen):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="a stable name for this step, e.g. 001_init")
-    sql: str = Field(min_length=1)
+    """A step in mapping form: inline SQL ({name, sql}) or a file ({file}), with its flags."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+                             description="a stable name for this step, e.g. 001_init (with sql)")
+    sql: str | None = Field(None, min_length=1, description="the step's SQL, inline")
+    file: str | None = Field(None, min_length=1, description="a .sql file relative to the config file")
+    allow_outside_database: bool = Field(
+        False, description="let this step reach outside its database (COPY to or from files or programs, ALTER"
+        " SYSTEM, roles, untrusted languages, server files); refused otherwise")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["name", "sql"], "not": {"required": ["file"]}},
+        {"required": ["file"], "not": {"anyOf": [{"required": ["name"]}, {"required": ["sql"]}]}},
+    ]})
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "InlineSchema":
+        if self.file is not None and (self.sql is not None or self.name is not None):
+            raise ValueError("a schema step has either `file:` or `name:` with `sql:`, not both")
+        if self.file is None and (self.sql is None or self.name is None):
+            raise ValueError("a schema step mapping needs `name:` and `sql:` (or `file:`)")
+        return self
 
 
 SchemaStep = Annotated[
     str | InlineSchema,
-    Field(description="a .sql file relative to the config file, or {name, sql} inline"),
+    Field(description="a .sql file relative to the config file, {file, ...} or {name, sql, ...} inline"),
 ]
 
 

@@ -133,3 +133,79 @@ def key_problems(steps, key_column: str, key_type: str) -> list[Diagnostic]:
                                   f"declare PRIMARY KEY ({key_column}, ...): rows move between shards by logical"
                                   " replication, which needs it"))
     return out
+
+
+TRUSTED_LANGUAGES = {"sql", "plpgsql"}
+OUTSIDE_EXTENSIONS = {"dblink", "postgres_fdw", "file_fdw", "adminpack", "pg_prewarm"}
+OUTSIDE_FUNCTIONS = {
+    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_file_write", "pg_file_rename",
+    "pg_file_unlink", "lo_import", "lo_export", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir",
+    "pg_reload_conf", "pg_rotate_logfile", "pg_terminate_backend", "pg_cancel_backend", "pg_promote",
+    "dblink", "dblink_exec", "dblink_connect", "pg_logical_emit_message", "pg_create_logical_replication_slot",
+    "pg_create_physical_replication_slot", "pg_drop_replication_slot",
+}
+OUTSIDE_STATEMENTS = {
+    "AlterSystemStmt": "ALTER SYSTEM changes the whole server's configuration",
+    "CreateRoleStmt": "roles belong to the whole server", "AlterRoleStmt": "roles belong to the whole server",
+    "AlterRoleSetStmt": "roles belong to the whole server", "DropRoleStmt": "roles belong to the whole server",
+    "GrantRoleStmt": "role membership belongs to the whole server",
+    "CreateTableSpaceStmt": "a tablespace is a directory on the server", "DropTableSpaceStmt": "tablespaces belong to the server",
+    "AlterTableSpaceOptionsStmt": "tablespaces belong to the server",
+    "LoadStmt": "LOAD loads a library file on the server",
+    "AlterDatabaseStmt": "ALTER DATABASE acts on a database, not within one",
+    "AlterDatabaseSetStmt": "ALTER DATABASE acts on a database, not within one",
+    "AlterDatabaseRefreshCollStmt": "ALTER DATABASE acts on a database, not within one",
+    "CreatePLangStmt": "a procedural language is installed for the server's use",
+    "CreateForeignServerStmt": "a foreign server reaches another server", "CreateUserMappingStmt": "a user mapping holds credentials for another server",
+    "CreateEventTrigStmt": "an event trigger runs on every DDL statement of the database",
+}
+
+
+def outside_problems(sql: str, base: Location) -> list[Diagnostic]:
+    """Statements that reach outside the shard's own database; refused unless the step says
+    `allow_outside_database: true`. Function bodies (strings) are not looked into."""
+    try:
+        statements = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return []
+    out = []
+    hint = ("if this step really must, give it `allow_outside_database: true` (in its mapping form:"
+            " {file: ..., allow_outside_database: true} or {name: ..., sql: ..., allow_outside_database: true})")
+    for raw in statements:
+        stmt, kind = raw.stmt, type(raw.stmt).__name__
+        why = OUTSIDE_STATEMENTS.get(kind)
+        if kind == "CopyStmt" and (stmt.is_program or stmt.filename):
+            why = ("COPY ... PROGRAM runs a program on the server" if stmt.is_program
+                   else "COPY with a file name reads or writes a file on the server")
+        elif kind == "VariableSetStmt" and stmt.name in ("role", "session_authorization"):
+            why = f"SET {stmt.name.upper()} changes who the statements run as"
+        elif kind in ("CreateFunctionStmt", "DoStmt"):
+            options = stmt.options if kind == "CreateFunctionStmt" else stmt.args
+            language = next((o.arg.sval for o in options or () if o.defname == "language"), "plpgsql")
+            if language.lower() not in TRUSTED_LANGUAGES:
+                why = f"language {language} is untrusted: its code can reach the server's files and programs"
+        elif kind == "CreateExtensionStmt":
+            name = stmt.extname.lower()
+            if name in OUTSIDE_EXTENSIONS or (name.startswith("pl") and name.endswith("u")):
+                why = f"extension {stmt.extname} reaches outside the database"
+        if why is None:
+            called = _calls(stmt) & OUTSIDE_FUNCTIONS
+            if called:
+                why = f"{sorted(called)[0]}() reaches the server's files or other sessions"
+        if why:
+            out.append(Diagnostic(statement_location(sql, raw, base),
+                                  f"this statement reaches outside its database: {why}", hint))
+    return out
+
+
+def _calls(stmt) -> set[str]:
+    from pglast import visitors
+
+    found: set[str] = set()
+
+    class Calls(visitors.Visitor):
+        def visit_FuncCall(self, ancestors, node):
+            found.add(node.funcname[-1].sval.lower())
+
+    Calls()(stmt)
+    return found
