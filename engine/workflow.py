@@ -16,7 +16,7 @@ from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.config import loader
 from engine.config.loader import Desired
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.observe.models import Observation
 from engine.observe import history
 from engine.observe.observer import inspect_shards, observe
@@ -86,7 +86,12 @@ class Planned:
 def load(config_dir: str) -> Desired:
     """The config as plan and apply see it: a schema without the shard key is refused by the
     planner, which then also names what a shard-key change would destroy."""
-    return loader.load(config_dir, defer_key_checks=True)
+    desired = loader.load(config_dir, defer_key_checks=True)
+    catalog = desired.servers.get(desired.catalog_server or "")
+    never_applied = catalog is not None and catalog.embedded and not (desired.directory / ".shardctl").exists()
+    if desired.key_problems and never_applied:
+        raise ConfigError(list(desired.key_problems))  # nothing exists that a key change could destroy
+    return desired
 
 
 def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None,

