@@ -78,7 +78,15 @@ def test_removing_a_database_with_rows_needs_allow_destroy(with_rows):
     doc = json.loads(with_rows.cli("plan", "--format", "json").out)
     (action,) = doc["actions"]
     assert sum(h["rows"] for h in action["holdings"].values()) == 600
-    assert with_rows.cli("apply", "--auto-approve").code == 0
+    # consent taken back after planning: the saved plan is refused
+    assert with_rows.cli("plan", "-out", "destroy.plan").code == 0
+    with_rows.write("fleet.yaml", original.split("databases:")[0] + "databases: {}\n")
+    withdrawn = with_rows.cli("apply", "destroy.plan")
+    assert withdrawn.code == 1 and "allow_destroy no longer names it" in withdrawn.err, withdrawn.both
+    assert _rows(with_rows) == (200, 400)
+    with_rows.write("fleet.yaml", original.split("databases:")[0] + "databases: {}\nallow_destroy:\n"
+                    "  databases: [orders]\n")
+    assert with_rows.cli("apply", "destroy.plan").code == 0
     assert not {"orders_min_40", "orders_80_c0"} & with_rows.databases("a")
     after = with_rows.cli("plan")
     assert "this plan destroys no rows of database orders; remove the acknowledgement" in after.out
