@@ -48,9 +48,10 @@ class Diagnostic:
         parts = [head]
         if text is not None:
             gutter = f"{self.location.line:>5} | "
-            parts.append(gutter + text.rstrip())
-            if self.location.column:
-                parts.append(" " * (len(gutter) + self.location.column - 1) + "^")
+            shown, column = printable(redact(text.rstrip()), self.location.column)
+            parts.append(gutter + shown)
+            if column:
+                parts.append(" " * (len(gutter) + column - 1) + "^")
         if self.hint:
             parts.append(f"  hint: {self.hint}")
         return "\n".join(parts)
@@ -117,12 +118,44 @@ class LockHeldError(UserError):
         super().__init__("Error acquiring the state lock", "\n".join(lines))
 
 
-# Passwords can arrive in DSNs (key=value or URI form) and in libpq error texts; strip them
-# from anything shown to a person or written to a plan.
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
+# Secrets can arrive in DSNs (key=value or URI form), in libpq error texts, and in the YAML
+# itself (a `password:` key where none belongs, a DSN pasted as a service name). Redact by what
+# a thing is: secret-looking keys, URL userinfo of any scheme, and every value read from a
+# `dsn_env` variable (registered when read), wherever they appear in what is shown.
+SECRET_KEY = (r"[\w.-]*(?:password|passwd|pwd|secret|token|pgpass|credential|private[_-]?key|api[_-]?key|apikey"
+              r"|service)[\w.-]*")
+_KV_SECRET = re.compile(rf"(\b{SECRET_KEY}\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_YAML_SECRET = re.compile(rf"""(\b{SECRET_KEY}["']?\s*:(?:\s+|(?=["']))|\b{SECRET_KEY}["']?:$)"""
+                          r"""("(?:[^"\\]|\\.)*"?|'(?:[^']|'')*'?|[^,}\]\n#]*[^,}\]\n#\s])?""", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^/@\s?#]+)(@)", re.IGNORECASE)
+_REGISTERED: set[str] = set()
+MASK = "********"
+
+
+def register_secret(value: str | None) -> None:
+    """A value never to be shown (a DSN from the environment, a password in it)."""
+    if value and len(value) >= 4:
+        _REGISTERED.add(value)
 
 
 def redact(text: str) -> str:
-    text = _KV_PASSWORD.sub(r"\1********", text)
-    return _URI_PASSWORD.sub(r"\1********\3", text)
+    for secret in sorted(_REGISTERED, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, MASK)
+    text = _URI_USERINFO.sub(rf"\1{MASK}\3", text)
+    text = _KV_SECRET.sub(rf"\1{MASK}", text)
+    return _YAML_SECRET.sub(lambda m: m.group(1) + (MASK if m.group(2) else ""), text)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(line: str, column: int = 0, width: int = 160) -> tuple[str, int]:
+    """A source line as it may be echoed: control characters escaped, at most `width`
+    characters around `column`. Returns the line and the caret's new column."""
+    line = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+    if len(line) <= width:
+        return line, column
+    start = max(0, min(column - width // 2, len(line) - width)) if column else 0
+    shown = ("..." if start else "") + line[start:start + width] + ("..." if start + width < len(line) else "")
+    return shown, (column - start + (3 if start else 0)) if column else 0

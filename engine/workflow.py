@@ -16,7 +16,7 @@ from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.config import loader
 from engine.config.loader import Desired
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
@@ -83,7 +83,14 @@ class Planned:
 
 
 def load(config_dir: str) -> Desired:
-    return loader.load(config_dir)
+    """The config as plan and apply see it: a schema without the shard key is refused by the
+    planner, which then also names what a shard-key change would destroy."""
+    desired = loader.load(config_dir, defer_key_checks=True)
+    catalog = desired.servers.get(desired.catalog_server or "")
+    never_applied = catalog is not None and catalog.embedded and not (desired.directory / ".shardctl").exists()
+    if desired.key_problems and never_applied:
+        raise ConfigError(list(desired.key_problems))  # nothing exists that a key change could destroy
+    return desired
 
 
 def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None,
@@ -170,6 +177,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                 if saved.based_on_serial != current:
                     raise StalePlan(saved.based_on_serial, current)
                 plan = saved
+                _consented(desired, plan)
                 if any(a.kind in LOAD_KINDS and a.reason.cause == "load" for a in plan.actions):
                     say("Re-measuring the load premises of the saved plan...")
                     observation = observe(fleet, conn, inspect_schemas=False)
@@ -190,6 +198,27 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                 for action in plan.actions:
                     dispatch.execute(action, ctx)
             return ApplyResult(plan, ctx.counts)
+
+
+def _consented(desired: Desired, plan: Plan) -> None:
+    """A saved plan that destroys rows runs only while the YAML still acknowledges each
+    destruction (`allow_destroy`): consent taken back after planning is consent refused."""
+    missing = []
+    for action in plan.actions:
+        if action.kind == "destroy_database":
+            at_risk = not action.holdings or any(h.may_hold_rows for h in action.holdings.values())
+            key = ("database", action.database)
+        elif action.kind == "delete_branch" and not action.expired:
+            at_risk = action.holding is None or action.holding.may_hold_rows
+            key = ("branch", action.branch)
+        else:
+            continue
+        if at_risk and key not in desired.allow_destroy:
+            missing.append(f"{key[0]} {key[1]}")
+    if missing:
+        raise UserError(f"the saved plan destroys rows of {', '.join(missing)}, and allow_destroy no longer names"
+                        f" {'it' if len(missing) == 1 else 'them'}",
+                        "add it back to allow_destroy to apply this plan, or plan again")
 
 
 def _record_servers(conn, fleet: Fleet) -> None:

@@ -21,6 +21,17 @@ def pytest_addoption(parser):
     parser.addoption("--travel", metavar="ISO8601", default=None,
                      help="run the in-process tests with the clock moved to this instant (it keeps ticking);"
                           " proves that no test depends on the date or the hour it runs at")
+    parser.addoption("--fuzz-slow", action="store_true", default=False,
+                     help="also run the long fuzzing run (tests marked fuzz_slow: 20,000 examples)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--fuzz-slow"):
+        return
+    skip = pytest.mark.skip(reason="the long fuzzing run: pass --fuzz-slow")
+    for item in items:
+        if "fuzz_slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_configure(config):

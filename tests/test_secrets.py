@@ -50,3 +50,50 @@ def test_a_missing_dsn_variable_names_the_variable(tmp_path):
         assert "Traceback" not in result.err
     finally:
         run_cli("-C", ".", "down", cwd=tmp_path)
+
+
+HIDDEN = "hunter2-TOP"
+
+
+def test_every_echoed_line_is_redacted_by_what_it_is(tmp_path):
+    lines = [
+        f"    password: {HIDDEN}",
+        f"    PGPASSWORD: '{HIDDEN}'",
+        f"    db_password: \"{HIDDEN}\"",
+        f"    api_token: {HIDDEN}",
+        f"    client_secret: {HIDDEN}",
+        f"    pgpass: {HIDDEN}",
+    ]
+    for i, line in enumerate(lines):
+        work = tmp_path / str(i)
+        work.mkdir()
+        (work / "fleet.yaml").write_text("servers:\n  a:\n    embedded: true\n" + line + "\n")
+        result = run_cli("-C", ".", "validate", cwd=work)
+        assert result.code == 1 and "fleet.yaml:4:5: error: unknown key" in result.err, result.err
+        assert HIDDEN not in result.both, result.err
+        assert "********" in result.err
+
+
+def test_urls_and_services_and_pairs_are_redacted(tmp_path):
+    for i, value in enumerate([f"postgresql+psycopg://app:{HIDDEN}@db/x", f"https://{HIDDEN}@git.example/x",
+                               f"host=db password={HIDDEN}", HIDDEN + "!"]):
+        work = tmp_path / str(i)
+        work.mkdir()
+        (work / "fleet.yaml").write_text(f"servers:\n  a:\n    service: '{value}'\n")
+        result = run_cli("-C", ".", "validate", cwd=work)
+        assert result.code == 1 and "fleet.yaml:3:14: error:" in result.err, result.err
+        assert HIDDEN not in result.both, result.err
+
+
+def test_a_dsn_env_value_never_appears_even_when_it_does_not_parse(tmp_path):
+    (tmp_path / "fleet.yaml").write_text(FLEET)
+    try:
+        for dsn in (f"postgresql://app:{HIDDEN}%zz@127.0.0.1:9/x", f"host=127.0.0.1 password='{HIDDEN}",
+                    f"host=127.0.0.1 {HIDDEN}"):
+            for command in (("plan",), ("status", "--json")):
+                result = run_cli("-C", ".", *command, cwd=tmp_path, env={"REMOTE_DSN": dsn})
+                assert HIDDEN not in result.both, (dsn, result.both)
+                assert "Traceback" not in result.both
+        assert "REMOTE_DSN is not a valid DSN" in run_cli("-C", ".", "plan", cwd=tmp_path, env={"REMOTE_DSN": dsn}).err
+    finally:
+        run_cli("-C", ".", "down", cwd=tmp_path)

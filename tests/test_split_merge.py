@@ -149,9 +149,15 @@ def test_abort_before_the_fence_leaves_the_source_as_it_was(loaded):
 
 def test_a_table_without_the_shard_key_in_its_primary_key_refuses_the_split(loaded):
     (loaded.path / "schema" / "002_events.sql").write_text("CREATE TABLE events (id bigint PRIMARY KEY, customer_id bigint);\n")
-    loaded.write("fleet.yaml", loaded.read("fleet.yaml").replace(
+    original = loaded.read("fleet.yaml")
+    loaded.write("fleet.yaml", original.replace(
         "schema: schema/001_init.sql", "schema: [schema/001_init.sql, schema/002_events.sql]"))
-    assert loaded.cli("apply", "--auto-approve").code == 0
+    refused = loaded.cli("validate")  # declared in the YAML, it never reaches a shard
+    assert refused.code == 1 and "table events has (id); its primary key must include" in refused.err
+    loaded.write("fleet.yaml", original)
+    for name, lo, hi, server, dbname in active_shards(loaded):  # made outside shardctl: drift
+        with loaded.connect(server, dbname) as conn:
+            conn.execute("CREATE TABLE events (id bigint PRIMARY KEY, customer_id bigint)")
     plan = loaded.cli("plan", "--metrics", "hot.json", "--detailed-exitcode")
     assert plan.code == 0
     assert ("shard.orders/40-80: hot, but it cannot be split: table public.events has no primary key that contains"

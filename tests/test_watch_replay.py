@@ -18,14 +18,17 @@ policies:
     extends: default
     metrics: {interval: INTERVAL}
     detection: DETECTION
-    autosplit: {cooldown: 30m}
+    autosplit: {cooldown: 30m, check_every: CHECK}
     automerge: {enabled: true}
 """
 FLAP_WINDOW = timedelta(hours=2)
 
 
 def _desired(tmp_path, interval: str = "10s", detection: str = "{}"):
-    (tmp_path / "fleet.yaml").write_text(ELASTIC.replace("INTERVAL", interval).replace("DETECTION", detection))
+    # the daemon never looks for hot shards more often than samples arrive
+    check = interval if interval.endswith("m") else "1m"
+    (tmp_path / "fleet.yaml").write_text(ELASTIC.replace("INTERVAL", interval).replace("DETECTION", detection)
+                                         .replace("CHECK", check))
     return loader.load(tmp_path, cwd=tmp_path)
 
 

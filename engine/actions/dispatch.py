@@ -6,7 +6,7 @@ from typing import Callable
 
 from engine.actions import (
     apply_schema, create_branch, create_database, delete_branch, destroy_database, drop_retired_shard,
-    merge_branch_schema, merge_shards, recreate_shard, split_shard, update_database,
+    merge_branch_schema, merge_shards, recreate_shard, rename_database, split_shard, update_database,
 )
 from engine.actions.base import ApplyContext
 from engine.plan import models
@@ -23,6 +23,7 @@ EXECUTORS: dict[type, Callable] = {
     models.CreateBranch: create_branch.execute,
     models.DeleteBranch: delete_branch.execute,
     models.MergeBranchSchema: merge_branch_schema.execute,
+    models.RenameDatabase: rename_database.execute,
 }
 
 

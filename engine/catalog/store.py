@@ -108,6 +108,27 @@ def delete_database(conn: psycopg.Connection, name: str) -> None:
     conn.execute("DELETE FROM shardctl.databases WHERE name = %s", (name,))
 
 
+def rename_database(conn: psycopg.Connection, old: str, new: str) -> None:
+    """A declared rename: the catalog's names change; shard databases and their rows stay as they are."""
+    conn.execute(
+        """
+        INSERT INTO shardctl.databases (name, key_column, key_type, protect, policy_name, policy, placement, state,
+                                        created_at)
+        SELECT %s, key_column, key_type, protect, policy_name, policy, placement, state, created_at
+        FROM shardctl.databases WHERE name = %s
+        """,
+        (new, old),
+    )
+    conn.execute("UPDATE shardctl.schema_steps SET database = %s WHERE database = %s", (new, old))
+    conn.execute("UPDATE shardctl.shards SET database = %s WHERE database = %s", (new, old))
+    if conn.execute("SELECT to_regclass('shardctl.branches') IS NOT NULL").fetchone()[0]:
+        conn.execute("UPDATE shardctl.branches SET parent = %s WHERE parent = %s", (new, old))
+    if conn.execute("SELECT to_regclass('shardctl.metric_samples') IS NOT NULL").fetchone()[0]:
+        conn.execute("UPDATE shardctl.metric_samples SET shard = %s || substr(shard, length(%s) + 1)"
+                     " WHERE shard LIKE %s", (new, old, old + "/%"))
+    conn.execute("DELETE FROM shardctl.databases WHERE name = %s", (old,))
+
+
 def upsert_shard(conn: psycopg.Connection, *, database: str, name: str, lo: int | None, hi: int | None,
                  server: str, dbname: str, state: str) -> None:
     conn.execute(

@@ -20,12 +20,9 @@ from typing import Any
 
 import pglast
 from pydantic import BaseModel, ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
 
-from engine.config import models
-from engine.errors import ConfigError, Diagnostic, Location
+from engine.config import models, sqlcheck, yamlread
+from engine.errors import SECRET_KEY, ConfigError, Diagnostic, Location
 
 PRESET_DIRS = (
     Path(__file__).resolve().parent.parent / "presets",  # installed wheel
@@ -33,6 +30,7 @@ PRESET_DIRS = (
 )
 RESERVED_DATABASES = {"postgres", "template0", "template1"}
 PLURALS = {"policy": "policies"}
+_SECRET_FIELD = re.compile(SECRET_KEY, re.IGNORECASE)
 
 Path_ = tuple[Any, ...]
 
@@ -45,6 +43,7 @@ class SchemaStep:
     sql: str
     sha256: str
     location: Location
+    sql_location: Location | None = None  # where its SQL is: the .sql file, or the step itself when inline
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,13 @@ class Desired:
     files: tuple[str, ...]
     resharding_enabled: bool = True
     branches: dict[str, models.Branch] = field(default_factory=dict)
+    # consent to destroy data, by ("database" | "branch", name), with where it was given
+    allow_destroy: dict[tuple[str, str], Location] = field(default_factory=dict)
+    # declared renames: new name -> (old name, where)
+    moved: dict[str, tuple[str, Location]] = field(default_factory=dict)
+    # shard-key problems of the schema, when loaded with defer_key_checks: the planner reports
+    # them together with what the change would destroy
+    key_problems: tuple[Diagnostic, ...] = ()
     sources: dict[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
 
     def where(self, *path: Any) -> Location | None:
@@ -100,58 +106,7 @@ class Desired:
 # ---------------------------------------------------------------------------- YAML with positions
 
 
-class _Doc:
-    """One YAML document and the file it came from."""
-
-    def __init__(self, file: Path, data: Any, display: str):
-        self.file = file
-        self.display = display
-        self.data = data
-
-    def loc(self, path: Path_) -> Location:
-        """The best position for `path`: the key if it exists, else the nearest parent key."""
-        node = self.data
-        line, col = _node_pos(node)
-        for item in path:
-            if isinstance(node, CommentedMap) and item in node:
-                kl, kc = node.lc.key(item)
-                line, col = kl + 1, kc + 1
-                node = node[item]
-            elif isinstance(node, CommentedSeq) and isinstance(item, int) and 0 <= item < len(node):
-                il, ic = node.lc.item(item)
-                line, col = il + 1, ic + 1
-                node = node[item]
-            # anything else is a pydantic union tag or a missing key: stay at the parent
-        return Location(self.display, line, col)
-
-    def value_loc(self, path: Path_) -> Location:
-        """The position of the value at `path` (for errors about a value, not its key)."""
-        parent = self.data
-        for item in path[:-1]:
-            try:
-                parent = parent[item]
-            except (KeyError, IndexError, TypeError):
-                return self.loc(path)
-        last = path[-1] if path else None
-        if isinstance(parent, CommentedMap) and last in parent:
-            vl, vc = parent.lc.value(last)
-            return Location(self.display, vl + 1, vc + 1)
-        return self.loc(path)
-
-
-def _node_pos(node: Any) -> tuple[int, int]:
-    lc = getattr(node, "lc", None)
-    if lc is not None and lc.line is not None:
-        return lc.line + 1, lc.col + 1
-    return 1, 1
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, CommentedMap):
-        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _plain(v) for k, v in node.items()}
-    if isinstance(node, CommentedSeq):
-        return [_plain(v) for v in node]
-    return node
+_Doc = yamlread.Doc
 
 
 def _display(path: Path, cwd: Path) -> str:
@@ -162,41 +117,9 @@ def _display(path: Path, cwd: Path) -> str:
 
 
 def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path) -> list[_Doc]:
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = False
     docs: list[_Doc] = []
     for file in files:
-        display = _display(file, cwd)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Diagnostic(Location(display), f"cannot read the file: {exc}"))
-            continue
-        try:
-            for data in yaml.load_all(text):
-                if data is None:
-                    continue
-                if not isinstance(data, CommentedMap):
-                    problems.append(Diagnostic(
-                        Location(display, *_node_pos(data)),
-                        "a config document must be a mapping with servers:, databases:, policies: or catalog:",
-                    ))
-                    continue
-                docs.append(_Doc(file, data, display))
-        except MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            what = exc.problem or exc.context or "invalid YAML"
-            if exc.context_mark and "<stream end>" in what:
-                # "unexpected end of file" is useless; point at what was left open instead
-                mark = exc.context_mark
-                what = f"{exc.context} that is never closed ({what})"
-            line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-            duplicate = re.search(r'duplicate key ("[^"]*")', str(exc))
-            if duplicate:
-                what = f"duplicate key {duplicate.group(1)}: each key may appear once in a mapping"
-            problems.append(Diagnostic(Location(display, line, col), f"YAML syntax: {what}"))
-        except Exception as exc:  # ruamel raises a few non-marked errors (e.g. bad unicode)
-            problems.append(Diagnostic(Location(display, 1, 1), f"YAML syntax: {exc}"))
+        docs.extend(yamlread.read(file, _display(file, cwd), problems))
     return docs
 
 
@@ -255,6 +178,8 @@ def _message(error: dict) -> tuple[str, str | None]:
         return f"unknown key {key!r}", hint
     if kind == "missing":
         return f"missing required key {loc[-1]!r}", None
+    if any(isinstance(p, str) and _SECRET_FIELD.fullmatch(p) for p in loc) and kind != "extra_forbidden":
+        return f"invalid value for {loc[-1]!r} (not shown: it may be a secret)", None
     if kind == "string_pattern_mismatch":
         pattern = error.get("ctx", {}).get("pattern")
         value = error.get("input")
@@ -269,6 +194,18 @@ def _message(error: dict) -> tuple[str, str | None]:
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"invalid value {error.get('input')!r}: expected {expected}", None
+    if kind in ("int_type", "float_type", "bool_type", "string_type", "dict_type", "list_type", "model_type"):
+        value = error.get("input")
+        got = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", dict: "a mapping",
+               list: "a list", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
+        hint = None
+        if kind in ("int_type", "float_type") and isinstance(value, str):
+            hint = "write the number without quotes"
+        elif kind == "bool_type":
+            hint = "write true or false (yes, no, 1 and quoted values are not booleans)"
+        elif kind == "string_type" and isinstance(value, (int, float, bool)):
+            hint = "quote it to make it a string"
+        return f"{msg[0].lower() + msg[1:]} (got {got})", hint
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     return msg[0].lower() + msg[1:] if msg else msg, None
@@ -283,7 +220,7 @@ def _diagnostics_from(exc: ValidationError, doc: _Doc) -> list[Diagnostic]:
         if any(isinstance(p, str) and p in union_tags for p in loc):
             base = tuple(p for p in loc if p not in union_tags)
             cut = loc.index(next(p for p in loc if p in union_tags))
-            if len(loc) > cut + 1 and loc[cut] == "InlineSchema":
+            if loc[cut] == "InlineSchema" and (len(loc) > cut + 1 or error["type"] == "value_error"):
                 message, hint = _message({**error, "loc": base})
                 where = doc.loc(base)
             else:
@@ -304,10 +241,9 @@ def _diagnostics_from(exc: ValidationError, doc: _Doc) -> list[Diagnostic]:
 
 
 def config_files(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.iterdir()
-        if p.is_file() and p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
-    )
+    """Every .yaml and .yml entry, whatever it is: a broken link or a directory among them is
+    an error when read, never skipped (a later plan would destroy what it declared)."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
 
 
 def preset_files() -> list[Path]:
@@ -317,11 +253,14 @@ def preset_files() -> list[Path]:
     return []
 
 
-def load(directory: str | Path, cwd: Path | None = None) -> Desired:
-    """Load and validate a config directory. Raises ConfigError listing every problem found."""
+def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False) -> Desired:
+    """Load and validate a config directory. Raises ConfigError listing every problem found.
+    With `defer_key_checks`, problems of the shard key in the schema are returned in
+    `key_problems` (the planner reports them with what a key change would destroy)."""
     cwd = cwd or Path.cwd()
     root = Path(directory).resolve()
     problems: list[Diagnostic] = []
+    key_problems: list[Diagnostic] = []
     if not root.is_dir():
         raise ConfigError([Diagnostic(Location(str(directory)), "no such config directory",
                                       "pass the directory that holds your YAML files with -C DIR")])
@@ -343,11 +282,14 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
     catalog: tuple[models.CatalogSettings, _Doc] | None = None
     resharding: tuple[models.ReshardingSettings, _Doc] | None = None
     branches: dict[str, tuple[models.Branch, _Doc]] = {}
+    allow_destroy: dict[tuple[str, str], Location] = {}
+    moved: dict[str, tuple[str, Location]] = {}
+    moved_from: dict[str, Location] = {}
 
     for is_preset, doc_list in ((True, preset_docs), (False, docs)):
         for doc in doc_list:
             try:
-                parsed = models.ConfigFile.model_validate(_plain(doc.data))
+                parsed = models.ConfigFile.model_validate(doc.data)
             except ValidationError as exc:
                 problems.extend(_diagnostics_from(exc, doc))
                 continue
@@ -392,6 +334,23 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                     continue
                 first_seen[("branch", name)] = where
                 branches[name] = (branch, doc)
+            if parsed.allow_destroy is not None:
+                for kind, key in (("database", "databases"), ("branch", "branches")):
+                    for i, name in enumerate(getattr(parsed.allow_destroy, key)):
+                        allow_destroy.setdefault((kind, name), doc.value_loc(("allow_destroy", key, i)))
+            for i, move in enumerate(parsed.moved):
+                where = doc.loc(("moved", i))
+                if move.to in moved or move.from_ in moved_from:
+                    first = moved[move.to][1] if move.to in moved else moved_from[move.from_]
+                    problems.append(Diagnostic(where, f"the rename of {move.from_!r} to {move.to!r} conflicts with"
+                                               " another `moved` entry", f"it was first declared at {first}"))
+                    continue
+                if move.from_ == move.to:
+                    problems.append(Diagnostic(where, f"`moved` renames {move.from_!r} to itself",
+                                               "remove the entry"))
+                    continue
+                moved[move.to] = (move.from_, where)
+                moved_from[move.from_] = where
             if parsed.resharding is not None:
                 if resharding is not None:
                     problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
@@ -411,6 +370,12 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
             problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")), databases))
         if branch.server not in servers:
             problems.append(_unknown_ref("server", branch.server, doc.value_loc(("branches", name, "server")), servers))
+    for new, (old, where) in moved.items():
+        if new not in databases:
+            problems.append(_unknown_ref("database", new, where, databases))
+        elif old in databases:
+            problems.append(Diagnostic(where, f"`moved` renames {old!r} to {new!r}, but {old!r} is still declared",
+                                       f"remove the declaration of {old!r} (the rename keeps its shards and rows)"))
     resolved: dict[str, DesiredDatabase] = {}
     for name, (database, doc) in databases.items():
         for i, server in enumerate(database.placement):
@@ -418,7 +383,7 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                 problems.append(_unknown_ref("server", server, doc.loc(("databases", name, "placement", i)), servers))
         if database.policy not in policies or database.policy.startswith("preset:"):
             problems.append(_unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies))
-        steps = _schema_steps(name, database, doc, root, cwd, problems)
+        steps = _schema_steps(name, database, doc, root, cwd, problems, key_problems)
         policy = policies.get(database.policy)
         effective = (_effective_policy(policy.effective or policy.policy, database.thresholds)
                      if policy else models.Policy())
@@ -449,10 +414,13 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
                 "no server for the catalog: there is no embedded server to default to",
                 "add `catalog: {server: NAME}` naming the server that holds shardctl's control database",
             ))
-    if not servers and databases:
+    if not servers and not problems:
         problems.append(Diagnostic(Location(_display(files[0], cwd), 1, 1), "no servers are declared",
                                    "declare at least one server under `servers:`"))
 
+    problems.extend(_contradictions(resolved, policies, sources, branches, catalog, catalog_database))
+    if not defer_key_checks:
+        problems.extend(key_problems)
     if problems:
         raise ConfigError(problems)
     return Desired(
@@ -461,22 +429,84 @@ def load(directory: str | Path, cwd: Path | None = None) -> Desired:
         files=tuple(_display(f, cwd) for f in files), sources=sources,
         resharding_enabled=resharding[0].enabled if resharding else True,
         branches={name: b for name, (b, _) in sorted(branches.items())},
+        allow_destroy=allow_destroy, moved=moved, key_problems=tuple(key_problems),
     )
 
 
+_SHARD_NAME = re.compile(r"^(?P<db>[a-z][a-z0-9_]*)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
+METRICS = ("queries_per_second", "cpu_percent", "memory_percent", "storage_percent", "connections", "latency_ms")
+
+
+def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, ResolvedPolicy],
+                    sources: dict[Path_, Location], branches: dict, catalog, catalog_database: str) -> list[Diagnostic]:
+    """Settings that are each valid but cannot hold together: a shard both hot and cold, a
+    daemon that looks for hot shards faster than metrics arrive, a limit below the start."""
+    out: list[Diagnostic] = []
+
+    def where(database: DesiredDatabase | None, chain: tuple[str, ...], *path: str) -> Location | None:
+        if database is not None and path[0] in ("hot", "cold"):
+            found = sources.get(("databases", database.name, "thresholds", *path))
+            if found:
+                return found
+        for name in chain:
+            found = sources.get(("policies", name.removeprefix("preset:"), *path))
+            if found and not found.file.startswith("policies/"):
+                return found
+        return None
+
+    def check(policy: models.Policy, chain: tuple[str, ...], database: DesiredDatabase | None) -> None:
+        for metric in METRICS:
+            hot, cold = getattr(policy.hot, metric), getattr(policy.cold, metric)
+            if hot is not None and cold is not None and hot <= cold:
+                at = where(database, chain, "hot", metric) or where(database, chain, "cold", metric)
+                if at:
+                    out.append(Diagnostic(at, f"the hot threshold of {metric} ({hot:g}) is not above the cold one"
+                                          f" ({cold:g}): a shard would be hot and cold at once",
+                                          "make hot greater than cold for every metric"))
+        if policy.autosplit.check_every < policy.metrics.interval:
+            at = where(database, chain, "autosplit", "check_every") or where(database, chain, "metrics", "interval")
+            if at:
+                out.append(Diagnostic(at, f"autosplit.check_every ({policy.autosplit.check_every:g}s) is shorter than"
+                                      f" metrics.interval ({policy.metrics.interval:g}s): the daemon would look again"
+                                      " before a new sample arrives", "make check_every at least metrics.interval"))
+        for key, value in (("window", policy.detection.window), ("cold_window", policy.detection.cold_window)):
+            if value > policy.metrics.history:
+                at = where(database, chain, "detection", key) or where(database, chain, "metrics", "history")
+                if at:
+                    out.append(Diagnostic(at, f"detection.{key} ({value}) is longer than metrics.history"
+                                          f" ({policy.metrics.history}): the window could never fill",
+                                          f"keep at least {value} samples (metrics.history) or shorten the window"))
+
+    for name, entry in policies.items():
+        if entry.effective is not None and not name.startswith("preset:"):
+            check(entry.effective, entry.chain, None)
+    for name, database in databases.items():
+        entry = policies.get(database.policy_name)
+        chain = entry.chain if entry else ()
+        check(database.effective_policy, chain, database)
+        limit = database.effective_policy.autosplit.max_shards
+        if database.spec.shards > limit:
+            at = sources.get(("databases", name, "shards")) or database.location
+            out.append(Diagnostic(at, f"shards ({database.spec.shards}) is above autosplit.max_shards ({limit})"
+                                  f" of policy {database.policy_name!r}",
+                                  "lower shards, or raise max_shards in the policy"))
+    for name, (branch, doc) in branches.items():
+        match = _SHARD_NAME.match(f"branch_{name}")
+        if match and match.group("db") in databases:
+            out.append(Diagnostic(doc.loc(("branches", name)), f"branch {name!r} would be database branch_{name},"
+                                  f" which is named like a shard of database {match.group('db')!r}",
+                                  "choose another branch name"))
+    match = _SHARD_NAME.match(catalog_database)
+    if match and match.group("db") in databases:
+        at = catalog[1].value_loc(("catalog", "database")) if catalog else Location("catalog")
+        out.append(Diagnostic(at, f"the control database {catalog_database!r} is named like a shard of database"
+                              f" {match.group('db')!r}", "choose a name of its own, such as shardctl"))
+    return out
+
+
 def _record_sources(doc: _Doc, sources: dict[Path_, Location]) -> None:
-    def walk(node: Any, path: Path_) -> None:
-        if isinstance(node, CommentedMap):
-            for key in node:
-                sub = path + (key,)
-                sources[sub] = doc.loc(sub)
-                walk(node[key], sub)
-        elif isinstance(node, CommentedSeq):
-            for i, item in enumerate(node):
-                sub = path + (i,)
-                sources[sub] = doc.loc(sub)
-                walk(item, sub)
-    walk(doc.data, ())
+    for path, (line, column) in doc.keys.items():
+        sources[path] = Location(doc.display, line, column)
 
 
 def _duplicate(kind: str, name: str, where: Location, first: Location) -> Diagnostic:
@@ -495,28 +525,33 @@ def _unknown_ref(kind: str, name: str, where: Location, known: dict) -> Diagnost
 
 
 def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, cwd: Path,
-                  problems: list[Diagnostic]) -> list[SchemaStep]:
+                  problems: list[Diagnostic], key_problems: list[Diagnostic]) -> list[SchemaStep]:
     steps: list[SchemaStep] = []
     seen: dict[str, Location] = {}
-    listed = isinstance(doc.data["databases"][name]["schema"], CommentedSeq)
+    listed = isinstance(doc.data["databases"][name]["schema"], list)
     for i, step in enumerate(database.schema_):
         key = ("databases", name, "schema")
         where = doc.loc(key + (i,)) if listed else doc.value_loc(key)
+        allowed = not isinstance(step, str) and step.allow_outside_database
+        if not isinstance(step, str) and step.file is not None:
+            step = step.file
         if isinstance(step, str):
-            path = (doc.file.parent / step).resolve()
-            if not path.is_file():
-                problems.append(Diagnostic(where, f"schema file {step!r} not found",
-                                           f"paths are relative to {_display(doc.file.parent, cwd)}/"))
+            path, problem = _schema_file(step, doc, root, cwd, where)
+            if problem:
+                problems.append(problem)
                 continue
-            try:
-                sql = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                problems.append(Diagnostic(where, f"cannot read schema file {step!r}: {exc}"))
+            sql, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
+            if problem:
+                at = problem.location if problem.location.line else where  # the file as a whole: the step's line
+                problems.append(Diagnostic(at, f"schema file {_shown(step)}: {problem.message}", problem.hint))
                 continue
             step_name = _display(path, root)
             sql_location = Location(_display(path, cwd), 1, 1)
         else:
             sql, step_name, sql_location = step.sql, step.name, where
+            if "\0" in sql:
+                problems.append(Diagnostic(where, "a NUL character is not allowed in SQL", "remove it"))
+                continue
         if step_name in seen:
             problems.append(Diagnostic(where, f"schema step {step_name!r} is listed twice", f"first at {seen[step_name]}"))
             continue
@@ -525,8 +560,47 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
         if problem:
             problems.append(problem)
             continue
-        steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where))
+        if not allowed:
+            outside = sqlcheck.outside_problems(sql, sql_location)
+            if outside:
+                problems.extend(outside)
+                continue
+        steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
+    if len(steps) == len(database.schema_):
+        key = database.shard_key
+        key_problems.extend(sqlcheck.key_problems([(s.sql, s.sql_location or s.location) for s in steps],
+                                              key.column, key.type))
     return steps
+
+
+def _shown(step: str) -> str:
+    return repr(step if len(step) <= 80 else step[:77] + "...")
+
+
+def _schema_file(step: str, doc: _Doc, root: Path, cwd: Path, where: Location) -> tuple[Path, Diagnostic | None]:
+    """The schema file a step names, confined to the config directory after symlinks are
+    resolved. Errors name the path, never what is in the file."""
+    base = doc.file.parent
+    if "\0" in step:
+        return base, Diagnostic(where, "a schema file name cannot hold a NUL character")
+    if Path(step).is_absolute():
+        return base, Diagnostic(where, f"schema file {_shown(step)} is an absolute path",
+                                "schema files live in the config directory; give a path relative to the YAML file")
+    try:
+        path = (base / step).resolve(strict=True)
+    except FileNotFoundError:
+        if (base / step).is_symlink():
+            return base, Diagnostic(where, f"schema file {_shown(step)} is a broken symbolic link")
+        return base, Diagnostic(where, f"schema file {_shown(step)} not found",
+                                f"paths are relative to {_display(base, cwd)}/")
+    except (OSError, RuntimeError) as exc:
+        why = getattr(exc, "strerror", None) or "a symbolic link loop"
+        return base, Diagnostic(where, f"schema file {_shown(step)} cannot be resolved: {why}")
+    if not path.is_relative_to(root):
+        return base, Diagnostic(where, f"schema file {_shown(step)} is outside the config directory",
+                                f"schema files must live under {_display(root, cwd) or '.'}/ (symbolic links are"
+                                " followed before this check)")
+    return path, None
 
 
 def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
@@ -560,38 +634,54 @@ def _deep_update(base: dict, changes: dict) -> dict:
 def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Diagnostic]) -> dict[str, ResolvedPolicy]:
     """Fill in what each policy inherits (`extends`, by default the `default` policy)."""
     done: dict[str, ResolvedPolicy] = {}
+    failed: set[str] = set()
 
-    def resolve(name: str, seen: tuple[str, ...]) -> ResolvedPolicy | None:
-        if name in done:
-            return done[name]
-        entry = policies[name]
-        if entry.parent is None:
-            done[name] = ResolvedPolicy(name, entry.policy, entry.location, None, None, entry.policy, (name,))
-            return done[name]
-        if entry.parent not in policies:
-            problems.append(_unknown_ref("policy", entry.parent, entry.parent_location or entry.location,
-                                         {k: v for k, v in policies.items() if not k.startswith("preset:")}))
-            return None
-        if entry.parent in seen:
-            problems.append(Diagnostic(entry.location, f"policy {name!r} extends itself through {' -> '.join(seen)}"))
-            return None
-        parent = resolve(entry.parent, seen + (entry.parent,))
-        if parent is None or parent.effective is None:
-            return None
-        merged = _deep_update(parent.effective.model_dump(), entry.policy.model_dump(exclude_unset=True))
-        merged["extends"] = entry.parent.removeprefix("preset:")
-        try:
-            effective = models.Policy.model_validate(merged)
-        except ValidationError as exc:
-            problems.append(Diagnostic(entry.location, f"policy {name!r} with what it inherits is invalid: "
-                                       + _message(exc.errors(include_url=False)[0])[0]))
-            return None
-        done[name] = ResolvedPolicy(name, entry.policy, entry.location, entry.parent, entry.parent_location, effective,
-                                    (name,) + parent.chain)
-        return done[name]
+    def resolve(name: str) -> None:
+        # walk up the chain without recursion (a chain may be thousands long), then fill in downwards
+        chain = [name]
+        while True:
+            entry = policies[chain[-1]]
+            if chain[-1] in done or chain[-1] in failed or entry.parent is None:
+                break
+            if entry.parent not in policies:
+                problems.append(_unknown_ref("policy", entry.parent, entry.parent_location or entry.location,
+                                             {k: v for k, v in policies.items() if not k.startswith("preset:")}))
+                failed.update(chain)
+                return
+            if entry.parent in chain:
+                cycle = chain[chain.index(entry.parent):] + [entry.parent]
+                first = policies[cycle[0]]
+                problems.append(Diagnostic(first.location, f"policy {cycle[0]!r} extends itself through "
+                                           + " -> ".join(cycle[1:])))
+                failed.update(chain)
+                return
+            chain.append(entry.parent)
+        for current in reversed(chain):
+            if current in done:
+                continue
+            entry = policies[current]
+            if current in failed:
+                failed.update(chain)
+                return
+            if entry.parent is None:
+                done[current] = ResolvedPolicy(current, entry.policy, entry.location, None, None, entry.policy,
+                                               (current,))
+                continue
+            parent = done[entry.parent]
+            merged = _deep_update(parent.effective.model_dump(), entry.policy.model_dump(exclude_unset=True))
+            merged["extends"] = entry.parent.removeprefix("preset:")
+            try:
+                effective = models.Policy.model_validate(merged)
+            except ValidationError as exc:
+                problems.append(Diagnostic(entry.location, f"policy {current!r} with what it inherits is invalid: "
+                                           + _message(exc.errors(include_url=False)[0])[0]))
+                failed.update(chain)
+                return
+            done[current] = ResolvedPolicy(current, entry.policy, entry.location, entry.parent, entry.parent_location,
+                                           effective, (current,) + parent.chain)
 
     for name in list(policies):
-        resolve(name, (name,))
+        resolve(name)
     return {k: v for k, v in {**policies, **done}.items()}
 
 

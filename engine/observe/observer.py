@@ -12,7 +12,7 @@ from engine.catalog import store
 from engine.clock import Clock, system_clock
 from engine.errors import redact
 from engine.observe import introspect
-from engine.observe.models import CatalogState, LiveServer, LiveShard, Observation
+from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
 from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
 
@@ -46,14 +46,16 @@ def inspect_shards(fleet: Fleet, observation: Observation) -> Observation:
                     conn.read_only = True
                     snap = introspect.snapshot(conn)
                     steps = introspect.applied_steps(conn)
+                    holding = _holding(conn)
                     conn.rollback()
                 shards[shard.address] = LiveShard(
                     exists=True, applied_steps=steps,
-                    schema_fingerprint=introspect.fingerprint(snap), schema_snapshot=snap,
+                    schema_fingerprint=introspect.fingerprint(snap), schema_snapshot=snap, holding=holding,
                 )
             except ServerUnreachable:
                 continue
     branches: dict = {}
+    branch_holdings: dict = {}
     for branch in catalog.branches.values():
         live = servers.get(branch.server)
         if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
@@ -61,9 +63,23 @@ def inspect_shards(fleet: Fleet, observation: Observation) -> Observation:
         try:
             with fleet.servers[branch.server].connect(branch.dbname) as conn:
                 branches[branch.name] = introspect.snapshot(conn)
+                holding = _holding(conn)
+                if holding is not None:
+                    branch_holdings[branch.name] = holding
         except ServerUnreachable:
             continue
-    return observation.model_copy(update={"shards": shards, "branch_schemas": branches})
+    return observation.model_copy(update={"shards": shards, "branch_schemas": branches,
+                                          "branch_holdings": branch_holdings})
+
+
+def _holding(conn: psycopg.Connection) -> Holding | None:
+    """Rows and size, or None when they cannot be read (then the database may hold rows)."""
+    try:
+        with conn.transaction():
+            rows, exact, size = introspect.holdings(conn)
+    except psycopg.Error:
+        return None
+    return Holding(rows=rows, exact=exact, size_bytes=size)
 
 
 def inspect_server(fleet: Fleet, name: str) -> LiveServer:

@@ -83,11 +83,50 @@ class CreateDatabase(ActionBase):
     steps: tuple[StepSpec, ...]
 
 
+class Holding(Frozen):
+    """What a database would lose: rows (exact up to a bound per table, else estimated from
+    pg_class.reltuples) and size (pg_database_size). None: it could not be read."""
+
+    rows: int | None = None
+    exact: bool = True
+    size_bytes: int | None = None
+
+    @property
+    def may_hold_rows(self) -> bool:
+        return self.rows is None or self.rows > 0
+
+    def describe(self) -> str:
+        if self.rows is None:
+            return "rows unknown (could not be read)"
+        rows = f"{self.rows:,} row{'s' if self.rows != 1 else ''}" + ("" if self.exact else " (estimate)")
+        if self.rows == 0 or self.size_bytes is None:
+            return "no rows" if self.rows == 0 else rows
+        return f"{rows}, {_size(self.size_bytes)}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 class DestroyDatabase(ActionBase):
     """Drop every shard database of a database and forget it."""
 
     kind: Literal["destroy_database"] = "destroy_database"
     symbol: Symbol = "delete"
+    shards: tuple[ShardSpec, ...]
+    holdings: dict[str, Holding] = {}  # by shard name: what each shard would lose
+
+
+class RenameDatabase(ActionBase):
+    """A declared rename (`moved:`): the catalog's names change; shard databases and rows stay."""
+
+    kind: Literal["rename_database"] = "rename_database"
+    symbol: Symbol = "update"
+    from_name: str
     shards: tuple[ShardSpec, ...]
 
 
@@ -199,6 +238,7 @@ class DeleteBranch(ActionBase):
     server: str
     dbname: str
     expired: bool
+    holding: Holding | None = None
 
     @property
     def address(self) -> str:
@@ -224,7 +264,7 @@ class MergeBranchSchema(ActionBase):
 
 Action = Annotated[
     Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, SplitShard, MergeShards,
-          DropRetiredShard, CreateBranch, DeleteBranch, MergeBranchSchema],
+          DropRetiredShard, CreateBranch, DeleteBranch, MergeBranchSchema, RenameDatabase],
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")
@@ -232,7 +272,7 @@ LOAD_KINDS = ("split_shard", "merge_shards")
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
          "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
-         "create_branch": 10}
+         "create_branch": 10, "rename_database": 11}
 
 
 class Drift(Frozen):

@@ -22,8 +22,9 @@ from engine.observe.models import CatalogDatabase, Observation
 from engine.plan.load import load_actions
 from engine.plan.models import (
     ApplySchema, AttributeChange, CreateBranch, CreateDatabase, DatabaseSettings, DeleteBranch, DestroyDatabase, Drift,
-    DropRetiredShard, MergeBranchSchema,
-    MergeShards, Plan, Reason, RecreateShard, ShardSpec, SplitShard, StepSpec, UpdateDatabase, sort_actions,
+    DropRetiredShard, Holding, MergeBranchSchema,
+    MergeShards, Plan, Reason, RecreateShard, RenameDatabase, ShardSpec, SplitShard, StepSpec, UpdateDatabase,
+    sort_actions,
 )
 
 
@@ -69,14 +70,34 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     actions: list = []
     drift: list[Drift] = []
     warnings: list[str] = []
-    problems: list[Diagnostic] = []
+    problems: list[Diagnostic] = list(desired.key_problems)
     catalog = observation.catalog
 
+    consented: set[tuple[str, str]] = set()
+    renamed_from: set[str] = set()
     for name, db in desired.databases.items():
         recorded = catalog.databases.get(name)
         where = desired.databases[name].location
+        if recorded is None and name in desired.moved and desired.moved[name][0] in catalog.databases:
+            old, moved_at = desired.moved[name]
+            renamed_from.add(old)
+            rename, problem = _rename(db, catalog.databases[old], moved_at, catalog)
+            if problem:
+                problems.append(problem)
+            else:
+                actions.append(rename)
+                if _recorded_settings(catalog.databases[old]) != settings_of(db):
+                    warnings.append(f"database.{name}: its other changes are planned once the rename is applied"
+                                    " (plan again after this apply)")
+            continue
         if recorded is None:
             actions.append(_create(db, f"{name} is declared at {where} and does not exist yet", "config"))
+            continue
+        if name in desired.moved and desired.moved[name][0] in catalog.databases:
+            old, moved_at = desired.moved[name]
+            problems.append(Diagnostic(moved_at, f"cannot rename {old!r} to {name!r}: both exist in the catalog",
+                                       f"remove the `moved` entry, or destroy {name!r} first"))
+            renamed_from.add(old)
             continue
         if recorded.state == "creating" or any(s.state == "creating" for s in recorded.shards):
             actions.append(_resume_create(db, recorded))
@@ -96,8 +117,19 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 continue
             why = (f"shard key changed from {recorded.key_column} ({recorded.key_type}) to "
                    f"{db.spec.shard_key.column} ({db.spec.shard_key.type}); resharding by a new key replaces every shard")
+            holdings = _holdings(observation, recorded.shards)
+            refusal = _without_consent(
+                desired, "database", name, holdings, _where(desired, name, "shard_key"),
+                f"changing the shard key of {name!r} from {recorded.key_column} ({recorded.key_type}) to "
+                f"{db.spec.shard_key.column} ({db.spec.shard_key.type}) replaces every shard",
+                f"if this is a typo, restore `shard_key: {{column: {recorded.key_column}, type: {recorded.key_type}}}`;"
+                " to re-key the rows, declare a new database with the new key and copy them into it; to discard"
+                f" them, add `allow_destroy: {{databases: [{name}]}}` to the YAML", consented)
+            if refusal:
+                problems.append(refusal)
+                continue
             actions.append(DestroyDatabase(database=name, shards=tuple(_shard_spec(s) for s in recorded.shards),
-                                           reason=Reason(cause="config", text=why)))
+                                           holdings=holdings, reason=Reason(cause="config", text=why)))
             actions.append(_create(db, why, "config"))
             continue
 
@@ -171,7 +203,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                                    details=_schema_diff(shard.schema_snapshot or {}, live.schema_snapshot or {})))
 
     for name, recorded in catalog.databases.items():
-        if name in desired.databases:
+        if name in desired.databases or name in renamed_from:
             continue
         if recorded.protect:
             problems.append(Diagnostic(
@@ -180,8 +212,17 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 f"to destroy it, first apply with `protect: false` on {name}, then remove it",
             ))
             continue
+        holdings = _holdings(observation, recorded.shards)
+        refusal = _without_consent(
+            desired, "database", name, holdings, Location(desired.files[0] if desired.files else str(desired.directory)),
+            f"database {name!r} is not in the configuration, and destroying it",
+            f"if it was renamed, declare `moved: [{{from: {name}, to: NEW_NAME}}]`; if it was removed by mistake,"
+            f" declare it again; to destroy it with its rows, add `allow_destroy: {{databases: [{name}]}}`", consented)
+        if refusal:
+            problems.append(refusal)
+            continue
         actions.append(DestroyDatabase(
-            database=name, shards=tuple(_shard_spec(s) for s in recorded.shards),
+            database=name, shards=tuple(_shard_spec(s) for s in recorded.shards), holdings=holdings,
             reason=Reason(cause="config", text=f"{name} is not in the configuration"),
         ))
 
@@ -190,6 +231,21 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     actions.extend(_retired_drops(desired, observation))
     branch_actions, branch_notes = _branches(desired, observation)
     warnings.extend(branch_notes)
+    for action in list(branch_actions):
+        if isinstance(action, DeleteBranch) and not action.expired:
+            refusal = _without_consent(
+                desired, "branch", action.branch, {action.branch: action.holding or Holding()},
+                Location(desired.files[0] if desired.files else str(desired.directory)),
+                f"branch {action.branch!r} is not in the configuration, and deleting it",
+                f"declare it again to keep it, or add `allow_destroy: {{branches: [{action.branch}]}}` to delete"
+                " it with its rows", consented)
+            if refusal:
+                problems.append(refusal)
+                branch_actions.remove(action)
+    for (kind, name), at in sorted(desired.allow_destroy.items()):
+        if (kind, name) not in consented:
+            warnings.append(f"allow_destroy ({at}): this plan destroys no rows of {kind} {name}; remove the"
+                            " acknowledgement so that it cannot approve a later destruction")
     # branches only read their parent and do not hold moves back; a schema merge does
     busy = {a.database for a in actions} | {a.database for a in branch_actions if a.kind == "merge_branch_schema"}
     actions.extend(branch_actions)
@@ -219,6 +275,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                             " wal_level = logical")
 
     problems.extend(_unreachable_targets(desired, observation, actions))
+    problems.extend(_taken_names(desired, observation, actions))
     if problems:
         raise ConfigError(problems, "found while planning")
     return Plan(
@@ -284,7 +341,7 @@ def _branches(desired: Desired, observation: Observation) -> tuple[list, list[st
         if have.state == "expired":
             continue
         if name not in desired.branches:
-            actions.append(_delete_branch(have, expired=have.expires_at <= now))
+            actions.append(_delete_branch(have, expired=have.expires_at <= now, holding=_branch_holding(have, observation)))
     return actions, notes
 
 
@@ -328,11 +385,11 @@ def _schema_merge(branch, have, observation: Observation) -> tuple[MergeBranchSc
     ), None
 
 
-def _delete_branch(have, expired: bool) -> DeleteBranch:
+def _delete_branch(have, expired: bool, holding: Holding | None = None) -> DeleteBranch:
     why = (f"its ttl ran out at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if expired
            else f"branch {have.name} is not in the configuration")
     return DeleteBranch(database=have.parent, branch=have.name, server=have.server, dbname=have.dbname,
-                        expired=expired, reason=Reason(cause="config", text=why))
+                        expired=expired, holding=holding, reason=Reason(cause="config", text=why))
 
 
 def _retired_drops(desired: Desired, observation: Observation) -> list[DropRetiredShard]:
@@ -349,6 +406,85 @@ def _retired_drops(desired: Desired, observation: Observation) -> list[DropRetir
                                   f"{shard.retired_at.strftime('%Y-%m-%dT%H:%M:%SZ')}; its grace period"
                                   f" (autosplit.retire_after {grace:g}s) is over"),
                 ))
+    return out
+
+
+def _holdings(observation: Observation, shards) -> dict[str, Holding]:
+    """What each shard holds; unknown (rows None) when it could not be looked at."""
+    out: dict[str, Holding] = {}
+    for shard in shards:
+        live = observation.shards.get(shard.address)
+        if live is not None and not live.exists:
+            out[shard.name] = Holding(rows=0)
+        elif live is not None and live.holding is not None:
+            # the size of an empty database is noise that would make plans differ run to run
+            out[shard.name] = Holding(rows=live.holding.rows, exact=live.holding.exact,
+                                      size_bytes=live.holding.size_bytes if live.holding.rows else None)
+        else:
+            out[shard.name] = Holding()
+    return out
+
+
+def _branch_holding(have, observation: Observation) -> Holding:
+    server = observation.servers.get(have.server)
+    if server is not None and server.reachable and have.dbname not in server.databases:
+        return Holding(rows=0)
+    live = observation.branch_holdings.get(have.name)
+    if live is None:
+        return Holding()  # not looked at: it may hold rows
+    return Holding(rows=live.rows, exact=live.exact, size_bytes=live.size_bytes if live.rows else None)
+
+
+def _without_consent(desired: Desired, kind: str, name: str, holdings: dict[str, Holding], where: Location,
+                     what: str, hint: str, consented: set[tuple[str, str]]) -> Diagnostic | None:
+    """A destruction of rows is refused unless `allow_destroy` names it (safe unless told)."""
+    at_risk = {shard: h for shard, h in holdings.items() if h.may_hold_rows}
+    if not at_risk:
+        return None
+    if (kind, name) in desired.allow_destroy:
+        consented.add((kind, name))
+        return None
+    known = [h.rows for h in at_risk.values() if h.rows is not None]
+    total = f"{sum(known):,} rows" + (" or more" if len(known) < len(at_risk) else "")
+    listing = "; ".join(f"{name}/{shard}: {h.describe()}" if kind == "database" else h.describe()
+                        for shard, h in sorted(at_risk.items()))
+    return Diagnostic(where, f"{what} would destroy {total} ({listing})", hint)
+
+
+def _rename(db: DesiredDatabase, old, where: Location, catalog) -> tuple[RenameDatabase | None, Diagnostic | None]:
+    if (old.key_column, old.key_type) != (db.spec.shard_key.column, db.spec.shard_key.type):
+        return None, Diagnostic(where, f"cannot rename {old.name!r} to {db.name!r} and change its shard key at once",
+                                f"keep shard_key: {{column: {old.key_column}, type: {old.key_type}}} for the rename")
+    if old.state != "active" or any(p.database == old.name for p in catalog.pending_moves):
+        return None, Diagnostic(where, f"cannot rename {old.name!r} while an operation on it is unfinished",
+                                "finish it first (apply, or `shardctl abort`), then rename")
+    shards = tuple(_shard_spec(s) for s in old.shards)
+    return RenameDatabase(database=db.name, from_name=old.name, shards=shards, reason=Reason(
+        cause="config", text=f"`moved` at {where} renames {old.name} to {db.name}; no row is touched")), None
+
+
+def _taken_names(desired: Desired, observation: Observation, actions: list) -> list[Diagnostic]:
+    """A new database must not take over physical databases that exist (another database's
+    shards after a rename, or anything else): creating it would adopt their rows."""
+    freed = {(s.server, s.dbname) for a in actions if isinstance(a, DestroyDatabase) for s in a.shards}
+    recorded = {(s.server, s.dbname): d.name for d in observation.catalog.databases.values() for s in d.shards}
+    out = []
+    for action in actions:
+        if not isinstance(action, CreateDatabase) or action.reason.cause == "resume":
+            continue
+        for shard in action.shards:
+            key = (shard.server, shard.dbname)
+            live = observation.servers.get(shard.server)
+            owner = recorded.get(key)
+            if key in freed:
+                continue
+            if owner is not None or (live is not None and shard.dbname in live.databases):
+                whose = f"a shard of {owner!r}" if owner else "a database shardctl does not manage"
+                out.append(Diagnostic(desired.databases[action.database].location,
+                                      f"database {action.database!r} would create {shard.dbname} on server"
+                                      f" {shard.server}, which already exists ({whose})",
+                                      "choose another name for the new database"))
+                break
     return out
 
 

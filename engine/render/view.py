@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from engine.plan.models import (
     ApplySchema, CreateBranch, CreateDatabase, DeleteBranch, DestroyDatabase, DropRetiredShard, MergeBranchSchema,
-    MergeShards, Plan, RecreateShard, SplitShard, UpdateDatabase,
+    MergeShards, Plan, RecreateShard, RenameDatabase, SplitShard, UpdateDatabase,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -30,6 +30,7 @@ KIND_WORDS = {
     "create_branch": ("branch to create", "branches to create"),
     "delete_branch": ("branch to delete", "branches to delete"),
     "merge_branch_schema": ("branch schema merge", "branch schema merges"),
+    "rename_database": ("database to rename", "databases to rename"),
 }
 WHAT_IF_WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
                  "now_merge": "would now be a merge candidate",
@@ -88,7 +89,17 @@ def _create_database(a: CreateDatabase) -> list[Line]:
 
 
 def _destroy_database(a: DestroyDatabase) -> list[Line]:
-    return _shard_lines("-", a.shards)
+    lines = _shard_lines("-", a.shards)
+    if a.holdings:
+        lines = [Line(line.sign, f"{line.text}: {a.holdings[s.name].describe()}" if s.name in a.holdings else line.text)
+                 for line, s in zip(lines, a.shards)]
+    return lines
+
+
+def _rename_database(a: RenameDatabase) -> list[Line]:
+    return [Line("~", f"name = {json.dumps(a.from_name)} -> {json.dumps(a.database)}"),
+            Line(" ", f"{len(a.shards)} shard{'s' if len(a.shards) != 1 else ''} keep their databases and rows"
+                 f" ({', '.join(s.dbname for s in a.shards)})")]
 
 
 def _apply_schema(a: ApplySchema) -> list[Line]:
@@ -145,7 +156,10 @@ def _merge_branch_schema(a: MergeBranchSchema) -> list[Line]:
 
 
 def _delete_branch(a: DeleteBranch) -> list[Line]:
-    return [Line("-", f"server    = {a.server} ({a.dbname})")]
+    lines = [Line("-", f"server    = {a.server} ({a.dbname})")]
+    if a.holding is not None and a.holding.may_hold_rows:
+        lines.append(Line("-", f"data      = {a.holding.describe()}"))
+    return lines
 
 
 def _drop_retired(a: DropRetiredShard) -> list[Line]:
@@ -164,6 +178,7 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     CreateBranch: lambda a: f'branch "{a.branch}"',
     DeleteBranch: lambda a: f'branch "{a.branch}"',
     MergeBranchSchema: lambda a: f'schema of branch "{a.branch}" into "{a.database}"',
+    RenameDatabase: lambda a: f'database "{a.database}"',
 }
 _LINES: dict[type, Callable[[Any], list[Line]]] = {
     CreateDatabase: _create_database,
@@ -177,6 +192,7 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     CreateBranch: _create_branch,
     DeleteBranch: _delete_branch,
     MergeBranchSchema: _merge_branch_schema,
+    RenameDatabase: _rename_database,
 }
 
 
@@ -243,7 +259,7 @@ def view(plan: Plan) -> PlanView:
     parts = []
     for kind in ("destroy_database", "delete_branch", "drop_retired_shard", "merge_shards", "split_shard",
                  "recreate_shard", "create_database", "apply_schema", "merge_branch_schema", "update_database",
-                 "create_branch"):
+                 "create_branch", "rename_database"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]

@@ -8,6 +8,7 @@ text form, and it never includes one.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from engine.config import models
-from engine.errors import UserError, redact
+from engine.errors import UserError, redact, register_secret
 from engine.servers.embedded import EmbeddedServer
 
 SECRET_KEYS = {"password", "sslpassword", "passfile"}
@@ -45,10 +46,16 @@ class ServerHandle:
                     f"server {self.name!r}: environment variable {self.spec.dsn_env} is not set",
                     f"export {self.spec.dsn_env}='host=... dbname=postgres user=...' (a libpq DSN) and rerun",
                 )
+            register_secret(raw)  # never shown, whatever happens to it
             try:
                 params = {k: str(v) for k, v in conninfo_to_dict(raw).items()}
             except psycopg.ProgrammingError as exc:
-                raise UserError(f"server {self.name!r}: {self.spec.dsn_env} is not a valid DSN: {redact(str(exc))}") from None
+                # libpq quotes the offending part of the string: keep only what kind of mistake it is
+                why = re.sub(r'"[^"]*"', "(...)", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                raise UserError(f"server {self.name!r}: {self.spec.dsn_env} is not a valid DSN: {redact(why)}",
+                                "it must be a libpq key=value string or a postgresql:// URI"
+                                " (percent-encode special characters in a URI)") from None
+            register_secret(params.get("password"))
         else:
             params = {"service": str(self.spec.service)}
         params["dbname"] = dbname

@@ -25,13 +25,14 @@ from engine.plan.models import (
     MergeShards,
     Plan,
     RecreateShard,
+    RenameDatabase,
     SplitShard,
     UpdateDatabase,
 )
 
 PERSON = "a person applies it (`shardctl apply`)"
 # a person's pending change of these kinds holds automation back on the same database
-RESHAPING = (DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, MergeBranchSchema)
+RESHAPING = (DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, MergeBranchSchema, RenameDatabase)
 
 
 class Pending(BaseModel):
@@ -82,6 +83,7 @@ RULES: dict[type, Callable] = {
     RecreateShard: _person,
     CreateBranch: _person,
     MergeBranchSchema: _person,
+    RenameDatabase: _person,
 }
 
 

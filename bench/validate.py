@@ -1,0 +1,99 @@
+"""Validating a large config against ruamel.yaml's own safe load of the same file, and the
+time to refuse an alias bomb.
+
+    python bench/validate.py [--mib 10] [--repeat 3]
+
+Writes a config of about --mib MiB (servers, policies, databases with inline schema steps,
+branches) to a temporary directory. The baseline, measured in the same run, is
+`YAML(typ="safe").load_all` of the same text: the least any loader must do. `validate` is
+`engine.config.loader.load` (positions, limits, models, cross-references, every schema step's
+SQL parsed and checked). Best of --repeat runs each. Goal (issue 13): at most 2x the baseline;
+the alias bomb refused in under 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ruamel.yaml import YAML  # noqa: E402
+
+from engine.config import loader  # noqa: E402
+from engine.errors import ConfigError  # noqa: E402
+
+BOMB = "servers:\n  a: {embedded: true}\n" + "".join(
+    f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
+    for p, c in zip([None] + list("abcdefgh"), "abcdefghi"))
+
+
+def config(target_bytes: int) -> str:
+    servers = [f"s{i:03d}" for i in range(50)]
+    out = ["servers:"] + [f"  {s}:\n    embedded: true\n    capacity: {{storage: 500GiB, memory: 64GiB, cpus: 16}}"
+                          for s in servers]
+    out.append("policies:")
+    for i in range(200):
+        out.append(f"  p{i:03d}:\n    description: policy number {i}\n    hot: {{queries_per_second: {5000 + i},"
+                   f" cpu_percent: 70, latency_ms: 50}}\n    cold: {{queries_per_second: 50}}\n"
+                   f"    detection: {{hot_samples: 3, window: 5}}\n    autosplit: {{cooldown: 45m, max_shards: 64}}")
+    out.append("databases:")
+    size, i = sum(len(x) + 1 for x in out), 0
+    while size < target_bytes:
+        block = (f"  db{i:05d}:\n    shard_key: {{column: tenant_id, type: bigint}}\n    schema:\n"
+                 f"      - {{name: 001_init, sql: \"CREATE TABLE t{i} (tenant_id bigint, id bigint, note text,"
+                 f" PRIMARY KEY (tenant_id, id));\"}}\n"
+                 f"      - {{name: 002_index, sql: \"CREATE INDEX t{i}_note ON t{i} (note);\"}}\n"
+                 f"    shards: {1 + i % 8}\n    placement: [{servers[i % 50]}, {servers[(i + 1) % 50]}]\n"
+                 f"    policy: p{i % 200:03d}\n    thresholds:\n      hot: {{connections: {500 + i % 100}}}")
+        out.append(block)
+        size += len(block) + 1
+        i += 1
+    return "\n".join(out) + "\n"
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mib", type=float, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="shardctl-bench-validate-"))
+    text = config(int(args.mib * 2**20))
+    (tmp / "fleet.yaml").write_text(text)
+    databases = text.count("shard_key:")
+    print(f"config: {len(text.encode()) / 2**20:.1f} MiB, {databases:,} databases, {text.count(chr(10)):,} lines")
+
+    baseline = best(lambda: list(YAML(typ="safe").load_all(text)), args.repeat)
+    validate = best(lambda: loader.load(tmp, cwd=tmp), args.repeat)
+    print(f"baseline: ruamel.yaml safe load      {baseline:8.2f} s")
+    print(f"shardctl validate (loader.load)      {validate:8.2f} s   {validate / baseline:.2f}x the baseline")
+
+    bomb = tmp / "bomb"
+    bomb.mkdir()
+    (bomb / "fleet.yaml").write_text(BOMB)
+
+    def refuse():
+        try:
+            loader.load(bomb, cwd=bomb)
+        except ConfigError as exc:
+            assert "aliases expand" in exc.render()
+        else:
+            raise AssertionError("the alias bomb was accepted")
+
+    print(f"alias bomb (9 levels x 9 aliases) refused in {best(refuse, args.repeat) * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

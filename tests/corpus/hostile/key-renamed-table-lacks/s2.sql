@@ -1,0 +1,1 @@
+ALTER TABLE x RENAME TO y;

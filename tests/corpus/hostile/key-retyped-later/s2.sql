@@ -1,0 +1,1 @@
+ALTER TABLE t ALTER COLUMN customer_id TYPE text;

@@ -1,0 +1,1 @@
+CREATE TABLE t (account bigint PRIMARY KEY);

@@ -1,0 +1,2 @@
+-- a step
+ALTER DATABASE postgres SET work_mem = '1GB';

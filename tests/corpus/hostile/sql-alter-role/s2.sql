@@ -1,0 +1,2 @@
+-- a step
+ALTER ROLE postgres NOSUPERUSER;

@@ -1,0 +1,2 @@
+-- a step
+ALTER SYSTEM SET shared_preload_libraries = 'evil';

@@ -1,0 +1,2 @@
+-- a step
+COPY t FROM '/etc/passwd';

@@ -1,0 +1,2 @@
+-- a step
+COPY (SELECT 1) TO '/tmp/out.csv';

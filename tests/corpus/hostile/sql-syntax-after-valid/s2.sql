@@ -1,0 +1,3 @@
+CREATE TABLE ok (customer_id bigint PRIMARY KEY);
+
+CREAT TABLE x;

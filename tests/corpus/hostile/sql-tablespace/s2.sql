@@ -1,0 +1,2 @@
+-- a step
+CREATE TABLESPACE ts LOCATION '/tmp';

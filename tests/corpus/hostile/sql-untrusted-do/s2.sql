@@ -1,0 +1,2 @@
+-- a step
+DO LANGUAGE plperlu $$ system('id') $$;
