@@ -275,7 +275,8 @@ def test_an_inherited_interval_is_checked_too(tmp_path):
         loader.load(tmp_path, cwd=tmp_path)
     assert "detection.sustain (5m) is shorter than two metrics intervals (2 x 10m)" in raised.value.render()
     (tmp_path / "fleet.yaml").write_text(FLEET + "policies:\n  slow:\n    metrics: {interval: 10m}\n"
-                                                 "    detection: {sustain: 30m, cold_for: 2h}\n")
+                                                 "    detection: {sustain: 30m, cold_for: 2h}\n"
+                                                 "    autosplit: {check_every: 10m}\n")
     policy = loader.load(tmp_path, cwd=tmp_path).policies["slow"].effective
     assert (policy.sustain_seconds, policy.cold_for_seconds, policy.max_age_seconds) == (1800, 7200, 1800)
 

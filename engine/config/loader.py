@@ -469,13 +469,16 @@ def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, R
                 out.append(Diagnostic(at, f"autosplit.check_every ({policy.autosplit.check_every:g}s) is shorter than"
                                       f" metrics.interval ({policy.metrics.interval:g}s): the daemon would look again"
                                       " before a new sample arrives", "make check_every at least metrics.interval"))
-        for key, value in (("window", policy.detection.window), ("cold_window", policy.detection.cold_window)):
-            if value > policy.metrics.history:
-                at = where(database, chain, "detection", key) or where(database, chain, "metrics", "history")
-                if at:
-                    out.append(Diagnostic(at, f"detection.{key} ({value}) is longer than metrics.history"
-                                          f" ({policy.metrics.history}): the window could never fill",
-                                          f"keep at least {value} samples (metrics.history) or shorten the window"))
+        needed = models.needed_samples(policy)
+        if policy.metrics.history is not None and needed > policy.metrics.history:
+            at = where(database, chain, "metrics", "history") or where(database, chain, "detection", "cold_for") \
+                or where(database, chain, "detection", "sustain")
+            if at:
+                out.append(Diagnostic(at, f"metrics.history ({policy.metrics.history} samples) is shorter than the"
+                                      f" detection windows need ({needed} samples of {policy.metrics.interval:g}s):"
+                                      " a window could never fill",
+                                      f"keep at least {needed} samples, leave metrics.history out (it then keeps"
+                                      " what the windows need), or shorten sustain and cold_for"))
 
     for name, entry in policies.items():
         if entry.effective is not None and not name.startswith("preset:"):

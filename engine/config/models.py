@@ -287,7 +287,7 @@ class Policy(Frozen):
     @property
     def history_samples(self) -> int:
         """Samples kept per shard: the declared history, or enough for the longer window."""
-        return self.metrics.history if self.metrics.history is not None else _needed_samples(self)
+        return self.metrics.history if self.metrics.history is not None else needed_samples(self)
 
     @model_validator(mode="after")
     def _windows_fit_the_interval(self) -> "Policy":
@@ -302,7 +302,7 @@ class Policy(Frozen):
             raise ValueError(f"detection.max_age ({span(self.max_age_seconds)}) is shorter than the metrics interval"
                              f" ({span(interval)}): every sample would be stale; set it to"
                              f" {span(DEFAULT_MAX_AGE_INTERVALS * interval)} or more")
-        needed = _needed_samples(self)
+        needed = needed_samples(self)
         if self.metrics.history is not None and self.metrics.history < needed:
             raise ValueError(f"metrics.history ({self.metrics.history} samples, {span(self.metrics.history * interval)}"
                              f" at {span(interval)}) cannot cover detection.sustain and cold_for"
@@ -318,7 +318,7 @@ class Policy(Frozen):
         return self
 
 
-def _needed_samples(policy: "Policy") -> int:
+def needed_samples(policy: "Policy") -> int:
     longest = max(policy.sustain_seconds, policy.cold_for_seconds)
     return int(-(-longest // policy.metrics.interval)) + 3  # the span, both ends, and one late sample
 
