@@ -28,11 +28,13 @@ def _err(tmp_path, policy: str, shards: int = 1, extra: str = "") -> str:
 
 
 @pytest.mark.parametrize("policy,expected", [
-    ("    hot: {cpu_percent: 5}\n", "fleet.yaml:12:11: error: the hot threshold of cpu_percent (5) is not above the cold one (10)"),
-    ("    cold: {queries_per_second: 20000}\n", "fleet.yaml:12:12: error: the hot threshold of queries_per_second (10000) is not above"),
+    ("    hot: {cpu_percent: 5}\n", "fleet.yaml:11:3: error: policy 'p' with what it inherits is invalid:"
+                                  " cold.cpu_percent (10) is not under hot.cpu_percent (5) by the 10% tolerance"),
+    ("    cold: {queries_per_second: 20000}\n", "fleet.yaml:11:3: error: policy 'p' with what it inherits is invalid:"
+                                              " cold.queries_per_second (20000) is not under hot.queries_per_second"),
     ("    autosplit: {check_every: 1s}\n", "fleet.yaml:12:17: error: autosplit.check_every (1s) is shorter than metrics.interval (10s)"),
-    ("    metrics: {interval: 5m}\n", "fleet.yaml:12:15: error: autosplit.check_every (60s) is shorter than metrics.interval (300s)"),
-    ("    detection: {cold_window: 50}\n", "fleet.yaml:12:17: error: detection.cold_window (50) is longer than metrics.history (10)"),
+    ("    metrics: {interval: 2m}\n", "fleet.yaml:12:15: error: autosplit.check_every (60s) is shorter than metrics.interval (120s)"),
+    ("    metrics: {history: 5}\n", "fleet.yaml:12:5: error: metrics.history (5 samples, 50s at 10s) cannot cover"),
     ("    autosplit: {max_shards: 2}\n", "fleet.yaml:8:5: error: shards (4) is above autosplit.max_shards (2)"),
 ])
 def test_contradictions_are_refused_at_their_line(tmp_path, policy, expected):
