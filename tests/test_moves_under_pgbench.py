@@ -75,6 +75,16 @@ def finish_pgbench(proc: subprocess.Popen) -> tuple[str, int, int]:
     return report, processed, int(deadlocks.group(1)) if deadlocks else 0
 
 
+def apply_under(fleet, benches: list[subprocess.Popen], metrics: str):
+    """Apply while the pgbench runs write; their reports once the fence stopped them."""
+    result = fleet.cli("apply", "--auto-approve", "--metrics", metrics)
+    if result.code != 0:
+        for b in benches:
+            b.terminate()
+    assert result.code == 0, result.both
+    return result, [finish_pgbench(b) for b in benches]
+
+
 def rows_of(fleet, server: str, dbname: str, lo=None, hi=None) -> dict[str, set]:
     def inside(cid: int) -> bool:
         h = hashint8extended(cid)
@@ -125,12 +135,7 @@ def test_split_then_merge_under_pgbench_in_both_lock_orders(loaded):
     halves = [shard(loaded, "40-60"), shard(loaded, "60-80")]
     load_file(loaded.base / "merge.json", loaded, cold=("orders/40-60", "orders/60-80"))
     benches = [start_pgbench(loaded, h[3], h[4], clients=2) for h in halves]
-    result = loaded.cli("apply", "--auto-approve", "--metrics", "merge.json")
-    if result.code != 0:
-        for b in benches:
-            b.terminate()
-    assert result.code == 0, result.both
-    reports = [finish_pgbench(b) for b in benches]
+    result, reports = apply_under(loaded, benches, "merge.json")
     assert [r[2] for r in reports] == [0, 0], [r[0] for r in reports]
     sources = union([rows_of(loaded, h[3], h[4]) for h in halves])
     merged = shard(loaded, "40-80")
@@ -147,12 +152,7 @@ def test_a_merge_under_sustained_full_speed_writes_finishes_and_shows_lag_and_et
     sources = [shard(loaded, "-40"), shard(loaded, "40-80")]
     load_file(loaded.base / "merge.json", loaded, cold=("orders/-40", "orders/40-80"))
     benches = [start_pgbench(loaded, s[3], s[4], clients=2) for s in sources]  # no rate limit
-    result = loaded.cli("apply", "--auto-approve", "--metrics", "merge.json")
-    if result.code != 0:
-        for b in benches:
-            b.terminate()
-    assert result.code == 0, result.both
-    reports = [finish_pgbench(b) for b in benches]
+    result, reports = apply_under(loaded, benches, "merge.json")
     assert [r[2] for r in reports] == [0, 0]
     assert all(r[1] > 100 for r in reports), [r[0] for r in reports]  # both wrote throughout
     assert re.search(r"copying: .* rows/s, ETA \d+s", result.out), result.out

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from psycopg import errors, sql
 
-from engine.observe.strays import outside
+from engine.observe.strays import key_hash, outside
 
 if TYPE_CHECKING:
     from engine.actions.move import Move
@@ -175,7 +175,7 @@ class Comparison:
     # ------------------------------------------------------------------ reading both sides
 
     def _hash(self) -> sql.Composable:
-        return sql.SQL("{}({}, 0)").format(sql.SQL(HASH[self.move.key_type]), sql.Identifier(self.move.key_column))
+        return key_hash(self.move.key_column, self.move.key_type)
 
     def _sides(self, target: "ShardSpec") -> list[tuple["ShardSpec", sql.Composable]]:
         """The target (every row it holds) and the sources that feed it (their rows for it)."""
@@ -372,5 +372,3 @@ class Comparison:
                                         f" differ from the fenced source ({self.move.key_column} {sample})")
         return checked
 
-
-HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}

@@ -9,13 +9,7 @@ from engine.plan.models import MergeShards
 
 def execute(action: MergeShards, ctx: ApplyContext) -> None:
     timer = Timer()
-    if action.operation is not None:  # say what is resumed, from where; not the original plan again
-        ctx.say(f"{action.address}: Resuming {action.reason.text}...")
-    else:
-        ctx.say(f"{action.address}: Merging {' + '.join(s.name for s in action.sources)}...")
-    if action.operation is None:
-        move.refuse_strays(ctx, action)  # before anything is created
-    op = move.operation_for(ctx, action)
+    op = move.begin(ctx, action, f"Merging {' + '.join(s.name for s in action.sources)}")
     move.run(move.for_action(ctx, action, op), lambda: {
         "event": "merge_shards", "address": action.address, "operation": op.id,
         "sources": [s.model_dump() for s in action.sources], "target": action.target.model_dump(),

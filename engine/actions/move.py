@@ -51,7 +51,6 @@ from engine.plan.models import ShardSpec, StepSpec
 
 CATCH_UP_TIMEOUT = 30.0
 LAG_FLOOR = 64 << 10  # a lag this small is applied in milliseconds whatever the measured rate
-HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
 
 
 class MoveFailed(UserError):
@@ -190,7 +189,7 @@ class Move:
                 " AND n.nspname NOT LIKE 'pg_toast%%' ORDER BY 1, 2")]
 
     def range_filter(self, target: ShardSpec) -> sql.Composable:
-        h = sql.SQL("{}({}, 0)").format(sql.SQL(HASH[self.key_type]), sql.Identifier(self.key_column))
+        h = strays.key_hash(self.key_column, self.key_type)
         parts = []
         if target.lo is not None:
             parts.append(sql.SQL("{} >= {}").format(h, sql.Literal(target.lo)))
@@ -706,6 +705,18 @@ def database_steps(ctx: ApplyContext, database: str) -> tuple[StepSpec, ...]:
                             "a new shard needs every step the others ran; restore it")
         steps.append(StepSpec(seq=seq, name=name, sha256=sha, sql=by_hash[sha]))
     return tuple(steps)
+
+
+def begin(ctx: ApplyContext, action, starting: str) -> Operation:
+    """A split's or merge's operation: a resumed one says what it resumes and from where (not the
+    original plan again); a new one first checks its sources for stray rows, before anything
+    is created."""
+    if action.operation is not None:
+        ctx.say(f"{action.address}: Resuming {action.reason.text}...")
+    else:
+        ctx.say(f"{action.address}: {starting}...")
+        refuse_strays(ctx, action)
+    return operation_for(ctx, action)
 
 
 def refuse_strays(ctx: ApplyContext, action) -> None:

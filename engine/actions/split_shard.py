@@ -9,13 +9,7 @@ from engine.plan.models import SplitShard
 
 def execute(action: SplitShard, ctx: ApplyContext) -> None:
     timer = Timer()
-    if action.operation is not None:  # say what is resumed, from where; not the original plan again
-        ctx.say(f"{action.address}: Resuming {action.reason.text}...")
-    else:
-        ctx.say(f"{action.address}: Splitting into {', '.join(t.name for t in action.targets)}...")
-    if action.operation is None:
-        move.refuse_strays(ctx, action)  # before anything is created
-    op = move.operation_for(ctx, action)
+    op = move.begin(ctx, action, f"Splitting into {', '.join(t.name for t in action.targets)}")
     move.run(move.for_action(ctx, action, op), lambda: {
         "event": "split_shard", "address": action.address, "operation": op.id,
         "source": action.source.model_dump(), "targets": [t.model_dump() for t in action.targets],

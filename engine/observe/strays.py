@@ -15,9 +15,14 @@ from psycopg import sql
 HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
 
 
+def key_hash(key_column: str, key_type: str) -> sql.Composable:
+    """The SQL of a row's keyspace position: the signed 64-bit hash of its shard key."""
+    return sql.SQL("{}({}, 0)").format(sql.SQL(HASH[key_type]), sql.Identifier(key_column))
+
+
 def outside(key_column: str, key_type: str, lo: int | None, hi: int | None) -> sql.Composable:
     """The SQL condition 'this row's key hashes outside [lo, hi)'."""
-    h = sql.SQL("{}({}, 0)").format(sql.SQL(HASH[key_type]), sql.Identifier(key_column))
+    h = key_hash(key_column, key_type)
     parts = []
     if lo is not None:
         parts.append(sql.SQL("{} < {}").format(h, sql.Literal(lo)))
