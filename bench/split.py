@@ -76,10 +76,11 @@ def samples_file(fleet_dir: Path, state: dict[str, float]) -> str:
         shards = conn.execute("SELECT database || '/' || name, server FROM shardctl.shards WHERE state = 'active'"
                               ).fetchall()
     now = datetime.now(timezone.utc)
-    out = [{"shard": address, "server": server, "at": (now - timedelta(seconds=10 * (9 - k))).isoformat(),
+    count = 190  # 31.5 minutes at 10 s: the default policy's sustain (5m) and cold_for (30m)
+    out = [{"shard": address, "server": server, "at": (now - timedelta(seconds=10 * (count - 1 - k))).isoformat(),
             "metrics": {"queries_per_second": state.get(address, 500.0), "cpu_percent": 1.0, "memory_percent": 2.0,
                         "storage_percent": 1.0, "connections": 1.0, "latency_ms": 0.5}}
-           for address, server in shards for k in range(10)]
+           for address, server in shards for k in range(count)]
     path = fleet_dir.parent / "samples.json"
     path.write_text(json.dumps({"samples": out}))
     return str(path)
@@ -175,7 +176,7 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], load: bool,
         detail = conn.execute("SELECT detail FROM shardctl.history WHERE event IN ('split_shard', 'merge_shards')"
                               " ORDER BY id DESC LIMIT 1").fetchone()[0]
     out = {"timings": detail["timings"], "pause_ms": detail.get("pause_ms"),
-           "verified_changed_keys": detail.get("verified_changed_keys")}
+           "verified_changed_keys": detail.get("verified_changed_keys"), "key_rounds": detail.get("key_rounds")}
     if load:
         out["unwritable_ms"] = unwritable_ms(writers, sources)
         # pgbench throughput during the copy against the seconds before the move began
@@ -268,16 +269,25 @@ def report(size: dict) -> None:
               + ", ".join(str(m["verified_changed_keys"]) for m in moves))
         for step in ("fence", "catch_up", "sequences", "verify", "flip"):
             print(f"  {step:10s} " + ", ".join(f"{m['timings'].get(step, 0) * 1000:.0f}" for m in moves) + " ms")
+        if VERBOSE:
+            for m in moves:
+                print("  key rounds:", m["key_rounds"])
         ratios = [m["copy_throughput_ratio"] for m in moves if "copy_throughput_ratio" in m]
         if ratios:
             print(f"  pgbench throughput during the copy: {statistics.mean(ratios):.2f}x of before the move")
 
 
+VERBOSE = False
+
+
 def main() -> None:
+    global VERBOSE
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,8000000", help="rows in the moving shard, comma-separated")
     parser.add_argument("--cycles", type=int, default=5, help="splits (and merges back) under load per size")
+    parser.add_argument("--verbose", action="store_true", help="print each move's last key rounds")
     args = parser.parse_args()
+    VERBOSE = args.verbose
     results = {}
     for size in (int(s) for s in args.sizes.split(",")):
         results[size] = run_size(size, args.cycles)

@@ -8,7 +8,9 @@ are hashed locally, exactly as PostgreSQL's `hashint8extended(key, 0)` does (a p
 lookup3 mix, checked against the server in the tests), so routing costs no round trip; text
 keys are hashed by the shard's server. A write that meets a fenced shard (SQLSTATE 25006,
 raised by shardctl's fence during a split or merge) or a shard that is gone makes the client
-re-read the map and retry on the new owner, until `retry_timeout`.
+re-read the map and retry on the new owner, until `retry_timeout`. While it waits it connects to
+the shard that will own the key and listens for the catalog's notification of the flip, so the
+first write after the cutover costs neither a poll interval nor a connection's setup.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
 
 T = TypeVar("T")
+ROUTING_CHANNEL = "shardctl_routing"  # the catalog notifies it when a flip changes the routing
 MASK32 = 0xFFFFFFFF
 
 
@@ -92,6 +95,7 @@ class ShardClient:
         self.epoch = 0
         self.key_type = "bigint"
         self.shards: list[Shard] = []
+        self.upcoming: list[Shard] = []  # shards a move is filling: they own their range after its flip
         self._servers: dict[str, dict[str, Any]] = {}
         self.retries = 0
         self._catalog_conn: psycopg.Connection | None = None
@@ -110,6 +114,7 @@ class ShardClient:
         if self._catalog_conn is None or self._catalog_conn.closed:
             self._catalog_conn = psycopg.connect(**self._catalog_params, autocommit=True,
                                                  application_name="shardctl-client")
+            self._catalog_conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ROUTING_CHANNEL)))
         return self._catalog_conn
 
     def _refresh(self, conn: psycopg.Connection) -> None:
@@ -119,9 +124,11 @@ class ShardClient:
         if row is None:
             raise LookupError(f"no active sharded database {self.database!r} in the catalog")
         self.key_type = row[0]
-        self.shards = [Shard(*r) for r in conn.execute(
-            "SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s AND state = 'active'"
-            " ORDER BY lo NULLS FIRST", (self.database,))]
+        shards = [(r[0], Shard(*r[1:])) for r in conn.execute(
+            "SELECT state, name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s"
+            " AND state IN ('active', 'moving') ORDER BY lo NULLS FIRST", (self.database,))]
+        self.shards = [shard for state, shard in shards if state == "active"]
+        self.upcoming = [shard for state, shard in shards if state == "moving"]
         self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described))
                          for name, described in conn.execute("SELECT name, connection FROM shardctl.servers")}
 
@@ -165,8 +172,30 @@ class ShardClient:
                 self.retries += 1
                 epoch = self.epoch
                 self.refresh()
-                if self.epoch == epoch:
-                    time.sleep(0.005)  # fenced, not yet flipped: the cutover takes milliseconds
+                if self.epoch == epoch:  # fenced, not yet flipped: the cutover takes milliseconds
+                    self._warm(key)
+                    self._wait_for_routing(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _warm(self, key: Any) -> None:
+        """Connect now to the shard that is about to own `key`, so that the first write after the
+        flip does not pay a connection's setup."""
+        h = self._hash(key)
+        for shard in self.upcoming:
+            if shard.owns(h):
+                try:
+                    self._connection(shard)
+                except psycopg.OperationalError:
+                    pass  # not ready yet: the write after the flip connects as usual
+
+    def _wait_for_routing(self, timeout: float) -> None:
+        """Until the catalog announces a routing change (shardctl notifies at every flip), or the
+        timeout: a flip is then seen within a round trip instead of at the next poll."""
+        try:
+            for _ in self._catalog().notifies(timeout=timeout, stop_after=1):
+                break
+        except psycopg.OperationalError:
+            self._catalog_conn = None
+            time.sleep(min(timeout, 0.005))
 
     def execute(self, key: Any, query: str, params: Any = None) -> list[tuple]:
         def work(conn: psycopg.Connection) -> list[tuple]:

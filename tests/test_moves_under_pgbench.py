@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -159,3 +161,50 @@ def test_a_merge_under_sustained_full_speed_writes_finishes_and_shows_lag_and_et
     assert re.search(r"caught up: lag [\d,]+ kB", result.out), result.out
     merged = shard(loaded, "-80")
     assert rows_of(loaded, merged[3], merged[4]) == union([rows_of(loaded, s[3], s[4]) for s in sources])
+
+
+def test_the_copy_throttle_copies_one_link_at_a_time_under_pgbench(loaded):
+    """`moves.copy_streams: 1`: a split's two targets are copied one after the other (never two
+    table copies of different links at once, as PostgreSQL's own worker list shows), and the
+    move is as exact as without it."""
+    loaded.write("fleet.yaml", loaded.read("fleet.yaml").replace(
+        "autosplit: {cooldown: 0s}", "autosplit: {cooldown: 0s}\n    moves: {copy_streams: 1}"))
+    load_file(loaded.base / "neutral.json", loaded)
+    assert loaded.cli("apply", "--auto-approve", "--metrics", "neutral.json").code == 0  # the setting first
+    _, lo, hi, server, dbname = shard(loaded, "40-80")
+    with loaded.connect(server, dbname) as conn:  # a copy that takes long enough to watch
+        conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
+                     " SELECT customer_id, g, 1 FROM customers, generate_series(1, 40) g")
+    seen: list[set[str]] = []  # per poll: the subscriptions with a table copy running
+    done = threading.Event()
+
+    def watch() -> None:
+        conns = [loaded.connect(s) for s in ("a", "b")]
+        try:
+            while not done.is_set():
+                copying = set()
+                for conn in conns:
+                    copying |= {r[0] for r in conn.execute(
+                        "SELECT subname FROM pg_stat_subscription WHERE relid IS NOT NULL")}
+                seen.append(copying)
+                time.sleep(0.01)
+        finally:
+            for conn in conns:
+                conn.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    load_file(loaded.base / "split.json", loaded, hot=("orders/40-80",))
+    bench = start_pgbench(loaded, server, dbname, clients=2)
+    try:
+        result, reports = apply_under(loaded, [bench], "split.json")
+    finally:
+        done.set()
+        watcher.join()
+    assert reports[0][2] == 0, reports[0][0]
+    assert max(len(s) for s in seen) == 1, [s for s in seen if len(s) > 1][:5]
+    assert result.out.count("copy throttle (1 at a time)") == 1, result.out  # the second link, once
+    assert len(set().union(*seen)) == 2  # both links did copy, in turn
+    source = rows_of(loaded, server, dbname)
+    targets = [rows_of(loaded, s[3], s[4]) for s in (shard(loaded, "40-60"), shard(loaded, "60-80"))]
+    assert union(targets) == source

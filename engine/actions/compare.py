@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +46,7 @@ ROW_ROUND_LIMIT = 200_000  # rows fetched one by one in a round, at most, before
 KEY_ROUNDS = 12
 SETTLED_ENOUGH = 500  # keys left to recheck in the fence: stop the key rounds once at or below this
 SUSPECT_ROUNDS = 3
+FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left for the fence
 
 
 class VerifyRestart(Exception):
@@ -114,7 +114,8 @@ class Comparison:
     left: dict[tuple[str, tuple[str, str]], set] = field(default_factory=dict)  # (target, table) -> keys
     figures: dict[str, dict[str, int]] = field(default_factory=dict)
     rounds: int = 0
-    opened: ExitStack = field(default_factory=ExitStack)  # the connections held through the fence
+    log: list[dict] = field(default_factory=list)  # per key round: keys compared, keys left, ms
+    no_snapshot_log: set[str] = field(default_factory=set)  # sources where pg_log_standby_snapshot() is not ours
 
     # ------------------------------------------------------------------ the slot
 
@@ -141,20 +142,44 @@ class Comparison:
     def read_changes(self, upto: dict[str, str] | None = None) -> Changes:
         """Consume the changes since the last read (up to `upto` per source, else all), remember
         them, and return them."""
-        new = Changes()
-        for source in self.move.sources:
-            with self.move.connect(source) as conn:
+        def read(source: "ShardSpec") -> Changes:
+            with self.move.session(source) as conn:
+                self._log_snapshot(conn, source)
                 rows = conn.execute(
                     "SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
                     " 'skip-empty-xacts', '1', 'include-xids', '0')",
                     (self.slot(source), (upto or {}).get(source.name))).fetchall()
                 changed = parse_changes((r[0] for r in rows), self.move.key_column, self.move.key_type)
                 self._refuse_strays(conn, source, changed)
-            new.merge(changed)
+                return changed
+
+        new = Changes()
+        if len(self.move.sources) == 1:
+            new.merge(read(self.move.sources[0]))
+        else:  # a merge's sources are decoded at once, each on its own server
+            with ThreadPoolExecutor(max_workers=len(self.move.sources)) as pool:
+                for changed in pool.map(read, self.move.sources):
+                    new.merge(changed)
         if new.truncated:
             raise VerifyRestart(", ".join(f"{s}.{t}" for s, t in sorted(new.truncated)))
         self.changes.merge(new)
         return new
+
+    def _log_snapshot(self, conn, source: "ShardSpec") -> None:
+        """Let the slot's restart point follow its reads. A logical slot restarts decoding from
+        the last running-transactions record before what it confirmed, and the server writes one
+        only every 15 s: each read decoded up to 15 s of a busy source's WAL again (20-70 ms a
+        round under pgbench, and once more inside the fence). Writing that record now (16+;
+        skipped where the role may not) keeps the next read to what is new."""
+        if source.name in self.no_snapshot_log:
+            return
+        if conn.info.server_version < 160000:
+            self.no_snapshot_log.add(source.name)
+            return
+        try:
+            conn.execute("SELECT pg_log_standby_snapshot()")
+        except errors.InsufficientPrivilege:
+            self.no_snapshot_log.add(source.name)
 
     def _refuse_strays(self, conn, source: "ShardSpec", changed: Changes) -> None:
         """A row written into the source during the move with a key outside its range (past
@@ -187,8 +212,8 @@ class Comparison:
 
     def _run(self, jobs: list[tuple["ShardSpec", sql.Composable, tuple]]) -> list[list[tuple]]:
         """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
-        other on one connection (the fence's own, opened beforehand, when there is one): shards
-        live on different servers and cores, and a connection's setup is not paid in the fence."""
+        other on the move's held connection: shards live on different servers and cores, and no
+        connection's setup is paid in a round or in the fence."""
         by_shard: dict[str, list[int]] = {}
         for i, (shard, _, _) in enumerate(jobs):
             by_shard.setdefault(shard.name, []).append(i)
@@ -209,16 +234,6 @@ class Comparison:
         with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
             list(pool.map(run_shard, groups))
         return results
-
-    def open_connections(self) -> None:
-        """Before the fence: one connection per shard for the work behind it."""
-        for shard in (*self.move.sources, *self.move.targets):
-            if shard.name not in self.move.held:
-                self.move.held[shard.name] = self.opened.enter_context(self.move.connect(shard))
-
-    def close(self) -> None:
-        self.move.held.clear()
-        self.opened.close()
 
     def _grouped_jobs(self, target: "ShardSpec", table: tuple[str, str], group: sql.Composable,
                       where: sql.Composable, params: tuple) -> list[tuple["ShardSpec", sql.Composable, tuple]]:
@@ -247,20 +262,33 @@ class Comparison:
     def _key_array(self) -> sql.Composable:
         return sql.SQL("%s::bigint[]" if self.move.key_type == "bigint" else "%s::text[]")
 
+    def _differing(self, checks: list[tuple["ShardSpec", tuple[str, str], set]]) -> list[set]:
+        """For each (target, table, keys): the keys whose rows differ between the target and its
+        sources. Every check in one parallel batch (one thread per shard)."""
+        key = sql.Identifier(self.move.key_column)
+        batches = [self._grouped_jobs(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
+                                      (sorted(keys),)) if keys else []
+                   for target, table, keys in checks]
+        results = self._run([job for batch in batches for job in batch])
+        out = []
+        for batch in batches:
+            mine, results = results[:len(batch)], results[len(batch):]
+            if not batch:
+                out.append(set())
+                continue
+            ours, theirs = self._sum_sides(mine)
+            out.append({k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))})
+        return out
+
     def _by_key(self, target: "ShardSpec", table: tuple[str, str], keys: set) -> set:
         """Keys whose rows differ between the target and its sources."""
-        if not keys:
-            return set()
-        key = sql.Identifier(self.move.key_column)
-        ours, theirs = self._grouped(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
-                                     (sorted(keys),))
-        return {k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))}
+        return self._differing([(target, table, keys)])[0]
 
     def wait_applied(self) -> None:
         """Until every target has applied (and made durable) its sources' WAL as of now."""
         marks = {}
         for source in self.move.sources:
-            with self.move.connect(source) as conn:
+            with self.move.session(source) as conn:
                 marks[source.name] = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
         self.move.wait_confirmed(marks, timeout=self.move.settings.converge_timeout, what="the comparison")
 
@@ -323,22 +351,33 @@ class Comparison:
             self.rounds += 1
             if not final and sum(len(v) for v in self.left.values()) <= SETTLED_ENOUGH:
                 return
+            started = time.monotonic()
             self.wait_applied()
+            applied = time.monotonic()
             before = {k: set(v) for k, v in self.left.items()}
-            differing = {k: self._by_key(self._target(k[0]), k[1], keys) for k, keys in before.items()}
+            found = self._differing([(self._target(k[0]), k[1], keys) for k, keys in before.items()])
+            differing = dict(zip(before, found))
+            compared = time.monotonic()
             new = self.read_changes()
             for k, keys in before.items():
                 # settled: equal in this round and unchanged during it; the rest goes round again
                 self.left[k] = differing[k] | new.of(k[1])
+            self.log.append({"keys": sum(len(v) for v in before.values()),
+                             "left": sum(len(v) for v in self.left.values()),
+                             "wait_ms": round((applied - started) * 1000, 1),
+                             "compare_ms": round((compared - applied) * 1000, 1),
+                             "changes_ms": round((time.monotonic() - compared) * 1000, 1)})
 
-    def last_rounds(self, limit: int = 4) -> None:
+    def last_rounds(self, limit: int = 6) -> None:
         """Just before the fence: rounds while each leaves fewer keys than the one before (each is
         shorter than the last, so fewer keys change during it)."""
-        before = sum(len(v) for v in self.left.values())
+        before = None
         for _ in range(limit):
             self.key_rounds(final=True)
             after = sum(len(v) for v in self.left.values())
-            if after >= before * 0.8:
+            # the first round's count includes what changed while the lag converged: compare
+            # from the second on
+            if after <= FENCE_KEYS or (before is not None and after >= before * 0.8):
                 return
             before = after
 
@@ -350,25 +389,12 @@ class Comparison:
         and target in one parallel batch. Returns how many keys were compared; raises on any
         difference."""
         new = self.read_changes(upto=fence_lsns)
-        checks = []
-        for target in self.move.targets:
-            for table in self.move.tables(target):
-                keys = self.left.get((target.name, table), set()) | new.of(table)
-                if keys:
-                    checks.append((target, table, keys))
-        key = sql.Identifier(self.move.key_column)
-        batches = [self._grouped_jobs(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
-                                      (sorted(keys),)) for target, table, keys in checks]
-        results = self._run([job for batch in batches for job in batch])
-        checked = 0
-        for (target, table, keys), batch in zip(checks, batches):
-            mine, results = results[:len(batch)], results[len(batch):]
-            ours, theirs = self._sum_sides(mine)
-            checked += len(keys)
-            differing = {k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))}
+        checks = [(target, table, self.left.get((target.name, table), set()) | new.of(table))
+                  for target in self.move.targets for table in self.move.tables(target)]
+        for (target, table, _), differing in zip(checks, self._differing(checks)):
             if differing:
                 sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
                 raise self.move.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
                                         f" differ from the fenced source ({self.move.key_column} {sample})")
-        return checked
+        return sum(len(keys) for _, _, keys in checks)
 

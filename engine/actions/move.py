@@ -24,7 +24,7 @@ or aborted operation finds exactly what it made. Identifiers go through psycopg.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +44,7 @@ from engine.actions.base import (
 )
 from engine.catalog import journal, store
 from engine.catalog.journal import Operation
+from engine.client import ROUTING_CHANNEL
 from engine.config.models import Moves
 from engine.errors import UserError
 from engine.observe import strays
@@ -168,10 +169,30 @@ class Move:
         return self.ctx.fleet.servers[shard.server].connect(shard.dbname, **kw)
 
     def session(self, shard: ShardSpec):
-        """The connection held open through the fence when there is one (no setup paid there),
-        else a new one."""
+        """The connection held open from the copy to the flip when there is one, else a new one.
+        Held because the steps poll every few milliseconds: a new connection each time forked a
+        backend on the source's server per poll (tens per second during the copy), and setting
+        one up inside the fence lengthened the pause."""
         held = self.held.get(shard.name)
         return nullcontext(held) if held is not None else self.connect(shard)
+
+    @contextmanager
+    def holding(self):
+        """One connection per source and target, for the steps from the copy to the flip."""
+        with ExitStack() as stack:
+            for shard in (*self.sources, *self.targets):
+                if shard.name not in self.held:
+                    self.held[shard.name] = stack.enter_context(self.connect(shard))
+            try:
+                yield
+            finally:
+                self.held.clear()
+
+    def release(self) -> None:
+        """Close the held connections now (a target's database is about to be dropped)."""
+        for conn in self.held.values():
+            conn.close()
+        self.held.clear()
 
     def tables(self, shard: ShardSpec) -> list[tuple[str, str]]:
         """The shard's tables, read once per run (DDL waits while a move is unfinished, and the
@@ -288,11 +309,39 @@ class Move:
                     # streaming: large transactions are applied while they run instead of spooled
                     # to disk first; in parallel by a second worker where the server has it (16+).
                     streaming = "parallel" if conn.info.server_version >= 160000 else "on"
+                    # with a copy throttle, the links past it wait disabled; sync enables them in turn
+                    enabled = self.settings.copy_streams is None or link.index < self.settings.copy_streams
                     conn.execute(sql.SQL(
                         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (slot_name = {}, create_slot = false,"
-                        " copy_data = true, synchronous_commit = 'off', binary = true, streaming = {})"
+                        " copy_data = true, synchronous_commit = 'off', binary = true, streaming = {}, enabled = {})"
                     ).format(sql.Identifier(name), sql.Literal(self.source_conninfo(link.source)),
-                             sql.Identifier(name), sql.Literal(name), sql.Literal(streaming)))
+                             sql.Identifier(name), sql.Literal(name), sql.Literal(streaming), sql.Literal(enabled)))
+
+    def pace_copies(self) -> None:
+        """The copy throttle (`moves.copy_streams`): enable waiting links while fewer than that
+        many are still copying. PostgreSQL copies a link's tables itself (up to
+        max_sync_workers_per_subscription at once); what we pace is how many links copy at once."""
+        limit = self.settings.copy_streams
+        if limit is None:
+            return
+        copying, waiting = 0, []
+        for link in self.links:
+            with self.session(link.target) as conn:
+                row = conn.execute(
+                    "SELECT s.subenabled, count(sr.srrelid) FILTER (WHERE sr.srsubstate NOT IN ('r', 's'))"
+                    " FROM pg_subscription s LEFT JOIN pg_subscription_rel sr ON sr.srsubid = s.oid"
+                    " WHERE s.subname = %s GROUP BY s.subenabled", (link.name(self.op.id),)).fetchone()
+            if row is None:
+                continue
+            if not row[0]:
+                waiting.append(link)
+            elif row[1]:
+                copying += 1
+        for link in waiting[:max(0, limit - copying)]:
+            with self.session(link.target) as conn:
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(link.name(self.op.id))))
+            self.say(f"copy throttle ({limit} at a time): copying {link.source.dbname} into {link.target.dbname}"
+                     f" ({link.index + 1} of {len(self.links)})")
 
     def _progress(self) -> Progress:
         """One reading of the copy and the replication: tables ready, rows copied so far, and per
@@ -300,14 +349,14 @@ class Move:
         waiting = total = copied_rows = copied_bytes = 0
         for link in self.links:
             name = link.name(self.op.id)
-            with self.connect(link.target) as conn:
+            with self.session(link.target) as conn:
                 row = conn.execute(
                     "SELECT count(*) FILTER (WHERE sr.srsubstate <> 'r'), count(*) FROM pg_subscription_rel sr"
                     " JOIN pg_subscription s ON s.oid = sr.srsubid WHERE s.subname = %s", (name,)).fetchone()
                 waiting += row[0]
                 total += row[1]
         for target in self.targets:  # once per target database, whatever number of links feed it
-            with self.connect(target) as conn:
+            with self.session(target) as conn:
                 # rows in the tables now plus the COPYs running (their rows are not counted yet)
                 copying = conn.execute(
                     "SELECT (SELECT coalesce(sum(n_live_tup), 0) FROM pg_stat_user_tables"
@@ -321,7 +370,7 @@ class Move:
         lag = 0
         positions: dict[str, tuple[int, int]] = {}
         for link in self.links:
-            with self.connect(link.source) as conn:
+            with self.session(link.source) as conn:
                 row = conn.execute(
                     "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, coalesce(confirmed_flush_lsn, '0/0') - '0/0'::pg_lsn"
                     " FROM pg_replication_slots WHERE slot_name = %s", (link.name(self.op.id),)).fetchone()
@@ -335,7 +384,7 @@ class Move:
     def _subscription_errors(self) -> str:
         out = []
         for link in self.links:
-            with self.connect(link.target) as conn:
+            with self.session(link.target) as conn:
                 row = conn.execute("SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats"
                                    " WHERE subname = %s", (link.name(self.op.id),)).fetchone()
             if row and (row[0] or row[1]):
@@ -369,6 +418,7 @@ class Move:
             rates = RateMeter()
             told = float("-inf")
             while True:
+                self.pace_copies()
                 now = self._progress()
                 rates.add(now)
                 copied = now.ready >= expected_tables
@@ -455,17 +505,17 @@ class Move:
         tables = self.tables(source)
         qualified = self._qualified(tables)
 
+        # the triggers in one round trip (a statement without parameters may hold several)
+        triggers = sql.SQL(" ").join(sql.SQL(
+            "CREATE OR REPLACE TRIGGER shardctl_fence BEFORE INSERT OR UPDATE OR DELETE ON {t}"
+            " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence();"
+            " CREATE OR REPLACE TRIGGER shardctl_fence_truncate BEFORE TRUNCATE ON {t}"
+            " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence();").format(t=table) for table in qualified)
+
         def fence(conn: psycopg.Connection) -> None:
             conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(qualified)))
             self.lock_times.append(time.monotonic())  # writes to the range wait from here
-            conn.execute(FENCE_FUNCTION)
-            for table in qualified:
-                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(table))
-                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(table))
-                conn.execute(sql.SQL("CREATE TRIGGER shardctl_fence BEFORE INSERT OR UPDATE OR DELETE ON {}"
-                                     " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(table))
-                conn.execute(sql.SQL("CREATE TRIGGER shardctl_fence_truncate BEFORE TRUNCATE ON {}"
-                                     " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(table))
+            conn.execute(triggers)
             # the mark commits with the fence: every write before the fence precedes it in the WAL,
             # so a target that applied the mark has applied all of them
             marks[source.name] = conn.execute(
@@ -474,6 +524,8 @@ class Move:
                 " RETURNING pg_current_wal_insert_lsn()::text", (self.op.id, source.name)).fetchone()[0]
 
         with self.connect(source, autocommit=False) as conn:
+            conn.execute(FENCE_FUNCTION)  # before the locks: nothing but the locks and triggers inside
+            conn.commit()
             names = [q.as_string(conn) for q in qualified]
             self.fence_tries = with_lock_retries(conn, fence, what=f"fence writes on {source.dbname}",
                                                  relations=names, say=self.say,
@@ -505,8 +557,8 @@ class Move:
         flushed positions; this is how an idle source's position is reached)."""
         deadline = time.monotonic() + timeout
         with ExitStack() as stack:
-            targets = {t.name: stack.enter_context(self.connect(t)) for t in self.targets}
-            sources = {s.name: stack.enter_context(self.connect(s)) for s in self.sources}
+            targets = {t.name: stack.enter_context(self.session(t)) for t in self.targets}
+            sources = {s.name: stack.enter_context(self.session(s)) for s in self.sources}
             waiting = list(self.links)
             while True:
                 behind = []
@@ -618,6 +670,8 @@ class Move:
                         "UPDATE shardctl.shards SET state = 'retired', retired_at = now()"
                         " WHERE database = %s AND name = %s", (self.database, source.name))
                 self.ctx.catalog.execute("UPDATE shardctl.state SET epoch = epoch + 1")
+                # clients waiting at the fence re-read the routing on this instead of polling
+                self.ctx.catalog.execute("SELECT pg_notify(%s, %s)", (ROUTING_CHANNEL, self.database))
                 store.bump_serial(self.ctx.catalog)
                 ranges = [[s.lo, s.hi] for s in self.sources] + [[t.lo, t.hi] for t in self.targets]
                 store.add_history(self.ctx.catalog, history["event"], history["address"],
@@ -768,16 +822,22 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
     timed("targets", move.create_targets)
     timed("publish", move.publish)
     timed("subscribe", move.subscribe)
+    with move.holding():
+        figures = _copy_compare_cutover(move, on_flip, timed, timings)
+    timed("cleanup", move.cleanup)
+    return {"timings": timings, "verification": figures}
+
+
+def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callable, timings: dict) -> dict:
+    """From the copy to the flip, on the move's held connections."""
     timed("sync", move.sync)
     comparison = None
     try:
         comparison = timed("compare", move.compare)
         timed("converge", lambda: move.sync(final=True))  # the comparison took time: lag small again
-        comparison.open_connections()
         comparison.last_rounds()  # what changed while it converged: fewer keys behind the fence
     except VerificationFailed:
-        if comparison is not None:
-            comparison.close()
+        move.release()
         move.abort(state="failed")  # the copy is wrong: remove it all; the source never stopped
         raise
     # from the fence to the flip the source refuses writes: a stop request (Ctrl-C, SIGTERM)
@@ -792,19 +852,17 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
         except BaseException:
             # whatever went wrong before the verification, the source takes writes again (a
             # database condition, or a bug: never leave a range read-only); apply resumes later
-            comparison.close()
             move.lift_fence()
             raise
         try:
             figures = timed("verify", lambda: move.verify(comparison, fence_lsn))
         except MoveFailed:
+            move.release()
             move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
             raise
-        finally:
-            comparison.close()
         timed("flip", lambda: move.flip({**on_flip(), "timings": timings, "verification": figures,
-                                         "verified_changed_keys": move.verified_keys, "pause_ms": move.pause_ms(),
+                                         "verified_changed_keys": move.verified_keys, "key_rounds": comparison.log[-6:],
+                                         "pause_ms": move.pause_ms(),
                                          "actor": move.ctx.actor}))
         move.say(f"writes to the range paused for {move.pause_ms():.0f} ms (fence to flip)")
-    timed("cleanup", move.cleanup)
-    return {"timings": timings, "verification": figures}
+    return figures

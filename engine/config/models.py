@@ -249,6 +249,10 @@ class Moves(Frozen):
     pause_budget: Duration = Field(
         0.1, description="writes are fenced only when the measured apply rate says the remaining lag is applied"
                          " within this time, e.g. 100ms")
+    copy_streams: int | None = Field(
+        None, ge=1, le=64,
+        description="how many source-to-target copies a split or merge runs at once (default: all of them);"
+                    " 1 protects a busy source's throughput during the initial copy, at the cost of a longer copy")
 
 
 class Policy(Frozen):
