@@ -14,6 +14,8 @@ For each shard size N (rows in the moving shard):
    accepted to the first write a target accepted (the writers' timeline, merged). Also: the
    pause as shardctl measures it (fence locks to routing flip), and pgbench's throughput during
    the copy against before it.
+4. One split and one merge under the same load with the copy throttle (`moves.copy_streams: 1`):
+   pgbench's throughput and the copy's duration against the unthrottled moves.
 
 Prints per size: p50, p99 and max of the unwritable window over the splits (and the merges),
 and the 8M/1M ratio when both sizes ran.
@@ -176,6 +178,7 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], load: bool,
         detail = conn.execute("SELECT detail FROM shardctl.history WHERE event IN ('split_shard', 'merge_shards')"
                               " ORDER BY id DESC LIMIT 1").fetchone()[0]
     out = {"timings": detail["timings"], "pause_ms": detail.get("pause_ms"),
+           "copy_s": marks.get("copied", time.monotonic()) - started,
            "verified_changed_keys": detail.get("verified_changed_keys"), "key_rounds": detail.get("key_rounds")}
     if load:
         out["unwritable_ms"] = unwritable_ms(writers, sources)
@@ -247,10 +250,18 @@ def run_size(rows_wanted: int, cycles: int) -> dict:
             for _ in range(cycles):
                 splits.append(move(fleet_dir, fleet, "split", ["-80"], load=True, maxid=rows_wanted * 2))
                 merges.append(move(fleet_dir, fleet, "merge", ["-40", "40-80"], load=True, maxid=rows_wanted * 2))
+            # the copy throttle: one link at a time, same load
+            (fleet_dir / "fleet.yaml").write_text(FLEET.replace(
+                "autosplit: {cooldown: 0s, retire_after: 0s}",
+                "autosplit: {cooldown: 0s, retire_after: 0s}\n    moves: {copy_streams: 1}"))
+            workflow.apply(workflow.load(str(fleet_dir)), None, metrics_file=samples_file(fleet_dir, {}))
+            throttled = [move(fleet_dir, fleet, "split", ["-80"], load=True, maxid=rows_wanted * 2),
+                         move(fleet_dir, fleet, "merge", ["-40", "40-80"], load=True, maxid=rows_wanted * 2)]
         finally:
             for handle in fleet.servers.values():
                 handle.embedded.stop()
-    return {"rows": rows, "baseline_s": baseline, "copy_s": copy_s, "splits": splits, "merges": merges}
+    return {"rows": rows, "baseline_s": baseline, "copy_s": copy_s, "splits": splits, "merges": merges,
+            "throttled": throttled}
 
 
 def report(size: dict) -> None:
@@ -280,6 +291,16 @@ def report(size: dict) -> None:
 VERBOSE = False
 
 
+def report_throttle(size: dict) -> None:
+    for i, kind in enumerate(("split", "merge")):
+        free = size["splits" if kind == "split" else "merges"]
+        slow = size["throttled"][i]
+        free_ratio = statistics.mean(m["copy_throughput_ratio"] for m in free if "copy_throughput_ratio" in m)
+        free_copy = statistics.mean(m["copy_s"] for m in free)
+        print(f"copy throttle, {kind}: pgbench during the copy {slow.get('copy_throughput_ratio', float('nan')):.2f}x"
+              f" of before (without: {free_ratio:.2f}x); copy phase {slow['copy_s']:.1f} s (without: {free_copy:.1f} s)")
+
+
 def main() -> None:
     global VERBOSE
     parser = argparse.ArgumentParser()
@@ -292,6 +313,7 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         results[size] = run_size(size, args.cycles)
         report(results[size])
+        report_throttle(results[size])
     if len(results) >= 2:
         small, large = results[min(results)], results[max(results)]
         p99 = [percentile([m["unwritable_ms"] for m in r["splits"]], 0.99) for r in (small, large)]
