@@ -189,6 +189,8 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], load: bool,
         during = [statistics.mean(s[2:2 + copy_s]) for s in per_second if len(s) > 2 + copy_s and copy_s > 0]
         if before and during:
             out["copy_throughput_ratio"] = sum(during) / sum(before)
+    print(f"  [{kind}{' under load' if load else ''}] " + json.dumps(
+        {k: v for k, v in out.items() if k != "key_rounds"}), flush=True)
     # the retired sources go now, so that their range names are free for the next move
     workflow.apply(workflow.load(str(fleet_dir)), None, metrics_file=samples_file(fleet_dir, {}))
     return out

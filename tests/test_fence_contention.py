@@ -3,6 +3,7 @@ as it was; once the blocker ends, apply finishes the same move."""
 
 import psycopg
 
+from engine.client import hashint8extended
 from movers import active_shards, all_rows, hot_file, preload
 
 
@@ -57,3 +58,65 @@ def next_key(lo, hi):
     while not ((lo is None or hashint8extended(key) >= lo) and (hi is None or hashint8extended(key) < hi)):
         key += 1
     return key
+
+
+def test_a_merge_fence_never_holds_one_source_while_the_other_is_blocked(fleet):
+    """A merge locks its sources together and commits only when both hold their locks: while a
+    blocker keeps one source's lock, the other source goes on taking writes, and when the fence
+    gives up both are as they were; once the blocker ends, apply finishes the same merge."""
+    import threading
+    import time
+
+    from movers import load_file
+
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml")
+                + "policies:\n  default:\n    moves: {fence_timeout: 2s}\n    automerge: {enabled: true}\n")
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=2000)
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 4", "shards: 2"))
+    load_file(fleet.base / "cold.json", fleet, cold=("orders/-40", "orders/40-80"))
+    before, _ = all_rows(fleet)
+    shards = {s[0]: s for s in active_shards(fleet)}
+    _, free_lo, free_hi, free_server, free_db = shards["-40"]
+    _, _, _, busy_server, busy_db = shards["40-80"]
+    blocker = psycopg.connect(**{**fleet_params(fleet, busy_server, busy_db), "application_name": "stuck-app"})
+    blocker.execute("UPDATE customers SET name = name WHERE customer_id = -1")  # keeps its lock, uncommitted
+    refused: list[str] = []
+    written: list[int] = []
+    stop = threading.Event()
+
+    def write_the_free_source() -> None:
+        key = next_key(free_lo, free_hi)
+        with psycopg.connect(**fleet_params(fleet, free_server, free_db), autocommit=True) as conn:
+            while not stop.is_set():
+                key += 1
+                while not ((free_lo is None or hashint8extended(key) >= free_lo) and hashint8extended(key) < free_hi):
+                    key += 1
+                try:
+                    conn.execute("INSERT INTO customers (customer_id, name) VALUES (%s, 'during')", (key,))
+                    written.append(key)
+                except psycopg.errors.ReadOnlySqlTransaction as exc:
+                    refused.append(str(exc))
+                time.sleep(0.01)
+
+    writer = threading.Thread(target=write_the_free_source, daemon=True)
+    try:
+        writer.start()
+        result = fleet.cli("apply", "--auto-approve", "--metrics", "cold.json")
+        stop.set()
+        writer.join()
+        assert result.code == 1, result.both
+        assert "could not fence writes on" in result.err and "stuck-app" in result.err
+        assert refused == []  # the unblocked source never stood fenced while the other waited
+        assert len(written) > 50  # and it was written throughout the fence's tries
+    finally:
+        stop.set()
+        blocker.rollback()
+        blocker.close()
+    finished = fleet.cli("apply", "--auto-approve", "--metrics", "cold.json")
+    assert finished.code == 0, finished.both
+    assert "-80" in {s[0] for s in active_shards(fleet)}
+    rows, problems = all_rows(fleet)
+    assert problems == []
+    assert {k: v for k, v in rows.items() if v != "during"} == before
+    assert {k for k, v in rows.items() if v == "during"} == set(written)

@@ -211,3 +211,40 @@ def test_a_schema_change_waits_for_an_interrupted_move(loaded):
         with loaded.connect(server, dbname) as conn:
             assert conn.execute("SELECT count(*) FROM information_schema.columns"
                                 " WHERE table_name = 'customers' AND column_name = 'note'").fetchone() == (1,)
+
+
+def test_a_copy_whose_wal_the_source_removed_is_undone_with_the_reason(loaded):
+    """The source invalidated the move's slots (max_slot_wal_keep_size exceeded before the copy
+    could use them): the workers would retry forever; apply instead stops at once, names the
+    server, the slot and the setting, removes what it created, and the next apply moves afresh."""
+    before, _ = all_rows(loaded)
+    killed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json", env={FAILPOINT_ENV: f"{SPLIT}: subscribe"})
+    assert killed.code != 0
+    name, lo, hi, server, dbname = next(s for s in active_shards(loaded) if s[0] == "40-80")
+    with loaded.connect(server) as conn:  # the slots wait unread; the source writes 48 MB of WAL past them
+        conn.autocommit = True
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("CREATE TABLE IF NOT EXISTS wal_filler (x int)")
+        for _ in range(3):
+            conn.execute("INSERT INTO wal_filler SELECT generate_series(1, 1000)")
+            conn.execute("SELECT pg_switch_wal()")
+        conn.execute("CHECKPOINT")
+        lost = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE wal_status = 'lost'").fetchone()[0]
+        assert lost >= 1
+        conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        conn.execute("SELECT pg_reload_conf()")
+    failed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json")
+    assert failed.code == 1, failed.both
+    assert f"{dbname} on server {server} removed WAL the move still needed" in failed.err
+    assert "max_slot_wal_keep_size = 2GB of WAL" in failed.err and "Raise max_slot_wal_keep_size" in failed.err
+    assert "Traceback" not in failed.both and "bug" not in failed.both
+    with loaded.connect(server, dbname) as conn:  # nothing of the move is left on the source
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'shardctl_op%%'"
+                            ).fetchone()[0] == 0
+    assert {s[0] for s in active_shards(loaded)} >= {"40-80"}
+    moved = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json")
+    assert moved.code == 0, moved.both
+    assert {"40-60", "60-80"} <= {s[0] for s in active_shards(loaded)}
+    rows, problems = all_rows(loaded)
+    assert problems == [] and rows == before

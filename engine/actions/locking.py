@@ -1,7 +1,7 @@
 """Taking locks on a live shard without ever joining a deadlock, and naming who is in the way.
 
 Every statement that locks a table an application writes (the fence, lifting it) runs through
-`with_lock_retries`: a lock timeout far below the server's `deadlock_timeout`, so our wait ends
+`with_lock_retries` (or `with_lock_retries_all`, for several servers that must lock together): a lock timeout far below the server's `deadlock_timeout`, so our wait ends
 before PostgreSQL's deadlock detector would run and pick a victim (the application's
 transaction or ours); a rollback that releases whatever we held; a short randomised backoff; and
 a bounded number of tries within a total time budget. Between tries it records who held the
@@ -15,6 +15,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
@@ -82,44 +83,78 @@ def with_lock_retries(conn: psycopg.Connection, work: Callable[[psycopg.Connecti
                       tries: int = TRIES, budget_s: float = BUDGET_S) -> int:
     """Run `work(conn)` in one transaction of `conn` (autocommit off) with a short lock timeout,
     retrying on lock timeouts and deadlocks. Returns the number of tries it took."""
-    timeout = lock_timeout_ms(conn)
-    conn.rollback()
+    return with_lock_retries_all([(conn, work, relations)], what=what, say=say, tries=tries, budget_s=budget_s)
+
+
+def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycopg.Connection], None], list[str]]],
+                          *, what: str, say: Callable[[str], None] = lambda _: None,
+                          tries: int = TRIES, budget_s: float = BUDGET_S) -> int:
+    """Run each part's `work(conn)` in a transaction of its connection (autocommit off, one
+    server each, at once), all with a short lock timeout, and commit them only when every part
+    succeeded: a part that meets a lock or a deadlock rolls them all back, and they try again
+    together. So no part holds its locks (or commits its effect) while another waits: a merge's
+    fence holds one source read-only only as long as it takes to lock them all."""
+    timeouts = [lock_timeout_ms(conn) for conn, _, _ in parts]
+    for conn, _, _ in parts:
+        conn.rollback()
     started = time.monotonic()
     seen: list[Blocker] = []
     rng = random.Random()
     attempt = 0
+
+    def one(i: int) -> BaseException | None:
+        conn, work, _ = parts[i]
+        try:
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{timeouts[i]}ms")))
+            # one statement may wait on several locks in turn: cap the whole at twice that
+            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{2 * timeouts[i]}ms")))
+            work(conn)
+            return None
+        except BaseException as exc:  # noqa: BLE001 - sorted below: retryable or raised
+            return exc
+
     while True:
         attempt += 1
-        try:
-            with conn.transaction():
-                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{timeout}ms")))
-                # one statement may wait on several locks in turn: cap the whole at twice that
-                conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{2 * timeout}ms")))
-                work(conn)
-            conn.commit()
+        if len(parts) == 1:
+            outcomes = [one(0)]
+        else:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                outcomes = list(pool.map(one, range(len(parts))))
+        failed = [(i, exc) for i, exc in enumerate(outcomes) if exc is not None]
+        if not failed:
+            for conn, _, _ in parts:
+                conn.commit()
             return attempt
-        except RETRYABLE as exc:
+        for conn, _, _ in parts:
             conn.rollback()
-            kind = "a deadlock" if isinstance(exc, errors.DeadlockDetected) else "a lock held by another session"
-            now_blocking = blockers(conn, relations)
+        fatal = [exc for _, exc in failed if not isinstance(exc, RETRYABLE)]
+        if fatal:
+            raise fatal[0]
+        last = failed[-1][1]
+        kind = "a deadlock" if isinstance(last, errors.DeadlockDetected) else "a lock held by another session"
+        now_blocking: list[Blocker] = []
+        for i, _ in failed:
+            conn, _, relations = parts[i]
+            now_blocking += blockers(conn, relations)
             conn.rollback()
-            if now_blocking:
-                seen = now_blocking
-            elapsed = time.monotonic() - started
-            if attempt >= tries or elapsed >= budget_s:
-                who = "; ".join(b.describe() for b in seen) or "sessions that finished before they could be named"
-                first = seen[0].pid if seen else None
-                raise LockContention(
-                    f"could not {what}: {attempt} tries over {elapsed:.1f}s each gave up after {timeout} ms"
-                    f" ({kind} on the last); blocked by {who}",
-                    "nothing changed: the shard takes writes as before. A transaction that keeps locks on these"
-                    " tables for long (idle in transaction?) must end first"
-                    + (f" (SELECT pg_terminate_backend({first}) ends it)" if first else "")
-                    + "; then apply again") from None
-            if attempt == 1 or attempt % 10 == 0:
-                who = ", ".join(f"pid {b.pid} ({b.application_name or 'no application_name'}, {b.state})"
-                                for b in now_blocking) or "short transactions"
-                say(f"waiting to {what}: try {attempt} gave way to {who}")
-            # backoff with jitter: give the application's transactions room to finish, and never
-            # retry in lockstep with another waiter
-            time.sleep(min(0.5, 0.02 * attempt) * (0.5 + rng.random()))
+        if now_blocking:
+            seen = now_blocking
+        elapsed = time.monotonic() - started
+        timeout = max(timeouts)
+        if attempt >= tries or elapsed >= budget_s:
+            who = "; ".join(b.describe() for b in seen) or "sessions that finished before they could be named"
+            first = seen[0].pid if seen else None
+            raise LockContention(
+                f"could not {what}: {attempt} tries over {elapsed:.1f}s each gave up after {timeout} ms"
+                f" ({kind} on the last); blocked by {who}",
+                "nothing changed: the shard takes writes as before. A transaction that keeps locks on these"
+                " tables for long (idle in transaction?) must end first"
+                + (f" (SELECT pg_terminate_backend({first}) ends it)" if first else "")
+                + "; then apply again") from None
+        if attempt == 1 or attempt % 10 == 0:
+            who = ", ".join(f"pid {b.pid} ({b.application_name or 'no application_name'}, {b.state})"
+                            for b in now_blocking) or "short transactions"
+            say(f"waiting to {what}: try {attempt} gave way to {who}")
+        # backoff with jitter: give the application's transactions room to finish, and never
+        # retry in lockstep with another waiter
+        time.sleep(min(0.5, 0.02 * attempt) * (0.5 + rng.random()))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +33,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from engine.actions.compare import Comparison, VerifyRestart
-from engine.actions.locking import with_lock_retries
+from engine.actions.locking import with_lock_retries, with_lock_retries_all
 from engine.actions.base import (
     ApplyContext,
     apply_steps,
@@ -60,6 +59,10 @@ class MoveFailed(UserError):
 
 class VerificationFailed(MoveFailed):
     """The copy differs from the source: the move is undone, never resumed."""
+
+
+class CopyLost(VerificationFailed):
+    """The source removed WAL the copy still needed: the copy can never complete; undone."""
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,6 @@ class RateMeter:
         return self._rate(lambda r: r.copied_rows)
 
 
-def _outcome(work: Callable[[], None]) -> BaseException | None:
-    try:
-        work()
-    except BaseException as exc:  # handed back to the caller's thread, raised there
-        return exc
-    return None
-
-
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 90:
@@ -154,6 +149,7 @@ class Move:
     verified_keys: int = 0  # keys rechecked behind the fence
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
+    slots_checked_at: float = float("-inf")
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence holding its locks (writes to the range stop) to the
@@ -381,7 +377,39 @@ class Move:
                 lag = max(lag, wal - confirmed)
         return Progress(time.monotonic(), total - waiting, total, copied_rows, copied_bytes, lag, positions)
 
+    def _lost_slots(self) -> None:
+        """A slot of this move that the source invalidated (it removed WAL the slot still
+        needed: `max_slot_wal_keep_size` exceeded while the copy ran, under heavy writes) makes
+        the copy impossible to finish; the workers would retry forever. Checked once a second."""
+        now = time.monotonic()
+        if now - self.slots_checked_at < 1.0:
+            return
+        self.slots_checked_at = now
+        prefixes = [link.name(self.op.id) for link in self.links]
+        for link in self.links:  # a table's copy runs on its own slot, pg_<subscription oid>_sync_...
+            with self.session(link.target) as conn:
+                row = conn.execute("SELECT oid FROM pg_subscription WHERE subname = %s",
+                                   (link.name(self.op.id),)).fetchone()
+            if row:
+                prefixes.append(f"pg_{row[0]}_sync_")
+        for source in self.sources:
+            with self.session(source) as conn:
+                lost = conn.execute(
+                    "SELECT slot_name, current_setting('max_slot_wal_keep_size') FROM pg_replication_slots"
+                    " WHERE wal_status = 'lost' AND EXISTS (SELECT 1 FROM unnest(%s::text[]) p"
+                    " WHERE starts_with(slot_name, p)) LIMIT 1", (prefixes,)).fetchone()
+            if lost:
+                raise CopyLost(
+                    f"{self.label}: {source.dbname} on server {source.server} removed WAL the move still needed:"
+                    f" its replication slot {lost[0]} was invalidated (the server keeps at most"
+                    f" max_slot_wal_keep_size = {lost[1]} of WAL for a slot, and more was written before the"
+                    " copy could use it)",
+                    f"the source keeps its rows and takes writes; what was created is removed. Raise"
+                    f" max_slot_wal_keep_size on server {source.server}, copy one link at a time"
+                    " (moves.copy_streams: 1) or move when the source writes less, then apply again")
+
     def _subscription_errors(self) -> str:
+        self._lost_slots()
         out = []
         for link in self.links:
             with self.session(link.target) as conn:
@@ -480,31 +508,36 @@ class Move:
         self.ctx.progress(report)
 
     def fence(self) -> dict[str, str]:
-        """Stop writes on every source; returns each source's fence LSN (a logical message after it)."""
+        """Stop writes on every source; returns each source's fence LSN (its mark row's).
+
+        LOCK every table (waits for in-flight writes to commit), then the refusing triggers and
+        the mark, in one transaction per source: after it commits, no write to these tables is
+        uncommitted, and none can start. The locks are taken with a lock timeout below
+        deadlock_timeout and retried; a merge's sources lock together and commit only once all
+        hold their locks, so one source never stays read-only while another waits."""
         with self.step("fence"):
             marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
-            if len(self.sources) == 1:
-                self._fence_one(self.sources[0], marks)
-                return marks
-            # a merge fences its sources at once: the range's pause starts with the first lock
-            with ThreadPoolExecutor(max_workers=len(self.sources)) as pool:
-                outcomes = list(pool.map(lambda source: _outcome(lambda: self._fence_one(source, marks)),
-                                         self.sources))
-            failed = [exc for exc in outcomes if exc is not None]
-            if failed:
-                raise failed[0]
+            locked: dict[str, float] = {}  # per source: when its locks were granted, in the last try
+            with ExitStack() as stack:
+                parts = []
+                for source in self.sources:
+                    conn = stack.enter_context(self.connect(source, autocommit=False))
+                    conn.execute(FENCE_FUNCTION)  # before the locks: nothing but locks and triggers inside
+                    conn.commit()
+                    qualified = self._qualified(self.tables(source))
+                    parts.append((conn, self._fence_work(source, qualified, marks, locked),
+                                  [q.as_string(conn) for q in qualified]))
+                names = ", ".join(source.dbname for source in self.sources)
+                with_lock_retries_all(parts, what=f"fence writes on {names}", say=self.say,
+                                      budget_s=self.settings.fence_timeout)
+            self.lock_times.append(min(locked.values()))  # the range's pause starts with the first lock
             return marks
 
     def _qualified(self, tables: list[tuple[str, str]]) -> list[sql.Composable]:
         return [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t)) for s, t in tables]
 
-    def _fence_one(self, source: ShardSpec, marks: dict[str, str]) -> None:
-        """LOCK every table (waits for in-flight writes to commit), then the refusing triggers, in
-        one transaction: after it commits, no write to these tables is uncommitted, and none can
-        start. The locks are taken with a lock timeout below deadlock_timeout and retried."""
-        tables = self.tables(source)
-        qualified = self._qualified(tables)
-
+    def _fence_work(self, source: ShardSpec, qualified: list[sql.Composable], marks: dict[str, str],
+                    locked: dict[str, float]) -> Callable[[psycopg.Connection], None]:
         # the triggers in one round trip (a statement without parameters may hold several)
         triggers = sql.SQL(" ").join(sql.SQL(
             "CREATE OR REPLACE TRIGGER shardctl_fence BEFORE INSERT OR UPDATE OR DELETE ON {t}"
@@ -514,7 +547,7 @@ class Move:
 
         def fence(conn: psycopg.Connection) -> None:
             conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(qualified)))
-            self.lock_times.append(time.monotonic())  # writes to the range wait from here
+            locked[source.name] = time.monotonic()  # writes to the range wait from here
             conn.execute(triggers)
             # the mark commits with the fence: every write before the fence precedes it in the WAL,
             # so a target that applied the mark has applied all of them
@@ -523,13 +556,7 @@ class Move:
                 " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
                 " RETURNING pg_current_wal_insert_lsn()::text", (self.op.id, source.name)).fetchone()[0]
 
-        with self.connect(source, autocommit=False) as conn:
-            conn.execute(FENCE_FUNCTION)  # before the locks: nothing but the locks and triggers inside
-            conn.commit()
-            names = [q.as_string(conn) for q in qualified]
-            self.fence_tries = with_lock_retries(conn, fence, what=f"fence writes on {source.dbname}",
-                                                 relations=names, say=self.say,
-                                                 budget_s=self.settings.fence_timeout)
+        return fence
 
     def lift_fence(self) -> None:
         for source in self.sources:
@@ -830,9 +857,9 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
 
 def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callable, timings: dict) -> dict:
     """From the copy to the flip, on the move's held connections."""
-    timed("sync", move.sync)
     comparison = None
     try:
+        timed("sync", move.sync)  # a copy that can never finish (CopyLost) is undone like a wrong one
         comparison = timed("compare", move.compare)
         timed("converge", lambda: move.sync(final=True))  # the comparison took time: lag small again
         comparison.last_rounds()  # what changed while it converged: fewer keys behind the fence
