@@ -243,6 +243,13 @@ def run_size(rows_wanted: int, cycles: int) -> dict:
         workflow.apply(desired, None)
         fleet = Fleet(desired)
         try:
+            for handle in fleet.servers.values():
+                # both servers hold sources and targets here, so each one's WAL carries the copy
+                # into its targets as well as pgbench: the embedded 2GB cap per slot is too small
+                # for an 8M-row move under load (the move would fail, naming the setting)
+                with handle.connect() as conn:
+                    conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '16GB'")
+                    conn.execute("SELECT pg_reload_conf()")
             rows = load_shard(fleet, "-80", rows_wanted)
             baseline = baseline_copy_s(fleet, "-80")
             quiet = move(fleet_dir, fleet, "split", ["-80"], load=False)

@@ -87,7 +87,7 @@ def test_a_merge_under_a_concurrent_writer_loses_nothing(loaded):
 
 
 @pytest.mark.parametrize("step", ["record", "targets", "publish", "subscribe", "sync", "compare", "converge", "fence", "catch up",
-                                  "sequences", "verify", "flip", "cleanup"])
+                                  "verify", "flip", "cleanup"])
 def test_a_split_killed_at_each_step_converges_on_rerun(loaded, step):
     before, _ = all_rows(loaded)
     killed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json", env={FAILPOINT_ENV: f"{SPLIT}: {step}"})

@@ -384,11 +384,10 @@ class Comparison:
     def _target(self, name: str) -> "ShardSpec":
         return next(t for t in self.move.targets if t.name == name)
 
-    def final(self, fence_lsns: dict[str, str]) -> int:
-        """Inside the fence, after catch-up: the keys left and those changed since, every table
-        and target in one parallel batch. Returns how many keys were compared; raises on any
-        difference."""
-        new = self.read_changes(upto=fence_lsns)
+    def final(self, new: Changes) -> int:
+        """Inside the fence, after catch-up: the keys left and `new`, those changed since (read
+        up to the fence with `read_changes`), every table and target in one parallel batch.
+        Returns how many keys were compared; raises on any difference."""
         checks = [(target, table, self.left.get((target.name, table), set()) | new.of(table))
                   for target in self.move.targets for table in self.move.tables(target)]
         for (target, table, _), differing in zip(checks, self._differing(checks)):

@@ -24,6 +24,7 @@ or aborted operation finds exactly what it made. Identifiers go through psycopg.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
@@ -164,21 +165,23 @@ class Move:
     def connect(self, shard: ShardSpec, **kw):
         return self.ctx.fleet.servers[shard.server].connect(shard.dbname, **kw)
 
-    def session(self, shard: ShardSpec):
+    def session(self, shard: ShardSpec, second: bool = False):
         """The connection held open from the copy to the flip when there is one, else a new one.
         Held because the steps poll every few milliseconds: a new connection each time forked a
         backend on the source's server per poll (tens per second during the copy), and setting
         one up inside the fence lengthened the pause."""
-        held = self.held.get(shard.name)
+        held = self.held.get(shard.name + "#2" if second else shard.name)
         return nullcontext(held) if held is not None else self.connect(shard)
 
     @contextmanager
     def holding(self):
-        """One connection per source and target, for the steps from the copy to the flip."""
+        """Two connections per source and target, for the steps from the copy to the flip (the
+        second for what runs beside the first behind the fence)."""
         with ExitStack() as stack:
             for shard in (*self.sources, *self.targets):
-                if shard.name not in self.held:
-                    self.held[shard.name] = stack.enter_context(self.connect(shard))
+                for name in (shard.name, shard.name + "#2"):
+                    if name not in self.held:
+                        self.held[name] = stack.enter_context(self.connect(shard))
             try:
                 yield
             finally:
@@ -609,9 +612,24 @@ class Move:
                                      "the source takes writes again; apply again to retry")
                 time.sleep(poll)
 
-    def catch_up(self, fence_lsns: dict[str, str]) -> None:
+    def catch_up(self, fence_lsns: dict[str, str], comparison: Comparison, pool: ThreadPoolExecutor,
+                 timings: dict[str, float]) -> Future:
+        """Behind the fence, three things at once, each on its own servers' connections: the
+        targets apply up to the fence's mark; the sequences are set on the targets (on the
+        second held connections); the sources' changes since the last key round are decoded.
+        Returns the decoded changes (a future: verify reads it, and a stray row found there
+        fails the move as verification does)."""
         with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
+            def sequences() -> None:
+                started = time.monotonic()
+                self.set_sequences()
+                timings["sequences"] = round(time.monotonic() - started, 3)
+
+            setting = pool.submit(sequences)
+            changes = pool.submit(comparison.read_changes, fence_lsns)
             self.wait_confirmed(fence_lsns, CATCH_UP_TIMEOUT, "the fence")
+            setting.result()
+            return changes
 
     def compare(self) -> Comparison:
         """Every row compared while writes go on (see engine.actions.compare)."""
@@ -632,29 +650,30 @@ class Move:
             raise MoveFailed(f"{self.label}: tables were truncated during every comparison",
                              "the source is untouched; apply again when the TRUNCATEs are over")
 
-    def verify(self, comparison: Comparison, fence_lsns: dict[str, str]) -> dict[str, dict[str, int]]:
+    def verify(self, comparison: Comparison, changes: Future) -> dict[str, dict[str, int]]:
         """Behind the fence: the keys left by the comparison and those changed since."""
         with self.step("verify"):
-            self.verified_keys = comparison.final(fence_lsns)
+            self.verified_keys = comparison.final(changes.result())
             return comparison.figures
 
-    def sequences(self) -> None:
-        with self.step("sequences"):
-            last: dict[tuple[str, str], tuple[int, int]] = {}
-            for source in self.sources:
-                with self.session(source) as conn:
-                    for schema, name, value, maximum in conn.execute(
-                            "SELECT schemaname, sequencename, coalesce(last_value, start_value), max_value"
-                            " FROM pg_sequences WHERE schemaname <> '_shardctl'"):
-                        prev = last.get((schema, name), (value, maximum))
-                        last[(schema, name)] = (max(prev[0], value), maximum)
-            for i, target in enumerate(self.targets):
-                with self.session(target) as conn:
-                    for (schema, name), (value, maximum) in last.items():
-                        # disjoint blocks: each target continues in its own range past the source
-                        gap = min(10**9, max(1, (maximum - value) // (len(self.targets) + 1)))
-                        conn.execute("SELECT setval(%s, %s, true)",
-                                     (sql.Identifier(schema, name).as_string(conn), value + i * gap + 1))
+    def set_sequences(self) -> None:
+        """Past the sources' values, in disjoint blocks per target; on the second held
+        connections, so that it runs beside the catch-up and the decoding."""
+        last: dict[tuple[str, str], tuple[int, int]] = {}
+        for source in self.sources:
+            with self.session(source, second=True) as conn:
+                for schema, name, value, maximum in conn.execute(
+                        "SELECT schemaname, sequencename, coalesce(last_value, start_value), max_value"
+                        " FROM pg_sequences WHERE schemaname <> '_shardctl'"):
+                    prev = last.get((schema, name), (value, maximum))
+                    last[(schema, name)] = (max(prev[0], value), maximum)
+        for i, target in enumerate(self.targets):
+            with self.session(target, second=True) as conn:
+                for (schema, name), (value, maximum) in last.items():
+                    # disjoint blocks: each target continues in its own range past the source
+                    gap = min(10**9, max(1, (maximum - value) // (len(self.targets) + 1)))
+                    conn.execute("SELECT setval(%s, %s, true)",
+                                 (sql.Identifier(schema, name).as_string(conn), value + i * gap + 1))
 
     def cleanup(self) -> None:
         with self.step("cleanup"):
@@ -871,18 +890,17 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
     # waits for the flip instead of parking the range read-only; before the fence, it parks
     if journal.stop_requested():
         raise journal.Interrupted("stopped before the fence; apply again to continue")
-    with journal.until_done():
+    with journal.until_done(), ThreadPoolExecutor(max_workers=2) as pool:
         try:
             fence_lsn = timed("fence", move.fence)
-            timed("catch_up", lambda: move.catch_up(fence_lsn))
-            timed("sequences", move.sequences)
+            changes = timed("catch_up", lambda: move.catch_up(fence_lsn, comparison, pool, timings))
         except BaseException:
             # whatever went wrong before the verification, the source takes writes again (a
             # database condition, or a bug: never leave a range read-only); apply resumes later
             move.lift_fence()
             raise
         try:
-            figures = timed("verify", lambda: move.verify(comparison, fence_lsn))
+            figures = timed("verify", lambda: move.verify(comparison, changes))
         except MoveFailed:
             move.release()
             move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
