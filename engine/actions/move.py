@@ -34,6 +34,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from engine.actions.compare import Comparison, VerifyRestart
+from engine.actions.subscription import create_subscription
 from engine.actions.locking import with_lock_retries
 from engine.actions.base import (
     ApplyContext,
@@ -287,12 +288,11 @@ class Move:
                     # so the slot replays anything a crash of this server would lose.
                     # streaming: large transactions are applied while they run instead of spooled
                     # to disk first; in parallel by a second worker where the server has it (16+).
+                    # the source's connection string (its password) never appears in a statement's
+                    # text: engine/actions/subscription.py says how and why
                     streaming = "parallel" if conn.info.server_version >= 160000 else "on"
-                    conn.execute(sql.SQL(
-                        "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (slot_name = {}, create_slot = false,"
-                        " copy_data = true, synchronous_commit = 'off', binary = true, streaming = {})"
-                    ).format(sql.Identifier(name), sql.Literal(self.source_conninfo(link.source)),
-                             sql.Identifier(name), sql.Literal(name), sql.Literal(streaming)))
+                    create_subscription(conn, name, self.source_conninfo(link.source), publication=name,
+                                        slot=name, streaming=streaming)
 
     def _progress(self) -> Progress:
         """One reading of the copy and the replication: tables ready, rows copied so far, and per
@@ -508,13 +508,15 @@ class Move:
             targets = {t.name: stack.enter_context(self.connect(t)) for t in self.targets}
             sources = {s.name: stack.enter_context(self.connect(s)) for s in self.sources}
             waiting = list(self.links)
+            origins = {t: origin_readable(conn) for t, conn in targets.items()}
             while True:
                 behind = []
                 for link in waiting:
                     name, mark = link.name(self.op.id), marks[link.source.name]
                     applied = targets[link.target.name].execute(
                         "SELECT pg_replication_origin_progress('pg_' || oid, true) >= %s::pg_lsn"
-                        " FROM pg_subscription WHERE subname = %s", (mark, name)).fetchone()
+                        " FROM pg_subscription WHERE subname = %s", (mark, name)).fetchone() \
+                        if origins[link.target.name] else None
                     if applied and applied[0]:
                         continue
                     confirmed = sources[link.source.name].execute(
@@ -635,6 +637,15 @@ class Move:
                                          " AND state = 'moving'", (self.database, target.name))
             store.bump_serial(self.ctx.catalog)
         self.op.finish(state)
+
+
+def origin_readable(conn: psycopg.Connection) -> bool:
+    """Whether this role may ask a replication origin's progress: superusers may; others only
+    where someone granted EXECUTE on pg_replication_origin_progress in that very database (a
+    grant in one database does not reach a new one). Without it, catch-up waits for the source's
+    slot to have the mark confirmed, which the subscriber reports only once it is durable."""
+    return conn.execute("SELECT has_function_privilege('pg_replication_origin_progress(text, boolean)',"
+                        " 'EXECUTE')").fetchone()[0]
 
 
 FENCE_MARKS = """
