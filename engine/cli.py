@@ -358,6 +358,26 @@ def down(obj: Ctx) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def doctor(obj: Ctx, as_json: bool) -> int:
+    """Preflight checks of every declared server; exit 1 when one fails.
+
+    Per server: version, wal_level, free replication slots and WAL senders, workers,
+    max_slot_wal_keep_size, pg_stat_statements, pg_buffercache, connection headroom, clock skew
+    against the catalog, and the role's privileges against what each kind of action needs. Each
+    line has a mark (✓ ok, ! warning, ✗ failed) and, when not ok, the SQL or setting that fixes it.
+    `plan` refuses the actions that need a failed check.
+    """
+    from engine import doctor as doctor_checks, workflow
+    from engine.render import doctor as render
+
+    report = doctor_checks.run(workflow.load(obj.config_dir), say=lambda t: click.echo(t, err=True))
+    click.echo(render.as_json(report) if as_json else render.text(report), nl=False)
+    return EXIT_ERROR if render.failed(report) else 0
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Show load from this recorded samples file instead of live metrics.")
 @click.pass_obj

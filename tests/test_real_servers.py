@@ -151,3 +151,64 @@ def test_a_failed_subscription_leaves_no_password_in_the_log_nor_the_error(real)
     assert secret not in real.servers["a"].log_text()
     with real.servers["a"].monitor_connect() as conn:
         assert not any(secret in r[0] for r in conn.execute("SELECT query FROM pg_stat_statements"))
+
+
+def test_doctor_checks_every_server_and_names_what_postgresql_15_cannot_do(real):
+    result = real.cli("doctor")
+    assert result.code == 1, result.both  # PostgreSQL 15 cannot take a move's target without superuser
+    out = result.out
+    assert "server a\n" in out and "server b\n" in out
+    for check in ("version", "wal_level", "replication slots", "wal senders", "replication workers",
+                  "max_slot_wal_keep_size", "pg_stat_statements", "connection headroom", "clock skew",
+                  "CREATEDB", "REPLICATION", "CREATE SUBSCRIPTION", "pg_monitor"):
+        assert f" {check} " in out, check
+    assert "✗ CREATE SUBSCRIPTION" in out and "PostgreSQL 15 lets only a superuser create subscriptions" in out
+    assert out.count("✗") == 1  # and nothing else fails: the documented grants are enough
+    assert "Doctor: 1 check failed, 0 warnings on 2 servers" in out
+    for server in real.servers.values():
+        assert server.password not in result.both
+    data = __import__("json").loads(real.cli("doctor", "--json").out)
+    assert data["failed"] == 1 and {c["name"] for c in data["servers"]["b"]} >= {"CREATE SUBSCRIPTION", "clock skew"}
+
+
+REVOKE = {
+    "CREATEDB": ("ALTER ROLE shardctl NOCREATEDB", "ALTER ROLE shardctl CREATEDB"),
+    "REPLICATION": ("ALTER ROLE shardctl NOREPLICATION", "ALTER ROLE shardctl REPLICATION"),
+    "CREATE SUBSCRIPTION": ("REVOKE pg_create_subscription FROM shardctl", "GRANT pg_create_subscription TO shardctl"),
+}
+
+
+@pytest.mark.parametrize("check", sorted(REVOKE))
+def test_each_privilege_removed_in_turn_is_named_by_doctor_and_refused_by_plan(real, check):
+    from movers import load_file
+
+    revoke, grant = REVOKE[check]
+    fleet_yaml = real.read("fleet.yaml")
+    with real.catalog() as conn:
+        serial = conn.execute("SELECT serial FROM shardctl.state").fetchone()[0]
+    with real.servers["a"].admin_connect() as admin:
+        admin.execute(revoke)
+    try:
+        doctor = real.cli("doctor")
+        assert doctor.code == 1 and f"✗ {check} " in doctor.out, doctor.out
+        if check == "CREATEDB":  # a new database placed on a
+            real.write("fleet.yaml", fleet_yaml + "  extra:\n    shard_key: {column: customer_id, type: bigint}\n"
+                       "    schema: schema/001_init.sql\n    shards: 1\n    placement: [a]\n")
+            plan = real.cli("plan")
+            assert plan.code == 1 and f"server 'a' fails the check 'CREATEDB'" in plan.err, plan.both
+            assert "ALTER ROLE shardctl CREATEDB" in plan.err
+            assert real.cli("apply", "--auto-approve").code == 1
+            with real.connect("a") as conn:
+                assert not conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE 'extra%'").fetchone()
+        else:  # a hot shard on a: its split needs a as source (REPLICATION) or as target (subscription)
+            load_file(real.base / "hot-a.json", real, hot=("orders/-40",))
+            plan = real.cli("plan", "--metrics", "hot-a.json")
+            assert plan.code == 0, plan.both
+            assert "orders/-40: hot, but it cannot be split" in plan.out and f"'{check}'" in plan.out, plan.out
+            assert "will be split" not in plan.out
+    finally:
+        real.write("fleet.yaml", fleet_yaml)
+        with real.servers["a"].admin_connect() as admin:
+            admin.execute(grant)
+    with real.catalog() as conn:
+        assert conn.execute("SELECT serial FROM shardctl.state").fetchone()[0] == serial  # nothing changed

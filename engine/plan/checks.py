@@ -130,12 +130,9 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
             f"role {role}{su}" + ("" if caps.superuser or caps.create_subscription
                                   else " is not a member of pg_create_subscription"),
             f"GRANT pg_create_subscription TO {role};", ["move_target"])
-    add("replication origin", caps.superuser or caps.origin_progress,
-        f"role {role}{su}" + ("" if caps.superuser or caps.origin_progress
-                              else " may not call pg_replication_origin_progress: a move's catch-up waits for"
-                                   " the source's slot to confirm the fence instead (a longer pause)"),
-        "nothing to do (a superuser's role asks the target's replication origin, which is quicker)",
-        warning=True)
+    add("catch-up", True, "through the target's replication origin" if caps.superuser or caps.origin_progress
+        else "through the source slot's confirmation (the replication origin's progress is a superuser's to"
+             " read; this way costs a few milliseconds more of pause)", "")
     add("pg_monitor", caps.superuser or caps.monitor,
         f"role {role}{su}" + ("" if caps.superuser or caps.monitor else " sees only its own sessions' statistics"),
         f"GRANT pg_monitor TO {role}; (metrics of every database; without it they are unknown)", warning=True)

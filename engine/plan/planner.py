@@ -19,6 +19,7 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
+from engine.plan import checks
 from engine.plan.load import load_actions
 from engine.plan.models import (
     ApplySchema, AttributeChange, CreateBranch, CreateDatabase, DatabaseSettings, DeleteBranch, DestroyDatabase, Drift,
@@ -275,6 +276,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                             " wal_level = logical")
 
     problems.extend(_unreachable_targets(desired, observation, actions))
+    problems.extend(_failing_checks(desired, observation, actions))
     problems.extend(_taken_names(desired, observation, actions))
     if problems:
         raise ConfigError(problems, "found while planning")
@@ -506,6 +508,41 @@ def _unreachable_targets(desired: Desired, observation: Observation, actions: li
             where = desired.where("servers", server) or Location(desired.files[0])
             out.append(Diagnostic(where, f"server {server!r} is unreachable, and the plan would change it: {live.error}",
                                   "start it (`shardctl up` for embedded servers) or fix its connection settings"))
+    return out
+
+
+def _needs(action) -> list[tuple[str, str]]:
+    """(server, purpose) pairs an action needs to pass the preflight checks for."""
+    kind = action.kind
+    if kind == "create_database":
+        return [(s.server, "shard") for s in action.shards]
+    if kind == "recreate_shard":
+        return [(action.shard.server, "shard")]
+    if kind == "create_branch":
+        return [(action.server, "shard")]
+    if kind == "split_shard":
+        return [(action.source.server, "move_source")] + [(t.server, p) for t in action.targets
+                                                          for p in ("shard", "move_target")]
+    if kind == "merge_shards":
+        return [(s.server, "move_source") for s in action.sources] + [
+            (action.target.server, p) for p in ("shard", "move_target")]
+    return []
+
+
+def _failing_checks(desired: Desired, observation: Observation, actions: list) -> list[Diagnostic]:
+    """A plan whose action would fail on a server for want of a privilege or a setting is refused
+    before anything changes, naming the check and its fix (`shardctl doctor` shows them all)."""
+    out, seen = [], set()
+    for action in actions:
+        for server, purpose in _needs(action):
+            for check in checks.failing(observation.servers.get(server), purpose):
+                if (action.address, server, check.name) in seen:
+                    continue
+                seen.add((action.address, server, check.name))
+                where = desired.where("servers", server) or Location(desired.files[0])
+                out.append(Diagnostic(where, f"{action.address}: server {server!r} fails the check"
+                                             f" {check.name!r} ({check.found})", f"{check.fix}"
+                                             " (`shardctl doctor` checks every server)"))
     return out
 
 
