@@ -212,3 +212,56 @@ def test_each_privilege_removed_in_turn_is_named_by_doctor_and_refused_by_plan(r
             admin.execute(grant)
     with real.catalog() as conn:
         assert conn.execute("SELECT serial FROM shardctl.state").fetchone()[0] == serial  # nothing changed
+
+
+def test_branches_across_versions_both_ways(real):
+    """orders' first shard runs 18: its branch on 15 restores an 18 dump on 15; events' first
+    shard runs 15: its branch on 18 restores the other way. Both with their rows."""
+    fleet_yaml = real.read("fleet.yaml")
+    real.write("fleet.yaml", fleet_yaml + """\
+  events:
+    shard_key: {column: customer_id, type: bigint}
+    schema: schema/001_init.sql
+    shards: 2
+    placement: [b, a]
+branches:
+  on15: {from: orders, data: full, server: b, ttl: 1d}
+  on18: {from: events, data: full, server: a, ttl: 1d}
+""")
+    assert real.cli("apply", "--auto-approve").code == 0  # events first: a branch waits for its parent
+    with real.connect("b", "events_min_80") as conn:
+        conn.execute("INSERT INTO customers (customer_id, name) SELECT g, 'e' || g FROM generate_series(1, 5000) g"
+                     " WHERE hashint8extended(g::bigint, 0) < 0")
+    result = real.cli("apply", "--auto-approve")
+    assert result.code == 0, result.both
+    rows = {}
+    for server, dbname in (("b", "branch_on15"), ("a", "branch_on18")):
+        with real.connect(server, dbname) as conn:
+            rows[dbname] = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+            version = conn.info.server_version // 10000
+        assert version == (15 if server == "b" else 18)
+    orders_rows = sum(1 for _ in all_rows(real)[0])
+    assert rows == {"branch_on15": orders_rows, "branch_on18": 5000 - sum(
+        1 for g in range(1, 5001) if __import__("engine.client", fromlist=["x"]).hashint8extended(g) >= 0)}
+    plan = real.cli("plan")
+    assert plan.code == 0 and "No changes" in plan.out, plan.both
+    drift = real.cli("drift", "--detailed-exitcode")
+    assert drift.code == 0, drift.both
+
+
+def test_a_branch_that_failed_midway_is_shown_by_plan_and_drift_then_rebuilt(real):
+    fleet_yaml = real.read("fleet.yaml")
+    real.write("fleet.yaml", fleet_yaml + ("branches:\n" if "branches:" not in fleet_yaml else "")
+               + "  half: {from: orders, data: full, server: b, ttl: 1d}\n")
+    killed = real.cli("apply", "--auto-approve", env={"SHARDCTL_FAILPOINT": "data half"})
+    assert killed.code != 0
+    plan = real.cli("plan", "--detailed-exitcode")
+    assert plan.code == 2, plan.both
+    assert "branch.half" in plan.out and "did not finish building branch half" in plan.out
+    drift = real.cli("drift", "--detailed-exitcode")
+    assert drift.code == 2 and "branch.half" in drift.out, drift.both
+    assert real.cli("apply", "--auto-approve").code == 0
+    with real.connect("b", "branch_half") as conn:
+        assert conn.execute("SELECT count(*) FROM customers").fetchone()[0] == len(all_rows(real)[0])
+    assert real.cli("plan", "--detailed-exitcode").code == 0
+    real.write("fleet.yaml", fleet_yaml)

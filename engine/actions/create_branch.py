@@ -12,6 +12,7 @@ in every shard: it is copied once. The parent is only ever read.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -128,9 +129,28 @@ def _dump(ctx: ApplyContext, shard: ShardSpec, section: str) -> str:
     return "\n".join(line for line in proc.stdout.splitlines() if not line.startswith("\\"))
 
 
+_SETTING = re.compile(r"^SET\s+(\w+)\s*=|^SELECT pg_catalog\.set_config\('(\w+)'")
+
+
+def portable(conn: psycopg.Connection, text: str) -> str:
+    """A dump made by one major version's pg_dump, made fit for the server it is restored on:
+    the session settings of its header that this server does not know are left out (pg_dump 18
+    writes `SET transaction_timeout = 0`, unknown before 17). Settings only: a dump's DDL that
+    an older server cannot run is still an error, with its message."""
+    out = []
+    for line in text.splitlines():
+        match = _SETTING.match(line)
+        if match:
+            name = match.group(1) or match.group(2)
+            if not conn.execute("SELECT 1 FROM pg_settings WHERE name = %s", (name,)).fetchone():
+                continue
+        out.append(line)
+    return "\n".join(out)
+
+
 def _run_sql(ctx: ApplyContext, target: ShardSpec, text: str) -> None:
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
         try:
-            conn.execute(text)
+            conn.execute(portable(conn, text))
         except psycopg.Error as exc:
             raise UserError(f"building branch database {target.dbname} failed: {str(exc).splitlines()[0]}") from None

@@ -325,6 +325,22 @@ def _branches(desired: Desired, observation: Observation) -> tuple[list, list[st
                 shards=tuple(_shard_spec(s) for s in parent.shards if s.state == "active"),
                 reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"),
             ))
+        elif have.state == "creating" and (have.parent, have.data, have.server) == (branch.from_, branch.data,
+                                                                                  branch.server):
+            # an apply failed or was killed while building it: visible, and rebuilt from the start
+            parent = observation.catalog.databases.get(branch.from_)
+            if parent is None or parent.state != "active":
+                notes.append(f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
+                continue
+            actions.append(CreateBranch(
+                database=branch.from_, branch=name, data=branch.data,
+                sample_percent=branch.sample_percent if branch.data == "sample" else None,
+                server=branch.server, dbname=have.dbname, ttl_seconds=branch.ttl,
+                shards=tuple(_shard_spec(s) for s in parent.shards if s.state == "active"),
+                reason=Reason(cause="resume", text=f"an earlier apply did not finish building branch {name} (its"
+                              " database may be half-built): apply rebuilds it from the start; removing the branch"
+                              " from the configuration deletes it instead"),
+            ))
         elif have.state == "expired":
             notes.append(f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
                          " deleted; remove it from the configuration (or declare it under a new name)")
