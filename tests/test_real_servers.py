@@ -90,17 +90,14 @@ def test_the_role_is_no_superuser_on_either_server(real):
     assert real.servers["b"].version // 10000 == 15 and real.servers["a"].version // 10000 >= 16
 
 
-def test_a_split_from_15_to_18_under_a_writer_is_an_online_major_upgrade(real):
-    preload(real)
-    hot_file(real.base / "hot.json")  # orders/40-80, placed on b (PostgreSQL 15)
-    assert [s[3] for s in active_shards(real) if s[0] == "40-80"] == ["b"]
+def _under_a_writer(real, metrics: str, start_id: int):
     before, problems = all_rows(real)
     assert not problems and before
-    writer = Writer(pgservers_dsn_dict(real.dsn("a", "shardctl")), start_id=10_000_000,
-                    servers={"a": real.dsn("a"), "b": real.dsn("b")})
+    writer = Writer(pgservers_dsn_dict(real.dsn("a", "shardctl")), start_id=start_id,
+                    servers={"a": real.dsn("a"), "b": real.dsn("b")})  # the catalog never holds a password
     writer.start(before)
     try:
-        result = real.cli("apply", "--auto-approve", "--metrics", "hot.json")
+        result = real.cli("apply", "--auto-approve", "--metrics", metrics)
     finally:
         time.sleep(0.5)
         writer.stop()
@@ -108,8 +105,30 @@ def test_a_split_from_15_to_18_under_a_writer_is_an_online_major_upgrade(real):
     assert writer.errors == [] and writer.writes > 50
     rows, problems = all_rows(real)
     assert problems == [] and rows == writer.expected  # every row accounted for
+    return result
+
+
+def test_a_split_from_15_to_18_under_a_writer_is_an_online_major_upgrade(real):
+    preload(real)
+    hot_file(real.base / "hot.json")  # orders/40-80, placed on b (PostgreSQL 15)
+    assert [s[3] for s in active_shards(real) if s[0] == "40-80"] == ["b"]
+    _under_a_writer(real, "hot.json", 10_000_000)
     moved = {s[0]: s[3] for s in active_shards(real)}
     assert moved["40-60"] == "a" and moved["60-80"] == "a"  # the range now lives on PostgreSQL 18
+    for server in ("a", "b"):
+        with real.connect(server) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+
+
+def test_a_merge_of_a_15_shard_and_an_18_shard_under_a_writer_lands_on_18(real):
+    from movers import load_file
+
+    shards = {s[0]: s[3] for s in active_shards(real)}
+    assert shards["80-c0"] == "a" and shards["c0-"] == "b"
+    load_file(real.base / "cold.json", real, cold=("orders/80-c0", "orders/c0-"))
+    result = _under_a_writer(real, "cold.json", 20_000_000)
+    assert "will be merged" in result.out or "merge" in result.out
+    assert {s[0]: s[3] for s in active_shards(real)}["80-"] == "a"  # PostgreSQL 15 cannot take the target
     for server in ("a", "b"):
         with real.connect(server) as conn:
             assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
