@@ -354,6 +354,8 @@ def down(obj: Ctx) -> None:
         if handle.embedded:
             stopped = handle.embedded.stop()
             click.echo(f"server {name}: {'stopped' if stopped else 'not running'}")
+        else:
+            click.echo(f"server {name}: not embedded, left running (shardctl does not manage its process)")
 
 
 @cli.command()
@@ -381,7 +383,7 @@ def doctor(obj: Ctx, as_json: bool) -> int:
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Show load from this recorded samples file instead of live metrics.")
 @click.pass_obj
-def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> None:
+def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> int:
     """Servers, databases, shards with their ranges, placement, live load and hot/cold state.
 
     Each shard shows its latest metrics (`?` = unknown: never counted as zero), its state as the
@@ -396,6 +398,8 @@ def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> None:
         click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
         render_status(report, colour=obj.colour)
+    # the catalog out of reach is an error for scripts too (a stopped embedded one is not: `up`)
+    return EXIT_ERROR if str((report.get("catalog") or {}).get("state", "")).startswith("server unreachable") else 0
 
 
 @cli.command()

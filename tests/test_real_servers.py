@@ -283,4 +283,62 @@ def test_a_branch_that_failed_midway_is_shown_by_plan_and_drift_then_rebuilt(rea
     with real.connect("b", "branch_half") as conn:
         assert conn.execute("SELECT count(*) FROM customers").fetchone()[0] == len(all_rows(real)[0])
     assert real.cli("plan", "--detailed-exitcode").code == 0
+    real.write("fleet.yaml", fleet_yaml + "allow_destroy: {branches: [half]}\n")
+    assert real.cli("apply", "--auto-approve").code == 0
     real.write("fleet.yaml", fleet_yaml)
+
+
+def test_a_service_and_a_passfile_reach_the_source_and_the_subscription_too(real, tmp_path):
+    """Server b declared as a libpq service (pg_service.conf with host, port, user) and its
+    password in a passfile, as libpq users keep them: a split of b's shard into a works, because
+    the subscription on a gets what libpq resolved here, spelled out (no service file there)."""
+    import json
+
+    from traces import samples, to_file
+
+    b = real.servers["b"]
+    params = dict(item.split("=", 1) for item in b.dsn.split())
+    services, passfile = tmp_path / "pg_service.conf", tmp_path / "pgpass"
+    services.write_text(f"[pg15]\nhost={params['host']}\nport={params['port']}\nuser={params['user']}\n")
+    passfile.write_text(f"{params['host']}:{params['port']}:*:{params['user']}:{b.password}\n")
+    passfile.chmod(0o600)
+    fleet_yaml = real.read("fleet.yaml")
+    real.write("fleet.yaml", fleet_yaml.replace("b: {dsn_env: PG15_DSN,", "b: {service: pg15,"))
+    env = {"PGSERVICEFILE": str(services), "PGPASSFILE": str(passfile), "PG15_DSN": ""}
+    with real.catalog() as conn:
+        shards = conn.execute("SELECT name, server FROM shardctl.shards WHERE database = 'events'"
+                              " AND state = 'active' ORDER BY lo NULLS FIRST").fetchall()
+    assert shards == [("-80", "b"), ("80-", "a")]
+    windows = {f"events/{name}": samples(f"events/{name}", {"queries_per_second": [15000.0 if name == "-80" else 5.0] * 40},
+                                         server=server) for name, server in shards}
+    (real.base / "hot-events.json").write_text(json.dumps(to_file(windows)))
+    try:
+        doctor = real.cli("doctor", env=env)
+        assert "server b\n  ✓ version" in doctor.out, doctor.both
+        result = real.cli("apply", "--auto-approve", "--metrics", "hot-events.json", env=env)
+        assert result.code == 0, result.both
+        assert "Split complete" in result.out
+        with real.catalog() as conn:
+            moved = conn.execute("SELECT name, server FROM shardctl.shards WHERE database = 'events'"
+                                 " AND state = 'active' ORDER BY lo NULLS FIRST").fetchall()
+        assert moved == [("-40", "a"), ("40-80", "a"), ("80-", "a")]
+        with real.connect("a", "events_min_40") as conn:
+            n = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+        with real.connect("a", "events_40_80") as conn:
+            n += conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+        with b.admin_connect("events_min_80") as conn:
+            assert conn.execute("SELECT count(*) FROM customers").fetchone()[0] == n > 0
+        assert b.password not in result.both and b.password not in real.servers["a"].log_text()
+    finally:
+        real.write("fleet.yaml", fleet_yaml)
+
+
+def test_connection_errors_to_a_dsn_server_say_how_to_reach_it_and_status_json_fails(real, tmp_path):
+    broken = {"PG15_DSN": "host=127.0.0.1 port=1 user=x password=NotThisOne dbname=postgres connect_timeout=2"}
+    status = real.cli("status", "--json", env={"PG18_DSN": broken["PG15_DSN"]})  # the catalog's server
+    assert status.code == 1 and "unreachable" in status.out
+    plan = real.cli("plan", env={"PG18_DSN": broken["PG15_DSN"]})
+    assert plan.code == 1 and "$PG18_DSN reaches it" in plan.err and "shardctl up" not in plan.err, plan.both
+    assert "NotThisOne" not in plan.both + status.both
+    down = real.cli("down")
+    assert down.code == 0 and "server a: not embedded, left running" in down.out

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
@@ -115,12 +115,15 @@ def _copy_shard(ctx: ApplyContext, shard: ShardSpec, target: ShardSpec, tables, 
 
 def _dump(ctx: ApplyContext, shard: ShardSpec, section: str) -> str:
     params = ctx.fleet.servers[shard.server].params(shard.dbname)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    mapping = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE", "password": "PGPASSWORD",
-               "service": "PGSERVICE", "sslmode": "PGSSLMODE"}
+    # libpq's own environment variables as shardctl's connections see them (PGSERVICEFILE,
+    # PGPASSFILE, PGSSLROOTCERT...), overlaid with the server's parameters, each through its
+    # variable (sslmode, sslrootcert, service... all of them): the password travels in the
+    # environment, never on argv
+    env = dict(os.environ)
+    mapping = {o.keyword.decode(): o.envvar.decode() for o in pq.Conninfo.get_defaults() if o.envvar}
     for key, value in params.items():
         if key in mapping:
-            env[mapping[key]] = str(value)  # the password travels in the environment, never on argv
+            env[mapping[key]] = str(value)
     proc = subprocess.run([str(bin_dir() / "pg_dump"), "--schema-only", f"--section={section}", "--no-owner",
                            "--no-privileges", "--exclude-schema=_shardctl"], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

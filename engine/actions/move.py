@@ -31,10 +31,9 @@ from typing import Callable
 
 import psycopg
 from psycopg import errors, sql
-from psycopg.conninfo import make_conninfo
 
 from engine.actions.compare import Comparison, VerifyRestart
-from engine.actions.subscription import create_subscription
+from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.actions.locking import with_lock_retries
 from engine.actions.base import (
     ApplyContext,
@@ -199,8 +198,10 @@ class Move:
         return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
     def source_conninfo(self, source: ShardSpec) -> str:
-        params = self.ctx.fleet.servers[source.server].params(source.dbname)
-        return make_conninfo(**params)
+        """How the target's subscription reaches the source: what libpq resolved here (service
+        file, PG* variables, passfile and sslmode included), spelled out for the subscriber."""
+        with self.connect(source) as conn:
+            return resolved_conninfo(conn)
 
     def say(self, text: str) -> None:
         self.ctx.say(f"{self.label}: {text}")
@@ -291,8 +292,11 @@ class Move:
                     # the source's connection string (its password) never appears in a statement's
                     # text: engine/actions/subscription.py says how and why
                     streaming = "parallel" if conn.info.server_version >= 160000 else "on"
-                    create_subscription(conn, name, self.source_conninfo(link.source), publication=name,
-                                        slot=name, streaming=streaming)
+                    try:
+                        create_subscription(conn, name, self.source_conninfo(link.source), publication=name,
+                                            slot=name, streaming=streaming)
+                    except psycopg.Error as exc:
+                        raise subscription_failed(self.label, self.op.id, link, exc) from None
 
     def _progress(self) -> Progress:
         """One reading of the copy and the replication: tables ready, rows copied so far, and per
@@ -637,6 +641,18 @@ class Move:
                                          " AND state = 'moving'", (self.database, target.name))
             store.bump_serial(self.ctx.catalog)
         self.op.finish(state)
+
+
+def subscription_failed(label: str, operation: int, link: Link, exc: psycopg.Error) -> MoveFailed:
+    """A subscription the target's server refused: a database condition, named with its server,
+    step and operation, and the ways forward (never a bug report)."""
+    diag = exc.diag
+    why = " ".join(p for p in (diag.message_primary, diag.message_detail, diag.message_hint) if p) or str(exc)
+    return MoveFailed(f"{label}: server {link.target.server} refused the subscription of {link.target.dbname}"
+                      f" (step subscribe, operation {operation}): {why}",
+                      "`shardctl doctor` checks what moves need on every server. Once fixed, `shardctl apply`"
+                      f" resumes the operation; `shardctl abort {operation}` removes what it created instead"
+                      " (the source is untouched either way)")
 
 
 def origin_readable(conn: psycopg.Connection) -> bool:

@@ -27,6 +27,8 @@ superusers (its column privilege is revoked from PUBLIC), as PostgreSQL intends.
 from __future__ import annotations
 
 import psycopg
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
 
 SUBSCRIBE = """
 DO $shardctl$
@@ -43,10 +45,14 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
                                 detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
-        IF detail = '' AND hint = '' THEN
-            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = message;
+        IF detail <> '' AND hint <> '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = message, DETAIL = detail, HINT = hint;
+        ELSIF detail <> '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = message, DETAIL = detail;
+        ELSIF hint <> '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = message, HINT = hint;
         END IF;
-        RAISE EXCEPTION USING ERRCODE = state, MESSAGE = message, DETAIL = detail, HINT = hint;
+        RAISE EXCEPTION USING ERRCODE = state, MESSAGE = message;
     END;
 END
 $shardctl$
@@ -68,3 +74,22 @@ def create_subscription(conn: psycopg.Connection, name: str, conninfo: str, publ
         with conn.cursor().copy("COPY pg_temp.shardctl_subscription FROM STDIN") as copy:
             copy.write_row((name, conninfo, publication, slot, streaming))
         conn.execute(SUBSCRIBE)
+
+
+# what a subscriber's libpq (PostgreSQL 15 and later) understands, of what shardctl resolved
+PORTABLE = ("host", "hostaddr", "port", "user", "password", "dbname", "connect_timeout", "options", "keepalives",
+            "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "sslmode", "sslcert",
+            "sslkey", "sslrootcert", "sslcrl", "sslcrldir", "sslsni", "requirepeer", "ssl_min_protocol_version",
+            "ssl_max_protocol_version", "gssencmode", "krbsrvname", "channel_binding", "target_session_attrs")
+
+
+def resolved_conninfo(conn: psycopg.Connection) -> str:
+    """The connection string a subscription needs to reach the server CONN is connected to, as
+    libpq resolved it here: a `service:` entry, PG* environment variables and a passfile are
+    this host's, not the subscriber's, so their values are spelled out (the password too: a
+    non-superuser's subscription must carry it). Values equal to libpq's defaults are left out."""
+    compiled = {o.keyword.decode(): (o.compiled or b"").decode() for o in pq.Conninfo.get_defaults()}
+    values = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
+    if conn.info.password:  # from a passfile, libpq keeps it per host, outside the options
+        values["password"] = conn.info.password
+    return make_conninfo(**{k: values[k] for k in PORTABLE if values.get(k) not in (None, "", compiled.get(k))})
