@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.config.loader import Desired
 from engine.observe.observer import inspect_server
-from engine.plan.checks import Check, server_checks
+from engine.plan.checks import Check, metrics_check, server_checks
 from engine.servers.fleet import Fleet
 
 
@@ -23,5 +23,7 @@ def run(desired: Desired, say=lambda _: None) -> dict[str, list[Check]]:
     out = {}
     for name, server in live.items():
         found = server_checks(server, None if name == desired.catalog_server else offset)
+        if server.reachable:
+            found.append(metrics_check(name, desired.servers[name], server))
         out[name] = found
     return out

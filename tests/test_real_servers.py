@@ -333,6 +333,42 @@ def test_a_service_and_a_passfile_reach_the_source_and_the_subscription_too(real
         real.write("fleet.yaml", fleet_yaml)
 
 
+def test_metrics_that_cannot_be_read_say_why_and_a_missing_grant_loses_no_round(real):
+    """Server a without declared capacity (not this host's: cores and disk unknown) and without
+    pg_monitor (pg_buffercache unreadable): doctor, status and the plan's notes name each reason;
+    the round still samples every shard of a."""
+    import json
+
+    fleet_yaml = real.read("fleet.yaml")
+    real.write("fleet.yaml", fleet_yaml.replace("a: {dsn_env: PG18_DSN, capacity: {storage: 20GiB, memory: 4GiB, cpus: 2}}",
+                                                "a: {dsn_env: PG18_DSN}"))
+    with real.servers["a"].admin_connect() as admin:
+        admin.execute("REVOKE pg_monitor FROM shardctl")
+    try:
+        doctor = real.cli("doctor")
+        assert "! metrics" in doctor.out and "cpu_percent (no declared capacity" in doctor.out, doctor.out
+        assert "memory_percent (role shardctl may not read pg_buffercache" in doctor.out
+        assert "! pg_monitor" in doctor.out and "GRANT pg_monitor TO shardctl;" in doctor.out
+        assert real.cli("metrics", "collect", "--count", "2", "--interval", "1s").code == 0
+        status = real.cli("status", "--json")
+        assert status.code == 0, status.both
+        report = json.loads(status.out)
+        a = next(s for s in report["servers"] if s["name"] == "a")
+        assert set(a["unknown_metrics"]) == {"cpu_percent", "memory_percent", "storage_percent"}
+        on_a = [s for db in report["databases"] for s in db["shards"] if s["server"] == "a" and s["state"] == "active"]
+        assert on_a and all(s["metrics"]["connections"] is not None for s in on_a)  # the round was not lost
+        assert all(s["metrics"]["memory_percent"] is None for s in on_a)
+        text = real.cli("status").out
+        assert "server a: memory_percent is unknown (?) for its shards" in text
+        plan = real.cli("plan")
+        assert "server.a: cpu_percent is unknown for its shards: no declared capacity" in plan.out, plan.out
+        assert "orders (a cold threshold on cpu_percent) can never be cold there" in plan.out
+    finally:
+        real.write("fleet.yaml", fleet_yaml)
+        with real.servers["a"].admin_connect() as admin:
+            admin.execute("GRANT pg_monitor TO shardctl")
+
+
 def test_connection_errors_to_a_dsn_server_say_how_to_reach_it_and_status_json_fails(real, tmp_path):
     broken = {"PG15_DSN": "host=127.0.0.1 port=1 user=x password=NotThisOne dbname=postgres connect_timeout=2"}
     status = real.cli("status", "--json", env={"PG18_DSN": broken["PG15_DSN"]})  # the catalog's server

@@ -24,7 +24,9 @@ SELECT current_setting('server_version_num')::int,
        current_setting('max_logical_replication_workers')::int,
        (SELECT setting::bigint * CASE unit WHEN 'MB' THEN 1048576 WHEN 'kB' THEN 1024 ELSE 1 END
           FROM pg_settings WHERE name = 'max_slot_wal_keep_size'),
-       current_setting('shared_preload_libraries') ~ '(^|[ ,])pg_stat_statements($|[ ,])',
+       -- its settings exist once the library is loaded (shared_preload_libraries itself is
+       -- readable only with pg_read_all_settings)
+       EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pg_stat_statements.max'),
        EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'),
        EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_buffercache'),
        coalesce((SELECT setting FROM pg_settings WHERE name = 'pg_stat_statements.track'), ''),

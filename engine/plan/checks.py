@@ -153,3 +153,32 @@ def why_not(live: LiveServer | None, purpose: str) -> str | None:
         return None
     first = bad[0]
     return f"server {first.server} fails the check {first.name!r} ({first.found}); fix: {first.fix.rstrip(';')}"
+
+
+def metric_gaps(name: str, spec, live: LiveServer | None) -> dict[str, str]:
+    """Metrics that stay unknown for every shard of a server, and why (with the fix): no declared
+    capacity where this host cannot measure it, an extension not created, a grant missing."""
+    gaps: dict[str, str] = {}
+    local = bool(getattr(spec, "embedded", False))
+    capacity = getattr(spec, "capacity", None)
+    if not local and not (capacity and capacity.cpus):
+        gaps["cpu_percent"] = (f"no declared capacity (its cores are not this host's): declare servers.{name}.capacity.cpus")
+    if not local and not (capacity and capacity.storage):
+        gaps["storage_percent"] = (f"no declared capacity (its disk is not this host's): declare"
+                                   f" servers.{name}.capacity.storage")
+    caps = live.capabilities if live is not None else None
+    if caps is not None:
+        if not caps.buffercache_created:
+            gaps["memory_percent"] = "pg_buffercache is not created: CREATE EXTENSION pg_buffercache; in postgres"
+        elif not (caps.superuser or caps.monitor):
+            gaps["memory_percent"] = (f"role {_role(caps)} may not read pg_buffercache: GRANT pg_monitor TO"
+                                      f" {_role(caps)};")
+    return gaps
+
+
+def metrics_check(name: str, spec, live: LiveServer) -> Check:
+    gaps = metric_gaps(name, spec, live)
+    return Check(server=name, name="metrics", ok=not gaps,
+                 found="every metric readable" if not gaps else "unknown for every shard: " + "; ".join(
+                     f"{metric} ({why.split(':')[0]})" for metric, why in sorted(gaps.items())),
+                 fix="; ".join(why.split(": ", 1)[1] for _, why in sorted(gaps.items())), warning=True)

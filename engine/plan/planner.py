@@ -275,6 +275,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
             warnings.append(f"server.{server.name}: wal_level is {server.wal_level}; splits and merges will need"
                             " wal_level = logical")
 
+    warnings.extend(_unknown_metrics(desired, observation))
     problems.extend(_unreachable_targets(desired, observation, actions))
     problems.extend(_failing_checks(desired, observation, actions))
     problems.extend(_taken_names(desired, observation, actions))
@@ -524,6 +525,29 @@ def _unreachable_targets(desired: Desired, observation: Observation, actions: li
             where = desired.where("servers", server) or Location(desired.files[0])
             out.append(Diagnostic(where, f"server {server!r} is unreachable, and the plan would change it: {live.error}",
                                   "start it (`shardctl up` for embedded servers) or fix its connection settings"))
+    return out
+
+
+def _unknown_metrics(desired: Desired, observation: Observation) -> list[str]:
+    """Metrics that stay unknown on a server holding shards, why, and what that means for the
+    detector: unknown never makes a shard hot, and a shard whose policy has a cold threshold on
+    that metric can never be judged cold (merge candidates need every cold metric known)."""
+    hosted: dict[str, set[str]] = {}
+    for db in observation.catalog.databases.values():
+        for shard in db.shards:
+            if shard.state == "active":
+                hosted.setdefault(shard.server, set()).add(db.name)
+    out = []
+    for name in sorted(hosted):
+        live, spec = observation.servers.get(name), desired.servers.get(name)
+        if live is None or spec is None or not live.reachable:
+            continue
+        for metric, why in sorted(checks.metric_gaps(name, spec, live).items()):
+            never_cold = sorted(d for d in hosted[name] if d in desired.databases
+                                and getattr(desired.databases[d].effective_policy.cold, metric, None) is not None)
+            out.append(f"server.{name}: {metric} is unknown for its shards: {why}. Unknown never makes a shard hot"
+                       + (f"; {', '.join(never_cold)} (a cold threshold on {metric}) can never be cold there"
+                          if never_cold else ""))
     return out
 
 
