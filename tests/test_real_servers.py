@@ -1,7 +1,10 @@
 """A fleet of one Debian PostgreSQL 15 and one embedded PostgreSQL 18, both declared by DSN and
 both used through the least-privileged role README documents (no superuser): create, split
 under a writer across versions (an online major-version upgrade), and no password on the
-server side, as a pg_monitor member reads it."""
+server side, as a pg_monitor member reads it.
+
+The tests run in file order on one fleet (module-scoped servers): each starts from what the
+previous ones left, as an operator's fleet would."""
 
 from __future__ import annotations
 
@@ -141,7 +144,11 @@ def pgservers_dsn_dict(dsn: str) -> dict:
 
 
 def test_no_password_on_the_server_side_as_a_pg_monitor_member_reads_it(real):
-    """After the split above: statistics, activity and the server logs of both servers."""
+    """After the split and the merge above: statistics, activity and the server logs of both."""
+    _no_password_anywhere(real)
+
+
+def _no_password_anywhere(real):
     secrets = [real.servers["a"].password, real.servers["b"].password]
     for name, server in real.servers.items():
         with server.monitor_connect() as conn:
@@ -378,3 +385,9 @@ def test_connection_errors_to_a_dsn_server_say_how_to_reach_it_and_status_json_f
     assert "NotThisOne" not in plan.both + status.both
     down = real.cli("down")
     assert down.code == 0 and "server a: not embedded, left running" in down.out
+
+
+def test_last_no_password_anywhere_after_branches_service_moves_and_failures(real):
+    """Once more at the end of the module, after the branches, the split from a service with a
+    passfile, the failed subscription and the refused plans."""
+    _no_password_anywhere(real)
