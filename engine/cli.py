@@ -634,6 +634,15 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: say so plainly, keep the traceback for --debug
         if debug:
             traceback.print_exc()
+        import psycopg
+
+        if isinstance(exc, psycopg.Error):  # a database condition (privilege, setting, state), not a bug
+            state = getattr(exc, "sqlstate", None)
+            click.echo(f"Error: a server refused: {redact(str(exc).strip().splitlines()[0] if str(exc).strip() else '')}"
+                       + (f" (SQLSTATE {state})" if state else "")
+                       + "\n\n`shardctl doctor` checks what each server needs; `shardctl status` lists interrupted"
+                         " operations (`shardctl apply` resumes them, `shardctl abort N` rolls one back).", err=True)
+            sys.exit(EXIT_ERROR)
         click.echo(f"Error: unexpected {type(exc).__name__}: {redact(str(exc))}\n\n"
                    "This is a bug in shardctl. Rerun with --debug for the traceback and report it.", err=True)
         sys.exit(EXIT_ERROR)

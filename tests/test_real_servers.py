@@ -387,6 +387,25 @@ def test_connection_errors_to_a_dsn_server_say_how_to_reach_it_and_status_json_f
     assert down.code == 0 and "server a: not embedded, left running" in down.out
 
 
+def test_a_database_condition_is_reported_as_such_never_as_a_bug(real):
+    fleet_yaml = real.read("fleet.yaml")
+    with real.servers["b"].admin_connect() as admin:
+        admin.execute("ALTER ROLE shardctl SET default_transaction_read_only = on")
+    try:
+        real.write("fleet.yaml", fleet_yaml.replace("databases:\n", "databases:\n  ro:\n"
+                   "    shard_key: {column: customer_id, type: bigint}\n    schema: schema/001_init.sql\n"
+                   "    shards: 1\n    placement: [b]\n", 1))
+        result = real.cli("apply", "--auto-approve")
+        assert result.code == 1 and "Error: a server refused:" in result.err and "read-only" in result.err, result.both
+        assert "bug" not in result.err and "shardctl doctor" in result.err
+    finally:
+        with real.servers["b"].admin_connect() as admin:
+            admin.execute("ALTER ROLE shardctl RESET default_transaction_read_only")
+        real.write("fleet.yaml", fleet_yaml + "allow_destroy: {databases: [ro]}\n")
+        assert real.cli("apply", "--auto-approve").code == 0
+        real.write("fleet.yaml", fleet_yaml)
+
+
 def test_last_no_password_anywhere_after_branches_service_moves_and_failures(real):
     """Once more at the end of the module, after the branches, the split from a service with a
     passfile, the failed subscription and the refused plans."""
