@@ -115,7 +115,11 @@ def test_a_split_from_15_to_18_under_a_writer_is_an_online_major_upgrade(real):
     preload(real)
     hot_file(real.base / "hot.json")  # orders/40-80, placed on b (PostgreSQL 15)
     assert [s[3] for s in active_shards(real) if s[0] == "40-80"] == ["b"]
-    _under_a_writer(real, "hot.json", 10_000_000)
+    result = _under_a_writer(real, "hot.json", 10_000_000)
+    with real.catalog() as conn:
+        (event,) = conn.execute("SELECT detail FROM shardctl.history WHERE event = 'split_shard'").fetchone()
+    assert 0 < event["pause_ms"] < 5000, event["pause_ms"]  # catch-up through the slot: no superuser
+    print(f"\nsplit 15 -> 18 as a non-superuser: writes paused {event['pause_ms']} ms")
     moved = {s[0]: s[3] for s in active_shards(real)}
     assert moved["40-60"] == "a" and moved["60-80"] == "a"  # the range now lives on PostgreSQL 18
     for server in ("a", "b"):
