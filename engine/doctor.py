@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.config.loader import Desired
 from engine.observe.observer import inspect_server
-from engine.plan.checks import Check, metrics_check, server_checks
+from engine.plan.checks import Check, metrics_check, server_checks, tls_check
 from engine.servers.fleet import Fleet
 
 
@@ -25,5 +25,8 @@ def run(desired: Desired, say=lambda _: None) -> dict[str, list[Check]]:
         found = server_checks(server, None if name == desired.catalog_server else offset)
         if server.reachable:
             found.append(metrics_check(name, desired.servers[name], server))
+            tls = tls_check(server) if any(not s.embedded for s in desired.servers.values()) else None
+            if tls is not None:
+                found.append(tls)
         out[name] = found
     return out

@@ -194,7 +194,7 @@ def test_doctor_checks_every_server_and_names_what_postgresql_15_cannot_do(real)
         assert f" {check} " in out, check
     assert "✗ CREATE SUBSCRIPTION" in out and "PostgreSQL 15 lets only a superuser create subscriptions" in out
     assert out.count("✗") == 1  # and nothing else fails: the documented grants are enough
-    assert "Doctor: 1 check failed, 0 warnings on 2 servers" in out
+    assert "Doctor: 1 check failed, 1 warning on 2 servers" in out  # the embedded 18 has no SSL (see below)
     for server in real.servers.values():
         assert server.password not in result.both
     data = __import__("json").loads(real.cli("doctor", "--json").out)
@@ -389,6 +389,105 @@ def test_connection_errors_to_a_dsn_server_say_how_to_reach_it_and_status_json_f
     assert "NotThisOne" not in plan.both + status.both
     down = real.cli("down")
     assert down.code == 0 and "server a: not embedded, left running" in down.out
+
+
+def _certificates(directory, owner_of_key: str | None):
+    """A CA and a server certificate for 127.0.0.1 (subjectAltName IP), made with openssl."""
+    import subprocess
+
+    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, cwd=directory)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+        "-out", "server.csr")
+    (directory / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "san.ext", "-out", "server.crt")
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other-ca",
+        "-keyout", "other.key", "-out", "other.crt")
+    import os
+    import pwd
+
+    os.chmod(directory, 0o755)
+    for name in ("ca.crt", "other.crt", "server.crt"):
+        os.chmod(directory / name, 0o644)
+    os.chmod(directory / "server.key", 0o600)
+    if owner_of_key:
+        entry = pwd.getpwnam(owner_of_key)
+        os.chown(directory / "server.key", entry.pw_uid, entry.pw_gid)
+        os.chown(directory / "server.crt", entry.pw_uid, entry.pw_gid)
+
+
+def test_sslmode_verify_full_is_honoured_for_shardctl_and_spelled_out_for_subscriptions(real, tmp_path_factory):
+    from engine.actions.subscription import resolved_conninfo
+    from engine.servers.embedded import _system_user
+
+    certs = tmp_path_factory.mktemp("tls", numbered=True)
+    for parent in list(certs.parents)[:-1]:
+        if str(parent).startswith("/tmp"):
+            parent.chmod(parent.stat().st_mode | 0o011)  # the server's user reaches its key
+    _certificates(certs, _system_user())
+    b = real.servers["b"]
+    with b.admin_connect() as admin:
+        admin.execute("ALTER SYSTEM SET ssl = on")
+        admin.execute(psycopg.sql.SQL("ALTER SYSTEM SET ssl_cert_file = {}").format(psycopg.sql.Literal(str(certs / "server.crt"))))
+        admin.execute(psycopg.sql.SQL("ALTER SYSTEM SET ssl_key_file = {}").format(psycopg.sql.Literal(str(certs / "server.key"))))
+        admin.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    verified = f"{b.dsn} sslmode=verify-full sslrootcert={certs / 'ca.crt'}"
+    wrong = f"{b.dsn} sslmode=verify-full sslrootcert={certs / 'other.crt'}"
+    try:
+        with psycopg.connect(verified, autocommit=True) as conn:
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+            spelled = resolved_conninfo(conn)
+        assert "sslmode=verify-full" in spelled and f"sslrootcert={certs / 'ca.crt'}" in spelled
+        assert real.cli("status", env={"PG15_DSN": verified}).code == 0
+        doctor = real.cli("doctor", env={"PG15_DSN": verified})
+        assert "server b\n  ✓ version" in doctor.out, doctor.both
+        # a split of a shard of b into a, b reached with verify-full: the subscription on a gets
+        # sslmode and sslrootcert spelled out, and its server verifies b's certificate too
+        import json
+
+        from traces import samples, to_file
+
+        fleet_yaml = real.read("fleet.yaml")
+        real.write("fleet.yaml", fleet_yaml.replace("databases:\n", "databases:\n  tls:\n"
+                   "    shard_key: {column: customer_id, type: bigint}\n    schema: schema/001_init.sql\n"
+                   "    shards: 1\n    placement: [b, a]\n", 1))
+        env = {"PG15_DSN": verified}
+        assert real.cli("apply", "--auto-approve", env=env).code == 0
+        with psycopg.connect(verified.replace("dbname=postgres", "dbname=tls_min_max"), autocommit=True) as conn:
+            conn.execute("INSERT INTO customers (customer_id, name) SELECT g, 't' FROM generate_series(1, 3000) g")
+        (real.base / "hot-tls.json").write_text(json.dumps(to_file(
+            {"tls/-": samples("tls/-", {"queries_per_second": [15000.0] * 40}, server="b")})))
+        # ... but the embedded PostgreSQL 18 is built without SSL: its subscription cannot use TLS.
+        # Doctor says so beforehand, and the split stops at its subscribe step naming server,
+        # step and operation; abort leaves the source as it was.
+        tls_line = [line for line in real.cli("doctor", env=env).out.splitlines() if "TLS for subscriptions" in line]
+        assert tls_line[0].startswith("  ! ") and "built without SSL support" in tls_line[0]  # server a's
+        split = real.cli("apply", "--auto-approve", "--metrics", "hot-tls.json", env=env)
+        assert split.code == 1 and "server a refused the subscription" in split.err, split.both
+        assert "SSL support is not compiled in" in split.err and "(step subscribe, operation" in split.err
+        assert "bug" not in split.err and b.password not in split.both
+        operation = split.err.split("shardctl abort ")[1].split("`")[0]
+        assert real.cli("abort", operation, env=env).code == 0
+        with psycopg.connect(verified.replace("dbname=postgres", "dbname=tls_min_max"), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM customers").fetchone()[0] == 3000
+            conn.execute("INSERT INTO customers (customer_id, name) VALUES (-1, 'writable')")  # no fence left
+            assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+        real.write("fleet.yaml", fleet_yaml + "allow_destroy: {databases: [tls]}\n")
+        assert real.cli("apply", "--auto-approve", env=env).code == 0
+        real.write("fleet.yaml", fleet_yaml)
+
+        refused = real.cli("doctor", env={"PG15_DSN": wrong})  # another CA: not this server's
+        assert refused.code == 1 and "✗ reachable" in refused.out and "certificate verify failed" in refused.out
+        plan = real.cli("plan", env={"PG15_DSN": wrong})
+        assert "server.b is unreachable" in plan.out and "certificate verify failed" in plan.out, plan.both
+        assert b.password not in refused.both + plan.both
+    finally:
+        with b.admin_connect() as admin:
+            admin.execute("ALTER SYSTEM RESET ssl")
+            admin.execute("SELECT pg_reload_conf()")
 
 
 def test_a_database_condition_is_reported_as_such_never_as_a_bug(real):

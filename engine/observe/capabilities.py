@@ -35,6 +35,7 @@ SELECT current_setting('server_version_num')::int,
        (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int,
        r.rolconnlimit,
        current_user::text,
+       coalesce((SELECT setting FROM pg_settings WHERE name = 'ssl_library'), ''),
        extract(epoch FROM clock_timestamp())::float8
 FROM pg_roles r WHERE r.rolname = current_user
 """
@@ -44,7 +45,7 @@ FIELDS = ("version_num", "superuser", "createdb", "replication", "monitor", "cre
           "used_wal_senders", "max_worker_processes", "max_logical_replication_workers",
           "max_slot_wal_keep_size_bytes", "stat_statements_loaded", "stat_statements_created",
           "buffercache_created", "stat_statements_track", "max_connections", "reserved_connections",
-          "connections", "role_connection_limit", "role", "clock_epoch")
+          "connections", "role_connection_limit", "role", "ssl_library", "clock_epoch")
 
 
 def read(conn: psycopg.Connection) -> Capabilities:

@@ -145,6 +145,7 @@ class Capabilities(Frozen):
     connections: int
     role_connection_limit: int
     role: str = ""
+    ssl_library: str = ""  # empty: built without SSL (its subscriptions cannot use TLS)
     clock_offset_s: float  # the server's clock minus this host's
 
 

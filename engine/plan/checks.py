@@ -182,3 +182,16 @@ def metrics_check(name: str, spec, live: LiveServer) -> Check:
                  found="every metric readable" if not gaps else "unknown for every shard: " + "; ".join(
                      f"{metric} ({why.split(':')[0]})" for metric, why in sorted(gaps.items())),
                  fix="; ".join(why.split(": ", 1)[1] for _, why in sorted(gaps.items())), warning=True)
+
+
+def tls_check(live: LiveServer) -> Check | None:
+    """Whether this server's subscriptions can use TLS (its libpq has SSL): worth saying when some
+    source may be reached over TLS, i.e. in a fleet with servers that are not embedded."""
+    caps = live.capabilities
+    if caps is None:
+        return None
+    return Check(server=live.name, name="TLS for subscriptions", ok=bool(caps.ssl_library),
+                 found=f"built with {caps.ssl_library}" if caps.ssl_library else "built without SSL support",
+                 fix="" if caps.ssl_library else "as a move's target, this server's subscriptions cannot reach a"
+                 " source with sslmode require or verify-*: use a build with SSL (Debian's packages have it) or place"
+                 " targets elsewhere", warning=True)
