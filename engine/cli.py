@@ -354,6 +354,28 @@ def down(obj: Ctx) -> None:
         if handle.embedded:
             stopped = handle.embedded.stop()
             click.echo(f"server {name}: {'stopped' if stopped else 'not running'}")
+        else:
+            click.echo(f"server {name}: not embedded, left running (shardctl does not manage its process)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def doctor(obj: Ctx, as_json: bool) -> int:
+    """Preflight checks of every declared server; exit 1 when one fails.
+
+    Per server: version, wal_level, free replication slots and WAL senders, workers,
+    max_slot_wal_keep_size, pg_stat_statements, pg_buffercache, connection headroom, clock skew
+    against the catalog, and the role's privileges against what each kind of action needs. Each
+    line has a mark (✓ ok, ! warning, ✗ failed) and, when not ok, the SQL or setting that fixes it.
+    `plan` refuses the actions that need a failed check.
+    """
+    from engine import doctor as doctor_checks, workflow
+    from engine.render import doctor as render
+
+    report = doctor_checks.run(workflow.load(obj.config_dir), say=lambda t: click.echo(t, err=True))
+    click.echo(render.as_json(report) if as_json else render.text(report), nl=False)
+    return EXIT_ERROR if render.failed(report) else 0
 
 
 @cli.command()
@@ -361,7 +383,7 @@ def down(obj: Ctx) -> None:
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Show load from this recorded samples file instead of live metrics.")
 @click.pass_obj
-def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> None:
+def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> int:
     """Servers, databases, shards with their ranges, placement, live load and hot/cold state.
 
     Each shard shows its latest metrics (`?` = unknown: never counted as zero), its state as the
@@ -376,6 +398,8 @@ def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> None:
         click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
         render_status(report, colour=obj.colour)
+    # the catalog out of reach is an error for scripts too (a stopped embedded one is not: `up`)
+    return EXIT_ERROR if str((report.get("catalog") or {}).get("state", "")).startswith("server unreachable") else 0
 
 
 @cli.command()
@@ -610,6 +634,15 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: say so plainly, keep the traceback for --debug
         if debug:
             traceback.print_exc()
+        import psycopg
+
+        if isinstance(exc, psycopg.Error):  # a database condition (privilege, setting, state), not a bug
+            state = getattr(exc, "sqlstate", None)
+            click.echo(f"Error: a server refused: {redact(str(exc).strip().splitlines()[0] if str(exc).strip() else '')}"
+                       + (f" (SQLSTATE {state})" if state else "")
+                       + "\n\n`shardctl doctor` checks what each server needs; `shardctl status` lists interrupted"
+                         " operations (`shardctl apply` resumes them, `shardctl abort N` rolls one back).", err=True)
+            sys.exit(EXIT_ERROR)
         click.echo(f"Error: unexpected {type(exc).__name__}: {redact(str(exc))}\n\n"
                    "This is a bug in shardctl. Rerun with --debug for the traceback and report it.", err=True)
         sys.exit(EXIT_ERROR)

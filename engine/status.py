@@ -13,6 +13,7 @@ from engine.config.loader import Desired
 from engine.observe import history
 from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.observer import inspect_server, observe
+from engine.plan.checks import metric_gaps
 from engine.plan.load import assessments
 from engine.servers.fleet import Fleet
 
@@ -54,7 +55,8 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
         live = inspect_server(fleet, name)
         servers.append(dict(name=name, kind="embedded" if embedded else "external",
                             state="running" if live.reachable else f"unreachable: {live.error}",
-                            version=live.version, connection=handle.describe()))
+                            version=live.version, connection=handle.describe(),
+                            unknown_metrics=metric_gaps(name, desired.servers[name], live) if live.reachable else {}))
     report: dict[str, Any] = {"servers": servers, "catalog": None, "databases": [], "interrupted": []}
     catalog_state = next(s for s in servers if s["name"] == desired.catalog_server)["state"]
     if catalog_state != "running":
@@ -120,6 +122,9 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     for s in report["servers"]:
         servers.add_row(s["name"], s["kind"], s["state"], s["version"] or "-", s["connection"])
     console.print(servers)
+    for s in report["servers"]:
+        for metric, why in sorted((s.get("unknown_metrics") or {}).items()):
+            console.print(f"  server {s['name']}: {metric} is unknown (?) for its shards: {why}", markup=False)
     cat = report["catalog"]
     console.print(f"Catalog: server {cat['server']}, {cat['state']}"
                   + (f", serial {cat['serial']}, routing epoch {cat['epoch']}" if cat.get("serial") is not None else ""))

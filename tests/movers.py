@@ -91,6 +91,7 @@ class Writer:
 
     catalog: dict
     start_id: int = 1_000_000
+    servers: dict[str, str] | None = None  # per server, a connection string with the password the catalog leaves out
     expected: dict[int, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds)
@@ -111,7 +112,7 @@ class Writer:
     def _loop(self) -> None:
         rng = random.Random(7)
         next_id = self.start_id
-        with ShardClient(self.catalog, "orders", retry_timeout=60) as client:
+        with ShardClient(self.catalog, "orders", retry_timeout=60, servers=self.servers) as client:
             while not self._stop.is_set():
                 roll = rng.random()
                 began = time.monotonic()

@@ -12,12 +12,13 @@ in every shard: it is copied once. The parent is only ever read.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
@@ -114,12 +115,15 @@ def _copy_shard(ctx: ApplyContext, shard: ShardSpec, target: ShardSpec, tables, 
 
 def _dump(ctx: ApplyContext, shard: ShardSpec, section: str) -> str:
     params = ctx.fleet.servers[shard.server].params(shard.dbname)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    mapping = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE", "password": "PGPASSWORD",
-               "service": "PGSERVICE", "sslmode": "PGSSLMODE"}
+    # libpq's own environment variables as shardctl's connections see them (PGSERVICEFILE,
+    # PGPASSFILE, PGSSLROOTCERT...), overlaid with the server's parameters, each through its
+    # variable (sslmode, sslrootcert, service... all of them): the password travels in the
+    # environment, never on argv
+    env = dict(os.environ)
+    mapping = {o.keyword.decode(): o.envvar.decode() for o in pq.Conninfo.get_defaults() if o.envvar}
     for key, value in params.items():
         if key in mapping:
-            env[mapping[key]] = str(value)  # the password travels in the environment, never on argv
+            env[mapping[key]] = str(value)
     proc = subprocess.run([str(bin_dir() / "pg_dump"), "--schema-only", f"--section={section}", "--no-owner",
                            "--no-privileges", "--exclude-schema=_shardctl"], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -128,9 +132,28 @@ def _dump(ctx: ApplyContext, shard: ShardSpec, section: str) -> str:
     return "\n".join(line for line in proc.stdout.splitlines() if not line.startswith("\\"))
 
 
+_SETTING = re.compile(r"^SET\s+(\w+)\s*=|^SELECT pg_catalog\.set_config\('(\w+)'")
+
+
+def portable(conn: psycopg.Connection, text: str) -> str:
+    """A dump made by one major version's pg_dump, made fit for the server it is restored on:
+    the session settings of its header that this server does not know are left out (pg_dump 18
+    writes `SET transaction_timeout = 0`, unknown before 17). Settings only: a dump's DDL that
+    an older server cannot run is still an error, with its message."""
+    out = []
+    for line in text.splitlines():
+        match = _SETTING.match(line)
+        if match:
+            name = match.group(1) or match.group(2)
+            if not conn.execute("SELECT 1 FROM pg_settings WHERE name = %s", (name,)).fetchone():
+                continue
+        out.append(line)
+    return "\n".join(out)
+
+
 def _run_sql(ctx: ApplyContext, target: ShardSpec, text: str) -> None:
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
         try:
-            conn.execute(text)
+            conn.execute(portable(conn, text))
         except psycopg.Error as exc:
             raise UserError(f"building branch database {target.dbname} failed: {str(exc).splitlines()[0]}") from None

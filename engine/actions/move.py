@@ -31,9 +31,9 @@ from typing import Callable
 
 import psycopg
 from psycopg import errors, sql
-from psycopg.conninfo import make_conninfo
 
 from engine.actions.compare import Comparison, VerifyRestart
+from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.actions.locking import with_lock_retries, with_lock_retries_all
 from engine.actions.base import (
     ApplyContext,
@@ -151,6 +151,7 @@ class Move:
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
     slots_checked_at: float = float("-inf")
+    origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence holding its locks (writes to the range stop) to the
@@ -218,8 +219,10 @@ class Move:
         return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
     def source_conninfo(self, source: ShardSpec) -> str:
-        params = self.ctx.fleet.servers[source.server].params(source.dbname)
-        return make_conninfo(**params)
+        """How the target's subscription reaches the source: what libpq resolved here (service
+        file, PG* variables, passfile and sslmode included), spelled out for the subscriber."""
+        with self.connect(source) as conn:
+            return resolved_conninfo(conn)
 
     def say(self, text: str) -> None:
         self.ctx.say(f"{self.label}: {text}")
@@ -307,14 +310,16 @@ class Move:
                     # so the slot replays anything a crash of this server would lose.
                     # streaming: large transactions are applied while they run instead of spooled
                     # to disk first; in parallel by a second worker where the server has it (16+).
+                    # the source's connection string (its password) never appears in a statement's
+                    # text: engine/actions/subscription.py says how and why
                     streaming = "parallel" if conn.info.server_version >= 160000 else "on"
                     # with a copy throttle, the links past it wait disabled; sync enables them in turn
                     enabled = self.settings.copy_streams is None or link.index < self.settings.copy_streams
-                    conn.execute(sql.SQL(
-                        "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (slot_name = {}, create_slot = false,"
-                        " copy_data = true, synchronous_commit = 'off', binary = true, streaming = {}, enabled = {})"
-                    ).format(sql.Identifier(name), sql.Literal(self.source_conninfo(link.source)),
-                             sql.Identifier(name), sql.Literal(name), sql.Literal(streaming), sql.Literal(enabled)))
+                    try:
+                        create_subscription(conn, name, self.source_conninfo(link.source), publication=name,
+                                            slot=name, streaming=streaming, enabled=enabled)
+                    except psycopg.Error as exc:
+                        raise subscription_failed(self.label, self.op.id, link, exc) from None
 
     def pace_copies(self) -> None:
         """The copy throttle (`moves.copy_streams`): enable waiting links while fewer than that
@@ -590,13 +595,17 @@ class Move:
             targets = {t.name: stack.enter_context(self.session(t)) for t in self.targets}
             sources = {s.name: stack.enter_context(self.session(s)) for s in self.sources}
             waiting = list(self.links)
+            if not self.origins:  # asked once per move: not inside the fence each time
+                self.origins = {t: origin_readable(conn) for t, conn in targets.items()}
+            origins = self.origins
             while True:
                 behind = []
                 for link in waiting:
                     name, mark = link.name(self.op.id), marks[link.source.name]
                     applied = targets[link.target.name].execute(
                         "SELECT pg_replication_origin_progress('pg_' || oid, true) >= %s::pg_lsn"
-                        " FROM pg_subscription WHERE subname = %s", (mark, name)).fetchone()
+                        " FROM pg_subscription WHERE subname = %s", (mark, name)).fetchone() \
+                        if origins[link.target.name] else None
                     if applied and applied[0]:
                         continue
                     confirmed = sources[link.source.name].execute(
@@ -735,6 +744,27 @@ class Move:
                                          " AND state = 'moving'", (self.database, target.name))
             store.bump_serial(self.ctx.catalog)
         self.op.finish(state)
+
+
+def subscription_failed(label: str, operation: int, link: Link, exc: psycopg.Error) -> MoveFailed:
+    """A subscription the target's server refused: a database condition, named with its server,
+    step and operation, and the ways forward (never a bug report)."""
+    diag = exc.diag
+    why = " ".join(p for p in (diag.message_primary, diag.message_detail, diag.message_hint) if p) or str(exc)
+    return MoveFailed(f"{label}: server {link.target.server} refused the subscription of {link.target.dbname}"
+                      f" (step subscribe, operation {operation}): {why}",
+                      "`shardctl doctor` checks what moves need on every server. Once fixed, `shardctl apply`"
+                      f" resumes the operation; `shardctl abort {operation}` removes what it created instead"
+                      " (the source is untouched either way)")
+
+
+def origin_readable(conn: psycopg.Connection) -> bool:
+    """Whether this role may ask a replication origin's progress: superusers may; others only
+    where someone granted EXECUTE on pg_replication_origin_progress in that very database (a
+    grant in one database does not reach a new one). Without it, catch-up waits for the source's
+    slot to have the mark confirmed, which the subscriber reports only once it is durable."""
+    return conn.execute("SELECT has_function_privilege('pg_replication_origin_progress(text, boolean)',"
+                        " 'EXECUTE')").fetchone()[0]
 
 
 FENCE_MARKS = """

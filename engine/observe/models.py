@@ -118,6 +118,37 @@ class LiveShard(Frozen):
     holding: Holding | None = None  # None: not counted (no access), so it may hold rows
 
 
+class Capabilities(Frozen):
+    """What the server lets shardctl's role do (engine/observe/capabilities.py reads it)."""
+
+    version_num: int
+    superuser: bool
+    createdb: bool
+    replication: bool
+    monitor: bool  # pg_monitor or pg_read_all_stats: every database's statistics
+    create_subscription: bool  # member of pg_create_subscription (16+)
+    origin_progress: bool  # EXECUTE on pg_replication_origin_progress(text, boolean)
+    wal_level: str
+    max_replication_slots: int
+    used_replication_slots: int
+    max_wal_senders: int
+    used_wal_senders: int
+    max_worker_processes: int
+    max_logical_replication_workers: int
+    max_slot_wal_keep_size_bytes: int | None  # -1: unlimited
+    stat_statements_loaded: bool
+    stat_statements_created: bool
+    buffercache_created: bool
+    stat_statements_track: str
+    max_connections: int
+    reserved_connections: int
+    connections: int
+    role_connection_limit: int
+    role: str = ""
+    ssl_library: str = ""  # empty: built without SSL (its subscriptions cannot use TLS)
+    clock_offset_s: float  # the server's clock minus this host's
+
+
 class LiveServer(Frozen):
     name: str
     reachable: bool
@@ -125,6 +156,7 @@ class LiveServer(Frozen):
     version: str | None = None
     wal_level: str | None = None
     databases: tuple[str, ...] = ()
+    capabilities: Capabilities | None = None  # None: not read (an older observation, or the query failed)
 
 
 class Observation(Frozen):

@@ -11,7 +11,7 @@ import psycopg
 from engine.catalog import store
 from engine.clock import Clock, system_clock
 from engine.errors import redact
-from engine.observe import introspect
+from engine.observe import capabilities, introspect
 from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
 from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
@@ -90,8 +90,13 @@ def inspect_server(fleet: Fleet, name: str) -> LiveServer:
             wal_level = conn.execute("SHOW wal_level").fetchone()[0]
             databases = tuple(r[0] for r in conn.execute(
                 "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY datname"))
+            try:
+                found = capabilities.read(conn)
+            except psycopg.Error:
+                found = None  # unknown: no check is failed for it, doctor says it could not read them
     except ServerUnreachable as exc:
         return LiveServer(name=name, reachable=False, error=exc.summary)
     except psycopg.Error as exc:
         return LiveServer(name=name, reachable=False, error=redact(str(exc)))
-    return LiveServer(name=name, reachable=True, version=version, wal_level=wal_level, databases=databases)
+    return LiveServer(name=name, reachable=True, version=version, wal_level=wal_level, databases=databases,
+                      capabilities=found)

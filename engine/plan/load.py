@@ -18,6 +18,7 @@ from engine.keyspace import KeyRange, physical_name
 from engine.observe.metrics import METRICS
 from engine.observe import strays
 from engine.observe.models import CatalogShard, Observation
+from engine.plan import checks
 from engine.plan.models import MergeShards, Reason, ShardSpec, SplitShard
 
 
@@ -117,11 +118,13 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
             notes.append(f"shard.{shard.address}: hot, but {db.name} would exceed autosplit.max_shards"
                          f" ({policy.autosplit.max_shards})")
             continue
-        blocked = preconditions(db, [shard], observation) or _name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets))
+        able, none_able = capable_targets(db.spec.placement, observation)
+        blocked = (preconditions(db, [shard], observation) or none_able
+                   or _name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))
         if blocked:
             notes.append(f"shard.{shard.address}: hot, but it cannot be split: {blocked}")
             continue
-        candidates.append(("split", _split(db, shard, verdict, storage)))
+        candidates.append(("split", _split(db, shard, verdict, storage, able)))
         count += policy.autosplit.targets - 1
 
     # merges never go below the declared shard count: that layout is the operator's decision
@@ -137,6 +140,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                              f" declared shard count ({floor}); lower `shards:` to allow merges")
                 break
             blocked = (preconditions(db, [left, right], observation)
+                       or capable_targets([left.server, right.server, *db.spec.placement], observation)[1]
                        or _name_taken(recorded_names, [KeyRange(left.lo, right.hi)])
                        or _merged_too_busy(policy, verdicts[left.address], verdicts[right.address]))
             if held:
@@ -199,6 +203,9 @@ def preconditions(db: DesiredDatabase, shards: list[CatalogShard], observation: 
         server = observation.servers.get(shard.server)
         if server is not None and server.reachable and server.wal_level != "logical":
             return f"server {shard.server} has wal_level = {server.wal_level} (logical is needed)"
+        refused = checks.why_not(server, "move_source")
+        if refused:
+            return refused
         live = observation.shards.get(shard.address)
         snapshot = live.schema_snapshot if live else None
         for table, info in sorted((snapshot or {}).get("tables", {}).items()):
@@ -239,10 +246,21 @@ def _storage_by_server(observation: Observation) -> dict[str, float]:
     return load
 
 
-def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storage: dict[str, float]) -> SplitShard:
+def capable_targets(placement, observation: Observation) -> tuple[list[str], str | None]:
+    """The placement's servers that can take a move's target (the preflight checks of
+    engine/plan/checks.py), and why none can when none can."""
+    able = [s for s in placement if checks.why_not(observation.servers.get(s), "move_target") is None]
+    if able:
+        return able, None
+    return [], "no server of its placement can take a move's target: " + "; ".join(
+        checks.why_not(observation.servers.get(s), "move_target") for s in dict.fromkeys(placement))
+
+
+def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storage: dict[str, float],
+           placement=None) -> SplitShard:
     policy = db.effective_policy
     # prefer servers other than the source's, then the least loaded by storage, then by name
-    order = sorted(db.spec.placement, key=lambda s: (s == shard.server, storage.get(s, 0.0), s))
+    order = sorted(placement or db.spec.placement, key=lambda s: (s == shard.server, storage.get(s, 0.0), s))
     ranges = KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)
     targets = tuple(
         ShardSpec(name=r.name, lo=r.lo, hi=r.hi, server=order[i % len(order)], dbname=physical_name(db.name, r))
@@ -260,9 +278,14 @@ def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storag
 def _merge(db: DesiredDatabase, shards: list[CatalogShard], verdicts: dict[str, Assessment],
            observation: Observation, storage: dict[str, float]) -> MergeShards:
     joint = KeyRange(shards[0].lo, shards[-1].hi)
-    # the target lives where the larger source is (less data moves); on a tie, the less loaded server
-    home = max(shards, key=lambda s: (_latest_storage(observation, s.address) or 0.0,
-                                      -storage.get(s.server, 0.0), s.server == shards[0].server)).server
+    # the target lives where the larger source is (less data moves); on a tie, the less loaded
+    # server; a server that cannot take a move's target only when none of the sources' can
+    able = set(capable_targets([s.server for s in shards], observation)[0])
+    candidates = [s for s in shards if s.server in able] or shards
+    home = max(candidates, key=lambda s: (_latest_storage(observation, s.address) or 0.0,
+                                          -storage.get(s.server, 0.0), s.server == shards[0].server)).server
+    if home not in able:  # elsewhere in the placement, then
+        home = next(iter(capable_targets(db.spec.placement, observation)[0]), home)
     evidence = tuple(e for s in shards for e in verdicts[s.address].evidence)
     return MergeShards(
         database=db.name, sources=tuple(_spec(s) for s in shards),

@@ -19,6 +19,7 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
+from engine.plan import checks
 from engine.plan.load import load_actions
 from engine.plan.models import (
     ApplySchema, AttributeChange, CreateBranch, CreateDatabase, DatabaseSettings, DeleteBranch, DestroyDatabase, Drift,
@@ -274,7 +275,9 @@ def plan(desired: Desired, observation: Observation) -> Plan:
             warnings.append(f"server.{server.name}: wal_level is {server.wal_level}; splits and merges will need"
                             " wal_level = logical")
 
+    warnings.extend(_unknown_metrics(desired, observation))
     problems.extend(_unreachable_targets(desired, observation, actions))
+    problems.extend(_failing_checks(desired, observation, actions))
     problems.extend(_taken_names(desired, observation, actions))
     if problems:
         raise ConfigError(problems, "found while planning")
@@ -322,6 +325,22 @@ def _branches(desired: Desired, observation: Observation) -> tuple[list, list[st
                 server=branch.server, dbname=f"branch_{name}", ttl_seconds=branch.ttl,
                 shards=tuple(_shard_spec(s) for s in parent.shards if s.state == "active"),
                 reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"),
+            ))
+        elif have.state == "creating" and (have.parent, have.data, have.server) == (branch.from_, branch.data,
+                                                                                  branch.server):
+            # an apply failed or was killed while building it: visible, and rebuilt from the start
+            parent = observation.catalog.databases.get(branch.from_)
+            if parent is None or parent.state != "active":
+                notes.append(f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
+                continue
+            actions.append(CreateBranch(
+                database=branch.from_, branch=name, data=branch.data,
+                sample_percent=branch.sample_percent if branch.data == "sample" else None,
+                server=branch.server, dbname=have.dbname, ttl_seconds=branch.ttl,
+                shards=tuple(_shard_spec(s) for s in parent.shards if s.state == "active"),
+                reason=Reason(cause="resume", text=f"an earlier apply did not finish building branch {name} (its"
+                              " database may be half-built): apply rebuilds it from the start; removing the branch"
+                              " from the configuration deletes it instead"),
             ))
         elif have.state == "expired":
             notes.append(f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
@@ -506,6 +525,64 @@ def _unreachable_targets(desired: Desired, observation: Observation, actions: li
             where = desired.where("servers", server) or Location(desired.files[0])
             out.append(Diagnostic(where, f"server {server!r} is unreachable, and the plan would change it: {live.error}",
                                   "start it (`shardctl up` for embedded servers) or fix its connection settings"))
+    return out
+
+
+def _unknown_metrics(desired: Desired, observation: Observation) -> list[str]:
+    """Metrics that stay unknown on a server holding shards, why, and what that means for the
+    detector: unknown never makes a shard hot, and a shard whose policy has a cold threshold on
+    that metric can never be judged cold (merge candidates need every cold metric known)."""
+    hosted: dict[str, set[str]] = {}
+    for db in observation.catalog.databases.values():
+        for shard in db.shards:
+            if shard.state == "active":
+                hosted.setdefault(shard.server, set()).add(db.name)
+    out = []
+    for name in sorted(hosted):
+        live, spec = observation.servers.get(name), desired.servers.get(name)
+        if live is None or spec is None or not live.reachable:
+            continue
+        for metric, why in sorted(checks.metric_gaps(name, spec, live).items()):
+            never_cold = sorted(d for d in hosted[name] if d in desired.databases
+                                and getattr(desired.databases[d].effective_policy.cold, metric, None) is not None)
+            out.append(f"server.{name}: {metric} is unknown for its shards: {why}. Unknown never makes a shard hot"
+                       + (f"; {', '.join(never_cold)} (a cold threshold on {metric}) can never be cold there"
+                          if never_cold else ""))
+    return out
+
+
+def _needs(action) -> list[tuple[str, str]]:
+    """(server, purpose) pairs an action needs to pass the preflight checks for."""
+    kind = action.kind
+    if kind == "create_database":
+        return [(s.server, "shard") for s in action.shards]
+    if kind == "recreate_shard":
+        return [(action.shard.server, "shard")]
+    if kind == "create_branch":
+        return [(action.server, "shard")]
+    if kind == "split_shard":
+        return [(action.source.server, "move_source")] + [(t.server, p) for t in action.targets
+                                                          for p in ("shard", "move_target")]
+    if kind == "merge_shards":
+        return [(s.server, "move_source") for s in action.sources] + [
+            (action.target.server, p) for p in ("shard", "move_target")]
+    return []
+
+
+def _failing_checks(desired: Desired, observation: Observation, actions: list) -> list[Diagnostic]:
+    """A plan whose action would fail on a server for want of a privilege or a setting is refused
+    before anything changes, naming the check and its fix (`shardctl doctor` shows them all)."""
+    out, seen = [], set()
+    for action in actions:
+        for server, purpose in _needs(action):
+            for check in checks.failing(observation.servers.get(server), purpose):
+                if (action.address, server, check.name) in seen:
+                    continue
+                seen.add((action.address, server, check.name))
+                where = desired.where("servers", server) or Location(desired.files[0])
+                out.append(Diagnostic(where, f"{action.address}: server {server!r} fails the check"
+                                             f" {check.name!r} ({check.found})", f"{check.fix}"
+                                             " (`shardctl doctor` checks every server)"))
     return out
 
 

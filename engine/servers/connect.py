@@ -76,18 +76,29 @@ class ServerHandle:
             params = {"connect_timeout": "10", "application_name": "shardctl", **self.params(dbname)}
             conn = psycopg.connect(**params, autocommit=autocommit, **kwargs)
         except psycopg.OperationalError as exc:
-            raise ServerUnreachable(self.name, dbname, exc) from None
+            raise ServerUnreachable(self.name, dbname, exc, self.how_to_reach()) from None
         try:
             yield conn
         finally:
             conn.close()
 
 
+    def how_to_reach(self) -> str:
+        """The hint of a failed connection, for this kind of server."""
+        if self.spec.embedded:
+            return "check that the server is running (`shardctl up` starts embedded servers)"
+        if self.spec.dsn_env:
+            return (f"check that the server is running and that ${self.spec.dsn_env} reaches it (host, port, user,"
+                    " password or passfile, sslmode); `shardctl doctor` checks every server")
+        return (f"check that the server is running and the service {self.spec.service!r} in pg_service.conf"
+                " (PGSERVICEFILE) reaches it; `shardctl doctor` checks every server")
+
+
 class ServerUnreachable(UserError):
-    def __init__(self, server: str, dbname: str, exc: Exception):
+    def __init__(self, server: str, dbname: str, exc: Exception,
+                 hint: str = "check that the server is running (`shardctl up` starts embedded servers)"):
         message = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        super().__init__(f"cannot connect to server {server!r} (database {dbname!r}): {message}",
-                         "check that the server is running (`shardctl up` starts embedded servers)")
+        super().__init__(f"cannot connect to server {server!r} (database {dbname!r}): {message}", hint)
         self.server = server
         self.dbname = dbname
 

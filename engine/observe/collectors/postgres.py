@@ -90,13 +90,24 @@ class PostgresCollector(Collector):
                     pass  # created but not preloaded: tier 2 stays unknown
             notes = {"shared_buffers_bytes": self._shared_buffers(server, conn)}
             if full:
-                for datname, size in conn.execute(SIZES, (names,)):
-                    gauges[datname]["size_bytes"] = float(size)
+                # each in a savepoint: a missing grant (pg_monitor) loses that metric, not the round
+                try:
+                    with conn.transaction():
+                        sizes = conn.execute(SIZES, (names,)).fetchall()
+                    for datname, size in sizes:
+                        gauges[datname]["size_bytes"] = float(size)
+                except psycopg.errors.InsufficientPrivilege:
+                    pass  # storage unknown; doctor and the plan's notes say why
                 if "pg_buffercache" in extensions:
-                    for n in names:
-                        gauges[n]["buffer_bytes"] = 0.0
-                    for datname, buffer_bytes in conn.execute(BUFFERS, (names,)):
-                        gauges[datname]["buffer_bytes"] = float(buffer_bytes)
+                    try:
+                        with conn.transaction():
+                            buffers = conn.execute(BUFFERS, (names,)).fetchall()
+                        for n in names:
+                            gauges[n]["buffer_bytes"] = 0.0
+                        for datname, buffer_bytes in buffers:
+                            gauges[datname]["buffer_bytes"] = float(buffer_bytes)
+                    except psycopg.errors.InsufficientPrivilege:
+                        pass  # memory unknown: reading pg_buffercache needs pg_monitor
         for dbname, shard in by_db.items():
             previous = out.get(shard.address)
             base = previous.model_dump() if previous else {}
