@@ -41,7 +41,8 @@ BEGIN
         EXECUTE format('CREATE SUBSCRIPTION %I CONNECTION %L PUBLICATION %I WITH (slot_name = %L,'
                        ' create_slot = false, copy_data = true, synchronous_commit = ''off'','
                        ' binary = true, streaming = %s, enabled = %s)',
-                       r.name, r.conninfo, r.publication, r.slot, r.streaming, r.enabled);
+                       r.name, r.conninfo, r.publication, r.slot, r.streaming,
+                       CASE WHEN r.enabled THEN 'true' ELSE 'false' END);
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
                                 detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
