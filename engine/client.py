@@ -175,6 +175,7 @@ class ShardClient:
                 if self.epoch == epoch:  # fenced, not yet flipped: the cutover takes milliseconds
                     self._warm(key)
                     self._wait_for_routing(min(0.05, max(0.0, deadline - time.monotonic())))
+                    self.refresh()  # the new owner at once, not after another refusal by the old one
 
     def _warm(self, key: Any) -> None:
         """Connect now to the shard that is about to own `key`, so that the first write after the
