@@ -120,3 +120,40 @@ def test_a_merge_fence_never_holds_one_source_while_the_other_is_blocked(fleet):
     assert problems == []
     assert {k: v for k, v in rows.items() if v != "during"} == before
     assert {k for k, v in rows.items() if v == "during"} == set(written)
+
+
+def test_an_autovacuum_holding_the_lock_is_cancelled_not_waited_out(fleet):
+    """Autovacuum holds a lock the fence needs for as long as it runs. PostgreSQL cancels it for
+    a waiter only after deadlock_timeout, which the fence's short waits never reach; the fence
+    cancels it itself (it runs again later) instead of retrying until its budget is spent."""
+    import time
+
+    from engine.catalog.journal import SLOWPOINT_ENV
+
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + "policies:\n  default:\n    moves: {fence_timeout: 20s}\n")
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=20000)
+    hot_file(fleet.base / "hot.json")
+    before, _ = all_rows(fleet)
+    name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
+    with fleet.connect(server) as conn:
+        conn.autocommit = True
+        conn.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
+        conn.execute("SELECT pg_reload_conf()")
+    with fleet.connect(server, dbname) as conn:  # an autovacuum that crawls: it holds its lock for minutes
+        conn.autocommit = True
+        conn.execute("ALTER TABLE customers SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,"
+                     " autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1)")
+        conn.execute("UPDATE customers SET name = name")
+        deadline = time.monotonic() + 60
+        while not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+                               " AND datname = current_database()").fetchone()[0]:
+            assert time.monotonic() < deadline, "no autovacuum started"
+            time.sleep(0.2)
+    # publishing waits without a lock timeout, so PostgreSQL cancels that autovacuum; the pause
+    # before the fence lets the next one start (naptime 1 s) and hold the lock the fence needs
+    result = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json", env={SLOWPOINT_ENV: "split orders/40-80: converge=4"})
+    assert result.code == 0, result.both
+    assert "cancelled an autovacuum" in result.out + result.err, result.both
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == before

@@ -41,10 +41,16 @@ class Blocker:
     state: str
     xact_age_s: float | None
     query_start: str
+    backend_type: str = "client backend"
+    wraparound: bool = False  # an autovacuum that prevents xid wraparound: never cancelled
+
+    @property
+    def autovacuum(self) -> bool:
+        return self.backend_type == "autovacuum worker"
 
     def describe(self) -> str:
         age = f", in a transaction for {self.xact_age_s:.1f}s" if self.xact_age_s is not None else ""
-        app = self.application_name or "no application_name"
+        app = "autovacuum" if self.autovacuum else self.application_name or "no application_name"
         return f"pid {self.pid} ({app}, {self.state}{age}): {self.query_start!r}"
 
 
@@ -62,13 +68,14 @@ def blockers(conn: psycopg.Connection, relations: list[str]) -> list[Blocker]:
     """Sessions other than ours holding a lock on any of `relations` (qualified names)."""
     rows = conn.execute(
         """SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
-                  extract(epoch FROM now() - a.xact_start)::float8, a.query
+                  extract(epoch FROM now() - a.xact_start)::float8, a.query,
+                  coalesce(a.backend_type, ''), coalesce(a.query LIKE '%%(to prevent wraparound)%%', false)
              FROM pg_stat_activity a
             WHERE a.pid <> pg_backend_pid()
               AND a.pid IN (SELECT l.pid FROM pg_locks l
                              WHERE l.granted AND l.relation = ANY(%s::regclass[]))
             ORDER BY a.xact_start NULLS LAST, a.pid LIMIT 5""", (relations,)).fetchall()
-    return [Blocker(r[0], r[1], r[2], r[3], query_start(r[4])) for r in rows]
+    return [Blocker(r[0], r[1], r[2], r[3], query_start(r[4]), r[5], r[6]) for r in rows]
 
 
 def lock_timeout_ms(conn: psycopg.Connection) -> int:
@@ -88,17 +95,20 @@ def with_lock_retries(conn: psycopg.Connection, work: Callable[[psycopg.Connecti
 
 def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycopg.Connection], None], list[str]]],
                           *, what: str, say: Callable[[str], None] = lambda _: None,
-                          tries: int = TRIES, budget_s: float = BUDGET_S) -> int:
+                          tries: int = TRIES, budget_s: float = BUDGET_S,
+                          between: Callable[[], None] | None = None) -> int:
     """Run each part's `work(conn)` in a transaction of its connection (autocommit off, one
     server each, at once), all with a short lock timeout, and commit them only when every part
     succeeded: a part that meets a lock or a deadlock rolls them all back, and they try again
     together. So no part holds its locks (or commits its effect) while another waits: a merge's
-    fence holds one source read-only only as long as it takes to lock them all."""
+    fence holds one source read-only only as long as it takes to lock them all. `between` runs
+    between tries (the fence keeps its comparison current with it)."""
     timeouts = [lock_timeout_ms(conn) for conn, _, _ in parts]
     for conn, _, _ in parts:
         conn.rollback()
     started = time.monotonic()
     seen: list[Blocker] = []
+    cancelled: set[int] = set()
     rng = random.Random()
     attempt = 0
 
@@ -135,8 +145,13 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
         now_blocking: list[Blocker] = []
         for i, _ in failed:
             conn, _, relations = parts[i]
-            now_blocking += blockers(conn, relations)
+            found = blockers(conn, relations)
             conn.rollback()
+            now_blocking += found
+            for blocker in found:
+                if blocker.autovacuum and not blocker.wraparound and blocker.pid not in cancelled:
+                    cancelled.add(blocker.pid)
+                    _cancel_autovacuum(conn, blocker, what, say)
         if now_blocking:
             seen = now_blocking
         elapsed = time.monotonic() - started
@@ -158,3 +173,19 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
         # backoff with jitter: give the application's transactions room to finish, and never
         # retry in lockstep with another waiter
         time.sleep(min(0.5, 0.02 * attempt) * (0.5 + rng.random()))
+        if between is not None:
+            between()
+
+
+def _cancel_autovacuum(conn: psycopg.Connection, blocker: Blocker, what: str, say: Callable[[str], None]) -> None:
+    """An autovacuum holds its lock for as long as it runs (seconds to minutes on a big table).
+    PostgreSQL cancels one that blocks a lock request only after deadlock_timeout, and our waits
+    are shorter on purpose, so it never would: we cancel it, as PostgreSQL would have. It runs
+    again on its next cycle. One that prevents xid wraparound is never cancelled (PostgreSQL
+    does not either); a role that may not signal it (pg_signal_autovacuum_worker on 18) waits."""
+    try:
+        conn.execute("SELECT pg_cancel_backend(%s)", (blocker.pid,))
+        conn.commit()
+        say(f"to {what}: cancelled an autovacuum (pid {blocker.pid}) holding the lock; it runs again later")
+    except errors.InsufficientPrivilege:
+        conn.rollback()

@@ -516,7 +516,7 @@ class Move:
         self.op.progress(report)
         self.ctx.progress(report)
 
-    def fence(self) -> dict[str, str]:
+    def fence(self, between: Callable[[], None] | None = None) -> dict[str, str]:
         """Stop writes on every source; returns each source's fence LSN (its mark row's).
 
         LOCK every table (waits for in-flight writes to commit), then the refusing triggers and
@@ -538,7 +538,7 @@ class Move:
                                   [q.as_string(conn) for q in qualified]))
                 names = ", ".join(source.dbname for source in self.sources)
                 with_lock_retries_all(parts, what=f"fence writes on {names}", say=self.say,
-                                      budget_s=self.settings.fence_timeout)
+                                      budget_s=self.settings.fence_timeout, between=between)
             self.lock_times.append(min(locked.values()))  # the range's pause starts with the first lock
             return marks
 
@@ -944,7 +944,9 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
         raise journal.Interrupted("stopped before the fence; apply again to continue")
     with journal.until_done(), ThreadPoolExecutor(max_workers=2) as pool:
         try:
-            fence_lsn = timed("fence", move.fence)
+            # between tries, a key round: what changed while the fence waited is not left for
+            # behind it (a fence that waited 7 s once left 35,000 keys to recheck in the pause)
+            fence_lsn = timed("fence", lambda: move.fence(between=lambda: comparison.key_rounds(final=True)))
             changes = timed("catch_up", lambda: move.catch_up(fence_lsn, comparison, pool, timings))
         except BaseException:
             # whatever went wrong before the verification, the source takes writes again (a
