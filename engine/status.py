@@ -113,7 +113,8 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     import sys
 
     width = shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160
-    console = Console(no_color=not colour, highlight=False, width=width)
+    # no colour means no escape codes at all: rich's no_color still sends bold and italic
+    console = Console(color_system="auto" if colour else None, highlight=False, width=width)
     servers = Table(title="Servers", title_justify="left")
     for col in ("server", "kind", "state", "version", "connection"):
         servers.add_column(col)

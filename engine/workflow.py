@@ -158,20 +158,20 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
           confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
           show: Callable[[Plan], None] = lambda _: None, actor: str = "apply",
           start_servers: bool = True, own_signals: bool = True,
-          progress: Callable[[dict], None] = lambda _: None) -> ApplyResult:
+          progress: Callable[[dict], None] = lambda _: None, notice: Say | None = None) -> ApplyResult:
     """Apply a saved plan exactly, or plan now and (after `confirm`) apply that.
 
     The lock is held from before the observation to the end, prompt included, so what was
-    shown is what runs.
+    shown is what runs. `notice` (default: `say`) tells of embedded servers being started.
     """
     fleet = Fleet(desired)
     if start_servers:
-        fleet.start_embedded(say)
+        fleet.start_embedded(notice or say)
     with fleet.catalog(create=True) as conn:
         assert conn is not None
         schema.migrate(conn)
         with apply_lock(conn, "apply", timeout=lock_timeout,
-                        on_wait=lambda: say("Acquiring state lock. This may take a few moments...")):
+                        on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
             current = store.current_serial(conn)
             if saved is not None:
                 if saved.based_on_serial != current:
@@ -255,19 +255,20 @@ def _graceful_interrupts(say: Say) -> Iterator[None]:
         journal.clear_stop()
 
 
-def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: Say = lambda _: None) -> None:
+def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: Say = lambda _: None,
+          notice: Say | None = None) -> None:
     """Roll back a split or merge that has not passed its cutover: its subscriptions, slots,
     publications, fence and target databases go; the sources are left as they were."""
     from engine.actions import move
     from engine.catalog.journal import Operation
 
     fleet = Fleet(desired)
-    fleet.start_embedded(say)
+    fleet.start_embedded(notice or say)
     with fleet.catalog(create=False) as conn:
         if conn is None:
             raise UserError("there is no catalog yet, so no operation to abort")
         with apply_lock(conn, "abort", timeout=lock_timeout,
-                        on_wait=lambda: say("Acquiring state lock. This may take a few moments...")):
+                        on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
             pending = {p.operation: p for p in store.pending_moves(conn)}
             if operation not in pending:
                 raise UserError(f"operation {operation} is not an unfinished split or merge",
@@ -286,14 +287,15 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
 
 
 
-def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: None) -> int:
+def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: None,
+               notice: Say | None = None) -> int:
     """List the stray rows of one shard, or move them to the shards that own them. Returns how
     many stray rows are left."""
     from engine.actions.relocate_strays import owners_of, relocate
 
     database, _, name = address.partition("/")
     fleet = Fleet(desired)
-    fleet.start_embedded(say)
+    fleet.start_embedded(notice or say)
     with fleet.catalog(create=False) as conn:
         if conn is None or database not in desired.databases:
             raise UserError(f"no sharded database {database!r} is declared and applied",
