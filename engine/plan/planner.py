@@ -66,6 +66,11 @@ def _where(desired: Desired, db: str, *path: Any) -> Location:
     return desired.where("databases", db, *path) or desired.databases[db].location
 
 
+def _step_location(desired: Desired, db: str, index: int) -> Location:
+    steps = desired.databases[db].schema_steps
+    return steps[index].location if index < len(steps) else _where(desired, db, "schema")
+
+
 def plan(desired: Desired, observation: Observation) -> Plan:
     actions: list = []
     drift: list[Drift] = []
@@ -154,11 +159,13 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 warnings.append(f"schema.{name}: new schema steps wait until the interrupted split or merge of"
                                 f" {name} is finished (apply, or `shardctl abort`)")
             elif new_steps:
-                names = ", ".join(s.name for s in new_steps)
+                # each step's own line, where a reviewer reads it (not the `schema:` key above them)
+                declared = [f"{step.name} declared at {_step_location(desired, name, len(applied) + k)}"
+                            for k, step in enumerate(new_steps)]
                 actions.append(ApplySchema(
                     database=name, steps=new_steps, shards=tuple(_shard_spec(s) for s in active),
-                    reason=Reason(cause="config", text=f"new schema step{'s' if len(new_steps) > 1 else ''} {names}"
-                                  f" declared at {_where(desired, name, 'schema')}"),
+                    reason=Reason(cause="config", text=f"new schema step{'s' if len(new_steps) > 1 else ''} "
+                                  + ", ".join(declared)),
                 ))
 
         new_settings, old_settings = settings_of(db), _recorded_settings(recorded)

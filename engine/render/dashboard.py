@@ -47,7 +47,8 @@ def chart(points: list[tuple], metric: str, threshold: float | None) -> dict:
     index = 1 + METRICS.index(metric)
     known = [(p[0], p[index]) for p in points if p[index] is not None]
     if not points:
-        return {"lines": [], "threshold_y": None, "peak": None, "latest": None}
+        return {"lines": [], "threshold_y": None, "peak": None, "latest": None, "last_known": None,
+                "last_known_at": None}
     t0, t1 = points[0][0], points[-1][0]
     span = max(t1 - t0, 1e-9)
     top = max([v * 1.2 for _, v in known] + ([threshold * 1.15] if threshold else []) + [1e-9])
@@ -65,8 +66,11 @@ def chart(points: list[tuple], metric: str, threshold: float | None) -> dict:
     if current:
         lines.append(" ".join(current))
     threshold_y = CHART_H - (threshold / top) * (CHART_H - 4) - 2 if threshold else None
+    # `latest` is the newest point's value: None when the newest round did not know it. The last
+    # known value is kept apart, with its time, so a stale figure is never captioned as current.
     return {"lines": lines, "threshold_y": threshold_y, "peak": max((v for _, v in known), default=None),
-            "latest": known[-1][1] if known else None}
+            "latest": points[-1][index], "last_known": known[-1][1] if known else None,
+            "last_known_at": datetime.fromtimestamp(known[-1][0], timezone.utc) if known else None}
 
 
 def render_dashboard(snapshot: Snapshot, series: dict[str, list[tuple]], now: datetime | None = None) -> str:

@@ -70,6 +70,7 @@ class Daemon:
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._config_changed = threading.Event()
+        self._collected = threading.Event()  # set by the first collection round
         self._fleet_generation = 0
         self._reported = settle.Reported()
         self._silent_servers: set[str] = set()
@@ -173,7 +174,12 @@ class Daemon:
         collector = threading.Thread(target=self._collect_loop, args=(collector_stop,), name="shardctl-collect",
                                      daemon=True)
         collector.start()
-        next_check = 0.0  # at once: an interrupted operation in the journal is resumed first
+        # the first check waits for the first collection round (at most two intervals): judged on
+        # no sample at all, every shard would read `unknown` until the next check, a minute later
+        deadline = time.monotonic() + 2 * self._interval()
+        while not (self._collected.is_set() or self.stopping.is_set()) and time.monotonic() < deadline:
+            self._collected.wait(timeout=0.2)
+        next_check = 0.0  # then at once: an interrupted operation in the journal is resumed first
         next_beat = time.monotonic() + HEARTBEAT_EVERY
         try:
             while not self.stopping.is_set():
@@ -302,6 +308,7 @@ class Daemon:
                         paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
         self.view.update_with(changes)
         self.view.record_collection(took)
+        self._collected.set()
 
     def _layout(self, conn: psycopg.Connection) -> Observation:
         """The catalog and servers as last observed, read again when the catalog serial moves or

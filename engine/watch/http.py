@@ -40,7 +40,9 @@ def api_status(daemon: "Daemon") -> dict:
     snap = daemon.view.get()
     return {
         "who": snap.who, "role": snap.role, "leader": snap.leader, "config_dir": snap.config_dir,
-        "paused": snap.paused, "pause_reason": snap.pause_reason, "paused_by": snap.paused_by,
+        # who paused and why belong to a pause in force, not to one lifted since
+        "paused": snap.paused, "pause_reason": snap.pause_reason if snap.paused else "",
+        "paused_by": snap.paused_by if snap.paused else None,
         "config_error": snap.config_error, "activity": snap.activity, "progress": snap.progress,
         "started_at": snap.started_at,
         "last_collect_at": snap.last_collect_at, "last_collect_seconds": snap.last_collect_seconds,
