@@ -716,7 +716,18 @@ def load_baseline(config_dir: str, ref_or_dir: str) -> tuple[Desired, str]:
     if archive.returncode != 0:
         raise UserError(f"--compare-policy {ref_or_dir}: git cannot read {rel} at that ref",
                         archive.stderr.decode(errors="replace").strip())
-    tmp = Path(tempfile.mkdtemp(prefix="shardctl-baseline-"))
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(tmp, filter="data")
-    return load(tmp / rel, cwd=tmp), ref_or_dir
+    # everything is read by load(); the copy goes when it returns (it used to stay behind, one
+    # directory per plan). An error in the old config is rendered while its lines can still be read.
+    with tempfile.TemporaryDirectory(prefix="shardctl-baseline-") as tmp_name:
+        tmp = Path(tmp_name)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            return load(tmp / rel, cwd=tmp), ref_or_dir
+        except ConfigError as exc:
+            # each problem with the line as it is at the ref (not the working tree's), as REF:PATH
+            shown = [Diagnostic(Location(str(tmp / d.location.file), d.location.line, d.location.column),
+                                d.message, d.hint) for d in exc.diagnostics]
+            text = "\n\n".join(d.render() for d in shown).replace(f"{tmp}/", f"{ref_or_dir}:")
+            raise UserError(f"--compare-policy {ref_or_dir}: the configuration at that ref is invalid",
+                            text) from None

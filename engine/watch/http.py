@@ -79,6 +79,9 @@ ROUTES = {
 }
 
 
+WRITE_ROUTES = ("/api/pause", "/api/resume")
+
+
 class Handler(BaseHTTPRequestHandler):
     daemon: "Daemon"  # set on the subclass made by serve()
     server_version = "shardctl"
@@ -109,15 +112,33 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, prometheus.exposition(self.daemon.view), prometheus.CONTENT_TYPE)
         elif path in ROUTES:
             self._json(200, ROUTES[path](self.daemon))
+        elif path in WRITE_ROUTES:
+            self._not_allowed(path, "POST")
         else:
             self._json(404, {"error": f"no such endpoint {path}", "endpoints": sorted([*ROUTES, "/", "/metrics"])})
 
     do_HEAD = do_GET
 
+    def _not_allowed(self, path: str, allowed: str) -> None:
+        """405 with the method that works: the endpoint exists, the method is wrong."""
+        body = redact(json.dumps({"error": f"{path} takes {allowed} only", "allow": allowed}, indent=2,
+                                 sort_keys=True)).encode() + b"\n"
+        self.send_response(405)
+        self.send_header("Allow", allowed)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
-        if path not in ("/api/pause", "/api/resume"):
-            self._json(404, {"error": f"no such endpoint {path}"})
+        if path not in WRITE_ROUTES:
+            if path in ROUTES or path in ("/", "/metrics"):
+                self._not_allowed(path, "GET, HEAD")
+            else:
+                self._json(404, {"error": f"no such endpoint {path}"})
             return
         env = self.daemon.options.token_env
         token = os.environ.get(env, "")
