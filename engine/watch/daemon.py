@@ -41,7 +41,7 @@ from engine.servers.fleet import Fleet
 from engine.watch import autonomy, settle
 from engine.watch.configwatch import ConfigWatcher
 from engine.watch.leader import LeaderLock, LeadershipLost
-from engine.watch.view import BranchView, HistoryEntry, ShardView, Snapshot, View, now
+from engine.watch.view import BranchView, HistoryEntry, ReplicaView, ShardView, Snapshot, View, now
 
 HEARTBEAT_EVERY = 5.0
 LAYOUT_EVERY = 60.0  # the collector re-reads catalog and servers this often at most, unless the serial moves
@@ -260,6 +260,7 @@ class Daemon:
                 except (psycopg.Error, UserError) as exc:
                     message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                     self.view.update(last_error=f"collection failed: {message}")
+                    self.view.record_collection_failure()
                     self.log("collection_failed", error=message)
                     if conn is not None:
                         conn.close()
@@ -291,6 +292,10 @@ class Daemon:
             self.log("server_silent" if server in silent else "server_answering", server=server,
                      effect="its shards' metrics are unknown; nothing acts on them" if server in silent else "")
         self._silent_servers = set(silent)
+        replicas = tuple(ReplicaView(server=server, name=name, lag_bytes=lag_bytes, lag_seconds=lag_seconds)
+                         for server, found in sorted(sampler.replication(
+                             sorted({s.server for s in shards} - set(silent))).items())
+                         for name, lag_bytes, lag_seconds in found)
         self.view.add_points(points)
         self.view.forget(set(points))
         if state.paused != self.view.get().paused:
@@ -305,7 +310,8 @@ class Daemon:
                                     "server": s.server})
                 for s in sorted(shards, key=lambda s: s.address))
             return dict(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
-                        paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+                        paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by,
+                        replicas=replicas, silent_servers=tuple(silent))
         self.view.update_with(changes)
         self.view.record_collection(took)
         self._collected.set()
@@ -411,12 +417,13 @@ class Daemon:
                      evidence=[e.describe() for e in getattr(action, "evidence", ())],
                      operation=getattr(action, "operation", None))
         names = ", ".join(a.address for a in decision.autonomous)
-        self.view.update(activity=f"applying {names}")
+        self.view.update(activity=f"applying {names}", activity_since=now(), progress=None, progress_at=None)
         kinds = [a.kind for a in decision.autonomous]
         try:
             result = workflow.apply(desired, subset, lock_timeout=0, actor=f"daemon {self.who}",
                                     say=lambda line: self.log("progress", message=line), start_servers=False,
-                                    own_signals=False, progress=lambda figures: self.view.update(progress=figures))
+                                    own_signals=False,
+                                    progress=lambda figures: self.view.update(progress=figures, progress_at=now()))
         except LockHeldError as exc:
             self._count(kinds, "deferred")
             self.log("apply_deferred", actions=[a.address for a in decision.autonomous],
@@ -438,7 +445,7 @@ class Daemon:
             self.view.update(last_error=f"apply failed: {message}")
             return True
         finally:
-            self.view.update(activity="idle", progress=None)
+            self.view.update(activity="idle", activity_since=None, progress=None, progress_at=None)
         self._count(kinds, "applied")
         self.log("applied", actions=[a.address for a in decision.autonomous], counts=result.counts)
         return True

@@ -37,6 +37,15 @@ class ShardView(Frozen):
     sampled_at: datetime | None = None
 
 
+class ReplicaView(Frozen):
+    """A physical standby streaming from a fleet server (pg_stat_replication on the primary)."""
+
+    server: str
+    name: str  # application_name, else the client address
+    lag_bytes: float | None = None  # WAL written on the primary and not yet replayed there
+    lag_seconds: float | None = None  # replay_lag; None when the standby is idle and caught up
+
+
 class BranchView(Frozen):
     name: str
     parent: str
@@ -77,7 +86,11 @@ class Snapshot(Frozen):
     history: tuple[HistoryEntry, ...] = ()
     branches: tuple[BranchView, ...] = ()
     activity: str = "idle"
+    activity_since: datetime | None = None  # when the running apply started
     progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)
+    progress_at: datetime | None = None  # when they were reported
+    replicas: tuple[ReplicaView, ...] = ()
+    silent_servers: tuple[str, ...] = ()  # servers that did not answer the last collection round
     last_collect_at: datetime | None = None
     last_collect_seconds: float | None = None
     last_error: str | None = None
@@ -97,6 +110,7 @@ class View:
         self._series: dict[str, deque] = {}
         self.actions: dict[tuple[str, str], int] = {}  # (kind, result) -> count, for /metrics
         self.collections = (0, 0.0)  # rounds, seconds in all: a Prometheus summary
+        self.collection_failures = 0  # rounds that failed as a whole (the catalog did not answer)
 
     def get(self) -> Snapshot:
         with self._lock:
@@ -121,6 +135,10 @@ class View:
     def record_collection(self, seconds: float) -> None:
         with self._lock:
             self.collections = (self.collections[0] + 1, self.collections[1] + seconds)
+
+    def record_collection_failure(self) -> None:
+        with self._lock:
+            self.collection_failures += 1
 
     def action_counts(self) -> dict[tuple[str, str], int]:
         with self._lock:
