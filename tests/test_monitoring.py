@@ -14,7 +14,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import EXAMPLES
-from engine.watch.prometheus import exposition, move_eta_seconds
+from engine.snapshot import move_eta_seconds
+from engine.watch.prometheus import exposition
 from engine.watch.view import ReplicaView, ShardView, Snapshot, View
 
 MONITORING = EXAMPLES / "monitoring"

@@ -14,6 +14,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.snapshot import Pending
 from engine.plan.models import (
     ApplySchema,
     CreateBranch,
@@ -33,14 +34,6 @@ from engine.plan.models import (
 PERSON = "a person applies it (`shardctl apply`)"
 # a person's pending change of these kinds holds automation back on the same database
 RESHAPING = (DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, MergeBranchSchema, RenameDatabase)
-
-
-class Pending(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    address: str
-    kind: str
-    why: str
 
 
 class Decision(BaseModel):

@@ -40,6 +40,7 @@ from engine.render.renderers import render_text
 from engine.servers.fleet import Fleet
 from engine.watch import autonomy, settle
 from engine.watch.configwatch import ConfigWatcher
+from engine.watch.http import serve
 from engine.watch.leader import LeaderLock, LeadershipLost
 from engine.watch.view import BranchView, HistoryEntry, ReplicaView, ShardView, Snapshot, View, now
 
@@ -88,7 +89,6 @@ class Daemon:
         self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
         http = None
         if self.options.listen:
-            from engine.watch.http import serve
             http = serve(self, self.options.listen)
             self.log("listening", url=f"http://{self.options.listen}/")
         watcher = ConfigWatcher(self.options.config_dir, self._on_config_change, self.options.debounce_ms).start()
@@ -307,7 +307,7 @@ class Daemon:
                 (previous.get(s.address) or ShardView(address=s.address, database=s.database, name=s.name,
                                                       server=s.server))
                 .model_copy(update={"latest": points[s.address][1], "sampled_at": points[s.address][0],
-                                    "server": s.server})
+                                    "server": s.server, "lo": s.lo, "hi": s.hi})
                 for s in sorted(shards, key=lambda s: s.address))
             return dict(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
                         paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by,
@@ -397,7 +397,7 @@ class Daemon:
                 hot = db.effective_policy.hot.model_dump() if db else {}
                 shards.append(base.model_copy(update={
                     "hot_thresholds": {m: float(v) for m, v in hot.items() if v is not None},
-                    "server": s.server, "load": verdict.state if verdict else "unknown",
+                    "server": s.server, "lo": s.lo, "hi": s.hi, "load": verdict.state if verdict else "unknown",
                     "evidence": tuple(e.describe() for e in verdict.evidence) if verdict else ()}))
         return tuple(sorted(shards, key=lambda s: s.address))
 

@@ -16,7 +16,7 @@ import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from engine.errors import UserError, redact
@@ -24,9 +24,21 @@ from engine.observe.metrics import METRICS
 from engine.render.dashboard import render_dashboard
 from engine.render.renderers import plan_document
 from engine.watch import prometheus
+from engine.watch.view import View
 
-if TYPE_CHECKING:
-    from engine.watch.daemon import Daemon
+
+class Served(Protocol):
+    """What the listener needs of the daemon it serves. The daemon imports this module to start
+    it; this module never imports the daemon (the two used to import each other)."""
+
+    view: View
+
+    @property
+    def options(self) -> Any: ...  # the daemon's WatchOptions: token_env names the token's variable
+
+    def set_paused(self, paused: bool, reason: str, by: str) -> Any: ...
+
+
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -36,7 +48,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def api_status(daemon: "Daemon") -> dict:
+def api_status(daemon: Served) -> dict:
     snap = daemon.view.get()
     return {
         "who": snap.who, "role": snap.role, "leader": snap.leader, "config_dir": snap.config_dir,
@@ -52,7 +64,7 @@ def api_status(daemon: "Daemon") -> dict:
     }
 
 
-def api_shards(daemon: "Daemon") -> dict:
+def api_shards(daemon: Served) -> dict:
     out = []
     for shard in daemon.view.get().shards:
         doc = shard.model_dump(mode="json")
@@ -61,7 +73,7 @@ def api_shards(daemon: "Daemon") -> dict:
     return {"shards": out}
 
 
-def api_plan(daemon: "Daemon") -> dict:
+def api_plan(daemon: Served) -> dict:
     snap = daemon.view.get()
     return {
         "planned_at": snap.planned_at, "plan": plan_document(snap.plan) if snap.plan else None,
@@ -83,7 +95,7 @@ WRITE_ROUTES = ("/api/pause", "/api/resume")
 
 
 class Handler(BaseHTTPRequestHandler):
-    daemon: "Daemon"  # set on the subclass made by serve()
+    daemon: Served  # set on the subclass made by serve()
     server_version = "shardctl"
 
     def log_message(self, format: str, *args) -> None:  # the daemon's log is for events, not requests
@@ -175,7 +187,7 @@ class Server:
         self.httpd.server_close()
 
 
-def serve(daemon: "Daemon", listen: str) -> Server:
+def serve(daemon: Served, listen: str) -> Server:
     host, port = parse_listen(listen)
     handler = type("BoundHandler", (Handler,), {"daemon": daemon})
     try:

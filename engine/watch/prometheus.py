@@ -15,6 +15,7 @@ from prometheus_client.core import (
 )
 
 from engine.observe.metrics import METRICS
+from engine.snapshot import move_eta_seconds
 from engine.watch.view import View
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -81,20 +82,6 @@ def _servers(snap):
     for server in sorted({s.server for s in snap.shards}):
         up.add_metric([server], 0.0 if server in snap.silent_servers else 1.0)
     yield up
-
-
-def move_eta_seconds(progress: dict) -> float | None:
-    """How long the running move's current phase still needs at its measured pace; None when
-    unknown (no pace yet, or catch-up not converging)."""
-    if progress.get("phase") == "copy":
-        rate, left = progress.get("rows_per_s") or 0, (progress.get("rows_expected") or 0) - (progress.get("rows_copied") or 0)
-        return max(0.0, left / rate) if rate > 0 and progress.get("rows_expected") else None
-    if progress.get("phase") == "catch-up":
-        gain = (progress.get("apply_rate") or 0) - (progress.get("wal_rate") or 0)
-        return (progress.get("lag_bytes") or 0) / gain if gain > 0 else None
-    if progress.get("phase") == "caught up":
-        return 0.0
-    return None
 
 
 def _moves(snap):

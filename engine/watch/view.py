@@ -12,93 +12,13 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from engine.observe.metrics import METRICS
-from engine.plan.models import Plan
-from engine.watch.autonomy import Pending
+from engine.snapshot import BranchView, HistoryEntry, Pending, ReplicaView, ShardView, Snapshot
+
+__all__ = ["BranchView", "HistoryEntry", "Pending", "ReplicaView", "SERIES_POINTS", "ShardView", "Snapshot", "View",
+           "now"]
 
 SERIES_POINTS = 180  # 30 minutes at the default 10 s interval
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class ShardView(Frozen):
-    address: str
-    database: str
-    name: str
-    server: str
-    load: str = "unknown"  # hot, cold, normal, stale or unknown, as the detector judged the last window
-    evidence: tuple[str, ...] = ()
-    latest: dict[str, float | None] = Field(default_factory=lambda: dict.fromkeys(METRICS))  # None: unknown
-    hot_thresholds: dict[str, float] = {}  # the effective policy's, for the charts
-    sampled_at: datetime | None = None
-
-
-class ReplicaView(Frozen):
-    """A physical standby streaming from a fleet server (pg_stat_replication on the primary)."""
-
-    server: str
-    name: str  # application_name, else the client address
-    lag_bytes: float | None = None  # WAL written on the primary and not yet replayed there
-    lag_seconds: float | None = None  # replay_lag; None when the standby is idle and caught up
-
-
-class BranchView(Frozen):
-    name: str
-    parent: str
-    data: str
-    server: str
-    state: str
-    created_at: datetime | None = None
-    expires_at: datetime | None = None
-    size_bytes: int | None = None
-
-
-class HistoryEntry(Frozen):
-    at: datetime
-    event: str
-    address: str
-    actor: str
-    summary: str
-    evidence: tuple[str, ...] = ()
-
-
-class Snapshot(Frozen):
-    who: str
-    config_dir: str
-    started_at: datetime
-    role: str = "starting"  # starting, standby, leader, stopping
-    leader: str | None = None  # who leads (this daemon or another)
-    paused: bool = False
-    pause_reason: str = ""
-    paused_by: str = ""
-    config_error: str | None = None
-    plan: Plan | None = None
-    plan_text: str = ""
-    planned_at: datetime | None = None
-    autonomous: tuple[str, ...] = ()  # addresses the last check let automation apply
-    pending: tuple[Pending, ...] = ()
-    notes: tuple[str, ...] = ()
-    shards: tuple[ShardView, ...] = ()
-    history: tuple[HistoryEntry, ...] = ()
-    branches: tuple[BranchView, ...] = ()
-    activity: str = "idle"
-    activity_since: datetime | None = None  # when the running apply started
-    progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)
-    progress_at: datetime | None = None  # when they were reported
-    replicas: tuple[ReplicaView, ...] = ()
-    silent_servers: tuple[str, ...] = ()  # servers that did not answer the last collection round
-    last_collect_at: datetime | None = None
-    last_collect_seconds: float | None = None
-    last_error: str | None = None
-
-    @property
-    def alerts(self) -> tuple[str, ...]:
-        return tuple(f"{s.address} is hot: {'; '.join(e.removeprefix(s.address + ': ') for e in s.evidence)}"
-                     for s in self.shards if s.load == "hot")
 
 
 class View:
