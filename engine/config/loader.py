@@ -256,11 +256,74 @@ def preset_files() -> list[Path]:
 def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False) -> Desired:
     """Load and validate a config directory. Raises ConfigError listing every problem found.
     With `defer_key_checks`, problems of the shard key in the schema are returned in
-    `key_problems` (the planner reports them with what a key change would destroy)."""
+    `key_problems` (the planner reports them with what a key change would destroy).
+
+    In stages, each adding what it finds wrong to the same list of problems: read the files
+    (presets first), gather what each file declares, resolve policy inheritance, check the
+    references between declarations, resolve the databases (placement, policy, schema steps),
+    choose the catalog, then look for settings that contradict each other."""
     cwd = cwd or Path.cwd()
-    root = Path(directory).resolve()
-    problems: list[Diagnostic] = []
+    root, files = _config_directory(directory, cwd)
+    found = _Gathered()
+    preset_docs = _read_documents(preset_files(), found.problems, cwd)
+    for doc in preset_docs:
+        doc.display = f"policies/{doc.file.name}"  # the same on every machine, installed or not
+    docs = _read_documents(files, found.problems, cwd)
+    for doc in preset_docs:
+        _gather(found, doc, is_preset=True)
+    for doc in docs:
+        _gather(found, doc, is_preset=False)
+    found.policies = _resolve_inheritance(found.policies, found.problems)
+    _check_references(found)
     key_problems: list[Diagnostic] = []
+    resolved = _resolve_databases(found, root, cwd, key_problems)
+    catalog_server, catalog_database = _choose_catalog(found, resolved, files, cwd)
+    problems = found.problems
+    problems.extend(_contradictions(resolved, found.policies, found.sources, found.branches, found.catalog,
+                                    catalog_database))
+    if not defer_key_checks:
+        problems.extend(key_problems)
+    if problems:
+        raise ConfigError(problems)
+    return Desired(
+        directory=root, servers=found.servers, databases=dict(sorted(resolved.items())), policies=found.policies,
+        catalog_server=catalog_server, catalog_database=catalog_database,
+        files=tuple(_display(f, cwd) for f in files), sources=found.sources,
+        resharding_enabled=found.resharding[0].enabled if found.resharding else True,
+        branches={name: b for name, (b, _) in sorted(found.branches.items())},
+        allow_destroy=found.allow_destroy, moved=found.moved, key_problems=tuple(key_problems),
+    )
+
+
+@dataclass
+class _Gathered:
+    """What the files declare, gathered file by file, and the problems found on the way."""
+
+    problems: list[Diagnostic] = field(default_factory=list)
+    sources: dict[Path_, Location] = field(default_factory=dict)
+    servers: dict[str, models.Server] = field(default_factory=dict)
+    databases: dict[str, tuple[models.Database, _Doc]] = field(default_factory=dict)
+    policies: dict[str, ResolvedPolicy] = field(default_factory=dict)
+    first_seen: dict[tuple[str, str], Location] = field(default_factory=dict)
+    catalog: tuple[models.CatalogSettings, _Doc] | None = None
+    resharding: tuple[models.ReshardingSettings, _Doc] | None = None
+    branches: dict[str, tuple[models.Branch, _Doc]] = field(default_factory=dict)
+    allow_destroy: dict[tuple[str, str], Location] = field(default_factory=dict)
+    moved: dict[str, tuple[str, Location]] = field(default_factory=dict)
+    moved_from: dict[str, Location] = field(default_factory=dict)
+
+    def first(self, kind: str, name: str, where: Location) -> bool:
+        """Record a declaration; False (and a problem) when the name was declared before."""
+        if (kind, name) in self.first_seen:
+            self.problems.append(_duplicate(kind, name, where, self.first_seen[(kind, name)]))
+            return False
+        self.first_seen[(kind, name)] = where
+        return True
+
+
+def _config_directory(directory: str | Path, cwd: Path) -> tuple[Path, list[Path]]:
+    """Stage 1: the directory and its YAML files, or an error saying what to pass instead."""
+    root = Path(directory).resolve()
     if not root.is_dir():
         raise ConfigError([Diagnostic(Location(str(directory)), "no such config directory",
                                       "pass the directory that holds your YAML files with -C DIR")])
@@ -268,116 +331,110 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     if not files:
         raise ConfigError([Diagnostic(Location(_display(root, cwd)), "no .yaml or .yml files in this directory",
                                       "pass the directory that holds your YAML files with -C DIR")])
+    return root, files
 
-    preset_docs = _read_documents(preset_files(), problems, cwd)
-    for doc in preset_docs:
-        doc.display = f"policies/{doc.file.name}"  # the same on every machine, installed or not
-    docs = _read_documents(files, problems, cwd)
 
-    sources: dict[Path_, Location] = {}
-    servers: dict[str, models.Server] = {}
-    databases: dict[str, tuple[models.Database, _Doc]] = {}
-    policies: dict[str, ResolvedPolicy] = {}
-    first_seen: dict[tuple[str, str], Location] = {}
-    catalog: tuple[models.CatalogSettings, _Doc] | None = None
-    resharding: tuple[models.ReshardingSettings, _Doc] | None = None
-    branches: dict[str, tuple[models.Branch, _Doc]] = {}
-    allow_destroy: dict[tuple[str, str], Location] = {}
-    moved: dict[str, tuple[str, Location]] = {}
-    moved_from: dict[str, Location] = {}
+def _gather(found: _Gathered, doc: _Doc, is_preset: bool) -> None:
+    """Stage 2: what one file declares. Presets contribute policies only."""
+    try:
+        parsed = models.ConfigFile.model_validate(doc.data)
+    except ValidationError as exc:
+        found.problems.extend(_diagnostics_from(exc, doc))
+        return
+    _record_sources(doc, found.sources)
+    _gather_policies(found, parsed, doc, is_preset)
+    if is_preset:
+        return
+    for name, server in parsed.servers.items():
+        if found.first("server", name, doc.loc(("servers", name))):
+            found.servers[name] = server
+    for name, database in parsed.databases.items():
+        if found.first("database", name, doc.loc(("databases", name))):
+            found.databases[name] = (database, doc)
+    for name, branch in parsed.branches.items():
+        if found.first("branch", name, doc.loc(("branches", name))):
+            found.branches[name] = (branch, doc)
+    if parsed.allow_destroy is not None:
+        for kind, key in (("database", "databases"), ("branch", "branches")):
+            for i, name in enumerate(getattr(parsed.allow_destroy, key)):
+                found.allow_destroy.setdefault((kind, name), doc.value_loc(("allow_destroy", key, i)))
+    _gather_moves(found, parsed, doc)
+    _gather_settings(found, parsed, doc)
 
-    for is_preset, doc_list in ((True, preset_docs), (False, docs)):
-        for doc in doc_list:
-            try:
-                parsed = models.ConfigFile.model_validate(doc.data)
-            except ValidationError as exc:
-                problems.extend(_diagnostics_from(exc, doc))
+
+def _gather_settings(found: _Gathered, parsed: models.ConfigFile, doc: _Doc) -> None:
+    """The fleet-wide settings, each declared once in the whole directory."""
+    if parsed.resharding is not None:
+        if found.resharding is not None:
+            found.problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
+                                             found.resharding[1].loc(("resharding",))))
+        else:
+            found.resharding = (parsed.resharding, doc)
+    if parsed.catalog is not None:
+        if found.catalog is not None:
+            found.problems.append(_duplicate("catalog", "settings", doc.loc(("catalog",)),
+                                             found.catalog[1].loc(("catalog",))))
+        else:
+            found.catalog = (parsed.catalog, doc)
+
+
+def _gather_policies(found: _Gathered, parsed: models.ConfigFile, doc: _Doc, is_preset: bool) -> None:
+    policies = found.policies
+    for name, policy in parsed.policies.items():
+        where = doc.loc(("policies", name))
+        if is_preset:
+            parent = policy.extends
+        else:
+            if not found.first("policy", name, where):
                 continue
-            _record_sources(doc, sources)
-            for name, policy in parsed.policies.items():
-                where = doc.loc(("policies", name))
-                if not is_preset and ("policy", name) in first_seen:
-                    problems.append(_duplicate("policy", name, where, first_seen[("policy", name)]))
-                    continue
-                if is_preset:
-                    parent = policy.extends
-                else:
-                    first_seen[("policy", name)] = where
-                    # a declared policy that shares a preset's name refines that preset
-                    parent = policy.extends or (f"preset:{name}" if name in policies else
-                                                (None if name == "default" else "default"))
-                    if name in policies:
-                        policies[f"preset:{name}"] = policies[name]
-                policies[name] = ResolvedPolicy(name, policy, where, parent=parent,
-                                                parent_location=doc.value_loc(("policies", name, "extends"))
-                                                if policy.extends else None)
-            if is_preset:
-                continue
-            for name, server in parsed.servers.items():
-                where = doc.loc(("servers", name))
-                if ("server", name) in first_seen:
-                    problems.append(_duplicate("server", name, where, first_seen[("server", name)]))
-                    continue
-                first_seen[("server", name)] = where
-                servers[name] = server
-            for name, database in parsed.databases.items():
-                where = doc.loc(("databases", name))
-                if ("database", name) in first_seen:
-                    problems.append(_duplicate("database", name, where, first_seen[("database", name)]))
-                    continue
-                first_seen[("database", name)] = where
-                databases[name] = (database, doc)
-            for name, branch in parsed.branches.items():
-                where = doc.loc(("branches", name))
-                if ("branch", name) in first_seen:
-                    problems.append(_duplicate("branch", name, where, first_seen[("branch", name)]))
-                    continue
-                first_seen[("branch", name)] = where
-                branches[name] = (branch, doc)
-            if parsed.allow_destroy is not None:
-                for kind, key in (("database", "databases"), ("branch", "branches")):
-                    for i, name in enumerate(getattr(parsed.allow_destroy, key)):
-                        allow_destroy.setdefault((kind, name), doc.value_loc(("allow_destroy", key, i)))
-            for i, move in enumerate(parsed.moved):
-                where = doc.loc(("moved", i))
-                if move.to in moved or move.from_ in moved_from:
-                    first = moved[move.to][1] if move.to in moved else moved_from[move.from_]
-                    problems.append(Diagnostic(where, f"the rename of {move.from_!r} to {move.to!r} conflicts with"
-                                               " another `moved` entry", f"it was first declared at {first}"))
-                    continue
-                if move.from_ == move.to:
-                    problems.append(Diagnostic(where, f"`moved` renames {move.from_!r} to itself",
-                                               "remove the entry"))
-                    continue
-                moved[move.to] = (move.from_, where)
-                moved_from[move.from_] = where
-            if parsed.resharding is not None:
-                if resharding is not None:
-                    problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
-                                               resharding[1].loc(("resharding",))))
-                else:
-                    resharding = (parsed.resharding, doc)
-            if parsed.catalog is not None:
-                where = doc.loc(("catalog",))
-                if catalog is not None:
-                    problems.append(_duplicate("catalog", "settings", where, catalog[1].loc(("catalog",))))
-                else:
-                    catalog = (parsed.catalog, doc)
+            # a declared policy that shares a preset's name refines that preset
+            parent = policy.extends or (f"preset:{name}" if name in policies else
+                                        (None if name == "default" else "default"))
+            if name in policies:
+                policies[f"preset:{name}"] = policies[name]
+        policies[name] = ResolvedPolicy(name, policy, where, parent=parent,
+                                        parent_location=doc.value_loc(("policies", name, "extends"))
+                                        if policy.extends else None)
 
-    policies = _resolve_inheritance(policies, problems)
-    for name, (branch, doc) in branches.items():
+
+def _gather_moves(found: _Gathered, parsed: models.ConfigFile, doc: _Doc) -> None:
+    for i, move in enumerate(parsed.moved):
+        where = doc.loc(("moved", i))
+        if move.to in found.moved or move.from_ in found.moved_from:
+            first = found.moved[move.to][1] if move.to in found.moved else found.moved_from[move.from_]
+            found.problems.append(Diagnostic(where, f"the rename of {move.from_!r} to {move.to!r} conflicts with"
+                                             " another `moved` entry", f"it was first declared at {first}"))
+            continue
+        if move.from_ == move.to:
+            found.problems.append(Diagnostic(where, f"`moved` renames {move.from_!r} to itself", "remove the entry"))
+            continue
+        found.moved[move.to] = (move.from_, where)
+        found.moved_from[move.from_] = where
+
+
+def _check_references(found: _Gathered) -> None:
+    """Stage 4: branches name a declared database and server; a rename names a declared new
+    database and an old one no longer declared."""
+    problems, databases, servers = found.problems, found.databases, found.servers
+    for name, (branch, doc) in found.branches.items():
         if branch.from_ not in databases:
             problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")), databases))
         if branch.server not in servers:
             problems.append(_unknown_ref("server", branch.server, doc.value_loc(("branches", name, "server")), servers))
-    for new, (old, where) in moved.items():
+    for new, (old, where) in found.moved.items():
         if new not in databases:
             problems.append(_unknown_ref("database", new, where, databases))
         elif old in databases:
             problems.append(Diagnostic(where, f"`moved` renames {old!r} to {new!r}, but {old!r} is still declared",
                                        f"remove the declaration of {old!r} (the rename keeps its shards and rows)"))
+
+
+def _resolve_databases(found: _Gathered, root: Path, cwd: Path,
+                       key_problems: list[Diagnostic]) -> dict[str, DesiredDatabase]:
+    """Stage 5: each database with its placement checked, its effective policy and its schema steps."""
+    problems, servers, policies = found.problems, found.servers, found.policies
     resolved: dict[str, DesiredDatabase] = {}
-    for name, (database, doc) in databases.items():
+    for name, (database, doc) in found.databases.items():
         for i, server in enumerate(database.placement):
             if server not in servers:
                 problems.append(_unknown_ref("server", server, doc.loc(("databases", name, "placement", i)), servers))
@@ -392,11 +449,17 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
             policy_name=database.policy, effective_policy=effective,
             location=doc.loc(("databases", name)),
         )
+    return resolved
 
+
+def _choose_catalog(found: _Gathered, resolved: dict[str, DesiredDatabase], files: list[Path],
+                    cwd: Path) -> tuple[str | None, str]:
+    """Stage 6: where the control database lives: as declared, else the first embedded server."""
+    problems, servers = found.problems, found.servers
     catalog_server: str | None = None
     catalog_database = "shardctl"
-    if catalog is not None:
-        settings, doc = catalog
+    if found.catalog is not None:
+        settings, doc = found.catalog
         catalog_database = settings.database
         if settings.database in RESERVED_DATABASES or settings.database in resolved:
             problems.append(Diagnostic(doc.value_loc(("catalog", "database")),
@@ -417,20 +480,7 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     if not servers and not problems:
         problems.append(Diagnostic(Location(_display(files[0], cwd), 1, 1), "no servers are declared",
                                    "declare at least one server under `servers:`"))
-
-    problems.extend(_contradictions(resolved, policies, sources, branches, catalog, catalog_database))
-    if not defer_key_checks:
-        problems.extend(key_problems)
-    if problems:
-        raise ConfigError(problems)
-    return Desired(
-        directory=root, servers=servers, databases=dict(sorted(resolved.items())), policies=policies,
-        catalog_server=catalog_server, catalog_database=catalog_database,
-        files=tuple(_display(f, cwd) for f in files), sources=sources,
-        resharding_enabled=resharding[0].enabled if resharding else True,
-        branches={name: b for name, (b, _) in sorted(branches.items())},
-        allow_destroy=allow_destroy, moved=moved, key_problems=tuple(key_problems),
-    )
+    return catalog_server, catalog_database
 
 
 _SHARD_NAME = re.compile(r"^(?P<db>[a-z][a-z0-9_]*)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
