@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -191,9 +192,8 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     split and cold neighbours merged, each with the evidence behind it.
     """
     from engine import workflow
-    from engine.plan import planfile
-
     from engine.config.loader import load_baseline
+    from engine.plan import planfile
 
     try:
         desired = workflow.load(obj.config_dir)
@@ -210,11 +210,15 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     if fmt == "text" and planned.plan.has_changes and not obj.automation():
         click.echo("")
         if out:
-            click.echo(f"Saved the plan to: {out}\n\nTo perform exactly these actions, run the following command to apply:\n"
-                       f"    shardctl -C {obj.config_dir} apply \"{out}\"")
+            click.echo(
+                f"Saved the plan to: {out}\n\nTo perform exactly these actions, run the following command to apply:\n"
+                f'    shardctl -C {obj.config_dir} apply "{out}"'
+            )
         else:
-            click.echo("Note: You didn't use the -out option to save this plan, so shardctl can't guarantee to take\n"
-                       "exactly these actions if you run \"shardctl apply\" now.")
+            click.echo(
+                "Note: You didn't use the -out option to save this plan, so shardctl can't guarantee to take\n"
+                'exactly these actions if you run "shardctl apply" now.'
+            )
     if out:
         planfile.save(planned.plan, out)
         if fmt != "text" or not planned.plan.has_changes:
@@ -307,7 +311,13 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
         click.echo("")
 
     result = workflow.apply(
-        desired, saved, lock_timeout=lock_timeout, confirm=confirm, say=click.echo, notice=err, metrics_file=metrics_file,
+        desired,
+        saved,
+        lock_timeout=lock_timeout,
+        confirm=confirm,
+        say=click.echo,
+        notice=err,
+        metrics_file=metrics_file,
         show=lambda p: _print_plan(obj, p, "text"),
     )
     if not result.plan.has_changes:
@@ -315,10 +325,14 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
             click.echo("No changes. Your fleet matches the configuration.")
         return
     c = result.counts
-    retired = (f", {c['retired']} retired (read-only, dropped by a later plan after autosplit.retire_after)"
-               if c.get("retired") else "")
-    click.echo(f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed"
-               f"{retired}.")
+    retired = (
+        f", {c['retired']} retired (read-only, dropped by a later plan after autosplit.retire_after)"
+        if c.get("retired")
+        else ""
+    )
+    click.echo(
+        f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed{retired}."
+    )
 
 
 @cli.command()
@@ -432,14 +446,24 @@ def branches(obj: Ctx, as_json: bool) -> None:
     desired = workflow.load(obj.config_dir)
     fleet = Fleet(desired)
     fleet.start_embedded(err)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with fleet.catalog(create=False) as conn:
         found = store.read_branches(conn) if conn is not None and schema.installed_version(conn) >= 3 else {}
     for b in found.values():
         handle = fleet.servers.get(b.server)
-        rows.append(dict(name=b.name, parent=b.parent, data=b.data if b.data != "sample" else f"sample {b.sample_percent:g}%",
-                         state=b.state, size_bytes=b.size_bytes, created_at=b.created_at, expires_at=b.expires_at,
-                         server=b.server, connection=handle.describe(b.dbname) if handle else "(server not declared)"))
+        rows.append(
+            dict(
+                name=b.name,
+                parent=b.parent,
+                data=b.data if b.data != "sample" else f"sample {b.sample_percent:g}%",
+                state=b.state,
+                size_bytes=b.size_bytes,
+                created_at=b.created_at,
+                expires_at=b.expires_at,
+                server=b.server,
+                connection=handle.describe(b.dbname) if handle else "(server not declared)",
+            )
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
         return
@@ -483,8 +507,11 @@ def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
     from engine.status import state_line
 
     desired = workflow.load(obj.config_dir)
-    gap = interval if interval is not None else min(
-        (d.effective_policy.metrics.interval for d in desired.databases.values()), default=10.0)
+    gap = (
+        interval
+        if interval is not None
+        else min((d.effective_policy.metrics.interval for d in desired.databases.values()), default=10.0)
+    )
     fleet = Fleet(desired)
     fleet.start_embedded(err)
     with fleet.catalog(create=False) as conn:
@@ -631,7 +658,6 @@ def resume(obj: Ctx) -> None:
 
 
 _global_options_after(cli)  # every command above accepts -C, --no-color and --debug after its name too
-
 
 
 WRITING_COMMANDS = ("apply", "abort", "strays")

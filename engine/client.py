@@ -14,12 +14,15 @@ re-read the map and retry on the new owner, until `retry_timeout`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
+
+from engine.rows import one
 
 T = TypeVar("T")
 MASK32 = 0xFFFFFFFF
@@ -113,7 +116,7 @@ class ShardClient:
         return self._catalog_conn
 
     def _refresh(self, conn: psycopg.Connection) -> None:
-        self.epoch = conn.execute("SELECT epoch FROM shardctl.state").fetchone()[0]
+        self.epoch = one(conn.execute("SELECT epoch FROM shardctl.state"))[0]
         row = conn.execute("SELECT key_type FROM shardctl.databases WHERE name = %s AND state = 'active'",
                            (self.database,)).fetchone()
         if row is None:
@@ -122,14 +125,14 @@ class ShardClient:
         self.shards = [Shard(*r) for r in conn.execute(
             "SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s AND state = 'active'"
             " ORDER BY lo NULLS FIRST", (self.database,))]
-        self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described))
+        self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described or ""))
                          for name, described in conn.execute("SELECT name, connection FROM shardctl.servers")}
 
     def _hash(self, key: Any) -> int:
         if self.key_type == "bigint":
             return hashint8extended(int(key))
         conn = self._connection(self.shards[0])
-        return conn.execute("SELECT hashtextextended(%s, 0)", (str(key),)).fetchone()[0]
+        return one(conn.execute("SELECT hashtextextended(%s, 0)", (str(key),)))[0]
 
     def shard_for(self, key: Any) -> Shard:
         h = self._hash(key)
@@ -182,7 +185,7 @@ class ShardClient:
             self._catalog_conn.close()
             self._catalog_conn = None
 
-    def __enter__(self) -> "ShardClient":
+    def __enter__(self) -> ShardClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from engine.catalog import control, journal, store
 from engine.config.loader import Desired
-from engine.observe import history
 from engine.config.models import span
+from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_server, observe
 from engine.plan.load import assessments
@@ -75,9 +75,15 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                                            metrics_file)
         verdicts = assessments(desired, observation)
         report["metrics_source"] = observation.metrics_source
-        report["catalog"] = {"server": desired.catalog_server, "database": desired.catalog_database,
-                             "state": "ok", "serial": state.serial, "epoch": state.epoch, "connection": catalog_connection,
-                             "schema_version": state.schema_version}
+        report["catalog"] = {
+            "server": desired.catalog_server,
+            "database": desired.catalog_database,
+            "state": "ok",
+            "serial": state.serial,
+            "epoch": state.epoch,
+            "connection": catalog_connection,
+            "schema_version": state.schema_version,
+        }
         for db in state.databases.values():
             report["databases"].append(dict(
                 name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
@@ -115,12 +121,16 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
         if verdict and shard.state == "active" else [],
         near=[n["text"] for n in notes if n["kind"] == "near"],
         notes=notes,
-        metrics={m: (None if latest is None or latest.metrics.get(m) is None else asdict(latest.metrics[m]))
-                 for m in METRICS},
+        metrics={m: _metric(latest, m) for m in METRICS},
         observed_at=latest.at if latest else None,
         samples=len(window),
         query_rate_history=[s.value("queries_per_second") for s in window],
     )
+
+
+def _metric(latest: Sample | None, metric: str) -> dict[str, Any] | None:
+    value = latest.metrics.get(metric) if latest is not None else None
+    return None if value is None else asdict(value)
 
 
 def verdict_notes(verdict) -> list[dict[str, str]]:
@@ -161,6 +171,23 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     width = shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160
     # no colour means no escape codes at all: rich's no_color still sends bold and italic
     console = Console(color_system="auto" if colour else None, highlight=False, width=width)
+    _print_servers(console, report)
+    for db in report["databases"]:
+        _print_database(console, db)
+    if report.get("metrics_source"):
+        sources = sorted(
+            {v["source"] for db in report["databases"] for s in db["shards"] for v in s["metrics"].values() if v}
+        )
+        console.print(f"Metrics: {report['metrics_source']}; ? = unknown (never counted as zero)")
+        for source in sources:
+            console.print(f"  source: {source}")
+    _print_operations(console, report)
+    _print_automation(console, report.get("automation"))
+    if not report["databases"] and report["catalog"].get("state") == "ok":
+        console.print("No databases yet.")
+
+
+def _print_servers(console: Console, report: dict[str, Any]) -> None:
     servers = Table(title="Servers", title_justify="left")
     for col in ("server", "kind", "state", "version", "connection"):
         servers.add_column(col)
@@ -168,40 +195,68 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         servers.add_row(s["name"], s["kind"], s["state"], s["version"] or "-", s["connection"])
     console.print(servers)
     cat = report["catalog"]
-    console.print(f"Catalog: server {cat['server']}, {cat['state']}"
-                  + (f", serial {cat['serial']}, routing epoch {cat['epoch']}" if cat.get("serial") is not None else ""))
+    console.print(
+        f"Catalog: server {cat['server']}, {cat['state']}"
+        + (f", serial {cat['serial']}, routing epoch {cat['epoch']}" if cat.get("serial") is not None else "")
+    )
     if cat.get("connection"):
         # for shardctl.route() and engine.client.ShardClient; the password, if any, comes from the environment
         console.print(f"  connection: {cat['connection']}", markup=False)
-    for db in report["databases"]:
-        table = Table(title=f"Database {db['name']}: key {db['shard_key']}, {len(db['shards'])} shards, "
-                            f"policy {db['policy']}{', protected' if db['protect'] else ''}, {db['state']}",
-                      title_justify="left")
-        for col in ("shard", "server", "database", "load", "q/s", "cpu %", "mem %", "disk %", "conns",
-                    "latency ms", "q/s history"):
-            table.add_column(col, justify="right" if col not in ("shard", "server", "database", "load") else "left",
-                             no_wrap=True)
-        for s in db["shards"]:
-            latest = {m: _cell(v["value"] if v else None) if s["state"] == "active" else "-"
-                      for m, v in s["metrics"].items()}  # a retired shard has no live load
-            load = s["load"] if s["state"] == "active" else s["state"]
-            style = {"hot": "bold red", "cold": "cyan", "unknown": "dim", "stale": "yellow"}.get(load, "")
-            table.add_row(f"{db['name']}/{s['name']}", s["server"], s["dbname"], f"[{style}]{load}[/]" if style else load,
-                          latest["queries_per_second"], latest["cpu_percent"], latest["memory_percent"],
-                          latest["storage_percent"], latest["connections"], latest["latency_ms"],
-                          sparkline(s["query_rate_history"]))
-        console.print(table)
-        for s in db["shards"]:
-            for line in s["summary"]:
-                console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
-            for note in s["notes"]:
-                console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
-    if report.get("metrics_source"):
-        sources = sorted({v["source"] for db in report["databases"] for s in db["shards"]
-                          for v in s["metrics"].values() if v})
-        console.print(f"Metrics: {report['metrics_source']}; ? = unknown (never counted as zero)")
-        for source in sources:
-            console.print(f"  source: {source}")
+
+
+LOAD_STYLES = {"hot": "bold red", "cold": "cyan", "unknown": "dim", "stale": "yellow"}
+
+
+def _print_database(console: Console, db: dict[str, Any]) -> None:
+    table = Table(
+        title=f"Database {db['name']}: key {db['shard_key']}, {len(db['shards'])} shards, "
+        f"policy {db['policy']}{', protected' if db['protect'] else ''}, {db['state']}",
+        title_justify="left",
+    )
+    for col in (
+        "shard",
+        "server",
+        "database",
+        "load",
+        "q/s",
+        "cpu %",
+        "mem %",
+        "disk %",
+        "conns",
+        "latency ms",
+        "q/s history",
+    ):
+        table.add_column(
+            col, justify="right" if col not in ("shard", "server", "database", "load") else "left", no_wrap=True
+        )
+    for s in db["shards"]:
+        latest = {
+            m: _cell(v["value"] if v else None) if s["state"] == "active" else "-" for m, v in s["metrics"].items()
+        }  # a retired shard has no live load
+        load = s["load"] if s["state"] == "active" else s["state"]
+        style = LOAD_STYLES.get(load, "")
+        table.add_row(
+            f"{db['name']}/{s['name']}",
+            s["server"],
+            s["dbname"],
+            f"[{style}]{load}[/]" if style else load,
+            latest["queries_per_second"],
+            latest["cpu_percent"],
+            latest["memory_percent"],
+            latest["storage_percent"],
+            latest["connections"],
+            latest["latency_ms"],
+            sparkline(s["query_rate_history"]),
+        )
+    console.print(table)
+    for s in db["shards"]:
+        for line in s["summary"]:
+            console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
+        for note in s["notes"]:
+            console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
+
+
+def _print_operations(console: Console, report: dict[str, Any]) -> None:
     for op in report.get("in_progress", []):
         console.print(f"In progress: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r},"
                       f" run by {op['by']}")
@@ -210,19 +265,33 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     for op in report["interrupted"]:
         hint = "run `shardctl apply` to finish it"
         if op["kind"] in ("split_shard", "merge_shards"):
-            hint = ("past its cutover: the new shards own the range; run `shardctl apply` to finish its cleanup"
-                    if op.get("past_cutover") else
-                    hint + f", or `shardctl abort {op['id']}` to roll it back (the source still owns the range)")
-        console.print(f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}")
-    automation = report.get("automation")
-    if automation:
-        daemon = automation["daemon"]
-        console.print(("Automation: PAUSED by " + automation["changed_by"]
-                       + (f" ({automation['reason']})" if automation["reason"] else "") + "; `shardctl resume` lifts it")
-                      if automation["paused"] else "Automation: on (`shardctl pause` stops it)")
-        if daemon:
-            console.print(f"Watch daemon: last leader {daemon['who']}"
-                          + (f" at http://{daemon['listen']}/" if daemon["listen"] else "")
-                          + f", heartbeat {daemon['heartbeat']:%Y-%m-%d %H:%M:%S %Z}")
-    if not report["databases"] and cat.get("state") == "ok":
-        console.print("No databases yet.")
+            hint = (
+                "past its cutover: the new shards own the range; run `shardctl apply` to finish its cleanup"
+                if op.get("past_cutover")
+                else hint + f", or `shardctl abort {op['id']}` to roll it back (the source still owns the range)"
+            )
+        console.print(
+            f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}"
+        )
+
+
+def _print_automation(console: Console, automation: dict[str, Any] | None) -> None:
+    if not automation:
+        return
+    daemon = automation["daemon"]
+    console.print(
+        (
+            "Automation: PAUSED by "
+            + automation["changed_by"]
+            + (f" ({automation['reason']})" if automation["reason"] else "")
+            + "; `shardctl resume` lifts it"
+        )
+        if automation["paused"]
+        else "Automation: on (`shardctl pause` stops it)"
+    )
+    if daemon:
+        console.print(
+            f"Watch daemon: last leader {daemon['who']}"
+            + (f" at http://{daemon['listen']}/" if daemon["listen"] else "")
+            + f", heartbeat {daemon['heartbeat']:%Y-%m-%d %H:%M:%S %Z}"
+        )

@@ -6,9 +6,9 @@ The CLI (and later the daemon) call these; they print nothing themselves but thr
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from engine.actions import dispatch
 from engine.actions.base import ApplyContext
@@ -16,13 +16,13 @@ from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.config import loader
 from engine.config.loader import Desired
+from engine.detect.detector import premise_holds
 from engine.errors import ConfigError, UserError
 from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
-from engine.detect.detector import premise_holds
-from engine.plan.models import LOAD_KINDS, Plan
+from engine.plan.models import LOAD_KINDS, MergeShards, Plan, SplitShard
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -52,7 +52,7 @@ def check_premises(desired: Desired, plan: Plan, observation: Observation) -> No
     """Re-measure the load a saved plan was based on; refuse it when a premise has gone."""
     failures = []
     for action in plan.actions:
-        if action.kind not in LOAD_KINDS or action.reason.cause != "load":
+        if not isinstance(action, (SplitShard, MergeShards)) or action.reason.cause != "load":
             continue
         db = desired.databases.get(action.database)
         if db is None:
@@ -283,7 +283,8 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
             mv.abort()
             store.add_history(conn, "abort", action.address, {"operation": operation, "last_step": p.last_step})
-            say(f"Operation {operation} aborted: replication objects, fence and targets removed; the source is as it was.")
+            say(f"Operation {operation} aborted: replication objects, fence and targets removed;"
+                " the source is as it was.")
 
 
 

@@ -27,7 +27,6 @@ changed. So both reads saw the same value, or there is a real difference.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -284,7 +283,7 @@ class Comparison:
         for target in self.move.targets:
             for table in self.move.tables(target):
                 self.left[(target.name, table)] = set(self.changes.of(table))
-        for (name, table), (target, buckets) in mismatched.items():
+        for (_name, table), (target, buckets) in mismatched.items():
             suspects = self._rows_in_buckets(target, table, buckets) - self.changes.of(table)
             self._settle_suspects(target, table, suspects)
 
@@ -327,7 +326,7 @@ class Comparison:
             before = {k: set(v) for k, v in self.left.items()}
             differing = {k: self._by_key(self._target(k[0]), k[1], keys) for k, keys in before.items()}
             new = self.read_changes()
-            for k, keys in before.items():
+            for k in before:
                 # settled: equal in this round and unchanged during it; the rest goes round again
                 self.left[k] = differing[k] | new.of(k[1])
 
@@ -361,7 +360,7 @@ class Comparison:
                                       (sorted(keys),)) for target, table, keys in checks]
         results = self._run([job for batch in batches for job in batch])
         checked = 0
-        for (target, table, keys), batch in zip(checks, batches):
+        for (target, table, keys), batch in zip(checks, batches, strict=False):
             mine, results = results[:len(batch)], results[len(batch):]
             ours, theirs = self._sum_sides(mine)
             checked += len(keys)

@@ -21,6 +21,7 @@ import psycopg
 from psycopg import errors, sql
 
 from engine.errors import UserError
+from engine.rows import one
 
 LOCK_TIMEOUT_MS = 100  # at most a quarter of deadlock_timeout; see lock_timeout_ms()
 TRIES = 10_000  # in practice the time budget ends it
@@ -73,7 +74,7 @@ def blockers(conn: psycopg.Connection, relations: list[str]) -> list[Blocker]:
 def lock_timeout_ms(conn: psycopg.Connection) -> int:
     """Well below this server's deadlock_timeout, so our waits never last long enough for the
     deadlock detector to run on their account."""
-    deadlock_ms = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
+    deadlock_ms = one(conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'"))[0]
     return max(10, min(LOCK_TIMEOUT_MS, deadlock_ms // 4))  # twice this stays under deadlock_timeout
 
 

@@ -24,17 +24,15 @@ or aborted operation finds exactly what it made. Identifiers go through psycopg.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from engine.actions.compare import Comparison, VerifyRestart
-from engine.actions.locking import with_lock_retries
 from engine.actions.base import (
     ApplyContext,
     apply_steps,
@@ -42,12 +40,15 @@ from engine.actions.base import (
     ensure_database,
     record_schema,
 )
+from engine.actions.compare import Comparison, VerifyRestart
+from engine.actions.locking import with_lock_retries
 from engine.catalog import journal, store
 from engine.catalog.journal import Operation
 from engine.config.models import Moves
 from engine.errors import UserError
 from engine.observe import strays
 from engine.plan.models import ShardSpec, StepSpec
+from engine.rows import one
 
 CATCH_UP_TIMEOUT = 30.0
 LAG_FLOOR = 64 << 10  # a lag this small is applied in milliseconds whatever the measured rate
@@ -148,7 +149,7 @@ class Move:
     targets: tuple[ShardSpec, ...]
     links: tuple[Link, ...]
     label: str  # e.g. "split orders/40-80"
-    settings: Moves = Moves()
+    settings: Moves = field(default_factory=Moves)
     lock_times: list[float] = field(default_factory=list)  # when each source's fence held its locks
     verified_keys: int = 0  # keys rechecked behind the fence
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -468,10 +469,10 @@ class Move:
                                      " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence()").format(table))
             # the mark commits with the fence: every write before the fence precedes it in the WAL,
             # so a target that applied the mark has applied all of them
-            marks[source.name] = conn.execute(
+            marks[source.name] = one(conn.execute(
                 "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
                 " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
-                " RETURNING pg_current_wal_insert_lsn()::text", (self.op.id, source.name)).fetchone()[0]
+                " RETURNING pg_current_wal_insert_lsn()::text", (self.op.id, source.name)))[0]
 
         with self.connect(source, autocommit=False) as conn:
             names = [q.as_string(conn) for q in qualified]
@@ -485,7 +486,7 @@ class Move:
             qualified = self._qualified(tables)
 
             def lift(conn: psycopg.Connection) -> None:
-                for table in qualified:
+                for table in qualified:  # noqa: B023 (lift runs within this iteration)
                     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(table))
                     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(table))
 
@@ -537,7 +538,7 @@ class Move:
     def compare(self) -> Comparison:
         """Every row compared while writes go on (see engine.actions.compare)."""
         with self.step("compare"):
-            for attempt in range(3):
+            for _attempt in range(3):
                 comparison = Comparison(self)
                 try:
                     comparison.begin()
@@ -683,8 +684,8 @@ def operation_for(ctx: ApplyContext, action) -> Operation:
 
 
 def key_of(ctx: ApplyContext, database: str) -> tuple[str, str]:
-    row = ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
-                              (database,)).fetchone()
+    row = one(ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
+                                  (database,)))
     return row[0], row[1]
 
 
@@ -744,9 +745,9 @@ def retired_note(ctx: ApplyContext, database: str, what: str) -> str:
 
 
 def resumed_flipped(ctx: ApplyContext, operation: int) -> bool:
-    return ctx.catalog.execute(
+    return one(ctx.catalog.execute(
         "SELECT EXISTS (SELECT 1 FROM shardctl.journal WHERE operation = %s AND step LIKE '%%: flip'"
-        " AND status = 'done')", (operation,)).fetchone()[0]
+        " AND status = 'done')", (operation,)))[0]
 
 
 def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:

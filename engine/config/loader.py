@@ -10,8 +10,8 @@ database's effective policy. Nothing here touches a server or writes a file.
 from __future__ import annotations
 
 import difflib
-import re
 import hashlib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +166,7 @@ def _allowed_keys(loc: Path_) -> list[str]:
     return []
 
 
-def _message(error: dict) -> tuple[str, str | None]:
+def _message(error: Any) -> tuple[str, str | None]:  # a pydantic ErrorDetails
     kind = error["type"]
     msg = error["msg"]
     loc = error["loc"]
@@ -418,7 +418,8 @@ def _check_references(found: _Gathered) -> None:
     problems, databases, servers = found.problems, found.databases, found.servers
     for name, (branch, doc) in found.branches.items():
         if branch.from_ not in databases:
-            problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")), databases))
+            problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")),
+                                         databases))
         if branch.server not in servers:
             problems.append(_unknown_ref("server", branch.server, doc.value_loc(("branches", name, "server")), servers))
     for new, (old, where) in found.moved.items():
@@ -439,7 +440,9 @@ def _resolve_databases(found: _Gathered, root: Path, cwd: Path,
             if server not in servers:
                 problems.append(_unknown_ref("server", server, doc.loc(("databases", name, "placement", i)), servers))
         if database.policy not in policies or database.policy.startswith("preset:"):
-            problems.append(_unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies))
+            problems.append(
+                _unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies)
+            )
         steps = _schema_steps(name, database, doc, root, cwd, problems, key_problems)
         policy = policies.get(database.policy)
         effective = (_effective_policy(policy.effective or policy.policy, database.thresholds)
@@ -492,58 +495,102 @@ def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, R
     """Settings that are each valid but cannot hold together: a shard both hot and cold, a
     daemon that looks for hot shards faster than metrics arrive, a limit below the start."""
     out: list[Diagnostic] = []
+    for name, entry in policies.items():
+        if entry.effective is not None and not name.startswith("preset:"):
+            out.extend(_policy_contradictions(_Setting(sources, None, entry.chain), entry.effective))
+    for name, database in databases.items():
+        declared = policies.get(database.policy_name)
+        out.extend(
+            _policy_contradictions(
+                _Setting(sources, database, declared.chain if declared else ()), database.effective_policy
+            )
+        )
+        limit = database.effective_policy.autosplit.max_shards
+        if database.spec.shards > limit:
+            at = sources.get(("databases", name, "shards")) or database.location
+            out.append(
+                Diagnostic(
+                    at,
+                    f"shards ({database.spec.shards}) is above autosplit.max_shards ({limit})"
+                    f" of policy {database.policy_name!r}",
+                    "lower shards, or raise max_shards in the policy",
+                )
+            )
+    out.extend(_named_like_shards(databases, branches, catalog, catalog_database))
+    return out
 
-    def where(database: DesiredDatabase | None, chain: tuple[str, ...], *path: str) -> Location | None:
-        if database is not None and path[0] in ("hot", "cold"):
-            found = sources.get(("databases", database.name, "thresholds", *path))
+
+@dataclass(frozen=True)
+class _Setting:
+    """Where a policy setting was written: the database's own thresholds first, then each policy
+    of its chain (a shipped preset's line is no place to point a user at)."""
+
+    sources: dict[Path_, Location]
+    database: DesiredDatabase | None
+    chain: tuple[str, ...]
+
+    def at(self, *path: str) -> Location | None:
+        if self.database is not None and path[0] in ("hot", "cold"):
+            found = self.sources.get(("databases", self.database.name, "thresholds", *path))
             if found:
                 return found
-        for name in chain:
-            found = sources.get(("policies", name.removeprefix("preset:"), *path))
+        for name in self.chain:
+            found = self.sources.get(("policies", name.removeprefix("preset:"), *path))
             if found and not found.file.startswith("policies/"):
                 return found
         return None
 
-    def check(policy: models.Policy, chain: tuple[str, ...], database: DesiredDatabase | None) -> None:
-        for metric in METRICS:
-            hot, cold = getattr(policy.hot, metric), getattr(policy.cold, metric)
-            if hot is not None and cold is not None and hot <= cold:
-                at = where(database, chain, "hot", metric) or where(database, chain, "cold", metric)
-                if at:
-                    out.append(Diagnostic(at, f"the hot threshold of {metric} ({hot:g}) is not above the cold one"
-                                          f" ({cold:g}): a shard would be hot and cold at once",
-                                          "make hot greater than cold for every metric"))
-        if policy.autosplit.check_every < policy.metrics.interval:
-            at = where(database, chain, "autosplit", "check_every") or where(database, chain, "metrics", "interval")
-            if at:
-                out.append(Diagnostic(at, f"autosplit.check_every ({policy.autosplit.check_every:g}s) is shorter than"
-                                      f" metrics.interval ({policy.metrics.interval:g}s): the daemon would look again"
-                                      " before a new sample arrives", "make check_every at least metrics.interval"))
-        needed = models.needed_samples(policy)
-        if policy.metrics.history is not None and needed > policy.metrics.history:
-            at = where(database, chain, "metrics", "history") or where(database, chain, "detection", "cold_for") \
-                or where(database, chain, "detection", "sustain")
-            if at:
-                out.append(Diagnostic(at, f"metrics.history ({policy.metrics.history} samples) is shorter than the"
-                                      f" detection windows need ({needed} samples of {policy.metrics.interval:g}s):"
-                                      " a window could never fill",
-                                      f"keep at least {needed} samples, leave metrics.history out (it then keeps"
-                                      " what the windows need), or shorten sustain and cold_for"))
 
-    for name, entry in policies.items():
-        if entry.effective is not None and not name.startswith("preset:"):
-            check(entry.effective, entry.chain, None)
-    for name, database in databases.items():
-        entry = policies.get(database.policy_name)
-        chain = entry.chain if entry else ()
-        check(database.effective_policy, chain, database)
-        limit = database.effective_policy.autosplit.max_shards
-        if database.spec.shards > limit:
-            at = sources.get(("databases", name, "shards")) or database.location
-            out.append(Diagnostic(at, f"shards ({database.spec.shards}) is above autosplit.max_shards ({limit})"
-                                  f" of policy {database.policy_name!r}",
-                                  "lower shards, or raise max_shards in the policy"))
-    for name, (branch, doc) in branches.items():
+def _policy_contradictions(where: _Setting, policy: models.Policy) -> list[Diagnostic]:
+    out = []
+    for metric in METRICS:
+        hot, cold = getattr(policy.hot, metric), getattr(policy.cold, metric)
+        if hot is not None and cold is not None and hot <= cold:
+            at = where.at("hot", metric) or where.at("cold", metric)
+            if at:
+                out.append(
+                    Diagnostic(
+                        at,
+                        f"the hot threshold of {metric} ({hot:g}) is not above the cold one"
+                        f" ({cold:g}): a shard would be hot and cold at once",
+                        "make hot greater than cold for every metric",
+                    )
+                )
+    if policy.autosplit.check_every < policy.metrics.interval:
+        at = where.at("autosplit", "check_every") or where.at("metrics", "interval")
+        if at:
+            out.append(
+                Diagnostic(
+                    at,
+                    f"autosplit.check_every ({policy.autosplit.check_every:g}s) is shorter than"
+                    f" metrics.interval ({policy.metrics.interval:g}s): the daemon would look again"
+                    " before a new sample arrives",
+                    "make check_every at least metrics.interval",
+                )
+            )
+    needed = models.needed_samples(policy)
+    if policy.metrics.history is not None and needed > policy.metrics.history:
+        at = where.at("metrics", "history") or where.at("detection", "cold_for") or where.at("detection", "sustain")
+        if at:
+            out.append(
+                Diagnostic(
+                    at,
+                    f"metrics.history ({policy.metrics.history} samples) is shorter than the"
+                    f" detection windows need ({needed} samples of {policy.metrics.interval:g}s):"
+                    " a window could never fill",
+                    f"keep at least {needed} samples, leave metrics.history out (it then keeps"
+                    " what the windows need), or shorten sustain and cold_for",
+                )
+            )
+    return out
+
+
+def _named_like_shards(
+    databases: dict[str, DesiredDatabase], branches: dict, catalog, catalog_database: str
+) -> list[Diagnostic]:
+    """A branch or the control database named like a shard database would be taken for one."""
+    out = []
+    for name, (_branch, doc) in branches.items():
         match = _SHARD_NAME.match(f"branch_{name}")
         if match and match.group("db") in databases:
             out.append(Diagnostic(doc.loc(("branches", name)), f"branch {name!r} would be database branch_{name},"
@@ -552,8 +599,13 @@ def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, R
     match = _SHARD_NAME.match(catalog_database)
     if match and match.group("db") in databases:
         at = catalog[1].value_loc(("catalog", "database")) if catalog else Location("catalog")
-        out.append(Diagnostic(at, f"the control database {catalog_database!r} is named like a shard of database"
-                              f" {match.group('db')!r}", "choose a name of its own, such as shardctl"))
+        out.append(
+            Diagnostic(
+                at,
+                f"the control database {catalog_database!r} is named like a shard of database {match.group('db')!r}",
+                "choose a name of its own, such as shardctl",
+            )
+        )
     return out
 
 
@@ -584,7 +636,7 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
     listed = isinstance(doc.data["databases"][name]["schema"], list)
     for i, step in enumerate(database.schema_):
         key = ("databases", name, "schema")
-        where = doc.loc(key + (i,)) if listed else doc.value_loc(key)
+        where = doc.loc((*key, i)) if listed else doc.value_loc(key)
         allowed = not isinstance(step, str) and step.allow_outside_database
         if not isinstance(step, str) and step.file is not None:
             step = step.file
@@ -593,20 +645,24 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
             if problem:
                 problems.append(problem)
                 continue
-            sql, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
-            if problem:
+            text, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
+            if problem or text is None:
+                problem = problem or Diagnostic(Location(_display(path, cwd)), "cannot be read")
                 at = problem.location if problem.location.line else where  # the file as a whole: the step's line
                 problems.append(Diagnostic(at, f"schema file {_shown(step)}: {problem.message}", problem.hint))
                 continue
+            sql = text
             step_name = _display(path, root)
             sql_location = Location(_display(path, cwd), 1, 1)
         else:
-            sql, step_name, sql_location = step.sql, step.name, where
+            sql, step_name, sql_location = step.sql or "", step.name or "", where
             if "\0" in sql:
                 problems.append(Diagnostic(where, "a NUL character is not allowed in SQL", "remove it"))
                 continue
         if step_name in seen:
-            problems.append(Diagnostic(where, f"schema step {step_name!r} is listed twice", f"first at {seen[step_name]}"))
+            problems.append(
+                Diagnostic(where, f"schema step {step_name!r} is listed twice", f"first at {seen[step_name]}")
+            )
             continue
         seen[step_name] = where
         problem = _sql_problem(sql, sql_location)
@@ -620,9 +676,12 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
                 continue
         steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
     if len(steps) == len(database.schema_):
-        key = database.shard_key
-        key_problems.extend(sqlcheck.key_problems([(s.sql, s.sql_location or s.location) for s in steps],
-                                              key.column, key.type))
+        shard_key = database.shard_key
+        key_problems.extend(
+            sqlcheck.key_problems(
+                [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type
+            )
+        )
     return steps
 
 
@@ -680,7 +739,9 @@ def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
 def _deep_update(base: dict, changes: dict) -> dict:
     out = dict(base)
     for key, value in changes.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -702,7 +763,7 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                 failed.update(chain)
                 return
             if entry.parent in chain:
-                cycle = chain[chain.index(entry.parent):] + [entry.parent]
+                cycle = [*chain[chain.index(entry.parent) :], entry.parent]
                 first = policies[cycle[0]]
                 problems.append(Diagnostic(first.location, f"policy {cycle[0]!r} extends itself through "
                                            + " -> ".join(cycle[1:])))
@@ -721,7 +782,8 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                                                (current,))
                 continue
             parent = done[entry.parent]
-            merged = _deep_update(parent.effective.model_dump(), entry.policy.model_dump(exclude_unset=True))
+            inherited = parent.effective or parent.policy  # resolved before its children: always set
+            merged = _deep_update(inherited.model_dump(), entry.policy.model_dump(exclude_unset=True))
             merged["extends"] = entry.parent.removeprefix("preset:")
             try:
                 effective = models.Policy.model_validate(merged)
@@ -730,12 +792,19 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                                            + _message(exc.errors(include_url=False)[0])[0]))
                 failed.update(chain)
                 return
-            done[current] = ResolvedPolicy(current, entry.policy, entry.location, entry.parent, entry.parent_location,
-                                           effective, (current,) + parent.chain)
+            done[current] = ResolvedPolicy(
+                current,
+                entry.policy,
+                entry.location,
+                entry.parent,
+                entry.parent_location,
+                effective,
+                (current, *parent.chain),
+            )
 
     for name in list(policies):
         resolve(name)
-    return {k: v for k, v in {**policies, **done}.items()}
+    return {**policies, **done}
 
 
 def _effective_policy(policy: models.Policy, overrides: models.PolicyOverrides) -> models.Policy:
@@ -756,7 +825,9 @@ def load_baseline(config_dir: str, ref_or_dir: str) -> tuple[Desired, str]:
 
     if Path(ref_or_dir).is_dir():
         return load(ref_or_dir), ref_or_dir
-    root_proc = subprocess.run(["git", "-C", config_dir, "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    root_proc = subprocess.run(
+        ["git", "-C", config_dir, "rev-parse", "--show-toplevel"], capture_output=True, text=True
+    )
     if root_proc.returncode != 0:
         raise UserError(f"--compare-policy {ref_or_dir}: not a directory, and {config_dir} is not in a git repository")
     root = Path(root_proc.stdout.strip())

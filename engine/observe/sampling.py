@@ -71,7 +71,7 @@ class LiveSampler:
         self._last: dict[str, Reading] = {}
         self._pools: dict[str, ConnectionPool] = {}
 
-    def __enter__(self) -> "LiveSampler":
+    def __enter__(self) -> LiveSampler:
         return self
 
     def __exit__(self, *exc) -> None:

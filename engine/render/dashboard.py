@@ -6,7 +6,7 @@ itself with a meta tag, so it reads the same in a terminal browser or with scrip
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
@@ -52,7 +52,8 @@ def chart(points: list[tuple], metric: str, threshold: float | None) -> dict:
     t0, t1 = points[0][0], points[-1][0]
     span = max(t1 - t0, 1e-9)
     top = max([v * 1.2 for _, v in known] + ([threshold * 1.15] if threshold else []) + [1e-9])
-    lines, current = [], []
+    lines: list[str] = []
+    current: list[str] = []
     for p in points:
         v = p[index]
         if v is None:
@@ -70,7 +71,7 @@ def chart(points: list[tuple], metric: str, threshold: float | None) -> dict:
     # known value is kept apart, with its time, so a stale figure is never captioned as current.
     return {"lines": lines, "threshold_y": threshold_y, "peak": max((v for _, v in known), default=None),
             "latest": points[-1][index], "last_known": known[-1][1] if known else None,
-            "last_known_at": datetime.fromtimestamp(known[-1][0], timezone.utc) if known else None}
+            "last_known_at": datetime.fromtimestamp(known[-1][0], UTC) if known else None}
 
 
 SPACE = 1 << 64  # the unsigned keyspace
@@ -146,11 +147,13 @@ def move(snapshot: Snapshot, now: datetime) -> dict | None:
 
 
 def _span(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
 
 
 def render_dashboard(snapshot: Snapshot, series: dict[str, list[tuple]], now: datetime | None = None) -> str:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     shards = []
     for shard in snapshot.shards:
         points = series.get(shard.address, [])

@@ -9,16 +9,17 @@ leads; the config watcher and the HTTP server have their own. They share only th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import psycopg
 
@@ -124,10 +125,8 @@ class Daemon:
                 raise KeyboardInterrupt
             self.stop(signal.Signals(signum).name)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (tests drive the daemon in-process)
                 signal.signal(sig, handler)
-            except ValueError:  # not the main thread (tests drive the daemon in-process)
-                pass
 
     def _catalog_connection(self) -> psycopg.Connection:
         handle = self.fleet.catalog_server
@@ -423,7 +422,7 @@ class Daemon:
             result = workflow.apply(desired, subset, lock_timeout=0, actor=f"daemon {self.who}",
                                     say=lambda line: self.log("progress", message=line), start_servers=False,
                                     own_signals=False,
-                                    progress=lambda figures: self.view.update(progress=figures, progress_at=now()))
+                                    progress=self._progress)
         except LockHeldError as exc:
             self._count(kinds, "deferred")
             self.log("apply_deferred", actions=[a.address for a in decision.autonomous],
@@ -449,6 +448,9 @@ class Daemon:
         self._count(kinds, "applied")
         self.log("applied", actions=[a.address for a in decision.autonomous], counts=result.counts)
         return True
+
+    def _progress(self, figures: dict) -> None:
+        self.view.update(progress=figures, progress_at=now())
 
     def _count(self, kinds: list[str], result: str) -> None:
         for kind in kinds:

@@ -68,7 +68,10 @@ def api_shards(daemon: Served) -> dict:
     out = []
     for shard in daemon.view.get().shards:
         doc = shard.model_dump(mode="json")
-        doc["series"] = [{"at": point[0], **dict(zip(METRICS, point[1:]))} for point in daemon.view.series(shard.address)]
+        doc["series"] = [
+            {"at": point[0], **dict(zip(METRICS, point[1:], strict=True))}
+            for point in daemon.view.series(shard.address)
+        ]
         out.append(doc)
     return {"shards": out}
 
@@ -133,8 +136,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self, path: str, allowed: str) -> None:
         """405 with the method that works: the endpoint exists, the method is wrong."""
-        body = redact(json.dumps({"error": f"{path} takes {allowed} only", "allow": allowed}, indent=2,
-                                 sort_keys=True)).encode() + b"\n"
+        body = (
+            redact(
+                json.dumps({"error": f"{path} takes {allowed} only", "allow": allowed}, indent=2, sort_keys=True)
+            ).encode()
+            + b"\n"
+        )
         self.send_response(405)
         self.send_header("Allow", allowed)
         self.send_header("Content-Type", "application/json")
@@ -166,7 +173,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(length) or b"{}") if length else {}
         except json.JSONDecodeError:
-            self._json(400, {"error": "the body must be JSON, e.g. {\"reason\": \"maintenance\"}"})
+            self._json(400, {"error": 'the body must be JSON, e.g. {"reason": "maintenance"}'})
             return
         reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
         state = self.daemon.set_paused(path == "/api/pause", reason, f"http {self.client_address[0]}")
@@ -193,7 +200,9 @@ def serve(daemon: Served, listen: str) -> Server:
     try:
         httpd = _HTTPServer((host, port), handler)
     except OSError as exc:
-        raise UserError(f"cannot listen on {listen}: {exc.strerror}", "pick another port with --listen HOST:PORT") from None
+        raise UserError(
+            f"cannot listen on {listen}: {exc.strerror}", "pick another port with --listen HOST:PORT"
+        ) from None
     server = Server(httpd)
     server.thread.start()
     return server

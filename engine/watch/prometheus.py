@@ -30,8 +30,11 @@ class SnapshotCollector:
         snap = self.view.get()
         value = GaugeMetricFamily("shardctl_shard_metric", "Latest sampled value of a shard's load metric",
                                   labels=["database", "shard", "server", "metric"])
-        load = GaugeMetricFamily("shardctl_shard_load", "1 for the shard's current load state as judged by the detector",
-                                 labels=["database", "shard", "server", "state"])
+        load = GaugeMetricFamily(
+            "shardctl_shard_load",
+            "1 for the shard's current load state as judged by the detector",
+            labels=["database", "shard", "server", "state"],
+        )
         for shard in snap.shards:
             for metric in METRICS:
                 v = shard.latest.get(metric)
@@ -41,13 +44,20 @@ class SnapshotCollector:
                 load.add_metric([shard.database, shard.name, shard.server, state], 1.0 if shard.load == state else 0.0)
         yield value
         yield load
-        yield GaugeMetricFamily("shardctl_daemon_leader", "1 when this daemon leads", value=1.0 if snap.role == "leader" else 0.0)
-        yield GaugeMetricFamily("shardctl_daemon_paused", "1 when automation is paused (shardctl pause)",
-                                value=1.0 if snap.paused else 0.0)
-        yield GaugeMetricFamily("shardctl_config_valid", "0 while the last edit of the config is invalid",
-                                value=0.0 if snap.config_error else 1.0)
-        pending = GaugeMetricFamily("shardctl_plan_actions", "Actions in the current plan by who may apply them",
-                                    labels=["by"])
+        yield GaugeMetricFamily(
+            "shardctl_daemon_leader", "1 when this daemon leads", value=1.0 if snap.role == "leader" else 0.0
+        )
+        yield GaugeMetricFamily(
+            "shardctl_daemon_paused", "1 when automation is paused (shardctl pause)", value=1.0 if snap.paused else 0.0
+        )
+        yield GaugeMetricFamily(
+            "shardctl_config_valid",
+            "0 while the last edit of the config is invalid",
+            value=0.0 if snap.config_error else 1.0,
+        )
+        pending = GaugeMetricFamily(
+            "shardctl_plan_actions", "Actions in the current plan by who may apply them", labels=["by"]
+        )
         pending.add_metric(["daemon"], float(len(snap.autonomous)))
         pending.add_metric(["person"], float(len(snap.pending)))
         yield pending

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from engine.observe.metrics import METRICS
 from engine.snapshot import BranchView, HistoryEntry, Pending, ReplicaView, ShardView, Snapshot
 
-__all__ = ["BranchView", "HistoryEntry", "Pending", "ReplicaView", "SERIES_POINTS", "ShardView", "Snapshot", "View",
-           "now"]
+__all__ = [
+    "SERIES_POINTS",
+    "BranchView",
+    "HistoryEntry",
+    "Pending",
+    "ReplicaView",
+    "ShardView",
+    "Snapshot",
+    "View",
+    "now",
+]
 
 SERIES_POINTS = 180  # 30 minutes at the default 10 s interval
 
@@ -84,4 +94,4 @@ class View:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
