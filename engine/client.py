@@ -15,13 +15,17 @@ first write after the cutover costs neither a poll interval nor a connection's s
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
+
+from engine.rows import one
 
 T = TypeVar("T")
 ROUTING_CHANNEL = "shardctl_routing"  # the catalog notifies it when a flip changes the routing
@@ -118,7 +122,7 @@ class ShardClient:
         return self._catalog_conn
 
     def _refresh(self, conn: psycopg.Connection) -> None:
-        self.epoch = conn.execute("SELECT epoch FROM shardctl.state").fetchone()[0]
+        self.epoch = one(conn.execute("SELECT epoch FROM shardctl.state"))[0]
         row = conn.execute("SELECT key_type FROM shardctl.databases WHERE name = %s AND state = 'active'",
                            (self.database,)).fetchone()
         if row is None:
@@ -129,14 +133,14 @@ class ShardClient:
             " AND state IN ('active', 'moving') ORDER BY lo NULLS FIRST", (self.database,))]
         self.shards = [shard for state, shard in shards if state == "active"]
         self.upcoming = [shard for state, shard in shards if state == "moving"]
-        self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described))
+        self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described or ""))
                          for name, described in conn.execute("SELECT name, connection FROM shardctl.servers")}
 
     def _hash(self, key: Any) -> int:
         if self.key_type == "bigint":
             return hashint8extended(int(key))
         conn = self._connection(self.shards[0])
-        return conn.execute("SELECT hashtextextended(%s, 0)", (str(key),)).fetchone()[0]
+        return one(conn.execute("SELECT hashtextextended(%s, 0)", (str(key),)))[0]
 
     def shard_for(self, key: Any) -> Shard:
         h = self._hash(key)
@@ -183,10 +187,8 @@ class ShardClient:
         h = self._hash(key)
         for shard in self.upcoming:
             if shard.owns(h):
-                try:
+                with contextlib.suppress(psycopg.OperationalError):  # else the write after the flip connects
                     self._connection(shard)
-                except psycopg.OperationalError:
-                    pass  # not ready yet: the write after the flip connects as usual
 
     def _wait_for_routing(self, timeout: float) -> None:
         """Until the catalog announces a routing change (shardctl notifies at every flip), or the
@@ -212,7 +214,7 @@ class ShardClient:
             self._catalog_conn.close()
             self._catalog_conn = None
 
-    def __enter__(self) -> "ShardClient":
+    def __enter__(self) -> ShardClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,11 +4,11 @@ takes a clock or an instant as a parameter, so that tests pin it instead of read
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 Clock = Callable[[], datetime]
 
 
 def system_clock() -> datetime:
     """The real wall clock, in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

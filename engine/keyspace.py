@@ -8,6 +8,7 @@ end at either side (2^63 does not fit in a bigint, so the top has no upper bound
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 SIGNED_MIN = -(2**63)
@@ -50,7 +51,7 @@ class KeyRange:
     def contains(self, signed_hash: int) -> bool:
         return (self.lo is None or signed_hash >= self.lo) and (self.hi is None or signed_hash < self.hi)
 
-    def split(self, parts: int) -> list["KeyRange"]:
+    def split(self, parts: int) -> list[KeyRange]:
         """Divide evenly; boundaries are rounded to whole bytes where that keeps them distinct."""
         return even_ranges(parts, self.lo_unsigned, self.hi_unsigned)
 
@@ -88,7 +89,7 @@ def even_ranges(parts: int, lo_unsigned: int = 0, hi_unsigned: int = SPACE) -> l
         bounds.append(_round_to_bytes(exact, bounds[-1], hi_unsigned, width // parts))
     bounds.append(hi_unsigned)
     ranges = []
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         ranges.append(KeyRange(None if a == 0 else _to_signed(a), None if b == SPACE else _to_signed(b)))
     return ranges
 

@@ -10,8 +10,9 @@ from rich.table import Table
 
 from engine.catalog import control, journal, store
 from engine.config.loader import Desired
+from engine.config.models import span
 from engine.observe import history
-from engine.observe.metrics import METRICS, Reading, Sample
+from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_server, observe
 from engine.plan.checks import metric_gaps
 from engine.plan.load import assessments
@@ -45,7 +46,7 @@ def state_line(pairs: dict[str, tuple[Reading, Sample]]) -> str:
 
 def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]:
     fleet = Fleet(desired)
-    servers = []
+    servers: list[dict[str, Any]] = []
     for name, handle in sorted(fleet.servers.items()):
         embedded = handle.embedded
         if embedded is not None and not embedded.running_pid():
@@ -58,22 +59,33 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                             version=live.version, connection=handle.describe(),
                             unknown_metrics=metric_gaps(name, desired.servers[name], live) if live.reachable else {}))
     report: dict[str, Any] = {"servers": servers, "catalog": None, "databases": [], "interrupted": []}
+    catalog_handle = fleet.servers.get(desired.catalog_server or "")
+    # what shardctl.route() and engine.client.ShardClient connect to; describe() never shows a password
+    catalog_connection = catalog_handle.describe(desired.catalog_database) if catalog_handle else None
     catalog_state = next(s for s in servers if s["name"] == desired.catalog_server)["state"]
     if catalog_state != "running":
-        report["catalog"] = {"server": desired.catalog_server, "state": f"server {catalog_state}"}
+        report["catalog"] = {"server": desired.catalog_server, "state": f"server {catalog_state}",
+                             "connection": catalog_connection}
         return report
     with fleet.catalog(create=False) as conn:
         if conn is None:
-            report["catalog"] = {"server": desired.catalog_server, "state": "not created yet (run shardctl apply)"}
+            report["catalog"] = {"server": desired.catalog_server, "state": "not created yet (run shardctl apply)",
+                                 "connection": catalog_connection}
             return report
         state = store.read(conn)
         observation = history.with_metrics(desired, fleet, conn, observe(fleet, conn, inspect_schemas=False),
                                            metrics_file)
         verdicts = assessments(desired, observation)
         report["metrics_source"] = observation.metrics_source
-        report["catalog"] = {"server": desired.catalog_server, "database": desired.catalog_database,
-                             "state": "ok", "serial": state.serial, "epoch": state.epoch,
-                             "schema_version": state.schema_version}
+        report["catalog"] = {
+            "server": desired.catalog_server,
+            "database": desired.catalog_database,
+            "state": "ok",
+            "serial": state.serial,
+            "epoch": state.epoch,
+            "connection": catalog_connection,
+            "schema_version": state.schema_version,
+        }
         for db in state.databases.values():
             report["databases"].append(dict(
                 name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
@@ -88,7 +100,8 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
         if state.schema_version >= 4:
             switch, leader = control.read_control(conn), control.read_leader(conn)
             report["automation"] = {
-                "paused": switch.paused, "reason": switch.reason, "changed_by": switch.changed_by,
+                "paused": switch.paused, "reason": switch.reason if switch.paused else "",
+                "paused_by": switch.changed_by if switch.paused else None, "changed_by": switch.changed_by,
                 "daemon": None if leader is None else {"who": leader.who, "listen": leader.listen,
                                                        "heartbeat": leader.heartbeat},
             }
@@ -96,18 +109,61 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
 
 
 def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
+    if shard.state != "active":
+        # a retired (or retiring) shard takes no traffic: its last samples are history, not its load
+        window = ()
     latest = window[-1] if window else None
+    notes = verdict_notes(verdict) if verdict else []
     return dict(
         name=shard.name, lo=shard.lo, hi=shard.hi, server=shard.server, dbname=shard.dbname, state=shard.state,
-        load=verdict.state if verdict else "unknown",
+        load=(verdict.state if verdict else "unknown") if shard.state == "active" else shard.state,
         evidence=[e.describe() for e in verdict.evidence] if verdict else [],
-        near=list(verdict.near) + ([f"{verdict.state}: {verdict.why}"] if verdict.why else []) if verdict else [],
-        metrics={m: (None if latest is None or latest.metrics.get(m) is None else asdict(latest.metrics[m]))
-                 for m in METRICS},
+        summary=([e.describe() for e in verdict.evidence] if verdict.state == "hot" else
+                 [cold_summary(list(verdict.evidence))] if verdict.state == "cold" and verdict.evidence else [])
+        if verdict and shard.state == "active" else [],
+        near=[n["text"] for n in notes if n["kind"] == "near"],
+        notes=notes,
+        metrics={m: _metric(latest, m) for m in METRICS},
         observed_at=latest.at if latest else None,
         samples=len(window),
         query_rate_history=[s.value("queries_per_second") for s in window],
     )
+
+
+def _metric(latest: Sample | None, metric: str) -> dict[str, Any] | None:
+    value = latest.metrics.get(metric) if latest is not None else None
+    return None if value is None else asdict(value)
+
+
+def verdict_notes(verdict) -> list[dict[str, str]]:
+    """The detector's remarks, each labelled by what it is: `near` (within the tolerance under a
+    hot threshold), `rising` (over a threshold, not yet for the sustain), or the reason for a
+    `stale` or `unknown` verdict."""
+    notes = [{"kind": "rising" if " over the hot threshold " in line else "near", "text": line}
+             for line in verdict.near]
+    if verdict.why:
+        notes.append({"kind": verdict.state, "text": verdict.why})
+    return notes
+
+
+NOTE_LABELS = {"near": "near", "rising": "over, not sustained yet", "stale": "stale", "unknown": "unknown"}
+
+
+def cold_summary(evidence: list) -> str:
+    """One line for a cold shard: every metric under its cold threshold (one line each was five
+    lines per idle shard)."""
+    first = evidence[0]
+    parts = []
+    for e in evidence:
+        unit = UNITS.get(e.metric, "")
+        parts.append(f"{e.metric} {_num(e.high)}{unit} < {_num(e.threshold)}{unit}")
+    return (f"{first.shard}: under every cold threshold for {span(round((first.until - first.since).total_seconds()))}"
+            f" (cold_for {span(first.window_seconds)}, {first.samples} samples): {', '.join(parts)};"
+            f" thresholds from {', '.join(sorted({e.policy_location for e in evidence}))}")
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def render_status(report: dict[str, Any], colour: bool) -> None:
@@ -115,7 +171,25 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     import sys
 
     width = shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160
-    console = Console(no_color=not colour, highlight=False, width=width)
+    # no colour means no escape codes at all: rich's no_color still sends bold and italic
+    console = Console(color_system="auto" if colour else None, highlight=False, width=width)
+    _print_servers(console, report)
+    for db in report["databases"]:
+        _print_database(console, db)
+    if report.get("metrics_source"):
+        sources = sorted(
+            {v["source"] for db in report["databases"] for s in db["shards"] for v in s["metrics"].values() if v}
+        )
+        console.print(f"Metrics: {report['metrics_source']}; ? = unknown (never counted as zero)")
+        for source in sources:
+            console.print(f"  source: {source}")
+    _print_operations(console, report)
+    _print_automation(console, report.get("automation"))
+    if not report["databases"] and report["catalog"].get("state") == "ok":
+        console.print("No databases yet.")
+
+
+def _print_servers(console: Console, report: dict[str, Any]) -> None:
     servers = Table(title="Servers", title_justify="left")
     for col in ("server", "kind", "state", "version", "connection"):
         servers.add_column(col)
@@ -126,36 +200,68 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         for metric, why in sorted((s.get("unknown_metrics") or {}).items()):
             console.print(f"  server {s['name']}: {metric} is unknown (?) for its shards: {why}", markup=False)
     cat = report["catalog"]
-    console.print(f"Catalog: server {cat['server']}, {cat['state']}"
-                  + (f", serial {cat['serial']}, routing epoch {cat['epoch']}" if cat.get("serial") is not None else ""))
-    for db in report["databases"]:
-        table = Table(title=f"Database {db['name']}: key {db['shard_key']}, {len(db['shards'])} shards, "
-                            f"policy {db['policy']}{', protected' if db['protect'] else ''}, {db['state']}",
-                      title_justify="left")
-        for col in ("shard", "server", "database", "load", "q/s", "cpu %", "mem %", "disk %", "conns",
-                    "latency ms", "q/s history"):
-            table.add_column(col, justify="right" if col not in ("shard", "server", "database", "load") else "left",
-                             no_wrap=True)
-        for s in db["shards"]:
-            latest = {m: _cell(v["value"] if v else None) for m, v in s["metrics"].items()}
-            load = s["load"] if s["state"] == "active" else s["state"]
-            style = {"hot": "bold red", "cold": "cyan", "unknown": "dim", "stale": "yellow"}.get(load, "")
-            table.add_row(f"{db['name']}/{s['name']}", s["server"], s["dbname"], f"[{style}]{load}[/]" if style else load,
-                          latest["queries_per_second"], latest["cpu_percent"], latest["memory_percent"],
-                          latest["storage_percent"], latest["connections"], latest["latency_ms"],
-                          sparkline(s["query_rate_history"]))
-        console.print(table)
-        for s in db["shards"]:
-            for line in s["evidence"]:
-                console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
-            for line in s["near"]:
-                console.print(f"  near: {db['name']}/{s['name']}: {line}")
-    if report.get("metrics_source"):
-        sources = sorted({v["source"] for db in report["databases"] for s in db["shards"]
-                          for v in s["metrics"].values() if v})
-        console.print(f"Metrics: {report['metrics_source']}; ? = unknown (never counted as zero)")
-        for source in sources:
-            console.print(f"  source: {source}")
+    console.print(
+        f"Catalog: server {cat['server']}, {cat['state']}"
+        + (f", serial {cat['serial']}, routing epoch {cat['epoch']}" if cat.get("serial") is not None else "")
+    )
+    if cat.get("connection"):
+        # for shardctl.route() and engine.client.ShardClient; the password, if any, comes from the environment
+        console.print(f"  connection: {cat['connection']}", markup=False)
+
+
+LOAD_STYLES = {"hot": "bold red", "cold": "cyan", "unknown": "dim", "stale": "yellow"}
+
+
+def _print_database(console: Console, db: dict[str, Any]) -> None:
+    table = Table(
+        title=f"Database {db['name']}: key {db['shard_key']}, {len(db['shards'])} shards, "
+        f"policy {db['policy']}{', protected' if db['protect'] else ''}, {db['state']}",
+        title_justify="left",
+    )
+    for col in (
+        "shard",
+        "server",
+        "database",
+        "load",
+        "q/s",
+        "cpu %",
+        "mem %",
+        "disk %",
+        "conns",
+        "latency ms",
+        "q/s history",
+    ):
+        table.add_column(
+            col, justify="right" if col not in ("shard", "server", "database", "load") else "left", no_wrap=True
+        )
+    for s in db["shards"]:
+        latest = {
+            m: _cell(v["value"] if v else None) if s["state"] == "active" else "-" for m, v in s["metrics"].items()
+        }  # a retired shard has no live load
+        load = s["load"] if s["state"] == "active" else s["state"]
+        style = LOAD_STYLES.get(load, "")
+        table.add_row(
+            f"{db['name']}/{s['name']}",
+            s["server"],
+            s["dbname"],
+            f"[{style}]{load}[/]" if style else load,
+            latest["queries_per_second"],
+            latest["cpu_percent"],
+            latest["memory_percent"],
+            latest["storage_percent"],
+            latest["connections"],
+            latest["latency_ms"],
+            sparkline(s["query_rate_history"]),
+        )
+    console.print(table)
+    for s in db["shards"]:
+        for line in s["summary"]:
+            console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
+        for note in s["notes"]:
+            console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
+
+
+def _print_operations(console: Console, report: dict[str, Any]) -> None:
     for op in report.get("in_progress", []):
         console.print(f"In progress: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r},"
                       f" run by {op['by']}")
@@ -164,19 +270,33 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     for op in report["interrupted"]:
         hint = "run `shardctl apply` to finish it"
         if op["kind"] in ("split_shard", "merge_shards"):
-            hint = ("past its cutover: the new shards own the range; run `shardctl apply` to finish its cleanup"
-                    if op.get("past_cutover") else
-                    hint + f", or `shardctl abort {op['id']}` to roll it back (the source still owns the range)")
-        console.print(f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}")
-    automation = report.get("automation")
-    if automation:
-        daemon = automation["daemon"]
-        console.print(("Automation: PAUSED by " + automation["changed_by"]
-                       + (f" ({automation['reason']})" if automation["reason"] else "") + "; `shardctl resume` lifts it")
-                      if automation["paused"] else "Automation: on (`shardctl pause` stops it)")
-        if daemon:
-            console.print(f"Watch daemon: last leader {daemon['who']}"
-                          + (f" at http://{daemon['listen']}/" if daemon["listen"] else "")
-                          + f", heartbeat {daemon['heartbeat']:%Y-%m-%d %H:%M:%S %Z}")
-    if not report["databases"] and cat.get("state") == "ok":
-        console.print("No databases yet.")
+            hint = (
+                "past its cutover: the new shards own the range; run `shardctl apply` to finish its cleanup"
+                if op.get("past_cutover")
+                else hint + f", or `shardctl abort {op['id']}` to roll it back (the source still owns the range)"
+            )
+        console.print(
+            f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}"
+        )
+
+
+def _print_automation(console: Console, automation: dict[str, Any] | None) -> None:
+    if not automation:
+        return
+    daemon = automation["daemon"]
+    console.print(
+        (
+            "Automation: PAUSED by "
+            + automation["changed_by"]
+            + (f" ({automation['reason']})" if automation["reason"] else "")
+            + "; `shardctl resume` lifts it"
+        )
+        if automation["paused"]
+        else "Automation: on (`shardctl pause` stops it)"
+    )
+    if daemon:
+        console.print(
+            f"Watch daemon: last leader {daemon['who']}"
+            + (f" at http://{daemon['listen']}/" if daemon["listen"] else "")
+            + f", heartbeat {daemon['heartbeat']:%Y-%m-%d %H:%M:%S %Z}"
+        )

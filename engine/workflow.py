@@ -6,9 +6,9 @@ The CLI (and later the daemon) call these; they print nothing themselves but thr
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from engine.actions import dispatch
 from engine.actions.base import ApplyContext
@@ -16,13 +16,13 @@ from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.config import loader
 from engine.config.loader import Desired
+from engine.detect.detector import premise_holds
 from engine.errors import ConfigError, UserError
 from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
-from engine.detect.detector import premise_holds
-from engine.plan.models import LOAD_KINDS, Plan
+from engine.plan.models import LOAD_KINDS, MergeShards, Plan, SplitShard
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -52,7 +52,7 @@ def check_premises(desired: Desired, plan: Plan, observation: Observation) -> No
     """Re-measure the load a saved plan was based on; refuse it when a premise has gone."""
     failures = []
     for action in plan.actions:
-        if action.kind not in LOAD_KINDS or action.reason.cause != "load":
+        if not isinstance(action, (SplitShard, MergeShards)) or action.reason.cause != "load":
             continue
         db = desired.databases.get(action.database)
         if db is None:
@@ -158,20 +158,20 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
           confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
           show: Callable[[Plan], None] = lambda _: None, actor: str = "apply",
           start_servers: bool = True, own_signals: bool = True,
-          progress: Callable[[dict], None] = lambda _: None) -> ApplyResult:
+          progress: Callable[[dict], None] = lambda _: None, notice: Say | None = None) -> ApplyResult:
     """Apply a saved plan exactly, or plan now and (after `confirm`) apply that.
 
     The lock is held from before the observation to the end, prompt included, so what was
-    shown is what runs.
+    shown is what runs. `notice` (default: `say`) tells of embedded servers being started.
     """
     fleet = Fleet(desired)
     if start_servers:
-        fleet.start_embedded(say)
+        fleet.start_embedded(notice or say)
     with fleet.catalog(create=True) as conn:
         assert conn is not None
         schema.migrate(conn)
         with apply_lock(conn, "apply", timeout=lock_timeout,
-                        on_wait=lambda: say("Acquiring state lock. This may take a few moments...")):
+                        on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
             current = store.current_serial(conn)
             if saved is not None:
                 if saved.based_on_serial != current:
@@ -255,19 +255,20 @@ def _graceful_interrupts(say: Say) -> Iterator[None]:
         journal.clear_stop()
 
 
-def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: Say = lambda _: None) -> None:
+def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: Say = lambda _: None,
+          notice: Say | None = None) -> None:
     """Roll back a split or merge that has not passed its cutover: its subscriptions, slots,
     publications, fence and target databases go; the sources are left as they were."""
     from engine.actions import move
     from engine.catalog.journal import Operation
 
     fleet = Fleet(desired)
-    fleet.start_embedded(say)
+    fleet.start_embedded(notice or say)
     with fleet.catalog(create=False) as conn:
         if conn is None:
             raise UserError("there is no catalog yet, so no operation to abort")
         with apply_lock(conn, "abort", timeout=lock_timeout,
-                        on_wait=lambda: say("Acquiring state lock. This may take a few moments...")):
+                        on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
             pending = {p.operation: p for p in store.pending_moves(conn)}
             if operation not in pending:
                 raise UserError(f"operation {operation} is not an unfinished split or merge",
@@ -282,18 +283,20 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
             mv.abort()
             store.add_history(conn, "abort", action.address, {"operation": operation, "last_step": p.last_step})
-            say(f"Operation {operation} aborted: replication objects, fence and targets removed; the source is as it was.")
+            say(f"Operation {operation} aborted: replication objects, fence and targets removed;"
+                " the source is as it was.")
 
 
 
-def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: None) -> int:
+def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: None,
+               notice: Say | None = None) -> int:
     """List the stray rows of one shard, or move them to the shards that own them. Returns how
     many stray rows are left."""
     from engine.actions.relocate_strays import owners_of, relocate
 
     database, _, name = address.partition("/")
     fleet = Fleet(desired)
-    fleet.start_embedded(say)
+    fleet.start_embedded(notice or say)
     with fleet.catalog(create=False) as conn:
         if conn is None or database not in desired.databases:
             raise UserError(f"no sharded database {database!r} is declared and applied",

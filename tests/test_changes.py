@@ -35,6 +35,8 @@ def test_a_new_schema_step_is_planned_and_applied_to_every_shard(applied):
     _edit(applied, "schema: schema/001_init.sql", "schema: [schema/001_init.sql, schema/002_note.sql]")
     plan = applied.cli("plan", "--detailed-exitcode")
     assert plan.code == 2, plan.both
+    # the reason points at the step's own place in the list, not at the `schema:` key (17:5)
+    assert "new schema step schema/002_note.sql declared at fleet/fleet.yaml:17:35" in plan.out
     assert_golden("schema_step.txt", plan.out)
     assert_golden("schema_step.md", applied.cli("plan", "--format", "markdown").out)
     assert applied.cli("apply", "--auto-approve").code == 0

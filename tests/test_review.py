@@ -4,7 +4,10 @@ refusal rendered too), policy what-if against a directory or a git ref, and the 
 import json
 import re
 import shlex
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -140,10 +143,12 @@ def applied_git_fleet(fleet):
 def _shardctl_commands(text: str) -> list[list[str]]:
     commands = []
     for line in text.splitlines():
-        match = re.search(r"\bshardctl\s+(.*)$", line)
-        if match and not line.strip().startswith("#"):
+        match = re.search(r"(?:^|[\s;&|(/])shardctl\s+(.*)$", line)
+        # a command line, not prose that names shardctl (a step's name, a heading echoed)
+        if match and not line.strip().startswith("#") and (
+                match.group(1).startswith("-") or match.group(1).split()[0] in cli.commands):
             command = re.sub(r"\$\{\{[^}]*\}\}", "X", match.group(1))  # workflow expressions
-            commands.append(shlex.split(command.split(">")[0].split("|")[0]))
+            commands.append(shlex.split(re.split(r"\s*\d*>", command)[0].split("|")[0].split(";")[0]))
     return commands
 
 
@@ -181,3 +186,79 @@ def test_the_systemd_unit_runs_a_real_watch_command_and_lets_a_cutover_finish():
     _check_command(words)
     assert "watch" in words and "127.0.0.1:8470" in words
     assert unit["Service"]["KillSignal"] == "SIGTERM" and unit["Service"]["TimeoutStopSec"] == "10min"
+
+
+def test_the_systemd_unit_is_hardened():
+    import configparser
+
+    text = (EXAMPLES / "ci" / "shardctl-watch.service").read_text()
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(text)
+    service = unit["Service"]
+    for key, value in {"ProtectSystem": "strict", "PrivateTmp": "true", "UMask": "0077", "ProtectHome": "true",
+                       "NoNewPrivileges": "true", "CapabilityBoundingSet": "", "PrivateDevices": "true",
+                       "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6"}.items():
+        assert service.get(key) == value, key
+    assert "ReadWritePaths" not in service  # reads its config and environment file only
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: the exposure score was not measured")
+    result = subprocess.run([analyze, "security", "--offline=yes", "--no-pager",
+                             str(EXAMPLES / "ci" / "shardctl-watch.service")], capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for shardctl-watch.service: (\d+\.\d+)", result.stdout + result.stderr)
+    if match is None and "offline" in result.stderr:
+        pytest.skip(f"this systemd-analyze cannot score a unit file offline: {result.stderr.strip()[:200]}")
+    assert match, result.stdout[-2000:] + result.stderr[-2000:]
+    assert float(match.group(1)) <= 2.0, result.stdout  # it was 9.0 UNSAFE
+
+
+def _workflow():
+    return YAML(typ="safe").load((EXAMPLES / "ci" / "github-actions.yml").read_text())
+
+
+def test_the_ci_example_installs_shardctl_from_a_pinned_checkout_never_from_pypi():
+    text = (EXAMPLES / "ci" / "github-actions.yml").read_text()
+    doc = _workflow()
+    assert re.fullmatch(r"[0-9a-f]{40}", doc["env"]["SHARDCTL_REF"])
+    for name, job in doc["jobs"].items():
+        steps = job["steps"]
+        runs = [s.get("run", "") for s in steps]
+        assert not any(re.search(r"pip install\s+(-\S+\s+)*shardctl\b", r) for r in runs), name
+        checkout = next(i for i, s in enumerate(steps) if s.get("with", {}).get("path") == ".shardctl-src")
+        assert steps[checkout]["with"]["ref"] == "${{ env.SHARDCTL_REF }}"
+        install = next(i for i, s in enumerate(steps) if "pip install ./.shardctl-src" in s.get("run", ""))
+        assert install > checkout
+        # no step up to and including the install sees a secret
+        for step in steps[:install + 1]:
+            assert "secrets." not in json.dumps(step), (name, step)
+    assert "pip install shardctl\n" not in text
+
+
+def test_the_ci_comment_says_so_when_validate_fails(tmp_path):
+    steps = _workflow()["jobs"]["plan"]["steps"]
+    names = [s.get("name") for s in steps]
+    validate = steps[names.index("Validate")]
+    comment = steps[names.index("Comment")]
+    assert comment.get("if") == "always()"
+    # a placeholder comment is written before anything can fail, so the last plan never stands
+    first = next(i for i, s in enumerate(steps) if "plan.md" in s.get("run", ""))
+    assert first < names.index("Validate") and "<!-- shardctl-plan -->" in steps[first]["run"]
+    # run the step's own script against an invalid config, with this shardctl on PATH
+    shutil.copytree(EXAMPLES / "quickstart", tmp_path / "fleet", ignore=shutil.ignore_patterns(".shardctl"))
+    fleet = tmp_path / "fleet" / "fleet.yaml"
+    fleet.write_text(fleet.read_text().replace("shards: 4", "shardz: 4"))
+    bin_dir = Path(sys.executable).parent
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "NO_COLOR": "1", "HOME": str(tmp_path)}
+    failed = subprocess.run(["bash", "-e", "-c", validate["run"]], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert failed.returncode == 1, failed.stderr
+    body = (tmp_path / "plan.md").read_text()
+    assert body.startswith("<!-- shardctl-plan -->\n### shardctl validate: the configuration is invalid")
+    assert "fleet/fleet.yaml:18:5: error: unknown key 'shardz'" in body and "~~~~text" in body
+    # and a valid config passes the step without touching the comment
+    (tmp_path / "plan.md").unlink()
+    fleet.write_text(fleet.read_text().replace("shardz: 4", "shards: 4"))
+    passed = subprocess.run(["bash", "-e", "-c", validate["run"]], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert passed.returncode == 0, passed.stderr
+    assert not (tmp_path / "plan.md").exists()

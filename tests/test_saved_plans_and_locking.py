@@ -75,7 +75,7 @@ def test_lock_timeout_waits_for_the_holder(applied):
     conn.close()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
-    assert "Acquiring state lock. This may take a few moments..." in out
+    assert "Acquiring state lock. This may take a few moments..." in err  # a notice: standard error, as in every command
     assert "Apply complete!" in out
 
 

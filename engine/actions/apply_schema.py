@@ -15,12 +15,11 @@ def execute(action: ApplySchema, ctx: ApplyContext) -> None:
         with op.step(f"schema {action.database}/{shard.name}", server=shard.server):
             apply_steps(ctx, shard, action.steps)
             record_schema(ctx, action.database, shard)
-    with op.step(f"record {action.database}"):
-        with ctx.catalog.transaction():
-            store.record_steps(ctx.catalog, action.database, [(s.seq, s.name, s.sha256, s.sql) for s in action.steps])
-            store.bump_serial(ctx.catalog)
-            store.add_history(ctx.catalog, "apply_schema", action.address,
-                              {"steps": [s.name for s in action.steps], "shards": len(action.shards)})
+    with op.step(f"record {action.database}"), ctx.catalog.transaction():
+        store.record_steps(ctx.catalog, action.database, [(s.seq, s.name, s.sha256, s.sql) for s in action.steps])
+        store.bump_serial(ctx.catalog)
+        store.add_history(ctx.catalog, "apply_schema", action.address,
+                          {"steps": [s.name for s in action.steps], "shards": len(action.shards)})
     op.finish()
     ctx.counts["changed"] += 1
     ctx.say(f"{action.address}: Modifications complete after {timer} [{len(action.shards)} shards]")

@@ -8,8 +8,8 @@ user's own schema steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import psycopg
 from psycopg import errors, sql
@@ -81,7 +81,7 @@ def apply_steps(ctx: ApplyContext, shard: ShardSpec, steps: tuple[StepSpec, ...]
     applied = 0
     with handle.connect(shard.dbname) as conn:
         conn.execute(LEDGER)
-        done = {seq: sha for seq, sha in conn.execute("SELECT seq, sha256 FROM _shardctl.schema_steps")}
+        done = dict(conn.execute("SELECT seq, sha256 FROM _shardctl.schema_steps").fetchall())
         for step in steps:
             if step.seq in done:
                 if done[step.seq] != step.sha256:

@@ -60,7 +60,7 @@ class Changes:
     keys: dict[tuple[str, str], set] = field(default_factory=dict)
     truncated: set[tuple[str, str]] = field(default_factory=set)
 
-    def merge(self, other: "Changes") -> None:
+    def merge(self, other: Changes) -> None:
         for table, keys in other.keys.items():
             self.keys.setdefault(table, set()).update(keys)
         self.truncated |= other.truncated
@@ -108,7 +108,7 @@ def parse_changes(lines: Iterable[str], key_column: str, key_type: str) -> Chang
 class Comparison:
     """The state of one move's verification, between the full round and the fence."""
 
-    move: "Move"
+    move: Move
     started: dict[str, str] = field(default_factory=dict)  # per source: the slot's consistent point
     changes: Changes = field(default_factory=Changes)
     left: dict[tuple[str, tuple[str, str]], set] = field(default_factory=dict)  # (target, table) -> keys
@@ -119,7 +119,7 @@ class Comparison:
 
     # ------------------------------------------------------------------ the slot
 
-    def slot(self, source: "ShardSpec") -> str:
+    def slot(self, source: ShardSpec) -> str:
         return f"shardctl_op{self.move.op.id}_v{self.move.sources.index(source)}"
 
     def begin(self) -> None:
@@ -142,7 +142,7 @@ class Comparison:
     def read_changes(self, upto: dict[str, str] | None = None) -> Changes:
         """Consume the changes since the last read (up to `upto` per source, else all), remember
         them, and return them."""
-        def read(source: "ShardSpec") -> Changes:
+        def read(source: ShardSpec) -> Changes:
             with self.move.session(source) as conn:
                 self._log_snapshot(conn, source)
                 rows = conn.execute(
@@ -165,7 +165,7 @@ class Comparison:
         self.changes.merge(new)
         return new
 
-    def _log_snapshot(self, conn, source: "ShardSpec") -> None:
+    def _log_snapshot(self, conn, source: ShardSpec) -> None:
         """Let the slot's restart point follow its reads. A logical slot restarts decoding from
         the last running-transactions record before what it confirmed, and the server writes one
         only every 15 s: each read decoded up to 15 s of a busy source's WAL again (20-70 ms a
@@ -181,7 +181,7 @@ class Comparison:
         except errors.InsufficientPrivilege:
             self.no_snapshot_log.add(source.name)
 
-    def _refuse_strays(self, conn, source: "ShardSpec", changed: Changes) -> None:
+    def _refuse_strays(self, conn, source: ShardSpec, changed: Changes) -> None:
         """A row written into the source during the move with a key outside its range (past
         routing) would stay behind in the retired source: the move fails instead."""
         keys = set().union(*changed.keys.values()) if changed.keys else set()
@@ -202,7 +202,7 @@ class Comparison:
     def _hash(self) -> sql.Composable:
         return key_hash(self.move.key_column, self.move.key_type)
 
-    def _sides(self, target: "ShardSpec") -> list[tuple["ShardSpec", sql.Composable]]:
+    def _sides(self, target: ShardSpec) -> list[tuple[ShardSpec, sql.Composable]]:
         """The target (every row it holds) and the sources that feed it (their rows for it)."""
         sides: list[tuple[ShardSpec, sql.Composable]] = [(target, sql.SQL("true"))]
         for link in self.move.links:
@@ -210,7 +210,7 @@ class Comparison:
                 sides.append((link.source, self.move.range_filter(target) if link.filtered else sql.SQL("true")))
         return sides
 
-    def _run(self, jobs: list[tuple["ShardSpec", sql.Composable, tuple]]) -> list[list[tuple]]:
+    def _run(self, jobs: list[tuple[ShardSpec, sql.Composable, tuple]]) -> list[list[tuple]]:
         """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
         other on the move's held connection: shards live on different servers and cores, and no
         connection's setup is paid in a round or in the fence."""
@@ -235,8 +235,8 @@ class Comparison:
             list(pool.map(run_shard, groups))
         return results
 
-    def _grouped_jobs(self, target: "ShardSpec", table: tuple[str, str], group: sql.Composable,
-                      where: sql.Composable, params: tuple) -> list[tuple["ShardSpec", sql.Composable, tuple]]:
+    def _grouped_jobs(self, target: ShardSpec, table: tuple[str, str], group: sql.Composable,
+                      where: sql.Composable, params: tuple) -> list[tuple[ShardSpec, sql.Composable, tuple]]:
         """The queries for one table of one target: the target first, then its sources."""
         qualified = sql.SQL("{}.{}").format(sql.Identifier(table[0]), sql.Identifier(table[1]))
         return [(shard, sql.SQL(
@@ -255,14 +255,14 @@ class Comparison:
                 theirs[g] = (c + count, t + int(total))
         return {g: (count, int(total)) for g, count, total in results[0]}, theirs
 
-    def _grouped(self, target: "ShardSpec", table: tuple[str, str], group: sql.Composable,
+    def _grouped(self, target: ShardSpec, table: tuple[str, str], group: sql.Composable,
                  where: sql.Composable, params: tuple) -> tuple[dict, dict]:
         return self._sum_sides(self._run(self._grouped_jobs(target, table, group, where, params)))
 
     def _key_array(self) -> sql.Composable:
         return sql.SQL("%s::bigint[]" if self.move.key_type == "bigint" else "%s::text[]")
 
-    def _differing(self, checks: list[tuple["ShardSpec", tuple[str, str], set]]) -> list[set]:
+    def _differing(self, checks: list[tuple[ShardSpec, tuple[str, str], set]]) -> list[set]:
         """For each (target, table, keys): the keys whose rows differ between the target and its
         sources. Every check in one parallel batch (one thread per shard)."""
         key = sql.Identifier(self.move.key_column)
@@ -270,7 +270,7 @@ class Comparison:
                                       (sorted(keys),)) if keys else []
                    for target, table, keys in checks]
         results = self._run([job for batch in batches for job in batch])
-        out = []
+        out: list[set] = []
         for batch in batches:
             mine, results = results[:len(batch)], results[len(batch):]
             if not batch:
@@ -280,7 +280,7 @@ class Comparison:
             out.append({k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))})
         return out
 
-    def _by_key(self, target: "ShardSpec", table: tuple[str, str], keys: set) -> set:
+    def _by_key(self, target: ShardSpec, table: tuple[str, str], keys: set) -> set:
         """Keys whose rows differ between the target and its sources."""
         return self._differing([(target, table, keys)])[0]
 
@@ -312,11 +312,11 @@ class Comparison:
         for target in self.move.targets:
             for table in self.move.tables(target):
                 self.left[(target.name, table)] = set(self.changes.of(table))
-        for (name, table), (target, buckets) in mismatched.items():
+        for (_name, table), (target, buckets) in mismatched.items():
             suspects = self._rows_in_buckets(target, table, buckets) - self.changes.of(table)
             self._settle_suspects(target, table, suspects)
 
-    def _rows_in_buckets(self, target: "ShardSpec", table: tuple[str, str], buckets: set) -> set:
+    def _rows_in_buckets(self, target: ShardSpec, table: tuple[str, str], buckets: set) -> set:
         """Keys whose rows differ within the given buckets (compared row by row, by key)."""
         bucket = sql.SQL("({}) >> {}").format(self._hash(), sql.Literal(BUCKET_SHIFT))
         key = sql.Identifier(self.move.key_column)
@@ -327,7 +327,7 @@ class Comparison:
                                     " writes during the comparison explain")
         return {k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))}
 
-    def _settle_suspects(self, target: "ShardSpec", table: tuple[str, str], suspects: set) -> None:
+    def _settle_suspects(self, target: ShardSpec, table: tuple[str, str], suspects: set) -> None:
         """Keys that differed without a change to explain it: look again after the target caught
         up. A key that keeps differing and never changed is a real difference."""
         for _ in range(SUSPECT_ROUNDS):
@@ -356,10 +356,10 @@ class Comparison:
             applied = time.monotonic()
             before = {k: set(v) for k, v in self.left.items()}
             found = self._differing([(self._target(k[0]), k[1], keys) for k, keys in before.items()])
-            differing = dict(zip(before, found))
+            differing = dict(zip(before, found, strict=True))
             compared = time.monotonic()
             new = self.read_changes()
-            for k, keys in before.items():
+            for k in before:
                 # settled: equal in this round and unchanged during it; the rest goes round again
                 self.left[k] = differing[k] | new.of(k[1])
             self.log.append({"keys": sum(len(v) for v in before.values()),
@@ -381,7 +381,7 @@ class Comparison:
                 return
             before = after
 
-    def _target(self, name: str) -> "ShardSpec":
+    def _target(self, name: str) -> ShardSpec:
         return next(t for t in self.move.targets if t.name == name)
 
     def final(self, new: Changes) -> int:
@@ -390,7 +390,7 @@ class Comparison:
         Returns how many keys were compared; raises on any difference."""
         checks = [(target, table, self.left.get((target.name, table), set()) | new.of(table))
                   for target in self.move.targets for table in self.move.tables(target)]
-        for (target, table, _), differing in zip(checks, self._differing(checks)):
+        for (target, table, _), differing in zip(checks, self._differing(checks), strict=True):
             if differing:
                 sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
                 raise self.move.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"

@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg import pq, sql
@@ -26,6 +26,7 @@ from engine.catalog import store
 from engine.errors import UserError
 from engine.observe import introspect
 from engine.plan.models import CreateBranch, ShardSpec
+from engine.rows import one
 from engine.servers.embedded import bin_dir
 
 HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
@@ -36,9 +37,9 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
     ctx.say(f"{action.address}: Creating...")
     op = ctx.begin(action.kind, action.address, server=action.server)
     target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
-    key_column, key_type = ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
-                                               (action.database,)).fetchone()
-    expires = datetime.now(timezone.utc) + timedelta(seconds=action.ttl_seconds)
+    key_column, key_type = one(ctx.catalog.execute(
+        "SELECT key_column, key_type FROM shardctl.databases WHERE name = %s", (action.database,)))
+    expires = datetime.now(UTC) + timedelta(seconds=action.ttl_seconds)
     with op.step(f"record {action.branch}"):
         ctx.catalog.execute(
             "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at)"
@@ -56,7 +57,7 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
             " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
             " ORDER BY 1, 2", (key_column,))]
-    rows = {}
+    rows: dict[str, int] = {}
     if action.data != "schema":
         with op.step(f"data {action.branch}", shards=len(action.shards)):
             filt = _sample_filter(key_column, key_type, action.sample_percent) if action.data == "sample" else None
@@ -72,7 +73,7 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
         _run_sql(ctx, target, _dump(ctx, first, "post-data"))
         with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
             conn.execute("ANALYZE")
-            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+            size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     with ctx.fleet.servers[first.server].connect(first.dbname) as conn:
         base = introspect.snapshot(conn)
     with ctx.catalog.transaction():
@@ -86,7 +87,7 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
 
 
 def _sample_filter(key_column: str, key_type: str, percent: float | None) -> sql.Composable:
-    per_million = int(round((percent or 100.0) * 10000))
+    per_million = round((percent or 100.0) * 10000)
     return sql.SQL("abs({}({}, 1) % 1000000) < {}").format(
         sql.SQL(HASH[key_type]), sql.Identifier(key_column), sql.Literal(per_million))
 

@@ -11,19 +11,17 @@ def execute(action: DestroyDatabase, ctx: ApplyContext) -> None:
     timer = Timer()
     ctx.say(f"{action.address}: Destroying...")
     op = ctx.begin(action.kind, action.address, shards=len(action.shards))
-    with op.step(f"fence {action.database}"):
-        with ctx.catalog.transaction():
-            store.set_database_state(ctx.catalog, action.database, "destroying")
-            store.bump_serial(ctx.catalog)
+    with op.step(f"fence {action.database}"), ctx.catalog.transaction():
+        store.set_database_state(ctx.catalog, action.database, "destroying")
+        store.bump_serial(ctx.catalog)
     for shard in action.shards:
         with op.step(f"drop {action.database}/{shard.name}", server=shard.server, dbname=shard.dbname):
             drop_database(ctx, shard)
-    with op.step(f"forget {action.database}"):
-        with ctx.catalog.transaction():
-            store.delete_database(ctx.catalog, action.database)
-            store.bump_serial(ctx.catalog)
-            store.add_history(ctx.catalog, "destroy_database", action.address,
-                              {"shards": [s.model_dump() for s in action.shards], "reason": action.reason.text})
+    with op.step(f"forget {action.database}"), ctx.catalog.transaction():
+        store.delete_database(ctx.catalog, action.database)
+        store.bump_serial(ctx.catalog)
+        store.add_history(ctx.catalog, "destroy_database", action.address,
+                          {"shards": [s.model_dump() for s in action.shards], "reason": action.reason.text})
     op.finish()
     ctx.counts["destroyed"] += 1
     ctx.say(f"{action.address}: Destruction complete after {timer}")

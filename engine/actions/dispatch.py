@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from engine.actions import (
-    apply_schema, create_branch, create_database, delete_branch, destroy_database, drop_retired_shard,
-    merge_branch_schema, merge_shards, recreate_shard, rename_database, split_shard, update_database,
+    apply_schema,
+    create_branch,
+    create_database,
+    delete_branch,
+    destroy_database,
+    drop_retired_shard,
+    merge_branch_schema,
+    merge_shards,
+    recreate_shard,
+    rename_database,
+    split_shard,
+    update_database,
 )
 from engine.actions.base import ApplyContext
 from engine.plan import models

@@ -16,7 +16,9 @@ def execute(action: DropRetiredShard, ctx: ApplyContext) -> None:
         ctx.catalog.execute("DELETE FROM shardctl.shards WHERE database = %s AND name = %s AND state = 'retired'",
                             (action.database, action.shard.name))
         store.bump_serial(ctx.catalog)
-        store.add_history(ctx.catalog, "drop_retired_shard", action.address, {"dbname": action.shard.dbname, "actor": ctx.actor})
+        store.add_history(
+            ctx.catalog, "drop_retired_shard", action.address, {"dbname": action.shard.dbname, "actor": ctx.actor}
+        )
     op.finish()
     ctx.counts["destroyed"] += 1
     ctx.say(f"{action.address}: Destruction complete")

@@ -1,12 +1,13 @@
 """Taking locks on a live shard without ever joining a deadlock, and naming who is in the way.
 
 Every statement that locks a table an application writes (the fence, lifting it) runs through
-`with_lock_retries` (or `with_lock_retries_all`, for several servers that must lock together): a lock timeout far below the server's `deadlock_timeout`, so our wait ends
-before PostgreSQL's deadlock detector would run and pick a victim (the application's
-transaction or ours); a rollback that releases whatever we held; a short randomised backoff; and
-a bounded number of tries within a total time budget. Between tries it records who held the
-locks we waited for, so that giving up names them. A database condition is never reported as a
-bug: the caller gets `LockContention` with the blockers and what to do.
+`with_lock_retries` (or `with_lock_retries_all`, for several servers that must lock together):
+a lock timeout far below the server's `deadlock_timeout`, so our wait ends before PostgreSQL's
+deadlock detector would run and pick a victim (the application's transaction or ours); a
+rollback that releases whatever we held; a short randomised backoff; and a bounded number of
+tries within a total time budget. Between tries it records who held the locks we waited for,
+so that giving up names them, and cancels an autovacuum among them. A database condition is
+never reported as a bug: the caller gets `LockContention` with the blockers and what to do.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import psycopg
 from psycopg import errors, sql
 
 from engine.errors import UserError
+from engine.rows import one
 
 LOCK_TIMEOUT_MS = 100  # at most a quarter of deadlock_timeout; see lock_timeout_ms()
 TRIES = 10_000  # in practice the time budget ends it
@@ -81,7 +83,7 @@ def blockers(conn: psycopg.Connection, relations: list[str]) -> list[Blocker]:
 def lock_timeout_ms(conn: psycopg.Connection) -> int:
     """Well below this server's deadlock_timeout, so our waits never last long enough for the
     deadlock detector to run on their account."""
-    deadlock_ms = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
+    deadlock_ms = one(conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'"))[0]
     return max(10, min(LOCK_TIMEOUT_MS, deadlock_ms // 4))  # twice this stays under deadlock_timeout
 
 
@@ -120,7 +122,7 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
             conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{2 * timeouts[i]}ms")))
             work(conn)
             return None
-        except BaseException as exc:  # noqa: BLE001 - sorted below: retryable or raised
+        except BaseException as exc:
             return exc
 
     while True:
@@ -142,16 +144,7 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
             raise fatal[0]
         last = failed[-1][1]
         kind = "a deadlock" if isinstance(last, errors.DeadlockDetected) else "a lock held by another session"
-        now_blocking: list[Blocker] = []
-        for i, _ in failed:
-            conn, _, relations = parts[i]
-            found = blockers(conn, relations)
-            conn.rollback()
-            now_blocking += found
-            for blocker in found:
-                if blocker.autovacuum and not blocker.wraparound and blocker.pid not in cancelled:
-                    cancelled.add(blocker.pid)
-                    _cancel_autovacuum(conn, blocker, what, say)
+        now_blocking = _blocking(parts, [i for i, _ in failed], cancelled, what, say)
         if now_blocking:
             seen = now_blocking
         elapsed = time.monotonic() - started
@@ -175,6 +168,22 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
         time.sleep(min(0.5, 0.02 * attempt) * (0.5 + rng.random()))
         if between is not None:
             between()
+
+
+def _blocking(parts: list, failed: list[int], cancelled: set[int], what: str,
+              say: Callable[[str], None]) -> list[Blocker]:
+    """Who held the locks the failed parts waited for; autovacuums among them are cancelled."""
+    out: list[Blocker] = []
+    for i in failed:
+        conn, _, relations = parts[i]
+        found = blockers(conn, relations)
+        conn.rollback()
+        out += found
+        for blocker in found:
+            if blocker.autovacuum and not blocker.wraparound and blocker.pid not in cancelled:
+                cancelled.add(blocker.pid)
+                _cancel_autovacuum(conn, blocker, what, say)
+    return out
 
 
 def _cancel_autovacuum(conn: psycopg.Connection, blocker: Blocker, what: str, say: Callable[[str], None]) -> None:

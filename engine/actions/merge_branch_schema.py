@@ -16,14 +16,15 @@ from engine.actions.base import ApplyContext, Timer, apply_steps, record_schema
 from engine.catalog import store
 from engine.observe import introspect
 from engine.plan.models import MergeBranchSchema, StepSpec
+from engine.rows import one
 
 
 def execute(action: MergeBranchSchema, ctx: ApplyContext) -> None:
     timer = Timer()
     ctx.say(f"{action.address}: Merging into {len(action.shards)} shards...")
     sql_text = "\n".join(action.statements) + "\n"
-    seq = ctx.catalog.execute("SELECT coalesce(max(seq), 0) + 1 FROM shardctl.schema_steps WHERE database = %s",
-                              (action.database,)).fetchone()[0]
+    seq = one(ctx.catalog.execute("SELECT coalesce(max(seq), 0) + 1 FROM shardctl.schema_steps WHERE database = %s",
+                                  (action.database,)))[0]
     step = StepSpec(seq=seq, name=f"branch:{action.branch}:{action.branch_schema_sha256[:12]}",
                     sha256=hashlib.sha256(sql_text.encode()).hexdigest(), sql=sql_text)
     op = ctx.begin(action.kind, action.address, step=step.name)
@@ -31,8 +32,8 @@ def execute(action: MergeBranchSchema, ctx: ApplyContext) -> None:
         with op.step(f"schema {action.database}/{shard.name}", server=shard.server):
             apply_steps(ctx, shard, (step,))
             record_schema(ctx, action.database, shard)
-    branch = ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s",
-                                 (action.branch,)).fetchone()
+    branch = one(ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s",
+                                     (action.branch,)))
     with ctx.fleet.servers[branch[0]].connect(branch[1]) as conn:
         new_base = introspect.snapshot(conn)
     with ctx.catalog.transaction():

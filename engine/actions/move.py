@@ -24,17 +24,14 @@ or aborted operation finds exactly what it made. Identifiers go through psycopg.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import sql
 
-from engine.actions.compare import Comparison, VerifyRestart
-from engine.actions.subscription import create_subscription, resolved_conninfo
-from engine.actions.locking import with_lock_retries, with_lock_retries_all
 from engine.actions.base import (
     ApplyContext,
     apply_steps,
@@ -42,6 +39,9 @@ from engine.actions.base import (
     ensure_database,
     record_schema,
 )
+from engine.actions.compare import Comparison, VerifyRestart
+from engine.actions.locking import with_lock_retries, with_lock_retries_all
+from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import journal, store
 from engine.catalog.journal import Operation
 from engine.client import ROUTING_CHANNEL
@@ -49,6 +49,7 @@ from engine.config.models import Moves
 from engine.errors import UserError
 from engine.observe import strays
 from engine.plan.models import ShardSpec, StepSpec
+from engine.rows import one
 
 CATCH_UP_TIMEOUT = 30.0
 LAG_FLOOR = 64 << 10  # a lag this small is applied in milliseconds whatever the measured rate
@@ -145,7 +146,7 @@ class Move:
     targets: tuple[ShardSpec, ...]
     links: tuple[Link, ...]
     label: str  # e.g. "split orders/40-80"
-    settings: Moves = Moves()
+    settings: Moves = field(default_factory=Moves)
     lock_times: list[float] = field(default_factory=list)  # when each source's fence held its locks
     verified_keys: int = 0  # keys rechecked behind the fence
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -231,18 +232,17 @@ class Move:
     # ------------------------------------------------------------------ the steps
 
     def record(self) -> None:
-        with self.step("record"):
-            with self.ctx.catalog.transaction():
-                for target in self.targets:
-                    row = self.ctx.catalog.execute(
-                        "SELECT state FROM shardctl.shards WHERE database = %s AND name = %s",
-                        (self.database, target.name)).fetchone()
-                    if row and row[0] != "moving":
-                        raise MoveFailed(f"{self.label}: shard {target.name} exists already ({row[0]})",
-                                         "a retired shard of the same range is dropped after autosplit.retire_after")
-                    store.upsert_shard(self.ctx.catalog, database=self.database, name=target.name, lo=target.lo,
-                                       hi=target.hi, server=target.server, dbname=target.dbname, state="moving")
-                store.bump_serial(self.ctx.catalog)
+        with self.step("record"), self.ctx.catalog.transaction():
+            for target in self.targets:
+                row = self.ctx.catalog.execute(
+                    "SELECT state FROM shardctl.shards WHERE database = %s AND name = %s",
+                    (self.database, target.name)).fetchone()
+                if row and row[0] != "moving":
+                    raise MoveFailed(f"{self.label}: shard {target.name} exists already ({row[0]})",
+                                     "a retired shard of the same range is dropped after autosplit.retire_after")
+                store.upsert_shard(self.ctx.catalog, database=self.database, name=target.name, lo=target.lo,
+                                   hi=target.hi, server=target.server, dbname=target.dbname, state="moving")
+            store.bump_serial(self.ctx.catalog)
 
     def create_targets(self) -> None:
         with self.step("targets"):
@@ -560,11 +560,11 @@ class Move:
             conn.execute(triggers)
             # the mark commits with the fence: every write before the fence precedes it in the WAL,
             # so a target that applied the mark has applied all of them
-            marks[source.name], self.fence_stamps[source.name] = conn.execute(
+            marks[source.name], self.fence_stamps[source.name] = one(conn.execute(
                 "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
                 " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
                 " RETURNING pg_current_wal_insert_lsn()::text, (extract(epoch FROM at) * 1000000)::bigint",
-                (self.op.id, source.name)).fetchone()
+                (self.op.id, source.name)))
 
         return fence
 
@@ -574,7 +574,7 @@ class Move:
             qualified = self._qualified(tables)
 
             def lift(conn: psycopg.Connection) -> None:
-                for table in qualified:
+                for table in qualified:  # noqa: B023 (lift runs within this iteration)
                     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(table))
                     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(table))
 
@@ -665,7 +665,7 @@ class Move:
     def compare(self) -> Comparison:
         """Every row compared while writes go on (see engine.actions.compare)."""
         with self.step("compare"):
-            for attempt in range(3):
+            for _attempt in range(3):
                 comparison = Comparison(self)
                 try:
                     comparison.begin()
@@ -738,21 +738,20 @@ class Move:
                 conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
 
     def flip(self, history: dict) -> None:
-        with self.step("flip"):
-            with self.ctx.catalog.transaction():
-                for target in self.targets:
-                    record_schema(self.ctx, self.database, target, state="active")
-                for source in self.sources:
-                    self.ctx.catalog.execute(
-                        "UPDATE shardctl.shards SET state = 'retired', retired_at = now()"
-                        " WHERE database = %s AND name = %s", (self.database, source.name))
-                self.ctx.catalog.execute("UPDATE shardctl.state SET epoch = epoch + 1")
-                # clients waiting at the fence re-read the routing on this instead of polling
-                self.ctx.catalog.execute("SELECT pg_notify(%s, %s)", (ROUTING_CHANNEL, self.database))
-                store.bump_serial(self.ctx.catalog)
-                ranges = [[s.lo, s.hi] for s in self.sources] + [[t.lo, t.hi] for t in self.targets]
-                store.add_history(self.ctx.catalog, history["event"], history["address"],
-                                  {**history, "database": self.database, "ranges": ranges})
+        with self.step("flip"), self.ctx.catalog.transaction():
+            for target in self.targets:
+                record_schema(self.ctx, self.database, target, state="active")
+            for source in self.sources:
+                self.ctx.catalog.execute(
+                    "UPDATE shardctl.shards SET state = 'retired', retired_at = now()"
+                    " WHERE database = %s AND name = %s", (self.database, source.name))
+            self.ctx.catalog.execute("UPDATE shardctl.state SET epoch = epoch + 1")
+            # clients waiting at the fence re-read the routing on this instead of polling
+            self.ctx.catalog.execute("SELECT pg_notify(%s, %s)", (ROUTING_CHANNEL, self.database))
+            store.bump_serial(self.ctx.catalog)
+            ranges = [[s.lo, s.hi] for s in self.sources] + [[t.lo, t.hi] for t in self.targets]
+            store.add_history(self.ctx.catalog, history["event"], history["address"],
+                              {**history, "database": self.database, "ranges": ranges})
 
     def abort(self, state: str = "aborted") -> None:
         """Undo an operation that has not flipped: replication objects, fence, targets."""
@@ -785,8 +784,8 @@ def origin_readable(conn: psycopg.Connection) -> bool:
     where someone granted EXECUTE on pg_replication_origin_progress in that very database (a
     grant in one database does not reach a new one). Without it, catch-up waits for the source's
     slot to have the mark confirmed, which the subscriber reports only once it is durable."""
-    return conn.execute("SELECT has_function_privilege('pg_replication_origin_progress(text, boolean)',"
-                        " 'EXECUTE')").fetchone()[0]
+    return bool(one(conn.execute("SELECT has_function_privilege('pg_replication_origin_progress(text, boolean)',"
+                                 " 'EXECUTE')"))[0])
 
 
 FENCE_MARKS = """
@@ -835,8 +834,8 @@ def operation_for(ctx: ApplyContext, action) -> Operation:
 
 
 def key_of(ctx: ApplyContext, database: str) -> tuple[str, str]:
-    row = ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
-                              (database,)).fetchone()
+    row = one(ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
+                                  (database,)))
     return row[0], row[1]
 
 
@@ -896,9 +895,9 @@ def retired_note(ctx: ApplyContext, database: str, what: str) -> str:
 
 
 def resumed_flipped(ctx: ApplyContext, operation: int) -> bool:
-    return ctx.catalog.execute(
+    return one(ctx.catalog.execute(
         "SELECT EXISTS (SELECT 1 FROM shardctl.journal WHERE operation = %s AND step LIKE '%%: flip'"
-        " AND status = 'done')", (operation,)).fetchone()[0]
+        " AND status = 'done')", (operation,)))[0]
 
 
 def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:

@@ -17,6 +17,7 @@ from psycopg import sql
 from engine.keyspace import KeyRange
 from engine.observe import strays
 from engine.plan.models import ShardSpec
+from engine.rows import one
 from engine.servers.fleet import Fleet
 
 
@@ -37,7 +38,7 @@ def tables_in_fk_order(conn: psycopg.Connection, key_column: str) -> list[tuple[
         " AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl') ORDER BY 1, 2",
         (key_column,)).fetchall()
     oids = {r[2]: (r[0], r[1]) for r in rows}
-    parents = {oid: set() for oid in oids}
+    parents: dict[int, set[int]] = {oid: set() for oid in oids}
     for child, parent in conn.execute("SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f'"):
         if child in oids and parent in oids and child != parent:
             parents[child].add(parent)
@@ -75,7 +76,7 @@ def relocate(fleet: Fleet, key_column: str, key_type: str, shard: ShardSpec,
                             dst.cursor().copy(sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(staged)) as in_copy:
                         for block in out_copy:
                             in_copy.write(block)
-                    found = dst.execute(sql.SQL("SELECT count(*) FROM {}").format(staged)).fetchone()[0]
+                    found = one(dst.execute(sql.SQL("SELECT count(*) FROM {}").format(staged)))[0]
                     if not found:
                         continue
                     dst.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} ON CONFLICT DO NOTHING").format(

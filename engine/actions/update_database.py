@@ -5,23 +5,23 @@ from __future__ import annotations
 from engine.actions.base import ApplyContext
 from engine.catalog import store
 from engine.plan.models import UpdateDatabase
+from engine.rows import one
 
 
 def execute(action: UpdateDatabase, ctx: ApplyContext) -> None:
     ctx.say(f"{action.address}: Modifying...")
     op = ctx.begin(action.kind, action.address)
-    with op.step(f"settings {action.database}"):
-        with ctx.catalog.transaction():
-            row = ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
-                                      (action.database,)).fetchone()
-            store.upsert_database(
-                ctx.catalog, name=action.database, key_column=row[0], key_type=row[1],
-                protect=action.settings.protect, policy_name=action.settings.policy_name,
-                policy=action.settings.policy, placement=list(action.settings.placement), state="active",
-            )
-            store.bump_serial(ctx.catalog)
-            store.add_history(ctx.catalog, "update_database", action.address,
-                              {"changes": [c.model_dump(mode="json") for c in action.changes]})
+    with op.step(f"settings {action.database}"), ctx.catalog.transaction():
+        row = one(ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
+                                      (action.database,)))
+        store.upsert_database(
+            ctx.catalog, name=action.database, key_column=row[0], key_type=row[1],
+            protect=action.settings.protect, policy_name=action.settings.policy_name,
+            policy=action.settings.policy, placement=list(action.settings.placement), state="active",
+        )
+        store.bump_serial(ctx.catalog)
+        store.add_history(ctx.catalog, "update_database", action.address,
+                          {"changes": [c.model_dump(mode="json") for c in action.changes]})
     op.finish()
     ctx.counts["changed"] += 1
     ctx.say(f"{action.address}: Modifications complete")

@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from engine.catalog.lock import who
 from engine.errors import UserError
+from engine.rows import one
 
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
 SLOWPOINT_ENV = "SHARDCTL_SLOWPOINT"  # "<step prefix>=<seconds>": a step that takes that much longer
@@ -64,12 +66,12 @@ class Operation:
 
     @classmethod
     def start(cls, conn: psycopg.Connection, kind: str, address: str, plan_serial: int,
-              detail: dict[str, Any] | None = None) -> "Operation":
-        op_id = conn.execute(
+              detail: dict[str, Any] | None = None) -> Operation:
+        op_id = one(conn.execute(
             "INSERT INTO shardctl.operations (kind, address, state, plan_serial, who, detail)"
             " VALUES (%s, %s, 'running', %s, %s, %s) RETURNING id",
             (kind, address, plan_serial, who(), Jsonb(detail or {})),
-        ).fetchone()[0]
+        ))[0]
         return cls(conn, op_id)
 
     @contextmanager
@@ -86,7 +88,9 @@ class Operation:
         try:
             yield
         except BaseException as exc:
-            self._record(name, "failed", {**detail, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+            self._record(
+                name, "failed", {**detail, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            )
             raise
         self._record(name, "done", detail)
 
@@ -95,8 +99,10 @@ class Operation:
         Kept beside the journal, not in it: it is overwritten, not appended."""
         if self.conn.closed:
             return
-        self.conn.execute("UPDATE shardctl.operations SET detail = detail || jsonb_build_object('progress', %s::jsonb)"
-                          " WHERE id = %s", (Jsonb(figures), self.id))
+        self.conn.execute(
+            "UPDATE shardctl.operations SET detail = detail || jsonb_build_object('progress', %s::jsonb) WHERE id = %s",
+            (Jsonb(figures), self.id),
+        )
 
     def finish(self, state: str = "done") -> None:
         self.conn.execute("UPDATE shardctl.operations SET state = %s, finished_at = now() WHERE id = %s",

@@ -11,13 +11,14 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import psycopg
 
 import engine
 from engine.errors import LockHeldError, LockInfo
+from engine.rows import one
 
 APPLY_LOCK_KEY = 0x5348_4152_4443  # "SHARDC"
 
@@ -33,7 +34,8 @@ def _who() -> str:
 def read_info(conn: psycopg.Connection) -> LockInfo | None:
     try:
         row = conn.execute(
-            "SELECT lock_id, operation, who, version, to_char(created AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+            "SELECT lock_id, operation, who, version,"
+            " to_char(created AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
             " FROM shardctl.lock_info"
         ).fetchone()
     except psycopg.Error:
@@ -47,7 +49,7 @@ def apply_lock(conn: psycopg.Connection, operation: str, timeout: float = 0.0,
     """Hold the apply lock on `conn` (autocommit) for the duration of the block."""
     deadline = time.monotonic() + timeout
     told = False
-    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (APPLY_LOCK_KEY,)).fetchone()[0]:
+    while not one(conn.execute("SELECT pg_try_advisory_lock(%s)", (APPLY_LOCK_KEY,)))[0]:
         if time.monotonic() >= deadline:
             raise LockHeldError(read_info(conn))
         if on_wait and not told:
@@ -76,12 +78,14 @@ def who() -> str:
 def held_elsewhere(conn: psycopg.Connection) -> str | None:
     """Who holds the apply lock from another session right now (None when nobody does), so an
     operation in flight is not mistaken for an interrupted one."""
-    held = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = ("
-        " SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND classid = %s AND objid = %s AND objsubid = 1 AND pid <> pg_backend_pid())",
-        (APPLY_LOCK_KEY >> 32, APPLY_LOCK_KEY & 0xFFFF_FFFF),
-    ).fetchone()[0]
+    held = one(
+        conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = ("
+            " SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid = %s AND objid = %s AND objsubid = 1 AND pid <> pg_backend_pid())",
+            (APPLY_LOCK_KEY >> 32, APPLY_LOCK_KEY & 0xFFFF_FFFF),
+        )
+    )[0]
     if not held:
         return None
     info = read_info(conn)

@@ -11,6 +11,7 @@ import psycopg
 from psycopg import sql
 
 from engine.errors import UserError
+from engine.rows import one
 
 MIGRATION_LOCK_KEY = 0x5348_4443_4D49  # "SHDCMI"
 
@@ -218,7 +219,7 @@ VERSION = len(MIGRATIONS)
 
 def installed_version(conn: psycopg.Connection) -> int:
     """0 when the catalog schema does not exist yet."""
-    exists = conn.execute("SELECT to_regclass('shardctl.meta') IS NOT NULL").fetchone()[0]
+    exists = one(conn.execute("SELECT to_regclass('shardctl.meta') IS NOT NULL"))[0]
     if not exists:
         return 0
     row = conn.execute("SELECT value FROM shardctl.meta WHERE key = 'schema_version'").fetchone()

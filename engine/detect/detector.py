@@ -16,8 +16,9 @@ ever acts. Unknown values, and gaps longer than `max_age`, break a run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -142,6 +143,14 @@ def _evidence(shard: str, metric: str, kind: Literal["hot", "cold"], run: list[t
         policy_location=locations.get((kind, metric), "policy"))
 
 
+def _over(threshold: float) -> Callable[[float], bool]:
+    return lambda value: value > threshold
+
+
+def _under(threshold: float) -> Callable[[float], bool]:
+    return lambda value: value < threshold
+
+
 def judged(samples: tuple[Sample, ...], at: datetime | None) -> list[Sample]:
     """The samples up to the judged instant, newest first."""
     return [s for s in reversed(samples) if at is None or s.at <= at]
@@ -174,7 +183,7 @@ def assess(shard: str, samples: tuple[Sample, ...], policy: Policy,
         threshold = getattr(policy.hot, metric)
         if threshold is None:
             continue
-        run = _run(newest_first, metric, lambda v, t=threshold: v > t, sustain, max_gap, cap)
+        run = _run(newest_first, metric, _over(threshold), sustain, max_gap, cap)
         unit = UNITS.get(metric, "")
         if run and _covered(run, cap) >= sustain:
             hot.append(_evidence(shard, metric, "hot", run, threshold, sustain, policy, locations))
@@ -202,7 +211,7 @@ def _cold(shard: str, newest_first: list[Sample], policy: Policy, locations: dic
         threshold = getattr(policy.cold, metric)
         if threshold is None:
             continue
-        run = _run(newest_first, metric, lambda v, t=threshold: v < t, cold_for, max_gap, cap)
+        run = _run(newest_first, metric, _under(threshold), cold_for, max_gap, cap)
         if _covered(run, cap) < cold_for:
             return ()  # not under it for long enough, or unknown somewhere: not known to be cold
         evidence.append(_evidence(shard, metric, "cold", run, threshold, cold_for, policy, locations))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import psycopg
 
 from engine.observe.models import Capabilities
+from engine.rows import one
 
 QUERY = """
 SELECT current_setting('server_version_num')::int,
@@ -54,9 +55,9 @@ def read(conn: psycopg.Connection) -> Capabilities:
     import time
 
     before = time.time()
-    row = conn.execute(QUERY).fetchone()
+    row = one(conn.execute(QUERY))
     after = time.time()
-    values = dict(zip(FIELDS, row))
+    values = dict(zip(FIELDS, row, strict=True))
     values["clock_offset_s"] = round(values.pop("clock_epoch") - (before + after) / 2, 3)
     if values["max_slot_wal_keep_size_bytes"] is not None and values["max_slot_wal_keep_size_bytes"] < 0:
         values["max_slot_wal_keep_size_bytes"] = -1  # unlimited

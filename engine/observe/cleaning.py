@@ -5,7 +5,7 @@ measurement (NaN, infinite, negative) turned into unknown with a note. Unknown n
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from engine.observe.metrics import MetricValue, Sample
 
@@ -65,13 +65,15 @@ def clean_window(shard: str, samples: Iterable[Sample]) -> tuple[tuple[Sample, .
                      " folded into one")
     if disagreeing:
         times = sorted(set(disagreeing))
-        notes.append(f"{shard}: {len(disagreeing)} sample{'s' if len(disagreeing) != 1 else ''} with the time of an"
-                     f" earlier one but other values dropped (kept the first recorded): at {', '.join(times[:MAX_LISTED])}"
-                     + (f" and {len(times) - MAX_LISTED} more" if len(times) > MAX_LISTED else ""))
+        notes.append(
+            f"{shard}: {len(disagreeing)} sample{'s' if len(disagreeing) != 1 else ''} with the time of an"
+            f" earlier one but other values dropped (kept the first recorded): at {', '.join(times[:MAX_LISTED])}"
+            + (f" and {len(times) - MAX_LISTED} more" if len(times) > MAX_LISTED else "")
+        )
     return tuple(out), tuple(notes)
 
 
-def clean(windows: dict[str, Iterable[Sample]]) -> tuple[dict[str, tuple[Sample, ...]], tuple[str, ...]]:
+def clean(windows: Mapping[str, Iterable[Sample]]) -> tuple[dict[str, tuple[Sample, ...]], tuple[str, ...]]:
     """Every shard's window cleaned, and all the notes, sorted."""
     out: dict[str, tuple[Sample, ...]] = {}
     notes: list[str] = []

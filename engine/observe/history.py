@@ -3,7 +3,7 @@ or a recorded file instead of both (what-if planning, CI without database access
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from pydantic import ValidationError
@@ -53,7 +53,7 @@ def history_limits(desired: Desired, shards: list[CatalogShard]) -> dict[str, in
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
     """Reuse a stored reading as the 'previous' one only while it is recent enough to make a
     meaningful rate (five intervals, at least a minute)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     fresh = {}
     for address, reading in last.items():
         db = desired.databases.get(address.split("/")[0])
@@ -104,7 +104,7 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
     whose newest sample is older than the policy's detection.max_age (collection stalled) is
     judged `stale` by the detector, and one on a server that does not answer has no window here
     (unknown): nothing acts on an old picture."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     stored, notes = cleaning.clean(stored_history(conn)[0])
     shards = monitored_shards(observation)
     limits = history_limits(desired, shards)

@@ -13,6 +13,8 @@ from typing import Any
 
 import psycopg
 
+from engine.rows import one
+
 LEDGER_SCHEMA = "_shardctl"
 
 _EXCLUDED = "('pg_catalog', 'information_schema', '_shardctl')"
@@ -73,7 +75,7 @@ def fingerprint(snap: dict[str, Any]) -> str:
 
 def applied_steps(conn: psycopg.Connection) -> tuple[str, ...]:
     """The shard's own ledger of schema steps (sha256, in order); empty when there is none."""
-    if not conn.execute("SELECT to_regclass('_shardctl.schema_steps') IS NOT NULL").fetchone()[0]:
+    if not one(conn.execute("SELECT to_regclass('_shardctl.schema_steps') IS NOT NULL"))[0]:
         return ()
     return tuple(r[0] for r in conn.execute("SELECT sha256 FROM _shardctl.schema_steps ORDER BY seq"))
 
@@ -95,11 +97,11 @@ def holdings(conn: psycopg.Connection) -> tuple[int, bool, int]:
 
     rows, exact = 0, True
     for schema, table, reltuples in conn.execute(TABLES).fetchall():
-        counted = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM ONLY {}.{} LIMIT %s) s").format(
-            sql.Identifier(schema), sql.Identifier(table)), (EXACT_ROWS + 1,)).fetchone()[0]
+        counted = one(conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM ONLY {}.{} LIMIT %s) s").format(
+            sql.Identifier(schema), sql.Identifier(table)), (EXACT_ROWS + 1,)))[0]
         if counted > EXACT_ROWS:
             rows, exact = rows + max(int(reltuples), counted), False
         else:
             rows += counted
-    size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     return rows, exact, int(size)

@@ -87,7 +87,7 @@ def _delta(prev: Reading, cur: Reading, key: str) -> float | None:
 
 
 def derive(prev: Reading | None, cur: Reading, capacity: Capacity, clock_ticks: float = 100.0) -> Sample:
-    metrics: dict[str, MetricValue | None] = {m: None for m in METRICS}
+    metrics: dict[str, MetricValue | None] = dict.fromkeys(METRICS)
     interval = (cur.at - prev.at).total_seconds() if prev is not None else None
     if interval is not None and interval <= 0:
         interval = None
@@ -126,7 +126,8 @@ def derive(prev: Reading | None, cur: Reading, capacity: Capacity, clock_ticks: 
         exec_ms = _delta(prev, cur, "exec_ms")
         active = _delta(prev, cur, "active_ms")
         if calls and exec_ms is not None:
-            metrics["latency_ms"] = MetricValue(value=round(exec_ms / calls, 3), source="pg_stat_statements mean exec time")
+            metrics["latency_ms"] = MetricValue(value=round(exec_ms / calls, 3),
+                                                source="pg_stat_statements mean exec time")
         elif xacts and active is not None:
             metrics["latency_ms"] = MetricValue(value=round(active / xacts, 3),
                                                 source="active_time per transaction (no pg_stat_statements)")

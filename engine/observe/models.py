@@ -5,7 +5,7 @@ Frozen models, so a plan computed from an observation can always be explained fr
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -180,7 +180,7 @@ class Observation(Frozen):
 
     def now(self) -> datetime:
         """The observation's wall clock (the present when it was not recorded)."""
-        return self.taken_at or datetime.now(timezone.utc)
+        return self.taken_at or datetime.now(UTC)
 
     @property
     def serial(self) -> int:

@@ -13,6 +13,7 @@ from engine.clock import Clock, system_clock
 from engine.errors import redact
 from engine.observe import capabilities, introspect
 from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
+from engine.rows import one
 from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
 
@@ -86,8 +87,8 @@ def inspect_server(fleet: Fleet, name: str) -> LiveServer:
     """One server's version, wal_level and databases; unreachable is a value, not an error."""
     try:
         with fleet.servers[name].connect() as conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]
-            wal_level = conn.execute("SHOW wal_level").fetchone()[0]
+            version = one(conn.execute("SHOW server_version"))[0]
+            wal_level = one(conn.execute("SHOW wal_level"))[0]
             databases = tuple(r[0] for r in conn.execute(
                 "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY datname"))
             try:

@@ -55,8 +55,10 @@ def load_with_notes(path: str | Path) -> tuple[dict[str, tuple[Sample, ...]], tu
             where = ".".join(map(str, exc.errors()[0]["loc"])) if isinstance(exc, ValidationError) else ""
             raise UserError(f"{path}: sample {i + 1}{' ' + where if where else ''}: {detail}") from None
         if sample.at.tzinfo is None:
-            raise UserError(f"{path}: sample {i + 1} ({sample.shard}): the time {sample.at.isoformat()} has no time zone",
-                            "write times in UTC with a Z, e.g. 2026-11-26T10:00:00Z, or with an offset such as +02:00")
+            raise UserError(
+                f"{path}: sample {i + 1} ({sample.shard}): the time {sample.at.isoformat()} has no time zone",
+                "write times in UTC with a Z, e.g. 2026-11-26T10:00:00Z, or with an offset such as +02:00",
+            )
         out.setdefault(sample.shard, []).append(sample)
     return cleaning.clean(out)
 

@@ -49,6 +49,17 @@ def capacity_for(handle: ServerHandle, reading: Reading | None) -> Capacity:
     return Capacity(**cap)
 
 
+REPLICATION_QUERY = """
+SELECT coalesce(nullif(r.application_name, ''), host(r.client_addr), r.pid::text) AS name,
+       CASE WHEN pg_is_in_recovery() OR r.replay_lsn IS NULL THEN NULL
+            ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn)::float8 END AS lag_bytes,
+       extract(epoch FROM r.replay_lag)::float8 AS lag_seconds
+FROM pg_stat_replication r
+WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.active_pid = r.pid AND s.slot_type = 'logical')
+ORDER BY 1
+"""
+
+
 class LiveSampler:
     """Samples the fleet. Keeps one small psycopg pool per server, so that a daemon's rounds
     reuse a warm connection (a round is then a few milliseconds); close() when done."""
@@ -60,7 +71,7 @@ class LiveSampler:
         self._last: dict[str, Reading] = {}
         self._pools: dict[str, ConnectionPool] = {}
 
-    def __enter__(self) -> "LiveSampler":
+    def __enter__(self) -> LiveSampler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,6 +121,25 @@ class LiveSampler:
                 continue  # unknown, never zero
             readings.update(round_readings)
         return readings
+
+    def replication(self, servers: list[str]) -> dict[str, list[tuple[str, float | None, float | None]]]:
+        """Physical standbys of each server and how far behind they replay: (name, lag in bytes,
+        lag in seconds). Logical walsenders (a split's or merge's subscriptions) are left out.
+        A server that does not answer, or does not let this role see the figures, gives none."""
+        found: dict[str, list[tuple[str, float | None, float | None]]] = {}
+        for name in servers:
+            handle = self.fleet.servers.get(name)
+            if handle is None:
+                continue
+            try:
+                with self._pool(handle).connection() as conn:
+                    rows = conn.execute(REPLICATION_QUERY).fetchall()
+            except (ServerUnreachable, PoolTimeout, psycopg.Error):
+                continue
+            if rows:
+                found[name] = [(str(r[0]), None if r[1] is None else float(r[1]),
+                                None if r[2] is None else float(r[2])) for r in rows]
+        return found
 
     def sample(self, shards: list[CatalogShard]) -> dict[str, tuple[Reading, Sample]]:
         """A fresh sample per shard. Without a previous reading, read twice FIRST_GAP apart."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
+from engine.rows import one
+
 HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
 
 
@@ -42,8 +44,8 @@ def count(conn: psycopg.Connection, key_column: str, key_type: str, lo: int | No
     out = {}
     condition = outside(key_column, key_type, lo, hi)
     for schema, table in tables:
-        n = conn.execute(sql.SQL("SELECT count(*) FROM {}.{} WHERE {}").format(
-            sql.Identifier(schema), sql.Identifier(table), condition)).fetchone()[0]
+        n = one(conn.execute(sql.SQL("SELECT count(*) FROM {}.{} WHERE {}").format(
+            sql.Identifier(schema), sql.Identifier(table), condition)))[0]
         if n:
             out[f"{schema}.{table}"] = int(n)
     return out

@@ -162,7 +162,8 @@ def metric_gaps(name: str, spec, live: LiveServer | None) -> dict[str, str]:
     local = bool(getattr(spec, "embedded", False))
     capacity = getattr(spec, "capacity", None)
     if not local and not (capacity and capacity.cpus):
-        gaps["cpu_percent"] = (f"no declared capacity (its cores are not this host's): declare servers.{name}.capacity.cpus")
+        gaps["cpu_percent"] = ("no declared capacity (its cores are not this host's):"
+                               f" declare servers.{name}.capacity.cpus")
     if not local and not (capacity and capacity.storage):
         gaps["storage_percent"] = (f"no declared capacity (its disk is not this host's): declare"
                                    f" servers.{name}.capacity.storage")

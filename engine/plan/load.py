@@ -15,8 +15,8 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.config.models import Policy, span
 from engine.detect.detector import Assessment, assess
 from engine.keyspace import KeyRange, physical_name
-from engine.observe.metrics import METRICS
 from engine.observe import strays
+from engine.observe.metrics import METRICS
 from engine.observe.models import CatalogShard, Observation
 from engine.plan import checks
 from engine.plan.models import MergeShards, Reason, ShardSpec, SplitShard
@@ -64,7 +64,9 @@ def load_actions(desired: Desired, observation: Observation) -> tuple[list, list
             continue
         if any(p.database == name for p in observation.catalog.pending_moves):
             continue  # an unfinished split or merge comes first
-        shards = sorted((s for s in recorded.shards if s.state == "active"), key=lambda s: KeyRange(s.lo, s.hi).lo_unsigned)
+        shards = sorted(
+            (s for s in recorded.shards if s.state == "active"), key=lambda s: KeyRange(s.lo, s.hi).lo_unsigned
+        )
         for shard in shards:
             verdict = verdicts[shard.address]
             for line in verdict.near:
@@ -104,7 +106,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
 
     by_address = {s.address: s for s in shards}
     recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
-    candidates: list[tuple[str, object]] = []
+    candidates: list[tuple[str, SplitShard | MergeShards]] = []
     notes: list[str] = []
     count = len(shards)
     for verdict in sorted(hot, key=lambda a: (-a.severity, a.shard)):
@@ -147,8 +149,9 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but held back by the cooldown"
                              f" until {held.strftime('%Y-%m-%dT%H:%M:%SZ')}")
             elif blocked:
-                notes.append(f"shard.{left.address} and shard.{right.address}: cold, but they cannot be merged:"
-                             f" {blocked}")
+                notes.append(
+                    f"shard.{left.address} and shard.{right.address}: cold, but they cannot be merged: {blocked}"
+                )
             else:
                 candidates.append(("merge", _merge(db, [left, right], verdicts, observation, storage)))
                 merged += 1
@@ -253,7 +256,7 @@ def capable_targets(placement, observation: Observation) -> tuple[list[str], str
     if able:
         return able, None
     return [], "no server of its placement can take a move's target: " + "; ".join(
-        checks.why_not(observation.servers.get(s), "move_target") for s in dict.fromkeys(placement))
+        str(checks.why_not(observation.servers.get(s), "move_target")) for s in dict.fromkeys(placement))
 
 
 def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storage: dict[str, float],

@@ -8,7 +8,7 @@ so a saved plan does exactly what it shows. The JSON form of `Plan` is a version
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,7 +104,7 @@ class Holding(Frozen):
         return f"{rows}, {_size(self.size_bytes)}"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -263,8 +263,18 @@ class MergeBranchSchema(ActionBase):
 
 
 Action = Annotated[
-    Union[CreateDatabase, DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, SplitShard, MergeShards,
-          DropRetiredShard, CreateBranch, DeleteBranch, MergeBranchSchema, RenameDatabase],
+    CreateDatabase
+    | DestroyDatabase
+    | ApplySchema
+    | UpdateDatabase
+    | RecreateShard
+    | SplitShard
+    | MergeShards
+    | DropRetiredShard
+    | CreateBranch
+    | DeleteBranch
+    | MergeBranchSchema
+    | RenameDatabase,
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")

@@ -9,6 +9,7 @@ prevent_destroy does.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -22,12 +23,29 @@ from engine.observe.models import CatalogDatabase, Observation
 from engine.plan import checks
 from engine.plan.load import load_actions
 from engine.plan.models import (
-    ApplySchema, AttributeChange, CreateBranch, CreateDatabase, DatabaseSettings, DeleteBranch, DestroyDatabase, Drift,
-    DropRetiredShard, Holding, MergeBranchSchema,
-    MergeShards, Plan, Reason, RecreateShard, RenameDatabase, ShardSpec, SplitShard, StepSpec, UpdateDatabase,
+    ApplySchema,
+    AttributeChange,
+    Cause,
+    CreateBranch,
+    CreateDatabase,
+    DatabaseSettings,
+    DeleteBranch,
+    DestroyDatabase,
+    Drift,
+    DropRetiredShard,
+    Holding,
+    MergeBranchSchema,
+    MergeShards,
+    Plan,
+    Reason,
+    RecreateShard,
+    RenameDatabase,
+    ShardSpec,
+    SplitShard,
+    StepSpec,
+    UpdateDatabase,
     sort_actions,
 )
-
 
 BRANCH_STEP_PREFIX = "branch:"
 
@@ -67,171 +85,310 @@ def _where(desired: Desired, db: str, *path: Any) -> Location:
     return desired.where("databases", db, *path) or desired.databases[db].location
 
 
+def _step_location(desired: Desired, db: str, index: int) -> Location:
+    steps = desired.databases[db].schema_steps
+    return steps[index].location if index < len(steps) else _where(desired, db, "schema")
+
+
+@dataclass
+class _Planning:
+    """What a plan collects as its stages run: actions, drift, warnings and problems, and the
+    destructions the YAML consented to (a consent no destruction used is itself a warning)."""
+
+    desired: Desired
+    observation: Observation
+    actions: list = field(default_factory=list)
+    drift: list[Drift] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[Diagnostic] = field(default_factory=list)
+    consented: set[tuple[str, str]] = field(default_factory=set)
+    renamed_from: set[str] = field(default_factory=set)
+
+
 def plan(desired: Desired, observation: Observation) -> Plan:
-    actions: list = []
-    drift: list[Drift] = []
-    warnings: list[str] = []
-    problems: list[Diagnostic] = list(desired.key_problems)
-    catalog = observation.catalog
-
-    consented: set[tuple[str, str]] = set()
-    renamed_from: set[str] = set()
+    """The diff of the YAML against what was observed, in stages a reader can follow: each
+    declared database (create, rename, resume, re-key, schema, settings, drift of its shards),
+    each recorded database no longer declared, interrupted operations and retired shards,
+    branches, load-driven splits and merges, then fleet-wide drift. Problems refuse the plan."""
+    p = _Planning(desired, observation, problems=list(desired.key_problems))
     for name, db in desired.databases.items():
-        recorded = catalog.databases.get(name)
-        where = desired.databases[name].location
-        if recorded is None and name in desired.moved and desired.moved[name][0] in catalog.databases:
-            old, moved_at = desired.moved[name]
-            renamed_from.add(old)
-            rename, problem = _rename(db, catalog.databases[old], moved_at, catalog)
-            if problem:
-                problems.append(problem)
-            else:
-                actions.append(rename)
-                if _recorded_settings(catalog.databases[old]) != settings_of(db):
-                    warnings.append(f"database.{name}: its other changes are planned once the rename is applied"
-                                    " (plan again after this apply)")
-            continue
-        if recorded is None:
-            actions.append(_create(db, f"{name} is declared at {where} and does not exist yet", "config"))
-            continue
-        if name in desired.moved and desired.moved[name][0] in catalog.databases:
-            old, moved_at = desired.moved[name]
-            problems.append(Diagnostic(moved_at, f"cannot rename {old!r} to {name!r}: both exist in the catalog",
-                                       f"remove the `moved` entry, or destroy {name!r} first"))
-            renamed_from.add(old)
-            continue
-        if recorded.state == "creating" or any(s.state == "creating" for s in recorded.shards):
-            actions.append(_resume_create(db, recorded))
-            continue
-        if recorded.state == "destroying":
-            problems.append(Diagnostic(where, f"database {name!r} was being destroyed when an apply was interrupted",
-                                       "remove it from the configuration and apply to finish destroying it"))
-            continue
-        key_changed = (recorded.key_column, recorded.key_type) != (db.spec.shard_key.column, db.spec.shard_key.type)
-        if key_changed:
-            if recorded.protect or db.spec.protect:
-                problems.append(Diagnostic(
-                    _where(desired, name, "shard_key"),
-                    f"database {name!r} cannot be destroyed: changing its shard key replaces every shard",
-                    "it is protected (protect: true); keep the shard key, or remove protection in a separate apply first",
-                ))
-                continue
-            why = (f"shard key changed from {recorded.key_column} ({recorded.key_type}) to "
-                   f"{db.spec.shard_key.column} ({db.spec.shard_key.type}); resharding by a new key replaces every shard")
-            holdings = _holdings(observation, recorded.shards)
-            refusal = _without_consent(
-                desired, "database", name, holdings, _where(desired, name, "shard_key"),
-                f"changing the shard key of {name!r} from {recorded.key_column} ({recorded.key_type}) to "
-                f"{db.spec.shard_key.column} ({db.spec.shard_key.type}) replaces every shard",
-                f"if this is a typo, restore `shard_key: {{column: {recorded.key_column}, type: {recorded.key_type}}}`;"
-                " to re-key the rows, declare a new database with the new key and copy them into it; to discard"
-                f" them, add `allow_destroy: {{databases: [{name}]}}` to the YAML", consented)
-            if refusal:
-                problems.append(refusal)
-                continue
-            actions.append(DestroyDatabase(database=name, shards=tuple(_shard_spec(s) for s in recorded.shards),
-                                           holdings=holdings, reason=Reason(cause="config", text=why)))
-            actions.append(_create(db, why, "config"))
-            continue
+        _plan_declared_database(p, name, db)
+    _plan_undeclared_databases(p)
+    _plan_operations(p)
+    busy = _plan_branches(p)
+    _plan_load(p, busy)
+    _observe_fleet_drift(p)
+    p.warnings.extend(_unknown_metrics(desired, observation))
+    p.problems.extend(_unreachable_targets(desired, observation, p.actions))
+    p.problems.extend(_failing_checks(desired, observation, p.actions))
+    p.problems.extend(_taken_names(desired, observation, p.actions))
+    if p.problems:
+        raise ConfigError(p.problems, "found while planning")
+    return Plan(
+        shardctl_version=engine.__version__, based_on_serial=observation.serial,
+        metrics_source=observation.metrics_source,
+        catalog_exists=observation.catalog.exists, actions=sort_actions(p.actions),
+        drift=tuple(sorted(p.drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(p.warnings))),
+    )
 
-        active = [s for s in recorded.shards if s.state == "active"]
-        desired_steps = _steps(db)
-        # steps merged from branches live in the catalog, not in the YAML: compare the declared ones
-        applied = tuple(s for s in recorded.schema_steps if not s.name.startswith(BRANCH_STEP_PREFIX))
-        next_seq = max((s.seq for s in recorded.schema_steps), default=0) + 1
-        for i, step in enumerate(applied):
-            if i >= len(desired_steps) or desired_steps[i].sha256 != step.sha256:
-                loc = db.schema_steps[i].location if i < len(db.schema_steps) else _where(desired, name, "schema")
-                what = (f"schema step {step.name!r} was changed after it was applied to {name}"
-                        if i < len(desired_steps) else f"schema step {step.name!r} was removed after it was applied to {name}")
-                problems.append(Diagnostic(loc, what, "schema steps are append-only: restore it and add a new step"))
-                break
-        else:
-            new_steps = tuple(s.model_copy(update={"seq": next_seq + k})
-                              for k, s in enumerate(desired_steps[len(applied):]))
-            moving = any(p.database == name for p in catalog.pending_moves)
-            if new_steps and moving:
-                # DDL is not replicated: a schema change waits until the split or merge is done
-                warnings.append(f"schema.{name}: new schema steps wait until the interrupted split or merge of"
-                                f" {name} is finished (apply, or `shardctl abort`)")
-            elif new_steps:
-                names = ", ".join(s.name for s in new_steps)
-                actions.append(ApplySchema(
-                    database=name, steps=new_steps, shards=tuple(_shard_spec(s) for s in active),
-                    reason=Reason(cause="config", text=f"new schema step{'s' if len(new_steps) > 1 else ''} {names}"
-                                  f" declared at {_where(desired, name, 'schema')}"),
-                ))
 
-        new_settings, old_settings = settings_of(db), _recorded_settings(recorded)
-        changes = _changes(old_settings, new_settings)
-        if changes:
-            places = sorted({f"{c.path.split('.')[0] if not c.path.startswith('policy.') else c.path} at "
-                             f"{_change_location(desired, name, c.path)}" for c in changes})
-            actions.append(UpdateDatabase(
-                database=name, settings=new_settings, changes=changes,
+def _plan_declared_database(p: _Planning, name: str, db: DesiredDatabase) -> None:
+    """One declared database: created, renamed, resumed or re-keyed as a whole; otherwise its
+    new schema steps, its changed settings and the drift of its shards."""
+    desired, catalog = p.desired, p.observation.catalog
+    recorded = catalog.databases.get(name)
+    where = desired.databases[name].location
+    if recorded is None and name in desired.moved and desired.moved[name][0] in catalog.databases:
+        _plan_rename(p, name, db)
+        return
+    if recorded is None:
+        p.actions.append(_create(db, f"{name} is declared at {where} and does not exist yet", "config"))
+        return
+    if name in desired.moved and desired.moved[name][0] in catalog.databases:
+        old, moved_at = desired.moved[name]
+        p.problems.append(Diagnostic(moved_at, f"cannot rename {old!r} to {name!r}: both exist in the catalog",
+                                     f"remove the `moved` entry, or destroy {name!r} first"))
+        p.renamed_from.add(old)
+        return
+    if recorded.state == "creating" or any(s.state == "creating" for s in recorded.shards):
+        p.actions.append(_resume_create(db, recorded))
+        return
+    if recorded.state == "destroying":
+        p.problems.append(Diagnostic(where, f"database {name!r} was being destroyed when an apply was interrupted",
+                                     "remove it from the configuration and apply to finish destroying it"))
+        return
+    if (recorded.key_column, recorded.key_type) != (db.spec.shard_key.column, db.spec.shard_key.type):
+        _plan_key_change(p, name, db, recorded)
+        return
+    _plan_schema_steps(p, name, db, recorded)
+    _plan_settings(p, name, db, recorded)
+    _observe_shard_drift(p, name, recorded, _steps(db))
+
+
+def _plan_rename(p: _Planning, name: str, db: DesiredDatabase) -> None:
+    catalog = p.observation.catalog
+    old, moved_at = p.desired.moved[name]
+    p.renamed_from.add(old)
+    rename, problem = _rename(db, catalog.databases[old], moved_at, catalog)
+    if problem:
+        p.problems.append(problem)
+        return
+    p.actions.append(rename)
+    if _recorded_settings(catalog.databases[old]) != settings_of(db):
+        p.warnings.append(f"database.{name}: its other changes are planned once the rename is applied"
+                          " (plan again after this apply)")
+
+
+def _plan_key_change(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
+    """A new shard key replaces every shard: refused when protected or without consent."""
+    desired = p.desired
+    if recorded.protect or db.spec.protect:
+        p.problems.append(Diagnostic(
+            _where(desired, name, "shard_key"),
+            f"database {name!r} cannot be destroyed: changing its shard key replaces every shard",
+            "it is protected (protect: true); keep the shard key, or remove protection in a separate apply first",
+        ))
+        return
+    why = (f"shard key changed from {recorded.key_column} ({recorded.key_type}) to "
+           f"{db.spec.shard_key.column} ({db.spec.shard_key.type}); resharding by a new key replaces every shard")
+    holdings = _holdings(p.observation, recorded.shards)
+    refusal = _without_consent(
+        desired, "database", name, holdings, _where(desired, name, "shard_key"),
+        f"changing the shard key of {name!r} from {recorded.key_column} ({recorded.key_type}) to "
+        f"{db.spec.shard_key.column} ({db.spec.shard_key.type}) replaces every shard",
+        f"if this is a typo, restore `shard_key: {{column: {recorded.key_column}, type: {recorded.key_type}}}`;"
+        " to re-key the rows, declare a new database with the new key and copy them into it; to discard"
+        f" them, add `allow_destroy: {{databases: [{name}]}}` to the YAML", p.consented)
+    if refusal:
+        p.problems.append(refusal)
+        return
+    p.actions.append(DestroyDatabase(database=name, shards=tuple(_shard_spec(s) for s in recorded.shards),
+                                     holdings=holdings, reason=Reason(cause="config", text=why)))
+    p.actions.append(_create(db, why, "config"))
+
+
+def _plan_schema_steps(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
+    """Schema steps are append-only: an applied step edited or removed is a problem at its line;
+    new steps are applied to every active shard (after an interrupted move, not during it)."""
+    desired = p.desired
+    active = [s for s in recorded.shards if s.state == "active"]
+    desired_steps = _steps(db)
+    # steps merged from branches live in the catalog, not in the YAML: compare the declared ones
+    applied = tuple(s for s in recorded.schema_steps if not s.name.startswith(BRANCH_STEP_PREFIX))
+    next_seq = max((s.seq for s in recorded.schema_steps), default=0) + 1
+    for i, step in enumerate(applied):
+        if i >= len(desired_steps) or desired_steps[i].sha256 != step.sha256:
+            loc = db.schema_steps[i].location if i < len(db.schema_steps) else _where(desired, name, "schema")
+            changed = "changed" if i < len(desired_steps) else "removed"
+            what = f"schema step {step.name!r} was {changed} after it was applied to {name}"
+            p.problems.append(Diagnostic(loc, what, "schema steps are append-only: restore it and add a new step"))
+            return
+    new_steps = tuple(s.model_copy(update={"seq": next_seq + k}) for k, s in enumerate(desired_steps[len(applied) :]))
+    if not new_steps:
+        return
+    if any(m.database == name for m in p.observation.catalog.pending_moves):
+        # DDL is not replicated: a schema change waits until the split or merge is done
+        p.warnings.append(
+            f"schema.{name}: new schema steps wait until the interrupted split or merge of"
+            f" {name} is finished (apply, or `shardctl abort`)"
+        )
+        return
+    # each step's own line, where a reviewer reads it (not the `schema:` key above them)
+    declared = [
+        f"{step.name} declared at {_step_location(desired, name, len(applied) + k)}" for k, step in enumerate(new_steps)
+    ]
+    p.actions.append(
+        ApplySchema(
+            database=name,
+            steps=new_steps,
+            shards=tuple(_shard_spec(s) for s in active),
+            reason=Reason(
+                cause="config", text=f"new schema step{'s' if len(new_steps) > 1 else ''} " + ", ".join(declared)
+            ),
+        )
+    )
+
+
+def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
+    desired = p.desired
+    new_settings, old_settings = settings_of(db), _recorded_settings(recorded)
+    changes = _changes(old_settings, new_settings)
+    if changes:
+        places = sorted(
+            {
+                f"{c.path.split('.')[0] if not c.path.startswith('policy.') else c.path} at "
+                f"{_change_location(desired, name, c.path)}"
+                for c in changes
+            }
+        )
+        p.actions.append(
+            UpdateDatabase(
+                database=name,
+                settings=new_settings,
+                changes=changes,
                 reason=Reason(cause="config", text="changed: " + "; ".join(places)),
-            ))
-            if old_settings.placement != new_settings.placement:
-                warnings.append(f"database.{name}: placement changed; existing shards stay where they are"
-                                " (new shards from splits use the new placement)")
-        if db.spec.shards > len(active) and recorded.state == "active":
-            warnings.append(f"database.{name}: `shards: {db.spec.shards}` is the initial shard count and the floor"
-                            f" for merges; {name} has {len(active)} shards, and raising the number does not split"
-                            " them (splits follow load)")
+            )
+        )
+        if old_settings.placement != new_settings.placement:
+            p.warnings.append(
+                f"database.{name}: placement changed; existing shards stay where they are"
+                " (new shards from splits use the new placement)"
+            )
+    active = [s for s in recorded.shards if s.state == "active"]
+    if db.spec.shards > len(active) and recorded.state == "active":
+        p.warnings.append(
+            f"database.{name}: `shards: {db.spec.shards}` is the initial shard count and the floor"
+            f" for merges; {name} has {len(active)} shards, and raising the number does not split"
+            " them (splits follow load)"
+        )
 
-        for shard in recorded.shards:
-            if shard.state != "active":
-                continue  # moving targets and retired sources belong to their operation
-            live = observation.shards.get(shard.address)
-            server = observation.servers.get(shard.server)
-            if server is None or not server.reachable:
-                drift.append(Drift(address=f"shard.{shard.address}", kind="unreachable",
-                                   summary=f"could not be checked: server {shard.server} is unreachable"))
-                continue
-            if live is None:
-                continue
-            if not live.exists:
-                drift.append(Drift(address=f"shard.{shard.address}", kind="deleted",
-                                   summary=f"has been deleted (database {shard.dbname} on server {shard.server})"))
-                actions.append(RecreateShard(
-                    database=name, shard=_shard_spec(shard), steps=_recorded_steps(recorded, desired_steps),
-                    reason=Reason(cause="drift", text=f"database {shard.dbname} was dropped outside shardctl; "
-                                  "it will be recreated empty with its schema, so restore its rows from a backup"),
-                ))
-            elif shard.schema_fingerprint and live.schema_fingerprint != shard.schema_fingerprint:
-                drift.append(Drift(address=f"shard.{shard.address}", kind="schema_changed",
-                                   summary="has changed outside shardctl (schema)",
-                                   details=_schema_diff(shard.schema_snapshot or {}, live.schema_snapshot or {})))
 
-    for name, recorded in catalog.databases.items():
-        if name in desired.databases or name in renamed_from:
+def _observe_shard_drift(p: _Planning, name: str, recorded: CatalogDatabase, desired_steps: tuple) -> None:
+    """Active shards changed outside shardctl: dropped (recreated empty, said plainly) or altered."""
+    observation = p.observation
+    for shard in recorded.shards:
+        if shard.state != "active":
+            continue  # moving targets and retired sources belong to their operation
+        live = observation.shards.get(shard.address)
+        server = observation.servers.get(shard.server)
+        if server is None or not server.reachable:
+            p.drift.append(
+                Drift(
+                    address=f"shard.{shard.address}",
+                    kind="unreachable",
+                    summary=f"could not be checked: server {shard.server} is unreachable",
+                )
+            )
+            continue
+        if live is None:
+            continue
+        if not live.exists:
+            p.drift.append(
+                Drift(
+                    address=f"shard.{shard.address}",
+                    kind="deleted",
+                    summary=f"has been deleted (database {shard.dbname} on server {shard.server})",
+                )
+            )
+            p.actions.append(
+                RecreateShard(
+                    database=name,
+                    shard=_shard_spec(shard),
+                    steps=_recorded_steps(recorded, desired_steps),
+                    reason=Reason(
+                        cause="drift",
+                        text=f"database {shard.dbname} was dropped outside shardctl; "
+                        "it will be recreated empty with its schema, so restore its rows from a backup",
+                    ),
+                )
+            )
+        elif shard.schema_fingerprint and live.schema_fingerprint != shard.schema_fingerprint:
+            p.drift.append(
+                Drift(
+                    address=f"shard.{shard.address}",
+                    kind="schema_changed",
+                    summary="has changed outside shardctl (schema)",
+                    details=_schema_diff(shard.schema_snapshot or {}, live.schema_snapshot or {}),
+                )
+            )
+
+
+def _plan_undeclared_databases(p: _Planning) -> None:
+    """Databases the catalog records and the YAML no longer declares: destroyed, unless
+    protected or holding rows without consent."""
+    desired, observation = p.desired, p.observation
+    anywhere = Location(desired.files[0] if desired.files else str(desired.directory))
+    for name, recorded in observation.catalog.databases.items():
+        if name in desired.databases or name in p.renamed_from:
             continue
         if recorded.protect:
-            problems.append(Diagnostic(
-                Location(desired.files[0] if desired.files else str(desired.directory)),
-                f"database {name!r} cannot be destroyed: it is protected (protect: true when last applied)",
-                f"to destroy it, first apply with `protect: false` on {name}, then remove it",
-            ))
+            p.problems.append(
+                Diagnostic(
+                    anywhere,
+                    f"database {name!r} cannot be destroyed: it is protected (protect: true when last applied)",
+                    f"to destroy it, first apply with `protect: false` on {name}, then remove it",
+                )
+            )
             continue
         holdings = _holdings(observation, recorded.shards)
         refusal = _without_consent(
-            desired, "database", name, holdings, Location(desired.files[0] if desired.files else str(desired.directory)),
+            desired,
+            "database",
+            name,
+            holdings,
+            anywhere,
             f"database {name!r} is not in the configuration, and destroying it",
             f"if it was renamed, declare `moved: [{{from: {name}, to: NEW_NAME}}]`; if it was removed by mistake,"
-            f" declare it again; to destroy it with its rows, add `allow_destroy: {{databases: [{name}]}}`", consented)
+            f" declare it again; to destroy it with its rows, add `allow_destroy: {{databases: [{name}]}}`",
+            p.consented,
+        )
         if refusal:
-            problems.append(refusal)
+            p.problems.append(refusal)
             continue
-        actions.append(DestroyDatabase(
-            database=name, shards=tuple(_shard_spec(s) for s in recorded.shards), holdings=holdings,
-            reason=Reason(cause="config", text=f"{name} is not in the configuration"),
-        ))
+        p.actions.append(
+            DestroyDatabase(
+                database=name,
+                shards=tuple(_shard_spec(s) for s in recorded.shards),
+                holdings=holdings,
+                reason=Reason(cause="config", text=f"{name} is not in the configuration"),
+            )
+        )
 
+
+def _plan_operations(p: _Planning) -> None:
+    """Interrupted splits and merges are finished; retired shards past their grace are dropped."""
+    catalog = p.observation.catalog
     for pending in catalog.pending_moves:
-        actions.append(resume_move(pending, catalog.apply_in_flight))
-    actions.extend(_retired_drops(desired, observation))
-    branch_actions, branch_notes = _branches(desired, observation)
-    warnings.extend(branch_notes)
+        p.actions.append(resume_move(pending, catalog.apply_in_flight))
+    p.actions.extend(_retired_drops(p.desired, p.observation))
+
+
+def _plan_branches(p: _Planning) -> set[str]:
+    """Branch actions (a deletion with rows needs consent), then the consents no action used.
+    Returns the databases this plan already changes, which hold load-driven moves back."""
+    desired = p.desired
+    branch_actions, branch_notes = _branches(desired, p.observation)
+    p.warnings.extend(branch_notes)
     for action in list(branch_actions):
         if isinstance(action, DeleteBranch) and not action.expired:
             refusal = _without_consent(
@@ -239,54 +396,63 @@ def plan(desired: Desired, observation: Observation) -> Plan:
                 Location(desired.files[0] if desired.files else str(desired.directory)),
                 f"branch {action.branch!r} is not in the configuration, and deleting it",
                 f"declare it again to keep it, or add `allow_destroy: {{branches: [{action.branch}]}}` to delete"
-                " it with its rows", consented)
+                " it with its rows",
+                p.consented,
+            )
             if refusal:
-                problems.append(refusal)
+                p.problems.append(refusal)
                 branch_actions.remove(action)
     for (kind, name), at in sorted(desired.allow_destroy.items()):
-        if (kind, name) not in consented:
-            warnings.append(f"allow_destroy ({at}): this plan destroys no rows of {kind} {name}; remove the"
-                            " acknowledgement so that it cannot approve a later destruction")
+        if (kind, name) not in p.consented:
+            p.warnings.append(
+                f"allow_destroy ({at}): this plan destroys no rows of {kind} {name}; remove the"
+                " acknowledgement so that it cannot approve a later destruction"
+            )
     # branches only read their parent and do not hold moves back; a schema merge does
-    busy = {a.database for a in actions} | {a.database for a in branch_actions if a.kind == "merge_branch_schema"}
-    actions.extend(branch_actions)
-    load, notes = load_actions(desired, observation)
-    warnings.extend(notes)
+    busy = {a.database for a in p.actions} | {a.database for a in branch_actions if a.kind == "merge_branch_schema"}
+    p.actions.extend(branch_actions)
+    return busy
+
+
+def _plan_load(p: _Planning, busy: set[str]) -> None:
+    """Splits of hot shards and merges of cold neighbours, unless the plan already changes that database."""
+    load, notes = load_actions(p.desired, p.observation)
+    p.warnings.extend(notes)
     for action in load:
         if action.database in busy:
-            warnings.append(f"{action.address}: {action.kind.replace('_', ' ')} waits until the other changes"
-                            f" to {action.database} in this plan are applied")
+            p.warnings.append(
+                f"{action.address}: {action.kind.replace('_', ' ')} waits until the other changes"
+                f" to {action.database} in this plan are applied"
+            )
         else:
-            actions.append(action)
+            p.actions.append(action)
 
-    drift.extend(_unmanaged(desired, observation))
+
+def _observe_fleet_drift(p: _Planning) -> None:
+    """Unmanaged databases named like shards, stray rows, unreachable servers, wal_level."""
+    observation = p.observation
+    p.drift.extend(_unmanaged(p.desired, observation))
     for address, counts in sorted(observation.strays.items()):
         if counts:
-            drift.append(Drift(address=f"shard.{address}", kind="strays",
-                               summary=f"{sum(counts.values())} rows were written outside the shard's range"
-                                       " (straight into its database, past routing)",
-                               details=tuple(f"{table}: {n} row{'s' if n != 1 else ''}"
-                                             for table, n in sorted(counts.items()))))
+            p.drift.append(
+                Drift(
+                    address=f"shard.{address}",
+                    kind="strays",
+                    summary=f"{sum(counts.values())} rows were written outside the shard's range"
+                    " (straight into its database, past routing)",
+                    details=tuple(f"{table}: {n} row{'s' if n != 1 else ''}" for table, n in sorted(counts.items())),
+                )
+            )
     for server in observation.servers.values():
         if not server.reachable:
-            drift.append(Drift(address=f"server.{server.name}", kind="unreachable",
-                               summary=f"is unreachable: {server.error}"))
+            p.drift.append(
+                Drift(address=f"server.{server.name}", kind="unreachable", summary=f"is unreachable: {server.error}")
+            )
         elif server.wal_level != "logical":
-            warnings.append(f"server.{server.name}: wal_level is {server.wal_level}; splits and merges will need"
-                            " wal_level = logical")
-
-    warnings.extend(_unknown_metrics(desired, observation))
-    problems.extend(_unreachable_targets(desired, observation, actions))
-    problems.extend(_failing_checks(desired, observation, actions))
-    problems.extend(_taken_names(desired, observation, actions))
-    if problems:
-        raise ConfigError(problems, "found while planning")
-    return Plan(
-        shardctl_version=engine.__version__, based_on_serial=observation.serial,
-        metrics_source=observation.metrics_source,
-        catalog_exists=catalog.exists, actions=sort_actions(actions),
-        drift=tuple(sorted(drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(warnings))),
-    )
+            p.warnings.append(
+                f"server.{server.name}: wal_level is {server.wal_level}; splits and merges will need"
+                " wal_level = logical"
+            )
 
 
 def resume_move(pending, in_flight: str | None = None) -> Any:
@@ -360,7 +526,9 @@ def _branches(desired: Desired, observation: Observation) -> tuple[list, list[st
         if have.state == "expired":
             continue
         if name not in desired.branches:
-            actions.append(_delete_branch(have, expired=have.expires_at <= now, holding=_branch_holding(have, observation)))
+            actions.append(
+                _delete_branch(have, expired=have.expires_at <= now, holding=_branch_holding(have, observation))
+            )
     return actions, notes
 
 
@@ -523,8 +691,13 @@ def _unreachable_targets(desired: Desired, observation: Observation, actions: li
         live = observation.servers.get(server)
         if live is not None and not live.reachable:
             where = desired.where("servers", server) or Location(desired.files[0])
-            out.append(Diagnostic(where, f"server {server!r} is unreachable, and the plan would change it: {live.error}",
-                                  "start it (`shardctl up` for embedded servers) or fix its connection settings"))
+            out.append(
+                Diagnostic(
+                    where,
+                    f"server {server!r} is unreachable, and the plan would change it: {live.error}",
+                    "start it (`shardctl up` for embedded servers) or fix its connection settings",
+                )
+            )
     return out
 
 
@@ -601,7 +774,7 @@ def _change_location(desired: Desired, name: str, path: str) -> Location:
             or _where(desired, name, "policy"))
 
 
-def _create(db: DesiredDatabase, why: str, cause: str) -> CreateDatabase:
+def _create(db: DesiredDatabase, why: str, cause: Cause) -> CreateDatabase:
     ranges = even_ranges(db.spec.shards)
     placement = db.spec.placement
     shards = tuple(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import pglast
+from pglast import ast
 from psycopg import sql
 
 
@@ -50,7 +51,9 @@ def diff(base: dict[str, Any], target: dict[str, Any]) -> list[str]:
             raise Unsupported(f"{name} is a new {table.get('kind')}; only tables are merged")
         cols = ", ".join(f"{_col(c)} {d}" for c, d in table["columns"].items())
         out.append(f"CREATE TABLE {_ident(name)} ({cols});")
-        out += [f"ALTER TABLE {_ident(name)} ADD CONSTRAINT {_col(c)} {d};" for c, d in sorted(table["constraints"].items())]
+        out += [
+            f"ALTER TABLE {_ident(name)} ADD CONSTRAINT {_col(c)} {d};" for c, d in sorted(table["constraints"].items())
+        ]
         out += [f"{d};" for i, d in sorted(table["indexes"].items()) if i not in table["constraints"]]
     for name in sorted(set(before) & set(after)):
         out += _alter(name, before[name], after[name])
@@ -63,7 +66,8 @@ def _alter(name: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     t = _ident(name)
     out: list[str] = []
     for con in sorted(set(old["constraints"]) - set(new["constraints"])) + sorted(
-            c for c in set(old["constraints"]) & set(new["constraints"]) if old["constraints"][c] != new["constraints"][c]):
+        c for c in set(old["constraints"]) & set(new["constraints"]) if old["constraints"][c] != new["constraints"][c]
+    ):
         out.append(f"ALTER TABLE {t} DROP CONSTRAINT {_col(con)};")
     for idx in sorted(set(old["indexes"]) - set(new["indexes"])):
         if idx not in old["constraints"]:
@@ -84,7 +88,8 @@ def _alter(name: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for col in sorted(set(old["columns"]) - set(new["columns"])):
         out.append(f"ALTER TABLE {t} DROP COLUMN {_col(col)};")
     for con in sorted(set(new["constraints"]) - set(old["constraints"])) + sorted(
-            c for c in set(old["constraints"]) & set(new["constraints"]) if old["constraints"][c] != new["constraints"][c]):
+        c for c in set(old["constraints"]) & set(new["constraints"]) if old["constraints"][c] != new["constraints"][c]
+    ):
         out.append(f"ALTER TABLE {t} ADD CONSTRAINT {_col(con)} {new['constraints'][con]};")
     for idx in sorted(set(new["indexes"]) - set(old["indexes"])):
         if idx not in new["constraints"]:
@@ -102,11 +107,11 @@ def lint(statements: list[str]) -> list[tuple[str, str, str]]:
         for raw in pglast.parse_sql(text):
             stmt = raw.stmt
             kind = type(stmt).__name__
-            if kind == "IndexStmt" and not stmt.concurrent:
+            if isinstance(stmt, ast.IndexStmt) and not stmt.concurrent:
                 findings.append(("warning", text, "index built without CONCURRENTLY: writes to the table wait for it"))
             elif kind == "DropStmt":
                 findings.append((DESTRUCTIVE, text, "drops an object and its data"))
-            elif kind == "AlterTableStmt":
+            elif isinstance(stmt, ast.AlterTableStmt):
                 for cmd in stmt.cmds or ():
                     sub = cmd.subtype.name
                     if sub == "AT_DropColumn":

@@ -10,7 +10,8 @@ from __future__ import annotations
 from engine.config.loader import Desired
 from engine.observe.models import Observation
 from engine.plan.load import assessments
-from engine.plan.models import PolicyWhatIf, WhatIfChange
+from engine.plan.models import PolicyWhatIf, WhatIfChange, WhatIfKind
+
 
 def compare(baseline: Desired, proposed: Desired, observation: Observation, label: str) -> PolicyWhatIf:
     old = assessments(baseline, observation)
@@ -21,9 +22,13 @@ def compare(baseline: Desired, proposed: Desired, observation: Observation, labe
         before = old[shard].state if shard in old else "normal"
         after = new[shard].state if shard in new else "normal"
         address = f"shard.{shard}"
-        for state, now, gone in (("hot", "now_split", "no_longer_split"), ("cold", "now_merge", "no_longer_merge")):
+        pairs: tuple[tuple[str, WhatIfKind, WhatIfKind], ...] = (
+            ("hot", "now_split", "no_longer_split"), ("cold", "now_merge", "no_longer_merge"))
+        for state, now, gone in pairs:
             if after == state and before != state:
-                changes.append(WhatIfChange(address=address, change=now, evidence=new[shard].evidence, under="proposed"))
+                changes.append(
+                    WhatIfChange(address=address, change=now, evidence=new[shard].evidence, under="proposed")
+                )
             elif before == state and after != state:
                 evidence = tuple(e.model_copy(update={"policy_location": f"{label}:{e.policy_location}"})
                                  for e in old[shard].evidence)

@@ -34,7 +34,8 @@ def text(report: dict[str, list[Check]]) -> str:
                     lines.append(f"    {' ' * width}  needed by: {', '.join(PURPOSES[p] for p in c.needed_by)}")
         lines.append("")
     bad = failed(report)
-    lines.append(f"Doctor: {bad} check{'s' if bad != 1 else ''} failed, {warnings} warning{'s' if warnings != 1 else ''}"
+    lines.append(f"Doctor: {bad} check{'s' if bad != 1 else ''} failed,"
+                 f" {warnings} warning{'s' if warnings != 1 else ''}"
                  f" on {len(report)} server{'s' if len(report) != 1 else ''}."
                  + (" Plans refuse the actions that need a failed check." if bad else ""))
     return "\n".join(lines) + "\n"

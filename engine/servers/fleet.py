@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import psycopg
 from psycopg import errors, sql
@@ -45,9 +46,7 @@ class Fleet:
                 if not create:
                     yield None
                     return
-                try:
+                with contextlib.suppress(errors.DuplicateDatabase):  # another apply created it at the same moment
                     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-                except errors.DuplicateDatabase:
-                    pass  # another apply created it at the same moment
         with handle.connect(name) as conn:
             yield conn

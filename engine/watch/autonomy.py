@@ -10,7 +10,7 @@ an unknown kind raises, so a new kind must decide here before the daemon can see
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,18 +29,11 @@ from engine.plan.models import (
     SplitShard,
     UpdateDatabase,
 )
+from engine.snapshot import Pending
 
 PERSON = "a person applies it (`shardctl apply`)"
 # a person's pending change of these kinds holds automation back on the same database
 RESHAPING = (DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, MergeBranchSchema, RenameDatabase)
-
-
-class Pending(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    address: str
-    kind: str
-    why: str
 
 
 class Decision(BaseModel):
@@ -104,7 +97,12 @@ def decide(plan: Plan, paused: bool) -> Decision:
     for action in plan.actions:
         why = reasons[id(action)]
         resuming = getattr(action, "operation", None) is not None
-        if why is None and not resuming and action.database in waiting and isinstance(action, (SplitShard, MergeShards)):
+        if (
+            why is None
+            and not resuming
+            and action.database in waiting
+            and isinstance(action, (SplitShard, MergeShards))
+        ):
             why = f"a person's change to {action.database} is pending; automation waits for it"
         if why is None and paused:
             why = "the daemon is paused (`shardctl resume` lets it act again)"

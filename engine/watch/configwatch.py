@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import watchfiles
 
@@ -43,7 +43,7 @@ class ConfigWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shardctl-config-watch", daemon=True)
 
-    def start(self) -> "ConfigWatcher":
+    def start(self) -> ConfigWatcher:
         self._thread.start()
         return self
 

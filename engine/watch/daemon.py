@@ -9,16 +9,17 @@ leads; the config watcher and the HTTP server have their own. They share only th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import psycopg
 
@@ -40,8 +41,9 @@ from engine.render.renderers import render_text
 from engine.servers.fleet import Fleet
 from engine.watch import autonomy, settle
 from engine.watch.configwatch import ConfigWatcher
+from engine.watch.http import serve
 from engine.watch.leader import LeaderLock, LeadershipLost
-from engine.watch.view import BranchView, HistoryEntry, ShardView, Snapshot, View, now
+from engine.watch.view import BranchView, HistoryEntry, ReplicaView, ShardView, Snapshot, View, now
 
 HEARTBEAT_EVERY = 5.0
 LAYOUT_EVERY = 60.0  # the collector re-reads catalog and servers this often at most, unless the serial moves
@@ -70,6 +72,7 @@ class Daemon:
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._config_changed = threading.Event()
+        self._collected = threading.Event()  # set by the first collection round
         self._fleet_generation = 0
         self._reported = settle.Reported()
         self._silent_servers: set[str] = set()
@@ -87,7 +90,6 @@ class Daemon:
         self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
         http = None
         if self.options.listen:
-            from engine.watch.http import serve
             http = serve(self, self.options.listen)
             self.log("listening", url=f"http://{self.options.listen}/")
         watcher = ConfigWatcher(self.options.config_dir, self._on_config_change, self.options.debounce_ms).start()
@@ -123,10 +125,8 @@ class Daemon:
                 raise KeyboardInterrupt
             self.stop(signal.Signals(signum).name)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (tests drive the daemon in-process)
                 signal.signal(sig, handler)
-            except ValueError:  # not the main thread (tests drive the daemon in-process)
-                pass
 
     def _catalog_connection(self) -> psycopg.Connection:
         handle = self.fleet.catalog_server
@@ -173,7 +173,12 @@ class Daemon:
         collector = threading.Thread(target=self._collect_loop, args=(collector_stop,), name="shardctl-collect",
                                      daemon=True)
         collector.start()
-        next_check = 0.0  # at once: an interrupted operation in the journal is resumed first
+        # the first check waits for the first collection round (at most two intervals): judged on
+        # no sample at all, every shard would read `unknown` until the next check, a minute later
+        deadline = time.monotonic() + 2 * self._interval()
+        while not (self._collected.is_set() or self.stopping.is_set()) and time.monotonic() < deadline:
+            self._collected.wait(timeout=0.2)
+        next_check = 0.0  # then at once: an interrupted operation in the journal is resumed first
         next_beat = time.monotonic() + HEARTBEAT_EVERY
         try:
             while not self.stopping.is_set():
@@ -254,6 +259,7 @@ class Daemon:
                 except (psycopg.Error, UserError) as exc:
                     message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                     self.view.update(last_error=f"collection failed: {message}")
+                    self.view.record_collection_failure()
                     self.log("collection_failed", error=message)
                     if conn is not None:
                         conn.close()
@@ -285,6 +291,10 @@ class Daemon:
             self.log("server_silent" if server in silent else "server_answering", server=server,
                      effect="its shards' metrics are unknown; nothing acts on them" if server in silent else "")
         self._silent_servers = set(silent)
+        replicas = tuple(ReplicaView(server=server, name=name, lag_bytes=lag_bytes, lag_seconds=lag_seconds)
+                         for server, found in sorted(sampler.replication(
+                             sorted({s.server for s in shards} - set(silent))).items())
+                         for name, lag_bytes, lag_seconds in found)
         self.view.add_points(points)
         self.view.forget(set(points))
         if state.paused != self.view.get().paused:
@@ -296,12 +306,14 @@ class Daemon:
                 (previous.get(s.address) or ShardView(address=s.address, database=s.database, name=s.name,
                                                       server=s.server))
                 .model_copy(update={"latest": points[s.address][1], "sampled_at": points[s.address][0],
-                                    "server": s.server})
+                                    "server": s.server, "lo": s.lo, "hi": s.hi})
                 for s in sorted(shards, key=lambda s: s.address))
             return dict(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
-                        paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by)
+                        paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by,
+                        replicas=replicas, silent_servers=tuple(silent))
         self.view.update_with(changes)
         self.view.record_collection(took)
+        self._collected.set()
 
     def _layout(self, conn: psycopg.Connection) -> Observation:
         """The catalog and servers as last observed, read again when the catalog serial moves or
@@ -384,7 +396,7 @@ class Daemon:
                 hot = db.effective_policy.hot.model_dump() if db else {}
                 shards.append(base.model_copy(update={
                     "hot_thresholds": {m: float(v) for m, v in hot.items() if v is not None},
-                    "server": s.server, "load": verdict.state if verdict else "unknown",
+                    "server": s.server, "lo": s.lo, "hi": s.hi, "load": verdict.state if verdict else "unknown",
                     "evidence": tuple(e.describe() for e in verdict.evidence) if verdict else ()}))
         return tuple(sorted(shards, key=lambda s: s.address))
 
@@ -404,12 +416,13 @@ class Daemon:
                      evidence=[e.describe() for e in getattr(action, "evidence", ())],
                      operation=getattr(action, "operation", None))
         names = ", ".join(a.address for a in decision.autonomous)
-        self.view.update(activity=f"applying {names}")
+        self.view.update(activity=f"applying {names}", activity_since=now(), progress=None, progress_at=None)
         kinds = [a.kind for a in decision.autonomous]
         try:
             result = workflow.apply(desired, subset, lock_timeout=0, actor=f"daemon {self.who}",
                                     say=lambda line: self.log("progress", message=line), start_servers=False,
-                                    own_signals=False, progress=lambda figures: self.view.update(progress=figures))
+                                    own_signals=False,
+                                    progress=self._progress)
         except LockHeldError as exc:
             self._count(kinds, "deferred")
             self.log("apply_deferred", actions=[a.address for a in decision.autonomous],
@@ -431,10 +444,13 @@ class Daemon:
             self.view.update(last_error=f"apply failed: {message}")
             return True
         finally:
-            self.view.update(activity="idle", progress=None)
+            self.view.update(activity="idle", activity_since=None, progress=None, progress_at=None)
         self._count(kinds, "applied")
         self.log("applied", actions=[a.address for a in decision.autonomous], counts=result.counts)
         return True
+
+    def _progress(self, figures: dict) -> None:
+        self.view.update(progress=figures, progress_at=now())
 
     def _count(self, kinds: list[str], result: str) -> None:
         for kind in kinds:

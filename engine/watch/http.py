@@ -16,7 +16,7 @@ import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from engine.errors import UserError, redact
@@ -24,9 +24,21 @@ from engine.observe.metrics import METRICS
 from engine.render.dashboard import render_dashboard
 from engine.render.renderers import plan_document
 from engine.watch import prometheus
+from engine.watch.view import View
 
-if TYPE_CHECKING:
-    from engine.watch.daemon import Daemon
+
+class Served(Protocol):
+    """What the listener needs of the daemon it serves. The daemon imports this module to start
+    it; this module never imports the daemon (the two used to import each other)."""
+
+    view: View
+
+    @property
+    def options(self) -> Any: ...  # the daemon's WatchOptions: token_env names the token's variable
+
+    def set_paused(self, paused: bool, reason: str, by: str) -> Any: ...
+
+
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -36,11 +48,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def api_status(daemon: "Daemon") -> dict:
+def api_status(daemon: Served) -> dict:
     snap = daemon.view.get()
     return {
         "who": snap.who, "role": snap.role, "leader": snap.leader, "config_dir": snap.config_dir,
-        "paused": snap.paused, "pause_reason": snap.pause_reason, "paused_by": snap.paused_by,
+        # who paused and why belong to a pause in force, not to one lifted since
+        "paused": snap.paused, "pause_reason": snap.pause_reason if snap.paused else "",
+        "paused_by": snap.paused_by if snap.paused else None,
         "config_error": snap.config_error, "activity": snap.activity, "progress": snap.progress,
         "started_at": snap.started_at,
         "last_collect_at": snap.last_collect_at, "last_collect_seconds": snap.last_collect_seconds,
@@ -50,16 +64,19 @@ def api_status(daemon: "Daemon") -> dict:
     }
 
 
-def api_shards(daemon: "Daemon") -> dict:
+def api_shards(daemon: Served) -> dict:
     out = []
     for shard in daemon.view.get().shards:
         doc = shard.model_dump(mode="json")
-        doc["series"] = [{"at": point[0], **dict(zip(METRICS, point[1:]))} for point in daemon.view.series(shard.address)]
+        doc["series"] = [
+            {"at": point[0], **dict(zip(METRICS, point[1:], strict=True))}
+            for point in daemon.view.series(shard.address)
+        ]
         out.append(doc)
     return {"shards": out}
 
 
-def api_plan(daemon: "Daemon") -> dict:
+def api_plan(daemon: Served) -> dict:
     snap = daemon.view.get()
     return {
         "planned_at": snap.planned_at, "plan": plan_document(snap.plan) if snap.plan else None,
@@ -77,8 +94,11 @@ ROUTES = {
 }
 
 
+WRITE_ROUTES = ("/api/pause", "/api/resume")
+
+
 class Handler(BaseHTTPRequestHandler):
-    daemon: "Daemon"  # set on the subclass made by serve()
+    daemon: Served  # set on the subclass made by serve()
     server_version = "shardctl"
 
     def log_message(self, format: str, *args) -> None:  # the daemon's log is for events, not requests
@@ -107,15 +127,37 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, prometheus.exposition(self.daemon.view), prometheus.CONTENT_TYPE)
         elif path in ROUTES:
             self._json(200, ROUTES[path](self.daemon))
+        elif path in WRITE_ROUTES:
+            self._not_allowed(path, "POST")
         else:
             self._json(404, {"error": f"no such endpoint {path}", "endpoints": sorted([*ROUTES, "/", "/metrics"])})
 
     do_HEAD = do_GET
 
+    def _not_allowed(self, path: str, allowed: str) -> None:
+        """405 with the method that works: the endpoint exists, the method is wrong."""
+        body = (
+            redact(
+                json.dumps({"error": f"{path} takes {allowed} only", "allow": allowed}, indent=2, sort_keys=True)
+            ).encode()
+            + b"\n"
+        )
+        self.send_response(405)
+        self.send_header("Allow", allowed)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
-        if path not in ("/api/pause", "/api/resume"):
-            self._json(404, {"error": f"no such endpoint {path}"})
+        if path not in WRITE_ROUTES:
+            if path in ROUTES or path in ("/", "/metrics"):
+                self._not_allowed(path, "GET, HEAD")
+            else:
+                self._json(404, {"error": f"no such endpoint {path}"})
             return
         env = self.daemon.options.token_env
         token = os.environ.get(env, "")
@@ -131,7 +173,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(length) or b"{}") if length else {}
         except json.JSONDecodeError:
-            self._json(400, {"error": "the body must be JSON, e.g. {\"reason\": \"maintenance\"}"})
+            self._json(400, {"error": 'the body must be JSON, e.g. {"reason": "maintenance"}'})
             return
         reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
         state = self.daemon.set_paused(path == "/api/pause", reason, f"http {self.client_address[0]}")
@@ -152,13 +194,15 @@ class Server:
         self.httpd.server_close()
 
 
-def serve(daemon: "Daemon", listen: str) -> Server:
+def serve(daemon: Served, listen: str) -> Server:
     host, port = parse_listen(listen)
     handler = type("BoundHandler", (Handler,), {"daemon": daemon})
     try:
         httpd = _HTTPServer((host, port), handler)
     except OSError as exc:
-        raise UserError(f"cannot listen on {listen}: {exc.strerror}", "pick another port with --listen HOST:PORT") from None
+        raise UserError(
+            f"cannot listen on {listen}: {exc.strerror}", "pick another port with --listen HOST:PORT"
+        ) from None
     server = Server(httpd)
     server.thread.start()
     return server

@@ -8,11 +8,13 @@ to trust. `shardctl.daemon_leader` only tells people and standbys who holds it.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections.abc import Callable
 
 import psycopg
 
 from engine.catalog import control
+from engine.rows import one
 
 LEADER_LOCK_KEY = 0x5348_4457_4154  # "SHDWAT"
 
@@ -33,7 +35,7 @@ class LeaderLock:
         """True when this daemon now leads. Raises psycopg.Error when the catalog is unreachable."""
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
-        if not self._conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,)).fetchone()[0]:
+        if not one(self._conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,)))[0]:
             return False
         control.record_leader(self._conn, self.who, self.listen)
         self.held = True
@@ -56,8 +58,6 @@ class LeaderLock:
         conn, self._conn = self._conn, None
         self.held = False
         if conn is not None and not conn.closed:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_advisory_unlock_all()")
-            except psycopg.Error:
-                pass
             conn.close()

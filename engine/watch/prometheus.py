@@ -15,6 +15,7 @@ from prometheus_client.core import (
 )
 
 from engine.observe.metrics import METRICS
+from engine.snapshot import move_eta_seconds
 from engine.watch.view import View
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,8 +30,11 @@ class SnapshotCollector:
         snap = self.view.get()
         value = GaugeMetricFamily("shardctl_shard_metric", "Latest sampled value of a shard's load metric",
                                   labels=["database", "shard", "server", "metric"])
-        load = GaugeMetricFamily("shardctl_shard_load", "1 for the shard's current load state as judged by the detector",
-                                 labels=["database", "shard", "server", "state"])
+        load = GaugeMetricFamily(
+            "shardctl_shard_load",
+            "1 for the shard's current load state as judged by the detector",
+            labels=["database", "shard", "server", "state"],
+        )
         for shard in snap.shards:
             for metric in METRICS:
                 v = shard.latest.get(metric)
@@ -40,13 +44,20 @@ class SnapshotCollector:
                 load.add_metric([shard.database, shard.name, shard.server, state], 1.0 if shard.load == state else 0.0)
         yield value
         yield load
-        yield GaugeMetricFamily("shardctl_daemon_leader", "1 when this daemon leads", value=1.0 if snap.role == "leader" else 0.0)
-        yield GaugeMetricFamily("shardctl_daemon_paused", "1 when automation is paused (shardctl pause)",
-                                value=1.0 if snap.paused else 0.0)
-        yield GaugeMetricFamily("shardctl_config_valid", "0 while the last edit of the config is invalid",
-                                value=0.0 if snap.config_error else 1.0)
-        pending = GaugeMetricFamily("shardctl_plan_actions", "Actions in the current plan by who may apply them",
-                                    labels=["by"])
+        yield GaugeMetricFamily(
+            "shardctl_daemon_leader", "1 when this daemon leads", value=1.0 if snap.role == "leader" else 0.0
+        )
+        yield GaugeMetricFamily(
+            "shardctl_daemon_paused", "1 when automation is paused (shardctl pause)", value=1.0 if snap.paused else 0.0
+        )
+        yield GaugeMetricFamily(
+            "shardctl_config_valid",
+            "0 while the last edit of the config is invalid",
+            value=0.0 if snap.config_error else 1.0,
+        )
+        pending = GaugeMetricFamily(
+            "shardctl_plan_actions", "Actions in the current plan by who may apply them", labels=["by"]
+        )
         pending.add_metric(["daemon"], float(len(snap.autonomous)))
         pending.add_metric(["person"], float(len(snap.pending)))
         yield pending
@@ -58,6 +69,11 @@ class SnapshotCollector:
         rounds, seconds = self.view.collections
         yield SummaryMetricFamily("shardctl_collection_duration_seconds", "Duration of metric collection rounds",
                                   count_value=rounds, sum_value=seconds)
+        yield CounterMetricFamily("shardctl_collection_failures", "Collection rounds that failed as a whole",
+                                  value=float(self.view.collection_failures))
+        yield from _servers(snap)
+        yield from _moves(snap)
+        yield from _replicas(snap)
         if snap.last_collect_at is not None:
             yield GaugeMetricFamily("shardctl_last_collection_timestamp_seconds", "When the last round finished",
                                     value=snap.last_collect_at.timestamp())
@@ -67,3 +83,63 @@ def exposition(view: View) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(view))
     return generate_latest(registry)
+
+
+def _servers(snap):
+    """1 per server with active shards that answered the last collection round, 0 when silent."""
+    up = GaugeMetricFamily("shardctl_server_up", "1 when the server answered the last collection round",
+                           labels=["server"])
+    for server in sorted({s.server for s in snap.shards}):
+        up.add_metric([server], 0.0 if server in snap.silent_servers else 1.0)
+    yield up
+
+
+def _moves(snap):
+    """The split or merge this daemon is running, if any: when it started, when it last reported,
+    rows copied, replication lag and the ETA of its phase (alerting on stuck and slow moves)."""
+    yield GaugeMetricFamily("shardctl_move_in_progress", "1 while this daemon applies (a split or merge, a drop...)",
+                            value=1.0 if snap.activity_since is not None else 0.0)
+    if snap.activity_since is None:
+        return
+    step = str((snap.progress or {}).get("step") or snap.activity)
+    started = GaugeMetricFamily("shardctl_move_started_timestamp_seconds", "When the running apply started",
+                                labels=["step"])
+    started.add_metric([step], snap.activity_since.timestamp())
+    yield started
+    progress = snap.progress or {}
+    if snap.progress_at is None:
+        return
+    yield _one("shardctl_move_progress_timestamp_seconds", "When the running move last reported its figures", step,
+               snap.progress_at.timestamp())
+    for name, key, help_text in (
+            ("shardctl_move_rows_copied", "rows_copied", "Rows the initial copy has moved so far"),
+            ("shardctl_move_rows_expected", "rows_expected", "Rows the initial copy is expected to move"),
+            ("shardctl_move_lag_bytes", "lag_bytes", "Replication lag of the targets behind the source")):
+        if isinstance(progress.get(key), (int, float)):
+            yield _one(name, help_text, step, float(progress[key]))
+    eta = move_eta_seconds(progress)
+    if eta is not None:
+        yield _one("shardctl_move_eta_seconds", "Time the running move's phase still needs at its pace", step, eta)
+
+
+def _one(name: str, help_text: str, step: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=["step"])
+    family.add_metric([step], value)
+    return family
+
+
+def _replicas(snap):
+    """Physical standbys of the fleet's servers; absent when there are none."""
+    if not snap.replicas:
+        return
+    lag_bytes = GaugeMetricFamily("shardctl_replica_lag_bytes", "WAL a standby has not replayed yet",
+                                  labels=["server", "replica"])
+    lag_seconds = GaugeMetricFamily("shardctl_replica_lag_seconds", "Replay lag of a standby (absent when idle)",
+                                    labels=["server", "replica"])
+    for r in snap.replicas:
+        if r.lag_bytes is not None:
+            lag_bytes.add_metric([r.server, r.name], r.lag_bytes)
+        if r.lag_seconds is not None:
+            lag_seconds.add_metric([r.server, r.name], r.lag_seconds)
+    yield lag_bytes
+    yield lag_seconds

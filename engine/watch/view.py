@@ -9,83 +9,26 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from datetime import datetime, timezone
-from typing import Any, Callable
-
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from engine.observe.metrics import METRICS
-from engine.plan.models import Plan
-from engine.watch.autonomy import Pending
+from engine.snapshot import BranchView, HistoryEntry, Pending, ReplicaView, ShardView, Snapshot
+
+__all__ = [
+    "SERIES_POINTS",
+    "BranchView",
+    "HistoryEntry",
+    "Pending",
+    "ReplicaView",
+    "ShardView",
+    "Snapshot",
+    "View",
+    "now",
+]
 
 SERIES_POINTS = 180  # 30 minutes at the default 10 s interval
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class ShardView(Frozen):
-    address: str
-    database: str
-    name: str
-    server: str
-    load: str = "unknown"  # hot, cold, normal, stale or unknown, as the detector judged the last window
-    evidence: tuple[str, ...] = ()
-    latest: dict[str, float | None] = Field(default_factory=lambda: dict.fromkeys(METRICS))  # None: unknown
-    hot_thresholds: dict[str, float] = {}  # the effective policy's, for the charts
-    sampled_at: datetime | None = None
-
-
-class BranchView(Frozen):
-    name: str
-    parent: str
-    data: str
-    server: str
-    state: str
-    created_at: datetime | None = None
-    expires_at: datetime | None = None
-    size_bytes: int | None = None
-
-
-class HistoryEntry(Frozen):
-    at: datetime
-    event: str
-    address: str
-    actor: str
-    summary: str
-    evidence: tuple[str, ...] = ()
-
-
-class Snapshot(Frozen):
-    who: str
-    config_dir: str
-    started_at: datetime
-    role: str = "starting"  # starting, standby, leader, stopping
-    leader: str | None = None  # who leads (this daemon or another)
-    paused: bool = False
-    pause_reason: str = ""
-    paused_by: str = ""
-    config_error: str | None = None
-    plan: Plan | None = None
-    plan_text: str = ""
-    planned_at: datetime | None = None
-    autonomous: tuple[str, ...] = ()  # addresses the last check let automation apply
-    pending: tuple[Pending, ...] = ()
-    notes: tuple[str, ...] = ()
-    shards: tuple[ShardView, ...] = ()
-    history: tuple[HistoryEntry, ...] = ()
-    branches: tuple[BranchView, ...] = ()
-    activity: str = "idle"
-    progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)
-    last_collect_at: datetime | None = None
-    last_collect_seconds: float | None = None
-    last_error: str | None = None
-
-    @property
-    def alerts(self) -> tuple[str, ...]:
-        return tuple(f"{s.address} is hot: {'; '.join(e.removeprefix(s.address + ': ') for e in s.evidence)}"
-                     for s in self.shards if s.load == "hot")
 
 
 class View:
@@ -97,6 +40,7 @@ class View:
         self._series: dict[str, deque] = {}
         self.actions: dict[tuple[str, str], int] = {}  # (kind, result) -> count, for /metrics
         self.collections = (0, 0.0)  # rounds, seconds in all: a Prometheus summary
+        self.collection_failures = 0  # rounds that failed as a whole (the catalog did not answer)
 
     def get(self) -> Snapshot:
         with self._lock:
@@ -122,6 +66,10 @@ class View:
         with self._lock:
             self.collections = (self.collections[0] + 1, self.collections[1] + seconds)
 
+    def record_collection_failure(self) -> None:
+        with self._lock:
+            self.collection_failures += 1
+
     def action_counts(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self.actions)
@@ -146,4 +94,4 @@ class View:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

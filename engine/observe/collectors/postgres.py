@@ -8,13 +8,14 @@ shared/METRICS-BRANCH-NOTES.md; they run unchanged as a member of pg_monitor.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 
 from engine.observe.collectors import Collector, register
 from engine.observe.metrics import Reading
 from engine.observe.models import CatalogShard
+from engine.rows import one
 from engine.servers.connect import ServerHandle
 
 TIER1 = """
@@ -38,7 +39,9 @@ FROM pg_buffercache b JOIN pg_database d ON d.oid = b.reldatabase
 WHERE d.datname = ANY(%s) GROUP BY d.datname
 """
 EXTENSIONS = "SELECT extname FROM pg_extension WHERE extname IN ('pg_stat_statements', 'pg_buffercache')"
-SHARED_BUFFERS = "SELECT setting::bigint * current_setting('block_size')::bigint FROM pg_settings WHERE name = 'shared_buffers'"
+SHARED_BUFFERS = (
+    "SELECT setting::bigint * current_setting('block_size')::bigint FROM pg_settings WHERE name = 'shared_buffers'"
+)
 
 
 @register
@@ -62,7 +65,7 @@ class PostgresCollector(Collector):
         return self._once_a_minute((server.name, "ext"), lambda: {r[0] for r in conn.execute(EXTENSIONS)})
 
     def _shared_buffers(self, server: ServerHandle, conn: psycopg.Connection) -> str:
-        return self._once_a_minute((server.name, "sb"), lambda: str(conn.execute(SHARED_BUFFERS).fetchone()[0]))
+        return self._once_a_minute((server.name, "sb"), lambda: str(one(conn.execute(SHARED_BUFFERS))[0]))
 
     def collect(self, server: ServerHandle, conn: psycopg.Connection, shards: list[CatalogShard],
                 readings: dict[str, Reading], full: bool) -> dict[str, Reading]:
@@ -70,7 +73,7 @@ class PostgresCollector(Collector):
         names = sorted(by_db)
         out = dict(readings)
         with conn.transaction():  # one snapshot of the statistics for the round
-            at = datetime.now(timezone.utc)
+            at = datetime.now(UTC)
             extensions = self._extensions(server, conn)
             counters: dict[str, dict[str, float]] = {n: {} for n in names}
             gauges: dict[str, dict[str, float]] = {n: {} for n in names}

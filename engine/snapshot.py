@@ -1,0 +1,123 @@
+"""What the watch daemon shows, as frozen models: its snapshot of the fleet, the shards with
+their latest values and verdicts, branches, history, standbys and the running move.
+
+The daemon (engine.watch) builds and replaces them; the dashboard (engine.render), the HTTP
+API and /metrics read them. Neither side imports the other's package for them, and nothing
+here touches a database.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.observe.metrics import METRICS
+from engine.plan.models import Plan
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Pending(Frozen):
+    """A planned action automation leaves to a person, and why."""
+
+    address: str
+    kind: str
+    why: str
+
+
+class ShardView(Frozen):
+    address: str
+    database: str
+    name: str
+    server: str
+    load: str = "unknown"  # hot, cold, normal, stale or unknown, as the detector judged the last window
+    evidence: tuple[str, ...] = ()
+    latest: dict[str, float | None] = Field(default_factory=lambda: dict.fromkeys(METRICS))  # None: unknown
+    hot_thresholds: dict[str, float] = {}  # the effective policy's, for the charts
+    sampled_at: datetime | None = None
+    lo: int | None = None  # its keyspace range [lo, hi), signed as the catalog stores it
+    hi: int | None = None
+
+
+class ReplicaView(Frozen):
+    """A physical standby streaming from a fleet server (pg_stat_replication on the primary)."""
+
+    server: str
+    name: str  # application_name, else the client address
+    lag_bytes: float | None = None  # WAL written on the primary and not yet replayed there
+    lag_seconds: float | None = None  # replay_lag; None when the standby is idle and caught up
+
+
+class BranchView(Frozen):
+    name: str
+    parent: str
+    data: str
+    server: str
+    state: str
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    size_bytes: int | None = None
+
+
+class HistoryEntry(Frozen):
+    at: datetime
+    event: str
+    address: str
+    actor: str
+    summary: str
+    evidence: tuple[str, ...] = ()
+
+
+class Snapshot(Frozen):
+    who: str
+    config_dir: str
+    started_at: datetime
+    role: str = "starting"  # starting, standby, leader, stopping
+    leader: str | None = None  # who leads (this daemon or another)
+    paused: bool = False
+    pause_reason: str = ""
+    paused_by: str = ""
+    config_error: str | None = None
+    plan: Plan | None = None
+    plan_text: str = ""
+    planned_at: datetime | None = None
+    autonomous: tuple[str, ...] = ()  # addresses the last check let automation apply
+    pending: tuple[Pending, ...] = ()
+    notes: tuple[str, ...] = ()
+    shards: tuple[ShardView, ...] = ()
+    history: tuple[HistoryEntry, ...] = ()
+    branches: tuple[BranchView, ...] = ()
+    activity: str = "idle"
+    activity_since: datetime | None = None  # when the running apply started
+    progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)
+    progress_at: datetime | None = None  # when they were reported
+    replicas: tuple[ReplicaView, ...] = ()
+    silent_servers: tuple[str, ...] = ()  # servers that did not answer the last collection round
+    last_collect_at: datetime | None = None
+    last_collect_seconds: float | None = None
+    last_error: str | None = None
+
+    @property
+    def alerts(self) -> tuple[str, ...]:
+        return tuple(f"{s.address} is hot: {'; '.join(e.removeprefix(s.address + ': ') for e in s.evidence)}"
+                     for s in self.shards if s.load == "hot")
+
+
+def move_eta_seconds(progress: dict[str, Any]) -> float | None:
+    """How long the running move's current phase still needs at its measured pace; None when
+    unknown (no pace yet, or a catch-up that is not converging)."""
+    phase = progress.get("phase")
+    if phase == "copy":
+        rate = progress.get("rows_per_s") or 0
+        left = (progress.get("rows_expected") or 0) - (progress.get("rows_copied") or 0)
+        return max(0.0, left / rate) if rate > 0 and progress.get("rows_expected") else None
+    if phase == "catch-up":
+        gain = (progress.get("apply_rate") or 0) - (progress.get("wal_rate") or 0)
+        return (progress.get("lag_bytes") or 0) / gain if gain > 0 else None
+    if phase == "caught up":
+        return 0.0
+    return None
