@@ -546,13 +546,15 @@ def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
 
         if schema.installed_version(conn) < 2:
             raise UserError("the catalog is older than this shardctl", "run `shardctl apply` to upgrade it")
-        with LiveSampler(fleet) as sampler:
+        with LiveSampler(fleet, deadline=history.deadline(desired)) as sampler:
             history.seed_recent(sampler, desired, history.stored_history(conn)[1])
             for i in range(count):
                 if i:
                     time.sleep(gap)
-                pairs = history.collect(desired, conn, observe(fleet, conn, inspect_schemas=False), sampler)
-                click.echo(f"sample {i + 1}/{count}: {state_line(pairs)}")
+                fresh = history.collect(desired, conn, observe(fleet, conn, inspect_schemas=False), sampler)
+                click.echo(f"sample {i + 1}/{count}: {state_line(fresh.pairs)}")
+                for note in fresh.notes():
+                    err(f"  {note}")
 
 
 @metrics.command("export")

@@ -9,7 +9,7 @@ against the catalog's server, and the role's privileges against what each kind o
 from __future__ import annotations
 
 from engine.config.loader import Desired
-from engine.observe.observer import inspect_server
+from engine.observe.observer import inspect_servers
 from engine.plan.checks import Check, metrics_check, server_checks, tls_check
 from engine.servers.fleet import Fleet
 
@@ -17,7 +17,7 @@ from engine.servers.fleet import Fleet
 def run(desired: Desired, say=lambda _: None) -> dict[str, list[Check]]:
     fleet = Fleet(desired)
     fleet.start_embedded(say)
-    live = {name: inspect_server(fleet, name) for name in sorted(fleet.servers)}
+    live = inspect_servers(fleet, sorted(fleet.servers))
     catalog = live.get(desired.catalog_server or "")
     offset = catalog.capabilities.clock_offset_s if catalog and catalog.capabilities else None
     out = {}

@@ -13,7 +13,7 @@ from engine.config.loader import Desired
 from engine.config.models import span
 from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
-from engine.observe.observer import inspect_server, observe
+from engine.observe.observer import inspect_servers, observe
 from engine.plan.checks import metric_gaps
 from engine.plan.load import assessments
 from engine.servers.fleet import Fleet
@@ -47,13 +47,16 @@ def state_line(pairs: dict[str, tuple[Reading, Sample]]) -> str:
 def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]:
     fleet = Fleet(desired)
     servers: list[dict[str, Any]] = []
+    stopped = {name for name, handle in fleet.servers.items()
+               if handle.embedded is not None and not handle.embedded.running_pid()}
+    inventory = inspect_servers(fleet, sorted(set(fleet.servers) - stopped))  # at once, each within a deadline
     for name, handle in sorted(fleet.servers.items()):
         embedded = handle.embedded
-        if embedded is not None and not embedded.running_pid():
+        if name in stopped:
             servers.append(dict(name=name, kind="embedded", state="stopped", version=None,
                                 connection=handle.describe()))
             continue
-        live = inspect_server(fleet, name)
+        live = inventory[name]
         servers.append(dict(name=name, kind="embedded" if embedded else "external",
                             state="running" if live.reachable else f"unreachable: {live.error}",
                             version=live.version, connection=handle.describe(),

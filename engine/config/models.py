@@ -227,6 +227,14 @@ class Metrics(Frozen):
     history: int | None = Field(
         None, ge=2, le=100000, description="samples kept per shard (default: enough to cover the longer of"
                                            " detection.sustain and detection.cold_for)")
+    deadline: Duration | None = Field(
+        None, description="how long one server's reading may take in a round, connecting included; a server later"
+                          " than this gives unknown samples for its own shards only (default: half the interval,"
+                          " at most 5s), e.g. 3s")
+
+    @property
+    def deadline_seconds(self) -> float:
+        return self.deadline if self.deadline is not None else min(5.0, self.interval / 2)
 
     @field_validator("interval")
     @classmethod
@@ -317,6 +325,11 @@ class Policy(Frozen):
                     f"detection.{name} ({span(seconds)}) is shorter than two metrics intervals (2 x {span(interval)}):"
                     f" a verdict needs at least two samples; set detection.{name} to {span(2 * interval)} or more,"
                     " or shorten metrics.interval")
+        deadline = self.metrics.deadline
+        if deadline is not None and not 0.1 <= deadline < interval:
+            raise ValueError(f"metrics.deadline ({span(deadline)}) must be at least 100ms and shorter than the metrics"
+                             f" interval ({span(interval)}): a round must end before the next one starts; set it to"
+                             f" {span(min(5.0, interval / 2))} or leave it out")
         if self.max_age_seconds < interval:
             raise ValueError(f"detection.max_age ({span(self.max_age_seconds)}) is shorter than the metrics interval"
                              f" ({span(interval)}): every sample would be stale; set it to"

@@ -14,7 +14,7 @@ from engine.config.models import Policy
 from engine.observe import cleaning, recorded
 from engine.observe.metrics import Reading, Sample
 from engine.observe.models import CatalogShard, Observation
-from engine.observe.sampling import LiveSampler
+from engine.observe.sampling import LiveSampler, SampleRound
 from engine.servers.fleet import Fleet
 
 DEFAULT_HISTORY = Policy().history_samples
@@ -50,6 +50,13 @@ def history_limits(desired: Desired, shards: list[CatalogShard]) -> dict[str, in
     return limits
 
 
+def deadline(desired: Desired) -> float:
+    """One server's reading deadline for the fleet's rounds: the shortest any database's policy
+    asks for (a round serves every database)."""
+    values = [db.effective_policy.metrics.deadline_seconds for db in desired.databases.values()]
+    return min(values, default=Policy().metrics.deadline_seconds)
+
+
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
     """Reuse a stored reading as the 'previous' one only while it is recent enough to make a
     meaningful rate (five intervals, at least a minute)."""
@@ -76,26 +83,35 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
     history, last = stored_history(conn)
     shards = monitored_shards(observation)
     metrics_at = now
+    late: tuple[str, ...] = ()
     if shards:
-        with LiveSampler(fleet) as sampler:
+        with LiveSampler(fleet, deadline=deadline(desired)) as sampler:
             seed_recent(sampler, desired, last)
-            for address, (_, sample) in sampler.sample(shards).items():
+            fresh = sampler.sample_round(shards)
+            for address, (_, sample) in fresh.pairs.items():
                 history.setdefault(address, []).append(sample)
                 metrics_at = max(metrics_at, sample.at)  # the fresh round is what the load is judged at
+            # a server that did not answer in time: its shards' newest sample is unknown, so no
+            # verdict rests on their older history, and the notes say which server and why
+            for address, sample in fresh.unknown.items():
+                history.setdefault(address, []).append(sample)
+            late = fresh.notes()
     limits = history_limits(desired, shards)
     cleaned, notes = cleaning.clean(history)
+    notes = (*late, *notes)
     window = {a: v[-limits.get(a, DEFAULT_HISTORY):] for a, v in cleaned.items()}
     return observation.model_copy(update={"metrics": window, "metrics_source": "live", "metrics_notes": notes,
                                           "taken_at": now, "metrics_at": metrics_at})
 
 
 def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
-            sampler: LiveSampler) -> dict[str, tuple[Reading, Sample]]:
-    """One recorded round: sample every monitored shard and store it in the catalog."""
+            sampler: LiveSampler) -> SampleRound:
+    """One recorded round: sample every monitored shard and store what was read in the catalog
+    (a late server's unknown samples are returned, not stored)."""
     shards = monitored_shards(observation)
-    pairs = sampler.sample(shards)
-    store.save_samples(conn, list(pairs.values()), history_limits(desired, shards))
-    return pairs
+    fresh = sampler.sample_round(shards)
+    store.save_samples(conn, list(fresh.pairs.values()), history_limits(desired, shards))
+    return fresh
 
 
 def stored_window(desired: Desired, conn: psycopg.Connection, observation: Observation,

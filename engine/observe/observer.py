@@ -1,30 +1,37 @@
 """Take an observation: read the catalog, then look at every declared server and shard.
 
-Read-only. One connection per server for its inventory; one per existing shard for its schema
+Read-only. One connection per server for its inventory, servers read at once, each within a
+deadline; one per existing shard for its schema
 snapshot (the schema lives in each database, so there is no cheaper way to see it).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 import psycopg
 
 from engine.catalog import store
 from engine.clock import Clock, system_clock
 from engine.errors import redact
-from engine.observe import capabilities, introspect
+from engine.observe import capabilities, fanout, introspect
 from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
 
+INVENTORY_DEADLINE = 10.0  # seconds one server's inventory may take, connecting included
+
 
 def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True,
-            clock: Clock = system_clock) -> Observation:
+            clock: Clock = system_clock, deadline: float = INVENTORY_DEADLINE) -> Observation:
     """`inspect_schemas=False` skips the per-shard connections (metric rounds need only the
-    catalog and the servers, and every query on a shard would count as load on it)."""
+    catalog and the servers, and every query on a shard would count as load on it). Servers are
+    inspected at once, each within `deadline` seconds; a late one is unreachable, with why."""
     taken_at = clock()
     catalog = store.read(catalog_conn) if catalog_conn is not None else CatalogState(exists=False)
-    servers = {name: inspect_server(fleet, name) for name in sorted(fleet.servers)}
+    servers = inspect_servers(fleet, sorted(fleet.servers), deadline)
     observation = Observation(catalog=catalog, servers=servers, shards={}, taken_at=taken_at)
     return inspect_shards(fleet, observation) if inspect_schemas else observation
 
@@ -83,10 +90,25 @@ def _holding(conn: psycopg.Connection) -> Holding | None:
     return Holding(rows=rows, exact=exact, size_bytes=size)
 
 
-def inspect_server(fleet: Fleet, name: str) -> LiveServer:
-    """One server's version, wal_level and databases; unreachable is a value, not an error."""
+def inspect_servers(fleet: Fleet, names: list[str], deadline: float = INVENTORY_DEADLINE) -> dict[str, LiveServer]:
+    """Every named server inspected at once (engine.observe.fanout), each within `deadline`: a
+    server that accepts and never answers is unreachable with that reason, and delays no other."""
+    def job(name: str) -> Callable[[fanout.Watch], LiveServer]:
+        return lambda watch: inspect_server(fleet, name, watch)
+
+    setting = "metrics.deadline" if deadline != INVENTORY_DEADLINE else "the inventory's deadline"
+    outcomes = fanout.fan_out({name: job(name) for name in names}, deadline, setting=setting)
+    return {name: outcomes[name].value or LiveServer(name=name, reachable=False, error=outcomes[name].error)
+            for name in names}
+
+
+def inspect_server(fleet: Fleet, name: str, watch: fanout.Watch | None = None) -> LiveServer:
+    """One server's version, wal_level and databases; unreachable is a value, not an error. With
+    a `watch` (from fan_out), connecting and reading are bounded by its deadline."""
+    timeout = watch.connect_timeout() if watch is not None else "10"
     try:
-        with fleet.servers[name].connect() as conn:
+        with fleet.servers[name].connect(connect_timeout=timeout) as conn, \
+                (watch.connection(conn) if watch is not None else contextlib.nullcontext(conn)):
             version = one(conn.execute("SHOW server_version"))[0]
             wal_level = one(conn.execute("SHOW wal_level"))[0]
             databases = tuple(r[0] for r in conn.execute(
@@ -94,6 +116,8 @@ def inspect_server(fleet: Fleet, name: str) -> LiveServer:
             try:
                 found = capabilities.read(conn)
             except psycopg.Error:
+                if watch is not None and watch.cut:
+                    raise
                 found = None  # unknown: no check is failed for it, doctor says it could not read them
     except ServerUnreachable as exc:
         return LiveServer(name=name, reachable=False, error=exc.summary)

@@ -1,25 +1,27 @@
 """Live sampling: one round of readings over the fleet, turned into samples with the previous
 readings (from the catalog, or from a first reading taken a moment earlier).
 
-`LiveSampler` keeps the last reading per shard behind a lock, so a daemon's threads can share
-it. Tier 3 (sizes, buffer shares) is read on full rounds only, at most every TIER3_EVERY
-seconds; in between, its last values are carried forward with their age.
+Servers are read at once, each within a deadline (engine.observe.fanout): a server that hangs
+costs its own shards' samples, never the others'. `LiveSampler` keeps the last reading per shard
+behind a lock, so a daemon's threads can share it. Tier 3 (sizes, buffer shares) is read on
+full rounds only, at most every TIER3_EVERY seconds; in between, its last values are carried forward with their age.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
 import time
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from engine.observe import cleaning
+from engine.observe import cleaning, fanout
 from engine.observe.collectors import Collector, default_collectors
-from engine.observe.metrics import Capacity, Reading, Sample, derive
+from engine.observe.metrics import METRICS, Capacity, Reading, Sample, derive
 from engine.observe.models import CatalogShard
 from engine.servers.connect import ServerHandle, ServerUnreachable
 from engine.servers.fleet import Fleet
@@ -60,16 +62,56 @@ ORDER BY 1
 """
 
 
-class LiveSampler:
-    """Samples the fleet. Keeps one small psycopg pool per server, so that a daemon's rounds
-    reuse a warm connection (a round is then a few milliseconds); close() when done."""
+DEFAULT_DEADLINE = 5.0  # seconds one server's reading may take, connecting included
 
-    def __init__(self, fleet: Fleet, collectors: list[Collector] | None = None):
+
+@dataclass(frozen=True)
+class SampleRound:
+    """One round's result: a fresh (reading, sample) per shard that answered, an unknown sample
+    (every metric None) per shard of a server that did not, and why each such server did not."""
+
+    pairs: dict[str, tuple[Reading, Sample]]
+    unknown: dict[str, Sample]
+    missing: dict[str, str]  # server -> why its shards have no reading this round
+
+    def notes(self) -> tuple[str, ...]:
+        """One line per server that gave no reading, for the plan's notes and the daemon's log."""
+        counts: dict[str, int] = {}
+        for sample in self.unknown.values():
+            counts[sample.server] = counts.get(sample.server, 0) + 1
+        return tuple(f"server {server}: {why}; its {counts.get(server, 0)} shard(s) are unknown this round"
+                     f" (the other servers' samples are unaffected)" for server, why in sorted(self.missing.items()))
+
+
+class _Slot:
+    """The one connection kept to a server between rounds, and the lock of whoever uses it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: psycopg.Connection | None = None
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class LiveSampler:
+    """Samples the fleet. Servers are read at once (engine.observe.fanout), each within
+    `deadline` seconds, connecting included; a server that is late or fails gives no reading,
+    and only its own shards are unknown. One connection per server is kept between rounds, so a
+    daemon's round is a few milliseconds; close() when done."""
+
+    def __init__(self, fleet: Fleet, collectors: list[Collector] | None = None, deadline: float = DEFAULT_DEADLINE,
+                 workers: int = fanout.MAX_WORKERS):
         self.fleet = fleet
         self.collectors = collectors if collectors is not None else default_collectors()
+        self.deadline = deadline
+        self.workers = workers
         self._lock = threading.Lock()
         self._last: dict[str, Reading] = {}
-        self._pools: dict[str, ConnectionPool] = {}
+        self._slots: dict[str, _Slot] = {}
 
     def __enter__(self) -> LiveSampler:
         return self
@@ -79,19 +121,51 @@ class LiveSampler:
 
     def close(self) -> None:
         with self._lock:
-            pools, self._pools = self._pools, {}
-        for pool in pools.values():
-            pool.close()
+            slots, self._slots = self._slots, {}
+        for slot in slots.values():
+            # a slot still in use belongs to a late job: it closes its connection when it ends
+            if slot.lock.acquire(timeout=0):
+                try:
+                    slot.close()
+                finally:
+                    slot.lock.release()
 
-    def _pool(self, handle: ServerHandle) -> ConnectionPool:
+    def _slot(self, name: str) -> _Slot:
         with self._lock:
-            pool = self._pools.get(handle.name)
-            if pool is None:
-                params = {"connect_timeout": "5", "application_name": "shardctl-metrics", **handle.params()}
-                pool = ConnectionPool(kwargs={**params, "autocommit": True}, min_size=1, max_size=1,
-                                      open=True, timeout=10, name=f"shardctl-{handle.name}")
-                self._pools[handle.name] = pool
-            return pool
+            return self._slots.setdefault(name, _Slot())
+
+    def _on_server(self, handle: ServerHandle, watch: fanout.Watch, work):
+        """Run `work(conn)` on the server's kept connection (made when there is none, within the
+        deadline); the connection is cut if the deadline passes. A kept connection that fails at
+        once (the server restarted since) is replaced and the work tried once more."""
+        slot = self._slot(handle.name)
+        if not slot.lock.acquire(timeout=watch.remaining()):
+            raise TimeoutError(f"server {handle.name} is still busy with an earlier reading")
+        try:
+            for attempt in (1, 2):
+                reused = slot.conn is not None and not slot.conn.closed
+                if not reused:
+                    slot.close()
+                    params = {"application_name": "shardctl-metrics", **handle.params(),
+                              "connect_timeout": watch.connect_timeout()}
+                    try:
+                        slot.conn = psycopg.connect(**params, autocommit=True)
+                    except psycopg.OperationalError as exc:
+                        raise ServerUnreachable(handle.name, "postgres", exc, handle.how_to_reach()) from None
+                assert slot.conn is not None
+                try:
+                    with watch.connection(slot.conn) as conn:
+                        return work(conn)
+                except psycopg.OperationalError:
+                    slot.close()  # broken or cut: never reused
+                    if not reused or watch.cut or attempt == 2:
+                        raise
+                except BaseException:
+                    slot.close()
+                    raise
+            raise AssertionError("unreachable")
+        finally:
+            slot.lock.release()
 
     def seed(self, readings: dict[str, Reading]) -> None:
         with self._lock:
@@ -101,56 +175,77 @@ class LiveSampler:
                     self._last[address] = reading
 
     def read(self, shards: list[CatalogShard], full: bool) -> dict[str, Reading]:
-        """One round: each server once, each collector once per server. Unreachable servers
-        give no reading (unknown)."""
+        """One round's readings (see read_round)."""
+        return self.read_round(shards, full)[0]
+
+    def read_round(self, shards: list[CatalogShard], full: bool) -> tuple[dict[str, Reading], dict[str, str]]:
+        """One round: every server at once, each collector once per server, each server within
+        the deadline. Returns the readings and, per server that gave none, why (unknown, never
+        zero)."""
         by_server: dict[str, list[CatalogShard]] = {}
         for shard in shards:
             by_server.setdefault(shard.server, []).append(shard)
-        readings: dict[str, Reading] = {}
-        for server_name, server_shards in sorted(by_server.items()):
+        jobs = {}
+        for server_name, server_shards in by_server.items():
             handle = self.fleet.servers.get(server_name)
-            if handle is None:
-                continue
+            if handle is not None:
+                jobs[server_name] = self._reader(handle, server_shards, full)
+        outcomes = fanout.fan_out(jobs, self.deadline, workers=self.workers)
+        readings: dict[str, Reading] = {}
+        missing: dict[str, str] = {}
+        for name, outcome in sorted(outcomes.items()):
+            if outcome.ok and outcome.value is not None:
+                readings.update(outcome.value)
+            else:
+                missing[name] = outcome.error or "no reading"
+        return readings, missing
+
+    def _reader(self, handle: ServerHandle, server_shards: list[CatalogShard], full: bool):
+        def work(conn: psycopg.Connection) -> dict[str, Reading]:
             round_readings: dict[str, Reading] = {}
-            try:
-                with self._pool(handle).connection() as conn:
-                    for collector in self.collectors:
-                        if collector.applies_to(handle):
-                            round_readings = collector.collect(handle, conn, server_shards, round_readings, full)
-            except (ServerUnreachable, PoolTimeout, psycopg.Error):
-                continue  # unknown, never zero
-            readings.update(round_readings)
-        return readings
+            for collector in self.collectors:
+                if collector.applies_to(handle):
+                    round_readings = collector.collect(handle, conn, server_shards, round_readings, full)
+            return round_readings
+
+        return lambda watch: self._on_server(handle, watch, work)
 
     def replication(self, servers: list[str]) -> dict[str, list[tuple[str, float | None, float | None]]]:
         """Physical standbys of each server and how far behind they replay: (name, lag in bytes,
         lag in seconds). Logical walsenders (a split's or merge's subscriptions) are left out.
-        A server that does not answer, or does not let this role see the figures, gives none."""
+        A server that does not answer in time, or does not let this role see the figures, gives
+        none."""
+        def reader(handle: ServerHandle):
+            return lambda watch: self._on_server(handle, watch, lambda conn: conn.execute(REPLICATION_QUERY).fetchall())
+
+        jobs = {name: reader(self.fleet.servers[name]) for name in servers if name in self.fleet.servers}
         found: dict[str, list[tuple[str, float | None, float | None]]] = {}
-        for name in servers:
-            handle = self.fleet.servers.get(name)
-            if handle is None:
-                continue
-            try:
-                with self._pool(handle).connection() as conn:
-                    rows = conn.execute(REPLICATION_QUERY).fetchall()
-            except (ServerUnreachable, PoolTimeout, psycopg.Error):
-                continue
+        for name, outcome in sorted(fanout.fan_out(jobs, self.deadline, workers=self.workers).items()):
+            rows = outcome.value if outcome.ok else None
             if rows:
                 found[name] = [(str(r[0]), None if r[1] is None else float(r[1]),
                                 None if r[2] is None else float(r[2])) for r in rows]
         return found
 
     def sample(self, shards: list[CatalogShard]) -> dict[str, tuple[Reading, Sample]]:
-        """A fresh sample per shard. Without a previous reading, read twice FIRST_GAP apart."""
+        return self.sample_round(shards).pairs
+
+    def sample_round(self, shards: list[CatalogShard]) -> SampleRound:
+        """A fresh sample per shard. Without a previous reading, read twice FIRST_GAP apart.
+        Shards of a server that did not answer in time get an unknown sample, with the reason."""
         with self._lock:
             previous = dict(self._last)
+        first_missing: dict[str, str] = {}
         if any(s.address not in previous for s in shards):
-            first = self.read(shards, full=False)
+            first, first_missing = self.read_round(shards, full=False)
             previous = {**first, **previous}
             time.sleep(FIRST_GAP)
-        full = any(_tier3_due(previous.get(s.address)) for s in shards)
-        current = self.read(shards, full=full)
+        # a server that was late on the first reading is not asked again: it would cost the
+        # round its deadline a second time
+        asked = [s for s in shards if s.server not in first_missing]
+        full = any(_tier3_due(previous.get(s.address)) for s in asked)
+        current, missing = self.read_round(asked, full=full) if asked else ({}, {})
+        missing = {**first_missing, **missing}
         out: dict[str, tuple[Reading, Sample]] = {}
         for address, reading in current.items():
             prev = previous.get(address)
@@ -161,7 +256,10 @@ class LiveSampler:
             (derived,), _ = cleaning.clean_window(address, [derived])
             out[address] = (reading, derived)
         self.seed({a: r for a, (r, _) in out.items()})
-        return out
+        at = datetime.now(UTC)
+        unknown = {s.address: Sample(shard=s.address, server=s.server, at=at, metrics=dict.fromkeys(METRICS))
+                   for s in shards if s.address not in out and s.server in missing}
+        return SampleRound(pairs=out, unknown=unknown, missing=missing)
 
 
 def _tier3_due(prev: Reading | None) -> bool:

@@ -72,9 +72,10 @@ class ServerHandle:
         return " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
 
     @contextmanager
-    def connect(self, dbname: str = "postgres", autocommit: bool = True, **kwargs) -> Iterator[psycopg.Connection]:
+    def connect(self, dbname: str = "postgres", autocommit: bool = True, connect_timeout: str = "10",
+                **kwargs) -> Iterator[psycopg.Connection]:
         try:
-            params = {"connect_timeout": "10", "application_name": "shardctl", **self.params(dbname)}
+            params = {"connect_timeout": connect_timeout, "application_name": "shardctl", **self.params(dbname)}
             conn = psycopg.connect(**params, autocommit=autocommit, **kwargs)
         except psycopg.OperationalError as exc:
             raise ServerUnreachable(self.name, dbname, exc, self.how_to_reach()) from None

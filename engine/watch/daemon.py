@@ -30,7 +30,7 @@ from engine.config import loader
 from engine.config.loader import Desired
 from engine.errors import ConfigError, LockHeldError, UserError, redact
 from engine.observe import history
-from engine.observe.metrics import METRICS
+from engine.observe.metrics import METRICS, Sample
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.observe.sampling import LiveSampler
@@ -79,6 +79,7 @@ class Daemon:
         self._catalog_ready = False  # created and migrated (done once, when it first answers)
         self._layout_cache: tuple[int, int, float, Observation] | None = None  # collector thread only
         self._schema_cache: tuple[int, float, dict, dict] | None = None  # serial, when, shards, branch schemas
+        self._unknown: dict[str, Sample] = {}  # the last round's unknown samples (late servers' shards)
 
     # ------------------------------------------------------------------------------ running
 
@@ -252,7 +253,7 @@ class Daemon:
                         if sampler is not None:
                             sampler.close()
                         generation = self._fleet_generation
-                        sampler = LiveSampler(self.fleet)
+                        sampler = LiveSampler(self.fleet, deadline=history.deadline(self.desired))
                         # rates need a previous reading: the stored one, when recent, saves a second read
                         history.seed_recent(sampler, self.desired, history.stored_history(conn)[1])
                     self._collect_once(conn, sampler)
@@ -275,7 +276,9 @@ class Daemon:
         started = time.monotonic()
         desired = self.desired
         observation = self._layout(conn)
-        pairs = history.collect(desired, conn, observation, sampler)
+        fresh = history.collect(desired, conn, observation, sampler)
+        pairs = fresh.pairs
+        self._unknown = fresh.unknown  # for the next check: late servers' shards are unknown now
         state = control.read_control(conn)
         took = time.monotonic() - started
         at = now()
@@ -288,8 +291,11 @@ class Daemon:
                                      {m: sample.value(m) if sample else None for m in METRICS})
         silent = sorted({s.server for s in shards if s.address not in pairs})
         for server in sorted(set(silent) ^ self._silent_servers):
-            self.log("server_silent" if server in silent else "server_answering", server=server,
-                     effect="its shards' metrics are unknown; nothing acts on them" if server in silent else "")
+            if server in silent:
+                self.log("server_silent", server=server, reason=_silence(server, fresh.missing, observation),
+                         effect="its shards' metrics are unknown; nothing acts on them; other servers are unaffected")
+            else:
+                self.log("server_answering", server=server, effect="")
         self._silent_servers = set(silent)
         replicas = tuple(ReplicaView(server=server, name=name, lag_bytes=lag_bytes, lag_seconds=lag_seconds)
                          for server, found in sorted(sampler.replication(
@@ -325,7 +331,8 @@ class Daemon:
         if cached and cached[0] == serial and cached[1] == self._fleet_generation and not self._silent_servers \
                 and time.monotonic() - cached[2] < LAYOUT_EVERY:
             return cached[3]
-        observation = observe(self.fleet, conn, inspect_schemas=False)
+        # servers at once, each within the metrics deadline: a hung server must not hold the round
+        observation = observe(self.fleet, conn, inspect_schemas=False, deadline=history.deadline(self.desired))
         self._layout_cache = (serial, self._fleet_generation, time.monotonic(), observation)
         return observation
 
@@ -333,8 +340,9 @@ class Daemon:
 
     def _observe(self, conn: psycopg.Connection):
         desired = self.desired
-        observation = observe(self.fleet, conn, inspect_schemas=False)
+        observation = observe(self.fleet, conn, inspect_schemas=False, deadline=history.deadline(desired))
         observation = history.stored_window(desired, conn, observation)
+        observation = _with_unknown(observation, self._unknown)
         # shard schemas change through apply (which moves the serial) or by hand (drift, seen
         # within SCHEMA_EVERY); reading them from every shard each minute would be most of
         # the daemon's idle work
@@ -481,6 +489,26 @@ def decide_round(desired: Desired, observation: Observation, paused: bool) -> tu
     it. Recorded traces are replayed through this same function (tests/test_watch_replay.py)."""
     plan = planner.plan(desired, observation)
     return plan, autonomy.decide(plan, paused)
+
+
+def _silence(server: str, missing: dict[str, str], observation: Observation) -> str:
+    """Why a server gave no reading: the round's reason, else the inventory's."""
+    live = observation.servers.get(server)
+    return missing.get(server) or (live.error if live is not None and live.error else "no reading")
+
+
+def _with_unknown(observation: Observation, unknown: dict[str, Sample]) -> Observation:
+    """The stored window plus the last round's unknown samples of late servers' shards, when newer
+    than what is stored: the check then judges those shards unknown at once, not on older samples
+    until they go stale (unknown samples are not stored in the catalog)."""
+    if not unknown:
+        return observation
+    window = dict(observation.metrics)
+    for address, sample in unknown.items():
+        stored = window.get(address)
+        if stored is not None and (not stored or stored[-1].at < sample.at):
+            window[address] = (*stored, sample)
+    return observation.model_copy(update={"metrics": window})
 
 
 def _history_entry(row: dict) -> HistoryEntry:
