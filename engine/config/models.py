@@ -278,6 +278,27 @@ class Moves(Frozen):
                     " 1 protects a busy source's throughput during the initial copy, at the cost of a longer copy")
 
 
+class RightSizing(Frozen):
+    """When a server counts as underused, and how much room the others must keep if its shards
+    moved onto them: advice only, never an action. Read from the `default` policy (a server
+    serves every database)."""
+
+    enabled: bool = Field(True, description="show right-sizing advice in status, the plan's notes and the dashboard")
+    over: Duration = Field(1800.0, description="how long a server's load must stay under every threshold below,"
+                                               " over the stored history, to be called underused, e.g. 30m")
+    cpu_percent: float | None = Field(10, ge=0, le=100, description="a server's peak CPU use, summed over its"
+                                                                    " shards, stays under this share of its capacity")
+    memory_percent: float | None = Field(20, ge=0, le=100, description="the same for memory (buffer cache share)")
+    storage_percent: float | None = Field(20, ge=0, le=100, description="the same for storage")
+    target_max_percent: float = Field(60, gt=0, le=100, description="the servers that would take its shards must"
+                                                                    " stay under this share of their capacity on every"
+                                                                    " metric, with the moved shards' peaks added")
+
+    def thresholds(self) -> dict[str, float]:
+        return {m: float(v) for m, v in (("cpu_percent", self.cpu_percent), ("memory_percent", self.memory_percent),
+                                        ("storage_percent", self.storage_percent)) if v is not None}
+
+
 class Policy(Frozen):
     """When a shard is hot or cold, and what automation may do about it."""
 
@@ -291,6 +312,7 @@ class Policy(Frozen):
     autosplit: AutoSplit = AutoSplit()
     automerge: AutoMerge = AutoMerge()
     moves: Moves = Moves()
+    rightsizing: RightSizing = RightSizing()
 
     @property
     def sustain_seconds(self) -> float:

@@ -20,7 +20,7 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
-from engine.plan import checks
+from engine.plan import checks, rightsizing
 from engine.plan.load import load_actions
 from engine.plan.models import (
     ApplySchema,
@@ -119,6 +119,7 @@ def plan(desired: Desired, observation: Observation) -> Plan:
     _plan_load(p, busy)
     _observe_fleet_drift(p)
     p.warnings.extend(_unknown_metrics(desired, observation))
+    p.warnings.extend(a.describe() for a in rightsizing.fleet_advice(desired, observation))
     p.problems.extend(_unreachable_targets(desired, observation, p.actions))
     p.problems.extend(_failing_checks(desired, observation, p.actions))
     p.problems.extend(_taken_names(desired, observation, p.actions))
