@@ -88,6 +88,7 @@ class Snapshot(Frozen):
     autonomous: tuple[str, ...] = ()  # addresses the last check let automation apply
     pending: tuple[Pending, ...] = ()
     notes: tuple[str, ...] = ()
+    advice: tuple[str, ...] = ()  # right-sizing: underused servers and the moves that would empty one
     shards: tuple[ShardView, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     branches: tuple[BranchView, ...] = ()

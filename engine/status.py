@@ -14,6 +14,7 @@ from engine.config.models import span
 from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_servers, observe
+from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
 from engine.plan.load import assessments
 from engine.servers.fleet import Fleet
@@ -80,6 +81,8 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                                            metrics_file)
         verdicts = assessments(desired, observation)
         report["metrics_source"] = observation.metrics_source
+        report["advice"] = [{"server": a.server, "moves": [m.model_dump() for m in a.moves], "blocked": a.blocked,
+                             "text": a.describe()} for a in rightsizing.fleet_advice(desired, observation)]
         report["catalog"] = {
             "server": desired.catalog_server,
             "database": desired.catalog_database,
@@ -186,6 +189,7 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         console.print(f"Metrics: {report['metrics_source']}; ? = unknown (never counted as zero)")
         for source in sources:
             console.print(f"  source: {source}")
+    _print_advice(console, report.get("advice") or [])
     _print_operations(console, report)
     _print_automation(console, report.get("automation"))
     if not report["databases"] and report["catalog"].get("state") == "ok":
@@ -262,6 +266,15 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
             console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
         for note in s["notes"]:
             console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
+
+
+def _print_advice(console: Console, advice: list[dict[str, Any]]) -> None:
+    """Right-sizing: servers that stay far under their capacity; advice, never an action."""
+    if not advice:
+        return
+    console.print("Right-sizing advice (nothing is applied by itself):")
+    for item in advice:
+        console.print(f"  {item['text']}", markup=False)
 
 
 def _print_operations(console: Console, report: dict[str, Any]) -> None:

@@ -100,3 +100,53 @@ def test_declared_capacities_scale_the_moved_load():
     big, small = models.Capacity(cpus=8), models.Capacity(cpus=2)
     assert rightsizing._scale("cpu_percent", small, big) == 0.25
     assert rightsizing._scale("cpu_percent", big, None) == 1.0
+
+
+def test_status_and_the_dashboard_show_the_advice(tmp_path):
+    import io
+    from contextlib import redirect_stdout
+
+    from engine.render.dashboard import render_picture
+    from engine.status import render_status
+    from test_dashboard import NOW, _busy_fleet
+
+    _, _, advice = _advice(tmp_path, _windows(COLD_FOR))
+    report = {"servers": [], "catalog": {"server": "a", "state": "ok"}, "interrupted": [], "databases": [],
+              "advice": [{"server": a.server, "text": a.describe()} for a in advice]}
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        render_status(report, colour=False)
+    assert_golden("status_rightsizing.txt", buffer.getvalue())
+    html = render_picture("servers", _busy_fleet().model_copy(update={"advice": tuple(a.describe() for a in advice)}),
+                          NOW)
+    assert "Right-sizing advice" in html and "it could be retired by moving orders/40-80 to a" in html
+    assert_golden("dashboard_rightsizing.html", html)
+    # without advice the section is not drawn at all
+    assert "Right-sizing" not in render_picture("servers", _busy_fleet(), NOW)
+
+
+def test_status_and_plan_give_the_advice_on_a_real_fleet_from_recorded_samples(applied_fleet):
+    import json
+
+    from ruamel.yaml import YAML
+
+    report = json.loads(applied_fleet.cli("status", "--json").out)
+    where = {f"orders/{s['name']}": s["server"] for s in report["databases"][0]["shards"]}
+    names = sorted(where)
+    windows = {n: samples(n, {"queries_per_second": [5.0] * COLD_FOR}, server=where[n],
+                          base=BUSY if where[n] == "a" else IDLE) for n in names}
+    with (applied_fleet.base / "idle_b.yaml").open("w") as out:
+        YAML(typ="safe").dump(to_file(windows), out)
+    on_b = sorted(n for n in names if where[n] == "b")
+    status = applied_fleet.cli("status", "--metrics", "idle_b.yaml")
+    assert status.code == 0, status.both
+    text = " ".join(status.out.split())
+    assert "Right-sizing advice (nothing is applied by itself):" in text
+    assert f"it could be retired by moving {on_b[0]} to a, {on_b[1]} to a" in text
+    plan = applied_fleet.cli("plan", "--detailed-exitcode", "--metrics", "idle_b.yaml")
+    assert plan.code == 0, plan.both  # no change: advice is never an action
+    assert "server.b: right-sizing:" in plan.out
+    busy = {n: samples(n, {"queries_per_second": [5.0] * COLD_FOR}, server=where[n], base=BUSY) for n in names}
+    with (applied_fleet.base / "busy.yaml").open("w") as out:
+        YAML(typ="safe").dump(to_file(busy), out)
+    assert "right-sizing" not in applied_fleet.cli("plan", "--metrics", "busy.yaml").out

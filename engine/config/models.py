@@ -222,6 +222,9 @@ def span(seconds: float) -> str:
     return f"{seconds:g}s" if float(seconds).is_integer() else f"{seconds:.3g}s"
 
 
+DEFAULT_DEADLINE = 5.0  # seconds one server's reading may take in a round
+
+
 class Metrics(Frozen):
     interval: Duration = Field(10.0, description="collection interval, e.g. 10s")
     history: int | None = Field(
@@ -229,12 +232,12 @@ class Metrics(Frozen):
                                            " detection.sustain and detection.cold_for)")
     deadline: Duration | None = Field(
         None, description="how long one server's reading may take in a round, connecting included; a server later"
-                          " than this gives unknown samples for its own shards only (default: half the interval,"
-                          " at most 5s), e.g. 3s")
+                          " than this gives unknown samples for its own shards only, and delays the round by at"
+                          " most this (default 5s), e.g. 3s")
 
     @property
     def deadline_seconds(self) -> float:
-        return self.deadline if self.deadline is not None else min(5.0, self.interval / 2)
+        return self.deadline if self.deadline is not None else DEFAULT_DEADLINE
 
     @field_validator("interval")
     @classmethod
@@ -348,10 +351,9 @@ class Policy(Frozen):
                     f" a verdict needs at least two samples; set detection.{name} to {span(2 * interval)} or more,"
                     " or shorten metrics.interval")
         deadline = self.metrics.deadline
-        if deadline is not None and not 0.1 <= deadline < interval:
-            raise ValueError(f"metrics.deadline ({span(deadline)}) must be at least 100ms and shorter than the metrics"
-                             f" interval ({span(interval)}): a round must end before the next one starts; set it to"
-                             f" {span(min(5.0, interval / 2))} or leave it out")
+        if deadline is not None and not 0.1 <= deadline <= 60:
+            raise ValueError(f"metrics.deadline ({span(deadline)}) must be between 100ms and 1m: it is how long a"
+                             " round waits for one server; leave it out for 5s")
         if self.max_age_seconds < interval:
             raise ValueError(f"detection.max_age ({span(self.max_age_seconds)}) is shorter than the metrics interval"
                              f" ({span(interval)}): every sample would be stale; set it to"

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from engine.config.models import DEFAULT_DEADLINE
 from engine.observe import cleaning, fanout
 from engine.observe.collectors import Collector, default_collectors
 from engine.observe.metrics import METRICS, Capacity, Reading, Sample, derive
@@ -62,7 +63,6 @@ ORDER BY 1
 """
 
 
-DEFAULT_DEADLINE = 5.0  # seconds one server's reading may take, connecting included
 
 
 @dataclass(frozen=True)

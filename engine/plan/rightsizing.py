@@ -129,46 +129,26 @@ def _scale(metric: str, source: models.Capacity | None, target: models.Capacity 
 
 
 def advise(observation: Observation, settings: models.RightSizing, capacities: dict[str, models.Capacity],
-           keep: frozenset[str] = frozenset(), source: str = "policy") -> tuple[ServerAdvice, ...]:
+           keep: frozenset[str] = frozenset(), source: str = "policy",
+           max_age: float | None = None) -> tuple[ServerAdvice, ...]:
     """Underused servers, least used first, each with the moves that would empty it onto the
-    others (or why it cannot be emptied). `keep`: servers never advised away (the catalog's)."""
+    others (or why it cannot be emptied). `keep`: servers never advised away (the catalog's).
+    A server whose newest known load is older than `max_age` before the instant the metrics
+    describe gets no advice (collection stopped: an old picture)."""
+    judged = observation.metrics_at or observation.taken_at
     thresholds = settings.thresholds()
     if not settings.enabled or not thresholds:
         return ()
     names = sorted(thresholds)
-    shards_by_server: dict[str, list[CatalogShard]] = {}
-    placement: dict[str, tuple[str, ...]] = {}
-    for database in observation.catalog.databases.values():
-        if database.state != "active":
-            continue
-        placement[database.name] = database.placement
-        for shard in database.shards:
-            if shard.state == "active":
-                shards_by_server.setdefault(shard.server, []).append(shard)
-    reachable = {n for n, s in observation.servers.items() if s.reachable}
-    # every server's peaks over the history, known throughout; a server without shards carries none
-    peaks: dict[str, dict[str, float]] = {}
-    spans: dict[str, tuple[datetime, datetime, int]] = {}
-    for server in sorted(reachable | set(shards_by_server)):
-        shards = shards_by_server.get(server, [])
-        if not shards:
-            if server in reachable:
-                peaks[server] = dict.fromkeys(names, 0.0)
-            continue
-        series = _known_run(server_load(shards, observation.metrics, names), names)
-        found = _peaks(series, names)
-        if found is None:
-            continue
-        peaks[server] = found
-        times = list(series)
-        first = observation.metrics.get(shards[0].address, ())
-        interval = next((s.interval_s for s in first if s.at == times[0] and s.interval_s), 0.0) or 0.0
-        spans[server] = (times[0] - _seconds(interval), times[-1], len(times))
+    shards_by_server, placement = _layout(observation)
+    peaks, spans = _server_peaks(observation, shards_by_server, names)
 
     def underused(server: str) -> bool:
         if server not in spans or server in keep:
             return False
         since, until, _ = spans[server]
+        if max_age is not None and judged is not None and (judged - until).total_seconds() > max_age:
+            return False
         return ((until - since).total_seconds() >= settings.over
                 and all(peaks[server][m] < thresholds[m] for m in names))
 
@@ -193,6 +173,45 @@ def advise(observation: Observation, settings: models.RightSizing, capacities: d
     return tuple(out)
 
 
+def _layout(observation: Observation) -> tuple[dict[str, list[CatalogShard]], dict[str, tuple[str, ...]]]:
+    """Active shards by server, and each active database's placement."""
+    shards_by_server: dict[str, list[CatalogShard]] = {}
+    placement: dict[str, tuple[str, ...]] = {}
+    for database in observation.catalog.databases.values():
+        if database.state != "active":
+            continue
+        placement[database.name] = database.placement
+        for shard in database.shards:
+            if shard.state == "active":
+                shards_by_server.setdefault(shard.server, []).append(shard)
+    return shards_by_server, placement
+
+
+def _server_peaks(observation: Observation, shards_by_server: dict[str, list[CatalogShard]], names: list[str]
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[datetime, datetime, int]]]:
+    """Every server's peaks over its newest history known throughout, and that history's span
+    (from, to, instants). A reachable server without shards has no load: zero, and no span."""
+    reachable = {n for n, s in observation.servers.items() if s.reachable}
+    peaks: dict[str, dict[str, float]] = {}
+    spans: dict[str, tuple[datetime, datetime, int]] = {}
+    for server in sorted(reachable | set(shards_by_server)):
+        shards = shards_by_server.get(server, [])
+        if not shards:
+            if server in reachable:
+                peaks[server] = dict.fromkeys(names, 0.0)
+            continue
+        series = _known_run(server_load(shards, observation.metrics, names), names)
+        found = _peaks(series, names)
+        if found is None:
+            continue
+        peaks[server] = found
+        times = list(series)
+        first = observation.metrics.get(shards[0].address, ())
+        interval = next((s.interval_s for s in first if s.at == times[0] and s.interval_s), 0.0) or 0.0
+        spans[server] = (times[0] - _seconds(interval), times[-1], len(times))
+    return peaks, spans
+
+
 def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
 
@@ -205,7 +224,8 @@ def fleet_advice(desired: Desired, observation: Observation) -> tuple[ServerAdvi
     where = desired.where("policies", "default", "rightsizing") or desired.where("policies", "default")
     capacities = {name: spec.capacity for name, spec in desired.servers.items()}
     keep = frozenset({desired.catalog_server} if desired.catalog_server else ())
-    return advise(observation, policy.rightsizing, capacities, keep, str(where) if where else "policy default")
+    return advise(observation, policy.rightsizing, capacities, keep, str(where) if where else "policy default",
+                  max_age=policy.max_age_seconds)
 
 
 def _known_run(series: dict[datetime, dict[str, float]], names: list[str]) -> dict[datetime, dict[str, float]]:

@@ -35,7 +35,7 @@ from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.observe.sampling import LiveSampler
 from engine.plan import load as load_rules
-from engine.plan import planner
+from engine.plan import planner, rightsizing
 from engine.plan.models import Plan
 from engine.render.renderers import render_text
 from engine.servers.fleet import Fleet
@@ -382,10 +382,12 @@ class Daemon:
         branches = tuple(BranchView(name=b.name, parent=b.parent, data=b.data, server=b.server, state=b.state,
                                     created_at=b.created_at, expires_at=b.expires_at, size_bytes=b.size_bytes)
                          for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name))
+        advice = tuple(a.describe() for a in rightsizing.fleet_advice(self.desired, observation))
         self.view.update_with(lambda snapshot: dict(
             plan=plan, plan_text=render_text(plan), planned_at=now(),
             autonomous=tuple(a.address for a in decision.autonomous), pending=decision.pending,
-            notes=plan.warnings, shards=self._judged(snapshot, verdicts, observation),
+            notes=tuple(w for w in plan.warnings if w not in advice), advice=advice,  # advice has its own place
+            shards=self._judged(snapshot, verdicts, observation),
             history=tuple(_history_entry(h) for h in recent), branches=branches,
             paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by))
 

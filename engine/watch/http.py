@@ -81,7 +81,7 @@ def api_plan(daemon: Served) -> dict:
     return {
         "planned_at": snap.planned_at, "plan": plan_document(snap.plan) if snap.plan else None,
         "autonomous": list(snap.autonomous), "pending": [p.model_dump() for p in snap.pending],
-        "notes": list(snap.notes), "paused": snap.paused, "text": snap.plan_text,
+        "notes": list(snap.notes), "advice": list(snap.advice), "paused": snap.paused, "text": snap.plan_text,
     }
 
 
