@@ -1,22 +1,34 @@
-"""One metric collection round over 300 shard databases on one server, against the naive way
-(a new connection per database), measured in the same run.
+"""Metric collection rounds, each against a baseline measured in the same run.
 
-    python bench/metrics.py [--databases 300] [--rounds 20]
+    python bench/metrics.py [--databases 300] [--rounds 20]       # one server, many databases
+    python bench/metrics.py --fleet [--servers 20] [--shards 15]   # many servers, one of them hung
 
-Prints medians and the ratio. The naive baseline runs the same per-database counters query the
-round answers for all databases at once.
+One server: a round over 300 shard databases against the naive way (a new connection per
+database); the naive baseline runs the same per-database counters query the round answers for
+all databases at once.
+
+Many servers (--fleet): the round as shardctl runs it (servers read at once, each within the
+metrics deadline) against the same servers read one after another on kept connections (the
+way rounds ran before, kept here as the baseline), first with every server healthy, then with
+one server stopped with SIGSTOP (every process of it: it accepts connections and never
+answers). Reports the rounds' medians, the ratio, and how many shards each round read.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,11 +55,148 @@ def timed(fn, repeat: int) -> list[float]:
     return out
 
 
+def _processes(server) -> list[int]:
+    """The postmaster of an embedded server and every process it started."""
+    pid = int((server.data_dir / "postmaster.pid").read_text().splitlines()[0])
+    out = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def sequential_round(sampler: LiveSampler, handles: dict, shards: list[CatalogShard], conns: dict) -> int:
+    """The baseline: each server in turn, on a kept connection, every collector, no deadline
+    (how a round ran before servers were read at once). Returns the shards read."""
+    by_server: dict[str, list[CatalogShard]] = {}
+    for shard in shards:
+        by_server.setdefault(shard.server, []).append(shard)
+    read = 0
+    for name, server_shards in sorted(by_server.items()):
+        handle = handles[name]
+        if name not in conns:
+            conns[name] = psycopg.connect(**handle.params(), connect_timeout=5, autocommit=True)
+        readings: dict = {}
+        for collector in sampler.collectors:
+            if collector.applies_to(handle):
+                readings = collector.collect(handle, conns[name], server_shards, readings, False)
+        read += len(readings)
+    return read
+
+
+def fleet_case(args) -> None:
+    started_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shardctl-bench-fleet-") as tmp:
+        handles = {f"s{i:02d}": ServerHandle(f"s{i:02d}", Server(embedded=True), Path(tmp))
+                   for i in range(args.servers)}
+        hung_name = sorted(handles)[args.servers // 2]
+        servers = [h.embedded for h in handles.values()]
+
+        def prepare(handle: ServerHandle) -> None:
+            handle.embedded.start()
+            with handle.connect() as conn:
+                for j in range(args.shards):
+                    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
+                        sql.Identifier(f"shard_{j:03d}")))
+
+        try:
+            with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two servers set up at once
+                list(pool.map(prepare, handles.values()))
+            print(f"started {args.servers} servers with {args.shards} shard databases each"
+                  f" in {time.perf_counter() - started_all:.0f}s")
+            shards = [CatalogShard(database="bench", name=f"{name}_{j:03d}", lo=None, hi=None, server=name,
+                                   dbname=f"shard_{j:03d}", state="active")
+                      for name in sorted(handles) for j in range(args.shards)]
+            fleet = Fleet.__new__(Fleet)
+            fleet.servers = handles
+            sampler = LiveSampler(fleet, deadline=args.deadline)
+            conns: dict = {}
+            concurrent = lambda: len(sampler.read(shards, full=False))  # noqa: E731
+            sequential = lambda: sequential_round(sampler, handles, shards, conns)  # noqa: E731
+            concurrent()
+            sequential()  # both warm: a kept connection to every server
+
+            def measure(fn, repeat):
+                times, counts = [], []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    counts.append(fn())
+                    times.append(time.perf_counter() - start)
+                return statistics.median(times), min(counts)
+
+            total = len(shards)
+            par, par_read = measure(concurrent, args.rounds)
+            seq, seq_read = measure(sequential, args.rounds)
+            print(f"healthy fleet, {args.servers} servers x {args.shards} shards ({total} shards):")
+            print(f"  one after another (baseline)   {seq * 1000:8.1f} ms   {seq_read}/{total} shards read")
+            label = f"at once, {args.deadline:g}s deadline"
+            print(f"  {label:<30} {par * 1000:8.1f} ms   {par_read}/{total} shards read   {seq / par:5.2f}x faster")
+
+            hung = handles[hung_name].embedded
+            pids = _processes(hung)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                par_h, par_h_read = measure(concurrent, max(3, args.rounds // 4))
+                _, missing = sampler.read_round(shards, full=False)
+                # the baseline blocks on the hung server's kept connection for as long as it hangs:
+                # run it in a thread and give up waiting after --baseline-wait seconds
+                outcome: dict = {}
+
+                def blocked_round() -> None:
+                    start = time.perf_counter()
+                    try:
+                        outcome["read"] = sequential()
+                    except psycopg.Error as exc:
+                        outcome["error"] = str(exc).splitlines()[0]
+                    outcome["seconds"] = time.perf_counter() - start
+
+                thread = threading.Thread(target=blocked_round, daemon=True)
+                thread.start()
+                thread.join(args.baseline_wait)
+                print(f"one server ({hung_name}, {args.shards} shards) stopped with SIGSTOP:")
+                if thread.is_alive():
+                    print(f"  one after another (baseline)   did not finish in {args.baseline_wait:g}s:"
+                          f" blocked on {hung_name}, every server after it unread")
+                else:
+                    print(f"  one after another (baseline)   {outcome['seconds'] * 1000:8.1f} ms"
+                          f"   {outcome.get('read', 0)}/{total} shards read {outcome.get('error', '')}")
+                print(f"  {label:<30} {par_h * 1000:8.1f} ms   {par_h_read}/{total}"
+                      f" shards read (all but {hung_name}'s {args.shards})")
+                print(f"  reason: {missing.get(hung_name)}")
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+                thread.join(timeout=30)
+            sampler.close()
+            for conn in conns.values():
+                conn.close()
+        finally:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                list(pool.map(lambda s: s.stop(), servers))
+    print(f"whole run {time.perf_counter() - started_all:.0f}s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--databases", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--fleet", action="store_true", help="many servers, one of them hung")
+    parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument("--shards", type=int, default=15, help="shard databases per server (with --fleet)")
+    parser.add_argument("--deadline", type=float, default=2.0,
+                        help="metrics.deadline for the round (with --fleet)")
+    parser.add_argument("--baseline-wait", type=float, default=30.0,
+                        help="how long to wait for the baseline round blocked on the hung server")
     args = parser.parse_args()
+    if args.fleet:
+        fleet_case(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="shardctl-bench-") as tmp:
         handle = ServerHandle("bench", Server(embedded=True), Path(tmp))
