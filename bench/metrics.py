@@ -55,21 +55,6 @@ def timed(fn, repeat: int) -> list[float]:
     return out
 
 
-def _processes(server) -> list[int]:
-    """The postmaster of an embedded server and every process it started."""
-    pid = int((server.data_dir / "postmaster.pid").read_text().splitlines()[0])
-    out = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def sequential_round(sampler: LiveSampler, handles: dict, shards: list[CatalogShard], conns: dict) -> int:
     """The baseline: each server in turn, on a kept connection, every collector, no deadline
     (how a round ran before servers were read at once). Returns the shards read."""
@@ -138,7 +123,7 @@ def fleet_case(args) -> None:
             print(f"  {label:<30} {par * 1000:8.1f} ms   {par_read}/{total} shards read   {seq / par:5.2f}x faster")
 
             hung = handles[hung_name].embedded
-            pids = _processes(hung)
+            pids = hung.processes()
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:

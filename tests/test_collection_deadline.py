@@ -91,34 +91,17 @@ def fleet3(tmp_path, monkeypatch):
         fleet.stop()
 
 
-def _processes(server_root: Path) -> list[int]:
-    """The postmaster of an embedded server and every process it started."""
-    server = EmbeddedServer(server_root.name, server_root)
-    pid = int((server.data_dir / "postmaster.pid").read_text().splitlines()[0])
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return [pid, *children]
-
-
 def _stop_all(server_root: Path) -> None:
-    for pid in _processes(server_root):
+    for pid in EmbeddedServer(server_root.name, server_root).processes():
         os.kill(pid, signal.SIGSTOP)
 
 
 def _resume_all(server_root: Path) -> None:
-    if (server_root / "data" / "postmaster.pid").exists():
-        for pid in _processes(server_root):
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+    for pid in EmbeddedServer(server_root.name, server_root).processes():
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 def _timed(fn):

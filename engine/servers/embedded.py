@@ -102,6 +102,23 @@ class EmbeddedServer:
             return None
         return pid
 
+    def processes(self) -> list[int]:
+        """The running postmaster's pid and its children's (from this host's /proc); empty when
+        it is not running. Benchmarks and tests stop a whole server with them (SIGSTOP)."""
+        pid = self.running_pid()
+        if pid is None:
+            return []
+        children = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+        return [pid, *sorted(children)]
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> bool:
