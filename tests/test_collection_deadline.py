@@ -160,3 +160,34 @@ def test_a_stopped_server_is_cut_off_mid_read_and_comes_back(fleet3):
             time.sleep(0.5)
             back = sampler.sample_round(live)
         assert not back.missing and set(back.pairs) == {s.address for s in live}
+
+
+def test_a_plan_with_a_stopped_server_ends_and_names_it(fleet3):
+    fleet_dir, _, _ = fleet3
+    b_root = fleet_dir.path / ".shardctl" / "servers" / "b"
+    _stop_all(b_root)
+    try:
+        started = time.monotonic()
+        plan = fleet_dir.cli("plan", timeout=120)
+        took = time.monotonic() - started
+    finally:
+        _resume_all(b_root)
+    # the inventory's 10s deadline, not forever; the plan would create shards on b, so it is refused
+    assert took < 60, took
+    assert plan.code == 1 and "Traceback" not in plan.both, plan.both
+    assert "server 'b' is unreachable" in plan.err
+    assert "server b did not answer within its 10s deadline" in plan.err
+
+
+def test_the_deadline_is_checked_where_it_is_written(tmp_path):
+    from engine.config import loader
+
+    (tmp_path / "fleet.yaml").write_text(
+        "servers:\n  a: {embedded: true}\npolicies:\n  default:\n    metrics: {deadline: 50ms}\n")
+    try:
+        loader.load(tmp_path, cwd=tmp_path)
+    except Exception as exc:  # noqa: BLE001 - the rendered error is what the user sees
+        text = exc.render()
+    else:
+        raise AssertionError("a 50ms deadline was accepted")
+    assert "fleet.yaml:5" in text and "metrics.deadline (0.05s) must be between 100ms and 1m" in text
