@@ -42,6 +42,7 @@ class Outcome(Generic[T]):
     error: str | None = None
     late: bool = False
     seconds: float = 0.0
+    exception: BaseException | None = None  # what the job raised, for callers that must re-raise it
 
     @property
     def ok(self) -> bool:
@@ -163,7 +164,7 @@ def fan_out(jobs: dict[str, Callable[[Watch], T]], deadline: float, what: str = 
                 if error is None:
                     outcomes[name] = Outcome(value=future.result(), seconds=took)
                 else:
-                    outcomes[name] = Outcome(error=describe_error(error), seconds=took)
+                    outcomes[name] = Outcome(error=describe_error(error), seconds=took, exception=error)
     finally:
         # never join a job that may still be blocked: it ends on its own, its result unused
         executor.shutdown(wait=False, cancel_futures=True)

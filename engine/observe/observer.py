@@ -98,6 +98,11 @@ def inspect_servers(fleet: Fleet, names: list[str], deadline: float = INVENTORY_
 
     setting = "metrics.deadline" if deadline != INVENTORY_DEADLINE else "the inventory's deadline"
     outcomes = fanout.fan_out({name: job(name) for name in names}, deadline, setting=setting)
+    for outcome in outcomes.values():
+        if outcome.exception is not None:
+            # inspect_server turns a server's own failures into values; anything else (a DSN
+            # variable not set, ...) is the user's to fix, reported as before
+            raise outcome.exception
     return {name: outcomes[name].value or LiveServer(name=name, reachable=False, error=outcomes[name].error)
             for name in names}
 

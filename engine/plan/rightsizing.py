@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.config import models
 from engine.config.loader import Desired
-from engine.config.models import span
 from engine.observe.metrics import UNITS, Sample
 from engine.observe.models import CatalogShard, Observation
 
@@ -54,7 +53,7 @@ class ServerAdvice(Frozen):
     source: str = "policy"  # where the thresholds come from, file:line
 
     def describe(self) -> str:
-        measured = span(round((self.until - self.since).total_seconds()))
+        measured = _duration((self.until - self.since).total_seconds())
         under = ", ".join(f"{_label(m)} {_pct(v)} (under {_pct(self.thresholds[m])})"
                           for m, v in sorted(self.peaks.items()))
         head = (f"server.{self.server}: right-sizing: its load stayed far under its capacity for {measured}"
@@ -69,6 +68,14 @@ class ServerAdvice(Frozen):
             tail = (f"; it could be retired by moving {moves} ({after}; under {_pct(self.target_max_percent)}),"
                     " then removing it from every placement")
         return f"{head}{tail}; advice only, nothing is planned; thresholds from {self.source}"
+
+
+def _duration(seconds: float) -> str:
+    """1810 -> '30m10s', 7200 -> '2h': a measured span, in the units a person reads."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
 
 
 def _label(metric: str) -> str:
