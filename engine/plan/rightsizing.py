@@ -94,21 +94,28 @@ def _time(at: datetime) -> str:
 def server_load(shards: list[CatalogShard], metrics: dict[str, tuple[Sample, ...]],
                 metric_names: list[str]) -> dict[datetime, dict[str, float]]:
     """Per instant, each metric summed over the server's shards; an instant where some shard's
-    value is unknown (or missing) is left out for that metric."""
-    by_time: dict[datetime, dict[str, dict[str, float]]] = {}
+    value is unknown (or missing) is left out for that metric. Sums and counts as it goes: a
+    plan over 10,000 shards with a long history reads millions of values here."""
+    sums: dict[datetime, list[float]] = {}
+    counts: dict[datetime, list[int]] = {}
+    width = len(metric_names)
     for shard in shards:
         for sample in metrics.get(shard.address, ()):
-            slot = by_time.setdefault(sample.at, {})
-            for metric in metric_names:
-                value = sample.value(metric)
-                if value is not None:
-                    slot.setdefault(metric, {})[shard.address] = value
-    wanted = {s.address for s in shards}
-    out: dict[datetime, dict[str, float]] = {}
-    for at, values in by_time.items():
-        # kept even when empty: an instant with something unknown breaks the run (_known_run)
-        out[at] = {m: sum(v.values()) for m, v in values.items() if set(v) == wanted}
-    return dict(sorted(out.items()))
+            total = sums.get(sample.at)
+            if total is None:
+                total = sums[sample.at] = [0.0] * width
+                counts[sample.at] = [0] * width
+            seen = counts[sample.at]
+            values = sample.metrics
+            for i, metric in enumerate(metric_names):
+                mv = values.get(metric)
+                if mv is not None:
+                    total[i] += mv.value
+                    seen[i] += 1
+    wanted = len(shards)
+    # kept even when empty: an instant with something unknown breaks the run (_known_run)
+    return {at: {m: sums[at][i] for i, m in enumerate(metric_names) if counts[at][i] == wanted}
+            for at in sorted(sums)}
 
 
 def _peaks(series: dict[datetime, dict[str, float]], metric_names: list[str]) -> dict[str, float] | None:
