@@ -150,3 +150,11 @@ def test_status_and_plan_give_the_advice_on_a_real_fleet_from_recorded_samples(a
     with (applied_fleet.base / "busy.yaml").open("w") as out:
         YAML(typ="safe").dump(to_file(busy), out)
     assert "right-sizing" not in applied_fleet.cli("plan", "--metrics", "busy.yaml").out
+
+
+def test_a_receiver_whose_load_is_unknown_takes_nothing(tmp_path):
+    windows = _windows(COLD_FOR)
+    for name in ON_A:
+        windows[name] = unknown(name, COLD_FOR, server="a")
+    (b,) = _advice(tmp_path, windows)[2]
+    assert b.moves == () and "no other server of orders's placement has known load" in (b.blocked or "")
