@@ -158,3 +158,14 @@ def test_a_receiver_whose_load_is_unknown_takes_nothing(tmp_path):
         windows[name] = unknown(name, COLD_FOR, server="a")
     (b,) = _advice(tmp_path, windows)[2]
     assert b.moves == () and "no other server of orders's placement has known load" in (b.blocked or "")
+
+
+def test_a_catalog_recorded_before_these_settings_plans_no_change(tmp_path):
+    desired = _desired(tmp_path)
+    observation = _observation(desired, _windows(SUSTAINED))
+    recorded = observation.catalog.databases["orders"]
+    older = {k: v for k, v in recorded.policy.items() if k != "rightsizing"}
+    older["metrics"] = {k: v for k, v in older["metrics"].items() if k != "deadline"}
+    catalog = observation.catalog.model_copy(update={"databases": {"orders": recorded.model_copy(
+        update={"policy": older})}})
+    assert planner.plan(desired, observation.model_copy(update={"catalog": catalog})).actions == ()

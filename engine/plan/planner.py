@@ -14,8 +14,10 @@ from datetime import timedelta
 from typing import Any
 
 from deepdiff import DeepDiff
+from pydantic import ValidationError
 
 import engine
+from engine.config import models
 from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
@@ -58,8 +60,17 @@ def settings_of(db: DesiredDatabase) -> DatabaseSettings:
 
 
 def _recorded_settings(db: CatalogDatabase) -> DatabaseSettings:
-    return DatabaseSettings(protect=db.protect, policy_name=db.policy_name, policy=db.policy,
+    return DatabaseSettings(protect=db.protect, policy_name=db.policy_name, policy=_with_defaults(db.policy),
                             placement=db.placement)
+
+
+def _with_defaults(policy: dict[str, Any]) -> dict[str, Any]:
+    """A recorded policy with the settings added to shardctl since it was recorded at their
+    defaults: upgrading shardctl alone plans no change. One it cannot read is compared as is."""
+    try:
+        return models.Policy.model_validate(policy).model_dump(mode="json")
+    except ValidationError:
+        return policy
 
 
 def _steps(db: DesiredDatabase) -> tuple[StepSpec, ...]:
