@@ -191,3 +191,29 @@ def test_the_deadline_is_checked_where_it_is_written(tmp_path):
     else:
         raise AssertionError("a 50ms deadline was accepted")
     assert "fleet.yaml:5" in text and "metrics.deadline (0.05s) must be between 100ms and 1m" in text
+
+
+def test_the_daemon_judges_a_late_servers_shards_unknown_at_once_and_says_why():
+    from engine.detect.detector import assess
+    from engine.config.models import Policy
+    from engine.observe.metrics import METRICS, Sample
+    from engine.observe.models import CatalogState, LiveServer, Observation
+    from engine.watch.daemon import _silence, _with_unknown
+    from traces import START, samples
+
+    stored = {"orders/-80": samples("orders/-80", {"queries_per_second": [20000.0] * 40}, server="a"),
+              "orders/80-": samples("orders/80-", {"queries_per_second": [5.0] * 40}, server="b")}
+    newest = stored["orders/-80"][-1].at
+    late = {"orders/-80": Sample(shard="orders/-80", server="a", at=newest.replace(second=newest.second + 1),
+                                 metrics=dict.fromkeys(METRICS))}
+    observation = Observation(catalog=CatalogState(exists=True), servers={}, shards={}, metrics=stored,
+                              taken_at=START, metrics_at=START)
+    judged = _with_unknown(observation, late)
+    assert judged.metrics["orders/80-"] == stored["orders/80-"]  # the other server's window is untouched
+    verdict = assess("orders/-80", judged.metrics["orders/-80"], Policy())
+    assert verdict.state == "unknown" and "every metric unknown" in verdict.why  # not judged on older samples
+    assert assess("orders/-80", stored["orders/-80"], Policy()).state != "unknown"  # judged on them before
+    reason = "server a did not answer within its 5s deadline (metrics.deadline)"
+    assert _silence("a", {"a": reason}, observation) == reason
+    down = observation.model_copy(update={"servers": {"b": LiveServer(name="b", reachable=False, error="refused")}})
+    assert _silence("b", {}, down) == "refused"
