@@ -459,11 +459,41 @@ def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> int:
     return EXIT_ERROR if str((report.get("catalog") or {}).get("state", "")).startswith("server unreachable") else 0
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def branches(click_ctx: click.Context, as_json: bool) -> None:
+    """List branches: parent, data, size, created, expires, server, connection (no password).
+
+    \b
+    Example:
+      shardctl branches                  # the list
+      shardctl branches reset alice_dev  # make it again from its parent's current data
+    """
+    if click_ctx.invoked_subcommand is None:
+        _list_branches(click_ctx.obj, as_json)
+
+
+@branches.command("reset")
+@click.argument("name")
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION", type=DURATION,
+              help="Wait this long for another apply's lock, e.g. 30s.")
 @click.pass_obj
-def branches(obj: Ctx, as_json: bool) -> None:
-    """List branches: parent, data, size, created, expires, server, connection (no password)."""
+def branches_reset(obj: Ctx, name: str, lock_timeout: float) -> None:
+    """Make branch NAME again from its parent's current data, now.
+
+    It keeps its name, server, connection string and expiry; its own rows and schema changes
+    are replaced. Journaled like apply: if it is interrupted, `shardctl apply` finishes it (plan
+    and drift show it until then), or `shardctl abort N` drops the half-built copy. To reset
+    from the YAML instead, change the branch's `reset:` value.
+    """
+    from engine import workflow
+
+    workflow.reset_branch(workflow.load(obj.config_dir), name, lock_timeout=lock_timeout, say=click.echo,
+                          notice=err)
+
+
+def _list_branches(obj: Ctx, as_json: bool) -> None:
     from engine import workflow
     from engine.catalog import schema, store
     from engine.servers.fleet import Fleet

@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import psycopg
 from psycopg import pq, sql
@@ -23,9 +23,10 @@ from psycopg.types.json import Jsonb
 
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
 from engine.catalog import store
+from engine.catalog.journal import Operation
 from engine.errors import UserError
 from engine.observe import introspect
-from engine.plan.models import CreateBranch, ShardSpec
+from engine.plan.models import CreateBranch, ResetBranch, ShardSpec
 from engine.rows import one
 from engine.servers.embedded import bin_dir
 
@@ -34,17 +35,45 @@ HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
 
 def execute(action: CreateBranch, ctx: ApplyContext) -> None:
     timer = Timer()
-    ctx.say(f"{action.address}: Creating...")
-    op = ctx.begin(action.kind, action.address, server=action.server)
+    resumed = action.operation is not None
+    ctx.say(f"{action.address}: {'Rebuilding (' + action.reason.text + ')' if resumed else 'Creating'}...")
+    op = ctx.resume_or_begin(action)
+    expires = ctx.now() + timedelta(seconds=action.ttl_seconds)
+    with op.step(f"record {action.branch}"), ctx.catalog.transaction():
+        left = ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s"
+                                   " AND state = 'creating'", (action.branch,)).fetchone()
+        if left and (left[0], left[1]) != (action.server, action.dbname) and left[0] in ctx.fleet.servers:
+            # the half-built database of an earlier try elsewhere (another server): nobody's work
+            drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=left[0], dbname=left[1]))
+        ctx.catalog.execute(
+            "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at,"
+            " reset_token) VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s, %s) ON CONFLICT (name) DO UPDATE"
+            " SET parent = excluded.parent, data = excluded.data, sample_percent = excluded.sample_percent,"
+            " server = excluded.server, dbname = excluded.dbname, expires_at = excluded.expires_at,"
+            " reset_token = excluded.reset_token WHERE shardctl.branches.state = 'creating'",
+            (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname,
+             expires, action.reset_token))
+    rows, size, base = build(ctx, op, action)
+    with op.step(f"activate {action.branch}"), ctx.catalog.transaction():
+        ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
+                            " WHERE name = %s", (Jsonb(base), size, action.branch))
+        store.bump_serial(ctx.catalog)
+        store.add_history(ctx.catalog, "create_branch", action.address,
+                          {"rows": rows, "data": action.data, "resumed": action.operation})
+        op.finish()  # with the activation: a kill between them cannot leave an active branch 'running'
+    ctx.counts["added"] += 1
+    ctx.say(f"{action.address}: Creation complete after {timer}")
+
+
+def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) -> tuple[dict[str, int], int, dict]:
+    """The journaled steps that fill the branch's database from the parent's active shards, from
+    an empty database up: each step may be killed, and the whole is redone from the top (the
+    database is dropped first: a half-built branch holds no one's work). Returns the rows copied
+    per table, the database's size, and the parent's schema it was made from (the merge base)."""
+    timer = Timer()
     target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
     key_column, key_type = one(ctx.catalog.execute(
         "SELECT key_column, key_type FROM shardctl.databases WHERE name = %s", (action.database,)))
-    expires = datetime.now(UTC) + timedelta(seconds=action.ttl_seconds)
-    with op.step(f"record {action.branch}"):
-        ctx.catalog.execute(
-            "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s) ON CONFLICT (name) DO NOTHING",
-            (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname, expires))
     with op.step(f"database {action.branch}"):
         drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
         ensure_database(ctx, target)
@@ -76,14 +105,7 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     with ctx.fleet.servers[first.server].connect(first.dbname) as conn:
         base = introspect.snapshot(conn)
-    with ctx.catalog.transaction():
-        ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
-                            " WHERE name = %s", (Jsonb(base), size, action.branch))
-        store.bump_serial(ctx.catalog)
-        store.add_history(ctx.catalog, "create_branch", action.address, {"rows": rows, "data": action.data})
-    op.finish()
-    ctx.counts["added"] += 1
-    ctx.say(f"{action.address}: Creation complete after {timer}")
+    return rows, size, base
 
 
 def _sample_filter(key_column: str, key_type: str, percent: float | None) -> sql.Composable:

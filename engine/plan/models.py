@@ -222,7 +222,30 @@ class CreateBranch(ActionBase):
     server: str
     dbname: str
     ttl_seconds: float
+    ttl_declared: bool = True  # False: the default ttl, said so in the plan
     shards: tuple[ShardSpec, ...]
+    reset_token: str | None = None  # the declared `reset` value, recorded so that it resets nothing now
+    operation: int | None = None  # the interrupted creation this resumes (rebuilding from the start)
+
+    @property
+    def address(self) -> str:
+        return f"branch.{self.branch}"
+
+
+class ResetBranch(ActionBase):
+    """Re-make a branch from its parent's current data: same name, server, database (so the same
+    connection string) and expiry; the branch's own rows and schema changes are replaced."""
+
+    kind: Literal["reset_branch"] = "reset_branch"
+    symbol: Symbol = "update"
+    branch: str
+    data: Literal["schema", "sample", "full"]
+    sample_percent: float | None
+    server: str
+    dbname: str
+    shards: tuple[ShardSpec, ...]
+    reset_token: str | None = None  # the declared `reset` value this reset acts on (None: by command)
+    operation: int | None = None  # the interrupted reset this resumes
 
     @property
     def address(self) -> str:
@@ -239,6 +262,8 @@ class DeleteBranch(ActionBase):
     dbname: str
     expired: bool
     holding: Holding | None = None
+    unfinished: bool = False  # its creation or reset never finished: it holds no one's work
+    operation: int | None = None  # the interrupted creation or reset it closes
 
     @property
     def address(self) -> str:
@@ -256,6 +281,7 @@ class MergeBranchSchema(ActionBase):
     findings: tuple[tuple[str, str, str], ...]  # (severity, statement, finding)
     shards: tuple[ShardSpec, ...]
     branch_schema_sha256: str
+    operation: int | None = None  # the interrupted merge this resumes (shards that ran it skip it)
 
     @property
     def address(self) -> str:
@@ -272,6 +298,7 @@ Action = Annotated[
     | MergeShards
     | DropRetiredShard
     | CreateBranch
+    | ResetBranch
     | DeleteBranch
     | MergeBranchSchema
     | RenameDatabase,
@@ -282,7 +309,7 @@ LOAD_KINDS = ("split_shard", "merge_shards")
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
          "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
-         "create_branch": 10, "rename_database": 11}
+         "create_branch": 10, "rename_database": 11, "reset_branch": 12}
 
 
 class Drift(Frozen):
