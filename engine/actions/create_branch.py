@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 import psycopg
@@ -40,8 +40,9 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
     op = ctx.resume_or_begin(action)
     expires = ctx.now() + timedelta(seconds=action.ttl_seconds)
     with op.step(f"record {action.branch}"), ctx.catalog.transaction():
+        # a resumed operation owns the row in whatever state it left it (a reset now declared elsewhere)
         left = ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s"
-                                   " AND state = 'creating'", (action.branch,)).fetchone()
+                                   " AND (state = 'creating' OR %s)", (action.branch, resumed)).fetchone()
         if left and (left[0], left[1]) != (action.server, action.dbname) and left[0] in ctx.fleet.servers:
             # the half-built database of an earlier try elsewhere (another server): nobody's work
             drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=left[0], dbname=left[1]))
@@ -50,9 +51,9 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
             " reset_token) VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s, %s) ON CONFLICT (name) DO UPDATE"
             " SET parent = excluded.parent, data = excluded.data, sample_percent = excluded.sample_percent,"
             " server = excluded.server, dbname = excluded.dbname, expires_at = excluded.expires_at,"
-            " reset_token = excluded.reset_token WHERE shardctl.branches.state = 'creating'",
+            " reset_token = excluded.reset_token, state = 'creating' WHERE shardctl.branches.state = 'creating' OR %s",
             (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname,
-             expires, action.reset_token))
+             expires, action.reset_token, resumed))
     rows, size, base = build(ctx, op, action)
     with op.step(f"activate {action.branch}"), ctx.catalog.transaction():
         ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
@@ -70,16 +71,23 @@ def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) 
     an empty database up: each step may be killed, and the whole is redone from the top (the
     database is dropped first: a half-built branch holds no one's work). Returns the rows copied
     per table, the database's size, and the parent's schema it was made from (the merge base)."""
-    timer = Timer()
     target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
     key_column, key_type = one(ctx.catalog.execute(
         "SELECT key_column, key_type FROM shardctl.databases WHERE name = %s", (action.database,)))
-    with op.step(f"database {action.branch}"):
-        drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
-        ensure_database(ctx, target)
     first = action.shards[0]
+    with ThreadPoolExecutor(max_workers=2) as dumping:  # both dumps are read while the database is made
+        dumps = {section: dumping.submit(_dump, ctx, first, section) for section in ("pre-data", "post-data")}
+        with op.step(f"database {action.branch}"):
+            drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
+            ensure_database(ctx, target)
+        return _fill(ctx, op, action, target, first, key_column, key_type, dumps)
+
+
+def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, target: ShardSpec, first: ShardSpec,
+          key_column: str, key_type: str, dumps: dict[str, Future[str]]) -> tuple[dict[str, int], int, dict]:
+    timer = Timer()
     with op.step(f"pre-data {action.branch}"):
-        _run_sql(ctx, target, _dump(ctx, first, "pre-data"))
+        _run_sql(ctx, target, dumps["pre-data"].result())
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
         tables = [(r[0], r[1], r[2]) for r in conn.execute(
             "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
@@ -99,7 +107,7 @@ def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) 
             ctx.say(f"{action.address}: copied {sum(rows.values()):,} rows from {len(action.shards)} shards"
                     f" [{timer} elapsed]")
     with op.step(f"post-data {action.branch}"):
-        _run_sql(ctx, target, _dump(ctx, first, "post-data"))
+        _post_data(ctx, target, dumps["post-data"].result())
         with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
             conn.execute("ANALYZE")
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
@@ -172,6 +180,33 @@ def portable(conn: psycopg.Connection, text: str) -> str:
                 continue
         out.append(line)
     return "\n".join(out)
+
+
+# pg_dump's table of contents: each object's statements follow a "-- Name: ...; Type: ...;" comment
+_TOC = re.compile(r"^-- Name: .*; Type: (?P<type>[A-Z ]+);", re.MULTILINE)
+INDEX_BUILDERS = 2  # index builds at once: pg_restore -j2's parallelism, one per core here
+INDEX_MEMORY = "256MB"  # maintenance_work_mem of each build: sorts in memory, not in temporary files
+
+
+def _post_data(ctx: ApplyContext, target: ShardSpec, text: str) -> None:
+    """Primary keys, unique constraints and indexes are built INDEX_BUILDERS at a time (as
+    pg_restore -j does), each with INDEX_MEMORY; then the rest in the dump's order (foreign
+    keys, which need the referenced keys, triggers, ...)."""
+    starts = [m.start() for m in _TOC.finditer(text)]
+    if not starts:
+        _run_sql(ctx, target, text)
+        return
+    header = text[:starts[0]]
+    entries = [(m.group("type"), text[m.start():end]) for m, end in zip(_TOC.finditer(text), [*starts[1:], len(text)],
+                                                                        strict=True)]
+    indexes = [body for kind, body in entries if kind in ("CONSTRAINT", "INDEX")]
+    rest = [body for kind, body in entries if kind not in ("CONSTRAINT", "INDEX")]
+    setting = f"SET maintenance_work_mem = '{INDEX_MEMORY}';\n"
+    with ThreadPoolExecutor(max_workers=INDEX_BUILDERS) as pool:
+        for job in [pool.submit(_run_sql, ctx, target, header + setting + body) for body in indexes]:
+            job.result()
+    if rest:
+        _run_sql(ctx, target, header + setting + "".join(rest))
 
 
 def _run_sql(ctx: ApplyContext, target: ShardSpec, text: str) -> None:
