@@ -342,12 +342,15 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
               help="Wait this long for another apply's lock, e.g. 30s.")
 @click.pass_obj
 def abort(obj: Ctx, operation: int, lock_timeout: float) -> None:
-    """Roll back an interrupted split or merge that has not reached its cutover.
+    """Roll back an interrupted split or merge that has not reached its cutover, or a branch's
+    unfinished creation or reset.
 
-    Removes the operation's subscriptions, slots, publications, write fence and target
-    databases; the source shards are left exactly as they were. `shardctl status` lists
-    interrupted operations and their numbers. After the cutover, apply finishes the operation
-    instead.
+    A split or merge: removes the operation's subscriptions, slots, publications, write fence
+    and target databases; the source shards are left exactly as they were. After the cutover,
+    apply finishes the operation instead. A branch: drops its half-built database and forgets
+    it (a declared branch is planned afresh); a reset stopped before it touched the branch is
+    called off, and the branch keeps its data. A branch's schema merge is finished by apply,
+    not aborted. `shardctl status` lists interrupted operations and their numbers.
     """
     from engine import workflow
 

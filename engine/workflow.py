@@ -350,14 +350,16 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
     touched = ctx.catalog.execute("SELECT EXISTS (SELECT 1 FROM shardctl.journal WHERE operation = %s"
                                   " AND step = %s)", (pending.operation, f"database {action['branch']}")).fetchone()
     ctx.say(f"Aborting operation {pending.operation} ({pending.kind} {address}, stopped at {pending.last_step!r})...")
-    if pending.kind == "reset_branch" and touched is not None and not touched[0]:
+    def close(statement: str) -> None:
         with ctx.catalog.transaction():
-            ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active' WHERE name = %s AND state = 'resetting'",
-                                (action["branch"],))
+            ctx.catalog.execute(statement, (action["branch"],))
             op.finish("aborted")
             store.bump_serial(ctx.catalog)
             store.add_history(ctx.catalog, "abort", address, {"operation": pending.operation,
                                                               "last_step": pending.last_step})
+
+    if pending.kind == "reset_branch" and touched is not None and not touched[0]:
+        close("UPDATE shardctl.branches SET state = 'active' WHERE name = %s AND state = 'resetting'")
         ctx.say(f"Operation {pending.operation} aborted before the reset touched {address}: it keeps its data.")
         return
     row = ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s"
@@ -365,13 +367,7 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
     for server, dbname in {(action["server"], action["dbname"]), *([tuple(row)] if row else [])}:
         if server in ctx.fleet.servers:
             drop_database(ctx, ShardSpec(name=action["branch"], lo=None, hi=None, server=server, dbname=dbname))
-    with ctx.catalog.transaction():
-        ctx.catalog.execute("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')",
-                            (action["branch"],))
-        op.finish("aborted")
-        store.bump_serial(ctx.catalog)
-        store.add_history(ctx.catalog, "abort", address, {"operation": pending.operation,
-                                                          "last_step": pending.last_step})
+    close("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')")
     ctx.say(f"Operation {pending.operation} aborted: the half-built database of {address} was dropped;"
             " a branch still declared is created afresh by the next apply.")
 

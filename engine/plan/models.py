@@ -210,46 +210,39 @@ class DropRetiredShard(ActionBase):
         return f"shard.{self.database}/{self.shard.name}"
 
 
-class CreateBranch(ActionBase):
+class _BranchBuild(ActionBase):
+    """What a branch is made from and where: shared by its creation and its reset."""
+
+    branch: str
+    data: Literal["schema", "sample", "full"]
+    sample_percent: float | None
+    server: str
+    dbname: str
+    shards: tuple[ShardSpec, ...]
+    reset_token: str | None = None  # the declared `reset` value its data is made for
+    operation: int | None = None  # the interrupted creation or reset this resumes (rebuilding from the start)
+
+    @property
+    def address(self) -> str:
+        return f"branch.{self.branch}"
+
+
+class CreateBranch(_BranchBuild):
     """Make a branch: the parent's schema, then (a sample of) its rows from every shard, streamed
     with COPY from a consistent snapshot of each shard; indexes and constraints after the data."""
 
     kind: Literal["create_branch"] = "create_branch"
     symbol: Symbol = "create"
-    branch: str
-    data: Literal["schema", "sample", "full"]
-    sample_percent: float | None
-    server: str
-    dbname: str
     ttl_seconds: float
     ttl_declared: bool = True  # False: the default ttl, said so in the plan
-    shards: tuple[ShardSpec, ...]
-    reset_token: str | None = None  # the declared `reset` value, recorded so that it resets nothing now
-    operation: int | None = None  # the interrupted creation this resumes (rebuilding from the start)
-
-    @property
-    def address(self) -> str:
-        return f"branch.{self.branch}"
 
 
-class ResetBranch(ActionBase):
+class ResetBranch(_BranchBuild):
     """Re-make a branch from its parent's current data: same name, server, database (so the same
     connection string) and expiry; the branch's own rows and schema changes are replaced."""
 
     kind: Literal["reset_branch"] = "reset_branch"
     symbol: Symbol = "update"
-    branch: str
-    data: Literal["schema", "sample", "full"]
-    sample_percent: float | None
-    server: str
-    dbname: str
-    shards: tuple[ShardSpec, ...]
-    reset_token: str | None = None  # the declared `reset` value this reset acts on (None: by command)
-    operation: int | None = None  # the interrupted reset this resumes
-
-    @property
-    def address(self) -> str:
-        return f"branch.{self.branch}"
 
 
 class DeleteBranch(ActionBase):
