@@ -316,6 +316,8 @@ def test_a_branch_that_fails_on_an_older_server_is_shown_and_rebuilt_where_it_fi
 branches:
 """) if "branches:" in fleet_yaml else fleet_yaml
     assert "reports:" in grown
+    real.write("fleet.yaml", grown)
+    assert real.cli("apply", "--auto-approve").code == 0  # the parent first: a branch waits for it
     real.write("fleet.yaml", grown + "  r15: {from: reports, data: full, server: b, ttl: 1d}\n")
     failed = real.cli("apply", "--auto-approve")
     assert failed.code == 1, failed.both
