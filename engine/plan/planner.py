@@ -564,8 +564,10 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
                                                                                      branch.server):
         token = _token(branch.reset) if unfinished is None else unfinished.action.get("reset_token")
         if unfinished is not None or have.state == "resetting":
-            why = (f"operation {unfinished.operation if unfinished else '?'} was interrupted while resetting"
-                   f" branch {name} (its database may be half-built): apply rebuilds it from the start")
+            why = (f"operation {unfinished.operation} was interrupted while resetting branch {name} (its database"
+                   f" may be half-built): apply rebuilds it from the start (`shardctl abort {unfinished.operation}`"
+                   " drops it instead)" if unfinished else
+                   f"an earlier apply did not finish resetting branch {name}: apply rebuilds it from the start")
             cause: Cause = "resume"
         else:
             why = (f"its declared reset value changed ({have.reset_token or 'none'} -> {token}) at {where}:"
@@ -588,7 +590,8 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
     text = (f"{op} did not finish building branch {name}{at} (its database may be half-built): apply rebuilds it"
             " from the start" + (f", on {branch.server}, and drops the half-built {have.dbname} on {have.server}"
                                  if moved and have else "")
-            + "; removing the branch from the configuration deletes it instead")
+            + "; removing the branch from the configuration deletes it instead"
+            + (f" (`shardctl abort {unfinished.operation}` drops it now)" if unfinished else ""))
     return create.model_copy(update={"reason": Reason(cause="resume", text=text)}), None
 
 
