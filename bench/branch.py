@@ -1,6 +1,6 @@
 """Branches of a sharded database against what users do today, in one run.
 
-    python bench/branch.py [--size 1024] [--keep DIR]
+    python bench/branch.py [--size 1024] [--keep DIR] [--xfs MOUNTPOINT]
 
 A 4-shard database (two embedded servers, two shards each) is filled with --size MB of rows
 (customers, and their events with a ~150-byte payload, a foreign key and a secondary index).
@@ -18,6 +18,15 @@ step before).
    branch> STRATEGY FILE_COPY` (with `file_copy_method = clone` where PostgreSQL 18 accepts it
    for this filesystem). Replicas and instant branches are not built yet: this row measures
    the mechanism, not the feature.
+
+4. With --xfs, the same mechanism on a cloning filesystem: a server whose data directory is on
+   MOUNTPOINT (an XFS made with reflink) holds the same rows as one database, and FILE_COPY
+   runs there with `file_copy_method = clone` and with `copy`. A loop-mounted image does (as
+   root; xfsprogs is needed by this benchmark only, never by shardctl or its tests):
+
+       apt-get install -y xfsprogs
+       truncate -s 3G /tmp/xfs.img && mkfs.xfs -m reflink=1 /tmp/xfs.img
+       mkdir -p /tmp/xfs && mount -o loop /tmp/xfs.img /tmp/xfs
 
 Prints each time and its ratio to the baseline. Goals (issue 18): full branch at most 1.0x the
 baseline, schema-only at most 0.5 s, 1% sample at most 2 s.
@@ -37,10 +46,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psycopg  # noqa: E402
 from psycopg import pq  # noqa: E402
 
 from engine import workflow  # noqa: E402
-from engine.servers.embedded import bin_dir  # noqa: E402
+from engine.servers.embedded import EmbeddedServer, bin_dir  # noqa: E402
 from engine.servers.fleet import Fleet  # noqa: E402
 
 SCHEMA = """\
@@ -133,10 +143,39 @@ def file_copy(fleet: Fleet, server: str, template: str, target: str) -> tuple[fl
     return seconds, method
 
 
+def clone_on(mount: Path, customers: int) -> tuple[float, float, int]:
+    """FILE_COPY of a database of these rows on a server whose data is on `mount`: (seconds with
+    file_copy_method = clone, seconds with copy, the database's bytes)."""
+    server = EmbeddedServer("xfs", mount / "bench-branch-server")
+    server.start()
+    try:
+        with psycopg.connect(**server.conninfo(), autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS src")
+            conn.execute("CREATE DATABASE src")
+        with psycopg.connect(**server.conninfo("src"), autocommit=True) as conn:
+            conn.execute(SCHEMA)
+            fill(conn, customers)
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        with psycopg.connect(**server.conninfo(), autocommit=True) as conn:
+            times = {}
+            for method in ("clone", "copy"):
+                conn.execute(f"DROP DATABASE IF EXISTS {method}d")
+                conn.execute("CHECKPOINT")
+                conn.execute(f"SET file_copy_method = {method}")
+                times[method] = timed(lambda m=method: conn.execute(
+                    f"CREATE DATABASE {m}d TEMPLATE src STRATEGY FILE_COPY"))
+        return times["clone"], times["copy"], size
+    finally:
+        server.stop()
+        shutil.rmtree(mount / "bench-branch-server", ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=1024, help="MB of rows over the 4 shards (default 1024)")
     parser.add_argument("--keep", default=None, help="work in this directory and keep it (default: a temporary one)")
+    parser.add_argument("--xfs", default=None, metavar="MOUNTPOINT",
+                        help="also time FILE_COPY with clone on a server whose data is on this (XFS, reflink) mount")
     args = parser.parse_args()
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-branch-"))
     fleet_dir = base / "fleet"
@@ -145,14 +184,19 @@ def main() -> None:
     (fleet_dir / "fleet.yaml").write_text(FLEET)
     customers = max(1, args.size * 1024 * 1024 // (BYTES_PER_EVENT * EVENTS_PER_CUSTOMER))
     try:
-        run(fleet_dir, base, customers)
+        baseline = run(fleet_dir, base, customers)
+        if args.xfs:
+            clone, copy, size = clone_on(Path(args.xfs), customers)
+            print(f"\non {args.xfs} ({size / 2**20:,.0f} MB as one database): FILE_COPY with clone {clone:.2f} s"
+                  f" ({clone / baseline:.3f}x the baseline), with copy {copy:.2f} s ({copy / baseline:.2f}x)")
     finally:
         subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "down"], capture_output=True)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def run(fleet_dir: Path, base: Path, customers: int) -> None:
+def run(fleet_dir: Path, base: Path, customers: int) -> float:
+    """The fleet, the data, the baseline and the branches; returns the baseline's seconds."""
     created = subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "apply", "--auto-approve"],
                              capture_output=True, text=True)
     assert created.returncode == 0, created.stdout + created.stderr
@@ -208,6 +252,7 @@ def run(fleet_dir: Path, base: Path, customers: int) -> None:
     print("\n| | time | vs baseline | whole apply |\n| --- | --- | --- | --- |")
     for label, secs, wall in rows:
         print(f"| {label} | {secs:.2f} s | {secs / baseline:.2f}x | {f'{wall:.2f} s' if wall else '-'} |")
+    return baseline
 
 
 if __name__ == "__main__":
