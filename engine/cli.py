@@ -83,7 +83,8 @@ def _global_options_after(command: click.Command) -> None:
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             _global_options_after(sub)
-        return
+        if not command.invoke_without_command:
+            return  # a group that also acts on its own (`branches`) takes them like a command
     command.params += [
         click.Option(["-C", "--config-dir", "late_config_dir"], default=None, metavar="DIR", expose_value=False,
                      callback=_late_config_dir, help="Directory of YAML files (also accepted before the command)."),
@@ -341,12 +342,15 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
               help="Wait this long for another apply's lock, e.g. 30s.")
 @click.pass_obj
 def abort(obj: Ctx, operation: int, lock_timeout: float) -> None:
-    """Roll back an interrupted split or merge that has not reached its cutover.
+    """Roll back an interrupted split or merge that has not reached its cutover, or a branch's
+    unfinished creation or reset.
 
-    Removes the operation's subscriptions, slots, publications, write fence and target
-    databases; the source shards are left exactly as they were. `shardctl status` lists
-    interrupted operations and their numbers. After the cutover, apply finishes the operation
-    instead.
+    A split or merge: removes the operation's subscriptions, slots, publications, write fence
+    and target databases; the source shards are left exactly as they were. After the cutover,
+    apply finishes the operation instead. A branch: drops its half-built database and forgets
+    it (a declared branch is planned afresh); a reset stopped before it touched the branch is
+    called off, and the branch keeps its data. A branch's schema merge is finished by apply,
+    not aborted. `shardctl status` lists interrupted operations and their numbers.
     """
     from engine import workflow
 
@@ -459,11 +463,41 @@ def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> int:
     return EXIT_ERROR if str((report.get("catalog") or {}).get("state", "")).startswith("server unreachable") else 0
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def branches(click_ctx: click.Context, as_json: bool) -> None:
+    """List branches: parent, data, size, created, expires, server, connection (no password).
+
+    \b
+    Example:
+      shardctl branches                  # the list
+      shardctl branches reset alice_dev  # make it again from its parent's current data
+    """
+    if click_ctx.invoked_subcommand is None:
+        _list_branches(click_ctx.obj, as_json)
+
+
+@branches.command("reset")
+@click.argument("name")
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION", type=DURATION,
+              help="Wait this long for another apply's lock, e.g. 30s.")
 @click.pass_obj
-def branches(obj: Ctx, as_json: bool) -> None:
-    """List branches: parent, data, size, created, expires, server, connection (no password)."""
+def branches_reset(obj: Ctx, name: str, lock_timeout: float) -> None:
+    """Make branch NAME again from its parent's current data, now.
+
+    It keeps its name, server, connection string and expiry; its own rows and schema changes
+    are replaced. Journaled like apply: if it is interrupted, `shardctl apply` finishes it (plan
+    and drift show it until then), or `shardctl abort N` drops the half-built copy. To reset
+    from the YAML instead, change the branch's `reset:` value.
+    """
+    from engine import workflow
+
+    workflow.reset_branch(workflow.load(obj.config_dir), name, lock_timeout=lock_timeout, say=click.echo,
+                          notice=err)
+
+
+def _list_branches(obj: Ctx, as_json: bool) -> None:
     from engine import workflow
     from engine.catalog import schema, store
     from engine.servers.fleet import Fleet
@@ -693,7 +727,7 @@ WRITING_COMMANDS = ("apply", "abort", "strays")
 def interrupted_hint(argv: list[str]) -> str:
     """What to do after an interrupt that stopped the command at once (a second Ctrl-C)."""
     command = next((a for a in argv if a in cli.commands), None)
-    if command in WRITING_COMMANDS:
+    if command in WRITING_COMMANDS or (command == "branches" and "reset" in argv):
         return ("Interrupted: stopped at once, in the middle of a step.\n"
                 "The journal in the catalog records how far it got. Next:\n"
                 "  shardctl status     # shows the interrupted operation and its number\n"

@@ -291,6 +291,8 @@ def _print_operations(console: Console, report: dict[str, Any]) -> None:
                 if op.get("past_cutover")
                 else hint + f", or `shardctl abort {op['id']}` to roll it back (the source still owns the range)"
             )
+        elif op["kind"] in ("create_branch", "reset_branch"):
+            hint += f" (the branch is rebuilt), or `shardctl abort {op['id']}` to drop the half-built copy"
         console.print(
             f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}"
         )

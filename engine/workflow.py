@@ -11,7 +11,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from engine.actions import dispatch
-from engine.actions.base import ApplyContext
+from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.config import loader
@@ -22,7 +22,7 @@ from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
-from engine.plan.models import LOAD_KINDS, MergeShards, Plan, SplitShard
+from engine.plan.models import LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -269,6 +269,11 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             raise UserError("there is no catalog yet, so no operation to abort")
         with apply_lock(conn, "abort", timeout=lock_timeout,
                         on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
+            unfinished_branch = {p.operation: p for p in store.pending_moves(conn, store.BRANCH_KINDS)}
+            if operation in unfinished_branch:
+                ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say)
+                abort_branch(ctx, unfinished_branch[operation])
+                return
             pending = {p.operation: p for p in store.pending_moves(conn)}
             if operation not in pending:
                 raise UserError(f"operation {operation} is not an unfinished split or merge",
@@ -286,6 +291,85 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             say(f"Operation {operation} aborted: replication objects, fence and targets removed;"
                 " the source is as it was.")
 
+
+
+def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say: Say = lambda _: None,
+                 notice: Say | None = None) -> None:
+    """`shardctl branches reset NAME`: make an active branch again from its parent's current
+    data, under the apply lock, with the same journaled steps a declared reset runs."""
+    from engine.plan.models import Reason, ResetBranch
+
+    fleet = Fleet(desired)
+    fleet.start_embedded(notice or say)
+    with fleet.catalog(create=False) as conn:
+        if conn is None or schema.installed_version(conn) < 3:
+            raise UserError(f"there is no branch {name!r}: nothing has been applied yet")
+        schema.migrate(conn)
+        with apply_lock(conn, "branches reset", timeout=lock_timeout,
+                        on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
+            have = store.read_branches(conn).get(name)
+            if have is None or have.state == "expired":
+                known = ", ".join(sorted(n for n, b in store.read_branches(conn).items() if b.state != "expired"))
+                raise UserError(f"there is no branch {name!r}" + (" (it expired)" if have else ""),
+                                f"branches: {known or 'none'}; `shardctl branches` lists them")
+            unfinished = [p for p in store.pending_moves(conn, store.BRANCH_KINDS) if p.action.get("branch") == name]
+            if unfinished or have.state != "active":
+                op = f"operation {unfinished[0].operation}" if unfinished else "an earlier apply"
+                raise UserError(f"branch {name!r} is {have.state}: {op} did not finish with it",
+                                "run `shardctl apply` to finish it first (`shardctl status` shows the operation)")
+            parent = store.read(conn).databases.get(have.parent)
+            if parent is None or parent.state != "active":
+                raise UserError(f"branch {name!r} cannot be reset: its parent {have.parent!r} does not exist now")
+            action = ResetBranch(
+                database=have.parent, branch=name, data=have.data,  # type: ignore[arg-type]
+                sample_percent=have.sample_percent, server=have.server, dbname=have.dbname,
+                shards=tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)
+                             for s in parent.shards if s.state == "active"),
+                reset_token=have.reset_token,  # a declared reset value stays acted on
+                reason=Reason(cause="config", text="reset by `shardctl branches reset`"))
+            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say,
+                               actor="branches reset")
+            journal.close_interrupted(conn)
+            with _graceful_interrupts(say):
+                dispatch.execute(action, ctx)
+
+
+def abort_branch(ctx: ApplyContext, pending) -> None:
+    """Clean up after a branch's creation or reset that did not finish: its half-built database
+    is dropped and its catalog row removed (a declared branch is then planned afresh). A reset
+    stopped before its database was touched is called off instead: the branch keeps its data.
+    A schema merge is not undone (shards that ran it keep it): apply finishes it."""
+    from engine.catalog.journal import Operation
+
+    action, op = pending.action, Operation(ctx.catalog, pending.operation)
+    address = f"branch.{action['branch']}"
+    if pending.kind == "merge_branch_schema":
+        raise UserError(f"operation {pending.operation} merges a branch's schema into the shards of"
+                        f" {action['database']}; some may have run it already, so it cannot be aborted",
+                        "run `shardctl apply` to finish it on the shards that lack it")
+    touched = ctx.catalog.execute("SELECT EXISTS (SELECT 1 FROM shardctl.journal WHERE operation = %s"
+                                  " AND step = %s)", (pending.operation, f"database {action['branch']}")).fetchone()
+    ctx.say(f"Aborting operation {pending.operation} ({pending.kind} {address}, stopped at {pending.last_step!r})...")
+    def close(statement: str) -> None:
+        with ctx.catalog.transaction():
+            ctx.catalog.execute(statement, (action["branch"],))
+            op.finish("aborted")
+            store.bump_serial(ctx.catalog)
+            store.add_history(ctx.catalog, "abort", address, {"operation": pending.operation,
+                                                              "last_step": pending.last_step})
+
+    if pending.kind == "reset_branch" and touched is not None and not touched[0]:
+        close("UPDATE shardctl.branches SET state = 'active' WHERE name = %s AND state = 'resetting'")
+        ctx.say(f"Operation {pending.operation} aborted before the reset touched {address}: it keeps its data.")
+        return
+    row = ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s"
+                              " AND state IN ('creating', 'resetting')", (action["branch"],)).fetchone()
+    for server, dbname in {(action["server"], action["dbname"]), *([tuple(row)] if row else [])}:
+        if server in ctx.fleet.servers:
+            drop_database(ctx, ShardSpec(name=action["branch"], lo=None, hi=None, server=server, dbname=dbname))
+    close("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')")
+    ctx.say(f"Operation {pending.operation} aborted: the half-built database of {address} was dropped;"
+            " a branch still declared is created afresh by the next apply.")
 
 
 def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: None,

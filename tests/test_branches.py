@@ -183,7 +183,7 @@ def _logged_since(ends: dict) -> str:
     return text
 
 
-def test_writers_never_wait_while_a_full_branch_is_made(parent):
+def test_writers_never_wait_while_a_full_branch_is_made_and_reset(parent):
     ends = _log_lock_waits(parent)
     # the check itself works: a writer held by a table lock for 200 ms is logged
     (name, lo, hi, server, dbname), *_ = active_shards(parent)
@@ -206,10 +206,12 @@ def test_writers_never_wait_while_a_full_branch_is_made(parent):
     try:
         parent.write("fleet.yaml", parent.read("fleet.yaml") + BRANCHES.split("  dev_sample:")[0])
         applied = parent.cli("apply", "--auto-approve")
+        reset = parent.cli("branches", "reset", "dev_full")  # a reset reads the parent the same way
         time.sleep(0.3)
     finally:
         writer.stop()
     assert applied.code == 0, applied.both
+    assert reset.code == 0 and "Reset complete" in reset.out, reset.both
     assert "branch_dev_full" in parent.databases("b")
     assert writer.errors == [] and writer.writes > 50
     waits = [line for line in _logged_since(ends).splitlines() if "still waiting for" in line]

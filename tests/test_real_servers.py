@@ -299,6 +299,52 @@ def test_a_branch_that_failed_midway_is_shown_by_plan_and_drift_then_rebuilt(rea
     real.write("fleet.yaml", fleet_yaml)
 
 
+def test_a_branch_that_fails_on_an_older_server_is_shown_and_rebuilt_where_it_fits(real):
+    """The case found: a parent made on 18 with a view using any_value() (new in 16) cannot be
+    restored on 15. The branch stays visible (plan, drift, status) instead of 'creating' in
+    silence; declared on the 18 server instead, it is built there and the half-built database
+    on 15 is dropped."""
+    fleet_yaml = real.read("fleet.yaml")
+    grown = fleet_yaml.replace("branches:\n", """\
+  reports:
+    shard_key: {column: customer_id, type: bigint}
+    schema:
+      - schema/001_init.sql
+      - {name: 002_view, sql: "CREATE VIEW some_names AS SELECT any_value(name) AS name FROM customers;"}
+    shards: 1
+    placement: [a]
+branches:
+""") if "branches:" in fleet_yaml else fleet_yaml
+    assert "reports:" in grown
+    real.write("fleet.yaml", grown)
+    assert real.cli("apply", "--auto-approve").code == 0  # the parent first: a branch waits for it
+    real.write("fleet.yaml", grown + "  r15: {from: reports, data: full, server: b, ttl: 1d}\n")
+    failed = real.cli("apply", "--auto-approve")
+    assert failed.code == 1, failed.both
+    assert "building branch database branch_r15 failed" in failed.err and "any_value" in failed.err
+    assert "Traceback" not in failed.err
+    plan = real.cli("plan", "--detailed-exitcode")
+    assert plan.code == 2 and "did not finish building branch r15" in plan.out, plan.both
+    drift = real.cli("drift", "--detailed-exitcode")
+    assert drift.code == 2 and "branch.r15" in drift.out, drift.both
+    assert "branch_r15" in real.databases("b")
+
+    real.write("fleet.yaml", grown + "  r15: {from: reports, data: full, server: a, ttl: 1d}\n")
+    plan = real.cli("plan")
+    assert "drops the half-built branch_r15 on b" in plan.out, plan.out
+    rebuilt = real.cli("apply", "--auto-approve")
+    assert rebuilt.code == 0, rebuilt.both
+    assert "branch_r15" in real.databases("a") and "branch_r15" not in real.databases("b")
+    with real.connect("a", "branch_r15") as conn:
+        assert conn.execute("SELECT count(*) FROM some_names").fetchone() == (1,)
+    assert real.cli("plan", "--detailed-exitcode").code == 0
+    assert real.cli("drift", "--detailed-exitcode").code == 0
+    with real.catalog() as conn:
+        assert conn.execute("SELECT count(*) FROM shardctl.operations WHERE state = 'running'").fetchone() == (0,)
+    real.write("fleet.yaml", fleet_yaml)  # the branch and the empty database go again
+    assert real.cli("apply", "--auto-approve").code == 0
+
+
 def test_a_service_and_a_passfile_reach_the_source_and_the_subscription_too(real, tmp_path):
     """Server b declared as a libpq service (pg_service.conf with host, port, user) and its
     password in a passfile, as libpq users keep them: a split of b's shard into a works, because

@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import psycopg
 from psycopg import errors, sql
 
 from engine.catalog import store
 from engine.catalog.journal import Operation
+from engine.clock import Clock, system_clock
 from engine.errors import UserError
 from engine.observe import introspect
 from engine.plan.models import ShardSpec, StepSpec
@@ -44,8 +46,20 @@ class ApplyContext:
     actor: str = "apply"  # who runs it: a person's apply, or "daemon <who>"; kept in the history
     counts: dict[str, int] = field(default_factory=lambda: {"added": 0, "changed": 0, "destroyed": 0, "retired": 0})
 
+    clock: Clock = system_clock  # expiry dates are set from it; tests may pin it
+
     def begin(self, kind: str, address: str, **detail) -> Operation:
         return Operation.start(self.catalog, kind, address, self.plan_serial, detail)
+
+    def resume_or_begin(self, action) -> Operation:
+        """The interrupted operation the action resumes, or a new one that records the action, so
+        that a rerun (or `shardctl abort`) knows what it was doing."""
+        if action.operation is not None:
+            return Operation(self.catalog, action.operation)
+        return self.begin(action.kind, action.address, action=action.model_dump(mode="json"))
+
+    def now(self) -> datetime:
+        return self.clock()
 
 
 def ensure_database(ctx: ApplyContext, shard: ShardSpec) -> bool:

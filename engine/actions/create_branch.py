@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 
 import psycopg
 from psycopg import pq, sql
@@ -23,9 +23,10 @@ from psycopg.types.json import Jsonb
 
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
 from engine.catalog import store
+from engine.catalog.journal import Operation
 from engine.errors import UserError
 from engine.observe import introspect
-from engine.plan.models import CreateBranch, ShardSpec
+from engine.plan.models import CreateBranch, ResetBranch, ShardSpec
 from engine.rows import one
 from engine.servers.embedded import bin_dir
 
@@ -34,23 +35,59 @@ HASH = {"bigint": "hashint8extended", "text": "hashtextextended"}
 
 def execute(action: CreateBranch, ctx: ApplyContext) -> None:
     timer = Timer()
-    ctx.say(f"{action.address}: Creating...")
-    op = ctx.begin(action.kind, action.address, server=action.server)
+    resumed = action.operation is not None
+    ctx.say(f"{action.address}: {'Rebuilding (' + action.reason.text + ')' if resumed else 'Creating'}...")
+    op = ctx.resume_or_begin(action)
+    expires = ctx.now() + timedelta(seconds=action.ttl_seconds)
+    with op.step(f"record {action.branch}"), ctx.catalog.transaction():
+        # a resumed operation owns the row in whatever state it left it (a reset now declared elsewhere)
+        left = ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s"
+                                   " AND (state = 'creating' OR %s)", (action.branch, resumed)).fetchone()
+        if left and (left[0], left[1]) != (action.server, action.dbname) and left[0] in ctx.fleet.servers:
+            # the half-built database of an earlier try elsewhere (another server): nobody's work
+            drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=left[0], dbname=left[1]))
+        ctx.catalog.execute(
+            "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at,"
+            " reset_token) VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s, %s) ON CONFLICT (name) DO UPDATE"
+            " SET parent = excluded.parent, data = excluded.data, sample_percent = excluded.sample_percent,"
+            " server = excluded.server, dbname = excluded.dbname, expires_at = excluded.expires_at,"
+            " reset_token = excluded.reset_token, state = 'creating' WHERE shardctl.branches.state = 'creating' OR %s",
+            (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname,
+             expires, action.reset_token, resumed))
+    rows, size, base = build(ctx, op, action)
+    with op.step(f"activate {action.branch}"), ctx.catalog.transaction():
+        ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
+                            " WHERE name = %s", (Jsonb(base), size, action.branch))
+        store.bump_serial(ctx.catalog)
+        store.add_history(ctx.catalog, "create_branch", action.address,
+                          {"rows": rows, "data": action.data, "resumed": action.operation})
+        op.finish()  # with the activation: a kill between them cannot leave an active branch 'running'
+    ctx.counts["added"] += 1
+    ctx.say(f"{action.address}: Creation complete after {timer}")
+
+
+def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) -> tuple[dict[str, int], int, dict]:
+    """The journaled steps that fill the branch's database from the parent's active shards, from
+    an empty database up: each step may be killed, and the whole is redone from the top (the
+    database is dropped first: a half-built branch holds no one's work). Returns the rows copied
+    per table, the database's size, and the parent's schema it was made from (the merge base)."""
     target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
     key_column, key_type = one(ctx.catalog.execute(
         "SELECT key_column, key_type FROM shardctl.databases WHERE name = %s", (action.database,)))
-    expires = datetime.now(UTC) + timedelta(seconds=action.ttl_seconds)
-    with op.step(f"record {action.branch}"):
-        ctx.catalog.execute(
-            "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s) ON CONFLICT (name) DO NOTHING",
-            (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname, expires))
-    with op.step(f"database {action.branch}"):
-        drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
-        ensure_database(ctx, target)
     first = action.shards[0]
+    with ThreadPoolExecutor(max_workers=2) as dumping:  # both dumps are read while the database is made
+        dumps = {section: dumping.submit(_dump, ctx, first, section) for section in ("pre-data", "post-data")}
+        with op.step(f"database {action.branch}"):
+            drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
+            ensure_database(ctx, target)
+        return _fill(ctx, op, action, target, first, key_column, key_type, dumps)
+
+
+def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, target: ShardSpec, first: ShardSpec,
+          key_column: str, key_type: str, dumps: dict[str, Future[str]]) -> tuple[dict[str, int], int, dict]:
+    timer = Timer()
     with op.step(f"pre-data {action.branch}"):
-        _run_sql(ctx, target, _dump(ctx, first, "pre-data"))
+        _run_sql(ctx, target, dumps["pre-data"].result())
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
         tables = [(r[0], r[1], r[2]) for r in conn.execute(
             "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
@@ -70,20 +107,13 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
             ctx.say(f"{action.address}: copied {sum(rows.values()):,} rows from {len(action.shards)} shards"
                     f" [{timer} elapsed]")
     with op.step(f"post-data {action.branch}"):
-        _run_sql(ctx, target, _dump(ctx, first, "post-data"))
+        _post_data(ctx, target, dumps["post-data"].result())
         with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
             conn.execute("ANALYZE")
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     with ctx.fleet.servers[first.server].connect(first.dbname) as conn:
         base = introspect.snapshot(conn)
-    with ctx.catalog.transaction():
-        ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
-                            " WHERE name = %s", (Jsonb(base), size, action.branch))
-        store.bump_serial(ctx.catalog)
-        store.add_history(ctx.catalog, "create_branch", action.address, {"rows": rows, "data": action.data})
-    op.finish()
-    ctx.counts["added"] += 1
-    ctx.say(f"{action.address}: Creation complete after {timer}")
+    return rows, size, base
 
 
 def _sample_filter(key_column: str, key_type: str, percent: float | None) -> sql.Composable:
@@ -150,6 +180,33 @@ def portable(conn: psycopg.Connection, text: str) -> str:
                 continue
         out.append(line)
     return "\n".join(out)
+
+
+# pg_dump's table of contents: each object's statements follow a "-- Name: ...; Type: ...;" comment
+_TOC = re.compile(r"^-- Name: .*; Type: (?P<type>[A-Z ]+);", re.MULTILINE)
+INDEX_BUILDERS = 2  # index builds at once: pg_restore -j2's parallelism, one per core here
+INDEX_MEMORY = "256MB"  # maintenance_work_mem of each build: sorts in memory, not in temporary files
+
+
+def _post_data(ctx: ApplyContext, target: ShardSpec, text: str) -> None:
+    """Primary keys, unique constraints and indexes are built INDEX_BUILDERS at a time (as
+    pg_restore -j does), each with INDEX_MEMORY; then the rest in the dump's order (foreign
+    keys, which need the referenced keys, triggers, ...)."""
+    starts = [m.start() for m in _TOC.finditer(text)]
+    if not starts:
+        _run_sql(ctx, target, text)
+        return
+    header = text[:starts[0]]
+    entries = [(m.group("type"), text[m.start():end]) for m, end in zip(_TOC.finditer(text), [*starts[1:], len(text)],
+                                                                        strict=True)]
+    indexes = [body for kind, body in entries if kind in ("CONSTRAINT", "INDEX")]
+    rest = [body for kind, body in entries if kind not in ("CONSTRAINT", "INDEX")]
+    setting = f"SET maintenance_work_mem = '{INDEX_MEMORY}';\n"
+    with ThreadPoolExecutor(max_workers=INDEX_BUILDERS) as pool:
+        for job in [pool.submit(_run_sql, ctx, target, header + setting + body) for body in indexes]:
+            job.result()
+    if rest:
+        _run_sql(ctx, target, header + setting + "".join(rest))
 
 
 def _run_sql(ctx: ApplyContext, target: ShardSpec, text: str) -> None:

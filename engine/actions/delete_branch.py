@@ -1,16 +1,18 @@
 """Delete a branch: drop its database. An expired branch stays in the catalog as 'expired', so
-a declaration left in the YAML is not silently created again."""
+a declaration left in the YAML is not silently created again. A branch whose creation or reset
+never finished is deleted the same way, and the interrupted operation is closed with it."""
 
 from __future__ import annotations
 
 from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import store
+from engine.catalog.journal import Operation
 from engine.plan.models import DeleteBranch, ShardSpec
 
 
 def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
     ctx.say(f"{action.address}: Destroying...")
-    op = ctx.begin(action.kind, action.address, expired=action.expired)
+    op = ctx.begin(action.kind, action.address, expired=action.expired, closes=action.operation)
     with op.step(f"drop {action.branch}", dbname=action.dbname):
         drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname))
     with ctx.catalog.transaction():
@@ -18,8 +20,10 @@ def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
             ctx.catalog.execute("UPDATE shardctl.branches SET state = 'expired' WHERE name = %s", (action.branch,))
         else:
             ctx.catalog.execute("DELETE FROM shardctl.branches WHERE name = %s", (action.branch,))
+        if action.operation is not None:
+            Operation(ctx.catalog, action.operation).finish("aborted")
         store.bump_serial(ctx.catalog)
         store.add_history(ctx.catalog, "delete_branch", action.address, {"expired": action.expired, "actor": ctx.actor})
-    op.finish()
+        op.finish()
     ctx.counts["destroyed"] += 1
     ctx.say(f"{action.address}: Destruction complete")

@@ -15,6 +15,7 @@ from engine.actions import (
     merge_shards,
     recreate_shard,
     rename_database,
+    reset_branch,
     split_shard,
     update_database,
 )
@@ -33,6 +34,7 @@ EXECUTORS: dict[type, Callable] = {
     models.CreateBranch: create_branch.execute,
     models.DeleteBranch: delete_branch.execute,
     models.MergeBranchSchema: merge_branch_schema.execute,
+    models.ResetBranch: reset_branch.execute,
     models.RenameDatabase: rename_database.execute,
 }
 

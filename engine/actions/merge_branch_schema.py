@@ -23,11 +23,13 @@ def execute(action: MergeBranchSchema, ctx: ApplyContext) -> None:
     timer = Timer()
     ctx.say(f"{action.address}: Merging into {len(action.shards)} shards...")
     sql_text = "\n".join(action.statements) + "\n"
+    # the catalog records the step only at the end, so a resumed merge gets the same number and
+    # every shard that ran it already skips it (its ledger has that number and hash)
     seq = one(ctx.catalog.execute("SELECT coalesce(max(seq), 0) + 1 FROM shardctl.schema_steps WHERE database = %s",
                                   (action.database,)))[0]
     step = StepSpec(seq=seq, name=f"branch:{action.branch}:{action.branch_schema_sha256[:12]}",
                     sha256=hashlib.sha256(sql_text.encode()).hexdigest(), sql=sql_text)
-    op = ctx.begin(action.kind, action.address, step=step.name)
+    op = ctx.resume_or_begin(action)
     for shard in action.shards:
         with op.step(f"schema {action.database}/{shard.name}", server=shard.server):
             apply_steps(ctx, shard, (step,))
@@ -36,13 +38,13 @@ def execute(action: MergeBranchSchema, ctx: ApplyContext) -> None:
                                      (action.branch,)))
     with ctx.fleet.servers[branch[0]].connect(branch[1]) as conn:
         new_base = introspect.snapshot(conn)
-    with ctx.catalog.transaction():
+    with op.step(f"record {action.branch} schema", step=step.name), ctx.catalog.transaction():
         store.record_steps(ctx.catalog, action.database, [(step.seq, step.name, step.sha256, step.sql)])
         ctx.catalog.execute("UPDATE shardctl.branches SET base_schema = %s WHERE name = %s",
                             (Jsonb(new_base), action.branch))
         store.bump_serial(ctx.catalog)
         store.add_history(ctx.catalog, "merge_branch_schema", action.address,
                           {"statements": list(action.statements), "findings": [list(f) for f in action.findings]})
-    op.finish()
+        op.finish()  # in the same transaction: never recorded twice, never left 'running' once recorded
     ctx.counts["changed"] += 1
     ctx.say(f"{action.address}: Merge complete after {timer} [{len(action.shards)} shards]")

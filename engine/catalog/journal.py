@@ -135,8 +135,9 @@ def interrupted(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 def close_interrupted(conn: psycopg.Connection) -> None:
     """Mark operations left 'running' by a dead process as failed; the new plan redoes their
-    (idempotent) work. Splits and merges stay 'running': they resume under their own names,
-    or `shardctl abort` rolls them back."""
+    (idempotent) work. Splits, merges and a branch's creation, reset or schema merge stay
+    'running': they resume under their own operation, or `shardctl abort` undoes them."""
     conn.execute("UPDATE shardctl.operations SET state = 'failed', finished_at = now(),"
                  " detail = detail || '{\"interrupted\": true}'"
-                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards')")
+                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards', 'create_branch',"
+                 " 'reset_branch', 'merge_branch_schema')")

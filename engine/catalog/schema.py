@@ -213,7 +213,17 @@ CREATE TABLE shardctl.daemon_leader (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+V6_BRANCHES = r"""
+-- branches can be reset (re-made from the parent's current data under the same name, server,
+-- connection string and expiry): the declared `reset` value last acted on, when, and the state
+-- a reset is in until its rebuild is done
+ALTER TABLE shardctl.branches ADD COLUMN reset_token text, ADD COLUMN reset_at timestamptz;
+ALTER TABLE shardctl.branches DROP CONSTRAINT branches_state_check;
+ALTER TABLE shardctl.branches ADD CONSTRAINT branches_state_check
+    CHECK (state IN ('creating', 'resetting', 'active', 'expired'));
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V6_BRANCHES]
 VERSION = len(MIGRATIONS)
 
 

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from engine.catalog import lock, schema
@@ -26,6 +27,8 @@ from engine.observe.models import (
 from engine.rows import one
 
 MOVE_KINDS = ("split_shard", "merge_shards")
+# branch operations that resume under their own operation, or that `abort` cleans up
+BRANCH_KINDS = ("create_branch", "reset_branch", "merge_branch_schema")
 
 
 def database_exists(conn: psycopg.Connection, name: str) -> bool:
@@ -68,6 +71,7 @@ def read(conn: psycopg.Connection) -> CatalogState:
     ) if version >= 2 else ()
     return CatalogState(exists=True, schema_version=version, serial=serial, epoch=epoch, databases=databases,
                         reshard_events=events, pending_moves=tuple(pending_moves(conn)),
+                        pending_branches=tuple(pending_moves(conn, BRANCH_KINDS)),
                         branches=read_branches(conn) if version >= 3 else {},
                         apply_in_flight=lock.held_elsewhere(conn))
 
@@ -224,7 +228,8 @@ def reshard_events(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return [dict(at=r[0], event=r[1], address=r[2], detail=r[3]) for r in rows]
 
 
-def pending_moves(conn: psycopg.Connection) -> list[PendingMove]:
+def pending_moves(conn: psycopg.Connection, kinds: tuple[str, ...] = MOVE_KINDS) -> list[PendingMove]:
+    """Operations of these kinds left 'running', with the action each was started from."""
     rows = conn.execute(
         """SELECT o.id, o.kind, o.detail,
                   (SELECT step FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1),
@@ -234,15 +239,21 @@ def pending_moves(conn: psycopg.Connection) -> list[PendingMove]:
                           AND j.status = 'done')
            FROM shardctl.operations o
            WHERE o.state = 'running' AND o.kind = ANY(%s) ORDER BY o.id""",
-        (list(MOVE_KINDS),),
+        (list(kinds),),
     ).fetchall()
     return [PendingMove(operation=r[0], kind=r[1], database=r[2]["action"]["database"], action=r[2]["action"],
                         last_step=r[3], fenced=r[4], flipped=r[5]) for r in rows]
 
 
 def read_branches(conn: psycopg.Connection) -> dict[str, CatalogBranch]:
-    rows = conn.execute("SELECT name, parent, data, sample_percent, server, dbname, state, created_at, expires_at,"
-                        " size_bytes, base_schema FROM shardctl.branches ORDER BY name").fetchall()
+    resettable = one(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'shardctl.branches'::regclass"
+        " AND attname = 'reset_token')"))[0]  # a catalog not migrated yet (a read-only look) has no resets
+    rows = conn.execute(sql.SQL(
+        "SELECT name, parent, data, sample_percent, server, dbname, state, created_at, expires_at,"
+        " size_bytes, base_schema, {} FROM shardctl.branches ORDER BY name").format(
+            sql.SQL("reset_token, reset_at" if resettable else "NULL, NULL"))).fetchall()
     return {r[0]: CatalogBranch(name=r[0], parent=r[1], data=r[2], sample_percent=r[3], server=r[4], dbname=r[5],
-                                state=r[6], created_at=r[7], expires_at=r[8], size_bytes=r[9], base_schema=r[10])
+                                state=r[6], created_at=r[7], expires_at=r[8], size_bytes=r[9], base_schema=r[10],
+                                reset_token=r[11], reset_at=r[12])
             for r in rows}

@@ -482,6 +482,9 @@ class CatalogSettings(Frozen):
     )
 
 
+DEFAULT_BRANCH_TTL = 7 * 86400.0  # a branch without a declared ttl is deleted a week after creation
+
+
 class Branch(Frozen):
     """A development copy of a sharded database: one ordinary database on one server."""
 
@@ -489,11 +492,18 @@ class Branch(Frozen):
     data: Literal["schema", "sample", "full"] = Field("schema", description="schema only, a hash sample, or all rows")
     sample_percent: float = Field(1.0, gt=0, le=100, description="with data: sample, the share of shard keys kept")
     server: Name = Field(description="the server the branch lives on")
-    ttl: Duration = Field(7 * 86400.0, description="deleted this long after creation, e.g. 7d")
+    ttl: Duration = Field(DEFAULT_BRANCH_TTL, description="deleted this long after creation, e.g. 7d (default 7d)")
     merge_schema: bool = Field(False, description="merge the branch's schema changes back into every shard")
     allow_destructive: bool = Field(False, description="let a schema merge drop columns or tables")
+    reset: str | int | None = Field(
+        None, description="change this value (a date, a counter) to re-make the branch from its parent's current"
+        " data: it keeps its name, server, connection string and expiry; its own rows and schema changes go")
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+    @property
+    def ttl_declared(self) -> bool:
+        return "ttl" in self.model_fields_set
 
 
 class ReshardingSettings(Frozen):

@@ -63,7 +63,8 @@ class ReshardEvent(Frozen):
 
 
 class PendingMove(Frozen):
-    """A split or merge that started and did not finish: its action, to be resumed or aborted."""
+    """A split or merge (or a branch's creation, reset or schema merge) that started and did not
+    finish: its action, to be resumed or aborted."""
 
     operation: int
     kind: str
@@ -86,6 +87,8 @@ class CatalogBranch(Frozen):
     expires_at: datetime
     size_bytes: int | None = None
     base_schema: dict[str, Any] | None = None
+    reset_token: str | None = None  # the declared `reset` value its data was last made for
+    reset_at: datetime | None = None
 
 
 class CatalogState(Frozen):
@@ -96,6 +99,7 @@ class CatalogState(Frozen):
     databases: dict[str, CatalogDatabase] = {}
     reshard_events: tuple[ReshardEvent, ...] = ()
     pending_moves: tuple[PendingMove, ...] = ()
+    pending_branches: tuple[PendingMove, ...] = ()  # unfinished branch creations, resets, schema merges
     branches: dict[str, CatalogBranch] = {}
     apply_in_flight: str | None = None  # who holds the apply lock from elsewhere, when someone does
 

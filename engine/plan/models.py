@@ -210,23 +210,39 @@ class DropRetiredShard(ActionBase):
         return f"shard.{self.database}/{self.shard.name}"
 
 
-class CreateBranch(ActionBase):
-    """Make a branch: the parent's schema, then (a sample of) its rows from every shard, streamed
-    with COPY from a consistent snapshot of each shard; indexes and constraints after the data."""
+class _BranchBuild(ActionBase):
+    """What a branch is made from and where: shared by its creation and its reset."""
 
-    kind: Literal["create_branch"] = "create_branch"
-    symbol: Symbol = "create"
     branch: str
     data: Literal["schema", "sample", "full"]
     sample_percent: float | None
     server: str
     dbname: str
-    ttl_seconds: float
     shards: tuple[ShardSpec, ...]
+    reset_token: str | None = None  # the declared `reset` value its data is made for
+    operation: int | None = None  # the interrupted creation or reset this resumes (rebuilding from the start)
 
     @property
     def address(self) -> str:
         return f"branch.{self.branch}"
+
+
+class CreateBranch(_BranchBuild):
+    """Make a branch: the parent's schema, then (a sample of) its rows from every shard, streamed
+    with COPY from a consistent snapshot of each shard; indexes and constraints after the data."""
+
+    kind: Literal["create_branch"] = "create_branch"
+    symbol: Symbol = "create"
+    ttl_seconds: float
+    ttl_declared: bool = True  # False: the default ttl, said so in the plan
+
+
+class ResetBranch(_BranchBuild):
+    """Re-make a branch from its parent's current data: same name, server, database (so the same
+    connection string) and expiry; the branch's own rows and schema changes are replaced."""
+
+    kind: Literal["reset_branch"] = "reset_branch"
+    symbol: Symbol = "update"
 
 
 class DeleteBranch(ActionBase):
@@ -239,6 +255,8 @@ class DeleteBranch(ActionBase):
     dbname: str
     expired: bool
     holding: Holding | None = None
+    unfinished: bool = False  # its creation or reset never finished: it holds no one's work
+    operation: int | None = None  # the interrupted creation or reset it closes
 
     @property
     def address(self) -> str:
@@ -256,6 +274,7 @@ class MergeBranchSchema(ActionBase):
     findings: tuple[tuple[str, str, str], ...]  # (severity, statement, finding)
     shards: tuple[ShardSpec, ...]
     branch_schema_sha256: str
+    operation: int | None = None  # the interrupted merge this resumes (shards that ran it skip it)
 
     @property
     def address(self) -> str:
@@ -272,6 +291,7 @@ Action = Annotated[
     | MergeShards
     | DropRetiredShard
     | CreateBranch
+    | ResetBranch
     | DeleteBranch
     | MergeBranchSchema
     | RenameDatabase,
@@ -282,7 +302,7 @@ LOAD_KINDS = ("split_shard", "merge_shards")
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
          "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
-         "create_branch": 10, "rename_database": 11}
+         "create_branch": 10, "rename_database": 11, "reset_branch": 12}
 
 
 class Drift(Frozen):

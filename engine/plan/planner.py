@@ -42,6 +42,7 @@ from engine.plan.models import (
     Reason,
     RecreateShard,
     RenameDatabase,
+    ResetBranch,
     ShardSpec,
     SplitShard,
     StepSpec,
@@ -485,63 +486,133 @@ def resume_move(pending, in_flight: str | None = None) -> Any:
 
 
 def _branches(desired: Desired, observation: Observation) -> tuple[list, list[str]]:
-    now = observation.now()  # expiry is wall-clock time, never a recording's
+    """Per declared branch: create it, finish (rebuild) or reset it, delete it past its ttl, or
+    merge its schema; then delete the recorded ones no longer declared. A branch whose creation,
+    reset or schema merge did not finish is never silent: it is resumed (or deleted) under the
+    interrupted operation's number, and until then plan and drift show it."""
     actions: list = []
     notes: list[str] = []
-    recorded = observation.catalog.branches
+    pending = {p.action.get("branch"): p for p in observation.catalog.pending_branches
+               if p.kind in ("create_branch", "reset_branch")}
+    merging = {p.action.get("branch"): p for p in observation.catalog.pending_branches
+               if p.kind == "merge_branch_schema"}
     for name, branch in desired.branches.items():
-        have = recorded.get(name)
-        where = desired.where("branches", name)
-        if have is None:
-            parent = observation.catalog.databases.get(branch.from_)
-            if parent is None or parent.state != "active":
-                notes.append(f"branch.{name}: waits until {branch.from_} exists")
-                continue
-            actions.append(CreateBranch(
-                database=branch.from_, branch=name, data=branch.data,
-                sample_percent=branch.sample_percent if branch.data == "sample" else None,
-                server=branch.server, dbname=f"branch_{name}", ttl_seconds=branch.ttl,
-                shards=tuple(_shard_spec(s) for s in parent.shards if s.state == "active"),
-                reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"),
-            ))
-        elif have.state == "creating" and (have.parent, have.data, have.server) == (branch.from_, branch.data,
-                                                                                  branch.server):
-            # an apply failed or was killed while building it: visible, and rebuilt from the start
-            parent = observation.catalog.databases.get(branch.from_)
-            if parent is None or parent.state != "active":
-                notes.append(f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
-                continue
-            actions.append(CreateBranch(
-                database=branch.from_, branch=name, data=branch.data,
-                sample_percent=branch.sample_percent if branch.data == "sample" else None,
-                server=branch.server, dbname=have.dbname, ttl_seconds=branch.ttl,
-                shards=tuple(_shard_spec(s) for s in parent.shards if s.state == "active"),
-                reason=Reason(cause="resume", text=f"an earlier apply did not finish building branch {name} (its"
-                              " database may be half-built): apply rebuilds it from the start; removing the branch"
-                              " from the configuration deletes it instead"),
-            ))
-        elif have.state == "expired":
-            notes.append(f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
-                         " deleted; remove it from the configuration (or declare it under a new name)")
-        elif have.expires_at <= now:
-            actions.append(_delete_branch(have, expired=True))
-        elif (have.parent, have.data, have.server) != (branch.from_, branch.data, branch.server):
-            notes.append(f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
-                         " branch (a new name) for the new settings")
-        elif branch.merge_schema:
-            action, note = _schema_merge(branch, have, observation)
-            if action:
-                actions.append(action)
-            if note:
-                notes.append(note)
-    for name, have in recorded.items():
-        if have.state == "expired":
+        if name in merging:
+            actions.append(_resume_schema_merge(merging[name]))  # finished before anything else happens to it
             continue
-        if name not in desired.branches:
-            actions.append(
-                _delete_branch(have, expired=have.expires_at <= now, holding=_branch_holding(have, observation))
-            )
+        action, note = _declared_branch(name, branch, pending.get(name), desired, observation)
+        actions.extend([action] if action else [])
+        notes.extend([note] if note else [])
+    actions.extend(_undeclared_branches(desired, observation, pending, merging))
     return actions, notes
+
+
+def _declared_branch(name: str, branch, unfinished, desired: Desired,
+                     observation: Observation) -> tuple[Any, str | None]:
+    have = observation.catalog.branches.get(name)
+    where = desired.where("branches", name)
+    if have is None or have.state in ("creating", "resetting") or unfinished is not None:
+        return _build_branch(name, branch, have, unfinished, where, observation)
+    if have.state == "expired":
+        return None, (f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
+                      " deleted; remove it from the configuration (or declare it under a new name)")
+    if have.expires_at <= observation.now():  # expiry is wall-clock time, never a recording's
+        return _delete_branch(have, expired=True), None
+    if (have.parent, have.data, have.server) != (branch.from_, branch.data, branch.server):
+        return None, (f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
+                      " branch (a new name) for the new settings")
+    if branch.reset is not None and _token(branch.reset) != have.reset_token:
+        return _build_branch(name, branch, have, None, where, observation)
+    if branch.merge_schema:
+        return _schema_merge(branch, have, observation)
+    return None, None
+
+
+def _undeclared_branches(desired: Desired, observation: Observation, pending: dict, merging: dict) -> list:
+    """Recorded branches no longer declared are deleted (one half-built needs no consent: it holds
+    no one's work); an interrupted creation that recorded nothing yet has what it made removed."""
+    now = observation.now()
+    recorded = observation.catalog.branches
+    actions: list = []
+    for name, have in recorded.items():
+        if have.state == "expired" or name in desired.branches:
+            continue
+        if name in merging:
+            actions.append(_resume_schema_merge(merging[name]))
+            continue
+        unfinished_build = have.state in ("creating", "resetting")
+        actions.append(_delete_branch(
+            have, expired=have.expires_at <= now and not unfinished_build,
+            holding=Holding(rows=0) if unfinished_build else _branch_holding(have, observation),
+            unfinished=unfinished_build, operation=pending[name].operation if name in pending else None))
+    for name, p in pending.items():
+        if name not in recorded and name not in desired.branches and isinstance(name, str):
+            actions.append(DeleteBranch(
+                database=p.database, branch=name, server=p.action["server"], dbname=p.action["dbname"],
+                expired=False, holding=Holding(rows=0), unfinished=True, operation=p.operation,
+                reason=Reason(cause="resume", text=f"operation {p.operation} was interrupted at step"
+                              f" {p.last_step!r} while creating branch {name}, which is no longer declared:"
+                              " what it made is removed")))
+    return actions
+
+
+def _token(value: str | int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _build_branch(name: str, branch, have, unfinished, where, observation: Observation) -> tuple[Any, str | None]:
+    """Create, finish or reset a branch from the parent's active shards. An unfinished build is
+    rebuilt from the start with the declared settings (it holds no one's work yet), under the
+    operation that was interrupted."""
+    parent = observation.catalog.databases.get(branch.from_)
+    if parent is None or parent.state != "active":
+        return None, (f"branch.{name}: waits until {branch.from_} exists" if have is None and unfinished is None
+                      else f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
+    shards = tuple(_shard_spec(s) for s in parent.shards if s.state == "active")
+    sample = branch.sample_percent if branch.data == "sample" else None
+    resetting = (unfinished is not None and unfinished.kind == "reset_branch") or (
+        have is not None and have.state in ("active", "resetting"))
+    if resetting and have is not None and (have.parent, have.data, have.server) == (branch.from_, branch.data,
+                                                                                     branch.server):
+        token = _token(branch.reset) if unfinished is None else unfinished.action.get("reset_token")
+        if unfinished is not None or have.state == "resetting":
+            why = (f"operation {unfinished.operation} was interrupted while resetting branch {name} (its database"
+                   f" may be half-built): apply rebuilds it from the start (`shardctl abort {unfinished.operation}`"
+                   " drops it instead)" if unfinished else
+                   f"an earlier apply did not finish resetting branch {name}: apply rebuilds it from the start")
+            cause: Cause = "resume"
+        else:
+            why = (f"its declared reset value changed ({have.reset_token or 'none'} -> {token}) at {where}:"
+                   " it is made again from the parent's current data")
+            cause = "config"
+        return ResetBranch(
+            database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
+            dbname=have.dbname, shards=shards, reset_token=token,
+            operation=unfinished.operation if unfinished else None, reason=Reason(cause=cause, text=why)), None
+    create = CreateBranch(
+        database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
+        dbname=f"branch_{name}", ttl_seconds=branch.ttl, ttl_declared=branch.ttl_declared, shards=shards,
+        reset_token=_token(branch.reset), operation=unfinished.operation if unfinished else None,
+        reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"))
+    if have is None and unfinished is None:
+        return create, None
+    op = f"operation {unfinished.operation}" if unfinished else "an earlier apply"
+    at = f" at step {unfinished.last_step!r}" if unfinished and unfinished.last_step else ""
+    moved = have is not None and (have.server, have.dbname) != (branch.server, f"branch_{name}")
+    text = (f"{op} did not finish building branch {name}{at} (its database may be half-built): apply rebuilds it"
+            " from the start" + (f", on {branch.server}, and drops the half-built {have.dbname} on {have.server}"
+                                 if moved and have else "")
+            + "; removing the branch from the configuration deletes it instead"
+            + (f" (`shardctl abort {unfinished.operation}` drops it now)" if unfinished else ""))
+    return create.model_copy(update={"reason": Reason(cause="resume", text=text)}), None
+
+
+def _resume_schema_merge(p) -> MergeBranchSchema:
+    data = {**p.action, "operation": p.operation}
+    data["reason"] = {"cause": "resume", "text": f"operation {p.operation} was interrupted at step {p.last_step!r}"
+                      " while merging the branch's schema: apply finishes it on the shards that lack it (those"
+                      " that ran it skip it)"}
+    return MergeBranchSchema.model_validate(data)
 
 
 def _schema_merge(branch, have, observation: Observation) -> tuple[MergeBranchSchema | None, str | None]:
@@ -584,11 +655,14 @@ def _schema_merge(branch, have, observation: Observation) -> tuple[MergeBranchSc
     ), None
 
 
-def _delete_branch(have, expired: bool, holding: Holding | None = None) -> DeleteBranch:
+def _delete_branch(have, expired: bool, holding: Holding | None = None, unfinished: bool = False,
+                   operation: int | None = None) -> DeleteBranch:
     why = (f"its ttl ran out at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if expired
-           else f"branch {have.name} is not in the configuration")
+           else f"branch {have.name} is not in the configuration"
+           + (" and was left half-built (nothing of anyone's to keep)" if unfinished else ""))
     return DeleteBranch(database=have.parent, branch=have.name, server=have.server, dbname=have.dbname,
-                        expired=expired, holding=holding, reason=Reason(cause="config", text=why))
+                        expired=expired, holding=holding, unfinished=unfinished, operation=operation,
+                        reason=Reason(cause="resume" if unfinished else "config", text=why))
 
 
 def _retired_drops(desired: Desired, observation: Observation) -> list[DropRetiredShard]:
@@ -743,7 +817,7 @@ def _needs(action) -> list[tuple[str, str]]:
         return [(s.server, "shard") for s in action.shards]
     if kind == "recreate_shard":
         return [(action.shard.server, "shard")]
-    if kind == "create_branch":
+    if kind in ("create_branch", "reset_branch"):
         return [(action.server, "shard")]
     if kind == "split_shard":
         return [(action.source.server, "move_source")] + [(t.server, p) for t in action.targets

@@ -23,6 +23,7 @@ from engine.plan.models import (
     Plan,
     RecreateShard,
     RenameDatabase,
+    ResetBranch,
     SplitShard,
     UpdateDatabase,
 )
@@ -48,11 +49,12 @@ KIND_WORDS = {
     "delete_branch": ("branch to delete", "branches to delete"),
     "merge_branch_schema": ("branch schema merge", "branch schema merges"),
     "rename_database": ("database to rename", "databases to rename"),
+    "reset_branch": ("branch to reset", "branches to reset"),
 }
 WHAT_IF_WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
                  "now_merge": "would now be a merge candidate",
                  "no_longer_merge": "would no longer be a merge candidate"}
-VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged"}
+VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged", "reset_branch": "reset"}
 
 
 @dataclass
@@ -166,12 +168,22 @@ def _merge_shards(a: MergeShards) -> list[Line]:
     return lines + _evidence_lines(a.evidence)
 
 
+def _branch_data(a: CreateBranch | ResetBranch) -> str:
+    return f"sample of {a.sample_percent:g}% of shard keys" if a.data == "sample" else a.data
+
+
 def _create_branch(a: CreateBranch) -> list[Line]:
-    data = f"sample of {a.sample_percent:g}% of shard keys" if a.data == "sample" else a.data
     days = a.ttl_seconds / 86400
-    return [Line("+", f"from      = {a.database} ({len(a.shards)} shards)"), Line("+", f"data      = {data}"),
-            Line("+", f"server    = {a.server} ({a.dbname})"),
-            Line("+", f"ttl       = {days:g} days" if days >= 1 else f"ttl       = {a.ttl_seconds:g}s")]
+    ttl = f"{days:g} days" if days >= 1 else f"{a.ttl_seconds:g}s"
+    return [Line("+", f"from      = {a.database} ({len(a.shards)} shards)"),
+            Line("+", f"data      = {_branch_data(a)}"), Line("+", f"server    = {a.server} ({a.dbname})"),
+            Line("+", f"ttl       = {ttl}" + ("" if a.ttl_declared else " (the default: no ttl declared)"))]
+
+
+def _reset_branch(a: ResetBranch) -> list[Line]:
+    return [Line("~", f"data      = {_branch_data(a)}, made again from {a.database} ({len(a.shards)} shards)"),
+            Line(" ", f"server    = {a.server} ({a.dbname}): same name, connection string and expiry"),
+            Line("-", "the branch's own rows and schema changes")]
 
 
 def _merge_branch_schema(a: MergeBranchSchema) -> list[Line]:
@@ -202,6 +214,7 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     MergeShards: lambda a: f'shards "{a.database}/{a.sources[0].name}" + "{a.database}/{a.sources[-1].name}"',
     DropRetiredShard: lambda a: f'retired shard "{a.database}/{a.shard.name}"',
     CreateBranch: lambda a: f'branch "{a.branch}"',
+    ResetBranch: lambda a: f'branch "{a.branch}"',
     DeleteBranch: lambda a: f'branch "{a.branch}"',
     MergeBranchSchema: lambda a: f'schema of branch "{a.branch}" into "{a.database}"',
     RenameDatabase: lambda a: f'database "{a.database}"',
@@ -216,6 +229,7 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     MergeShards: _merge_shards,
     DropRetiredShard: _drop_retired,
     CreateBranch: _create_branch,
+    ResetBranch: _reset_branch,
     DeleteBranch: _delete_branch,
     MergeBranchSchema: _merge_branch_schema,
     RenameDatabase: _rename_database,
@@ -296,7 +310,7 @@ def view(plan: Plan) -> PlanView:
     parts = []
     for kind in ("destroy_database", "delete_branch", "drop_retired_shard", "merge_shards", "split_shard",
                  "recreate_shard", "create_database", "apply_schema", "merge_branch_schema", "update_database",
-                 "create_branch", "rename_database"):
+                 "create_branch", "reset_branch", "rename_database"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]

