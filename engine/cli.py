@@ -569,10 +569,13 @@ def metrics_export(obj: Ctx, out: str | None) -> None:
     from engine.observe import history, recorded
     from engine.servers.fleet import Fleet
 
-    fleet = Fleet(workflow.load(obj.config_dir))
+    desired = workflow.load(obj.config_dir)
+    fleet = Fleet(desired)
     fleet.start_embedded(err)
     with fleet.catalog(create=False) as conn:
-        samples = [s for window in history.stored_history(conn)[0].values() for s in window]
+        # the detection window each shard has, as before raw samples were kept for hours
+        stored = history.stored_history(conn, history.deepest_window(desired))[0]
+        samples = [s for window in stored.values() for s in window]
     doc = recorded.dump(samples)
     if out and out.endswith(".json"):
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -10,9 +10,9 @@ from pydantic import ValidationError
 
 from engine.catalog import store
 from engine.config.loader import Desired
-from engine.config.models import Policy
-from engine.observe import cleaning, recorded
-from engine.observe.metrics import Reading, Sample
+from engine.config.models import Policy, Retention
+from engine.observe import cleaning, recorded, rollup
+from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.models import CatalogShard, Observation
 from engine.observe.sampling import LiveSampler
 from engine.servers.fleet import Fleet
@@ -20,13 +20,15 @@ from engine.servers.fleet import Fleet
 DEFAULT_HISTORY = Policy().history_samples
 
 
-def stored_history(conn: psycopg.Connection | None) -> tuple[dict[str, list[Sample]], dict[str, Reading]]:
-    """Stored samples per shard (oldest first) and the newest stored reading per shard."""
+def stored_history(conn: psycopg.Connection | None,
+                   per_shard: int = 1000) -> tuple[dict[str, list[Sample]], dict[str, Reading]]:
+    """The newest `per_shard` stored samples per shard (oldest first) and the newest stored
+    reading per shard. Hours of raw samples may be kept; a window needs only its own."""
     samples: dict[str, list[Sample]] = {}
     last: dict[str, Reading] = {}
     if conn is None:
         return samples, last
-    for reading_json, sample_json in store.load_samples(conn):
+    for reading_json, sample_json in store.load_samples(conn, per_shard):
         try:
             reading, sample = Reading.model_validate(reading_json), Sample.model_validate(sample_json)
         except ValidationError:
@@ -42,12 +44,38 @@ def monitored_shards(observation: Observation) -> list[CatalogShard]:
             and observation.servers.get(s.server) is not None and observation.servers[s.server].reachable]
 
 
+def deepest_window(desired: Desired) -> int:
+    """The most samples any declared database's window needs: what a plan reads per shard."""
+    return max((db.effective_policy.history_samples for db in desired.databases.values()), default=DEFAULT_HISTORY)
+
+
 def history_limits(desired: Desired, shards: list[CatalogShard]) -> dict[str, int]:
     limits = {}
     for s in shards:
         db = desired.databases.get(s.database)
         limits[s.address] = db.effective_policy.history_samples if db else DEFAULT_HISTORY
     return limits
+
+
+def retention_of(desired: Desired, shards: list[CatalogShard]) -> dict[str, Retention]:
+    out = {}
+    for s in shards:
+        db = desired.databases.get(s.database)
+        out[s.address] = db.effective_policy.metrics.retention if db else Retention()
+    return out
+
+
+def rolled_up(conn: psycopg.Connection | None, resolution: int, since: datetime,
+              shards: list[str] | None = None) -> dict[str, tuple[Sample, ...]]:
+    """The stored long history at one resolution (60 or 3600 s) from `since`: one Sample of
+    metric means per bucket (engine.observe.rollup.bucket_sample)."""
+    out: dict[str, list[Sample]] = {}
+    if conn is None:
+        return {}
+    for row in store.load_rollups(conn, resolution, since, shards):
+        means = [row[3 + 2 * i] for i in range(len(METRICS))]
+        out.setdefault(row[0], []).append(rollup.bucket_sample(row[0], row[1], resolution, means))
+    return {a: tuple(v) for a, v in out.items()}
 
 
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
@@ -73,8 +101,8 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
         latest = max((s.at for window in samples.values() for s in window), default=now)
         return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
                                               "metrics_notes": notes, "taken_at": now, "metrics_at": latest})
-    history, last = stored_history(conn)
     shards = monitored_shards(observation)
+    history, last = stored_history(conn, deepest_window(desired))
     metrics_at = now
     if shards:
         with LiveSampler(fleet) as sampler:
@@ -94,7 +122,7 @@ def collect(desired: Desired, conn: psycopg.Connection, observation: Observation
     """One recorded round: sample every monitored shard and store it in the catalog."""
     shards = monitored_shards(observation)
     pairs = sampler.sample(shards)
-    store.save_samples(conn, list(pairs.values()), history_limits(desired, shards))
+    store.save_samples(conn, list(pairs.values()), history_limits(desired, shards), retention_of(desired, shards))
     return pairs
 
 
@@ -105,7 +133,7 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
     judged `stale` by the detector, and one on a server that does not answer has no window here
     (unknown): nothing acts on an old picture."""
     now = now or datetime.now(UTC)
-    stored, notes = cleaning.clean(stored_history(conn)[0])
+    stored, notes = cleaning.clean(stored_history(conn, deepest_window(desired))[0])
     shards = monitored_shards(observation)
     limits = history_limits(desired, shards)
     window: dict[str, tuple[Sample, ...]] = {}
