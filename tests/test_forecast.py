@@ -11,7 +11,8 @@ from traces import START, multi_day
 
 from engine.config.models import Policy
 from engine.detect.backtest import Trace, replay
-from engine.detect.forecast import MoveRecord, about, fit, lead_time
+from engine.detect.forecast import about, fit, lead_time
+from engine.observe.models import MoveRecord
 from engine.observe import rollup
 
 QPS = "queries_per_second"

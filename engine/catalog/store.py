@@ -24,6 +24,7 @@ from engine.observe.models import (
     CatalogDatabase,
     CatalogShard,
     CatalogState,
+    MoveRecord,
     PendingMove,
     ReshardEvent,
 )
@@ -295,6 +296,16 @@ def load_rollups(conn: psycopg.Connection, resolution: int, since: datetime,
         means=sql.SQL(", ").join(means), where=where)
     params: list[Any] = [resolution, since] + ([shards] if shards is not None else [])
     return conn.execute(statement, params).fetchall()
+
+
+def finished_moves(conn: psycopg.Connection, limit: int = 50) -> list[MoveRecord]:
+    """The newest finished splits and merges: how long each ran, and the bytes its copy
+    reported (the progress kept beside the journal), for the lead time of a predictive split."""
+    rows = conn.execute(
+        "SELECT kind, extract(epoch FROM finished_at - started_at), (detail->'progress'->>'bytes_copied')::float8"
+        " FROM shardctl.operations WHERE state = 'done' AND kind = ANY(%s) AND finished_at IS NOT NULL"
+        " ORDER BY id DESC LIMIT %s", (list(MOVE_KINDS), limit)).fetchall()
+    return [MoveRecord(kind=r[0], seconds=float(r[1]), size_bytes=r[2]) for r in rows]
 
 
 def reshard_events(conn: psycopg.Connection) -> list[dict[str, Any]]:

@@ -28,7 +28,8 @@ from statistics import median
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.config.models import span
+from engine.config.models import Policy, span
+from engine.observe.models import MoveRecord
 
 HOUR = 3600.0
 DAY_HOURS, WEEK_HOURS = 24, 168
@@ -46,8 +47,8 @@ class LoadForecast(Frozen):
 
     shard: str
     metric: str
-    fitted_from: datetime  # the history it was fitted on: first and last hourly bucket, and how many
-    fitted_to: datetime
+    fitted_from: datetime  # the history it was fitted on: from the start of its first hour to the end of
+    fitted_to: datetime  # its last, and how many hours
     fitted_hours: int
     seasonality: str  # "weekly" or "daily"
     trend_per_day: float  # percent a day
@@ -55,6 +56,9 @@ class LoadForecast(Frozen):
     in_sample_error: float  # mean absolute in-sample residual
     start: datetime
     values: tuple[float, ...]
+    # set when a plan acts on it: the hot threshold judged and the instant it was judged at
+    threshold: float | None = None
+    judged_at: datetime | None = None
 
     def at(self, i: int) -> datetime:
         return self.start + timedelta(hours=i)
@@ -175,20 +179,12 @@ def fit(shard: str, metric: str, history: list[tuple[datetime, float]], now: dat
     steps = max(1, int(horizon_seconds // HOUR))
     values = tuple(round(max(0.0, fitted(start + i)), 3) for i in range(steps))
     return LoadForecast(
-        shard=shard, metric=metric, fitted_from=datetime.fromtimestamp(first * HOUR, now.tzinfo),
+        shard=shard, metric=metric, fitted_from=datetime.fromtimestamp((first - 1) * HOUR, now.tzinfo),
         fitted_to=datetime.fromtimestamp(newest * HOUR, now.tzinfo), fitted_hours=len(points),
         seasonality="weekly" if period == WEEK_HOURS else "daily",
         trend_per_day=round(100 * math.expm1(slope * DAY_HOURS), 2),
         band=round(_quantile(residuals, BAND_QUANTILE), 3), in_sample_error=round(sum(residuals) / len(residuals), 3),
         start=datetime.fromtimestamp(start * HOUR, now.tzinfo), values=values)
-
-
-class MoveRecord(Frozen):
-    """A finished split or merge from the catalog: how long it took and how much it copied."""
-
-    kind: str
-    seconds: float
-    size_bytes: float | None = None
 
 
 class LeadTime(Frozen):
@@ -215,3 +211,58 @@ def lead_time(moves: list[MoveRecord] | tuple[MoveRecord, ...], size_bytes: floa
         what = (f"the nearest past move in size took {span(round(nearest.seconds))},"
                 f" scaled by size to {span(round(slowest))}")
     return LeadTime(seconds=slowest + margin, why=f"{what}, + margin {span(margin)}")
+
+
+def series(hourly: tuple | list, metric: str) -> list[tuple[datetime, float]]:
+    """(bucket end, mean) of one metric from hourly Samples (Observation.hourly), known values only."""
+    return [(s.at, v) for s in hourly if (v := s.value(metric)) is not None]
+
+
+def outlook(shard: str, metric: str, hourly: tuple | list, threshold: float, now: datetime, policy: Policy,
+            horizon: float | None = None) -> tuple[LoadForecast, datetime | None] | None:
+    """A shard's forecast of one metric and when it would cross `threshold` (by its band's upper
+    edge), or None before the policy's minimum history."""
+    f = fit(shard, metric, series(hourly, metric), now, horizon or policy.forecast.horizon,
+            policy.forecast.min_history)
+    return None if f is None else (f, f.crossing(threshold, upper=True))
+
+
+STORAGE_HORIZON = 30 * 86400.0  # storage grows slowly: say when it fills up to a month ahead
+
+
+def storage_note(shard: str, hourly: tuple | list, policy: Policy, now: datetime) -> str | None:
+    """'storage reaches 80% in about 3 days', for status, plan notes and the dashboard."""
+    threshold = policy.hot.storage_percent
+    if threshold is None:
+        return None
+    found = outlook(shard, "storage_percent", hourly, threshold, now, policy, STORAGE_HORIZON)
+    if found is None:
+        return None
+    f, crossing = found
+    if crossing is None:
+        return None
+    return (f"storage reaches {_num(threshold)}% in about {about(crossing - now)} (forecast"
+            f" {_num(f.values[0])}% now, trend {_signed(f.trend_per_day)}% a day, fitted on {f.fitted_hours} hours)")
+
+
+def merged_forecast_hot(hourly: list[tuple | list], policy: Policy, now: datetime) -> str | None:
+    """Would shards merged from these (their hourly histories) be forecast hot within the
+    horizon? Additive metrics only; None when no forecast can tell (before min_history)."""
+    for metric in ("queries_per_second", "connections", "cpu_percent", "memory_percent", "storage_percent"):
+        threshold = getattr(policy.hot, metric)
+        if threshold is None:
+            continue
+        totals: dict[datetime, float] = {}
+        counts: dict[datetime, int] = {}
+        for history in hourly:
+            for at, v in series(history, metric):
+                totals[at] = totals.get(at, 0.0) + v
+                counts[at] = counts.get(at, 0) + 1
+        joint = [(at, v) for at, v in sorted(totals.items()) if counts[at] == len(hourly)]
+        f = fit("merged", metric, joint, now, policy.forecast.horizon, policy.forecast.min_history)
+        crossing = f.crossing(threshold, upper=True) if f else None
+        if f and crossing:
+            return (f"together their {metric} is forecast over the hot threshold {_num(threshold)} in the hour"
+                    f" from {_time(crossing)} (in about {about(crossing - now)}), so the merged shard would be split"
+                    " again")
+    return None

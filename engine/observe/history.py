@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from engine.catalog import store
 from engine.config.loader import Desired
 from engine.config.models import Policy, Retention
+from engine.detect.forecast import MAX_FIT_HOURS
 from engine.observe import cleaning, recorded, rollup
 from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.models import CatalogShard, Observation
@@ -78,6 +79,21 @@ def rolled_up(conn: psycopg.Connection | None, resolution: int, since: datetime,
     return {a: tuple(v) for a, v in out.items()}
 
 
+def _moves(conn: psycopg.Connection | None) -> tuple:
+    if conn is None or conn.closed or store.schema.installed_version(conn) < 1:
+        return ()
+    return tuple(store.finished_moves(conn))
+
+
+def long_history(conn: psycopg.Connection | None, shards: list[CatalogShard], now: datetime) -> dict:
+    """What forecasts are fitted on: the hourly means of the monitored shards over the
+    forecast's window, and the finished moves (Observation.hourly and .moves)."""
+    if conn is None or not shards:
+        return {"moves": _moves(conn)}
+    hourly = rolled_up(conn, 3600, now - timedelta(seconds=MAX_FIT_HOURS * 3600), [s.address for s in shards])
+    return {"hourly": hourly, "moves": _moves(conn)}
+
+
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
     """Reuse a stored reading as the 'previous' one only while it is recent enough to make a
     meaningful rate (five intervals, at least a minute)."""
@@ -99,8 +115,11 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
         # the catalog's own events (cooldowns, expiry, grace periods) stay judged at the present.
         samples, notes = recorded.load_with_notes(metrics_file)
         latest = max((s.at for window in samples.values() for s in window), default=now)
+        # a recording long enough for a forecast is rolled up as the catalog would have
+        hourly = rollup.means((s for window in samples.values() for s in window), 3600)
         return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
-                                              "metrics_notes": notes, "taken_at": now, "metrics_at": latest})
+                                              "metrics_notes": notes, "taken_at": now, "metrics_at": latest,
+                                              "hourly": hourly, "moves": _moves(conn)})
     shards = monitored_shards(observation)
     history, last = stored_history(conn, deepest_window(desired))
     metrics_at = now
@@ -114,7 +133,8 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
     cleaned, notes = cleaning.clean(history)
     window = {a: v[-limits.get(a, DEFAULT_HISTORY):] for a, v in cleaned.items()}
     return observation.model_copy(update={"metrics": window, "metrics_source": "live", "metrics_notes": notes,
-                                          "taken_at": now, "metrics_at": metrics_at})
+                                          "taken_at": now, "metrics_at": metrics_at,
+                                          **long_history(conn, shards, now)})
 
 
 def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
@@ -140,5 +160,6 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
     for shard in sorted(shards, key=lambda s: s.address):
         window[shard.address] = stored.get(shard.address, ())[-limits[shard.address]:]
     return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
-                                          "metrics_notes": notes, "taken_at": now, "metrics_at": now})
+                                          "metrics_notes": notes, "taken_at": now, "metrics_at": now,
+                                          **long_history(conn, shards, now)})
 

@@ -159,6 +159,15 @@ class LiveServer(Frozen):
     capabilities: Capabilities | None = None  # None: not read (an older observation, or the query failed)
 
 
+class MoveRecord(Frozen):
+    """A finished split or merge from the catalog: how long it took and how much it copied
+    (None when its progress did not say), for the lead time of a predictive split."""
+
+    kind: str
+    seconds: float
+    size_bytes: float | None = None
+
+
 class Observation(Frozen):
     catalog: CatalogState
     servers: dict[str, LiveServer]
@@ -177,6 +186,10 @@ class Observation(Frozen):
     # rows whose key hashes outside their shard's range, by shard address then table; counted
     # only for shards a plan would move (it reads every row)
     strays: dict[str, dict[str, int]] = {}
+    # the long history forecasts are fitted on: hourly means per shard address, oldest first
+    # (engine.observe.rollup.bucket_sample), and the moves finished so far, for lead times
+    hourly: dict[str, tuple[Sample, ...]] = {}
+    moves: tuple[MoveRecord, ...] = ()
 
     def now(self) -> datetime:
         """The observation's wall clock (the present when it was not recorded)."""

@@ -13,10 +13,11 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.detect.detector import Evidence
+from engine.detect.forecast import LoadForecast
 
 FORMAT_VERSION = 2  # 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
 
-Cause = Literal["config", "drift", "resume", "load"]
+Cause = Literal["config", "drift", "resume", "load", "forecast"]
 Symbol = Literal["create", "update", "delete", "replace"]
 
 
@@ -175,6 +176,10 @@ class SplitShard(ActionBase):
     evidence: tuple[Evidence, ...]
     automatic: bool
     operation: int | None = None  # set when resuming an interrupted operation: its names derive from it
+    # cause `forecast`: the forecast that crosses the hot threshold within the lead time, and
+    # that lead time (evidence is then empty: the shard is not hot yet)
+    forecast: LoadForecast | None = None
+    lead_time: str | None = None
 
     @property
     def address(self) -> str:
