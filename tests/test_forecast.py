@@ -122,3 +122,33 @@ def test_about_rounds_like_a_person():
     assert about(timedelta(minutes=40)) == "40 minutes"
     assert about(timedelta(hours=5, minutes=10)) == "5 hours"
     assert about(timedelta(days=3, hours=2)) == "3 days"
+
+
+def test_shardctl_forecast_backtest_replays_a_recorded_file(tmp_path):
+    """The CLI on a recording: 10 days of the daily trace and a quiet shard, under the
+    quickstart's policy (10 s interval in the policy; the 1-minute replay keeps its windows in time)."""
+    import json
+
+    from conftest import FleetDir
+
+    from engine.observe import recorded
+
+    fleet = FleetDir(tmp_path)
+    days = 10
+    windows = []
+    for address, kind in (("orders/-40", "daily"), ("orders/40-80", "quiet")):
+        t = Trace(name=address, metric=QPS, start=START, interval=60.0, values=tuple(multi_day(kind, days)))
+        windows += t.samples()
+    (tmp_path / "fleet" / "history.json").write_text(json.dumps(recorded.dump(windows)))
+    result = fleet.cli("forecast", "--backtest", "--metrics", "fleet/history.json")
+    assert result.code == 0, result.both
+    out = result.out
+    assert "orders/-40: queries_per_second over 10 days, hot threshold 10000" in out
+    assert "predictive  hot for 0s; 1 splits (1 on a forecast), 0 merges, 0 flapping pairs" in out, out
+    assert "reactive    hot for" in out and "1 splits (0 on a forecast)" in out
+    assert "orders/40-80" in out and "Hot time: reactive" in out and "(100% less)" in out
+
+    now = fleet.cli("forecast", "--metrics", "fleet/history.json", "--json")
+    rows = json.loads(now.out)
+    assert [r["shard"] for r in rows] == ["orders/-40", "orders/40-80"]
+    assert rows[0]["forecast"]["seasonality"] == "daily" and "crosses" in rows[0]["summary"]

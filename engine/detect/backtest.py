@@ -23,11 +23,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.config.models import ColdThresholds, HotThresholds, Policy
+from engine.config.models import ColdThresholds, HotThresholds, Policy, span
 from engine.detect.detector import assess
-from engine.detect.forecast import LeadTime, LoadForecast, fit
+from engine.detect.forecast import LeadTime, LoadForecast, fit, series
 from engine.observe import rollup
-from engine.observe.metrics import METRICS, MetricValue, Sample
+from engine.observe.metrics import METRICS, UNITS, MetricValue, Sample
 
 FLAP_WITHIN = timedelta(hours=24)  # a split and a merge of the same keys closer than this is flapping
 
@@ -87,15 +87,21 @@ def _sample(shard: str, metric: str, at: datetime, interval: float, value: float
     return Sample(shard=shard, server="", at=at, interval_s=interval, metrics=metrics)
 
 
-def single_metric(policy: Policy, metric: str) -> Policy:
-    """The policy judging only the traced metric (the others are not in the trace)."""
+def as_replayed(policy: Policy, metric: str, interval: float) -> Policy:
+    """The policy judging only the traced metric (the others are not in the trace), at the
+    trace's interval: its windows are in time, so a 5-minute sustain stays 5 minutes."""
     hot = HotThresholds.model_validate({m: getattr(policy.hot, m) if m == metric else None for m in METRICS})
     cold = ColdThresholds.model_validate({m: getattr(policy.cold, m) if m == metric else None for m in METRICS})
-    return policy.model_copy(update={"hot": hot, "cold": cold})
+    detection = policy.detection.model_copy(update={
+        "sustain": max(policy.sustain_seconds, 2 * interval), "cold_for": max(policy.cold_for_seconds, 2 * interval),
+        "hot_samples": None, "window": None, "cold_window": None, "max_age": max(policy.max_age_seconds, 3 * interval)})
+    return policy.model_copy(update={"hot": hot, "cold": cold, "detection": detection,
+                                     "metrics": policy.metrics.model_copy(update={"interval": interval,
+                                                                                  "history": None})})
 
 
 def replay(trace: Trace, policy: Policy, move_seconds: float, lead: LeadTime) -> TraceResult:
-    policy = single_metric(policy, trace.metric)
+    policy = as_replayed(policy, trace.metric, trace.interval)
     threshold = getattr(policy.hot, trace.metric)
     if threshold is None:
         raise ValueError(f"the policy has no hot threshold for {trace.metric}")
@@ -197,3 +203,78 @@ def _forecast_error(trace: Trace, policy: Policy, hourly: list) -> tuple[int, fl
                 error += abs(value - seen)
                 total += abs(seen)
     return made, (round(100.0 * error / total, 1) if total else None)
+
+
+def trace_of(shard: str, metric: str, samples: list[Sample] | tuple[Sample, ...],
+             interval: float = 60.0) -> Trace | None:
+    """A trace on a regular grid from samples (raw or 1-minute means): rolled up to `interval`
+    means, a missing bucket left unknown. None when nothing is known."""
+    buckets = rollup.means(samples, int(interval)).get(shard, ())
+    known = {s.at: s.value(metric) for s in buckets}
+    if not any(v is not None for v in known.values()):
+        return None
+    first, last = min(known), max(known)
+    count = int((last - first).total_seconds() // interval) + 1
+    step = timedelta(seconds=interval)
+    return Trace(name=shard, metric=metric, start=first, interval=interval,
+                 values=tuple(known.get(first + step * i) for i in range(count)))
+
+
+def backtest(histories: dict[str, tuple[Sample, ...]], policies: dict[str, Policy], metric: str,
+             move_seconds: float, lead: LeadTime) -> list[TraceResult]:
+    """Every shard's history replayed under its database's policy (by address prefix)."""
+    out = []
+    for shard, history in sorted(histories.items()):
+        policy = policies.get(shard.split("/")[0])
+        trace = trace_of(shard, metric, history)
+        if policy is None or trace is None or getattr(policy.hot, metric) is None:
+            continue
+        out.append(replay(trace, policy, move_seconds, lead))
+    return out
+
+
+def render_text(results: list[TraceResult], source: str, move_seconds: float, lead: LeadTime) -> str:
+    """The backtest as a person reads it: one block per shard, then the totals."""
+    lines = [f"Backtest of {source}: each move takes {span(round(move_seconds))}; the predictive policy splits"
+             f" {span(round(lead.seconds))} ahead ({lead.why}).", ""]
+    if not results:
+        return "\n".join([*lines, "No shard has history for this metric and a hot threshold for it."]) + "\n"
+    for r in results:
+        error = "no forecast (less history than forecast.min_history)" if r.forecast_error_percent is None \
+            else f"{r.forecast_error_percent:g}% absolute error over the next 24 h ({r.forecasts} hourly forecasts)"
+        lines.append(f"{r.trace}: {r.metric} over {r.days:g} days, hot threshold {r.threshold:g}; forecast: {error}")
+        for run in (r.reactive, r.predictive):
+            splits = sum(1 for d in run.decisions if d.kind == "split")
+            merges = len(run.decisions) - splits
+            ahead = sum(1 for d in run.decisions if d.cause == "forecast")
+            lines.append(f"  {run.policy:<10}  hot for {span(round(run.over_seconds))}; {splits} splits"
+                         f" ({ahead} on a forecast), {merges} merges, {run.flapping_pairs} flapping pairs")
+            lines += [f"      {d.at.strftime('%Y-%m-%dT%H:%MZ')} {d.kind} ({d.cause}) -> {d.shards_after} shards"
+                      for d in run.decisions]
+    reactive = sum(r.reactive.over_seconds for r in results)
+    predictive = sum(r.predictive.over_seconds for r in results)
+    change = f"{100 * (reactive - predictive) / reactive:.0f}% less" if reactive else "no hot time either way"
+    lines += ["", f"Hot time: reactive {span(round(reactive))}, predictive {span(round(predictive))} ({change})."]
+    return "\n".join(lines) + "\n"
+
+
+def current_forecasts(hourlies: dict[str, tuple[Sample, ...]], policies: dict[str, Policy],
+                      metric: str) -> list[dict]:
+    """The forecast of every shard with hourly history, as of its newest hour (`shardctl forecast`)."""
+    out: list[dict] = []
+    for shard, hourly in sorted(hourlies.items()):
+        policy = policies.get(shard.split("/")[0])
+        if policy is None or not hourly:
+            continue
+        now = hourly[-1].at
+        f = fit(shard, metric, series(hourly, metric), now, policy.forecast.horizon, policy.forecast.min_history)
+        threshold = getattr(policy.hot, metric)
+        if f is None:
+            out.append({"shard": shard, "forecast": None,
+                        "summary": f"no forecast yet: {len(hourly)} hours of history, forecast.min_history is"
+                                   f" {span(policy.forecast.min_history)}"})
+        else:
+            out.append({"shard": shard, "forecast": f.model_dump(mode="json"),
+                        "summary": f.describe(threshold, UNITS.get(metric, ""), now) if threshold is not None
+                        else f.describe(float("inf"), UNITS.get(metric, ""), now)})
+    return out
