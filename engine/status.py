@@ -11,6 +11,8 @@ from rich.table import Table
 from engine.catalog import control, journal, store
 from engine.config.loader import Desired
 from engine.config.models import span
+from engine.detect.forecast import outlook as forecast_outlook
+from engine.detect.forecast import storage_note
 from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_server, observe
@@ -90,8 +92,8 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
             report["databases"].append(dict(
                 name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
                 policy=db.policy_name, schema_steps=[s.name for s in db.schema_steps],
-                shards=[_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address))
-                        for s in db.shards],
+                shards=[dict(_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address)),
+                             outlook=outlook(desired, s, observation)) for s in db.shards],
             ))
         # with the apply lock held elsewhere, running operations are that process's, not interrupted
         running, in_flight = journal.interrupted(conn), state.apply_in_flight
@@ -128,6 +130,25 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
         samples=len(window),
         query_rate_history=[s.value("queries_per_second") for s in window],
     )
+
+
+def outlook(desired: Desired, shard, observation) -> list[str]:
+    """What the forecast says of an active shard: when storage reaches its hot threshold, and
+    any other hot threshold crossed within the horizon (engine.detect.forecast)."""
+    db = desired.databases.get(shard.database)
+    hourly = observation.hourly.get(shard.address, ())
+    if db is None or shard.state != "active" or not hourly or db.effective_policy.forecast.mode == "off":
+        return []
+    policy, now = db.effective_policy, observation.metrics_at or observation.now()
+    lines = [note] if (note := storage_note(shard.address, hourly, policy, now)) else []
+    for metric in METRICS:
+        threshold = getattr(policy.hot, metric)
+        if metric == "storage_percent" or threshold is None:
+            continue
+        found = forecast_outlook(shard.address, metric, hourly, threshold, now, policy)
+        if found and found[1]:
+            lines.append(found[0].describe(threshold, UNITS.get(metric, ""), now))
+    return lines
 
 
 def _metric(latest: Sample | None, metric: str) -> dict[str, Any] | None:
@@ -259,6 +280,8 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
             console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
         for note in s["notes"]:
             console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
+        for line in s.get("outlook", []):
+            console.print(f"  FORECAST {db['name']}/{s['name']}: {line}")
 
 
 def _print_operations(console: Console, report: dict[str, Any]) -> None:
