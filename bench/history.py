@@ -165,7 +165,7 @@ def main() -> None:
     print(f"catalog size after {DAYS} days: raw samples only {baseline / gib:.1f} GiB ({raw_rows:,.0f} rows);"
           f" rollups {rolled / gib:.2f} GiB (raw {retention.raw / 3600:g} h {kept_raw / gib:.2f} GiB +"
           f" 1-minute {retention.minute / 86400:g} d {minute / gib:.2f} GiB + 1-hour {DAYS} d {hour / gib:.3f} GiB)"
-          f" = {baseline / rolled:.1f}x smaller; it stops growing at the hourly retention ({retention.hour / 86400:g} d)"
+          f" = {baseline / rolled:.1f}x smaller; it stops growing at the hour retention ({retention.hour / 86400:g} d)"
           f" (raw only grows {args.shards * per_day * results['raw_raw_row'] / gib:.2f} GiB a day)")
     print(f"collection CPU per round (client + catalog server): raw only {results['raw'] * 1000:.1f} ms,"
           f" rollups + retention {results['rollups'] * 1000:.1f} ms"
