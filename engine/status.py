@@ -11,8 +11,7 @@ from rich.table import Table
 from engine.catalog import control, journal, store
 from engine.config.loader import Desired
 from engine.config.models import span
-from engine.detect.forecast import outlook as forecast_outlook
-from engine.detect.forecast import storage_note
+from engine.detect.forecast import shard_outlook
 from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_server, observe
@@ -133,22 +132,12 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
 
 
 def outlook(desired: Desired, shard, observation) -> list[str]:
-    """What the forecast says of an active shard: when storage reaches its hot threshold, and
-    any other hot threshold crossed within the horizon (engine.detect.forecast)."""
+    """What the forecast says of an active shard (engine.detect.forecast.shard_outlook)."""
     db = desired.databases.get(shard.database)
-    hourly = observation.hourly.get(shard.address, ())
-    if db is None or shard.state != "active" or not hourly or db.effective_policy.forecast.mode == "off":
+    if db is None or shard.state != "active":
         return []
-    policy, now = db.effective_policy, observation.metrics_at or observation.now()
-    lines = [note] if (note := storage_note(shard.address, hourly, policy, now)) else []
-    for metric in METRICS:
-        threshold = getattr(policy.hot, metric)
-        if metric == "storage_percent" or threshold is None:
-            continue
-        found = forecast_outlook(shard.address, metric, hourly, threshold, now, policy)
-        if found and found[1]:
-            lines.append(found[0].describe(threshold, UNITS.get(metric, ""), now))
-    return lines
+    return shard_outlook(shard.address, observation.hourly.get(shard.address, ()), db.effective_policy,
+                         observation.metrics_at or observation.now())[0]
 
 
 def _metric(latest: Sample | None, metric: str) -> dict[str, Any] | None:

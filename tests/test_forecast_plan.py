@@ -102,3 +102,32 @@ def test_cold_neighbours_whose_joint_load_is_forecast_hot_are_not_merged(tmp_pat
     assert any("forecast over the hot threshold" in w for w in held.warnings)
     merged = planner.plan(desired, observation)  # no long history: no forecast, the merge goes ahead
     assert [a for a in merged.actions if a.kind == "merge_shards"]
+
+
+def test_the_dashboard_draws_the_forecast_band_and_status_says_when_storage_fills(tmp_path):
+    from engine.config.models import Policy
+    from engine.detect.forecast import shard_outlook
+    from engine.render.dashboard import render_dashboard
+    from engine.snapshot import ShardView, Snapshot
+
+    policy = Policy.model_validate({"hot": {QPS: 10000, "storage_percent": 80}})
+    hourly = _hourly("daily", "orders/40-80", BEFORE_CROSSING)
+    growing = Trace(name="orders/40-80", metric="storage_percent", start=START, interval=60.0,
+                    values=tuple(50.0 * 1.03 ** (i / 1440) for i in range(8 * 1440)))
+    storage = {s.at: s for s in rollup.means(growing.samples(), 3600)["orders/40-80"]}
+    merged = tuple(s.model_copy(update={"metrics": {**s.metrics, "storage_percent": storage[s.at].metrics[
+        "storage_percent"]}}) if s.at in storage else s for s in hourly)
+    lines, forecasts = shard_outlook("orders/40-80", merged, policy, BEFORE_CROSSING)
+    assert lines[0].startswith("storage reaches 80% in about") and "crosses 10,000/s" in lines[1]
+    assert {f.metric for f in forecasts} == {QPS, "storage_percent"}
+
+    view = ShardView(address="orders/40-80", database="orders", name="40-80", server="a", load="normal",
+                     hot_thresholds={QPS: 10000.0}, outlook=tuple(lines), forecasts=tuple(forecasts))
+    page = render_dashboard(Snapshot(who="t", config_dir="/x", started_at=START, shards=(view,)), {},
+                            now=BEFORE_CROSSING)
+    assert page.count('<polygon class="band"') == 1  # queries_per_second is charted, storage is not
+    assert "next 48 h: peak 10,4" in page and "over the threshold in" in page
+    assert "forecast: storage reaches 80% in about" in page
+
+    off = policy.model_copy(update={"forecast": policy.forecast.model_copy(update={"mode": "off"})})
+    assert shard_outlook("orders/40-80", merged, off, BEFORE_CROSSING) == ([], [])

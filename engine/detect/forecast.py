@@ -29,6 +29,7 @@ from statistics import median
 from pydantic import BaseModel, ConfigDict
 
 from engine.config.models import Policy, span
+from engine.observe.metrics import METRICS, UNITS
 from engine.observe.models import MoveRecord
 
 HOUR = 3600.0
@@ -266,3 +267,25 @@ def merged_forecast_hot(hourly: list[tuple | list], policy: Policy, now: datetim
                     f" from {_time(crossing)} (in about {about(crossing - now)}), so the merged shard would be split"
                     " again")
     return None
+
+
+def shard_outlook(shard: str, hourly: tuple | list, policy: Policy,
+                  now: datetime) -> tuple[list[str], list[LoadForecast]]:
+    """What a shard's forecasts say, for status and the dashboard: a line for storage's fill
+    date and for each hot threshold crossed within the horizon, and every metric's forecast
+    (threshold set) for the charts' band. Nothing before the minimum history, or when off."""
+    if not hourly or policy.forecast.mode == "off":
+        return [], []
+    lines = [note] if (note := storage_note(shard, hourly, policy, now)) else []
+    forecasts = []
+    for metric in METRICS:
+        threshold = getattr(policy.hot, metric)
+        if threshold is None:
+            continue
+        found = outlook(shard, metric, hourly, threshold, now, policy)
+        if found is None:
+            continue
+        forecasts.append(found[0].model_copy(update={"threshold": threshold, "judged_at": now}))
+        if found[1] and metric != "storage_percent":
+            lines.append(found[0].describe(threshold, UNITS.get(metric, ""), now))
+    return lines, forecasts

@@ -28,6 +28,7 @@ from engine.catalog import control, journal, schema, store
 from engine.catalog.lock import who as lock_who
 from engine.config import loader
 from engine.config.loader import Desired
+from engine.detect.forecast import shard_outlook
 from engine.errors import ConfigError, LockHeldError, UserError, redact
 from engine.observe import history
 from engine.observe.metrics import METRICS
@@ -394,7 +395,11 @@ class Daemon:
                                                            server=s.server)
                 db = self.desired.databases.get(s.database)
                 hot = db.effective_policy.hot.model_dump() if db else {}
+                lines, forecasts = shard_outlook(s.address, observation.hourly.get(s.address, ()),
+                                                 db.effective_policy, observation.metrics_at or observation.now()
+                                                 ) if db else ([], [])
                 shards.append(base.model_copy(update={
+                    "outlook": tuple(lines), "forecasts": tuple(forecasts),
                     "hot_thresholds": {m: float(v) for m, v in hot.items() if v is not None},
                     "server": s.server, "lo": s.lo, "hi": s.hi, "load": verdict.state if verdict else "unknown",
                     "evidence": tuple(e.describe() for e in verdict.evidence) if verdict else ()}))
