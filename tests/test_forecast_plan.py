@@ -131,3 +131,21 @@ def test_the_dashboard_draws_the_forecast_band_and_status_says_when_storage_fill
 
     off = policy.model_copy(update={"forecast": policy.forecast.model_copy(update={"mode": "off"})})
     assert shard_outlook("orders/40-80", merged, off, BEFORE_CROSSING) == ([], [])
+
+
+def test_a_saved_forecast_split_is_refused_when_its_forecast_no_longer_crosses(tmp_path):
+    import pytest
+
+    from engine.workflow import PremiseFailed, check_premises
+
+    desired = _desired(tmp_path, fleet=FLEET.replace("    placement: [a, b]\n", "    placement: [a, b]\n" + ACT)
+                       .replace("shards: 2", "shards: 4"))
+    observation = _observed(desired, BEFORE_CROSSING)
+    plan = planner.plan(desired, observation)
+    assert [a.reason.cause for a in plan.actions if a.kind == "split_shard"] == ["forecast"]
+    check_premises(desired, plan, observation)  # the same history: it holds
+    calmer = dict(observation.hourly)
+    calmer["orders/40-80"] = _hourly("daily", "orders/40-80", BEFORE_CROSSING, scale=0.5)
+    with pytest.raises(PremiseFailed) as refused:
+        check_premises(desired, plan, observation.model_copy(update={"hourly": calmer}))
+    assert "shard.orders/40-80: queries_per_second is no longer forecast to cross 10000" in refused.value.render()

@@ -283,6 +283,7 @@ Action = Annotated[
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")
+LOAD_CAUSES = ("load", "forecast")  # what the fleet's load caused (now or ahead), not a person's change
 
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
