@@ -92,11 +92,11 @@ def _consider(db: DesiredDatabase, shard: CatalogShard, forecast: LoadForecast, 
     lead = lead_time(observation.moves, size, policy.forecast.lead_margin, policy.forecast.default_move)
     head = (f"shard.{shard.address}: {forecast.describe(threshold, UNITS.get(forecast.metric, ''), now)};"
             f" lead time {span(round(lead.seconds))} ({lead.why})")
+    if policy.forecast.mode == "advise":
+        return None, (f"{head}; forecast-only (forecast.mode: advise): no split is planned; with forecast.mode: act"
+                      " one is planned once the crossing is within the lead time")
     if crossing - now > timedelta(seconds=lead.seconds):
         return None, f"{head}; a split is planned once the crossing is within the lead time"
-    if policy.forecast.mode == "advise":
-        return None, (f"{head}; forecast-only (forecast.mode: advise): no split is planned; set forecast.mode: act"
-                      " to split ahead of the crossing")
     address = f"shard.{db.name}/{shard.name}"
     if any(getattr(a, "address", None) == address for a in planned):
         return None, None  # already split for its load
