@@ -149,3 +149,19 @@ def test_a_saved_forecast_split_is_refused_when_its_forecast_no_longer_crosses(t
     with pytest.raises(PremiseFailed) as refused:
         check_premises(desired, plan, observation.model_copy(update={"hourly": calmer}))
     assert "shard.orders/40-80: queries_per_second is no longer forecast to cross 10000" in refused.value.render()
+
+
+def test_compare_policy_replays_the_hourly_history_under_both_policies(tmp_path):
+    from engine.plan import whatif
+
+    (tmp_path / "act").mkdir()
+    act = _desired(tmp_path / "act", fleet=FLEET.replace("    placement: [a, b]\n", "    placement: [a, b]\n" + ACT)
+                   .replace("shards: 2", "shards: 4"))
+    (tmp_path / "base").mkdir()
+    base = _desired(tmp_path / "base", fleet=FLEET.replace("shards: 2", "shards: 4"))
+    observation = _observed(act, START + timedelta(days=9))
+    compared = whatif.compare(base, act, observation, "main")
+    line = next(x for x in compared.backtest if x.startswith("orders/40-80"))
+    assert "baseline: reactive hot" in line and "; proposed: reactive hot" in line
+    plan = planner.plan(act, observation).model_copy(update={"what_if": compared})
+    assert "Replayed hourly history" in render(plan, "text") and "Replayed hourly history" in render(plan, "markdown")

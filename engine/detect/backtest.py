@@ -25,11 +25,12 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.config.models import ColdThresholds, HotThresholds, Policy, span
 from engine.detect.detector import assess
-from engine.detect.forecast import LeadTime, LoadForecast, fit, series
+from engine.detect.forecast import LeadTime, LoadForecast, fit, lead_time, series
 from engine.observe import rollup
 from engine.observe.metrics import METRICS, UNITS, MetricValue, Sample
 
 FLAP_WITHIN = timedelta(hours=24)  # a split and a merge of the same keys closer than this is flapping
+COMPARE_SHARDS = 20  # plan --compare-policy replays the shards nearest their hot threshold
 
 
 class Frozen(BaseModel):
@@ -100,7 +101,7 @@ def as_replayed(policy: Policy, metric: str, interval: float) -> Policy:
                                                                                   "history": None})})
 
 
-def replay(trace: Trace, policy: Policy, move_seconds: float, lead: LeadTime) -> TraceResult:
+def replay(trace: Trace, policy: Policy, move_seconds: float, lead: LeadTime, error: bool = True) -> TraceResult:
     policy = as_replayed(policy, trace.metric, trace.interval)
     threshold = getattr(policy.hot, trace.metric)
     if threshold is None:
@@ -108,10 +109,10 @@ def replay(trace: Trace, policy: Policy, move_seconds: float, lead: LeadTime) ->
     hourly = [(s.at, s.value(trace.metric)) for s in rollup.means(trace.samples(), 3600).get(trace.name, ())]
     reactive = _run(trace, policy, threshold, move_seconds, lead, hourly, predictive=False)
     predictive = _run(trace, policy, threshold, move_seconds, lead, hourly, predictive=True)
-    made, error = _forecast_error(trace, policy, hourly)
+    made, wape = _forecast_error(trace, policy, hourly) if error else (0, None)
     return TraceResult(trace=trace.name, metric=trace.metric, threshold=threshold,
                        days=round(len(trace.values) * trace.interval / 86400, 2), reactive=reactive,
-                       predictive=predictive, forecasts=made, forecast_error_percent=error)
+                       predictive=predictive, forecasts=made, forecast_error_percent=wape)
 
 
 def _fit(trace: Trace, policy: Policy, hourly: list, now: datetime, share: float) -> LoadForecast | None:
@@ -278,3 +279,43 @@ def current_forecasts(hourlies: dict[str, tuple[Sample, ...]], policies: dict[st
                         "summary": f.describe(threshold, UNITS.get(metric, ""), now) if threshold is not None
                         else f.describe(float("inf"), UNITS.get(metric, ""), now)})
     return out
+
+
+def compare_policies(hourly: dict[str, tuple[Sample, ...]], baseline: dict[str, Policy], proposed: dict[str, Policy],
+                     moves: tuple = (), metric: str = "queries_per_second") -> list[str]:
+    """`plan --compare-policy`: each shard's stored hourly history replayed under the baseline
+    and the proposed policy, reactive and predictive. Hourly means are all a plan reads, so a
+    shard is judged hot here when over the threshold for at least two hours (use `shardctl
+    forecast --backtest` for the 1-minute replay)."""
+    lines = []
+    measured = sorted(m.seconds for m in moves)
+
+    def nearness(item: tuple[str, tuple[Sample, ...]]) -> float:
+        policy = proposed.get(item[0].split("/")[0])
+        threshold = getattr(policy.hot, metric) if policy else None
+        peak = max((v for _, v in series(item[1], metric)), default=0.0)
+        return peak / threshold if threshold else 0.0
+
+    # the shards nearest their threshold: a replay costs a forecast an hour, so not all 10,000
+    nearest = sorted(sorted(hourly.items(), key=nearness, reverse=True)[:COMPARE_SHARDS])
+    for shard, history in nearest:
+        database = shard.split("/")[0]
+        trace = trace_of(shard, metric, history, 3600.0)
+        runs: list[str] = []
+        acted = False  # a shard nothing happens to under either policy is left out
+        for label, policies in (("baseline", baseline), ("proposed", proposed)):
+            policy = policies.get(database)
+            if policy is None or trace is None or getattr(policy.hot, metric) is None:
+                break
+            move = measured[len(measured) // 2] if measured else policy.forecast.default_move
+            lead = lead_time(moves, None, policy.forecast.lead_margin, policy.forecast.default_move)
+            result = replay(trace, policy, move, lead, error=False)
+            acted |= any(run.decisions or run.over_seconds for run in (result.reactive, result.predictive))
+            runs.append(f"{label}: " + ", ".join(
+                f"{run.policy} hot {span(round(run.over_seconds))}"
+                f" ({sum(d.kind == 'split' for d in run.decisions)} splits,"
+                f" {sum(d.kind == 'merge' for d in run.decisions)} merges, {run.flapping_pairs} flapping)"
+                for run in (result.reactive, result.predictive)))
+        if len(runs) == 2 and trace is not None and acted:
+            lines.append(f"{shard} ({len(trace.values)} hours of {metric}): " + "; ".join(runs))
+    return lines

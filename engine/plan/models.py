@@ -326,6 +326,9 @@ class PolicyWhatIf(Frozen):
     changes: tuple[WhatIfChange, ...]
     hot_both: int
     cold_both: int
+    # the stored hourly history replayed under each policy, reactive and predictive
+    # (engine.detect.backtest.compare_policies), one line per shard with enough history
+    backtest: tuple[str, ...] = ()
 
 
 class Plan(Frozen):

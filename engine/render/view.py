@@ -271,6 +271,7 @@ class PlanView:
     what_if: list[Block] = field(default_factory=list)
     what_if_title: str = ""
     what_if_footer: str = ""
+    what_if_backtest: tuple[str, ...] = ()
     detail_blocks: list[Block] | None = None  # markdown may show fewer sections than blocks
     row_blocks: list[Block] | None = None
     omitted: str = ""
@@ -323,4 +324,5 @@ def view(plan: Plan) -> PlanView:
     headline = ", ".join(parts)
     what_if, title, footer = _what_if(plan)
     return PlanView(blocks=blocks, legend=used, summary_line=summary_line, headline=headline, plan=plan,
-                    what_if=what_if, what_if_title=title, what_if_footer=footer)
+                    what_if=what_if, what_if_title=title, what_if_footer=footer,
+                    what_if_backtest=plan.what_if.backtest if plan.what_if else ())
