@@ -543,7 +543,7 @@ def forecast(obj: Ctx, backtest: bool, metrics_file: str | None, metric: str, as
     if metrics_file:
         raw = recorded.load(metrics_file)
         minutes = {a: rollup.means(w, 60).get(a, ()) for a, w in raw.items()}
-        hourly = {a: rollup.means(w, 3600).get(a, ()) for a, w in raw.items()}
+        hourly = rollup.series_of(s for w in raw.values() for s in w)
         source = f"recorded {metrics_file}"
     else:
         fleet = Fleet(desired)
@@ -554,7 +554,7 @@ def forecast(obj: Ctx, backtest: bool, metrics_file: str | None, metric: str, as
             longest = max((p.metrics.retention.minute for p in policies.values()), default=691200.0)
             now = datetime.now(UTC)
             minutes = history.rolled_up(conn, 60, now - timedelta(seconds=longest))
-            hourly = history.rolled_up(conn, 3600, now - timedelta(hours=MAX_FIT_HOURS))
+            hourly = history.hourly_series(conn, now - timedelta(hours=MAX_FIT_HOURS))
             moves = history.long_history(conn, [], now)["moves"]
         source = "the catalog's 1-minute history"
     if not backtest:

@@ -28,6 +28,7 @@ from engine.detect.detector import assess
 from engine.detect.forecast import LeadTime, LoadForecast, fit, lead_time, series
 from engine.observe import rollup
 from engine.observe.metrics import METRICS, UNITS, MetricValue, Sample
+from engine.observe.models import HourlySeries
 
 FLAP_WITHIN = timedelta(hours=24)  # a split and a merge of the same keys closer than this is flapping
 COMPARE_SHARDS = 20  # plan --compare-policy replays the shards nearest their hot threshold
@@ -259,7 +260,7 @@ def render_text(results: list[TraceResult], source: str, move_seconds: float, le
     return "\n".join(lines) + "\n"
 
 
-def current_forecasts(hourlies: dict[str, tuple[Sample, ...]], policies: dict[str, Policy],
+def current_forecasts(hourlies: dict[str, HourlySeries], policies: dict[str, Policy],
                       metric: str) -> list[dict]:
     """The forecast of every shard with hourly history, as of its newest hour (`shardctl forecast`)."""
     out: list[dict] = []
@@ -267,7 +268,7 @@ def current_forecasts(hourlies: dict[str, tuple[Sample, ...]], policies: dict[st
         policy = policies.get(shard.split("/")[0])
         if policy is None or not hourly:
             continue
-        now = hourly[-1].at
+        now = hourly.at[-1]
         f = fit(shard, metric, series(hourly, metric), now, policy.forecast.horizon, policy.forecast.min_history)
         threshold = getattr(policy.hot, metric)
         if f is None:
@@ -281,8 +282,8 @@ def current_forecasts(hourlies: dict[str, tuple[Sample, ...]], policies: dict[st
     return out
 
 
-def compare_policies(hourly: dict[str, tuple[Sample, ...]], baseline: dict[str, Policy], proposed: dict[str, Policy],
-                     moves: tuple = (), metric: str = "queries_per_second") -> list[str]:
+def compare_policies(hourly: dict[str, HourlySeries | tuple[Sample, ...]], baseline: dict[str, Policy],
+                     proposed: dict[str, Policy], moves: tuple = (), metric: str = "queries_per_second") -> list[str]:
     """`plan --compare-policy`: each shard's stored hourly history replayed under the baseline
     and the proposed policy, reactive and predictive. Hourly means are all a plan reads, so a
     shard is judged hot here when over the threshold for at least two hours (use `shardctl
@@ -290,7 +291,7 @@ def compare_policies(hourly: dict[str, tuple[Sample, ...]], baseline: dict[str, 
     lines = []
     measured = sorted(m.seconds for m in moves)
 
-    def nearness(item: tuple[str, tuple[Sample, ...]]) -> float:
+    def nearness(item: tuple[str, HourlySeries | tuple[Sample, ...]]) -> float:
         policy = proposed.get(item[0].split("/")[0])
         threshold = getattr(policy.hot, metric) if policy else None
         peak = max((v for _, v in series(item[1], metric)), default=0.0)
@@ -300,7 +301,7 @@ def compare_policies(hourly: dict[str, tuple[Sample, ...]], baseline: dict[str, 
     nearest = sorted(sorted(hourly.items(), key=nearness, reverse=True)[:COMPARE_SHARDS])
     for shard, history in nearest:
         database = shard.split("/")[0]
-        trace = trace_of(shard, metric, history, 3600.0)
+        trace = _hourly_trace(shard, metric, history)
         runs: list[str] = []
         acted = False  # a shard nothing happens to under either policy is left out
         for label, policies in (("baseline", baseline), ("proposed", proposed)):
@@ -319,3 +320,14 @@ def compare_policies(hourly: dict[str, tuple[Sample, ...]], baseline: dict[str, 
         if len(runs) == 2 and trace is not None and acted:
             lines.append(f"{shard} ({len(trace.values)} hours of {metric}): " + "; ".join(runs))
     return lines
+
+
+def _hourly_trace(shard: str, metric: str, history: HourlySeries | tuple[Sample, ...]) -> Trace | None:
+    """An hourly trace on a regular grid (a missing hour unknown), from either form of history."""
+    known = dict(series(history, metric))
+    if not known:
+        return None
+    first, last = min(known), max(known)
+    hours = int((last - first).total_seconds() // 3600) + 1
+    return Trace(name=shard, metric=metric, start=first, interval=3600.0,
+                 values=tuple(known.get(first + timedelta(hours=i)) for i in range(hours)))

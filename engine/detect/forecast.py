@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.config.models import Policy, span
 from engine.observe.metrics import METRICS, UNITS
-from engine.observe.models import MoveRecord
+from engine.observe.models import HourlySeries, MoveRecord
 
+History = HourlySeries | tuple | list  # Observation.hourly: columns from the catalog, or hourly Samples
 HOUR = 3600.0
 DAY_HOURS, WEEK_HOURS = 24, 168
 MAX_FIT_HOURS = 28 * DAY_HOURS  # the newest four weeks: enough for weekly seasons, recent enough to adapt
@@ -214,12 +215,15 @@ def lead_time(moves: list[MoveRecord] | tuple[MoveRecord, ...], size_bytes: floa
     return LeadTime(seconds=slowest + margin, why=f"{what}, + margin {span(margin)}")
 
 
-def series(hourly: tuple | list, metric: str) -> list[tuple[datetime, float]]:
-    """(bucket end, mean) of one metric from hourly Samples (Observation.hourly), known values only."""
+def series(hourly, metric: str) -> list[tuple[datetime, float]]:
+    """(bucket end, mean) of one metric, known values only, from an HourlySeries or hourly
+    Samples (Observation.hourly holds either)."""
+    if isinstance(hourly, HourlySeries):
+        return hourly.known(metric)
     return [(s.at, v) for s in hourly if (v := s.value(metric)) is not None]
 
 
-def outlook(shard: str, metric: str, hourly: tuple | list, threshold: float, now: datetime, policy: Policy,
+def outlook(shard: str, metric: str, hourly: History, threshold: float, now: datetime, policy: Policy,
             horizon: float | None = None) -> tuple[LoadForecast, datetime | None] | None:
     """A shard's forecast of one metric and when it would cross `threshold` (by its band's upper
     edge), or None before the policy's minimum history."""
@@ -231,7 +235,7 @@ def outlook(shard: str, metric: str, hourly: tuple | list, threshold: float, now
 STORAGE_HORIZON = 30 * 86400.0  # storage grows slowly: say when it fills up to a month ahead
 
 
-def storage_note(shard: str, hourly: tuple | list, policy: Policy, now: datetime) -> str | None:
+def storage_note(shard: str, hourly: History, policy: Policy, now: datetime) -> str | None:
     """'storage reaches 80% in about 3 days', for status, plan notes and the dashboard."""
     threshold = policy.hot.storage_percent
     if threshold is None:
@@ -246,7 +250,7 @@ def storage_note(shard: str, hourly: tuple | list, policy: Policy, now: datetime
             f" {_num(f.values[0])}% now, trend {_signed(f.trend_per_day)}% a day, fitted on {f.fitted_hours} hours)")
 
 
-def merged_forecast_hot(hourly: list[tuple | list], policy: Policy, now: datetime) -> str | None:
+def merged_forecast_hot(hourly: list[History], policy: Policy, now: datetime) -> str | None:
     """Would shards merged from these (their hourly histories) be forecast hot within the
     horizon? Additive metrics only; None when no forecast can tell (before min_history)."""
     for metric in ("queries_per_second", "connections", "cpu_percent", "memory_percent", "storage_percent"):
@@ -269,7 +273,7 @@ def merged_forecast_hot(hourly: list[tuple | list], policy: Policy, now: datetim
     return None
 
 
-def shard_outlook(shard: str, hourly: tuple | list, policy: Policy,
+def shard_outlook(shard: str, hourly: History, policy: Policy,
                   now: datetime) -> tuple[list[str], list[LoadForecast]]:
     """What a shard's forecasts say, for status and the dashboard: a line for storage's fill
     date and for each hot threshold crossed within the horizon, and every metric's forecast

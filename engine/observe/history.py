@@ -14,7 +14,7 @@ from engine.config.models import Policy, Retention
 from engine.detect.forecast import MAX_FIT_HOURS
 from engine.observe import cleaning, recorded, rollup
 from engine.observe.metrics import METRICS, Reading, Sample
-from engine.observe.models import CatalogShard, Observation
+from engine.observe.models import CatalogShard, HourlySeries, Observation
 from engine.observe.sampling import LiveSampler
 from engine.servers.fleet import Fleet
 
@@ -90,8 +90,21 @@ def long_history(conn: psycopg.Connection | None, shards: list[CatalogShard], no
     forecast's window, and the finished moves (Observation.hourly and .moves)."""
     if conn is None or not shards:
         return {"moves": _moves(conn)}
-    hourly = rolled_up(conn, 3600, now - timedelta(seconds=MAX_FIT_HOURS * 3600), [s.address for s in shards])
-    return {"hourly": hourly, "moves": _moves(conn)}
+    return {"hourly": hourly_series(conn, now - timedelta(seconds=MAX_FIT_HOURS * 3600), [s.address for s in shards]),
+            "moves": _moves(conn)}
+
+
+def hourly_series(conn: psycopg.Connection, since: datetime,
+                  shards: list[str] | None = None) -> dict[str, HourlySeries]:
+    """The stored hourly means from `since`, per shard, as columns (Observation.hourly)."""
+    out: dict[str, tuple[list, list[list]]] = {}
+    for row in store.load_rollups(conn, 3600, since, shards):
+        at, columns = out.setdefault(row[0], ([], [[] for _ in METRICS]))
+        at.append(row[1] + timedelta(seconds=3600))
+        for i in range(len(METRICS)):
+            columns[i].append(row[3 + 2 * i])
+    return {shard: HourlySeries(at=tuple(at), values={m: tuple(c) for m, c in zip(METRICS, columns, strict=True)})
+            for shard, (at, columns) in out.items()}
 
 
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
@@ -116,7 +129,7 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
         samples, notes = recorded.load_with_notes(metrics_file)
         latest = max((s.at for window in samples.values() for s in window), default=now)
         # a recording long enough for a forecast is rolled up as the catalog would have
-        hourly = rollup.means((s for window in samples.values() for s in window), 3600)
+        hourly = rollup.series_of(s for window in samples.values() for s in window)
         return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
                                               "metrics_notes": notes, "taken_at": now, "metrics_at": latest,
                                               "hourly": hourly, "moves": _moves(conn)})

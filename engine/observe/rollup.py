@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from engine.observe.metrics import METRICS, MetricValue, Sample
+from engine.observe.models import HourlySeries
 
 ROLLUPS = (60, 3600)  # seconds per bucket of the long history (metric_rollups.resolution)
 
@@ -63,3 +64,15 @@ def means(samples: Iterable[Sample], resolution: int) -> dict[str, tuple[Sample,
         values = [row[1 + 3 * i] / row[2 + 3 * i] if row[2 + 3 * i] else None for i in range(len(METRICS))]
         out.setdefault(shard, []).append(bucket_sample(shard, bucket, resolution, values))
     return {a: tuple(v) for a, v in out.items()}
+
+
+def series_of(samples: Iterable[Sample], resolution: int = 3600) -> dict[str, HourlySeries]:
+    """Samples rolled up to one resolution, per shard, as columns (Observation.hourly)."""
+    out: dict[str, tuple[list, list[list]]] = {}
+    for (shard, _, bucket), row in sorted(_accumulate(samples, (resolution,)).items()):
+        at, columns = out.setdefault(shard, ([], [[] for _ in METRICS]))
+        at.append(bucket + timedelta(seconds=resolution))
+        for i in range(len(METRICS)):
+            columns[i].append(row[1 + 3 * i] / row[2 + 3 * i] if row[2 + 3 * i] else None)
+    return {shard: HourlySeries(at=tuple(at), values={m: tuple(c) for m, c in zip(METRICS, columns, strict=True)})
+            for shard, (at, columns) in out.items()}

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from engine.config.loader import Desired, DesiredDatabase
 from engine.config.models import span
-from engine.detect.forecast import LoadForecast, about, lead_time, outlook, storage_note
+from engine.detect.forecast import History, LoadForecast, about, lead_time, outlook, storage_note
 from engine.keyspace import KeyRange
 from engine.observe.metrics import METRICS, UNITS
 from engine.observe.models import CatalogShard, Observation
@@ -69,7 +69,7 @@ def forecast_actions(desired: Desired, observation: Observation, planned: list) 
     return actions, notes
 
 
-def _first_crossing(shard: CatalogShard, hourly: tuple, db: DesiredDatabase,
+def _first_crossing(shard: CatalogShard, hourly: History, db: DesiredDatabase,
                     now: datetime) -> tuple[LoadForecast, datetime, float] | None:
     policy = db.effective_policy
     best: tuple[LoadForecast, datetime, float] | None = None
