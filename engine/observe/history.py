@@ -97,14 +97,10 @@ def long_history(conn: psycopg.Connection | None, shards: list[CatalogShard], no
 def hourly_series(conn: psycopg.Connection, since: datetime,
                   shards: list[str] | None = None) -> dict[str, HourlySeries]:
     """The stored hourly means from `since`, per shard, as columns (Observation.hourly)."""
-    out: dict[str, tuple[list, list[list]]] = {}
-    for row in store.load_rollups(conn, 3600, since, shards):
-        at, columns = out.setdefault(row[0], ([], [[] for _ in METRICS]))
-        at.append(row[1] + timedelta(seconds=3600))
-        for i in range(len(METRICS)):
-            columns[i].append(row[3 + 2 * i])
-    return {shard: HourlySeries(at=tuple(at), values={m: tuple(c) for m, c in zip(METRICS, columns, strict=True)})
-            for shard, (at, columns) in out.items()}
+    hour = timedelta(seconds=3600)
+    return {row[0]: HourlySeries(at=tuple(start + hour for start in row[1]),
+                                 values={m: tuple(row[2 + i]) for i, m in enumerate(METRICS)})
+            for row in store.load_hourly_columns(conn, since, shards)}
 
 
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
