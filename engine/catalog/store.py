@@ -285,12 +285,15 @@ def load_samples(conn: psycopg.Connection, per_shard: int = 1000) -> list[tuple[
 def load_hourly_columns(conn: psycopg.Connection, since: datetime,
                         shards: list[str] | None = None) -> list[tuple]:
     """The 1-hour buckets from `since`, one row per shard: (shard, bucket starts, then one array
-    of means per metric, NULL where unknown), aggregated by the server: a plan reads four weeks
+    of means per metric, NULL where unknown, then the greatest mean per metric), aggregated by
+    the server: a plan reads four weeks
     for every shard, and one row per shard is far cheaper to fetch than one per hour."""
     if schema.installed_version(conn) < 5:
         return []
     means = [sql.SQL("array_agg({t} / nullif({n}, 0) ORDER BY bucket)").format(
         t=sql.Identifier(f"{m}_sum"), n=sql.Identifier(f"{m}_n")) for m in METRICS]
+    means += [sql.SQL("max({t} / nullif({n}, 0))").format(t=sql.Identifier(f"{m}_sum"), n=sql.Identifier(f"{m}_n"))
+              for m in METRICS]
     where = sql.SQL(" AND shard = ANY(%s)") if shards is not None else sql.SQL("")
     statement = sql.SQL("SELECT shard, array_agg(bucket ORDER BY bucket), {means} FROM shardctl.metric_rollups"
                         " WHERE resolution = 3600 AND bucket >= %s{where} GROUP BY shard ORDER BY shard").format(

@@ -223,15 +223,27 @@ def series(hourly, metric: str) -> list[tuple[datetime, float]]:
     return [(s.at, v) for s in hourly if (v := s.value(metric)) is not None]
 
 
+def peak(hourly: History, metric: str) -> float:
+    """The greatest known hourly mean, without building the series (a plan asks it of every shard)."""
+    if isinstance(hourly, HourlySeries):
+        return hourly.peaks.get(metric, 0.0)
+    return max((v for _, v in series(hourly, metric)), default=0.0)
+
+
 def outlook(shard: str, metric: str, hourly: History, threshold: float, now: datetime, policy: Policy,
             horizon: float | None = None) -> tuple[LoadForecast, datetime | None] | None:
     """A shard's forecast of one metric and when it would cross `threshold` (by its band's upper
-    edge), or None before the policy's minimum history."""
+    edge), or None before the policy's minimum history, or when its busiest hour is under
+    QUIET_SHARE of the threshold (it would have to double within the horizon: a plan over
+    10,000 shards fits only those that could cross)."""
+    if peak(hourly, metric) < QUIET_SHARE * threshold:
+        return None
     f = fit(shard, metric, series(hourly, metric), now, horizon or policy.forecast.horizon,
             policy.forecast.min_history)
     return None if f is None else (f, f.crossing(threshold, upper=True))
 
 
+QUIET_SHARE = 0.5
 STORAGE_HORIZON = 30 * 86400.0  # storage grows slowly: say when it fills up to a month ahead
 
 

@@ -98,8 +98,10 @@ def hourly_series(conn: psycopg.Connection, since: datetime,
                   shards: list[str] | None = None) -> dict[str, HourlySeries]:
     """The stored hourly means from `since`, per shard, as columns (Observation.hourly)."""
     hour = timedelta(seconds=3600)
+    n = len(METRICS)
     return {row[0]: HourlySeries(at=tuple(start + hour for start in row[1]),
-                                 values={m: tuple(row[2 + i]) for i, m in enumerate(METRICS)})
+                                 values={m: tuple(row[2 + i]) for i, m in enumerate(METRICS)},
+                                 peaks={m: row[2 + n + i] for i, m in enumerate(METRICS) if row[2 + n + i] is not None})
             for row in store.load_hourly_columns(conn, since, shards)}
 
 

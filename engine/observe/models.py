@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from engine.observe.metrics import Sample
 
@@ -166,6 +166,15 @@ class HourlySeries(Frozen):
 
     at: tuple[datetime, ...]
     values: dict[str, tuple[float | None, ...]]
+    peaks: dict[str, float] = {}  # the greatest known mean per metric (a plan asks it of every shard)
+
+    @model_validator(mode="after")
+    def _peaks(self) -> HourlySeries:
+        if not self.peaks:
+            peaks = {m: max(known) for m, column in self.values.items()
+                     if (known := [v for v in column if v is not None])}
+            object.__setattr__(self, "peaks", peaks)
+        return self
 
     def __len__(self) -> int:
         return len(self.at)
