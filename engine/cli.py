@@ -618,7 +618,7 @@ def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
         if schema.installed_version(conn) < 2:
             raise UserError("the catalog is older than this shardctl", "run `shardctl apply` to upgrade it")
         with LiveSampler(fleet) as sampler:
-            history.seed_recent(sampler, desired, history.stored_history(conn)[1])
+            history.seed_recent(sampler, desired, history.stored_history(conn, per_shard=1)[1])
             for i in range(count):
                 if i:
                     time.sleep(gap)

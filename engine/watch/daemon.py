@@ -255,7 +255,7 @@ class Daemon:
                         generation = self._fleet_generation
                         sampler = LiveSampler(self.fleet)
                         # rates need a previous reading: the stored one, when recent, saves a second read
-                        history.seed_recent(sampler, self.desired, history.stored_history(conn)[1])
+                        history.seed_recent(sampler, self.desired, history.stored_history(conn, per_shard=1)[1])
                     self._collect_once(conn, sampler)
                 except (psycopg.Error, UserError) as exc:
                     message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
