@@ -529,9 +529,10 @@ def forecast(obj: Ctx, backtest: bool, metrics_file: str | None, metric: str, as
     spent hot are reported. The catalog keeps 1-minute history for metrics.retention.minute
     (8 days by default); a longer replay needs a recorded file (`shardctl metrics export`).
     """
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from engine import workflow
+    from engine.clock import system_clock
     from engine.detect import backtest as bt
     from engine.detect.forecast import MAX_FIT_HOURS, lead_time
     from engine.observe import history, recorded, rollup
@@ -552,7 +553,7 @@ def forecast(obj: Ctx, backtest: bool, metrics_file: str | None, metric: str, as
             if conn is None:
                 raise UserError("there is no catalog yet", "run `shardctl apply` first")
             longest = max((p.metrics.retention.minute for p in policies.values()), default=691200.0)
-            now = datetime.now(UTC)
+            now = system_clock()
             minutes = history.rolled_up(conn, 60, now - timedelta(seconds=longest))
             hourly = history.hourly_series(conn, now - timedelta(hours=MAX_FIT_HOURS))
             moves = history.long_history(conn, [], now)["moves"]
