@@ -1,19 +1,21 @@
 """Load forecasts from the hourly history: a small method of our own, and the lead time of a split.
 
-Method (pure Python, no numpy): a robust additive decomposition of the hourly means,
-seasonal-naive in spirit and Holt-Winters in shape.
+Method (pure Python, no numpy): a robust decomposition of the hourly means (the newest four
+weeks), seasonal-naive in spirit and Holt-Winters in shape, fitted in logs because load grows
+and swings in proportion (trend and season multiply):
 
 - trend: with two weeks or more, the median over days of (day mean - the mean of the same
   weekday a week before) / 7, which a weekly cycle cannot bias; with less, the Theil-Sen slope
   (median of pairwise slopes) of the daily means. Either is robust to a spike;
 - seasonality: the detrended values are grouped by hour of the week (two weeks or more) or hour
   of the day, and each group's median is the level + season of that hour: a weekly cycle holds
-  the daily one, and a median ignores the odd spike;
+  the daily one, and a median ignores the odd spike; between one and two weeks, the daily shape
+  is raised or lowered per weekday (a weekend);
 - band: the 90th percentile of the absolute in-sample residuals, so spikes widen the band
   instead of moving the forecast.
 
 Why not a library: statsmodels' Holt-Winters would pull in numpy, scipy and pandas (well over
-100 MB) for what these ~100 lines do; prophet is heavier still. The method is tested on
+100 MB) for what `fit` does in sixty lines; prophet is heavier still. The method is tested on
 generated traces (tests/test_forecast.py) and its error is reported by `shardctl forecast
 --backtest` on real history, so an operator sees how far to trust it.
 
