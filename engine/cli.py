@@ -543,6 +543,78 @@ def _list_branches(obj: Ctx, as_json: bool) -> None:
     Console(color_system="auto" if obj.colour else None, width=200 if not sys.stdout.isatty() else None).print(table)
 
 
+@cli.command("forecast")
+@click.option("--backtest", is_flag=True,
+              help="Replay the history under the reactive and the predictive policy and compare them.")
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
+              help="Use this recorded samples file instead of the catalog's history.")
+@click.option("--metric", default="queries_per_second", show_default=True,
+              type=click.Choice(["queries_per_second", "cpu_percent", "memory_percent", "storage_percent",
+                                 "connections", "latency_ms"]),
+              help="The metric to forecast.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def forecast(obj: Ctx, backtest: bool, metrics_file: str | None, metric: str, as_json: bool) -> None:
+    """Each shard's load forecast, from the catalog's long history (or a recorded file).
+
+    With --backtest, the history is replayed minute by minute under the reactive policy (split
+    when hot) and the predictive one (split when the forecast crosses the hot threshold within
+    the lead time), and the forecast's error, each policy's splits, merges, flapping and time
+    spent hot are reported. The catalog keeps 1-minute history for metrics.retention.minute
+    (8 days by default); a longer replay needs a recorded file (`shardctl metrics export`).
+    """
+    from datetime import timedelta
+
+    from engine import workflow
+    from engine.clock import system_clock
+    from engine.detect import backtest as bt
+    from engine.detect.forecast import MAX_FIT_HOURS, lead_time
+    from engine.observe import history, recorded, rollup
+    from engine.servers.fleet import Fleet
+
+    desired = workflow.load(obj.config_dir)
+    policies = {name: db.effective_policy for name, db in desired.databases.items()}
+    moves: tuple = ()
+    if metrics_file:
+        raw = recorded.load(metrics_file)
+        minutes = {a: rollup.means(w, 60).get(a, ()) for a, w in raw.items()}
+        hourly = rollup.series_of(s for w in raw.values() for s in w)
+        source = f"recorded {metrics_file}"
+    else:
+        fleet = Fleet(desired)
+        fleet.start_embedded(err)
+        with fleet.catalog(create=False) as conn:
+            if conn is None:
+                raise UserError("there is no catalog yet", "run `shardctl apply` first")
+            longest = max((p.metrics.retention.minute for p in policies.values()), default=691200.0)
+            now = system_clock()
+            minutes = history.rolled_up(conn, 60, now - timedelta(seconds=longest))
+            hourly = history.hourly_series(conn, now - timedelta(hours=MAX_FIT_HOURS))
+            moves = history.long_history(conn, [], now)["moves"]
+        source = "the catalog's 1-minute history"
+    if not backtest:
+        rows = bt.current_forecasts(hourly, policies, metric)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        for row in [] if as_json else rows:
+            click.echo(f"{row['shard']}: {row['summary']}")
+        if not rows and not as_json:
+            click.echo("No shard has history yet (`shardctl metrics collect`, or the daemon, records it).")
+        return
+    policy = next(iter(policies.values()), None)
+    if policy is None:
+        raise UserError("no database is declared", "declare one, or pass -C with the fleet's directory")
+    measured = sorted(m.seconds for m in moves)
+    move_seconds = measured[len(measured) // 2] if measured else policy.forecast.default_move
+    lead = lead_time(moves, None, policy.forecast.lead_margin, policy.forecast.default_move)
+    results = bt.backtest(minutes, policies, metric, move_seconds, lead)
+    if as_json:
+        click.echo(json.dumps({"source": source, "move_seconds": move_seconds, "lead": lead.model_dump(),
+                               "results": [r.model_dump(mode="json") for r in results]}, indent=2, sort_keys=True))
+    else:
+        click.echo(bt.render_text(results, source, move_seconds, lead), nl=False)
+
+
 @cli.group()
 def metrics() -> None:
     """Record and export load samples (the daemon does this every interval)."""
@@ -581,7 +653,7 @@ def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
         if schema.installed_version(conn) < 2:
             raise UserError("the catalog is older than this shardctl", "run `shardctl apply` to upgrade it")
         with LiveSampler(fleet, deadline=history.deadline(desired)) as sampler:
-            history.seed_recent(sampler, desired, history.stored_history(conn)[1])
+            history.seed_recent(sampler, desired, history.stored_history(conn, per_shard=1)[1])
             for i in range(count):
                 if i:
                     time.sleep(gap)
@@ -605,10 +677,13 @@ def metrics_export(obj: Ctx, out: str | None) -> None:
     from engine.observe import history, recorded
     from engine.servers.fleet import Fleet
 
-    fleet = Fleet(workflow.load(obj.config_dir))
+    desired = workflow.load(obj.config_dir)
+    fleet = Fleet(desired)
     fleet.start_embedded(err)
     with fleet.catalog(create=False) as conn:
-        samples = [s for window in history.stored_history(conn)[0].values() for s in window]
+        # the detection window each shard has, as before raw samples were kept for hours
+        stored = history.stored_history(conn, history.deepest_window(desired))[0]
+        samples = [s for window in stored.values() for s in window]
     doc = recorded.dump(samples)
     if out and out.endswith(".json"):
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.detect.forecast import LoadForecast
 from engine.observe.metrics import METRICS
 from engine.plan.models import Plan
 
@@ -41,6 +42,8 @@ class ShardView(Frozen):
     sampled_at: datetime | None = None
     lo: int | None = None  # its keyspace range [lo, hi), signed as the catalog stores it
     hi: int | None = None
+    outlook: tuple[str, ...] = ()  # what its forecasts say (storage fill date, crossings ahead)
+    forecasts: tuple[LoadForecast, ...] = ()  # for the charts' forecast band
 
 
 class ReplicaView(Frozen):

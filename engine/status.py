@@ -11,6 +11,7 @@ from rich.table import Table
 from engine.catalog import control, journal, store
 from engine.config.loader import Desired
 from engine.config.models import span
+from engine.detect.forecast import shard_outlook
 from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_servers, observe
@@ -96,8 +97,8 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
             report["databases"].append(dict(
                 name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
                 policy=db.policy_name, schema_steps=[s.name for s in db.schema_steps],
-                shards=[_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address))
-                        for s in db.shards],
+                shards=[dict(_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address)),
+                             outlook=outlook(desired, s, observation)) for s in db.shards],
             ))
         # with the apply lock held elsewhere, running operations are that process's, not interrupted
         running, in_flight = journal.interrupted(conn), state.apply_in_flight
@@ -134,6 +135,15 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
         samples=len(window),
         query_rate_history=[s.value("queries_per_second") for s in window],
     )
+
+
+def outlook(desired: Desired, shard, observation) -> list[str]:
+    """What the forecast says of an active shard (engine.detect.forecast.shard_outlook)."""
+    db = desired.databases.get(shard.database)
+    if db is None or shard.state != "active":
+        return []
+    return shard_outlook(shard.address, observation.hourly.get(shard.address, ()), db.effective_policy,
+                         observation.metrics_at or observation.now())[0]
 
 
 def _metric(latest: Sample | None, metric: str) -> dict[str, Any] | None:
@@ -266,6 +276,8 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
             console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
         for note in s["notes"]:
             console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
+        for line in s.get("outlook", []):
+            console.print(f"  FORECAST {db['name']}/{s['name']}: {line}")
 
 
 def _print_advice(console: Console, advice: list[dict[str, Any]]) -> None:

@@ -16,13 +16,15 @@ from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.config import loader
 from engine.config.loader import Desired
+from engine.config.models import Policy, span
 from engine.detect.detector import premise_holds
+from engine.detect.forecast import LoadForecast, outlook
 from engine.errors import ConfigError, UserError
 from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
-from engine.plan.models import LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
+from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -52,11 +54,14 @@ def check_premises(desired: Desired, plan: Plan, observation: Observation) -> No
     """Re-measure the load a saved plan was based on; refuse it when a premise has gone."""
     failures = []
     for action in plan.actions:
-        if not isinstance(action, (SplitShard, MergeShards)) or action.reason.cause != "load":
+        if not isinstance(action, (SplitShard, MergeShards)) or action.reason.cause not in LOAD_CAUSES:
             continue
         db = desired.databases.get(action.database)
         if db is None:
             failures.append(f"{action.address}: database {action.database} is no longer declared")
+            continue
+        if isinstance(action, SplitShard) and action.forecast is not None:
+            failures += _forecast_premise(action.forecast, db.effective_policy, observation)
             continue
         for evidence in action.evidence:
             held, why = premise_holds(evidence, observation.metrics.get(evidence.shard, ()), db.effective_policy,
@@ -65,6 +70,19 @@ def check_premises(desired: Desired, plan: Plan, observation: Observation) -> No
                 failures.append(f"shard.{evidence.shard}: {why}")
     if failures:
         raise PremiseFailed(sorted(set(failures)))
+
+
+def _forecast_premise(forecast: LoadForecast, policy: Policy, observation: Observation) -> list[str]:
+    """A forecast split's premise: the shard's forecast, refitted now, still crosses the threshold."""
+    threshold = forecast.threshold if forecast.threshold is not None else getattr(policy.hot, forecast.metric)
+    if threshold is None:
+        return [f"shard.{forecast.shard}: {forecast.metric} no longer has a hot threshold"]
+    found = outlook(forecast.shard, forecast.metric, observation.hourly.get(forecast.shard, ()), threshold,
+                    observation.metrics_at or observation.now(), policy)
+    if found is None or found[1] is None:
+        return [f"shard.{forecast.shard}: {forecast.metric} is no longer forecast to cross {threshold:g}"
+                f" within {span(policy.forecast.horizon)}"]
+    return []
 
 
 class Cancelled(UserError):
@@ -178,7 +196,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                     raise StalePlan(saved.based_on_serial, current)
                 plan = saved
                 _consented(desired, plan)
-                if any(a.kind in LOAD_KINDS and a.reason.cause == "load" for a in plan.actions):
+                if any(a.kind in LOAD_KINDS and a.reason.cause in LOAD_CAUSES for a in plan.actions):
                     say("Re-measuring the load premises of the saved plan...")
                     observation = observe(fleet, conn, inspect_schemas=False)
                     observation = history.with_metrics(desired, fleet, conn, observation, metrics_file)

@@ -14,6 +14,7 @@ DATABASE_LAYER = ("psycopg", "psycopg_pool", "engine.catalog", "engine.servers",
                   "engine.observe.sampling", "engine.observe.history", "engine.actions", "engine.workflow")
 QUOTING_ONLY = {"psycopg.sql"}  # composes and quotes SQL text; opens no connection
 NO_DATABASE = sorted([*ENGINE.glob("render/*.py"), *ENGINE.glob("plan/*.py"), ENGINE / "detect" / "detector.py",
+                      ENGINE / "detect" / "forecast.py", ENGINE / "detect" / "backtest.py",
                       *(ENGINE / "watch" / name for name in ("autonomy.py", "view.py", "http.py", "prometheus.py"))])
 
 

@@ -50,3 +50,48 @@ def diurnal(low: float, high: float, length: int = 144) -> list[float]:
 
 def to_file(windows: dict[str, tuple[Sample, ...]]) -> dict:
     return {"samples": [s.model_dump(mode="json") for w in windows.values() for s in w]}
+
+
+# ---------------------------------------------------------------------------- multi-day traces
+# One value a minute for two weeks, deterministic (seeded noise): the load of one shard as the
+# backtest and the forecast tests replay it. Hot threshold in mind: 10,000 queries/s.
+
+DAY = 1440  # minutes
+
+
+def _daily(minute: int, peak_hour: float = 14.0) -> float:
+    """0 at night, 1 at the daily peak: a smooth busy day."""
+    phase = 2 * math.pi * ((minute % DAY) / 60.0 - peak_hour) / 24.0
+    return (1 + math.cos(phase)) / 2
+
+
+def multi_day(kind: str, days: int = 21, seed: int = 7) -> list[float]:
+    """daily: a daily cycle growing 4% a day, crossing 10,000/s on day 8; weekly: weekdays busy,
+    weekends at a third, growing, crossing on a weekday of the second week; spikes: quiet with
+    two-minute bursts to 15,000/s three times a day; quiet: a flat 400/s; nights: like daily but
+    near zero at night, so split shards turn cold overnight (merge bait); growth_spikes: daily
+    with the bursts on top."""
+    import random
+
+    rng = random.Random(f"{kind}:{seed}")
+    out = []
+    for minute in range(days * DAY):
+        day = minute / DAY
+        noise = 1 + rng.gauss(0, 0.02)
+        if kind in ("daily", "growth_spikes"):
+            value = (2500 + 5000 * _daily(minute)) * 1.04 ** day
+        elif kind == "weekly":
+            weekday = int(day) % 7 < 5
+            value = (1500 + (6000 if weekday else 1500) * _daily(minute, 11.0)) * 1.035 ** day
+        elif kind == "spikes":
+            value = 2000.0
+        elif kind == "quiet":
+            value = 400.0
+        elif kind == "nights":
+            value = (40 + 7500 * _daily(minute) ** 3) * 1.04 ** day
+        else:
+            raise ValueError(kind)
+        if kind in ("spikes", "growth_spikes") and (minute % (DAY // 3)) in (311, 312):
+            value = 15000.0
+        out.append(round(value * noise, 1))
+    return out

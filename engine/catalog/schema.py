@@ -213,6 +213,39 @@ CREATE TABLE shardctl.daemon_leader (
 );
 """
 
+V5_HISTORY = r"""
+-- long metric history: raw samples stay for a few hours (metrics.retention.raw); each one is also
+-- added to a 1-minute and a 1-hour bucket here, kept for days and weeks. Per metric: the sum and
+-- count of its known values (the mean is sum / n; unknown values are not counted, never zero) and
+-- the greatest value. Buckets are upserted a round at a time, so no raw row has to outlive its bucket.
+CREATE TABLE shardctl.metric_rollups (
+    shard      text NOT NULL,
+    resolution integer NOT NULL CHECK (resolution IN (60, 3600)),   -- seconds a bucket covers
+    bucket     timestamptz NOT NULL,                                -- its start
+    samples    integer NOT NULL,
+    queries_per_second_sum double precision NOT NULL DEFAULT 0,
+    queries_per_second_n   integer NOT NULL DEFAULT 0,
+    queries_per_second_max double precision,
+    cpu_percent_sum double precision NOT NULL DEFAULT 0,
+    cpu_percent_n   integer NOT NULL DEFAULT 0,
+    cpu_percent_max double precision,
+    memory_percent_sum double precision NOT NULL DEFAULT 0,
+    memory_percent_n   integer NOT NULL DEFAULT 0,
+    memory_percent_max double precision,
+    storage_percent_sum double precision NOT NULL DEFAULT 0,
+    storage_percent_n   integer NOT NULL DEFAULT 0,
+    storage_percent_max double precision,
+    connections_sum double precision NOT NULL DEFAULT 0,
+    connections_n   integer NOT NULL DEFAULT 0,
+    connections_max double precision,
+    latency_ms_sum double precision NOT NULL DEFAULT 0,
+    latency_ms_n   integer NOT NULL DEFAULT 0,
+    latency_ms_max double precision,
+    PRIMARY KEY (shard, resolution, bucket)
+);
+CREATE INDEX metric_rollups_by_age ON shardctl.metric_rollups (resolution, bucket);
+"""
+
 V6_BRANCHES = r"""
 -- branches can be reset (re-made from the parent's current data under the same name, server,
 -- connection string and expiry): the declared `reset` value last acted on, when, and the state
@@ -223,7 +256,7 @@ ALTER TABLE shardctl.branches ADD CONSTRAINT branches_state_check
     CHECK (state IN ('creating', 'resetting', 'active', 'expired'));
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V6_BRANCHES]
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES]
 VERSION = len(MIGRATIONS)
 
 

@@ -8,6 +8,7 @@ the same transaction, so a saved plan can tell that the state moved under it.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -15,15 +16,19 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from engine.catalog import lock, schema
+from engine.config.models import Retention
+from engine.observe.metrics import METRICS
 from engine.observe.models import (
     AppliedStep,
     CatalogBranch,
     CatalogDatabase,
     CatalogShard,
     CatalogState,
+    MoveRecord,
     PendingMove,
     ReshardEvent,
 )
+from engine.observe.rollup import rollup_rows
 from engine.rows import one
 
 MOVE_KINDS = ("split_shard", "merge_shards")
@@ -137,6 +142,9 @@ def rename_database(conn: psycopg.Connection, old: str, new: str) -> None:
     if one(conn.execute("SELECT to_regclass('shardctl.metric_samples') IS NOT NULL"))[0]:
         conn.execute("UPDATE shardctl.metric_samples SET shard = %s || substr(shard, length(%s) + 1)"
                      " WHERE shard LIKE %s", (new, old, old + "/%"))
+    if one(conn.execute("SELECT to_regclass('shardctl.metric_rollups') IS NOT NULL"))[0]:
+        conn.execute("UPDATE shardctl.metric_rollups SET shard = %s || substr(shard, length(%s) + 1)"
+                     " WHERE shard LIKE %s", (new, old, old + "/%"))
     conn.execute("DELETE FROM shardctl.databases WHERE name = %s", (old,))
 
 
@@ -189,12 +197,23 @@ def history(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- metric history
 
 
-def save_samples(conn: psycopg.Connection, rows: list[tuple[Any, Any]], keep: dict[str, int]) -> None:
-    """Store (reading, sample) pairs and keep only the newest `keep[shard]` per shard. Two
-    statements a round, whatever the shard count: a daemon does this every interval."""
+def _rollup_columns() -> list[str]:
+    return [f"{m}_{part}" for m in METRICS for part in ("sum", "n", "max")]
+
+
+def save_samples(conn: psycopg.Connection, rows: list[tuple[Any, Any]], keep: dict[str, int],
+                 retention: dict[str, Retention] | None = None) -> None:
+    """Store (reading, sample) pairs, add them to the 1-minute and 1-hour rollups, and drop what
+    each shard's `retention` no longer keeps (raw samples always keep the newest `keep[shard]`).
+    A fixed number of statements a round, whatever the shard count: a daemon does this every
+    interval. Without `retention`, raw samples keep only the newest `keep[shard]`."""
     if not rows:
         return
+    retention = retention or {}
     shards = sorted({s.shard for _, s in rows})
+    newest: dict[str, datetime] = {}
+    for _, s in rows:
+        newest[s.shard] = max(newest.get(s.shard, s.at), s.at)
     with conn.transaction():
         conn.execute(
             "INSERT INTO shardctl.metric_samples (shard, server, at, reading, metrics)"
@@ -202,21 +221,115 @@ def save_samples(conn: psycopg.Connection, rows: list[tuple[Any, Any]], keep: di
             ([s.shard for _, s in rows], [s.server for _, s in rows], [s.at for _, s in rows],
              [Jsonb(r.model_dump(mode="json")) for r, _ in rows], [Jsonb(s.model_dump(mode="json")) for _, s in rows]),
         )
+        # raw rows beyond the newest `keep` and older than the raw retention; the subquery finds
+        # the keep-th newest through the (shard, at) index, so a round reads O(keep) rows a shard
         conn.execute(
-            "DELETE FROM shardctl.metric_samples m USING ("
-            "   SELECT id, shard, row_number() OVER (PARTITION BY shard ORDER BY at DESC, id DESC) AS newest"
-            "   FROM shardctl.metric_samples WHERE shard = ANY(%s)) ranked"
-            " JOIN unnest(%s::text[], %s::int[]) AS k(shard, keep) ON k.shard = ranked.shard"
-            " WHERE m.id = ranked.id AND ranked.newest > k.keep",
-            (shards, shards, [keep.get(shard, 10) for shard in shards]),
+            "DELETE FROM shardctl.metric_samples m"
+            " USING unnest(%s::text[], %s::int[], %s::timestamptz[]) AS k(shard, keep, cutoff)"
+            " WHERE m.shard = k.shard AND m.at < k.cutoff"
+            "   AND m.at < (SELECT n.at FROM shardctl.metric_samples n WHERE n.shard = k.shard"
+            "               ORDER BY n.at DESC, n.id DESC OFFSET k.keep - 1 LIMIT 1)",
+            (shards, [keep.get(shard, 10) for shard in shards],
+             [newest[shard] - timedelta(seconds=retention[shard].raw if shard in retention else 0.0)
+              + timedelta(microseconds=1) for shard in shards]),
         )
+        if schema.installed_version(conn) < 5:
+            return
+        _add_rollups(conn, rollup_rows([s for _, s in rows]))
+        for resolution, kept in ((60, "minute"), (3600, "hour")):
+            conn.execute(
+                "DELETE FROM shardctl.metric_rollups r USING unnest(%s::text[], %s::timestamptz[]) AS k(shard, cutoff)"
+                " WHERE r.resolution = %s AND r.shard = k.shard AND r.bucket < k.cutoff",
+                (shards, [newest[shard] - timedelta(seconds=getattr(retention[shard], kept) if shard in retention
+                                                    else getattr(Retention(), kept)) for shard in shards],
+                 resolution),
+            )
 
 
-def load_samples(conn: psycopg.Connection) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Every stored (reading, sample) pair, oldest first."""
+def _add_rollups(conn: psycopg.Connection, rollups: list[tuple]) -> None:
+    if not rollups:
+        return
+    columns = _rollup_columns()
+    types = ["text", "int", "timestamptz", "int"] + [t for _ in METRICS for t in ("float8", "int", "float8")]
+    merge = []
+    for metric in METRICS:
+        total, count, high = (sql.Identifier(f"{metric}_{p}") for p in ("sum", "n", "max"))
+        merge += [sql.SQL("{c} = r.{c} + excluded.{c}").format(c=total),
+                  sql.SQL("{c} = r.{c} + excluded.{c}").format(c=count),
+                  sql.SQL("{c} = greatest(r.{c}, excluded.{c})").format(c=high)]
+    statement = sql.SQL(
+        "INSERT INTO shardctl.metric_rollups AS r (shard, resolution, bucket, samples, {columns})"
+        " SELECT * FROM unnest({arrays})"
+        " ON CONFLICT (shard, resolution, bucket) DO UPDATE SET samples = r.samples + excluded.samples, {merge}"
+    ).format(columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+             arrays=sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in types),
+             merge=sql.SQL(", ").join(merge))
+    conn.execute(statement, [list(col) for col in zip(*rollups, strict=True)])
+
+
+def load_samples(conn: psycopg.Connection, per_shard: int = 1000) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The newest `per_shard` stored (reading, sample) pairs of every shard, oldest first. The
+    shards are found by skipping through the (shard, at) index, so hours of raw samples kept
+    for charts cost a plan nothing."""
     if schema.installed_version(conn) < 2:
         return []
-    return [(r[0], r[1]) for r in conn.execute("SELECT reading, metrics FROM shardctl.metric_samples ORDER BY at, id")]
+    return [(r[0], r[1]) for r in conn.execute(
+        """WITH RECURSIVE s AS (
+               (SELECT shard FROM shardctl.metric_samples ORDER BY shard LIMIT 1)
+               UNION ALL
+               SELECT (SELECT m.shard FROM shardctl.metric_samples m WHERE m.shard > s.shard ORDER BY m.shard LIMIT 1)
+               FROM s WHERE s.shard IS NOT NULL)
+           SELECT w.reading, w.metrics FROM s CROSS JOIN LATERAL (
+               SELECT reading, metrics, at, id FROM shardctl.metric_samples m WHERE m.shard = s.shard
+               ORDER BY at DESC, id DESC LIMIT %s) w
+           WHERE s.shard IS NOT NULL ORDER BY w.at, w.id""", (per_shard,))]
+
+
+def load_hourly_columns(conn: psycopg.Connection, since: datetime,
+                        shards: list[str] | None = None) -> list[tuple]:
+    """The 1-hour buckets from `since`, one row per shard: (shard, bucket starts, then one array
+    of means per metric, NULL where unknown, then the greatest mean per metric), aggregated by
+    the server: a plan reads four weeks
+    for every shard, and one row per shard is far cheaper to fetch than one per hour."""
+    if schema.installed_version(conn) < 5:
+        return []
+    means = [sql.SQL("array_agg({t} / nullif({n}, 0) ORDER BY bucket)").format(
+        t=sql.Identifier(f"{m}_sum"), n=sql.Identifier(f"{m}_n")) for m in METRICS]
+    means += [sql.SQL("max({t} / nullif({n}, 0))").format(t=sql.Identifier(f"{m}_sum"), n=sql.Identifier(f"{m}_n"))
+              for m in METRICS]
+    where = sql.SQL(" AND shard = ANY(%s)") if shards is not None else sql.SQL("")
+    statement = sql.SQL("SELECT shard, array_agg(bucket ORDER BY bucket), {means} FROM shardctl.metric_rollups"
+                        " WHERE resolution = 3600 AND bucket >= %s{where} GROUP BY shard ORDER BY shard").format(
+        means=sql.SQL(", ").join(means), where=where)
+    params: list[Any] = [since] + ([shards] if shards is not None else [])
+    with conn.cursor(binary=True) as cursor:  # binary arrays: no text parsing of every float
+        return cursor.execute(statement, params).fetchall()
+
+
+def load_rollups(conn: psycopg.Connection, resolution: int, since: datetime,
+                 shards: list[str] | None = None) -> list[tuple]:
+    """Buckets of one resolution from `since` on, by shard then time: (shard, bucket, samples,
+    then mean and max of each metric, None where unknown)."""
+    if schema.installed_version(conn) < 5:
+        return []
+    means = [sql.SQL("{t} / nullif({n}, 0), {h}").format(t=sql.Identifier(f"{m}_sum"), n=sql.Identifier(f"{m}_n"),
+                                                        h=sql.Identifier(f"{m}_max")) for m in METRICS]
+    where = sql.SQL(" AND shard = ANY(%s)") if shards is not None else sql.SQL("")
+    statement = sql.SQL("SELECT shard, bucket, samples, {means} FROM shardctl.metric_rollups"
+                        " WHERE resolution = %s AND bucket >= %s{where} ORDER BY shard, bucket").format(
+        means=sql.SQL(", ").join(means), where=where)
+    params: list[Any] = [resolution, since] + ([shards] if shards is not None else [])
+    return conn.execute(statement, params).fetchall()
+
+
+def finished_moves(conn: psycopg.Connection, limit: int = 50) -> list[MoveRecord]:
+    """The newest finished splits and merges: how long each ran, and the bytes its copy
+    reported (the progress kept beside the journal), for the lead time of a predictive split."""
+    rows = conn.execute(
+        "SELECT kind, extract(epoch FROM finished_at - started_at), (detail->'progress'->>'bytes_copied')::float8"
+        " FROM shardctl.operations WHERE state = 'done' AND kind = ANY(%s) AND finished_at IS NOT NULL"
+        " ORDER BY id DESC LIMIT %s", (list(MOVE_KINDS), limit)).fetchall()
+    return [MoveRecord(kind=r[0], seconds=float(r[1]), size_bytes=r[2]) for r in rows]
 
 
 def reshard_events(conn: psycopg.Connection) -> list[dict[str, Any]]:

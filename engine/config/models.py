@@ -225,6 +225,23 @@ def span(seconds: float) -> str:
 DEFAULT_DEADLINE = 5.0  # seconds one server's reading may take in a round
 
 
+class Retention(Frozen):
+    """How long the catalog keeps each resolution of a shard's metric history."""
+
+    raw: Duration = Field(21600.0, description="raw samples (one per interval), e.g. 6h; never fewer than"
+                                               " metrics.history samples")
+    minute: Duration = Field(691200.0, description="1-minute means and maxima, e.g. 8d")
+    hour: Duration = Field(7776000.0, description="1-hour means and maxima, e.g. 90d (forecasts are fitted on"
+                                                  " these)")
+
+    @model_validator(mode="after")
+    def _coarser_lasts_longer(self) -> Retention:
+        if not (self.raw <= self.minute <= self.hour):
+            raise ValueError(f"metrics.retention must keep coarser history at least as long: raw ({span(self.raw)})"
+                             f" <= minute ({span(self.minute)}) <= hour ({span(self.hour)})")
+        return self
+
+
 class Metrics(Frozen):
     interval: Duration = Field(10.0, description="collection interval, e.g. 10s")
     history: int | None = Field(
@@ -234,6 +251,8 @@ class Metrics(Frozen):
         None, description="how long one server's reading may take in a round, connecting included; a server later"
                           " than this gives unknown samples for its own shards only, and delays the round by at"
                           " most this (default 5s), e.g. 3s")
+
+    retention: Retention = Retention()
 
     @property
     def deadline_seconds(self) -> float:
@@ -245,6 +264,21 @@ class Metrics(Frozen):
         if seconds < 1:
             raise ValueError("the metrics interval must be at least 1s")
         return seconds
+
+
+class Forecast(Frozen):
+    """Predictive splits: a forecast of each shard's load from its hourly history."""
+
+    mode: Literal["off", "advise", "act"] = Field(
+        "advise", description="advise: forecasts appear in plans and PR comments, nothing acts on them"
+                              " (forecast-only); act: a split is planned when the forecast crosses a hot threshold"
+                              " within the lead time; off: no forecast. A forecast never plans a merge")
+    min_history: Duration = Field(259200.0, description="no forecast before this much hourly history, e.g. 3d")
+    horizon: Duration = Field(172800.0, description="how far ahead the forecast looks, e.g. 48h")
+    lead_margin: Duration = Field(3600.0, description="added to the measured duration of past moves of similar"
+                                                      " size to make the lead time, e.g. 1h")
+    default_move: Duration = Field(3600.0, description="a move's duration assumed while the catalog has none"
+                                                       " measured, e.g. 1h")
 
 
 class AutoSplit(Frozen):
@@ -316,6 +350,7 @@ class Policy(Frozen):
     automerge: AutoMerge = AutoMerge()
     moves: Moves = Moves()
     rightsizing: RightSizing = RightSizing()
+    forecast: Forecast = Forecast()
 
     @property
     def sustain_seconds(self) -> float:
@@ -371,6 +406,10 @@ class Policy(Frozen):
                 raise ValueError(f"cold.{metric} ({cold:g}) is not under hot.{metric} ({hot:g}) by the"
                                  f" {self.detection.tolerance_percent:g}% tolerance, so a shard could swing between"
                                  f" a split and a merge; set cold.{metric} under {hot * band:g}")
+        if self.forecast.min_history > self.metrics.retention.hour:
+            raise ValueError(f"forecast.min_history ({span(self.forecast.min_history)}) is longer than the hourly"
+                             f" history kept (metrics.retention.hour, {span(self.metrics.retention.hour)}): no"
+                             " forecast could ever be made; shorten it or keep more history")
         return self
 
 

@@ -10,23 +10,26 @@ from pydantic import ValidationError
 
 from engine.catalog import store
 from engine.config.loader import Desired
-from engine.config.models import Policy
-from engine.observe import cleaning, recorded
-from engine.observe.metrics import Reading, Sample
-from engine.observe.models import CatalogShard, Observation
+from engine.config.models import Policy, Retention
+from engine.detect.forecast import MAX_FIT_HOURS
+from engine.observe import cleaning, recorded, rollup
+from engine.observe.metrics import METRICS, Reading, Sample
+from engine.observe.models import CatalogShard, HourlySeries, Observation
 from engine.observe.sampling import LiveSampler, SampleRound
 from engine.servers.fleet import Fleet
 
 DEFAULT_HISTORY = Policy().history_samples
 
 
-def stored_history(conn: psycopg.Connection | None) -> tuple[dict[str, list[Sample]], dict[str, Reading]]:
-    """Stored samples per shard (oldest first) and the newest stored reading per shard."""
+def stored_history(conn: psycopg.Connection | None,
+                   per_shard: int = 1000) -> tuple[dict[str, list[Sample]], dict[str, Reading]]:
+    """The newest `per_shard` stored samples per shard (oldest first) and the newest stored
+    reading per shard. Hours of raw samples may be kept; a window needs only its own."""
     samples: dict[str, list[Sample]] = {}
     last: dict[str, Reading] = {}
     if conn is None:
         return samples, last
-    for reading_json, sample_json in store.load_samples(conn):
+    for reading_json, sample_json in store.load_samples(conn, per_shard):
         try:
             reading, sample = Reading.model_validate(reading_json), Sample.model_validate(sample_json)
         except ValidationError:
@@ -42,6 +45,11 @@ def monitored_shards(observation: Observation) -> list[CatalogShard]:
             and observation.servers.get(s.server) is not None and observation.servers[s.server].reachable]
 
 
+def deepest_window(desired: Desired) -> int:
+    """The most samples any declared database's window needs: what a plan reads per shard."""
+    return max((db.effective_policy.history_samples for db in desired.databases.values()), default=DEFAULT_HISTORY)
+
+
 def history_limits(desired: Desired, shards: list[CatalogShard]) -> dict[str, int]:
     limits = {}
     for s in shards:
@@ -55,6 +63,53 @@ def deadline(desired: Desired) -> float:
     asks for (a round serves every database)."""
     values = [db.effective_policy.metrics.deadline_seconds for db in desired.databases.values()]
     return min(values, default=Policy().metrics.deadline_seconds)
+
+
+def retention_of(desired: Desired, shards: list[CatalogShard]) -> dict[str, Retention]:
+    out = {}
+    for s in shards:
+        db = desired.databases.get(s.database)
+        out[s.address] = db.effective_policy.metrics.retention if db else Retention()
+    return out
+
+
+def rolled_up(conn: psycopg.Connection | None, resolution: int, since: datetime,
+              shards: list[str] | None = None) -> dict[str, tuple[Sample, ...]]:
+    """The stored long history at one resolution (60 or 3600 s) from `since`: one Sample of
+    metric means per bucket (engine.observe.rollup.bucket_sample)."""
+    out: dict[str, list[Sample]] = {}
+    if conn is None:
+        return {}
+    for row in store.load_rollups(conn, resolution, since, shards):
+        means = [row[3 + 2 * i] for i in range(len(METRICS))]
+        out.setdefault(row[0], []).append(rollup.bucket_sample(row[0], row[1], resolution, means))
+    return {a: tuple(v) for a, v in out.items()}
+
+
+def _moves(conn: psycopg.Connection | None) -> tuple:
+    if conn is None or conn.closed or store.schema.installed_version(conn) < 1:
+        return ()
+    return tuple(store.finished_moves(conn))
+
+
+def long_history(conn: psycopg.Connection | None, shards: list[CatalogShard], now: datetime) -> dict:
+    """What forecasts are fitted on: the hourly means of the monitored shards over the
+    forecast's window, and the finished moves (Observation.hourly and .moves)."""
+    if conn is None or not shards:
+        return {"moves": _moves(conn)}
+    return {"hourly": hourly_series(conn, now - timedelta(seconds=MAX_FIT_HOURS * 3600), [s.address for s in shards]),
+            "moves": _moves(conn)}
+
+
+def hourly_series(conn: psycopg.Connection, since: datetime,
+                  shards: list[str] | None = None) -> dict[str, HourlySeries]:
+    """The stored hourly means from `since`, per shard, as columns (Observation.hourly)."""
+    hour = timedelta(seconds=3600)
+    n = len(METRICS)
+    return {row[0]: HourlySeries(at=tuple(start + hour for start in row[1]),
+                                 values={m: tuple(row[2 + i]) for i, m in enumerate(METRICS)},
+                                 peaks={m: row[2 + n + i] for i, m in enumerate(METRICS) if row[2 + n + i] is not None})
+            for row in store.load_hourly_columns(conn, since, shards)}
 
 
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
@@ -78,10 +133,13 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
         # the catalog's own events (cooldowns, expiry, grace periods) stay judged at the present.
         samples, notes = recorded.load_with_notes(metrics_file)
         latest = max((s.at for window in samples.values() for s in window), default=now)
+        # a recording long enough for a forecast is rolled up as the catalog would have
+        hourly = rollup.series_of(s for window in samples.values() for s in window)
         return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
-                                              "metrics_notes": notes, "taken_at": now, "metrics_at": latest})
-    history, last = stored_history(conn)
+                                              "metrics_notes": notes, "taken_at": now, "metrics_at": latest,
+                                              "hourly": hourly, "moves": _moves(conn)})
     shards = monitored_shards(observation)
+    history, last = stored_history(conn, deepest_window(desired))
     metrics_at = now
     late: tuple[str, ...] = ()
     if shards:
@@ -101,7 +159,8 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
     notes = (*late, *notes)
     window = {a: v[-limits.get(a, DEFAULT_HISTORY):] for a, v in cleaned.items()}
     return observation.model_copy(update={"metrics": window, "metrics_source": "live", "metrics_notes": notes,
-                                          "taken_at": now, "metrics_at": metrics_at})
+                                          "taken_at": now, "metrics_at": metrics_at,
+                                          **long_history(conn, shards, now)})
 
 
 def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
@@ -110,7 +169,8 @@ def collect(desired: Desired, conn: psycopg.Connection, observation: Observation
     (a late server's unknown samples are returned, not stored)."""
     shards = monitored_shards(observation)
     fresh = sampler.sample_round(shards)
-    store.save_samples(conn, list(fresh.pairs.values()), history_limits(desired, shards))
+    store.save_samples(conn, list(fresh.pairs.values()), history_limits(desired, shards),
+                       retention_of(desired, shards))
     return fresh
 
 
@@ -121,12 +181,13 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
     judged `stale` by the detector, and one on a server that does not answer has no window here
     (unknown): nothing acts on an old picture."""
     now = now or datetime.now(UTC)
-    stored, notes = cleaning.clean(stored_history(conn)[0])
+    stored, notes = cleaning.clean(stored_history(conn, deepest_window(desired))[0])
     shards = monitored_shards(observation)
     limits = history_limits(desired, shards)
     window: dict[str, tuple[Sample, ...]] = {}
     for shard in sorted(shards, key=lambda s: s.address):
         window[shard.address] = stored.get(shard.address, ())[-limits[shard.address]:]
     return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
-                                          "metrics_notes": notes, "taken_at": now, "metrics_at": now})
+                                          "metrics_notes": notes, "taken_at": now, "metrics_at": now,
+                                          **long_history(conn, shards, now)})
 

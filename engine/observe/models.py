@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from engine.observe.metrics import Sample
 
@@ -163,6 +163,39 @@ class LiveServer(Frozen):
     capabilities: Capabilities | None = None  # None: not read (an older observation, or the query failed)
 
 
+class HourlySeries(Frozen):
+    """One shard's hourly means, oldest first: each bucket's end and, per metric, its mean
+    (None: nothing known was measured). Columns rather than one Sample per hour: a plan reads
+    four weeks of them for every shard, and a model per hour costs 45 us to build."""
+
+    at: tuple[datetime, ...]
+    values: dict[str, tuple[float | None, ...]]
+    peaks: dict[str, float] = {}  # the greatest known mean per metric (a plan asks it of every shard)
+
+    @model_validator(mode="after")
+    def _peaks(self) -> HourlySeries:
+        if not self.peaks:
+            peaks = {m: max(known) for m, column in self.values.items()
+                     if (known := [v for v in column if v is not None])}
+            object.__setattr__(self, "peaks", peaks)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def known(self, metric: str) -> list[tuple[datetime, float]]:
+        return [(at, v) for at, v in zip(self.at, self.values.get(metric, ()), strict=False) if v is not None]
+
+
+class MoveRecord(Frozen):
+    """A finished split or merge from the catalog: how long it took and how much it copied
+    (None when its progress did not say), for the lead time of a predictive split."""
+
+    kind: str
+    seconds: float
+    size_bytes: float | None = None
+
+
 class Observation(Frozen):
     catalog: CatalogState
     servers: dict[str, LiveServer]
@@ -181,6 +214,10 @@ class Observation(Frozen):
     # rows whose key hashes outside their shard's range, by shard address then table; counted
     # only for shards a plan would move (it reads every row)
     strays: dict[str, dict[str, int]] = {}
+    # the long history forecasts are fitted on: hourly means per shard address, oldest first
+    # (engine.observe.rollup.bucket_sample), and the moves finished so far, for lead times
+    hourly: dict[str, HourlySeries | tuple[Sample, ...]] = {}  # a recording's may be Samples
+    moves: tuple[MoveRecord, ...] = ()
 
     def now(self) -> datetime:
         """The observation's wall clock (the present when it was not recorded)."""

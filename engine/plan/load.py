@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from engine.config.loader import Desired, DesiredDatabase
 from engine.config.models import Policy, span
 from engine.detect.detector import Assessment, assess
+from engine.detect.forecast import merged_forecast_hot
 from engine.keyspace import KeyRange, physical_name
 from engine.observe import strays
 from engine.observe.metrics import METRICS
@@ -144,7 +145,8 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
             blocked = (preconditions(db, [left, right], observation)
                        or capable_targets([left.server, right.server, *db.spec.placement], observation)[1]
                        or _name_taken(recorded_names, [KeyRange(left.lo, right.hi)])
-                       or _merged_too_busy(policy, verdicts[left.address], verdicts[right.address]))
+                       or _merged_too_busy(policy, verdicts[left.address], verdicts[right.address])
+                       or _merged_forecast_hot(policy, [left, right], observation))
             if held:
                 notes.append(f"shard.{left.address} and shard.{right.address}: cold, but held back by the cooldown"
                              f" until {held.strftime('%Y-%m-%dT%H:%M:%SZ')}")
@@ -193,6 +195,14 @@ def _merged_too_busy(policy: Policy, left: Assessment, right: Assessment) -> str
             return (f"together their {metric} peaks at {total:g}, within the {policy.detection.tolerance_percent:g}%"
                     f" tolerance of the hot threshold {threshold:g}, so the merged shard could be split again")
     return None
+
+
+def _merged_forecast_hot(policy: Policy, shards: list[CatalogShard], observation: Observation) -> str | None:
+    """A forecast never plans a merge, but it holds one back that would be split again."""
+    if policy.forecast.mode == "off":
+        return None
+    return merged_forecast_hot([observation.hourly.get(s.address, ()) for s in shards], policy,
+                               judged_at(observation) or observation.now())
 
 
 _PK = re.compile(r"^PRIMARY KEY \((.*)\)")
@@ -259,16 +269,22 @@ def capable_targets(placement, observation: Observation) -> tuple[list[str], str
         str(checks.why_not(observation.servers.get(s), "move_target")) for s in dict.fromkeys(placement))
 
 
-def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storage: dict[str, float],
-           placement=None) -> SplitShard:
-    policy = db.effective_policy
-    # prefer servers other than the source's, then the least loaded by storage, then by name
+def split_targets(db: DesiredDatabase, shard: CatalogShard, storage: dict[str, float],
+                  placement=None) -> tuple[ShardSpec, ...]:
+    """Where a split's shards go: servers other than the source's first, then the least loaded
+    by storage, then by name."""
     order = sorted(placement or db.spec.placement, key=lambda s: (s == shard.server, storage.get(s, 0.0), s))
-    ranges = KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)
-    targets = tuple(
+    ranges = KeyRange(shard.lo, shard.hi).split(db.effective_policy.autosplit.targets)
+    return tuple(
         ShardSpec(name=r.name, lo=r.lo, hi=r.hi, server=order[i % len(order)], dbname=physical_name(db.name, r))
         for i, r in enumerate(ranges)
     )
+
+
+def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storage: dict[str, float],
+           placement=None) -> SplitShard:
+    policy = db.effective_policy
+    targets = split_targets(db, shard, storage, placement)
     worst = max(verdict.evidence, key=lambda e: e.low / e.threshold)
     return SplitShard(
         database=db.name, source=_spec(shard), targets=targets, evidence=verdict.evidence,

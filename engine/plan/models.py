@@ -13,10 +13,11 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.detect.detector import Evidence
+from engine.detect.forecast import LoadForecast
 
 FORMAT_VERSION = 2  # 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
 
-Cause = Literal["config", "drift", "resume", "load"]
+Cause = Literal["config", "drift", "resume", "load", "forecast"]
 Symbol = Literal["create", "update", "delete", "replace"]
 
 
@@ -175,6 +176,10 @@ class SplitShard(ActionBase):
     evidence: tuple[Evidence, ...]
     automatic: bool
     operation: int | None = None  # set when resuming an interrupted operation: its names derive from it
+    # cause `forecast`: the forecast that crosses the hot threshold within the lead time, and
+    # that lead time (evidence is then empty: the shard is not hot yet)
+    forecast: LoadForecast | None = None
+    lead_time: str | None = None
 
     @property
     def address(self) -> str:
@@ -298,6 +303,7 @@ Action = Annotated[
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")
+LOAD_CAUSES = ("load", "forecast")  # what the fleet's load caused (now or ahead), not a person's change
 
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
@@ -340,6 +346,9 @@ class PolicyWhatIf(Frozen):
     changes: tuple[WhatIfChange, ...]
     hot_both: int
     cold_both: int
+    # the stored hourly history replayed under each policy, reactive and predictive
+    # (engine.detect.backtest.compare_policies), one line per shard with enough history
+    backtest: tuple[str, ...] = ()
 
 
 class Plan(Frozen):

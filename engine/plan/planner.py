@@ -23,6 +23,7 @@ from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
 from engine.plan import checks, rightsizing
+from engine.plan.forecast import forecast_actions
 from engine.plan.load import load_actions
 from engine.plan.models import (
     ApplySchema,
@@ -431,6 +432,9 @@ def _plan_load(p: _Planning, busy: set[str]) -> None:
     """Splits of hot shards and merges of cold neighbours, unless the plan already changes that database."""
     load, notes = load_actions(p.desired, p.observation)
     p.warnings.extend(notes)
+    ahead, ahead_notes = forecast_actions(p.desired, p.observation, [a for a in load if a.database not in busy])
+    p.warnings.extend(ahead_notes)
+    load = load + ahead
     for action in load:
         if action.database in busy:
             p.warnings.append(

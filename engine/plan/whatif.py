@@ -8,6 +8,7 @@ states and one observation in, a frozen comparison out.
 from __future__ import annotations
 
 from engine.config.loader import Desired
+from engine.detect.backtest import compare_policies
 from engine.observe.models import Observation
 from engine.plan.load import assessments
 from engine.plan.models import PolicyWhatIf, WhatIfChange, WhatIfKind
@@ -38,5 +39,8 @@ def compare(baseline: Desired, proposed: Desired, observation: Observation, labe
                     hot_both += 1
                 else:
                     cold_both += 1
+    backtest = compare_policies(observation.hourly,
+                                {n: d.effective_policy for n, d in baseline.databases.items()},
+                                {n: d.effective_policy for n, d in proposed.databases.items()}, observation.moves)
     return PolicyWhatIf(baseline=label, metrics_source=observation.metrics_source, changes=tuple(changes),
-                        hot_both=hot_both, cold_both=cold_both)
+                        hot_both=hot_both, cold_both=cold_both, backtest=tuple(backtest))

@@ -74,6 +74,26 @@ def chart(points: list[tuple], metric: str, threshold: float | None) -> dict:
             "last_known_at": datetime.fromtimestamp(known[-1][0], UTC) if known else None}
 
 
+def forecast_chart(forecast, threshold: float | None) -> dict | None:
+    """The forecast ahead as an SVG: its band (a polygon from the lower to the upper edge), the
+    point forecast and the hot threshold, on the forecast's own time axis (the next hours)."""
+    if forecast is None or not forecast.values:
+        return None
+    values = forecast.values
+    top = max([(v + forecast.band) * 1.1 for v in values] + ([threshold * 1.15] if threshold else []) + [1e-9])
+    step = CHART_W / max(len(values) - 1, 1)
+
+    def y(v: float) -> str:
+        return f"{CHART_H - (max(v, 0.0) / top) * (CHART_H - 4) - 2:.1f}"
+
+    upper = [f"{i * step:.1f},{y(v + forecast.band)}" for i, v in enumerate(values)]
+    lower = [f"{i * step:.1f},{y(v - forecast.band)}" for i, v in reversed(list(enumerate(values)))]
+    crossing = forecast.crossing(threshold, upper=True) if threshold else None
+    return {"band": " ".join(upper + lower), "line": " ".join(f"{i * step:.1f},{y(v)}" for i, v in enumerate(values)),
+            "threshold_y": float(y(threshold)) if threshold else None, "hours": len(values),
+            "peak": max(values), "plus_minus": forecast.band, "crossing": crossing}
+
+
 SPACE = 1 << 64  # the unsigned keyspace
 HALF = 1 << 63
 WARN_PERCENT = 80.0  # a server's summed use over this is drawn as a warning
@@ -159,7 +179,9 @@ def render_dashboard(snapshot: Snapshot, series: dict[str, list[tuple]], now: da
         points = series.get(shard.address, [])
         shards.append({
             "view": shard,
-            "charts": [{"metric": m, "unit": UNITS.get(m, ""), **chart(points, m, shard.hot_thresholds.get(m))}
+            "charts": [{"metric": m, "unit": UNITS.get(m, ""), **chart(points, m, shard.hot_thresholds.get(m)),
+                        "forecast": forecast_chart(next((f for f in shard.forecasts if f.metric == m), None),
+                                                   shard.hot_thresholds.get(m))}
                        for m in CHARTED],
             "values": [(m, _num(shard.latest.get(m)), UNITS.get(m, "")) for m in METRICS],
         })

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.plan.models import Plan
+from engine.plan.models import LOAD_CAUSES, Plan
 from engine.render.view import VERBS, VERBS_BY_KIND
 
 
@@ -46,7 +46,7 @@ def report(plan: Plan) -> DriftReport:
         return Finding(address=action.address, summary=f"will be {verb}: {action.reason.text}")
 
     config = tuple(finding(a) for a in plan.actions if a.reason.cause == "config")
-    load = tuple(finding(a) for a in plan.actions if a.reason.cause == "load")
+    load = tuple(finding(a) for a in plan.actions if a.reason.cause in LOAD_CAUSES)
     interrupted = tuple(finding(a) for a in plan.actions if a.reason.cause == "resume")
     outside = tuple(Finding(address=d.address, summary=d.summary + ("".join(f"; {x}" for x in d.details)))
                     for d in plan.drift)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.observe.metrics import UNITS
 from engine.plan.models import (
     ApplySchema,
     CreateBranch,
@@ -155,7 +156,25 @@ def _split_shard(a: SplitShard) -> list[Line]:
     lines += _shard_lines("+", a.targets)
     lines.append(Line(" ", "automatic = " + ("true (the daemon may apply it on its own)" if a.automatic
                                              else "false (needs a person's apply)")))
-    return lines + _evidence_lines(a.evidence)
+    return lines + _evidence_lines(a.evidence) + _forecast_lines(a)
+
+
+def _forecast_lines(a: SplitShard) -> list[Line]:
+    """A forecast split's case: the forecast, its band, the crossing, the history it was fitted
+    on, the hourly values ahead, and the lead time."""
+    f = a.forecast
+    if f is None:
+        return []
+    lines = []
+    if f.threshold is not None:
+        told = f.describe(f.threshold, UNITS.get(f.metric, ""), f.judged_at or f.start)
+        lines.append(Line("#", f"{f.shard}: {told}"))
+    ahead = ", ".join(f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" for v in f.values[:24])
+    lines.append(Line("#", f"next {min(24, len(f.values))} hours from {f.start.strftime('%Y-%m-%dT%H:%MZ')}:"
+                           f" {ahead} (+- {f.band:.3g})"))
+    if a.lead_time:
+        lines.append(Line("#", f"lead time: {a.lead_time}"))
+    return lines
 
 
 def _merge_shards(a: MergeShards) -> list[Line]:
@@ -266,6 +285,7 @@ class PlanView:
     what_if: list[Block] = field(default_factory=list)
     what_if_title: str = ""
     what_if_footer: str = ""
+    what_if_backtest: tuple[str, ...] = ()
     detail_blocks: list[Block] | None = None  # markdown may show fewer sections than blocks
     row_blocks: list[Block] | None = None
     omitted: str = ""
@@ -318,4 +338,5 @@ def view(plan: Plan) -> PlanView:
     headline = ", ".join(parts)
     what_if, title, footer = _what_if(plan)
     return PlanView(blocks=blocks, legend=used, summary_line=summary_line, headline=headline, plan=plan,
-                    what_if=what_if, what_if_title=title, what_if_footer=footer)
+                    what_if=what_if, what_if_title=title, what_if_footer=footer,
+                    what_if_backtest=plan.what_if.backtest if plan.what_if else ())

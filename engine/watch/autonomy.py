@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict
 
 from engine.plan.models import (
+    LOAD_CAUSES,
     ApplySchema,
     CreateBranch,
     CreateDatabase,
@@ -49,7 +50,7 @@ def _move(enabled_flag: str) -> Callable:
     def rule(action) -> str | None:
         if action.operation is not None:
             return None  # an interrupted operation: the journal says how to finish it
-        if action.reason.cause != "load":
+        if action.reason.cause not in LOAD_CAUSES:
             return f"not load-driven: {PERSON}"
         if not action.automatic:
             return f"{enabled_flag} is false in the database's policy: {PERSON}"

@@ -28,6 +28,7 @@ from engine.catalog import control, journal, schema, store
 from engine.catalog.lock import who as lock_who
 from engine.config import loader
 from engine.config.loader import Desired
+from engine.detect.forecast import shard_outlook
 from engine.errors import ConfigError, LockHeldError, UserError, redact
 from engine.observe import history
 from engine.observe.metrics import METRICS, Sample
@@ -255,7 +256,7 @@ class Daemon:
                         generation = self._fleet_generation
                         sampler = LiveSampler(self.fleet, deadline=history.deadline(self.desired))
                         # rates need a previous reading: the stored one, when recent, saves a second read
-                        history.seed_recent(sampler, self.desired, history.stored_history(conn)[1])
+                        history.seed_recent(sampler, self.desired, history.stored_history(conn, per_shard=1)[1])
                     self._collect_once(conn, sampler)
                 except (psycopg.Error, UserError) as exc:
                     message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -404,7 +405,11 @@ class Daemon:
                                                            server=s.server)
                 db = self.desired.databases.get(s.database)
                 hot = db.effective_policy.hot.model_dump() if db else {}
+                lines, forecasts = shard_outlook(s.address, observation.hourly.get(s.address, ()),
+                                                 db.effective_policy, observation.metrics_at or observation.now()
+                                                 ) if db else ([], [])
                 shards.append(base.model_copy(update={
+                    "outlook": tuple(lines), "forecasts": tuple(forecasts),
                     "hot_thresholds": {m: float(v) for m, v in hot.items() if v is not None},
                     "server": s.server, "lo": s.lo, "hi": s.hi, "load": verdict.state if verdict else "unknown",
                     "evidence": tuple(e.describe() for e in verdict.evidence) if verdict else ()}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.plan.models import Plan
+from engine.plan.models import LOAD_CAUSES, Plan
 
 Key = tuple[tuple, tuple]  # (what a person changed, what load changed)
 
@@ -19,8 +19,9 @@ class Reported:
 
 
 def plan_key(plan: Plan) -> Key:
-    load = tuple(sorted((a.kind, a.address) for a in plan.actions if a.reason.cause == "load"))
-    person = (tuple(sorted((a.kind, a.address, a.reason.cause) for a in plan.actions if a.reason.cause != "load")),
+    load = tuple(sorted((a.kind, a.address) for a in plan.actions if a.reason.cause in LOAD_CAUSES))
+    person = (tuple(sorted((a.kind, a.address, a.reason.cause) for a in plan.actions
+                           if a.reason.cause not in LOAD_CAUSES)),
               tuple(sorted((d.kind, d.address) for d in plan.drift)))
     return person, load
 
