@@ -213,7 +213,13 @@ CREATE TABLE shardctl.daemon_leader (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+V7_CAPACITY = r"""
+-- the shard count the YAML declared when last applied: lowering `shards:` below it plans merges,
+-- while shards that load split beyond it are kept (NULL: recorded before shardctl kept it)
+ALTER TABLE shardctl.databases ADD COLUMN declared_shards integer;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V7_CAPACITY]
 VERSION = len(MIGRATIONS)
 
 

@@ -16,7 +16,7 @@ from engine.detect.detector import Evidence
 
 FORMAT_VERSION = 2  # 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
 
-Cause = Literal["config", "drift", "resume", "load"]
+Cause = Literal["config", "drift", "resume", "load", "manual"]  # manual: `plan -split/-merge`
 Symbol = Literal["create", "update", "delete", "replace"]
 
 
@@ -57,6 +57,7 @@ class DatabaseSettings(Frozen):
     policy_name: str
     policy: dict[str, Any]
     placement: tuple[str, ...]
+    shards: int | None = None  # the declared shard count (None: a catalog from before it was recorded)
 
 
 class ActionBase(Frozen):

@@ -46,6 +46,7 @@ from engine.plan.models import (
     UpdateDatabase,
     sort_actions,
 )
+from engine.plan.reshard import Requests, declared_actions, manual_actions, recorded_count
 
 BRANCH_STEP_PREFIX = "branch:"
 
@@ -54,6 +55,7 @@ def settings_of(db: DesiredDatabase) -> DatabaseSettings:
     return DatabaseSettings(
         protect=db.spec.protect, policy_name=db.policy_name,
         policy=db.effective_policy.model_dump(mode="json"), placement=tuple(db.spec.placement),
+        shards=db.spec.shards,
     )
 
 
@@ -103,14 +105,20 @@ class _Planning:
     problems: list[Diagnostic] = field(default_factory=list)
     consented: set[tuple[str, str]] = field(default_factory=set)
     renamed_from: set[str] = field(default_factory=set)
+    by_hand: set[str] = field(default_factory=set)  # databases with a split or merge asked for by hand
 
 
-def plan(desired: Desired, observation: Observation) -> Plan:
-    """The diff of the YAML against what was observed, in stages a reader can follow: each
-    declared database (create, rename, resume, re-key, schema, settings, drift of its shards),
-    each recorded database no longer declared, interrupted operations and retired shards,
-    branches, load-driven splits and merges, then fleet-wide drift. Problems refuse the plan."""
+def plan(desired: Desired, observation: Observation, requests: Requests | None = None) -> Plan:
+    """The diff of the YAML against what was observed, in stages a reader can follow: splits
+    and merges asked for by hand (`requests`), each declared database (create, rename, resume,
+    re-key, schema, settings, declared shard count, drift of its shards), each recorded database
+    no longer declared, interrupted operations and retired shards, branches, load-driven splits
+    and merges, then fleet-wide drift. Problems refuse the plan."""
     p = _Planning(desired, observation, problems=list(desired.key_problems))
+    if requests:
+        by_hand = manual_actions(desired, observation, requests)
+        p.actions.extend(by_hand)
+        p.by_hand = {a.database for a in by_hand}
     for name, db in desired.databases.items():
         _plan_declared_database(p, name, db)
     _plan_undeclared_databases(p)
@@ -162,6 +170,7 @@ def _plan_declared_database(p: _Planning, name: str, db: DesiredDatabase) -> Non
         return
     _plan_schema_steps(p, name, db, recorded)
     _plan_settings(p, name, db, recorded)
+    _plan_shard_count(p, name, db, recorded)
     _observe_shard_drift(p, name, recorded, _steps(db))
 
 
@@ -251,7 +260,8 @@ def _plan_schema_steps(p: _Planning, name: str, db: DesiredDatabase, recorded: C
 
 def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
     desired = p.desired
-    new_settings, old_settings = settings_of(db), _recorded_settings(recorded)
+    new_settings = settings_of(db)
+    old_settings = _recorded_settings(recorded).model_copy(update={"shards": recorded_count(recorded, db.spec.shards)})
     changes = _changes(old_settings, new_settings)
     if changes:
         places = sorted(
@@ -274,13 +284,18 @@ def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: Catal
                 f"database.{name}: placement changed; existing shards stay where they are"
                 " (new shards from splits use the new placement)"
             )
-    active = [s for s in recorded.shards if s.state == "active"]
-    if db.spec.shards > len(active) and recorded.state == "active":
-        p.warnings.append(
-            f"database.{name}: `shards: {db.spec.shards}` is the initial shard count and the floor"
-            f" for merges; {name} has {len(active)} shards, and raising the number does not split"
-            " them (splits follow load)"
-        )
+
+
+def _plan_shard_count(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
+    """`shards:` raised: splits up to it; lowered: merges down to it (engine/plan/reshard.py)."""
+    if name in p.by_hand:
+        if len([s for s in recorded.shards if s.state == "active"]) != db.spec.shards:
+            p.warnings.append(f"database.{name}: `shards: {db.spec.shards}` is planned after the split or merge"
+                              " asked for by hand is applied (plan again then)")
+        return
+    actions, notes = declared_actions(db, recorded, p.observation, str(_where(p.desired, name, "shards")))
+    p.actions.extend(actions)
+    p.warnings.extend(notes)
 
 
 def _observe_shard_drift(p: _Planning, name: str, recorded: CatalogDatabase, desired_steps: tuple) -> None:
