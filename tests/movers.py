@@ -47,6 +47,16 @@ def load_file(path, fleet, hot: tuple[str, ...] = (), cold: tuple[str, ...] = ()
     path.write_text(json.dumps(to_file(windows)))
 
 
+def floor_below_shards(fleet, declared: int = 2) -> None:
+    """The state of a database declared with `shards: {declared}` whose other shards came from
+    load splits: the YAML and the catalog's record of the declaration both say `declared`, so
+    cold neighbours may merge down to it and no merge is planned because of `shards:` itself."""
+    text = fleet.read("fleet.yaml")
+    fleet.write("fleet.yaml", text.replace("shards: 4", f"shards: {declared}"))
+    with fleet.catalog() as conn:
+        conn.execute("UPDATE shardctl.databases SET declared_shards = %s WHERE name = 'orders'", (declared,))
+
+
 def active_shards(fleet) -> list[tuple[str, int | None, int | None, str, str]]:
     with fleet.catalog() as conn:
         return conn.execute("SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = 'orders'"

@@ -408,7 +408,8 @@ class Database(Frozen):
         description="ordered schema steps applied to every shard; append new steps, never edit applied ones",
         json_schema_extra=_one_or_many,
     )
-    shards: int = Field(1, ge=1, le=256, description="initial shard count; the keyspace is divided evenly")
+    shards: int = Field(1, ge=1, le=256, description="the shard count wanted: raising it plans even splits,"
+                        " lowering it merges; load may split beyond it up to autosplit.max_shards")
     placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin",
                                   json_schema_extra={"uniqueItems": True})
     policy: Name = Field("default", description="a policy from policies: or a shipped preset")
