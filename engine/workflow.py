@@ -132,9 +132,9 @@ def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
     read): address -> table -> rows."""
     found: dict[str, dict[str, int]] = {}
     for action in plan.actions:
-        if action.kind not in ("split_shard", "merge_shards") or action.operation is not None:
+        if action.kind not in ("split_shard", "merge_shards", "move_shard") or action.operation is not None:
             continue
-        sources = [action.source] if action.kind == "split_shard" else list(action.sources)
+        sources = list(action.sources) if action.kind == "merge_shards" else [action.source]
         db = fleet.desired.databases[action.database].spec.shard_key
         for source in sources:
             with fleet.servers[source.server].connect(source.dbname) as conn:

@@ -139,4 +139,4 @@ def close_interrupted(conn: psycopg.Connection) -> None:
     or `shardctl abort` rolls them back."""
     conn.execute("UPDATE shardctl.operations SET state = 'failed', finished_at = now(),"
                  " detail = detail || '{\"interrupted\": true}'"
-                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards')")
+                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards', 'move_shard')")

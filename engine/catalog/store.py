@@ -26,7 +26,7 @@ from engine.observe.models import (
 )
 from engine.rows import one
 
-MOVE_KINDS = ("split_shard", "merge_shards")
+MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
 
 
 def database_exists(conn: psycopg.Connection, name: str) -> bool:

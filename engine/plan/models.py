@@ -198,6 +198,30 @@ class MergeShards(ActionBase):
         return f"shard.{self.database}/{self.target.name}"
 
 
+class MoveShard(ActionBase):
+    """Move a shard to another server, whole: one source, one unfiltered link, the same fence,
+    catch-up, verification and flip as a split; the copy left behind retires. Its range and
+    name stay; while it moves, the target is recorded as `NAME@SERVER`, and after the flip the
+    retired copy is (a later plan drops it)."""
+
+    kind: Literal["move_shard"] = "move_shard"
+    symbol: Symbol = "update"
+    source: ShardSpec
+    target: ShardSpec  # same name and range, another server
+    automatic: bool = False
+    operation: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"shard.{self.database}/{self.source.name}"
+
+
+def transit_name(name: str, server: str) -> str:
+    """The catalog name of a moved shard's copy on `server`: the target while it moves, the
+    source once retired (a range name is unique among a database's shards)."""
+    return f"{name}@{server}"
+
+
 class DropRetiredShard(ActionBase):
     """Drop a shard database that a split or merge retired, once its grace period is over."""
 
@@ -271,6 +295,7 @@ Action = Annotated[
     | RecreateShard
     | SplitShard
     | MergeShards
+    | MoveShard
     | DropRetiredShard
     | CreateBranch
     | DeleteBranch
@@ -282,6 +307,7 @@ LOAD_KINDS = ("split_shard", "merge_shards")
 
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
+         "move_shard": 4.5,
          "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
          "create_branch": 10, "rename_database": 11}
 

@@ -36,6 +36,7 @@ from engine.plan.models import (
     Holding,
     MergeBranchSchema,
     MergeShards,
+    MoveShard,
     Plan,
     Reason,
     RecreateShard,
@@ -46,6 +47,7 @@ from engine.plan.models import (
     UpdateDatabase,
     sort_actions,
 )
+from engine.plan.relocate import relocations
 from engine.plan.reshard import Requests, declared_actions, manual_actions, recorded_count
 
 BRANCH_STEP_PREFIX = "branch:"
@@ -122,6 +124,7 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
     for name, db in desired.databases.items():
         _plan_declared_database(p, name, db)
     _plan_undeclared_databases(p)
+    p.problems.extend(_servers_still_holding(desired, observation))
     _plan_operations(p)
     busy = _plan_branches(p)
     _plan_load(p, busy)
@@ -171,6 +174,7 @@ def _plan_declared_database(p: _Planning, name: str, db: DesiredDatabase) -> Non
     _plan_schema_steps(p, name, db, recorded)
     _plan_settings(p, name, db, recorded)
     _plan_shard_count(p, name, db, recorded)
+    _plan_placement(p, name, db, recorded)
     _observe_shard_drift(p, name, recorded, _steps(db))
 
 
@@ -281,8 +285,8 @@ def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: Catal
         )
         if old_settings.placement != new_settings.placement:
             p.warnings.append(
-                f"database.{name}: placement changed; existing shards stay where they are"
-                " (new shards from splits use the new placement)"
+                f"database.{name}: placement changed; shards on servers no longer in it move onto it, and"
+                " shards on servers still in it stay where they are (new shards from splits use the new placement)"
             )
 
 
@@ -296,6 +300,34 @@ def _plan_shard_count(p: _Planning, name: str, db: DesiredDatabase, recorded: Ca
     actions, notes = declared_actions(db, recorded, p.observation, str(_where(p.desired, name, "shards")))
     p.actions.extend(actions)
     p.warnings.extend(notes)
+
+
+def _plan_placement(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
+    """Shards on servers outside the declared placement move onto it (engine/plan/relocate.py)."""
+    if any(a.database == name and a.kind in ("split_shard", "merge_shards") for a in p.actions):
+        if relocations(db, recorded, p.observation, "")[0]:
+            p.warnings.append(f"database.{name}: shards move to match the placement once this plan's splits and"
+                              " merges are applied (plan again then)")
+        return
+    actions, notes = relocations(db, recorded, p.observation, str(_where(p.desired, name, "placement")))
+    p.actions.extend(actions)
+    p.warnings.extend(notes)
+
+
+def _servers_still_holding(desired: Desired, observation: Observation) -> list[Diagnostic]:
+    """A server removed from the YAML while the catalog still has shards on it is refused:
+    shardctl could not reach it to move or drop them."""
+    held: dict[str, list[str]] = {}
+    for db in observation.catalog.databases.values():
+        for shard in db.shards:
+            if shard.server not in desired.servers:
+                held.setdefault(shard.server, []).append(f"{shard.address} ({shard.state})")
+    where = desired.where("servers") or Location(desired.files[0] if desired.files else str(desired.directory))
+    return [Diagnostic(where, f"server {server!r} is no longer declared, and it still holds shards: "
+                              + ", ".join(sorted(shards)),
+                       f"declare {server} again and remove it from every database's placement; apply moves its"
+                       " shards away (retired copies are dropped after autosplit.retire_after); then remove it")
+            for server, shards in sorted(held.items())]
 
 
 def _observe_shard_drift(p: _Planning, name: str, recorded: CatalogDatabase, desired_steps: tuple) -> None:
@@ -474,7 +506,8 @@ def resume_move(pending, in_flight: str | None = None) -> Any:
     """An interrupted split or merge is finished under its own operation (its names derive from it).
     With the apply lock held elsewhere (`in_flight`), it is not interrupted but running there."""
     data = {**pending.action, "operation": pending.operation}
-    kind = SplitShard if pending.kind == "split_shard" else MergeShards
+    kinds: dict[str, Any] = {"split_shard": SplitShard, "merge_shards": MergeShards, "move_shard": MoveShard}
+    kind = kinds[pending.kind]
     if in_flight:
         text = (f"operation {pending.operation} is in progress, at step {pending.last_step!r}, run by {in_flight}"
                 " (it holds the apply lock); if that process dies, apply resumes it from here")
@@ -754,6 +787,8 @@ def _needs(action) -> list[tuple[str, str]]:
     if kind == "merge_shards":
         return [(s.server, "move_source") for s in action.sources] + [
             (action.target.server, p) for p in ("shard", "move_target")]
+    if kind == "move_shard":
+        return [(action.source.server, "move_source")] + [(action.target.server, p) for p in ("shard", "move_target")]
     return []
 
 

@@ -20,6 +20,7 @@ from engine.plan.models import (
     DropRetiredShard,
     MergeBranchSchema,
     MergeShards,
+    MoveShard,
     Plan,
     RecreateShard,
     RenameDatabase,
@@ -43,6 +44,7 @@ KIND_WORDS = {
     "recreate_shard": ("shard to recreate", "shards to recreate"),
     "split_shard": ("split", "splits"),
     "merge_shards": ("merge", "merges"),
+    "move_shard": ("move", "moves"),
     "drop_retired_shard": ("retired shard to drop", "retired shards to drop"),
     "create_branch": ("branch to create", "branches to create"),
     "delete_branch": ("branch to delete", "branches to delete"),
@@ -52,7 +54,7 @@ KIND_WORDS = {
 WHAT_IF_WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
                  "now_merge": "would now be a merge candidate",
                  "no_longer_merge": "would no longer be a merge candidate"}
-VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged"}
+VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged", "move_shard": "moved"}
 
 
 @dataclass
@@ -166,6 +168,11 @@ def _merge_shards(a: MergeShards) -> list[Line]:
     return lines + _evidence_lines(a.evidence)
 
 
+def _move_shard(a: MoveShard) -> list[Line]:
+    return [Line("~", f"server = {a.source.server} -> {a.target.server} ({a.target.dbname})"),
+            Line(" ", f"the copy on {a.source.server} is retired after cutover")]
+
+
 def _create_branch(a: CreateBranch) -> list[Line]:
     data = f"sample of {a.sample_percent:g}% of shard keys" if a.data == "sample" else a.data
     days = a.ttl_seconds / 86400
@@ -200,6 +207,7 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     RecreateShard: lambda a: f'shard "{a.database}/{a.shard.name}"',
     SplitShard: lambda a: f'shard "{a.database}/{a.source.name}"',
     MergeShards: lambda a: f'shards "{a.database}/{a.sources[0].name}" + "{a.database}/{a.sources[-1].name}"',
+    MoveShard: lambda a: f'shard "{a.database}/{a.source.name}"',
     DropRetiredShard: lambda a: f'retired shard "{a.database}/{a.shard.name}"',
     CreateBranch: lambda a: f'branch "{a.branch}"',
     DeleteBranch: lambda a: f'branch "{a.branch}"',
@@ -214,6 +222,7 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     RecreateShard: _recreate_shard,
     SplitShard: _split_shard,
     MergeShards: _merge_shards,
+    MoveShard: _move_shard,
     DropRetiredShard: _drop_retired,
     CreateBranch: _create_branch,
     DeleteBranch: _delete_branch,
@@ -295,8 +304,8 @@ def view(plan: Plan) -> PlanView:
     summary_line = f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
     parts = []
     for kind in ("destroy_database", "delete_branch", "drop_retired_shard", "merge_shards", "split_shard",
-                 "recreate_shard", "create_database", "apply_schema", "merge_branch_schema", "update_database",
-                 "create_branch", "rename_database"):
+                 "move_shard", "recreate_shard", "create_database", "apply_schema", "merge_branch_schema",
+                 "update_database", "create_branch", "rename_database"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]

@@ -1,0 +1,109 @@
+"""Moving shards between servers online: a server dropped from `placement` is drained under a
+writer, a move killed at a step converges on rerun, and a server is removable from the YAML
+only once it holds nothing."""
+
+import json
+import time
+
+import pytest
+
+from conftest import assert_golden
+from engine.catalog.journal import FAILPOINT_ENV
+from movers import Writer, active_shards, all_rows, preload
+from test_resharding import _catalog_params
+
+SERVER_C = "  c:\n    embedded: true\n    capacity: {storage: 20GiB, memory: 4GiB, cpus: 2}\n"
+
+
+def _with_c(fleet, placement: str) -> None:
+    text = fleet.read("fleet.yaml").replace("\ndatabases:", SERVER_C + "\ndatabases:", 1)
+    fleet.write("fleet.yaml", text.replace("placement: [a, b]", f"placement: {placement}"))
+
+
+def _no_replication_left(fleet, servers=("a", "b", "c")):
+    for server in servers:
+        with fleet.connect(server) as conn:
+            assert conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall() == []
+
+
+@pytest.fixture
+def applied(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=5000)
+    return fleet
+
+
+def test_a_server_dropped_from_placement_is_drained_under_a_writer_then_removable(applied):
+    fleet = applied
+    _with_c(fleet, "[a, c]")
+    plan = fleet.cli("plan")
+    assert plan.code == 0, plan.both
+    assert "2 moves" in plan.out and "server = b -> c (orders_40_80)" in plan.out, plan.out
+    assert "server b is not in the placement of orders [a, c]" in plan.out
+    # b still holds shards: removing it from the YAML now is refused, with the way forward
+    with_c = fleet.read("fleet.yaml")
+    fleet.write("fleet.yaml", with_c.replace("  b:\n    embedded: true\n    capacity: {storage: 20GiB, memory: 4GiB,"
+                                             " cpus: 2}\n", ""))
+    refused = fleet.cli("plan")
+    assert refused.code == 1 and "server 'b' is no longer declared, and it still holds shards" in refused.err
+    assert "orders/40-80 (active)" in refused.err and "remove it from every database's placement" in refused.err
+    fleet.write("fleet.yaml", with_c)
+
+    before, _ = all_rows(fleet)
+    writer = Writer(_catalog_params(fleet), start_id=max(before) + 1_000_000)
+    writer.start(before)
+    try:
+        result = fleet.cli("apply", "--auto-approve")
+    finally:
+        time.sleep(0.5)
+        writer.stop()
+    assert result.code == 0, result.both
+    assert result.out.count("Move to c complete") == 2
+    assert writer.errors == [] and writer.writes > 50
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == writer.expected  # nothing lost, duplicated or misplaced
+    assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "a", "40-80": "c", "80-c0": "a", "c0-": "c"}
+    with fleet.catalog() as conn:
+        events = [e for (e,) in conn.execute("SELECT detail FROM shardctl.history WHERE event = 'move_shard'")]
+        retired = conn.execute("SELECT name, server FROM shardctl.shards WHERE state = 'retired' ORDER BY 1").fetchall()
+    assert len(events) == 2 and all(e["verification"] for e in events)
+    assert retired == [("40-80@b", "b"), ("c0-@b", "b")]
+    _no_replication_left(fleet)
+    assert "No changes." in fleet.cli("plan").out
+    # the retired copies go after their grace period, and then b may leave the YAML
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + "policies:\n  default:\n    autosplit: {retire_after: 0s}\n")
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    assert not {"orders_40_80", "orders_c0_max"} & fleet.databases("b")
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace(
+        "  b:\n    embedded: true\n    capacity: {storage: 20GiB, memory: 4GiB, cpus: 2}\n", ""))
+    final = fleet.cli("plan")
+    assert final.code == 0 and "No changes." in final.out, final.both
+
+
+@pytest.mark.parametrize("step", ["subscribe", "fence", "flip"])
+def test_a_move_killed_at_a_step_converges_on_rerun(applied, step):
+    fleet = applied
+    _with_c(fleet, "[a, c]")
+    before, _ = all_rows(fleet)
+    killed = fleet.cli("apply", "--auto-approve", env={FAILPOINT_ENV: f"move orders/40-80: {step}"})
+    assert killed.code == -9, killed.both
+    plan = fleet.cli("plan")
+    assert "was interrupted at step" in plan.out, plan.out
+    resumed = fleet.cli("apply", "--auto-approve")
+    assert resumed.code == 0, resumed.both
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == before
+    assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "a", "40-80": "c", "80-c0": "a", "c0-": "c"}
+    _no_replication_left(fleet)
+    with fleet.catalog() as conn:
+        assert conn.execute("SELECT count(*) FROM shardctl.operations WHERE state = 'running'").fetchone() == (0,)
+
+
+def test_a_move_rendered(applied):
+    fleet = applied
+    _with_c(fleet, "[a, c]")
+    assert_golden("move.txt", fleet.cli("plan", "--no-color").out)
+    doc = json.loads(fleet.cli("plan", "--format", "json").out)
+    moves = [a for a in doc["actions"] if a["kind"] == "move_shard"]
+    assert [(m["source"]["server"], m["target"]["server"], m["reason"]["cause"]) for m in moves] == [
+        ("b", "c", "config"), ("b", "c", "config")]
