@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from engine.actions import dispatch
+from engine.actions import parallel
 from engine.actions.base import ApplyContext
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
@@ -204,8 +204,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                                progress=progress)
             # a daemon handles its signals itself (stopping it stops its apply at a safe step)
             with _graceful_interrupts(say) if own_signals else nullcontext():
-                for action in plan.actions:
-                    dispatch.execute(action, ctx)
+                parallel.execute_all(plan.actions, ctx)
             return ApplyResult(plan, ctx.counts)
 
 

@@ -93,6 +93,9 @@ def test_a_move_killed_at_a_step_converges_on_rerun(applied, step):
     assert resumed.code == 0, resumed.both
     rows, problems = all_rows(fleet)
     assert problems == [] and rows == before
+    # the interrupted move is finished first; the rest of the drain is planned after it
+    assert {s[0]: s[3] for s in active_shards(fleet)}["40-80"] == "c"
+    assert fleet.cli("apply", "--auto-approve").code == 0
     assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "a", "40-80": "c", "80-c0": "a", "c0-": "c"}
     _no_replication_left(fleet)
     with fleet.catalog() as conn:
@@ -107,3 +110,59 @@ def test_a_move_rendered(applied):
     moves = [a for a in doc["actions"] if a["kind"] == "move_shard"]
     assert [(m["source"]["server"], m["target"]["server"], m["reason"]["cause"]) for m in moves] == [
         ("b", "c", "config"), ("b", "c", "config")]
+
+
+SERVER_D = SERVER_C.replace("  c:", "  d:")
+
+
+def _spans(fleet) -> dict[str, tuple]:
+    """Per move operation: when its first and last journal steps were written."""
+    with fleet.catalog() as conn:
+        return {address: (first, last) for address, first, last in conn.execute(
+            "SELECT o.address, min(j.at), max(j.at) FROM shardctl.operations o JOIN shardctl.journal j"
+            " ON j.operation = o.id WHERE o.kind = 'move_shard' GROUP BY o.address")}
+
+
+def test_moves_on_disjoint_servers_run_at_once_under_a_writer(applied):
+    fleet = applied
+    _with_c(fleet, "[c, d]")
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("\ndatabases:", SERVER_D + "\ndatabases:", 1))
+    before, _ = all_rows(fleet)
+    writer = Writer(_catalog_params(fleet), start_id=max(before) + 1_000_000)
+    writer.start(before)
+    try:
+        result = fleet.cli("apply", "--auto-approve")
+    finally:
+        time.sleep(0.5)
+        writer.stop()
+    assert result.code == 0, result.both
+    assert result.out.count("Running 2 moves at once") == 2, result.out
+    assert writer.errors == [] and writer.writes > 50
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == writer.expected
+    assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "c", "40-80": "d", "80-c0": "c", "c0-": "d"}
+    spans = _spans(fleet)
+    for pair in (("shard.orders/-40", "shard.orders/40-80"), ("shard.orders/80-c0", "shard.orders/c0-")):
+        (a_first, a_last), (b_first, b_last) = spans[pair[0]], spans[pair[1]]
+        assert a_first < b_last and b_first < a_last, spans  # their journals overlap in time
+    _no_replication_left(fleet, ("a", "b", "c", "d"))
+
+
+def test_parallel_moves_killed_midway_converge_on_rerun(applied):
+    fleet = applied
+    _with_c(fleet, "[c, d]")
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("\ndatabases:", SERVER_D + "\ndatabases:", 1))
+    before, _ = all_rows(fleet)
+    killed = fleet.cli("apply", "--auto-approve", env={FAILPOINT_ENV: "move orders/40-80: fence"})
+    assert killed.code == -9, killed.both
+    # the other move of the batch was interrupted too, unless it finished before the kill
+    assert fleet.cli("plan").out.count("was interrupted at step") in (1, 2)
+    for _ in range(2):  # the interrupted pair, then the other two
+        resumed = fleet.cli("apply", "--auto-approve")
+        assert resumed.code == 0, resumed.both
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == before
+    assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "c", "40-80": "d", "80-c0": "c", "c0-": "d"}
+    _no_replication_left(fleet, ("a", "b", "c", "d"))
+    with fleet.catalog() as conn:
+        assert conn.execute("SELECT count(*) FROM shardctl.operations WHERE state = 'running'").fetchone() == (0,)

@@ -268,6 +268,10 @@ class Moves(Frozen):
         None, ge=1, le=64,
         description="how many source-to-target copies a split or merge runs at once (default: all of them);"
                     " 1 protects a busy source's throughput during the initial copy, at the cost of a longer copy")
+    parallel: int = Field(
+        2, ge=1, le=16,
+        description="how many moves (splits, merges, relocations) apply runs at once when their servers do not"
+                    " overlap; 1 runs them one after another")
 
 
 class Policy(Frozen):
