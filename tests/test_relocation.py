@@ -8,9 +8,90 @@ import time
 import pytest
 
 from conftest import assert_golden
+from engine.render.renderers import render
 from engine.catalog.journal import FAILPOINT_ENV
 from movers import Writer, active_shards, all_rows, preload
 from test_resharding import _catalog_params
+
+# ---------------------------------------------------------------------------- planning, no servers
+
+PLANNED = """\
+servers:
+  a: {embedded: true, capacity: {storage: 100GiB}}
+  b: {embedded: true, capacity: {storage: 100GiB}}
+  c: {embedded: true, capacity: {storage: CAPACITY}}
+databases:
+  orders:
+    shard_key: {column: customer_id, type: bigint}
+    schema: {name: init, sql: "CREATE TABLE t (customer_id bigint PRIMARY KEY);"}
+    shards: SHARDS
+    placement: [a, b, c]
+"""
+MIB = 2**20
+
+
+def _planned(tmp_path, sizes: dict[str, int], layout: dict[str, str], capacity: str = "100GiB", extra: str = ""):
+    """A plan for shards of the given sizes (MiB) on the given servers, placement [a, b, c]."""
+    from engine.config import loader
+    from engine.keyspace import even_ranges, physical_name
+    from engine.observe.models import CatalogShard, Holding, LiveServer, LiveShard
+    from engine.plan import planner
+    from test_load_planning import _observation
+
+    (tmp_path / "fleet.yaml").write_text(PLANNED.replace("CAPACITY", capacity).replace("SHARDS", str(len(sizes)))
+                                         + extra)
+    desired = loader.load(tmp_path, cwd=tmp_path)
+    observation = _observation(desired, {})
+    recorded = observation.catalog.databases["orders"]
+    shards = tuple(CatalogShard(database="orders", name=r.name, lo=r.lo, hi=r.hi, server=layout[r.name],
+                                dbname=physical_name("orders", r), state="active") for r in even_ranges(len(sizes)))
+    recorded = recorded.model_copy(update={"shards": shards, "declared_shards": len(sizes),
+                                           "placement": ("a", "b", "c")})
+    observation = observation.model_copy(update={
+        "catalog": observation.catalog.model_copy(update={"databases": {"orders": recorded}}),
+        "servers": {n: LiveServer(name=n, reachable=True, version="18.6", wal_level="logical") for n in "abc"},
+        "shards": {f"orders/{n}": LiveShard(exists=True, holding=Holding(rows=1, exact=True, size_bytes=mib * MIB))
+                   for n, mib in sizes.items()}})
+    return planner.plan(desired, observation)
+
+
+def _moved(plan):
+    return [(a.source.name, a.source.server, a.target.server) for a in plan.actions if a.kind == "move_shard"]
+
+
+def test_a_server_added_to_placement_gets_shards_until_no_move_brings_storage_closer(tmp_path):
+    sizes = dict.fromkeys(["-40", "40-80", "80-c0", "c0-"], 100)
+    plan = _planned(tmp_path, sizes, {"-40": "a", "40-80": "b", "80-c0": "a", "c0-": "b"})
+    assert _moved(plan) == [("-40", "a", "c")]
+    (move,) = plan.actions
+    assert [(b.server, b.before_shards, b.after_shards) for b in move.balance] == [("a", 2, 1), ("b", 2, 2),
+                                                                                   ("c", 0, 1)]
+    assert "c -100% (rebalance.tolerance_percent 10)" in move.reason.text and "a is +50% off its target" in move.reason.text
+    assert_golden("rebalance.txt", render(plan, "text", colour=False))
+    # after it: 1, 2, 1 is as close as whole shards get; nothing more is planned
+    assert _moved(_planned(tmp_path, sizes, {"-40": "c", "40-80": "b", "80-c0": "a", "c0-": "b"})) == []
+
+
+def test_rebalancing_is_weighed_by_capacity_and_held_to_the_policy_limits(tmp_path):
+    sizes = {r: 100 for r in ["-20", "20-40", "40-60", "60-80", "80-a0", "a0-c0", "c0-e0", "e0-"]}
+    layout = {name: "ab"[i % 2] for i, name in enumerate(sizes)}
+    # c has twice the capacity: its target is half the storage, 4 of 8 shards, in one plan of at most 2 per server
+    plan = _planned(tmp_path, sizes, layout, capacity="200GiB")
+    assert [m[2] for m in _moved(plan)] == ["c", "c"]  # max_per_server (2) for c
+    assert {m[1] for m in _moved(plan)} == {"a", "b"}
+    limited = _planned(tmp_path, sizes, layout, capacity="200GiB",
+                       extra="policies:\n  default:\n    rebalance: {max_moves: 1}\n")
+    assert len(_moved(limited)) == 1
+    off = _planned(tmp_path, sizes, layout, capacity="200GiB",
+                   extra="policies:\n  default:\n    rebalance: {enabled: false}\n")
+    assert _moved(off) == []
+
+
+def test_shards_of_slightly_different_sizes_are_not_shuffled(tmp_path):
+    sizes = {"-40": 100, "40-80": 104, "80-c0": 97, "c0-": 103}
+    plan = _planned(tmp_path, sizes, {"-40": "a", "40-80": "b", "80-c0": "c", "c0-": "a"})
+    assert _moved(plan) == []  # 2, 1, 1: moving one of a's would only make another server the furthest
+
 
 SERVER_C = "  c:\n    embedded: true\n    capacity: {storage: 20GiB, memory: 4GiB, cpus: 2}\n"
 

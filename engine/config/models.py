@@ -252,6 +252,19 @@ class AutoMerge(Frozen):
     enabled: bool = False
 
 
+class Rebalance(Frozen):
+    """Moves that even out each database's storage over its placement's servers, in proportion to
+    their declared capacity.storage (equal shares where it is not declared)."""
+
+    enabled: bool = Field(True, description="plan moves that even out storage over the placement's servers")
+    tolerance_percent: float = Field(
+        10.0, ge=0, le=100,
+        description="a server within this share of its target is balanced; a move is planned only when it"
+                    " brings the furthest server at least this much closer")
+    max_moves: int = Field(4, ge=0, description="rebalancing moves in one plan at most")
+    max_per_server: int = Field(2, ge=1, description="rebalancing moves into or out of one server in one plan")
+
+
 class Moves(Frozen):
     """How a split or merge moves rows: how long it waits for replication, how short the pause."""
 
@@ -287,6 +300,7 @@ class Policy(Frozen):
     autosplit: AutoSplit = AutoSplit()
     automerge: AutoMerge = AutoMerge()
     moves: Moves = Moves()
+    rebalance: Rebalance = Rebalance()
 
     @property
     def sustain_seconds(self) -> float:

@@ -102,10 +102,10 @@ class Holding(Frozen):
         rows = f"{self.rows:,} row{'s' if self.rows != 1 else ''}" + ("" if self.exact else " (estimate)")
         if self.rows == 0 or self.size_bytes is None:
             return "no rows" if self.rows == 0 else rows
-        return f"{rows}, {_size(self.size_bytes)}"
+        return f"{rows}, {size_text(self.size_bytes)}"
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -198,6 +198,17 @@ class MergeShards(ActionBase):
         return f"shard.{self.database}/{self.target.name}"
 
 
+class ServerBalance(Frozen):
+    """One server's share of a database, before and after a plan's rebalancing moves."""
+
+    server: str
+    target_bytes: int
+    before_bytes: int
+    after_bytes: int
+    before_shards: int
+    after_shards: int
+
+
 class MoveShard(ActionBase):
     """Move a shard to another server, whole: one source, one unfiltered link, the same fence,
     catch-up, verification and flip as a split; the copy left behind retires. Its range and
@@ -208,6 +219,7 @@ class MoveShard(ActionBase):
     symbol: Symbol = "update"
     source: ShardSpec
     target: ShardSpec  # same name and range, another server
+    balance: tuple[ServerBalance, ...] = ()  # rebalancing: every placement server before and after the plan
     automatic: bool = False
     operation: int | None = None
 

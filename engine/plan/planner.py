@@ -47,7 +47,7 @@ from engine.plan.models import (
     UpdateDatabase,
     sort_actions,
 )
-from engine.plan.relocate import relocations
+from engine.plan.relocate import rebalance, relocations
 from engine.plan.reshard import Requests, declared_actions, manual_actions, recorded_count
 
 BRANCH_STEP_PREFIX = "branch:"
@@ -309,7 +309,11 @@ def _plan_placement(p: _Planning, name: str, db: DesiredDatabase, recorded: Cata
             p.warnings.append(f"database.{name}: shards move to match the placement once this plan's splits and"
                               " merges are applied (plan again then)")
         return
-    actions, notes = relocations(db, recorded, p.observation, str(_where(p.desired, name, "placement")))
+    where = str(_where(p.desired, name, "placement"))
+    actions, notes = relocations(db, recorded, p.observation, where)
+    if not actions and not notes and not any(a.database == name for a in p.actions):
+        capacity = {s: spec.capacity.storage for s, spec in p.desired.servers.items()}
+        actions, notes = rebalance(db, recorded, p.observation, capacity, where)
     p.actions.extend(actions)
     p.warnings.extend(notes)
 

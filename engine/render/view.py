@@ -26,6 +26,7 @@ from engine.plan.models import (
     RenameDatabase,
     SplitShard,
     UpdateDatabase,
+    size_text,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -169,8 +170,11 @@ def _merge_shards(a: MergeShards) -> list[Line]:
 
 
 def _move_shard(a: MoveShard) -> list[Line]:
-    return [Line("~", f"server = {a.source.server} -> {a.target.server} ({a.target.dbname})"),
-            Line(" ", f"the copy on {a.source.server} is retired after cutover")]
+    lines = [Line("~", f"server = {a.source.server} -> {a.target.server} ({a.target.dbname})"),
+             Line(" ", f"the copy on {a.source.server} is retired after cutover")]
+    return lines + [Line("#", f"{b.server}: {size_text(b.before_bytes)} in {b.before_shards} shards ->"
+                              f" {size_text(b.after_bytes)} in {b.after_shards} (target {size_text(b.target_bytes)})")
+                    for b in a.balance]
 
 
 def _create_branch(a: CreateBranch) -> list[Line]:
