@@ -247,3 +247,34 @@ def test_parallel_moves_killed_midway_converge_on_rerun(applied):
     _no_replication_left(fleet, ("a", "b", "c", "d"))
     with fleet.catalog() as conn:
         assert conn.execute("SELECT count(*) FROM shardctl.operations WHERE state = 'running'").fetchone() == (0,)
+
+
+def test_a_server_added_to_placement_is_filled_under_a_writer_then_another_drained(applied):
+    """The issue's sequence: [a, b] -> [a, b, c] rebalances onto c under a writer until no move
+    brings storage closer; then b leaves the placement and is drained onto a and c."""
+    fleet = applied
+    _with_c(fleet, "[a, b, c]")
+    plan = fleet.cli("plan")
+    assert "rebalancing the storage of orders" in plan.out and "-> c (" in plan.out, plan.out
+    before, _ = all_rows(fleet)
+    writer = Writer(_catalog_params(fleet), start_id=max(before) + 1_000_000)
+    writer.start(before)
+    try:
+        result = fleet.cli("apply", "--auto-approve")
+    finally:
+        time.sleep(0.5)
+        writer.stop()
+    assert result.code == 0, result.both
+    assert writer.errors == [] and writer.writes > 50
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == writer.expected
+    per_server = [s[3] for s in active_shards(fleet)]
+    assert sorted(per_server.count(s) for s in "abc") == [1, 1, 2]  # as even as four shards get on three
+    assert "No changes." in fleet.cli("plan").out  # balanced: nothing more is planned
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("placement: [a, b, c]", "placement: [a, c]"))
+    drained = fleet.cli("apply", "--auto-approve")
+    assert drained.code == 0, drained.both
+    assert "b" not in {s[3] for s in active_shards(fleet)}
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == writer.expected
+    _no_replication_left(fleet)

@@ -285,8 +285,8 @@ def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: Catal
         )
         if old_settings.placement != new_settings.placement:
             p.warnings.append(
-                f"database.{name}: placement changed; shards on servers no longer in it move onto it, and"
-                " shards on servers still in it stay where they are (new shards from splits use the new placement)"
+                f"database.{name}: placement changed; shards on servers no longer in it move onto it, and its"
+                " servers are rebalanced by storage within the policy's `rebalance` limits"
             )
 
 
@@ -311,7 +311,8 @@ def _plan_placement(p: _Planning, name: str, db: DesiredDatabase, recorded: Cata
         return
     where = str(_where(p.desired, name, "placement"))
     actions, notes = relocations(db, recorded, p.observation, where)
-    if not actions and not notes and not any(a.database == name for a in p.actions):
+    # a settings update goes with it; any other change to the database is applied first
+    if not actions and not notes and not any(a.database == name and a.kind != "update_database" for a in p.actions):
         capacity = {s: spec.capacity.storage for s, spec in p.desired.servers.items()}
         actions, notes = rebalance(db, recorded, p.observation, capacity, where)
     p.actions.extend(actions)

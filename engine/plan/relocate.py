@@ -139,7 +139,7 @@ def rebalance(db: DesiredDatabase, recorded: CatalogDatabase, observation: Obser
         source=ShardSpec(name=shard.name, lo=shard.lo, hi=shard.hi, server=src, dbname=shard.dbname),
         target=ShardSpec(name=shard.name, lo=shard.lo, hi=shard.hi, server=dst, dbname=shard.dbname),
         balance=balance,
-        reason=Reason(cause="config", text=f"rebalancing {db.name}'s storage over its placement"
+        reason=Reason(cause="config", text=f"rebalancing the storage of {db.name} over its placement"
                       f" [{', '.join(placement)}] at {where} ({weighed}): {src} is {over:+.0%} off its target,"
                       f" {dst} {under:+.0%}"
                       f" (rebalance.tolerance_percent {policy.tolerance_percent:g})"))
