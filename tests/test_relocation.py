@@ -3,15 +3,13 @@ writer, a move killed at a step converges on rerun, and a server is removable fr
 only once it holds nothing."""
 
 import json
-import time
 
 import pytest
 
 from conftest import assert_golden
 from engine.render.renderers import render
 from engine.catalog.journal import FAILPOINT_ENV
-from movers import Writer, active_shards, all_rows, preload
-from test_resharding import _catalog_params
+from movers import active_shards, all_rows, apply_under_writer, preload
 
 # ---------------------------------------------------------------------------- planning, no servers
 
@@ -130,19 +128,8 @@ def test_a_server_dropped_from_placement_is_drained_under_a_writer_then_removabl
     assert "orders/40-80 (active)" in refused.err and "remove it from every database's placement" in refused.err
     fleet.write("fleet.yaml", with_c)
 
-    before, _ = all_rows(fleet)
-    writer = Writer(_catalog_params(fleet), start_id=max(before) + 1_000_000)
-    writer.start(before)
-    try:
-        result = fleet.cli("apply", "--auto-approve")
-    finally:
-        time.sleep(0.5)
-        writer.stop()
-    assert result.code == 0, result.both
+    result, writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
     assert result.out.count("Move to c complete") == 2
-    assert writer.errors == [] and writer.writes > 50
-    rows, problems = all_rows(fleet)
-    assert problems == [] and rows == writer.expected  # nothing lost, duplicated or misplaced
     assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "a", "40-80": "c", "80-c0": "a", "c0-": "c"}
     with fleet.catalog() as conn:
         events = [e for (e,) in conn.execute("SELECT detail FROM shardctl.history WHERE event = 'move_shard'")]
@@ -208,19 +195,8 @@ def test_moves_on_disjoint_servers_run_at_once_under_a_writer(applied):
     fleet = applied
     _with_c(fleet, "[c, d]")
     fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("\ndatabases:", SERVER_D + "\ndatabases:", 1))
-    before, _ = all_rows(fleet)
-    writer = Writer(_catalog_params(fleet), start_id=max(before) + 1_000_000)
-    writer.start(before)
-    try:
-        result = fleet.cli("apply", "--auto-approve")
-    finally:
-        time.sleep(0.5)
-        writer.stop()
-    assert result.code == 0, result.both
+    result, writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
     assert result.out.count("Running 2 moves at once") == 2, result.out
-    assert writer.errors == [] and writer.writes > 50
-    rows, problems = all_rows(fleet)
-    assert problems == [] and rows == writer.expected
     assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "c", "40-80": "d", "80-c0": "c", "c0-": "d"}
     spans = _spans(fleet)
     for pair in (("shard.orders/-40", "shard.orders/40-80"), ("shard.orders/80-c0", "shard.orders/c0-")):
@@ -256,18 +232,7 @@ def test_a_server_added_to_placement_is_filled_under_a_writer_then_another_drain
     _with_c(fleet, "[a, b, c]")
     plan = fleet.cli("plan")
     assert "rebalancing the storage of orders" in plan.out and "-> c (" in plan.out, plan.out
-    before, _ = all_rows(fleet)
-    writer = Writer(_catalog_params(fleet), start_id=max(before) + 1_000_000)
-    writer.start(before)
-    try:
-        result = fleet.cli("apply", "--auto-approve")
-    finally:
-        time.sleep(0.5)
-        writer.stop()
-    assert result.code == 0, result.both
-    assert writer.errors == [] and writer.writes > 50
-    rows, problems = all_rows(fleet)
-    assert problems == [] and rows == writer.expected
+    result, writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
     per_server = [s[3] for s in active_shards(fleet)]
     assert sorted(per_server.count(s) for s in "abc") == [1, 1, 2]  # as even as four shards get on three
     assert "No changes." in fleet.cli("plan").out  # balanced: nothing more is planned
