@@ -174,8 +174,8 @@ def _plan_declared_database(p: _Planning, name: str, db: DesiredDatabase) -> Non
     _plan_schema_steps(p, name, db, recorded)
     _plan_settings(p, name, db, recorded)
     _plan_shard_count(p, name, db, recorded)
-    _plan_placement(p, name, db, recorded)
     _observe_shard_drift(p, name, recorded, _steps(db))
+    _plan_placement(p, name, db, recorded)  # last: another change to the database holds rebalancing back
 
 
 def _plan_rename(p: _Planning, name: str, db: DesiredDatabase) -> None:

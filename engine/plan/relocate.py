@@ -86,8 +86,8 @@ def rebalance(db: DesiredDatabase, recorded: CatalogDatabase, observation: Obser
     sizes: dict[str, int] = {}
     for shard in active:
         live = observation.shards.get(shard.address)
-        if live is None:
-            return [], []  # not inspected (planning from a recording): nothing to weigh
+        if live is None or not live.exists:
+            return [], []  # not inspected (planning from a recording), or dropped (drift recreates it first)
         if live.holding is None or live.holding.size_bytes is None:
             return [], [f"database.{db.name}: rebalancing waits: the size of {shard.address} could not be read"]
         sizes[shard.address] = live.holding.size_bytes
