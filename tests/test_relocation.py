@@ -146,6 +146,7 @@ def test_a_server_dropped_from_placement_is_drained_under_a_writer_then_removabl
         "  b:\n    embedded: true\n    capacity: {storage: 20GiB, memory: 4GiB, cpus: 2}\n", ""))
     final = fleet.cli("plan")
     assert final.code == 0 and "No changes." in final.out, final.both
+    fleet.write("fleet.yaml", with_c)  # so that teardown's `shardctl down` stops b too
 
 
 @pytest.mark.parametrize("step", ["subscribe", "fence", "flip"])
