@@ -182,9 +182,13 @@ def _print_plan(obj: Ctx, plan, fmt: str) -> None:
 @click.option("--compare-policy", "compare", default=None, metavar="REF_OR_DIR",
               help="Also judge the same load under the config at this git ref (or in this directory) and "
                    "show which shards would now split or merge, or no longer would.")
+@click.option("-split", "--split", "splits", multiple=True, metavar="DATABASE/RANGE",
+              help="Also split this shard (like terraform's -replace), e.g. -split orders/40-80. Repeatable.")
+@click.option("-merge", "--merge", "merges", multiple=True, metavar="A,B",
+              help="Also merge these adjacent shards, e.g. -merge orders/-40,orders/40-80. Repeatable.")
 @click.pass_obj
 def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_file: str | None,
-         compare: str | None) -> None:
+         compare: str | None, splits: tuple[str, ...], merges: tuple[str, ...]) -> None:
     """Show what apply would do: compare the YAML with the catalog and the servers.
 
     Read-only (embedded servers are started if they are stopped). Drift, things changed
@@ -195,12 +199,13 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     from engine import workflow
     from engine.config.loader import load_baseline
     from engine.plan import planfile
+    from engine.plan.reshard import Requests
 
     try:
         desired = workflow.load(obj.config_dir)
         baseline = load_baseline(obj.config_dir, compare) if compare else None
         planned = workflow.make_plan(desired, say=err, metrics_file=metrics_file,
-                                     baseline=baseline)
+                                     baseline=baseline, requests=Requests(splits, merges))
     except UserError as exc:
         if fmt == "markdown":  # the pull-request comment says why there is no plan
             from engine.render.renderers import render_markdown_error
@@ -277,8 +282,13 @@ def show(obj: Ctx, plan_file: str, fmt: str) -> None:
               help="Wait this long for another apply's lock, e.g. 30s.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Re-check load premises against this recorded samples file instead of live metrics.")
+@click.option("-split", "--split", "splits", multiple=True, metavar="DATABASE/RANGE",
+              help="Also split this shard (like terraform's -replace), e.g. -split orders/40-80. Repeatable.")
+@click.option("-merge", "--merge", "merges", multiple=True, metavar="A,B",
+              help="Also merge these adjacent shards, e.g. -merge orders/-40,orders/40-80. Repeatable.")
 @click.pass_obj
-def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: float, metrics_file: str | None) -> None:
+def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: float, metrics_file: str | None,
+          splits: tuple[str, ...], merges: tuple[str, ...]) -> None:
     """Apply changes: a saved plan exactly (no prompt), or plan now and ask for `yes`.
 
     A saved plan is refused, changing nothing, when the catalog changed since it was made, or
@@ -289,6 +299,7 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
     """
     from engine import workflow
     from engine.plan import planfile
+    from engine.plan.reshard import Requests
 
     saved = planfile.load(plan_file) if plan_file else None
     desired = workflow.load(obj.config_dir)
@@ -320,6 +331,7 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
         notice=err,
         metrics_file=metrics_file,
         show=lambda p: _print_plan(obj, p, "text"),
+        requests=Requests(splits, merges),
     )
     if not result.plan.has_changes:
         if saved is not None:

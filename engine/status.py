@@ -297,7 +297,7 @@ def _print_operations(console: Console, report: dict[str, Any]) -> None:
             console.print(f"  {op['progress']['text']}")
     for op in report["interrupted"]:
         hint = "run `shardctl apply` to finish it"
-        if op["kind"] in ("split_shard", "merge_shards"):
+        if op["kind"] in ("split_shard", "merge_shards", "move_shard"):
             hint = (
                 "past its cutover: the new shards own the range; run `shardctl apply` to finish its cleanup"
                 if op.get("past_cutover")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from engine.actions import dispatch
+from engine.actions import dispatch, parallel
 from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
@@ -25,6 +25,7 @@ from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
+from engine.plan.reshard import Requests
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -112,9 +113,11 @@ def load(config_dir: str) -> Desired:
 
 
 def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None,
-              wait_for_apply: float | None = None, baseline: tuple[Desired, str] | None = None) -> Planned:
+              wait_for_apply: float | None = None, baseline: tuple[Desired, str] | None = None,
+              requests: Requests | None = None) -> Planned:
     """Observe and plan. With `wait_for_apply` (seconds), first wait for the apply lock, so that
-    an apply in flight is not seen half done (drift checks)."""
+    an apply in flight is not seen half done (drift checks). `requests`: splits and merges asked
+    for by hand."""
     fleet = Fleet(desired)
     fleet.start_embedded(say)
     with fleet.catalog(create=False) as conn:
@@ -124,21 +127,22 @@ def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | N
                 observation = observe_all(desired, fleet, conn, metrics_file)
         else:
             observation = observe_all(desired, fleet, conn, metrics_file)
-    observation, plan = plan_with_strays(desired, fleet, observation)
+    observation, plan = plan_with_strays(desired, fleet, observation, requests)
     if baseline is not None:
         plan = plan.model_copy(update={"what_if": whatif.compare(baseline[0], desired, observation, baseline[1])})
     return Planned(desired, observation, plan)
 
 
-def plan_with_strays(desired: Desired, fleet: Fleet, observation: Observation) -> tuple[Observation, Plan]:
+def plan_with_strays(desired: Desired, fleet: Fleet, observation: Observation,
+                     requests: Requests | None = None) -> tuple[Observation, Plan]:
     """Plan; when the sources of its splits and merges hold stray rows, plan again with them
     observed: they show as drift, and those moves are held back until they are dealt with."""
-    plan = planner.plan(desired, observation)
+    plan = planner.plan(desired, observation, requests)
     found = count_strays(fleet, plan)
     if not found:
         return observation, plan
     observation = observation.model_copy(update={"strays": found})
-    return observation, planner.plan(desired, observation)
+    return observation, planner.plan(desired, observation, requests)
 
 
 def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
@@ -146,9 +150,9 @@ def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
     read): address -> table -> rows."""
     found: dict[str, dict[str, int]] = {}
     for action in plan.actions:
-        if action.kind not in ("split_shard", "merge_shards") or action.operation is not None:
+        if action.kind not in ("split_shard", "merge_shards", "move_shard") or action.operation is not None:
             continue
-        sources = [action.source] if action.kind == "split_shard" else list(action.sources)
+        sources = list(action.sources) if action.kind == "merge_shards" else [action.source]
         db = fleet.desired.databases[action.database].spec.shard_key
         for source in sources:
             with fleet.servers[source.server].connect(source.dbname) as conn:
@@ -176,12 +180,17 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
           confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
           show: Callable[[Plan], None] = lambda _: None, actor: str = "apply",
           start_servers: bool = True, own_signals: bool = True,
-          progress: Callable[[dict], None] = lambda _: None, notice: Say | None = None) -> ApplyResult:
+          progress: Callable[[dict], None] = lambda _: None, notice: Say | None = None,
+          requests: Requests | None = None) -> ApplyResult:
     """Apply a saved plan exactly, or plan now and (after `confirm`) apply that.
 
     The lock is held from before the observation to the end, prompt included, so what was
     shown is what runs. `notice` (default: `say`) tells of embedded servers being started.
+    `requests` (splits and merges by hand) are planned with it; a saved plan carries its own.
     """
+    if saved is not None and requests:
+        raise UserError("-split and -merge plan new changes, and a saved plan runs only what it holds",
+                        "plan them with `shardctl plan -split ADDR -out FILE`, then apply that file")
     fleet = Fleet(desired)
     if start_servers:
         fleet.start_embedded(notice or say)
@@ -203,7 +212,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                     check_premises(desired, plan, observation)
             else:
                 observation = observe_all(desired, fleet, conn, metrics_file)
-                observation, plan = plan_with_strays(desired, fleet, observation)
+                observation, plan = plan_with_strays(desired, fleet, observation, requests)
                 show(plan)
                 if plan.has_changes:
                     confirm(plan)
@@ -213,8 +222,7 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
                                progress=progress)
             # a daemon handles its signals itself (stopping it stops its apply at a safe step)
             with _graceful_interrupts(say) if own_signals else nullcontext():
-                for action in plan.actions:
-                    dispatch.execute(action, ctx)
+                parallel.execute_all(plan.actions, ctx)
             return ApplyResult(plan, ctx.counts)
 
 

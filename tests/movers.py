@@ -47,6 +47,16 @@ def load_file(path, fleet, hot: tuple[str, ...] = (), cold: tuple[str, ...] = ()
     path.write_text(json.dumps(to_file(windows)))
 
 
+def floor_below_shards(fleet, declared: int = 2) -> None:
+    """The state of a database declared with `shards: {declared}` whose other shards came from
+    load splits: the YAML and the catalog's record of the declaration both say `declared`, so
+    cold neighbours may merge down to it and no merge is planned because of `shards:` itself."""
+    text = fleet.read("fleet.yaml")
+    fleet.write("fleet.yaml", text.replace("shards: 4", f"shards: {declared}"))
+    with fleet.catalog() as conn:
+        conn.execute("UPDATE shardctl.databases SET declared_shards = %s WHERE name = 'orders'", (declared,))
+
+
 def active_shards(fleet) -> list[tuple[str, int | None, int | None, str, str]]:
     with fleet.catalog() as conn:
         return conn.execute("SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = 'orders'"
@@ -135,6 +145,28 @@ class Writer:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
                     return
                 time.sleep(0.002)
+
+
+def apply_under_writer(fleet, *args: str):
+    """`shardctl apply --auto-approve ARGS` while a Writer writes through the client helper;
+    checks that every committed write is there exactly once. Returns (result, writer)."""
+    from engine.servers.embedded import EmbeddedServer
+
+    before, problems = all_rows(fleet)
+    assert not problems
+    catalog = EmbeddedServer("a", fleet.path / ".shardctl" / "servers" / "a").conninfo("shardctl")
+    writer = Writer(catalog, start_id=max(before, default=0) + 1_000_000)
+    writer.start(before)
+    try:
+        result = fleet.cli("apply", "--auto-approve", *args)
+    finally:
+        time.sleep(0.5)  # writes continue on the new shards after the cutover
+        writer.stop()
+    assert result.code == 0, result.both
+    assert writer.errors == [] and writer.writes > 50, writer.errors
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == writer.expected  # nothing lost, duplicated or misplaced
+    return result, writer
 
 
 def pgbench(fleet, server: str, dbname: str, seconds: int) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import pytest
 
 from engine.catalog.journal import FAILPOINT_ENV
 from engine.servers.embedded import EmbeddedServer
-from movers import Writer, active_shards, all_rows, checksum, cold_file, hot_file, preload
+from movers import Writer, active_shards, all_rows, checksum, cold_file, floor_below_shards, hot_file, preload
 
 SPLIT = "split orders/40-80"
 MERGE = "merge orders/-80"
@@ -27,7 +27,7 @@ def _catalog_params(fleet):
 
 
 def _allow_merges(fleet):
-    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 4", "shards: 2"))
+    floor_below_shards(fleet, 2)
 
 
 def _no_replication_left(fleet):

@@ -16,7 +16,8 @@ def execute(action: CreateDatabase, ctx: ApplyContext) -> None:
         store.upsert_database(
             ctx.catalog, name=action.database, key_column=action.key_column, key_type=action.key_type,
             protect=action.settings.protect, policy_name=action.settings.policy_name,
-            policy=action.settings.policy, placement=list(action.settings.placement), state="creating",
+            policy=action.settings.policy, declared_shards=action.settings.shards,
+            placement=list(action.settings.placement), state="creating",
         )
         for shard in action.shards:
             store.upsert_shard(ctx.catalog, database=action.database, name=shard.name, lo=shard.lo, hi=shard.hi,

@@ -48,7 +48,7 @@ from engine.client import ROUTING_CHANNEL
 from engine.config.models import Moves
 from engine.errors import UserError
 from engine.observe import strays
-from engine.plan.models import ShardSpec, StepSpec
+from engine.plan.models import ShardSpec, StepSpec, transit_name
 from engine.rows import one
 
 CATCH_UP_TIMEOUT = 30.0
@@ -154,6 +154,7 @@ class Move:
     slots_checked_at: float = float("-inf")
     origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
     fence_stamps: dict[str, int] = field(default_factory=dict)  # per source: its fence mark's time, in microseconds
+    op_kind: str = ""  # the action's kind: a relocation flips names as well as routing
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence holding its locks (writes to the range stop) to the
@@ -230,6 +231,11 @@ class Move:
         self.ctx.say(f"{self.label}: {text}")
 
     # ------------------------------------------------------------------ the steps
+
+    @property
+    def relocation(self) -> bool:
+        """A whole shard to another server: its target carries the transit name NAME@SERVER."""
+        return self.op_kind == "move_shard"
 
     def record(self) -> None:
         with self.step("record"), self.ctx.catalog.transaction():
@@ -739,12 +745,16 @@ class Move:
 
     def flip(self, history: dict) -> None:
         with self.step("flip"), self.ctx.catalog.transaction():
-            for target in self.targets:
-                record_schema(self.ctx, self.database, target, state="active")
+            if self.relocation:
+                self._flip_names()
+            else:
+                for target in self.targets:
+                    record_schema(self.ctx, self.database, target, state="active")
             for source in self.sources:
                 self.ctx.catalog.execute(
                     "UPDATE shardctl.shards SET state = 'retired', retired_at = now()"
-                    " WHERE database = %s AND name = %s", (self.database, source.name))
+                    " WHERE database = %s AND name = %s",
+                    (self.database, transit_name(source.name, source.server) if self.relocation else source.name))
             self.ctx.catalog.execute("UPDATE shardctl.state SET epoch = epoch + 1")
             # clients waiting at the fence re-read the routing on this instead of polling
             self.ctx.catalog.execute("SELECT pg_notify(%s, %s)", (ROUTING_CHANNEL, self.database))
@@ -752,6 +762,16 @@ class Move:
             ranges = [[s.lo, s.hi] for s in self.sources] + [[t.lo, t.hi] for t in self.targets]
             store.add_history(self.ctx.catalog, history["event"], history["address"],
                               {**history, "database": self.database, "ranges": ranges})
+
+    def _flip_names(self) -> None:
+        """A relocation keeps the shard's name: the source's row becomes the retired copy
+        NAME@SERVER, the target's row (NAME@TARGET while it moved) takes NAME."""
+        for source, target in zip(self.sources, self.targets, strict=True):
+            self.ctx.catalog.execute("UPDATE shardctl.shards SET name = %s WHERE database = %s AND name = %s",
+                                     (transit_name(source.name, source.server), self.database, source.name))
+            self.ctx.catalog.execute("UPDATE shardctl.shards SET name = %s WHERE database = %s AND name = %s",
+                                     (source.name, self.database, target.name))
+            record_schema(self.ctx, self.database, target.model_copy(update={"name": source.name}), state="active")
 
     def abort(self, state: str = "aborted") -> None:
         """Undo an operation that has not flipped: replication objects, fence, targets."""
@@ -816,6 +836,12 @@ def for_action(ctx: ApplyContext, action, op: Operation, label: str | None = Non
         sources, targets = (action.source,), action.targets
         links = tuple(Link(i, action.source, t, filtered=True) for i, t in enumerate(targets))
         label = label or f"split {action.database}/{action.source.name}"
+    elif action.kind == "move_shard":
+        # the target goes by its transit name until the flip: both copies are in the catalog meanwhile
+        sources = (action.source,)
+        targets = (action.target.model_copy(update={"name": transit_name(action.target.name, action.target.server)}),)
+        links = (Link(0, action.source, targets[0], filtered=False),)
+        label = label or f"move {action.database}/{action.source.name}"
     else:
         sources, targets = action.sources, (action.target,)
         links = tuple(Link(i, s, action.target, filtered=False) for i, s in enumerate(sources))
@@ -823,7 +849,7 @@ def for_action(ctx: ApplyContext, action, op: Operation, label: str | None = Non
     desired = ctx.fleet.desired.databases.get(action.database)
     settings = desired.effective_policy.moves if desired else Moves()
     return Move(ctx=ctx, op=op, database=action.database, key_column=key_column, key_type=key_type,
-                sources=sources, targets=targets, links=links, label=label, settings=settings)
+                sources=sources, targets=targets, links=links, label=label, settings=settings, op_kind=action.kind)
 
 
 def operation_for(ctx: ApplyContext, action) -> Operation:
@@ -874,7 +900,7 @@ def refuse_strays(ctx: ApplyContext, action) -> None:
     """Before a move starts: its sources must hold no row whose key hashes outside their range
     (a split would leave such rows in the retired source, to be dropped with it)."""
     key_column, key_type = key_of(ctx, action.database)
-    sources = [action.source] if action.kind == "split_shard" else list(action.sources)
+    sources = list(action.sources) if action.kind == "merge_shards" else [action.source]
     for source in sources:
         with ctx.fleet.servers[source.server].connect(source.dbname) as conn:
             counts = strays.count(conn, key_column, key_type, source.lo, source.hi)

@@ -17,7 +17,8 @@ def execute(action: UpdateDatabase, ctx: ApplyContext) -> None:
         store.upsert_database(
             ctx.catalog, name=action.database, key_column=row[0], key_type=row[1],
             protect=action.settings.protect, policy_name=action.settings.policy_name,
-            policy=action.settings.policy, placement=list(action.settings.placement), state="active",
+            policy=action.settings.policy, declared_shards=action.settings.shards,
+            placement=list(action.settings.placement), state="active",
         )
         store.bump_serial(ctx.catalog)
         store.add_history(ctx.catalog, "update_database", action.address,

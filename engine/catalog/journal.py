@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,9 @@ from engine.rows import one
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
 SLOWPOINT_ENV = "SHARDCTL_SLOWPOINT"  # "<step prefix>=<seconds>": a step that takes that much longer
 _stop_requested = False
-_unstoppable = 0  # depth of `until_done` blocks: a stop waits for their end
+# depth of `until_done` blocks, per thread: a stop waits for the end of the move's own block
+# (moves on disjoint servers run in threads side by side, each past or before its own fence)
+_unstoppable = threading.local()
 
 
 class Interrupted(UserError):
@@ -51,12 +54,11 @@ def stop_requested() -> bool:
 def until_done() -> Iterator[None]:
     """Steps inside run to the end even after a stop request: stopping there would park the
     fleet in a worse place (a fenced, read-only source) than finishing a few seconds of work."""
-    global _unstoppable
-    _unstoppable += 1
+    _unstoppable.depth = getattr(_unstoppable, "depth", 0) + 1
     try:
         yield
     finally:
-        _unstoppable -= 1
+        _unstoppable.depth -= 1
 
 
 class Operation:
@@ -76,7 +78,7 @@ class Operation:
 
     @contextmanager
     def step(self, name: str, **detail: Any) -> Iterator[None]:
-        if _stop_requested and not _unstoppable:
+        if _stop_requested and not getattr(_unstoppable, "depth", 0):
             raise Interrupted(f"stopped before step {name!r}; apply again to continue")
         self._record(name, "begin", detail)
         failpoint = os.environ.get(FAILPOINT_ENV)
@@ -139,5 +141,5 @@ def close_interrupted(conn: psycopg.Connection) -> None:
     'running': they resume under their own operation, or `shardctl abort` undoes them."""
     conn.execute("UPDATE shardctl.operations SET state = 'failed', finished_at = now(),"
                  " detail = detail || '{\"interrupted\": true}'"
-                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards', 'create_branch',"
-                 " 'reset_branch', 'merge_branch_schema')")
+                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards', 'move_shard',"
+                 " 'create_branch', 'reset_branch', 'merge_branch_schema')")

@@ -256,7 +256,13 @@ ALTER TABLE shardctl.branches ADD CONSTRAINT branches_state_check
     CHECK (state IN ('creating', 'resetting', 'active', 'expired'));
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES]
+V7_CAPACITY = r"""
+-- the shard count the YAML declared when last applied: lowering `shards:` below it plans merges,
+-- while shards that load split beyond it are kept (NULL: recorded before shardctl kept it)
+ALTER TABLE shardctl.databases ADD COLUMN declared_shards integer;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY]
 VERSION = len(MIGRATIONS)
 
 

@@ -31,7 +31,7 @@ from engine.observe.models import (
 from engine.observe.rollup import rollup_rows
 from engine.rows import one
 
-MOVE_KINDS = ("split_shard", "merge_shards")
+MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
 # branch operations that resume under their own operation, or that `abort` cleans up
 BRANCH_KINDS = ("create_branch", "reset_branch", "merge_branch_schema")
 
@@ -60,14 +60,15 @@ def read(conn: psycopg.Connection) -> CatalogState:
                              state=row[6], schema_fingerprint=row[7], schema_snapshot=row[8], retired_at=row[9])
         shards.setdefault(shard.database, []).append(shard)
     databases = {}
+    declared = "declared_shards" if version >= schema.MIGRATIONS.index(schema.V7_CAPACITY) + 1 else "NULL"
     for row in conn.execute(
-        "SELECT name, key_column, key_type, protect, policy_name, policy, placement, state"
-        " FROM shardctl.databases ORDER BY name"
+        sql.SQL("SELECT name, key_column, key_type, protect, policy_name, policy, placement, state, {}"
+                " FROM shardctl.databases ORDER BY name").format(sql.SQL(declared))  # a static column or NULL
     ):
         databases[row[0]] = CatalogDatabase(
             name=row[0], key_column=row[1], key_type=row[2], protect=row[3], policy_name=row[4], policy=row[5],
             placement=tuple(row[6]), state=row[7], schema_steps=tuple(steps.get(row[0], [])),
-            shards=tuple(shards.get(row[0], [])),
+            shards=tuple(shards.get(row[0], [])), declared_shards=row[8],
         )
     events = tuple(
         ReshardEvent(at=e["at"], database=e["detail"].get("database", e["address"].split(".", 1)[-1].split("/")[0]),
@@ -103,16 +104,21 @@ def record_server(conn: psycopg.Connection, name: str, kind: str, connection: st
 
 
 def upsert_database(conn: psycopg.Connection, *, name: str, key_column: str, key_type: str, protect: bool,
-                    policy_name: str, policy: dict[str, Any], placement: list[str], state: str) -> None:
+                    policy_name: str, policy: dict[str, Any], placement: list[str], state: str,
+                    declared_shards: int | None = None) -> None:
+    """`declared_shards` None keeps what was recorded (a settings model from before it was kept)."""
     conn.execute(
         """
-        INSERT INTO shardctl.databases (name, key_column, key_type, protect, policy_name, policy, placement, state)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        INSERT INTO shardctl.databases (name, key_column, key_type, protect, policy_name, policy, placement, state,
+                                        declared_shards)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (name) DO UPDATE SET key_column = excluded.key_column, key_type = excluded.key_type,
             protect = excluded.protect, policy_name = excluded.policy_name, policy = excluded.policy,
-            placement = excluded.placement, state = excluded.state, updated_at = now()
+            placement = excluded.placement, state = excluded.state,
+            declared_shards = coalesce(excluded.declared_shards, shardctl.databases.declared_shards),
+            updated_at = now()
         """,
-        (name, key_column, key_type, protect, policy_name, Jsonb(policy), placement, state),
+        (name, key_column, key_type, protect, policy_name, Jsonb(policy), placement, state, declared_shards),
     )
 
 
@@ -129,8 +135,8 @@ def rename_database(conn: psycopg.Connection, old: str, new: str) -> None:
     conn.execute(
         """
         INSERT INTO shardctl.databases (name, key_column, key_type, protect, policy_name, policy, placement, state,
-                                        created_at)
-        SELECT %s, key_column, key_type, protect, policy_name, policy, placement, state, created_at
+                                        declared_shards, created_at)
+        SELECT %s, key_column, key_type, protect, policy_name, policy, placement, state, declared_shards, created_at
         FROM shardctl.databases WHERE name = %s
         """,
         (new, old),

@@ -297,6 +297,19 @@ class AutoMerge(Frozen):
     enabled: bool = False
 
 
+class Rebalance(Frozen):
+    """Moves that even out each database's storage over its placement's servers, in proportion to
+    their declared capacity.storage (equal shares where it is not declared)."""
+
+    enabled: bool = Field(True, description="plan moves that even out storage over the placement's servers")
+    tolerance_percent: float = Field(
+        10.0, ge=0, le=100,
+        description="a server within this share of its target is balanced; a move is planned only when it"
+                    " brings the furthest server at least this much closer")
+    max_moves: int = Field(4, ge=0, description="rebalancing moves in one plan at most")
+    max_per_server: int = Field(2, ge=1, description="rebalancing moves into or out of one server in one plan")
+
+
 class Moves(Frozen):
     """How a split or merge moves rows: how long it waits for replication, how short the pause."""
 
@@ -313,6 +326,10 @@ class Moves(Frozen):
         None, ge=1, le=64,
         description="how many source-to-target copies a split or merge runs at once (default: all of them);"
                     " 1 protects a busy source's throughput during the initial copy, at the cost of a longer copy")
+    parallel: int = Field(
+        2, ge=1, le=16,
+        description="how many moves (splits, merges, relocations) apply runs at once when their servers do not"
+                    " overlap; 1 runs them one after another")
 
 
 class RightSizing(Frozen):
@@ -351,6 +368,7 @@ class Policy(Frozen):
     moves: Moves = Moves()
     rightsizing: RightSizing = RightSizing()
     forecast: Forecast = Forecast()
+    rebalance: Rebalance = Rebalance()
 
     @property
     def sustain_seconds(self) -> float:
@@ -484,7 +502,8 @@ class Database(Frozen):
         description="ordered schema steps applied to every shard; append new steps, never edit applied ones",
         json_schema_extra=_one_or_many,
     )
-    shards: int = Field(1, ge=1, le=256, description="initial shard count; the keyspace is divided evenly")
+    shards: int = Field(1, ge=1, le=256, description="the shard count wanted: raising it plans even splits,"
+                        " lowering it merges; load may split beyond it up to autosplit.max_shards")
     placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin",
                                   json_schema_extra={"uniqueItems": True})
     policy: Name = Field("default", description="a policy from policies: or a shipped preset")

@@ -52,6 +52,7 @@ class CatalogDatabase(Frozen):
     state: str
     schema_steps: tuple[AppliedStep, ...]
     shards: tuple[CatalogShard, ...]
+    declared_shards: int | None = None  # `shards:` when last applied; None: recorded before it was kept
 
 
 class ReshardEvent(Frozen):

@@ -23,14 +23,14 @@ from engine.keyspace import KeyRange
 from engine.observe.metrics import METRICS, UNITS
 from engine.observe.models import CatalogShard, Observation
 from engine.plan.load import (
-    _name_taken,
     _overlaps,
     _spec,
-    _storage_by_server,
     capable_targets,
     judged_at,
+    name_taken,
     preconditions,
     split_targets,
+    storage_by_server,
 )
 from engine.plan.models import Reason, SplitShard
 
@@ -40,7 +40,7 @@ def forecast_actions(desired: Desired, observation: Observation, planned: list) 
     actions: list[SplitShard] = []
     notes: list[str] = []
     now = judged_at(observation) or observation.now()
-    storage = _storage_by_server(observation)
+    storage = storage_by_server(observation)
     for name, db in desired.databases.items():
         policy = db.effective_policy
         recorded = observation.catalog.databases.get(name)
@@ -106,7 +106,8 @@ def _consider(db: DesiredDatabase, shard: CatalogShard, forecast: LoadForecast, 
     able, _ = capable_targets(db.spec.placement, observation)
     text = (f"{shard.address} is forecast to cross the hot threshold of {forecast.metric} in about"
             f" {about(crossing - now)}, within the lead time {span(round(lead.seconds))}")
-    return SplitShard(database=db.name, source=_spec(shard), targets=split_targets(db, shard, storage, able),
+    targets = split_targets(db, shard, storage, able, policy.autosplit.targets)
+    return SplitShard(database=db.name, source=_spec(shard), targets=targets,
                       evidence=(), automatic=policy.autosplit.enabled, lead_time=lead.why,
                       forecast=forecast.model_copy(update={"threshold": threshold, "judged_at": now}),
                       reason=Reason(cause="forecast", text=text)), None
@@ -132,4 +133,4 @@ def _why_not(db: DesiredDatabase, shard: CatalogShard, observation: Observation,
         return f"deferred to a later plan (autosplit.max_concurrent is {policy.autosplit.max_concurrent})"
     recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
     return (preconditions(db, [shard], observation) or capable_targets(db.spec.placement, observation)[1]
-            or _name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))
+            or name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))

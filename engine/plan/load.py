@@ -58,7 +58,7 @@ def load_actions(desired: Desired, observation: Observation) -> tuple[list, list
     warnings: list[str] = list(observation.metrics_notes)
     now = observation.now()  # cooldowns are about real time, never the recording's
     verdicts = assessments(desired, observation)
-    storage = _storage_by_server(observation)
+    storage = storage_by_server(observation)
     for name, db in desired.databases.items():
         recorded = observation.catalog.databases.get(name)
         if recorded is None or recorded.state != "active":
@@ -123,7 +123,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
             continue
         able, none_able = capable_targets(db.spec.placement, observation)
         blocked = (preconditions(db, [shard], observation) or none_able
-                   or _name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))
+                   or name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))
         if blocked:
             notes.append(f"shard.{shard.address}: hot, but it cannot be split: {blocked}")
             continue
@@ -144,7 +144,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                 break
             blocked = (preconditions(db, [left, right], observation)
                        or capable_targets([left.server, right.server, *db.spec.placement], observation)[1]
-                       or _name_taken(recorded_names, [KeyRange(left.lo, right.hi)])
+                       or name_taken(recorded_names, [KeyRange(left.lo, right.hi)])
                        or _merged_too_busy(policy, verdicts[left.address], verdicts[right.address])
                        or _merged_forecast_hot(policy, [left, right], observation))
             if held:
@@ -169,7 +169,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
     return chosen, notes
 
 
-def _name_taken(recorded: dict[str, str], ranges) -> str | None:
+def name_taken(recorded: dict[str, str], ranges) -> str | None:
     for r in ranges:
         if r.name in recorded:
             return (f"shard {r.name} still exists ({recorded[r.name]}); it is dropped when its grace period"
@@ -249,7 +249,7 @@ def _latest_storage(observation: Observation, address: str) -> float | None:
     return None
 
 
-def _storage_by_server(observation: Observation) -> dict[str, float]:
+def storage_by_server(observation: Observation) -> dict[str, float]:
     """Storage share in use per server, summed over every shard seen there (computed once a plan)."""
     load: dict[str, float] = {}
     for database in observation.catalog.databases.values():
@@ -269,12 +269,12 @@ def capable_targets(placement, observation: Observation) -> tuple[list[str], str
         str(checks.why_not(observation.servers.get(s), "move_target")) for s in dict.fromkeys(placement))
 
 
-def split_targets(db: DesiredDatabase, shard: CatalogShard, storage: dict[str, float],
-                  placement=None) -> tuple[ShardSpec, ...]:
-    """Where a split's shards go: servers other than the source's first, then the least loaded
-    by storage, then by name."""
-    order = sorted(placement or db.spec.placement, key=lambda s: (s == shard.server, storage.get(s, 0.0), s))
-    ranges = KeyRange(shard.lo, shard.hi).split(db.effective_policy.autosplit.targets)
+def split_targets(db: DesiredDatabase, shard: CatalogShard, storage: dict[str, float], placement,
+                  parts: int) -> tuple[ShardSpec, ...]:
+    """Where a split's `parts` even ranges go: servers other than the source's first, then the
+    least loaded by storage, then by name."""
+    order = sorted(placement, key=lambda s: (s == shard.server, storage.get(s, 0.0), s))
+    ranges = KeyRange(shard.lo, shard.hi).split(parts)
     return tuple(
         ShardSpec(name=r.name, lo=r.lo, hi=r.hi, server=order[i % len(order)], dbname=physical_name(db.name, r))
         for i, r in enumerate(ranges)
@@ -284,18 +284,34 @@ def split_targets(db: DesiredDatabase, shard: CatalogShard, storage: dict[str, f
 def _split(db: DesiredDatabase, shard: CatalogShard, verdict: Assessment, storage: dict[str, float],
            placement=None) -> SplitShard:
     policy = db.effective_policy
-    targets = split_targets(db, shard, storage, placement)
     worst = max(verdict.evidence, key=lambda e: e.low / e.threshold)
-    return SplitShard(
-        database=db.name, source=_spec(shard), targets=targets, evidence=verdict.evidence,
-        automatic=policy.autosplit.enabled,
-        reason=Reason(cause="load", text=f"{shard.address} is hot: {worst.metric} over its threshold for"
-                      f" {span(worst.window_seconds)} ({worst.samples} samples)"),
-    )
+    return split_action(db, shard, policy.autosplit.targets, storage, placement or db.spec.placement,
+                        Reason(cause="load", text=f"{shard.address} is hot: {worst.metric} over its threshold for"
+                               f" {span(worst.window_seconds)} ({worst.samples} samples)"),
+                        evidence=verdict.evidence, automatic=policy.autosplit.enabled)
+
+
+def split_action(db: DesiredDatabase, shard: CatalogShard, parts: int, storage: dict[str, float], placement,
+                 reason: Reason, evidence: tuple = (), automatic: bool = False) -> SplitShard:
+    """A split of `shard` into `parts` even ranges, whatever caused it (load, `shards:`, by hand)."""
+    targets = split_targets(db, shard, storage, placement, parts)
+    return SplitShard(database=db.name, source=_spec(shard), targets=targets, evidence=evidence,
+                      automatic=automatic, reason=reason)
 
 
 def _merge(db: DesiredDatabase, shards: list[CatalogShard], verdicts: dict[str, Assessment],
            observation: Observation, storage: dict[str, float]) -> MergeShards:
+    evidence = tuple(e for s in shards for e in verdicts[s.address].evidence)
+    return merge_action(db, shards, observation, storage, Reason(
+        cause="load", text=f"{' and '.join(s.address for s in shards)} are adjacent and cold for "
+        f"{span(db.effective_policy.cold_for_seconds)}"), evidence=evidence,
+        automatic=db.effective_policy.automerge.enabled)
+
+
+def merge_action(db: DesiredDatabase, shards: list[CatalogShard], observation: Observation,
+                 storage: dict[str, float], reason: Reason, evidence: tuple = (),
+                 automatic: bool = False) -> MergeShards:
+    """A merge of adjacent `shards` into one, whatever caused it (load, `shards:`, by hand)."""
     joint = KeyRange(shards[0].lo, shards[-1].hi)
     # the target lives where the larger source is (less data moves); on a tie, the less loaded
     # server; a server that cannot take a move's target only when none of the sources' can
@@ -305,11 +321,8 @@ def _merge(db: DesiredDatabase, shards: list[CatalogShard], verdicts: dict[str, 
                                           -storage.get(s.server, 0.0), s.server == shards[0].server)).server
     if home not in able:  # elsewhere in the placement, then
         home = next(iter(capable_targets(db.spec.placement, observation)[0]), home)
-    evidence = tuple(e for s in shards for e in verdicts[s.address].evidence)
     return MergeShards(
         database=db.name, sources=tuple(_spec(s) for s in shards),
         target=ShardSpec(name=joint.name, lo=joint.lo, hi=joint.hi, server=home, dbname=physical_name(db.name, joint)),
-        evidence=evidence, automatic=db.effective_policy.automerge.enabled,
-        reason=Reason(cause="load", text=f"{' and '.join(s.address for s in shards)} are adjacent and cold for "
-                      f"{span(db.effective_policy.cold_for_seconds)}"),
+        evidence=evidence, automatic=automatic, reason=reason,
     )

@@ -17,7 +17,7 @@ from engine.detect.forecast import LoadForecast
 
 FORMAT_VERSION = 2  # 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
 
-Cause = Literal["config", "drift", "resume", "load", "forecast"]
+Cause = Literal["config", "drift", "resume", "load", "forecast", "manual"]  # manual: `plan -split/-merge`
 Symbol = Literal["create", "update", "delete", "replace"]
 
 
@@ -58,6 +58,7 @@ class DatabaseSettings(Frozen):
     policy_name: str
     policy: dict[str, Any]
     placement: tuple[str, ...]
+    shards: int | None = None  # the declared shard count (None: a catalog from before it was recorded)
 
 
 class ActionBase(Frozen):
@@ -102,10 +103,10 @@ class Holding(Frozen):
         rows = f"{self.rows:,} row{'s' if self.rows != 1 else ''}" + ("" if self.exact else " (estimate)")
         if self.rows == 0 or self.size_bytes is None:
             return "no rows" if self.rows == 0 else rows
-        return f"{rows}, {_size(self.size_bytes)}"
+        return f"{rows}, {size_text(self.size_bytes)}"
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -202,6 +203,42 @@ class MergeShards(ActionBase):
         return f"shard.{self.database}/{self.target.name}"
 
 
+class ServerBalance(Frozen):
+    """One server's share of a database, before and after a plan's rebalancing moves."""
+
+    server: str
+    target_bytes: int
+    before_bytes: int
+    after_bytes: int
+    before_shards: int
+    after_shards: int
+
+
+class MoveShard(ActionBase):
+    """Move a shard to another server, whole: one source, one unfiltered link, the same fence,
+    catch-up, verification and flip as a split; the copy left behind retires. Its range and
+    name stay; while it moves, the target is recorded as `NAME@SERVER`, and after the flip the
+    retired copy is (a later plan drops it)."""
+
+    kind: Literal["move_shard"] = "move_shard"
+    symbol: Symbol = "update"
+    source: ShardSpec
+    target: ShardSpec  # same name and range, another server
+    balance: tuple[ServerBalance, ...] = ()  # rebalancing: every placement server before and after the plan
+    automatic: bool = False
+    operation: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"shard.{self.database}/{self.source.name}"
+
+
+def transit_name(name: str, server: str) -> str:
+    """The catalog name of a moved shard's copy on `server`: the target while it moves, the
+    source once retired (a range name is unique among a database's shards)."""
+    return f"{name}@{server}"
+
+
 class DropRetiredShard(ActionBase):
     """Drop a shard database that a split or merge retired, once its grace period is over."""
 
@@ -294,6 +331,7 @@ Action = Annotated[
     | RecreateShard
     | SplitShard
     | MergeShards
+    | MoveShard
     | DropRetiredShard
     | CreateBranch
     | ResetBranch
@@ -307,6 +345,7 @@ LOAD_CAUSES = ("load", "forecast")  # what the fleet's load caused (now or ahead
 
 # Destructive first, so the danger is read before the rest (UX.md).
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
+         "move_shard": 4.5,
          "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
          "create_branch": 10, "rename_database": 11, "reset_branch": 12}
 

@@ -39,6 +39,7 @@ from engine.plan.models import (
     Holding,
     MergeBranchSchema,
     MergeShards,
+    MoveShard,
     Plan,
     Reason,
     RecreateShard,
@@ -50,6 +51,8 @@ from engine.plan.models import (
     UpdateDatabase,
     sort_actions,
 )
+from engine.plan.relocate import rebalance, relocations
+from engine.plan.reshard import Requests, declared_actions, manual_actions, recorded_count
 
 BRANCH_STEP_PREFIX = "branch:"
 
@@ -58,6 +61,7 @@ def settings_of(db: DesiredDatabase) -> DatabaseSettings:
     return DatabaseSettings(
         protect=db.spec.protect, policy_name=db.policy_name,
         policy=db.effective_policy.model_dump(mode="json"), placement=tuple(db.spec.placement),
+        shards=db.spec.shards,
     )
 
 
@@ -116,17 +120,24 @@ class _Planning:
     problems: list[Diagnostic] = field(default_factory=list)
     consented: set[tuple[str, str]] = field(default_factory=set)
     renamed_from: set[str] = field(default_factory=set)
+    by_hand: set[str] = field(default_factory=set)  # databases with a split or merge asked for by hand
 
 
-def plan(desired: Desired, observation: Observation) -> Plan:
-    """The diff of the YAML against what was observed, in stages a reader can follow: each
-    declared database (create, rename, resume, re-key, schema, settings, drift of its shards),
-    each recorded database no longer declared, interrupted operations and retired shards,
-    branches, load-driven splits and merges, then fleet-wide drift. Problems refuse the plan."""
+def plan(desired: Desired, observation: Observation, requests: Requests | None = None) -> Plan:
+    """The diff of the YAML against what was observed, in stages a reader can follow: splits
+    and merges asked for by hand (`requests`), each declared database (create, rename, resume,
+    re-key, schema, settings, declared shard count, drift of its shards), each recorded database
+    no longer declared, interrupted operations and retired shards, branches, load-driven splits
+    and merges, then fleet-wide drift. Problems refuse the plan."""
     p = _Planning(desired, observation, problems=list(desired.key_problems))
+    if requests:
+        by_hand = manual_actions(desired, observation, requests)
+        p.actions.extend(by_hand)
+        p.by_hand = {a.database for a in by_hand}
     for name, db in desired.databases.items():
         _plan_declared_database(p, name, db)
     _plan_undeclared_databases(p)
+    p.problems.extend(_servers_still_holding(desired, observation))
     _plan_operations(p)
     busy = _plan_branches(p)
     _plan_load(p, busy)
@@ -176,7 +187,9 @@ def _plan_declared_database(p: _Planning, name: str, db: DesiredDatabase) -> Non
         return
     _plan_schema_steps(p, name, db, recorded)
     _plan_settings(p, name, db, recorded)
+    _plan_shard_count(p, name, db, recorded)
     _observe_shard_drift(p, name, recorded, _steps(db))
+    _plan_placement(p, name, db, recorded)  # last: another change to the database holds rebalancing back
 
 
 def _plan_rename(p: _Planning, name: str, db: DesiredDatabase) -> None:
@@ -265,7 +278,8 @@ def _plan_schema_steps(p: _Planning, name: str, db: DesiredDatabase, recorded: C
 
 def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
     desired = p.desired
-    new_settings, old_settings = settings_of(db), _recorded_settings(recorded)
+    new_settings = settings_of(db)
+    old_settings = _recorded_settings(recorded).model_copy(update={"shards": recorded_count(recorded, db.spec.shards)})
     changes = _changes(old_settings, new_settings)
     if changes:
         places = sorted(
@@ -285,16 +299,54 @@ def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: Catal
         )
         if old_settings.placement != new_settings.placement:
             p.warnings.append(
-                f"database.{name}: placement changed; existing shards stay where they are"
-                " (new shards from splits use the new placement)"
+                f"database.{name}: placement changed; shards on servers no longer in it move onto it, and its"
+                " servers are rebalanced by storage within the policy's `rebalance` limits"
             )
-    active = [s for s in recorded.shards if s.state == "active"]
-    if db.spec.shards > len(active) and recorded.state == "active":
-        p.warnings.append(
-            f"database.{name}: `shards: {db.spec.shards}` is the initial shard count and the floor"
-            f" for merges; {name} has {len(active)} shards, and raising the number does not split"
-            " them (splits follow load)"
-        )
+
+
+def _plan_shard_count(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
+    """`shards:` raised: splits up to it; lowered: merges down to it (engine/plan/reshard.py)."""
+    if name in p.by_hand:
+        if len([s for s in recorded.shards if s.state == "active"]) != db.spec.shards:
+            p.warnings.append(f"database.{name}: `shards: {db.spec.shards}` is planned after the split or merge"
+                              " asked for by hand is applied (plan again then)")
+        return
+    actions, notes = declared_actions(db, recorded, p.observation, str(_where(p.desired, name, "shards")))
+    p.actions.extend(actions)
+    p.warnings.extend(notes)
+
+
+def _plan_placement(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
+    """Shards on servers outside the declared placement move onto it (engine/plan/relocate.py)."""
+    if any(a.database == name and a.kind in ("split_shard", "merge_shards") for a in p.actions):
+        if relocations(db, recorded, p.observation, "")[0]:
+            p.warnings.append(f"database.{name}: shards move to match the placement once this plan's splits and"
+                              " merges are applied (plan again then)")
+        return
+    where = str(_where(p.desired, name, "placement"))
+    actions, notes = relocations(db, recorded, p.observation, where)
+    # a settings update goes with it; any other change to the database is applied first
+    if not actions and not notes and not any(a.database == name and a.kind != "update_database" for a in p.actions):
+        capacity = {s: spec.capacity.storage for s, spec in p.desired.servers.items()}
+        actions, notes = rebalance(db, recorded, p.observation, capacity, where)
+    p.actions.extend(actions)
+    p.warnings.extend(notes)
+
+
+def _servers_still_holding(desired: Desired, observation: Observation) -> list[Diagnostic]:
+    """A server removed from the YAML while the catalog still has shards on it is refused:
+    shardctl could not reach it to move or drop them."""
+    held: dict[str, list[str]] = {}
+    for db in observation.catalog.databases.values():
+        for shard in db.shards:
+            if shard.server not in desired.servers:
+                held.setdefault(shard.server, []).append(f"{shard.address} ({shard.state})")
+    where = desired.where("servers") or Location(desired.files[0] if desired.files else str(desired.directory))
+    return [Diagnostic(where, f"server {server!r} is no longer declared, and it still holds shards: "
+                              + ", ".join(sorted(shards)),
+                       f"declare {server} again and remove it from every database's placement; apply moves its"
+                       " shards away (retired copies are dropped after autosplit.retire_after); then remove it")
+            for server, shards in sorted(held.items())]
 
 
 def _observe_shard_drift(p: _Planning, name: str, recorded: CatalogDatabase, desired_steps: tuple) -> None:
@@ -476,7 +528,8 @@ def resume_move(pending, in_flight: str | None = None) -> Any:
     """An interrupted split or merge is finished under its own operation (its names derive from it).
     With the apply lock held elsewhere (`in_flight`), it is not interrupted but running there."""
     data = {**pending.action, "operation": pending.operation}
-    kind = SplitShard if pending.kind == "split_shard" else MergeShards
+    kinds: dict[str, Any] = {"split_shard": SplitShard, "merge_shards": MergeShards, "move_shard": MoveShard}
+    kind = kinds[pending.kind]
     if in_flight:
         text = (f"operation {pending.operation} is in progress, at step {pending.last_step!r}, run by {in_flight}"
                 " (it holds the apply lock); if that process dies, apply resumes it from here")
@@ -829,6 +882,8 @@ def _needs(action) -> list[tuple[str, str]]:
     if kind == "merge_shards":
         return [(s.server, "move_source") for s in action.sources] + [
             (action.target.server, p) for p in ("shard", "move_target")]
+    if kind == "move_shard":
+        return [(action.source.server, "move_source")] + [(action.target.server, p) for p in ("shard", "move_target")]
     return []
 
 

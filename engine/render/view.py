@@ -21,12 +21,14 @@ from engine.plan.models import (
     DropRetiredShard,
     MergeBranchSchema,
     MergeShards,
+    MoveShard,
     Plan,
     RecreateShard,
     RenameDatabase,
     ResetBranch,
     SplitShard,
     UpdateDatabase,
+    size_text,
 )
 
 SIGNS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -45,6 +47,7 @@ KIND_WORDS = {
     "recreate_shard": ("shard to recreate", "shards to recreate"),
     "split_shard": ("split", "splits"),
     "merge_shards": ("merge", "merges"),
+    "move_shard": ("move", "moves"),
     "drop_retired_shard": ("retired shard to drop", "retired shards to drop"),
     "create_branch": ("branch to create", "branches to create"),
     "delete_branch": ("branch to delete", "branches to delete"),
@@ -55,7 +58,7 @@ KIND_WORDS = {
 WHAT_IF_WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
                  "now_merge": "would now be a merge candidate",
                  "no_longer_merge": "would no longer be a merge candidate"}
-VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged", "reset_branch": "reset"}
+VERBS_BY_KIND = {"split_shard": "split", "merge_shards": "merged", "move_shard": "moved", "reset_branch": "reset"}
 
 
 @dataclass
@@ -191,6 +194,14 @@ def _branch_data(a: CreateBranch | ResetBranch) -> str:
     return f"sample of {a.sample_percent:g}% of shard keys" if a.data == "sample" else a.data
 
 
+def _move_shard(a: MoveShard) -> list[Line]:
+    lines = [Line("~", f"server = {a.source.server} -> {a.target.server} ({a.target.dbname})"),
+             Line(" ", f"the copy on {a.source.server} is retired after cutover")]
+    return lines + [Line("#", f"{b.server}: {size_text(b.before_bytes)} in {b.before_shards} shards ->"
+                              f" {size_text(b.after_bytes)} in {b.after_shards} (target {size_text(b.target_bytes)})")
+                    for b in a.balance]
+
+
 def _create_branch(a: CreateBranch) -> list[Line]:
     days = a.ttl_seconds / 86400
     ttl = f"{days:g} days" if days >= 1 else f"{a.ttl_seconds:g}s"
@@ -231,6 +242,7 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     RecreateShard: lambda a: f'shard "{a.database}/{a.shard.name}"',
     SplitShard: lambda a: f'shard "{a.database}/{a.source.name}"',
     MergeShards: lambda a: f'shards "{a.database}/{a.sources[0].name}" + "{a.database}/{a.sources[-1].name}"',
+    MoveShard: lambda a: f'shard "{a.database}/{a.source.name}"',
     DropRetiredShard: lambda a: f'retired shard "{a.database}/{a.shard.name}"',
     CreateBranch: lambda a: f'branch "{a.branch}"',
     ResetBranch: lambda a: f'branch "{a.branch}"',
@@ -246,6 +258,7 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     RecreateShard: _recreate_shard,
     SplitShard: _split_shard,
     MergeShards: _merge_shards,
+    MoveShard: _move_shard,
     DropRetiredShard: _drop_retired,
     CreateBranch: _create_branch,
     ResetBranch: _reset_branch,
@@ -329,8 +342,8 @@ def view(plan: Plan) -> PlanView:
     summary_line = f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
     parts = []
     for kind in ("destroy_database", "delete_branch", "drop_retired_shard", "merge_shards", "split_shard",
-                 "recreate_shard", "create_database", "apply_schema", "merge_branch_schema", "update_database",
-                 "create_branch", "reset_branch", "rename_database"):
+                 "move_shard", "recreate_shard", "create_database", "apply_schema", "merge_branch_schema",
+                 "update_database", "create_branch", "reset_branch", "rename_database"):
         n = s.by_kind.get(kind, 0)
         if n:
             one, many = KIND_WORDS[kind]

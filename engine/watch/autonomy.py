@@ -24,6 +24,7 @@ from engine.plan.models import (
     DropRetiredShard,
     MergeBranchSchema,
     MergeShards,
+    MoveShard,
     Plan,
     RecreateShard,
     RenameDatabase,
@@ -58,6 +59,11 @@ def _move(enabled_flag: str) -> Callable:
     return rule
 
 
+def _relocation(action: MoveShard) -> str | None:
+    # an interrupted move is finished as the journal says; a new one is a person's placement change
+    return None if action.operation is not None else _person(action)
+
+
 def _delete_branch(action: DeleteBranch) -> str | None:
     return None if action.expired else f"the branch was removed from the config: {PERSON}"
 
@@ -69,6 +75,7 @@ def _person(action) -> str:
 RULES: dict[type, Callable] = {
     SplitShard: _move("autosplit.enabled"),
     MergeShards: _move("automerge.enabled"),
+    MoveShard: _relocation,
     DeleteBranch: _delete_branch,
     DropRetiredShard: lambda action: None,
     CreateDatabase: _person,

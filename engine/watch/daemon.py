@@ -527,6 +527,7 @@ def _history_entry(row: dict) -> HistoryEntry:
     summary = {
         "split_shard": f"into {', '.join(t.get('name', '?') for t in targets)}" if targets else "",
         "merge_shards": f"into {(detail.get('target') or {}).get('name', '')}",
+        "move_shard": f"to server {(detail.get('target') or {}).get('server', '?')}",
     }.get(row["event"], "")
     at = row["at"] if isinstance(row["at"], datetime) else datetime.fromisoformat(str(row["at"]))
     return HistoryEntry(at=at, event=row["event"], address=row["address"], actor=str(detail.get("actor", "apply")),
