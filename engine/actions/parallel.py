@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engine.actions import dispatch
 from engine.actions.base import ApplyContext
-
-MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
+from engine.catalog.journal import MOVE_KINDS
 
 
 def servers_of(action) -> set[str]:
@@ -93,5 +92,7 @@ def _at_once(batch: list, ctx: ApplyContext) -> None:
             error = future.exception()
             if error is not None:
                 failures.append(error)
+    for other in failures[1:]:
+        ctx.say(f"Error: another move of the batch failed too: {other}")
     if failures:
         raise failures[0]

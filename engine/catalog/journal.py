@@ -24,6 +24,10 @@ from engine.catalog.lock import who
 from engine.errors import UserError
 from engine.rows import one
 
+# operations that resume under their own operation after a crash, or that `abort` undoes
+MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
+BRANCH_KINDS = ("create_branch", "reset_branch", "merge_branch_schema")
+
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
 SLOWPOINT_ENV = "SHARDCTL_SLOWPOINT"  # "<step prefix>=<seconds>": a step that takes that much longer
 _stop_requested = False
@@ -141,5 +145,4 @@ def close_interrupted(conn: psycopg.Connection) -> None:
     'running': they resume under their own operation, or `shardctl abort` undoes them."""
     conn.execute("UPDATE shardctl.operations SET state = 'failed', finished_at = now(),"
                  " detail = detail || '{\"interrupted\": true}'"
-                 " WHERE state = 'running' AND kind NOT IN ('split_shard', 'merge_shards', 'move_shard',"
-                 " 'create_branch', 'reset_branch', 'merge_branch_schema')")
+                 " WHERE state = 'running' AND kind <> ALL(%s)", (list(MOVE_KINDS + BRANCH_KINDS),))

@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine.catalog import lock, schema
+from engine.catalog import journal, lock, schema
 from engine.config.models import Retention
 from engine.observe.metrics import METRICS
 from engine.observe.models import (
@@ -31,9 +31,7 @@ from engine.observe.models import (
 from engine.observe.rollup import rollup_rows
 from engine.rows import one
 
-MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
-# branch operations that resume under their own operation, or that `abort` cleans up
-BRANCH_KINDS = ("create_branch", "reset_branch", "merge_branch_schema")
+MOVE_KINDS, BRANCH_KINDS = journal.MOVE_KINDS, journal.BRANCH_KINDS
 
 
 def database_exists(conn: psycopg.Connection, name: str) -> bool:
