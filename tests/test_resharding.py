@@ -122,6 +122,24 @@ def test_quickstart_raised_from_4_to_8_shards_splits_online_under_a_writer(fleet
     assert again.code == 0 and "No changes." in again.out, again.out
 
 
+def test_quickstart_lowered_from_4_to_2_shards_merges_online_under_a_writer(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet)
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 4", "shards: 2"))
+    plan = fleet.cli("plan")
+    assert plan.code == 0, plan.both
+    assert "(2 merges, 1 settings update)" in plan.out, plan.out
+    result, _ = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
+    assert result.out.count("Merge complete") == 2, result.out
+    assert [s[0] for s in active_shards(fleet)] == [r.name for r in even_ranges(2)]
+    with fleet.catalog() as conn:
+        events = [e for (e,) in conn.execute("SELECT detail FROM shardctl.history WHERE event = 'merge_shards'")]
+        assert conn.execute("SELECT declared_shards FROM shardctl.databases").fetchone() == (2,)
+    assert len(events) == 2 and all(e["verification"] for e in events)  # counts and checksums compared
+    again = fleet.cli("plan", "--detailed-exitcode")
+    assert again.code == 0 and "No changes." in again.out, again.out
+
+
 def test_a_split_by_hand_is_saved_and_applied_and_a_merge_by_hand_applied_directly(fleet):
     assert fleet.cli("apply", "--auto-approve").code == 0
     preload(fleet, customers=3000)

@@ -9,6 +9,7 @@ new shards go (another server first, the least loaded by storage).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from engine.config.loader import Desired, DesiredDatabase
@@ -310,15 +311,23 @@ def _merge(db: DesiredDatabase, shards: list[CatalogShard], verdicts: dict[str, 
 
 def merge_action(db: DesiredDatabase, shards: list[CatalogShard], observation: Observation,
                  storage: dict[str, float], reason: Reason, evidence: tuple = (),
-                 automatic: bool = False) -> MergeShards:
-    """A merge of adjacent `shards` into one, whatever caused it (load, `shards:`, by hand)."""
+                 automatic: bool = False, held: Mapping[str, int] | None = None) -> MergeShards:
+    """A merge of adjacent `shards` into one, whatever caused it (load, `shards:`, by hand).
+    `held`: how many of the database's shards each server holds once the plan's earlier actions
+    are done, so that several merges of one plan spread over the placement."""
     joint = KeyRange(shards[0].lo, shards[-1].hi)
-    # the target lives where the larger source is (less data moves); on a tie, the less loaded
-    # server; a server that cannot take a move's target only when none of the sources' can
+    # the target lives where the larger source is (less data moves); sources within 10% of the
+    # largest count as equal (moving either costs about the same), and among them the server
+    # holding fewer of the database's shards, then the less loaded one, wins; a server that
+    # cannot take a move's target only when none of the sources' can
     able = set(capable_targets([s.server for s in shards], observation)[0])
     candidates = [s for s in shards if s.server in able] or shards
-    home = max(candidates, key=lambda s: (_latest_storage(observation, s.address) or 0.0,
-                                          -storage.get(s.server, 0.0), s.server == shards[0].server)).server
+    size = {s.address: _latest_storage(observation, s.address) or 0.0 for s in candidates}
+    largest = max(size.values())
+    similar = [s for s in candidates if size[s.address] >= 0.9 * largest]
+    held = held or {}
+    home = min(similar, key=lambda s: (held.get(s.server, 0), storage.get(s.server, 0.0),
+                                       s.server != shards[0].server)).server
     if home not in able:  # elsewhere in the placement, then
         home = next(iter(capable_targets(db.spec.placement, observation)[0]), home)
     return MergeShards(

@@ -16,6 +16,7 @@ with cause `manual`; a bad address is refused, naming the shards that exist.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 from engine.config.loader import Desired, DesiredDatabase
@@ -105,6 +106,7 @@ def _merges_to(db: DesiredDatabase, shards: list[CatalogShard], target: int, bef
         i = min(range(len(groups) - 1), key=lambda j: (_width(groups[j] + groups[j + 1]), j))
         groups[i:i + 2] = [groups[i] + groups[i + 1]]
     storage = storage_by_server(observation)
+    held = _held(shards)
     recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
     actions: list[SplitShard | MergeShards] = []
     notes: list[str] = []
@@ -118,9 +120,11 @@ def _merges_to(db: DesiredDatabase, shards: list[CatalogShard], target: int, bef
         if blocked:
             notes.append(f"database.{db.name}: `shards: {target}` needs {names} merged, but they cannot be: {blocked}")
             continue
-        actions.append(merge_action(db, group, observation, storage, Reason(
+        merge = merge_action(db, group, observation, storage, Reason(
             cause="config", text=f"`shards:` lowered from {before} to {target} at {where}; {db.name} has"
-            f" {len(shards)} shards, so adjacent ones are merged, the narrowest first: {names}")))
+            f" {len(shards)} shards, so adjacent ones are merged, the narrowest first: {names}"), held=held)
+        actions.append(merge)
+        held = _after(held, merge)
     return actions, notes
 
 
@@ -139,6 +143,7 @@ def manual_actions(desired: Desired, observation: Observation,
         used[shard.address] = request
 
     storage = storage_by_server(observation)
+    held_by: dict[str, dict[str, int]] = {}  # per database, shards per server once earlier merges are done
     added: dict[str, int] = {}
     for text in requests.splits:
         request = f"-split {text}"
@@ -189,10 +194,25 @@ def manual_actions(desired: Desired, observation: Observation,
                    or name_taken(recorded_names, [KeyRange(group[0].lo, group[-1].hi)]))
         if blocked:
             raise UserError(f"`{request}`: {' + '.join(s.address for s in group)} cannot be merged: {blocked}")
-        actions.append(merge_action(db, group, observation, storage, Reason(
+        held = held_by.setdefault(db.name, _held(_active(recorded)))
+        merge = merge_action(db, group, observation, storage, Reason(
             cause="manual", text=f"requested by hand (`{request}`): {' + '.join(s.name for s in group)}"
-            " become one shard")))
+            " become one shard"), held=held)
+        actions.append(merge)
+        held_by[db.name] = _after(held, merge)
     return actions
+
+
+def _held(shards: list[CatalogShard]) -> dict[str, int]:
+    return dict(Counter(s.server for s in shards))
+
+
+def _after(held: dict[str, int], merge: MergeShards) -> dict[str, int]:
+    """Shards per server once `merge` is done: its sources gone, its target added."""
+    out = Counter(held)
+    out.subtract(s.server for s in merge.sources)
+    out[merge.target.server] += 1
+    return dict(out)
 
 
 def _strip(text: str) -> str:
