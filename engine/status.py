@@ -230,8 +230,11 @@ LOAD_STYLES = {"hot": "bold red", "cold": "cyan", "unknown": "dim", "stale": "ye
 
 
 def _print_database(console: Console, db: dict[str, Any]) -> None:
+    active = sum(1 for s in db["shards"] if s["state"] == "active")
+    others = len(db["shards"]) - active  # retired copies and shards of an unfinished move
     table = Table(
-        title=f"Database {db['name']}: key {db['shard_key']}, {len(db['shards'])} shards, "
+        title=f"Database {db['name']}: key {db['shard_key']}, {active} shards"
+        f"{f' (+{others} retired or moving)' if others else ''}, "
         f"policy {db['policy']}{', protected' if db['protect'] else ''}, {db['state']}",
         title_justify="left",
     )
