@@ -183,7 +183,7 @@ def _print_plan(obj: Ctx, plan, fmt: str) -> None:
               help="Also judge the same load under the config at this git ref (or in this directory) and "
                    "show which shards would now split or merge, or no longer would.")
 @click.option("-split", "--split", "splits", multiple=True, metavar="DATABASE/RANGE",
-              help="Also split this shard into even ranges now, whatever its load, e.g. -split orders/40-80. Repeatable.")
+              help="Also split this shard evenly now, whatever its load, e.g. -split orders/40-80. Repeatable.")
 @click.option("-merge", "--merge", "merges", multiple=True, metavar="A,B",
               help="Also merge these adjacent shards, e.g. -merge orders/-40,orders/40-80. Repeatable.")
 @click.pass_obj
@@ -283,7 +283,7 @@ def show(obj: Ctx, plan_file: str, fmt: str) -> None:
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), default=None,
               help="Re-check load premises against this recorded samples file instead of live metrics.")
 @click.option("-split", "--split", "splits", multiple=True, metavar="DATABASE/RANGE",
-              help="Also split this shard into even ranges now, whatever its load, e.g. -split orders/40-80. Repeatable.")
+              help="Also split this shard evenly now, whatever its load, e.g. -split orders/40-80. Repeatable.")
 @click.option("-merge", "--merge", "merges", multiple=True, metavar="A,B",
               help="Also merge these adjacent shards, e.g. -merge orders/-40,orders/40-80. Repeatable.")
 @click.pass_obj
