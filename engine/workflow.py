@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from engine.actions import dispatch, parallel
+from engine.actions import dispatch, parallel, replica
 from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
@@ -392,7 +392,9 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
                               " AND state IN ('creating', 'resetting')", (action["branch"],)).fetchone()
     for server, dbname in {(action["server"], action["dbname"]), *([tuple(row)] if row else [])}:
         if server in ctx.fleet.servers:
-            drop_database(ctx, ShardSpec(name=action["branch"], lo=None, hi=None, server=server, dbname=dbname))
+            half = ShardSpec(name=action["branch"], lo=None, hi=None, server=server, dbname=dbname)
+            replica.detach_recorded(ctx, action["branch"], half, action["database"], action.get("data"))
+            drop_database(ctx, half)
     close("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')")
     ctx.say(f"Operation {pending.operation} aborted: the half-built database of {address} was dropped;"
             " a branch still declared is created afresh by the next apply.")

@@ -21,6 +21,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
+from engine.actions import replica
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
 from engine.catalog import store
 from engine.catalog.journal import Operation
@@ -78,6 +79,8 @@ def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) 
     with ThreadPoolExecutor(max_workers=2) as dumping:  # both dumps are read while the database is made
         dumps = {section: dumping.submit(_dump, ctx, first, section) for section in ("pre-data", "post-data")}
         with op.step(f"database {action.branch}"):
+            # a replica's subscriptions and the shards' slots go first
+            replica.detach_recorded(ctx, action.branch, target, action.database, action.data)
             drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
             ensure_database(ctx, target)
         return _fill(ctx, op, action, target, first, key_column, key_type, dumps)
@@ -95,7 +98,7 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
             " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
             " ORDER BY 1, 2", (key_column,))]
     rows: dict[str, int] = {}
-    if action.data != "schema":
+    if action.data not in ("schema", "replica"):
         with op.step(f"data {action.branch}", shards=len(action.shards)):
             filt = _sample_filter(key_column, key_type, action.sample_percent) if action.data == "sample" else None
             with ThreadPoolExecutor(max_workers=min(4, len(action.shards))) as pool:
@@ -111,6 +114,18 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
         with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
             conn.execute("ANALYZE")
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
+    if action.data == "replica":
+        with op.step(f"link {action.branch}", shards=len(action.shards)):
+            names = replica.attach(ctx, action.branch, target, action.shards, tables)
+        with op.step(f"sync {action.branch}"):
+            replica.wait_synced(ctx, target, names, ctx.say)
+            with ctx.fleet.servers[target.server].connect() as conn:
+                # read-only for its readers; the subscriptions' apply workers write all the same
+                conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                    sql.Identifier(target.dbname)))
+            with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+                size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
+            ctx.say(f"{action.address}: replica in sync with {len(action.shards)} shards [{timer} elapsed]")
     with ctx.fleet.servers[first.server].connect(first.dbname) as conn:
         base = introspect.snapshot(conn)
     return rows, size, base

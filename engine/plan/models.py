@@ -256,7 +256,7 @@ class _BranchBuild(ActionBase):
     """What a branch is made from and where: shared by its creation and its reset."""
 
     branch: str
-    data: Literal["schema", "sample", "full"]
+    data: Literal["schema", "sample", "full", "replica"]
     sample_percent: float | None
     server: str
     dbname: str

@@ -141,6 +141,7 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
     _plan_operations(p)
     busy = _plan_branches(p)
     _plan_load(p, busy)
+    _hold_moves_under_replicas(p)
     _observe_fleet_drift(p)
     p.warnings.extend(_unknown_metrics(desired, observation))
     p.warnings.extend(a.describe() for a in rightsizing.fleet_advice(desired, observation))
@@ -497,6 +498,37 @@ def _plan_load(p: _Planning, busy: set[str]) -> None:
             p.actions.append(action)
 
 
+MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
+
+
+def _replicated(desired: Desired, observation: Observation) -> dict[str, list[str]]:
+    """The databases that have a replica (declared, or recorded and not yet deleted), and its names."""
+    out: dict[str, list[str]] = {}
+    for name, branch in desired.branches.items():
+        if branch.data == "replica":
+            out.setdefault(branch.from_, []).append(name)
+    for name, have in observation.catalog.branches.items():
+        if have.data == "replica" and have.state != "expired" and name not in desired.branches:
+            out.setdefault(have.parent, []).append(name)
+    return out
+
+
+def _hold_moves_under_replicas(p: _Planning) -> None:
+    """A replica does not follow its parent through a split, merge or move yet: rows written to
+    a move's targets after its cutover would never reach it. So no new move of a replicated
+    database is planned (an interrupted one started before the replica is still finished: the
+    replica waits for it instead, in _build_branch); the plan says why and what to do."""
+    replicated = _replicated(p.desired, p.observation)
+    for action in list(p.actions):
+        if action.kind in MOVE_KINDS and action.database in replicated and getattr(action, "operation", None) is None:
+            p.actions.remove(action)
+            names = ", ".join(sorted(replicated[action.database]))
+            p.warnings.append(
+                f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names}),"
+                " which does not follow splits, merges or moves; delete the replica (remove it from the"
+                " configuration), apply, then declare it again after the move")
+
+
 def _observe_fleet_drift(p: _Planning) -> None:
     """Unmanaged databases named like shards, stray rows, unreachable servers, wal_level."""
     observation = p.observation
@@ -625,6 +657,11 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
     if parent is None or parent.state != "active":
         return None, (f"branch.{name}: waits until {branch.from_} exists" if have is None and unfinished is None
                       else f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
+    moving = [m for m in observation.catalog.pending_moves if m.database == branch.from_]
+    if branch.data == "replica" and (moving or any(s.state in ("creating", "moving") for s in parent.shards)):
+        what = f"operation {moving[0].operation} ({moving[0].kind})" if moving else "a move"
+        return None, (f"branch.{name}: a replica waits until {what} of {branch.from_} is finished"
+                      " (run `shardctl apply` to finish it, or `shardctl abort` it)")
     shards = tuple(_shard_spec(s) for s in parent.shards if s.state == "active")
     sample = branch.sample_percent if branch.data == "sample" else None
     resetting = (unfinished is not None and unfinished.kind == "reset_branch") or (

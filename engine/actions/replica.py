@@ -1,0 +1,163 @@
+"""The links of a `data: replica` branch: one read-only database holding every row of a sharded
+database, kept current by logical replication from each of its active shards.
+
+Per shard: a publication of its tables (reference tables, present in every shard, only from the
+first shard, so they are copied once), a logical slot made beforehand, and on the replica a
+subscription to it (password-free, engine/actions/subscription.py) whose initial table sync
+copies the shard's rows; the shards' rows are disjoint, so the replica is their union. This
+module owns the names of those objects, making them, waiting for the initial copy, removing
+them (before the replica's database is dropped or rebuilt: a database holding subscriptions
+cannot be dropped, and a forgotten slot would keep the shard's WAL forever), and the lag of
+each link in bytes.
+
+A replica does not follow its parent through splits, merges or moves: the planner holds those
+back while a replica of the database exists (see `held_moves`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+
+import psycopg
+from psycopg import sql
+
+from engine.actions.base import ApplyContext
+from engine.actions.subscription import create_subscription, resolved_conninfo
+from engine.catalog import store
+from engine.errors import UserError
+from engine.plan.models import ShardSpec
+from engine.rows import one
+
+SYNC_POLL = 0.2  # seconds between looks at the initial copy's progress
+
+
+def _tag(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def publication(branch: str) -> str:
+    """The publication on each of the parent's shards (one per replica; publications are per database)."""
+    return f"shardctl_rep_{_tag(branch)}"
+
+
+def link_name(branch: str, shard_dbname: str) -> str:
+    """The slot on the shard's server and the subscription on the replica for one shard: slot
+    names are per server, where several shards (and several replicas) may live."""
+    return f"{publication(branch)}_{_tag(shard_dbname)}"
+
+
+def attach(ctx: ApplyContext, branch: str, target: ShardSpec, shards: Iterable[ShardSpec],
+           tables: list[tuple[str, str, bool]]) -> list[str]:
+    """Publish each shard's tables, make its slot, and subscribe the replica to it (copying its
+    rows). Returns the subscription names. Called on an empty replica: what an earlier try left is
+    removed first by `detach`."""
+    names = []
+    for index, shard in enumerate(shards):
+        chosen = [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t))
+                  for s, t, has_key in tables if has_key or index == 0]
+        name = link_name(branch, shard.dbname)
+        with ctx.fleet.servers[shard.server].connect(shard.dbname) as conn:
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(publication(branch)), sql.SQL(", ").join(chosen)))
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+            conninfo = resolved_conninfo(conn)
+        with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+            create_subscription(conn, name, conninfo, publication=publication(branch), slot=name, streaming="on")
+        names.append(name)
+    return names
+
+
+def wait_synced(ctx: ApplyContext, target: ShardSpec, names: list[str], say) -> None:
+    """Until every table of every link has finished its initial copy (state 'r'). A link that
+    fails (a sync or apply error) is said with the way forward instead of waiting forever."""
+    last = -1
+    with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+        while True:
+            pending, total = one(conn.execute(
+                "SELECT count(*) FILTER (WHERE sr.srsubstate <> 'r'), count(*) FROM pg_subscription_rel sr"
+                " JOIN pg_subscription s ON s.oid = sr.srsubid WHERE s.subname = ANY(%s)", (names,)))
+            if total and not pending:
+                return
+            errors = conn.execute(
+                "SELECT subname, apply_error_count, sync_error_count FROM pg_stat_subscription_stats"
+                " WHERE subname = ANY(%s) AND apply_error_count + sync_error_count > 0", (names,)).fetchall()
+            if errors:
+                raise UserError(
+                    f"the replica {target.dbname} on {target.server} could not copy from its parent's shards ("
+                    + "; ".join(f"{n}: {a} apply errors, {s} table-sync errors" for n, a, s in errors) + ")",
+                    f"server {target.server}'s log says why; fix it, then apply again (the replica is rebuilt"
+                    " from the start), or remove the branch from the configuration")
+            if pending != last:
+                say(f"branch.{target.name}: initial copy, {total - pending} of {total} tables done")
+                last = pending
+            time.sleep(SYNC_POLL)
+
+
+def detach(ctx: ApplyContext, branch: str, target: ShardSpec, shards: Iterable[ShardSpec]) -> None:
+    """Remove the replica's links: its subscriptions (disabled and cut from their slots first, so
+    that this works with a shard unreachable), then each shard's slot and publication. Safe to
+    repeat; a shard whose database is gone is skipped."""
+    handle = ctx.fleet.servers.get(target.server)
+    prefix = publication(branch)
+    if handle is not None:
+        with handle.connect() as conn:
+            exists = store.database_exists(conn, target.dbname)
+        if exists:
+            with handle.connect(target.dbname) as conn:
+                conn.execute("SET default_transaction_read_only = off")  # read-only is for its readers
+                for (name,) in conn.execute("SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM"
+                                            " pg_database WHERE datname = current_database())").fetchall():
+                    ident = sql.Identifier(name)
+                    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+                    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+                    conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+    for shard in shards:
+        server = ctx.fleet.servers.get(shard.server)
+        if server is None:
+            continue
+        with server.connect() as conn:
+            if not store.database_exists(conn, shard.dbname):
+                continue  # the shard's database is gone (dropped after a move): nothing of ours is left in it
+        with server.connect(shard.dbname) as conn:
+            _drop_slot(conn, link_name(branch, shard.dbname))
+            conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(prefix)))
+
+
+def detach_recorded(ctx: ApplyContext, branch: str, target: ShardSpec, database: str, data: str | None) -> None:
+    """`detach` for a branch the catalog records as a replica (DATA: as recorded, or as the
+    interrupted action declared it), before its database is dropped; other branches have no links."""
+    if data != "replica":
+        return
+    shards = [ShardSpec(name=r[0], lo=r[1], hi=r[2], server=r[3], dbname=r[4]) for r in ctx.catalog.execute(
+        "SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s ORDER BY lo NULLS FIRST",
+        (database,)).fetchall()]
+    detach(ctx, branch, target, shards)
+
+
+def _drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> None:
+    """Drop our slot; a walsender still serving a just-disabled subscription lets go of it in a
+    moment (and is ended if it does not: the slot is ours and its subscription is gone)."""
+    deadline = time.monotonic() + patience
+    while True:
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+        if row is None:
+            return
+        if row[0] is None:
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                return
+            except psycopg.errors.ObjectInUse:
+                pass
+        elif time.monotonic() > deadline:
+            conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+        time.sleep(0.05)
+
+
+def lag_bytes(conn: psycopg.Connection, branch: str, shard_dbname: str) -> int | None:
+    """How many bytes of the shard's WAL its link to the replica has not confirmed yet (None: no
+    such link on this shard, a missing link). CONN is connected to the shard's database."""
+    row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
+                       " FROM pg_replication_slots WHERE slot_name = %s", (link_name(branch, shard_dbname),)).fetchone()
+    return None if row is None or row[0] is None else max(int(row[0]), 0)

@@ -1,0 +1,119 @@
+"""`data: replica` on real servers: one read-only database holding every row of a 4-shard
+database, copied and then kept current by logical replication from each shard while a writer
+inserts, updates and deletes through routing; reset and deletion leave no slot or publication
+behind on the shards; moves of a replicated database are held with the reason."""
+
+import time
+
+import pytest
+
+from engine.servers.embedded import EmbeddedServer
+from movers import Writer, active_shards, all_rows, preload
+from test_branches import _log_lock_waits, _logged_since, _parent_sums, _sums
+
+REPLICA = "branches:\n  mirror:\n    from: orders\n    data: replica\n    server: b\n"
+
+
+@pytest.fixture
+def parent(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=6000)
+    for name, lo, hi, server, dbname in active_shards(fleet):
+        with fleet.connect(server, dbname) as conn:
+            conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
+                         " SELECT customer_id, k, k * 1.5 FROM customers, generate_series(1, 2) k")
+    return fleet
+
+
+def _links(fleet) -> list[tuple[str, str]]:
+    """Our slots and publications on every shard: (shard dbname, object)."""
+    out = []
+    for name, lo, hi, server, dbname in active_shards(fleet):
+        with fleet.connect(server, dbname) as conn:
+            out += [(dbname, f"slot {r[0]}") for r in conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'shardctl_rep_%%'"
+                " AND database = current_database()")]
+            out += [(dbname, f"publication {r[0]}") for r in conn.execute(
+                "SELECT pubname FROM pg_publication WHERE pubname LIKE 'shardctl_rep_%%'")]
+    return out
+
+
+def _writer_waits(log: str) -> list[str]:
+    """Lock waits of anything but the making of a replication slot: a new logical slot waits for
+    the transactions running at that moment to end (that is how it finds a consistent start),
+    and nobody waits for it."""
+    lines = log.splitlines()
+    out = []
+    for index, line in enumerate(lines):
+        if "still waiting for" in line:
+            pid = line.split("[", 1)[1].split("]", 1)[0]
+            statement = next((later for later in lines[index + 1:index + 4]
+                              if f"[{pid}] STATEMENT:" in later), "")
+            if "REPLICATION_SLOT" not in statement and "pg_create_logical_replication_slot" not in statement:
+                out.append(line + " " + statement)
+    return out
+
+
+def _caught_up(fleet, tables=("customers", "orders"), timeout: float = 60.0) -> dict:
+    """The replica's sums once they equal the parent's (the parent is quiet by then)."""
+    want = {t: _parent_sums(fleet, t) for t in tables}
+    deadline = time.monotonic() + timeout
+    while True:
+        with fleet.connect("b", "branch_mirror") as conn:
+            got = {t: _sums(conn, t) for t in tables}
+        if got == want or time.monotonic() > deadline:
+            return {"replica": got, "parent": want}
+        time.sleep(0.2)
+
+
+def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_wait(parent):
+    ends = _log_lock_waits(parent)
+    before, _ = all_rows(parent)
+    catalog = EmbeddedServer("a", parent.path / ".shardctl" / "servers" / "a").conninfo("shardctl")
+    writer = Writer(catalog, start_id=max(before) + 1_000_000)
+    writer.start({})
+    try:
+        parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+        plan = parent.cli("plan")
+        assert "branch.mirror will be created" in plan.out, plan.both
+        applied = parent.cli("apply", "--auto-approve")
+        time.sleep(1.0)  # writes after the initial copy, streamed
+    finally:
+        writer.stop()
+    assert applied.code == 0, applied.both
+    assert "replica in sync with 4 shards" in applied.out
+    assert writer.errors == [] and writer.writes > 50
+    assert _writer_waits(_logged_since(ends)) == []
+
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"]
+    rows, problems = all_rows(parent)
+    assert problems == [] and rows == {**before, **writer.expected}
+    with parent.connect("b", "branch_mirror") as conn:
+        assert dict(conn.execute("SELECT customer_id, name FROM customers").fetchall()) == rows
+        with pytest.raises(Exception, match="read-only transaction"):
+            conn.execute("INSERT INTO customers (customer_id, name) VALUES (-1, 'no')")
+    assert len([x for x in _links(parent) if x[1].startswith("slot")]) == 4
+    assert parent.cli("plan", "--detailed-exitcode").code == 0
+
+    # reset: rebuilt from the parent's current data, the old links replaced by new ones
+    (name, lo, hi, server, dbname), *_ = active_shards(parent)
+    with parent.connect(server, dbname) as conn:
+        conn.execute("DELETE FROM orders WHERE customer_id IN (SELECT customer_id FROM customers LIMIT 10)")
+    reset = parent.cli("branches", "reset", "mirror")
+    assert reset.code == 0 and "Reset complete" in reset.out, reset.both
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"]
+    assert len(_links(parent)) == 8  # a slot and a publication per shard, no more
+
+    # a split of a replicated database is held, saying why and what to do
+    held = parent.cli("plan", "--split", "orders/-40")
+    assert "has a replica (mirror), which does not follow splits" in held.out, held.both
+
+    # deleted: its subscriptions, the shards' slots and publications go with its database
+    parent.write("fleet.yaml", parent.read("fleet.yaml").replace(REPLICA, "")
+                 + "allow_destroy:\n  branches: [mirror]\n")
+    gone = parent.cli("apply", "--auto-approve")
+    assert gone.code == 0, gone.both
+    assert "branch_mirror" not in parent.databases("b")
+    assert _links(parent) == []
