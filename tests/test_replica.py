@@ -3,13 +3,15 @@ database, copied and then kept current by logical replication from each shard wh
 inserts, updates and deletes through routing; reset and deletion leave no slot or publication
 behind on the shards; moves of a replicated database are held with the reason."""
 
+import json
 import time
 
 import pytest
-
-from engine.servers.embedded import EmbeddedServer
 from movers import Writer, active_shards, all_rows, preload
 from test_branches import _log_lock_waits, _logged_since, _parent_sums, _sums
+
+from engine.catalog.journal import FAILPOINT_ENV
+from engine.servers.embedded import EmbeddedServer
 
 REPLICA = "branches:\n  mirror:\n    from: orders\n    data: replica\n    server: b\n"
 
@@ -18,7 +20,7 @@ REPLICA = "branches:\n  mirror:\n    from: orders\n    data: replica\n    server
 def parent(fleet):
     assert fleet.cli("apply", "--auto-approve").code == 0
     preload(fleet, customers=6000)
-    for name, lo, hi, server, dbname in active_shards(fleet):
+    for _name, _lo, _hi, server, dbname in active_shards(fleet):
         with fleet.connect(server, dbname) as conn:
             conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
                          " SELECT customer_id, k, k * 1.5 FROM customers, generate_series(1, 2) k")
@@ -28,7 +30,7 @@ def parent(fleet):
 def _links(fleet) -> list[tuple[str, str]]:
     """Our slots and publications on every shard: (shard dbname, object)."""
     out = []
-    for name, lo, hi, server, dbname in active_shards(fleet):
+    for _name, _lo, _hi, server, dbname in active_shards(fleet):
         with fleet.connect(server, dbname) as conn:
             out += [(dbname, f"slot {r[0]}") for r in conn.execute(
                 "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'shardctl_rep_%%'"
@@ -97,7 +99,7 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
     assert parent.cli("plan", "--detailed-exitcode").code == 0
 
     # reset: rebuilt from the parent's current data, the old links replaced by new ones
-    (name, lo, hi, server, dbname), *_ = active_shards(parent)
+    (_name, _lo, _hi, server, dbname), *_ = active_shards(parent)
     with parent.connect(server, dbname) as conn:
         conn.execute("DELETE FROM orders WHERE customer_id IN (SELECT customer_id FROM customers LIMIT 10)")
     reset = parent.cli("branches", "reset", "mirror")
@@ -115,5 +117,31 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
                  + "allow_destroy:\n  branches: [mirror]\n")
     gone = parent.cli("apply", "--auto-approve")
     assert gone.code == 0, gone.both
+    assert "branch_mirror" not in parent.databases("b")
+    assert _links(parent) == []
+
+
+@pytest.mark.parametrize("step", ["link mirror 40-80", "sync mirror", "activate mirror"])
+def test_a_replica_creation_killed_at_a_step_is_rebuilt_with_exactly_one_link_per_shard(parent, step):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+    killed = parent.cli("apply", "--auto-approve", env={FAILPOINT_ENV: step})
+    assert killed.code == -9, killed.both
+    plan = parent.cli("plan", "--detailed-exitcode")
+    assert plan.code == 2 and "did not finish building branch mirror" in plan.out, plan.both
+    resumed = parent.cli("apply", "--auto-approve")
+    assert resumed.code == 0, resumed.both
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"]
+    assert len(_links(parent)) == 8  # what the killed try made was removed, not added to
+    assert parent.cli("plan", "--detailed-exitcode").code == 0
+
+
+def test_abort_of_a_half_linked_replica_removes_its_links(parent):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+    assert parent.cli("apply", "--auto-approve", env={FAILPOINT_ENV: "sync mirror"}).code == -9
+    assert len(_links(parent)) == 8
+    (op,) = json.loads(parent.cli("status", "--json").out)["interrupted"]
+    aborted = parent.cli("abort", str(op["id"]))
+    assert aborted.code == 0, aborted.both
     assert "branch_mirror" not in parent.databases("b")
     assert _links(parent) == []

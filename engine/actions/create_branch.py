@@ -115,8 +115,10 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
             conn.execute("ANALYZE")
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     if action.data == "replica":
-        with op.step(f"link {action.branch}", shards=len(action.shards)):
-            names = replica.attach(ctx, action.branch, target, action.shards, tables)
+        names = []
+        for index, shard in enumerate(action.shards):
+            with op.step(f"link {action.branch} {shard.name}", dbname=shard.dbname):
+                names.append(replica.attach(ctx, action.branch, target, shard, tables, first=index == 0))
         with op.step(f"sync {action.branch}"):
             replica.wait_synced(ctx, target, names, ctx.say)
             with ctx.fleet.servers[target.server].connect() as conn:

@@ -48,25 +48,22 @@ def link_name(branch: str, shard_dbname: str) -> str:
     return f"{publication(branch)}_{_tag(shard_dbname)}"
 
 
-def attach(ctx: ApplyContext, branch: str, target: ShardSpec, shards: Iterable[ShardSpec],
-           tables: list[tuple[str, str, bool]]) -> list[str]:
-    """Publish each shard's tables, make its slot, and subscribe the replica to it (copying its
-    rows). Returns the subscription names. Called on an empty replica: what an earlier try left is
-    removed first by `detach`."""
-    names = []
-    for index, shard in enumerate(shards):
-        chosen = [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t))
-                  for s, t, has_key in tables if has_key or index == 0]
-        name = link_name(branch, shard.dbname)
-        with ctx.fleet.servers[shard.server].connect(shard.dbname) as conn:
-            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(publication(branch)), sql.SQL(", ").join(chosen)))
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
-            conninfo = resolved_conninfo(conn)
-        with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
-            create_subscription(conn, name, conninfo, publication=publication(branch), slot=name, streaming="on")
-        names.append(name)
-    return names
+def attach(ctx: ApplyContext, branch: str, target: ShardSpec, shard: ShardSpec,
+           tables: list[tuple[str, str, bool]], first: bool) -> str:
+    """Publish one shard's tables (reference tables only from the FIRST shard), make its slot, and
+    subscribe the replica to it (copying its rows). Returns the subscription's name. What an
+    earlier try left is removed first by `detach` (the replica is rebuilt from the top)."""
+    chosen = [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t)) for s, t, has_key in tables
+              if has_key or first]
+    name = link_name(branch, shard.dbname)
+    with ctx.fleet.servers[shard.server].connect(shard.dbname) as conn:
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            sql.Identifier(publication(branch)), sql.SQL(", ").join(chosen)))
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+        conninfo = resolved_conninfo(conn)
+    with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+        create_subscription(conn, name, conninfo, publication=publication(branch), slot=name, streaming="on")
+    return name
 
 
 def wait_synced(ctx: ApplyContext, target: ShardSpec, names: list[str], say) -> None:
