@@ -5,13 +5,18 @@ behind on the shards; moves of a replicated database are held with the reason.""
 
 import json
 import time
+from datetime import UTC, datetime
 
 import pytest
 from movers import Writer, active_shards, all_rows, preload
 from test_branches import _log_lock_waits, _logged_since, _parent_sums, _sums
 
 from engine.catalog.journal import FAILPOINT_ENV
+from engine.observe.replica_links import link_name
 from engine.servers.embedded import EmbeddedServer
+from engine.snapshot import BranchLinkView
+from engine.watch.prometheus import exposition
+from engine.watch.view import Snapshot, View
 
 REPLICA = "branches:\n  mirror:\n    from: orders\n    data: replica\n    server: b\n"
 
@@ -98,6 +103,15 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
     assert len([x for x in _links(parent) if x[1].startswith("slot")]) == 4
     assert parent.cli("plan", "--detailed-exitcode").code == 0
 
+    # its lag: per shard link and the worst, in status (text and JSON)
+    (replica,) = json.loads(parent.cli("status", "--json").out)["replicas"]
+    assert replica["branch"] == "mirror" and replica["missing"] == []
+    assert [link["state"] for link in replica["links"]] == ["ok"] * 4
+    assert all(link["lag_bytes"] is not None and link["lag_bytes"] >= 0 for link in replica["links"])
+    assert replica["max_lag_bytes"] == max(link["lag_bytes"] for link in replica["links"])
+    status = parent.cli("status").out
+    assert "Replica mirror (of orders, on b): lag" in status and "bytes behind" in status
+
     # reset: rebuilt from the parent's current data, the old links replaced by new ones
     (_name, _lo, _hi, server, dbname), *_ = active_shards(parent)
     with parent.connect(server, dbname) as conn:
@@ -107,6 +121,25 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
     sums = _caught_up(parent)
     assert sums["replica"] == sums["parent"]
     assert len(_links(parent)) == 8  # a slot and a publication per shard, no more
+
+    # a link dropped outside shardctl is drift, and status says the replica misses that shard's writes
+    (_name, _lo, _hi, server, dbname), *_ = active_shards(parent)
+    with parent.connect("b", "branch_mirror") as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        sub = link_name("mirror", dbname)  # the subscription is named as its slot
+        conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
+        conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
+        conn.execute(f'DROP SUBSCRIPTION "{sub}"')
+    with parent.connect(server, dbname) as conn:
+        time.sleep(0.5)
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (link_name("mirror", dbname),))
+    drift = json.loads(parent.cli("drift", "--format", "json").out)
+    assert drift["status"] == "drifted", drift
+    assert "lost its link to 1 of orders's shards" in parent.cli("plan").out
+    assert "LINK MISSING" in parent.cli("status").out
+    healed = parent.cli("branches", "reset", "mirror")
+    assert healed.code == 0, healed.both
+    assert json.loads(parent.cli("drift", "--format", "json").out)["status"] == "ok"
 
     # a split of a replicated database is held, saying why and what to do
     held = parent.cli("plan", "--split", "orders/-40")
@@ -145,3 +178,15 @@ def test_abort_of_a_half_linked_replica_removes_its_links(parent):
     assert aborted.code == 0, aborted.both
     assert "branch_mirror" not in parent.databases("b")
     assert _links(parent) == []
+
+
+def test_replica_lag_and_missing_links_are_exposed_to_prometheus():
+    snap = Snapshot(who="t", config_dir=".", started_at=datetime(2026, 1, 1, tzinfo=UTC), branch_links=(
+        BranchLinkView(branch="mirror", shard="orders/-80", server="a", state="ok", lag_bytes=120),
+        BranchLinkView(branch="mirror", shard="orders/80-", server="b", state="ok", lag_bytes=4096),
+        BranchLinkView(branch="far", shard="orders/-80", server="a", state="missing")))
+    text = exposition(View(snap)).decode()
+    assert 'shardctl_branch_replica_lag_bytes{branch="mirror",server="b",shard="orders/80-"} 4096.0' in text
+    assert 'shardctl_branch_replica_max_lag_bytes{branch="mirror"} 4096.0' in text
+    assert 'shardctl_branch_replica_link_missing{branch="far",shard="orders/-80"} 1.0' in text
+    assert 'shardctl_branch_replica_link_missing{branch="mirror",shard="orders/-80"} 0.0' in text

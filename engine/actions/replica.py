@@ -7,16 +7,15 @@ subscription to it (password-free, engine/actions/subscription.py) whose initial
 copies the shard's rows; the shards' rows are disjoint, so the replica is their union. This
 module owns the names of those objects, making them, waiting for the initial copy, removing
 them (before the replica's database is dropped or rebuilt: a database holding subscriptions
-cannot be dropped, and a forgotten slot would keep the shard's WAL forever), and the lag of
-each link in bytes.
+cannot be dropped, and a forgotten slot would keep the shard's WAL forever). Their names and
+observed lag are engine/observe/replica_links.py's.
 
 A replica does not follow its parent through splits, merges or moves: the planner holds those
-back while a replica of the database exists (see `held_moves`).
+back while a replica of the database exists (engine/plan/planner.py, `_hold_moves_under_replicas`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
 
@@ -27,25 +26,11 @@ from engine.actions.base import ApplyContext
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
 from engine.errors import UserError
+from engine.observe.replica_links import link_name, publication
 from engine.plan.models import ShardSpec
 from engine.rows import one
 
 SYNC_POLL = 0.2  # seconds between looks at the initial copy's progress
-
-
-def _tag(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def publication(branch: str) -> str:
-    """The publication on each of the parent's shards (one per replica; publications are per database)."""
-    return f"shardctl_rep_{_tag(branch)}"
-
-
-def link_name(branch: str, shard_dbname: str) -> str:
-    """The slot on the shard's server and the subscription on the replica for one shard: slot
-    names are per server, where several shards (and several replicas) may live."""
-    return f"{publication(branch)}_{_tag(shard_dbname)}"
 
 
 def attach(ctx: ApplyContext, branch: str, target: ShardSpec, shard: ShardSpec,
@@ -150,11 +135,3 @@ def _drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> N
         elif time.monotonic() > deadline:
             conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
         time.sleep(0.05)
-
-
-def lag_bytes(conn: psycopg.Connection, branch: str, shard_dbname: str) -> int | None:
-    """How many bytes of the shard's WAL its link to the replica has not confirmed yet (None: no
-    such link on this shard, a missing link). CONN is connected to the shard's database."""
-    row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
-                       " FROM pg_replication_slots WHERE slot_name = %s", (link_name(branch, shard_dbname),)).fetchone()
-    return None if row is None or row[0] is None else max(int(row[0]), 0)

@@ -354,7 +354,7 @@ class Drift(Frozen):
     """Something changed outside shardctl, told in the past tense, apart from the actions."""
 
     address: str
-    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable", "strays"]
+    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable", "strays", "replica_link"]
     summary: str
     details: tuple[str, ...] = ()
 

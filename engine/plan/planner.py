@@ -22,6 +22,7 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
+from engine.observe.replica_links import replica_links
 from engine.plan import checks, rightsizing
 from engine.plan.forecast import forecast_actions
 from engine.plan.load import load_actions
@@ -533,6 +534,14 @@ def _observe_fleet_drift(p: _Planning) -> None:
     """Unmanaged databases named like shards, stray rows, unreachable servers, wal_level."""
     observation = p.observation
     p.drift.extend(_unmanaged(p.desired, observation))
+    for replica in replica_links(observation.catalog, observation.servers):
+        if replica.missing:
+            p.drift.append(Drift(
+                address=f"branch.{replica.branch}", kind="replica_link",
+                summary=f"lost its link to {len(replica.missing)} of {replica.parent}'s shards (a slot or"
+                        f" publication was dropped outside shardctl): their writes no longer reach it; make it"
+                        f" again with `shardctl branches reset {replica.branch}`",
+                details=replica.missing))
     for address, counts in sorted(observation.strays.items()):
         if counts:
             p.drift.append(
