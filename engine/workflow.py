@@ -346,7 +346,16 @@ def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say:
             parent = store.read(conn).databases.get(have.parent)
             if parent is None or parent.state != "active":
                 raise UserError(f"branch {name!r} cannot be reset: its parent {have.parent!r} does not exist now")
+            declared = desired.branches.get(name)
+            clone_of = None
+            if declared is not None and declared.from_ in desired.branches and declared.from_ not in desired.databases:
+                replica = store.read_branches(conn).get(declared.from_)  # an instant branch: cloned again
+                if replica is None or replica.state != "active":
+                    raise UserError(f"branch {name!r} cannot be reset: replica {declared.from_!r} is not active now",
+                                    "run `shardctl apply` to make the replica first")
+                clone_of = ShardSpec(name=replica.name, lo=None, hi=None, server=replica.server, dbname=replica.dbname)
             action = ResetBranch(
+                clone_of=clone_of,
                 database=have.parent, branch=name, data=have.data,  # type: ignore[arg-type]
                 sample_percent=have.sample_percent, server=have.server, dbname=have.dbname,
                 shards=tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)

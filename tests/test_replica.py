@@ -190,3 +190,48 @@ def test_replica_lag_and_missing_links_are_exposed_to_prometheus():
     assert 'shardctl_branch_replica_max_lag_bytes{branch="mirror"} 4096.0' in text
     assert 'shardctl_branch_replica_link_missing{branch="far",shard="orders/-80"} 1.0' in text
     assert 'shardctl_branch_replica_link_missing{branch="mirror",shard="orders/-80"} 0.0' in text
+
+
+INSTANT = "  instant:\n    from: mirror\n    server: b\n"
+
+
+def test_an_instant_branch_clones_the_replica_and_the_replica_keeps_following(parent):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA + INSTANT)
+    first = parent.cli("apply", "--auto-approve")
+    assert first.code == 0, first.both
+    assert "branch.instant: waits until replica mirror is made" in first.out
+    assert _caught_up(parent)["replica"] == _caught_up(parent)["parent"]
+    plan = parent.cli("plan")
+    assert "an instant clone of replica mirror" in plan.out, plan.out
+    made = parent.cli("apply", "--auto-approve")
+    assert made.code == 0, made.both
+    assert "cloned replica mirror by" in made.out
+    want = {t: _parent_sums(parent, t) for t in ("customers", "orders")}
+    with parent.connect("b", "branch_instant") as conn:  # the parent's rows as of the pause, and writable
+        assert {t: _sums(conn, t) for t in ("customers", "orders")} == want
+        conn.execute("INSERT INTO customers (customer_id, name) VALUES (-5, 'mine')")
+    assert parent.cli("plan", "--detailed-exitcode").code == 0
+
+    # the replica's subscriptions were resumed: it follows writes made since
+    (_name, _lo, _hi, server, dbname), *_ = active_shards(parent)
+    with parent.connect(server, dbname) as conn:
+        conn.execute("UPDATE customers SET name = name || '!'")
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"]
+
+    # reset: cloned again, now with those writes; its own row is gone
+    reset = parent.cli("branches", "reset", "instant")
+    assert reset.code == 0 and "cloned replica mirror by" in reset.out, reset.both
+    with parent.connect("b", "branch_instant") as conn:
+        assert {t: _sums(conn, t) for t in ("customers", "orders")} == sums["parent"]
+
+    # a reader on the replica: the clone is refused, naming it and the way forward; the replica follows on
+    with parent.connect("b", "branch_mirror") as reader:
+        reader.execute("SELECT 1")
+        refused = parent.cli("branches", "reset", "instant")
+        assert refused.code != 0
+        assert "could not be cloned" in refused.both and "have them disconnect" in refused.both, refused.both
+    with parent.connect(server, dbname) as conn:
+        conn.execute("UPDATE customers SET name = name || '?'")
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"]

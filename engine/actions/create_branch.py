@@ -75,6 +75,8 @@ def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) 
     target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
     key_column, key_type = one(ctx.catalog.execute(
         "SELECT key_column, key_type FROM shardctl.databases WHERE name = %s", (action.database,)))
+    if action.clone_of is not None:
+        return _clone(ctx, op, action, target, action.clone_of)
     first = action.shards[0]
     with ThreadPoolExecutor(max_workers=2) as dumping:  # both dumps are read while the database is made
         dumps = {section: dumping.submit(_dump, ctx, first, section) for section in ("pre-data", "post-data")}
@@ -84,6 +86,21 @@ def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) 
             drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
             ensure_database(ctx, target)
         return _fill(ctx, op, action, target, first, key_column, key_type, dumps)
+
+
+def _clone(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, target: ShardSpec,
+           source: ShardSpec) -> tuple[dict[str, int], int, dict]:
+    """An instant branch: the replica's database cloned (engine/actions/replica.py, `clone`)."""
+    timer = Timer()
+    with op.step(f"database {action.branch}"):
+        drop_database(ctx, target)  # an interrupted clone holds no one's work yet
+    with op.step(f"clone {action.branch}", replica=source.name):
+        method = replica.clone(ctx, source, target)
+    with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+        size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
+        base = introspect.snapshot(conn)
+    ctx.say(f"{action.address}: cloned replica {source.name} by {method} [{timer} elapsed]")
+    return {}, size, base
 
 
 def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, target: ShardSpec, first: ShardSpec,

@@ -546,7 +546,8 @@ DEFAULT_BRANCH_TTL = 7 * 86400.0  # a branch without a declared ttl is deleted a
 class Branch(Frozen):
     """A development copy of a sharded database: one ordinary database on one server."""
 
-    from_: Name = Field(alias="from", description="the sharded database it is made from")
+    from_: Name = Field(alias="from", description="the sharded database it is made from, or a `data: replica`"
+                        " branch on the same server: an instant clone of it")
     data: Literal["schema", "sample", "full", "replica"] = Field(
         "schema", description="schema only, a hash sample, all rows, or a replica: a read-only copy of all rows kept"
         " current by logical replication from every shard")

@@ -263,6 +263,7 @@ class _BranchBuild(ActionBase):
     shards: tuple[ShardSpec, ...]
     reset_token: str | None = None  # the declared `reset` value its data is made for
     operation: int | None = None  # the interrupted creation or reset this resumes (rebuilding from the start)
+    clone_of: ShardSpec | None = None  # an instant branch: the replica branch's database it is cloned from
 
     @property
     def address(self) -> str:

@@ -610,17 +610,18 @@ def _declared_branch(name: str, branch, unfinished, desired: Desired,
     have = observation.catalog.branches.get(name)
     where = desired.where("branches", name)
     if have is None or have.state in ("creating", "resetting") or unfinished is not None:
-        return _build_branch(name, branch, have, unfinished, where, observation)
+        return _build_branch(name, branch, have, unfinished, where, observation, desired)
     if have.state == "expired":
         return None, (f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
                       " deleted; remove it from the configuration (or declare it under a new name)")
     if have.expires_at <= observation.now():  # expiry is wall-clock time, never a recording's
         return _delete_branch(have, expired=True), None
-    if (have.parent, have.data, have.server) != (branch.from_, branch.data, branch.server):
+    parent, data, _ = _source(desired, branch)
+    if (have.parent, have.data, have.server) != (parent, data, branch.server):
         return None, (f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
                       " branch (a new name) for the new settings")
     if branch.reset is not None and _token(branch.reset) != have.reset_token:
-        return _build_branch(name, branch, have, None, where, observation)
+        return _build_branch(name, branch, have, None, where, observation, desired)
     if branch.merge_schema:
         return _schema_merge(branch, have, observation)
     return None, None
@@ -658,10 +659,28 @@ def _token(value: str | int | None) -> str | None:
     return None if value is None else str(value)
 
 
-def _build_branch(name: str, branch, have, unfinished, where, observation: Observation) -> tuple[Any, str | None]:
-    """Create, finish or reset a branch from the parent's active shards. An unfinished build is
-    rebuilt from the start with the declared settings (it holds no one's work yet), under the
-    operation that was interrupted."""
+def _source(desired: Desired, branch) -> tuple[str, str, str | None]:
+    """What a declared branch is made of: (the sharded database, its data, the replica branch it is
+    cloned from). A branch `from:` a replica branch is an instant clone of it, with all its rows."""
+    replica = desired.branches.get(branch.from_)
+    if replica is not None and branch.from_ not in desired.databases:
+        return replica.from_, "full", branch.from_
+    return branch.from_, branch.data, None
+
+
+def _build_branch(name: str, branch, have, unfinished, where, observation: Observation,
+                  desired: Desired) -> tuple[Any, str | None]:
+    """Create, finish or reset a branch from the parent's active shards, or as a clone of a
+    replica. An unfinished build is rebuilt from the start with the declared settings (it holds
+    no one's work yet), under the operation that was interrupted."""
+    source, data, replica_name = _source(desired, branch)
+    clone_of = None
+    if replica_name is not None:
+        replica = observation.catalog.branches.get(replica_name)
+        if replica is None or replica.state != "active":
+            return None, f"branch.{name}: waits until replica {replica_name} is made (the next apply clones it)"
+        clone_of = ShardSpec(name=replica_name, lo=None, hi=None, server=replica.server, dbname=replica.dbname)
+        branch = branch.model_copy(update={"from_": source, "data": data})
     parent = observation.catalog.databases.get(branch.from_)
     if parent is None or parent.state != "active":
         return None, (f"branch.{name}: waits until {branch.from_} exists" if have is None and unfinished is None
@@ -691,12 +710,14 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
         return ResetBranch(
             database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
             dbname=have.dbname, shards=shards, reset_token=token,
-            operation=unfinished.operation if unfinished else None, reason=Reason(cause=cause, text=why)), None
+            operation=unfinished.operation if unfinished else None, reason=Reason(cause=cause, text=why),
+            clone_of=clone_of), None
     create = CreateBranch(
         database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
         dbname=f"branch_{name}", ttl_seconds=branch.ttl, ttl_declared=branch.ttl_declared, shards=shards,
-        reset_token=_token(branch.reset), operation=unfinished.operation if unfinished else None,
-        reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"))
+        reset_token=_token(branch.reset), operation=unfinished.operation if unfinished else None, clone_of=clone_of,
+        reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"
+                      + (f": an instant clone of replica {replica_name}" if replica_name else "")))
     if have is None and unfinished is None:
         return create, None
     op = f"operation {unfinished.operation}" if unfinished else "an earlier apply"
