@@ -521,13 +521,21 @@ def _hold_moves_under_replicas(p: _Planning) -> None:
     replica waits for it instead, in _build_branch); the plan says why and what to do."""
     replicated = _replicated(p.desired, p.observation)
     for action in list(p.actions):
-        if action.kind in MOVE_KINDS and action.database in replicated and getattr(action, "operation", None) is None:
+        if action.database not in replicated or getattr(action, "operation", None) is not None:
+            continue
+        names = ", ".join(sorted(replicated[action.database]))
+        if action.kind in MOVE_KINDS:
             p.actions.remove(action)
-            names = ", ".join(sorted(replicated[action.database]))
             p.warnings.append(
                 f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names}),"
                 " which does not follow splits, merges or moves; delete the replica (remove it from the"
                 " configuration), apply, then declare it again after the move")
+        elif action.kind in ("destroy_database", "rename_database"):
+            # the shards' slots would stop DROP DATABASE, and the replica names its parent
+            p.actions.remove(action)
+            p.warnings.append(
+                f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names});"
+                " delete the replica first (remove it from the configuration and apply)")
 
 
 def _observe_fleet_drift(p: _Planning) -> None:
