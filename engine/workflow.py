@@ -403,6 +403,8 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
         if server in ctx.fleet.servers:
             half = ShardSpec(name=action["branch"], lo=None, hi=None, server=server, dbname=dbname)
             replica.detach_recorded(ctx, action["branch"], half, action["database"], action.get("data"))
+            if action.get("clone_of"):  # a clone interrupted while its replica was paused
+                replica.resume(ctx, ShardSpec.model_validate(action["clone_of"]))
             drop_database(ctx, half)
     close("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')")
     ctx.say(f"Operation {pending.operation} aborted: the half-built database of {address} was dropped;"

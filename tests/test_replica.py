@@ -235,3 +235,36 @@ def test_an_instant_branch_clones_the_replica_and_the_replica_keeps_following(pa
         conn.execute("UPDATE customers SET name = name || '?'")
     sums = _caught_up(parent)
     assert sums["replica"] == sums["parent"]
+
+
+def _subscriptions_enabled(fleet) -> list[bool]:
+    with fleet.connect("b", "branch_mirror") as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT subenabled FROM pg_subscription WHERE subname LIKE 'shardctl_rep_%'")]
+
+
+@pytest.mark.parametrize("then", ["apply", "remove"])
+def test_a_clone_killed_while_its_replica_is_paused_resumes_the_replica(parent, then):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+    assert parent.cli("apply", "--auto-approve").code == 0
+    with_replica = parent.read("fleet.yaml")
+    parent.write("fleet.yaml", with_replica + INSTANT)
+    killed = parent.cli("apply", "--auto-approve", env={FAILPOINT_ENV: "clone instant"})
+    assert killed.code == -9, killed.both
+    assert _subscriptions_enabled(parent) == [False] * 4  # paused, and its apply is gone
+    if then == "remove":  # the half-made clone is deleted and the replica resumed
+        parent.write("fleet.yaml", with_replica)
+    rerun = parent.cli("apply", "--auto-approve")
+    assert rerun.code == 0, rerun.both
+    assert _subscriptions_enabled(parent) == [True] * 4
+    if then == "apply":
+        with parent.connect("b", "branch_instant") as conn:
+            assert _sums(conn, "customers") == _parent_sums(parent, "customers")
+    else:
+        assert "branch_instant" not in parent.databases("b")
+    (_name, _lo, _hi, server, dbname), *_ = active_shards(parent)
+    with parent.connect(server, dbname) as conn:
+        conn.execute("UPDATE customers SET name = name || '#'")
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"]
+    assert parent.cli("plan", "--detailed-exitcode").code == 0

@@ -94,8 +94,16 @@ def _clone(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch,
     timer = Timer()
     with op.step(f"database {action.branch}"):
         drop_database(ctx, target)  # an interrupted clone holds no one's work yet
-    with op.step(f"clone {action.branch}", replica=source.name):
-        method = replica.clone(ctx, source, target)
+    try:
+        with op.step(f"pause {source.name}", replica=source.dbname):
+            replica.pause(ctx, source)
+        with op.step(f"clone {action.branch}", replica=source.name):
+            method = replica.clone(ctx, source, target)
+    finally:
+        # the replica follows its parent again whatever happened; killed before this, the rerun
+        # (or the branch's deletion, or abort) resumes it
+        with op.step(f"resume {source.name}", replica=source.dbname):
+            replica.resume(ctx, source)
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
         size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
         base = introspect.snapshot(conn)

@@ -20,6 +20,8 @@ def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
         recorded = ctx.catalog.execute("SELECT data FROM shardctl.branches WHERE name = %s",
                                        (action.branch,)).fetchone()
         replica.detach_recorded(ctx, action.branch, target, action.database, recorded[0] if recorded else None)
+        if action.resume_replica is not None:  # a clone interrupted while its replica was paused
+            replica.resume(ctx, action.resume_replica)
         drop_database(ctx, target)
     with ctx.catalog.transaction():
         if action.expired:

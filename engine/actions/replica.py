@@ -137,58 +137,75 @@ def _drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> N
         time.sleep(0.05)
 
 
-def clone(ctx: ApplyContext, source: ShardSpec, target: ShardSpec, patience: float = 10.0) -> str:
-    """An instant branch: the replica's database copied file by file on its own server. Its
-    subscriptions are paused for the copy (CREATE DATABASE ... TEMPLATE needs the template to
-    itself), so the copy holds each shard's rows as of the pause, and resumed after it whatever
-    happens: the shards keep their WAL in the slots meanwhile, and the replica catches up.
-    Readers connected to the replica are not terminated: PostgreSQL waits 5 s for them to leave,
-    then the clone is refused, naming them, with the way forward. With PostgreSQL 18's
-    `file_copy_method = clone` the files are cloned where the filesystem can (XFS, btrfs), so
-    its cost does not grow with the data. Returns how the files were copied."""
+def _subscriptions(conn: psycopg.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM"
+                                       " pg_database WHERE datname = current_database()) ORDER BY 1")]
+
+
+def pause(ctx: ApplyContext, source: ShardSpec, patience: float = 10.0) -> None:
+    """Disable the replica's subscriptions and wait until their workers have left its database
+    (CREATE DATABASE ... TEMPLATE needs it to itself). The shards keep the WAL in the slots."""
     handle = ctx.fleet.servers[source.server]
     with handle.connect(source.dbname) as conn:
         conn.execute("SET default_transaction_read_only = off")  # read-only is for its readers
-        names = [r[0] for r in conn.execute("SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM"
-                                            " pg_database WHERE datname = current_database()) ORDER BY 1")]
-        for name in names:
+        for name in _subscriptions(conn):
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(name)))
-    try:
-        with handle.connect() as conn:
-            deadline = time.monotonic() + patience
-            while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type LIKE"
-                               " 'logical replication%%'", (source.dbname,)).fetchone() != (0,):
-                if time.monotonic() > deadline:
-                    break  # CREATE DATABASE says who is still there
-                time.sleep(0.05)
-            method = "file copy"
-            if conn.execute("SELECT 1 FROM pg_settings WHERE name = 'file_copy_method'").fetchone():
-                conn.execute("SET file_copy_method = clone")
-                method = "clone (file_copy_method = clone)"
-            statement = sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
-                sql.Identifier(target.dbname), sql.Identifier(source.dbname))
-            try:
-                conn.execute(statement)
-            except psycopg.errors.ObjectInUse as exc:
-                readers = conn.execute(
-                    "SELECT count(*), string_agg(DISTINCT coalesce(nullif(application_name, ''), usename::text), ', ')"
-                    " FROM pg_stat_activity WHERE datname = %s", (source.dbname,)).fetchone()
-                raise UserError(
-                    f"branch.{target.name}: replica {source.name} could not be cloned: {str(exc).splitlines()[0]}"
-                    + (f" ({readers[0]} connected: {readers[1]})" if readers and readers[0] else ""),
-                    "a clone needs the replica to itself for a moment, and shardctl does not cut its readers"
-                    " off; have them disconnect (or pause them), then apply again. The replica kept following"
-                    " its parent") from None
-            except psycopg.Error as exc:
-                if method == "file copy" or "clone" not in str(exc):
-                    raise
-                # a filesystem that cannot clone: an ordinary file copy, said so
-                conn.execute("RESET file_copy_method")
-                conn.execute(statement)
-                method = f"file copy (clone refused: {str(exc).splitlines()[0]})"
-    finally:
-        with handle.connect(source.dbname) as conn:
-            conn.execute("SET default_transaction_read_only = off")
-            for name in names:
-                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(name)))
+    with handle.connect() as conn:
+        deadline = time.monotonic() + patience
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type LIKE"
+                           " 'logical replication%%'", (source.dbname,)).fetchone() != (0,):
+            if time.monotonic() > deadline:
+                return  # CREATE DATABASE says who is still there
+            time.sleep(0.05)
+
+
+def resume(ctx: ApplyContext, source: ShardSpec) -> None:
+    """Enable the replica's subscriptions again: it catches up from its slots. Safe to repeat,
+    and a replica gone since has nothing to resume."""
+    handle = ctx.fleet.servers.get(source.server)
+    if handle is None:
+        return
+    with handle.connect() as conn:
+        if not store.database_exists(conn, source.dbname):
+            return
+    with handle.connect(source.dbname) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        for name in _subscriptions(conn):
+            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(name)))
+
+
+def clone(ctx: ApplyContext, source: ShardSpec, target: ShardSpec) -> str:
+    """An instant branch: the paused replica's database copied file by file on its own server
+    (`pause` before, `resume` after, whatever happens: the caller journals the three). The
+    copy holds each shard's rows as of the pause. Readers connected to the replica are not
+    terminated: PostgreSQL waits 5 s for them to leave, then the clone is refused, naming them,
+    with the way forward. With PostgreSQL 18's `file_copy_method = clone` the files are cloned
+    where the filesystem can (XFS, btrfs), so its cost does not grow with the data. Returns how
+    the files were copied."""
+    with ctx.fleet.servers[source.server].connect() as conn:
+        method = "file copy"
+        if conn.execute("SELECT 1 FROM pg_settings WHERE name = 'file_copy_method'").fetchone():
+            conn.execute("SET file_copy_method = clone")
+            method = "clone (file_copy_method = clone)"
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
+            sql.Identifier(target.dbname), sql.Identifier(source.dbname))
+        try:
+            conn.execute(statement)
+        except psycopg.errors.ObjectInUse as exc:
+            readers = conn.execute(
+                "SELECT count(*), string_agg(DISTINCT coalesce(nullif(application_name, ''), usename::text), ', ')"
+                " FROM pg_stat_activity WHERE datname = %s", (source.dbname,)).fetchone()
+            raise UserError(
+                f"branch.{target.name}: replica {source.name} could not be cloned: {str(exc).splitlines()[0]}"
+                + (f" ({readers[0]} connected: {readers[1]})" if readers and readers[0] else ""),
+                "a clone needs the replica to itself for a moment, and shardctl does not cut its readers"
+                " off; have them disconnect (or pause them), then apply again. The replica kept following"
+                " its parent") from None
+        except psycopg.Error as exc:
+            if method == "file copy" or "clone" not in str(exc):
+                raise
+            # a filesystem that cannot clone: an ordinary file copy, said so
+            conn.execute("RESET file_copy_method")
+            conn.execute(statement)
+            method = f"file copy (clone refused: {str(exc).splitlines()[0]})"
     return method

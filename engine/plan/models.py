@@ -300,6 +300,7 @@ class DeleteBranch(ActionBase):
     holding: Holding | None = None
     unfinished: bool = False  # its creation or reset never finished: it holds no one's work
     operation: int | None = None  # the interrupted creation or reset it closes
+    resume_replica: ShardSpec | None = None  # an interrupted clone's replica, whose subscriptions it resumes
 
     @property
     def address(self) -> str:

@@ -648,15 +648,20 @@ def _undeclared_branches(desired: Desired, observation: Observation, pending: di
             actions.append(_resume_schema_merge(merging[name]))
             continue
         unfinished_build = have.state in ("creating", "resetting")
-        actions.append(_delete_branch(
+        deletion = _delete_branch(
             have, expired=have.expires_at <= now and not unfinished_build,
             holding=Holding(rows=0) if unfinished_build else _branch_holding(have, observation),
-            unfinished=unfinished_build, operation=pending[name].operation if name in pending else None))
+            unfinished=unfinished_build, operation=pending[name].operation if name in pending else None)
+        clone_of = pending[name].action.get("clone_of") if name in pending else None
+        actions.append(deletion.model_copy(update={"resume_replica": ShardSpec.model_validate(clone_of)})
+                       if clone_of else deletion)
     for name, p in pending.items():
         if name not in recorded and name not in desired.branches and isinstance(name, str):
+            clone_of = p.action.get("clone_of")
             actions.append(DeleteBranch(
                 database=p.database, branch=name, server=p.action["server"], dbname=p.action["dbname"],
                 expired=False, holding=Holding(rows=0), unfinished=True, operation=p.operation,
+                resume_replica=ShardSpec.model_validate(clone_of) if clone_of else None,
                 reason=Reason(cause="resume", text=f"operation {p.operation} was interrupted at step"
                               f" {p.last_step!r} while creating branch {name}, which is no longer declared:"
                               " what it made is removed")))
