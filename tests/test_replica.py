@@ -8,7 +8,8 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from movers import Writer, active_shards, all_rows, preload
+import test_branches
+from movers import Writer, active_shards, all_rows
 from test_branches import _log_lock_waits, _logged_since, _parent_sums, _sums
 
 from engine.catalog.journal import FAILPOINT_ENV
@@ -18,18 +19,9 @@ from engine.snapshot import BranchLinkView
 from engine.watch.prometheus import exposition
 from engine.watch.view import Snapshot, View
 
+parent = test_branches.parent  # the same 4-shard parent with customers and their orders
+
 REPLICA = "branches:\n  mirror:\n    from: orders\n    data: replica\n    server: b\n"
-
-
-@pytest.fixture
-def parent(fleet):
-    assert fleet.cli("apply", "--auto-approve").code == 0
-    preload(fleet, customers=6000)
-    for _name, _lo, _hi, server, dbname in active_shards(fleet):
-        with fleet.connect(server, dbname) as conn:
-            conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
-                         " SELECT customer_id, k, k * 1.5 FROM customers, generate_series(1, 2) k")
-    return fleet
 
 
 def _links(fleet) -> list[tuple[str, str]]:
