@@ -14,10 +14,11 @@ step before).
 2. A full branch, a schema-only branch and a 1% sample branch of the sharded database, each
    made by `shardctl apply` (the figure is the executor's own time, from its "complete after"
    line; the whole apply, with planning and observing the fleet, is shown beside it).
-3. The copy mechanism an instant branch would rest on: `CREATE DATABASE ... TEMPLATE <the full
+3. The copy mechanism of an instant branch alone: `CREATE DATABASE ... TEMPLATE <the full
    branch> STRATEGY FILE_COPY` (with `file_copy_method = clone` where PostgreSQL 18 accepts it
-   for this filesystem). Replicas and instant branches are not built yet: this row measures
-   the mechanism, not the feature.
+   for this filesystem); then the features: a `data: replica` branch (its initial sync, one
+   subscription per shard) and an instant branch `from:` that replica (its subscriptions
+   paused, the clone, resumed), each made by `shardctl apply`.
 
 4. With --xfs, the same mechanism on a cloning filesystem: a server whose data directory is on
    MOUNTPOINT (an XFS made with reflink) holds the same rows as one database, and FILE_COPY
@@ -248,6 +249,17 @@ def run(fleet_dir: Path, base: Path, customers: int) -> float:
     rows.append((f"mechanism only: CREATE DATABASE .. STRATEGY FILE_COPY of the full branch ({method})",
                  seconds, None))
     print(f"FILE_COPY ({method}) of the full branch: {seconds:.2f} s ({seconds / baseline:.2f}x)")
+
+    # a replica (initial copy by a subscription per shard), then an instant branch cloned from it
+    quiet(fleet)
+    own, wall = apply_branch(fleet_dir, "mirror", "{from: orders, data: replica, server: b}")
+    rows.append(("replica: initial sync from 4 shards", own, wall))
+    print(f"replica initial sync: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s",
+          flush=True)
+    quiet(fleet)
+    own, wall = apply_branch(fleet_dir, "instant", "{from: mirror, server: b}")
+    rows.append(("instant branch: clone of the replica (subscriptions paused and resumed)", own, wall))
+    print(f"instant branch: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s", flush=True)
 
     print("\n| | time | vs baseline | whole apply |\n| --- | --- | --- | --- |")
     for label, secs, wall in rows:

@@ -66,6 +66,16 @@ class BranchView(Frozen):
     size_bytes: int | None = None
 
 
+class BranchLinkView(Frozen):
+    """One link of a `data: replica` branch: how far behind its shard it is, or that it is missing."""
+
+    branch: str
+    shard: str  # database/range
+    server: str  # the shard's
+    state: str  # ok, missing, unknown
+    lag_bytes: int | None = None
+
+
 class HistoryEntry(Frozen):
     at: datetime
     event: str
@@ -95,6 +105,7 @@ class Snapshot(Frozen):
     shards: tuple[ShardView, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     branches: tuple[BranchView, ...] = ()
+    branch_links: tuple[BranchLinkView, ...] = ()  # of replica branches, as of the last plan round
     activity: str = "idle"
     activity_since: datetime | None = None  # when the running apply started
     progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)

@@ -15,6 +15,7 @@ from engine.detect.forecast import shard_outlook
 from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_servers, observe
+from engine.observe.replica_links import replica_links
 from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
 from engine.plan.load import assessments
@@ -100,6 +101,10 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                 shards=[dict(_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address)),
                              outlook=outlook(desired, s, observation)) for s in db.shards],
             ))
+        report["replicas"] = [dict(branch=r.branch, parent=r.parent, server=r.server,
+                                   max_lag_bytes=r.max_lag_bytes, missing=list(r.missing),
+                                   links=[link.model_dump() for link in r.links])
+                              for r in replica_links(state, inventory)]
         # with the apply lock held elsewhere, running operations are that process's, not interrupted
         running, in_flight = journal.interrupted(conn), state.apply_in_flight
         report["interrupted"] = [] if in_flight else running
@@ -200,10 +205,26 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
         for source in sources:
             console.print(f"  source: {source}")
     _print_advice(console, report.get("advice") or [])
+    _print_replicas(console, report.get("replicas") or [])
     _print_operations(console, report)
     _print_automation(console, report.get("automation"))
     if not report["databases"] and report["catalog"].get("state") == "ok":
         console.print("No databases yet.")
+
+
+def _print_replicas(console: Console, replicas: list[dict[str, Any]]) -> None:
+    """Per replica branch: the bytes of each shard's WAL its link has not confirmed, the worst,
+    and the links that are missing (the replica misses that shard's writes until it is reset)."""
+    for r in replicas:
+        worst = r["max_lag_bytes"]
+        console.print(f"Replica {r['branch']} (of {r['parent']}, on {r['server']}): lag "
+                      + (f"{worst:,} bytes at most" if worst is not None else "unknown"), markup=False)
+        for link in r["links"]:
+            what = {"ok": f"{link['lag_bytes']:,} bytes behind" if link["lag_bytes"] is not None else "lag unknown",
+                    "missing": "LINK MISSING: its writes do not reach the replica; reset it"
+                               f" (shardctl branches reset {r['branch']})",
+                    "unknown": f"unknown (server {link['server']} did not answer)"}[link["state"]]
+            console.print(f"  {link['shard']}: {what}", markup=False)
 
 
 def _print_servers(console: Console, report: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from engine.actions import dispatch, parallel
+from engine.actions import dispatch, parallel, replica
 from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
@@ -346,7 +346,16 @@ def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say:
             parent = store.read(conn).databases.get(have.parent)
             if parent is None or parent.state != "active":
                 raise UserError(f"branch {name!r} cannot be reset: its parent {have.parent!r} does not exist now")
+            declared = desired.branches.get(name)
+            clone_of = None
+            if declared is not None and declared.from_ in desired.branches and declared.from_ not in desired.databases:
+                replica = store.read_branches(conn).get(declared.from_)  # an instant branch: cloned again
+                if replica is None or replica.state != "active":
+                    raise UserError(f"branch {name!r} cannot be reset: replica {declared.from_!r} is not active now",
+                                    "run `shardctl apply` to make the replica first")
+                clone_of = ShardSpec(name=replica.name, lo=None, hi=None, server=replica.server, dbname=replica.dbname)
             action = ResetBranch(
+                clone_of=clone_of,
                 database=have.parent, branch=name, data=have.data,  # type: ignore[arg-type]
                 sample_percent=have.sample_percent, server=have.server, dbname=have.dbname,
                 shards=tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)
@@ -392,7 +401,11 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
                               " AND state IN ('creating', 'resetting')", (action["branch"],)).fetchone()
     for server, dbname in {(action["server"], action["dbname"]), *([tuple(row)] if row else [])}:
         if server in ctx.fleet.servers:
-            drop_database(ctx, ShardSpec(name=action["branch"], lo=None, hi=None, server=server, dbname=dbname))
+            half = ShardSpec(name=action["branch"], lo=None, hi=None, server=server, dbname=dbname)
+            replica.detach_recorded(ctx, action["branch"], half, action["database"], action.get("data"))
+            if action.get("clone_of"):  # a clone interrupted while its replica was paused
+                replica.resume(ctx, ShardSpec.model_validate(action["clone_of"]))
+            drop_database(ctx, half)
     close("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')")
     ctx.say(f"Operation {pending.operation} aborted: the half-built database of {address} was dropped;"
             " a branch still declared is created afresh by the next apply.")

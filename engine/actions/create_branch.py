@@ -21,6 +21,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
+from engine.actions import replica
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
 from engine.catalog import store
 from engine.catalog.journal import Operation
@@ -74,13 +75,40 @@ def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) 
     target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
     key_column, key_type = one(ctx.catalog.execute(
         "SELECT key_column, key_type FROM shardctl.databases WHERE name = %s", (action.database,)))
+    if action.clone_of is not None:
+        return _clone(ctx, op, action, target, action.clone_of)
     first = action.shards[0]
     with ThreadPoolExecutor(max_workers=2) as dumping:  # both dumps are read while the database is made
         dumps = {section: dumping.submit(_dump, ctx, first, section) for section in ("pre-data", "post-data")}
         with op.step(f"database {action.branch}"):
+            # a replica's subscriptions and the shards' slots go first
+            replica.detach_recorded(ctx, action.branch, target, action.database, action.data)
             drop_database(ctx, target)  # a branch interrupted midway holds no one's work yet: rebuild it
             ensure_database(ctx, target)
         return _fill(ctx, op, action, target, first, key_column, key_type, dumps)
+
+
+def _clone(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, target: ShardSpec,
+           source: ShardSpec) -> tuple[dict[str, int], int, dict]:
+    """An instant branch: the replica's database cloned (engine/actions/replica.py, `clone`)."""
+    timer = Timer()
+    with op.step(f"database {action.branch}"):
+        drop_database(ctx, target)  # an interrupted clone holds no one's work yet
+    try:
+        with op.step(f"pause {source.name}", replica=source.dbname):
+            replica.pause(ctx, source)
+        with op.step(f"clone {action.branch}", replica=source.name):
+            method = replica.clone(ctx, source, target)
+    finally:
+        # the replica follows its parent again whatever happened; killed before this, the rerun
+        # (or the branch's deletion, or abort) resumes it
+        with op.step(f"resume {source.name}", replica=source.dbname):
+            replica.resume(ctx, source)
+    with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+        size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
+        base = introspect.snapshot(conn)
+    ctx.say(f"{action.address}: cloned replica {source.name} by {method} [{timer} elapsed]")
+    return {}, size, base
 
 
 def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, target: ShardSpec, first: ShardSpec,
@@ -95,7 +123,7 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
             " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
             " ORDER BY 1, 2", (key_column,))]
     rows: dict[str, int] = {}
-    if action.data != "schema":
+    if action.data not in ("schema", "replica"):
         with op.step(f"data {action.branch}", shards=len(action.shards)):
             filt = _sample_filter(key_column, key_type, action.sample_percent) if action.data == "sample" else None
             with ThreadPoolExecutor(max_workers=min(4, len(action.shards))) as pool:
@@ -111,6 +139,20 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
         with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
             conn.execute("ANALYZE")
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
+    if action.data == "replica":
+        names = []
+        for index, shard in enumerate(action.shards):
+            with op.step(f"link {action.branch} {shard.name}", dbname=shard.dbname):
+                names.append(replica.attach(ctx, action.branch, target, shard, tables, first=index == 0))
+        with op.step(f"sync {action.branch}"):
+            replica.wait_synced(ctx, target, names, ctx.say)
+            with ctx.fleet.servers[target.server].connect() as conn:
+                # read-only for its readers; the subscriptions' apply workers write all the same
+                conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                    sql.Identifier(target.dbname)))
+            with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+                size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
+            ctx.say(f"{action.address}: replica in sync with {len(action.shards)} shards [{timer} elapsed]")
     with ctx.fleet.servers[first.server].connect(first.dbname) as conn:
         base = introspect.snapshot(conn)
     return rows, size, base

@@ -4,6 +4,7 @@ never finished is deleted the same way, and the interrupted operation is closed 
 
 from __future__ import annotations
 
+from engine.actions import replica
 from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import store
 from engine.catalog.journal import Operation
@@ -13,8 +14,15 @@ from engine.plan.models import DeleteBranch, ShardSpec
 def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
     ctx.say(f"{action.address}: Destroying...")
     op = ctx.begin(action.kind, action.address, expired=action.expired, closes=action.operation)
+    target = ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)
     with op.step(f"drop {action.branch}", dbname=action.dbname):
-        drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname))
+        # a creation killed before it recorded the branch made no links yet (they come after)
+        recorded = ctx.catalog.execute("SELECT data FROM shardctl.branches WHERE name = %s",
+                                       (action.branch,)).fetchone()
+        replica.detach_recorded(ctx, action.branch, target, action.database, recorded[0] if recorded else None)
+        if action.resume_replica is not None:  # a clone interrupted while its replica was paused
+            replica.resume(ctx, action.resume_replica)
+        drop_database(ctx, target)
     with ctx.catalog.transaction():
         if action.expired:
             ctx.catalog.execute("UPDATE shardctl.branches SET state = 'expired' WHERE name = %s", (action.branch,))

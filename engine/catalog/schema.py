@@ -262,7 +262,14 @@ V7_CAPACITY = r"""
 ALTER TABLE shardctl.databases ADD COLUMN declared_shards integer;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY]
+V8_REPLICA = r"""
+-- a branch can be a replica: all rows, kept current by logical replication from every shard
+ALTER TABLE shardctl.branches DROP CONSTRAINT branches_data_check;
+ALTER TABLE shardctl.branches ADD CONSTRAINT branches_data_check
+    CHECK (data IN ('schema', 'sample', 'full', 'replica'));
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY, V8_REPLICA]
 VERSION = len(MIGRATIONS)
 
 

@@ -417,7 +417,23 @@ def _check_references(found: _Gathered) -> None:
     database and an old one no longer declared."""
     problems, databases, servers = found.problems, found.databases, found.servers
     for name, (branch, doc) in found.branches.items():
-        if branch.from_ not in databases:
+        source = found.branches.get(branch.from_)
+        if source is not None and branch.from_ not in databases:  # an instant branch: a clone of a replica
+            where = doc.value_loc(("branches", name, "from"))
+            if source[0].data != "replica":
+                problems.append(Diagnostic(where, f"branch {name!r} is made from branch {branch.from_!r}, which is"
+                                           " not a replica", f"name a sharded database, or give {branch.from_!r}"
+                                           " `data: replica` (a branch made from a replica is an instant clone)"))
+            elif branch.server != source[0].server:
+                problems.append(Diagnostic(doc.value_loc(("branches", name, "server")),
+                                           f"branch {name!r} clones replica {branch.from_!r}, which lives on server"
+                                           f" {source[0].server!r}", f"set `server: {source[0].server}`: a database"
+                                           " is cloned on its own server"))
+            elif "data" in branch.model_fields_set and branch.data != "full":
+                problems.append(Diagnostic(doc.value_loc(("branches", name, "data")),
+                                           f"branch {name!r} clones replica {branch.from_!r}: it holds all its rows",
+                                           "remove `data:` (or write `data: full`)"))
+        elif branch.from_ not in databases:
             problems.append(_unknown_ref("database", branch.from_, doc.value_loc(("branches", name, "from")),
                                          databases))
         if branch.server not in servers:

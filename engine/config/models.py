@@ -546,8 +546,11 @@ DEFAULT_BRANCH_TTL = 7 * 86400.0  # a branch without a declared ttl is deleted a
 class Branch(Frozen):
     """A development copy of a sharded database: one ordinary database on one server."""
 
-    from_: Name = Field(alias="from", description="the sharded database it is made from")
-    data: Literal["schema", "sample", "full"] = Field("schema", description="schema only, a hash sample, or all rows")
+    from_: Name = Field(alias="from", description="the sharded database it is made from, or a `data: replica`"
+                        " branch on the same server: an instant clone of it")
+    data: Literal["schema", "sample", "full", "replica"] = Field(
+        "schema", description="schema only, a hash sample, all rows, or a replica: a read-only copy of all rows kept"
+        " current by logical replication from every shard")
     sample_percent: float = Field(1.0, gt=0, le=100, description="with data: sample, the share of shard keys kept")
     server: Name = Field(description="the server the branch lives on")
     ttl: Duration = Field(DEFAULT_BRANCH_TTL, description="deleted this long after creation, e.g. 7d (default 7d)")

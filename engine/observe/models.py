@@ -162,6 +162,8 @@ class LiveServer(Frozen):
     wal_level: str | None = None
     databases: tuple[str, ...] = ()
     capabilities: Capabilities | None = None  # None: not read (an older observation, or the query failed)
+    # the slots of replica branches' links on this server and their lag in bytes (None: not read)
+    replica_slots: dict[str, int | None] | None = None
 
 
 class HourlySeries(Frozen):

@@ -15,7 +15,7 @@ import psycopg
 from engine.catalog import store
 from engine.clock import Clock, system_clock
 from engine.errors import redact
-from engine.observe import capabilities, fanout, introspect
+from engine.observe import capabilities, fanout, introspect, replica_links
 from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
@@ -124,9 +124,17 @@ def inspect_server(fleet: Fleet, name: str, watch: fanout.Watch | None = None) -
                 if watch is not None and watch.cut:
                     raise
                 found = None  # unknown: no check is failed for it, doctor says it could not read them
+            try:
+                slots: dict[str, int | None] | None = {
+                    r[0]: None if r[1] is None else max(int(r[1]), 0)
+                    for r in conn.execute(replica_links.SLOTS_QUERY)}
+            except psycopg.Error:
+                if watch is not None and watch.cut:
+                    raise
+                slots = None  # not readable by this role: the links' state is unknown, never missing
     except ServerUnreachable as exc:
         return LiveServer(name=name, reachable=False, error=exc.summary)
     except psycopg.Error as exc:
         return LiveServer(name=name, reachable=False, error=redact(str(exc)))
     return LiveServer(name=name, reachable=True, version=version, wal_level=wal_level, databases=databases,
-                      capabilities=found)
+                      capabilities=found, replica_slots=slots)

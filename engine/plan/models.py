@@ -256,13 +256,14 @@ class _BranchBuild(ActionBase):
     """What a branch is made from and where: shared by its creation and its reset."""
 
     branch: str
-    data: Literal["schema", "sample", "full"]
+    data: Literal["schema", "sample", "full", "replica"]
     sample_percent: float | None
     server: str
     dbname: str
     shards: tuple[ShardSpec, ...]
     reset_token: str | None = None  # the declared `reset` value its data is made for
     operation: int | None = None  # the interrupted creation or reset this resumes (rebuilding from the start)
+    clone_of: ShardSpec | None = None  # an instant branch: the replica branch's database it is cloned from
 
     @property
     def address(self) -> str:
@@ -299,6 +300,7 @@ class DeleteBranch(ActionBase):
     holding: Holding | None = None
     unfinished: bool = False  # its creation or reset never finished: it holds no one's work
     operation: int | None = None  # the interrupted creation or reset it closes
+    resume_replica: ShardSpec | None = None  # an interrupted clone's replica, whose subscriptions it resumes
 
     @property
     def address(self) -> str:
@@ -354,7 +356,7 @@ class Drift(Frozen):
     """Something changed outside shardctl, told in the past tense, apart from the actions."""
 
     address: str
-    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable", "strays"]
+    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable", "strays", "replica_link"]
     summary: str
     details: tuple[str, ...] = ()
 

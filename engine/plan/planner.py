@@ -22,6 +22,7 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
+from engine.observe.replica_links import replica_links
 from engine.plan import checks, rightsizing
 from engine.plan.forecast import forecast_actions
 from engine.plan.load import load_actions
@@ -141,6 +142,7 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
     _plan_operations(p)
     busy = _plan_branches(p)
     _plan_load(p, busy)
+    _hold_moves_under_replicas(p)
     _observe_fleet_drift(p)
     p.warnings.extend(_unknown_metrics(desired, observation))
     p.warnings.extend(a.describe() for a in rightsizing.fleet_advice(desired, observation))
@@ -497,10 +499,57 @@ def _plan_load(p: _Planning, busy: set[str]) -> None:
             p.actions.append(action)
 
 
+MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
+
+
+def _replicated(desired: Desired, observation: Observation) -> dict[str, list[str]]:
+    """The databases that have a replica (declared, or recorded and not yet deleted), and its names."""
+    out: dict[str, list[str]] = {}
+    for name, branch in desired.branches.items():
+        if branch.data == "replica":
+            out.setdefault(branch.from_, []).append(name)
+    for name, have in observation.catalog.branches.items():
+        if have.data == "replica" and have.state != "expired" and name not in desired.branches:
+            out.setdefault(have.parent, []).append(name)
+    return out
+
+
+def _hold_moves_under_replicas(p: _Planning) -> None:
+    """A replica does not follow its parent through a split, merge or move yet: rows written to
+    a move's targets after its cutover would never reach it. So no new move of a replicated
+    database is planned (an interrupted one started before the replica is still finished: the
+    replica waits for it instead, in _build_branch); the plan says why and what to do."""
+    replicated = _replicated(p.desired, p.observation)
+    for action in list(p.actions):
+        if action.database not in replicated or getattr(action, "operation", None) is not None:
+            continue
+        names = ", ".join(sorted(replicated[action.database]))
+        if action.kind in MOVE_KINDS:
+            p.actions.remove(action)
+            p.warnings.append(
+                f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names}),"
+                " which does not follow splits, merges or moves; delete the replica (remove it from the"
+                " configuration), apply, then declare it again after the move")
+        elif action.kind in ("destroy_database", "rename_database"):
+            # the shards' slots would stop DROP DATABASE, and the replica names its parent
+            p.actions.remove(action)
+            p.warnings.append(
+                f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names});"
+                " delete the replica first (remove it from the configuration and apply)")
+
+
 def _observe_fleet_drift(p: _Planning) -> None:
     """Unmanaged databases named like shards, stray rows, unreachable servers, wal_level."""
     observation = p.observation
     p.drift.extend(_unmanaged(p.desired, observation))
+    for replica in replica_links(observation.catalog, observation.servers):
+        if replica.missing:
+            p.drift.append(Drift(
+                address=f"branch.{replica.branch}", kind="replica_link",
+                summary=f"lost its link to {len(replica.missing)} of {replica.parent}'s shards (a slot or"
+                        f" publication was dropped outside shardctl): their writes no longer reach it; make it"
+                        f" again with `shardctl branches reset {replica.branch}`",
+                details=replica.missing))
     for address, counts in sorted(observation.strays.items()):
         if counts:
             p.drift.append(
@@ -569,17 +618,18 @@ def _declared_branch(name: str, branch, unfinished, desired: Desired,
     have = observation.catalog.branches.get(name)
     where = desired.where("branches", name)
     if have is None or have.state in ("creating", "resetting") or unfinished is not None:
-        return _build_branch(name, branch, have, unfinished, where, observation)
+        return _build_branch(name, branch, have, unfinished, where, observation, desired)
     if have.state == "expired":
         return None, (f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
                       " deleted; remove it from the configuration (or declare it under a new name)")
     if have.expires_at <= observation.now():  # expiry is wall-clock time, never a recording's
         return _delete_branch(have, expired=True), None
-    if (have.parent, have.data, have.server) != (branch.from_, branch.data, branch.server):
+    parent, data, _ = _source(desired, branch)
+    if (have.parent, have.data, have.server) != (parent, data, branch.server):
         return None, (f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
                       " branch (a new name) for the new settings")
     if branch.reset is not None and _token(branch.reset) != have.reset_token:
-        return _build_branch(name, branch, have, None, where, observation)
+        return _build_branch(name, branch, have, None, where, observation, desired)
     if branch.merge_schema:
         return _schema_merge(branch, have, observation)
     return None, None
@@ -598,15 +648,20 @@ def _undeclared_branches(desired: Desired, observation: Observation, pending: di
             actions.append(_resume_schema_merge(merging[name]))
             continue
         unfinished_build = have.state in ("creating", "resetting")
-        actions.append(_delete_branch(
+        deletion = _delete_branch(
             have, expired=have.expires_at <= now and not unfinished_build,
             holding=Holding(rows=0) if unfinished_build else _branch_holding(have, observation),
-            unfinished=unfinished_build, operation=pending[name].operation if name in pending else None))
+            unfinished=unfinished_build, operation=pending[name].operation if name in pending else None)
+        clone_of = pending[name].action.get("clone_of") if name in pending else None
+        actions.append(deletion.model_copy(update={"resume_replica": ShardSpec.model_validate(clone_of)})
+                       if clone_of else deletion)
     for name, p in pending.items():
         if name not in recorded and name not in desired.branches and isinstance(name, str):
+            clone_of = p.action.get("clone_of")
             actions.append(DeleteBranch(
                 database=p.database, branch=name, server=p.action["server"], dbname=p.action["dbname"],
                 expired=False, holding=Holding(rows=0), unfinished=True, operation=p.operation,
+                resume_replica=ShardSpec.model_validate(clone_of) if clone_of else None,
                 reason=Reason(cause="resume", text=f"operation {p.operation} was interrupted at step"
                               f" {p.last_step!r} while creating branch {name}, which is no longer declared:"
                               " what it made is removed")))
@@ -617,14 +672,37 @@ def _token(value: str | int | None) -> str | None:
     return None if value is None else str(value)
 
 
-def _build_branch(name: str, branch, have, unfinished, where, observation: Observation) -> tuple[Any, str | None]:
-    """Create, finish or reset a branch from the parent's active shards. An unfinished build is
-    rebuilt from the start with the declared settings (it holds no one's work yet), under the
-    operation that was interrupted."""
+def _source(desired: Desired, branch) -> tuple[str, str, str | None]:
+    """What a declared branch is made of: (the sharded database, its data, the replica branch it is
+    cloned from). A branch `from:` a replica branch is an instant clone of it, with all its rows."""
+    replica = desired.branches.get(branch.from_)
+    if replica is not None and branch.from_ not in desired.databases:
+        return replica.from_, "full", branch.from_
+    return branch.from_, branch.data, None
+
+
+def _build_branch(name: str, branch, have, unfinished, where, observation: Observation,
+                  desired: Desired) -> tuple[Any, str | None]:
+    """Create, finish or reset a branch from the parent's active shards, or as a clone of a
+    replica. An unfinished build is rebuilt from the start with the declared settings (it holds
+    no one's work yet), under the operation that was interrupted."""
+    source, data, replica_name = _source(desired, branch)
+    clone_of = None
+    if replica_name is not None:
+        replica = observation.catalog.branches.get(replica_name)
+        if replica is None or replica.state != "active":
+            return None, f"branch.{name}: waits until replica {replica_name} is made (the next apply clones it)"
+        clone_of = ShardSpec(name=replica_name, lo=None, hi=None, server=replica.server, dbname=replica.dbname)
+        branch = branch.model_copy(update={"from_": source, "data": data})
     parent = observation.catalog.databases.get(branch.from_)
     if parent is None or parent.state != "active":
         return None, (f"branch.{name}: waits until {branch.from_} exists" if have is None and unfinished is None
                       else f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
+    moving = [m for m in observation.catalog.pending_moves if m.database == branch.from_]
+    if branch.data == "replica" and (moving or any(s.state in ("creating", "moving") for s in parent.shards)):
+        what = f"operation {moving[0].operation} ({moving[0].kind})" if moving else "a move"
+        return None, (f"branch.{name}: a replica waits until {what} of {branch.from_} is finished"
+                      " (run `shardctl apply` to finish it, or `shardctl abort` it)")
     shards = tuple(_shard_spec(s) for s in parent.shards if s.state == "active")
     sample = branch.sample_percent if branch.data == "sample" else None
     resetting = (unfinished is not None and unfinished.kind == "reset_branch") or (
@@ -645,12 +723,14 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
         return ResetBranch(
             database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
             dbname=have.dbname, shards=shards, reset_token=token,
-            operation=unfinished.operation if unfinished else None, reason=Reason(cause=cause, text=why)), None
+            operation=unfinished.operation if unfinished else None, reason=Reason(cause=cause, text=why),
+            clone_of=clone_of), None
     create = CreateBranch(
         database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
         dbname=f"branch_{name}", ttl_seconds=branch.ttl, ttl_declared=branch.ttl_declared, shards=shards,
-        reset_token=_token(branch.reset), operation=unfinished.operation if unfinished else None,
-        reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"))
+        reset_token=_token(branch.reset), operation=unfinished.operation if unfinished else None, clone_of=clone_of,
+        reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"
+                      + (f": an instant clone of replica {replica_name}" if replica_name else "")))
     if have is None and unfinished is None:
         return create, None
     op = f"operation {unfinished.operation}" if unfinished else "an earlier apply"

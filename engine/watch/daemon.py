@@ -34,6 +34,7 @@ from engine.observe import history
 from engine.observe.metrics import METRICS, Sample
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
+from engine.observe.replica_links import replica_links
 from engine.observe.sampling import LiveSampler
 from engine.plan import load as load_rules
 from engine.plan import planner, rightsizing
@@ -44,7 +45,7 @@ from engine.watch import autonomy, settle
 from engine.watch.configwatch import ConfigWatcher
 from engine.watch.http import serve
 from engine.watch.leader import LeaderLock, LeadershipLost
-from engine.watch.view import BranchView, HistoryEntry, ReplicaView, ShardView, Snapshot, View, now
+from engine.watch.view import BranchLinkView, BranchView, HistoryEntry, ReplicaView, ShardView, Snapshot, View, now
 
 HEARTBEAT_EVERY = 5.0
 LAYOUT_EVERY = 60.0  # the collector re-reads catalog and servers this often at most, unless the serial moves
@@ -384,12 +385,15 @@ class Daemon:
                                     created_at=b.created_at, expires_at=b.expires_at, size_bytes=b.size_bytes)
                          for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name))
         advice = tuple(a.describe() for a in rightsizing.fleet_advice(self.desired, observation))
+        links = tuple(BranchLinkView(branch=r.branch, shard=link.shard, server=link.server, state=link.state,
+                                     lag_bytes=link.lag_bytes)
+                      for r in replica_links(observation.catalog, observation.servers) for link in r.links)
         self.view.update_with(lambda snapshot: dict(
             plan=plan, plan_text=render_text(plan), planned_at=now(),
             autonomous=tuple(a.address for a in decision.autonomous), pending=decision.pending,
             notes=tuple(w for w in plan.warnings if w not in advice), advice=advice,  # advice has its own place
             shards=self._judged(snapshot, verdicts, observation),
-            history=tuple(_history_entry(h) for h in recent), branches=branches,
+            history=tuple(_history_entry(h) for h in recent), branches=branches, branch_links=links,
             paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by))
 
     def _judged(self, snapshot: Snapshot, verdicts, observation) -> tuple[ShardView, ...]:

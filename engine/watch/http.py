@@ -90,7 +90,8 @@ ROUTES = {
     "/api/shards": api_shards,
     "/api/plan": api_plan,
     "/api/history": lambda d: {"history": [h.model_dump(mode="json") for h in d.view.get().history]},
-    "/api/branches": lambda d: {"branches": [b.model_dump(mode="json") for b in d.view.get().branches]},
+    "/api/branches": lambda d: {"branches": [b.model_dump(mode="json") for b in d.view.get().branches],
+                                "replica_links": [link.model_dump(mode="json") for link in d.view.get().branch_links]},
 }
 
 

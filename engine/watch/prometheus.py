@@ -74,6 +74,7 @@ class SnapshotCollector:
         yield from _servers(snap)
         yield from _moves(snap)
         yield from _replicas(snap)
+        yield from _branch_links(snap)
         if snap.last_collect_at is not None:
             yield GaugeMetricFamily("shardctl_last_collection_timestamp_seconds", "When the last round finished",
                                     value=snap.last_collect_at.timestamp())
@@ -143,3 +144,29 @@ def _replicas(snap):
             lag_seconds.add_metric([r.server, r.name], r.lag_seconds)
     yield lag_bytes
     yield lag_seconds
+
+
+def _branch_links(snap):
+    """The links of `data: replica` branches: bytes of each shard's WAL not yet confirmed, the
+    worst per replica, and 1 for a missing link (absent when there is no replica)."""
+    if not snap.branch_links:
+        return
+    lag = GaugeMetricFamily("shardctl_branch_replica_lag_bytes", "WAL of a shard its replica branch has not"
+                            " confirmed yet", labels=["branch", "shard", "server"])
+    worst = GaugeMetricFamily("shardctl_branch_replica_max_lag_bytes", "The largest lag of a replica branch's links",
+                              labels=["branch"])
+    missing = GaugeMetricFamily("shardctl_branch_replica_link_missing", "1 when a replica branch has no link to"
+                                " a shard of its parent (that shard's writes do not reach it)",
+                                labels=["branch", "shard"])
+    most = {}  # per branch, its largest known lag
+    for link in snap.branch_links:
+        if link.lag_bytes is not None:
+            lag.add_metric([link.branch, link.shard, link.server], float(link.lag_bytes))
+            most[link.branch] = max(most.get(link.branch, 0), link.lag_bytes)
+        if link.state != "unknown":
+            missing.add_metric([link.branch, link.shard], 1.0 if link.state == "missing" else 0.0)
+    for branch, value in sorted(most.items()):
+        worst.add_metric([branch], float(value))
+    yield lag
+    yield worst
+    yield missing
