@@ -136,6 +136,13 @@ def applied_fleet(tmp_path_factory):
     f.stop()
 
 
+def every_step(steps: list[str], always: str) -> list:
+    """Parameters for a kill-at-every-step test: `always` runs in every suite run; the other
+    steps are marked slow (the README's test command skips them; `python -m pytest` runs all)."""
+    assert always in steps
+    return [step if step == always else pytest.param(step, marks=pytest.mark.slow) for step in steps]
+
+
 def assert_golden(name: str, text: str) -> None:
     """Compare with tests/golden/NAME; UPDATE_GOLDEN=1 rewrites the file."""
     path = GOLDEN / name

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from conftest import every_step
+
 from engine.catalog.journal import FAILPOINT_ENV
 from movers import active_shards, preload
 
@@ -61,7 +63,7 @@ def _unfinished_is_shown(fleet, step: str, text: str) -> int:
     return op["id"]
 
 
-@pytest.mark.parametrize("step", ["record", "database", "pre-data", "data", "post-data", "activate"])
+@pytest.mark.parametrize("step", every_step(["record", "database", "pre-data", "data", "post-data", "activate"], always="data"))
 def test_a_branch_creation_killed_at_each_step_is_shown_then_rebuilt(parent, step):
     parent.write("fleet.yaml", parent.read("fleet.yaml") + BRANCH)
     killed = parent.cli("apply", "--auto-approve", env={FAILPOINT_ENV: f"{step} dev"})
@@ -130,7 +132,7 @@ def _merged_everywhere(fleet) -> None:
                             ).fetchone() == (1,)
 
 
-@pytest.mark.parametrize("step", ["schema orders/-40", "schema orders/80-c0", "record feat schema"])
+@pytest.mark.parametrize("step", every_step(["schema orders/-40", "schema orders/80-c0", "record feat schema"], always="schema orders/80-c0"))
 def test_a_schema_merge_killed_at_each_step_resumes_and_converges(parent, step):
     parent.write("fleet.yaml", parent.read("fleet.yaml") + MERGE_BRANCH)
     assert parent.cli("apply", "--auto-approve").code == 0
@@ -184,7 +186,7 @@ def test_a_declared_reset_remakes_the_branch_from_the_parent_now(parent):
     assert parent.cli("plan", "--detailed-exitcode").code == 0
 
 
-@pytest.mark.parametrize("step", ["reset", "database", "data", "activate"])
+@pytest.mark.parametrize("step", every_step(["reset", "database", "data", "activate"], always="data"))
 def test_a_reset_killed_at_each_step_is_shown_then_finished(parent, step):
     parent.write("fleet.yaml", parent.read("fleet.yaml") + BRANCH)
     assert parent.cli("apply", "--auto-approve").code == 0

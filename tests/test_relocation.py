@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import assert_golden
+from conftest import assert_golden, every_step
 from engine.render.renderers import render
 from engine.catalog.journal import FAILPOINT_ENV
 from movers import active_shards, all_rows, apply_under_writer, preload
@@ -149,7 +149,7 @@ def test_a_server_dropped_from_placement_is_drained_under_a_writer_then_removabl
     fleet.write("fleet.yaml", with_c)  # so that teardown's `shardctl down` stops b too
 
 
-@pytest.mark.parametrize("step", ["subscribe", "fence", "flip"])
+@pytest.mark.parametrize("step", every_step(["subscribe", "fence", "flip"], always="fence"))
 def test_a_move_killed_at_a_step_converges_on_rerun(applied, step):
     fleet = applied
     _with_c(fleet, "[a, c]")
