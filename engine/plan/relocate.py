@@ -83,6 +83,10 @@ def rebalance(db: DesiredDatabase, recorded: CatalogDatabase, observation: Obser
     active = sorted((s for s in recorded.shards if s.state == "active"), key=lambda s: KeyRange(s.lo, s.hi).lo_unsigned)
     if any(s.server not in placement for s in active):
         return [], []  # draining comes first
+    unreachable = [s for s in placement if observation.servers.get(s) is None or not observation.servers[s].reachable]
+    if unreachable:
+        # sizes on a server that does not answer are unknown, never zero: nothing moves on them
+        return [], [f"database.{db.name}: rebalancing waits: server {', '.join(unreachable)} does not answer"]
     sizes: dict[str, int] = {}
     for shard in active:
         live = observation.shards.get(shard.address)
