@@ -142,6 +142,7 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
     _plan_operations(p)
     busy = _plan_branches(p)
     _plan_load(p, busy)
+    _plan_rebalance(p)
     _hold_moves_under_replicas(p)
     _observe_fleet_drift(p)
     p.warnings.extend(_unknown_metrics(desired, observation))
@@ -191,7 +192,7 @@ def _plan_declared_database(p: _Planning, name: str, db: DesiredDatabase) -> Non
     _plan_settings(p, name, db, recorded)
     _plan_shard_count(p, name, db, recorded)
     _observe_shard_drift(p, name, recorded, _steps(db))
-    _plan_placement(p, name, db, recorded)  # last: another change to the database holds rebalancing back
+    _plan_placement(p, name, db, recorded)
 
 
 def _plan_rename(p: _Planning, name: str, db: DesiredDatabase) -> None:
@@ -325,14 +326,25 @@ def _plan_placement(p: _Planning, name: str, db: DesiredDatabase, recorded: Cata
             p.warnings.append(f"database.{name}: shards move to match the placement once this plan's splits and"
                               " merges are applied (plan again then)")
         return
-    where = str(_where(p.desired, name, "placement"))
-    actions, notes = relocations(db, recorded, p.observation, where)
-    # a settings update goes with it; any other change to the database is applied first
-    if not actions and not notes and not any(a.database == name and a.kind != "update_database" for a in p.actions):
-        capacity = {s: spec.capacity.storage for s, spec in p.desired.servers.items()}
-        actions, notes = rebalance(db, recorded, p.observation, capacity, where)
+    actions, notes = relocations(db, recorded, p.observation, str(_where(p.desired, name, "placement")))
     p.actions.extend(actions)
     p.warnings.extend(notes)
+
+
+def _plan_rebalance(p: _Planning) -> None:
+    """Storage evened out over each database's placement (engine/plan/relocate.py), after the
+    load stage: a database with any other change in this plan (a hot shard's split above all)
+    has that applied first; a settings update goes with it."""
+    capacity = {s: spec.capacity.storage for s, spec in p.desired.servers.items()}
+    for name, db in p.desired.databases.items():
+        recorded = p.observation.catalog.databases.get(name)
+        if recorded is None or recorded.state != "active":
+            continue
+        if any(a.database == name and a.kind != "update_database" for a in p.actions):
+            continue
+        actions, notes = rebalance(db, recorded, p.observation, capacity, str(_where(p.desired, name, "placement")))
+        p.actions.extend(actions)
+        p.warnings.extend(notes)
 
 
 def _servers_still_holding(desired: Desired, observation: Observation) -> list[Diagnostic]:
