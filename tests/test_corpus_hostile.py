@@ -24,6 +24,7 @@ SCHEMA_BLIND = {
     "05-catalog-unknown-server", "08-hot-samples-exceed-window", "12-no-embedded-no-catalog",
     "15-schema-create-database", "16-schema-file-missing", "17-schema-sql-syntax-error",
     "25-unknown-placement-server", "26-unknown-policy", "35-policy-extends-unknown", "36-policy-extends-cycle",
+    "37-clone-of-a-non-replica", "38-clone-on-another-server",  # references to another branch's kind and server
 }
 # invalid/ cases that shardctl's YAML reader refuses before any schema could look
 YAML_LEVEL = {"31-yaml-duplicate-key", "32-yaml-not-a-mapping", "33-yaml-tab-indent", "34-yaml-unclosed-bracket"}
