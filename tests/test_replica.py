@@ -1,7 +1,8 @@
 """`data: replica` on real servers: one read-only database holding every row of a 4-shard
 database, copied and then kept current by logical replication from each shard while a writer
-inserts, updates and deletes through routing; reset and deletion leave no slot or publication
-behind on the shards; moves of a replicated database are held with the reason."""
+inserts, updates and deletes through routing; it follows its parent through splits, merges and
+moves (also when the apply is killed at any of their steps); reset and deletion leave no slot or
+publication behind on the shards."""
 
 import json
 import time
@@ -135,10 +136,6 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
     assert healed.code == 0, healed.both
     assert json.loads(parent.cli("drift", "--format", "json").out)["status"] == "ok"
 
-    # a split of a replicated database is held, saying why and what to do
-    held = parent.cli("plan", "--split", "orders/-40")
-    assert "has a replica (mirror), which does not follow splits" in held.out, held.both
-
     # deleted: its subscriptions, the shards' slots and publications go with its database
     parent.write("fleet.yaml", parent.read("fleet.yaml").replace(REPLICA, "")
                  + "allow_destroy:\n  branches: [mirror]\n")
@@ -262,3 +259,185 @@ def test_a_clone_killed_while_its_replica_is_paused_resumes_the_replica(parent, 
     sums = _caught_up(parent)
     assert sums["replica"] == sums["parent"]
     assert parent.cli("plan", "--detailed-exitcode").code == 0
+
+
+def _replica_state(fleet) -> dict:
+    """What links exist, everywhere: slots and publications of replicas on every database of
+    every server (retired shards included), and the replica's subscriptions."""
+    found: dict = {"slots": [], "publications": [], "subscriptions": []}
+    for server in ("a", "b"):
+        for dbname in sorted(fleet.databases(server)):
+            if dbname.startswith("branch_") or dbname in ("postgres", "shardctl"):
+                continue
+            with fleet.connect(server, dbname) as conn:
+                found["slots"] += [(server, dbname) for (_,) in conn.execute(
+                    "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'shardctl_rep_%%'"
+                    " AND database = current_database()")]
+                found["publications"] += [(server, dbname) for (_,) in conn.execute(
+                    "SELECT pubname FROM pg_publication WHERE pubname LIKE 'shardctl_rep_%%'")]
+    with fleet.connect("b", "branch_mirror") as conn:
+        found["subscriptions"] = [r for (r,) in conn.execute("SELECT subname FROM pg_subscription ORDER BY 1")]
+    return found
+
+
+def _follows_exactly_the_active_shards(fleet) -> None:
+    state = _replica_state(fleet)
+    active = sorted((server, dbname) for _n, _lo, _hi, server, dbname in active_shards(fleet))
+    assert sorted(state["slots"]) == active and sorted(state["publications"]) == active, state
+    assert sorted(state["subscriptions"]) == sorted(link_name("mirror", dbname) for _s, dbname in active), state
+    with fleet.connect("b", "branch_mirror") as conn:
+        assert conn.execute("SELECT bool_and(subenabled) FROM pg_subscription").fetchone() == (True,)
+
+
+def test_a_replica_follows_a_split_a_merge_and_a_drain_under_a_writer(parent):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+    assert parent.cli("apply", "--auto-approve").code == 0
+    before, _ = all_rows(parent)
+    catalog = EmbeddedServer("a", parent.path / ".shardctl" / "servers" / "a").conninfo("shardctl")
+    writer = Writer(catalog, start_id=max(before) + 1_000_000)
+    writer.start({})  # its own rows only: the preloaded customers have orders referring to them
+    try:
+        split = parent.cli("apply", "--auto-approve", "-split", "orders/-40")
+        assert split.code == 0, split.both
+        assert "the replica follows" in split.out, split.out
+        time.sleep(0.5)  # writes to the new shards, streamed
+        _follows_exactly_the_active_shards(parent)
+        merge = parent.cli("apply", "--auto-approve", "-merge", "orders/40-80,80-c0")
+        assert merge.code == 0, merge.both
+        # a relocation keeps the shard's database name on its new server: the case where the
+        # replica's old and new links would share a name
+        parent.write("fleet.yaml", parent.read("fleet.yaml").replace("placement: [a, b]", "placement: [a]"))
+        drain = parent.cli("apply", "--auto-approve")
+        assert drain.code == 0, drain.both
+        assert "move_shard" in parent.cli("history", "--json").out or "move" in drain.out
+        time.sleep(0.5)
+    finally:
+        writer.stop()
+    assert writer.errors == [] and writer.writes > 50
+    assert {server for _n, _lo, _hi, server, _d in active_shards(parent)} == {"a"}
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"], sums
+    rows, problems = all_rows(parent)
+    assert problems == [] and rows == {**before, **writer.expected}
+    with parent.connect("b", "branch_mirror") as conn:
+        assert dict(conn.execute("SELECT customer_id, name FROM customers").fetchall()) == rows
+    _follows_exactly_the_active_shards(parent)  # none left on the retired copies
+    (replica,) = json.loads(parent.cli("status", "--json").out)["replicas"]
+    assert [link["state"] for link in replica["links"]] == ["ok"] * len(active_shards(parent))
+    assert parent.cli("drift", "--detailed-exitcode").code == 0
+
+
+def _planned_with_a_replica(tmp_path, versions: dict[str, str], state: str = "active", declared: str = REPLICA,
+                            splits=("orders/-40",)):
+    """A plan of the 4-shard database with replica mirror (on server b) recorded in STATE, the
+    servers at the given versions, and the splits asked for by hand."""
+    from datetime import timedelta
+
+    from engine.observe.models import CatalogBranch
+    from engine.plan import planner
+    from engine.plan.reshard import Requests
+    from test_load_planning import FLEET, _desired, _observation
+    from test_resharding import _with
+    from traces import START
+
+    desired = _desired(tmp_path, declared, fleet=FLEET.replace("shards: 2", "shards: 4"))
+    observation = _with(_observation(desired, {}), 4, declared=4)
+    now = START
+    branches = {} if state is None else {"mirror": CatalogBranch(
+        name="mirror", parent="orders", data="replica", sample_percent=None, server="b", dbname="branch_mirror",
+        state=state, created_at=now, expires_at=now + timedelta(days=7))}
+    servers = {n: s.model_copy(update={"version": versions.get(n, s.version)}) for n, s in observation.servers.items()}
+    observation = observation.model_copy(update={
+        "servers": servers, "catalog": observation.catalog.model_copy(update={"branches": branches})})
+    return planner.plan(desired, observation, Requests(splits=splits))
+
+
+def test_a_move_a_replica_on_postgresql_15_could_not_follow_is_held_with_the_reason(tmp_path):
+    plan = _planned_with_a_replica(tmp_path, {"b": "15.10 (Debian 15.10-1)"})
+    assert [a.kind for a in plan.actions] == []
+    (held,) = plan.warnings
+    assert "split shard held: orders has replica mirror on PostgreSQL 15" in held and "16 or later" in held
+
+
+def test_a_move_onto_postgresql_15_is_held_while_a_replica_follows_the_database(tmp_path):
+    plan = _planned_with_a_replica(tmp_path, {"a": "15.4"})  # -40 lives on a; its halves stay there
+    assert [a.kind for a in plan.actions] == []
+    assert "the new shard's server a runs PostgreSQL 15" in plan.warnings[0]
+
+
+def test_a_replica_on_postgresql_16_or_later_lets_the_move_run(tmp_path):
+    plan = _planned_with_a_replica(tmp_path, {"a": "16.2", "b": "18.1"})
+    assert [a.kind for a in plan.actions] == ["split_shard"]
+    assert not [w for w in plan.warnings if "held" in w]
+
+
+def test_a_replica_to_be_made_waits_for_the_move_in_the_same_plan(tmp_path):
+    plan = _planned_with_a_replica(tmp_path, {}, state=None)
+    assert [a.kind for a in plan.actions] == ["split_shard"]
+    assert "branch.mirror: the replica waits for this plan's split shard of shard.orders/-40" in plan.warnings[0]
+
+
+def _write_through_routing(fleet, count: int = 200) -> None:
+    """New customers written through routing (to whichever shards own them now)."""
+    from engine.client import ShardClient
+
+    catalog = EmbeddedServer("a", fleet.path / ".shardctl" / "servers" / "a").conninfo("shardctl")
+    with ShardClient(catalog, "orders") as client:
+        for cid in range(9_000_000, 9_000_000 + count):
+            client.execute(cid, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)"
+                           " ON CONFLICT (customer_id) DO UPDATE SET name = excluded.name || '+'", (cid, f"w{cid}"))
+
+
+@pytest.mark.parametrize("step", every_step(["follow mirror", "fence", "flip", "hand over mirror", "cleanup"],
+                                            always="hand over mirror"))
+def test_a_split_killed_at_a_step_converges_with_the_replica_following_the_new_shards(parent, step):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+    assert parent.cli("apply", "--auto-approve").code == 0
+    killed = parent.cli("apply", "--auto-approve", "-split", "orders/-40",
+                        env={FAILPOINT_ENV: f"split orders/-40: {step}"})
+    assert killed.code == -9, killed.both
+    assert "was interrupted at step" in parent.cli("plan").out
+    resumed = parent.cli("apply", "--auto-approve")
+    assert resumed.code == 0, resumed.both
+    assert {"-20", "20-40"} <= {s[0] for s in active_shards(parent)}
+    _write_through_routing(parent)
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"], sums
+    _follows_exactly_the_active_shards(parent)
+    assert parent.cli("plan", "--detailed-exitcode").code == 0
+
+
+def test_a_drain_killed_while_handing_the_replica_over_converges(parent):
+    """A relocated shard keeps its database's name on its new server: the replica's link to it
+    takes the old link's name once that one is gone; killed there, the rerun finishes it."""
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+    assert parent.cli("apply", "--auto-approve").code == 0
+    parent.write("fleet.yaml", parent.read("fleet.yaml").replace("placement: [a, b]", "placement: [a]"))
+    killed = parent.cli("apply", "--auto-approve", env={FAILPOINT_ENV: "move orders/40-80: hand over mirror"})
+    assert killed.code == -9, killed.both
+    for _ in range(3):  # the interrupted move first, then the rest of the drain
+        if parent.cli("plan", "--detailed-exitcode").code == 0:
+            break
+        resumed = parent.cli("apply", "--auto-approve")
+        assert resumed.code == 0, resumed.both
+    assert {s[3] for s in active_shards(parent)} == {"a"}
+    _write_through_routing(parent)
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"], sums
+    _follows_exactly_the_active_shards(parent)
+
+
+def test_an_aborted_split_removes_the_replicas_links_to_its_targets_and_the_replica_follows_on(parent):
+    parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
+    assert parent.cli("apply", "--auto-approve").code == 0
+    killed = parent.cli("apply", "--auto-approve", "-split", "orders/-40",
+                        env={FAILPOINT_ENV: "split orders/-40: sync"})
+    assert killed.code == -9, killed.both
+    assert any(name.endswith("_next") for name in _replica_state(parent)["subscriptions"])
+    (op,) = json.loads(parent.cli("status", "--json").out)["interrupted"]
+    aborted = parent.cli("abort", str(op["id"]))
+    assert aborted.code == 0, aborted.both
+    _follows_exactly_the_active_shards(parent)  # the targets' links went with them
+    _write_through_routing(parent)
+    sums = _caught_up(parent)
+    assert sums["replica"] == sums["parent"], sums

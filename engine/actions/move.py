@@ -8,6 +8,7 @@ The steps, each journaled and each safe to run again after a crash:
   targets    target databases created with the database's schema steps
   publish    per link: a row-filtered publication and an explicit logical slot on the source
   subscribe  per link: a subscription on the target (create_slot = false, binary, sync commit)
+  follow     per replica of the database (data: replica): a link to each target, disabled
   sync       wait until every table is copied and the slots' lag is small
   fence      LOCK the source tables, then a trigger that refuses every write, in one
              transaction (durable, and unlike REVOKE it stops superusers and owners too)
@@ -15,6 +16,8 @@ The steps, each journaled and each safe to run again after a crash:
   sequences  targets' sequences set past the sources', in disjoint blocks per target
   verify     per table: count and an order-independent checksum, frozen sources vs targets
   flip       catalog: targets active, sources retired, new routing epoch (one transaction)
+  hand over  per replica: once it has all of the sources, its links to the targets enabled,
+             those to the sources removed (engine/actions/replica.py says why it is exact)
   cleanup    subscriptions, slots and publications removed
 
 Names of everything created derive from the operation id (shardctl_op<id>_<n>), so a resumed
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from engine.actions import replica
 from engine.actions.base import (
     ApplyContext,
     apply_steps,
@@ -712,6 +716,20 @@ class Move:
                     conn.execute("SELECT setval(%s, %s, true)",
                                  (sql.Identifier(schema, name).as_string(conn), value + i * gap + 1))
 
+    def follow_replicas(self) -> None:
+        """Each active replica of the database gets its (disabled) links to the targets before the
+        flip, so that no write to a target after it is missed."""
+        for branch, copy in replica.followers(self.ctx, self.database):
+            with self.step(f"follow {branch}", replica=copy.dbname):
+                for target in self.targets:
+                    replica.follow(self.ctx, branch, copy, target, self.key_column)
+
+    def hand_over(self) -> None:
+        """After the flip: each replica leaves the retired sources for the targets."""
+        for branch, copy in replica.followers(self.ctx, self.database):
+            with self.step(f"hand over {branch}", replica=copy.dbname):
+                replica.hand_over(self.ctx, branch, copy, self.sources, self.targets, self.say)
+
     def cleanup(self) -> None:
         with self.step("cleanup"):
             self.remove_replication()
@@ -776,6 +794,7 @@ class Move:
     def abort(self, state: str = "aborted") -> None:
         """Undo an operation that has not flipped: replication objects, fence, targets."""
         self.remove_replication()
+        replica.unfollow(self.ctx, self.database, self.targets)
         self.lift_fence()
         for target in self.targets:
             drop_database(self.ctx, target)
@@ -939,14 +958,17 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
         return result
 
     if flipped:
+        timed("hand_over", move.hand_over)
         timed("cleanup", move.cleanup)
         return {"timings": timings, "verification": {}}
     timed("record", move.record)
     timed("targets", move.create_targets)
     timed("publish", move.publish)
     timed("subscribe", move.subscribe)
+    timed("follow", move.follow_replicas)
     with move.holding():
         figures = _copy_compare_cutover(move, on_flip, timed, timings)
+    timed("hand_over", move.hand_over)
     timed("cleanup", move.cleanup)
     return {"timings": timings, "verification": figures}
 

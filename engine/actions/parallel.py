@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engine.actions import dispatch
 from engine.actions.base import ApplyContext
-from engine.catalog.journal import MOVE_KINDS
+from engine.plan.models import MOVE_KINDS
 
 
 def servers_of(action) -> set[str]:

@@ -10,8 +10,16 @@ them (before the replica's database is dropped or rebuilt: a database holding su
 cannot be dropped, and a forgotten slot would keep the shard's WAL forever). Their names and
 observed lag are engine/observe/replica_links.py's.
 
-A replica does not follow its parent through splits, merges or moves: the planner holds those
-back while a replica of the database exists (engine/plan/planner.py, `_hold_moves_under_replicas`).
+A replica follows its parent through splits, merges and moves (`follow`, `hand_over`, `unfollow`,
+called by the move at its steps, engine/actions/move.py). Before the cutover, each target gets
+its own link, made with its slot but left disabled, with `origin = none`: the target's rows
+arrive by the move's own replication (its table copy and applied changes carry a replication
+origin), so this link skips all of them and carries only what is written on the target itself,
+which is nothing until the flip and every write after it. After the flip, once the replica has
+confirmed everything its links to the retired sources carry (they take no writes any more), the
+targets' links are enabled and the sources' removed: the replica applies a range's writes in
+their order, the source's before the target's. `origin` needs PostgreSQL 16 on both ends; the
+planner holds a move that a replica could not follow (engine/plan/planner.py).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from engine.plan.models import ShardSpec
 from engine.rows import one
 
 SYNC_POLL = 0.2  # seconds between looks at the initial copy's progress
+NEXT = "_next"  # a successor link's subscription, until the hand-over gives it its slot's name
+HAND_OVER_STALL = 60.0  # seconds a replica may confirm nothing more of a retired source before the move says so
 
 
 def attach(ctx: ApplyContext, branch: str, target: ShardSpec, shard: ShardSpec,
@@ -209,3 +219,154 @@ def clone(ctx: ApplyContext, source: ShardSpec, target: ShardSpec) -> str:
             conn.execute(statement)
             method = f"file copy (clone refused: {str(exc).splitlines()[0]})"
     return method
+
+
+# ---------------------------------------------------------------- following moves
+
+
+def followers(ctx: ApplyContext, database: str) -> list[tuple[str, ShardSpec]]:
+    """The active replicas of DATABASE: (branch, its database). One being built or reset is not
+    among them: it is rebuilt from the shards active when its build runs."""
+    return [(r[0], ShardSpec(name=r[0], lo=None, hi=None, server=r[1], dbname=r[2])) for r in ctx.catalog.execute(
+        "SELECT name, server, dbname FROM shardctl.branches WHERE parent = %s AND data = 'replica'"
+        " AND state = 'active' ORDER BY name", (database,)).fetchall()]
+
+
+def _replica_tables(conn: psycopg.Connection, key_column: str) -> list[tuple[str, str, bool]]:
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
+        " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
+        " ORDER BY 1, 2", (key_column,))]
+
+
+def follow(ctx: ApplyContext, branch: str, replica: ShardSpec, target: ShardSpec, key_column: str) -> None:
+    """Before a move's cutover: the replica's link to one of its targets, disabled, taking only
+    the target's own writes (origin = none) from the slot made now. Safe to repeat: what exists
+    is kept (its slot must not be made again, or writes before the new one would be skipped)."""
+    name = link_name(branch, target.dbname)
+    with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
+        if not conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication(branch),)).fetchone():
+            # reference tables (no shard key) come from the first shard only, as when the replica was made
+            chosen = [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t))
+                      for s, t, has_key in _replica_tables(conn, key_column) if has_key or target.lo is None]
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(publication(branch)), sql.SQL(", ").join(chosen)))
+        if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone():
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+        conninfo = resolved_conninfo(conn)
+    with ctx.fleet.servers[replica.server].connect(replica.dbname) as conn:
+        conn.execute("SET default_transaction_read_only = off")  # read-only is for its readers
+        if not conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name + NEXT,)).fetchone():
+            create_subscription(conn, name + NEXT, conninfo, publication=publication(branch), slot=name,
+                                streaming="on", enabled=False, copy_data=False, origin="none")
+
+
+def hand_over(ctx: ApplyContext, branch: str, replica: ShardSpec, sources: Iterable[ShardSpec],
+              targets: Iterable[ShardSpec], say) -> None:
+    """After a move's flip: once the replica has confirmed all of each retired source (fenced: it
+    takes no more writes), its links to the targets are enabled and those to the sources
+    removed; the targets' links then take their slots' names. Safe to repeat from any point: a
+    target link still named `..._next` is what says the hand-over is unfinished. A replica that
+    stops confirming (its server down, its apply failing) fails this step with the way forward;
+    the parent's writers never wait for it."""
+    handle = ctx.fleet.servers.get(replica.server)
+    if handle is None:
+        raise UserError(f"branch.{branch}: replica server {replica.server!r} is no longer declared",
+                        "declare it again (or delete the replica), then apply to finish the move")
+    sources, targets = list(sources), list(targets)
+    with handle.connect(replica.dbname) as conn:
+        present = set(_subscriptions(conn))
+    pending = [t for t in targets if link_name(branch, t.dbname) + NEXT in present]
+    if not pending:
+        return  # handed over already (or the replica was not following this move)
+    # a source's link still has its own name until the targets' links are renamed (a relocated
+    # shard's target link takes that very name, which is why the renaming comes last)
+    source_links = [s for s in sources if link_name(branch, s.dbname) in present]
+    for source in source_links:
+        _wait_confirmed(ctx, branch, source, link_name(branch, source.dbname), say)
+    with handle.connect(replica.dbname) as conn:
+        conn.execute("SET default_transaction_read_only = off")  # read-only is for its readers
+        for target in pending:
+            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(
+                sql.Identifier(link_name(branch, target.dbname) + NEXT)))
+        for source in source_links:
+            _drop_subscription(conn, link_name(branch, source.dbname))
+    for source in sources:
+        server = ctx.fleet.servers.get(source.server)
+        if server is None:
+            continue
+        with server.connect() as conn:
+            if not store.database_exists(conn, source.dbname):
+                continue
+        with server.connect(source.dbname) as conn:
+            _drop_slot(conn, link_name(branch, source.dbname))
+            conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication(branch))))
+    with handle.connect(replica.dbname) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        for target in pending:
+            name = link_name(branch, target.dbname)
+            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} RENAME TO {}").format(
+                sql.Identifier(name + NEXT), sql.Identifier(name)))
+    say(f"branch.{branch}: the replica follows {', '.join(t.dbname for t in pending)}")
+
+
+def _wait_confirmed(ctx: ApplyContext, branch: str, source: ShardSpec, slot: str, say) -> None:
+    """Until the replica's slot on SOURCE has confirmed the source's current WAL position; it
+    may take as long as it keeps making progress."""
+    with ctx.fleet.servers[source.server].connect(source.dbname) as conn:
+        goal = one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0]
+        best, since = None, time.monotonic()
+        while True:
+            row = conn.execute("SELECT confirmed_flush_lsn::text, pg_wal_lsn_diff(%s::pg_lsn, confirmed_flush_lsn)"
+                               " FROM pg_replication_slots WHERE slot_name = %s", (goal, slot)).fetchone()
+            if row is None or row[1] is None or row[1] <= 0:
+                return
+            if best is None or row[1] < best:
+                if best is not None and best - row[1] > (16 << 20):
+                    say(f"branch.{branch}: replica catching up on {source.dbname}, {int(row[1]):,} bytes left")
+                best, since = row[1], time.monotonic()
+            elif time.monotonic() - since > HAND_OVER_STALL:
+                raise UserError(
+                    f"branch.{branch}: the replica confirmed nothing more of retired shard {source.dbname} on"
+                    f" {source.server} for {HAND_OVER_STALL:.0f} s ({int(row[1]):,} bytes left to apply)",
+                    "the move itself is done and the parent takes writes; the replica's server log says why it"
+                    " does not apply (is it up?). Once fixed, apply again to hand the replica over to the new"
+                    " shards, or delete the replica")
+            time.sleep(0.05)
+
+
+def _drop_subscription(conn: psycopg.Connection, name: str) -> None:
+    ident = sql.Identifier(name)
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+    conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+
+
+def unfollow(ctx: ApplyContext, database: str, targets: Iterable[ShardSpec]) -> None:
+    """Undo `follow` for a move that is aborted: every replica's (any state's) links to the
+    targets, before the targets' databases are dropped (a slot would stop DROP DATABASE)."""
+    targets = list(targets)
+    for branch, server, dbname in ctx.catalog.execute(
+            "SELECT name, server, dbname FROM shardctl.branches WHERE parent = %s AND data = 'replica'"
+            " ORDER BY name", (database,)).fetchall():
+        handle = ctx.fleet.servers.get(server)
+        if handle is not None:
+            with handle.connect() as conn:
+                exists = store.database_exists(conn, dbname)
+            if exists:
+                with handle.connect(dbname) as conn:
+                    conn.execute("SET default_transaction_read_only = off")
+                    present = set(_subscriptions(conn))
+                    for target in targets:
+                        if link_name(branch, target.dbname) + NEXT in present:
+                            _drop_subscription(conn, link_name(branch, target.dbname) + NEXT)
+        for target in targets:
+            shard_server = ctx.fleet.servers.get(target.server)
+            if shard_server is None:
+                continue
+            with shard_server.connect() as conn:
+                if not store.database_exists(conn, target.dbname):
+                    continue
+            with shard_server.connect(target.dbname) as conn:
+                _drop_slot(conn, link_name(branch, target.dbname))

@@ -39,10 +39,12 @@ BEGIN
     SELECT * INTO STRICT r FROM pg_temp.shardctl_subscription;
     BEGIN
         EXECUTE format('CREATE SUBSCRIPTION %I CONNECTION %L PUBLICATION %I WITH (slot_name = %L,'
-                       ' create_slot = false, copy_data = true, synchronous_commit = ''off'','
-                       ' binary = true, streaming = %s, enabled = %s)',
-                       r.name, r.conninfo, r.publication, r.slot, r.streaming,
-                       CASE WHEN r.enabled THEN 'true' ELSE 'false' END);
+                       ' create_slot = false, copy_data = %s, synchronous_commit = ''off'','
+                       ' binary = true, streaming = %s, enabled = %s%s)',
+                       r.name, r.conninfo, r.publication, r.slot,
+                       CASE WHEN r.copy_data THEN 'true' ELSE 'false' END, r.streaming,
+                       CASE WHEN r.enabled THEN 'true' ELSE 'false' END,
+                       CASE WHEN r.origin IS NULL THEN '' ELSE format(', origin = %L', r.origin) END);
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
                                 detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
@@ -63,17 +65,21 @@ STREAMING = {"on", "off", "parallel"}
 
 
 def create_subscription(conn: psycopg.Connection, name: str, conninfo: str, publication: str, slot: str,
-                        streaming: str, enabled: bool = True) -> None:
+                        streaming: str, enabled: bool = True, copy_data: bool = True,
+                        origin: str | None = None) -> None:
     """CREATE SUBSCRIPTION name CONNECTION conninfo PUBLICATION publication WITH (slot_name = slot,
-    create_slot = false, copy_data = true, synchronous_commit = off, binary = true, streaming,
-    enabled), with no part of conninfo in any statement text."""
+    create_slot = false, copy_data, synchronous_commit = off, binary = true, streaming, enabled
+    [, origin]), with no part of conninfo in any statement text. ORIGIN (PostgreSQL 16+) 'none'
+    takes only the changes made on the source itself, not those it replicated from elsewhere."""
     if streaming not in STREAMING:  # formatted with %s: only these constants ever reach it
         raise ValueError(f"streaming must be one of {sorted(STREAMING)}")
+    if origin not in (None, "none", "any"):
+        raise ValueError("origin must be 'none' or 'any'")
     with conn.transaction():
         conn.execute("CREATE TEMPORARY TABLE shardctl_subscription (name text, conninfo text, publication text,"
-                     " slot text, streaming text, enabled boolean) ON COMMIT DROP")
+                     " slot text, streaming text, enabled boolean, copy_data boolean, origin text) ON COMMIT DROP")
         with conn.cursor().copy("COPY pg_temp.shardctl_subscription FROM STDIN") as copy:
-            copy.write_row((name, conninfo, publication, slot, streaming, enabled))
+            copy.write_row((name, conninfo, publication, slot, streaming, enabled, copy_data, origin))
         conn.execute(SUBSCRIBE)
 
 

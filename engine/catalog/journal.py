@@ -22,10 +22,10 @@ from psycopg.types.json import Jsonb
 
 from engine.catalog.lock import who
 from engine.errors import UserError
+from engine.plan.models import MOVE_KINDS
 from engine.rows import one
 
 # operations that resume under their own operation after a crash, or that `abort` undoes
-MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
 BRANCH_KINDS = ("create_branch", "reset_branch", "merge_branch_schema")
 
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"

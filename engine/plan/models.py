@@ -343,6 +343,7 @@ Action = Annotated[
     Field(discriminator="kind"),
 ]
 LOAD_KINDS = ("split_shard", "merge_shards")
+MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")  # the actions that move rows between shards
 LOAD_CAUSES = ("load", "forecast")  # what the fleet's load caused (now or ahead), not a person's change
 
 # Destructive first, so the danger is read before the rest (UX.md).

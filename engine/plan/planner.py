@@ -27,6 +27,7 @@ from engine.plan import checks, rightsizing
 from engine.plan.forecast import forecast_actions
 from engine.plan.load import load_actions
 from engine.plan.models import (
+    MOVE_KINDS,
     ApplySchema,
     AttributeChange,
     Cause,
@@ -143,7 +144,7 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
     busy = _plan_branches(p)
     _plan_load(p, busy)
     _plan_rebalance(p)
-    _hold_moves_under_replicas(p)
+    _replicas_and_moves(p)
     _observe_fleet_drift(p)
     p.warnings.extend(_unknown_metrics(desired, observation))
     p.warnings.extend(a.describe() for a in rightsizing.fleet_advice(desired, observation))
@@ -511,9 +512,6 @@ def _plan_load(p: _Planning, busy: set[str]) -> None:
             p.actions.append(action)
 
 
-MOVE_KINDS = ("split_shard", "merge_shards", "move_shard")
-
-
 def _replicated(desired: Desired, observation: Observation) -> dict[str, list[str]]:
     """The databases that have a replica (declared, or recorded and not yet deleted), and its names."""
     out: dict[str, list[str]] = {}
@@ -526,28 +524,74 @@ def _replicated(desired: Desired, observation: Observation) -> dict[str, list[st
     return out
 
 
-def _hold_moves_under_replicas(p: _Planning) -> None:
-    """A replica does not follow its parent through a split, merge or move yet: rows written to
-    a move's targets after its cutover would never reach it. So no new move of a replicated
-    database is planned (an interrupted one started before the replica is still finished: the
-    replica waits for it instead, in _build_branch); the plan says why and what to do."""
+def _major(version: str | None) -> int | None:
+    found = re.match(r"\s*(\d+)", version or "")
+    return int(found.group(1)) if found else None
+
+
+def _replicas_and_moves(p: _Planning) -> None:
+    """A replica follows its parent through splits, merges and moves (engine/actions/replica.py),
+    with two exceptions that hold a new move back, saying why: a replica, or the move's target,
+    on a server older than PostgreSQL 16 (a replica's link to a target must skip the rows the
+    move copies, by their replication origin, which 16 introduced), and a replica whose server
+    does not answer (its links could not be made). A replica's build or reset waits while this
+    plan moves its parent's shards: it is made from the shards active when the plan was made.
+    A destroy or rename of a replicated database waits until the replica is deleted."""
     replicated = _replicated(p.desired, p.observation)
+    deleted = {a.branch for a in p.actions if a.kind == "delete_branch"}
+    # the replicas a move links to: those active when it runs (one being built waits for the move)
+    following: dict[str, list] = {}
+    for branch in p.observation.catalog.branches.values():
+        if branch.data == "replica" and branch.state == "active" and branch.name not in deleted:
+            following.setdefault(branch.parent, []).append(branch)
     for action in list(p.actions):
-        if action.database not in replicated or getattr(action, "operation", None) is not None:
+        if getattr(action, "operation", None) is not None:
             continue
-        names = ", ".join(sorted(replicated[action.database]))
-        if action.kind in MOVE_KINDS:
-            p.actions.remove(action)
-            p.warnings.append(
-                f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names}),"
-                " which does not follow splits, merges or moves; delete the replica (remove it from the"
-                " configuration), apply, then declare it again after the move")
-        elif action.kind in ("destroy_database", "rename_database"):
+        if action.kind in MOVE_KINDS and action.database in following:
+            why = _unfollowable(action, following[action.database], p.observation.servers)
+            if why:
+                p.actions.remove(action)
+                p.warnings.append(f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has"
+                                  f" {why}")
+        elif action.kind in ("destroy_database", "rename_database") and action.database in replicated:
+            names = ", ".join(sorted(replicated[action.database]))
             # the shards' slots would stop DROP DATABASE, and the replica names its parent
             p.actions.remove(action)
             p.warnings.append(
                 f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names});"
                 " delete the replica first (remove it from the configuration and apply)")
+    moving = {a.database: a for a in p.actions if a.kind in MOVE_KINDS}
+    for action in list(p.actions):
+        if action.kind in ("create_branch", "reset_branch") and action.data == "replica" \
+                and action.database in moving and action.operation is None:
+            p.actions.remove(action)
+            move = moving[action.database]
+            p.warnings.append(
+                f"{action.address}: the replica waits for this plan's {move.kind.replace('_', ' ')} of"
+                f" {move.address}: it is made from the shards that are active then (apply again after it)")
+
+
+def _unfollowable(action, replicas: list, servers: dict) -> str | None:
+    """Why a replica of the moved database could not follow this move, or None."""
+    targets = [action.target] if action.kind in ("merge_shards", "move_shard") else list(action.targets)
+    for replica in sorted(replicas, key=lambda b: b.name):
+        live = servers.get(replica.server)
+        if live is None or not live.reachable:
+            return (f"replica {replica.name}, whose server {replica.server} does not answer: its links to the new"
+                    " shards could not be made; apply again once it does (or delete the replica)")
+        if (_major(live.version) or 16) < 16:
+            return (f"replica {replica.name} on PostgreSQL {_major(live.version)}: following a move takes PostgreSQL"
+                    " 16 or later on the replica's server (its links skip the rows the move copies by their"
+                    f" replication origin); make the replica on a newer server, or delete it, to let the move run")
+        for target in targets:
+            live = servers.get(target.server)
+            major = _major(live.version) if live is not None else None
+            if major is not None and major < 16:
+                return (f"replica {replica.name}, and the new shard's server {target.server} runs PostgreSQL"
+                        f" {major}: a replica follows a move only onto PostgreSQL 16 or later (its link skips"
+                        " the rows the move copies by their replication origin); choose a newer server, or"
+                        " delete the replica, to let the move run")
+    return None
 
 
 def _observe_fleet_drift(p: _Planning) -> None:
