@@ -92,29 +92,32 @@ def detach(ctx: ApplyContext, branch: str, target: ShardSpec, shards: Iterable[S
     that this works with a shard unreachable), then each shard's slot and publication. Safe to
     repeat; a shard whose database is gone is skipped."""
     handle = ctx.fleet.servers.get(target.server)
-    prefix = publication(branch)
     if handle is not None:
         with handle.connect() as conn:
             exists = store.database_exists(conn, target.dbname)
         if exists:
             with handle.connect(target.dbname) as conn:
                 conn.execute("SET default_transaction_read_only = off")  # read-only is for its readers
-                for (name,) in conn.execute("SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM"
-                                            " pg_database WHERE datname = current_database())").fetchall():
-                    ident = sql.Identifier(name)
-                    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
-                    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
-                    conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+                for name in _subscriptions(conn):
+                    _drop_subscription(conn, name)
+    _unlink(ctx, branch, shards, publications=True)
+
+
+def _unlink(ctx: ApplyContext, branch: str, shards: Iterable[ShardSpec], publications: bool) -> None:
+    """The shards' ends of a replica's links: each slot (and, with PUBLICATIONS, the publication).
+    A shard whose server is no longer declared, or whose database is gone (dropped after a
+    move), has nothing of ours left."""
     for shard in shards:
         server = ctx.fleet.servers.get(shard.server)
         if server is None:
             continue
         with server.connect() as conn:
             if not store.database_exists(conn, shard.dbname):
-                continue  # the shard's database is gone (dropped after a move): nothing of ours is left in it
+                continue
         with server.connect(shard.dbname) as conn:
             _drop_slot(conn, link_name(branch, shard.dbname))
-            conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(prefix)))
+            if publications:
+                conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication(branch))))
 
 
 def detach_recorded(ctx: ApplyContext, branch: str, target: ShardSpec, database: str, data: str | None) -> None:
@@ -292,16 +295,7 @@ def hand_over(ctx: ApplyContext, branch: str, replica: ShardSpec, sources: Itera
                 sql.Identifier(link_name(branch, target.dbname) + NEXT)))
         for source in source_links:
             _drop_subscription(conn, link_name(branch, source.dbname))
-    for source in sources:
-        server = ctx.fleet.servers.get(source.server)
-        if server is None:
-            continue
-        with server.connect() as conn:
-            if not store.database_exists(conn, source.dbname):
-                continue
-        with server.connect(source.dbname) as conn:
-            _drop_slot(conn, link_name(branch, source.dbname))
-            conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication(branch))))
+    _unlink(ctx, branch, sources, publications=True)
     with handle.connect(replica.dbname) as conn:
         conn.execute("SET default_transaction_read_only = off")
         for target in pending:
@@ -361,12 +355,4 @@ def unfollow(ctx: ApplyContext, database: str, targets: Iterable[ShardSpec]) -> 
                     for target in targets:
                         if link_name(branch, target.dbname) + NEXT in present:
                             _drop_subscription(conn, link_name(branch, target.dbname) + NEXT)
-        for target in targets:
-            shard_server = ctx.fleet.servers.get(target.server)
-            if shard_server is None:
-                continue
-            with shard_server.connect() as conn:
-                if not store.database_exists(conn, target.dbname):
-                    continue
-            with shard_server.connect(target.dbname) as conn:
-                _drop_slot(conn, link_name(branch, target.dbname))
+        _unlink(ctx, branch, targets, publications=False)  # the targets' databases are dropped next
