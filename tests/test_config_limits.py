@@ -97,7 +97,8 @@ DB = SERVERS + "databases:\n  o:\n    shard_key: {column: id, type: bigint}\n   
 
 @pytest.mark.parametrize("schema,expected", [
     ("/proc/self/environ", "is an absolute path"),
-    ("../../../../etc/passwd", "is outside the config directory"),
+    ("../" * 40 + "etc/passwd", "is outside the config directory"),
+    ("../no-such-directory/x.sql", "is outside the config directory"),  # never "not found": nothing outside is probed
     ("out.sql", "is outside the config directory"),
     ("loop.sql", "cannot be resolved: a symbolic link loop"),
     ("x" * 300 + ".sql", "cannot be resolved: File name too long"),

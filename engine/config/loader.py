@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -714,6 +715,10 @@ def _schema_file(step: str, doc: _Doc, root: Path, cwd: Path, where: Location) -
     if Path(step).is_absolute():
         return base, Diagnostic(where, f"schema file {_shown(step)} is an absolute path",
                                 "schema files live in the config directory; give a path relative to the YAML file")
+    # outside by its own words: said before anything outside is looked at (whether a file
+    # exists there is none of this config's business, and "not found" would tell)
+    if not Path(os.path.normpath(base.resolve() / step)).is_relative_to(root):
+        return base, _outside(step, root, cwd, where)
     try:
         path = (base / step).resolve(strict=True)
     except FileNotFoundError:
@@ -725,10 +730,14 @@ def _schema_file(step: str, doc: _Doc, root: Path, cwd: Path, where: Location) -
         why = getattr(exc, "strerror", None) or "a symbolic link loop"
         return base, Diagnostic(where, f"schema file {_shown(step)} cannot be resolved: {why}")
     if not path.is_relative_to(root):
-        return base, Diagnostic(where, f"schema file {_shown(step)} is outside the config directory",
-                                f"schema files must live under {_display(root, cwd) or '.'}/ (symbolic links are"
-                                " followed before this check)")
+        return base, _outside(step, root, cwd, where)
     return path, None
+
+
+def _outside(step: str, root: Path, cwd: Path, where: Location) -> Diagnostic:
+    return Diagnostic(where, f"schema file {_shown(step)} is outside the config directory",
+                      f"schema files must live under {_display(root, cwd) or '.'}/ (symbolic links are"
+                      " followed before this check)")
 
 
 def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
