@@ -28,8 +28,12 @@ def test_the_clock_is_where_the_run_says(pytestconfig):
     "2027-06-30T23:59:30+00:00",   # months later, half a minute before midnight
     "2026-11-25T14:05:00+00:00",   # the day before the recordings were made
 ])
-def test_planning_and_replay_tests_pass_with_the_clock_moved(instant):
+def test_planning_and_replay_tests_pass_with_the_clock_moved(instant, tmp_path):
+    # its own --basetemp: without one, a pytest session resets /tmp/pytest-of-<user> to 0700,
+    # and a server that the other xdist worker is just making (as the embedded user) could
+    # no longer reach its directory
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--travel", instant,
-                           *IN_PROCESS], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--basetemp", str(tmp_path / "inner"), *IN_PROCESS],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
