@@ -117,11 +117,7 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
     with op.step(f"pre-data {action.branch}"):
         _run_sql(ctx, target, dumps["pre-data"].result())
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
-        tables = [(r[0], r[1], r[2]) for r in conn.execute(
-            "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
-            " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
-            " ORDER BY 1, 2", (key_column,))]
+        tables = replica.tables_with_key(conn, key_column)
     rows: dict[str, int] = {}
     if action.data not in ("schema", "replica"):
         with op.step(f"data {action.branch}", shards=len(action.shards)):

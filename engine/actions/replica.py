@@ -235,7 +235,9 @@ def followers(ctx: ApplyContext, database: str) -> list[tuple[str, ShardSpec]]:
         " AND state = 'active' ORDER BY name", (database,)).fetchall()]
 
 
-def _replica_tables(conn: psycopg.Connection, key_column: str) -> list[tuple[str, str, bool]]:
+def tables_with_key(conn: psycopg.Connection, key_column: str) -> list[tuple[str, str, bool]]:
+    """The database's tables as (schema, table, has the shard key): those without it are
+    reference tables, copied and published from the first shard only."""
     return [(r[0], r[1], r[2]) for r in conn.execute(
         "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
         " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -252,7 +254,7 @@ def follow(ctx: ApplyContext, branch: str, replica: ShardSpec, target: ShardSpec
         if not conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication(branch),)).fetchone():
             # reference tables (no shard key) come from the first shard only, as when the replica was made
             chosen = [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t))
-                      for s, t, has_key in _replica_tables(conn, key_column) if has_key or target.lo is None]
+                      for s, t, has_key in tables_with_key(conn, key_column) if has_key or target.lo is None]
             conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
                 sql.Identifier(publication(branch)), sql.SQL(", ").join(chosen)))
         if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone():
