@@ -231,6 +231,11 @@ def preconditions(db: DesiredDatabase, shards: list[CatalogShard], observation: 
         if observation.strays.get(shard.address):
             return (f"{shard.address} holds {strays.describe(observation.strays[shard.address])};"
                     f" `shardctl strays {shard.address} --move` moves them to the shards that own them")
+    for branch in sorted(observation.catalog.branches.values(), key=lambda b: b.name):
+        if branch.parent == db.name and branch.data == "replica" and branch.state == "active":
+            refused = checks.why_not(observation.servers.get(branch.server), "replica_target")
+            if refused:  # the replica follows the move with subscriptions of its own
+                return f"{refused} (replica {branch.name} follows every move of {db.name})"
     return None
 
 
