@@ -220,7 +220,7 @@ class EmbeddedServer:
         path, passed_over = private.claim(self.usual_socket_dir, server_account())
         if passed_over:
             say(f"Server {self.name}: not using {passed_over}; its socket is in {path} instead")
-        private.write_private(self.root / "socket_dir", f"{path}\n", server_account())
+        private.write_private(self.root / "socket_dir", f"{path}\n", None)
         return path
 
     def _write_auth(self) -> None:
