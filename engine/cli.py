@@ -759,7 +759,8 @@ def watch(obj: Ctx, listen: str, no_http: bool, token_env: str, allow_hosts: tup
         if host not in ("127.0.0.1", "::1", "localhost"):
             click.echo(f"Warning: --listen {listen} serves the dashboard, the JSON API and /metrics beyond this"
                        " host. They are read-only and never show a password; pause and resume still need the"
-                       " token.", err=True)
+                       " token. Only requests for the address they arrive at are answered: name this host"
+                       " with --allow-host NAME to be reached by name.", err=True)
     desired = workflow.load(obj.config_dir)
     options = WatchOptions(config_dir=Path(obj.config_dir).resolve(), listen=None if no_http else listen,
                            token_env=token_env, allow_hosts=allow_hosts)
