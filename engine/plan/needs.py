@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from engine.observe.models import Observation
+from engine.observe.models import CatalogBranch, Observation
 from engine.plan.models import ShardSpec
 
 Need = tuple[str, str]  # (server, purpose)
@@ -55,12 +55,17 @@ def _moving(database: str, sources: Iterable[ShardSpec], targets: Iterable[Shard
     targets = list(targets)
     out = [(s.server, "move_source") for s in sources]
     out += [(t.server, purpose) for t in targets for purpose in ("shard", "move_target")]
-    for branch in sorted(observation.catalog.branches.values(), key=lambda b: b.name):
-        if branch.parent == database and branch.data == "replica" and branch.state == "active" \
-                and branch.name not in leaving:
+    for branch in active_replicas(observation, database):
+        if branch.name not in leaving:
             out += [(branch.server, "replica_target"), (branch.server, "replica_follow")]
             out += [(t.server, purpose) for t in targets for purpose in ("replica_source", "replica_follow")]
     return out
+
+
+def active_replicas(observation: Observation, database: str) -> list[CatalogBranch]:
+    """The replicas that follow DATABASE's moves, by name."""
+    return sorted((b for b in observation.catalog.branches.values()
+                   if b.parent == database and b.data == "replica" and b.state == "active"), key=lambda b: b.name)
 
 
 def _split(action, observation, leaving) -> list[Need]:
