@@ -18,6 +18,7 @@ from engine.observe.observer import inspect_servers, observe
 from engine.observe.replica_links import replica_links
 from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
+from engine.plan.forecast import lineage_of
 from engine.plan.load import assessments
 from engine.servers.fleet import Fleet
 
@@ -148,7 +149,7 @@ def outlook(desired: Desired, shard, observation) -> list[str]:
     if db is None or shard.state != "active":
         return []
     return shard_outlook(shard.address, observation.hourly.get(shard.address, ()), db.effective_policy,
-                         observation.metrics_at or observation.now())[0]
+                         observation.metrics_at or observation.now(), lineage_of(shard.address, observation))[0]
 
 
 def _metric(latest: Sample | None, metric: str) -> dict[str, Any] | None:

@@ -263,18 +263,7 @@ def _decide(states: list[_State], offsets: list[int], step: int, at: datetime, p
             s.start("split", "load", at, move_seconds, verdict.evidence[0].describe())
             busy += 1
     if predictive:
-        ahead = sorted(((c, s) for s in live if s.forecast and (c := s.forecast.crossing(threshold))),
-                       key=lambda pair: (pair[0], pair[1].trace.name))
-        # the n-th of the batch waits for the moves before it: the batch starts when any of them needs it
-        position, due = busy, False
-        for crossing, s in ahead:
-            position += 1 if s.pending else s.shards
-            due |= crossing - at <= timedelta(seconds=lead.queued(position, slots).seconds)
-        for _, s in ahead if due else ():
-            if s in ready and not s.pending and busy < slots:
-                assert s.forecast is not None
-                s.start("split", "forecast", at, move_seconds, s.forecast.describe(threshold, "", at))
-                busy += 1
+        busy = _split_ahead(live, ready, busy, at, threshold, slots, move_seconds, lead)
     for s in ready:
         verdict = verdicts.get(s.trace.name)
         if s.pending or verdict is None or verdict.state != "cold" or s.shards <= 1 or not policy.automerge.enabled:
@@ -285,6 +274,23 @@ def _decide(states: list[_State], offsets: list[int], step: int, at: datetime, p
             continue  # the merged shard is forecast to be hot again within the horizon
         s.start("merge", "load", at, move_seconds, verdict.evidence[0].describe())
         busy += 1
+
+
+def _split_ahead(live: list[_State], ready: list[_State], busy: int, at: datetime, threshold: float, slots: int,
+                 move_seconds: float, lead: LeadTime) -> int:
+    """The shards forecast to cross, in the order of their crossings, are a batch: the n-th waits
+    for the moves before it, so the batch starts when any of them is within its lead time."""
+    ahead = sorted(((c, s) for s in live if s.forecast and (c := s.forecast.crossing(threshold))),
+                   key=lambda pair: (pair[0], pair[1].trace.name))
+    position, due = busy, False
+    for crossing, s in ahead:
+        position += 1 if s.pending else s.shards
+        due |= crossing - at <= timedelta(seconds=lead.queued(position, slots).seconds)
+    for _, s in ahead if due else ():
+        if s in ready and not s.pending and busy < slots and s.forecast is not None:
+            s.start("split", "forecast", at, move_seconds, s.forecast.describe(threshold, "", at))
+            busy += 1
+    return busy
 
 
 def flapping(decisions: list[Decision]) -> int:

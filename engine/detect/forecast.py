@@ -49,6 +49,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
+from itertools import pairwise
 from statistics import median
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
@@ -269,13 +270,13 @@ def _weekend_effect(levels: dict[int, tuple[float, bool]], slope: float) -> floa
 def _day_slope(xs: dict[int, float]) -> float:
     """The median day-over-day change: one step or one odd day moves two of them at most."""
     days = sorted(xs)
-    steps = [(xs[b] - xs[a]) / (b - a) for a, b in zip(days, days[1:], strict=False)]
+    steps = [(xs[b] - xs[a]) / (b - a) for a, b in pairwise(days)]
     return median(steps) if steps else 0.0
 
 
 def _tolerance(xs: dict[int, float], slope: float) -> float:
     days = sorted(xs)
-    steps = [(xs[b] - xs[a]) / (b - a) - slope for a, b in zip(days, days[1:], strict=False)]
+    steps = [(xs[b] - xs[a]) / (b - a) - slope for a, b in pairwise(days)]
     sigma = 1.4826 * median(abs(s) for s in steps) / math.sqrt(2) if len(steps) >= 3 else 0.0
     return max(ONE_OFF, 5 * sigma)
 

@@ -93,12 +93,13 @@ def _moves(conn: psycopg.Connection | None) -> tuple:
 
 
 def long_history(conn: psycopg.Connection | None, shards: list[CatalogShard], now: datetime) -> dict:
-    """What forecasts are fitted on: the hourly means of the monitored shards over the
-    forecast's window, and the finished moves (Observation.hourly and .moves)."""
+    """What forecasts are fitted on: the hourly means over the forecast's window of every
+    address that has them, the monitored shards' and those of shards split or merged since (a
+    young shard's forecast inherits its ancestors' history), and the finished moves
+    (Observation.hourly and .moves)."""
     if conn is None or not shards:
         return {"moves": _moves(conn)}
-    return {"hourly": hourly_series(conn, now - timedelta(seconds=MAX_FIT_HOURS * 3600), [s.address for s in shards]),
-            "moves": _moves(conn)}
+    return {"hourly": hourly_series(conn, now - timedelta(seconds=MAX_FIT_HOURS * 3600)), "moves": _moves(conn)}
 
 
 def hourly_series(conn: psycopg.Connection, since: datetime,

@@ -78,7 +78,7 @@ def series_of(samples: Iterable[Sample], resolution: int = 3600, sustain: float 
         at.append(bucket + timedelta(seconds=resolution))
         for i in range(len(METRICS)):
             columns[i].append(row[1 + 3 * i] / row[2 + 3 * i] if row[2 + 3 * i] else None)
-    fine = [s for s in samples if s.interval_s < 900]
+    fine = [s for s in samples if s.interval_s is not None and s.interval_s < 900]
     highs = _highs(fine, resolution, max(1, math.ceil(sustain / 60))) if fine else {}
     series = {}
     for shard, (at, columns) in out.items():
@@ -103,11 +103,10 @@ def _highs(samples: list[Sample], resolution: int, k: int) -> dict[str, dict[tup
     step = timedelta(seconds=60)
     out: dict[str, dict[tuple[datetime, str], float]] = {}
     for (shard, end, metric), minutes in per_bucket.items():
-        held = None
+        held: float | None = None
         for first in minutes:
-            run = [minutes.get(first + step * j) for j in range(k)]
-            if all(v is not None for v in run):
-                low = min(v for v in run if v is not None)
-                held = low if held is None else max(held, low)
+            run = [v for j in range(k) if (v := minutes.get(first + step * j)) is not None]
+            if len(run) == k:
+                held = min(run) if held is None else max(held, min(run))
         out.setdefault(shard, {})[(end, metric)] = held if held is not None else min(minutes.values())
     return out

@@ -88,7 +88,7 @@ def forecast_chart(forecast, threshold: float | None) -> dict | None:
 
     upper = [f"{i * step:.1f},{y(v + forecast.band)}" for i, v in enumerate(values)]
     lower = [f"{i * step:.1f},{y(v - forecast.band)}" for i, v in reversed(list(enumerate(values)))]
-    crossing = forecast.crossing(threshold, upper=True) if threshold else None
+    crossing = forecast.crossing(threshold) if threshold else None
     return {"band": " ".join(upper + lower), "line": " ".join(f"{i * step:.1f},{y(v)}" for i, v in enumerate(values)),
             "threshold_y": float(y(threshold)) if threshold else None, "hours": len(values),
             "peak": max(values), "plus_minus": forecast.band, "crossing": crossing}
