@@ -11,7 +11,7 @@ from traces import Shape, shape
 
 from engine.config.models import Policy
 from engine.detect.backtest import Trace, TraceResult, replay_together
-from engine.detect.forecast import LeadTime, Lineage, lead_time
+from engine.detect.forecast import Lineage, lead_time
 from engine.observe import rollup
 from engine.observe.models import MoveRecord
 
@@ -67,10 +67,12 @@ def judge_split(s: Shape, address: str, decisions, crossing: datetime, position:
         return False, f"{address}: no split ahead (first decision: {decisions[0].cause if decisions else 'none'})"
     first = ahead[0]
     if first.done_at is None or first.done_at > crossing:
-        return False, f"{address}: the split ahead at {first.at:%m-%d %H:%M} finished after the crossing {crossing:%m-%d %H:%M}"
+        return False, (f"{address}: the split ahead at {first.at:%m-%d %H:%M} finished after the crossing"
+                       f" {crossing:%m-%d %H:%M}")
     if first.at < crossing - timedelta(seconds=LEAD.queued(position, slots).seconds) - EARLY:
         return False, f"{address}: split at {first.at:%m-%d %H:%M}, days before the crossing {crossing:%m-%d %H:%M}"
-    return True, f"{address}: split at {first.at:%m-%d %H:%M}, done {first.done_at:%m-%d %H:%M}, crossing {crossing:%m-%d %H:%M}"
+    return True, (f"{address}: split at {first.at:%m-%d %H:%M}, done {first.done_at:%m-%d %H:%M},"
+                  f" crossing {crossing:%m-%d %H:%M}")
 
 
 def backtest(name: str, seed: int = 1) -> tuple[Judged, list[TraceResult]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from itertools import pairwise
 
 import pytest
 from forecast_shapes import LEAD, MOVE, backtest, lineages_of, plan_replay, policy_for, traces_of
@@ -100,7 +101,7 @@ def test_the_queue_starts_the_batch_so_that_the_fourth_split_ends_before_its_cro
     assert crossing - first >= timedelta(seconds=LEAD.queued(4, 1).seconds) - timedelta(hours=1)
     splits = sorted((d for r in results for d in r.predictive.decisions), key=lambda d: d.at)
     assert [d.cause for d in splits] == ["forecast"] * 4
-    assert all(a.done_at <= b.at for a, b in zip(splits, splits[1:], strict=False))  # one at a time
+    assert all(a.done_at <= b.at for a, b in pairwise(splits))  # one at a time
     assert judged.predictive_hot == 0
 
 
@@ -132,7 +133,7 @@ def test_the_forecast_follows_growth_and_the_daily_cycle_and_ignores_spikes():
 
 def test_weekends_are_a_season_from_the_first_one_seen():
     for day in (4.5, 9.5):  # a Monday with one weekend seen, the next Saturday with two
-        s, series, f = forecast_at("weekly_growth", START + timedelta(days=day))
+        _, series, f = forecast_at("weekly_growth", START + timedelta(days=day))
         assert f is not None and f.seasonality == "daily and weekend (UTC)"
         actual = dict(series.known(QPS))
         pairs = [(v, actual[f.at(i)]) for i, v in enumerate(f.values) if f.at(i) in actual]
@@ -156,7 +157,7 @@ def test_a_one_off_day_is_left_out_not_projected(name):
     s = shape(name)
     days = len(s.traces["orders/-40"]) // 1440
     at = START + timedelta(days=days - 1, hours=14)  # a week or two after the sale
-    _, series, f = forecast_at(name, at)
+    _, _, f = forecast_at(name, at)
     assert f is not None and len(f.one_off_days) == 1, f
     assert max(f.deciding) < 0.75 * s.threshold  # not the sale's 9,000/s again
 

@@ -264,7 +264,7 @@ def shape(name: str, seed: int = 1) -> Shape:  # noqa: C901 - one branch per sha
                                      for r in ("-40", "40-80", "80-c0", "c0-")},
                      why="four shards crossing within the same hour; one move at a time (max_concurrent 1)")
     if name == "dst":
-        start = datetime(2026, 10, 20, 4, 0, tzinfo=timezone.utc)  # New York leaves DST on 1 November
+        start = datetime(2026, 10, 20, 4, 0, tzinfo=START.tzinfo)  # New York leaves DST on 1 November
         return Shape(name, "split", {a: _cycle(name, seed, 17, lambda d: 6300 * jitter * 1.03 ** d, start=start,
                                                weekend=0.6, zone="America/New_York")},
                      start=start, time_zone="America/New_York",
