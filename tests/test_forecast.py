@@ -243,6 +243,21 @@ def test_a_flat_noisy_shard_never_crosses_by_one_hour_at_the_edge_of_its_band():
         assert max(f.deciding) < s.threshold
 
 
+@pytest.mark.parametrize("kind", ["nights", "spikes", "quiet"])
+def test_no_flapping_and_nothing_on_bursts_or_a_quiet_shard(kind):
+    """Nights near zero turn split shards cold (merge bait): the reactive policy merges them and
+    splits again next day; the predictive one holds the merge back while the merged load is
+    forecast hot. Two-minute bursts and a quiet shard get nothing from either."""
+    trace = Trace(name=f"orders/{kind}", metric=QPS, start=START, interval=60.0, values=tuple(multi_day(kind, 21)))
+    result = replay(trace, policy_for(shape("daily_growth")), MOVE, LEAD, error=False)
+    assert result.predictive.flapping_pairs == 0
+    if kind == "nights":
+        assert result.reactive.flapping_pairs > 0
+        assert result.predictive.over_seconds <= 0.2 * result.reactive.over_seconds
+    else:
+        assert result.reactive.decisions == result.predictive.decisions == ()
+
+
 def test_a_shard_hot_before_the_minimum_history_is_left_to_the_reactive_policy():
     hot_early = Trace(name="orders/early", metric=QPS, start=START, interval=60.0,
                       values=tuple(v * 2.2 for v in multi_day("daily", 4)))

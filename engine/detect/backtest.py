@@ -270,7 +270,8 @@ def _decide(states: list[_State], offsets: list[int], step: int, at: datetime, p
             continue
         if 2 * max(e.high for e in verdict.evidence) >= threshold * (1 - tol) or busy >= slots:
             continue
-        if predictive and s.forecast and any(2 * v > threshold for v in s.forecast.deciding):
+        merged = _fit(s.trace, policy, s.hourly, at, 2.0 / s.shards, s.lineage, threshold) if predictive else None
+        if merged is not None and merged.crossing(threshold) is not None:
             continue  # the merged shard is forecast to be hot again within the horizon
         s.start("merge", "load", at, move_seconds, verdict.evidence[0].describe())
         busy += 1

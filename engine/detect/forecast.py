@@ -236,7 +236,9 @@ def _shapes(points: dict[int, float], zone_name: str, skip: set[int],
     days: dict[int, list[int]] = {}
     for h in points:
         days.setdefault(_calendar(h, zone_name)[0], []).append(h)
-    centre = {d: median(points[h] for h in hs) for d, hs in days.items() if len(hs) >= 12 and d not in skip}
+    # a day's centre from whole days only: the median of part of a day depends on which part
+    whole = 20 if any(len(hs) >= 20 for d, hs in days.items() if d not in skip) else 12
+    centre = {d: median(points[h] for h in hs) for d, hs in days.items() if len(hs) >= whole and d not in skip}
     by_kind: dict[tuple[bool, int], list[float]] = {}
     by_hour: dict[int, list[float]] = {}
     for d, c in centre.items():
@@ -272,6 +274,14 @@ def _day_slope(xs: dict[int, float]) -> float:
     days = sorted(xs)
     steps = [(xs[b] - xs[a]) / (b - a) for a, b in pairwise(days)]
     return median(steps) if steps else 0.0
+
+
+def _same_kind_slope(levels: dict[int, tuple[float, bool]]) -> float:
+    """The median change between consecutive days of the same kind (Saturday to Sunday, Monday
+    to Tuesday): a weekend's drop is no trend, even with a few days of history."""
+    days = sorted(levels)
+    steps = [(levels[b][0] - levels[a][0]) / (b - a) for a, b in pairwise(days) if levels[a][1] == levels[b][1]]
+    return median(steps) if steps else _day_slope({d: x for d, (x, _) in levels.items()})
 
 
 def _tolerance(xs: dict[int, float], slope: float) -> float:
@@ -343,35 +353,43 @@ def _one_offs(xs: dict[int, float], slope: float, tol: float) -> set[int]:
     return odd
 
 
+def _weekends(points: dict[int, float], zone_name: str, skip: set[int]) -> tuple[float, dict, dict, dict, dict]:
+    """The weekend's level against the working days', judged on day levels under one shape for
+    every day (shapes apart would each bend the levels their own way), then the shapes and
+    levels to use: apart for working days and weekends only when the weekend differs."""
+    shape, pooled, days = _shapes(points, zone_name, skip, weekends=False)
+    levels = _levels(points, days, shape, pooled, zone_name, skip, weekends=False)
+    kinds = {d: (x, _local(days[d][0], zone_name)[2]) for d, (x, _) in levels.items()}
+    weekend = _weekend_effect(kinds, _same_kind_slope(kinds))
+    if not weekend:
+        return 0.0, shape, pooled, days, levels
+    shape, pooled, days = _shapes(points, zone_name, skip)
+    levels = _levels(points, days, shape, pooled, zone_name, skip)
+    return _weekend_effect(levels, _same_kind_slope(levels)) or weekend, shape, pooled, days, levels
+
+
 def _decompose(points: dict[int, float], newest: int, zone_name: str) -> _Model:
     """Logs of hourly values in, the model out: a first robust pass (shapes, day levels, the
     median day-over-day change) to find a level shift and the one-off days, then the same again
     without them, the trend from the newest days and the level from the newest three days."""
-    shape, pooled, days = _shapes(points, zone_name, set())
-    levels = _levels(points, days, shape, pooled, zone_name, set())
-    weekend = _weekend_effect(levels, 0.0)
+    weekend, shape, pooled, days, levels = _weekends(points, zone_name, set())
     xs = {d: x - (weekend if k else 0.0) for d, (x, k) in levels.items()}
     slope = _day_slope(xs)
     tol = _tolerance(xs, slope)
 
     def base(h: int) -> float:
-        _, hod, kind = _calendar(h, zone_name)
+        _, hod, kind = _calendar(h, zone_name, weekend != 0.0)
         return shape.get((kind, hod), pooled.get(hod, 0.0)) + (weekend if kind else 0.0) + slope * (h - newest) / 24
 
     shift = _level_shift(points, base, newest, tol)
     if shift:  # the history before the step is moved onto the new level
         points = {h: y + (shift[1] if h < shift[0] else 0.0) for h, y in points.items()}
-        levels = _levels(points, days, shape, pooled, zone_name, set())
+        levels = _levels(points, days, shape, pooled, zone_name, set(), weekend != 0.0)
         xs = {d: x - (weekend if k else 0.0) for d, (x, k) in levels.items()}
         slope = _day_slope(xs)
     odd = _one_offs(xs, slope, tol)
-    # refit without the one-off days; working days and weekends apart only if the weekend differs
-    shape, pooled, days = _shapes(points, zone_name, odd)
-    levels = _levels(points, days, shape, pooled, zone_name, odd)
-    weekend = _weekend_effect(levels, slope)
-    if not weekend:
-        shape, pooled, days = _shapes(points, zone_name, odd, weekends=False)
-        levels = _levels(points, days, shape, pooled, zone_name, odd, weekends=False)
+    # refit without the one-off days
+    weekend, shape, pooled, days, levels = _weekends(points, zone_name, odd)
     xs = {d: x - (weekend if k else 0.0) for d, (x, k) in levels.items()}
     newest_day = _calendar(newest, zone_name)[0]
     recent = [(float(d), x) for d, x in xs.items() if d > newest_day - TREND_DAYS]
