@@ -179,7 +179,7 @@ class HourlySeries(Frozen):
     values: dict[str, tuple[float | None, ...]]
     peaks: dict[str, float] = {}  # the greatest known mean per metric (a plan asks it of every shard)
     highs: dict[str, tuple[float | None, ...]] = {}
-    high_peaks: dict[str, float] = {}  # the greatest known high per metric
+    high_peaks: dict[str, float] = {}  # the greatest high per metric (from the catalog: the greatest sample)
 
     @model_validator(mode="after")
     def _peaks(self) -> HourlySeries:
