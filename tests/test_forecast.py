@@ -311,3 +311,13 @@ def test_shardctl_forecast_backtest_replays_a_recorded_file(tmp_path):
     rows = json.loads(now.out)
     assert [r["shard"] for r in rows] == ["orders/-40", "orders/40-80"]
     assert rows[0]["forecast"]["seasonality"] == "daily (UTC)" and "crosses" in rows[0]["summary"]
+
+
+def test_an_unknown_time_zone_is_refused_with_the_way_forward(tmp_path):
+    from conftest import FleetDir
+
+    fleet = FleetDir(tmp_path)
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + "\npolicies:\n  default:\n    forecast: {time_zone: Mars/Olympus}\n")
+    result = fleet.cli("validate")
+    assert result.code == 1 and "unknown time zone 'Mars/Olympus'" in result.err and "Europe/Paris" in result.err
+    assert "fleet.yaml" in result.err and "Traceback" not in result.err

@@ -417,7 +417,7 @@ def _window(history: list[tuple[datetime, float]], now: datetime) -> dict[int, f
     return {h: v for at, v in known if (h := _hour_index(at)) > newest - MAX_FIT_HOURS}
 
 
-def enough(points: dict[int, float], min_history_seconds: float) -> bool:
+def _enough(points: dict[int, float], min_history_seconds: float) -> bool:
     """min_history of history, and its newest stretch (at most a week) three-quarters whole:
     older gaps do not matter."""
     if not points:
@@ -472,7 +472,7 @@ def fit(shard: str, metric: str, history: list[tuple[datetime, float]], now: dat
     if lineage is not None:
         before, share = _inherit(own, _window(lineage.means(metric), now), time_zone)
         points = {**before, **own}
-    if not enough(points, min_history_seconds):
+    if not _enough(points, min_history_seconds):
         return None
     newest = max(points)
     start = _hour_index(now) + 1
@@ -487,7 +487,7 @@ def fit(shard: str, metric: str, history: list[tuple[datetime, float]], now: dat
     if high_points and lineage is not None and (ancestor_highs := lineage.highs(metric)):
         first = min(high_points)
         high_points = {**{h: v * share for h, v in _window(ancestor_highs, now).items() if h < first}, **high_points}
-    if enough(high_points, min_history_seconds):
+    if _enough(high_points, min_history_seconds):
         peak_model = _decompose({h: math.log1p(max(0.0, v)) for h, v in high_points.items()},
                                 max(high_points), time_zone)
         peaks = tuple(round(max(0.0, math.expm1(peak_model.log_at(start + i))), 3) for i in range(steps))
