@@ -24,7 +24,7 @@ from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
-from engine.plan.forecast import lineage_of
+from engine.plan.forecast import lineages
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
 from engine.servers.fleet import Fleet
@@ -82,7 +82,7 @@ def _forecast_premise(forecast: LoadForecast, policy: Policy, observation: Obser
     horizon = STORAGE_HORIZON if forecast.metric == "storage_percent" else None
     found = outlook(forecast.shard, forecast.metric, observation.hourly.get(forecast.shard, ()), threshold,
                     observation.metrics_at or observation.now(), policy, horizon,
-                    lineage_of(forecast.shard, observation))
+                    lineages(observation).get(forecast.shard))
     if found is None or found[1] is None:
         return [f"shard.{forecast.shard}: {forecast.metric} is no longer forecast to cross {threshold:g}"
                 f" within {span(policy.forecast.horizon)}"]

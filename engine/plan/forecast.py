@@ -57,6 +57,7 @@ def forecast_actions(desired: Desired, observation: Observation, planned: list) 
     notes: list[str] = []
     now = judged_at(observation) or observation.now()
     storage = storage_by_server(observation)
+    families = lineages(observation)
     for name, db in desired.databases.items():
         policy = db.effective_policy
         recorded = observation.catalog.databases.get(name)
@@ -70,7 +71,7 @@ def forecast_actions(desired: Desired, observation: Observation, planned: list) 
         batch = []
         for shard in shards:
             hourly = observation.hourly.get(shard.address, ())
-            family = lineage(shard, shards, observation)
+            family = families.get(shard.address)
             note = storage_note(shard.address, hourly, policy, now, family) if hourly else None
             if note:
                 notes.append(f"shard.{shard.address}: {note}")
@@ -97,36 +98,40 @@ def forecast_actions(desired: Desired, observation: Observation, planned: list) 
     return actions, notes
 
 
-def lineage_of(address: str, observation: Observation) -> Lineage | None:
-    """The lineage of an active shard by its address (status, the dashboard, a saved plan's premise)."""
-    recorded = observation.catalog.databases.get(address.split("/")[0])
-    active = [s for s in recorded.shards if s.state == "active"] if recorded else []
-    shard = next((s for s in active if s.address == address), None)
-    return lineage(shard, active, observation) if shard is not None else None
-
-
-def lineage(shard: CatalogShard, active: list[CatalogShard], observation: Observation) -> Lineage | None:
-    """Where a shard's load was before the shard existed: the shard it was split from (the
-    narrowest recorded range holding it), or the shards merged into it (recorded ranges inside
-    it), from the hourly history of addresses that are no longer active."""
-    own = observation.hourly.get(shard.address, ())
-    first = _first_hour(own)
-    mine = KeyRange(shard.lo, shard.hi)
-    lo, hi = mine.lo_unsigned, mine.hi_unsigned
-    active_addresses = {s.address for s in active}
-    parents, sources = [], []
+def lineages(observation: Observation) -> dict[str, Lineage]:
+    """Where each active shard's load was before the shard existed, by address: the shard it was
+    split from (the narrowest recorded range holding it), or the shards merged into it (recorded
+    ranges inside it), from the hourly history of addresses that are no longer active and whose
+    history ended when the shard's began. One pass over the history, whatever the shard count."""
+    retired: dict[str, list[tuple[int, int, str, History, datetime]]] = {}
+    active = {s.address for d in observation.catalog.databases.values() for s in d.shards if s.state == "active"}
     for address, history in observation.hourly.items():
         database, _, name = address.partition("/")
-        if database != shard.database or address in active_addresses or not history:
+        newest = _newest_hour(history)
+        if address in active or newest is None:
             continue
         try:
             other = parse_name(name)
         except ValueError:
             continue
-        newest = _newest_hour(history)
-        if newest is None or (first is not None and newest > first + timedelta(hours=1)):
+        retired.setdefault(database, []).append((other.lo_unsigned, other.hi_unsigned, address, history, newest))
+    out = {}
+    for database, recorded in observation.catalog.databases.items():
+        for shard in recorded.shards if database in retired else ():
+            if shard.state == "active" and (found := _lineage(shard, retired[database], observation)):
+                out[shard.address] = found
+    return out
+
+
+def _lineage(shard: CatalogShard, retired: list[tuple[int, int, str, History, datetime]],
+             observation: Observation) -> Lineage | None:
+    first = _first_hour(observation.hourly.get(shard.address, ()))
+    mine = KeyRange(shard.lo, shard.hi)
+    lo, hi = mine.lo_unsigned, mine.hi_unsigned
+    parents, sources = [], []
+    for o_lo, o_hi, address, history, newest in retired:
+        if first is not None and newest > first + timedelta(hours=1):
             continue  # it still had load after this shard began: not what this shard took over
-        o_lo, o_hi = other.lo_unsigned, other.hi_unsigned
         if o_lo <= lo and hi <= o_hi and (o_lo, o_hi) != (lo, hi):
             parents.append((o_hi - o_lo, address, history))
         elif lo <= o_lo and o_hi <= hi:
@@ -135,7 +140,7 @@ def lineage(shard: CatalogShard, active: list[CatalogShard], observation: Observ
         _, address, history = min(parents, key=lambda p: (p[0], p[1]))
         return Lineage(address, (history,))
     if sources:
-        sources.sort()
+        sources.sort(key=lambda pair: pair[0])
         return Lineage(" + ".join(a for a, _ in sources), tuple(h for _, h in sources))
     return None
 
