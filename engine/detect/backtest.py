@@ -155,18 +155,9 @@ def _fit(trace: Trace, policy: Policy, hourly: HourlySeries | None, now: datetim
     if threshold is not None and lineage is None and max((v for _, v in high or points), default=0.0) < (
             QUIET_SHARE * threshold):
         return None  # it would have to double within the horizon: not fitted, as in a plan
-    if lineage is not None and share != 1.0:
-        lineage = Lineage(lineage.what, tuple(_scaled(h, share) for h in lineage.histories))
+    # a lineage needs no scaling here: the fit scales it by the share its own first hours took
     return fit(trace.name, trace.metric, points, now, policy.forecast.horizon, policy.forecast.min_history,
                time_zone=policy.forecast.time_zone, highs=high or None, lineage=lineage)
-
-
-def _scaled(history, share: float) -> HourlySeries:
-    if not isinstance(history, HourlySeries):
-        history = rollup.series_of(list(history))[history[0].shard] if history else HourlySeries(at=(), values={})
-    return HourlySeries(at=history.at, values={m: tuple(None if v is None else v * share for v in c)
-                                               for m, c in history.values.items()},
-                        highs={m: tuple(None if v is None else v * share for v in c) for m, c in history.highs.items()})
 
 
 @dataclass
