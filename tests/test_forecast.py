@@ -67,6 +67,7 @@ def test_plans_in_act_mode_take_the_decision_an_sre_would(name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 36 replays: about three minutes on a quiet core, far more on a busy one
 @pytest.mark.parametrize("seed", [2, 3, 4])
 def test_other_seeds_agree_in_at_least_16_of_18_shapes(seed, tmp_path):
     agree = sum(backtest(name, seed)[0].agrees for name in SHAPES)
