@@ -191,6 +191,7 @@ def _local(h: int, zone_name: str) -> tuple[int, int, bool]:
     return local.toordinal(), local.hour, local.weekday() >= 5
 
 
+@lru_cache(maxsize=131072)
 def _calendar(h: int, zone_name: str, weekends: bool = True) -> tuple[int, int, bool]:
     """(local day, local hour, weekend) of the hour that ends at hour index `h`; every day a
     working day when the load has no weekends."""
