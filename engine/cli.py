@@ -601,7 +601,8 @@ def forecast(obj: Ctx, backtest: bool, metrics_file: str | None, metric: str, as
             longest = max((p.metrics.retention.minute for p in policies.values()), default=691200.0)
             now = system_clock()
             minutes = history.rolled_up(conn, 60, now - timedelta(seconds=longest))
-            hourly = history.hourly_series(conn, now - timedelta(hours=MAX_FIT_HOURS))
+            hourly = history.held_peaks(conn, history.hourly_series(conn, now - timedelta(hours=MAX_FIT_HOURS)),
+                                        desired, now)
             moves = history.long_history(conn, [], now)["moves"]
         source = "the catalog's 1-minute history"
     if not backtest:

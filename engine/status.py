@@ -18,6 +18,7 @@ from engine.observe.observer import inspect_servers, observe
 from engine.observe.replica_links import replica_links
 from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
+from engine.plan.forecast import lineages
 from engine.plan.load import assessments
 from engine.servers.fleet import Fleet
 
@@ -94,12 +95,13 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
             "connection": catalog_connection,
             "schema_version": state.schema_version,
         }
+        families = lineages(observation)
         for db in state.databases.values():
             report["databases"].append(dict(
                 name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
                 policy=db.policy_name, schema_steps=[s.name for s in db.schema_steps],
                 shards=[dict(_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address)),
-                             outlook=outlook(desired, s, observation)) for s in db.shards],
+                             outlook=outlook(desired, s, observation, families)) for s in db.shards],
             ))
         report["replicas"] = [dict(branch=r.branch, parent=r.parent, server=r.server,
                                    max_lag_bytes=r.max_lag_bytes, missing=list(r.missing),
@@ -142,13 +144,13 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
     )
 
 
-def outlook(desired: Desired, shard, observation) -> list[str]:
+def outlook(desired: Desired, shard, observation, families: dict) -> list[str]:
     """What the forecast says of an active shard (engine.detect.forecast.shard_outlook)."""
     db = desired.databases.get(shard.database)
     if db is None or shard.state != "active":
         return []
     return shard_outlook(shard.address, observation.hourly.get(shard.address, ()), db.effective_policy,
-                         observation.metrics_at or observation.now())[0]
+                         observation.metrics_at or observation.now(), families.get(shard.address))[0]
 
 
 def _metric(latest: Sample | None, metric: str) -> dict[str, Any] | None:

@@ -18,12 +18,13 @@ from engine.config import loader
 from engine.config.loader import Desired
 from engine.config.models import Policy, span
 from engine.detect.detector import premise_holds
-from engine.detect.forecast import LoadForecast, outlook
+from engine.detect.forecast import STORAGE_HORIZON, LoadForecast, outlook
 from engine.errors import ConfigError, UserError
 from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
+from engine.plan.forecast import lineages
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
 from engine.servers.fleet import Fleet
@@ -78,8 +79,10 @@ def _forecast_premise(forecast: LoadForecast, policy: Policy, observation: Obser
     threshold = forecast.threshold if forecast.threshold is not None else getattr(policy.hot, forecast.metric)
     if threshold is None:
         return [f"shard.{forecast.shard}: {forecast.metric} no longer has a hot threshold"]
+    horizon = STORAGE_HORIZON if forecast.metric == "storage_percent" else None
     found = outlook(forecast.shard, forecast.metric, observation.hourly.get(forecast.shard, ()), threshold,
-                    observation.metrics_at or observation.now(), policy)
+                    observation.metrics_at or observation.now(), policy, horizon,
+                    lineages(observation).get(forecast.shard))
     if found is None or found[1] is None:
         return [f"shard.{forecast.shard}: {forecast.metric} is no longer forecast to cross {threshold:g}"
                 f" within {span(policy.forecast.horizon)}"]

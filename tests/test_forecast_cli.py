@@ -88,3 +88,47 @@ def test_in_act_mode_a_forecast_split_is_planned_and_applied_for_real(fleet):
         moves = store.finished_moves(conn)
     assert reason.startswith("orders/-40 is forecast to cross")
     assert [m.kind for m in moves] == ["split_shard"] and moves[0].seconds > 0  # the next lead time is measured
+
+
+def test_a_batch_of_minutes_stored_in_the_catalog_is_judged_on_the_level_it_held(applied_fleet):
+    """A nightly batch holding 20 minutes near 12,000/s, inside hours whose mean stays under
+    4,000/s, stored as the daemon stores it (1-minute and 1-hour rollups): the plan's forecast is
+    fitted on the level each hour held for the sustain, read from the 1-minute history, and
+    crosses; a shard whose bursts last two minutes gets no such level."""
+    from engine.config import loader
+    from engine.observe import history
+
+    end = datetime.now(UTC).replace(second=0, microsecond=0)
+    rows = []
+    for minute in range(4 * 1440, 0, -1):
+        at = end - timedelta(minutes=minute)
+        batch, burst = at.hour == 2 and 10 <= at.minute < 30, at.hour == 5 and at.minute < 2
+        for address, high in (("orders/80-c0", batch), ("orders/c0-", burst)):
+            metrics = {m: MetricValue(value=1.0, source="recorded") for m in METRICS}
+            metrics["queries_per_second"] = MetricValue(value=12000.0 if high else 2500.0, source="recorded")
+            rows.append((Reading(shard=address, server="a", dbname="x", at=at),
+                         Sample(shard=address, server="a", at=at, interval_s=60.0, metrics=metrics)))
+    with applied_fleet.catalog() as conn:
+        store.save_samples(conn, rows, {"orders/80-c0": 40, "orders/c0-": 40})
+        desired = loader.load(applied_fleet.path, cwd=applied_fleet.base)
+        found = history.long_history(conn, list(_active(desired, conn)), end, desired)["hourly"]
+    batch, bursts = found["orders/80-c0"], found["orders/c0-"]
+    held = dict(batch.known("queries_per_second", highs=True))
+    assert max(held.values()) == 12000.0 and max(v for _, v in batch.known("queries_per_second")) < 6000
+    assert max(v for _, v in bursts.known("queries_per_second", highs=True)) == 2500.0  # two minutes: never held
+
+    plan = applied_fleet.cli("plan")
+    assert plan.code == 0, plan.both
+    advice = [line for line in plan.out.splitlines() if "forecast-only" in line and "orders/80-c0" in line]
+    assert len(advice) == 1 and "shard.orders/80-c0: queries_per_second forecast crosses" in advice[0], plan.out
+    assert "; peak 12," in advice[0]
+    assert not [line for line in plan.out.splitlines() if "orders/c0-" in line and "forecast" in line]
+
+
+def _active(desired, conn):
+    from engine.observe.models import CatalogShard
+
+    for row in conn.execute("SELECT s.name, s.lo, s.hi, s.server, s.dbname FROM shardctl.shards s"
+                            " WHERE s.state = 'active' AND s.database = 'orders'").fetchall():
+        yield CatalogShard(database="orders", name=row[0], lo=row[1], hi=row[2], server=row[3], dbname=row[4],
+                           state="active")

@@ -292,8 +292,8 @@ def load_samples(conn: psycopg.Connection, per_shard: int = 1000) -> list[tuple[
 def load_hourly_columns(conn: psycopg.Connection, since: datetime,
                         shards: list[str] | None = None) -> list[tuple]:
     """The 1-hour buckets from `since`, one row per shard: (shard, bucket starts, then one array
-    of means per metric, NULL where unknown, then the greatest mean per metric), aggregated by
-    the server: a plan reads four weeks
+    of means per metric, NULL where unknown, then the greatest mean per metric, then the
+    greatest sample per metric), aggregated by the server: a plan reads four weeks
     for every shard, and one row per shard is far cheaper to fetch than one per hour."""
     if schema.installed_version(conn) < 5:
         return []
@@ -301,6 +301,7 @@ def load_hourly_columns(conn: psycopg.Connection, since: datetime,
         t=sql.Identifier(f"{m}_sum"), n=sql.Identifier(f"{m}_n")) for m in METRICS]
     means += [sql.SQL("max({t} / nullif({n}, 0))").format(t=sql.Identifier(f"{m}_sum"), n=sql.Identifier(f"{m}_n"))
               for m in METRICS]
+    means += [sql.SQL("max({h})").format(h=sql.Identifier(f"{m}_max")) for m in METRICS]
     where = sql.SQL(" AND shard = ANY(%s)") if shards is not None else sql.SQL("")
     statement = sql.SQL("SELECT shard, array_agg(bucket ORDER BY bucket), {means} FROM shardctl.metric_rollups"
                         " WHERE resolution = 3600 AND bucket >= %s{where} GROUP BY shard ORDER BY shard").format(
@@ -308,6 +309,26 @@ def load_hourly_columns(conn: psycopg.Connection, since: datetime,
     params: list[Any] = [since] + ([shards] if shards is not None else [])
     with conn.cursor(binary=True) as cursor:  # binary arrays: no text parsing of every float
         return cursor.execute(statement, params).fetchall()
+
+
+def load_held(conn: psycopg.Connection, metric: str, minutes: int, since: datetime,
+              shards: list[str]) -> list[tuple]:
+    """Per shard and hour from `since`, from the 1-minute buckets: the level `metric` held for
+    `minutes` minutes in a row inside the hour (the greatest, over runs of that many consecutive
+    1-minute means, of the run's least), as (shard, hour start, level). Computed by the server:
+    only the hours come back."""
+    if schema.installed_version(conn) < 5 or not shards:
+        return []
+    statement = sql.SQL(
+        "SELECT shard, date_trunc('hour', bucket, 'UTC'), max(held) FROM ("
+        "  SELECT shard, bucket, min(m) OVER w AS held, count(m) OVER w AS n, first_value(bucket) OVER w AS first"
+        "  FROM (SELECT shard, bucket, {t} / nullif({n}, 0) AS m FROM shardctl.metric_rollups"
+        "        WHERE resolution = 60 AND bucket >= %s AND shard = ANY(%s)) minute"
+        "  WINDOW w AS (PARTITION BY shard ORDER BY bucket ROWS BETWEEN {back} PRECEDING AND CURRENT ROW)) runs"
+        " WHERE n = %s AND bucket - first = %s AND date_trunc('hour', first, 'UTC') = date_trunc('hour', bucket, 'UTC')"
+        " GROUP BY 1, 2 ORDER BY 1, 2").format(
+        t=sql.Identifier(f"{metric}_sum"), n=sql.Identifier(f"{metric}_n"), back=sql.Literal(minutes - 1))
+    return conn.execute(statement, (since, shards, minutes, timedelta(minutes=minutes - 1))).fetchall()
 
 
 def load_rollups(conn: psycopg.Connection, resolution: int, since: datetime,

@@ -279,6 +279,21 @@ class Forecast(Frozen):
                                                       " size to make the lead time, e.g. 1h")
     default_move: Duration = Field(3600.0, description="a move's duration assumed while the catalog has none"
                                                        " measured, e.g. 1h")
+    time_zone: str = Field("UTC", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$",
+                           description="the IANA time zone whose days, weekends and daylight-saving changes the"
+                                       " load follows, e.g. Europe/Paris; declare it once in the `default` policy for"
+                                       " the whole fleet")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}: use an IANA name such as UTC or Europe/Paris") from None
+        return value
 
 
 class AutoSplit(Frozen):

@@ -1,23 +1,30 @@
-"""Replaying a load trace under the reactive and the predictive policy: what each would have done.
+"""Replaying load traces under the reactive and the predictive policy: what each would have done.
 
-Pure and deterministic: a trace (one metric of one shard, at a fixed interval), a policy, the
-measured duration of a move, in; per policy the time spent over the hot threshold, every split
-and merge with its cause, flapping pairs; and the forecast's error against what followed, out.
+Pure and deterministic: traces (one metric of one shard each, at a fixed interval), a policy,
+the measured duration of a move, in; per trace and policy the time spent over the hot threshold,
+every split and merge with its cause, flapping pairs; and the forecast's error against what
+followed, out.
 
 The model: a shard whose load is spread evenly over its keys. A split halves the load each
-shard carries (a merge doubles it) once the move is done, `move_seconds` after it is decided;
-a new shard's window starts empty, as on a real split. Both policies judge with the real
-detector (engine.detect.detector.assess) every `autosplit.check_every`, honour the cooldown and
-merge only cold shards whose summed peak stays out of the hot tolerance. The predictive policy
-adds the forecast (engine.detect.forecast.fit, refreshed every hour on the hourly means so far,
-scaled to the shard's share): a split when the forecast crosses the hot threshold within the
-lead time, and no merge while the merged load is forecast to cross within the horizon. It never
-merges on a forecast, and no forecast exists before `forecast.min_history`.
+shard carries (a merge doubles it) once its moves are done; a new shard's window starts empty,
+as on a real split. Moves queue as the planner queues them: at most `autosplit.max_concurrent`
+run at once over all the traces replayed together (a database's shards), and a trace's split
+moves each of its shards in turn, `move_seconds` each. Both policies judge with the real
+detector (engine.detect.detector.assess) every `autosplit.check_every`, honour the cooldown
+(judged at each replayed instant, the replay's present) and merge only cold shards whose summed
+peak stays out of the hot tolerance. The predictive policy adds the forecast
+(engine.detect.forecast.fit, refreshed every hour on the hourly history so far, scaled to the
+shard's share, with a lineage's history before the trace's own): a split when the forecast
+crosses the hot threshold within the lead time, the lead time of the n-th split of a batch
+counting the n moves before it is done; and no merge while the merged load is forecast to cross
+within the horizon. It never merges on a forecast, and no forecast exists before
+`forecast.min_history`.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -25,13 +32,15 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.config.models import ColdThresholds, HotThresholds, Policy, span
 from engine.detect.detector import assess
-from engine.detect.forecast import LeadTime, LoadForecast, fit, lead_time, series
+from engine.detect.forecast import QUIET_SHARE, LeadTime, Lineage, LoadForecast, fit, highs, lead_time, series
 from engine.observe import rollup
 from engine.observe.metrics import METRICS, UNITS, MetricValue, Sample
 from engine.observe.models import HourlySeries
 
 FLAP_WITHIN = timedelta(hours=24)  # a split and a merge of the same keys closer than this is flapping
 COMPARE_SHARDS = 20  # plan --compare-policy replays the shards nearest their hot threshold
+ERROR_HOURS = 48  # the forecast's error is judged over the next 48 hours (WAPE)
+ERROR_EVERY = 6  # ... of a forecast made every sixth hour
 
 
 class Frozen(BaseModel):
@@ -58,6 +67,7 @@ class Decision(Frozen):
     cause: Literal["load", "forecast"]
     shards_after: int
     why: str
+    done_at: datetime | None = None  # when its moves finished (None: still running at the end)
 
 
 class PolicyRun(Frozen):
@@ -74,8 +84,8 @@ class TraceResult(Frozen):
     days: float
     reactive: PolicyRun
     predictive: PolicyRun
-    forecasts: int  # hourly refreshes that produced a forecast
-    forecast_error_percent: float | None  # absolute error of the next 24 h, as % of the actual load (WAPE)
+    forecasts: int  # forecasts whose next 48 h were compared with what followed
+    forecast_error_percent: float | None  # absolute error of the next 48 h, as % of the actual load (WAPE)
 
     @property
     def reduction_percent(self) -> float | None:
@@ -102,84 +112,177 @@ def as_replayed(policy: Policy, metric: str, interval: float) -> Policy:
                                                                                   "history": None})})
 
 
-def replay(trace: Trace, policy: Policy, move_seconds: float, lead: LeadTime, error: bool = True) -> TraceResult:
-    policy = as_replayed(policy, trace.metric, trace.interval)
-    threshold = getattr(policy.hot, trace.metric)
+def replay(trace: Trace, policy: Policy, move_seconds: float, lead: LeadTime, error: bool = True,
+           lineage: Lineage | None = None) -> TraceResult:
+    return replay_together([trace], policy, move_seconds, lead, error, {trace.name: lineage} if lineage else None)[0]
+
+
+def replay_together(traces: list[Trace], policy: Policy, move_seconds: float, lead: LeadTime, error: bool = True,
+                    lineages: dict[str, Lineage] | None = None) -> list[TraceResult]:
+    """Traces of one database's shards (one metric, one interval), replayed together: their
+    moves share the queue (`autosplit.max_concurrent`)."""
+    if not traces:
+        return []
+    metric, interval = traces[0].metric, traces[0].interval
+    if any(t.metric != metric or t.interval != interval for t in traces):
+        raise ValueError("traces replayed together share one metric and one interval")
+    policy = as_replayed(policy, metric, interval)
+    threshold = getattr(policy.hot, metric)
     if threshold is None:
-        raise ValueError(f"the policy has no hot threshold for {trace.metric}")
-    hourly = [(s.at, s.value(trace.metric)) for s in rollup.means(trace.samples(), 3600).get(trace.name, ())]
-    reactive = _run(trace, policy, threshold, move_seconds, lead, hourly, predictive=False)
-    predictive = _run(trace, policy, threshold, move_seconds, lead, hourly, predictive=True)
-    made, wape = _forecast_error(trace, policy, hourly) if error else (0, None)
-    return TraceResult(trace=trace.name, metric=trace.metric, threshold=threshold,
-                       days=round(len(trace.values) * trace.interval / 86400, 2), reactive=reactive,
-                       predictive=predictive, forecasts=made, forecast_error_percent=wape)
+        raise ValueError(f"the policy has no hot threshold for {metric}")
+    lineages = lineages or {}
+    hourly = {t.name: rollup.series_of(t.samples(), 3600, policy.sustain_seconds).get(t.name) for t in traces}
+    runs = {}
+    for predictive in (False, True):
+        states = [_State(t, hourly[t.name], lineages.get(t.name)) for t in traces]
+        _run(states, policy, threshold, move_seconds, lead, predictive)
+        runs[predictive] = {s.trace.name: s.result(policy, predictive) for s in states}
+    out = []
+    for t in traces:
+        made, wape = _forecast_error(t, policy, hourly[t.name], lineages.get(t.name)) if error else (0, None)
+        out.append(TraceResult(trace=t.name, metric=metric, threshold=threshold,
+                               days=round(len(t.values) * t.interval / 86400, 2), reactive=runs[False][t.name],
+                               predictive=runs[True][t.name], forecasts=made, forecast_error_percent=wape))
+    return out
 
 
-def _fit(trace: Trace, policy: Policy, hourly: list, now: datetime, share: float) -> LoadForecast | None:
-    points = [(at, v * share) for at, v in hourly if v is not None and at <= now]
-    return fit(trace.name, trace.metric, points, now, policy.forecast.horizon, policy.forecast.min_history)
+def _fit(trace: Trace, policy: Policy, hourly: HourlySeries | None, now: datetime, share: float,
+         lineage: Lineage | None = None, threshold: float | None = None) -> LoadForecast | None:
+    if hourly is None:
+        return None
+    points = [(at, v * share) for at, v in hourly.known(trace.metric) if at <= now]
+    high = [(at, v * share) for at, v in hourly.known(trace.metric, highs=True) if at <= now]
+    if threshold is not None and lineage is None and max((v for _, v in high or points), default=0.0) < (
+            QUIET_SHARE * threshold):
+        return None  # it would have to double within the horizon: not fitted, as in a plan
+    # a lineage needs no scaling here: the fit scales it by the share its own first hours took
+    return fit(trace.name, trace.metric, points, now, policy.forecast.horizon, policy.forecast.min_history,
+               time_zone=policy.forecast.time_zone, highs=high or None, lineage=lineage)
 
 
-def _run(trace: Trace, policy: Policy, threshold: float, move_seconds: float, lead: LeadTime, hourly: list,
-         predictive: bool) -> PolicyRun:
-    tol = policy.detection.tolerance_percent / 100.0
-    check = timedelta(seconds=policy.autosplit.check_every)
-    cooldown = timedelta(seconds=policy.autosplit.cooldown)
-    shards = 1
-    window: deque[Sample] = deque(maxlen=policy.history_samples)
+@dataclass
+class _State:
+    trace: Trace
+    hourly: HourlySeries | None
+    lineage: Lineage | None
+    shards: int = 1
+    window: deque = field(default_factory=deque)
     pending: tuple[str, datetime] | None = None
     last_event: datetime | None = None
-    next_check = trace.start
     forecast: LoadForecast | None = None
     refreshed: datetime | None = None
-    over = run = 0.0  # hot time: runs over the threshold as long as the sustain (a spike is not hot)
-    decisions: list[Decision] = []
-    for i, value in enumerate(trace.values):
-        at = trace.at(i)
-        if pending and at >= pending[1]:
-            shards = shards * 2 if pending[0] == "split" else shards // 2
-            pending, last_event = None, at
-            window.clear()  # the new shards' addresses have no samples yet
-            forecast = refreshed = None
-        load = None if value is None else value / shards
-        if load is not None and load > threshold:
-            run += trace.interval
-        else:
-            over += run if run >= policy.sustain_seconds else 0.0
-            run = 0.0
-        window.append(_sample(trace.name, trace.metric, at, trace.interval, load))
+    over: float = 0.0
+    run: float = 0.0
+    decisions: list[Decision] = field(default_factory=list)
+
+    def result(self, policy: Policy, predictive: bool) -> PolicyRun:
+        over = self.over + (self.run if self.run >= policy.sustain_seconds else 0.0)
+        return PolicyRun(policy="predictive" if predictive else "reactive", over_seconds=over,
+                         decisions=tuple(self.decisions), flapping_pairs=flapping(self.decisions))
+
+    def start(self, kind: Literal["split", "merge"], cause: Literal["load", "forecast"], at: datetime,
+              move_seconds: float, why: str) -> None:
+        moves = self.shards if kind == "split" else max(1, self.shards // 2)
+        self.pending = (kind, at + timedelta(seconds=move_seconds * moves))
+        self.decisions.append(Decision(at=at, kind=kind, cause=cause,
+                                       shards_after=self.shards * 2 if kind == "split" else self.shards // 2, why=why))
+
+
+def _run(states: list[_State], policy: Policy, threshold: float, move_seconds: float, lead: LeadTime,
+         predictive: bool) -> None:
+    interval = states[0].trace.interval
+    tol = policy.detection.tolerance_percent / 100.0
+    cold_threshold = getattr(policy.cold, states[0].trace.metric)
+    check = timedelta(seconds=policy.autosplit.check_every)
+    cooldown = timedelta(seconds=policy.autosplit.cooldown)
+    slots = policy.autosplit.max_concurrent
+    first = min(s.trace.start for s in states)
+    last = max(s.trace.at(len(s.trace.values) - 1) for s in states)
+    steps = int((last - first).total_seconds() // interval) + 1
+    offsets = [int((s.trace.start - first).total_seconds() // interval) for s in states]
+    for s in states:
+        s.window = deque(maxlen=policy.history_samples)
+    next_check = first
+    for step in range(steps):
+        at = first + timedelta(seconds=interval * step)
+        for s, offset in zip(states, offsets, strict=True):
+            i = step - offset
+            if not 0 <= i < len(s.trace.values):
+                continue
+            if s.pending and at >= s.pending[1]:
+                s.shards = s.shards * 2 if s.pending[0] == "split" else s.shards // 2
+                s.decisions[-1] = s.decisions[-1].model_copy(update={"done_at": at})
+                s.pending, s.last_event = None, at
+                s.window.clear()  # the new shards' addresses have no samples yet
+                s.forecast = s.refreshed = None
+            value = s.trace.values[i]
+            load = None if value is None else value / s.shards
+            if load is not None and load > threshold:
+                s.run += interval
+            else:
+                s.over += s.run if s.run >= policy.sustain_seconds else 0.0
+                s.run = 0.0
+            s.window.append((at, load))
         if at < next_check:
             continue
         next_check = at + check
-        if predictive and (refreshed is None or at - refreshed >= timedelta(hours=1)):
-            forecast, refreshed = _fit(trace, policy, hourly, at, 1.0 / shards), at
-        if pending or (last_event is not None and at < last_event + cooldown):
+        _decide(states, offsets, step, at, policy, threshold, cold_threshold, tol, cooldown, slots, move_seconds,
+                lead, predictive)
+
+
+def _decide(states: list[_State], offsets: list[int], step: int, at: datetime, policy: Policy, threshold: float,
+            cold_threshold: float | None, tol: float, cooldown: timedelta, slots: int, move_seconds: float,
+            lead: LeadTime, predictive: bool) -> None:
+    live = [s for s, offset in zip(states, offsets, strict=True) if 0 <= step - offset < len(s.trace.values)]
+    if predictive:
+        for s in live:
+            if s.refreshed is None or at - s.refreshed >= timedelta(hours=1):
+                s.forecast = _fit(s.trace, policy, s.hourly, at, 1.0 / s.shards, s.lineage, threshold)
+                s.refreshed = at
+    busy = sum(1 for s in states if s.pending)
+    ready = [s for s in live if not s.pending and not (s.last_event is not None and at < s.last_event + cooldown)]
+    verdicts = {}
+    for s in ready:
+        newest = s.window[-1][1] if s.window else None
+        if newest is None or (newest <= threshold and (cold_threshold is None or newest >= cold_threshold)):
+            continue  # neither hot nor cold can be judged on a window whose newest load is between them
+        samples = tuple(_sample(s.trace.name, s.trace.metric, t, s.trace.interval, v) for t, v in s.window)
+        verdicts[s.trace.name] = assess(s.trace.name, samples, policy, at=at)
+    for s in ready:  # the load first, as in a plan
+        verdict = verdicts.get(s.trace.name)
+        if verdict is not None and verdict.state == "hot" and busy < slots:
+            s.start("split", "load", at, move_seconds, verdict.evidence[0].describe())
+            busy += 1
+    if predictive:
+        busy = _split_ahead(live, ready, busy, at, threshold, slots, move_seconds, lead)
+    for s in ready:
+        verdict = verdicts.get(s.trace.name)
+        if s.pending or verdict is None or verdict.state != "cold" or s.shards <= 1 or not policy.automerge.enabled:
             continue
-        verdict = assess(trace.name, tuple(window), policy, at=at)
-        if verdict.state == "hot":
-            pending = ("split", at + timedelta(seconds=move_seconds))
-            decisions.append(Decision(at=at, kind="split", cause="load", shards_after=shards * 2,
-                                      why=verdict.evidence[0].describe()))
+        if 2 * max(e.high for e in verdict.evidence) >= threshold * (1 - tol) or busy >= slots:
             continue
-        crossing = forecast.crossing(threshold, upper=True) if forecast else None
-        if forecast and crossing and crossing - at <= timedelta(seconds=lead.seconds):
-            pending = ("split", at + timedelta(seconds=move_seconds))
-            decisions.append(Decision(at=at, kind="split", cause="forecast", shards_after=shards * 2,
-                                      why=forecast.describe(threshold, "", at)))
-            continue
-        if verdict.state == "cold" and shards > 1 and policy.automerge.enabled:
-            merged_peak = 2 * max(e.high for e in verdict.evidence)
-            if merged_peak >= threshold * (1 - tol):
-                continue
-            if predictive and forecast and any(2 * v > threshold for v in forecast.values):
-                continue  # the merged shard is forecast to be hot again within the horizon
-            pending = ("merge", at + timedelta(seconds=move_seconds))
-            decisions.append(Decision(at=at, kind="merge", cause="load", shards_after=shards // 2,
-                                      why=verdict.evidence[0].describe()))
-    over += run if run >= policy.sustain_seconds else 0.0
-    return PolicyRun(policy="predictive" if predictive else "reactive", over_seconds=over,
-                     decisions=tuple(decisions), flapping_pairs=flapping(decisions))
+        merged = _fit(s.trace, policy, s.hourly, at, 2.0 / s.shards, s.lineage, threshold) if predictive else None
+        if merged is not None and merged.crossing(threshold) is not None:
+            continue  # the merged shard is forecast to be hot again within the horizon
+        s.start("merge", "load", at, move_seconds, verdict.evidence[0].describe())
+        busy += 1
+
+
+def _split_ahead(live: list[_State], ready: list[_State], busy: int, at: datetime, threshold: float, slots: int,
+                 move_seconds: float, lead: LeadTime) -> int:
+    """The shards forecast to cross, in the order of their crossings, are a batch: the n-th waits
+    for the moves before it, so the batch starts when any of them is within its lead time."""
+    ahead = sorted(((c, s) for s in live if s.forecast and (c := s.forecast.crossing(threshold))),
+                   key=lambda pair: (pair[0], pair[1].trace.name))
+    position, due = busy, False
+    for crossing, s in ahead:
+        position += 1 if s.pending else s.shards
+        due |= crossing - at <= timedelta(seconds=lead.queued(position, slots).seconds)
+    for _, s in ahead if due else ():
+        if s in ready and not s.pending and busy < slots and s.forecast is not None:
+            s.start("split", "forecast", at, move_seconds, s.forecast.describe(threshold, "", at))
+            busy += 1
+    return busy
 
 
 def flapping(decisions: list[Decision]) -> int:
@@ -188,18 +291,21 @@ def flapping(decisions: list[Decision]) -> int:
                if a.kind != b.kind and b.at - a.at < FLAP_WITHIN)
 
 
-def _forecast_error(trace: Trace, policy: Policy, hourly: list) -> tuple[int, float | None]:
-    """Refit every hour once there is enough history; compare the next 24 forecast hours with
-    the hourly means that followed."""
-    actual = {at: v for at, v in hourly if v is not None}
+def _forecast_error(trace: Trace, policy: Policy, hourly: HourlySeries | None,
+                    lineage: Lineage | None = None) -> tuple[int, float | None]:
+    """Refit every ERROR_EVERY hours once there is enough history; compare the next 48 forecast
+    hours with the hourly means that followed (WAPE: the summed absolute error over the summed load)."""
+    if hourly is None:
+        return 0, None
+    actual = dict(hourly.known(trace.metric))
     made = 0
     error = total = 0.0
-    for now, _ in hourly:
-        forecast = _fit(trace, policy, hourly, now, 1.0)
+    for now in hourly.at[::ERROR_EVERY]:
+        forecast = _fit(trace, policy, hourly, now, 1.0, lineage)
         if forecast is None:
             continue
         made += 1
-        for i, value in enumerate(forecast.values[:24]):
+        for i, value in enumerate(forecast.values[:ERROR_HOURS]):
             seen = actual.get(forecast.at(i))
             if seen is not None:
                 error += abs(value - seen)
@@ -224,26 +330,32 @@ def trace_of(shard: str, metric: str, samples: list[Sample] | tuple[Sample, ...]
 
 def backtest(histories: dict[str, tuple[Sample, ...]], policies: dict[str, Policy], metric: str,
              move_seconds: float, lead: LeadTime) -> list[TraceResult]:
-    """Every shard's history replayed under its database's policy (by address prefix)."""
-    out = []
+    """Every shard's history replayed under its database's policy (by address prefix), a
+    database's shards together (their moves share the queue)."""
+    by_database: dict[str, list[Trace]] = {}
     for shard, history in sorted(histories.items()):
         policy = policies.get(shard.split("/")[0])
         trace = trace_of(shard, metric, history)
         if policy is None or trace is None or getattr(policy.hot, metric) is None:
             continue
-        out.append(replay(trace, policy, move_seconds, lead))
-    return out
+        by_database.setdefault(shard.split("/")[0], []).append(trace)
+    out = []
+    for database, traces in sorted(by_database.items()):
+        out += replay_together(traces, policies[database], move_seconds, lead)
+    return sorted(out, key=lambda r: r.trace)
 
 
 def render_text(results: list[TraceResult], source: str, move_seconds: float, lead: LeadTime) -> str:
     """The backtest as a person reads it: one block per shard, then the totals."""
     lines = [f"Backtest of {source}: each move takes {span(round(move_seconds))}; the predictive policy splits"
-             f" {span(round(lead.seconds))} ahead ({lead.why}).", ""]
+             f" {span(round(lead.seconds))} ahead ({lead.why}), the n-th split of a batch n moves ahead with"
+             " autosplit.max_concurrent at a time; a database's shards share the queue.", ""]
     if not results:
         return "\n".join([*lines, "No shard has history for this metric and a hot threshold for it."]) + "\n"
     for r in results:
         error = "no forecast (less history than forecast.min_history)" if r.forecast_error_percent is None \
-            else f"{r.forecast_error_percent:g}% absolute error over the next 24 h ({r.forecasts} hourly forecasts)"
+            else (f"{r.forecast_error_percent:g}% absolute error over the next {ERROR_HOURS} h (WAPE of {r.forecasts}"
+                  f" forecasts, one every {ERROR_EVERY} hours)")
         lines.append(f"{r.trace}: {r.metric} over {r.days:g} days, hot threshold {r.threshold:g}; forecast: {error}")
         for run in (r.reactive, r.predictive):
             splits = sum(1 for d in run.decisions if d.kind == "split")
@@ -252,6 +364,7 @@ def render_text(results: list[TraceResult], source: str, move_seconds: float, le
             lines.append(f"  {run.policy:<10}  hot for {span(round(run.over_seconds))}; {splits} splits"
                          f" ({ahead} on a forecast), {merges} merges, {run.flapping_pairs} flapping pairs")
             lines += [f"      {d.at.strftime('%Y-%m-%dT%H:%MZ')} {d.kind} ({d.cause}) -> {d.shards_after} shards"
+                      + (f", done {d.done_at.strftime('%Y-%m-%dT%H:%MZ')}" if d.done_at else ", still moving")
                       for d in run.decisions]
     reactive = sum(r.reactive.over_seconds for r in results)
     predictive = sum(r.predictive.over_seconds for r in results)
@@ -269,7 +382,8 @@ def current_forecasts(hourlies: dict[str, HourlySeries], policies: dict[str, Pol
         if policy is None or not hourly:
             continue
         now = hourly.at[-1]
-        f = fit(shard, metric, series(hourly, metric), now, policy.forecast.horizon, policy.forecast.min_history)
+        f = fit(shard, metric, series(hourly, metric), now, policy.forecast.horizon, policy.forecast.min_history,
+                time_zone=policy.forecast.time_zone, highs=highs(hourly, metric))
         threshold = getattr(policy.hot, metric)
         if f is None:
             out.append({"shard": shard, "forecast": None,

@@ -3,6 +3,7 @@ or a recorded file instead of both (what-if planning, CI without database access
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 from engine.catalog import store
 from engine.config.loader import Desired
 from engine.config.models import Policy, Retention
-from engine.detect.forecast import MAX_FIT_HOURS
+from engine.detect.forecast import MAX_FIT_HOURS, QUIET_SHARE
 from engine.observe import cleaning, recorded, rollup
 from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.models import CatalogShard, HourlySeries, Observation
@@ -92,13 +93,18 @@ def _moves(conn: psycopg.Connection | None) -> tuple:
     return tuple(store.finished_moves(conn))
 
 
-def long_history(conn: psycopg.Connection | None, shards: list[CatalogShard], now: datetime) -> dict:
-    """What forecasts are fitted on: the hourly means of the monitored shards over the
-    forecast's window, and the finished moves (Observation.hourly and .moves)."""
+def long_history(conn: psycopg.Connection | None, shards: list[CatalogShard], now: datetime,
+                 desired: Desired | None = None) -> dict:
+    """What forecasts are fitted on: the hourly means over the forecast's window of every
+    address that has them, the monitored shards' and those of shards split or merged since (a
+    young shard's forecast inherits its ancestors' history), with the peaks of the shards that
+    could cross (`held_peaks`), and the finished moves (Observation.hourly and .moves)."""
     if conn is None or not shards:
         return {"moves": _moves(conn)}
-    return {"hourly": hourly_series(conn, now - timedelta(seconds=MAX_FIT_HOURS * 3600), [s.address for s in shards]),
-            "moves": _moves(conn)}
+    hourly = hourly_series(conn, now - timedelta(seconds=MAX_FIT_HOURS * 3600))
+    if desired is not None:
+        hourly = held_peaks(conn, hourly, desired, now)
+    return {"hourly": hourly, "moves": _moves(conn)}
 
 
 def hourly_series(conn: psycopg.Connection, since: datetime,
@@ -108,8 +114,39 @@ def hourly_series(conn: psycopg.Connection, since: datetime,
     n = len(METRICS)
     return {row[0]: HourlySeries(at=tuple(start + hour for start in row[1]),
                                  values={m: tuple(row[2 + i]) for i, m in enumerate(METRICS)},
-                                 peaks={m: row[2 + n + i] for i, m in enumerate(METRICS) if row[2 + n + i] is not None})
+                                 peaks={m: row[2 + n + i] for i, m in enumerate(METRICS) if row[2 + n + i] is not None},
+                                 high_peaks={m: row[2 + 2 * n + i] for i, m in enumerate(METRICS)
+                                             if row[2 + 2 * n + i] is not None})
             for row in store.load_hourly_columns(conn, since, shards)}
+
+
+def held_peaks(conn: psycopg.Connection, hourly: dict[str, HourlySeries], desired: Desired,
+               now: datetime) -> dict[str, HourlySeries]:
+    """Each hour's level held for the sustain (HourlySeries.highs), from the 1-minute history
+    (kept metrics.retention.minute), for the shards whose greatest sample reached QUIET_SHARE of
+    a hot threshold: the others could not cross within the horizon, and reading minutes costs."""
+    wanted: dict[tuple[str, int, float], list[str]] = {}
+    for address, series in hourly.items():
+        db = desired.databases.get(address.split("/")[0])
+        if db is None:
+            continue
+        policy = db.effective_policy
+        for metric in METRICS:
+            threshold = getattr(policy.hot, metric)
+            if threshold is not None and series.high_peaks.get(metric, 0.0) >= QUIET_SHARE * threshold:
+                key = (metric, max(1, math.ceil(policy.sustain_seconds / 60)), policy.metrics.retention.minute)
+                wanted.setdefault(key, []).append(address)
+    held: dict[str, dict[str, dict[datetime, float]]] = {}
+    for (metric, minutes, kept), addresses in sorted(wanted.items()):
+        for shard, start, level in store.load_held(conn, metric, minutes, now - timedelta(seconds=kept), addresses):
+            held.setdefault(shard, {}).setdefault(metric, {})[start + timedelta(hours=1)] = level
+    out = dict(hourly)
+    for shard, metrics in held.items():
+        series = hourly[shard]
+        out[shard] = series.model_copy(update={
+            "highs": {m: tuple(levels.get(at) for at in series.at) for m, levels in metrics.items()},
+            "high_peaks": {**series.high_peaks, **{m: max(v.values()) for m, v in metrics.items()}}})
+    return out
 
 
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
@@ -160,7 +197,7 @@ def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None
     window = {a: v[-limits.get(a, DEFAULT_HISTORY):] for a, v in cleaned.items()}
     return observation.model_copy(update={"metrics": window, "metrics_source": "live", "metrics_notes": notes,
                                           "taken_at": now, "metrics_at": metrics_at,
-                                          **long_history(conn, shards, now)})
+                                          **long_history(conn, shards, now, desired)})
 
 
 def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
@@ -189,5 +226,5 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
         window[shard.address] = stored.get(shard.address, ())[-limits[shard.address]:]
     return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
                                           "metrics_notes": notes, "taken_at": now, "metrics_at": now,
-                                          **long_history(conn, shards, now)})
+                                          **long_history(conn, shards, now, desired)})
 

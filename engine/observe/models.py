@@ -169,11 +169,17 @@ class LiveServer(Frozen):
 class HourlySeries(Frozen):
     """One shard's hourly means, oldest first: each bucket's end and, per metric, its mean
     (None: nothing known was measured). Columns rather than one Sample per hour: a plan reads
-    four weeks of them for every shard, and a model per hour costs 45 us to build."""
+    four weeks of them for every shard, and a model per hour costs 45 us to build.
+
+    `highs`, where the history has them: per hour, the level the load held for the detector's
+    sustain (k 1-minute means in a row, engine.observe.rollup.series_of): what a hot
+    verdict is judged on, which a mean hides when a batch peaks for minutes inside an hour."""
 
     at: tuple[datetime, ...]
     values: dict[str, tuple[float | None, ...]]
     peaks: dict[str, float] = {}  # the greatest known mean per metric (a plan asks it of every shard)
+    highs: dict[str, tuple[float | None, ...]] = {}
+    high_peaks: dict[str, float] = {}  # the greatest high per metric (from the catalog: the greatest sample)
 
     @model_validator(mode="after")
     def _peaks(self) -> HourlySeries:
@@ -181,13 +187,18 @@ class HourlySeries(Frozen):
             peaks = {m: max(known) for m, column in self.values.items()
                      if (known := [v for v in column if v is not None])}
             object.__setattr__(self, "peaks", peaks)
+        if self.highs and not self.high_peaks:
+            high_peaks = {m: max(known) for m, column in self.highs.items()
+                          if (known := [v for v in column if v is not None])}
+            object.__setattr__(self, "high_peaks", high_peaks)
         return self
 
     def __len__(self) -> int:
         return len(self.at)
 
-    def known(self, metric: str) -> list[tuple[datetime, float]]:
-        return [(at, v) for at, v in zip(self.at, self.values.get(metric, ()), strict=False) if v is not None]
+    def known(self, metric: str, highs: bool = False) -> list[tuple[datetime, float]]:
+        column = (self.highs if highs else self.values).get(metric, ())
+        return [(at, v) for at, v in zip(self.at, column, strict=False) if v is not None]
 
 
 class MoveRecord(Frozen):

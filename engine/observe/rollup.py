@@ -8,6 +8,7 @@ sees what it would have seen in the catalog.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -66,13 +67,46 @@ def means(samples: Iterable[Sample], resolution: int) -> dict[str, tuple[Sample,
     return {a: tuple(v) for a, v in out.items()}
 
 
-def series_of(samples: Iterable[Sample], resolution: int = 3600) -> dict[str, HourlySeries]:
-    """Samples rolled up to one resolution, per shard, as columns (Observation.hourly)."""
+def series_of(samples: Iterable[Sample], resolution: int = 3600, sustain: float = 300.0) -> dict[str, HourlySeries]:
+    """Samples rolled up to one resolution, per shard, as columns (Observation.hourly), with each
+    bucket's highs where the samples are finer than 15 minutes: the level held for `sustain`
+    (k minutes in a row of 1-minute means, k = sustain in minutes), what a hot verdict is judged on."""
+    samples = list(samples)
     out: dict[str, tuple[list, list[list]]] = {}
     for (shard, _, bucket), row in sorted(_accumulate(samples, (resolution,)).items()):
         at, columns = out.setdefault(shard, ([], [[] for _ in METRICS]))
         at.append(bucket + timedelta(seconds=resolution))
         for i in range(len(METRICS)):
             columns[i].append(row[1 + 3 * i] / row[2 + 3 * i] if row[2 + 3 * i] else None)
-    return {shard: HourlySeries(at=tuple(at), values={m: tuple(c) for m, c in zip(METRICS, columns, strict=True)})
-            for shard, (at, columns) in out.items()}
+    fine = [s for s in samples if s.interval_s is not None and s.interval_s < 900]
+    highs = _highs(fine, resolution, max(1, math.ceil(sustain / 60))) if fine else {}
+    series = {}
+    for shard, (at, columns) in out.items():
+        held = highs.get(shard)
+        series[shard] = HourlySeries(
+            at=tuple(at), values={m: tuple(c) for m, c in zip(METRICS, columns, strict=True)},
+            highs={m: tuple(held.get((b, m)) for b in at) for m in METRICS
+                   if any(held.get((b, m)) is not None for b in at)} if held else {})
+    return series
+
+
+def _highs(samples: list[Sample], resolution: int, k: int) -> dict[str, dict[tuple[datetime, str], float]]:
+    """Per shard, (bucket end, metric) -> the level held for k minutes in a row inside the bucket:
+    the greatest, over runs of k consecutive 1-minute means, of the run's least (a hot verdict's
+    rule: over the threshold without a break for the sustain). With fewer minutes, their least."""
+    per_bucket: dict[tuple[str, datetime, str], dict[datetime, float]] = {}
+    for (shard, _, minute), row in _accumulate(samples, (60,)).items():
+        end = bucket_of(minute, resolution) + timedelta(seconds=resolution)
+        for i, metric in enumerate(METRICS):
+            if row[2 + 3 * i]:
+                per_bucket.setdefault((shard, end, metric), {})[minute] = row[1 + 3 * i] / row[2 + 3 * i]
+    step = timedelta(seconds=60)
+    out: dict[str, dict[tuple[datetime, str], float]] = {}
+    for (shard, end, metric), minutes in per_bucket.items():
+        held: float | None = None
+        for first in minutes:
+            run = [v for j in range(k) if (v := minutes.get(first + step * j)) is not None]
+            if len(run) == k:
+                held = min(run) if held is None else max(held, min(run))
+        out.setdefault(shard, {})[(end, metric)] = held if held is not None else min(minutes.values())
+    return out

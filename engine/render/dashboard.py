@@ -76,10 +76,11 @@ def chart(points: list[tuple], metric: str, threshold: float | None) -> dict:
 
 def forecast_chart(forecast, threshold: float | None) -> dict | None:
     """The forecast ahead as an SVG: its band (a polygon from the lower to the upper edge), the
-    point forecast and the hot threshold, on the forecast's own time axis (the next hours)."""
+    point forecast (of the peaks where known: what a crossing is judged on) and the hot threshold,
+    on the forecast's own time axis (the next hours)."""
     if forecast is None or not forecast.values:
         return None
-    values = forecast.values
+    values = forecast.deciding
     top = max([(v + forecast.band) * 1.1 for v in values] + ([threshold * 1.15] if threshold else []) + [1e-9])
     step = CHART_W / max(len(values) - 1, 1)
 
@@ -88,7 +89,7 @@ def forecast_chart(forecast, threshold: float | None) -> dict | None:
 
     upper = [f"{i * step:.1f},{y(v + forecast.band)}" for i, v in enumerate(values)]
     lower = [f"{i * step:.1f},{y(v - forecast.band)}" for i, v in reversed(list(enumerate(values)))]
-    crossing = forecast.crossing(threshold, upper=True) if threshold else None
+    crossing = forecast.crossing(threshold) if threshold else None
     return {"band": " ".join(upper + lower), "line": " ".join(f"{i * step:.1f},{y(v)}" for i, v in enumerate(values)),
             "threshold_y": float(y(threshold)) if threshold else None, "hours": len(values),
             "peak": max(values), "plus_minus": forecast.band, "crossing": crossing}

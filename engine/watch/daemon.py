@@ -38,6 +38,7 @@ from engine.observe.replica_links import replica_links
 from engine.observe.sampling import LiveSampler
 from engine.plan import load as load_rules
 from engine.plan import planner, rightsizing
+from engine.plan.forecast import lineages
 from engine.plan.models import Plan
 from engine.render.renderers import render_text
 from engine.servers.fleet import Fleet
@@ -400,6 +401,7 @@ class Daemon:
     def _judged(self, snapshot: Snapshot, verdicts, observation) -> tuple[ShardView, ...]:
         """The active shards with the detector's verdicts, keeping their latest collected values."""
         current = {s.address: s for s in snapshot.shards}
+        families = lineages(observation)
         shards = []
         for d in observation.catalog.databases.values():
             for s in d.shards:
@@ -411,8 +413,8 @@ class Daemon:
                 db = self.desired.databases.get(s.database)
                 hot = db.effective_policy.hot.model_dump() if db else {}
                 lines, forecasts = shard_outlook(s.address, observation.hourly.get(s.address, ()),
-                                                 db.effective_policy, observation.metrics_at or observation.now()
-                                                 ) if db else ([], [])
+                                                 db.effective_policy, observation.metrics_at or observation.now(),
+                                                 families.get(s.address)) if db else ([], [])
                 shards.append(base.model_copy(update={
                     "outlook": tuple(lines), "forecasts": tuple(forecasts),
                     "hot_thresholds": {m: float(v) for m, v in hot.items() if v is not None},
