@@ -26,6 +26,7 @@ from engine.observe.observer import inspect_shards, observe
 from engine.plan import planner, whatif
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
+from engine.servers import scratch
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -406,6 +407,7 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
             if action.get("clone_of"):  # a clone interrupted while its replica was paused
                 replica.resume(ctx, ShardSpec.model_validate(action["clone_of"]))
             drop_database(ctx, half)
+    scratch.remove_for_operation(ctx.fleet.desired.directory, pending.operation)  # servers it restored
     close("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')")
     ctx.say(f"Operation {pending.operation} aborted: the half-built database of {address} was dropped;"
             " a branch still declared is created afresh by the next apply.")

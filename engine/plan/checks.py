@@ -11,6 +11,9 @@ Purposes (what a server is used for by an action):
                 pg_create_subscription from 16), the replication origin's progress, workers
   metrics       statistics of every database (pg_monitor), pg_stat_statements, pg_buffercache:
                 without them metrics are unknown, never zero; nothing is refused
+  backups       a backed-up server (Barman): REPLICATION (pg_basebackup, pg_receivewal on a slot),
+                restore points and WAL switches, pg_backup_start/stop and pg_monitor (Barman's own
+                check), a WAL sender for the streaming and one for a base backup
 """
 
 from __future__ import annotations
@@ -136,6 +139,40 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
     add("pg_monitor", caps.superuser or caps.monitor,
         f"role {role}{su}" + ("" if caps.superuser or caps.monitor else " sees only its own sessions' statistics"),
         f"GRANT pg_monitor TO {role}; (metrics of every database; without it they are unknown)", warning=True)
+    return out
+
+
+BACKUP_GRANT = ("GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean), pg_switch_wal(),"
+                " pg_create_restore_point(text) TO {role};")
+
+
+def backup_checks(live: LiveServer) -> list[Check]:
+    """What a backed-up server needs from shardctl's role (`backups:` in the YAML)."""
+    caps = live.capabilities
+    if not live.reachable or caps is None:
+        return []
+    role, su = _role(caps), caps.superuser
+    needed = ("backups",)
+    grant = BACKUP_GRANT.format(role=role)
+    out = [
+        Check(server=live.name, name="backups: REPLICATION", ok=su or caps.replication,
+              found=f"role {role}" + ("" if su or caps.replication else " lacks REPLICATION"),
+              fix="" if su or caps.replication else f"ALTER ROLE {role} REPLICATION; and a `replication` line for it"
+              " in pg_hba.conf (pg_basebackup and pg_receivewal are physical replication)", needed_by=needed),
+        Check(server=live.name, name="backups: restore points", ok=su or caps.restore_points,
+              found=f"role {role}" + ("" if su or caps.restore_points else " may not create restore points or"
+                                      " switch WAL segments"), fix="" if su or caps.restore_points else grant,
+              needed_by=needed),
+        Check(server=live.name, name="backups: base backups", ok=su or (caps.backup_functions and caps.monitor),
+              found=f"role {role}" + ("" if su or (caps.backup_functions and caps.monitor) else
+                                      " lacks what Barman checks: EXECUTE on pg_backup_start/stop and pg_monitor"),
+              fix="" if su or (caps.backup_functions and caps.monitor) else f"{grant} GRANT pg_monitor TO {role};",
+              needed_by=needed)]
+    free = caps.max_wal_senders - caps.used_wal_senders
+    out.append(Check(server=live.name, name="backups: WAL senders", ok=free >= 1,
+                     found=f"{free} of {caps.max_wal_senders} free", fix="" if free >= 1 else
+                     "ALTER SYSTEM SET max_wal_senders = 32; then restart (WAL streaming holds one, a base backup"
+                     " one more)", needed_by=needed))
     return out
 
 
