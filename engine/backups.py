@@ -55,6 +55,7 @@ KIND = "create_backup"
 BACKUP_LOCK_KEY = 0x5348_4442_4B50  # "SHDBKP": one `backups create` at a time (the daemon's or a person's)
 STREAM_START_WAIT = 15.0  # seconds a just-started receiver may take to connect
 CUT_NAME = "shardctl_cut"
+OTHER_BACKUP_WAIT = 600.0  # seconds a base backup left running by an interrupted run is waited for
 
 
 def _quiet(_: str) -> None:
@@ -284,9 +285,9 @@ def _cut(fleet: Fleet, cut: psycopg.Connection, shards: list[_Shard], shard_map:
             return
         def one_server(server: str) -> tuple[str, dict[str, Any]]:
             row = one(points[server].execute(
-                "SELECT lsn::text, pg_walfile_name(lsn), clock_timestamp() FROM pg_create_restore_point(%s) lsn",
-                (name,)))
-            return server, {"lsn": row[0], "wal": row[1], "at": row[2].isoformat()}
+                "SELECT lsn::text, pg_walfile_name(lsn), clock_timestamp(),"
+                " pg_size_bytes(current_setting('wal_segment_size')) FROM pg_create_restore_point(%s) lsn", (name,)))
+            return server, {"lsn": row[0], "wal": row[1], "at": row[2].isoformat(), "segment_bytes": row[3]}
         with ThreadPoolExecutor(max_workers=min(8, len(servers))) as pool:
             where.update(pool.map(one_server, servers))
 
@@ -405,8 +406,8 @@ def _base_backups(barman: Barman, fleet: Fleet, conn: psycopg.Connection, op: Op
     def one_server(server: str) -> None:
         with op.step(f"backup {server}"):
             started = time.monotonic()
-            _clear_unfinished(barman, server, say)
-            backup_id = barman.backup(server, f"shardctl-op{op.id}")
+            name = f"shardctl-op{op.id}"
+            backup_id = _adopt_or_take(barman, server, name, say)
             info = barman.show_backup(server, backup_id)
             end_wal = (info.get("base_backup_information") or {}).get("end_wal")
             switch_and_archive(barman, fleet.servers[server], end_wal)
@@ -428,12 +429,27 @@ def _base_backups(barman: Barman, fleet: Fleet, conn: psycopg.Connection, op: Op
         raise first
 
 
-def _clear_unfinished(barman: Barman, server: str, say: Say) -> None:
-    """A base backup an interrupted run left unfinished is deleted before a new one is taken."""
+def _adopt_or_take(barman: Barman, server: str, name: str, say: Say) -> str:
+    """The operation's base backup of SERVER: one an interrupted try finished (its Barman process
+    outlives a killed shardctl), else a new one. A backup still running is waited for; one left
+    unfinished is deleted first."""
+    deadline = time.monotonic() + OTHER_BACKUP_WAIT
+    while any(p.get("task") == "backup" or p.get("name") == "backup" for p in barman.processes(server)):
+        if time.monotonic() > deadline:
+            raise UserError(f"a base backup of server {server} is still running after {OTHER_BACKUP_WAIT:.0f}s",
+                            "let it finish (`barman -c .shardctl/barman/barman.conf list-processes SERVER`), then"
+                            " run `shardctl backups create` again")
+        time.sleep(1.0)
     for backup in barman.list_backups(server):
-        if backup.get("status") in ("STARTED", "FAILED") and str(backup.get("backup_name", "")).startswith("shardctl-"):
+        if backup.get("backup_name") != name and not str(backup.get("backup_name", "")).startswith("shardctl-"):
+            continue
+        if backup.get("status") in ("STARTED", "FAILED"):
             barman.delete(server, backup["backup_id"])
             say(f"Deleted the unfinished base backup {backup['backup_id']} of server {server}")
+        elif backup.get("backup_name") == name and backup.get("status") in ("WAITING_FOR_WALS", "DONE"):
+            say(f"Base backup {backup['backup_id']} of server {server}, made by the interrupted run, is kept")
+            return str(backup["backup_id"])
+    return barman.backup(server, name)
 
 
 def _retention(barman: Barman, conn: psycopg.Connection, server: str, say: Say) -> None:
@@ -489,8 +505,14 @@ def restore(barman: Barman, fleet: Fleet, server: str, target: Target, label: st
     copy.claim(operation)
     started = time.monotonic()
     if target.point is not None:
-        lsn = target.point.servers[server]["lsn"]
-        barman.recover(server, backup_before(barman, server, lsn), copy.data_dir, ("target-name", target.point.name))
+        place = target.point.servers[server]
+        if lsn_value(place["lsn"]) % int(place.get("segment_bytes") or 16 << 20):
+            # just before the first record after the point: the state the point names, and Barman copies
+            # only the WAL up to it (to a name, it would copy all the WAL it holds)
+            barman.recover(server, "auto", copy.data_dir, ("target-lsn", place["lsn"]), exclusive=True)
+        else:  # the point ends its segment: the record after it is in the next one, which only a name reaches
+            barman.recover(server, backup_before(barman, server, place["lsn"]), copy.data_dir,
+                           ("target-name", target.point.name))
     else:
         assert target.time is not None
         barman.recover(server, "auto", copy.data_dir, ("target-time", target.time.isoformat()))

@@ -165,4 +165,19 @@ def _source(conn: psycopg.Connection, ready: bool, database: str, at: str, catal
         return BackupSource(at=at, kind="time", time=when, problem=(
             f"the catalog has no shard map of {database} as early as {at} (it records them since the backups"
             " were first set up; name a later time or a restore point)"))
+    if not covers_keyspace(recorded):
+        return BackupSource(at=at, kind="time", time=when, problem=(
+            f"{database} was not whole at {at}: its shards then did not cover the keyspace (it was being created)"))
     return BackupSource(at=at, kind="time", time=when, shards=recorded)
+
+
+def covers_keyspace(shards: tuple[MapShard, ...]) -> bool:
+    """Whether the shards' ranges join up from the bottom of the keyspace to its top."""
+    edge: int | None = None
+    for index, shard in enumerate(sorted(shards, key=lambda s: (s.lo is not None, s.lo or 0))):
+        if (index == 0 and shard.lo is not None) or (index > 0 and shard.lo != edge):
+            return False
+        edge = shard.hi
+        if edge is None:
+            return index == len(shards) - 1
+    return False

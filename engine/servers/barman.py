@@ -178,6 +178,10 @@ class Barman:
     def show_backup(self, server: str, backup_id: str) -> dict[str, Any]:
         return self.query("show-backup", server, (backup_id,)) or {}
 
+    def processes(self, server: str) -> list[dict[str, Any]]:
+        """Barman's processes working on a server now (backup, receive-wal...)."""
+        return list(self.query("list-processes", server) or [])
+
     def has_wal(self, server: str, wal: str) -> bool:
         out = self.run("get-wal", "--peek=1", server=server, args=(wal,))
         return wal in out.split()
@@ -239,13 +243,16 @@ class Barman:
                                 " watch daemon keeps it running; `shardctl backups create` starts it)")
             time.sleep(0.2)
 
-    def recover(self, server: str, backup_id: str, destination: Path, target: tuple[str, str]) -> None:
-        """`barman recover` of BACKUP_ID into DESTINATION (a new data directory), to TARGET: (name,
-        value) with name one of target-name, target-time, target-lsn; promoted once there."""
+    def recover(self, server: str, backup_id: str, destination: Path, target: tuple[str, str],
+                exclusive: bool = False) -> None:
+        """`barman recover` of BACKUP_ID (or `auto`: the newest that ends before the target) into
+        DESTINATION (a new data directory), to TARGET: (name, value), name one of target-name,
+        target-time, target-lsn; promoted once there. EXCLUSIVE: stop just before the target."""
         kind, value = target
         assert kind in ("target-name", "target-time", "target-lsn")
-        self.run("recover", f"--{kind}={value}", "--target-action=promote", server=server,
-                 args=(backup_id, str(destination)), what=f"restoring server {server} from backup {backup_id}")
+        self.run("recover", f"--{kind}={value}", *(["--exclusive"] if exclusive else []), "--target-action=promote",
+                 server=server, args=(backup_id, str(destination)),
+                 what=f"restoring server {server} from backup {backup_id}")
 
 
 def lsn_value(lsn: str) -> int:
