@@ -10,6 +10,8 @@ its own outcome and leaves the fleet usable for the next.
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -222,6 +224,57 @@ def test_the_restore_drill_passes_and_fails_loudly_when_a_wal_segment_is_gone(ba
     finally:
         shutil.move(aside, segment)
     _no_scratch_left(fleet)
+
+
+def test_the_daemon_keeps_wal_streaming_and_takes_a_backup_when_one_is_due(backed_up):
+    """A receiver that stops is started again (the daemon's own child), a base backup older than
+    backups.every is taken again, and status, the dashboard and /metrics show both."""
+    import os
+    import signal
+
+    from test_watch_daemon import Watch
+
+    fleet, _, _ = backed_up
+    barman = fleet.path / ".shardctl" / "barman" / "barman.conf"
+    listed = subprocess.run([sys.executable, "-m", "barman.cli", "-c", str(barman), "-f", "json", "list-processes",
+                             "--", "a"], capture_output=True, text=True, check=True)
+    for process in json.loads(listed.stdout)["a"]:  # the receiver `backups create` started, stopped here
+        if process["name"] == "receive-wal":
+            os.kill(int(process["pid"]), signal.SIGTERM)
+    stopped = _wait(lambda: not _streaming(fleet, "a"), "the receiver of a to stop")
+    assert stopped
+    with fleet.catalog() as conn:  # the newest base backups ended two days ago: due under `every: 1d`
+        conn.execute("UPDATE shardctl.backups SET end_at = end_at - interval '2 days'")
+    watch = Watch(fleet)
+    try:
+        watch.wait("WAL streaming of a again", lambda: watch.events("wal_streaming_started"))
+        done = watch.wait("a scheduled base backup", lambda: watch.events("backup_done"), timeout=180)
+        assert done[0]["servers"] == ["a", "b"] and done[0]["restore_point"].startswith("backup-op")
+        metrics = watch.wait("the backup series", lambda: (lambda t: t if 'shardctl_backup_wal_streaming{server="a"} 1.0'
+                             in t else None)(watch.text("/metrics")), timeout=60)
+        assert 'shardctl_backup_age_seconds{server="b"}' in metrics and "shardctl_backup_wal_lag_bytes" in metrics
+        assert "<h2>Backups</h2>" in watch.text("/") and watch.status()["backups"][0]["server"] == "a"
+        status = fleet.cli("status")
+        assert "Backups of a: last base backup" in status.out and "WAL streaming" in status.out
+    finally:
+        assert watch.stop() == 0, watch.logs()
+    assert watch.events("wal_streaming_ended")  # its receiver ends with it (another daemon takes over)
+
+
+def _streaming(fleet, server: str) -> bool:
+    with fleet.connect(server) as conn:
+        row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'shardctl_backup'").fetchone()
+    return bool(row and row[0])
+
+
+def _wait(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("step", every_step(["backup a", "backup b", "point", "archive a", "retention"],
