@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ from engine.errors import UserError
 from engine.observe.models import MapShard, RestorePoint
 from engine.rows import one
 from engine.servers import scratch
-from engine.servers.barman import SLOT, Barman, backup_times, lsn_value
+from engine.servers.barman import SLOT, Barman, lsn_value
 from engine.servers.connect import ServerHandle
 from engine.servers.fleet import Fleet
 
@@ -197,8 +198,8 @@ class _Shard:
     database: str
     spec: MapShard
     conn: psycopg.Connection
-    tables: list[str]  # schema.table, quoted-ready pairs below
-    pairs: list[tuple[str, str]]
+    tables: list[str]  # its tables as quoted relation names (who holds their locks is asked by them)
+    pairs: list[tuple[str, str]]  # the same as (schema, table)
 
 
 def place_point(fleet: Fleet, catalog_conn: psycopg.Connection, servers: list[str], name: str, kind: str,
@@ -251,7 +252,8 @@ def _open_shards(fleet: Fleet, catalog_conn: psycopg.Connection, shard_map: dict
             pairs = [(s, t) for s, t, _ in tables_with_key(conn, keys.get(database, ""))]
             conn.autocommit = False
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            shards.append(_Shard(database, spec, conn, [f"{s}.{t}" for s, t in pairs], pairs))
+            shards.append(_Shard(database, spec, conn, [sql.Identifier(s, t).as_string(conn) for s, t in pairs],
+                                 pairs))
     return shards
 
 
@@ -371,9 +373,9 @@ def create(desired: Desired, say: Say = _quiet, servers: list[str] | None = None
             for server in sorted(point.servers):
                 with op.step(f"archive {server}", wal=point.servers[server]["wal"]):
                     switch_and_archive(barman, fleet.servers[server], point.servers[server]["wal"])
-            with op.step("retention"):
-                for server in barman.servers():
-                    _retention(barman, conn, server, say)
+            with op.step("retention"), ThreadPoolExecutor(max_workers=min(4, len(barman.servers()))) as pool:
+                for job in [pool.submit(_retention, barman, conn, s, say) for s in barman.servers()]:
+                    job.result()
             with conn.transaction():
                 op.finish()
     return point
@@ -401,22 +403,23 @@ def _resume_or_begin(conn: psycopg.Connection, servers: list[str], actor: str, s
 def _base_backups(barman: Barman, fleet: Fleet, conn: psycopg.Connection, op: Operation, servers: list[str],
                   say: Say) -> None:
     done = catalog.backups_of_operation(conn, op.id)
+    resumed = bool(one(conn.execute("SELECT count(*) FROM shardctl.journal WHERE operation = %s", (op.id,)))[0])
     todo = [s for s in servers if s not in done]
 
     def one_server(server: str) -> None:
         with op.step(f"backup {server}"):
-            started = time.monotonic()
+            started, begin = time.monotonic(), datetime.now(UTC)
             name = f"shardctl-op{op.id}"
-            backup_id = _adopt_or_take(barman, server, name, say)
-            info = barman.show_backup(server, backup_id)
-            end_wal = (info.get("base_backup_information") or {}).get("end_wal")
-            switch_and_archive(barman, fleet.servers[server], end_wal)
-            barman.check_backup(server, backup_id)
-            begin, end = backup_times(info)
-            size = next((b.get("size_bytes") for b in barman.list_backups(server) if b["backup_id"] == backup_id),
-                        None)
-            with conn.transaction():
-                catalog.record_backup(conn, server, backup_id, op.id, begin, end, size)
+            adopted = _adopt(barman, server, name, say) if resumed else None
+            if adopted is not None:
+                backup_id, size = adopted
+                with _writing(fleet.servers[server]):
+                    barman.check_backup(server, backup_id)
+            else:
+                with _writing(fleet.servers[server]):
+                    backup_id, size = barman.backup(server, name)
+            # one statement on the catalog connection, which the servers' threads share (no transaction block)
+            catalog.record_backup(conn, server, backup_id, op.id, begin, datetime.now(UTC), size)
             say(f"Base backup {backup_id} of server {server}: {_size(size)} in {time.monotonic() - started:.1f}s")
 
     if not todo:
@@ -429,40 +432,63 @@ def _base_backups(barman: Barman, fleet: Fleet, conn: psycopg.Connection, op: Op
         raise first
 
 
-def _adopt_or_take(barman: Barman, server: str, name: str, say: Say) -> str:
-    """The operation's base backup of SERVER: one an interrupted try finished (its Barman process
-    outlives a killed shardctl), else a new one. A backup still running is waited for; one left
-    unfinished is deleted first."""
+def _adopt(barman: Barman, server: str, name: str, say: Say) -> tuple[str, int | None] | None:
+    """A resumed run's base backup of SERVER that an interrupted try finished (its Barman process
+    outlives a killed shardctl: it is waited for), or None; one left unfinished is deleted."""
     deadline = time.monotonic() + OTHER_BACKUP_WAIT
-    while any(p.get("task") == "backup" or p.get("name") == "backup" for p in barman.processes(server)):
+    while any(p.get("name") == "backup" for p in barman.processes(server)):
         if time.monotonic() > deadline:
             raise UserError(f"a base backup of server {server} is still running after {OTHER_BACKUP_WAIT:.0f}s",
                             "let it finish (`barman -c .shardctl/barman/barman.conf list-processes SERVER`), then"
                             " run `shardctl backups create` again")
         time.sleep(1.0)
     for backup in barman.list_backups(server):
-        if backup.get("backup_name") != name and not str(backup.get("backup_name", "")).startswith("shardctl-"):
+        if not str(backup.get("backup_name", "")).startswith("shardctl-"):
             continue
         if backup.get("status") in ("STARTED", "FAILED"):
             barman.delete(server, backup["backup_id"])
             say(f"Deleted the unfinished base backup {backup['backup_id']} of server {server}")
         elif backup.get("backup_name") == name and backup.get("status") in ("WAITING_FOR_WALS", "DONE"):
             say(f"Base backup {backup['backup_id']} of server {server}, made by the interrupted run, is kept")
-            return str(backup["backup_id"])
-    return barman.backup(server, name)
+            return str(backup["backup_id"]), backup.get("size_bytes")
+    return None
+
+
+@contextmanager
+def _writing(handle: ServerHandle, every: float = 0.5) -> Iterator[None]:
+    """A small WAL record on the server every EVERY seconds while the block runs: pg_receivewal
+    starts a new segment (and Barman may archive the one before) only when the server writes, so
+    waiting for a just-closed segment would otherwise last until the next checkpoint on an idle
+    server. The record is a non-transactional logical message (`pg_logical_emit_message`, open to
+    every role); a role or server that refuses it only makes the wait longer."""
+    stop = threading.Event()
+
+    def nudge() -> None:
+        with contextlib.suppress(UserError, psycopg.Error), handle.connect() as conn:
+            while not stop.wait(every):
+                conn.execute("SELECT pg_logical_emit_message(false, 'shardctl', 'backup')")
+
+    thread = threading.Thread(target=nudge, name=f"shardctl-wal-{handle.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _retention(barman: Barman, conn: psycopg.Connection, server: str, say: Say) -> None:
     """Barman's retention policy: the backups it reports obsolete are deleted (with the WAL only
     they needed), and the catalog forgets them."""
+    kept = set()
     for backup in barman.list_backups(server):
         if backup.get("retention_status") == "OBSOLETE":
             barman.delete(server, backup["backup_id"])
             say(f"Deleted base backup {backup['backup_id']} of server {server} (retention:"
                 f" {barman.desired.backups[server].retention})")
-    kept = {b["backup_id"] for b in barman.list_backups(server)}
-    with conn.transaction():
-        catalog.forget_backups(conn, server, kept)
+        else:
+            kept.add(backup["backup_id"])
+    catalog.forget_backups(conn, server, kept)  # one statement (the servers' threads share the connection)
 
 
 def _size(size: int | None) -> str:

@@ -526,7 +526,8 @@ def _list_branches(obj: Ctx, as_json: bool) -> None:
             dict(
                 name=b.name,
                 parent=b.parent,
-                data=b.data if b.data != "sample" else f"sample {b.sample_percent:g}%",
+                data=f"sample {b.sample_percent:g}%" if b.data == "sample" else
+                f"backup at {b.source_at or 'latest'}" if b.data == "backup" else b.data,
                 state=b.state,
                 size_bytes=b.size_bytes,
                 created_at=b.created_at,

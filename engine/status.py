@@ -255,9 +255,8 @@ def _print_backups(console: Console, rows: list[dict[str, Any]]) -> None:
     for b in rows:
         age = b["age_seconds"]
         backup = ("no base backup yet (`shardctl backups create`)" if age is None else
-                  f"last base backup {span(max(age, 0))} ago" + (" (OVERDUE: backups.every is"
-                                                                  f" {span(b['every_seconds'])})"
-                                                                  if age > b["every_seconds"] else ""))
+                  f"last base backup {_age(age)} ago" + (f" (OVERDUE: backups.every is {span(b['every_seconds'])})"
+                                                         if age > b["every_seconds"] else ""))
         if b["streaming"] is None:
             wal = "WAL streaming unknown (the server did not answer)"
         elif b["streaming"]:
@@ -268,6 +267,12 @@ def _print_backups(console: Console, rows: list[dict[str, Any]]) -> None:
                                          else "") + ": the watch daemon keeps it running"
         point = f"; newest restore point {b['last_point']}" if b["last_point"] else ""
         console.print(f"Backups of {b['server']}: {backup}; {wal}{point}", markup=False)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    return (f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200
+            else f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d")
 
 
 def _print_servers(console: Console, report: dict[str, Any]) -> None:

@@ -355,12 +355,15 @@ def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say:
                     raise UserError(f"branch {name!r} cannot be reset: replica {declared.from_!r} is not active now",
                                     "run `shardctl apply` to make the replica first")
                 clone_of = ShardSpec(name=replica.name, lo=None, hi=None, server=replica.server, dbname=replica.dbname)
+            shards = tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)
+                           for s in parent.shards if s.state == "active")
+            if have.data == "backup":  # restored again to the same moment, from the shards of that moment
+                shards = _restored_shards(conn, have, store.read(conn))
             action = ResetBranch(
-                clone_of=clone_of,
+                clone_of=clone_of, at=have.source_at if have.data == "backup" else None,
                 database=have.parent, branch=name, data=have.data,  # type: ignore[arg-type]
                 sample_percent=have.sample_percent, server=have.server, dbname=have.dbname,
-                shards=tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)
-                             for s in parent.shards if s.state == "active"),
+                shards=shards,
                 reset_token=have.reset_token,  # a declared reset value stays acted on
                 reason=Reason(cause="config", text="reset by `shardctl branches reset`"))
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say,
@@ -368,6 +371,20 @@ def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say:
             journal.close_interrupted(conn)
             with _graceful_interrupts(say):
                 dispatch.execute(action, ctx)
+
+
+def _restored_shards(conn, have, state) -> tuple[ShardSpec, ...]:
+    """The shards a `data: backup` branch is restored from: the shard map of its moment."""
+    from engine.catalog import backups as backup_catalog
+    from engine.clock import system_clock
+    from engine.config.models import Branch
+
+    declared = Branch.model_validate({"from": have.parent, "data": "backup", "at": have.source_at or "latest",
+                                      "server": have.server})
+    source = backup_catalog.sources(conn, {have.name: declared}, state, system_clock())[have.name]
+    if source.problem:
+        raise UserError(f"branch {have.name!r} cannot be restored again: {source.problem}")
+    return tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname) for s in source.shards)
 
 
 def abort_branch(ctx: ApplyContext, pending) -> None:

@@ -226,6 +226,58 @@ def test_the_restore_drill_passes_and_fails_loudly_when_a_wal_segment_is_gone(ba
     _no_scratch_left(fleet)
 
 
+@pytest.mark.slow
+def test_a_branch_restored_to_a_time_before_a_split_reads_the_shard_map_of_that_time(backed_up):
+    """Rows A, the moment T, rows B, a split, rows C: the branch at T holds A and neither B nor C,
+    read from the shard the catalog's map of T names (the split's source, retired since)."""
+    from datetime import UTC, datetime
+
+    fleet, _, _ = backed_up
+    catalog = EmbeddedServer("a", fleet.path / ".shardctl/servers/a").conninfo("shardctl")
+
+    def insert(first: int) -> None:
+        with ShardClient(catalog, "orders") as client:
+            for key in range(first, first + 30):
+                client.execute(key, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)", (key, "timed"))
+
+    insert(6_000_000)
+    time.sleep(0.5)
+    moment = datetime.now(UTC)
+    time.sleep(0.5)
+    insert(7_000_000)
+    split = fleet.cli("apply", "-split", "orders/80-c0", "--auto-approve")
+    assert split.code == 0, split.both
+    insert(8_000_000)
+    at = moment.isoformat(timespec="microseconds")
+    original = fleet.read("fleet.yaml")
+    fleet.write("fleet.yaml", original + ("branches:\n" if "branches:" not in original else "")
+                + f"  timed: {{from: orders, data: backup, at: '{at}', server: b}}\n")
+    plan = fleet.cli("plan")
+    assert "shard.orders" not in plan.out and "# branch.timed will be created" in plan.out, plan.out
+    with fleet.catalog() as conn:
+        then = conn.execute("SELECT shards FROM shardctl.shard_maps WHERE database = 'orders' AND at <= %s"
+                            " ORDER BY at DESC, id DESC LIMIT 1", (moment,)).fetchone()[0]
+    assert "80-c0" in {s["name"] for s in then}  # the split's source owned its range at the moment
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    with fleet.connect("b", "branch_timed") as conn:
+        ids = {r[0] for r in conn.execute("SELECT customer_id FROM customers WHERE customer_id >= 6000000")}
+        branch = {t: _sums(conn, t) for t in TABLES}
+    assert ids == set(range(6_000_000, 6_000_030))
+    expected = {}
+    for table in TABLES:
+        count = total = 0
+        for _name, _lo, _hi, server, dbname in active_shards(fleet):
+            with fleet.connect(server, dbname) as conn:
+                c, t = conn.execute(f"SELECT count(*), coalesce(sum(hash_record_extended(t, 0)), 0) FROM {table} t"
+                                    " WHERE customer_id < 7000000").fetchone()
+                count, total = count + c, total + int(t)
+        expected[table] = (count, total)
+    assert branch == expected  # every row of the moment once: none lost, none twice across the split
+    fleet.write("fleet.yaml", original + "allow_destroy: {branches: [timed]}\n")
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    fleet.write("fleet.yaml", original)
+
+
 def test_the_daemon_keeps_wal_streaming_and_takes_a_backup_when_one_is_due(backed_up):
     """A receiver that stops is started again (the daemon's own child), a base backup older than
     backups.every is taken again, and status, the dashboard and /metrics show both."""

@@ -162,3 +162,11 @@ def test_backups_commands_explain_themselves_and_need_backups_declared(tmp_path)
     refused = run_cli("-C", str(tmp_path), "backups", "list", cwd=tmp_path)
     assert refused.code == 1 and "no server is backed up" in refused.err and "Traceback" not in refused.both
     assert not (tmp_path / ".shardctl").exists() or os.listdir(tmp_path / ".shardctl") == []
+
+
+def test_readme_quotes_the_backup_grants_the_real_server_test_runs():
+    import pgservers
+    from conftest import ROOT
+
+    section = (ROOT / "README.md").read_text().split("## Running against your own servers", 1)[1].split("\n## ", 1)[0]
+    assert pgservers.BACKUP_ROLE_SQL.strip() in section

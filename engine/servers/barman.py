@@ -21,11 +21,11 @@ import io
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from engine.servers.embedded import bin_dir
 SLOT = "shardctl_backup"  # the physical replication slot WAL streams from, on every backed-up server
 STREAMER = "barman_receive_wal"  # pg_receivewal's application_name (Barman's default)
 ARCHIVE_TIMEOUT = 60.0  # seconds a WAL segment may take to reach the backups once the server closed it
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
 def barman_dir(desired: Desired) -> Path:
@@ -182,10 +183,6 @@ class Barman:
         """Barman's processes working on a server now (backup, receive-wal...)."""
         return list(self.query("list-processes", server) or [])
 
-    def has_wal(self, server: str, wal: str) -> bool:
-        out = self.run("get-wal", "--peek=1", server=server, args=(wal,))
-        return wal in out.split()
-
     # ------------------------------------------------------------------ doing things
 
     def create_slot(self, server: str) -> None:
@@ -202,23 +199,28 @@ class Barman:
                                     stdin=subprocess.DEVNULL, env=self.env(server), start_new_session=detached,
                                     umask=0o077)
 
-    def backup(self, server: str, name: str) -> str:
-        """A base backup (pg_basebackup); its id. It is WAITING_FOR_WALS until the WAL segment it
-        ends in is archived (`check_backup` then marks it DONE): `barman backup --wait` would wait
-        for that segment by itself, but pg_receivewal starts the next one only at the server's
-        next WAL record (up to 15 s on an idle server); shardctl writes one (engine/backups.py)."""
-        self.run("backup", f"--name={name}", server=server, what="the base backup")
-        made = [b for b in self.list_backups(server) if b.get("backup_name") == name
-                and b.get("status") in ("WAITING_FOR_WALS", "DONE")]
-        if not made:
+    def backup(self, server: str, name: str) -> tuple[str, int | None]:
+        """A base backup (pg_basebackup), waiting until the WAL segment it ends in is archived:
+        its id, and its size in bytes (from Barman's words). pg_receivewal starts a segment only
+        when the server writes WAL, so while this waits the caller keeps the server writing a
+        little (engine/backups.py), or an idle server holds it until its next checkpoint."""
+        said = self.run("backup", "--wait", f"--wait-timeout={ARCHIVE_TIMEOUT:.0f}", f"--name={name}", server=server,
+                        what="the base backup")
+        found = re.search(r"/base/(\S+)\s*$", said, re.MULTILINE)
+        size = re.search(r"^Backup size: ([0-9.]+) (B|KiB|MiB|GiB|TiB)", said, re.MULTILINE)
+        if found is not None and "WAITING_FOR_WALS" not in said:
+            return found.group(1), int(float(size.group(1)) * UNITS[size.group(2)]) if size else None
+        done = [b for b in self.list_backups(server) if b.get("backup_name") == name and b.get("status") == "DONE"]
+        if not done:
             raise UserError(f"the base backup of server {server} did not finish", f"barman's log:"
                             f" {barman_dir(self.desired) / 'barman.log'}")
-        return str(made[0]["backup_id"])
+        return str(done[0]["backup_id"]), done[0].get("size_bytes")
 
     def check_backup(self, server: str, backup_id: str) -> None:
-        """Mark a backup DONE once the WAL it needs is archived (an error if it is not)."""
+        """Mark a backup DONE once the WAL it needs is archived (a backup an interrupted run left
+        WAITING_FOR_WALS); an error if it is not."""
         self.run("check-backup", server=server, args=(backup_id,), what=f"checking backup {backup_id}")
-        status = next((b.get("status") for b in self.list_backups(server) if b["backup_id"] == backup_id), None)
+        status = self.show_backup(server, backup_id).get("status")
         if status != "DONE":
             raise UserError(f"base backup {backup_id} of server {server} is {status}, not DONE",
                             f"barman's log: {barman_dir(self.desired) / 'barman.log'}")
@@ -230,18 +232,27 @@ class Barman:
         """Move what pg_receivewal finished into the archive (Barman's cron does this otherwise)."""
         self.run("archive-wal", server=server, what="archiving streamed WAL")
 
+    def archived(self, server: str, wal: str) -> bool:
+        """Whether WAL segment WAL is in SERVER's archive (Barman's `wals/` directory)."""
+        return (self.backup_directory(server) / "wals" / wal[:16] / wal).is_file()
+
     def wait_archived(self, server: str, wal: str, timeout: float = ARCHIVE_TIMEOUT) -> None:
-        """Until the WAL segment WAL of SERVER is in its archive (recoverable)."""
+        """Until the WAL segment WAL of SERVER is in its archive (recoverable). pg_receivewal
+        writes a finished segment into Barman's `streaming/` directory; `archive-wal` moves it into
+        `wals/` once the next one has begun. Those directories are looked at directly: a Barman
+        command a round would cost a Python start each."""
         deadline = time.monotonic() + timeout
-        while True:
-            self.archive_wal(server)
-            if self.has_wal(server, wal):
-                return
+        streaming = self.backup_directory(server) / "streaming"
+        while not self.archived(server, wal):
             if time.monotonic() > deadline:
                 raise UserError(f"WAL segment {wal} of server {server} did not reach its backups within"
                                 f" {timeout:.0f}s", "is WAL streaming running? `shardctl backups list` shows it (the"
                                 " watch daemon keeps it running; `shardctl backups create` starts it)")
-            time.sleep(0.2)
+            received = [p.name for p in streaming.iterdir()] if streaming.is_dir() else []
+            if any(n[:24] > wal for n in received) and (streaming / wal).exists():
+                self.archive_wal(server)
+            else:
+                time.sleep(0.05)
 
     def recover(self, server: str, backup_id: str, destination: Path, target: tuple[str, str],
                 exclusive: bool = False) -> None:
@@ -258,13 +269,3 @@ class Barman:
 def lsn_value(lsn: str) -> int:
     high, low = lsn.split("/")
     return (int(high, 16) << 32) + int(low, 16)
-
-
-def backup_times(info: dict[str, Any]) -> tuple[datetime | None, datetime | None]:
-    """(begin, end) of a backup from `show-backup`'s JSON."""
-    base = info.get("base_backup_information") or {}
-    out = []
-    for key in ("begin_time_timestamp", "end_time_timestamp"):
-        value = base.get(key)
-        out.append(datetime.fromtimestamp(int(value), UTC) if value else None)
-    return out[0], out[1]

