@@ -378,6 +378,7 @@ def test_a_branch_from_backups_killed_at_each_step_is_rebuilt(backed_up, step):
     fleet.write("fleet.yaml", original)
 
 
+@pytest.mark.slow
 def test_abort_removes_a_half_built_branch_and_its_restored_servers(backed_up):
     fleet, _, _ = backed_up
     original = fleet.read("fleet.yaml")

@@ -10,6 +10,7 @@ PURPOSES = {
     "shard": "new shards and branches",
     "move_source": "splits and merges (as their source)",
     "move_target": "splits and merges (as their target)",
+    "backups": "backups (base backups, WAL streaming, restore points)",
 }
 MARKS = {"ok": "✓", "warn": "!", "FAIL": "✗"}
 

