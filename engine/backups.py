@@ -658,13 +658,6 @@ def listing(desired: Desired, say: Say = _quiet) -> dict[str, Any]:
     return {"servers": servers, "restore_points": points}
 
 
-def running_operation(conn: psycopg.Connection) -> int | None:
-    row = conn.execute("SELECT id FROM shardctl.operations WHERE kind = %s AND state = 'running' ORDER BY id DESC"
-                       " LIMIT 1", (KIND,)).fetchone()
-    return row[0] if row else None
-
-
-
 # ---------------------------------------------------------------------------- the daemon's part
 
 

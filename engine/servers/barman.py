@@ -38,7 +38,6 @@ from engine.servers.connect import SECRET_KEYS, ServerHandle, handles
 from engine.servers.embedded import bin_dir
 
 SLOT = "shardctl_backup"  # the physical replication slot WAL streams from, on every backed-up server
-STREAMER = "barman_receive_wal"  # pg_receivewal's application_name (Barman's default)
 ARCHIVE_TIMEOUT = 60.0  # seconds a WAL segment may take to reach the backups once the server closed it
 UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
