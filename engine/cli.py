@@ -526,7 +526,8 @@ def _list_branches(obj: Ctx, as_json: bool) -> None:
             dict(
                 name=b.name,
                 parent=b.parent,
-                data=b.data if b.data != "sample" else f"sample {b.sample_percent:g}%",
+                data=f"sample {b.sample_percent:g}%" if b.data == "sample" else
+                f"backup at {b.source_at or 'latest'}" if b.data == "backup" else b.data,
                 state=b.state,
                 size_bytes=b.size_bytes,
                 created_at=b.created_at,
@@ -553,6 +554,110 @@ def _list_branches(obj: Ctx, as_json: bool) -> None:
                       r["created_at"].strftime("%Y-%m-%d %H:%M"), r["expires_at"].strftime("%Y-%m-%d %H:%M"),
                       r["server"], r["connection"])
     Console(color_system="auto" if obj.colour else None, width=200 if not sys.stdout.isatty() else None).print(table)
+
+
+@cli.group()
+def backups() -> None:
+    """Backups of every server by Barman, restore points across the fleet, and restore drills.
+
+    \b
+    Declared in the YAML (`backups:`; a server's own `backups:` overrides it); shardctl writes
+    Barman's configuration (.shardctl/barman/barman.conf, no password in it) and runs Barman.
+      shardctl backups create    # a base backup of every server, then one restore point on all
+      shardctl backups list      # backups, restore points, oldest recoverable time, WAL received
+      shardctl backups verify    # restore drill: restored copies checked against the catalog
+    The watch daemon takes base backups every `backups.every` and keeps WAL streaming.
+    """
+
+
+@backups.command("create")
+@click.option("--server", "servers", multiple=True, metavar="NAME",
+              help="Back up only this server (repeatable); the restore point is placed on every server.")
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION", type=DURATION,
+              help="Wait this long for another backup to finish, e.g. 10m.")
+@click.pass_obj
+def backups_create(obj: Ctx, servers: tuple[str, ...], lock_timeout: float) -> None:
+    """A base backup of every backed-up server, then one restore point on all of them at once.
+
+    The restore point is a consistent moment of the whole fleet: writes to every shard wait a
+    few milliseconds while it is placed on every server (the time is printed and recorded), and
+    each shard's rows are counted and checksummed per table as of that moment, for `verify`.
+    It is recorded in the catalog with the shard map of that moment; a branch can be restored
+    to it (`data: backup`, `at: NAME`). Retention then deletes what Barman's policy no longer
+    keeps. Interrupted, the next `backups create` resumes it.
+    """
+    from engine import backups as run
+    from engine import workflow
+
+    desired = workflow.load(obj.config_dir)
+    unknown = sorted(set(servers) - set(desired.backups))
+    if unknown:
+        raise UserError(f"server {unknown[0]!r} is not backed up", "backed-up servers: "
+                        + (", ".join(sorted(desired.backups)) or "none (declare `backups:`)"))
+    point = run.create(desired, say=err, servers=list(servers) or None, lock_timeout=lock_timeout)
+    click.echo(f"Backup complete. Restore point {point.name} at {point.created_at:%Y-%m-%d %H:%M:%S %Z} on"
+               f" {', '.join(sorted(point.servers))} (writes waited {point.pause_ms:.0f} ms).")
+
+
+@backups.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def backups_list(obj: Ctx, as_json: bool) -> None:
+    """Per server: base backups, the oldest recoverable time and how far WAL has been received;
+    then the restore points of the fleet (and whether the backups still reach them)."""
+    from engine import backups as run
+    from engine import workflow
+
+    report = run.listing(workflow.load(obj.config_dir), say=err)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    for server in report["servers"]:
+        wal = server["wal"]
+        streaming = (f"WAL streaming, received up to {wal['received_lsn']} ({wal['lag_bytes']:,} bytes behind)"
+                     if wal["streaming"] else f"WAL NOT streaming ({wal['error'] or 'no receiver'}"
+                     + (f"; received up to {wal['received_lsn']}" if wal["received_lsn"] else "") + ")")
+        click.echo(f"server {server['server']}: retention {server['retention']}; oldest recoverable time"
+                   f" {server['oldest_recoverable'] or 'none (no base backup yet)'}; {streaming}")
+        for b in server["backups"]:
+            size = f"{b['size_bytes'] / 2**20:,.1f} MiB" if b["size_bytes"] else "-"
+            click.echo(f"  {b['id']}  {b['status']:<8} ended {b['end'] or '-'}  {size}"
+                       + (f"  ({b['retention']})" if b["retention"] not in (None, "-", "VALID") else ""))
+    if not report["restore_points"]:
+        click.echo("No restore points yet (`shardctl backups create` places one).")
+    for p in report["restore_points"]:
+        state = "recoverable" if p["recoverable"] else f"NOT recoverable on {', '.join(p['lost_on'])}"
+        dbs = ", ".join(f"{db} ({n} shards)" for db, n in p["databases"].items()) or "no databases"
+        click.echo(f"restore point {p['name']} ({p['kind']}) at {p['created_at']}: {dbs}; {state}")
+
+
+@backups.command("verify")
+@click.pass_obj
+def backups_verify(obj: Ctx) -> int:
+    """Restore drill: each server's latest backup restored into a scratch server, and every
+    shard's rows counted and checksummed against what the catalog recorded.
+
+    Each backed-up server is restored by Barman (`barman recover`, to the newest restore point
+    of `backups create`) into its own directory under .shardctl/scratch, started from the
+    embedded wheel and promoted; its shards are compared per table with the counts and
+    checksums recorded when the point was placed; then it is removed. Exit 1 when a server
+    cannot be restored (a WAL segment missing, ...) or a shard differs.
+    """
+    from engine import backups as run
+    from engine import workflow
+
+    point, verdicts = run.verify(workflow.load(obj.config_dir), say=err)
+    for v in verdicts:
+        mark = "ok" if v.ok else "FAILED"
+        click.echo(f"{mark:<6} server {v.server}" + (f" {v.shard}" if v.shard else "") + f": {v.detail}")
+    failed = [v for v in verdicts if not v.ok]
+    if failed:
+        click.echo(f"\nRestore drill FAILED: {len(failed)} of {len(verdicts)} checks; the backups cannot give back"
+                   f" restore point {point.name} as recorded.", err=True)
+        return EXIT_ERROR
+    click.echo(f"\nRestore drill passed: {len(verdicts)} shards restored from backups to {point.name} hold exactly"
+               " the recorded rows.")
+    return 0
 
 
 @cli.command("forecast")

@@ -2,15 +2,16 @@
 
 Per server: version, wal_level, free replication slots and WAL senders, replication workers,
 max_slot_wal_keep_size, pg_stat_statements, pg_buffercache, connection headroom, clock skew
-against the catalog's server, and the role's privileges against what each kind of action needs
-(engine/plan/checks.py judges; engine/render/doctor.py prints).
+against the catalog's server, and the role's privileges against what each kind of action needs,
+backups included for a backed-up server (engine/plan/checks.py judges; engine/render/doctor.py
+prints).
 """
 
 from __future__ import annotations
 
 from engine.config.loader import Desired
 from engine.observe.observer import inspect_servers
-from engine.plan.checks import Check, metrics_check, origin_check, server_checks, tls_check
+from engine.plan.checks import Check, backup_checks, metrics_check, origin_check, server_checks, tls_check
 from engine.servers.fleet import Fleet
 
 
@@ -28,5 +29,7 @@ def run(desired: Desired, say=lambda _: None) -> dict[str, list[Check]]:
             tls = tls_check(server) if any(not s.embedded for s in desired.servers.values()) else None
             origin = origin_check(server) if any(b.data == "replica" for b in desired.branches.values()) else None
             found.extend(c for c in (tls, origin) if c is not None)
+            if name in desired.backups:
+                found.extend(backup_checks(server))
         out[name] = found
     return out

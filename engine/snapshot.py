@@ -76,6 +76,19 @@ class BranchLinkView(Frozen):
     lag_bytes: int | None = None
 
 
+class BackupView(Frozen):
+    """A backed-up server: its newest base backup, and how far its WAL has reached the backups."""
+
+    server: str
+    last_backup_at: datetime | None = None  # None: never backed up
+    every_seconds: float | None = None  # backups.every: when the next base backup is due
+    streaming: bool | None = None  # None: unknown (the server did not answer)
+    wal_lag_bytes: int | None = None  # WAL written on the server and not yet received by its backups
+    received_lsn: str | None = None
+    last_point: str | None = None  # the newest restore point placed on it
+    last_point_at: datetime | None = None
+
+
 class HistoryEntry(Frozen):
     at: datetime
     event: str
@@ -111,6 +124,7 @@ class Snapshot(Frozen):
     progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)
     progress_at: datetime | None = None  # when they were reported
     replicas: tuple[ReplicaView, ...] = ()
+    backups: tuple[BackupView, ...] = ()  # backed-up servers (engine/backups.py), as of the daemon's last look
     silent_servers: tuple[str, ...] = ()  # servers that did not answer the last collection round
     last_collect_at: datetime | None = None
     last_collect_seconds: float | None = None

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from engine import backups
 from engine.catalog import control, journal, store
 from engine.config.loader import Desired
 from engine.config.models import span
@@ -111,6 +112,10 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
         running, in_flight = journal.interrupted(conn), state.apply_in_flight
         report["interrupted"] = [] if in_flight else running
         report["in_progress"] = [dict(op, by=in_flight) for op in running] if in_flight else []
+        _backups_in_flight(report, conn)
+        report["backups"] = [dict(vars(b), age_seconds=None if b.last_backup_at is None else
+                                  round((observation.now() - b.last_backup_at).total_seconds()))
+                             for b in backups.states(desired, fleet, conn)]
         if state.schema_version >= 4:
             switch, leader = control.read_control(conn), control.read_leader(conn)
             report["automation"] = {
@@ -120,6 +125,22 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
                                                        "heartbeat": leader.heartbeat},
             }
     return report
+
+
+def _backups_in_flight(report: dict[str, Any], conn) -> None:
+    """A `backups create` holds a lock of its own, not the apply lock: while another process holds
+    it, its operation is in progress, not interrupted."""
+    mine = [op for op in report["interrupted"] + report["in_progress"] if op["kind"] == backups.KIND]
+    if not mine:
+        return
+    busy = backups.backup_in_flight(conn)
+    report["interrupted"] = [op for op in report["interrupted"] if op["kind"] != backups.KIND]
+    report["in_progress"] = [op for op in report["in_progress"] if op["kind"] != backups.KIND]
+    for op in mine:
+        if busy:
+            report["in_progress"].append(dict(op, by="another `shardctl backups create`"))
+        else:
+            report["interrupted"].append({k: v for k, v in op.items() if k != "by"})
 
 
 def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
@@ -208,6 +229,7 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
             console.print(f"  source: {source}")
     _print_advice(console, report.get("advice") or [])
     _print_replicas(console, report.get("replicas") or [])
+    _print_backups(console, report.get("backups") or [])
     _print_operations(console, report)
     _print_automation(console, report.get("automation"))
     if not report["databases"] and report["catalog"].get("state") == "ok":
@@ -227,6 +249,32 @@ def _print_replicas(console: Console, replicas: list[dict[str, Any]]) -> None:
                                f" (shardctl branches reset {r['branch']})",
                     "unknown": f"unknown (server {link['server']} did not answer)"}[link["state"]]
             console.print(f"  {link['shard']}: {what}", markup=False)
+
+
+def _print_backups(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Per backed-up server: the age of its newest base backup (against backups.every) and how far
+    its WAL has reached the backups."""
+    for b in rows:
+        age = b["age_seconds"]
+        backup = ("no base backup yet (`shardctl backups create`)" if age is None else
+                  f"last base backup {_age(age)} ago" + (f" (OVERDUE: backups.every is {span(b['every_seconds'])})"
+                                                         if age > b["every_seconds"] else ""))
+        if b["streaming"] is None:
+            wal = "WAL streaming unknown (the server did not answer)"
+        elif b["streaming"]:
+            wal = f"WAL streaming, {b['wal_lag_bytes']:,} bytes behind" if b["wal_lag_bytes"] is not None \
+                else "WAL streaming"
+        else:
+            wal = "WAL NOT STREAMING" + (f" ({b['wal_lag_bytes']:,} bytes not received)" if b["wal_lag_bytes"]
+                                         else "") + ": the watch daemon keeps it running"
+        point = f"; newest restore point {b['last_point']}" if b["last_point"] else ""
+        console.print(f"Backups of {b['server']}: {backup}; {wal}{point}", markup=False)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    return (f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200
+            else f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d")
 
 
 def _print_servers(console: Console, report: dict[str, Any]) -> None:
@@ -331,6 +379,8 @@ def _print_operations(console: Console, report: dict[str, Any]) -> None:
             )
         elif op["kind"] in ("create_branch", "reset_branch"):
             hint += f" (the branch is rebuilt), or `shardctl abort {op['id']}` to drop the half-built copy"
+        elif op["kind"] == backups.KIND:
+            hint = "run `shardctl backups create` to finish it (servers already backed up are not backed up again)"
         console.print(
             f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}"
         )

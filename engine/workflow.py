@@ -27,6 +27,7 @@ from engine.plan import planner, whatif
 from engine.plan.forecast import lineages
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
+from engine.servers import scratch
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -357,12 +358,15 @@ def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say:
                     raise UserError(f"branch {name!r} cannot be reset: replica {declared.from_!r} is not active now",
                                     "run `shardctl apply` to make the replica first")
                 clone_of = ShardSpec(name=replica.name, lo=None, hi=None, server=replica.server, dbname=replica.dbname)
+            shards = tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)
+                           for s in parent.shards if s.state == "active")
+            if have.data == "backup":  # restored again to the same moment, from the shards of that moment
+                shards = _restored_shards(conn, have, store.read(conn))
             action = ResetBranch(
-                clone_of=clone_of,
+                clone_of=clone_of, at=have.source_at if have.data == "backup" else None,
                 database=have.parent, branch=name, data=have.data,  # type: ignore[arg-type]
                 sample_percent=have.sample_percent, server=have.server, dbname=have.dbname,
-                shards=tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)
-                             for s in parent.shards if s.state == "active"),
+                shards=shards,
                 reset_token=have.reset_token,  # a declared reset value stays acted on
                 reason=Reason(cause="config", text="reset by `shardctl branches reset`"))
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say,
@@ -370,6 +374,20 @@ def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say:
             journal.close_interrupted(conn)
             with _graceful_interrupts(say):
                 dispatch.execute(action, ctx)
+
+
+def _restored_shards(conn, have, state) -> tuple[ShardSpec, ...]:
+    """The shards a `data: backup` branch is restored from: the shard map of its moment."""
+    from engine.catalog import backups as backup_catalog
+    from engine.clock import system_clock
+    from engine.config.models import Branch
+
+    declared = Branch.model_validate({"from": have.parent, "data": "backup", "at": have.source_at or "latest",
+                                      "server": have.server})
+    source = backup_catalog.sources(conn, {have.name: declared}, state, system_clock())[have.name]
+    if source.problem:
+        raise UserError(f"branch {have.name!r} cannot be restored again: {source.problem}")
+    return tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname) for s in source.shards)
 
 
 def abort_branch(ctx: ApplyContext, pending) -> None:
@@ -409,6 +427,7 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
             if action.get("clone_of"):  # a clone interrupted while its replica was paused
                 replica.resume(ctx, ShardSpec.model_validate(action["clone_of"]))
             drop_database(ctx, half)
+    scratch.remove_for_operation(ctx.fleet.desired.directory, pending.operation)  # servers it restored
     close("DELETE FROM shardctl.branches WHERE name = %s AND state IN ('creating', 'resetting')")
     ctx.say(f"Operation {pending.operation} aborted: the half-built database of {address} was dropped;"
             " a branch still declared is created afresh by the next apply.")

@@ -33,6 +33,12 @@ GRANT pg_monitor TO shardctl;
 GRANT pg_create_subscription TO shardctl;  -- PostgreSQL 16 and later
 """
 
+# What a backed-up server needs besides (README's "Running against your own servers" quotes it)
+BACKUP_ROLE_SQL = """\
+GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean), pg_switch_wal(),
+    pg_create_restore_point(text) TO shardctl;
+"""
+
 SETTINGS = {
     "wal_level": "logical",
     "max_replication_slots": "32",

@@ -16,7 +16,7 @@ import pytest
 from conftest import EXAMPLES
 from engine.snapshot import move_eta_seconds
 from engine.watch.prometheus import exposition
-from engine.watch.view import ReplicaView, ShardView, Snapshot, View
+from engine.watch.view import BackupView, ReplicaView, ShardView, Snapshot, View
 
 MONITORING = EXAMPLES / "monitoring"
 RULES = MONITORING / "shardctl-alerts.yml"
@@ -40,7 +40,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_promtool_checks_the_rules():
     result = _run("check", "rules", RULES.name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 12 rules found" in result.stdout
 
 
 def test_promtool_runs_the_rules_unit_tests():
@@ -59,14 +59,15 @@ def test_the_rules_cover_what_operators_asked_for():
     rules = YAML(typ="safe").load(RULES.read_text())["groups"][0]["rules"]
     names = {r["alert"] for r in rules}
     assert {"ShardctlShardHot", "ShardctlNoLeader", "ShardctlCollectionStalled", "ShardctlCollectionFailing",
-            "ShardctlMoveStuck", "ShardctlMoveSlow", "ShardctlReplicaLag"} <= names
+            "ShardctlMoveStuck", "ShardctlMoveSlow", "ShardctlReplicaLag", "ShardctlBackupOverdue",
+            "ShardctlWalNotStreaming"} <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
 
 
 def _full_snapshot() -> Snapshot:
-    """A snapshot with everything the exposition can show: shards, a move, standbys."""
+    """A snapshot with everything the exposition can show: shards, a move, standbys, backups."""
     shard = ShardView(address="orders/-40", database="orders", name="-40", server="a", load="hot",
                       latest={"queries_per_second": 12000.0, "cpu_percent": 50.0, "memory_percent": 1.0,
                               "storage_percent": 2.0, "connections": 3.0, "latency_ms": 0.4})
@@ -75,7 +76,9 @@ def _full_snapshot() -> Snapshot:
                     progress={"step": "split orders/-40", "phase": "copy", "rows_copied": 10, "rows_expected": 100,
                               "rows_per_s": 5, "lag_bytes": 4096},
                     progress_at=NOW, last_collect_at=NOW, silent_servers=("b",),
-                    replicas=(ReplicaView(server="a", name="standby1", lag_bytes=10.0, lag_seconds=0.5),))
+                    replicas=(ReplicaView(server="a", name="standby1", lag_bytes=10.0, lag_seconds=0.5),),
+                    backups=(BackupView(server="a", last_backup_at=NOW, every_seconds=86400.0, streaming=True,
+                                        wal_lag_bytes=0),))
 
 
 def _exposed() -> set[str]:

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
-from engine.actions import replica
+from engine.actions import backup_branch, replica
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
 from engine.catalog import store
 from engine.catalog.journal import Operation
@@ -49,12 +49,13 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
             drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=left[0], dbname=left[1]))
         ctx.catalog.execute(
             "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at,"
-            " reset_token) VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s, %s) ON CONFLICT (name) DO UPDATE"
-            " SET parent = excluded.parent, data = excluded.data, sample_percent = excluded.sample_percent,"
+            " reset_token, source_at) VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s, %s, %s) ON CONFLICT (name)"
+            " DO UPDATE SET parent = excluded.parent, data = excluded.data, sample_percent = excluded.sample_percent,"
             " server = excluded.server, dbname = excluded.dbname, expires_at = excluded.expires_at,"
-            " reset_token = excluded.reset_token, state = 'creating' WHERE shardctl.branches.state = 'creating' OR %s",
+            " reset_token = excluded.reset_token, source_at = excluded.source_at, state = 'creating'"
+            " WHERE shardctl.branches.state = 'creating' OR %s",
             (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname,
-             expires, action.reset_token, resumed))
+             expires, action.reset_token, action.at, resumed))
     rows, size, base = build(ctx, op, action)
     with op.step(f"activate {action.branch}"), ctx.catalog.transaction():
         ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
@@ -77,6 +78,14 @@ def build(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch) 
         "SELECT key_column, key_type FROM shardctl.databases WHERE name = %s", (action.database,)))
     if action.clone_of is not None:
         return _clone(ctx, op, action, target, action.clone_of)
+    if action.data == "backup":
+        with backup_branch.restored(ctx, op, action) as (view, restored):
+            return _from_shards(view, op, restored, target, key_column, key_type)
+    return _from_shards(ctx, op, action, target, key_column, key_type)
+
+
+def _from_shards(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, target: ShardSpec,
+                 key_column: str, key_type: str) -> tuple[dict[str, int], int, dict]:
     first = action.shards[0]
     with ThreadPoolExecutor(max_workers=2) as dumping:  # both dumps are read while the database is made
         dumps = {section: dumping.submit(_dump, ctx, first, section) for section in ("pre-data", "post-data")}
@@ -119,7 +128,7 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
         tables = replica.tables_with_key(conn, key_column)
     rows: dict[str, int] = {}
-    if action.data not in ("schema", "replica"):
+    if action.data not in ("schema", "replica"):  # full, sample, and backup (all rows, from restored copies)
         with op.step(f"data {action.branch}", shards=len(action.shards)):
             filt = _sample_filter(key_column, key_type, action.sample_percent) if action.data == "sample" else None
             with ThreadPoolExecutor(max_workers=min(4, len(action.shards))) as pool:
@@ -193,8 +202,10 @@ def _dump(ctx: ApplyContext, shard: ShardSpec, section: str) -> str:
     for key, value in params.items():
         if key in mapping:
             env[mapping[key]] = str(value)
+    # a shard's publications and subscriptions (of a move or a replica) are shardctl's, not the branch's
     proc = subprocess.run([str(bin_dir() / "pg_dump"), "--schema-only", f"--section={section}", "--no-owner",
-                           "--no-privileges", "--exclude-schema=_shardctl"], capture_output=True, text=True, env=env)
+                           "--no-privileges", "--no-publications", "--no-subscriptions", "--exclude-schema=_shardctl"],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise UserError(f"pg_dump of {shard.dbname} failed", proc.stderr.strip())
     # plain dumps of PostgreSQL 17.6+ carry psql meta-commands (\restrict); they are not SQL

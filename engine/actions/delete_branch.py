@@ -9,6 +9,7 @@ from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import store
 from engine.catalog.journal import Operation
 from engine.plan.models import DeleteBranch, ShardSpec
+from engine.servers import scratch
 
 
 def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
@@ -22,6 +23,8 @@ def execute(action: DeleteBranch, ctx: ApplyContext) -> None:
         replica.detach_recorded(ctx, action.branch, target, action.database, recorded[0] if recorded else None)
         if action.resume_replica is not None:  # a clone interrupted while its replica was paused
             replica.resume(ctx, action.resume_replica)
+        if action.operation is not None:  # a build from backups interrupted with servers restored
+            scratch.remove_for_operation(ctx.fleet.desired.directory, action.operation)
         drop_database(ctx, target)
     with ctx.catalog.transaction():
         if action.expired:

@@ -98,13 +98,17 @@ def with_lock_retries(conn: psycopg.Connection, work: Callable[[psycopg.Connecti
 def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycopg.Connection], None], list[str]]],
                           *, what: str, say: Callable[[str], None] = lambda _: None,
                           tries: int = TRIES, budget_s: float = BUDGET_S,
-                          between: Callable[[], None] | None = None) -> int:
+                          between: Callable[[], None] | None = None,
+                          held: Callable[[], None] | None = None,
+                          finish: Callable[[psycopg.Connection], None] | None = None) -> int:
     """Run each part's `work(conn)` in a transaction of its connection (autocommit off, one
     server each, at once), all with a short lock timeout, and commit them only when every part
     succeeded: a part that meets a lock or a deadlock rolls them all back, and they try again
     together. So no part holds its locks (or commits its effect) while another waits: a merge's
     fence holds one source read-only only as long as it takes to lock them all. `between` runs
-    between tries (the fence keeps its comparison current with it)."""
+    between tries (the fence keeps its comparison current with it); `held` runs once every part
+    holds its locks, before they are let go (an exception from it rolls them all back); `finish`
+    ends each part instead of its commit (a restore point keeps its transactions' snapshots)."""
     timeouts = [lock_timeout_ms(conn) for conn, _, _ in parts]
     for conn, _, _ in parts:
         conn.rollback()
@@ -134,8 +138,7 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
                 outcomes = list(pool.map(one, range(len(parts))))
         failed = [(i, exc) for i, exc in enumerate(outcomes) if exc is not None]
         if not failed:
-            for conn, _, _ in parts:
-                conn.commit()
+            _let_go(parts, held, finish)
             return attempt
         for conn, _, _ in parts:
             conn.rollback()
@@ -168,6 +171,20 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
         time.sleep(min(0.5, 0.02 * attempt) * (0.5 + rng.random()))
         if between is not None:
             between()
+
+
+def _let_go(parts: list, held: Callable[[], None] | None,
+            finish: Callable[[psycopg.Connection], None] | None) -> None:
+    """Every part holds its locks: run `held`, then end each part (commit, unless `finish`)."""
+    if held is not None:
+        try:
+            held()
+        except BaseException:
+            for conn, _, _ in parts:
+                conn.rollback()
+            raise
+    for conn, _, _ in parts:
+        (finish or psycopg.Connection.commit)(conn)
 
 
 def _blocking(parts: list, failed: list[int], cancelled: set[int], what: str,

@@ -27,6 +27,7 @@ from engine.rows import one
 
 # operations that resume under their own operation after a crash, or that `abort` undoes
 BRANCH_KINDS = ("create_branch", "reset_branch", "merge_branch_schema")
+BACKUP_KINDS = ("create_backup",)  # resumed by the next `shardctl backups create` (engine/backups.py)
 
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
 SLOWPOINT_ENV = "SHARDCTL_SLOWPOINT"  # "<step prefix>=<seconds>": a step that takes that much longer
@@ -142,7 +143,8 @@ def interrupted(conn: psycopg.Connection) -> list[dict[str, Any]]:
 def close_interrupted(conn: psycopg.Connection) -> None:
     """Mark operations left 'running' by a dead process as failed; the new plan redoes their
     (idempotent) work. Splits, merges and a branch's creation, reset or schema merge stay
-    'running': they resume under their own operation, or `shardctl abort` undoes them."""
+    'running': they resume under their own operation, or `shardctl abort` undoes them; so does
+    `backups create` (the next one resumes it)."""
     conn.execute("UPDATE shardctl.operations SET state = 'failed', finished_at = now(),"
                  " detail = detail || '{\"interrupted\": true}'"
-                 " WHERE state = 'running' AND kind <> ALL(%s)", (list(MOVE_KINDS + BRANCH_KINDS),))
+                 " WHERE state = 'running' AND kind <> ALL(%s)", (list(MOVE_KINDS + BRANCH_KINDS + BACKUP_KINDS),))

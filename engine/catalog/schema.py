@@ -269,7 +269,83 @@ ALTER TABLE shardctl.branches ADD CONSTRAINT branches_data_check
     CHECK (data IN ('schema', 'sample', 'full', 'replica'));
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY, V8_REPLICA]
+V9_BACKUPS = r"""
+-- backups (engine/backups.py). The shard map of every moment, so that a branch restored to any
+-- time reads each range from the shard that owned it then: a row per change of a database's
+-- active shards, written when the transaction that made the change commits (a deferred trigger
+-- sees its final state: a split's flip retires the source and activates the targets in one
+-- transaction, recorded once) and stamped with that transaction's start (a flip starts after
+-- its fence, when the targets hold every row of the range)
+CREATE TABLE shardctl.shard_maps (
+    id       bigserial PRIMARY KEY,
+    database text NOT NULL,
+    at       timestamptz NOT NULL,
+    shards   jsonb NOT NULL          -- [{name, lo, hi, server, dbname}] of its active shards
+);
+CREATE INDEX shard_maps_by_time ON shardctl.shard_maps (database, at DESC, id DESC);
+
+CREATE FUNCTION shardctl.shard_map(p_database text) RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object('name', name, 'lo', lo, 'hi', hi, 'server', server,
+                                                 'dbname', dbname) ORDER BY lo NULLS FIRST, name), '[]')
+      FROM shardctl.shards WHERE database = p_database AND state = 'active'
+$$;
+
+CREATE FUNCTION shardctl.record_shard_map() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_database text;
+BEGIN
+    FOR v_database IN
+        SELECT DISTINCT d FROM unnest(ARRAY[CASE WHEN TG_OP <> 'INSERT' THEN OLD.database END,
+                                            CASE WHEN TG_OP <> 'DELETE' THEN NEW.database END]) d
+         WHERE d IS NOT NULL
+    LOOP
+        IF shardctl.shard_map(v_database) IS DISTINCT FROM (
+                SELECT shards FROM shardctl.shard_maps WHERE database = v_database ORDER BY at DESC, id DESC
+                 LIMIT 1) THEN
+            INSERT INTO shardctl.shard_maps (database, at, shards)
+                 VALUES (v_database, now(), shardctl.shard_map(v_database));
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+CREATE CONSTRAINT TRIGGER shard_map_history AFTER INSERT OR UPDATE OR DELETE ON shardctl.shards
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION shardctl.record_shard_map();
+INSERT INTO shardctl.shard_maps (database, at, shards)
+    SELECT DISTINCT database, now(), shardctl.shard_map(database) FROM shardctl.shards;
+
+-- the base backups shardctl took (Barman's ids), and the restore points it placed on every
+-- backed-up server at once: each with the shard map of that moment and, for `backups create`,
+-- every shard's rows counted and checksummed per table as of the point (the restore drill
+-- compares a restored copy with them)
+CREATE TABLE shardctl.backups (
+    server     text NOT NULL,
+    backup_id  text NOT NULL,
+    operation  bigint,
+    begin_at   timestamptz,
+    end_at     timestamptz,
+    size_bytes bigint,
+    PRIMARY KEY (server, backup_id)
+);
+CREATE TABLE shardctl.restore_points (
+    name       text PRIMARY KEY,
+    kind       text NOT NULL CHECK (kind IN ('backup', 'branch')),
+    operation  bigint,
+    created_at timestamptz NOT NULL,
+    pause_ms   double precision,
+    servers    jsonb NOT NULL,       -- server -> {lsn, wal, at}: where the point is in each server's WAL
+    shard_map  jsonb NOT NULL,       -- database -> [{name, lo, hi, server, dbname}]
+    checksums  jsonb                 -- database/shard -> {schema.table: [rows, checksum]}
+);
+
+-- a branch restored from backups, and the moment it was restored to
+ALTER TABLE shardctl.branches DROP CONSTRAINT branches_data_check;
+ALTER TABLE shardctl.branches ADD CONSTRAINT branches_data_check
+    CHECK (data IN ('schema', 'sample', 'full', 'replica', 'backup'));
+ALTER TABLE shardctl.branches ADD COLUMN source_at text;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY, V8_REPLICA, V9_BACKUPS]
 VERSION = len(MIGRATIONS)
 
 

@@ -384,14 +384,15 @@ def pending_moves(conn: psycopg.Connection, kinds: tuple[str, ...] = MOVE_KINDS)
 
 
 def read_branches(conn: psycopg.Connection) -> dict[str, CatalogBranch]:
-    resettable = one(conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'shardctl.branches'::regclass"
-        " AND attname = 'reset_token')"))[0]  # a catalog not migrated yet (a read-only look) has no resets
+    columns = {r[0] for r in conn.execute(
+        "SELECT attname::text FROM pg_attribute WHERE attrelid = 'shardctl.branches'::regclass"
+        " AND attname IN ('reset_token', 'source_at')")}  # a catalog not migrated yet (a read-only look)
     rows = conn.execute(sql.SQL(
         "SELECT name, parent, data, sample_percent, server, dbname, state, created_at, expires_at,"
-        " size_bytes, base_schema, {} FROM shardctl.branches ORDER BY name").format(
-            sql.SQL("reset_token, reset_at" if resettable else "NULL, NULL"))).fetchall()
+        " size_bytes, base_schema, {}, {} FROM shardctl.branches ORDER BY name").format(
+            sql.SQL("reset_token, reset_at" if "reset_token" in columns else "NULL, NULL"),
+            sql.SQL("source_at" if "source_at" in columns else "NULL"))).fetchall()
     return {r[0]: CatalogBranch(name=r[0], parent=r[1], data=r[2], sample_percent=r[3], server=r[4], dbname=r[5],
                                 state=r[6], created_at=r[7], expires_at=r[8], size_bytes=r[9], base_schema=r[10],
-                                reset_token=r[11], reset_at=r[12])
+                                reset_token=r[11], reset_at=r[12], source_at=r[13])
             for r in rows}

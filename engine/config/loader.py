@@ -89,6 +89,9 @@ class Desired:
     # them together with what the change would destroy
     key_problems: tuple[Diagnostic, ...] = ()
     sources: dict[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
+    # each backed-up server's effective backup settings (`directory` made absolute): the fleet's
+    # `backups:` overlaid with the server's own; a server that is not backed up is absent
+    backups: dict[str, models.Backups] = field(default_factory=dict)
 
     def where(self, *path: Any) -> Location | None:
         return self.sources.get(tuple(path))
@@ -280,6 +283,8 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     resolved = _resolve_databases(found, root, cwd, key_problems)
     catalog_server, catalog_database = _choose_catalog(found, resolved, files, cwd)
     problems = found.problems
+    backups = _resolve_backups(found, root)
+    problems.extend(_branches_from_backups(found, backups))
     problems.extend(_contradictions(resolved, found.policies, found.sources, found.branches, found.catalog,
                                     catalog_database))
     if not defer_key_checks:
@@ -293,6 +298,7 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
         resharding_enabled=found.resharding[0].enabled if found.resharding else True,
         branches={name: b for name, (b, _) in sorted(found.branches.items())},
         allow_destroy=found.allow_destroy, moved=found.moved, key_problems=tuple(key_problems),
+        backups=backups,
     )
 
 
@@ -308,6 +314,7 @@ class _Gathered:
     first_seen: dict[tuple[str, str], Location] = field(default_factory=dict)
     catalog: tuple[models.CatalogSettings, _Doc] | None = None
     resharding: tuple[models.ReshardingSettings, _Doc] | None = None
+    backups: tuple[models.Backups, _Doc] | None = None
     branches: dict[str, tuple[models.Branch, _Doc]] = field(default_factory=dict)
     allow_destroy: dict[tuple[str, str], Location] = field(default_factory=dict)
     moved: dict[str, tuple[str, Location]] = field(default_factory=dict)
@@ -365,6 +372,12 @@ def _gather(found: _Gathered, doc: _Doc, is_preset: bool) -> None:
 
 def _gather_settings(found: _Gathered, parsed: models.ConfigFile, doc: _Doc) -> None:
     """The fleet-wide settings, each declared once in the whole directory."""
+    if parsed.backups is not None:
+        if found.backups is not None:
+            found.problems.append(_duplicate("backups", "settings", doc.loc(("backups",)),
+                                             found.backups[1].loc(("backups",))))
+        else:
+            found.backups = (parsed.backups, doc)
     if parsed.resharding is not None:
         if found.resharding is not None:
             found.problems.append(_duplicate("resharding", "settings", doc.loc(("resharding",)),
@@ -445,6 +458,36 @@ def _check_references(found: _Gathered) -> None:
         elif old in databases:
             problems.append(Diagnostic(where, f"`moved` renames {old!r} to {new!r}, but {old!r} is still declared",
                                        f"remove the declaration of {old!r} (the rename keeps its shards and rows)"))
+
+
+def _resolve_backups(found: _Gathered, root: Path) -> dict[str, models.Backups]:
+    """Each backed-up server's settings: the fleet's `backups:` (every server, when declared)
+    with the server's own `backups:` over it; a relative directory is the config directory's."""
+    fleet = found.backups[0] if found.backups is not None else None
+    out: dict[str, models.Backups] = {}
+    for name, server in sorted(found.servers.items()):
+        own = server.backups
+        if (fleet is None and own is None) or (own is not None and not own.enabled):
+            continue
+        settings = (fleet or models.Backups()).model_copy(update={
+            key: value for key, value in (own.model_dump(exclude={"enabled"}) if own else {}).items()
+            if value is not None})
+        directory = Path(settings.directory).expanduser()
+        out[name] = settings.model_copy(update={"directory": str(directory if directory.is_absolute()
+                                                                 else root / directory)})
+    return out
+
+
+def _branches_from_backups(found: _Gathered, backups: dict[str, models.Backups]) -> list[Diagnostic]:
+    """A branch restored from backups needs backups to be declared."""
+    out = []
+    for name, (branch, doc) in found.branches.items():
+        if branch.data == "backup" and not backups:
+            out.append(Diagnostic(doc.value_loc(("branches", name, "data")),
+                                  f"branch {name!r} is restored from backups, and no server is backed up",
+                                  "declare `backups: {}` (every server, Barman's defaults) or a server's own"
+                                  " `backups:`, apply, then `shardctl backups create`"))
+    return out
 
 
 def _resolve_databases(found: _Gathered, root: Path, cwd: Path,

@@ -107,6 +107,39 @@ class Capacity(Frozen):
     cpus: float | None = Field(None, gt=0, description="CPU cores")
 
 
+DEFAULT_RETENTION = "RECOVERY WINDOW OF 7 DAYS"
+DEFAULT_BACKUP_EVERY = 86400.0  # a base backup a day
+# Barman's retention policy syntax, in the canonical form its documentation writes
+RETENTION_PATTERN = r"^(REDUNDANCY [1-9][0-9]{0,3}|RECOVERY WINDOW OF [1-9][0-9]{0,4} (DAYS|WEEKS|MONTHS))$"
+# a directory becomes a value in barman.conf: no control characters (a newline would add a line) and
+# no % (configparser's interpolation)
+DIRECTORY_PATTERN = r"^[^\x00-\x1f%]{1,1000}$"
+
+
+def _backup_every(value: float | None) -> float | None:
+    if value is not None and value < 60:
+        raise ValueError(f"backups.every ({span(value)}) is shorter than a minute: a base backup copies the whole"
+                         " server; take one a day (1d) or every few hours, and let WAL streaming cover the rest")
+    return value
+
+
+class ServerBackups(Frozen):
+    """This server's backups, where they differ from the fleet-wide `backups:` (each setting
+    not given here is the fleet's)."""
+
+    enabled: bool = Field(True, description="false: this server is not backed up (its shards cannot be restored)")
+    directory: str | None = Field(None, pattern=DIRECTORY_PATTERN, description="where Barman keeps this server's"
+                                  " backups and WAL (relative to the config directory)")
+    retention: str | None = Field(None, pattern=RETENTION_PATTERN, description="Barman's retention policy, e.g."
+                                  " REDUNDANCY 3 or RECOVERY WINDOW OF 14 DAYS")
+    every: Duration | None = Field(None, description="how often the watch daemon takes a base backup, e.g. 12h")
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: float | None) -> float | None:
+        return _backup_every(value)
+
+
 class Server(Frozen):
     """One PostgreSQL server. Exactly one of embedded, dsn_env or service."""
 
@@ -124,6 +157,8 @@ class Server(Frozen):
     )
     service: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="libpq service name (pg_service.conf)")
     capacity: Capacity = Capacity()
+    backups: ServerBackups | None = Field(None, description="this server's backups where they differ from the"
+                                          " fleet-wide `backups:` (or its only ones, without that)")
 
     @model_validator(mode="after")
     def _one_source(self) -> Server:
@@ -555,7 +590,31 @@ class CatalogSettings(Frozen):
     )
 
 
+class Backups(Frozen):
+    """Backups of every server by Barman: base backups on a schedule, WAL streamed continuously
+    over a replication slot, kept by a retention policy. Declared once for the fleet; a server's
+    own `backups:` overrides it (or turns it off with `enabled: false`)."""
+
+    directory: str = Field(".shardctl/backups", pattern=DIRECTORY_PATTERN,
+                           description="where Barman keeps backups and WAL, one directory per server inside it"
+                                       " (relative to the config directory; default .shardctl/backups)")
+    retention: str = Field(DEFAULT_RETENTION, pattern=RETENTION_PATTERN,
+                           description="Barman's retention policy: REDUNDANCY N (keep N base backups) or RECOVERY"
+                                       " WINDOW OF N DAYS|WEEKS|MONTHS (default: RECOVERY WINDOW OF 7 DAYS)")
+    every: Duration = Field(DEFAULT_BACKUP_EVERY, description="how often the watch daemon takes a base backup of"
+                            " each server, e.g. 12h (default 1d); WAL streams in between")
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: float | None) -> float | None:
+        return _backup_every(value)
+
+
 DEFAULT_BRANCH_TTL = 7 * 86400.0  # a branch without a declared ttl is deleted a week after creation
+# `latest`, a restore point's name, or a time with its zone (the zone is required: a branch of
+# "15:00" must not depend on where it is planned)
+AT_PATTERN = (r"^(latest|[a-z0-9][a-z0-9_.-]{0,62}|[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}"
+              r"(:[0-9]{2}([.][0-9]{1,6})?)?(Z|[+-][0-9]{2}(:?[0-9]{2})?))$")
 
 
 class Branch(Frozen):
@@ -563,9 +622,13 @@ class Branch(Frozen):
 
     from_: Name = Field(alias="from", description="the sharded database it is made from, or a `data: replica`"
                         " branch on the same server: an instant clone of it")
-    data: Literal["schema", "sample", "full", "replica"] = Field(
-        "schema", description="schema only, a hash sample, all rows, or a replica: a read-only copy of all rows kept"
-        " current by logical replication from every shard")
+    data: Literal["schema", "sample", "full", "replica", "backup"] = Field(
+        "schema", description="schema only, a hash sample, all rows, a replica: a read-only copy of all rows kept"
+        " current by logical replication from every shard, or backup: all rows as they were at `at`, restored"
+        " from the backups")
+    at: str | None = Field(None, pattern=AT_PATTERN, description="with data: backup, the moment: `latest` (a"
+                           " restore point placed when it is built), a restore point's name (`shardctl backups"
+                           " list`), or a time with its zone, e.g. 2026-12-06T15:00:00Z")
     sample_percent: float = Field(1.0, gt=0, le=100, description="with data: sample, the share of shard keys kept")
     server: Name = Field(description="the server the branch lives on")
     ttl: Duration = Field(DEFAULT_BRANCH_TTL, description="deleted this long after creation, e.g. 7d (default 7d)")
@@ -580,6 +643,12 @@ class Branch(Frozen):
     @property
     def ttl_declared(self) -> bool:
         return "ttl" in self.model_fields_set
+
+    @model_validator(mode="after")
+    def _at_with_backup(self) -> Branch:
+        if self.at is not None and self.data != "backup":
+            raise ValueError("`at:` says which moment a branch is restored from: it needs `data: backup`")
+        return self
 
 
 class ReshardingSettings(Frozen):
@@ -616,6 +685,7 @@ class ConfigFile(Frozen):
     policies: dict[Name, Policy] = Field({}, json_schema_extra=_named)
     catalog: CatalogSettings | None = None
     resharding: ReshardingSettings | None = None
+    backups: Backups | None = None
     branches: dict[Name, Branch] = Field({}, json_schema_extra=_named)
     allow_destroy: AllowDestroy | None = None
     moved: list[Moved] = []

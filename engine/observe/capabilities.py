@@ -37,6 +37,10 @@ SELECT current_setting('server_version_num')::int,
        r.rolconnlimit,
        current_user::text,
        coalesce((SELECT setting FROM pg_settings WHERE name = 'ssl_library'), ''),
+       has_function_privilege('pg_create_restore_point(text)', 'EXECUTE')
+         AND has_function_privilege('pg_switch_wal()', 'EXECUTE'),
+       has_function_privilege('pg_backup_start(text, boolean)', 'EXECUTE')
+         AND has_function_privilege('pg_backup_stop(boolean)', 'EXECUTE'),
        extract(epoch FROM clock_timestamp())::float8
 FROM pg_roles r WHERE r.rolname = current_user
 """
@@ -46,7 +50,8 @@ FIELDS = ("version_num", "superuser", "createdb", "replication", "monitor", "cre
           "used_wal_senders", "max_worker_processes", "max_logical_replication_workers",
           "max_slot_wal_keep_size_bytes", "stat_statements_loaded", "stat_statements_created",
           "buffercache_created", "stat_statements_track", "max_connections", "reserved_connections",
-          "connections", "role_connection_limit", "role", "ssl_library", "clock_epoch")
+          "connections", "role_connection_limit", "role", "ssl_library", "restore_points", "backup_functions",
+          "clock_epoch")
 
 
 def read(conn: psycopg.Connection) -> Capabilities:

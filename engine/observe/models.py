@@ -6,7 +6,7 @@ Frozen models, so a plan computed from an observation can always be explained fr
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -90,6 +90,45 @@ class CatalogBranch(Frozen):
     base_schema: dict[str, Any] | None = None
     reset_token: str | None = None  # the declared `reset` value its data was last made for
     reset_at: datetime | None = None
+    source_at: str | None = None  # data: backup: the `at:` it was restored to
+
+
+class MapShard(Frozen):
+    """One active shard in a recorded shard map."""
+
+    name: str
+    lo: int | None
+    hi: int | None
+    server: str
+    dbname: str
+
+
+class RestorePoint(Frozen):
+    """A restore point placed on every backed-up server at once (engine/backups.py), with the
+    shard map of that moment and, for `backups create`, each shard's rows counted and
+    checksummed per table as of the point."""
+
+    name: str
+    kind: str  # backup (`backups create`) or branch (`at: latest`)
+    operation: int | None = None
+    created_at: datetime
+    pause_ms: float | None = None  # how long writes to the shards waited for the point
+    servers: dict[str, dict[str, Any]]  # server -> {lsn, wal, at}
+    shard_map: dict[str, tuple[MapShard, ...]]  # database -> its active shards
+    checksums: dict[str, dict[str, tuple[int, str]]] | None = None  # database/shard -> table -> (rows, sum)
+
+
+class BackupSource(Frozen):
+    """Where a `data: backup` branch is restored from, resolved against the catalog: the moment,
+    the shards that held the parent's ranges then (the shard map of that time), or why it
+    cannot be made."""
+
+    at: str
+    kind: Literal["latest", "point", "time"]
+    point: str | None = None
+    time: datetime | None = None
+    shards: tuple[MapShard, ...] = ()
+    problem: str | None = None
 
 
 class CatalogState(Frozen):
@@ -151,6 +190,8 @@ class Capabilities(Frozen):
     role_connection_limit: int
     role: str = ""
     ssl_library: str = ""  # empty: built without SSL (its subscriptions cannot use TLS)
+    restore_points: bool = False  # EXECUTE on pg_create_restore_point(text) and pg_switch_wal() (backups)
+    backup_functions: bool = False  # EXECUTE on pg_backup_start and pg_backup_stop (Barman's backup check)
     clock_offset_s: float  # the server's clock minus this host's
 
 
@@ -232,6 +273,8 @@ class Observation(Frozen):
     # (engine.observe.rollup.bucket_sample), and the moves finished so far, for lead times
     hourly: dict[str, HourlySeries | tuple[Sample, ...]] = {}  # a recording's may be Samples
     moves: tuple[MoveRecord, ...] = ()
+    # per declared `data: backup` branch, what it is restored from (engine/catalog/backups.py)
+    backup_sources: dict[str, BackupSource] = {}
 
     def now(self) -> datetime:
         """The observation's wall clock (the present when it was not recorded)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from engine.catalog import backups as backup_catalog
 from engine.catalog import store
 from engine.clock import Clock, system_clock
 from engine.errors import redact
@@ -33,6 +34,9 @@ def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schem
     catalog = store.read(catalog_conn) if catalog_conn is not None else CatalogState(exists=False)
     servers = inspect_servers(fleet, sorted(fleet.servers), deadline)
     observation = Observation(catalog=catalog, servers=servers, shards={}, taken_at=taken_at)
+    if catalog_conn is not None and any(b.data == "backup" for b in fleet.desired.branches.values()):
+        observation = observation.model_copy(update={"backup_sources": backup_catalog.sources(
+            catalog_conn, fleet.desired.branches, catalog, taken_at)})
     return inspect_shards(fleet, observation) if inspect_schemas else observation
 
 

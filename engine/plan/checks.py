@@ -17,6 +17,9 @@ Purposes (what a server is used for by an action):
   replica_unlink  a replica's slots are dropped with it: REPLICATION
   metrics         statistics of every database (pg_monitor), pg_stat_statements, pg_buffercache:
                   without them metrics are unknown, never zero; nothing is refused
+  backups         a backed-up server (Barman): REPLICATION (pg_basebackup, pg_receivewal on a slot),
+                  restore points and WAL switches, pg_backup_start/stop and pg_monitor (Barman's own
+                  check), a WAL sender for the streaming and one for a base backup
 """
 
 from __future__ import annotations
@@ -160,6 +163,40 @@ def origin_check(live: LiveServer) -> Check | None:
                  fix="" if major >= 16 else "a replica follows splits, merges and moves only with PostgreSQL 16 or"
                  " later on its server and the new shards': such moves are held; place replicas and targets on 16+,"
                  " or upgrade", needed_by=("replica_follow",), warning=True)
+
+
+BACKUP_GRANT = ("GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean), pg_switch_wal(),"
+                " pg_create_restore_point(text) TO {role};")
+
+
+def backup_checks(live: LiveServer) -> list[Check]:
+    """What a backed-up server needs from shardctl's role (`backups:` in the YAML)."""
+    caps = live.capabilities
+    if not live.reachable or caps is None:
+        return []
+    role, su = _role(caps), caps.superuser
+    needed = ("backups",)
+    grant = BACKUP_GRANT.format(role=role)
+    out = [
+        Check(server=live.name, name="backups: REPLICATION", ok=su or caps.replication,
+              found=f"role {role}" + ("" if su or caps.replication else " lacks REPLICATION"),
+              fix="" if su or caps.replication else f"ALTER ROLE {role} REPLICATION; and a `replication` line for it"
+              " in pg_hba.conf (pg_basebackup and pg_receivewal are physical replication)", needed_by=needed),
+        Check(server=live.name, name="backups: restore points", ok=su or caps.restore_points,
+              found=f"role {role}" + ("" if su or caps.restore_points else " may not create restore points or"
+                                      " switch WAL segments"), fix="" if su or caps.restore_points else grant,
+              needed_by=needed),
+        Check(server=live.name, name="backups: base backups", ok=su or (caps.backup_functions and caps.monitor),
+              found=f"role {role}" + ("" if su or (caps.backup_functions and caps.monitor) else
+                                      " lacks what Barman checks: EXECUTE on pg_backup_start/stop and pg_monitor"),
+              fix="" if su or (caps.backup_functions and caps.monitor) else f"{grant} GRANT pg_monitor TO {role};",
+              needed_by=needed)]
+    free = caps.max_wal_senders - caps.used_wal_senders
+    out.append(Check(server=live.name, name="backups: WAL senders", ok=free >= 1,
+                     found=f"{free} of {caps.max_wal_senders} free", fix="" if free >= 1 else
+                     "ALTER SYSTEM SET max_wal_senders = 32; then restart (WAL streaming holds one, a base backup"
+                     " one more)", needed_by=needed))
+    return out
 
 
 def failing(live: LiveServer | None, purpose: str) -> list[Check]:

@@ -256,7 +256,7 @@ class _BranchBuild(ActionBase):
     """What a branch is made from and where: shared by its creation and its reset."""
 
     branch: str
-    data: Literal["schema", "sample", "full", "replica"]
+    data: Literal["schema", "sample", "full", "replica", "backup"]
     sample_percent: float | None
     server: str
     dbname: str
@@ -264,6 +264,9 @@ class _BranchBuild(ActionBase):
     reset_token: str | None = None  # the declared `reset` value its data is made for
     operation: int | None = None  # the interrupted creation or reset this resumes (rebuilding from the start)
     clone_of: ShardSpec | None = None  # an instant branch: the replica branch's database it is cloned from
+    # data: backup: the moment it is restored to (`latest`, a restore point's name, a time); its
+    # shards are then those of the shard map of that moment, read from restored copies
+    at: str | None = None
 
     @property
     def address(self) -> str:

@@ -682,7 +682,8 @@ def _declared_branch(name: str, branch, unfinished, desired: Desired,
     if have.expires_at <= observation.now():  # expiry is wall-clock time, never a recording's
         return _delete_branch(have, expired=True), None
     parent, data, _ = _source(desired, branch)
-    if (have.parent, have.data, have.server) != (parent, data, branch.server):
+    moment = (branch.at or "latest") if data == "backup" else None
+    if (have.parent, have.data, have.server, have.source_at) != (parent, data, branch.server, moment):
         return None, (f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
                       " branch (a new name) for the new settings")
     if branch.reset is not None and _token(branch.reset) != have.reset_token:
@@ -761,6 +762,12 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
         return None, (f"branch.{name}: a replica waits until {what} of {branch.from_} is finished"
                       " (run `shardctl apply` to finish it, or `shardctl abort` it)")
     shards = tuple(_shard_spec(s) for s in parent.shards if s.state == "active")
+    at = None
+    if branch.data == "backup":
+        found = _restored_shards(name, branch, observation, desired)
+        if isinstance(found, str):
+            return None, found
+        at, shards = found
     sample = branch.sample_percent if branch.data == "sample" else None
     resetting = (unfinished is not None and unfinished.kind == "reset_branch") or (
         have is not None and have.state in ("active", "resetting"))
@@ -781,13 +788,14 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
             database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
             dbname=have.dbname, shards=shards, reset_token=token,
             operation=unfinished.operation if unfinished else None, reason=Reason(cause=cause, text=why),
-            clone_of=clone_of), None
+            clone_of=clone_of, at=at), None
     create = CreateBranch(
         database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
         dbname=f"branch_{name}", ttl_seconds=branch.ttl, ttl_declared=branch.ttl_declared, shards=shards,
         reset_token=_token(branch.reset), operation=unfinished.operation if unfinished else None, clone_of=clone_of,
-        reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"
-                      + (f": an instant clone of replica {replica_name}" if replica_name else "")))
+        at=at, reason=Reason(cause="config", text=f"branch {name} is declared at {where} and does not exist yet"
+                             + (f": an instant clone of replica {replica_name}" if replica_name else "")
+                             + (f": restored from backups to {at}" if at else "")))
     if have is None and unfinished is None:
         return create, None
     op = f"operation {unfinished.operation}" if unfinished else "an earlier apply"
@@ -799,6 +807,22 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
             + "; removing the branch from the configuration deletes it instead"
             + (f" (`shardctl abort {unfinished.operation}` drops it now)" if unfinished else ""))
     return create.model_copy(update={"reason": Reason(cause="resume", text=text)}), None
+
+
+def _restored_shards(name: str, branch, observation: Observation,
+                     desired: Desired) -> tuple[str, tuple[ShardSpec, ...]] | str:
+    """A `data: backup` branch: its moment and the shards that held its parent's ranges then
+    (the shard map of that moment), or the note that says why it cannot be restored."""
+    source = observation.backup_sources.get(name)
+    prefix = f"branch.{name}: cannot be restored from backups at {branch.at or 'latest'}: "
+    if source is None or source.problem or not source.shards:
+        return prefix + (source.problem if source and source.problem else f"{branch.from_} had no shards then")
+    missing = sorted({s.server for s in source.shards} - set(desired.backups))
+    if missing:
+        return prefix + (f"server {missing[0]} held shards of {branch.from_} then, and it is not backed up"
+                         " (declare `backups:` for it)")
+    return source.at, tuple(ShardSpec(name=s.name, lo=s.lo, hi=s.hi, server=s.server, dbname=s.dbname)
+                            for s in source.shards)
 
 
 def _resume_schema_merge(p) -> MergeBranchSchema:

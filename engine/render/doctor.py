@@ -14,6 +14,7 @@ PURPOSES = {  # what each purpose of engine/plan/checks.py is, as engine/plan/ne
     "replica_target": "replicas (on the replica's server)",
     "replica_follow": "replicas following splits, merges and moves",
     "replica_unlink": "deleting a replica (its slots on the shards' servers)",
+    "backups": "backups (base backups, WAL streaming, restore points)",
 }
 MARKS = {"ok": "✓", "warn": "!", "FAIL": "✗"}
 

@@ -191,6 +191,9 @@ def _merge_shards(a: MergeShards) -> list[Line]:
 
 
 def _branch_data(a: CreateBranch | ResetBranch) -> str:
+    if a.data == "backup":
+        servers = ", ".join(sorted({s.server for s in a.shards}))
+        return f"backup at {a.at}: its shards then, restored by Barman from the backups of {servers}"
     return f"sample of {a.sample_percent:g}% of shard keys" if a.data == "sample" else a.data
 
 

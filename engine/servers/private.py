@@ -50,14 +50,15 @@ class Account:
     gid: int
 
 
-def ident(owner: str, server: Account) -> str:
-    """pg_ident.conf: the OS users peer authentication lets in, as any role."""
+def ident(owner: str, server: Account, roles: tuple[str, ...] = ("all",)) -> str:
+    """pg_ident.conf: the OS users peer authentication lets in, as any role (`all` needs
+    PostgreSQL 16; a restored copy of an older server names its roles instead)."""
     users = sorted({owner, server.name})
     for user in users:
         if not _OS_USER.fullmatch(user):
             raise UserError(f"the OS user name {user!r} cannot be written into pg_ident.conf",
                             "run shardctl as a user with a plain name (letters, digits, . _ -)")
-    lines = [f"{MAP}   {user}   all" for user in users]
+    lines = [f"{MAP}   {user}   {role}" for user in users for role in roles]
     return (f"# shardctl: the OS users that may connect (peer authentication, map {MAP}), as any role:\n"
             "# the owner, and the server's own user (the servers' subscriptions to each other)\n"
             + "\n".join(lines) + "\n")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import psycopg
 
-from engine import workflow
+from engine import backups, workflow
+from engine.catalog import backups as backup_catalog
 from engine.catalog import control, journal, schema, store
 from engine.catalog.lock import who as lock_who
 from engine.config import loader
@@ -46,11 +47,22 @@ from engine.watch import autonomy, settle
 from engine.watch.configwatch import ConfigWatcher
 from engine.watch.http import serve
 from engine.watch.leader import LeaderLock, LeadershipLost
-from engine.watch.view import BranchLinkView, BranchView, HistoryEntry, ReplicaView, ShardView, Snapshot, View, now
+from engine.watch.view import (
+    BackupView,
+    BranchLinkView,
+    BranchView,
+    HistoryEntry,
+    ReplicaView,
+    ShardView,
+    Snapshot,
+    View,
+    now,
+)
 
 HEARTBEAT_EVERY = 5.0
 LAYOUT_EVERY = 60.0  # the collector re-reads catalog and servers this often at most, unless the serial moves
 SCHEMA_EVERY = 600.0  # shard schemas are re-read on every catalog change, else this often (drift)
+BACKUP_RETRY = 300.0  # seconds after a failed scheduled backup before the next try
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class WatchOptions:
     allow_hosts: tuple[str, ...] = ()  # Host names the HTTP listener answers besides its address
     standby_poll: float = 1.0
     debounce_ms: int = 500
+    backup_tick: float = 10.0  # how often WAL streaming is looked after and due base backups are taken
 
 
 class Daemon:
@@ -178,6 +191,9 @@ class Daemon:
         collector = threading.Thread(target=self._collect_loop, args=(collector_stop,), name="shardctl-collect",
                                      daemon=True)
         collector.start()
+        backup_thread = threading.Thread(target=self._backups_loop, args=(collector_stop,), name="shardctl-backups",
+                                         daemon=True)
+        backup_thread.start()
         # the first check waits for the first collection round (at most two intervals): judged on
         # no sample at all, every shard would read `unknown` until the next check, a minute later
         deadline = time.monotonic() + 2 * self._interval()
@@ -203,6 +219,7 @@ class Daemon:
         finally:
             collector_stop.set()
             collector.join(timeout=30)
+            backup_thread.join(timeout=60)
 
     # ------------------------------------------------------------------------------ config
 
@@ -339,6 +356,55 @@ class Daemon:
         observation = observe(self.fleet, conn, inspect_schemas=False, deadline=history.deadline(self.desired))
         self._layout_cache = (serial, self._fleet_generation, time.monotonic(), observation)
         return observation
+
+    # ------------------------------------------------------------------------------ backups
+
+    def _backups_loop(self, stop: threading.Event) -> None:
+        """While this daemon leads: WAL of every backed-up server streaming (one supervised `barman
+        receive-wal` each), and a base backup with a restore point whenever one is due
+        (`backups.every`; not while automation is paused). Nothing when no server is backed up."""
+        supervisor = backups.Supervisor(self.log)
+        failed_at: float | None = None
+        try:
+            while not stop.is_set():
+                desired, fleet = self.desired, self.fleet
+                if desired.backups:
+                    try:
+                        failed_at = self._backups_round(supervisor, desired, fleet, failed_at)
+                    except (UserError, psycopg.Error) as exc:
+                        self.log("backups_failed", error=redact(str(exc).splitlines()[0] if str(exc) else ""))
+                stop.wait(self.options.backup_tick)
+        finally:
+            supervisor.stop()
+
+    def _backups_round(self, supervisor: backups.Supervisor, desired: Desired, fleet: Fleet,
+                       failed_at: float | None) -> float | None:
+        status = supervisor.tick(desired, fleet)
+        with fleet.catalog(create=False) as conn:
+            if conn is None or not backup_catalog.available(conn):
+                return failed_at
+            states = backups.states(desired, fleet, conn, status)
+            last = backup_catalog.last_backups(conn)
+            paused = control.read_control(conn).paused
+        self.view.update(backups=tuple(BackupView(**vars(state)) for state in states))
+        due = backups.due(desired, last, now())
+        if not due or paused or (failed_at is not None and time.monotonic() - failed_at < BACKUP_RETRY) \
+                or self.stopping.is_set():
+            return failed_at
+        self.log("backup_started", servers=due, reason="backups.every elapsed since the last base backup")
+        try:
+            point = backups.create(desired, say=lambda line: self.log("progress", message=line), servers=due,
+                                   actor=f"daemon {self.who}")
+        except journal.Interrupted as exc:
+            self.log("backup_parked", message=str(exc), resume="the next `backups create` resumes it")
+            return failed_at
+        except (UserError, psycopg.Error) as exc:
+            message = redact(exc.render() if isinstance(exc, UserError) else str(exc))
+            self.log("backup_failed", servers=due, error=message.splitlines()[0] if message else "",
+                     retry=f"in {BACKUP_RETRY:.0f}s")
+            return time.monotonic()
+        self.log("backup_done", servers=due, restore_point=point.name, pause_ms=point.pause_ms)
+        return None
 
     # ------------------------------------------------------------------------------ check and act
 

@@ -77,6 +77,7 @@ def api_status(daemon: Served) -> dict:
         "planned_at": snap.planned_at, "last_error": snap.last_error, "alerts": list(snap.alerts),
         "shards": len(snap.shards), "autonomous": list(snap.autonomous), "pending": len(snap.pending),
         "actions": [{"kind": k, "result": r, "count": n} for (k, r), n in sorted(daemon.view.action_counts().items())],
+        "backups": [b.model_dump(mode="json") for b in snap.backups],
     }
 
 

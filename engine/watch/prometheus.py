@@ -7,6 +7,8 @@ kind and result; a summary of collection round durations.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -75,6 +77,7 @@ class SnapshotCollector:
         yield from _moves(snap)
         yield from _replicas(snap)
         yield from _branch_links(snap)
+        yield from _backups(snap)
         if snap.last_collect_at is not None:
             yield GaugeMetricFamily("shardctl_last_collection_timestamp_seconds", "When the last round finished",
                                     value=snap.last_collect_at.timestamp())
@@ -170,3 +173,32 @@ def _branch_links(snap):
     yield lag
     yield worst
     yield missing
+
+
+def _backups(snap):
+    """Backed-up servers: when the newest base backup ended and its age, how often one is due,
+    and WAL streaming (absent when nothing is backed up; a value not known is absent)."""
+    if not snap.backups:
+        return
+    last = GaugeMetricFamily("shardctl_backup_last_timestamp_seconds", "When the server's newest base backup ended",
+                             labels=["server"])
+    age = GaugeMetricFamily("shardctl_backup_age_seconds", "Age of the server's newest base backup",
+                            labels=["server"])
+    every = GaugeMetricFamily("shardctl_backup_interval_seconds", "backups.every: how often a base backup is due",
+                              labels=["server"])
+    streaming = GaugeMetricFamily("shardctl_backup_wal_streaming", "1 while the server's WAL streams to its backups",
+                                  labels=["server"])
+    lag = GaugeMetricFamily("shardctl_backup_wal_lag_bytes", "WAL the server has written that its backups have"
+                            " not received yet", labels=["server"])
+    now = datetime.now(UTC)
+    for b in snap.backups:
+        if b.last_backup_at is not None:
+            last.add_metric([b.server], b.last_backup_at.timestamp())
+            age.add_metric([b.server], max(0.0, (now - b.last_backup_at).total_seconds()))
+        if b.every_seconds is not None:
+            every.add_metric([b.server], b.every_seconds)
+        if b.streaming is not None:
+            streaming.add_metric([b.server], 1.0 if b.streaming else 0.0)
+        if b.wal_lag_bytes is not None:
+            lag.add_metric([b.server], float(b.wal_lag_bytes))
+    yield from (last, age, every, streaming, lag)

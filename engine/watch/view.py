@@ -14,10 +14,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.observe.metrics import METRICS
-from engine.snapshot import BranchLinkView, BranchView, HistoryEntry, Pending, ReplicaView, ShardView, Snapshot
+from engine.snapshot import (
+    BackupView,
+    BranchLinkView,
+    BranchView,
+    HistoryEntry,
+    Pending,
+    ReplicaView,
+    ShardView,
+    Snapshot,
+)
 
 __all__ = [
     "SERIES_POINTS",
+    "BackupView",
     "BranchLinkView",
     "BranchView",
     "HistoryEntry",
