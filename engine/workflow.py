@@ -23,6 +23,7 @@ from engine.errors import ConfigError, UserError
 from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
+from engine.observe.recorded import Recording
 from engine.plan import planner, whatif
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
@@ -112,7 +113,7 @@ def load(config_dir: str) -> Desired:
     return desired
 
 
-def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None,
+def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | Recording | None = None,
               wait_for_apply: float | None = None, baseline: tuple[Desired, str] | None = None,
               requests: Requests | None = None) -> Planned:
     """Observe and plan. With `wait_for_apply` (seconds), first wait for the apply lock, so that
@@ -162,7 +163,7 @@ def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
     return found
 
 
-def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | None = None) -> Observation:
+def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | Recording | None = None) -> Observation:
     """Catalog and servers, then load, then the shards' schemas: metrics are read before
     shardctl's own queries on the shards, which would otherwise count as their load."""
     observation = observe(fleet, conn, inspect_schemas=False)
@@ -176,8 +177,9 @@ class ApplyResult:
     counts: dict[str, int]
 
 
-def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, metrics_file: str | None = None,
-          confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
+def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
+          metrics_file: str | Recording | None = None, confirm: Callable[[Plan], None] = lambda _: None,
+          say: Say = lambda _: None,
           show: Callable[[Plan], None] = lambda _: None, actor: str = "apply",
           start_servers: bool = True, own_signals: bool = True,
           progress: Callable[[dict], None] = lambda _: None, notice: Say | None = None,
