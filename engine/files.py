@@ -130,6 +130,9 @@ def write_atomically(path: str | Path, text: str, what: str) -> None:
         raise UserError(f"cannot write the {what} to {path}: {_why(exc, directory)}",
                         "give a path in a directory that exists and that you may write to") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file would be (mkstemp makes 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
