@@ -206,12 +206,14 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     metric history in the catalog plus one fresh sample, or from --metrics FILE: hot shards are
     split and cold neighbours merged, each with the evidence behind it.
     """
-    from engine import workflow
+    from engine import files, workflow
     from engine.config.loader import load_baseline
     from engine.plan import planfile
     from engine.plan.reshard import Requests
 
     try:
+        if out:
+            files.check_writable(out, "plan")  # at once, not after the plan was made
         desired = workflow.load(obj.config_dir)
         recording = _recording(metrics_file)  # read before any server is started
         baseline = load_baseline(obj.config_dir, compare) if compare else None

@@ -119,9 +119,30 @@ def load_json(path: str | Path, what: str, limit: int, max_depth: int = MAX_JSON
         raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse at once a path that can never be written (before minutes of work are spent on
+    what it would hold): a missing directory, a file where a directory should be, a target
+    that is not a regular file (a rename would replace /dev/full or a FIFO)."""
+    target = Path(path)
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        mode = None  # absent, or beyond a missing or unreadable directory: said below
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UserError(f"cannot write the {what} to {path}: it is {_kind(mode)}",
+                        "give the path of an ordinary file (it is replaced whole)")
+    directory = target.parent
+    if not directory.is_dir():
+        reason = FileNotFoundError() if not directory.exists() and _first_file(directory) is None \
+            else NotADirectoryError()
+        raise UserError(f"cannot write the {what} to {path}: {_why(reason, directory)}",
+                        "give a path in a directory that exists and that you may write to")
+
+
 def write_atomically(path: str | Path, text: str, what: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory and a rename, so
     the file is whole or absent; a path that cannot be written is a UserError saying why."""
+    check_writable(path, what)
     target = Path(path)
     directory = target.parent
     try:

@@ -73,6 +73,14 @@ def _recorded_settings(db: CatalogDatabase) -> DatabaseSettings:
                             placement=db.placement)
 
 
+def _recorded_policy(db: CatalogDatabase) -> models.Policy:
+    """The policy recorded at a database's last apply (the defaults where it cannot be read)."""
+    try:
+        return models.Policy.model_validate(db.policy)
+    except ValidationError:
+        return models.Policy()
+
+
 def _with_defaults(policy: dict[str, Any]) -> dict[str, Any]:
     """A recorded policy with the settings added to shardctl since it was recorded at their
     defaults: upgrading shardctl alone plans no change. One it cannot read is compared as is."""
@@ -175,7 +183,7 @@ def _with_move_settings(p: _Planning) -> None:
             continue
         recorded = p.observation.catalog.databases[action.database]
         db = p.desired.databases.get(action.database)
-        policy = db.effective_policy if db is not None else models.Policy.model_validate(recorded.policy)
+        policy = db.effective_policy if db is not None else _recorded_policy(recorded)
         declared = {s.sha256: s.sql for s in db.schema_steps} if db is not None else {}
         missing = [s.name for s in recorded.schema_steps if not s.sql and s.sha256 not in declared]
         if missing:
