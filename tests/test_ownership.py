@@ -56,7 +56,7 @@ def test_a_branch_named_like_the_catalog_is_refused_at_validate_with_both_lines(
     fleet.write("fleet.yaml", fleet.read("fleet.yaml") + catalog + BRANCH.format(data=data, server="a"))
     for command in ("validate", "plan", "apply"):
         result = fleet.cli(command, *(["--auto-approve"] if command == "apply" else []))
-        _refused_cleanly(result, "fleet/fleet.yaml:24:3: error: branch 'dev' would be database branch_dev on server a,"
+        _refused_cleanly(result, "fleet/fleet.yaml:23:3: error: branch 'dev' would be database branch_dev on server a,"
                                  " which is the control database (declared at fleet/fleet.yaml:21:")
     assert not (fleet.path / ".shardctl").exists()  # refused before any server was started
 
