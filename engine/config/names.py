@@ -20,21 +20,22 @@ from dataclasses import dataclass
 
 from engine.errors import Diagnostic, Location
 
-SHARD_SUFFIX = r"_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})"
+# a shard database's name: its database's name (or the old one, after a rename), then its range's
+# bounds, which hold no underscore: the prefix of any name is found in one match
+SHARD_NAME = re.compile(r"^(?P<db>.+)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
 BRANCH_PREFIX = "branch_"
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A database name (or, for shards, a pattern of names) one declaration makes."""
+    """A database name, or for shards every name with a prefix, that one declaration makes."""
 
     what: str  # "branch 'dev'", "the control database", "database 'orders'"
     kind: str  # catalog | shards | branch
-    owner: str  # the declared name behind it
     where: Location
     server: str | None  # None: any server
     dbname: str | None = None  # a name, or
-    pattern: re.Pattern | None = None  # every name of this form (a database's shards)
+    shard_prefix: str | None = None  # every shard name PREFIX_LO_HI (a database's shards)
 
     def overlaps(self, other: Claim) -> bool:
         return self.server is None or other.server is None or self.server == other.server
@@ -44,38 +45,39 @@ def branch_dbname(name: str) -> str:
     return f"{BRANCH_PREFIX}{name}"
 
 
-def shard_pattern(database: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(database)}{SHARD_SUFFIX}$")
-
-
 def claims(databases: dict[str, Location], renamed_from: dict[str, tuple[str, Location]],
            branches: dict[str, tuple[str, Location]], catalog: tuple[str | None, str, Location]) -> list[Claim]:
     """`databases`: name -> where declared; `renamed_from`: new name -> (old name, where the
     rename is); `branches`: name -> (server, where); `catalog`: (server, database, where)."""
-    out = [Claim("the control database", "catalog", catalog[1], catalog[2], catalog[0], dbname=catalog[1])]
+    out = [Claim("the control database", "catalog", catalog[2], catalog[0], dbname=catalog[1])]
     for name, where in databases.items():
-        out.append(Claim(f"database {name!r}", "shards", name, where, None, pattern=shard_pattern(name)))
+        out.append(Claim(f"database {name!r}", "shards", where, None, shard_prefix=name))
     for new, (old, where) in renamed_from.items():
-        out.append(Claim(f"database {new!r} (renamed from {old!r})", "shards", new, where, None,
-                         pattern=shard_pattern(old)))
+        out.append(Claim(f"database {new!r} (renamed from {old!r})", "shards", where, None, shard_prefix=old))
     for name, (server, where) in branches.items():
-        out.append(Claim(f"branch {name!r}", "branch", name, where, server, dbname=branch_dbname(name)))
+        out.append(Claim(f"branch {name!r}", "branch", where, server, dbname=branch_dbname(name)))
     return out
 
 
 def clashes(found: list[Claim]) -> list[Diagnostic]:
     """One problem per pair of claims that would make the same database on the same server,
-    at the later-reported declaration, the other's line in the hint."""
-    out = []
-    named = [c for c in found if c.dbname is not None]
-    patterns = [c for c in found if c.pattern is not None]
-    for i, claim in enumerate(named):
-        for other in named[i + 1:]:
-            if claim.dbname == other.dbname and claim.overlaps(other):
-                out.append(_same_name(claim, other))
-        for other in patterns:
-            if other.pattern is not None and claim.dbname is not None and other.pattern.match(claim.dbname):
-                out.append(_named_like_shards(claim, other))
+    at one declaration, the other's line in the message or hint. Linear in the claims: names
+    are grouped, and a name's shard prefix is looked up, never matched against each database."""
+    out: list[Diagnostic] = []
+    by_name: dict[str, list[Claim]] = {}
+    by_prefix: dict[str, list[Claim]] = {}
+    for claim in found:
+        if claim.dbname is not None:
+            by_name.setdefault(claim.dbname, []).append(claim)
+        if claim.shard_prefix is not None:
+            by_prefix.setdefault(claim.shard_prefix, []).append(claim)
+    for name, group in by_name.items():
+        for i, claim in enumerate(group):
+            out.extend(_same_name(claim, other) for other in group[i + 1:] if claim.overlaps(other))
+        match = SHARD_NAME.match(name)
+        if match is not None:
+            out.extend(_named_like_shards(claim, shards) for claim in group
+                       for shards in by_prefix.get(match.group("db"), ()))
     return out
 
 
