@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.config.loader import Desired
 from engine.observe.observer import inspect_servers
-from engine.plan.checks import Check, metrics_check, server_checks, tls_check
+from engine.plan.checks import Check, metrics_check, origin_check, server_checks, tls_check
 from engine.servers.fleet import Fleet
 
 
@@ -26,7 +26,7 @@ def run(desired: Desired, say=lambda _: None) -> dict[str, list[Check]]:
         if server.reachable:
             found.append(metrics_check(name, desired.servers[name], server))
             tls = tls_check(server) if any(not s.embedded for s in desired.servers.values()) else None
-            if tls is not None:
-                found.append(tls)
+            origin = origin_check(server) if any(b.data == "replica" for b in desired.branches.values()) else None
+            found.extend(c for c in (tls, origin) if c is not None)
         out[name] = found
     return out
