@@ -240,7 +240,7 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
                 "Note: You didn't use the -out option to save this plan, so shardctl can't guarantee to take\n"
                 'exactly these actions if you run "shardctl apply" now.'
             )
-    elif out:
+    if out and (fmt != "text" or not planned.plan.has_changes):
         click.echo(f"Saved the plan to: {out}", err=True)
     if detailed_exitcode and planned.plan.has_changes:
         sys.exit(EXIT_CHANGES)
