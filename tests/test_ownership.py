@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
-from engine.catalog.journal import FAILPOINT_ENV
 from movers import preload
 from untouched import catalog_intact, server_state
+
+from engine.catalog.journal import FAILPOINT_ENV
 
 CATALOG_AS_BRANCH = "catalog: {server: a, database: branch_dev}\n"
 BRANCH = "branches:\n  dev:\n    from: orders\n    data: {data}\n    server: {server}\n"
@@ -85,7 +85,8 @@ def test_apply_never_drops_or_reuses_the_catalog_whatever_an_action_names(fleet)
     (fleet.base / "edited.plan").write_text(json.dumps(plan))
     before = server_state(fleet)
     result = fleet.cli("apply", "edited.plan")
-    _refused_cleanly(result, "database shardctl on server a exists, and shardctl did not create it: it will not drop it")
+    _refused_cleanly(result, "database shardctl on server a exists, and shardctl did not create it:"
+                             " it will not drop it")
     after = server_state(fleet)
     for server in ("a", "b"):
         assert set(after[server]) == set(before[server])
@@ -138,7 +139,8 @@ def test_a_branch_build_resumed_over_a_database_made_meanwhile_is_refused_at_the
     _by_hand(applied, "b", "branch_dev")
     before = server_state(applied)
     result = applied.cli("apply", "--auto-approve")
-    _refused_cleanly(result, "database branch_dev on server b exists, and shardctl did not create it: it will not drop it")
+    _refused_cleanly(result, "database branch_dev on server b exists, and shardctl did not create it:"
+                             " it will not drop it")
     (op,) = json.loads(applied.cli("status", "--json").out)["interrupted"]
     result = applied.cli("abort", str(op["id"]))
     _refused_cleanly(result, "it will not drop it")
