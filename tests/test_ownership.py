@@ -65,6 +65,7 @@ def test_a_branch_declared_beside_an_applied_catalog_of_its_name_never_reaches_i
     fleet.write("fleet.yaml", fleet.read("fleet.yaml") + CATALOG_AS_BRANCH)
     assert fleet.cli("apply", "--auto-approve").code == 0
     before = server_state(fleet, ("a", "b"))
+    valid = fleet.read("fleet.yaml")
     _branch(fleet)
     for command in ("plan", "apply"):
         result = fleet.cli(command, *(["--auto-approve"] if command == "apply" else []))
@@ -72,6 +73,7 @@ def test_a_branch_declared_beside_an_applied_catalog_of_its_name_never_reaches_i
     assert server_state(fleet) == before
     with fleet.connect("a", "branch_dev") as conn:  # the catalog, with every shard's route
         assert conn.execute("SELECT count(*) FROM shardctl.shards WHERE state = 'active'").fetchone() == (4,)
+    fleet.write("fleet.yaml", valid)  # so that `down` at teardown can read it and stop the servers
 
 
 def test_apply_never_drops_or_reuses_the_catalog_whatever_an_action_names(fleet):

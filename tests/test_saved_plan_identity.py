@@ -131,7 +131,8 @@ def test_a_saved_plan_is_refused_when_the_yaml_no_longer_declares_what_it_acts_o
     change, named = EDITS[edit]
     applied.write("fleet.yaml", applied.read("fleet.yaml").replace("shards: 4", "shards: 8"))
     assert applied.cli("plan", "-out", "eight.plan").code == 0  # four splits over a and b
-    applied.write("fleet.yaml", change(applied.read("fleet.yaml")))
+    planned = applied.read("fleet.yaml")
+    applied.write("fleet.yaml", change(planned))
     before = server_state(applied)
     result = applied.cli("apply", "eight.plan")
     _refused(result, "Saved plan does not match the configuration")
@@ -139,6 +140,7 @@ def test_a_saved_plan_is_refused_when_the_yaml_no_longer_declares_what_it_acts_o
         assert difference in result.err, result.err
     assert server_state(applied) == before
     catalog_intact(applied, before)
+    applied.write("fleet.yaml", planned)  # so that `down` at teardown stops server b too
 
 
 def test_a_hand_edited_plan_naming_an_undeclared_server_is_refused(applied):
