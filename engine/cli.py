@@ -146,23 +146,33 @@ def validate(obj: Ctx) -> None:
               help="Exit 1 if this checked-in schema file is not what the models generate.")
 def schema_cmd(out: str | None, check: str | None) -> None:
     """Print the JSON Schema of the config files (for editors and CI)."""
+    from engine import files
     from engine.config.schema import json_schema_text
 
     text = json_schema_text()
     if check:
-        current = Path(check).read_text(encoding="utf-8") if Path(check).exists() else ""
+        current = files.read_text(check, "schema file", files.MAX_PLAN_BYTES) if Path(check).exists() else ""
         if current != text:
             raise UserError(f"{check} is stale", "regenerate it with `shardctl schema --out " + check + "`")
         click.echo(f"{check} is up to date.")
         return
     if out:
-        Path(out).write_text(text, encoding="utf-8")
+        files.write_atomically(out, text, "JSON Schema")
         click.echo(f"Wrote {out}")
     else:
         click.echo(text, nl=False)
 
 
 # ---------------------------------------------------------------------------- plan / show / apply
+
+
+def _recording(metrics_file: str | None):
+    """A `--metrics FILE` read and checked before anything is started (engine.observe.recorded)."""
+    if metrics_file is None:
+        return None
+    from engine.observe import recorded
+
+    return recorded.read(metrics_file)
 
 
 def _print_plan(obj: Ctx, plan, fmt: str) -> None:
@@ -196,15 +206,18 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
     metric history in the catalog plus one fresh sample, or from --metrics FILE: hot shards are
     split and cold neighbours merged, each with the evidence behind it.
     """
-    from engine import workflow
+    from engine import files, workflow
     from engine.config.loader import load_baseline
     from engine.plan import planfile
     from engine.plan.reshard import Requests
 
     try:
+        if out:
+            files.check_writable(out, "plan")  # at once, not after the plan was made
         desired = workflow.load(obj.config_dir)
+        recording = _recording(metrics_file)  # read before any server is started
         baseline = load_baseline(obj.config_dir, compare) if compare else None
-        planned = workflow.make_plan(desired, say=err, metrics_file=metrics_file,
+        planned = workflow.make_plan(desired, say=err, metrics_file=recording,
                                      baseline=baseline, requests=Requests(splits, merges))
     except UserError as exc:
         if fmt == "markdown":  # the pull-request comment says why there is no plan
@@ -213,6 +226,8 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
             click.echo(render_markdown_error(exc), nl=False)
         raise
     _print_plan(obj, planned.plan, fmt)
+    if out:
+        planfile.save(planned.plan, out)  # written (whole, or not at all) before anything says it was
     if fmt == "text" and planned.plan.has_changes and not obj.automation():
         click.echo("")
         if out:
@@ -225,10 +240,8 @@ def plan(obj: Ctx, out: str | None, fmt: str, detailed_exitcode: bool, metrics_f
                 "Note: You didn't use the -out option to save this plan, so shardctl can't guarantee to take\n"
                 'exactly these actions if you run "shardctl apply" now.'
             )
-    if out:
-        planfile.save(planned.plan, out)
-        if fmt != "text" or not planned.plan.has_changes:
-            click.echo(f"Saved the plan to: {out}", err=True)
+    if out and (fmt != "text" or not planned.plan.has_changes):
+        click.echo(f"Saved the plan to: {out}", err=True)
     if detailed_exitcode and planned.plan.has_changes:
         sys.exit(EXIT_CHANGES)
 
@@ -256,7 +269,7 @@ def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None,
     from engine.render.drift import render_json, render_text, report
 
     desired = workflow.load(obj.config_dir)
-    planned = workflow.make_plan(desired, say=err, metrics_file=metrics_file,
+    planned = workflow.make_plan(desired, say=err, metrics_file=_recording(metrics_file),
                                  wait_for_apply=lock_timeout)
     result = report(planned.plan)
     click.echo(render_json(result) if fmt == "json" else render_text(result), nl=False)
@@ -303,6 +316,7 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
 
     saved = planfile.load(plan_file) if plan_file else None
     desired = workflow.load(obj.config_dir)
+    recording = _recording(metrics_file)  # read before any server is started
     if saved is None and not auto_approve and not sys.stdin.isatty():
         raise UserError("no terminal to ask for approval",
                         "rerun with --auto-approve to apply without asking, or save a plan with\n"
@@ -329,7 +343,7 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
         confirm=confirm,
         say=click.echo,
         notice=err,
-        metrics_file=metrics_file,
+        metrics_file=recording,
         show=lambda p: _print_plan(obj, p, "text"),
         requests=Requests(splits, merges),
     )
@@ -466,7 +480,7 @@ def status(obj: Ctx, as_json: bool, metrics_file: str | None) -> int:
     from engine.status import collect, render_status
 
     desired = workflow.load(obj.config_dir)
-    report = collect(desired, metrics_file)
+    report = collect(desired, _recording(metrics_file))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
@@ -810,7 +824,9 @@ def metrics_export(obj: Ctx, out: str | None) -> None:
         YAML(typ="safe", pure=True).dump(doc, buffer)
         text = buffer.getvalue()
     if out:
-        Path(out).write_text(text, encoding="utf-8")
+        from engine import files
+
+        files.write_atomically(out, text, "samples")
         click.echo(f"Wrote {len(samples)} samples to {out}", err=True)
     else:
         click.echo(text, nl=False)

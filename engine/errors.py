@@ -128,6 +128,14 @@ _KV_SECRET = re.compile(rf"(\b{SECRET_KEY}\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I
 _YAML_SECRET = re.compile(rf"""(\b{SECRET_KEY}["']?\s*:(?:\s+|(?=["']))|\b{SECRET_KEY}["']?:$)"""
                           r"""("(?:[^"\\]|\\.)*"?|'(?:[^']|'')*'?|[^,}\]\n#]*[^,}\]\n#\s])?""", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^/@\s?#]+)(@)", re.IGNORECASE)
+# user:password@host without a scheme (a DSN pasted half-way), up to the token's last @
+_BARE_USERINFO = re.compile(r"(?<![\w.%+~-])[\w.%+~-]+:[^\s/'\"]*(@)(?=[\w\[])")
+# a pgpass line, host:port:database:user:password (the password may hold escaped colons)
+_PGPASS = re.compile(r"(?<![\w.*-])([\w.*-]+:(?:\d+|\*):[^\s:]+:[^\s:]+:)((?:\\.|[^\s\\'\"])+)")
+# a secret-looking word before an SQL string literal: PASSWORD 'x' (CREATE or ALTER ROLE),
+# password 'x' in OPTIONS (USER MAPPING, SERVER), E'x', and SQL inside a single-quoted YAML
+# string, where its quotes are doubled (''x'')
+_SQL_SECRET = re.compile(rf"(\b{SECRET_KEY}\s+E?)(''(?:[^']|'''')+''|'(?:[^']|'')*'?)", re.IGNORECASE)
 _REGISTERED: set[str] = set()
 MASK = "********"
 
@@ -138,11 +146,19 @@ def register_secret(value: str | None) -> None:
         _REGISTERED.add(value)
 
 
+def _masked_literal(match: re.Match) -> str:
+    quote = "''" if match.group(2).startswith("''") else "'"
+    return f"{match.group(1)}{quote}{MASK}{quote}"
+
+
 def redact(text: str) -> str:
     for secret in sorted(_REGISTERED, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, MASK)
     text = _URI_USERINFO.sub(rf"\1{MASK}\3", text)
+    text = _BARE_USERINFO.sub(rf"{MASK}\1", text)
+    text = _PGPASS.sub(rf"\1{MASK}", text)
+    text = _SQL_SECRET.sub(_masked_literal, text)
     text = _KV_SECRET.sub(rf"\1{MASK}", text)
     return _YAML_SECRET.sub(lambda m: m.group(1) + (MASK if m.group(2) else ""), text)
 

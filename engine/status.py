@@ -16,6 +16,7 @@ from engine.detect.forecast import shard_outlook
 from engine.observe import history
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_servers, observe
+from engine.observe.recorded import Recording
 from engine.observe.replica_links import replica_links
 from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
@@ -49,7 +50,7 @@ def state_line(pairs: dict[str, tuple[Reading, Sample]]) -> str:
             + ("unknown query rate" if qps is None else f"{qps:,.1f} queries/s"))
 
 
-def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]:
+def collect(desired: Desired, metrics_file: str | Recording | None = None) -> dict[str, Any]:
     fleet = Fleet(desired)
     servers: list[dict[str, Any]] = []
     stopped = {name for name, handle in fleet.servers.items()

@@ -23,7 +23,8 @@ from engine.errors import ConfigError, UserError
 from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
-from engine.plan import planner, whatif
+from engine.observe.recorded import Recording
+from engine.plan import identity, planner, whatif
 from engine.plan.forecast import lineages
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
@@ -116,7 +117,7 @@ def load(config_dir: str) -> Desired:
     return desired
 
 
-def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | None = None,
+def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | Recording | None = None,
               wait_for_apply: float | None = None, baseline: tuple[Desired, str] | None = None,
               requests: Requests | None = None) -> Planned:
     """Observe and plan. With `wait_for_apply` (seconds), first wait for the apply lock, so that
@@ -157,16 +158,17 @@ def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
         if action.kind not in ("split_shard", "merge_shards", "move_shard") or action.operation is not None:
             continue
         sources = list(action.sources) if action.kind == "merge_shards" else [action.source]
-        db = fleet.desired.databases[action.database].spec.shard_key
+        settings = action.settings  # the catalog's shard key, which the move runs with
+        assert settings is not None, "a new move carries its settings (planner._with_move_settings)"
         for source in sources:
             with fleet.servers[source.server].connect(source.dbname) as conn:
-                counts = strays.count(conn, db.column, db.type, source.lo, source.hi)
+                counts = strays.count(conn, settings.key_column, settings.key_type, source.lo, source.hi)
             if counts:
                 found[f"{action.database}/{source.name}"] = counts
     return found
 
 
-def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | None = None) -> Observation:
+def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | Recording | None = None) -> Observation:
     """Catalog and servers, then load, then the shards' schemas: metrics are read before
     shardctl's own queries on the shards, which would otherwise count as their load."""
     observation = observe(fleet, conn, inspect_schemas=False)
@@ -180,8 +182,9 @@ class ApplyResult:
     counts: dict[str, int]
 
 
-def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, metrics_file: str | None = None,
-          confirm: Callable[[Plan], None] = lambda _: None, say: Say = lambda _: None,
+def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
+          metrics_file: str | Recording | None = None, confirm: Callable[[Plan], None] = lambda _: None,
+          say: Say = lambda _: None,
           show: Callable[[Plan], None] = lambda _: None, actor: str = "apply",
           start_servers: bool = True, own_signals: bool = True,
           progress: Callable[[dict], None] = lambda _: None, notice: Say | None = None,
@@ -195,11 +198,21 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0, me
     if saved is not None and requests:
         raise UserError("-split and -merge plan new changes, and a saved plan runs only what it holds",
                         "plan them with `shardctl plan -split ADDR -out FILE`, then apply that file")
+    if saved is not None:
+        # before anything is started or written: every server, database, branch and setting the
+        # plan acts on is still declared as it was when it was made
+        identity.check_declared(saved.fleet, saved.actions, desired)
     fleet = Fleet(desired)
     if start_servers:
         fleet.start_embedded(notice or say)
-    with fleet.catalog(create=True) as conn:
-        assert conn is not None
+    # a saved plan made with a catalog runs only on that catalog: none is created for it
+    with fleet.catalog(create=saved is None or not saved.catalog_exists) as conn:
+        where = f"database {desired.catalog_database} on server {desired.catalog_server}"
+        if conn is None:
+            raise identity.ForeignPlan(f"it was made for a fleet whose catalog exists, and this fleet has none"
+                                       f" ({where} does not exist)")
+        if saved is not None:
+            identity.check_fleet(saved.fleet, store.fleet_id(conn), where)
         schema.migrate(conn)
         with apply_lock(conn, "apply", timeout=lock_timeout,
                         on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
@@ -297,6 +310,7 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
     with fleet.catalog(create=False) as conn:
         if conn is None:
             raise UserError("there is no catalog yet, so no operation to abort")
+        schema.migrate(conn)  # what it drops is checked against the databases shardctl made (V10_OWNERSHIP)
         with apply_lock(conn, "abort", timeout=lock_timeout,
                         on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
             unfinished_branch = {p.operation: p for p in store.pending_moves(conn, store.BRANCH_KINDS)}
@@ -448,14 +462,19 @@ def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: 
                             "name a shard as DATABASE/RANGE, e.g. orders/40-80 (see `shardctl status`)")
         rows = conn.execute("SELECT name, lo, hi, server, dbname, state FROM shardctl.shards WHERE database = %s"
                             " ORDER BY lo NULLS FIRST", (database,)).fetchall()
-        key = desired.databases[database].spec.shard_key
+        # the shard key the shards were made with, as moves use it (the YAML's may have changed since)
+        key_row = conn.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
+                               (database,)).fetchone()
+        if key_row is None:
+            raise UserError(f"no sharded database {database!r} is applied yet", "`shardctl status` lists them")
+        key_column, key_type = key_row
         shard = next((r for r in rows if r[0] == name and r[5] in ("active", "retired")), None)
         if shard is None:
             raise UserError(f"{address} is not a shard of {database}",
                             f"its shards: {', '.join(database + '/' + r[0] for r in rows if r[5] == 'active')}")
         spec = owners_of([shard[:5]])[0]
         with fleet.servers[spec.server].connect(spec.dbname) as shard_conn:
-            counts = strays.count(shard_conn, key.column, key.type, spec.lo, spec.hi)
+            counts = strays.count(shard_conn, key_column, key_type, spec.lo, spec.hi)
         if not counts:
             say(f"{address}: no stray rows: every row's key hashes inside its range.")
             return 0
@@ -465,11 +484,11 @@ def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: 
             return sum(counts.values())
         with apply_lock(conn, "strays --move", timeout=0):
             owners = owners_of([r[:5] for r in rows if r[5] == "active"])
-            for result in relocate(fleet, key.column, key.type, spec, owners):
+            for result in relocate(fleet, key_column, key_type, spec, owners):
                 conflict = (f"; {result.conflicting} left here: the owner holds other values under the same key"
                             if result.conflicting else "")
                 say(f"  {result.table}: {result.moved} moved to {database}/{result.owner}{conflict}")
             with fleet.servers[spec.server].connect(spec.dbname) as shard_conn:
-                left = strays.count(shard_conn, key.column, key.type, spec.lo, spec.hi)
+                left = strays.count(shard_conn, key_column, key_type, spec.lo, spec.hi)
         say(f"{address}: {strays.describe(left)} left." if left else f"{address}: every stray row moved.")
         return sum(left.values())

@@ -2,6 +2,7 @@
 Each refusal is a clear error at file:line:column (or the file, when the file itself is wrong)."""
 
 import os
+import re
 import time
 
 import pytest
@@ -69,7 +70,7 @@ def test_a_1500_deep_extends_chain_resolves(tmp_path):
     (tmp_path / "fleet.yaml").write_text(SERVERS + "policies:\n" + chain + "  p1500: {hot: {latency_ms: 7}}\n")
     desired = loader.load(tmp_path, cwd=tmp_path)
     assert desired.policies["p0"].effective.hot.latency_ms == 7
-    assert len(desired.policies["p0"].chain) == 1502
+    assert len(tuple(desired.policies["p0"].chain())) == 1502
 
 
 def test_a_broken_symlink_or_a_directory_among_the_config_files_is_an_error(tmp_path):
@@ -115,3 +116,14 @@ def test_schema_files_are_confined_and_their_content_never_shown(tmp_path, schem
     err = _problems(tmp_path, DB.replace("{schema}", schema))
     assert expected in err, err
     assert "TOP-SECRET-CONTENT" not in err and "root:" not in err and "PATH=" not in err
+
+
+def test_sizes_are_whole_bytes():
+    from engine.config.models import parse_size
+
+    assert (parse_size("0.5KB"), parse_size("1.5KiB"), parse_size("20GiB"), parse_size("3B")) == (
+        500, 1536, 20 * 2**30, 3)
+    for text, bytes_ in (("0.5B", "0.5"), ("0.1KiB", "102.4"), ("1.000001B", "1.000001"), ("0.123456KB", "123.456")):
+        with pytest.raises(ValueError, match=f"a size is a whole number of bytes, and {re.escape(text)} is"
+                                             f" {re.escape(bytes_)} bytes"):
+            parse_size(text)

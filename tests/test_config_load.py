@@ -82,7 +82,7 @@ def test_a_policy_inherits_what_it_does_not_say_from_default(tmp_path):
     assert desired.threshold_location("orders", "hot", "latency_ms") == "fleet.yaml:15:11"
     assert desired.threshold_location("orders", "hot", "queries_per_second") == "policies/default.yaml:10:7"
     quicker = desired.policies["quicker"]
-    assert quicker.chain == ("quicker", "quick", "default")
+    assert tuple(quicker.chain()) == ("quicker", "quick", "default")
     assert quicker.effective.hot.latency_ms == 20 and quicker.effective.detection.window == 3
 
 

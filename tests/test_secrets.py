@@ -97,3 +97,19 @@ def test_a_dsn_env_value_never_appears_even_when_it_does_not_parse(tmp_path):
         assert "REMOTE_DSN is not a valid DSN" in run_cli("-C", ".", "plan", cwd=tmp_path, env={"REMOTE_DSN": dsn}).err
     finally:
         run_cli("-C", ".", "down", cwd=tmp_path)
+
+
+def test_credentials_without_a_scheme_and_sql_password_literals_are_masked():
+    for line in (f"    dsn_env: app:{HIDDEN}@db.example:5432/x", f"    dsn_env: 'app:{HIDDEN}@db/x'",
+                 f"app:p@{HIDDEN}@db/x", f"db.example:5432:orders:app:{HIDDEN}", f"*:*:*:app:{HIDDEN}",
+                 f"db:5432:*:app:{HIDDEN}\\:more", f"CREATE ROLE evil LOGIN PASSWORD '{HIDDEN}';",
+                 f"ALTER ROLE app WITH ENCRYPTED PASSWORD E'{HIDDEN}';",
+                 f"CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'app', password '{HIDDEN}');",
+                 f"    sql: 'CREATE ROLE x PASSWORD ''{HIDDEN}'';'", f"OPTIONS (sslpassword '{HIDDEN}')"):
+        shown = redact(line)
+        assert HIDDEN not in shown and "********" in shown, (line, shown)
+    # what only looks alike stays readable: times, addresses, locations, host:port
+    for line in ("at 2026-11-26T10:00:00Z, 10:00:00", "mail alice@example.com", "fleet.yaml:3:5: error: unknown key",
+                 "server a at 127.0.0.1:5432 refused", "s2.sql:1:1: error: roles belong to the whole server",
+                 "CREATE ROLE app NOLOGIN;"):
+        assert redact(line) == line, (line, redact(line))

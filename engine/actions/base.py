@@ -8,7 +8,8 @@ user's own schema steps.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -62,29 +63,82 @@ class ApplyContext:
         return self.clock()
 
 
+class NotOwned(UserError):
+    """A database shardctl did not create stands where it would create, reuse or drop one."""
+
+    def __init__(self, shard: ShardSpec, doing: str):
+        super().__init__(
+            f"database {shard.dbname} on server {shard.server} exists, and shardctl did not create it:"
+            f" it will not {doing} it",
+            "nothing of it was touched. It may hold someone's data: rename or drop it yourself if it is no one's,"
+            " or declare what shardctl makes under another name; then plan and apply again")
+
+
+def _oid(conn: psycopg.Connection, dbname: str) -> int | None:
+    row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def _owns(ctx: ApplyContext, shard: ShardSpec, oid: int) -> bool:
+    """Whether the database with this oid is the one shardctl created under this name. A row
+    without an oid (recorded before oids were, or a create killed before it noted one) is
+    trusted, and its oid noted now."""
+    if ctx.fleet.is_catalog(shard.server, shard.dbname):
+        return False  # the control database is never a shard's, a branch's or a target's
+    owned, recorded = store.owned_database(ctx.catalog, shard.server, shard.dbname)
+    if owned and recorded is None:
+        store.claim_database(ctx.catalog, shard.server, shard.dbname, oid)
+    return owned and recorded in (None, oid)
+
+
+@contextmanager
+def creating(ctx: ApplyContext, shard: ShardSpec, conn: psycopg.Connection) -> Iterator[bool]:
+    """Around a CREATE DATABASE on `conn` (the shard's server): yields True when the database
+    is to be created, False when shardctl's own is there already; refuses one it did not make.
+    The name is claimed in the catalog before the CREATE, so a rerun after a kill in between
+    knows the database as its own; its oid is recorded after."""
+    live = _oid(conn, shard.dbname)
+    if live is not None:
+        if not _owns(ctx, shard, live):
+            raise NotOwned(shard, "reuse or replace")
+        yield False
+        return
+    store.claim_database(ctx.catalog, shard.server, shard.dbname)
+    try:
+        yield True
+    except errors.DuplicateDatabase:
+        # made by someone else between the look and the CREATE: not ours, and not claimed
+        store.forget_database(ctx.catalog, shard.server, shard.dbname)
+        raise NotOwned(shard, "reuse or replace") from None
+    store.claim_database(ctx.catalog, shard.server, shard.dbname, _oid(conn, shard.dbname))
+
+
 def ensure_database(ctx: ApplyContext, shard: ShardSpec) -> bool:
-    """CREATE DATABASE unless it exists. Returns True when it was created now."""
+    """CREATE DATABASE unless shardctl's own exists. Returns True when it was created now."""
     handle = ctx.fleet.servers[shard.server]
-    with handle.connect() as conn:
-        if store.database_exists(conn, shard.dbname):
-            return False
-        try:
+    with handle.connect() as conn, creating(ctx, shard, conn) as create:
+        if create:
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(
                 sql.Identifier(shard.dbname)))
-        except errors.DuplicateDatabase:
-            return False
-    return True
+    return create
 
 
 def drop_database(ctx: ApplyContext, shard: ShardSpec) -> bool:
+    """DROP DATABASE of one shardctl created (engine.catalog.store.owned_database); a database
+    made by anyone else under the name, the catalog above all, is refused and left alone."""
     handle = ctx.fleet.servers.get(shard.server)
     if handle is None:
         raise UserError(f"server {shard.server!r} of shard {shard.dbname} is no longer declared",
                         "declare it again so shardctl can reach the shard")
     with handle.connect() as conn:
-        if not store.database_exists(conn, shard.dbname):
+        live = _oid(conn, shard.dbname)
+        if live is None:
+            store.forget_database(ctx.catalog, shard.server, shard.dbname)
             return False
+        if not _owns(ctx, shard, live):
+            raise NotOwned(shard, "drop")
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(shard.dbname)))
+    store.forget_database(ctx.catalog, shard.server, shard.dbname)
     return True
 
 

@@ -18,4 +18,4 @@ def execute(action: MergeShards, ctx: ApplyContext) -> None:
     op.finish()
     ctx.counts["added"] += 1
     ctx.counts["retired"] += len(action.sources)
-    ctx.say(f"{action.address}: Merge complete after {timer}; {move.retired_note(ctx, action.database, 'sources')}")
+    ctx.say(f"{action.address}: Merge complete after {timer}; {move.retired_note(ctx, action, 'sources')}")

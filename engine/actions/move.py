@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
+from pydantic import ValidationError
 
 from engine.actions import replica
 from engine.actions.base import (
@@ -49,10 +50,10 @@ from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import journal, store
 from engine.catalog.journal import Operation
 from engine.client import ROUTING_CHANNEL
-from engine.config.models import Moves
+from engine.config.models import Moves, Policy
 from engine.errors import UserError
 from engine.observe import strays
-from engine.plan.models import ShardSpec, StepSpec, transit_name
+from engine.plan.models import MoveSettings, ShardSpec, StepSpec, transit_name
 from engine.rows import one
 
 CATCH_UP_TIMEOUT = 30.0
@@ -151,6 +152,7 @@ class Move:
     links: tuple[Link, ...]
     label: str  # e.g. "split orders/40-80"
     settings: Moves = field(default_factory=Moves)
+    steps: tuple[StepSpec, ...] = ()  # every schema step the shards ran: a target runs the same
     lock_times: list[float] = field(default_factory=list)  # when each source's fence held its locks
     verified_keys: int = 0  # keys rechecked behind the fence
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -256,7 +258,11 @@ class Move:
 
     def create_targets(self) -> None:
         with self.step("targets"):
-            steps = database_steps(self.ctx, self.database)  # what every shard ran: same schema as the source
+            steps = self.steps  # what every shard ran: same schema as the source
+            unknown = [s.name for s in steps if not s.sql]
+            if unknown:
+                raise UserError(f"schema step {unknown[0]} of {self.database} is no longer in the configuration",
+                                "a new shard needs every step the others ran; restore it")
             for target in self.targets:
                 ensure_database(self.ctx, target)
                 apply_steps(self.ctx, target, steps)
@@ -850,7 +856,6 @@ $$;
 
 def for_action(ctx: ApplyContext, action, op: Operation, label: str | None = None) -> Move:
     """The move a SplitShard or MergeShards action describes (also used to abort one)."""
-    key_column, key_type = key_of(ctx, action.database)
     if action.kind == "split_shard":
         sources, targets = (action.source,), action.targets
         links = tuple(Link(i, action.source, t, filtered=True) for i, t in enumerate(targets))
@@ -865,10 +870,32 @@ def for_action(ctx: ApplyContext, action, op: Operation, label: str | None = Non
         sources, targets = action.sources, (action.target,)
         links = tuple(Link(i, s, action.target, filtered=False) for i, s in enumerate(sources))
         label = label or f"merge {action.database}/{action.target.name}"
-    desired = ctx.fleet.desired.databases.get(action.database)
-    settings = desired.effective_policy.moves if desired else Moves()
-    return Move(ctx=ctx, op=op, database=action.database, key_column=key_column, key_type=key_type,
-                sources=sources, targets=targets, links=links, label=label, settings=settings, op_kind=action.kind)
+    settings = settings_for(ctx, action)
+    moves = Moves(converge_timeout=settings.converge_timeout, pause_budget=settings.pause_budget,
+                  fence_timeout=settings.fence_timeout, copy_streams=settings.copy_streams, parallel=settings.parallel)
+    return Move(ctx=ctx, op=op, database=action.database, key_column=settings.key_column, key_type=settings.key_type,
+                sources=sources, targets=targets, links=links, label=label, settings=moves, steps=settings.steps,
+                op_kind=action.kind)
+
+
+def settings_for(ctx: ApplyContext, action) -> MoveSettings:
+    """What a split, merge or move runs with: its plan's, recorded with its operation, so that a
+    resumed or aborted one runs with what it started with; never the YAML's. An operation begun
+    by a shardctl whose plans did not carry them reads the catalog: the shard key and policy
+    recorded at the database's last apply, and the schema steps every shard ran."""
+    if action.settings is not None:
+        return action.settings
+    key_column, key_type, recorded = one(ctx.catalog.execute(
+        "SELECT key_column, key_type, policy FROM shardctl.databases WHERE name = %s", (action.database,)))
+    try:
+        policy = Policy.model_validate(recorded)
+    except ValidationError:
+        policy = Policy()
+    moves = policy.moves
+    return MoveSettings(key_column=key_column, key_type=key_type, steps=database_steps(ctx, action.database),
+                        converge_timeout=moves.converge_timeout, pause_budget=moves.pause_budget,
+                        fence_timeout=moves.fence_timeout, copy_streams=moves.copy_streams, parallel=moves.parallel,
+                        retire_after=policy.autosplit.retire_after)
 
 
 def operation_for(ctx: ApplyContext, action) -> Operation:
@@ -878,29 +905,16 @@ def operation_for(ctx: ApplyContext, action) -> Operation:
     return ctx.begin(action.kind, action.address, action=action.model_dump(mode="json"))
 
 
-def key_of(ctx: ApplyContext, database: str) -> tuple[str, str]:
-    row = one(ctx.catalog.execute("SELECT key_column, key_type FROM shardctl.databases WHERE name = %s",
-                                  (database,)))
-    return row[0], row[1]
-
-
 def database_steps(ctx: ApplyContext, database: str) -> tuple[StepSpec, ...]:
-    """The schema steps every shard of the database has run; a new target runs the same, so
-    its schema equals the source's. The SQL comes from the desired config (same hashes)."""
+    """The schema steps every shard of the database has run, as the catalog records them (for an
+    operation whose action does not carry them); a step without its SQL there is taken from the
+    YAML by its hash, or left without SQL (creating a target then fails, naming it)."""
     recorded = ctx.catalog.execute("SELECT seq, name, sha256, sql FROM shardctl.schema_steps WHERE database = %s"
                                    " ORDER BY seq", (database,)).fetchall()
     desired = ctx.fleet.desired.databases.get(database)
     by_hash = {s.sha256: s.sql for s in desired.schema_steps} if desired else {}
-    by_hash.update({r[2]: r[3] for r in recorded if r[3]})  # steps merged from branches live only here
-    steps = []
-    for seq, name, sha, _ in recorded:
-        if sha not in by_hash:
-            from engine.errors import UserError
-
-            raise UserError(f"schema step {name} of {database} is no longer in the configuration",
-                            "a new shard needs every step the others ran; restore it")
-        steps.append(StepSpec(seq=seq, name=name, sha256=sha, sql=by_hash[sha]))
-    return tuple(steps)
+    return tuple(StepSpec(seq=seq, name=name, sha256=sha, sql=text or by_hash.get(sha, ""))
+                 for seq, name, sha, text in recorded)
 
 
 def begin(ctx: ApplyContext, action, starting: str) -> Operation:
@@ -918,11 +932,11 @@ def begin(ctx: ApplyContext, action, starting: str) -> Operation:
 def refuse_strays(ctx: ApplyContext, action) -> None:
     """Before a move starts: its sources must hold no row whose key hashes outside their range
     (a split would leave such rows in the retired source, to be dropped with it)."""
-    key_column, key_type = key_of(ctx, action.database)
+    settings = settings_for(ctx, action)
     sources = list(action.sources) if action.kind == "merge_shards" else [action.source]
     for source in sources:
         with ctx.fleet.servers[source.server].connect(source.dbname) as conn:
-            counts = strays.count(conn, key_column, key_type, source.lo, source.hi)
+            counts = strays.count(conn, settings.key_column, settings.key_type, source.lo, source.hi)
         if counts:
             raise MoveFailed(
                 f"{action.address}: shard {action.database}/{source.name} holds {strays.describe(counts)}: they were"
@@ -931,10 +945,9 @@ def refuse_strays(ctx: ApplyContext, action) -> None:
                 " shard that owns its key (shardctl.route() names it) or delete it, then apply again")
 
 
-def retired_note(ctx: ApplyContext, database: str, what: str) -> str:
+def retired_note(ctx: ApplyContext, action, what: str) -> str:
     """What happened to a move's sources, and when they go: they are not destroyed by the move."""
-    desired = ctx.fleet.desired.databases.get(database)
-    grace = desired.effective_policy.autosplit.retire_after if desired else 3600.0
+    grace = settings_for(ctx, action).retire_after
     return (f"{what} retired: read-only, kept for autosplit.retire_after ({_duration(grace)}), then dropped by a"
             " later plan")
 

@@ -17,4 +17,4 @@ def execute(action: MoveShard, ctx: ApplyContext) -> None:
     op.finish()
     ctx.counts["changed"] += 1
     ctx.say(f"{action.address}: Move to {action.target.server} complete after {timer};"
-            f" {move.retired_note(ctx, action.database, 'the copy on ' + action.source.server)}")
+            f" {move.retired_note(ctx, action, 'the copy on ' + action.source.server)}")

@@ -58,9 +58,10 @@ def batches(actions, limit_of: Callable[[object], int]) -> list[list]:
 
 
 def execute_all(actions, ctx: ApplyContext) -> None:
-    def limit_of(action) -> int:
-        db = ctx.fleet.desired.databases.get(action.database)
-        return db.effective_policy.moves.parallel if db else 1
+    def limit_of(action) -> int:  # moves.parallel as planned (engine.actions.move.settings_for)
+        from engine.actions.move import settings_for
+
+        return settings_for(ctx, action).parallel
 
     for batch in batches(actions, limit_of):
         if len(batch) == 1:

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import psycopg
 from psycopg import sql
 
-from engine.actions.base import ApplyContext
+from engine.actions.base import ApplyContext, creating
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
 from engine.errors import UserError
@@ -195,7 +195,7 @@ def clone(ctx: ApplyContext, source: ShardSpec, target: ShardSpec) -> str:
     with the way forward. With PostgreSQL 18's `file_copy_method = clone` the files are cloned
     where the filesystem can (XFS, btrfs), so its cost does not grow with the data. Returns how
     the files were copied."""
-    with ctx.fleet.servers[source.server].connect() as conn:
+    with ctx.fleet.servers[source.server].connect() as conn, creating(ctx, target, conn):
         method = "file copy"
         if conn.execute("SELECT 1 FROM pg_settings WHERE name = 'file_copy_method'").fetchone():
             conn.execute("SET file_copy_method = clone")

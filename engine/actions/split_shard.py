@@ -18,4 +18,4 @@ def execute(action: SplitShard, ctx: ApplyContext) -> None:
     op.finish()
     ctx.counts["added"] += len(action.targets)
     ctx.counts["retired"] += 1
-    ctx.say(f"{action.address}: Split complete after {timer}; {move.retired_note(ctx, action.database, 'source')}")
+    ctx.say(f"{action.address}: Split complete after {timer}; {move.retired_note(ctx, action, 'source')}")

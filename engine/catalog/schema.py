@@ -345,7 +345,31 @@ ALTER TABLE shardctl.branches ADD CONSTRAINT branches_data_check
 ALTER TABLE shardctl.branches ADD COLUMN source_at text;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY, V8_REPLICA, V9_BACKUPS]
+V10_OWNERSHIP = r"""
+-- the fleet's identity, made once: a saved plan records it, and apply refuses a plan made for
+-- another fleet (two fleets planned from one repository share names and can share a serial)
+INSERT INTO shardctl.meta (key, value) VALUES ('fleet_id', gen_random_uuid()::text) ON CONFLICT (key) DO NOTHING;
+
+-- every database shardctl created, by server: it drops or reuses only these, and only while the
+-- database is the one it created (same oid); one made by hand under the same name is left alone.
+-- A row is written before CREATE DATABASE (oid NULL until it exists), so a create killed halfway
+-- is recognised as its own by the rerun. Databases recorded before this table are trusted as
+-- before (oid NULL: their oid is recorded the next time shardctl reuses them).
+CREATE TABLE shardctl.owned_databases (
+    server     text NOT NULL,
+    dbname     text NOT NULL,
+    oid        bigint,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (server, dbname)
+);
+INSERT INTO shardctl.owned_databases (server, dbname)
+    SELECT server, dbname FROM shardctl.shards
+    UNION SELECT server, dbname FROM shardctl.branches WHERE state <> 'expired'
+    ON CONFLICT DO NOTHING;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY, V8_REPLICA, V9_BACKUPS,
+                         V10_OWNERSHIP]
 VERSION = len(MIGRATIONS)
 
 

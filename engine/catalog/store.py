@@ -38,6 +38,31 @@ def database_exists(conn: psycopg.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
 
+def fleet_id(conn: psycopg.Connection) -> str | None:
+    """The catalog's identity (V10_OWNERSHIP); None before that migration ran."""
+    if schema.installed_version(conn) < schema.MIGRATIONS.index(schema.V10_OWNERSHIP) + 1:
+        return None
+    row = conn.execute("SELECT value FROM shardctl.meta WHERE key = 'fleet_id'").fetchone()
+    return row[0] if row else None
+
+
+def owned_database(conn: psycopg.Connection, server: str, dbname: str) -> tuple[bool, int | None]:
+    """Whether shardctl made `dbname` on `server`, and the oid it had (None: not known yet)."""
+    row = conn.execute("SELECT oid FROM shardctl.owned_databases WHERE server = %s AND dbname = %s",
+                       (server, dbname)).fetchone()
+    return (row is not None, row[0] if row else None)
+
+
+def claim_database(conn: psycopg.Connection, server: str, dbname: str, oid: int | None = None) -> None:
+    """Record a database shardctl is about to create (oid None) or has created."""
+    conn.execute("INSERT INTO shardctl.owned_databases (server, dbname, oid) VALUES (%s, %s, %s)"
+                 " ON CONFLICT (server, dbname) DO UPDATE SET oid = excluded.oid", (server, dbname, oid))
+
+
+def forget_database(conn: psycopg.Connection, server: str, dbname: str) -> None:
+    conn.execute("DELETE FROM shardctl.owned_databases WHERE server = %s AND dbname = %s", (server, dbname))
+
+
 def read(conn: psycopg.Connection) -> CatalogState:
     version = schema.installed_version(conn)
     if version == 0:
@@ -77,7 +102,7 @@ def read(conn: psycopg.Connection) -> CatalogState:
                         reshard_events=events, pending_moves=tuple(pending_moves(conn)),
                         pending_branches=tuple(pending_moves(conn, BRANCH_KINDS)),
                         branches=read_branches(conn) if version >= 3 else {},
-                        apply_in_flight=lock.held_elsewhere(conn))
+                        apply_in_flight=lock.held_elsewhere(conn), fleet_id=fleet_id(conn))
 
 
 # ---------------------------------------------------------------------------- writes

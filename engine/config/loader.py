@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -22,7 +23,7 @@ from typing import Any
 import pglast
 from pydantic import BaseModel, ValidationError
 
-from engine.config import models, sqlcheck, yamlread
+from engine.config import models, names, sqlcheck, yamlread
 from engine.errors import SECRET_KEY, ConfigError, Diagnostic, Location
 
 PRESET_DIRS = (
@@ -55,7 +56,16 @@ class ResolvedPolicy:
     parent: str | None = None
     parent_location: Location | None = None
     effective: models.Policy | None = None
-    chain: tuple[str, ...] = ()  # itself, then each policy it inherits from
+    # the resolved policy it inherits from: a link, not a copy of the chain (a chain of 60,000
+    # policies would otherwise hold 1.8 billion names)
+    inherits: ResolvedPolicy | None = field(default=None, repr=False, compare=False)
+
+    def chain(self) -> Iterator[str]:
+        """Its own name, then each policy it inherits from, nearest first."""
+        entry: ResolvedPolicy | None = self
+        while entry is not None:
+            yield entry.name
+            entry = entry.inherits
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class Desired:
         """Where a database's effective threshold comes from: its override or its policy's line."""
         db = self.databases[database]
         where = self.where("databases", database, "thresholds", kind, metric)
-        chain = self.policies[db.policy_name].chain if db.policy_name in self.policies else (db.policy_name,)
+        chain = self.policies[db.policy_name].chain() if db.policy_name in self.policies else iter((db.policy_name,))
         for name in chain:
             where = where or self.where("policies", name.removeprefix("preset:"), kind, metric)
         where = where or self.where("policies", db.policy_name)
@@ -193,6 +203,12 @@ def _message(error: Any) -> tuple[str, str | None]:  # a pydantic ErrorDetails
         if pattern == models.COLUMN_PATTERN:
             return f"invalid column name {value!r}", "use a lower-case unquoted PostgreSQL identifier"
         if pattern == models.ENV_PATTERN:
+            if isinstance(value, str) and re.search(r"=|@|://|(?:[^:]*:){3}", value):
+                # a DSN or a pgpass line pasted where its variable's name belongs: never echoed
+                return ("dsn_env names an environment variable, and this looks like a connection string"
+                        " (not shown: it may hold a password)",
+                        "put the DSN in an environment variable (export PROD_DSN=...) and write its name here:"
+                        " dsn_env: PROD_DSN")
             return f"invalid environment variable name {value!r}", None
         return f"invalid value {value!r}", f"must match {pattern}"
     if kind == "literal_error":
@@ -285,8 +301,8 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     problems = found.problems
     backups = _resolve_backups(found, root)
     problems.extend(_branches_from_backups(found, backups))
-    problems.extend(_contradictions(resolved, found.policies, found.sources, found.branches, found.catalog,
-                                    catalog_database))
+    problems.extend(_contradictions(resolved, found.policies, found.sources))
+    problems.extend(_name_clashes(found, resolved, catalog_server, catalog_database))
     if not defer_key_checks:
         problems.extend(key_problems)
     if problems:
@@ -546,23 +562,22 @@ def _choose_catalog(found: _Gathered, resolved: dict[str, DesiredDatabase], file
     return catalog_server, catalog_database
 
 
-_SHARD_NAME = re.compile(r"^(?P<db>[a-z][a-z0-9_]*)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
 METRICS = ("queries_per_second", "cpu_percent", "memory_percent", "storage_percent", "connections", "latency_ms")
 
 
 def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, ResolvedPolicy],
-                    sources: dict[Path_, Location], branches: dict, catalog, catalog_database: str) -> list[Diagnostic]:
+                    sources: dict[Path_, Location]) -> list[Diagnostic]:
     """Settings that are each valid but cannot hold together: a shard both hot and cold, a
     daemon that looks for hot shards faster than metrics arrive, a limit below the start."""
     out: list[Diagnostic] = []
     for name, entry in policies.items():
         if entry.effective is not None and not name.startswith("preset:"):
-            out.extend(_policy_contradictions(_Setting(sources, None, entry.chain), entry.effective))
+            out.extend(_policy_contradictions(_Setting(sources, None, entry), entry.effective))
     for name, database in databases.items():
         declared = policies.get(database.policy_name)
         out.extend(
             _policy_contradictions(
-                _Setting(sources, database, declared.chain if declared else ()), database.effective_policy
+                _Setting(sources, database, declared), database.effective_policy
             )
         )
         limit = database.effective_policy.autosplit.max_shards
@@ -576,7 +591,6 @@ def _contradictions(databases: dict[str, DesiredDatabase], policies: dict[str, R
                     "lower shards, or raise max_shards in the policy",
                 )
             )
-    out.extend(_named_like_shards(databases, branches, catalog, catalog_database))
     return out
 
 
@@ -587,14 +601,14 @@ class _Setting:
 
     sources: dict[Path_, Location]
     database: DesiredDatabase | None
-    chain: tuple[str, ...]
+    policy: ResolvedPolicy | None
 
     def at(self, *path: str) -> Location | None:
         if self.database is not None and path[0] in ("hot", "cold"):
             found = self.sources.get(("databases", self.database.name, "thresholds", *path))
             if found:
                 return found
-        for name in self.chain:
+        for name in self.policy.chain() if self.policy is not None else ():
             found = self.sources.get(("policies", name.removeprefix("preset:"), *path))
             if found and not found.file.startswith("policies/"):
                 return found
@@ -645,28 +659,20 @@ def _policy_contradictions(where: _Setting, policy: models.Policy) -> list[Diagn
     return out
 
 
-def _named_like_shards(
-    databases: dict[str, DesiredDatabase], branches: dict, catalog, catalog_database: str
-) -> list[Diagnostic]:
-    """A branch or the control database named like a shard database would be taken for one."""
-    out = []
-    for name, (_branch, doc) in branches.items():
-        match = _SHARD_NAME.match(f"branch_{name}")
-        if match and match.group("db") in databases:
-            out.append(Diagnostic(doc.loc(("branches", name)), f"branch {name!r} would be database branch_{name},"
-                                  f" which is named like a shard of database {match.group('db')!r}",
-                                  "choose another branch name"))
-    match = _SHARD_NAME.match(catalog_database)
-    if match and match.group("db") in databases:
-        at = catalog[1].value_loc(("catalog", "database")) if catalog else Location("catalog")
-        out.append(
-            Diagnostic(
-                at,
-                f"the control database {catalog_database!r} is named like a shard of database {match.group('db')!r}",
-                "choose a name of its own, such as shardctl",
-            )
-        )
-    return out
+def _name_clashes(found: _Gathered, databases: dict[str, DesiredDatabase], catalog_server: str | None,
+                  catalog_database: str) -> list[Diagnostic]:
+    """Two declarations that would make the same database on the same server (engine.config.names)."""
+    if found.catalog is not None:
+        settings, doc = found.catalog
+        catalog_at = doc.value_loc(("catalog", "database")) if "database" in settings.model_fields_set \
+            else doc.loc(("catalog",))
+    else:
+        catalog_at = found.sources.get(("servers", catalog_server)) or Location("catalog")
+    return names.clashes(names.claims(
+        {name: db.location for name, db in databases.items()},
+        {new: (old, where) for new, (old, where) in found.moved.items() if new in databases},
+        {name: (branch.server, doc.loc(("branches", name))) for name, (branch, doc) in found.branches.items()},
+        (catalog_server, catalog_database, catalog_at)))
 
 
 def _record_sources(doc: _Doc, sources: dict[Path_, Location]) -> None:
@@ -821,6 +827,7 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
     def resolve(name: str) -> None:
         # walk up the chain without recursion (a chain may be thousands long), then fill in downwards
         chain = [name]
+        on_chain = {name}  # `in` on the list would make a long chain quadratic
         while True:
             entry = policies[chain[-1]]
             if chain[-1] in done or chain[-1] in failed or entry.parent is None:
@@ -830,7 +837,7 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                                              {k: v for k, v in policies.items() if not k.startswith("preset:")}))
                 failed.update(chain)
                 return
-            if entry.parent in chain:
+            if entry.parent in on_chain:
                 cycle = [*chain[chain.index(entry.parent) :], entry.parent]
                 first = policies[cycle[0]]
                 problems.append(Diagnostic(first.location, f"policy {cycle[0]!r} extends itself through "
@@ -838,6 +845,7 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                 failed.update(chain)
                 return
             chain.append(entry.parent)
+            on_chain.add(entry.parent)
         for current in reversed(chain):
             if current in done:
                 continue
@@ -846,8 +854,7 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                 failed.update(chain)
                 return
             if entry.parent is None:
-                done[current] = ResolvedPolicy(current, entry.policy, entry.location, None, None, entry.policy,
-                                               (current,))
+                done[current] = ResolvedPolicy(current, entry.policy, entry.location, None, None, entry.policy)
                 continue
             parent = done[entry.parent]
             inherited = parent.effective or parent.policy  # resolved before its children: always set
@@ -867,7 +874,7 @@ def _resolve_inheritance(policies: dict[str, ResolvedPolicy], problems: list[Dia
                 entry.parent,
                 entry.parent_location,
                 effective,
-                (current, *parent.chain),
+                parent,
             )
 
     for name in list(policies):

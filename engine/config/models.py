@@ -9,6 +9,7 @@ which knows where in which file each value came from.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
@@ -67,8 +68,12 @@ def parse_size(value: object) -> int:
         if value <= 0:
             raise ValueError("a size must be positive")
         size = value
-    elif isinstance(value, str) and (match := _SIZE.match(value)) and float(match.group(1)) > 0:
-        size = max(1, int(float(match.group(1)) * _SIZE_BYTES[match.group(2)]))
+    elif isinstance(value, str) and (match := _SIZE.match(value)) and Decimal(match.group(1)) > 0:
+        exact = Decimal(match.group(1)) * _SIZE_BYTES[match.group(2)]  # decimal: 0.1GB is 10^8 bytes exactly
+        if exact != exact.to_integral_value():
+            raise ValueError(f"a size is a whole number of bytes, and {value.strip()} is {exact.normalize():f} bytes;"
+                             " round it to whole bytes")
+        size = int(exact)
     else:
         shown = value if not isinstance(value, str) or len(value) <= 40 else value[:37] + "..."
         raise ValueError(f"expected a size such as 20GiB or 500MB, got {shown!r}")

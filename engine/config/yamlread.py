@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from engine.errors import Diagnostic, Location
+from engine.files import Unreadable, bounded_bytes
 
 MAX_FILE_BYTES = 32 * 2**20  # a config file larger than this is refused unread
 MAX_DEPTH = 64  # nesting of mappings and sequences
@@ -84,24 +84,15 @@ def check_file(file: Path, display: str, printable: bool = True) -> tuple[str | 
     """The file's text, or why it cannot be read as one (never its content). `printable`: refuse
     every control character YAML refuses; otherwise (SQL) only NUL."""
     try:
-        info = file.stat()
-    except FileNotFoundError:
-        return None, Diagnostic(Location(display), "the file is a broken symbolic link" if file.is_symlink()
-                                else "the file has disappeared", "remove it, or point it at a file that exists")
-    except OSError as exc:
-        return None, Diagnostic(Location(display), f"cannot read the file: {exc.strerror or exc}")
-    if not stat.S_ISREG(info.st_mode):
-        return None, Diagnostic(Location(display), "not a regular file",
-                                "config files are ordinary files; move anything else out of the directory")
-    if info.st_size > MAX_FILE_BYTES:
-        return None, Diagnostic(Location(display), f"the file is {info.st_size:,} bytes; the limit is"
-                                f" {MAX_FILE_BYTES:,}", "split the configuration over several files")
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        return None, Diagnostic(Location(display), f"cannot read the file: {exc.strerror or exc}")
-    if len(raw) > MAX_FILE_BYTES:
-        return None, Diagnostic(Location(display), f"the file is larger than {MAX_FILE_BYTES:,} bytes")
+        raw = bounded_bytes(file, MAX_FILE_BYTES)
+    except Unreadable as exc:
+        hint = {"too_large": "split the configuration over several files",
+                "not_regular": "config files are ordinary files; move anything else out of the directory",
+                "missing": "remove it, or point it at a file that exists",
+                "broken_link": "remove it, or point it at a file that exists"}.get(exc.reason, exc.hint)
+        message = {"not_regular": "not a regular file", "missing": "the file has disappeared"}.get(exc.reason,
+                                                                                                  exc.message)
+        return None, Diagnostic(Location(display), message, hint)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -163,12 +163,14 @@ def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]
 
 
 def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None, observation: Observation,
-                 metrics_file: str | None = None) -> Observation:
+                 metrics_file: str | recorded.Recording | None = None) -> Observation:
+    """`metrics_file`: a recording to judge instead of live metrics, as a path or read already."""
     now = observation.now()
     if metrics_file:
         # A what-if on a recording: the load is judged as of the recording's newest sample, while
         # the catalog's own events (cooldowns, expiry, grace periods) stay judged at the present.
-        samples, notes = recorded.load_with_notes(metrics_file)
+        recording = metrics_file if isinstance(metrics_file, recorded.Recording) else recorded.read(metrics_file)
+        samples, notes, metrics_file = recording.samples, recording.notes, recording.path
         latest = max((s.at for window in samples.values() for s in window), default=now)
         # a recording long enough for a forecast is rolled up as the catalog would have
         hourly = rollup.series_of(s for window in samples.values() for s in window)

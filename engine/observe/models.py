@@ -142,6 +142,7 @@ class CatalogState(Frozen):
     pending_branches: tuple[PendingMove, ...] = ()  # unfinished branch creations, resets, schema merges
     branches: dict[str, CatalogBranch] = {}
     apply_in_flight: str | None = None  # who holds the apply lock from elsewhere, when someone does
+    fleet_id: str | None = None  # the catalog's identity (None: not created yet, or an older catalog)
 
 
 class Holding(Frozen):

@@ -14,7 +14,8 @@ reviews in CI without database access, and tests of the detector. Cleaned on the
 
 from __future__ import annotations
 
-import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,25 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from engine import files
 from engine.errors import UserError
 from engine.observe import cleaning
 from engine.observe.metrics import METRICS, Sample
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A recorded-samples file read once: the CLI reads it before it starts or touches anything,
+    and hands it on (a file that cannot be read fails the command before any server is started)."""
+
+    path: str
+    samples: dict[str, tuple[Sample, ...]]
+    notes: tuple[str, ...]
+
+
+def read(path: str | Path) -> Recording:
+    samples, notes = load_with_notes(path)
+    return Recording(str(path), samples, notes)
 
 
 def load(path: str | Path) -> dict[str, tuple[Sample, ...]]:
@@ -33,16 +50,13 @@ def load(path: str | Path) -> dict[str, tuple[Sample, ...]]:
 
 def load_with_notes(path: str | Path) -> tuple[dict[str, tuple[Sample, ...]], tuple[str, ...]]:
     """The samples per shard, cleaned (engine.observe.cleaning), and the notes of what cleaning
-    folded or rejected. A time without a zone is refused, naming the file and the sample."""
+    folded or rejected. A time without a zone is refused, naming the file and the sample. The
+    file must be a regular file of at most MAX_METRICS_BYTES, nested at most MAX_JSON_DEPTH."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read metrics file {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else YAML(typ="safe").load(text)
-    except (json.JSONDecodeError, YAMLError) as exc:
-        raise UserError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if path.suffix == ".json":
+        data = files.load_json(path, "metrics file", files.MAX_METRICS_BYTES)
+    else:
+        data = _load_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
         raise UserError(f"{path}: expected a mapping with a `samples:` list",
                         "write one with `shardctl metrics export -o FILE`")
@@ -61,6 +75,25 @@ def load_with_notes(path: str | Path) -> tuple[dict[str, tuple[Sample, ...]], tu
             )
         out.setdefault(sample.shard, []).append(sample)
     return cleaning.clean(out)
+
+
+def _load_yaml(path: Path) -> Any:
+    """YAML (ruamel's safe loader: aliases are shared, never copied), after the same size and
+    flow-nesting bounds as JSON; block nesting deep enough to exhaust the parser is refused too."""
+    text = files.read_text(path, "metrics file", files.MAX_METRICS_BYTES)
+    if files.json_depth(_YAML_QUOTED.sub("", text), files.MAX_JSON_DEPTH) > files.MAX_JSON_DEPTH:
+        raise UserError(f"metrics file {path} nests deeper than {files.MAX_JSON_DEPTH} levels",
+                        "a recording of samples never nests so deep")
+    try:
+        return YAML(typ="safe").load(text)
+    except RecursionError:
+        raise UserError(f"metrics file {path} nests too deeply to be read",
+                        "a recording of samples never nests so deep") from None
+    except YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+
+
+_YAML_QUOTED = re.compile(r"""'(?:[^']|'')*'|#[^\n]*""")
 
 
 def _normalise(raw: Any) -> dict[str, Any]:

@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.detect.detector import Evidence
 from engine.detect.forecast import LoadForecast
 
-FORMAT_VERSION = 2  # 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
+# 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
+# 3: the plan records the fleet it was made for and how the YAML declared what it acts on
+#    (`fleet`), and each split, merge and move the settings it runs with (`settings`)
+FORMAT_VERSION = 3
 
 Cause = Literal["config", "drift", "resume", "load", "forecast", "manual"]  # manual: `plan -split/-merge`
 Symbol = Literal["create", "update", "delete", "replace"]
@@ -59,6 +62,21 @@ class DatabaseSettings(Frozen):
     policy: dict[str, Any]
     placement: tuple[str, ...]
     shards: int | None = None  # the declared shard count (None: a catalog from before it was recorded)
+
+
+class MoveSettings(Frozen):
+    """What a split, merge or move runs with, as planned: apply reads these, never the YAML, and a
+    resumed or aborted operation reads them from its recorded action."""
+
+    key_column: str
+    key_type: Literal["bigint", "text"]
+    steps: tuple[StepSpec, ...]  # every schema step the shards ran: a new target runs the same
+    converge_timeout: float  # moves.*
+    pause_budget: float
+    fence_timeout: float
+    copy_streams: int | None
+    parallel: int
+    retire_after: float  # autosplit.retire_after: how long the retired source is kept
 
 
 class ActionBase(Frozen):
@@ -177,6 +195,7 @@ class SplitShard(ActionBase):
     evidence: tuple[Evidence, ...]
     automatic: bool
     operation: int | None = None  # set when resuming an interrupted operation: its names derive from it
+    settings: MoveSettings | None = None  # None: recorded by a shardctl before format 3 (see move.settings_for)
     # cause `forecast`: the forecast that crosses the hot threshold within the lead time, and
     # that lead time (evidence is then empty: the shard is not hot yet)
     forecast: LoadForecast | None = None
@@ -197,6 +216,7 @@ class MergeShards(ActionBase):
     evidence: tuple[Evidence, ...]
     automatic: bool
     operation: int | None = None
+    settings: MoveSettings | None = None  # None: recorded by a shardctl before format 3 (see move.settings_for)
 
     @property
     def address(self) -> str:
@@ -227,6 +247,7 @@ class MoveShard(ActionBase):
     balance: tuple[ServerBalance, ...] = ()  # rebalancing: every placement server before and after the plan
     automatic: bool = False
     operation: int | None = None
+    settings: MoveSettings | None = None  # None: recorded by a shardctl before format 3 (see move.settings_for)
 
     @property
     def address(self) -> str:
@@ -396,6 +417,24 @@ class PolicyWhatIf(Frozen):
     backtest: tuple[str, ...] = ()
 
 
+class Declared(Frozen):
+    """How the YAML declared one thing a plan acts on when it was made (None: not declared).
+    Servers are recorded by how they are reached, never with a secret (a service by digest)."""
+
+    kind: Literal["catalog", "server", "database", "branch"]
+    name: str
+    value: dict[str, Any] | None
+
+
+class PlanFleet(Frozen):
+    """The fleet a plan was made for: the catalog's identity (None: no catalog yet, or one
+    older than identities) and the declarations it depends on, with their digest."""
+
+    fleet_id: str | None
+    config_digest: str
+    declared: tuple[Declared, ...]
+
+
 class Plan(Frozen):
     format_version: int = FORMAT_VERSION
     shardctl_version: str
@@ -406,6 +445,7 @@ class Plan(Frozen):
     warnings: tuple[str, ...] = ()
     metrics_source: str = "none"
     what_if: PolicyWhatIf | None = None  # with `plan --compare-policy`
+    fleet: PlanFleet | None = None  # what the plan was made for (engine.plan.identity); apply checks it
 
     @property
     def has_changes(self) -> bool:

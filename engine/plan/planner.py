@@ -23,7 +23,7 @@ from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import CatalogDatabase, Observation
 from engine.observe.replica_links import replica_links
-from engine.plan import checks, rightsizing
+from engine.plan import checks, identity, rightsizing
 from engine.plan.forecast import forecast_actions
 from engine.plan.load import load_actions
 from engine.plan.models import (
@@ -41,6 +41,7 @@ from engine.plan.models import (
     Holding,
     MergeBranchSchema,
     MergeShards,
+    MoveSettings,
     MoveShard,
     Plan,
     Reason,
@@ -71,6 +72,14 @@ def settings_of(db: DesiredDatabase) -> DatabaseSettings:
 def _recorded_settings(db: CatalogDatabase) -> DatabaseSettings:
     return DatabaseSettings(protect=db.protect, policy_name=db.policy_name, policy=_with_defaults(db.policy),
                             placement=db.placement)
+
+
+def _recorded_policy(db: CatalogDatabase) -> models.Policy:
+    """The policy recorded at a database's last apply (the defaults where it cannot be read)."""
+    try:
+        return models.Policy.model_validate(db.policy)
+    except ValidationError:
+        return models.Policy()
 
 
 def _with_defaults(policy: dict[str, Any]) -> dict[str, Any]:
@@ -152,14 +161,46 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
     p.problems.extend(_unreachable_targets(desired, observation, p.actions))
     p.problems.extend(_failing_checks(desired, observation, p.actions))
     p.problems.extend(_taken_names(desired, observation, p.actions))
+    _with_move_settings(p)
     if p.problems:
         raise ConfigError(p.problems, "found while planning")
+    actions = sort_actions(p.actions)
     return Plan(
         shardctl_version=engine.__version__, based_on_serial=observation.serial,
         metrics_source=observation.metrics_source,
-        catalog_exists=observation.catalog.exists, actions=sort_actions(p.actions),
+        catalog_exists=observation.catalog.exists, actions=actions,
         drift=tuple(sorted(p.drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(p.warnings))),
+        fleet=identity.record(desired, observation.catalog.fleet_id, actions),
     )
+
+
+def _with_move_settings(p: _Planning) -> None:
+    """Each new split, merge and move carries what it will run with, so apply reads the plan and
+    never the YAML (and an interrupted one, resumed or aborted, reads its recorded action): the
+    shard key and every schema step as the catalog records them, and the database's moves
+    settings and retire grace as declared. A resumed one keeps what it was started with."""
+    for index, action in enumerate(p.actions):
+        if action.kind not in MOVE_KINDS or action.operation is not None or action.settings is not None:
+            continue
+        recorded = p.observation.catalog.databases[action.database]
+        db = p.desired.databases.get(action.database)
+        policy = db.effective_policy if db is not None else _recorded_policy(recorded)
+        declared = {s.sha256: s.sql for s in db.schema_steps} if db is not None else {}
+        missing = [s.name for s in recorded.schema_steps if not s.sql and s.sha256 not in declared]
+        if missing:
+            where = db.location if db is not None else Location(p.desired.files[0])
+            p.problems.append(Diagnostic(where, f"{action.address}: schema step {missing[0]} of {action.database}"
+                                                " is no longer in the configuration, and the new shard needs every"
+                                                " step the others ran", "restore it (steps are append-only)"))
+            continue
+        moves = policy.moves
+        p.actions[index] = action.model_copy(update={"settings": MoveSettings(
+            key_column=recorded.key_column, key_type=recorded.key_type,  # type: ignore[arg-type]
+            steps=tuple(StepSpec(seq=s.seq, name=s.name, sha256=s.sha256, sql=s.sql or declared[s.sha256])
+                        for s in recorded.schema_steps),
+            converge_timeout=moves.converge_timeout, pause_budget=moves.pause_budget,
+            fence_timeout=moves.fence_timeout, copy_streams=moves.copy_streams, parallel=moves.parallel,
+            retire_after=policy.autosplit.retire_after)})
 
 
 def _plan_declared_database(p: _Planning, name: str, db: DesiredDatabase) -> None:
@@ -954,28 +995,67 @@ def _rename(db: DesiredDatabase, old, where: Location, catalog) -> tuple[RenameD
         cause="config", text=f"`moved` at {where} renames {old.name} to {db.name}; no row is touched")), None
 
 
+def _created(action) -> list[ShardSpec]:
+    """The databases an action creates anew (a resumed one made its own already)."""
+    if getattr(action, "operation", None) is not None or action.reason.cause == "resume":
+        return []
+    if isinstance(action, CreateDatabase):
+        return list(action.shards)
+    if isinstance(action, CreateBranch):
+        return [ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)]
+    if isinstance(action, SplitShard):
+        return list(action.targets)
+    if isinstance(action, (MergeShards, MoveShard)):
+        return [action.target]
+    return []
+
+
+def _freed(action) -> list[ShardSpec]:
+    """The databases an action drops (earlier in the plan than any creation: engine.plan.models.ORDER)."""
+    if isinstance(action, DestroyDatabase):
+        return list(action.shards)
+    if isinstance(action, DropRetiredShard):
+        return [action.shard]
+    if isinstance(action, DeleteBranch):
+        return [ShardSpec(name=action.branch, lo=None, hi=None, server=action.server, dbname=action.dbname)]
+    return []
+
+
 def _taken_names(desired: Desired, observation: Observation, actions: list) -> list[Diagnostic]:
-    """A new database must not take over physical databases that exist (another database's
-    shards after a rename, or anything else): creating it would adopt their rows."""
-    freed = {(s.server, s.dbname) for a in actions if isinstance(a, DestroyDatabase) for s in a.shards}
-    recorded = {(s.server, s.dbname): d.name for d in observation.catalog.databases.values() for s in d.shards}
+    """Nothing is created where a database exists already, whatever its kind of action: not
+    another database's shard (after a rename), a retired copy, a branch, the catalog, nor a
+    database made by hand, which shardctl would otherwise adopt, or drop to rebuild."""
+    freed = {(s.server, s.dbname) for a in actions for s in _freed(a)}
+    recorded = {(s.server, s.dbname): f"a shard of {d.name!r}" + (f", {s.state}" if s.state != "active" else "")
+                for d in observation.catalog.databases.values() for s in d.shards}
+    recorded.update({(b.server, b.dbname): f"branch {b.name!r}" for b in observation.catalog.branches.values()
+                     if b.state != "expired"})
+    if desired.catalog_server is not None:
+        recorded[(desired.catalog_server, desired.catalog_database)] = "the control database"
     out = []
     for action in actions:
-        if not isinstance(action, CreateDatabase) or action.reason.cause == "resume":
-            continue
-        for shard in action.shards:
+        for shard in _created(action):
             key = (shard.server, shard.dbname)
             live = observation.servers.get(shard.server)
             owner = recorded.get(key)
-            if key in freed:
+            if key in freed or (owner is None and (live is None or shard.dbname not in live.databases)):
                 continue
-            if owner is not None or (live is not None and shard.dbname in live.databases):
-                whose = f"a shard of {owner!r}" if owner else "a database shardctl does not manage"
-                out.append(Diagnostic(desired.databases[action.database].location,
-                                      f"database {action.database!r} would create {shard.dbname} on server"
-                                      f" {shard.server}, which already exists ({whose})",
-                                      "choose another name for the new database"))
-                break
+            whose = owner or "a database shardctl does not manage"
+            if isinstance(action, CreateDatabase):
+                where, hint = desired.databases[action.database].location, "choose another name for the new database"
+                what = f"database {action.database!r}"
+            elif isinstance(action, CreateBranch):
+                where = desired.where("branches", action.branch) or Location(desired.files[0])
+                hint, what = "choose another name for the branch", f"branch {action.branch!r}"
+            else:
+                what = action.address
+                where = desired.databases[action.database].location if action.database in desired.databases \
+                    else Location(desired.files[0])
+                hint = ("shardctl never replaces a database it did not create: rename or drop it yourself if it is"
+                        " no one's")
+            out.append(Diagnostic(where, f"{what} would create {shard.dbname} on server {shard.server},"
+                                         f" which already exists ({whose})", hint))
+            break
     return out
 
 

