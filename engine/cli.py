@@ -853,9 +853,15 @@ def main(argv: list[str] | None = None) -> None:
         import psycopg
 
         if isinstance(exc, psycopg.Error):  # a database condition (privilege, setting, state), not a bug
+            from engine.servers.connect import blamed
+
             state = getattr(exc, "sqlstate", None)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"Error: a server refused: {redact(first)}"
+            where = blamed(exc)
+            # a lost connection (no SQLSTATE, or class 08/57: connection, operator intervention)
+            lost = isinstance(exc, psycopg.OperationalError) and (not state or state[:2] in ("08", "57"))
+            who = f"server {where[0]} (database {where[1]})" if where else "a server"
+            click.echo(f"Error: {who} {'stopped answering' if lost else 'refused'}: {redact(first)}"
                        + (f" (SQLSTATE {state})" if state else "")
                        + "\n\n`shardctl doctor` checks what each server needs; `shardctl status` lists interrupted"
                          " operations (`shardctl apply` resumes them, `shardctl abort N` rolls one back).", err=True)

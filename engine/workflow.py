@@ -305,10 +305,12 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
                 raise UserError(f"operation {operation} is not an unfinished split or merge",
                                 "`shardctl status` lists interrupted operations")
             p = pending[operation]
-            if p.flipped:
-                raise UserError(f"operation {operation} has passed its cutover and cannot be aborted",
-                                "its targets own the range now; run `shardctl apply` to finish its cleanup")
             action = planner.resume_move(p)
+            if p.flipped:  # read from the routing: the targets own the range
+                raise UserError(f"operation {operation} ({p.kind} {action.address}) has passed its cutover and cannot"
+                                " be aborted: its targets own the range and hold the writes made since",
+                                "`shardctl apply` finishes it (only its hand-over and cleanup are left). To go"
+                                f" back, move the range again with a new operation: {move_back(action)}")
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say)
             mv = move.for_action(ctx, action, Operation(conn, operation), label=f"abort {operation}")
             say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
@@ -317,6 +319,17 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             say(f"Operation {operation} aborted: replication objects, fence and targets removed;"
                 " the source is as it was.")
 
+
+
+def move_back(action) -> str:
+    """How to undo a move past its cutover: another move, the other way."""
+    if action.kind == "split_shard":
+        return (f"`shardctl apply -merge {','.join(f'{action.database}/{t.name}' for t in action.targets)}`"
+                " (once the retired source is dropped, after autosplit.retire_after)")
+    if action.kind == "merge_shards":
+        return (f"`shardctl apply -split {action.database}/{action.target.name}`"
+                " (once the retired sources are dropped, after autosplit.retire_after)")
+    return f"place {action.database}/{action.source.name} on server {action.source.server} again in the YAML"
 
 
 def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say: Say = lambda _: None,
