@@ -394,6 +394,36 @@ def strays(obj: Ctx, address: str, move: bool) -> None:
     raise SystemExit(2 if left else 0)
 
 
+@cli.command()
+@click.option("--remove", is_flag=True, help="Drop them (under the apply lock; each drop is journaled).")
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION", type=DURATION,
+              help="Wait this long for another apply's lock, e.g. 30s.")
+@click.pass_obj
+def orphans(obj: Ctx, remove: bool, lock_timeout: float) -> None:
+    """Replication objects of shardctl's that no running operation owns.
+
+    Splits, merges and moves name their slots, subscriptions and publications
+    shardctl_op<operation>_<n>, and replica branches shardctl_rep_...; a finished
+    operation leaves none. One left behind (a server that did not answer during cleanup, an
+    older shardctl) costs: a slot keeps its server's WAL for as long as it exists, and a
+    subscription without its slot fails every few seconds. Without --remove this lists them,
+    with the WAL each slot retains (exit 2 when there are some); with --remove each is dropped.
+    Objects of a running (or interrupted) operation are not orphans: `shardctl apply` finishes
+    it, `shardctl abort N` undoes it. `status`, `drift`, `doctor`, the dashboard and /metrics
+    show the same list.
+
+    \b
+    Example:
+      shardctl orphans            # list them
+      shardctl orphans --remove   # drop them
+    """
+    from engine import workflow
+
+    left = workflow.orphans(workflow.load(obj.config_dir), remove, lock_timeout=lock_timeout, say=click.echo,
+                            notice=err)
+    raise SystemExit(2 if left else 0)
+
+
 # ---------------------------------------------------------------------------- servers and status
 
 
@@ -808,7 +838,7 @@ def resume(obj: Ctx) -> None:
 _global_options_after(cli)  # every command above accepts -C, --no-color and --debug after its name too
 
 
-WRITING_COMMANDS = ("apply", "abort", "strays")
+WRITING_COMMANDS = ("apply", "abort", "strays", "orphans")
 
 
 def interrupted_hint(argv: list[str]) -> str:

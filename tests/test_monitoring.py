@@ -16,7 +16,7 @@ import pytest
 from conftest import EXAMPLES
 from engine.snapshot import move_eta_seconds
 from engine.watch.prometheus import exposition
-from engine.watch.view import ReplicaView, ShardView, Snapshot, View
+from engine.watch.view import BranchLinkView, OrphanView, ReplicaView, ShardView, Snapshot, View
 
 MONITORING = EXAMPLES / "monitoring"
 RULES = MONITORING / "shardctl-alerts.yml"
@@ -40,7 +40,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_promtool_checks_the_rules():
     result = _run("check", "rules", RULES.name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 12 rules found" in result.stdout
 
 
 def test_promtool_runs_the_rules_unit_tests():
@@ -59,7 +59,8 @@ def test_the_rules_cover_what_operators_asked_for():
     rules = YAML(typ="safe").load(RULES.read_text())["groups"][0]["rules"]
     names = {r["alert"] for r in rules}
     assert {"ShardctlShardHot", "ShardctlNoLeader", "ShardctlCollectionStalled", "ShardctlCollectionFailing",
-            "ShardctlMoveStuck", "ShardctlMoveSlow", "ShardctlReplicaLag"} <= names
+            "ShardctlMoveStuck", "ShardctlMoveSlow", "ShardctlReplicaLag", "ShardctlReplicaLinkBroken",
+            "ShardctlLeftoverReplication"} <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
@@ -75,7 +76,11 @@ def _full_snapshot() -> Snapshot:
                     progress={"step": "split orders/-40", "phase": "copy", "rows_copied": 10, "rows_expected": 100,
                               "rows_per_s": 5, "lag_bytes": 4096},
                     progress_at=NOW, last_collect_at=NOW, silent_servers=("b",),
-                    replicas=(ReplicaView(server="a", name="standby1", lag_bytes=10.0, lag_seconds=0.5),))
+                    replicas=(ReplicaView(server="a", name="standby1", lag_bytes=10.0, lag_seconds=0.5),),
+                    branch_links=(BranchLinkView(branch="mirror", shard="orders/-40", server="a", state="broken",
+                                                 lag_bytes=4096, error="password authentication failed"),),
+                    orphans=(OrphanView(server="a", kind="slot", name="shardctl_op7_0", database="orders_min_40",
+                                        operation=7, retained_bytes=65536, text="slot shardctl_op7_0 ..."),))
 
 
 def _exposed() -> set[str]:

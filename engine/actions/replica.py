@@ -334,7 +334,9 @@ def _wait_confirmed(ctx: ApplyContext, branch: str, source: ShardSpec, slot: str
 
 def drop_subscription(conn: psycopg.Connection, name: str) -> None:
     """Disable it, cut it from its slot (so that this works with the publisher down: the slot is
-    dropped on the publisher's side), drop it. Nothing to do when it does not exist."""
+    dropped on the publisher's side), drop it. Nothing to do when it does not exist. (A replica's
+    database is read-only for its readers, not for this.)"""
+    conn.execute("SET default_transaction_read_only = off")
     if not conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s AND subdbid = (SELECT oid FROM"
                         " pg_database WHERE datname = current_database())", (name,)).fetchone():
         return

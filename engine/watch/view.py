@@ -14,13 +14,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.observe.metrics import METRICS
-from engine.snapshot import BranchLinkView, BranchView, HistoryEntry, Pending, ReplicaView, ShardView, Snapshot
+from engine.snapshot import (
+    BranchLinkView,
+    BranchView,
+    HistoryEntry,
+    OrphanView,
+    Pending,
+    ReplicaView,
+    ShardView,
+    Snapshot,
+)
 
 __all__ = [
     "SERIES_POINTS",
     "BranchLinkView",
     "BranchView",
     "HistoryEntry",
+    "OrphanView",
     "Pending",
     "ReplicaView",
     "ShardView",
