@@ -71,6 +71,7 @@ LAG_FLOOR = 64 << 10  # a lag this small is applied in milliseconds whatever the
 # restarts costs a link one or two (the connection it lost, a first reconnect too early); the
 # workers retry every wal_retrieve_retry_interval (5 s), so a lasting cause reaches this in ~10 s
 FAILING_ERRORS = 3
+SYNC_LOST_AFTER = 10.0  # seconds a finished table copy may go without its sync slot before the move says so
 
 
 class MoveFailed(UserError):
@@ -175,6 +176,7 @@ class Move:
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
     slots_checked_at: float = float("-inf")
+    syncs_seen_lost: dict[str, float] = field(default_factory=dict)  # table-sync slot prefix -> first seen gone
     origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
     fence_stamps: dict[str, int] = field(default_factory=dict)  # per source: its fence mark's time, in microseconds
     op_kind: str = ""  # the action's kind: a relocation flips names as well as routing
@@ -212,7 +214,7 @@ class Move:
         names = ", ".join(f"{s.dbname} on server {s.server}" for s in self.sources)
         try:
             fenced = self.fenced_for()
-        except UserError:
+        except (UserError, psycopg.OperationalError):
             return (f"whether the source ({names}) is still fenced is unknown: its server does not answer;"
                     f" `shardctl apply` resumes the move once it does, `shardctl abort {self.op.id}` undoes it")
         if fenced is None:
@@ -483,6 +485,39 @@ class Move:
                     f"the source keeps its rows and takes writes; what was created is removed. Raise"
                     f" max_slot_wal_keep_size on server {source.server}, copy one link at a time"
                     " (moves.copy_streams: 1) or move when the source writes less, then apply again")
+        self._lost_table_syncs(now)
+
+    def _lost_table_syncs(self, now: float) -> None:
+        """A table whose copy finished on the target (state 'f') while its table-sync slot is gone
+        from the source: PostgreSQL drops that slot just before it records the sync as done, so a
+        crash of the target's server in between leaves a sync that retries forever. Seen for
+        SYNC_LOST_AFTER seconds (the worker itself passes through that state for milliseconds),
+        it makes the copy impossible to finish; undone like a lost slot."""
+        for link in self.links:
+            with self.session(link.target) as conn:
+                waiting = conn.execute(
+                    "SELECT s.oid, sr.srrelid, sr.srrelid::regclass::text FROM pg_subscription_rel sr"
+                    " JOIN pg_subscription s ON s.oid = sr.srsubid WHERE s.subname = %s AND sr.srsubstate = 'f'",
+                    (link.name(self.op.id),)).fetchall()
+            if not waiting:
+                continue
+            with self.session(link.source) as conn:
+                slots = {r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE"
+                                                    " starts_with(slot_name, %s)", (f"pg_{waiting[0][0]}_sync_",))}
+            for subid, relid, table in waiting:
+                prefix = f"pg_{subid}_sync_{relid}_"
+                if any(slot.startswith(prefix) for slot in slots):
+                    self.syncs_seen_lost.pop(prefix, None)
+                    continue
+                since = self.syncs_seen_lost.setdefault(prefix, now)
+                if now - since >= SYNC_LOST_AFTER:
+                    raise CopyLost(
+                        f"{self.label}: the copy of {table} into {link.target.dbname} on server {link.target.server}"
+                        f" can never finish: its table-sync slot ({prefix}...) on server {link.source.server} is"
+                        " gone (PostgreSQL drops it just before recording the copy as done there, and server"
+                        f" {link.target.server} stopped in between)",
+                        "what the move created is removed and the source takes writes; apply again to start the"
+                        " move afresh (with the same -split or -merge, for a move asked for by hand)")
 
     def _error_counts(self) -> dict[str, tuple[int, int]]:
         """Per link, its subscription's apply and table-sync errors so far (cumulative counters)."""
@@ -832,14 +867,22 @@ class Move:
                                   else str(exc).strip().splitlines()[0])
                 left.extend(f"{what} on server {shard.server} (database {shard.dbname})" for what in objects)
 
-        for link in self.links:  # subscriptions first: their walsenders then let go of the slots
+        syncs: dict[str, list[str]] = {}  # per source: the prefixes of its links' table-sync slots
+
+        def unsubscribe(conn: psycopg.Connection, link: Link) -> None:
             name = link.name(self.op.id)
-            on(link.target, [f"subscription {name}"], partial(replica.drop_subscription, name=name))
+            row = conn.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (name,)).fetchone()
+            if row:  # dropped cut from its slot, it leaves a copy's unfinished table-sync slots to us
+                syncs.setdefault(link.source.name, []).append(f"pg_{row[0]}_sync_")
+            replica.drop_subscription(conn, name)
+
+        for link in self.links:  # subscriptions first: their walsenders then let go of the slots
+            on(link.target, [f"subscription {link.name(self.op.id)}"], partial(unsubscribe, link=link))
         for source in self.sources:
             names = [link.name(self.op.id) for link in self.links if link.source == source]
             slots = [*names, Comparison(self).slot(source)]  # and the verification's
             on(source, [f"slot {n}" for n in slots] + [f"publication {n}" for n in names],
-               partial(_unpublish, slots=slots, publications=names))
+               partial(_unpublish, slots=slots, publications=names, sync_prefixes=syncs.get(source.name, [])))
         if not left:
             return
         servers = ", ".join(f"server {name} did not answer ({why})" for name, why in sorted(silent.items()))
@@ -923,7 +966,10 @@ class Move:
         self.op.finish(state)
 
 
-def _unpublish(conn: psycopg.Connection, slots: list[str], publications: list[str]) -> None:
+def _unpublish(conn: psycopg.Connection, slots: list[str], publications: list[str], sync_prefixes: list[str]) -> None:
+    for prefix in sync_prefixes:
+        slots = slots + [r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE"
+                                                    " starts_with(slot_name, %s) ORDER BY 1", (prefix,))]
     for name in slots:
         replica.drop_slot(conn, name)
     for name in publications:

@@ -131,7 +131,7 @@ def orphans(catalog: CatalogState, servers: dict[str, LiveServer]) -> list[Orpha
                 operation = int(match.group("operation"))
                 if operation not in running:
                     out.append(Orphan(server=name, object=obj, operation=operation,
-                                      why=f"operation {operation} is not running (it finished or was aborted)"))
+                                      why=f"operation {operation} is not running: it finished or was aborted"))
             elif obj.name.startswith(SLOT_PREFIX) and not any(obj.name.startswith(p + "_") for p in branches):
                 out.append(Orphan(server=name, object=obj, operation=None,
                                   why="a replica branch's link, and no branch in the catalog owns it"))
@@ -144,11 +144,19 @@ def of_operation(servers: dict[str, LiveServer], operation: int) -> list[tuple[s
             if (m := OPERATION_NAME.match(obj.name)) and int(m.group("operation")) == operation]
 
 
+def size_text(n: int | float) -> str:
+    """Bytes of WAL as people read them (decimal units, as the moves' progress says them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
 def describe(obj: ReplicationObject) -> str:
     """One line of what an object costs or lacks: the WAL a slot retains, a subscription's state."""
     if obj.kind == "slot":
         kept = "retains an unknown amount of WAL" if obj.retained_bytes is None else \
-            f"retains {obj.retained_bytes / 1e6:,.1f} MB of WAL"
+            f"retains {size_text(obj.retained_bytes)} of WAL"
         return f"{kept}{', streaming' if obj.active else ''}"
     if not obj.active:
         return "disabled"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from engine.observe.models import Capabilities, LiveServer
-from engine.observe.replication import Orphan
+from engine.observe.replication import Orphan, size_text
 
 SUPPORTED_MAJOR = 15
 SKEW_WARN_S = 1.0
@@ -198,7 +198,7 @@ def replication_checks(live: LiveServer, orphans: list[Orphan] | None) -> list[C
         kept = sum(o.object.retained_bytes or 0 for o in mine)
         out.append(Check(server=live.name, name="leftover replication", ok=not mine,
                          found="none" if not mine else f"{len(mine)} object{'s' if len(mine) != 1 else ''} no running"
-                         f" operation owns, {kept / 1e6:,.1f} MB of WAL retained: "
+                         f" operation owns, {size_text(kept)} of WAL retained: "
                          + "; ".join(f"{o.object.kind} {o.object.name}" for o in mine),
                          fix="" if not mine else "`shardctl orphans --remove` drops them (`shardctl orphans` lists"
                          " them with why)", warning=True))

@@ -650,8 +650,8 @@ def _leftover_replication(observation: Observation) -> list[Drift]:
         out.append(Drift(
             address=f"server.{server}", kind="leftover_replication",
             summary=f"holds {len(found)} replication object{'s' if len(found) != 1 else ''} of shardctl's that no"
-                    f" running operation owns ({kept / 1e6:,.1f} MB of WAL retained); `shardctl orphans --remove`"
-                    " drops them",
+                    f" running operation owns ({replication.size_text(kept)} of WAL retained);"
+                    " `shardctl orphans --remove` drops them",
             details=tuple(f"{o.object.kind} {o.object.name} (database {o.object.database}):"
                           f" {replication.describe(o.object)}; {o.why}" for o in found)))
     return out

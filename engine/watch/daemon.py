@@ -315,7 +315,7 @@ class Daemon:
                          for name, lag_bytes, lag_seconds in found)
         # shardctl's slots and subscriptions, read each round: a link that breaks (a password rotated,
         # a server gone) or a slot left behind shows within one interval
-        objects = sampler.replication_objects(sorted(self.fleet.servers))
+        objects = sampler.replication_objects(sorted(set(self.fleet.servers) - set(silent)))  # not twice late
         links, orphans = replication_views(observation.model_copy(update={"servers": {
             name: live.model_copy(update={"replication": objects.get(name)})
             for name, live in observation.servers.items()}}))
