@@ -263,3 +263,33 @@ def _keys_of(fleet, dbname: str, keys) -> set[int]:
     with fleet.catalog() as conn:
         lo, hi = conn.execute("SELECT lo, hi FROM shardctl.shards WHERE dbname = %s", (dbname,)).fetchone()
     return {k for k in keys if (lo is None or hashint8extended(k) >= lo) and (hi is None or hashint8extended(k) < hi)}
+
+
+def test_up_starts_a_server_whose_postmaster_was_just_killed(fleet):
+    """Right after SIGKILL the postmaster is a zombie until it is reaped, its pid still in
+    postmaster.pid and its socket file left: `up` waits for it to be gone and starts the server,
+    never "already running"."""
+    assert fleet.cli("up").code == 0
+    server = _server(fleet, "b")
+    os.kill(server.running_pid(), signal.SIGKILL)
+    up = fleet.cli("up")
+    assert up.code == 0 and "server b: started" in up.out, up.both
+    with fleet.connect("b") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_zombie_is_not_a_running_server():
+    """An exited child not yet reaped still answers kill(pid, 0): it must not count as alive."""
+    from engine.servers.embedded import _alive
+
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # the kernel still knows it
+        assert not _alive(child.pid)
+    finally:
+        child.wait()
+    assert _alive(os.getpid())
