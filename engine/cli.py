@@ -750,8 +750,11 @@ def metrics_export(obj: Ctx, out: str | None) -> None:
 @click.option("--token-env", default="SHARDCTL_DAEMON_TOKEN", show_default=True, metavar="VAR",
               help="Environment variable holding the bearer token for POST /api/pause and /api/resume;"
                    " unset, those endpoints are off.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="A name the HTTP listener answers to besides its address (and localhost on loopback),"
+                   " e.g. the name of a proxy in front of it; repeatable. Requests for any other Host get 421.")
 @click.pass_obj
-def watch(obj: Ctx, listen: str, no_http: bool, token_env: str) -> int:
+def watch(obj: Ctx, listen: str, no_http: bool, token_env: str, allow_hosts: tuple[str, ...]) -> int:
     """Keep the fleet in shape: collect metrics, re-plan on YAML edits, apply what policy allows.
 
     \b
@@ -773,6 +776,8 @@ def watch(obj: Ctx, listen: str, no_http: bool, token_env: str) -> int:
     \b
     HTTP (127.0.0.1:8470 by default): /  dashboard, /api/status, /api/shards, /api/plan,
     /api/history, /api/branches, /metrics (Prometheus), POST /api/pause and /api/resume.
+    Only requests for its own address (or an --allow-host name) are answered, with bodies up
+    to 64 KiB, on at most 64 connections at once, each closed after 10s of silence.
     Events are logged to standard error, one JSON object per line; plans go to standard output.
     """
     from engine import workflow
@@ -784,10 +789,11 @@ def watch(obj: Ctx, listen: str, no_http: bool, token_env: str) -> int:
         if host not in ("127.0.0.1", "::1", "localhost"):
             click.echo(f"Warning: --listen {listen} serves the dashboard, the JSON API and /metrics beyond this"
                        " host. They are read-only and never show a password; pause and resume still need the"
-                       " token.", err=True)
+                       " token. Only requests for the address they arrive at are answered: name this host"
+                       " with --allow-host NAME to be reached by name.", err=True)
     desired = workflow.load(obj.config_dir)
     options = WatchOptions(config_dir=Path(obj.config_dir).resolve(), listen=None if no_http else listen,
-                           token_env=token_env)
+                           token_env=token_env, allow_hosts=allow_hosts)
     daemon = Daemon(options, desired, out=lambda text: click.echo(text))
     return daemon.run()
 

@@ -17,7 +17,7 @@ from engine.errors import UserError
 from engine.observe.models import LiveServer
 from engine.observe.observer import inspect_servers
 from engine.observe.replication import Orphan, orphans
-from engine.plan.checks import Check, metrics_check, replication_checks, server_checks, tls_check
+from engine.plan.checks import Check, metrics_check, origin_check, replication_checks, server_checks, tls_check
 from engine.servers.fleet import Fleet
 
 
@@ -34,8 +34,8 @@ def run(desired: Desired, say=lambda _: None) -> dict[str, list[Check]]:
         if server.reachable:
             checks.append(metrics_check(name, desired.servers[name], server))
             tls = tls_check(server) if any(not s.embedded for s in desired.servers.values()) else None
-            if tls is not None:
-                checks.append(tls)
+            origin = origin_check(server) if any(b.data == "replica" for b in desired.branches.values()) else None
+            checks.extend(c for c in (tls, origin) if c is not None)
             checks.extend(replication_checks(server, orphaned))
         out[name] = checks
     return out

@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+SESSIONS_ROOT = Path(tempfile.gettempdir()) / f"shardctl-tests-{os.getuid()}"
+SESSION_KEPT_S = 86_400.0  # a session directory older than this is removed by the next session
+
+
+def _session_basetemp() -> Path | None:
+    """A directory of this session's own for pytest's temporary paths.
+
+    pytest's default root, /tmp/pytest-of-<user>, is reset to 0700 whenever any pytest session
+    starts; the embedded servers run as their own OS user when the tests run as root, so a
+    second session started beside a first one (two developers' runs, an editor's test runner)
+    cut the first one's servers off their data directories mid-test. Each session here gets a
+    fresh directory that no other session touches. Sessions older than a day are pruned so
+    that failed tests' directories (kept for their logs) do not pile up."""
+    try:
+        SESSIONS_ROOT.mkdir(mode=0o700, exist_ok=True)
+        if SESSIONS_ROOT.is_symlink() or SESSIONS_ROOT.stat().st_uid != os.getuid():
+            return None  # not ours (another user made it first): pytest's default, as before
+    except OSError:
+        return None
+    for old in SESSIONS_ROOT.iterdir():
+        try:
+            if time.time() - old.stat().st_mtime > SESSION_KEPT_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
+    return Path(tempfile.mkdtemp(prefix="session-", dir=SESSIONS_ROOT))
+
+
 def pytest_configure(config):
+    # xdist's workers take their basetemp from the controller, under the controller's
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = _session_basetemp()
     destination = config.getoption("--travel")
     if destination:
         import time_machine

@@ -118,20 +118,17 @@ def _prepare_roles(server: Server) -> None:
             t1.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
 
-def _demote():
+def _demote() -> tuple[str | None, dict]:
+    """As root, the server runs as the wheel's system user: subprocess's user=/group= with no
+    supplementary groups, as engine/servers/embedded.py starts its own."""
     from engine.servers.embedded import _system_user
     import pwd
 
     user = _system_user()
     if user is None:
-        return None, None
+        return None, {}
     entry = pwd.getpwnam(user)
-
-    def run_as() -> None:
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-
-    return user, run_as
+    return user, {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 def _chown_tree(path: Path, user: str | None) -> None:
@@ -152,11 +149,10 @@ def start_pg15(base: Path) -> Server:
     user, run_as = _demote()
     root = Path(tempfile.mkdtemp(prefix="sc15-", dir="/tmp"))  # short: socket paths are limited
     data, log_file = root / "data", root / "server.log"
-    os.chmod(root, 0o755)
+    os.chmod(root, 0o700)  # the administrator's socket (trust) is there: its server's user only
     _chown_tree(root, user)
     password = secrets.token_urlsafe(18)
-    run = lambda argv: subprocess.run(argv, check=True, capture_output=True, preexec_fn=run_as,  # noqa: E731
-                                      cwd=str(root))
+    run = lambda argv: subprocess.run(argv, check=True, capture_output=True, cwd=str(root), **run_as)  # noqa: E731
     run([str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
          "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-instructions"])
     port = free_port()
@@ -172,7 +168,7 @@ def start_pg15(base: Path) -> Server:
 
     def stop() -> None:
         subprocess.run([str(PG15_BIN / "pg_ctl"), "-D", str(data), "-w", "-m", "immediate", "stop"],
-                       capture_output=True, preexec_fn=run_as, cwd=str(root))
+                       capture_output=True, cwd=str(root), **run_as)
         shutil.rmtree(root, ignore_errors=True)
 
     server.stop.append(stop)
@@ -187,7 +183,7 @@ def start_pg15(base: Path) -> Server:
 def start_pg18(base: Path) -> Server:
     """An embedded PostgreSQL 18 that shardctl does not manage (declared by DSN, not `embedded`),
     where the role and the pg_monitor member must give their passwords (scram) while the
-    administrator keeps the embedded socket's trust."""
+    administrator is the owner, let in by peer authentication as every embedded server's."""
     from engine.servers.embedded import EmbeddedServer
 
     emb = EmbeddedServer("pg18", base / "pg18")

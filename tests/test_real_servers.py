@@ -244,6 +244,67 @@ def test_each_privilege_removed_in_turn_is_named_by_doctor_and_refused_by_plan(r
         assert conn.execute("SELECT serial FROM shardctl.state").fetchone()[0] == serial  # nothing changed
 
 
+REPLICA_CASES = {
+    # revoked on a (which holds shards of orders), the replica on a: its slot there, its subscriptions
+    "REPLICATION": (["ALTER ROLE shardctl NOREPLICATION"], ["ALTER ROLE shardctl REPLICATION"], "a",
+                    [("REPLICATION", "ALTER ROLE shardctl REPLICATION")]),
+    "pg_create_subscription": (["REVOKE pg_create_subscription FROM shardctl"],
+                               ["GRANT pg_create_subscription TO shardctl"], "a",
+                               [("CREATE SUBSCRIPTION", "GRANT pg_create_subscription TO shardctl")]),
+    "both": (["ALTER ROLE shardctl NOREPLICATION", "REVOKE pg_create_subscription FROM shardctl"],
+             ["ALTER ROLE shardctl REPLICATION", "GRANT pg_create_subscription TO shardctl"], "a",
+             [("REPLICATION", "ALTER ROLE shardctl REPLICATION"),
+              ("CREATE SUBSCRIPTION", "GRANT pg_create_subscription TO shardctl")]),
+    # nothing revoked: PostgreSQL 15 lets only a superuser create subscriptions
+    "replica on PostgreSQL 15": ([], [], "b", [("CREATE SUBSCRIPTION", "lets only a superuser create subscriptions")]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLICA_CASES))
+def test_a_replica_without_its_privileges_is_refused_before_anything_is_made(real, case):
+    """The issue's find: plan accepted such a replica, and apply left a slot, a publication, a
+    database and a running operation behind. Now plan refuses it, naming each privilege and the
+    statement that grants it; apply refuses the same; nothing exists afterwards on any server."""
+    revoke, grant, on, named = REPLICA_CASES[case]
+    fleet_yaml = real.read("fleet.yaml")
+    shards = active_shards(real)
+    assert {s[3] for s in shards} >= {"a"}  # orders has a shard on a (the servers a replica links)
+    with real.catalog() as conn:
+        serial = conn.execute("SELECT serial FROM shardctl.state").fetchone()[0]
+    with real.servers["a"].admin_connect() as admin:
+        for statement in revoke:
+            admin.execute(statement)
+    try:
+        real.write("fleet.yaml", fleet_yaml + ("branches:\n" if "branches:" not in fleet_yaml else "")
+                   + f"  mirror: {{from: orders, data: replica, server: {on}, ttl: 1d}}\n")
+        for command in (("plan",), ("apply", "--auto-approve")):
+            result = real.cli(*command)
+            assert result.code == 1, result.both
+            for check, fix in named:
+                assert f"branch.mirror: server '{'a' if check == 'REPLICATION' else on}' fails the check" \
+                       f" '{check}'" in result.err, result.err
+                assert fix in result.err, result.err
+            assert "Traceback" not in result.both and "bug" not in result.err
+    finally:
+        real.write("fleet.yaml", fleet_yaml)
+        with real.servers["a"].admin_connect() as admin:
+            for statement in grant:
+                admin.execute(statement)
+    with real.catalog() as conn:
+        assert conn.execute("SELECT serial FROM shardctl.state").fetchone()[0] == serial  # nothing recorded
+        assert conn.execute("SELECT count(*) FROM shardctl.branches WHERE name = 'mirror'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM shardctl.operations WHERE state = 'running'").fetchone() == (0,)
+    for name, server in real.servers.items():
+        with server.admin_connect() as admin:
+            assert "branch_mirror" not in {r[0] for r in admin.execute("SELECT datname FROM pg_database")}
+            assert admin.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'shardctl%'"
+                                 ).fetchone() == (0,), name
+        for shard in [s for s in shards if s[3] == name]:
+            with server.admin_connect(shard[4]) as conn:
+                assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname LIKE 'shardctl%'"
+                                    ).fetchone() == (0,), shard
+
+
 def test_branches_across_versions_both_ways(real):
     """orders' first shard runs 18: its branch on 15 restores an 18 dump on 15; events' first
     shard runs 15: its branch on 18 restores the other way. Both with their rows."""

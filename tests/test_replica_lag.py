@@ -45,12 +45,12 @@ def _make_standby(primary: EmbeddedServer, replica: EmbeddedServer) -> None:
     replica._run(user, [str(bin_dir() / "pg_basebackup"), "-h", str(primary.socket_dir), "-p", "5432", "-U", "postgres",
                         "-D", str(replica.data_dir), "-R", "-X", "stream", "-c", "fast",
                         "-d", "application_name=standby1"], what="copy for a standby of")
-    # started as EmbeddedServer.start does, without its CREATE EXTENSION (a standby is read-only)
-    replica.socket_dir.mkdir(mode=0o777, exist_ok=True)
-    replica.socket_dir.chmod(0o777)
+    # started as EmbeddedServer.start does, without its CREATE EXTENSION (a standby is read-only);
+    # the copy has the primary's owner-only pg_hba.conf and pg_ident.conf
+    socket_dir = replica.claim_socket_dir()
     try:
         replica._run(user, [str(bin_dir() / "pg_ctl"), "-D", str(replica.data_dir), "-w", "-t", "60",
-                            "-o", f"-k {replica.socket_dir} -p 5432", "-l", str(replica.log_file), "start"],
+                            "-o", f"-k {socket_dir} -p 5432", "-l", str(replica.log_file), "start"],
                      what="start the standby of")
     except UserError as exc:
         raise AssertionError(exc.render()) from None

@@ -850,6 +850,10 @@ def load_baseline(config_dir: str, ref_or_dir: str) -> tuple[Desired, str]:
 
     if Path(ref_or_dir).is_dir():
         return load(ref_or_dir), ref_or_dir
+    if ref_or_dir.startswith("-"):  # git would take it for an option (--output=FILE writes a file)
+        raise UserError(f"--compare-policy {ref_or_dir}: not a directory, and a git ref cannot begin with '-'",
+                        "name a branch, tag or commit (e.g. --compare-policy origin/main), or a directory"
+                        f" (./{ref_or_dir} for one whose name begins with '-')")
     root_proc = subprocess.run(
         ["git", "-C", config_dir, "rev-parse", "--show-toplevel"], capture_output=True, text=True
     )
@@ -857,7 +861,14 @@ def load_baseline(config_dir: str, ref_or_dir: str) -> tuple[Desired, str]:
         raise UserError(f"--compare-policy {ref_or_dir}: not a directory, and {config_dir} is not in a git repository")
     root = Path(root_proc.stdout.strip())
     rel = Path(config_dir).resolve().relative_to(root.resolve()).as_posix() or "."
-    archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", ref_or_dir, "--", rel],
+    # the ref becomes a commit id before it reaches `git archive`: nothing the user typed is
+    # ever in an option's place there (and --end-of-options keeps it a ref here)
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet", "--end-of-options",
+                             f"{ref_or_dir}^{{commit}}"], capture_output=True, text=True)
+    if commit.returncode != 0:
+        raise UserError(f"--compare-policy {ref_or_dir}: git cannot read {rel} at that ref",
+                        f"it is not a directory, nor a branch, tag or commit of the git repository {root}")
+    archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", commit.stdout.strip(), "--", rel],
                              capture_output=True)
     if archive.returncode != 0:
         raise UserError(f"--compare-policy {ref_or_dir}: git cannot read {rel} at that ref",

@@ -1,16 +1,22 @@
-"""The preflight checks of one server: what each kind of action needs from it, judged on what
-was observed (no side effects). `shardctl doctor` prints them all; the planner refuses an
-action whose server fails a check that action needs, naming the check.
+"""The preflight checks of one server: what each purpose needs from it, judged on what was
+observed (no side effects). Which purposes each kind of action has on which server is declared
+in engine/plan/needs.py. `shardctl doctor` prints every check; the planner refuses an action
+whose server fails a check that action needs, naming the check and its fix.
 
 Purposes (what a server is used for by an action):
 
-  shard         create shard, branch and target databases: CREATEDB
-  move_source   rows leave it (split, merge): wal_level = logical, REPLICATION (logical slots,
-                walsenders), a free slot and a free WAL sender per link
-  move_target   rows arrive (split, merge): CREATE SUBSCRIPTION (superuser before PostgreSQL 16,
-                pg_create_subscription from 16), the replication origin's progress, workers
-  metrics       statistics of every database (pg_monitor), pg_stat_statements, pg_buffercache:
-                without them metrics are unknown, never zero; nothing is refused
+  shard           create shard, branch and target databases: CREATEDB
+  move_source     rows leave it (split, merge, move): wal_level = logical, REPLICATION (logical
+                  slots, walsenders), a free slot and a free WAL sender per link
+  move_target     rows arrive (split, merge, move): CREATE SUBSCRIPTION (superuser before
+                  PostgreSQL 16, pg_create_subscription from 16), workers
+  replica_source  one of a replica's parent shards: its publication and slot, as move_source
+  replica_target  the replica's server: its subscriptions, as move_target
+  replica_follow  a replica follows a move (links with `origin = none`): PostgreSQL 16 or later on
+                  the replica's server and the new shards' (a move that could not is held)
+  replica_unlink  a replica's slots are dropped with it: REPLICATION
+  metrics         statistics of every database (pg_monitor), pg_stat_statements, pg_buffercache:
+                  without them metrics are unknown, never zero; nothing is refused
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ def _role(caps: Capabilities) -> str:
 def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> list[Check]:
     """Every check of one server. Unreachable: one failing check, needed by everything."""
     name = live.name
-    everything = ("shard", "move_source", "move_target")
+    everything = ("shard", "move_source", "move_target", "replica_source", "replica_target", "replica_unlink")
+    source, target = ("move_source", "replica_source"), ("move_target", "replica_target")
     if not live.reachable:
         return [Check(server=name, name="reachable", ok=False, found=live.error or "unreachable",
                       fix="start the server, or fix its DSN / service (`shardctl up` starts embedded servers)",
@@ -68,20 +75,19 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
                          needed_by=tuple(needed_by), warning=warning))
 
     add("wal_level", caps.wal_level == "logical", f"wal_level = {caps.wal_level}",
-        "ALTER SYSTEM SET wal_level = logical; then restart the server", ["move_source"])
+        "ALTER SYSTEM SET wal_level = logical; then restart the server", source)
     free_slots = caps.max_replication_slots - caps.used_replication_slots
     add("replication slots", free_slots >= 2, f"{free_slots} of {caps.max_replication_slots} free",
-        "ALTER SYSTEM SET max_replication_slots = 32; then restart (a split uses one slot per target)",
-        ["move_source"])
+        "ALTER SYSTEM SET max_replication_slots = 32; then restart (a split uses one slot per target, a"
+        " replica one per shard)", source)
     free_senders = caps.max_wal_senders - caps.used_wal_senders
     add("wal senders", free_senders >= 2, f"{free_senders} of {caps.max_wal_senders} free",
-        "ALTER SYSTEM SET max_wal_senders = 32; then restart (one per link, more during the copy)",
-        ["move_source"])
+        "ALTER SYSTEM SET max_wal_senders = 32; then restart (one per link, more during the copy)", source)
     add("replication workers", caps.max_logical_replication_workers >= 2 and caps.max_worker_processes >= 4,
         f"max_logical_replication_workers = {caps.max_logical_replication_workers},"
         f" max_worker_processes = {caps.max_worker_processes}",
         "ALTER SYSTEM SET max_logical_replication_workers = 16; ALTER SYSTEM SET max_worker_processes = 32;"
-        " then restart", ["move_target"])
+        " then restart", target)
     keep = caps.max_slot_wal_keep_size_bytes
     add("max_slot_wal_keep_size", keep is not None and keep >= 0,
         "unlimited" if keep is None or keep < 0 else f"{keep // 1048576} MB",
@@ -116,21 +122,22 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
     su = " (superuser)" if caps.superuser else ""
     add("CREATEDB", caps.superuser or caps.createdb, f"role {role}{su}" + ("" if caps.superuser or caps.createdb
                                                                          else " lacks CREATEDB"),
-        f"ALTER ROLE {role} CREATEDB;", ["shard", "move_target"])
+        f"ALTER ROLE {role} CREATEDB;", ["shard", *target])
     add("REPLICATION", caps.superuser or caps.replication, f"role {role}{su}" + (
         "" if caps.superuser or caps.replication else " lacks REPLICATION"),
-        f"ALTER ROLE {role} REPLICATION;", ["move_source"])
+        f"ALTER ROLE {role} REPLICATION;", [*source, "replica_unlink"])
     if major < 16:
         add("CREATE SUBSCRIPTION", caps.superuser,
             f"role {role}{su}" + ("" if caps.superuser else f": PostgreSQL {major} lets only a superuser create"
                                                               " subscriptions"),
-            "a move's target needs superuser before PostgreSQL 16: place targets on a 16+ server (this one can"
-            " still be a source), upgrade, or run shardctl as a superuser here", ["move_target"])
+            "a subscription (a move's target, a replica) needs superuser before PostgreSQL 16: place targets"
+            " and replicas on a 16+ server (this one can still be a source), upgrade, or run shardctl as a"
+            " superuser here", target)
     else:
         add("CREATE SUBSCRIPTION", caps.superuser or caps.create_subscription,
             f"role {role}{su}" + ("" if caps.superuser or caps.create_subscription
                                   else " is not a member of pg_create_subscription"),
-            f"GRANT pg_create_subscription TO {role};", ["move_target"])
+            f"GRANT pg_create_subscription TO {role};", target)
     add("catch-up", True, "through the target's replication origin" if caps.superuser or caps.origin_progress
         else "through the source slot's confirmation (the replication origin's progress is a superuser's to"
              " read): a longer pause, 275-700 ms against 100-200 ms in a 15 -> 18 split under a writer", "")
@@ -138,6 +145,22 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
         f"role {role}{su}" + ("" if caps.superuser or caps.monitor else " sees only its own sessions' statistics"),
         f"GRANT pg_monitor TO {role}; (metrics of every database; without it they are unknown)", warning=True)
     return out
+
+
+def origin_check(live: LiveServer) -> Check | None:
+    """Whether a replica on this server, or a move's new shard here, can follow moves: its links
+    skip the moved rows by their replication origin (`origin = none`, PostgreSQL 16). Worth saying
+    in fleets that declare a replica; a move that could not be followed is held, not refused."""
+    caps = live.capabilities
+    if caps is None:
+        return None
+    major = caps.version_num // 10000
+    return Check(server=live.name, name="replication origin", ok=major >= 16,
+                 found=f"PostgreSQL {major}: " + ("subscriptions can skip replicated rows (origin = none)"
+                                                  if major >= 16 else "no origin filter for subscriptions"),
+                 fix="" if major >= 16 else "a replica follows splits, merges and moves only with PostgreSQL 16 or"
+                 " later on its server and the new shards': such moves are held; place replicas and targets on 16+,"
+                 " or upgrade", needed_by=("replica_follow",), warning=True)
 
 
 def failing(live: LiveServer | None, purpose: str) -> list[Check]:

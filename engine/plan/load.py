@@ -22,6 +22,7 @@ from engine.observe.metrics import METRICS
 from engine.observe.models import CatalogShard, Observation
 from engine.plan import checks
 from engine.plan.models import MergeShards, Reason, ShardSpec, SplitShard
+from engine.plan.needs import active_replicas
 
 
 def _spec(shard: CatalogShard) -> ShardSpec:
@@ -231,6 +232,10 @@ def preconditions(db: DesiredDatabase, shards: list[CatalogShard], observation: 
         if observation.strays.get(shard.address):
             return (f"{shard.address} holds {strays.describe(observation.strays[shard.address])};"
                     f" `shardctl strays {shard.address} --move` moves them to the shards that own them")
+    for branch in active_replicas(observation, db.name):
+        refused = checks.why_not(observation.servers.get(branch.server), "replica_target")
+        if refused:  # the replica follows the move with subscriptions of its own
+            return f"{refused} (replica {branch.name} follows every move of {db.name})"
     return None
 
 

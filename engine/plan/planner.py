@@ -54,6 +54,7 @@ from engine.plan.models import (
     UpdateDatabase,
     sort_actions,
 )
+from engine.plan.needs import needs
 from engine.plan.relocate import rebalance, relocations
 from engine.plan.reshard import Requests, declared_actions, manual_actions, recorded_count
 
@@ -1031,32 +1032,13 @@ def _unknown_metrics(desired: Desired, observation: Observation) -> list[str]:
     return out
 
 
-def _needs(action) -> list[tuple[str, str]]:
-    """(server, purpose) pairs an action needs to pass the preflight checks for."""
-    kind = action.kind
-    if kind == "create_database":
-        return [(s.server, "shard") for s in action.shards]
-    if kind == "recreate_shard":
-        return [(action.shard.server, "shard")]
-    if kind in ("create_branch", "reset_branch"):
-        return [(action.server, "shard")]
-    if kind == "split_shard":
-        return [(action.source.server, "move_source")] + [(t.server, p) for t in action.targets
-                                                          for p in ("shard", "move_target")]
-    if kind == "merge_shards":
-        return [(s.server, "move_source") for s in action.sources] + [
-            (action.target.server, p) for p in ("shard", "move_target")]
-    if kind == "move_shard":
-        return [(action.source.server, "move_source")] + [(action.target.server, p) for p in ("shard", "move_target")]
-    return []
-
-
 def _failing_checks(desired: Desired, observation: Observation, actions: list) -> list[Diagnostic]:
     """A plan whose action would fail on a server for want of a privilege or a setting is refused
     before anything changes, naming the check and its fix (`shardctl doctor` shows them all)."""
     out, seen = [], set()
+    leaving = frozenset(a.branch for a in actions if a.kind == "delete_branch")
     for action in actions:
-        for server, purpose in _needs(action):
+        for server, purpose in needs(action, observation, leaving):
             for check in checks.failing(observation.servers.get(server), purpose):
                 if (action.address, server, check.name) in seen:
                     continue

@@ -6,10 +6,14 @@ import json
 
 from engine.plan.checks import Check
 
-PURPOSES = {
+PURPOSES = {  # what each purpose of engine/plan/checks.py is, as engine/plan/needs.py declares them
     "shard": "new shards and branches",
-    "move_source": "splits and merges (as their source)",
-    "move_target": "splits and merges (as their target)",
+    "move_source": "splits, merges and moves (as their source)",
+    "move_target": "splits, merges and moves (as their target)",
+    "replica_source": "replicas (on each shard's server)",
+    "replica_target": "replicas (on the replica's server)",
+    "replica_follow": "replicas following splits, merges and moves",
+    "replica_unlink": "deleting a replica (its slots on the shards' servers)",
 }
 MARKS = {"ok": "✓", "warn": "!", "FAIL": "✗"}
 
@@ -30,7 +34,7 @@ def text(report: dict[str, list[Check]]) -> str:
                 warnings += c.mark == "warn"
                 if c.fix:
                     lines.append(f"    {' ' * width}  fix: {c.fix}")
-                if c.needed_by and c.mark == "FAIL":
+                if c.needed_by:
                     lines.append(f"    {' ' * width}  needed by: {', '.join(PURPOSES[p] for p in c.needed_by)}")
         lines.append("")
     bad = failed(report)

