@@ -129,8 +129,7 @@ def collect(desired: Desired, metrics_file: str | None = None) -> dict[str, Any]
 def orphan_row(orphan: replication.Orphan) -> dict[str, Any]:
     o = orphan.object
     return dict(server=orphan.server, kind=o.kind, name=o.name, database=o.database, operation=orphan.operation,
-                retained_bytes=o.retained_bytes, why=orphan.why, text=f"{orphan.where}: {replication.describe(o)}"
-                f" ({orphan.why})")
+                retained_bytes=o.retained_bytes, why=orphan.why, text=orphan.text)
 
 
 def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:

@@ -492,14 +492,14 @@ def orphans(desired: Desired, remove: bool, *, lock_timeout: float = 0.0, say: S
         ctx, servers, found, publications = find()
         silent = sorted(name for name, live in servers.items() if not live.reachable)
         for orphan in found:
-            say(f"{orphan.where}: {replication.describe(orphan.object)} ({orphan.why})")
+            say(orphan.text)
         for server, dbname, name in publications:
             say(f"publication {name} on server {server} (database {dbname}): no running operation owns it")
         for name in silent:
             say(f"server {name} did not answer: what it holds is unknown ({servers[name].error})")
         if not found and not publications:
-            say("No leftover replication: every slot, subscription and publication of shardctl's belongs to a"
-                " running operation or a replica.")
+            say("No leftover replication" + (" on the servers that answered" if silent else "") + ": every slot,"
+                " subscription and publication of shardctl's belongs to a running operation or a replica.")
             return 0
         if not remove:
             say("Run again with --remove to drop them (under the apply lock, journaled).")

@@ -61,6 +61,11 @@ class Orphan(Frozen):
     def where(self) -> str:
         return f"{self.object.kind} {self.object.name} on server {self.server} (database {self.object.database})"
 
+    @property
+    def text(self) -> str:
+        """What it is, what it costs, and why nothing owns it: one line for people."""
+        return f"{self.where}: {describe(self.object)} ({self.why})"
+
 
 def read(conn: psycopg.Connection, log_file: Path | None = None) -> tuple[ReplicationObject, ...]:
     """The server's slots and subscriptions named by shardctl; a broken subscription with the

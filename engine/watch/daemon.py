@@ -520,7 +520,7 @@ def replication_views(observation: Observation) -> tuple[tuple[BranchLinkView, .
                   for r in replica_links(observation.catalog, observation.servers) for link in r.links)
     orphans = tuple(OrphanView(server=o.server, kind=o.object.kind, name=o.object.name, database=o.object.database,
                                operation=o.operation, retained_bytes=o.object.retained_bytes,
-                               text=f"{o.where}: {replication.describe(o.object)} ({o.why})")
+                               text=o.text)
                     for o in replication.orphans(observation.catalog, observation.servers))
     return links, orphans
 
