@@ -408,6 +408,36 @@ def strays(obj: Ctx, address: str, move: bool) -> None:
     raise SystemExit(2 if left else 0)
 
 
+@cli.command()
+@click.option("--remove", is_flag=True, help="Drop them (under the apply lock; each drop is journaled).")
+@click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION", type=DURATION,
+              help="Wait this long for another apply's lock, e.g. 30s.")
+@click.pass_obj
+def orphans(obj: Ctx, remove: bool, lock_timeout: float) -> None:
+    """Replication objects of shardctl's that no running operation owns.
+
+    Splits, merges and moves name their slots, subscriptions and publications
+    shardctl_op<operation>_<n>, and replica branches shardctl_rep_...; a finished
+    operation leaves none. One left behind (a server that did not answer during cleanup, an
+    older shardctl) costs: a slot keeps its server's WAL for as long as it exists, and a
+    subscription without its slot fails every few seconds. Without --remove this lists them,
+    with the WAL each slot retains (exit 2 when there are some); with --remove each is dropped.
+    Objects of a running (or interrupted) operation are not orphans: `shardctl apply` finishes
+    it, `shardctl abort N` undoes it. `status`, `drift`, `doctor`, the dashboard and /metrics
+    show the same list.
+
+    \b
+    Example:
+      shardctl orphans            # list them
+      shardctl orphans --remove   # drop them
+    """
+    from engine import workflow
+
+    left = workflow.orphans(workflow.load(obj.config_dir), remove, lock_timeout=lock_timeout, say=click.echo,
+                            notice=err)
+    raise SystemExit(2 if left else 0)
+
+
 # ---------------------------------------------------------------------------- servers and status
 
 
@@ -936,7 +966,7 @@ def resume(obj: Ctx) -> None:
 _global_options_after(cli)  # every command above accepts -C, --no-color and --debug after its name too
 
 
-WRITING_COMMANDS = ("apply", "abort", "strays")
+WRITING_COMMANDS = ("apply", "abort", "strays", "orphans")
 
 
 def interrupted_hint(argv: list[str]) -> str:
@@ -981,9 +1011,15 @@ def main(argv: list[str] | None = None) -> None:
         import psycopg
 
         if isinstance(exc, psycopg.Error):  # a database condition (privilege, setting, state), not a bug
+            from engine.servers.connect import blamed
+
             state = getattr(exc, "sqlstate", None)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"Error: a server refused: {redact(first)}"
+            where = blamed(exc)
+            # a lost connection (no SQLSTATE, or class 08/57: connection, operator intervention)
+            lost = isinstance(exc, psycopg.OperationalError) and (not state or state[:2] in ("08", "57"))
+            who = f"server {where[0]} (database {where[1]})" if where else "a server"
+            click.echo(f"Error: {who} {'stopped answering' if lost else 'refused'}: {redact(first)}"
                        + (f" (SQLSTATE {state})" if state else "")
                        + "\n\n`shardctl doctor` checks what each server needs; `shardctl status` lists interrupted"
                          " operations (`shardctl apply` resumes them, `shardctl abort N` rolls one back).", err=True)

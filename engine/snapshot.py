@@ -67,13 +67,27 @@ class BranchView(Frozen):
 
 
 class BranchLinkView(Frozen):
-    """One link of a `data: replica` branch: how far behind its shard it is, or that it is missing."""
+    """One link of a `data: replica` branch: how far behind its shard it is, or that it is missing
+    or broken (its subscription cannot reach the shard's server; `error` says why and what to do)."""
 
     branch: str
     shard: str  # database/range
     server: str  # the shard's
-    state: str  # ok, missing, unknown
+    state: str  # ok, missing, broken, unknown
     lag_bytes: int | None = None
+    error: str | None = None
+
+
+class OrphanView(Frozen):
+    """A slot or subscription of shardctl's naming that no running operation owns."""
+
+    server: str
+    kind: str  # slot or subscription
+    name: str
+    database: str | None = None
+    operation: int | None = None
+    retained_bytes: int | None = None  # a slot's WAL kept on its server
+    text: str  # what it is, what it costs, and why it is an orphan
 
 
 class BackupView(Frozen):
@@ -118,7 +132,8 @@ class Snapshot(Frozen):
     shards: tuple[ShardView, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     branches: tuple[BranchView, ...] = ()
-    branch_links: tuple[BranchLinkView, ...] = ()  # of replica branches, as of the last plan round
+    branch_links: tuple[BranchLinkView, ...] = ()  # of replica branches, as of the last collection round
+    orphans: tuple[OrphanView, ...] = ()  # leftover replication, as of the last collection round
     activity: str = "idle"
     activity_since: datetime | None = None  # when the running apply started
     progress: dict[str, Any] | None = None  # the running move's latest figures (rows, rates, lag, ETA)

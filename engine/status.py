@@ -13,11 +13,11 @@ from engine.catalog import control, journal, store
 from engine.config.loader import Desired
 from engine.config.models import span
 from engine.detect.forecast import shard_outlook
-from engine.observe import history
+from engine.observe import history, replication
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_servers, observe
 from engine.observe.recorded import Recording
-from engine.observe.replica_links import replica_links
+from engine.observe.replica_links import broken_text, replica_links
 from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
 from engine.plan.forecast import lineages
@@ -107,10 +107,16 @@ def collect(desired: Desired, metrics_file: str | Recording | None = None) -> di
             ))
         report["replicas"] = [dict(branch=r.branch, parent=r.parent, server=r.server,
                                    max_lag_bytes=r.max_lag_bytes, missing=list(r.missing),
+                                   broken=[link.shard for link in r.broken],
                                    links=[link.model_dump() for link in r.links])
                               for r in replica_links(state, inventory)]
+        report["orphans"] = [orphan_row(o) for o in replication.orphans(state, inventory)]
         # with the apply lock held elsewhere, running operations are that process's, not interrupted
         running, in_flight = journal.interrupted(conn), state.apply_in_flight
+        for op in running:  # what each still holds on the servers that answered (a cleanup left it)
+            op["objects"] = [dict(server=server, kind=o.kind, name=o.name, database=o.database,
+                                  retained_bytes=o.retained_bytes, text=replication.describe(o))
+                             for server, o in replication.of_operation(inventory, op["id"])]
         report["interrupted"] = [] if in_flight else running
         report["in_progress"] = [dict(op, by=in_flight) for op in running] if in_flight else []
         _backups_in_flight(report, conn)
@@ -142,6 +148,12 @@ def _backups_in_flight(report: dict[str, Any], conn) -> None:
             report["in_progress"].append(dict(op, by="another `shardctl backups create`"))
         else:
             report["interrupted"].append({k: v for k, v in op.items() if k != "by"})
+
+
+def orphan_row(orphan: replication.Orphan) -> dict[str, Any]:
+    o = orphan.object
+    return dict(server=orphan.server, kind=o.kind, name=o.name, database=o.database, operation=orphan.operation,
+                retained_bytes=o.retained_bytes, why=orphan.why, text=orphan.text)
 
 
 def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
@@ -231,6 +243,7 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     _print_advice(console, report.get("advice") or [])
     _print_replicas(console, report.get("replicas") or [])
     _print_backups(console, report.get("backups") or [])
+    _print_orphans(console, report.get("orphans") or [])
     _print_operations(console, report)
     _print_automation(console, report.get("automation"))
     if not report["databases"] and report["catalog"].get("state") == "ok":
@@ -248,7 +261,9 @@ def _print_replicas(console: Console, replicas: list[dict[str, Any]]) -> None:
             what = {"ok": f"{link['lag_bytes']:,} bytes behind" if link["lag_bytes"] is not None else "lag unknown",
                     "missing": "LINK MISSING: its writes do not reach the replica; reset it"
                                f" (shardctl branches reset {r['branch']})",
-                    "unknown": f"unknown (server {link['server']} did not answer)"}[link["state"]]
+                    "unknown": f"unknown (server {link['server']} did not answer)",
+                    "broken": "LINK BROKEN: " + broken_text(r["branch"], r["server"], link["shard"], link["server"],
+                                                             link["error"])}[link["state"]]
             console.print(f"  {link['shard']}: {what}", markup=False)
 
 
@@ -276,6 +291,17 @@ def _age(seconds: float) -> str:
     seconds = max(seconds, 0)
     return (f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200
             else f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d")
+
+
+def _print_orphans(console: Console, orphans: list[dict[str, Any]]) -> None:
+    """Replication objects of shardctl's naming that no running operation owns."""
+    if not orphans:
+        return
+    console.print(f"Leftover replication: {len(orphans)} object{'s' if len(orphans) != 1 else ''} of shardctl's that no"
+                  " running operation owns (a slot keeps its server's WAL); `shardctl orphans --remove` drops them:",
+                  markup=False)
+    for orphan in orphans:
+        console.print(f"  {orphan['text']}", markup=False)
 
 
 def _print_servers(console: Console, report: dict[str, Any]) -> None:
@@ -385,6 +411,11 @@ def _print_operations(console: Console, report: dict[str, Any]) -> None:
         console.print(
             f"Interrupted: operation {op['id']} {op['kind']} {op['address']} at step {op['last_step']!r}; {hint}"
         )
+        if op.get("error"):
+            console.print(f"  it stopped on: {op['error']}", markup=False)
+        for o in op.get("objects") or []:
+            console.print(f"  still held: {o['kind']} {o['name']} on server {o['server']} (database {o['database']}):"
+                          f" {o['text']}", markup=False)
 
 
 def _print_automation(console: Console, automation: dict[str, Any] | None) -> None:

@@ -323,10 +323,12 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
                 raise UserError(f"operation {operation} is not an unfinished split or merge",
                                 "`shardctl status` lists interrupted operations")
             p = pending[operation]
-            if p.flipped:
-                raise UserError(f"operation {operation} has passed its cutover and cannot be aborted",
-                                "its targets own the range now; run `shardctl apply` to finish its cleanup")
             action = planner.resume_move(p)
+            if p.flipped:  # read from the routing: the targets own the range
+                raise UserError(f"operation {operation} ({p.kind} {action.address}) has passed its cutover and cannot"
+                                " be aborted: its targets own the range and hold the writes made since",
+                                "`shardctl apply` finishes it (only its hand-over and cleanup are left). To go"
+                                f" back, move the range again with a new operation: {move_back(action)}")
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say)
             mv = move.for_action(ctx, action, Operation(conn, operation), label=f"abort {operation}")
             say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
@@ -335,6 +337,17 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
             say(f"Operation {operation} aborted: replication objects, fence and targets removed;"
                 " the source is as it was.")
 
+
+
+def move_back(action) -> str:
+    """How to undo a move past its cutover: another move, the other way."""
+    if action.kind == "split_shard":
+        return (f"`shardctl apply -merge {','.join(f'{action.database}/{t.name}' for t in action.targets)}`"
+                " (once the retired source is dropped, after autosplit.retire_after)")
+    if action.kind == "merge_shards":
+        return (f"`shardctl apply -split {action.database}/{action.target.name}`"
+                " (once the retired sources are dropped, after autosplit.retire_after)")
+    return f"place {action.database}/{action.source.name} on server {action.source.server} again in the YAML"
 
 
 def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say: Say = lambda _: None,
@@ -492,3 +505,50 @@ def stray_rows(desired: Desired, address: str, move: bool, say: Say = lambda _: 
                 left = strays.count(shard_conn, key_column, key_type, spec.lo, spec.hi)
         say(f"{address}: {strays.describe(left)} left." if left else f"{address}: every stray row moved.")
         return sum(left.values())
+
+
+def orphans(desired: Desired, remove: bool, *, lock_timeout: float = 0.0, say: Say = lambda _: None,
+            notice: Say | None = None) -> int:
+    """`shardctl orphans`: list shardctl's replication objects that no running operation owns
+    (slots with the WAL they retain, subscriptions, publications); with REMOVE, drop them under
+    the apply lock, each a journaled step. Returns how many are left."""
+    from engine.actions import leftovers
+    from engine.observe import replication
+    from engine.observe.observer import inspect_servers
+
+    fleet = Fleet(desired)
+    fleet.start_embedded(notice or say)
+    with fleet.catalog(create=False) as conn:
+        if conn is None or not schema.installed_version(conn):
+            raise UserError("there is no catalog yet, so nothing of shardctl's to look for",
+                            "run `shardctl apply` first")
+
+        def find():
+            servers = inspect_servers(fleet, sorted(fleet.servers))
+            state = store.read(conn)
+            found = replication.orphans(state, servers)
+            ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=state.serial, say=say, actor="orphans --remove")
+            return ctx, servers, found, leftovers.orphaned_publications(ctx, state, servers, found)
+
+        ctx, servers, found, publications = find()
+        silent = sorted(name for name, live in servers.items() if not live.reachable)
+        for orphan in found:
+            say(orphan.text)
+        for server, dbname, name in publications:
+            say(f"publication {name} on server {server} (database {dbname}): no running operation owns it")
+        for name in silent:
+            say(f"server {name} did not answer: what it holds is unknown ({servers[name].error})")
+        if not found and not publications:
+            say("No leftover replication" + (" on the servers that answered" if silent else "") + ": every slot,"
+                " subscription and publication of shardctl's belongs to a running operation or a replica.")
+            return 0
+        if not remove:
+            say("Run again with --remove to drop them (under the apply lock, journaled).")
+            return len(found) + len(publications)
+        with apply_lock(conn, "orphans --remove", timeout=lock_timeout,
+                        on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
+            ctx, servers, found, publications = find()  # again under the lock: an apply may have finished
+            removed = leftovers.remove(ctx, found, publications)
+        say(f"Removed {removed} object{'s' if removed != 1 else ''}.")
+        return 0
+

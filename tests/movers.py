@@ -147,6 +147,70 @@ class Writer:
                 time.sleep(0.002)
 
 
+@dataclass
+class CrashWriter:
+    """Inserts new keys through the client helper while servers die and come back. A key whose
+    INSERT returned is committed; one whose INSERT failed may be or not (its server died around
+    the commit, or its range was fenced): uncertain. It never stops on an error: after a short
+    wait it starts a new client (the routing may have moved) and the next key."""
+
+    catalog: dict
+    start_id: int = 1_000_000
+    committed: set[int] = field(default_factory=set)
+    uncertain: set[int] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def committed_since(self, mark: int) -> int:
+        """Keys committed after `mark` (the next key's id at that moment, see `mark`)."""
+        return sum(1 for k in set(self.committed) if k >= mark)
+
+    @property
+    def mark(self) -> int:
+        return max(self.committed | self.uncertain, default=self.start_id) + 1
+
+    def _loop(self) -> None:
+        next_id = self.start_id
+        client = None
+        while not self._stop.is_set():
+            if client is None:
+                try:
+                    client = ShardClient(self.catalog, "orders", retry_timeout=5)
+                except (psycopg.Error, LookupError):
+                    self._stop.wait(0.1)
+                    continue
+            cid, next_id = next_id, next_id + 1
+            try:
+                client.execute(cid, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)", (cid, f"n{cid}"))
+                self.committed.add(cid)
+            except (psycopg.Error, LookupError) as exc:
+                self.uncertain.add(cid)
+                self.failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                client.close()
+                client = None
+                self._stop.wait(0.05)
+            self._stop.wait(0.002)
+
+    def check(self, fleet, before: dict[int, str]) -> None:
+        """Every committed key exactly once in the active shards, where it belongs; the rows that
+        were there before untouched; nothing that was never written."""
+        rows, problems = all_rows(fleet)
+        assert problems == [], problems[:10]  # no key twice, none outside its shard's range
+        assert sorted(k for k in self.committed if k not in rows) == []  # no committed key lost
+        assert {k: rows.get(k) for k in before} == before
+        assert set(rows) - set(before) - self.committed - self.uncertain == set()
+
+
 def apply_under_writer(fleet, *args: str):
     """`shardctl apply --auto-approve ARGS` while a Writer writes through the client helper;
     checks that every committed write is there exactly once. Returns (result, writer)."""

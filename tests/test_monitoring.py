@@ -16,7 +16,7 @@ import pytest
 from conftest import EXAMPLES
 from engine.snapshot import move_eta_seconds
 from engine.watch.prometheus import exposition
-from engine.watch.view import BackupView, ReplicaView, ShardView, Snapshot, View
+from engine.watch.view import BackupView, BranchLinkView, OrphanView, ReplicaView, ShardView, Snapshot, View
 
 MONITORING = EXAMPLES / "monitoring"
 RULES = MONITORING / "shardctl-alerts.yml"
@@ -60,7 +60,7 @@ def test_the_rules_cover_what_operators_asked_for():
     names = {r["alert"] for r in rules}
     assert {"ShardctlShardHot", "ShardctlNoLeader", "ShardctlCollectionStalled", "ShardctlCollectionFailing",
             "ShardctlMoveStuck", "ShardctlMoveSlow", "ShardctlReplicaLag", "ShardctlBackupOverdue",
-            "ShardctlWalNotStreaming"} <= names
+            "ShardctlWalNotStreaming", "ShardctlReplicaLinkBroken", "ShardctlLeftoverReplication"} <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
@@ -78,7 +78,11 @@ def _full_snapshot() -> Snapshot:
                     progress_at=NOW, last_collect_at=NOW, silent_servers=("b",),
                     replicas=(ReplicaView(server="a", name="standby1", lag_bytes=10.0, lag_seconds=0.5),),
                     backups=(BackupView(server="a", last_backup_at=NOW, every_seconds=86400.0, streaming=True,
-                                        wal_lag_bytes=0),))
+                                        wal_lag_bytes=0),),
+                    branch_links=(BranchLinkView(branch="mirror", shard="orders/-40", server="a", state="broken",
+                                                 lag_bytes=4096, error="password authentication failed"),),
+                    orphans=(OrphanView(server="a", kind="slot", name="shardctl_op7_0", database="orders_min_40",
+                                        operation=7, retained_bytes=65536, text="slot shardctl_op7_0 ..."),))
 
 
 def _exposed() -> set[str]:

@@ -606,7 +606,8 @@ def test_a_database_condition_is_reported_as_such_never_as_a_bug(real):
                    "    shard_key: {column: customer_id, type: bigint}\n    schema: schema/001_init.sql\n"
                    "    shards: 1\n    placement: [b]\n", 1))
         result = real.cli("apply", "--auto-approve")
-        assert result.code == 1 and "Error: a server refused:" in result.err and "read-only" in result.err, result.both
+        assert result.code == 1 and "read-only" in result.err, result.both
+        assert "Error: server b (database " in result.err and ") refused:" in result.err, result.err  # named
         assert "bug" not in result.err and "shardctl doctor" in result.err
     finally:
         with real.servers["b"].admin_connect() as admin:

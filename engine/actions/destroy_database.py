@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.actions.base import ApplyContext, Timer, drop_database
+from engine.actions.leftovers import unlink_database
 from engine.catalog import store
 from engine.plan.models import DestroyDatabase
 
@@ -16,6 +17,7 @@ def execute(action: DestroyDatabase, ctx: ApplyContext) -> None:
         store.bump_serial(ctx.catalog)
     for shard in action.shards:
         with op.step(f"drop {action.database}/{shard.name}", server=shard.server, dbname=shard.dbname):
+            unlink_database(ctx, shard)  # a link left into or out of it would stop the drop
             drop_database(ctx, shard)
     with op.step(f"forget {action.database}"), ctx.catalog.transaction():
         store.delete_database(ctx.catalog, action.database)

@@ -22,6 +22,14 @@ The steps, each journaled and each safe to run again after a crash:
 
 Names of everything created derive from the operation id (shardctl_op<id>_<n>), so a resumed
 or aborted operation finds exactly what it made. Identifiers go through psycopg.sql.
+
+What a crash of any PostgreSQL server cannot break: the flip and its journal row commit in one
+catalog transaction, and whether a move is past its cutover is read from the routing itself
+(journal.CUT_OVER), so a resume finishes it and an abort refuses it. A server that does not
+answer during cleanup or abort is "not done yet": what it still holds is listed and the
+operation stays open (never "already gone"). A fence outlives the process that made it: a
+resumed run keeps it, and the pause it reports runs from that first fence to the flip.
+Subscription errors count from the moment the current step began, not since the link was made.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import psycopg
 from psycopg import sql
@@ -55,9 +64,15 @@ from engine.errors import UserError
 from engine.observe import strays
 from engine.plan.models import MoveSettings, ShardSpec, StepSpec, transit_name
 from engine.rows import one
+from engine.servers.connect import ServerUnreachable
 
 CATCH_UP_TIMEOUT = 30.0
 LAG_FLOOR = 64 << 10  # a lag this small is applied in milliseconds whatever the measured rate
+# errors of one link since its step began before the move calls it failing: a server that
+# restarts costs a link one or two (the connection it lost, a first reconnect too early); the
+# workers retry every wal_retrieve_retry_interval (5 s), so a lasting cause reaches this in ~10 s
+FAILING_ERRORS = 3
+SYNC_LOST_AFTER = 10.0  # seconds a finished table copy may go without its sync slot before the move says so
 
 
 class MoveFailed(UserError):
@@ -70,6 +85,11 @@ class VerificationFailed(MoveFailed):
 
 class CopyLost(VerificationFailed):
     """The source removed WAL the copy still needed: the copy can never complete; undone."""
+
+
+class Leftovers(MoveFailed):
+    """Cleanup (or abort) could not remove everything: a server did not answer. The operation
+    stays open; what is left is listed."""
 
 
 @dataclass(frozen=True)
@@ -158,14 +178,53 @@ class Move:
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
     slots_checked_at: float = float("-inf")
+    syncs_seen_lost: dict[str, float] = field(default_factory=dict)  # table-sync slot prefix -> first seen gone
     origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
     fence_stamps: dict[str, int] = field(default_factory=dict)  # per source: its fence mark's time, in microseconds
     op_kind: str = ""  # the action's kind: a relocation flips names as well as routing
+    error_baseline: dict[str, tuple[int, int]] = field(default_factory=dict)  # per link: errors when the step began
+    step_began: float = 0.0  # monotonic: when the current sync or converge step began
+    inherited_pause: bool = False  # the pause began with an interrupted run's fence
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence holding its locks (writes to the range stop) to the
-        routing flip (the targets own the range). Printed, and kept in the history."""
+        routing flip (the targets own the range). Printed, and kept in the history. A resumed
+        run whose sources an interrupted run had fenced counts from that first fence."""
         return round((time.monotonic() - min(self.lock_times)) * 1000, 1) if self.lock_times else 0.0
+
+    def fenced_for(self) -> float | None:
+        """How long this operation's fence has held the sources (the longest, in seconds, on each
+        source's own clock), from its mark, which commits with the fence; None when no source
+        is fenced. A fence outlives the process that made it: an apply killed behind it leaves
+        the range unwritable until a rerun flips it or an abort lifts it."""
+        longest = None
+        for source in self.sources:
+            with self.connect(source) as conn:
+                if not one(conn.execute("SELECT to_regclass('_shardctl.fence_marks') IS NOT NULL AND EXISTS"
+                                        " (SELECT 1 FROM pg_trigger WHERE tgname = 'shardctl_fence')"))[0]:
+                    continue
+                row = conn.execute("SELECT extract(epoch FROM clock_timestamp() - at)::float8 FROM"
+                                   " _shardctl.fence_marks WHERE operation = %s AND source = %s",
+                                   (self.op.id, source.name)).fetchone()
+            if row is not None:
+                longest = max(longest or 0.0, float(row[0]))
+        return longest
+
+    def source_state(self) -> str:
+        """What is true of the sources now, said in a failure's way forward: fenced (an
+        interrupted run's fence holds: writes to the range fail) or taking writes."""
+        names = ", ".join(f"{s.dbname} on server {s.server}" for s in self.sources)
+        try:
+            fenced = self.fenced_for()
+        except (UserError, psycopg.OperationalError):
+            return (f"whether the source ({names}) is still fenced is unknown: its server does not answer;"
+                    f" `shardctl apply` resumes the move once it does, `shardctl abort {self.op.id}` undoes it")
+        if fenced is None:
+            return (f"the source ({names}) takes writes as before; `shardctl apply` resumes the move,"
+                    f" `shardctl abort {self.op.id}` removes what it created")
+        return (f"the source ({names}) is still fenced by an interrupted run, for {_duration(fenced)} now: writes"
+                f" to the range fail until `shardctl apply` finishes the move, or `shardctl abort {self.op.id}`"
+                " lifts the fence and removes the copy")
 
     # ------------------------------------------------------------------ helpers
 
@@ -336,7 +395,7 @@ class Move:
                         create_subscription(conn, name, self.source_conninfo(link.source), publication=name,
                                             slot=name, streaming=streaming, enabled=enabled)
                     except psycopg.Error as exc:
-                        raise subscription_failed(self.label, self.op.id, link, exc) from None
+                        raise subscription_failed(self.label, self.op.id, link, exc, self.source_state()) from None
 
     def pace_copies(self) -> None:
         """The copy throttle (`moves.copy_streams`): enable waiting links while fewer than that
@@ -432,17 +491,62 @@ class Move:
                     f"the source keeps its rows and takes writes; what was created is removed. Raise"
                     f" max_slot_wal_keep_size on server {source.server}, copy one link at a time"
                     " (moves.copy_streams: 1) or move when the source writes less, then apply again")
+        self._lost_table_syncs(now)
 
-    def _subscription_errors(self) -> str:
-        self._lost_slots()
-        out = []
+    def _lost_table_syncs(self, now: float) -> None:
+        """A table whose copy finished on the target (state 'f') while its table-sync slot is gone
+        from the source: PostgreSQL drops that slot just before it records the sync as done, so a
+        crash of the target's server in between leaves a sync that retries forever. Seen for
+        SYNC_LOST_AFTER seconds (the worker itself passes through that state for milliseconds),
+        it makes the copy impossible to finish; undone like a lost slot."""
+        for link in self.links:
+            with self.session(link.target) as conn:
+                waiting = conn.execute(
+                    "SELECT s.oid, sr.srrelid, sr.srrelid::regclass::text FROM pg_subscription_rel sr"
+                    " JOIN pg_subscription s ON s.oid = sr.srsubid WHERE s.subname = %s AND sr.srsubstate = 'f'",
+                    (link.name(self.op.id),)).fetchall()
+            if not waiting:
+                continue
+            with self.session(link.source) as conn:
+                slots = {r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE"
+                                                    " starts_with(slot_name, %s)", (f"pg_{waiting[0][0]}_sync_",))}
+            for subid, relid, table in waiting:
+                prefix = f"pg_{subid}_sync_{relid}_"
+                if any(slot.startswith(prefix) for slot in slots):
+                    self.syncs_seen_lost.pop(prefix, None)
+                    continue
+                since = self.syncs_seen_lost.setdefault(prefix, now)
+                if now - since >= SYNC_LOST_AFTER:
+                    raise CopyLost(
+                        f"{self.label}: the copy of {table} into {link.target.dbname} on server {link.target.server}"
+                        f" can never finish: its table-sync slot ({prefix}...) on server {link.source.server} is"
+                        " gone (PostgreSQL drops it just before recording the copy as done there, and server"
+                        f" {link.target.server} stopped in between)",
+                        "what the move created is removed and the source takes writes; apply again to start the"
+                        " move afresh (with the same -split or -merge, for a move asked for by hand)")
+
+    def _error_counts(self) -> dict[str, tuple[int, int]]:
+        """Per link, its subscription's apply and table-sync errors so far (cumulative counters)."""
+        counts = {}
         for link in self.links:
             with self.session(link.target) as conn:
                 row = conn.execute("SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats"
                                    " WHERE subname = %s", (link.name(self.op.id),)).fetchone()
-            if row and (row[0] or row[1]):
-                out.append(f"{link.target.dbname}: {row[0]} apply errors, {row[1]} table-sync errors")
-        return "; ".join(out)
+            counts[link.name(self.op.id)] = (int(row[0]), int(row[1])) if row else (0, 0)
+        return counts
+
+    def _subscription_errors(self) -> tuple[Link, int, int] | None:
+        """The first link that has failed FAILING_ERRORS times since the current step began, with
+        its apply and table-sync errors since then."""
+        self._lost_slots()
+        now = self._error_counts()
+        for link in self.links:
+            name = link.name(self.op.id)
+            before = self.error_baseline.get(name, (0, 0))
+            apply_errors, sync_errors = now[name][0] - before[0], now[name][1] - before[1]
+            if apply_errors + sync_errors >= FAILING_ERRORS:
+                return link, apply_errors, sync_errors
+        return None
 
     def _expected_rows(self) -> int:
         """An estimate of the rows to copy, for the ETA: the sources' planner statistics (a split's
@@ -465,7 +569,10 @@ class Move:
         with self.step("sync" if not final else "converge"):
             limit = self.settings.converge_timeout
             budget = self.settings.pause_budget
-            started = time.monotonic()
+            started = self.step_began = time.monotonic()
+            # what the links failed before (the crash this run resumes from, earlier runs) is not
+            # held against them: their counters are cumulative
+            self.error_baseline = self._error_counts()
             expected_tables = sum(len(self.tables(link.source)) + 1 for link in self.links)  # + fence_marks
             expected_rows = self._expected_rows() if not final else 0
             rates = RateMeter()
@@ -484,9 +591,13 @@ class Move:
                     return
                 failing = self._subscription_errors()
                 if failing:
-                    raise MoveFailed(f"{self.label}: replication into the targets is failing ({failing})",
-                                     "the source is untouched; see the target server's log, then `shardctl abort`"
-                                     " the operation or fix the cause and apply again")
+                    link, apply_errors, sync_errors = failing
+                    raise MoveFailed(
+                        f"{self.label}: replication into {link.target.dbname} on server {link.target.server} is"
+                        f" failing: {apply_errors} apply errors and {sync_errors} table-sync errors in the"
+                        f" {_duration(time.monotonic() - self.step_began)} since this step began",
+                        f"server {link.target.server}'s log says why (look for subscription {link.name(self.op.id)})."
+                        f" Fix the cause; {self.source_state()}")
                 if rates.known and time.monotonic() - told > 2:
                     if not copied:
                         rows_rate = rates.copy_rate
@@ -514,14 +625,12 @@ class Move:
                         raise MoveFailed(
                             f"{self.label}: the initial copy is not finished after {_duration(limit)}:"
                             f" {now.ready} of {expected_tables} tables ready, {now.copied_rows:,} rows in flight",
-                            "the source is untouched; raise moves.converge_timeout or move a smaller shard;"
-                            " `shardctl abort` removes what was created")
+                            f"raise moves.converge_timeout or move a smaller shard; {self.source_state()}")
                     raise MoveFailed(
                         f"{self.label}: replication did not catch up within {_duration(limit)}: lag"
                         f" {now.lag / 1e6:.1f} MB, the source writes {rates.wal_rate / 1e6:.2f} MB/s of WAL and the"
                         f" targets apply {rates.apply_rate / 1e6:.2f} MB/s",
-                        "the source is untouched and takes writes; retry when its write rate is lower, or raise"
-                        " moves.converge_timeout; `shardctl abort` removes what was created")
+                        f"retry when its write rate is lower, or raise moves.converge_timeout; {self.source_state()}")
                 time.sleep(0.1)
 
     def progress(self, text: str | None = None, **figures) -> None:
@@ -540,7 +649,12 @@ class Move:
         uncommitted, and none can start. The locks are taken with a lock timeout below
         deadlock_timeout and retried; a merge's sources lock together and commit only once all
         hold their locks, so one source never stays read-only while another waits."""
-        with self.step("fence"):
+        with self.step("fence") as record:
+            # an interrupted run's fence still holds: the range has been unwritable since then
+            held = self.fenced_for()
+            if held is not None:
+                self.lock_times.append(time.monotonic() - held)
+                self.inherited_pause = True
             marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
             locked: dict[str, float] = {}  # per source: when its locks were granted, in the last try
             with ExitStack() as stack:
@@ -556,6 +670,7 @@ class Move:
                 with_lock_retries_all(parts, what=f"fence writes on {names}", say=self.say,
                                       budget_s=self.settings.fence_timeout, between=between)
             self.lock_times.append(min(locked.values()))  # the range's pause starts with the first lock
+            record["fenced_at"] = round(time.time() - (time.monotonic() - min(self.lock_times)), 3)
             return marks
 
     def _qualified(self, tables: list[tuple[str, str]]) -> list[sql.Composable]:
@@ -695,7 +810,7 @@ class Move:
                 except VerifyRestart as truncated:
                     self.say(f"a TRUNCATE of {truncated} during the comparison: comparing again")
             raise MoveFailed(f"{self.label}: tables were truncated during every comparison",
-                             "the source is untouched; apply again when the TRUNCATEs are over")
+                             f"apply again when the TRUNCATEs are over; {self.source_state()}")
 
     def verify(self, comparison: Comparison, changes: Future) -> dict[str, dict[str, int]]:
         """Behind the fence: the keys left by the comparison and those changed since."""
@@ -738,37 +853,78 @@ class Move:
 
     def cleanup(self) -> None:
         with self.step("cleanup"):
-            self.remove_replication()
+            self.remove_replication(after_cutover=True)
 
-    def remove_replication(self) -> None:
+    def remove_replication(self, after_cutover: bool = False) -> None:
         """Subscriptions, slots and publications of this operation, wherever they are. A slot
-        left behind would retain WAL; a target with a live subscription could not be dropped."""
-        Comparison(self).drop_slots()
-        for link in self.links:
-            name = link.name(self.op.id)
+        left behind would retain WAL; a target with a live subscription could not be dropped.
+        A database that is gone holds none of them; a server that does not answer may: what it
+        still holds is listed (Leftovers) and the operation stays open, to finish when it answers."""
+        left: list[str] = []
+        silent: dict[str, str] = {}
+
+        def on(shard: ShardSpec, objects: list[str], work: Callable[[psycopg.Connection], None]) -> None:
             try:
-                with self.connect(link.target) as conn:
-                    if conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)).fetchone():
-                        ident = sql.Identifier(name)
-                        conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
-                        conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
-                        conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
-            except UserError:
-                pass  # the target database is gone already
-            with self.connect(link.source) as conn:
-                for _ in range(50):
-                    active = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                                          (name,)).fetchone()
-                    if not active:
-                        break
-                    if not active[0]:
-                        conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-                        break
-                    time.sleep(0.1)  # the walsender of a just-disabled subscription is exiting
-                conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+                with self._database(shard) as conn:
+                    if conn is not None:
+                        work(conn)
+            except (ServerUnreachable, psycopg.OperationalError) as exc:
+                silent.setdefault(shard.server, exc.summary if isinstance(exc, ServerUnreachable)
+                                  else str(exc).strip().splitlines()[0])
+                left.extend(f"{what} on server {shard.server} (database {shard.dbname})" for what in objects)
+
+        syncs: dict[str, list[str]] = {}  # per source: the prefixes of its links' table-sync slots
+
+        def unsubscribe(conn: psycopg.Connection, link: Link) -> None:
+            name = link.name(self.op.id)
+            row = conn.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (name,)).fetchone()
+            if row:  # dropped cut from its slot, it leaves a copy's unfinished table-sync slots to us
+                syncs.setdefault(link.source.name, []).append(f"pg_{row[0]}_sync_")
+            replica.drop_subscription(conn, name)
+
+        for link in self.links:  # subscriptions first: their walsenders then let go of the slots
+            on(link.target, [f"subscription {link.name(self.op.id)}"], partial(unsubscribe, link=link))
+        for source in self.sources:
+            names = [link.name(self.op.id) for link in self.links if link.source == source]
+            slots = [*names, Comparison(self).slot(source)]  # and the verification's
+            on(source, [f"slot {n}" for n in slots] + [f"publication {n}" for n in names],
+               partial(_unpublish, slots=slots, publications=names, sync_prefixes=syncs.get(source.name, [])))
+        if not left:
+            return
+        servers = ", ".join(f"server {name} did not answer ({why})" for name, why in sorted(silent.items()))
+        listed = "\n".join(f"  - {item}" for item in left)
+        if after_cutover:
+            raise Leftovers(
+                f"{self.label}: the cutover is done ({', '.join(t.name for t in self.targets)} own the range and take"
+                f" writes), but its cleanup is not: {servers}",
+                f"Left behind (a slot keeps its server's WAL until it is dropped):\n{listed}\n"
+                "No row is lost and no writer waits on them. The operation stays open: once the server answers"
+                " again (`shardctl up` starts an embedded one), `shardctl apply` finishes the cleanup;"
+                " `shardctl status` lists what is left.")
+        raise Leftovers(
+            f"{self.label}: not finished: {servers}",
+            f"Left behind:\n{listed}\nThe operation stays open; once the server answers again (`shardctl up`"
+            f" starts an embedded one), run `shardctl abort {self.op.id}` again.")
+
+    @contextmanager
+    def _database(self, shard: ShardSpec):
+        """A connection to the shard's database, or None when its server answers and the database
+        does not exist (dropped already). A server that does not answer raises ServerUnreachable."""
+        handle = self.ctx.fleet.servers.get(shard.server)
+        if handle is None:
+            raise MoveFailed(f"{self.label}: server {shard.server!r} of {shard.dbname} is no longer declared",
+                             "declare it again so shardctl can remove what the move made there")
+        with handle.connect() as conn:
+            exists = store.database_exists(conn, shard.dbname)
+        if not exists:
+            yield None
+            return
+        with handle.connect(shard.dbname) as conn:
+            yield conn
 
     def flip(self, history: dict) -> None:
-        with self.step("flip"), self.ctx.catalog.transaction():
+        # one transaction holds the routing change and the journal's record of it
+        with self.step("flip", atomic=True):
             if self.relocation:
                 self._flip_names()
             else:
@@ -798,7 +954,11 @@ class Move:
             record_schema(self.ctx, self.database, target.model_copy(update={"name": source.name}), state="active")
 
     def abort(self, state: str = "aborted") -> None:
-        """Undo an operation that has not flipped: replication objects, fence, targets."""
+        """Undo an operation that has not flipped: replication objects, fence, targets. After the
+        cutover the targets own the range and hold writes nobody else has: refused."""
+        if journal.cut_over(self.ctx.catalog, self.op.id):
+            raise MoveFailed(f"{self.label}: operation {self.op.id} has passed its cutover and cannot be undone",
+                             "its targets own the range and hold the writes made since; `shardctl apply` finishes it")
         self.remove_replication()
         replica.unfollow(self.ctx, self.database, self.targets)
         self.lift_fence()
@@ -812,16 +972,25 @@ class Move:
         self.op.finish(state)
 
 
-def subscription_failed(label: str, operation: int, link: Link, exc: psycopg.Error) -> MoveFailed:
+def _unpublish(conn: psycopg.Connection, slots: list[str], publications: list[str], sync_prefixes: list[str]) -> None:
+    for prefix in sync_prefixes:
+        slots = slots + [r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE"
+                                                    " starts_with(slot_name, %s) ORDER BY 1", (prefix,))]
+    for name in slots:
+        replica.drop_slot(conn, name)
+    for name in publications:
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def subscription_failed(label: str, operation: int, link: Link, exc: psycopg.Error, source: str) -> MoveFailed:
     """A subscription the target's server refused: a database condition, named with its server,
-    step and operation, and the ways forward (never a bug report)."""
+    step and operation, and the ways forward (never a bug report). SOURCE: what is true of the
+    source now (Move.source_state)."""
     diag = exc.diag
     why = " ".join(p for p in (diag.message_primary, diag.message_detail, diag.message_hint) if p) or str(exc)
     return MoveFailed(f"{label}: server {link.target.server} refused the subscription of {link.target.dbname}"
                       f" (step subscribe, operation {operation}): {why}",
-                      "`shardctl doctor` checks what moves need on every server. Once fixed, `shardctl apply`"
-                      f" resumes the operation; `shardctl abort {operation}` removes what it created instead"
-                      " (the source is untouched either way)")
+                      f"`shardctl doctor` checks what moves need on every server. Fix the cause; {source}")
 
 
 def origin_readable(conn: psycopg.Connection) -> bool:
@@ -953,9 +1122,8 @@ def retired_note(ctx: ApplyContext, action, what: str) -> str:
 
 
 def resumed_flipped(ctx: ApplyContext, operation: int) -> bool:
-    return one(ctx.catalog.execute(
-        "SELECT EXISTS (SELECT 1 FROM shardctl.journal WHERE operation = %s AND step LIKE '%%: flip'"
-        " AND status = 'done')", (operation,)))[0]
+    """Whether the operation is past its cutover, read from the routing (journal.CUT_OVER)."""
+    return journal.cut_over(ctx.catalog, operation)
 
 
 def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
@@ -1023,5 +1191,6 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
                                          "verified_changed_keys": move.verified_keys, "key_rounds": comparison.log[-6:],
                                          "pause_ms": move.pause_ms(),
                                          "actor": move.ctx.actor}))
-        move.say(f"writes to the range paused for {move.pause_ms():.0f} ms (fence to flip)")
+        move.say(f"writes to the range paused for {move.pause_ms():.0f} ms (fence to flip"
+                 + (", from the fence an interrupted run left)" if move.inherited_pause else ")"))
     return figures

@@ -99,7 +99,7 @@ def detach(ctx: ApplyContext, branch: str, target: ShardSpec, shards: Iterable[S
             with handle.connect(target.dbname) as conn:
                 conn.execute("SET default_transaction_read_only = off")  # read-only is for its readers
                 for name in _subscriptions(conn):
-                    _drop_subscription(conn, name)
+                    drop_subscription(conn, name)
     _unlink(ctx, branch, shards, publications=True)
 
 
@@ -115,7 +115,7 @@ def _unlink(ctx: ApplyContext, branch: str, shards: Iterable[ShardSpec], publica
             if not store.database_exists(conn, shard.dbname):
                 continue
         with server.connect(shard.dbname) as conn:
-            _drop_slot(conn, link_name(branch, shard.dbname))
+            drop_slot(conn, link_name(branch, shard.dbname))
             if publications:
                 conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication(branch))))
 
@@ -131,7 +131,7 @@ def detach_recorded(ctx: ApplyContext, branch: str, target: ShardSpec, database:
     detach(ctx, branch, target, shards)
 
 
-def _drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> None:
+def drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> None:
     """Drop our slot; a walsender still serving a just-disabled subscription lets go of it in a
     moment (and is ended if it does not: the slot is ours and its subscription is gone)."""
     deadline = time.monotonic() + patience
@@ -296,7 +296,7 @@ def hand_over(ctx: ApplyContext, branch: str, replica: ShardSpec, sources: Itera
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(
                 sql.Identifier(link_name(branch, target.dbname) + NEXT)))
         for source in source_links:
-            _drop_subscription(conn, link_name(branch, source.dbname))
+            drop_subscription(conn, link_name(branch, source.dbname))
     _unlink(ctx, branch, sources, publications=True)
     with handle.connect(replica.dbname) as conn:
         conn.execute("SET default_transaction_read_only = off")
@@ -332,7 +332,14 @@ def _wait_confirmed(ctx: ApplyContext, branch: str, source: ShardSpec, slot: str
             time.sleep(0.05)
 
 
-def _drop_subscription(conn: psycopg.Connection, name: str) -> None:
+def drop_subscription(conn: psycopg.Connection, name: str) -> None:
+    """Disable it, cut it from its slot (so that this works with the publisher down: the slot is
+    dropped on the publisher's side), drop it. Nothing to do when it does not exist. (A replica's
+    database is read-only for its readers, not for this.)"""
+    conn.execute("SET default_transaction_read_only = off")
+    if not conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s AND subdbid = (SELECT oid FROM"
+                        " pg_database WHERE datname = current_database())", (name,)).fetchone():
+        return
     ident = sql.Identifier(name)
     conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
     conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
@@ -356,5 +363,5 @@ def unfollow(ctx: ApplyContext, database: str, targets: Iterable[ShardSpec]) -> 
                     present = set(_subscriptions(conn))
                     for target in targets:
                         if link_name(branch, target.dbname) + NEXT in present:
-                            _drop_subscription(conn, link_name(branch, target.dbname) + NEXT)
+                            drop_subscription(conn, link_name(branch, target.dbname) + NEXT)
         _unlink(ctx, branch, targets, publications=False)  # the targets' databases are dropped next

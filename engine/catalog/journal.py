@@ -4,17 +4,27 @@ Executors are written so that each step can run again after a crash (they check 
 exists); the journal tells a person, `status` and a resuming apply what was in flight.
 A failpoint (SHARDCTL_FAILPOINT=<step prefix>) kills the process right after a step's 'begin'
 is recorded, so the crash tests can stop an apply at every step for real; a slowpoint
-(SHARDCTL_SLOWPOINT=<step prefix>=<seconds>) holds a step there, so a test can signal it mid-way.
+(SHARDCTL_SLOWPOINT=<step prefix>=<seconds>) holds a step there, so a test can signal it mid-way;
+a holdpoint (SHARDCTL_HOLDPOINT=<step prefix>=<file>) writes <file>.held there and waits until
+<file> exists, so a test can kill a PostgreSQL server while the apply stands at that very point.
+An atomic step (the cutover) records 'done' in its own catalog transaction, and its points are
+also offered right after that commit under the name "<step>, committed".
+
+Whether a move is past its cutover is read from the routing state (`CUT_OVER`), not only from
+the journal: the flip's journal row commits with the flip, and a catalog that recorded a flip
+some other way (an older shardctl) is judged by what routes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -31,6 +41,8 @@ BACKUP_KINDS = ("create_backup",)  # resumed by the next `shardctl backups creat
 
 FAILPOINT_ENV = "SHARDCTL_FAILPOINT"
 SLOWPOINT_ENV = "SHARDCTL_SLOWPOINT"  # "<step prefix>=<seconds>": a step that takes that much longer
+HOLDPOINT_ENV = "SHARDCTL_HOLDPOINT"  # "<step prefix>=<file>": a step that waits for FILE to exist
+HOLD_LIMIT = 300.0  # seconds a holdpoint waits at most (a test that died never releases it)
 _stop_requested = False
 # depth of `until_done` blocks, per thread: a stop waits for the end of the move's own block
 # (moves on disjoint servers run in threads side by side, each past or before its own fence)
@@ -82,24 +94,31 @@ class Operation:
         return cls(conn, op_id)
 
     @contextmanager
-    def step(self, name: str, **detail: Any) -> Iterator[None]:
+    def step(self, name: str, atomic: bool = False, **detail: Any) -> Iterator[dict[str, Any]]:
+        """Record the step's 'begin', run it, record 'done' (or 'failed'). The block may add
+        figures to the dict it is given; they are kept in the 'done' row. ATOMIC: the block runs
+        in a catalog transaction that also holds the 'done' row, so no crash separates what the
+        step changed in the catalog from the journal's record of it."""
         if _stop_requested and not getattr(_unstoppable, "depth", 0):
             raise Interrupted(f"stopped before step {name!r}; apply again to continue")
         self._record(name, "begin", detail)
-        failpoint = os.environ.get(FAILPOINT_ENV)
-        if failpoint and name.startswith(failpoint):
-            os.kill(os.getpid(), signal.SIGKILL)
-        slowpoint = os.environ.get(SLOWPOINT_ENV, "")
-        if "=" in slowpoint and name.startswith(slowpoint.rsplit("=", 1)[0]):
-            time.sleep(float(slowpoint.rsplit("=", 1)[1]))
+        points(name)
+        outcome: dict[str, Any] = {}
         try:
-            yield
+            if atomic:
+                with self.conn.transaction():
+                    yield outcome
+                    self._record(name, "done", {**detail, **outcome})
+                points(f"{name}, committed")
+            else:
+                yield outcome
         except BaseException as exc:
-            self._record(
-                name, "failed", {**detail, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-            )
+            with contextlib.suppress(psycopg.OperationalError):  # a catalog gone keeps the first error
+                self._record(name, "failed", {**detail, "error": str(exc).splitlines()[0] if str(exc)
+                                              else type(exc).__name__})
             raise
-        self._record(name, "done", detail)
+        if not atomic:
+            self._record(name, "done", {**detail, **outcome})
 
     def progress(self, figures: dict[str, Any]) -> None:
         """The latest progress of a long step (rows, rates, lag, ETA), for `status` and the daemon.
@@ -124,20 +143,58 @@ class Operation:
         )
 
 
+def points(name: str) -> None:
+    """The test points of a step (module docstring): kill here, hold a while, or hold until told."""
+    failpoint = os.environ.get(FAILPOINT_ENV)
+    if failpoint and name.startswith(failpoint):
+        os.kill(os.getpid(), signal.SIGKILL)
+    slowpoint = os.environ.get(SLOWPOINT_ENV, "")
+    if "=" in slowpoint and name.startswith(slowpoint.rsplit("=", 1)[0]):
+        time.sleep(float(slowpoint.rsplit("=", 1)[1]))
+    holdpoint = os.environ.get(HOLDPOINT_ENV, "")
+    if "=" in holdpoint and name.startswith(holdpoint.rsplit("=", 1)[0]):
+        release = Path(holdpoint.rsplit("=", 1)[1])
+        Path(f"{release}.held").write_text(name)
+        deadline = time.monotonic() + HOLD_LIMIT
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+# Is operation o (in a query over shardctl.operations o) past its cutover? Its flip's journal row
+# says so, and so does the routing itself: one of its targets (server and database) is an
+# active shard, which only the flip makes it.
+CUT_OVER = """(EXISTS (SELECT 1 FROM shardctl.journal j WHERE j.operation = o.id AND j.step LIKE '%%: flip'
+                  AND j.status = 'done')
+       OR EXISTS (SELECT 1 FROM shardctl.shards s,
+                         jsonb_path_query(o.detail -> 'action', 'lax $.targets[*]') t
+                  WHERE s.database = o.detail -> 'action' ->> 'database' AND s.state = 'active'
+                    AND s.server = t ->> 'server' AND s.dbname = t ->> 'dbname')
+       OR EXISTS (SELECT 1 FROM shardctl.shards s
+                  WHERE s.database = o.detail -> 'action' ->> 'database' AND s.state = 'active'
+                    AND s.server = o.detail -> 'action' -> 'target' ->> 'server'
+                    AND s.dbname = o.detail -> 'action' -> 'target' ->> 'dbname'))"""
+
+
+def cut_over(conn: psycopg.Connection, operation: int) -> bool:
+    """Whether this move has passed its cutover: its targets own the range (see CUT_OVER)."""
+    return bool(one(conn.execute(f"SELECT {CUT_OVER} FROM shardctl.operations o WHERE o.id = %s",
+                                 (operation,)))[0])
+
+
 def interrupted(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Operations left 'running': interrupted when their process died, or in progress when the
-    apply lock is held. With the last step, whether a move is past its cutover (its flip is
-    done: only cleanup is left, it can no longer be aborted), and its latest progress."""
+    apply lock is held. With the last step, whether a move is past its cutover (its targets
+    own the range: only cleanup is left, it can no longer be aborted), its latest progress, and
+    the error its last step failed with (None when it did not fail: the process died)."""
     rows = conn.execute(
         "SELECT o.id, o.kind, o.address, o.started_at,"
         " (SELECT step FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1),"
-        " EXISTS (SELECT 1 FROM shardctl.journal j WHERE j.operation = o.id AND j.step LIKE '%%: flip'"
-        "         AND j.status = 'done'),"
-        " o.detail -> 'progress'"
+        f" {CUT_OVER}, o.detail -> 'progress',"
+        " (SELECT detail ->> 'error' FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1)"
         " FROM shardctl.operations o WHERE o.state = 'running' ORDER BY o.id"
     ).fetchall()
     return [dict(id=r[0], kind=r[1], address=r[2], started_at=r[3], last_step=r[4], past_cutover=r[5],
-                 progress=r[6]) for r in rows]
+                 progress=r[6], error=r[7]) for r in rows]
 
 
 def close_interrupted(conn: psycopg.Connection) -> None:

@@ -392,14 +392,14 @@ def reshard_events(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 
 def pending_moves(conn: psycopg.Connection, kinds: tuple[str, ...] = MOVE_KINDS) -> list[PendingMove]:
-    """Operations of these kinds left 'running', with the action each was started from."""
+    """Operations of these kinds left 'running', with the action each was started from; a move's
+    `flipped` is read from the routing state (journal.CUT_OVER)."""
     rows = conn.execute(
         """SELECT o.id, o.kind, o.detail,
                   (SELECT step FROM shardctl.journal j WHERE j.operation = o.id ORDER BY seq DESC LIMIT 1),
                   EXISTS (SELECT 1 FROM shardctl.journal j WHERE j.operation = o.id AND j.step LIKE '%%: fence'
                           AND j.status = 'done'),
-                  EXISTS (SELECT 1 FROM shardctl.journal j WHERE j.operation = o.id AND j.step LIKE '%%: flip'
-                          AND j.status = 'done')
+                  """ + journal.CUT_OVER + """
            FROM shardctl.operations o
            WHERE o.state = 'running' AND o.kind = ANY(%s) ORDER BY o.id""",
         (list(kinds),),

@@ -196,6 +196,24 @@ class Capabilities(Frozen):
     clock_offset_s: float  # the server's clock minus this host's
 
 
+class ReplicationObject(Frozen):
+    kind: str  # slot or subscription
+    name: str
+    database: str | None  # the slot's or the subscription's database
+    active: bool  # a slot: a walsender streams from it; a subscription: enabled
+    retained_bytes: int | None = None  # a slot: WAL kept for it (None: unknown, e.g. invalidated)
+    lag_bytes: int | None = None  # a slot: WAL its consumer has not confirmed yet
+    running: bool | None = None  # a subscription: its apply worker runs (connected to its publisher)
+    errors: int | None = None  # a subscription: apply and table-sync errors since it was made
+    error: str | None = None  # a broken subscription: the reason its server logged, when readable
+
+    @property
+    def broken(self) -> bool:
+        """An enabled subscription whose apply worker is not running: it cannot reach its publisher
+        (the worker is started again every few seconds and fails each time)."""
+        return self.kind == "subscription" and self.active and self.running is False
+
+
 class LiveServer(Frozen):
     name: str
     reachable: bool
@@ -204,8 +222,8 @@ class LiveServer(Frozen):
     wal_level: str | None = None
     databases: tuple[str, ...] = ()
     capabilities: Capabilities | None = None  # None: not read (an older observation, or the query failed)
-    # the slots of replica branches' links on this server and their lag in bytes (None: not read)
-    replica_slots: dict[str, int | None] | None = None
+    # every slot and subscription named by shardctl (engine/observe/replication.py; None: not read)
+    replication: tuple[ReplicationObject, ...] | None = None
 
 
 class HourlySeries(Frozen):

@@ -16,7 +16,7 @@ from engine.catalog import backups as backup_catalog
 from engine.catalog import store
 from engine.clock import Clock, system_clock
 from engine.errors import redact
-from engine.observe import capabilities, fanout, introspect, replica_links
+from engine.observe import capabilities, fanout, introspect, replication
 from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
@@ -129,16 +129,15 @@ def inspect_server(fleet: Fleet, name: str, watch: fanout.Watch | None = None) -
                     raise
                 found = None  # unknown: no check is failed for it, doctor says it could not read them
             try:
-                slots: dict[str, int | None] | None = {
-                    r[0]: None if r[1] is None else max(int(r[1]), 0)
-                    for r in conn.execute(replica_links.SLOTS_QUERY)}
+                embedded = fleet.servers[name].embedded
+                objects = replication.read(conn, embedded.log_file if embedded is not None else None)
             except psycopg.Error:
                 if watch is not None and watch.cut:
                     raise
-                slots = None  # not readable by this role: the links' state is unknown, never missing
+                objects = None  # not readable by this role: the links' state is unknown, never missing
     except ServerUnreachable as exc:
         return LiveServer(name=name, reachable=False, error=exc.summary)
     except psycopg.Error as exc:
         return LiveServer(name=name, reachable=False, error=redact(str(exc)))
     return LiveServer(name=name, reachable=True, version=version, wal_level=wal_level, databases=databases,
-                      capabilities=found, replica_slots=slots)
+                      capabilities=found, replication=objects)

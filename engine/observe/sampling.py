@@ -20,10 +20,10 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from engine.config.models import DEFAULT_DEADLINE
-from engine.observe import cleaning, fanout
+from engine.observe import cleaning, fanout, replication
 from engine.observe.collectors import Collector, default_collectors
 from engine.observe.metrics import METRICS, Capacity, Reading, Sample, derive
-from engine.observe.models import CatalogShard
+from engine.observe.models import CatalogShard, ReplicationObject
 from engine.servers.connect import ServerHandle, ServerUnreachable
 from engine.servers.fleet import Fleet
 
@@ -226,6 +226,19 @@ class LiveSampler:
                 found[name] = [(str(r[0]), None if r[1] is None else float(r[1]),
                                 None if r[2] is None else float(r[2])) for r in rows]
         return found
+
+    def replication_objects(self, servers: list[str]) -> dict[str, tuple[ReplicationObject, ...]]:
+        """Each server's slots and subscriptions of shardctl's naming (engine/observe/replication.py),
+        read each round so that a link that breaks shows within one interval. A server that does
+        not answer in time, or does not let this role read them, gives none (unknown)."""
+        def reader(handle: ServerHandle):
+            log_file = handle.embedded.log_file if handle.embedded is not None else None
+            return lambda watch: self._on_server(handle, watch, lambda conn: replication.read(conn, log_file))
+
+        jobs = {name: reader(self.fleet.servers[name]) for name in servers if name in self.fleet.servers}
+        return {name: outcome.value for name, outcome in sorted(fanout.fan_out(jobs, self.deadline,
+                                                                                 workers=self.workers).items())
+                if outcome.ok and outcome.value is not None}
 
     def sample(self, shards: list[CatalogShard]) -> dict[str, tuple[Reading, Sample]]:
         return self.sample_round(shards).pairs

@@ -27,6 +27,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from engine.observe.models import Capabilities, LiveServer
+from engine.observe.replication import Orphan, size_text
 
 SUPPORTED_MAJOR = 15
 SKEW_WARN_S = 1.0
@@ -243,6 +244,35 @@ def metrics_check(name: str, spec, live: LiveServer) -> Check:
                  found="every metric readable" if not gaps else "unknown for every shard: " + "; ".join(
                      f"{metric} ({why.split(':')[0]})" for metric, why in sorted(gaps.items())),
                  fix="; ".join(why.split(": ", 1)[1] for _, why in sorted(gaps.items())), warning=True)
+
+
+def replication_checks(live: LiveServer, orphans: list[Orphan] | None) -> list[Check]:
+    """What shardctl's replication objects on this server say: leftovers that no running operation
+    owns (ORPHANS: None when the catalog could not be read), and subscriptions that cannot reach
+    their publisher. Warnings: nothing is refused for them."""
+    if live.replication is None:
+        return []
+    out = []
+    if orphans is not None:
+        mine = [o for o in orphans if o.server == live.name]
+        kept = sum(o.object.retained_bytes or 0 for o in mine)
+        out.append(Check(server=live.name, name="leftover replication", ok=not mine,
+                         found="none" if not mine else f"{len(mine)} object{'s' if len(mine) != 1 else ''} no running"
+                         f" operation owns, {size_text(kept)} of WAL retained: "
+                         + "; ".join(f"{o.object.kind} {o.object.name}" for o in mine),
+                         fix="" if not mine else "`shardctl orphans --remove` drops them (`shardctl orphans` lists"
+                         " them with why)", warning=True))
+    broken = [o for o in live.replication if o.broken]
+    subscriptions = sum(1 for o in live.replication if o.kind == "subscription")
+    out.append(Check(server=live.name, name="replication links", ok=not broken,
+                     found=f"{subscriptions} subscriptions of shardctl's, none failing to connect" if not broken
+                     else "; ".join(
+                         f"subscription {o.name} (database {o.database}) cannot reach its publisher: "
+                         + (o.error or "its server's log says why") for o in broken),
+                     fix="" if not broken else "if a password was rotated, give shardctl the new one and make the"
+                     " link again (`shardctl branches reset NAME` for a replica; `shardctl apply` for a move);"
+                     " if its publisher's server is down, bring it back", warning=True))
+    return out
 
 
 def tls_check(live: LiveServer) -> Check | None:

@@ -381,7 +381,8 @@ class Drift(Frozen):
     """Something changed outside shardctl, told in the past tense, apart from the actions."""
 
     address: str
-    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable", "strays", "replica_link"]
+    kind: Literal["deleted", "schema_changed", "unmanaged", "unreachable", "strays", "replica_link",
+                  "leftover_replication"]
     summary: str
     details: tuple[str, ...] = ()
 

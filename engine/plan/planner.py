@@ -21,8 +21,9 @@ from engine.config import models
 from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
+from engine.observe import replication
 from engine.observe.models import CatalogDatabase, Observation
-from engine.observe.replica_links import replica_links
+from engine.observe.replica_links import broken_text, replica_links
 from engine.plan import checks, identity, rightsizing
 from engine.plan.forecast import forecast_actions
 from engine.plan.load import load_actions
@@ -648,6 +649,14 @@ def _observe_fleet_drift(p: _Planning) -> None:
                         f" publication was dropped outside shardctl): their writes no longer reach it; make it"
                         f" again with `shardctl branches reset {replica.branch}`",
                 details=replica.missing))
+        if replica.broken:
+            p.drift.append(Drift(
+                address=f"branch.{replica.branch}", kind="replica_link",
+                summary=f"cannot reach {len(replica.broken)} of {replica.parent}'s shards: their writes no longer"
+                        " reach it",
+                details=tuple(f"{link.shard}: " + broken_text(replica.branch, replica.server, link.shard, link.server,
+                                                             link.error) for link in replica.broken)))
+    p.drift.extend(_leftover_replication(observation))
     for address, counts in sorted(observation.strays.items()):
         if counts:
             p.drift.append(
@@ -669,6 +678,25 @@ def _observe_fleet_drift(p: _Planning) -> None:
                 f"server.{server.name}: wal_level is {server.wal_level}; splits and merges will need"
                 " wal_level = logical"
             )
+
+
+def _leftover_replication(observation: Observation) -> list[Drift]:
+    """Per server, the replication objects of shardctl's naming that no running operation owns
+    (engine/observe/replication.py): a slot among them retains the server's WAL."""
+    by_server: dict[str, list] = {}
+    for orphan in replication.orphans(observation.catalog, observation.servers):
+        by_server.setdefault(orphan.server, []).append(orphan)
+    out = []
+    for server, found in sorted(by_server.items()):
+        kept = sum(o.object.retained_bytes or 0 for o in found)
+        out.append(Drift(
+            address=f"server.{server}", kind="leftover_replication",
+            summary=f"holds {len(found)} replication object{'s' if len(found) != 1 else ''} of shardctl's that no"
+                    f" running operation owns ({replication.size_text(kept)} of WAL retained);"
+                    " `shardctl orphans --remove` drops them",
+            details=tuple(f"{o.object.kind} {o.object.name} (database {o.object.database}):"
+                          f" {replication.describe(o.object)}; {o.why}" for o in found)))
+    return out
 
 
 def resume_move(pending, in_flight: str | None = None) -> Any:

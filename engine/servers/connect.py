@@ -81,6 +81,9 @@ class ServerHandle:
             raise ServerUnreachable(self.name, dbname, exc, self.how_to_reach()) from None
         try:
             yield conn
+        except psycopg.Error as exc:
+            blame(exc, self.name, dbname, certain=conn.broken)
+            raise
         finally:
             conn.close()
 
@@ -94,6 +97,20 @@ class ServerHandle:
                     " password or passfile, sslmode); `shardctl doctor` checks every server")
         return (f"check that the server is running and the service {self.spec.service!r} in pg_service.conf"
                 " (PGSERVICEFILE) reaches it; `shardctl doctor` checks every server")
+
+
+def blame(exc: psycopg.Error, server: str, dbname: str, certain: bool) -> None:
+    """Name the server an error came from, for the CLI's message. Several connections' contexts
+    may see one error go by (those a move holds open together); the innermost claims it, unless
+    another one's connection is the one that broke (a server that stopped answering)."""
+    if getattr(exc, "shardctl_server", None) is None or (certain and not getattr(exc, "shardctl_certain", False)):
+        exc.shardctl_server = (server, dbname)  # type: ignore[attr-defined]
+        exc.shardctl_certain = certain  # type: ignore[attr-defined]
+
+
+def blamed(exc: BaseException) -> tuple[str, str] | None:
+    """(server, database) an error came from, when a connection of ours saw it."""
+    return getattr(exc, "shardctl_server", None)
 
 
 class ServerUnreachable(UserError):

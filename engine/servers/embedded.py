@@ -130,8 +130,8 @@ class EmbeddedServer:
         except ProcessLookupError:
             return None
         except PermissionError:
-            return pid
-        if not (self.socket_dir / f".s.PGSQL.{PORT}").exists():
+            return pid if _alive(pid) else None
+        if not _alive(pid) or not (self.socket_dir / f".s.PGSQL.{PORT}").exists():
             return None
         return pid
 
@@ -158,6 +158,7 @@ class EmbeddedServer:
         """Initialise if needed and start. Returns False when it was already running."""
         if self.running_pid():
             return False
+        self._wait_for_dead_postmaster()
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)  # its server log holds statements and values
         private.check_shell_safe(self.data_dir, "data directory")
@@ -178,6 +179,25 @@ class EmbeddedServer:
         ], what="start")
         self._create_extensions()
         return True
+
+    def _wait_for_dead_postmaster(self, patience: float = 30.0) -> None:
+        """A postmaster killed a moment ago: it lingers as a zombie until its parent (often init)
+        reaps it, and its children leave its shared memory as they notice. PostgreSQL refuses to
+        start until both are gone (it takes a zombie's pid for a live postmaster), so wait for
+        them; a zombie nobody reaps holds nothing, and then its lock files are removed."""
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            lines = pid_file.read_text().splitlines()
+            pid = int(lines[0])
+        except (OSError, ValueError, IndexError):
+            return
+        shmid = lines[6].split()[-1] if len(lines) > 6 and lines[6].split() else None
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline and (_exists(pid) or _attached(shmid)):
+            time.sleep(0.1)
+        if _exists(pid) and not _alive(pid):
+            for lock in (pid_file, self.socket_dir / f".s.PGSQL.{PORT}.lock"):
+                lock.unlink(missing_ok=True)
 
     def _create_extensions(self) -> None:
         """The statistics views the metric collectors read (tiers 2 and 3); both ship in the wheel."""
@@ -295,6 +315,45 @@ class EmbeddedServer:
                 (proc.stderr.strip() or proc.stdout.strip())
                 + (f"\n\nLast lines of {self.log_file}:\n{tail}" if tail else ""),
             )
+
+
+def _exists(pid: int) -> bool:
+    """Whether any process, a zombie included, has this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _alive(pid: int) -> bool:
+    """False for a process that has exited (a zombie waiting to be reaped, or dying): a killed
+    postmaster still answers signals until its parent reaps it. Where /proc is missing, alive."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _attached(shmid: str | None) -> int:
+    """Processes still attached to a System V shared memory segment (a dead postmaster's
+    children that have not noticed yet); 0 when it is gone or cannot be read."""
+    if not shmid:
+        return 0
+    try:
+        rows = Path("/proc/sysvipc/shm").read_text().splitlines()
+    except OSError:
+        return 0
+    for row in rows[1:]:
+        fields = row.split()
+        if len(fields) > 6 and fields[1] == shmid:
+            return int(fields[6])
+    return 0
 
 
 def _system_user() -> str | None:

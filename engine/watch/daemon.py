@@ -31,11 +31,11 @@ from engine.config import loader
 from engine.config.loader import Desired
 from engine.detect.forecast import shard_outlook
 from engine.errors import ConfigError, LockHeldError, UserError, redact
-from engine.observe import history
+from engine.observe import history, replication
 from engine.observe.metrics import METRICS, Sample
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
-from engine.observe.replica_links import replica_links
+from engine.observe.replica_links import broken_text, replica_links
 from engine.observe.sampling import LiveSampler
 from engine.plan import load as load_rules
 from engine.plan import planner, rightsizing
@@ -52,6 +52,7 @@ from engine.watch.view import (
     BranchLinkView,
     BranchView,
     HistoryEntry,
+    OrphanView,
     ReplicaView,
     ShardView,
     Snapshot,
@@ -322,6 +323,12 @@ class Daemon:
                          for server, found in sorted(sampler.replication(
                              sorted({s.server for s in shards} - set(silent))).items())
                          for name, lag_bytes, lag_seconds in found)
+        # shardctl's slots and subscriptions, read each round: a link that breaks (a password rotated,
+        # a server gone) or a slot left behind shows within one interval
+        objects = sampler.replication_objects(sorted(set(self.fleet.servers) - set(silent)))  # not twice late
+        links, orphans = replication_views(observation.model_copy(update={"servers": {
+            name: live.model_copy(update={"replication": objects.get(name)})
+            for name, live in observation.servers.items()}}))
         self.view.add_points(points)
         self.view.forget(set(points))
         if state.paused != self.view.get().paused:
@@ -337,7 +344,7 @@ class Daemon:
                 for s in sorted(shards, key=lambda s: s.address))
             return dict(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
                         paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by,
-                        replicas=replicas, silent_servers=tuple(silent))
+                        replicas=replicas, silent_servers=tuple(silent), branch_links=links, orphans=orphans)
         self.view.update_with(changes)
         self.view.record_collection(took)
         self._collected.set()
@@ -453,15 +460,13 @@ class Daemon:
                                     created_at=b.created_at, expires_at=b.expires_at, size_bytes=b.size_bytes)
                          for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name))
         advice = tuple(a.describe() for a in rightsizing.fleet_advice(self.desired, observation))
-        links = tuple(BranchLinkView(branch=r.branch, shard=link.shard, server=link.server, state=link.state,
-                                     lag_bytes=link.lag_bytes)
-                      for r in replica_links(observation.catalog, observation.servers) for link in r.links)
+        links, orphans = replication_views(observation)
         self.view.update_with(lambda snapshot: dict(
             plan=plan, plan_text=render_text(plan), planned_at=now(),
             autonomous=tuple(a.address for a in decision.autonomous), pending=decision.pending,
             notes=tuple(w for w in plan.warnings if w not in advice), advice=advice,  # advice has its own place
             shards=self._judged(snapshot, verdicts, observation),
-            history=tuple(_history_entry(h) for h in recent), branches=branches, branch_links=links,
+            history=tuple(_history_entry(h) for h in recent), branches=branches, branch_links=links, orphans=orphans,
             paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by))
 
     def _judged(self, snapshot: Snapshot, verdicts, observation) -> tuple[ShardView, ...]:
@@ -562,6 +567,21 @@ class Daemon:
         line = json.dumps({"ts": now().isoformat(timespec="milliseconds"), "event": event, **fields},
                           default=str, sort_keys=False)
         self._log_line(redact(line))
+
+
+def replication_views(observation: Observation) -> tuple[tuple[BranchLinkView, ...], tuple[OrphanView, ...]]:
+    """The replica branches' links (a broken one with why and what to do) and the leftover
+    replication, as the dashboard, the API and /metrics show them."""
+    links = tuple(BranchLinkView(branch=r.branch, shard=link.shard, server=link.server, state=link.state,
+                                 lag_bytes=link.lag_bytes,
+                                 error=broken_text(r.branch, r.server, link.shard, link.server, link.error)
+                                 if link.state == "broken" else None)
+                  for r in replica_links(observation.catalog, observation.servers) for link in r.links)
+    orphans = tuple(OrphanView(server=o.server, kind=o.object.kind, name=o.object.name, database=o.object.database,
+                               operation=o.operation, retained_bytes=o.object.retained_bytes,
+                               text=o.text)
+                    for o in replication.orphans(observation.catalog, observation.servers))
+    return links, orphans
 
 
 def decide_round(desired: Desired, observation: Observation, paused: bool) -> tuple[Plan, autonomy.Decision]:

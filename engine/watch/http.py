@@ -109,6 +109,10 @@ ROUTES = {
     "/api/history": lambda d: {"history": [h.model_dump(mode="json") for h in d.view.get().history]},
     "/api/branches": lambda d: {"branches": [b.model_dump(mode="json") for b in d.view.get().branches],
                                 "replica_links": [link.model_dump(mode="json") for link in d.view.get().branch_links]},
+    # replica links (broken ones with why) and leftover replication, as of the last collection round
+    "/api/replication": lambda d: {
+        "replica_links": [link.model_dump(mode="json") for link in d.view.get().branch_links],
+        "orphans": [o.model_dump(mode="json") for o in d.view.get().orphans]},
 }
 
 

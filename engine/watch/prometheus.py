@@ -2,7 +2,8 @@
 
 A custom collector reads the snapshot at scrape time, so a scrape costs nothing between
 scrapes and never touches a database. Gauges per shard and metric; counters of actions by
-kind and result; a summary of collection round durations.
+kind and result; a summary of collection round durations; replica links (lag, missing, broken)
+and leftover replication.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class SnapshotCollector:
         yield from _replicas(snap)
         yield from _branch_links(snap)
         yield from _backups(snap)
+        yield from _leftovers(snap)
         if snap.last_collect_at is not None:
             yield GaugeMetricFamily("shardctl_last_collection_timestamp_seconds", "When the last round finished",
                                     value=snap.last_collect_at.timestamp())
@@ -161,6 +163,9 @@ def _branch_links(snap):
     missing = GaugeMetricFamily("shardctl_branch_replica_link_missing", "1 when a replica branch has no link to"
                                 " a shard of its parent (that shard's writes do not reach it)",
                                 labels=["branch", "shard"])
+    broken = GaugeMetricFamily("shardctl_branch_replica_link_broken", "1 when a replica branch's subscription"
+                               " cannot reach a shard of its parent (a rotated password, a server gone): the"
+                               " dashboard and /api/replication say why", labels=["branch", "shard", "server"])
     most = {}  # per branch, its largest known lag
     for link in snap.branch_links:
         if link.lag_bytes is not None:
@@ -168,11 +173,14 @@ def _branch_links(snap):
             most[link.branch] = max(most.get(link.branch, 0), link.lag_bytes)
         if link.state != "unknown":
             missing.add_metric([link.branch, link.shard], 1.0 if link.state == "missing" else 0.0)
+        if link.state in ("ok", "broken"):
+            broken.add_metric([link.branch, link.shard, link.server], 1.0 if link.state == "broken" else 0.0)
     for branch, value in sorted(most.items()):
         worst.add_metric([branch], float(value))
     yield lag
     yield worst
     yield missing
+    yield broken
 
 
 def _backups(snap):
@@ -202,3 +210,17 @@ def _backups(snap):
         if b.wal_lag_bytes is not None:
             lag.add_metric([b.server], float(b.wal_lag_bytes))
     yield from (last, age, every, streaming, lag)
+
+
+def _leftovers(snap):
+    """Slots and subscriptions of shardctl's naming that no running operation owns: how many (0
+    when none, so that a quiet fleet is told from an unscraped one), and the WAL each slot keeps."""
+    yield GaugeMetricFamily("shardctl_leftover_replication_objects", "Slots and subscriptions of shardctl's that no"
+                            " running operation owns (`shardctl orphans --remove` drops them)",
+                            value=float(len(snap.orphans)))
+    retained = GaugeMetricFamily("shardctl_leftover_replication_retained_bytes", "WAL a leftover slot keeps on its"
+                                 " server", labels=["server", "database", "slot"])
+    for orphan in snap.orphans:
+        if orphan.kind == "slot" and orphan.retained_bytes is not None:
+            retained.add_metric([orphan.server, orphan.database or "", orphan.name], float(orphan.retained_bytes))
+    yield retained
