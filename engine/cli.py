@@ -260,8 +260,9 @@ def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None,
     \b
     Causes are kept apart:
       config    the YAML changed: apply would change the fleet
+      waiting   the YAML asks for what must wait (a grace period): a later plan does it
       outside   the fleet changed outside shardctl: shards dropped or altered by hand
-      load      hot or cold shards: splits or merges pending (reported, not drift)
+      load      hot or cold shards, uneven storage: moves pending (reported, not drift)
     An apply in flight is waited for (it holds the lock), so half-applied state is never
     reported as drift. For CI: --detailed-exitcode exits 0 in sync, 2 drifted, 1 on error.
     """
@@ -347,9 +348,13 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
         show=lambda p: _print_plan(obj, p, "text"),
         requests=Requests(splits, merges),
     )
+    waits = len(result.plan.waiting)
+    still = (f"{waits} change{'s' if waits != 1 else ''} the configuration asks for wait{'s' if waits == 1 else ''}"
+             " for a later plan (`shardctl plan` shows why and until when).") if waits else ""
     if not result.plan.has_changes:
         if saved is not None:
-            click.echo("No changes. Your fleet matches the configuration.")
+            click.echo(f"No changes now. The fleet does not match the configuration yet: {still}" if waits
+                       else "No changes. Your fleet matches the configuration.")
         return
     c = result.counts
     retired = (
@@ -360,6 +365,8 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
     click.echo(
         f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed{retired}."
     )
+    if still:
+        click.echo(f"Not done yet: {still}")
 
 
 @cli.command()

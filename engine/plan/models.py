@@ -387,6 +387,16 @@ class Drift(Frozen):
     details: tuple[str, ...] = ()
 
 
+class Waiting(Frozen):
+    """What the configuration asks for and this plan cannot do yet: the fleet does not match the
+    configuration until a later plan does it. Why it waits, and until when where that is known
+    (a grace period, a cooldown); None: until something else happens first (named in `reason`)."""
+
+    address: str
+    reason: str
+    until: datetime | None = None
+
+
 class Summary(Frozen):
     add: int
     change: int
@@ -444,6 +454,7 @@ class Plan(Frozen):
     actions: tuple[Action, ...]
     drift: tuple[Drift, ...] = ()
     warnings: tuple[str, ...] = ()
+    waiting: tuple[Waiting, ...] = ()  # the configuration's changes a later plan does (engine.plan.reshard)
     metrics_source: str = "none"
     what_if: PolicyWhatIf | None = None  # with `plan --compare-policy`
     fleet: PlanFleet | None = None  # what the plan was made for (engine.plan.identity); apply checks it

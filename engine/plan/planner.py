@@ -53,6 +53,7 @@ from engine.plan.models import (
     SplitShard,
     StepSpec,
     UpdateDatabase,
+    Waiting,
     sort_actions,
 )
 from engine.plan.needs import needs
@@ -130,6 +131,7 @@ class _Planning:
     actions: list = field(default_factory=list)
     drift: list[Drift] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    waiting: list[Waiting] = field(default_factory=list)  # what the configuration needs and a later plan does
     problems: list[Diagnostic] = field(default_factory=list)
     consented: set[tuple[str, str]] = field(default_factory=set)
     renamed_from: set[str] = field(default_factory=set)
@@ -171,6 +173,7 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
         metrics_source=observation.metrics_source,
         catalog_exists=observation.catalog.exists, actions=actions,
         drift=tuple(sorted(p.drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(p.warnings))),
+        waiting=tuple(sorted(set(p.waiting), key=lambda w: (w.address, w.reason))),
         fleet=identity.record(desired, observation.catalog.fleet_id, actions),
     )
 
@@ -353,14 +356,17 @@ def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: Catal
 
 def _plan_shard_count(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
     """`shards:` raised: splits up to it; lowered: merges down to it (engine/plan/reshard.py)."""
+    where = str(_where(p.desired, name, "shards"))
     if name in p.by_hand:
-        if len([s for s in recorded.shards if s.state == "active"]) != db.spec.shards:
-            p.warnings.append(f"database.{name}: `shards: {db.spec.shards}` is planned after the split or merge"
-                              " asked for by hand is applied (plan again then)")
+        active = len([s for s in recorded.shards if s.state == "active"])
+        if active != db.spec.shards:
+            p.waiting.append(Waiting(address=f"database.{name}", reason=(
+                f"`shards: {db.spec.shards}` at {where}: {name} has {active} active shards; the resharding it needs"
+                " is planned once the split or merge asked for by hand is applied (plan again then)")))
         return
-    actions, notes = declared_actions(db, recorded, p.observation, str(_where(p.desired, name, "shards")))
+    actions, waits = declared_actions(db, recorded, p.observation, where)
     p.actions.extend(actions)
-    p.warnings.extend(notes)
+    p.waiting.extend(waits)
 
 
 def _plan_placement(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
@@ -387,6 +393,14 @@ def _plan_rebalance(p: _Planning) -> None:
         if any(a.database == name and a.kind != "update_database" for a in p.actions):
             continue
         actions, notes = rebalance(db, recorded, p.observation, capacity, str(_where(p.desired, name, "placement")))
+        placed = any(a.kind == "update_database" and a.database == name and any(c.path == "placement"
+                                                                                 for c in a.changes)
+                     for a in p.actions)
+        empty = set(db.spec.placement) - {s.server for s in recorded.shards if s.state == "active"}
+        if not placed and not empty:  # every server has shards: the data grew unevenly (load, not the YAML)
+            actions = [a.model_copy(update={"reason": Reason(
+                cause="load", text="the storage grew unevenly, not the configuration: " + a.reason.text)})
+                for a in actions]
         p.actions.extend(actions)
         p.warnings.extend(notes)
 

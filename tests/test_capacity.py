@@ -1,0 +1,104 @@
+"""Issue 30, items 1 and 2: what `shards:` declares is reached, or shown waiting with why and
+until when; `plan` and `drift` never say the fleet matches while it does not. On the quickstart,
+as a user meets it: 4 -> 8 -> 6 shards with the default grace period (autosplit.retire_after 1h),
+and a merge by hand right after a split."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import FleetDir
+from movers import active_shards, all_rows, preload
+from test_load_planning import _observation
+from test_resharding import _declaring, _moves, _with
+
+from engine.plan import planner
+from engine.plan.reshard import Requests
+
+
+def _grace_over(fleet: FleetDir) -> None:
+    """The retired sources' grace period is over (their retirement moved two hours back)."""
+    with fleet.catalog() as conn:
+        conn.execute("UPDATE shardctl.shards SET retired_at = now() - interval '2 hours' WHERE state = 'retired'")
+
+
+def test_4_to_8_to_6_with_the_default_grace_period_waits_then_reaches_6(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=2000)
+    before, _ = all_rows(fleet)
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 4", "shards: 8"))
+    raised = fleet.cli("apply", "--auto-approve")
+    assert raised.code == 0 and raised.out.count("Split complete") == 4, raised.both
+
+    # a merge by hand right after the split: refused with the real state and when it ends
+    early = fleet.cli("plan", "-merge", "orders/-20,20-40")
+    assert early.code == 1, early.both
+    assert re.search(r"shard -40 of the same range is the retired source of an earlier split, merge or move, kept"
+                     r" read-only until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(autosplit.retire_after 1h\)", early.err), \
+        early.err
+
+    # lowered to 6 while the retired sources' names are held: the update is recorded, the
+    # merges wait, and nothing says the fleet matches
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 8", "shards: 6"))
+    lowered = fleet.cli("plan")
+    assert lowered.code == 0, lowered.both
+    assert "~ shards = 8 -> 6" in lowered.out and "Waiting" in lowered.out, lowered.out
+    assert lowered.out.count(" waits until ") == 2, lowered.out
+    assert "needs orders/-20 + 20-40 merged: shard -40 of the same range is the retired source" in lowered.out
+    applied = fleet.cli("apply", "--auto-approve")
+    assert applied.code == 0 and "Not done yet: 2 changes the configuration asks for wait" in applied.out, applied.both
+    assert len(active_shards(fleet)) == 8
+    for command in (("plan", "--detailed-exitcode"), ("plan", "--format", "markdown")):
+        shown = fleet.cli(*command)
+        assert "matches the configuration" not in shown.out, shown.out
+    waiting = fleet.cli("plan", "--detailed-exitcode")
+    assert waiting.code == 0 and "No changes now. The fleet does not match the configuration yet: 2 changes wait" \
+        in waiting.out, waiting.out
+    drift = fleet.cli("drift", "--detailed-exitcode")
+    assert drift.code == 2 and "The configuration is not reached yet (a later plan does it): 2" in drift.out, drift.out
+
+    # once the grace period is over, the next plan drops the retired shards and does the rest
+    _grace_over(fleet)
+    after = fleet.cli("plan")
+    assert after.out.count("will be merged") == 2 and after.out.count("# (because retired by a split") == 4, after.out
+    assert "Waiting" not in after.out
+    done = fleet.cli("apply", "--auto-approve")
+    assert done.code == 0 and done.out.count("Merge complete") == 2, done.both
+    assert [s[0] for s in active_shards(fleet)] == ["-40", "40-80", "80-a0", "a0-c0", "c0-e0", "e0-"]
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == before
+    again = fleet.cli("plan", "--detailed-exitcode")
+    assert again.code == 0 and "No changes. Your fleet matches the configuration." in again.out, again.out
+
+    # and a merge by hand once the grace period is over is planned with the drop it needs
+    _grace_over(fleet)
+    late = fleet.cli("plan", "-merge", "orders/80-a0,a0-c0")
+    assert late.code == 0 and "requested by hand (`-merge orders/80-a0,a0-c0`)" in late.out, late.both
+
+
+def test_a_lowering_whose_first_plan_had_to_wait_is_still_owed(tmp_path):
+    desired = _declaring(tmp_path, 2)
+    # `shards: 2` applied together with a split by hand: 5 active shards, the declaration recorded
+    observation = _with(_observation(desired, {}), 5, declared=2)
+    recorded = observation.catalog.databases["orders"]
+    lowered = recorded.model_copy(update={"shards_lowered": True, "kept_shards": 0})
+    plan = planner.plan(desired, observation.model_copy(update={"catalog": observation.catalog.model_copy(
+        update={"databases": {"orders": lowered}})}))
+    assert [m[0] for m in _moves(plan)] == ["merge_shards"] * 2 and not plan.waiting
+    assert "(lowered by an earlier apply, not reached yet)" in plan.actions[0].reason.text
+    # shards split by load (or by hand) since the lowering are kept
+    kept = lowered.model_copy(update={"kept_shards": 3})
+    plan = planner.plan(desired, observation.model_copy(update={"catalog": observation.catalog.model_copy(
+        update={"databases": {"orders": kept}})}))
+    assert _moves(plan) == [] and not plan.waiting
+    # never lowered (the extra shards came from load): nothing is owed to the declaration
+    plan = planner.plan(desired, observation)
+    assert _moves(plan) == []
+
+
+def test_shards_lowered_beside_a_split_by_hand_waits_for_it(tmp_path):
+    desired = _declaring(tmp_path, 2)
+    observation = _with(_observation(desired, {}), 4, declared=4)
+    plan = planner.plan(desired, observation, Requests(splits=("orders/40-80",)))
+    (waiting,) = plan.waiting
+    assert "is planned once the split or merge asked for by hand is applied" in waiting.reason
