@@ -102,3 +102,50 @@ def test_shards_lowered_beside_a_split_by_hand_waits_for_it(tmp_path):
     plan = planner.plan(desired, observation, Requests(splits=("orders/40-80",)))
     (waiting,) = plan.waiting
     assert "is planned once the split or merge asked for by hand is applied" in waiting.reason
+
+
+# ---------------------------------------------------------------------------- items 3 and 6: branches
+
+BRANCH = """
+branches:
+  dev:
+    from: orders
+    data: sample
+    sample_percent: 10
+    server: b
+    ttl: 1h
+"""
+
+
+def test_a_branch_ttl_edited_moves_its_expiry_and_a_branch_dropped_by_hand_is_drift(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=500)
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + BRANCH)
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    with fleet.catalog() as conn:
+        created, expires = conn.execute("SELECT created_at, expires_at FROM shardctl.branches").fetchone()
+    assert round((expires - created).total_seconds()) == 3600
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("ttl: 1h", "ttl: 3d"))
+    plan = fleet.cli("plan")
+    assert "# branch.dev will be updated in-place" in plan.out, plan.out
+    assert '~ ttl        = "1h" -> "3d"' in plan.out and "~ expires_at" in plan.out, plan.out
+    drift = fleet.cli("drift")
+    assert "branch.dev will be updated in-place: ttl changed at" in drift.out, drift.out
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    with fleet.catalog() as conn:
+        (expires,) = conn.execute("SELECT expires_at FROM shardctl.branches").fetchone()
+    assert round((expires - created).total_seconds()) == 3 * 86400
+    assert "No changes. Your fleet matches the configuration." in fleet.cli("plan").out
+
+    # dropped by hand: drift, with the way forward, and apply makes it again
+    with fleet.connect("b") as conn:
+        conn.execute("DROP DATABASE branch_dev WITH (FORCE)")
+    drift = fleet.cli("drift", "--detailed-exitcode")
+    assert drift.code == 2 and "branch.dev has been deleted (database branch_dev on server b)" in drift.out, drift.out
+    plan = fleet.cli("plan")
+    assert "# branch.dev will be reset" in plan.out and "was dropped outside shardctl" in plan.out, plan.out
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    assert "branch_dev" in fleet.databases("b")
+    with fleet.catalog() as conn:
+        assert conn.execute("SELECT expires_at FROM shardctl.branches").fetchone() == (expires,)
+    assert "No changes. Your fleet matches the configuration." in fleet.cli("plan").out

@@ -312,6 +312,23 @@ class ResetBranch(_BranchBuild):
     symbol: Symbol = "update"
 
 
+class UpdateBranch(ActionBase):
+    """Record a branch's changed settings in place: its ttl (the expiry moves: from its creation,
+    as the YAML's ttl means), nothing of its database touched."""
+
+    kind: Literal["update_branch"] = "update_branch"
+    symbol: Symbol = "update"
+    branch: str
+    server: str
+    dbname: str
+    expires_at: datetime  # the new expiry: its creation plus the declared ttl
+    changes: tuple[AttributeChange, ...]
+
+    @property
+    def address(self) -> str:
+        return f"branch.{self.branch}"
+
+
 class DeleteBranch(ActionBase):
     """Drop a branch's database: removed from the YAML, or past its expiry."""
 
@@ -362,6 +379,7 @@ Action = Annotated[
     | CreateBranch
     | ResetBranch
     | DeleteBranch
+    | UpdateBranch
     | MergeBranchSchema
     | RenameDatabase,
     Field(discriminator="kind"),
@@ -374,7 +392,7 @@ LOAD_CAUSES = ("load", "forecast")  # what the fleet's load caused (now or ahead
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
          "move_shard": 4.5,
          "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
-         "create_branch": 10, "rename_database": 11, "reset_branch": 12}
+         "create_branch": 10, "rename_database": 11, "reset_branch": 12, "update_branch": 13}
 
 
 class Drift(Frozen):

@@ -52,6 +52,7 @@ from engine.plan.models import (
     ShardSpec,
     SplitShard,
     StepSpec,
+    UpdateBranch,
     UpdateDatabase,
     Waiting,
     sort_actions,
@@ -655,6 +656,7 @@ def _observe_fleet_drift(p: _Planning) -> None:
     """Unmanaged databases named like shards, stray rows, unreachable servers, wal_level."""
     observation = p.observation
     p.drift.extend(_unmanaged(p.desired, observation))
+    p.drift.extend(_dropped_branches(observation))
     for replica in replica_links(observation.catalog, observation.servers):
         if replica.missing:
             p.drift.append(Drift(
@@ -762,8 +764,11 @@ def _declared_branch(name: str, branch, unfinished, desired: Desired,
     if have.state == "expired":
         return None, (f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
                       " deleted; remove it from the configuration (or declare it under a new name)")
-    if have.expires_at <= observation.now():  # expiry is wall-clock time, never a recording's
-        return _delete_branch(have, expired=True), None
+    # the ttl is the YAML's, from the branch's creation: an edited one moves the expiry
+    expires = have.created_at + timedelta(seconds=branch.ttl)
+    if min(expires, have.expires_at) <= observation.now():  # expiry is wall-clock time, never a recording's
+        return _delete_branch(have.model_copy(update={"expires_at": min(expires, have.expires_at)}),
+                              expired=True), None
     parent, data, _ = _source(desired, branch)
     moment = (branch.at or "latest") if data == "backup" else None
     if (have.parent, have.data, have.server, have.source_at) != (parent, data, branch.server, moment):
@@ -771,9 +776,51 @@ def _declared_branch(name: str, branch, unfinished, desired: Desired,
                       " branch (a new name) for the new settings")
     if branch.reset is not None and _token(branch.reset) != have.reset_token:
         return _build_branch(name, branch, have, None, where, observation, desired)
+    if _branch_dropped(have, observation):
+        action, note = _build_branch(name, branch, have, None, where, observation, desired)
+        return (action.model_copy(update={"reason": Reason(cause="drift", text=(
+            f"its database {have.dbname} was dropped outside shardctl: apply makes it again from its parent's"
+            " current data (same name, server, connection string and expiry); remove the branch from the"
+            " configuration to forget it instead"))}) if action is not None else None), note
+    if abs((expires - have.expires_at).total_seconds()) >= 1:
+        return _update_branch(have, branch, expires, where), None
     if branch.merge_schema:
         return _schema_merge(branch, have, observation)
     return None, None
+
+
+def _branch_dropped(have, observation: Observation) -> bool:
+    """An active branch whose database its server (answering) does not have: dropped by hand."""
+    live = observation.servers.get(have.server)
+    return have.state == "active" and live is not None and live.reachable and have.dbname not in live.databases
+
+
+def _dropped_branches(observation: Observation) -> list[Drift]:
+    return [Drift(address=f"branch.{b.name}", kind="deleted",
+                  summary=f"has been deleted (database {b.dbname} on server {b.server}): `shardctl apply` (or"
+                          f" `shardctl branches reset {b.name}`) makes it again from its parent; remove it from the"
+                          " configuration to forget it")
+            for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name)
+            if _branch_dropped(b, observation)]
+
+
+def _update_branch(have, branch, expires, where) -> UpdateBranch:
+    """A branch's ttl edited after its creation: its expiry moves (from its creation), in place."""
+    before = round((have.expires_at - have.created_at).total_seconds())
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    return UpdateBranch(
+        database=have.parent, branch=have.name, server=have.server, dbname=have.dbname, expires_at=expires,
+        changes=(AttributeChange(path="ttl", before=_ttl_text(before), after=_ttl_text(branch.ttl)),
+                 AttributeChange(path="expires_at", before=have.expires_at.strftime(stamp),
+                                 after=expires.strftime(stamp))),
+        reason=Reason(cause="config", text=f"ttl changed at {where}: the branch now expires"
+                                           f" {expires.strftime(stamp)}, {_ttl_text(branch.ttl)} after its"
+                                           f" creation"))
+
+
+def _ttl_text(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:g}d" if days >= 1 and days.is_integer() else models.span(seconds)
 
 
 def _undeclared_branches(desired: Desired, observation: Observation, pending: dict, merging: dict) -> list:
