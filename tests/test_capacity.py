@@ -149,3 +149,47 @@ def test_a_branch_ttl_edited_moves_its_expiry_and_a_branch_dropped_by_hand_is_dr
     with fleet.catalog() as conn:
         assert conn.execute("SELECT expires_at FROM shardctl.branches").fetchone() == (expires,)
     assert "No changes. Your fleet matches the configuration." in fleet.cli("plan").out
+
+
+# ---------------------------------------------------------------------------- item 9: unknown is never cold
+
+def test_unknown_samples_never_count_toward_cold(tmp_path):
+    from traces import samples
+
+    from engine.config.models import Policy
+    from engine.detect.detector import assess, premise_holds
+
+    policy = Policy.model_validate({"hot": {"queries_per_second": 10000}, "cold": {"queries_per_second": 100},
+                                    "detection": {"sustain": "1m", "cold_for": "5m", "max_age": "5m"}})
+    quiet = samples("s", {"queries_per_second": [5.0] * 40})
+    (evidence,) = assess("s", quiet, policy).evidence
+    # minutes without a sample (rejected and not stored) inside the window: not cold, even though
+    # every missing round is shorter than detection.max_age
+    gap = quiet[:15] + quiet[30:]
+    assert assess("s", gap, policy).state == "normal"
+    # a saved merge whose window now holds unknown samples: its premise fails
+    unknown = samples("s", {"queries_per_second": [5.0] * 25 + [None] * 12 + [5.0] * 3})
+    held, why = premise_holds(evidence, unknown, policy)
+    assert not held and "unknown never counts as cold" in why, why
+
+
+def test_a_saved_merge_is_refused_when_a_shard_turns_unknown(fleet):
+    import json
+
+    from movers import COLD_SAMPLES, cold_file, floor_below_shards
+    from traces import samples, to_file
+
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    floor_below_shards(fleet, 2)
+    cold_file(fleet.base / "cold.json")
+    saved = fleet.cli("plan", "--metrics", "cold.json", "-out", "merge.plan")
+    assert saved.code == 0 and "will be merged" in saved.out, saved.both
+    # the same window, but orders/-40 answered nothing for two minutes of it (rejected values)
+    doc = json.loads((fleet.base / "cold.json").read_text())
+    rest = [s for s in doc["samples"] if s["shard"] != "orders/-40"]
+    unknown = samples("orders/-40", {"queries_per_second": [5.0] * (COLD_SAMPLES - 15) + [None] * 12 + [5.0] * 3})
+    (fleet.base / "unknown.json").write_text(json.dumps({"samples": rest + to_file({"x": unknown})["samples"]}))
+    refused = fleet.cli("apply", "merge.plan", "--metrics", "unknown.json")
+    assert refused.code == 1 and "A premise of the saved plan no longer holds" in refused.err, refused.both
+    assert "unknown never counts as cold" in refused.err
+    assert fleet.cli("plan", "--metrics", "unknown.json").out.count("will be merged") <= 1

@@ -527,7 +527,8 @@ def _plan_branches(p: _Planning) -> set[str]:
     Returns the databases this plan already changes, which hold load-driven moves back."""
     desired = p.desired
     branch_actions, branch_notes = _branches(desired, p.observation)
-    p.warnings.extend(branch_notes)
+    p.waiting.extend(n for n in branch_notes if isinstance(n, Waiting))  # type: ignore[misc]
+    p.warnings.extend(n for n in branch_notes if isinstance(n, str))
     for action in list(branch_actions):
         if isinstance(action, DeleteBranch) and not action.expired:
             refusal = _without_consent(
@@ -772,8 +773,12 @@ def _declared_branch(name: str, branch, unfinished, desired: Desired,
     parent, data, _ = _source(desired, branch)
     moment = (branch.at or "latest") if data == "backup" else None
     if (have.parent, have.data, have.server, have.source_at) != (parent, data, branch.server, moment):
-        return None, (f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
-                      " branch (a new name) for the new settings")
+        changed = [f"{what} {before} -> {after}" for what, before, after in (
+            ("from", have.parent, parent), ("data", have.data, data), ("server", have.server, branch.server),
+            ("at", have.source_at, moment)) if before != after]
+        return None, Waiting(address=f"branch.{name}", reason=(  # type: ignore[return-value]
+            f"{', '.join(changed)} at {where}: a branch is not rebuilt in place (it may hold someone's work);"
+            " declare a new branch (a new name) for the new settings, or restore them"))
     if branch.reset is not None and _token(branch.reset) != have.reset_token:
         return _build_branch(name, branch, have, None, where, observation, desired)
     if _branch_dropped(have, observation):
