@@ -193,3 +193,56 @@ def test_a_saved_merge_is_refused_when_a_shard_turns_unknown(fleet):
     assert refused.code == 1 and "A premise of the saved plan no longer holds" in refused.err, refused.both
     assert "unknown never counts as cold" in refused.err
     assert fleet.cli("plan", "--metrics", "unknown.json").out.count("will be merged") <= 1
+
+
+# ---------------------------------------------------------------------------- item 7: one truth
+
+def test_a_split_by_hand_shows_on_the_daemons_dashboard_api_and_metrics(fleet):
+    import os
+    import subprocess
+    import sys
+
+    from test_watch_daemon import FAST_POLICY, Watch
+
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("policy: default", "policy: fast") + FAST_POLICY)
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    preload(fleet, customers=2000)
+    watch = Watch(fleet)
+    try:
+        watch.wait("leadership", lambda: watch.status()["role"] == "leader", timeout=60)
+        release = fleet.base / "release"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDCTL_")}
+        env.update({"NO_COLOR": "1", "SHARDCTL_HOLDPOINT": f"split orders/40-80: sync={release}"})
+        person = subprocess.Popen([sys.executable, "-m", "engine", "-C", "fleet", "apply", "--auto-approve",
+                                   "-split", "orders/40-80"], cwd=fleet.base, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            seen = watch.wait("the person's split in /api/status", lambda: "split_shard shard.orders/40-80" in (
+                watch.status().get("activity") or "") and watch.status(), timeout=90)
+            assert "run by" in seen["activity"] and seen["activity_since"], seen
+            assert [op["address"] for op in seen["operations"] if op["in_progress"]] == ["shard.orders/40-80"]
+            page = watch.text("/")
+            assert "No split or merge is running" not in page and "split_shard shard.orders/40-80" in page
+            metrics = watch.text("/metrics")
+            assert "shardctl_move_in_progress 1.0" in metrics, metrics
+        finally:
+            release.write_text("go")
+            out, _ = person.communicate(timeout=300)
+        assert person.returncode == 0 and "Split complete" in out, out
+        watch.wait("idle again", lambda: watch.status()["activity"] == "idle"
+                   and not watch.status()["operations"], timeout=60)
+        assert "shardctl_move_in_progress 0.0" in watch.text("/metrics")
+        assert "No split or merge is running" in watch.text("/")
+    finally:
+        watch.stop()
+
+
+def test_the_last_error_goes_once_what_failed_works_again():
+    from datetime import UTC, datetime
+
+    from engine.watch.daemon import _cleared
+    from engine.watch.view import Snapshot
+
+    snap = Snapshot(who="x", config_dir=".", started_at=datetime.now(UTC), last_error="collection failed: gone")
+    assert _cleared(snap, "collection failed") == {"last_error": None}
+    assert _cleared(snap, "check failed") == {}  # another failure is still shown until its own success
