@@ -479,6 +479,26 @@ def down(obj: Ctx) -> None:
             click.echo(f"server {name}: {'stopped' if stopped else 'not running'}")
         else:
             click.echo(f"server {name}: not embedded, left running (shardctl does not manage its process)")
+    for server in fleet.undeclared_embedded():
+        state = "stopped" if server.stop() else "not running"
+        click.echo(f"server {server.name}: no longer declared in the configuration; {state} (its data is kept in"
+                   f" {server.root}: delete that directory once nothing in it is needed)")
+
+
+@cli.command()
+@click.pass_obj
+def adopt(obj: Ctx) -> None:
+    """Make a config directory copied with its .shardctl/ a fleet of its own.
+
+    A copy's servers and catalog are refused until then (anything it ran could reach the original
+    fleet: its catalog records the original's connections). adopt gives the copy's catalog a new
+    fleet identity (plans of one are refused by the other), records this directory, points the
+    catalog's connections and its servers' subscriptions at this directory's servers, and starts
+    them. A directory moved (the original is gone) is adopted by any command, without this.
+    """
+    from engine import workflow
+
+    workflow.adopt(workflow.load(obj.config_dir), say=lambda line: click.echo(line, err=True))
 
 
 @cli.command()

@@ -246,3 +246,56 @@ def test_the_last_error_goes_once_what_failed_works_again():
     snap = Snapshot(who="x", config_dir=".", started_at=datetime.now(UTC), last_error="collection failed: gone")
     assert _cleared(snap, "collection failed") == {"last_error": None}
     assert _cleared(snap, "check failed") == {}  # another failure is still shown until its own success
+
+
+# ---------------------------------------------------------------------------- items 4 and 5: the directory
+
+def test_a_copied_directory_is_refused_then_adopted_and_its_client_writes_only_into_the_copy(fleet):
+    import json
+    import subprocess
+
+    from conftest import run_cli
+
+    from engine.client import ShardClient
+
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    assert fleet.cli("down").code == 0
+    copy = fleet.base / "copy"
+    subprocess.run(["cp", "-a", str(fleet.path), str(copy)], check=True)  # ownership kept, as a user's cp -a
+    try:
+        assert fleet.cli("up").code == 0  # the original runs again, beside the copy
+        refused = run_cli("-C", "copy", "plan", cwd=fleet.base)
+        assert refused.code == 1 and "Traceback" not in refused.both, refused.both
+        assert "is a copy of" in refused.err and "`shardctl adopt`" in refused.err, refused.err
+        adopted = run_cli("-C", "copy", "adopt", cwd=fleet.base)
+        assert adopted.code == 0 and "is its own now" in adopted.err, adopted.both
+        status = json.loads(run_cli("-C", "copy", "status", "--json", cwd=fleet.base).out)
+        original = json.loads(fleet.cli("status", "--json").out)
+        assert status["catalog"]["connection"] != original["catalog"]["connection"]
+        with ShardClient(status["catalog"]["connection"], "orders") as client:
+            client.execute(4242, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)", (4242, "copy"))
+            server, dbname = client.shard_for(4242).server, client.shard_for(4242).dbname
+        with fleet.connect(server, dbname) as conn:
+            assert conn.execute("SELECT count(*) FROM customers WHERE customer_id = 4242").fetchone() == (0,)
+        with ShardClient(status["catalog"]["connection"], "orders") as client:
+            assert client.execute(4242, "SELECT name FROM customers WHERE customer_id = 4242") == [("copy",)]
+        with fleet.catalog() as conn:
+            fleet_a = conn.execute("SELECT value FROM shardctl.meta WHERE key = 'fleet_id'").fetchone()
+        plan = run_cli("-C", "copy", "plan", "--format", "json", cwd=fleet.base)
+        assert plan.code == 0 and json.loads(plan.out)["fleet"]["fleet_id"] != fleet_a[0], plan.both
+        assert "No changes." in run_cli("-C", "copy", "plan", cwd=fleet.base).out
+    finally:
+        run_cli("-C", "copy", "down", cwd=fleet.base)
+
+
+def test_a_server_removed_from_the_yaml_is_named_and_stopped_by_down(fleet):
+    text = fleet.read("fleet.yaml")
+    fleet.write("fleet.yaml", text.replace("databases:", "  c:\n    embedded: true\n\ndatabases:", 1))
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    fleet.write("fleet.yaml", text)  # c held no shards: it leaves the YAML
+    status = fleet.cli("status")
+    assert "server c: no longer declared in the configuration (embedded, running): shardctl no longer manages it;" \
+           " `shardctl down` stops it" in status.out, status.out
+    down = fleet.cli("down")
+    assert "server c: no longer declared in the configuration; stopped" in down.out, down.out
+    assert "server c: no longer declared in the configuration (embedded, stopped)" in fleet.cli("status").out
