@@ -80,6 +80,8 @@ def refresh(fleet, conn: psycopg.Connection) -> None:
     have = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT name, kind, connection FROM shardctl.servers")}
     for name, handle in sorted(fleet.servers.items()):
         now = ("embedded" if handle.embedded else "external", handle.describe())
+        if now[1].startswith("(from $"):
+            continue  # its DSN variable is not set here: what the catalog knows stays
         if have.get(name) != now:
             store.record_server(conn, name, *now)
 
