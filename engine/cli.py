@@ -260,8 +260,9 @@ def drift(obj: Ctx, detailed_exitcode: bool, fmt: str, metrics_file: str | None,
     \b
     Causes are kept apart:
       config    the YAML changed: apply would change the fleet
+      waiting   the YAML asks for what must wait (a grace period): a later plan does it
       outside   the fleet changed outside shardctl: shards dropped or altered by hand
-      load      hot or cold shards: splits or merges pending (reported, not drift)
+      load      hot or cold shards, uneven storage: moves pending (reported, not drift)
     An apply in flight is waited for (it holds the lock), so half-applied state is never
     reported as drift. For CI: --detailed-exitcode exits 0 in sync, 2 drifted, 1 on error.
     """
@@ -347,9 +348,13 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
         show=lambda p: _print_plan(obj, p, "text"),
         requests=Requests(splits, merges),
     )
+    waits = len(result.plan.waiting)
+    still = (f"{waits} change{'s' if waits != 1 else ''} the configuration asks for wait{'s' if waits == 1 else ''}"
+             " for a later plan (`shardctl plan` shows why and until when).") if waits else ""
     if not result.plan.has_changes:
         if saved is not None:
-            click.echo("No changes. Your fleet matches the configuration.")
+            click.echo(f"No changes now. The fleet does not match the configuration yet: {still}" if waits
+                       else "No changes. Your fleet matches the configuration.")
         return
     c = result.counts
     retired = (
@@ -360,6 +365,8 @@ def apply(obj: Ctx, plan_file: str | None, auto_approve: bool, lock_timeout: flo
     click.echo(
         f"\nApply complete! Resources: {c['added']} added, {c['changed']} changed, {c['destroyed']} destroyed{retired}."
     )
+    if still:
+        click.echo(f"Not done yet: {still}")
 
 
 @cli.command()
@@ -472,6 +479,26 @@ def down(obj: Ctx) -> None:
             click.echo(f"server {name}: {'stopped' if stopped else 'not running'}")
         else:
             click.echo(f"server {name}: not embedded, left running (shardctl does not manage its process)")
+    for server in fleet.undeclared_embedded():
+        state = "stopped" if server.stop() else "not running"
+        click.echo(f"server {server.name}: no longer declared in the configuration; {state} (its data is kept in"
+                   f" {server.root}: delete that directory once nothing in it is needed)")
+
+
+@cli.command()
+@click.pass_obj
+def adopt(obj: Ctx) -> None:
+    """Make a config directory copied with its .shardctl/ a fleet of its own.
+
+    A copy's servers and catalog are refused until then (anything it ran could reach the original
+    fleet: its catalog records the original's connections). adopt gives the copy's catalog a new
+    fleet identity (plans of one are refused by the other), records this directory, points the
+    catalog's connections and its servers' subscriptions at this directory's servers, and starts
+    them. A directory moved (the original is gone) is adopted by any command, without this.
+    """
+    from engine import workflow
+
+    workflow.adopt(workflow.load(obj.config_dir), say=lambda line: click.echo(line, err=True))
 
 
 @cli.command()

@@ -103,6 +103,24 @@ class BackupView(Frozen):
     last_point_at: datetime | None = None
 
 
+class OperationView(Frozen):
+    """An operation the catalog records as running, whoever started it (this daemon, a person's
+    `apply -split`, another host): in progress while its process holds the apply lock, else
+    interrupted (the next apply resumes it)."""
+
+    id: int
+    kind: str
+    address: str
+    step: str | None = None
+    by: str | None = None  # who holds the apply lock; None: nobody (interrupted)
+    started_at: datetime | None = None
+    progress: dict[str, Any] | None = None  # its latest figures, as its process keeps them in the catalog
+
+    @property
+    def in_progress(self) -> bool:
+        return self.by is not None
+
+
 class HistoryEntry(Frozen):
     at: datetime
     event: str
@@ -140,10 +158,26 @@ class Snapshot(Frozen):
     progress_at: datetime | None = None  # when they were reported
     replicas: tuple[ReplicaView, ...] = ()
     backups: tuple[BackupView, ...] = ()  # backed-up servers (engine/backups.py), as of the daemon's last look
+    operations: tuple[OperationView, ...] = ()  # running in the catalog, as of the last collection round
     silent_servers: tuple[str, ...] = ()  # servers that did not answer the last collection round
     last_collect_at: datetime | None = None
     last_collect_seconds: float | None = None
     last_error: str | None = None
+
+    def running(self) -> tuple[str, datetime | None, dict[str, Any] | None, datetime | None]:
+        """What runs now, whoever runs it: this daemon's own apply, else an operation another
+        process holds the apply lock for (a person's `apply -split`): (what, since, its latest
+        progress figures, when they were reported). ("idle", None, None, None) when nothing runs."""
+        if self.activity_since is not None:
+            return self.activity, self.activity_since, self.progress, self.progress_at
+        for op in self.operations:
+            if op.in_progress:
+                figures = op.progress or {}
+                reported = figures.get("at")
+                return (f"operation {op.id} {op.kind} {op.address}" + (f" at step {op.step!r}" if op.step else "")
+                        + f", run by {op.by}", op.started_at, figures,
+                        datetime.fromisoformat(reported) if isinstance(reported, str) else op.started_at)
+        return "idle", None, None, None
 
     @property
     def alerts(self) -> tuple[str, ...]:

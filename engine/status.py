@@ -67,7 +67,11 @@ def collect(desired: Desired, metrics_file: str | Recording | None = None) -> di
                             state="running" if live.reachable else f"unreachable: {live.error}",
                             version=live.version, connection=handle.describe(),
                             unknown_metrics=metric_gaps(name, desired.servers[name], live) if live.reachable else {}))
-    report: dict[str, Any] = {"servers": servers, "catalog": None, "databases": [], "interrupted": []}
+    # servers the YAML no longer declares: named, never managed (`down` stops an embedded one)
+    undeclared = [dict(name=e.name, kind="embedded", state="running" if e.running_pid() else "stopped",
+                       where=str(e.root)) for e in fleet.undeclared_embedded()]
+    report: dict[str, Any] = {"servers": servers, "catalog": None, "databases": [], "interrupted": [],
+                              "undeclared_servers": undeclared}
     catalog_handle = fleet.servers.get(desired.catalog_server or "")
     # what shardctl.route() and engine.client.ShardClient connect to; describe() never shows a password
     catalog_connection = catalog_handle.describe(desired.catalog_database) if catalog_handle else None
@@ -82,6 +86,11 @@ def collect(desired: Desired, metrics_file: str | Recording | None = None) -> di
                                  "connection": catalog_connection}
             return report
         state = store.read(conn)
+        known = {u["name"] for u in undeclared}
+        undeclared += [dict(name=name, kind=kind, state="recorded by the catalog", where=connection)
+                       for name, kind, connection in conn.execute("SELECT name, kind, connection FROM shardctl.servers"
+                                                                  " ORDER BY name")
+                       if name not in fleet.servers and name not in known]
         observation = history.with_metrics(desired, fleet, conn, observe(fleet, conn, inspect_schemas=False),
                                            metrics_file)
         verdicts = assessments(desired, observation)
@@ -314,6 +323,10 @@ def _print_servers(console: Console, report: dict[str, Any]) -> None:
     for s in report["servers"]:
         for metric, why in sorted((s.get("unknown_metrics") or {}).items()):
             console.print(f"  server {s['name']}: {metric} is unknown (?) for its shards: {why}", markup=False)
+    for u in report.get("undeclared_servers") or []:
+        console.print(f"  server {u['name']}: no longer declared in the configuration ({u['kind']}, {u['state']}):"
+                      " shardctl no longer manages it" + ("; `shardctl down` stops it" if u["state"] == "running"
+                                                          else ""), markup=False)
     cat = report["catalog"]
     console.print(
         f"Catalog: server {cat['server']}, {cat['state']}"

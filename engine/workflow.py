@@ -28,7 +28,7 @@ from engine.plan import identity, planner, whatif
 from engine.plan.forecast import lineages
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
-from engine.servers import scratch
+from engine.servers import adoption, scratch
 from engine.servers.fleet import Fleet
 
 Say = Callable[[str], None]
@@ -213,7 +213,8 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
                                        f" ({where} does not exist)")
         if saved is not None:
             identity.check_fleet(saved.fleet, store.fleet_id(conn), where)
-        schema.migrate(conn)
+        if not schema.migrate(conn):
+            adoption.settle(fleet, conn)  # a catalog made now: it records the directory it belongs to
         with apply_lock(conn, "apply", timeout=lock_timeout,
                         on_wait=lambda: (notice or say)("Acquiring state lock. This may take a few moments...")):
             current = store.current_serial(conn)
@@ -234,7 +235,6 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
                 if plan.has_changes:
                     confirm(plan)
             journal.close_interrupted(conn)
-            _record_servers(conn, fleet)
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say, actor=actor,
                                progress=progress)
             # a daemon handles its signals itself (stopping it stops its apply at a safe step)
@@ -264,12 +264,6 @@ def _consented(desired: Desired, plan: Plan) -> None:
                         "add it back to allow_destroy to apply this plan, or plan again")
 
 
-def _record_servers(conn, fleet: Fleet) -> None:
-    """Remember the declared servers in the catalog, so history outlives the YAML."""
-    for name, handle in sorted(fleet.servers.items()):
-        store.record_server(conn, name, "embedded" if handle.embedded else "external", handle.describe())
-
-
 @contextmanager
 def _graceful_interrupts(say: Say) -> Iterator[None]:
     """First Ctrl-C: finish the running step, then stop (the journal lets a rerun continue).
@@ -296,6 +290,25 @@ def _graceful_interrupts(say: Say) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
         journal.clear_stop()
+
+
+def adopt(desired: Desired, say: Say = lambda _: None) -> None:
+    """`shardctl adopt`: a config directory copied with its .shardctl/ becomes a fleet of its own.
+    Its servers start without logical replication workers, its catalog takes a new identity and
+    this directory, its subscriptions and connections are pointed at its own servers; then the
+    servers restart as usual (engine/servers/adoption.py)."""
+    fleet = Fleet(desired, adopting=True)
+    fleet.start_embedded(say)
+    with fleet.catalog(create=False) as conn:
+        if conn is None:
+            raise UserError("there is no catalog here to adopt", "`shardctl apply` makes one")
+        fleet_id = store.fleet_id(conn)
+    for _, handle in sorted(fleet.servers.items()):
+        if handle.embedded is not None:
+            handle.embedded.stop()
+            handle.embedded.start(say)
+    say(f"This directory's fleet is its own now (fleet {fleet_id}): its catalog, replication and clients reach"
+        f" only the servers under {desired.directory.resolve() / '.shardctl'}.")
 
 
 def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: Say = lambda _: None,

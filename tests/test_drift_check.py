@@ -26,7 +26,7 @@ def _drift(fleet):
 def test_an_untouched_fleet_is_in_sync(applied):
     code, doc = _drift(applied)
     assert code == 0 and doc["status"] == "ok"
-    assert doc["counts"] == {"config": 0, "outside": 0, "interrupted": 0, "load": 0}
+    assert doc["counts"] == {"config": 0, "waiting": 0, "outside": 0, "interrupted": 0, "load": 0}
     text = applied.cli("drift")
     assert text.out.startswith("Drift Status: OK") and text.code == 0
 
@@ -44,7 +44,7 @@ def test_a_schema_altered_by_hand_is_drift_outside_shardctl(applied):
     with applied.connect("a", "orders_min_40") as conn:
         conn.execute("ALTER TABLE orders ADD COLUMN sneaky int")
     code, doc = _drift(applied)
-    assert code == 2 and doc["counts"] == {"config": 0, "outside": 1, "interrupted": 0, "load": 0}
+    assert code == 2 and doc["counts"] == {"config": 0, "waiting": 0, "outside": 1, "interrupted": 0, "load": 0}
     assert "+ public.orders.columns.sneaky: integer" in doc["outside"][0]["summary"]
 
 
@@ -52,7 +52,7 @@ def test_an_edited_yaml_is_drift_of_the_configuration(applied):
     applied.write("fleet.yaml", applied.read("fleet.yaml").replace("    policy: default\n",
                                                                      "    policy: default\n    protect: true\n"))
     code, doc = _drift(applied)
-    assert code == 2 and doc["counts"] == {"config": 1, "outside": 0, "interrupted": 0, "load": 0}
+    assert code == 2 and doc["counts"] == {"config": 1, "waiting": 0, "outside": 0, "interrupted": 0, "load": 0}
     assert doc["config"][0]["address"] == "database.orders"
     text = applied.cli("drift", "--detailed-exitcode")
     assert "The configuration changed (apply would change the fleet): 1" in text.out

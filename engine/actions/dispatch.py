@@ -18,6 +18,7 @@ from engine.actions import (
     rename_database,
     reset_branch,
     split_shard,
+    update_branch,
     update_database,
 )
 from engine.actions.base import ApplyContext
@@ -35,6 +36,7 @@ EXECUTORS: dict[type, Callable] = {
     models.DropRetiredShard: drop_retired_shard.execute,
     models.CreateBranch: create_branch.execute,
     models.DeleteBranch: delete_branch.execute,
+    models.UpdateBranch: update_branch.execute,
     models.MergeBranchSchema: merge_branch_schema.execute,
     models.ResetBranch: reset_branch.execute,
     models.RenameDatabase: rename_database.execute,

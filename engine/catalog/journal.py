@@ -126,7 +126,8 @@ class Operation:
         if self.conn.closed:
             return
         self.conn.execute(
-            "UPDATE shardctl.operations SET detail = detail || jsonb_build_object('progress', %s::jsonb) WHERE id = %s",
+            "UPDATE shardctl.operations SET detail = detail || jsonb_build_object('progress', %s::jsonb"
+            " || jsonb_build_object('at', clock_timestamp())) WHERE id = %s",  # when: a reader sees it is fresh
             (Jsonb(figures), self.id),
         )
 

@@ -82,6 +82,7 @@ def read(conn: psycopg.Connection) -> CatalogState:
         shard = CatalogShard(database=row[0], name=row[1], lo=row[2], hi=row[3], server=row[4], dbname=row[5],
                              state=row[6], schema_fingerprint=row[7], schema_snapshot=row[8], retired_at=row[9])
         shards.setdefault(shard.database, []).append(shard)
+    lowered, kept = declared_changes(conn)
     databases = {}
     declared = "declared_shards" if version >= schema.MIGRATIONS.index(schema.V7_CAPACITY) + 1 else "NULL"
     for row in conn.execute(
@@ -92,6 +93,7 @@ def read(conn: psycopg.Connection) -> CatalogState:
             name=row[0], key_column=row[1], key_type=row[2], protect=row[3], policy_name=row[4], policy=row[5],
             placement=tuple(row[6]), state=row[7], schema_steps=tuple(steps.get(row[0], [])),
             shards=tuple(shards.get(row[0], [])), declared_shards=row[8],
+            shards_lowered=row[0] in lowered, kept_shards=kept.get(row[0], 0),
         )
     events = tuple(
         ReshardEvent(at=e["at"], database=e["detail"].get("database", e["address"].split(".", 1)[-1].split("/")[0]),
@@ -380,6 +382,32 @@ def finished_moves(conn: psycopg.Connection, limit: int = 50) -> list[MoveRecord
         " FROM shardctl.operations WHERE state = 'done' AND kind = ANY(%s) AND finished_at IS NOT NULL"
         " ORDER BY id DESC LIMIT %s", (list(MOVE_KINDS), limit)).fetchall()
     return [MoveRecord(kind=r[0], seconds=float(r[1]), size_bytes=r[2]) for r in rows]
+
+
+def declared_changes(conn: psycopg.Connection) -> tuple[set[str], dict[str, int]]:
+    """Per database, whether the newest applied change of `shards:` lowered it, and the net number
+    of shards that splits and merges not caused by the declaration (load, forecast, by hand) have
+    added since it: those are kept, while the lowered count is otherwise reached whatever stopped
+    the first plan's merges (a retired shard's name, a grace period)."""
+    rows = conn.execute(
+        """WITH changed AS (
+               SELECT DISTINCT ON (h.address) split_part(h.address, '.', 2) AS database, h.id,
+                      EXISTS (SELECT 1 FROM jsonb_array_elements(h.detail -> 'changes') c
+                              WHERE c ->> 'path' = 'shards' AND jsonb_typeof(c -> 'before') = 'number'
+                                AND (c ->> 'before')::numeric > (c ->> 'after')::numeric) AS lowered
+               FROM shardctl.history h
+               WHERE h.event = 'update_database' AND h.detail -> 'changes' @> '[{"path": "shards"}]'
+               ORDER BY h.address, h.id DESC)
+           SELECT c.database, c.lowered, coalesce(sum(
+                      CASE WHEN m.event = 'split_shard' THEN jsonb_array_length(m.detail -> 'targets') - 1
+                           ELSE 1 - jsonb_array_length(m.detail -> 'sources') END)
+                      FILTER (WHERE o.detail -> 'action' -> 'reason' ->> 'cause' IS DISTINCT FROM 'config'), 0)
+           FROM changed c
+           LEFT JOIN shardctl.history m ON m.id > c.id AND m.event IN ('split_shard', 'merge_shards')
+                AND m.detail ->> 'database' = c.database
+           LEFT JOIN shardctl.operations o ON o.id = (m.detail ->> 'operation')::bigint
+           GROUP BY c.database, c.lowered""").fetchall()
+    return {r[0] for r in rows if r[1]}, {r[0]: int(r[2]) for r in rows}
 
 
 def reshard_events(conn: psycopg.Connection) -> list[dict[str, Any]]:

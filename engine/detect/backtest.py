@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.config.models import ColdThresholds, HotThresholds, Policy, span
 from engine.detect.detector import assess
-from engine.detect.forecast import QUIET_SHARE, LeadTime, Lineage, LoadForecast, fit, highs, lead_time, series
+from engine.detect.forecast import QUIET_SHARE, LeadTime, Lineage, LoadForecast, counted, fit, highs, lead_time, series
 from engine.observe import rollup
 from engine.observe.metrics import METRICS, UNITS, MetricValue, Sample
 from engine.observe.models import HourlySeries
@@ -387,8 +387,8 @@ def current_forecasts(hourlies: dict[str, HourlySeries], policies: dict[str, Pol
         threshold = getattr(policy.hot, metric)
         if f is None:
             out.append({"shard": shard, "forecast": None,
-                        "summary": f"no forecast yet: {len(hourly)} hours of history, forecast.min_history is"
-                                   f" {span(policy.forecast.min_history)}"})
+                        "summary": f"no forecast yet: {counted(len(hourly), 'hour')} of history,"
+                                   f" forecast.min_history is {span(policy.forecast.min_history)}"})
         else:
             out.append({"shard": shard, "forecast": f.model_dump(mode="json"),
                         "summary": f.describe(threshold, UNITS.get(metric, ""), now) if threshold is not None
@@ -432,7 +432,7 @@ def compare_policies(hourly: dict[str, HourlySeries | tuple[Sample, ...]], basel
                 f" {sum(d.kind == 'merge' for d in run.decisions)} merges, {run.flapping_pairs} flapping)"
                 for run in (result.reactive, result.predictive)))
         if len(runs) == 2 and trace is not None and acted:
-            lines.append(f"{shard} ({len(trace.values)} hours of {metric}): " + "; ".join(runs))
+            lines.append(f"{shard} ({counted(len(trace.values), 'hour')} of {metric}): " + "; ".join(runs))
     return lines
 
 

@@ -11,7 +11,9 @@ one (checked in the config models).
 
 A verdict needs fresh data: a shard whose newest sample is older than `max_age` before the
 judged instant is `stale`; a shard whose newest sample has no known value is `unknown`. Neither
-ever acts. Unknown values, and gaps longer than `max_age`, break a run.
+ever acts. Unknown values, and gaps longer than `max_age`, break a run; a cold run is broken by
+any missing round too, and a merge's premise by any unknown sample of its window: unknown never
+counts toward cold, nor toward hot without known hot samples.
 """
 
 from __future__ import annotations
@@ -205,7 +207,11 @@ def assess(shard: str, samples: tuple[Sample, ...], policy: Policy,
 
 
 def _cold(shard: str, newest_first: list[Sample], policy: Policy, locations: dict) -> tuple[Evidence, ...]:
-    cold_for, max_gap, cap = policy.cold_for_seconds, policy.max_age_seconds, policy.metrics.interval
+    """Every metric with a cold threshold under it for `cold_for`. Unknown never counts as cold
+    (as the Kubernetes HPA takes a missing metric as "not low" when it scales in): a round with
+    no sample (a gap of a whole interval or more) breaks the run as an unknown value does."""
+    cold_for, cap = policy.cold_for_seconds, policy.metrics.interval
+    max_gap = min(policy.max_age_seconds, 1.5 * cap)
     evidence = []
     for metric in METRICS:
         threshold = getattr(policy.cold, metric)
@@ -238,6 +244,13 @@ def premise_holds(evidence: Evidence, samples: tuple[Sample, ...], policy: Polic
                        f" ({span(policy.max_age_seconds)}); the newest is from {_time(known[0][0].at)}")
     start = at - timedelta(seconds=evidence.window_seconds)
     window = [(s, v) for s, v in known if s.at > start]
+    if evidence.kind == "cold":
+        # unknown is never "low": a sample of the window without a value fails a merge's premise
+        unknown = [s for s in newest_first if s.at > start and s.value(evidence.metric) is None]
+        if unknown:
+            return False, (f"{evidence.metric} was unknown in {len(unknown)} of the"
+                           f" {len(unknown) + len(window)} samples of the last {span(evidence.window_seconds)}"
+                           " (unknown never counts as cold)")
     latest = known[0][1]
     bound = evidence.hysteresis_bound
     if evidence.kind == "hot":

@@ -143,7 +143,7 @@ class LoadForecast(Frozen):
                          f", inherited from {self.inherited}" if self.inherited else ""])
         return (f"{self.metric} forecast {when}; {what} {_num(peak)}{unit} +- {_num(self.band)}{unit}"
                 f" (90% band of in-sample residuals), trend {trend}, {self.seasonality} seasonality{extra},"
-                f" fitted on {self.fitted_hours} hourly means from {_time(self.fitted_from)}"
+                f" fitted on {counted(self.fitted_hours, 'hourly mean')} from {_time(self.fitted_from)}"
                 f" to {_time(self.fitted_to)}")
 
 
@@ -159,14 +159,19 @@ def _time(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
+def counted(n: int, word: str) -> str:
+    """'1 hour', '3 hours': a count with its noun in the right number."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def about(delta: timedelta) -> str:
     """A person's rounding of a time ahead: '40 minutes', '5 hours', '3 days'."""
     seconds = max(0.0, delta.total_seconds())
     if seconds < 5400:
-        return f"{max(1, round(seconds / 60))} minutes"
+        return counted(max(1, round(seconds / 60)), "minute")
     if seconds < 2 * 86400:
-        return f"{round(seconds / 3600)} hours"
-    return f"{round(seconds / 86400)} days"
+        return counted(round(seconds / 3600), "hour")
+    return counted(round(seconds / 86400), "day")
 
 
 def _hour_index(at: datetime) -> int:
@@ -620,7 +625,7 @@ def storage_note(shard: str, hourly: History, policy: Policy, now: datetime,
         return None
     return (f"storage reaches {_num(threshold)}% in about {about(crossing - now)} (forecast"
             f" {_num(f.values[0])}% now, {_signed(f.slope_per_day or 0.0)} points a day, fitted on"
-            f" {f.fitted_hours} hours)")
+            f" {counted(f.fitted_hours, 'hour')})")
 
 
 def summed(histories: list[History], metric: str, use_highs: bool = False) -> list[tuple[datetime, float]]:

@@ -53,6 +53,11 @@ class CatalogDatabase(Frozen):
     schema_steps: tuple[AppliedStep, ...]
     shards: tuple[CatalogShard, ...]
     declared_shards: int | None = None  # `shards:` when last applied; None: recorded before it was kept
+    # the newest applied change of `shards:` lowered it, and the shards that load-driven and by-hand
+    # splits and merges have added since (net): engine/plan/reshard.py reaches the lowered count
+    # unless those (which are kept) account for the difference
+    shards_lowered: bool = False
+    kept_shards: int = 0
 
 
 class ReshardEvent(Frozen):

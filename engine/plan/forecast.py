@@ -219,6 +219,5 @@ def _why_not(db: DesiredDatabase, shard: CatalogShard, observation: Observation,
         return f"{db.name} would exceed autosplit.max_shards ({policy.autosplit.max_shards})"
     if len(ours) >= policy.autosplit.max_concurrent:
         return f"deferred to a later plan (autosplit.max_concurrent is {policy.autosplit.max_concurrent})"
-    recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
     return (preconditions(db, [shard], observation) or capable_targets(db.spec.placement, observation)[1]
-            or name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))
+            or name_taken(db, observation, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))

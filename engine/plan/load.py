@@ -108,7 +108,6 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
         return max(ends) if ends else None
 
     by_address = {s.address: s for s in shards}
-    recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
     candidates: list[tuple[str, SplitShard | MergeShards]] = []
     notes: list[str] = []
     count = len(shards)
@@ -125,7 +124,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
             continue
         able, none_able = capable_targets(db.spec.placement, observation)
         blocked = (preconditions(db, [shard], observation) or none_able
-                   or name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))
+                   or name_taken(db, observation, KeyRange(shard.lo, shard.hi).split(policy.autosplit.targets)))
         if blocked:
             notes.append(f"shard.{shard.address}: hot, but it cannot be split: {blocked}")
             continue
@@ -146,7 +145,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                 break
             blocked = (preconditions(db, [left, right], observation)
                        or capable_targets([left.server, right.server, *db.spec.placement], observation)[1]
-                       or name_taken(recorded_names, [KeyRange(left.lo, right.hi)])
+                       or name_taken(db, observation, [KeyRange(left.lo, right.hi)])
                        or _merged_too_busy(policy, verdicts[left.address], verdicts[right.address])
                        or _merged_forecast_hot(policy, [left, right], observation))
             if held:
@@ -171,12 +170,33 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
     return chosen, notes
 
 
-def name_taken(recorded: dict[str, str], ranges) -> str | None:
+def taken(db: DesiredDatabase, observation: Observation, ranges) -> tuple[str, datetime | None] | None:
+    """Why a new shard of one of these ranges cannot be made yet, and until when (None: until
+    something else is done first), or None when nothing stands in its name's way. A retired
+    shard past its grace period is dropped by the same plan (engine.plan.planner), before the
+    new one is made: its name is free."""
+    recorded = {s.name: s for s in observation.catalog.databases[db.name].shards}
+    grace = timedelta(seconds=db.effective_policy.autosplit.retire_after)
+    now = observation.now()  # a grace period is about real time, never a recording's
     for r in ranges:
-        if r.name in recorded:
-            return (f"shard {r.name} still exists ({recorded[r.name]}); it is dropped when its grace period"
-                    " (autosplit.retire_after) is over")
+        shard = recorded.get(r.name)
+        if shard is None:
+            continue
+        if shard.state == "retired" and shard.retired_at is not None:
+            until = shard.retired_at + grace
+            if until <= now:
+                continue
+            return (f"shard {r.name} of the same range is the retired source of an earlier split, merge or move,"
+                    f" kept read-only until {until.strftime('%Y-%m-%dT%H:%M:%SZ')} (autosplit.retire_after"
+                    f" {span(grace.total_seconds())}); the first plan after then drops it and does this"), until
+        return (f"shard {r.name} of the same range exists ({shard.state}): an unfinished split, merge or move"
+                " made it; `shardctl apply` finishes it (or `shardctl abort` it)"), None
     return None
+
+
+def name_taken(db: DesiredDatabase, observation: Observation, ranges) -> str | None:
+    found = taken(db, observation, ranges)
+    return found[0] if found else None
 
 
 ADDITIVE = ("queries_per_second", "connections", "cpu_percent", "memory_percent", "storage_percent")

@@ -312,6 +312,23 @@ class ResetBranch(_BranchBuild):
     symbol: Symbol = "update"
 
 
+class UpdateBranch(ActionBase):
+    """Record a branch's changed settings in place: its ttl (the expiry moves: from its creation,
+    as the YAML's ttl means), nothing of its database touched."""
+
+    kind: Literal["update_branch"] = "update_branch"
+    symbol: Symbol = "update"
+    branch: str
+    server: str
+    dbname: str
+    expires_at: datetime  # the new expiry: its creation plus the declared ttl
+    changes: tuple[AttributeChange, ...]
+
+    @property
+    def address(self) -> str:
+        return f"branch.{self.branch}"
+
+
 class DeleteBranch(ActionBase):
     """Drop a branch's database: removed from the YAML, or past its expiry."""
 
@@ -362,6 +379,7 @@ Action = Annotated[
     | CreateBranch
     | ResetBranch
     | DeleteBranch
+    | UpdateBranch
     | MergeBranchSchema
     | RenameDatabase,
     Field(discriminator="kind"),
@@ -374,7 +392,7 @@ LOAD_CAUSES = ("load", "forecast")  # what the fleet's load caused (now or ahead
 ORDER = {"destroy_database": 0, "delete_branch": 1, "drop_retired_shard": 2, "merge_shards": 3, "split_shard": 4,
          "move_shard": 4.5,
          "recreate_shard": 5, "create_database": 6, "apply_schema": 7, "merge_branch_schema": 8, "update_database": 9,
-         "create_branch": 10, "rename_database": 11, "reset_branch": 12}
+         "create_branch": 10, "rename_database": 11, "reset_branch": 12, "update_branch": 13}
 
 
 class Drift(Frozen):
@@ -385,6 +403,16 @@ class Drift(Frozen):
                   "leftover_replication"]
     summary: str
     details: tuple[str, ...] = ()
+
+
+class Waiting(Frozen):
+    """What the configuration asks for and this plan cannot do yet: the fleet does not match the
+    configuration until a later plan does it. Why it waits, and until when where that is known
+    (a grace period, a cooldown); None: until something else happens first (named in `reason`)."""
+
+    address: str
+    reason: str
+    until: datetime | None = None
 
 
 class Summary(Frozen):
@@ -444,6 +472,7 @@ class Plan(Frozen):
     actions: tuple[Action, ...]
     drift: tuple[Drift, ...] = ()
     warnings: tuple[str, ...] = ()
+    waiting: tuple[Waiting, ...] = ()  # the configuration's changes a later plan does (engine.plan.reshard)
     metrics_source: str = "none"
     what_if: PolicyWhatIf | None = None  # with `plan --compare-policy`
     fleet: PlanFleet | None = None  # what the plan was made for (engine.plan.identity); apply checks it

@@ -98,6 +98,7 @@ NEEDS: dict[str, Callable[[Any, Observation, frozenset[str]], list[Need]]] = {
     "create_branch": _branch,
     "reset_branch": _branch,
     "delete_branch": _delete_branch,
+    "update_branch": _nothing,  # the catalog only
     "merge_branch_schema": _nothing,  # statements in databases it owns
 }
 

@@ -52,7 +52,9 @@ from engine.plan.models import (
     ShardSpec,
     SplitShard,
     StepSpec,
+    UpdateBranch,
     UpdateDatabase,
+    Waiting,
     sort_actions,
 )
 from engine.plan.needs import needs
@@ -130,6 +132,7 @@ class _Planning:
     actions: list = field(default_factory=list)
     drift: list[Drift] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    waiting: list[Waiting] = field(default_factory=list)  # what the configuration needs and a later plan does
     problems: list[Diagnostic] = field(default_factory=list)
     consented: set[tuple[str, str]] = field(default_factory=set)
     renamed_from: set[str] = field(default_factory=set)
@@ -171,6 +174,7 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
         metrics_source=observation.metrics_source,
         catalog_exists=observation.catalog.exists, actions=actions,
         drift=tuple(sorted(p.drift, key=lambda d: (d.address, d.kind))), warnings=tuple(sorted(set(p.warnings))),
+        waiting=tuple(sorted(set(p.waiting), key=lambda w: (w.address, w.reason))),
         fleet=identity.record(desired, observation.catalog.fleet_id, actions),
     )
 
@@ -353,14 +357,17 @@ def _plan_settings(p: _Planning, name: str, db: DesiredDatabase, recorded: Catal
 
 def _plan_shard_count(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
     """`shards:` raised: splits up to it; lowered: merges down to it (engine/plan/reshard.py)."""
+    where = str(_where(p.desired, name, "shards"))
     if name in p.by_hand:
-        if len([s for s in recorded.shards if s.state == "active"]) != db.spec.shards:
-            p.warnings.append(f"database.{name}: `shards: {db.spec.shards}` is planned after the split or merge"
-                              " asked for by hand is applied (plan again then)")
+        active = len([s for s in recorded.shards if s.state == "active"])
+        if active != db.spec.shards:
+            p.waiting.append(Waiting(address=f"database.{name}", reason=(
+                f"`shards: {db.spec.shards}` at {where}: {name} has {active} active shards; the resharding it needs"
+                " is planned once the split or merge asked for by hand is applied (plan again then)")))
         return
-    actions, notes = declared_actions(db, recorded, p.observation, str(_where(p.desired, name, "shards")))
+    actions, waits = declared_actions(db, recorded, p.observation, where)
     p.actions.extend(actions)
-    p.warnings.extend(notes)
+    p.waiting.extend(waits)
 
 
 def _plan_placement(p: _Planning, name: str, db: DesiredDatabase, recorded: CatalogDatabase) -> None:
@@ -387,6 +394,14 @@ def _plan_rebalance(p: _Planning) -> None:
         if any(a.database == name and a.kind != "update_database" for a in p.actions):
             continue
         actions, notes = rebalance(db, recorded, p.observation, capacity, str(_where(p.desired, name, "placement")))
+        placed = any(a.kind == "update_database" and a.database == name and any(c.path == "placement"
+                                                                                 for c in a.changes)
+                     for a in p.actions)
+        empty = set(db.spec.placement) - {s.server for s in recorded.shards if s.state == "active"}
+        if not placed and not empty:  # every server has shards: the data grew unevenly (load, not the YAML)
+            actions = [a.model_copy(update={"reason": Reason(
+                cause="load", text="the storage grew unevenly, not the configuration: " + a.reason.text)})
+                for a in actions]
         p.actions.extend(actions)
         p.warnings.extend(notes)
 
@@ -512,7 +527,8 @@ def _plan_branches(p: _Planning) -> set[str]:
     Returns the databases this plan already changes, which hold load-driven moves back."""
     desired = p.desired
     branch_actions, branch_notes = _branches(desired, p.observation)
-    p.warnings.extend(branch_notes)
+    p.waiting.extend(n for n in branch_notes if isinstance(n, Waiting))  # type: ignore[misc]
+    p.warnings.extend(n for n in branch_notes if isinstance(n, str))
     for action in list(branch_actions):
         if isinstance(action, DeleteBranch) and not action.expired:
             refusal = _without_consent(
@@ -641,6 +657,7 @@ def _observe_fleet_drift(p: _Planning) -> None:
     """Unmanaged databases named like shards, stray rows, unreachable servers, wal_level."""
     observation = p.observation
     p.drift.extend(_unmanaged(p.desired, observation))
+    p.drift.extend(_dropped_branches(observation))
     for replica in replica_links(observation.catalog, observation.servers):
         if replica.missing:
             p.drift.append(Drift(
@@ -748,18 +765,67 @@ def _declared_branch(name: str, branch, unfinished, desired: Desired,
     if have.state == "expired":
         return None, (f"branch.{name}: expired at {have.expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')} and was"
                       " deleted; remove it from the configuration (or declare it under a new name)")
-    if have.expires_at <= observation.now():  # expiry is wall-clock time, never a recording's
-        return _delete_branch(have, expired=True), None
+    # the ttl is the YAML's, from the branch's creation: an edited one moves the expiry
+    expires = have.created_at + timedelta(seconds=branch.ttl)
+    if min(expires, have.expires_at) <= observation.now():  # expiry is wall-clock time, never a recording's
+        return _delete_branch(have.model_copy(update={"expires_at": min(expires, have.expires_at)}),
+                              expired=True), None
     parent, data, _ = _source(desired, branch)
     moment = (branch.at or "latest") if data == "backup" else None
     if (have.parent, have.data, have.server, have.source_at) != (parent, data, branch.server, moment):
-        return None, (f"branch.{name}: its settings changed, but a branch is not rebuilt in place; declare a new"
-                      " branch (a new name) for the new settings")
+        changed = [f"{what} {before} -> {after}" for what, before, after in (
+            ("from", have.parent, parent), ("data", have.data, data), ("server", have.server, branch.server),
+            ("at", have.source_at, moment)) if before != after]
+        return None, Waiting(address=f"branch.{name}", reason=(  # type: ignore[return-value]
+            f"{', '.join(changed)} at {where}: a branch is not rebuilt in place (it may hold someone's work);"
+            " declare a new branch (a new name) for the new settings, or restore them"))
     if branch.reset is not None and _token(branch.reset) != have.reset_token:
         return _build_branch(name, branch, have, None, where, observation, desired)
+    if _branch_dropped(have, observation):
+        action, note = _build_branch(name, branch, have, None, where, observation, desired)
+        return (action.model_copy(update={"reason": Reason(cause="drift", text=(
+            f"its database {have.dbname} was dropped outside shardctl: apply makes it again from its parent's"
+            " current data (same name, server, connection string and expiry); remove the branch from the"
+            " configuration to forget it instead"))}) if action is not None else None), note
+    if abs((expires - have.expires_at).total_seconds()) >= 1:
+        return _update_branch(have, branch, expires, where), None
     if branch.merge_schema:
         return _schema_merge(branch, have, observation)
     return None, None
+
+
+def _branch_dropped(have, observation: Observation) -> bool:
+    """An active branch whose database its server (answering) does not have: dropped by hand."""
+    live = observation.servers.get(have.server)
+    return have.state == "active" and live is not None and live.reachable and have.dbname not in live.databases
+
+
+def _dropped_branches(observation: Observation) -> list[Drift]:
+    return [Drift(address=f"branch.{b.name}", kind="deleted",
+                  summary=f"has been deleted (database {b.dbname} on server {b.server}): `shardctl apply` (or"
+                          f" `shardctl branches reset {b.name}`) makes it again from its parent; remove it from the"
+                          " configuration to forget it")
+            for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name)
+            if _branch_dropped(b, observation)]
+
+
+def _update_branch(have, branch, expires, where) -> UpdateBranch:
+    """A branch's ttl edited after its creation: its expiry moves (from its creation), in place."""
+    before = round((have.expires_at - have.created_at).total_seconds())
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    return UpdateBranch(
+        database=have.parent, branch=have.name, server=have.server, dbname=have.dbname, expires_at=expires,
+        changes=(AttributeChange(path="ttl", before=_ttl_text(before), after=_ttl_text(branch.ttl)),
+                 AttributeChange(path="expires_at", before=have.expires_at.strftime(stamp),
+                                 after=expires.strftime(stamp))),
+        reason=Reason(cause="config", text=f"ttl changed at {where}: the branch now expires"
+                                           f" {expires.strftime(stamp)}, {_ttl_text(branch.ttl)} after its"
+                                           f" creation"))
+
+
+def _ttl_text(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:g}d" if days >= 1 and days.is_integer() else models.span(seconds)
 
 
 def _undeclared_branches(desired: Desired, observation: Observation, pending: dict, merging: dict) -> list:

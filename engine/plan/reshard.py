@@ -5,9 +5,14 @@ The rule for `shards: N`, as README "Changing the shard count" tells it:
 - N is the count the operator wants. While a database has fewer active shards than N, the plan
   splits the widest ranges evenly until it has N (cause `config`).
 - Lowering N below the count recorded at the last apply merges adjacent shards, the narrowest
-  pair first, until the database has N (cause `config`).
-- Shards that load split beyond N (up to autosplit.max_shards) are kept: an unchanged N never
-  merges them; only cold-load merges do, and never below N.
+  pair first, until the database has N (cause `config`). The count is compared with the ACTIVE
+  shards at every plan, not only when it changes: a lowering whose merges had to wait (a retired
+  shard's name, its grace period) is done by the next plan after the wait.
+- Shards that load split beyond N (up to autosplit.max_shards), or a person split by hand, are
+  kept: an unchanged N never merges them (the catalog counts them since the last change of N);
+  only cold-load merges do, and never below N.
+- What the count needs and cannot be done yet is `Waiting` in the plan, with why and until when:
+  the plan never says the fleet matches the configuration meanwhile.
 
 A split or merge asked for by hand (`-split orders/40-80`, `-merge orders/-40,40-80`) is planned
 with cause `manual`; a bad address is refused, naming the shards that exist.
@@ -23,8 +28,16 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import UserError
 from engine.keyspace import KeyRange
 from engine.observe.models import CatalogDatabase, CatalogShard, Observation
-from engine.plan.load import capable_targets, merge_action, name_taken, preconditions, split_action, storage_by_server
-from engine.plan.models import MergeShards, Reason, SplitShard
+from engine.plan.load import (
+    capable_targets,
+    merge_action,
+    name_taken,
+    preconditions,
+    split_action,
+    storage_by_server,
+    taken,
+)
+from engine.plan.models import MergeShards, Reason, SplitShard, Waiting
 
 
 @dataclass(frozen=True)
@@ -54,22 +67,54 @@ def recorded_count(recorded: CatalogDatabase, declared: int) -> int:
     return min(len(_active(recorded)), declared)
 
 
+def goal(db: DesiredDatabase, recorded: CatalogDatabase) -> int | None:
+    """The count the database's merges must reach for its declaration, or None when no merge is
+    owed to it (the count was raised, or never lowered): lowered in this plan, the declared
+    count; lowered by an earlier apply, the declared count plus the shards kept since (load and
+    by hand), so that merges whose first plan had to wait are still done."""
+    target, before = db.spec.shards, recorded_count(recorded, db.spec.shards)
+    if target < before:
+        return target
+    if target == before and recorded.shards_lowered:
+        return target + max(0, recorded.kept_shards)
+    return None
+
+
 def declared_actions(db: DesiredDatabase, recorded: CatalogDatabase, observation: Observation,
-                     where: str) -> tuple[list[SplitShard | MergeShards], list[str]]:
-    """Splits up to `shards:`, or merges down to it when it was lowered."""
+                     where: str) -> tuple[list[SplitShard | MergeShards], list[Waiting]]:
+    """Splits up to `shards:`, or merges down to it when it was lowered; what cannot be done
+    yet, waiting."""
     shards, target = _active(recorded), db.spec.shards
-    if recorded.state != "active" or any(p.database == db.name for p in observation.catalog.pending_moves):
-        return [], []  # an unfinished create, split or merge comes first
-    if len(shards) < target:
-        return _splits_to(db, shards, target, observation, where)
-    before = recorded_count(recorded, target)
-    if len(shards) > target and before > target:
-        return _merges_to(db, shards, target, before, observation, where)
+    if recorded.state != "active":
+        return [], []  # an unfinished create comes first
+    pending = [p for p in observation.catalog.pending_moves if p.database == db.name]
+    wanted = goal(db, recorded)
+    if len(shards) < target or (wanted is not None and len(shards) > wanted):
+        if pending:
+            return [], [Waiting(address=f"database.{db.name}", reason=(
+                f"`shards: {target}` at {where}: {db.name} has {len(shards)} active shards; the resharding waits"
+                f" until operation {pending[0].operation} ({pending[0].kind.replace('_', ' ')}) is finished"
+                " (`shardctl apply`, or `shardctl abort` it)"))]
+        if len(shards) < target:
+            return _splits_to(db, shards, target, observation, where)
+        assert wanted is not None
+        return _merges_to(db, shards, wanted, observation, where, recorded_count(recorded, target),
+                          recorded.kept_shards if wanted > target else 0)
     return [], []
 
 
+def _waiting(db: DesiredDatabase, observation: Observation, ranges, address: str,
+             text: str) -> Waiting | None:
+    """Why a split or merge the declaration needs waits, or None when nothing stands in its way
+    but its own preconditions (said as a problem instead)."""
+    found = taken(db, observation, ranges)
+    if found is None:
+        return None
+    return Waiting(address=address, reason=f"{text}: {found[0]}", until=found[1])
+
+
 def _splits_to(db: DesiredDatabase, shards: list[CatalogShard], target: int, observation: Observation,
-               where: str) -> tuple[list[SplitShard | MergeShards], list[str]]:
+               where: str) -> tuple[list[SplitShard | MergeShards], list[Waiting]]:
     """Give a shard one more part at a time, always the one whose parts are widest (then the
     lowest range): from equal shards this is even over the keyspace."""
     parts = {s.address: 1 for s in shards}
@@ -78,54 +123,62 @@ def _splits_to(db: DesiredDatabase, shards: list[CatalogShard], target: int, obs
         widest = max(shards, key=lambda s: (widths[s.address] / parts[s.address], -KeyRange(s.lo, s.hi).lo_unsigned))
         parts[widest.address] += 1
     storage = storage_by_server(observation)
-    recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
     actions: list[SplitShard | MergeShards] = []
-    notes: list[str] = []
+    waits: list[Waiting] = []
     for shard in shards:
         k = parts[shard.address]
         if k == 1:
             continue
+        text = f"`shards: {target}` at {where} needs {shard.address} split into {k}"
+        ranges = KeyRange(shard.lo, shard.hi).split(k)
+        waiting = _waiting(db, observation, ranges, f"shard.{shard.address}", text)
         able, none_able = capable_targets(db.spec.placement, observation)
-        blocked = (preconditions(db, [shard], observation) or none_able
-                   or name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(k)))
-        if blocked:
-            notes.append(f"shard.{shard.address}: `shards: {target}` needs it split, but it cannot be: {blocked}")
+        blocked = preconditions(db, [shard], observation) or none_able
+        if waiting is not None or blocked:
+            waits.append(waiting or Waiting(address=f"shard.{shard.address}", reason=f"{text}, and it cannot be"
+                                            f" split: {blocked}"))
             continue
         actions.append(split_action(db, shard, k, storage, able, Reason(
             cause="config", text=f"`shards: {target}` at {where}; {db.name} has {len(shards)} shards, so the"
             f" widest ranges are split evenly: {shard.name} into {k}")))
-    return actions, notes
+    return actions, waits
 
 
-def _merges_to(db: DesiredDatabase, shards: list[CatalogShard], target: int, before: int,
-               observation: Observation, where: str) -> tuple[list[SplitShard | MergeShards], list[str]]:
+def _merges_to(db: DesiredDatabase, shards: list[CatalogShard], wanted: int, observation: Observation,
+               where: str, before: int, kept: int) -> tuple[list[SplitShard | MergeShards], list[Waiting]]:
     """Merge the adjacent pair of groups that is narrowest together (then the lowest) until
-    `target` groups are left; each group of two or more shards is one merge."""
+    `wanted` groups are left; each group of two or more shards is one merge."""
     groups = [[s] for s in shards]
-    while len(groups) > target:
+    while len(groups) > wanted:
         i = min(range(len(groups) - 1), key=lambda j: (_width(groups[j] + groups[j + 1]), j))
         groups[i:i + 2] = [groups[i] + groups[i + 1]]
     storage = storage_by_server(observation)
     held = _held(shards)
-    recorded_names = {s.name: s.state for s in observation.catalog.databases[db.name].shards}
+    target = db.spec.shards
+    lowered = (f"`shards:` lowered from {before} to {target} at {where}" if before > target else
+               f"`shards: {target}` at {where} (lowered by an earlier apply, not reached yet)")
+    counted = (f"{db.name} has {len(shards)} active shards"
+               + (f", {kept} of them kept from load-driven or by-hand splits since" if kept else ""))
     actions: list[SplitShard | MergeShards] = []
-    notes: list[str] = []
+    waits: list[Waiting] = []
     for group in groups:
         if len(group) == 1:
             continue
-        blocked = (preconditions(db, group, observation)
-                   or capable_targets([*(s.server for s in group), *db.spec.placement], observation)[1]
-                   or name_taken(recorded_names, [KeyRange(group[0].lo, group[-1].hi)]))
         names = " + ".join(s.name for s in group)
-        if blocked:
-            notes.append(f"database.{db.name}: `shards: {target}` needs {names} merged, but they cannot be: {blocked}")
+        text = f"`shards: {target}` at {where} needs {db.name}/{names} merged"
+        address = f"shard.{group[0].address}"
+        waiting = _waiting(db, observation, [KeyRange(group[0].lo, group[-1].hi)], address, text)
+        blocked = (preconditions(db, group, observation)
+                   or capable_targets([*(s.server for s in group), *db.spec.placement], observation)[1])
+        if waiting is not None or blocked:
+            waits.append(waiting or Waiting(address=address, reason=f"{text}, and they cannot be merged: {blocked}"))
             continue
         merge = merge_action(db, group, observation, storage, Reason(
-            cause="config", text=f"`shards:` lowered from {before} to {target} at {where}; {db.name} has"
-            f" {len(shards)} shards, so adjacent ones are merged, the narrowest first: {names}"), held=held)
+            cause="config", text=f"{lowered}; {counted}, so adjacent ones are merged, the narrowest first:"
+            f" {names}"), held=held)
         actions.append(merge)
         held = _after(held, merge)
-    return actions, notes
+    return actions, waits
 
 
 # ---------------------------------------------------------------------------- by hand
@@ -157,9 +210,8 @@ def manual_actions(desired: Desired, observation: Observation,
                             "raise max_shards in the database's policy, or merge other shards first")
         added[db.name] = added.get(db.name, 0) + parts - 1
         able, none_able = capable_targets(db.spec.placement, observation)
-        recorded_names = {s.name: s.state for s in recorded.shards}
         blocked = (preconditions(db, [shard], observation) or none_able
-                   or name_taken(recorded_names, KeyRange(shard.lo, shard.hi).split(parts)))
+                   or name_taken(db, observation, KeyRange(shard.lo, shard.hi).split(parts)))
         if blocked:
             raise UserError(f"`{request}`: {shard.address} cannot be split: {blocked}")
         actions.append(split_action(db, shard, parts, storage, able, Reason(
@@ -188,10 +240,9 @@ def manual_actions(desired: Desired, observation: Observation,
                                 + ", ".join(s.name for s in _active(recorded)))
         for shard in group:
             claim(shard, request)
-        recorded_names = {s.name: s.state for s in recorded.shards}
         blocked = (preconditions(db, group, observation)
                    or capable_targets([*(s.server for s in group), *db.spec.placement], observation)[1]
-                   or name_taken(recorded_names, [KeyRange(group[0].lo, group[-1].hi)]))
+                   or name_taken(db, observation, [KeyRange(group[0].lo, group[-1].hi)]))
         if blocked:
             raise UserError(f"`{request}`: {' + '.join(s.address for s in group)} cannot be merged: {blocked}")
         held = held_by.setdefault(db.name, _held(_active(recorded)))

@@ -146,10 +146,12 @@ def servers(snapshot: Snapshot) -> list[dict]:
 
 
 def move(snapshot: Snapshot, now: datetime) -> dict | None:
-    """The split or merge the daemon is running: its phase and how far it has got."""
-    if snapshot.activity_since is None:
+    """The split or merge running now, the daemon's or another process's (a person's apply):
+    its phase and how far it has got."""
+    activity, since, progress, reported = snapshot.running()
+    if since is None:
         return None
-    p = snapshot.progress or {}
+    p = progress or {}
     phase = p.get("phase")
     done, detail = None, ""
     if phase == "copy" and p.get("rows_expected"):
@@ -161,10 +163,11 @@ def move(snapshot: Snapshot, now: datetime) -> dict | None:
         done = 100.0 if phase == "caught up" else None
         detail = "caught up" if phase == "caught up" else f"{_num(p.get('keys_left') or 0)} keys left to compare"
     eta = move_eta_seconds(p)
-    return {"step": p.get("step") or snapshot.activity, "phase": phase or "starting", "done": done,
+    return {"step": p.get("step") or activity, "phase": phase or "starting", "done": done,
             "width": f"{done:.1f}" if done is not None else None, "detail": detail,
-            "eta": None if eta is None else _span(eta), "since": _ago(snapshot.activity_since, now),
-            "reported": _ago(snapshot.progress_at, now) if snapshot.progress_at else None, "text": p.get("text")}
+            "eta": None if eta is None else _span(eta), "since": _ago(since, now),
+            "reported": _ago(reported, now) if reported else None, "text": p.get("text"),
+            "by": None if snapshot.activity_since is not None else activity}
 
 
 def _span(seconds: float) -> str:

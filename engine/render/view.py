@@ -27,6 +27,7 @@ from engine.plan.models import (
     RenameDatabase,
     ResetBranch,
     SplitShard,
+    UpdateBranch,
     UpdateDatabase,
     size_text,
 )
@@ -54,6 +55,7 @@ KIND_WORDS = {
     "merge_branch_schema": ("branch schema merge", "branch schema merges"),
     "rename_database": ("database to rename", "databases to rename"),
     "reset_branch": ("branch to reset", "branches to reset"),
+    "update_branch": ("branch settings update", "branch settings updates"),
 }
 WHAT_IF_WORDS = {"now_split": "would now be split", "no_longer_split": "would no longer be split",
                  "now_merge": "would now be a merge candidate",
@@ -250,6 +252,7 @@ _TITLES: dict[type, Callable[[Any], str]] = {
     CreateBranch: lambda a: f'branch "{a.branch}"',
     ResetBranch: lambda a: f'branch "{a.branch}"',
     DeleteBranch: lambda a: f'branch "{a.branch}"',
+    UpdateBranch: lambda a: f'branch "{a.branch}"',
     MergeBranchSchema: lambda a: f'schema of branch "{a.branch}" into "{a.database}"',
     RenameDatabase: lambda a: f'database "{a.database}"',
 }
@@ -266,6 +269,7 @@ _LINES: dict[type, Callable[[Any], list[Line]]] = {
     CreateBranch: _create_branch,
     ResetBranch: _reset_branch,
     DeleteBranch: _delete_branch,
+    UpdateBranch: _update_database,  # the same `~ path = a -> b` lines
     MergeBranchSchema: _merge_branch_schema,
     RenameDatabase: _rename_database,
 }

@@ -27,6 +27,7 @@ at their next start, and a running one has its pg_hba.conf replaced and reloaded
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import stat
@@ -131,9 +132,30 @@ class EmbeddedServer:
             return None
         except PermissionError:
             return pid if _alive(pid) else None
-        if not _alive(pid) or not (self.socket_dir / f".s.PGSQL.{PORT}").exists():
+        if not _alive(pid) or not (self.socket_dir / f".s.PGSQL.{PORT}").exists() or not self._runs_here(pid):
             return None
         return pid
+
+    def _runs_here(self, pid: int) -> bool:
+        """Whether the postmaster PID serves this data directory (its working directory, where
+        PostgreSQL changes to): a postmaster.pid copied with a config directory names the
+        original's postmaster, which must never be taken for ours (nor stopped by our `down`)."""
+        try:
+            return Path(os.readlink(f"/proc/{pid}/cwd")) == self.data_dir.resolve()
+        except OSError:
+            return True  # no /proc here, or not ours to read: the pid file and the socket decide
+
+    def origin(self) -> Path | None:
+        """The data directory this one last ran as (PostgreSQL's postmaster.opts), when that is
+        another: it was copied or moved here with its config directory. None when it is ours."""
+        import shlex
+
+        try:
+            words = shlex.split((self.data_dir / "postmaster.opts").read_text())
+        except (OSError, ValueError):
+            return None
+        ran = next((Path(b) for a, b in itertools.pairwise(words) if a == "-D"), None)
+        return ran if ran is not None and ran != self.data_dir.resolve() else None
 
     def processes(self) -> list[int]:
         """The running postmaster's pid and its children's (from this host's /proc); empty when
@@ -154,10 +176,18 @@ class EmbeddedServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, say: Callable[[str], None] = lambda _: None) -> bool:
-        """Initialise if needed and start. Returns False when it was already running."""
+    def start(self, say: Callable[[str], None] = lambda _: None, adopting: bool = False) -> bool:
+        """Initialise if needed and start. Returns False when it was already running. A data
+        directory copied from another that still exists is not started (its replication would
+        reach the original's servers) unless ADOPTING (`shardctl adopt`): then without logical
+        replication workers, until its subscriptions are pointed at this directory's servers."""
         if self.running_pid():
             return False
+        copied = self.origin()
+        if copied is not None and (copied / "PG_VERSION").exists() and not adopting:
+            raise CopiedDirectory(self.name, copied, self.data_dir)
+        if copied is not None:
+            (self.data_dir / "postmaster.pid").unlink(missing_ok=True)  # the original's postmaster, not ours
         self._wait_for_dead_postmaster()
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)  # its server log holds statements and values
@@ -172,7 +202,7 @@ class EmbeddedServer:
                 _let_server_reach(self.root)
             self._owner_only(say)
         socket_dir = self.claim_socket_dir(say)
-        options = f"-k {socket_dir} -p {PORT}"
+        options = f"-k {socket_dir} -p {PORT}" + (" -c max_logical_replication_workers=0" if adopting else "")
         self._run(user, [
             str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
             "-o", options, "-l", str(self.log_file), "start",
@@ -315,6 +345,21 @@ class EmbeddedServer:
                 (proc.stderr.strip() or proc.stdout.strip())
                 + (f"\n\nLast lines of {self.log_file}:\n{tail}" if tail else ""),
             )
+
+
+class CopiedDirectory(UserError):
+    """A server's data directory was copied from another that still exists (a config directory
+    copied with its .shardctl/): it is not started, and its catalog is not used, until adopted."""
+
+    def __init__(self, name: str, original: Path, here: Path):
+        original_dir = original.parent.parent.parent.parent
+        super().__init__(
+            f"embedded server {name!r} of this directory is a copy of {original} (the config directory"
+            f" {original_dir} was copied with its .shardctl/): it was not started, so that nothing of the copy"
+            " reaches the original fleet",
+            f"to make this copy a fleet of its own (a new identity; its catalog, replication and clients pointed at"
+            f" this directory's servers), run `shardctl adopt` here; to work on the original fleet, run shardctl"
+            f" from {original_dir}")
 
 
 def _exists(pid: int) -> bool:

@@ -11,7 +11,9 @@ from psycopg import errors, sql
 
 from engine.config.loader import Desired
 from engine.errors import UserError
+from engine.servers import adoption
 from engine.servers.connect import ServerHandle, handles
+from engine.servers.embedded import EmbeddedServer
 
 
 class DeclaredServers(dict[str, ServerHandle]):
@@ -24,9 +26,10 @@ class DeclaredServers(dict[str, ServerHandle]):
 
 
 class Fleet:
-    def __init__(self, desired: Desired):
+    def __init__(self, desired: Desired, adopting: bool = False):
         self.desired = desired
         self.servers: dict[str, ServerHandle] = DeclaredServers(handles(desired.servers, desired.directory))
+        self.adopting = adopting  # `shardctl adopt`: a copied directory's servers and catalog become its own
 
     @property
     def catalog_server(self) -> ServerHandle:
@@ -44,11 +47,21 @@ class Fleet:
             server = handle.embedded
             if server is not None and not server.running_pid():
                 say(f"Starting embedded server {name}...")
-                server.start(say)
+                server.start(say, adopting=self.adopting)
                 started.append(name)
             elif server is not None:
                 server.close_to_others(say)  # one an older version started: owner-only at once
         return started
+
+    def undeclared_embedded(self) -> list[EmbeddedServer]:
+        """Embedded servers under this directory's .shardctl/ that the YAML no longer declares
+        (removed after their shards were drained): shardctl names them and `down` stops them."""
+        root = self.desired.directory / ".shardctl" / "servers"
+        try:
+            found = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in self.servers)
+        except OSError:
+            return []
+        return [EmbeddedServer(p.name, p) for p in found if (p / "data" / "PG_VERSION").exists()]
 
     @contextmanager
     def catalog(self, create: bool = False) -> Iterator[psycopg.Connection | None]:
@@ -64,4 +77,6 @@ class Fleet:
                 with contextlib.suppress(errors.DuplicateDatabase):  # another apply created it at the same moment
                     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         with handle.connect(name) as conn:
+            # it belongs to this directory, and records how each server is reached now (adoption.py)
+            adoption.settle(self, conn, adopt=self.adopting)
             yield conn

@@ -30,6 +30,7 @@ from engine.plan.models import (
     RenameDatabase,
     ResetBranch,
     SplitShard,
+    UpdateBranch,
     UpdateDatabase,
 )
 from engine.snapshot import Pending
@@ -77,6 +78,7 @@ RULES: dict[type, Callable] = {
     MergeShards: _move("automerge.enabled"),
     MoveShard: _relocation,
     DeleteBranch: _delete_branch,
+    UpdateBranch: _person,
     DropRetiredShard: lambda action: None,
     CreateDatabase: _person,
     DestroyDatabase: _person,

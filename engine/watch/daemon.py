@@ -25,7 +25,7 @@ import psycopg
 
 from engine import backups, workflow
 from engine.catalog import backups as backup_catalog
-from engine.catalog import control, journal, schema, store
+from engine.catalog import control, journal, lock, schema, store
 from engine.catalog.lock import who as lock_who
 from engine.config import loader
 from engine.config.loader import Desired
@@ -52,6 +52,7 @@ from engine.watch.view import (
     BranchLinkView,
     BranchView,
     HistoryEntry,
+    OperationView,
     OrphanView,
     ReplicaView,
     ShardView,
@@ -302,6 +303,7 @@ class Daemon:
         pairs = fresh.pairs
         self._unknown = fresh.unknown  # for the next check: late servers' shards are unknown now
         state = control.read_control(conn)
+        operations = _operations(conn)  # whoever runs them: a person's `apply -split` shows here too
         took = time.monotonic() - started
         at = now()
         shards = [s for d in observation.catalog.databases.values() if d.state == "active"
@@ -344,7 +346,9 @@ class Daemon:
                 for s in sorted(shards, key=lambda s: s.address))
             return dict(shards=views, last_collect_at=at, last_collect_seconds=round(took, 4),
                         paused=state.paused, pause_reason=state.reason, paused_by=state.changed_by,
-                        replicas=replicas, silent_servers=tuple(silent), branch_links=links, orphans=orphans)
+                        replicas=replicas, silent_servers=tuple(silent), branch_links=links, orphans=orphans,
+                        operations=operations,
+                        **_cleared(snapshot, "collection failed"))
         self.view.update_with(changes)
         self.view.record_collection(took)
         self._collected.set()
@@ -449,6 +453,7 @@ class Daemon:
             self.log("check_failed", error=message)
             return False
         verdicts = load_rules.assessments(desired, observation)
+        self.view.update_with(lambda snapshot: _cleared(snapshot, "check failed"))
         self._publish(plan, decision, verdicts, observation, recent, state)
         self._show_if_changed(plan)
         if not decision.autonomous or self.stopping.is_set():
@@ -539,6 +544,7 @@ class Daemon:
         finally:
             self.view.update(activity="idle", activity_since=None, progress=None, progress_at=None)
         self._count(kinds, "applied")
+        self.view.update_with(lambda snapshot: _cleared(snapshot, "apply failed"))
         self.log("applied", actions=[a.address for a in decision.autonomous], counts=result.counts)
         return True
 
@@ -589,6 +595,19 @@ def decide_round(desired: Desired, observation: Observation, paused: bool) -> tu
     it. Recorded traces are replayed through this same function (tests/test_watch_replay.py)."""
     plan = planner.plan(desired, observation)
     return plan, autonomy.decide(plan, paused)
+
+
+def _cleared(snapshot: Snapshot, failure: str) -> dict:
+    """The last error goes once what failed works again (it is about now, not a log)."""
+    return {"last_error": None} if (snapshot.last_error or "").startswith(failure) else {}
+
+
+def _operations(conn: psycopg.Connection) -> tuple[OperationView, ...]:
+    """The operations the catalog records as running, in progress (and by whom) or interrupted."""
+    by = lock.held_elsewhere(conn)
+    return tuple(OperationView(id=op["id"], kind=op["kind"], address=op["address"], step=op["last_step"], by=by,
+                               started_at=op["started_at"], progress=op["progress"])
+                 for op in journal.interrupted(conn))
 
 
 def _silence(server: str, missing: dict[str, str], observation: Observation) -> str:

@@ -66,12 +66,14 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def api_status(daemon: Served) -> dict:
     snap = daemon.view.get()
+    activity, since, progress, _ = snap.running()  # whoever runs it: this daemon or a person's apply
     return {
         "who": snap.who, "role": snap.role, "leader": snap.leader, "config_dir": snap.config_dir,
         # who paused and why belong to a pause in force, not to one lifted since
         "paused": snap.paused, "pause_reason": snap.pause_reason if snap.paused else "",
         "paused_by": snap.paused_by if snap.paused else None,
-        "config_error": snap.config_error, "activity": snap.activity, "progress": snap.progress,
+        "config_error": snap.config_error, "activity": activity, "activity_since": since, "progress": progress,
+        "operations": [dict(op.model_dump(mode="json"), in_progress=op.in_progress) for op in snap.operations],
         "started_at": snap.started_at,
         "last_collect_at": snap.last_collect_at, "last_collect_seconds": snap.last_collect_seconds,
         "planned_at": snap.planned_at, "last_error": snap.last_error, "alerts": list(snap.alerts),

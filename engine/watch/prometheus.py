@@ -103,20 +103,21 @@ def _servers(snap):
 def _moves(snap):
     """The split or merge this daemon is running, if any: when it started, when it last reported,
     rows copied, replication lag and the ETA of its phase (alerting on stuck and slow moves)."""
-    yield GaugeMetricFamily("shardctl_move_in_progress", "1 while this daemon applies (a split or merge, a drop...)",
-                            value=1.0 if snap.activity_since is not None else 0.0)
-    if snap.activity_since is None:
+    activity, since, progress, reported = snap.running()  # this daemon's, or a person's apply
+    yield GaugeMetricFamily("shardctl_move_in_progress", "1 while an apply runs (a split or merge, a drop...),"
+                            " this daemon's or another process's", value=1.0 if since is not None else 0.0)
+    if since is None:
         return
-    step = str((snap.progress or {}).get("step") or snap.activity)
+    progress = progress or {}
+    step = str(progress.get("step") or activity)
     started = GaugeMetricFamily("shardctl_move_started_timestamp_seconds", "When the running apply started",
                                 labels=["step"])
-    started.add_metric([step], snap.activity_since.timestamp())
+    started.add_metric([step], since.timestamp())
     yield started
-    progress = snap.progress or {}
-    if snap.progress_at is None:
+    if reported is None:
         return
     yield _one("shardctl_move_progress_timestamp_seconds", "When the running move last reported its figures", step,
-               snap.progress_at.timestamp())
+               reported.timestamp())
     for name, key, help_text in (
             ("shardctl_move_rows_copied", "rows_copied", "Rows the initial copy has moved so far"),
             ("shardctl_move_rows_expected", "rows_expected", "Rows the initial copy is expected to move"),
