@@ -657,7 +657,7 @@ def _observe_fleet_drift(p: _Planning) -> None:
     """Unmanaged databases named like shards, stray rows, unreachable servers, wal_level."""
     observation = p.observation
     p.drift.extend(_unmanaged(p.desired, observation))
-    p.drift.extend(_dropped_branches(observation))
+    p.drift.extend(_dropped_branches(p.desired, observation))
     for replica in replica_links(observation.catalog, observation.servers):
         if replica.missing:
             p.drift.append(Drift(
@@ -800,13 +800,20 @@ def _branch_dropped(have, observation: Observation) -> bool:
     return have.state == "active" and live is not None and live.reachable and have.dbname not in live.databases
 
 
-def _dropped_branches(observation: Observation) -> list[Drift]:
+def _dropped_branches(desired: Desired, observation: Observation) -> list[Drift]:
+    """Declared branches dropped by hand that apply makes again; one this plan deletes (its ttl ran
+    out, or it left the YAML) is not drift: telling the user apply remakes it would be false."""
+    def owed(b) -> bool:
+        declared = desired.branches.get(b.name)
+        return declared is not None and min(
+            b.expires_at, b.created_at + timedelta(seconds=declared.ttl)) > observation.now()
+
     return [Drift(address=f"branch.{b.name}", kind="deleted",
                   summary=f"has been deleted (database {b.dbname} on server {b.server}): `shardctl apply` (or"
                           f" `shardctl branches reset {b.name}`) makes it again from its parent; remove it from the"
                           " configuration to forget it")
             for b in sorted(observation.catalog.branches.values(), key=lambda b: b.name)
-            if _branch_dropped(b, observation)]
+            if _branch_dropped(b, observation) and owed(b)]
 
 
 def _update_branch(have, branch, expires, where) -> UpdateBranch:
