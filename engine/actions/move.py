@@ -722,6 +722,7 @@ class Move:
                 if self.fenced_since is not None:  # an interrupted run's fence: writable while we wait
                     self._disarm(conns)
             else:
+                journal.points(f"{self.label}: arm")  # a test point: kill, hold or slow the fence right here
                 if self.fenced_since is None:
                     self.fenced_since = time.monotonic()  # before the flag: the pause is never understated
                 for source in self.sources:
