@@ -12,10 +12,15 @@ import threading
 import time
 
 import pytest
-
-from engine.client import hashint8extended
-from engine.servers.embedded import EmbeddedServer, bin_dir
 from movers import active_shards, load_file, preload
+
+from engine.catalog import store
+from engine.client import hashint8extended
+from engine.render.dashboard import render_dashboard
+from engine.servers.embedded import EmbeddedServer, bin_dir
+from engine.watch.daemon import _history_entry
+from engine.watch.prometheus import exposition
+from engine.watch.view import Snapshot, View
 
 # The fence locks customers, then orders (name order). These two scripts write in both orders.
 SAME_ORDER = """\
@@ -144,6 +149,12 @@ def split_and_merge(loaded, clients: int) -> None:
         (event,) = conn.execute("SELECT detail FROM shardctl.history WHERE event = 'split_shard'").fetchone()
     shown = json.loads(loaded.cli("status", "--json").out)["recent_moves"][0]
     assert printed == event["pause_ms"] == shown["pause_ms"] > 0  # one figure: printed, stored, shown
+    with loaded.catalog() as conn:  # and as the daemon reads the history into /metrics and the dashboard
+        entry = _history_entry(store.history(conn, 1)[0])
+    snapshot = Snapshot(who="d", config_dir="/x", started_at=entry.at, history=(entry,))
+    assert (f'shardctl_move_pause_seconds{{address="{entry.address}",event="split_shard"}} {printed / 1000!r}'
+            in exposition(View(snapshot)).decode())
+    assert f"{printed:.1f} ms" in render_dashboard(snapshot, {}, now=entry.at)
     assert event["fence"]["tries"] >= 1 and event["fence"]["acquired_ms"] < 60_000
     source = rows_of(loaded, server, dbname)
     targets = [rows_of(loaded, s[3], s[4]) for s in (shard(loaded, "40-60"), shard(loaded, "60-80"))]
