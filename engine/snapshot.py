@@ -128,6 +128,7 @@ class HistoryEntry(Frozen):
     actor: str
     summary: str
     evidence: tuple[str, ...] = ()
+    pause_ms: float | None = None  # a split's, merge's or relocation's: the history's own figure, never recomputed
 
 
 class Snapshot(Frozen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import UTC
 from typing import Any
 
 from rich.console import Console
@@ -22,6 +23,7 @@ from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
 from engine.plan.forecast import lineages
 from engine.plan.load import assessments
+from engine.plan.models import MOVE_KINDS
 from engine.servers.fleet import Fleet
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -126,6 +128,7 @@ def collect(desired: Desired, metrics_file: str | Recording | None = None) -> di
             op["objects"] = [dict(server=server, kind=o.kind, name=o.name, database=o.database,
                                   retained_bytes=o.retained_bytes, text=replication.describe(o))
                              for server, o in replication.of_operation(inventory, op["id"])]
+        report["recent_moves"] = recent_moves(conn)
         report["interrupted"] = [] if in_flight else running
         report["in_progress"] = [dict(op, by=in_flight) for op in running] if in_flight else []
         _backups_in_flight(report, conn)
@@ -157,6 +160,19 @@ def _backups_in_flight(report: dict[str, Any], conn) -> None:
             report["in_progress"].append(dict(op, by="another `shardctl backups create`"))
         else:
             report["interrupted"].append({k: v for k, v in op.items() if k != "by"})
+
+
+RECENT_MOVES = 5
+
+
+def recent_moves(conn) -> list[dict[str, Any]]:
+    """The last finished moves, newest first, with the pause their history records (fence to
+    routing flip committed: the figure apply printed)."""
+    rows = conn.execute("SELECT at, event, address, detail -> 'pause_ms' FROM shardctl.history WHERE event = ANY(%s)"
+                        " ORDER BY id DESC LIMIT %s", (list(MOVE_KINDS), RECENT_MOVES)).fetchall()
+    return [dict(at=at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"), event=event, address=address,
+                 pause_ms=float(pause) if isinstance(pause, (int, float)) else None)
+            for at, event, address, pause in rows]
 
 
 def orphan_row(orphan: replication.Orphan) -> dict[str, Any]:
@@ -254,6 +270,7 @@ def render_status(report: dict[str, Any], colour: bool) -> None:
     _print_backups(console, report.get("backups") or [])
     _print_orphans(console, report.get("orphans") or [])
     _print_operations(console, report)
+    _print_moves(console, report.get("recent_moves") or [])
     _print_automation(console, report.get("automation"))
     if not report["databases"] and report["catalog"].get("state") == "ok":
         console.print("No databases yet.")
@@ -429,6 +446,13 @@ def _print_operations(console: Console, report: dict[str, Any]) -> None:
         for o in op.get("objects") or []:
             console.print(f"  still held: {o['kind']} {o['name']} on server {o['server']} (database {o['database']}):"
                           f" {o['text']}", markup=False)
+
+
+def _print_moves(console: Console, moves: list[dict[str, Any]]) -> None:
+    for m in moves:
+        pause = (f"writes to the range paused {m['pause_ms']:.1f} ms" if m["pause_ms"] is not None
+                 else "pause not recorded")
+        console.print(f"Moved: {m['event'].replace('_', ' ')} {m['address']} at {m['at']}: {pause}", markup=False)
 
 
 def _print_automation(console: Console, automation: dict[str, Any] | None) -> None:

@@ -245,3 +245,99 @@ def pgbench(fleet, server: str, dbname: str, seconds: int) -> subprocess.Popen:
          "-h", str(srv.socket_dir), "-p", "5432", "-U", "postgres", dbname],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+class HeldApply:
+    """`shardctl apply --auto-approve ARGS` in the background, held at a step (a holdpoint,
+    engine/catalog/journal.py) until `release()`; `finish()` waits for it and returns
+    (code, stdout, stderr)."""
+
+    def __init__(self, fleet, point: str, *args: str, env: dict | None = None):
+        import os
+        import sys
+
+        from engine.catalog.journal import HOLDPOINT_ENV
+
+        self.release_file = fleet.base / "release"
+        self.held_file = fleet.base / "release.held"
+        for f in (self.release_file, self.held_file):
+            f.unlink(missing_ok=True)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDCTL_")}
+        full_env.update({"NO_COLOR": "1", HOLDPOINT_ENV: f"{point}={self.release_file}", **(env or {})})
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine", "-C", "fleet", "apply", "--auto-approve", *args],
+                                     cwd=fleet.base, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        deadline = time.monotonic() + 180
+        while not self.held_file.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"apply ended before {point!r}: " + "".join(self.proc.communicate()))
+            assert time.monotonic() < deadline, f"apply never reached {point!r}"
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        self.release_file.write_text("go")
+
+    def finish(self, timeout: float = 240) -> tuple[int, str, str]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        return self.proc.returncode, out, err
+
+
+@dataclass
+class Probe:
+    """Writes one new row of a range straight into a shard's database every few milliseconds;
+    records when each write was refused by a fence (SQLSTATE 25006) and which were accepted."""
+
+    params: dict
+    lo: int | None
+    hi: int | None
+    start_id: int = 50_000_000
+    accepted: list[tuple[float, int]] = field(default_factory=list)
+    refused: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        key = self.start_id
+        with psycopg.connect(**self.params, autocommit=True) as conn:
+            while not self._stop.is_set():
+                key += 1
+                h = hashint8extended(key)
+                if not ((self.lo is None or h >= self.lo) and (self.hi is None or h < self.hi)):
+                    continue
+                try:
+                    conn.execute("INSERT INTO customers (customer_id, name) VALUES (%s, 'probe')", (key,))
+                    self.accepted.append((time.monotonic(), key))
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    self.refused.append(time.monotonic())
+                except psycopg.Error as exc:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                self._stop.wait(0.005)
+
+    def refused_windows(self) -> list[float]:
+        """Each stretch of refusals (seconds from the first refusal to the next accepted write)."""
+        out, start = [], None
+        events = sorted([(t, False) for t in self.refused] + [(t, True) for t, _ in self.accepted])
+        for t, ok in events:
+            if not ok and start is None:
+                start = t
+            elif ok and start is not None:
+                out.append(t - start)
+                start = None
+        return out

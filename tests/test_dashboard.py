@@ -43,7 +43,7 @@ def _snapshot(**changes) -> Snapshot:
         shards=(hot, quiet),
         history=(HistoryEntry(at=NOW - timedelta(minutes=5), event="split_shard", address="shard.orders/-",
                               actor="daemon ops@host (pid 1)", summary="into -80, 80-",
-                              evidence=("queries_per_second 20000 > 10000 in 5 of 5 samples",)),),
+                              evidence=("queries_per_second 20000 > 10000 in 5 of 5 samples",), pause_ms=123.4),),
         branches=(BranchView(name="dev", parent="orders", data="schema", server="a", state="active",
                              created_at=NOW - timedelta(hours=2), expires_at=NOW + timedelta(hours=22)),),
         last_collect_at=NOW - timedelta(seconds=4), last_collect_seconds=0.012)

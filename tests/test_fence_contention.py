@@ -1,13 +1,18 @@
-"""A fence that cannot take its locks gives way, names who holds them, and leaves the source
-as it was; once the blocker ends, apply finishes the same move."""
+"""A fence that cannot go up gives way, names who is in the way, and leaves the source as it
+was; once the blocker ends, apply finishes the same move. The fence takes no table lock
+(engine/actions/fence.py): what it waits for is a transaction that wrote before it armed."""
 
 import psycopg
 
+from engine.actions.fence import DRAIN_LIMIT
 from engine.client import hashint8extended
-from movers import active_shards, all_rows, hot_file, preload
+from movers import HeldApply, Probe, active_shards, all_rows, hot_file, preload
 
 
 def test_a_fence_blocked_by_an_idle_transaction_gives_up_naming_it(fleet):
+    """A transaction writes the source just before the fence arms, then stays idle: the fence
+    waits for it at most DRAIN_LIMIT with the range unwritable, is lifted, waits on with the
+    source writable, and gives up after moves.fence_timeout naming it."""
     fleet.write("fleet.yaml", fleet.read("fleet.yaml")
                 + "policies:\n  default:\n    moves: {fence_timeout: 2s}\n")
     assert fleet.cli("apply", "--auto-approve").code == 0
@@ -16,19 +21,26 @@ def test_a_fence_blocked_by_an_idle_transaction_gives_up_naming_it(fleet):
     before, _ = all_rows(fleet)
     name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
     params = {**fleet_params(fleet, server, dbname), "application_name": "stuck-app"}
+    held = HeldApply(fleet, "split orders/40-80: arm", "--metrics", "hot.json")
     blocker = psycopg.connect(**params)  # a transaction left open after a write: it keeps its lock
-    blocker.execute("UPDATE customers SET name = 'secret-value-42' WHERE customer_id = -1")
-    pid = blocker.info.backend_pid
     try:
-        result = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json")
-        assert result.code == 1, result.both
-        assert f"could not fence writes on {dbname}" in result.err
-        assert f"pid {pid} (stuck-app, idle in transaction" in result.err
-        assert f"SELECT pg_terminate_backend({pid})" in result.err and "takes writes as before" in result.err
-        assert "secret-value-42" not in result.both  # a blocker is named by its statement, never its values
-        assert "Traceback" not in result.both and "bug" not in result.both
-        with fleet.connect(server, dbname) as conn:  # the source takes writes: no fence left behind
-            conn.execute("INSERT INTO customers (customer_id, name) VALUES (%s, 'after')", (next_key(lo, hi),))
+        with Probe(fleet_params(fleet, server, dbname), lo, hi) as probe:
+            blocker.execute("UPDATE customers SET name = 'secret-value-42' WHERE customer_id = -1")
+            pid = blocker.info.backend_pid
+            held.release()
+            code, out, err = held.finish()
+        assert code == 1, out + err
+        assert f"could not fence writes on {dbname}" in err
+        assert f"pid {pid} (stuck-app, idle in transaction" in err
+        assert f"SELECT pg_terminate_backend({pid})" in err and "takes writes as before" in err
+        assert "secret-value-42" not in out + err  # a blocker is named by its statement, never its values
+        assert "Traceback" not in out + err and "bug" not in out + err
+        assert "the fence waited 500 ms for transactions that wrote before it" in out, out
+        # the range was unwritable once, for the drain's bound (plus a probe's round trip and the
+        # machine's load), and the source takes writes again
+        windows = probe.refused_windows()
+        assert len(windows) == 1 and windows[0] < DRAIN_LIMIT + 1.5, windows
+        assert probe.errors == [] and probe.accepted and probe.accepted[-1][0] > probe.refused[-1]
         with fleet.catalog() as conn:
             (error,) = conn.execute("SELECT detail->>'error' FROM shardctl.journal WHERE step LIKE '%%: fence'"
                                     " AND status = 'failed'").fetchone()
@@ -42,7 +54,7 @@ def test_a_fence_blocked_by_an_idle_transaction_gives_up_naming_it(fleet):
     assert finished.code == 0, finished.both
     assert "Resuming operation" in finished.out
     rows, problems = all_rows(fleet)
-    assert problems == [] and {k: v for k, v in rows.items() if v != "after"} == before
+    assert problems == [] and rows == {**before, **{k: "probe" for _, k in probe.accepted}}
 
 
 def fleet_params(fleet, server, dbname):
@@ -61,9 +73,10 @@ def next_key(lo, hi):
 
 
 def test_a_merge_fence_never_holds_one_source_while_the_other_is_blocked(fleet):
-    """A merge locks its sources together and commits only when both hold their locks: while a
-    blocker keeps one source's lock, the other source goes on taking writes, and when the fence
-    gives up both are as they were; once the blocker ends, apply finishes the same merge."""
+    """A blocker that keeps a write lock on one source since before the move: the guard cannot be
+    installed on it (its lock is held), no source is ever armed, the other source goes on taking
+    writes, and when the move gives up both are as they were; once the blocker ends, apply
+    finishes the same merge."""
     import threading
     import time
 
@@ -109,6 +122,7 @@ def test_a_merge_fence_never_holds_one_source_while_the_other_is_blocked(fleet):
         writer.join()
         assert result.code == 1, result.both
         assert "could not fence writes on" in result.err and "stuck-app" in result.err
+        assert "(installing its guard on public.customers)" in result.err
         assert refused == []  # the unblocked source never stood fenced while the other waited
         assert len(written) > 50  # and it was written throughout the fence's tries
     finally:
@@ -125,9 +139,10 @@ def test_a_merge_fence_never_holds_one_source_while_the_other_is_blocked(fleet):
 
 
 def test_an_autovacuum_holding_the_lock_is_cancelled_not_waited_out(fleet):
-    """Autovacuum holds a lock the fence needs for as long as it runs. PostgreSQL cancels it for
-    a waiter only after deadlock_timeout, which the fence's short waits never reach; the fence
-    cancels it itself (it runs again later) instead of retrying until its budget is spent."""
+    """Autovacuum holds a lock that installing the fence's guard needs, for as long as it runs.
+    PostgreSQL cancels it for a waiter only after deadlock_timeout, which the guard's short
+    waits never reach; the move cancels it itself (it runs again later) instead of retrying
+    until its budget is spent. (The fence itself takes no table lock: no autovacuum is in its way.)"""
     import time
 
     from engine.catalog.journal import SLOWPOINT_ENV
@@ -153,8 +168,8 @@ def test_an_autovacuum_holding_the_lock_is_cancelled_not_waited_out(fleet):
             assert time.monotonic() < deadline, "no autovacuum started"
             time.sleep(0.2)
     # publishing waits without a lock timeout, so PostgreSQL cancels that autovacuum; the pause
-    # before the fence lets the next one start (naptime 1 s) and hold the lock the fence needs
-    result = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json", env={SLOWPOINT_ENV: "split orders/40-80: converge=4"})
+    # before the guard lets the next one start (naptime 1 s) and hold the lock the guard needs
+    result = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json", env={SLOWPOINT_ENV: "split orders/40-80: guard=4"})
     assert result.code == 0, result.both
     assert "cancelled an autovacuum" in result.out + result.err, result.both
     rows, problems = all_rows(fleet)

@@ -5,16 +5,22 @@ its targets row for row (so nothing pgbench committed was lost, duplicated or mi
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
 import time
 
 import pytest
-
-from engine.client import hashint8extended
-from engine.servers.embedded import EmbeddedServer, bin_dir
 from movers import active_shards, load_file, preload
+
+from engine.catalog import store
+from engine.client import hashint8extended
+from engine.render.dashboard import render_dashboard
+from engine.servers.embedded import EmbeddedServer, bin_dir
+from engine.watch.daemon import _history_entry
+from engine.watch.prometheus import exposition
+from engine.watch.view import Snapshot, View
 
 # The fence locks customers, then orders (name order). These two scripts write in both orders.
 SAME_ORDER = """\
@@ -63,7 +69,9 @@ def start_pgbench(fleet, server: str, dbname: str, seconds: int = 300, rate: int
 
 
 def finish_pgbench(proc: subprocess.Popen) -> tuple[str, int, int]:
-    """pgbench stops on its own when the fence makes the shard read-only (its clients abort)."""
+    """pgbench stops on its own when the fence makes the shard read-only (its clients abort).
+    Returns its report, the transactions it committed and its failures: deadlocks, retried
+    transactions that failed, and clients stopped by anything but the fence's refusal."""
     try:
         out, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -73,8 +81,9 @@ def finish_pgbench(proc: subprocess.Popen) -> tuple[str, int, int]:
     found = re.search(r"number of transactions actually processed: (\d+)", report)
     assert found, report
     processed = int(found.group(1))
-    deadlocks = re.search(r"number of deadlock failures: (\d+)", report)
-    return report, processed, int(deadlocks.group(1)) if deadlocks else 0
+    failed = sum(int(n) for n in re.findall(r"number of (?:deadlock failures|failed transactions): (\d+)", report))
+    stopped = [line for line in report.splitlines() if "aborted in command" in line and "read-only" not in line]
+    return report, processed, failed + len(stopped)
 
 
 def apply_under(fleet, benches: list[subprocess.Popen], metrics: str):
@@ -113,17 +122,40 @@ def retired(fleet, name: str):
                             " AND name = %s AND state = 'retired'", (name,)).fetchone()
 
 
+@pytest.mark.slow  # the 32 clients below cover it, in ~35 s
 def test_split_then_merge_under_pgbench_in_both_lock_orders(loaded):
-    # --- split orders/40-80 while pgbench writes it in both orders
+    split_and_merge(loaded, clients=4)
+
+
+def test_split_then_merge_under_32_clients_in_both_lock_orders(loaded):
+    """32 pgbench clients, half their transactions in the reverse of the other half's lock order:
+    the fence goes up the first time (it takes no table lock), no client fails but for the
+    fence's refusal, and the pause printed is the one kept and shown."""
+    split_and_merge(loaded, clients=32)
+
+
+def split_and_merge(loaded, clients: int) -> None:
     _, lo, hi, server, dbname = shard(loaded, "40-80")
     load_file(loaded.base / "split.json", loaded, hot=("orders/40-80",))
-    bench = start_pgbench(loaded, server, dbname)
+    bench = start_pgbench(loaded, server, dbname, clients=clients)
     result = loaded.cli("apply", "--auto-approve", "--metrics", "split.json")
-    report, processed, deadlocks = finish_pgbench(bench)
+    report, processed, failures = finish_pgbench(bench)
     assert result.code == 0, result.both  # the first time: no retry by hand
-    assert deadlocks == 0, report
+    assert failures == 0, report
     assert processed > 100, report  # it really wrote during the move
-    assert "paused for" in result.out
+    printed = float(re.search(r"writes to the range paused for ([\d.]+) ms \(fence to flip committed\)",
+                              result.out).group(1))
+    with loaded.catalog() as conn:
+        (event,) = conn.execute("SELECT detail FROM shardctl.history WHERE event = 'split_shard'").fetchone()
+    shown = json.loads(loaded.cli("status", "--json").out)["recent_moves"][0]
+    assert printed == event["pause_ms"] == shown["pause_ms"] > 0  # one figure: printed, stored, shown
+    with loaded.catalog() as conn:  # and as the daemon reads the history into /metrics and the dashboard
+        entry = _history_entry(store.history(conn, 1)[0])
+    snapshot = Snapshot(who="d", config_dir="/x", started_at=entry.at, history=(entry,))
+    assert (f'shardctl_move_pause_seconds{{address="{entry.address}",event="split_shard"}} {printed / 1000!r}'
+            in exposition(View(snapshot)).decode())
+    assert f"{printed:.1f} ms" in render_dashboard(snapshot, {}, now=entry.at)
+    assert event["fence"]["tries"] >= 1 and event["fence"]["acquired_ms"] < 60_000
     source = rows_of(loaded, server, dbname)
     targets = [rows_of(loaded, s[3], s[4]) for s in (shard(loaded, "40-60"), shard(loaded, "60-80"))]
     assert union(targets) == source  # the retired source, frozen by the fence, equals its targets
@@ -136,7 +168,7 @@ def test_split_then_merge_under_pgbench_in_both_lock_orders(loaded):
     assert loaded.cli("apply", "--auto-approve", "--metrics", "neutral.json").code == 0  # drops the retired source
     halves = [shard(loaded, "40-60"), shard(loaded, "60-80")]
     load_file(loaded.base / "merge.json", loaded, cold=("orders/40-60", "orders/60-80"))
-    benches = [start_pgbench(loaded, h[3], h[4], clients=2) for h in halves]
+    benches = [start_pgbench(loaded, h[3], h[4], clients=max(2, clients // 2)) for h in halves]
     result, reports = apply_under(loaded, benches, "merge.json")
     assert [r[2] for r in reports] == [0, 0], [r[0] for r in reports]
     sources = union([rows_of(loaded, h[3], h[4]) for h in halves])

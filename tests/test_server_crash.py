@@ -54,7 +54,7 @@ SPLIT, MERGE = "split orders/40-80", "merge orders/-80"
 # whose server is killed: the catalog's; a source's (and none of the targets'); a target's
 ROLES = {SPLIT: {"catalog": "a", "source": "c", "target": "b"},
          MERGE: {"catalog": "a", "source": "b", "target": "c"}}  # a merge's target is on a source's server
-STEPS = ["record", "targets", "publish", "subscribe", "sync", "compare", "converge", "fence", "catch up", "verify",
+STEPS = ["record", "targets", "publish", "subscribe", "guard", "sync", "compare", "converge", "fence", "catch up", "verify",
          "flip", "flip, committed", "cleanup"]
 # one step per role in the README's command: the catalog and a target right after the cutover's
 # commit (the journal once lost the first, cleanup once skipped the second), the source behind its

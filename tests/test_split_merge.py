@@ -86,8 +86,8 @@ def test_a_merge_under_a_concurrent_writer_loses_nothing(loaded):
     assert [s[0] for s in active_shards(loaded)] == ["-80", "80-c0", "c0-"]
 
 
-@pytest.mark.parametrize("step", ["record", "targets", "publish", "subscribe", "sync", "compare", "converge", "fence", "catch up",
-                                  "verify", "flip", "cleanup"])
+@pytest.mark.parametrize("step", ["record", "targets", "publish", "subscribe", "guard", "sync", "compare", "converge",
+                                  "fence", "arm", "catch up", "verify", "flip", "cleanup"])
 def test_a_split_killed_at_each_step_converges_on_rerun(loaded, step):
     before, _ = all_rows(loaded)
     killed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json", env={FAILPOINT_ENV: f"{SPLIT}: {step}"})

@@ -29,6 +29,7 @@ from psycopg import sql
 
 from engine import backups
 from engine.actions.base import ApplyContext
+from engine.actions.fence import GUARD_TRIGGERS
 from engine.catalog import backups as catalog
 from engine.catalog.journal import Operation
 from engine.errors import UserError
@@ -36,8 +37,6 @@ from engine.plan.models import CreateBranch, ResetBranch, ShardSpec
 from engine.servers import scratch
 from engine.servers.barman import Barman
 from engine.servers.connect import ServerHandle
-
-FENCE_TRIGGERS = ("shardctl_fence", "shardctl_fence_truncate")
 
 
 def restored_name(server: str) -> str:
@@ -120,7 +119,7 @@ def _unfence(handle: ServerHandle, dbname: str) -> None:
         for schema_name, table in conn.execute(
                 "SELECT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
                 " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = ANY(%s)",
-                (list(FENCE_TRIGGERS),)).fetchall():
-            for trigger in FENCE_TRIGGERS:
+                (list(GUARD_TRIGGERS),)).fetchall():
+            for trigger in GUARD_TRIGGERS:
                 conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}.{}").format(
                     sql.Identifier(trigger), sql.Identifier(schema_name), sql.Identifier(table)))

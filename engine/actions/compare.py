@@ -27,10 +27,13 @@ changed. So both reads saw the same value, or there is a real difference.
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from psycopg import errors, sql
@@ -51,6 +54,24 @@ FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left fo
 
 class VerifyRestart(Exception):
     """A TRUNCATE during the comparison: start it over."""
+
+
+def background(work: Callable[[], object]) -> Future:
+    """`work()` in a daemon thread, as a future. Behind the fence a result is waited for with a
+    deadline, and a thread that overran it (a statement the server never answers) must not hold
+    the process at its exit as a pool's threads would: it is left behind."""
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # the waiter re-raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="shardctl-move").start()
+    return future
 
 
 @dataclass
@@ -157,9 +178,8 @@ class Comparison:
         if len(self.move.sources) == 1:
             new.merge(read(self.move.sources[0]))
         else:  # a merge's sources are decoded at once, each on its own server
-            with ThreadPoolExecutor(max_workers=len(self.move.sources)) as pool:
-                for changed in pool.map(read, self.move.sources):
-                    new.merge(changed)
+            for job in [background(partial(read, source)) for source in self.move.sources]:
+                new.merge(job.result())
         if new.truncated:
             raise VerifyRestart(", ".join(f"{s}.{t}" for s, t in sorted(new.truncated)))
         self.changes.merge(new)
@@ -210,10 +230,12 @@ class Comparison:
                 sides.append((link.source, self.move.range_filter(target) if link.filtered else sql.SQL("true")))
         return sides
 
-    def _run(self, jobs: list[tuple[ShardSpec, sql.Composable, tuple]]) -> list[list[tuple]]:
+    def _run(self, jobs: list[tuple[ShardSpec, sql.Composable, tuple]],
+             timeout: float | None = None) -> list[list[tuple]]:
         """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
         other on the move's held connection: shards live on different servers and cores, and no
-        connection's setup is paid in a round or in the fence."""
+        connection's setup is paid in a round or in the fence. TIMEOUT (behind the fence): the
+        seconds they may take together, else FutureTimeout."""
         by_shard: dict[str, list[int]] = {}
         for i, (shard, _, _) in enumerate(jobs):
             by_shard.setdefault(shard.name, []).append(i)
@@ -230,9 +252,12 @@ class Comparison:
                                                              "hashtextextended(t::text, 0)")
                         results[i] = conn.execute(text, params).fetchall()
 
-        groups = list(by_shard.values())
-        with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
-            list(pool.map(run_shard, groups))
+        running = [background(partial(run_shard, group)) for group in by_shard.values()]
+        _, late = wait(running, timeout=timeout)
+        if late:
+            raise FutureTimeout(f"{len(late)} of {len(running)} shards did not answer within {timeout}s")
+        for job in running:
+            job.result()  # their errors
         return results
 
     def _grouped_jobs(self, target: ShardSpec, table: tuple[str, str], group: sql.Composable,
@@ -262,14 +287,15 @@ class Comparison:
     def _key_array(self) -> sql.Composable:
         return sql.SQL("%s::bigint[]" if self.move.key_type == "bigint" else "%s::text[]")
 
-    def _differing(self, checks: list[tuple[ShardSpec, tuple[str, str], set]]) -> list[set]:
+    def _differing(self, checks: list[tuple[ShardSpec, tuple[str, str], set]],
+                   timeout: float | None = None) -> list[set]:
         """For each (target, table, keys): the keys whose rows differ between the target and its
-        sources. Every check in one parallel batch (one thread per shard)."""
+        sources. Every check in one parallel batch (one thread per shard), within TIMEOUT."""
         key = sql.Identifier(self.move.key_column)
         batches = [self._grouped_jobs(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
                                       (sorted(keys),)) if keys else []
                    for target, table, keys in checks]
-        results = self._run([job for batch in batches for job in batch])
+        results = self._run([job for batch in batches for job in batch], timeout)
         out: list[set] = []
         for batch in batches:
             mine, results = results[:len(batch)], results[len(batch):]
@@ -384,13 +410,14 @@ class Comparison:
     def _target(self, name: str) -> ShardSpec:
         return next(t for t in self.move.targets if t.name == name)
 
-    def final(self, new: Changes) -> int:
+    def final(self, new: Changes, timeout: float | None = None) -> int:
         """Inside the fence, after catch-up: the keys left and `new`, those changed since (read
-        up to the fence with `read_changes`), every table and target in one parallel batch.
-        Returns how many keys were compared; raises on any difference."""
+        up to the fence with `read_changes`), every table and target in one parallel batch,
+        within TIMEOUT (else FutureTimeout). Returns how many keys were compared; raises on any
+        difference."""
         checks = [(target, table, self.left.get((target.name, table), set()) | new.of(table))
                   for target in self.move.targets for table in self.move.tables(target)]
-        for (target, table, _), differing in zip(checks, self._differing(checks), strict=True):
+        for (target, table, _), differing in zip(checks, self._differing(checks, timeout), strict=True):
             if differing:
                 sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
                 raise self.move.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"

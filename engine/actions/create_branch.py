@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from engine.actions import backup_branch, replica
 from engine.actions.base import ApplyContext, Timer, drop_database, ensure_database
+from engine.actions.fence import GUARD_TRIGGERS
 from engine.catalog import store
 from engine.catalog.journal import Operation
 from engine.errors import UserError
@@ -209,7 +210,24 @@ def _dump(ctx: ApplyContext, shard: ShardSpec, section: str) -> str:
     if proc.returncode != 0:
         raise UserError(f"pg_dump of {shard.dbname} failed", proc.stderr.strip())
     # plain dumps of PostgreSQL 17.6+ carry psql meta-commands (\restrict); they are not SQL
-    return "\n".join(line for line in proc.stdout.splitlines() if not line.startswith("\\"))
+    return without_fence("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("\\")))
+
+
+def without_fence(text: str) -> str:
+    """A dump without a move's guard triggers (engine/actions/fence.py): a shard being moved
+    carries them, their function lives in the _shardctl schema the dump leaves out, and a
+    branch is nobody's source."""
+    starts = [m.start() for m in _TOC.finditer(text)]
+    if not starts:
+        return text
+    kept = [text[:starts[0]]]
+    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        entry = text[begin:end]
+        first = entry.split("\n", 1)[0]
+        if "; Type: TRIGGER;" in first and any(f" {name};" in first for name in GUARD_TRIGGERS):
+            continue
+        kept.append(entry)
+    return "".join(kept)
 
 
 _SETTING = re.compile(r"^SET\s+(\w+)\s*=|^SELECT pg_catalog\.set_config\('(\w+)'")

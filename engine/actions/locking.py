@@ -1,13 +1,17 @@
 """Taking locks on a live shard without ever joining a deadlock, and naming who is in the way.
 
-Every statement that locks a table an application writes (the fence, lifting it) runs through
-`with_lock_retries` (or `with_lock_retries_all`, for several servers that must lock together):
+Every statement that locks a table an application writes (installing or removing a move's
+guard triggers, a restore point's cut) runs through `with_lock_retries` (or
+`with_lock_retries_all`, for several servers that must lock together):
 a lock timeout far below the server's `deadlock_timeout`, so our wait ends before PostgreSQL's
 deadlock detector would run and pick a victim (the application's transaction or ours); a
 rollback that releases whatever we held; a short randomised backoff; and a bounded number of
 tries within a total time budget. Between tries it records who held the locks we waited for,
 so that giving up names them, and cancels an autovacuum among them. A database condition is
 never reported as a bug: the caller gets `LockContention` with the blockers and what to do.
+
+The fence itself takes no table lock (engine/actions/fence.py); `write_holders` tells it which
+transactions hold a lock that writing the shard's tables takes, the ones it waits for.
 """
 
 from __future__ import annotations
@@ -38,19 +42,22 @@ class LockContention(UserError):
 
 @dataclass(frozen=True)
 class Blocker:
-    pid: int
+    pid: int | None  # None: a prepared transaction (two-phase commit), which has no session
     application_name: str
     state: str
     xact_age_s: float | None
     query_start: str
     backend_type: str = "client backend"
     wraparound: bool = False  # an autovacuum that prevents xid wraparound: never cancelled
+    vxid: str = ""  # its virtual transaction id: gone from pg_locks once the transaction ended
 
     @property
     def autovacuum(self) -> bool:
         return self.backend_type == "autovacuum worker"
 
     def describe(self) -> str:
+        if self.pid is None:
+            return f"prepared transaction {self.vxid} (COMMIT PREPARED or ROLLBACK PREPARED ends it)"
         age = f", in a transaction for {self.xact_age_s:.1f}s" if self.xact_age_s is not None else ""
         app = "autovacuum" if self.autovacuum else self.application_name or "no application_name"
         return f"pid {self.pid} ({app}, {self.state}{age}): {self.query_start!r}"
@@ -78,6 +85,29 @@ def blockers(conn: psycopg.Connection, relations: list[str]) -> list[Blocker]:
                              WHERE l.granted AND l.relation = ANY(%s::regclass[]))
             ORDER BY a.xact_start NULLS LAST, a.pid LIMIT 5""", (relations,)).fetchall()
     return [Blocker(r[0], r[1], r[2], r[3], query_start(r[4]), r[5], r[6]) for r in rows]
+
+
+# the locks a write takes: RowExclusive by INSERT, UPDATE, DELETE, MERGE and COPY FROM; ACCESS
+# EXCLUSIVE by TRUNCATE
+WRITE_MODES = ("RowExclusiveLock", "AccessExclusiveLock")
+
+
+def write_holders(conn: psycopg.Connection, oids: list[int]) -> list[Blocker]:
+    """Transactions other than ours that hold a write lock on any of the tables `oids` of this
+    database, oldest first; a transaction in an aborted state (it can never commit) is left out.
+    Ages and states of other roles' sessions are None and '' without pg_read_all_stats."""
+    rows = conn.execute(
+        """SELECT l.virtualtransaction, l.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+                  extract(epoch FROM clock_timestamp() - a.xact_start)::float8, a.query,
+                  coalesce(a.backend_type, '')
+             FROM (SELECT DISTINCT virtualtransaction, pid FROM pg_locks
+                    WHERE locktype = 'relation' AND granted AND mode = ANY(%s)
+                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                      AND relation = ANY(%s::oid[]) AND pid IS DISTINCT FROM pg_backend_pid()) l
+             LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+            WHERE a.state IS DISTINCT FROM 'idle in transaction (aborted)'
+            ORDER BY a.xact_start NULLS LAST, l.pid""", (list(WRITE_MODES), oids)).fetchall()
+    return [Blocker(r[1], r[2], r[3], r[4], query_start(r[5]), r[6], vxid=r[0]) for r in rows]
 
 
 def lock_timeout_ms(conn: psycopg.Connection) -> int:
@@ -154,7 +184,7 @@ def with_lock_retries_all(parts: list[tuple[psycopg.Connection, Callable[[psycop
         timeout = max(timeouts)
         if attempt >= tries or elapsed >= budget_s:
             who = "; ".join(b.describe() for b in seen) or "sessions that finished before they could be named"
-            first = seen[0].pid if seen else None
+            first = next((b.pid for b in seen if b.pid is not None), None)
             raise LockContention(
                 f"could not {what}: {attempt} tries over {elapsed:.1f}s each gave up after {timeout} ms"
                 f" ({kind} on the last); blocked by {who}",
@@ -197,7 +227,8 @@ def _blocking(parts: list, failed: list[int], cancelled: set[int], what: str,
         conn.rollback()
         out += found
         for blocker in found:
-            if blocker.autovacuum and not blocker.wraparound and blocker.pid not in cancelled:
+            if (blocker.autovacuum and not blocker.wraparound and blocker.pid is not None
+                    and blocker.pid not in cancelled):
                 cancelled.add(blocker.pid)
                 _cancel_autovacuum(conn, blocker, what, say)
     return out

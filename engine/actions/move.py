@@ -8,11 +8,13 @@ The steps, each journaled and each safe to run again after a crash:
   targets    target databases created with the database's schema steps
   publish    per link: a row-filtered publication and an explicit logical slot on the source
   subscribe  per link: a subscription on the target (create_slot = false, binary, sync commit)
+  guard      per source table: a statement trigger that refuses writes once the fence is armed
+             (one table per short transaction, while the copy runs; disarmed, it lets all pass)
   follow     per replica of the database (data: replica): a link to each target, disabled
   sync       wait until every table is copied and the slots' lag is small
-  fence      LOCK the source tables, then a trigger that refuses every write, in one
-             transaction (durable, and unlike REVOKE it stops superusers and owners too)
-  catch up   wait until every slot has confirmed the fence's LSN
+  fence      arm the guard (a flag: no table lock), wait for the transactions that wrote
+             before it to end, then write the mark (engine/actions/fence.py: why it is sound)
+  catch up   wait until every target has applied its sources' WAL up to the mark
   sequences  targets' sequences set past the sources', in disjoint blocks per target
   verify     per table: count and an order-independent checksum, frozen sources vs targets
   flip       catalog: targets active, sources retired, new routing epoch (one transaction)
@@ -30,22 +32,29 @@ answer during cleanup or abort is "not done yet": what it still holds is listed 
 operation stays open (never "already gone"). A fence outlives the process that made it: a
 resumed run keeps it, and the pause it reports runs from that first fence to the flip.
 Subscription errors count from the moment the current step began, not since the link was made.
+
+Behind the fence every wait is bounded by `moves.fence_timeout`: each statement on the move's
+connections (statement_timeout), each wait for a thread's result, the catch-up and the flip's
+transaction. An overrun lifts the fence (the source takes writes again), the journal's step
+says what did not finish, and the operation stays open for `apply` to resume.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 from pydantic import ValidationError
 
-from engine.actions import replica
+from engine.actions import fence, replica
 from engine.actions.base import (
     ApplyContext,
     apply_steps,
@@ -53,8 +62,9 @@ from engine.actions.base import (
     ensure_database,
     record_schema,
 )
-from engine.actions.compare import Comparison, VerifyRestart
-from engine.actions.locking import with_lock_retries, with_lock_retries_all
+from engine.actions.compare import Changes, Comparison, VerifyRestart, background
+from engine.actions.fence import DRAIN_LIMIT
+from engine.actions.locking import Blocker, LockContention, with_lock_retries, write_holders
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import journal, store
 from engine.catalog.journal import Operation
@@ -66,7 +76,7 @@ from engine.plan.models import MoveSettings, ShardSpec, StepSpec, transit_name
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
 
-CATCH_UP_TIMEOUT = 30.0
+LIFT_TIMEOUT_S = 10  # a statement that disarms the fence takes no lock: this is for a server that stalls
 LAG_FLOOR = 64 << 10  # a lag this small is applied in milliseconds whatever the measured rate
 # errors of one link since its step began before the move calls it failing: a server that
 # restarts costs a link one or two (the connection it lost, a first reconnect too early); the
@@ -173,7 +183,9 @@ class Move:
     label: str  # e.g. "split orders/40-80"
     settings: Moves = field(default_factory=Moves)
     steps: tuple[StepSpec, ...] = ()  # every schema step the shards ran: a target runs the same
-    lock_times: list[float] = field(default_factory=list)  # when each source's fence held its locks
+    fenced_since: float | None = None  # monotonic: since when the range is unwritable (the fence armed)
+    fence_figures: dict[str, float] = field(default_factory=dict)  # how the fence was taken, for the history
+    history_id: int | None = None  # the flip's history row
     verified_keys: int = 0  # keys rechecked behind the fence
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
@@ -187,27 +199,23 @@ class Move:
     inherited_pause: bool = False  # the pause began with an interrupted run's fence
 
     def pause_ms(self) -> float:
-        """The one pause figure: from the fence holding its locks (writes to the range stop) to the
-        routing flip (the targets own the range). Printed, and kept in the history. A resumed
-        run whose sources an interrupted run had fenced counts from that first fence."""
-        return round((time.monotonic() - min(self.lock_times)) * 1000, 1) if self.lock_times else 0.0
+        """The one pause figure: from the fence armed (writes to the range fail) to now; taken
+        once the routing flip has committed (the targets own the range), it is what is printed,
+        kept in the history and shown. A resumed run whose sources an interrupted run had
+        fenced counts from that first fence."""
+        return round((time.monotonic() - self.fenced_since) * 1000, 1) if self.fenced_since is not None else 0.0
 
     def fenced_for(self) -> float | None:
         """How long this operation's fence has held the sources (the longest, in seconds, on each
-        source's own clock), from its mark, which commits with the fence; None when no source
-        is fenced. A fence outlives the process that made it: an apply killed behind it leaves
-        the range unwritable until a rerun flips it or an abort lifts it."""
+        source's own clock), from the moment it was armed; None when no source is fenced. A fence
+        outlives the process that made it: an apply killed behind it leaves the range unwritable
+        until a rerun flips it or an abort lifts it."""
         longest = None
         for source in self.sources:
             with self.connect(source) as conn:
-                if not one(conn.execute("SELECT to_regclass('_shardctl.fence_marks') IS NOT NULL AND EXISTS"
-                                        " (SELECT 1 FROM pg_trigger WHERE tgname = 'shardctl_fence')"))[0]:
-                    continue
-                row = conn.execute("SELECT extract(epoch FROM clock_timestamp() - at)::float8 FROM"
-                                   " _shardctl.fence_marks WHERE operation = %s AND source = %s",
-                                   (self.op.id, source.name)).fetchone()
-            if row is not None:
-                longest = max(longest or 0.0, float(row[0]))
+                held = fence.armed_for(conn, self.op.id)
+            if held is not None:
+                longest = max(longest or 0.0, held)
         return longest
 
     def source_state(self) -> str:
@@ -326,7 +334,7 @@ class Move:
                 ensure_database(self.ctx, target)
                 apply_steps(self.ctx, target, steps)
                 with self.connect(target) as conn:
-                    conn.execute(FENCE_MARKS)
+                    conn.execute(fence.MARKS)
 
     def check_replica_identity(self) -> None:
         """A row filter on a column outside the replica identity breaks UPDATE and DELETE on the
@@ -363,7 +371,7 @@ class Move:
                             for schema, table in tables
                         ]
                         # the fence's mark travels with the rows: its arrival is the exact catch-up
-                        conn.execute(FENCE_MARKS)
+                        conn.execute(fence.MARKS)
                         # only this operation's marks: earlier moves left theirs in every shard they made
                         members.append(sql.SQL("_shardctl.fence_marks WHERE (operation = {})").format(
                             sql.Literal(self.op.id)))
@@ -396,6 +404,24 @@ class Move:
                                             slot=name, streaming=streaming, enabled=enabled)
                     except psycopg.Error as exc:
                         raise subscription_failed(self.label, self.op.id, link, exc, self.source_state()) from None
+
+    def guard(self) -> None:
+        """While the copy runs: the fence's guard triggers on every table of every source, one
+        table per short transaction with a lock timeout and retries (engine/actions/fence.py).
+        They refuse nothing until the fence arms them; a table guarded already is skipped."""
+        with self.step("guard"):
+            for source in self.sources:
+                with self.connect(source) as conn:
+                    missing = fence.unguarded(conn)
+                if not missing:
+                    continue
+                with self.connect(source, autocommit=False) as conn:
+                    for schema, table in missing:
+                        relation = sql.Identifier(schema, table)
+                        with_lock_retries(conn, fence.install(relation), relations=[relation.as_string(conn)],
+                                          what=f"fence writes on {source.dbname} (installing its guard on"
+                                               f" {schema}.{table})",
+                                          say=self.say, budget_s=self.settings.fence_timeout)
 
     def pace_copies(self) -> None:
         """The copy throttle (`moves.copy_streams`): enable waiting links while fewer than that
@@ -644,86 +670,211 @@ class Move:
     def fence(self, between: Callable[[], None] | None = None) -> dict[str, str]:
         """Stop writes on every source; returns each source's fence LSN (its mark row's).
 
-        LOCK every table (waits for in-flight writes to commit), then the refusing triggers and
-        the mark, in one transaction per source: after it commits, no write to these tables is
-        uncommitted, and none can start. The locks are taken with a lock timeout below
-        deadlock_timeout and retried; a merge's sources lock together and commit only once all
-        hold their locks, so one source never stays read-only while another waits."""
+        No table lock (engine/actions/fence.py says why this is sound): while a transaction has
+        held a write lock on a source longer than DRAIN_LIMIT, wait with the source writable;
+        then arm every source's guard, and wait (at most DRAIN_LIMIT) for the transactions that
+        wrote before it to end; then the marks. A drain that overruns disarms every source and
+        tries again; after `moves.fence_timeout` the fence gives up naming who was in the way,
+        and the sources take writes as before. A merge arms its sources only when none of them
+        has such a writer, so one source is never held read-only while another waits."""
         with self.step("fence") as record:
+            began = time.monotonic()
             # an interrupted run's fence still holds: the range has been unwritable since then
             held = self.fenced_for()
             if held is not None:
-                self.lock_times.append(time.monotonic() - held)
+                self.fenced_since = time.monotonic() - held
                 self.inherited_pause = True
-            marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
-            locked: dict[str, float] = {}  # per source: when its locks were granted, in the last try
             with ExitStack() as stack:
-                parts = []
-                for source in self.sources:
-                    conn = stack.enter_context(self.connect(source, autocommit=False))
-                    conn.execute(FENCE_FUNCTION)  # before the locks: nothing but locks and triggers inside
-                    conn.commit()
-                    qualified = self._qualified(self.tables(source))
-                    parts.append((conn, self._fence_work(source, qualified, marks, locked),
-                                  [q.as_string(conn) for q in qualified]))
-                names = ", ".join(source.dbname for source in self.sources)
-                with_lock_retries_all(parts, what=f"fence writes on {names}", say=self.say,
-                                      budget_s=self.settings.fence_timeout, between=between)
-            self.lock_times.append(min(locked.values()))  # the range's pause starts with the first lock
-            record["fenced_at"] = round(time.time() - (time.monotonic() - min(self.lock_times)), 3)
+                conns = {s.name: stack.enter_context(self.session(s)) for s in self.sources}
+                oids = {name: [oid for _, _, oid in fence.tables(conn)] for name, conn in conns.items()}
+                with self.behind("the fence was not taken"):
+                    tries, drain_ms = self._take_fence(conns, oids, between)
+                self.fence_figures = {"tries": tries, "acquired_ms": round((time.monotonic() - began) * 1000, 1),
+                                      "drain_ms": drain_ms}
+                with self.behind("the fence's mark was not written"):
+                    marks = self._marks(conns)
+            record.update(self.fence_figures)
+            record["fenced_at"] = round(time.time() - (time.monotonic() - (self.fenced_since or began)), 3)
             return marks
 
-    def _qualified(self, tables: list[tuple[str, str]]) -> list[sql.Composable]:
-        return [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t)) for s, t in tables]
+    def _take_fence(self, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
+                    between: Callable[[], None] | None) -> tuple[int, float]:
+        """Arm and drain, trying again until it holds or `moves.fence_timeout` has passed. Returns
+        the tries and the last drain's milliseconds."""
+        budget = self.settings.fence_timeout
+        started = time.monotonic()
+        first_seen: dict[str, float] = {}  # a writer's virtual transaction -> when we first saw it
+        in_the_way: list[Blocker] = []
+        rng = random.Random()
+        attempt = 0
+        while True:
+            attempt += 1
+            now = time.monotonic()
+            holders = [h for name in conns for h in write_holders(conns[name], oids[name])]
+            for h in holders:
+                first_seen.setdefault(h.vxid, now)
+            # a writer's age from its transaction's start, or (another role's, without
+            # pg_read_all_stats) since we first saw it
+            old = [h for h in holders
+                   if h.pid is None or max(h.xact_age_s or 0.0, now - first_seen[h.vxid]) > DRAIN_LIMIT]
+            if old:
+                in_the_way = old
+                if self.fenced_since is not None:  # an interrupted run's fence: writable while we wait
+                    self._disarm(conns)
+            else:
+                journal.points(f"{self.label}: arm")  # a test point: kill, hold or slow the fence right here
+                if self.fenced_since is None:
+                    self.fenced_since = time.monotonic()  # before the flag: the pause is never understated
+                for source in self.sources:
+                    fence.arm(conns[source.name], self.op.id)
+                armed = time.monotonic()
+                left = self._drain(conns, oids, first_seen)
+                if not left:
+                    return attempt, round((time.monotonic() - armed) * 1000, 1)
+                in_the_way = left
+                self._disarm(conns)
+                self.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for transactions that wrote before it"
+                         f" ({', '.join(b.describe() for b in left[:3])}); lifted, trying again")
+            elapsed = time.monotonic() - started
+            if elapsed >= budget:
+                names = ", ".join(s.dbname for s in self.sources)
+                who = "; ".join(b.describe() for b in in_the_way[:5])
+                first = next((b.pid for b in in_the_way if b.pid is not None), None)
+                raise LockContention(
+                    f"could not fence writes on {names}: {attempt} tries over {elapsed:.1f}s; blocked by {who}",
+                    "nothing changed: the shard takes writes as before. A transaction that keeps writing to these"
+                    " tables for long (idle in transaction?) must end first"
+                    + (f" (SELECT pg_terminate_backend({first}) ends it)" if first else "") + "; then apply again")
+            if attempt == 1 or attempt % 10 == 0:
+                self.say(f"waiting to fence writes: try {attempt} gave way to "
+                         + ", ".join(f"pid {b.pid} ({b.application_name or 'no application_name'}, {b.state})"
+                                     for b in in_the_way[:5]))
+            time.sleep(min(0.5, 0.02 * attempt) * (0.5 + rng.random()))
+            if between is not None:
+                between()
 
-    def _fence_work(self, source: ShardSpec, qualified: list[sql.Composable], marks: dict[str, str],
-                    locked: dict[str, float]) -> Callable[[psycopg.Connection], None]:
-        # the triggers in one round trip (a statement without parameters may hold several)
-        triggers = sql.SQL(" ").join(sql.SQL(
-            "CREATE OR REPLACE TRIGGER shardctl_fence BEFORE INSERT OR UPDATE OR DELETE ON {t}"
-            " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence();"
-            " CREATE OR REPLACE TRIGGER shardctl_fence_truncate BEFORE TRUNCATE ON {t}"
-            " FOR EACH STATEMENT EXECUTE FUNCTION _shardctl.fence();").format(t=table) for table in qualified)
+    def _drain(self, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
+               first_seen: dict[str, float]) -> list[Blocker]:
+        """After the arm: until every transaction holding a write lock on a source has ended, at
+        most DRAIN_LIMIT; those still running then (empty: drained)."""
+        holders = {name: {h.vxid: h for h in write_holders(conns[name], oids[name])} for name in conns}
+        now = time.monotonic()
+        for found in holders.values():
+            for vxid in found:
+                first_seen.setdefault(vxid, now)
+        waiting = {name: set(found) for name, found in holders.items()}
+        until = time.monotonic() + DRAIN_LIMIT
+        while True:
+            waiting = {name: fence.drained(conns[name], vxids) for name, vxids in waiting.items()}
+            if not any(waiting.values()):
+                return []
+            if time.monotonic() > until:
+                return [holders[name][v] for name, vxids in waiting.items() for v in sorted(vxids)]
+            time.sleep(0.002)
 
-        def fence(conn: psycopg.Connection) -> None:
-            conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(qualified)))
-            locked[source.name] = time.monotonic()  # writes to the range wait from here
-            conn.execute(triggers)
-            # the mark commits with the fence: every write before the fence precedes it in the WAL,
-            # so a target that applied the mark has applied all of them
-            marks[source.name], self.fence_stamps[source.name] = one(conn.execute(
+    def _disarm(self, conns: dict[str, psycopg.Connection]) -> None:
+        for source in self.sources:
+            fence.disarm(conns[source.name], self.op.id)
+        self.fenced_since = None
+        self.inherited_pause = False
+
+    def _marks(self, conns: dict[str, psycopg.Connection]) -> dict[str, str]:
+        """The mark on each source, after the drain: every write that got past the guard committed
+        before it, so a target that has applied the mark has applied all of them."""
+        marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
+        for source in self.sources:
+            marks[source.name], self.fence_stamps[source.name] = one(conns[source.name].execute(
                 "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
                 " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
                 " RETURNING pg_current_wal_insert_lsn()::text, (extract(epoch FROM at) * 1000000)::bigint",
                 (self.op.id, source.name)))
-
-        return fence
+        return marks
 
     def lift_fence(self) -> None:
+        """Disarm every source's guard: they take writes again. No table lock: nothing can hold it
+        back but a source that does not answer (then ServerUnreachable)."""
         for source in self.sources:
-            tables = self.tables(source)
-            qualified = self._qualified(tables)
+            with self.connect(source) as conn:
+                conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(f"{LIFT_TIMEOUT_S}s")))
+                fence.disarm(conn, self.op.id)
+        self.fenced_since = None
 
-            def lift(conn: psycopg.Connection) -> None:
-                for table in qualified:  # noqa: B023 (lift runs within this iteration)
-                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence ON {}").format(table))
-                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS shardctl_fence_truncate ON {}").format(table))
+    def lift_fence_after_failure(self) -> None:
+        """Whatever went wrong behind the fence, the source takes writes again; a source that does
+        not answer keeps its fence (source_state says so, and a rerun or abort lifts it)."""
+        try:
+            self.lift_fence()
+        except (UserError, psycopg.Error) as exc:
+            self.say(f"the fence could not be lifted ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__});"
+                     f" writes to the range fail until `shardctl apply` finishes the move or"
+                     f" `shardctl abort {self.op.id}` undoes it")
 
+    def remove_guard(self) -> None:
+        """Drop the guard triggers (an abort): one table per short transaction, as they were made."""
+        for source in self.sources:
+            with self.connect(source) as conn:
+                tables = fence.guarded(conn)
+            if not tables:
+                continue
             with self.connect(source, autocommit=False) as conn:
-                with_lock_retries(conn, lift, what=f"lift the fence on {source.dbname}",
-                                  relations=[q.as_string(conn) for q in qualified], say=self.say)
+                for schema, table in tables:
+                    relation = sql.Identifier(schema, table)
+                    with_lock_retries(conn, fence.uninstall(relation), relations=[relation.as_string(conn)],
+                                      what=f"remove the fence's guard from {schema}.{table} of {source.dbname}",
+                                      say=self.say, budget_s=self.settings.fence_timeout)
+
+    @contextmanager
+    def bounded(self):
+        """From the fence to the flip: every statement on the held connections ends within
+        `moves.fence_timeout` (a lock wait, a hung query), and then raises."""
+        limit = sql.SQL("SET statement_timeout = {}").format(
+            sql.Literal(f"{round(self.settings.fence_timeout * 1000)}ms"))
+        for conn in self.held.values():
+            conn.execute(limit)
+        try:
+            yield
+        finally:
+            for conn in self.held.values():
+                if not conn.closed and not conn.broken:
+                    with suppress(psycopg.Error):
+                        conn.execute("RESET statement_timeout")
+
+    @contextmanager
+    def behind(self, what: str):
+        """A wait behind the fence: a statement its statement_timeout cancelled, or a thread's
+        result not there by its deadline, is the fence's overrun; what still runs on the held
+        connections is cancelled, and MoveFailed says WHAT did not finish."""
+        try:
+            yield
+        except (FutureTimeout, errors.QueryCanceled):
+            for conn in self.held.values():
+                with suppress(psycopg.Error):
+                    conn.cancel_safe(timeout=1.0)
+            raise self.overrun(what) from None
+
+    def within(self, future: Future, deadline: float, what: str):
+        """The future's result by the deadline (monotonic), else the fence's overrun."""
+        with self.behind(what):
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def overrun(self, what: str) -> MoveFailed:
+        return MoveFailed(f"{self.label}: {what} within {_duration(self.settings.fence_timeout)} behind the fence"
+                          " (moves.fence_timeout)",
+                          "the fence is lifted: the source takes writes again. Apply again to retry the move;"
+                          f" `shardctl abort {self.op.id}` undoes it")
 
     def failure(self, text: str) -> VerificationFailed:
         return VerificationFailed(f"{self.label}: verification failed: {text}",
                           "the source keeps its rows and takes writes; what was created is removed")
 
     def wait_confirmed(self, marks: dict[str, str], timeout: float, what: str, poll: float = 0.002,
-                       stamps: dict[str, int] | None = None) -> None:
+                       stamps: dict[str, int] | None = None, fenced: bool = False) -> None:
         """Until every target has applied its sources' WAL up to their marks, durably. Two ways
         to know, whichever comes first: the target's replication origin has reached the mark
         (asked with flush, which makes it durable at once: the apply worker commits
         asynchronously), or the source's slot has had it confirmed (the subscriber confirms only
-        flushed positions; this is how an idle source's position is reached)."""
+        flushed positions; this is how an idle source's position is reached). FENCED: behind the
+        fence, where giving up is the fence's overrun."""
         deadline = time.monotonic() + timeout
         with ExitStack() as stack:
             targets = {t.name: stack.enter_context(self.session(t)) for t in self.targets}
@@ -754,8 +905,10 @@ class Move:
                 if not waiting:
                     return
                 if time.monotonic() > deadline:
+                    if fenced:
+                        raise self.overrun(f"the targets did not confirm {what}")
                     raise MoveFailed(f"{self.label}: the targets did not confirm {what} within {_duration(timeout)}",
-                                     "the source takes writes again; apply again to retry")
+                                     "the source takes writes as before; apply again to retry")
                 time.sleep(poll)
 
     def _mark_applied(self, target: psycopg.Connection, source: str, stamp: int) -> bool:
@@ -774,24 +927,32 @@ class Move:
             target.execute("SELECT pg_current_xact_id()")
         return True
 
-    def catch_up(self, fence_lsns: dict[str, str], comparison: Comparison, pool: ThreadPoolExecutor,
-                 timings: dict[str, float]) -> Future:
+    def catch_up(self, fence_lsns: dict[str, str], comparison: Comparison,
+                 timings: dict[str, float]) -> tuple[Future, float]:
         """Behind the fence, three things at once, each on its own servers' connections: the
         targets apply up to the fence's mark; the sequences are set on the targets (on the
         second held connections); the sources' changes since the last key round are decoded.
-        Returns the decoded changes (a future: verify reads it, and a stray row found there
-        fails the move as verification does)."""
+        Each within `moves.fence_timeout`. Returns the decoded changes (a future: verify reads
+        it, and a stray row found there fails the move as verification does) and its deadline."""
         with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
             def sequences() -> None:
                 started = time.monotonic()
+                journal.points(f"{self.label}: sequences")
                 self.set_sequences()
                 timings["sequences"] = round(time.monotonic() - started, 3)
 
-            setting = pool.submit(sequences)
-            changes = pool.submit(comparison.read_changes, fence_lsns)
-            self.wait_confirmed(fence_lsns, CATCH_UP_TIMEOUT, "the fence", stamps=self.fence_stamps)
-            setting.result()
-            return changes
+            def decode() -> Changes:
+                journal.points(f"{self.label}: changes")
+                return comparison.read_changes(fence_lsns)
+
+            deadline = time.monotonic() + self.settings.fence_timeout
+            setting = background(sequences)
+            changes = background(decode)
+            with self.behind("the targets did not confirm the fence's mark"):
+                self.wait_confirmed(fence_lsns, self.settings.fence_timeout, "the fence's mark",
+                                    stamps=self.fence_stamps, fenced=True)
+            self.within(setting, deadline, "the targets' sequences were not set")
+            return changes, deadline
 
     def compare(self) -> Comparison:
         """Every row compared while writes go on (see engine.actions.compare)."""
@@ -812,10 +973,18 @@ class Move:
             raise MoveFailed(f"{self.label}: tables were truncated during every comparison",
                              f"apply again when the TRUNCATEs are over; {self.source_state()}")
 
-    def verify(self, comparison: Comparison, changes: Future) -> dict[str, dict[str, int]]:
-        """Behind the fence: the keys left by the comparison and those changed since."""
+    def verify(self, comparison: Comparison, changes: tuple[Future, float]) -> dict[str, dict[str, int]]:
+        """Behind the fence: the keys left by the comparison and those changed since; the
+        decoding (by its deadline) and the comparison each within `moves.fence_timeout`."""
         with self.step("verify"):
-            self.verified_keys = comparison.final(changes.result())
+            try:
+                new = self.within(*changes, "the sources' last changes were not decoded")
+            except VerifyRestart as truncated:
+                raise MoveFailed(f"{self.label}: {truncated} was truncated just before the fence",
+                                 "the fence is lifted: the source takes writes again; apply again to compare anew"
+                                 ) from None
+            with self.behind("the last keys were not compared"):
+                self.verified_keys = comparison.final(new, timeout=self.settings.fence_timeout)
             return comparison.figures
 
     def set_sequences(self) -> None:
@@ -923,8 +1092,11 @@ class Move:
             yield conn
 
     def flip(self, history: dict) -> None:
-        # one transaction holds the routing change and the journal's record of it
-        with self.step("flip", atomic=True):
+        # one transaction holds the routing change and the journal's record of it; behind the
+        # fence, bounded like every wait there (a catalog table someone keeps locked)
+        with self.step("flip", atomic=True), self.behind("the routing flip did not commit"):
+            self.ctx.catalog.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                sql.Literal(f"{round(self.settings.fence_timeout * 1000)}ms")))
             if self.relocation:
                 self._flip_names()
             else:
@@ -940,8 +1112,18 @@ class Move:
             self.ctx.catalog.execute("SELECT pg_notify(%s, %s)", (ROUTING_CHANNEL, self.database))
             store.bump_serial(self.ctx.catalog)
             ranges = [[s.lo, s.hi] for s in self.sources] + [[t.lo, t.hi] for t in self.targets]
-            store.add_history(self.ctx.catalog, history["event"], history["address"],
-                              {**history, "database": self.database, "ranges": ranges})
+            self.history_id = store.add_history(self.ctx.catalog, history["event"], history["address"],
+                                                {**history, "database": self.database, "ranges": ranges})
+
+    def record_pause(self) -> float:
+        """Once the flip has committed: the pause, fence to flip committed, into the flip's history
+        row (which could only hold the figure as of its own writing). The one figure: printed,
+        stored, and shown by status, the dashboard and /metrics from the history."""
+        pause = self.pause_ms()
+        if self.history_id is not None:
+            self.ctx.catalog.execute("UPDATE shardctl.history SET detail = detail || jsonb_build_object('pause_ms', %s)"
+                                     " WHERE id = %s", (pause, self.history_id))
+        return pause
 
     def _flip_names(self) -> None:
         """A relocation keeps the shard's name: the source's row becomes the retired copy
@@ -962,6 +1144,7 @@ class Move:
         self.remove_replication()
         replica.unfollow(self.ctx, self.database, self.targets)
         self.lift_fence()
+        self.remove_guard()
         for target in self.targets:
             drop_database(self.ctx, target)
         with self.ctx.catalog.transaction():
@@ -1000,27 +1183,6 @@ def origin_readable(conn: psycopg.Connection) -> bool:
     slot to have the mark confirmed, which the subscriber reports only once it is durable."""
     return bool(one(conn.execute("SELECT has_function_privilege('pg_replication_origin_progress(text, boolean)',"
                                  " 'EXECUTE')"))[0])
-
-
-FENCE_MARKS = """
-CREATE SCHEMA IF NOT EXISTS _shardctl;
-CREATE TABLE IF NOT EXISTS _shardctl.fence_marks (
-    operation bigint NOT NULL,
-    source    text NOT NULL,
-    at        timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (operation, source)
-);
-"""
-
-FENCE_FUNCTION = """
-CREATE SCHEMA IF NOT EXISTS _shardctl;
-CREATE OR REPLACE FUNCTION _shardctl.fence() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'shard is read-only: shardctl moved its rows; re-resolve the route'
-        USING ERRCODE = 'read_only_sql_transaction';
-END
-$$;
-"""
 
 
 def for_action(ctx: ApplyContext, action, op: Operation, label: str | None = None) -> Move:
@@ -1146,6 +1308,7 @@ def run(move: Move, on_flip: Callable[[], dict], flipped: bool = False) -> dict:
     timed("targets", move.create_targets)
     timed("publish", move.publish)
     timed("subscribe", move.subscribe)
+    timed("guard", move.guard)
     timed("follow", move.follow_replicas)
     with move.holding():
         figures = _copy_compare_cutover(move, on_flip, timed, timings)
@@ -1170,27 +1333,41 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
     # waits for the flip instead of parking the range read-only; before the fence, it parks
     if journal.stop_requested():
         raise journal.Interrupted("stopped before the fence; apply again to continue")
-    with journal.until_done(), ThreadPoolExecutor(max_workers=2) as pool:
+    with journal.until_done(), move.bounded():
         try:
             # between tries, a key round: what changed while the fence waited is not left for
             # behind it (a fence that waited 7 s once left 35,000 keys to recheck in the pause)
             fence_lsn = timed("fence", lambda: move.fence(between=lambda: comparison.key_rounds(final=True)))
-            changes = timed("catch_up", lambda: move.catch_up(fence_lsn, comparison, pool, timings))
-        except BaseException:
-            # whatever went wrong before the verification, the source takes writes again (a
-            # database condition, or a bug: never leave a range read-only); apply resumes later
-            move.lift_fence()
-            raise
-        try:
+            changes = timed("catch_up", lambda: move.catch_up(fence_lsn, comparison, timings))
             figures = timed("verify", lambda: move.verify(comparison, changes))
-        except MoveFailed:
+        except VerificationFailed:
             move.release()
             move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
             raise
-        timed("flip", lambda: move.flip({**on_flip(), "timings": timings, "verification": figures,
-                                         "verified_changed_keys": move.verified_keys, "key_rounds": comparison.log[-6:],
-                                         "pause_ms": move.pause_ms(),
-                                         "actor": move.ctx.actor}))
-        move.say(f"writes to the range paused for {move.pause_ms():.0f} ms (fence to flip"
-                 + (", from the fence an interrupted run left)" if move.inherited_pause else ")"))
+        except BaseException:
+            # whatever went wrong behind the fence (an overrun, a database condition, or a bug:
+            # never leave a range read-only), the source takes writes again; apply resumes later
+            move.lift_fence_after_failure()
+            raise
+        try:
+            timed("flip", lambda: move.flip({**on_flip(), "timings": timings, "verification": figures,
+                                             "verified_changed_keys": move.verified_keys,
+                                             "key_rounds": comparison.log[-6:], "fence": move.fence_figures,
+                                             "pause_ms": move.pause_ms(), "actor": move.ctx.actor}))
+        except BaseException:
+            # a flip that did not commit (its transaction rolled back: a statement timeout, a
+            # catalog lock) lifts the fence; one whose outcome the catalog cannot tell keeps it
+            if not _cut_over_or_unknown(move):
+                move.lift_fence_after_failure()
+            raise
+    pause = move.record_pause()
+    move.say(f"writes to the range paused for {pause:.1f} ms (fence to flip committed"
+             + (", from the fence an interrupted run left)" if move.inherited_pause else ")"))
     return figures
+
+
+def _cut_over_or_unknown(move: Move) -> bool:
+    try:
+        return journal.cut_over(move.ctx.catalog, move.op.id)
+    except psycopg.Error:
+        return True

@@ -210,12 +210,12 @@ def record_steps(conn: psycopg.Connection, database: str, steps: list[tuple]) ->
         )
 
 
-def add_history(conn: psycopg.Connection, event: str, address: str, detail: dict[str, Any]) -> None:
-    conn.execute(
+def add_history(conn: psycopg.Connection, event: str, address: str, detail: dict[str, Any]) -> int:
+    return int(one(conn.execute(
         "INSERT INTO shardctl.history (event, address, serial, detail)"
-        " VALUES (%s, %s, (SELECT serial FROM shardctl.state), %s)",
+        " VALUES (%s, %s, (SELECT serial FROM shardctl.state), %s) RETURNING id",
         (event, address, Jsonb(json.loads(json.dumps(detail, default=str)))),
-    )
+    ))[0])
 
 
 def history(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:

@@ -372,8 +372,10 @@ class Moves(Frozen):
         1800.0, description="how long a split or merge waits for the initial copy and for replication to catch up"
                             " with the source's writes before it gives up (the source is untouched), e.g. 30m")
     fence_timeout: Duration = Field(
-        30.0, description="how long the fence keeps trying to take its locks (100 ms at a time, giving way to the"
-                          " application in between) before it gives up and names who holds them, e.g. 30s")
+        30.0, description="how long the fence keeps trying to go up (while a transaction keeps writing the source,"
+                          " it waits with the source writable) before it gives up and names who is in the way; and"
+                          " the longest any wait behind it may take (catch-up, verification, the routing flip)"
+                          " before it is lifted and the source takes writes again, e.g. 30s")
     pause_budget: Duration = Field(
         0.1, description="writes are fenced only when the measured apply rate says the remaining lag is applied"
                          " within this time, e.g. 100ms")

@@ -642,8 +642,11 @@ def _history_entry(row: dict) -> HistoryEntry:
         "move_shard": f"to server {(detail.get('target') or {}).get('server', '?')}",
     }.get(row["event"], "")
     at = row["at"] if isinstance(row["at"], datetime) else datetime.fromisoformat(str(row["at"]))
+    pause = detail.get("pause_ms")
     return HistoryEntry(at=at, event=row["event"], address=row["address"], actor=str(detail.get("actor", "apply")),
-                        summary=summary or str(detail.get("reason", ""))[:200], evidence=evidence)
+                        summary=summary or str(detail.get("reason", ""))[:200], evidence=evidence,
+                        pause_ms=float(pause) if isinstance(pause, (int, float)) and pause is not True
+                        and pause is not False else None)
 
 
 def _evidence_line(e: dict) -> str:

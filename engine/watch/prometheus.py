@@ -2,8 +2,8 @@
 
 A custom collector reads the snapshot at scrape time, so a scrape costs nothing between
 scrapes and never touches a database. Gauges per shard and metric; counters of actions by
-kind and result; a summary of collection round durations; replica links (lag, missing, broken)
-and leftover replication.
+kind and result; a summary of collection round durations; the last pause of each moved range;
+replica links (lag, missing, broken) and leftover replication.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class SnapshotCollector:
                                   value=float(self.view.collection_failures))
         yield from _servers(snap)
         yield from _moves(snap)
+        yield from _pauses(snap)
         yield from _replicas(snap)
         yield from _branch_links(snap)
         yield from _backups(snap)
@@ -127,6 +128,23 @@ def _moves(snap):
     eta = move_eta_seconds(progress)
     if eta is not None:
         yield _one("shardctl_move_eta_seconds", "Time the running move's phase still needs at its pace", step, eta)
+
+
+def _pauses(snap):
+    """Per address, the last finished move's pause (fence armed to routing flip committed): the
+    history's pause_ms, in seconds; absent before any move."""
+    latest: dict[tuple[str, str], float] = {}
+    for entry in snap.history:  # newest first
+        if entry.pause_ms is not None:
+            latest.setdefault((entry.event, entry.address), entry.pause_ms)
+    if not latest:
+        return
+    family = GaugeMetricFamily("shardctl_move_pause_seconds",
+                               "Writes to the range refused by the last move at this address, from its fence to its"
+                               " routing flip committed (the history's pause_ms / 1000)", labels=["event", "address"])
+    for (event, address), pause in sorted(latest.items()):
+        family.add_metric([event, address], pause / 1000)
+    yield family
 
 
 def _one(name: str, help_text: str, step: str, value: float) -> GaugeMetricFamily:
