@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -156,7 +157,7 @@ def orphan_row(orphan: replication.Orphan) -> dict[str, Any]:
                 retained_bytes=o.retained_bytes, why=orphan.why, text=orphan.text)
 
 
-def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
+def _shard_row(shard, window: Sequence[Sample], verdict) -> dict[str, Any]:
     if shard.state != "active":
         # a retired (or retiring) shard takes no traffic: its last samples are history, not its load
         window = ()
