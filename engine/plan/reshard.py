@@ -114,7 +114,7 @@ def _merges_to(db: DesiredDatabase, shards: list[CatalogShard], target: int, bef
         if len(group) == 1:
             continue
         blocked = (preconditions(db, group, observation)
-                   or capable_targets([*(s.server for s in group), *db.spec.placement], observation)[1]
+                   or capable_targets(db.spec.placement, observation)[1]
                    or name_taken(recorded_names, [KeyRange(group[0].lo, group[-1].hi)]))
         names = " + ".join(s.name for s in group)
         if blocked:
@@ -190,7 +190,7 @@ def manual_actions(desired: Desired, observation: Observation,
             claim(shard, request)
         recorded_names = {s.name: s.state for s in recorded.shards}
         blocked = (preconditions(db, group, observation)
-                   or capable_targets([*(s.server for s in group), *db.spec.placement], observation)[1]
+                   or capable_targets(db.spec.placement, observation)[1]
                    or name_taken(recorded_names, [KeyRange(group[0].lo, group[-1].hi)]))
         if blocked:
             raise UserError(f"`{request}`: {' + '.join(s.address for s in group)} cannot be merged: {blocked}")
