@@ -44,9 +44,7 @@ SELECT current_setting('server_version_num')::int,
        extract(epoch FROM clock_timestamp())::float8,
        coalesce(current_setting('max_active_replication_origins', true),
                 current_setting('max_replication_slots'))::int,
-       CASE WHEN has_function_privilege('pg_show_replication_origin_status()', 'EXECUTE')
-            THEN (SELECT count(*) FROM pg_show_replication_origin_status())
-            ELSE (SELECT count(*) FROM pg_subscription) END::int,
+       (SELECT count(*) FROM pg_subscription)::int,
        (SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'logical replication %'
           AND backend_type <> 'logical replication launcher')::int,
        current_setting('max_sync_workers_per_subscription')::int,
@@ -54,6 +52,7 @@ SELECT current_setting('server_version_num')::int,
        coalesce((SELECT array_agg(name::text ORDER BY name) FROM pg_settings WHERE pending_restart), '{}')
 FROM pg_roles r WHERE r.rolname = current_user
 """
+ORIGINS = "SELECT count(*)::int FROM pg_replication_origin_status"
 
 FIELDS = ("version_num", "superuser", "createdb", "replication", "monitor", "create_subscription",
           "origin_progress", "wal_level", "max_replication_slots", "used_replication_slots", "max_wal_senders",
@@ -76,6 +75,10 @@ def read(conn: psycopg.Connection) -> Capabilities:
     values = dict(zip(FIELDS, row, strict=True))
     values["clock_offset_s"] = round(values.pop("clock_epoch") - (before + after) / 2, 3)
     values["pending_restart"] = tuple(values["pending_restart"])
+    if values["superuser"]:
+        # the origins with state (table-sync workers' too); only a superuser may read them, and a
+        # CASE cannot guard it: a function's EXECUTE privilege is checked when the plan starts
+        values["used_replication_origins"] = one(conn.execute(ORIGINS))[0]
     if values["max_slot_wal_keep_size_bytes"] is not None and values["max_slot_wal_keep_size_bytes"] < 0:
         values["max_slot_wal_keep_size_bytes"] = -1  # unlimited
     return Capabilities(**values)
