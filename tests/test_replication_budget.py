@@ -5,10 +5,16 @@ default 10 replication origins is built; a server whose settings fall short is n
 before anything is made."""
 
 import re
+import shutil
+from types import SimpleNamespace
 
 import pytest
+from conftest import EXAMPLES
 from movers import active_shards, preload
+from test_privilege_needs import live
 
+from engine.config import loader
+from engine.observe.models import CatalogState, Observation
 from engine.plan import budget
 from engine.servers.embedded import wheel_major
 
@@ -78,3 +84,43 @@ def test_a_server_with_too_few_origins_is_named_and_nothing_is_made(fleet):
     applied = fleet.cli("apply", "--auto-approve")
     assert applied.code == 1 and "nothing was changed" in applied.err, applied.both
     assert (_slots(fleet), fleet.databases("b")) == before  # no link, no replica database
+
+
+def _replica(name: str, shards: int) -> SimpleNamespace:
+    """A plan's replica creation (what budget.action_use reads of one): `shards` links to a."""
+    return SimpleNamespace(kind="create_branch", data="replica", clone_of=None, server="b", branch=name,
+                           address=f"branch.{name}", operation=None,
+                           shards=[SimpleNamespace(server="a") for _ in range(shards)])
+
+
+def test_the_declared_fleet_sizes_the_embedded_settings(tmp_path):
+    shutil.copytree(EXAMPLES / "quickstart", tmp_path / "fleet")
+    (tmp_path / "fleet" / "fleet.yaml").write_text((tmp_path / "fleet" / "fleet.yaml").read_text().replace(
+        "shards: 4", f"shards: {SHARDS}") + REPLICA)
+    need = budget.fleet_needs(loader.load(tmp_path / "fleet"))
+    # b holds the replica: a link per shard, its initial copy's table-sync workers, and a move's
+    assert need["b"]["origins"] >= SHARDS + budget.SYNC
+    assert any("replica mirror" in why for why in need["b"].why["origins"])
+    on_18 = budget.embedded_settings(need["b"], 18, {})
+    assert on_18["max_active_replication_origins"] >= need["b"]["origins"] + 8
+    assert on_18["max_worker_processes"] > on_18["max_logical_replication_workers"] >= need["b"]["workers"]
+    on_17 = budget.embedded_settings(need["b"], 17, {})  # before 18, slots bound the origins too
+    assert "max_active_replication_origins" not in on_17
+    assert on_17["max_replication_slots"] >= need["b"]["origins"]
+
+
+def test_a_replica_that_fits_the_setting_but_not_what_is_free_waits():
+    servers = {"a": live("a", max_replication_slots=40, max_wal_senders=40),
+               "b": live("b", max_replication_origins=10, used_replication_origins=0,
+                         max_logical_replication_workers=40, max_worker_processes=60)}
+    observation = Observation(catalog=CatalogState(exists=True), servers=servers, shards={})
+    first, second, never = _replica("one", 4), _replica("two", 4), _replica("big", 20)
+    admitted = budget.admit([first, second, never], observation)
+    # PostgreSQL 18's default 10 origins: one takes a link per shard and its copy's table-sync
+    # workers (budget.PG_SYNC for a server that did not say); two needs as many, more than is left
+    assert budget.action_use(first, observation)["b"]["origins"] == 4 + budget.PG_SYNC
+    assert admitted.kept == [first]
+    (waiting,) = admitted.waiting
+    assert waiting.startswith("branch.two: create branch waiting for a replication origin on server b")
+    (problem,) = admitted.problems
+    assert problem[0] == "b" and "server b's max_active_replication_origins is 10, and it needs" in problem[1]
