@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import loader  # noqa: E402
 from engine.keyspace import even_ranges, physical_name  # noqa: E402
-from engine.observe.metrics import METRICS, MetricValue, Sample  # noqa: E402
+from engine.observe.metrics import METRICS  # noqa: E402
 from engine.observe.models import (  # noqa: E402
     AppliedStep, CatalogDatabase, CatalogShard, CatalogState, HourlySeries, LiveServer, LiveShard, Observation,
 )
+from engine.observe.series import Series, micros  # noqa: E402
 from engine.plan import planner  # noqa: E402
 from engine.render.renderers import render  # noqa: E402
 
@@ -59,12 +60,13 @@ def build(tmp: Path, databases: int, shards: int, servers: int):
             rows.append(shard)
             live[shard.address] = LiveShard(exists=True, schema_fingerprint=fingerprint)
             hot = (d * shards + i) % 100 == 0
-            metrics[shard.address] = tuple(
-                Sample(shard=shard.address, server=shard.server, at=now - timedelta(seconds=10 * (30 - k)),
-                       interval_s=10.0, metrics={m: MetricValue(value=(20000.0 if hot and m == "queries_per_second"
-                                                                       else 500.0 if m == "queries_per_second" else 30.0),
-                                                                source="recorded") for m in METRICS})
-                for k in range(31))  # 5m of 10 s samples: the default sustain
+            # 5m of 10 s samples (the default sustain), in columns as the catalog returns them
+            # (engine.observe.series; store.load_windows)
+            metrics[shard.address] = Series.columns(
+                shard.address, [shard.server] * 31, [micros(now - timedelta(seconds=10 * (30 - k))) for k in range(31)],
+                [10.0] * 31, {m: [20000.0 if hot and m == "queries_per_second" else 500.0
+                                  if m == "queries_per_second" else 30.0] * 31 for m in METRICS},
+                {m: [(0, "recorded")] for m in METRICS})
         catalog_dbs[name] = CatalogDatabase(
             name=name, key_column="k", key_type="bigint", protect=False, policy_name=db.policy_name,
             policy=settings.policy, placement=settings.placement, state="active",

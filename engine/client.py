@@ -15,6 +15,7 @@ first write after the cutover costs neither a poll interval nor a connection's s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
 
+from engine.keyspace import SIGNED_MIN
 from engine.rows import one
 
 T = TypeVar("T")
@@ -99,6 +101,7 @@ class ShardClient:
         self.epoch = 0
         self.key_type = "bigint"
         self.shards: list[Shard] = []
+        self._starts: list[int] = []
         self.upcoming: list[Shard] = []  # shards a move is filling: they own their range after its flip
         self._servers: dict[str, dict[str, Any]] = {}
         self.retries = 0
@@ -132,6 +135,7 @@ class ShardClient:
             "SELECT state, name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s"
             " AND state IN ('active', 'moving') ORDER BY lo NULLS FIRST", (self.database,))]
         self.shards = [shard for state, shard in shards if state == "active"]
+        self._starts = [SIGNED_MIN if shard.lo is None else shard.lo for shard in self.shards]
         self.upcoming = [shard for state, shard in shards if state == "moving"]
         self._servers = {name: conninfo_to_dict(self._server_overrides.get(name, described or ""))
                          for name, described in conn.execute("SELECT name, connection FROM shardctl.servers")}
@@ -144,9 +148,11 @@ class ShardClient:
 
     def shard_for(self, key: Any) -> Shard:
         h = self._hash(key)
-        for shard in self.shards:
-            if shard.owns(h):
-                return shard
+        # the active shards sorted by their lower bound: the owner is the last one starting at or
+        # below the key (a search, not a scan: databases run thousands of shards)
+        i = bisect.bisect_right(self._starts, h) - 1
+        if i >= 0 and self.shards[i].owns(h):
+            return self.shards[i]
         raise LookupError(f"no shard of {self.database} owns key {key!r} (epoch {self.epoch})")
 
     def _connection(self, shard: Shard) -> psycopg.Connection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC
 from typing import Any
@@ -19,6 +20,7 @@ from engine.observe.metrics import METRICS, UNITS, Reading, Sample
 from engine.observe.observer import inspect_servers, observe
 from engine.observe.recorded import Recording
 from engine.observe.replica_links import broken_text, replica_links
+from engine.observe.series import as_series
 from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
 from engine.plan.forecast import lineages
@@ -27,9 +29,21 @@ from engine.plan.models import MOVE_KINDS
 from engine.servers.fleet import Fleet
 
 SPARKS = "▁▂▃▄▅▆▇█"
+# The q/s history column is this many characters at most, however long the history: each
+# character stands for an equal share of the window (its busiest sample, so that a spike stays
+# visible). Unbounded, hours of history squeezed every other column to nothing.
+SPARK_WIDTH = 12
+# Past this many shards a database's table lists only the shards worth a look (not normal,
+# or among the BUSIEST by q/s) and counts the others, without the database column (the shard's
+# range names it): `status --json` lists every shard.
+COMPACT_AFTER = 64
+BUSIEST = 10
 
 
-def sparkline(values: list[float | None]) -> str:
+def sparkline(values: Sequence[float | None], width: int = SPARK_WIDTH) -> str:
+    if len(values) > width:
+        buckets = [values[len(values) * i // width:len(values) * (i + 1) // width] for i in range(width)]
+        values = [max((v for v in b if v is not None), default=None) for b in buckets]
     known = [v for v in values if v is not None]
     top = max(known, default=0.0)
     if top <= 0:
@@ -181,7 +195,7 @@ def orphan_row(orphan: replication.Orphan) -> dict[str, Any]:
                 retained_bytes=o.retained_bytes, why=orphan.why, text=orphan.text)
 
 
-def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
+def _shard_row(shard, window: Sequence[Sample], verdict) -> dict[str, Any]:
     if shard.state != "active":
         # a retired (or retiring) shard takes no traffic: its last samples are history, not its load
         window = ()
@@ -199,7 +213,7 @@ def _shard_row(shard, window: tuple[Sample, ...], verdict) -> dict[str, Any]:
         metrics={m: _metric(latest, m) for m in METRICS},
         observed_at=latest.at if latest else None,
         samples=len(window),
-        query_rate_history=[s.value("queries_per_second") for s in window],
+        query_rate_history=as_series(window).values("queries_per_second"),
     )
 
 
@@ -248,11 +262,12 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def render_status(report: dict[str, Any], colour: bool) -> None:
+def render_status(report: dict[str, Any], colour: bool, width: int | None = None) -> None:
     import shutil
     import sys
 
-    width = shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160
+    if width is None:
+        width = shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160
     # no colour means no escape codes at all: rich's no_color still sends bold and italic
     console = Console(color_system="auto" if colour else None, highlight=False, width=width)
     _print_servers(console, report)
@@ -366,10 +381,11 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
         f"policy {db['policy']}{', protected' if db['protect'] else ''}, {db['state']}",
         title_justify="left",
     )
+    listed, hidden = _listed(db["shards"])
     for col in (
         "shard",
         "server",
-        "database",
+        *(("database",) if not hidden else ()),
         "load",
         "q/s",
         "cpu %",
@@ -382,7 +398,7 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
         table.add_column(
             col, justify="right" if col not in ("shard", "server", "database", "load") else "left", no_wrap=True
         )
-    for s in db["shards"]:
+    for s in listed:
         latest = {
             m: _cell(v["value"] if v else None) if s["state"] == "active" else "-" for m, v in s["metrics"].items()
         }  # a retired shard has no live load
@@ -391,7 +407,7 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
         table.add_row(
             f"{db['name']}/{s['name']}",
             s["server"],
-            s["dbname"],
+            *((s["dbname"],) if not hidden else ()),
             f"[{style}]{load}[/]" if style else load,
             latest["queries_per_second"],
             latest["cpu_percent"],
@@ -402,6 +418,11 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
             sparkline(s["query_rate_history"]),
         )
     console.print(table)
+    if hidden:
+        rates = [r for s in hidden if (r := (s["metrics"].get("queries_per_second") or {}).get("value")) is not None]
+        console.print(f"  {len(hidden)} more shards of {db['name']} in normal load not listed"
+                      + (f" (q/s {_cell(min(rates))} to {_cell(max(rates))})" if rates else "")
+                      + ": `shardctl status --json` lists every shard", markup=False)
     for s in db["shards"]:
         for line in s["summary"]:
             console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
@@ -409,6 +430,21 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
             console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
         for line in s.get("outlook", []):
             console.print(f"  FORECAST {db['name']}/{s['name']}: {line}")
+
+
+def _listed(shards: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The shards a database's table lists, and those it only counts (COMPACT_AFTER): every shard
+    of a small database; of a large one, those not active in normal load and the BUSIEST."""
+    if len(shards) <= COMPACT_AFTER:
+        return shards, []
+
+    def rate(s: dict[str, Any]) -> float:
+        value = (s["metrics"].get("queries_per_second") or {}).get("value")
+        return -1.0 if value is None else value
+
+    busiest = {id(s) for s in sorted(shards, key=rate, reverse=True)[:BUSIEST] if rate(s) >= 0}
+    keep = {id(s) for s in shards if s["state"] != "active" or s["load"] != "normal"} | busiest
+    return [s for s in shards if id(s) in keep], [s for s in shards if id(s) not in keep]
 
 
 def _print_advice(console: Console, advice: list[dict[str, Any]]) -> None:

@@ -9,9 +9,8 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from engine.actions import dispatch, parallel, replica
-from engine.actions.base import ApplyContext, drop_database
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.config import loader
@@ -24,12 +23,19 @@ from engine.observe import history, strays
 from engine.observe.models import Observation
 from engine.observe.observer import inspect_shards, observe
 from engine.observe.recorded import Recording
-from engine.plan import identity, planner, whatif
+from engine.observe.sampling import LiveSampler
+from engine.plan import identity, planner
 from engine.plan.forecast import lineages
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
 from engine.plan.reshard import Requests
-from engine.servers import adoption, scratch
+from engine.servers import adoption
 from engine.servers.fleet import Fleet
+
+if TYPE_CHECKING:
+    from engine.actions.base import ApplyContext
+
+# The actions (and what they bring: pglast's parser, Barman's wrapper) are imported where an
+# apply runs them: `plan` never does, and its start-up time is paid by every command that plans.
 
 Say = Callable[[str], None]
 
@@ -134,6 +140,8 @@ def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | R
             observation = observe_all(desired, fleet, conn, metrics_file)
     observation, plan = plan_with_strays(desired, fleet, observation, requests)
     if baseline is not None:
+        from engine.plan import whatif
+
         plan = plan.model_copy(update={"what_if": whatif.compare(baseline[0], desired, observation, baseline[1])})
     return Planned(desired, observation, plan)
 
@@ -169,11 +177,17 @@ def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
 
 
 def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | Recording | None = None) -> Observation:
-    """Catalog and servers, then load, then the shards' schemas: metrics are read before
-    shardctl's own queries on the shards, which would otherwise count as their load."""
-    observation = observe(fleet, conn, inspect_schemas=False)
-    observation = history.with_metrics(desired, fleet, conn, observation, metrics_file)
-    return inspect_shards(fleet, observation)
+    """Catalog and servers, then load and the shards' schemas, on one connection per server
+    (kept by the metric sampler) and one per shard. The load's two readings, where the catalog
+    has no fresh sample, are taken around the shards' inspection, whose own statements are left
+    out of the shards' rates (history.LiveMetrics)."""
+    with LiveSampler(fleet, deadline=history.deadline(desired)) as sampler:
+        observation = observe(fleet, conn, inspect_schemas=False, sampler=sampler)
+        live = history.LiveMetrics(desired, fleet, conn, observation, metrics_file, sampler)
+        live.settle()
+        spent: dict[str, tuple[int, float]] = {}
+        observation = inspect_shards(fleet, observation, spent=spent)
+        return live.finish(observation, spent)
 
 
 @dataclass
@@ -234,6 +248,9 @@ def apply(desired: Desired, saved: Plan | None, *, lock_timeout: float = 0.0,
                 show(plan)
                 if plan.has_changes:
                     confirm(plan)
+            from engine.actions import parallel
+            from engine.actions.base import ApplyContext
+
             journal.close_interrupted(conn)
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=plan.based_on_serial, say=say, actor=actor,
                                progress=progress)
@@ -316,6 +333,7 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
     """Roll back a split or merge that has not passed its cutover: its subscriptions, slots,
     publications, fence and target databases go; the sources are left as they were."""
     from engine.actions import move
+    from engine.actions.base import ApplyContext
     from engine.catalog.journal import Operation
 
     fleet = Fleet(desired)
@@ -367,6 +385,8 @@ def reset_branch(desired: Desired, name: str, *, lock_timeout: float = 0.0, say:
                  notice: Say | None = None) -> None:
     """`shardctl branches reset NAME`: make an active branch again from its parent's current
     data, under the apply lock, with the same journaled steps a declared reset runs."""
+    from engine.actions import dispatch
+    from engine.actions.base import ApplyContext
     from engine.plan.models import Reason, ResetBranch
 
     fleet = Fleet(desired)
@@ -435,7 +455,10 @@ def abort_branch(ctx: ApplyContext, pending) -> None:
     is dropped and its catalog row removed (a declared branch is then planned afresh). A reset
     stopped before its database was touched is called off instead: the branch keeps its data.
     A schema merge is not undone (shards that ran it keep it): apply finishes it."""
+    from engine.actions import replica
+    from engine.actions.base import drop_database
     from engine.catalog.journal import Operation
+    from engine.servers import scratch
 
     action, op = pending.action, Operation(ctx.catalog, pending.operation)
     address = f"branch.{action['branch']}"
@@ -526,6 +549,7 @@ def orphans(desired: Desired, remove: bool, *, lock_timeout: float = 0.0, say: S
     (slots with the WAL they retain, subscriptions, publications); with REMOVE, drop them under
     the apply lock, each a journaled step. Returns how many are left."""
     from engine.actions import leftovers
+    from engine.actions.base import ApplyContext
     from engine.observe import replication
     from engine.observe.observer import inspect_servers
 

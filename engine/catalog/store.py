@@ -316,6 +316,55 @@ def load_samples(conn: psycopg.Connection, per_shard: int = 1000) -> list[tuple[
            WHERE s.shard IS NOT NULL ORDER BY w.at, w.id""", (per_shard,))]
 
 
+def load_windows(conn: psycopg.Connection, per_shard: int = 1000) -> list[tuple]:
+    """The newest `per_shard` stored samples of every shard as columns, one row per shard, for
+    engine.observe.series (a plan over a thousand shards with a 30-minute window reads 180,000
+    samples: decoding each one's JSON in Python took seconds). Per shard: (shard, servers, times
+    in microseconds since the epoch, intervals, then per metric its values and its source runs
+    (indexes and sources where the source of a known value changes), then the newest reading's
+    JSON), all oldest first. Shards are found by skipping through the (shard, at) index."""
+    if schema.installed_version(conn) < 2:
+        return []
+    per_metric = []
+    for metric in METRICS:
+        # a value that is not a number (a row from another version) is unknown, not an error
+        value = sql.SQL("CASE WHEN jsonb_typeof(w.metrics->'metrics'->{m}->'value') = 'number'"
+                        " THEN (w.metrics->'metrics'->{m}->>'value')::float8 END").format(m=sql.Literal(metric))
+        source = sql.SQL("w.metrics->'metrics'->{m}->>'source'").format(m=sql.Literal(metric))
+        changed = "FILTER (WHERE {s} IS DISTINCT FROM {p} AND {s} IS NOT NULL)"
+        per_metric.append(sql.SQL("array_agg({v} ORDER BY w.n), "
+                                  f"array_agg(w.n - 1 ORDER BY w.n) {changed}, "
+                                  f"array_agg({{s}} ORDER BY w.n) {changed}"
+                                  ).format(
+            v=value, s=source, p=sql.Identifier(f"prev_{metric}")))
+    lags = sql.SQL(", ").join(
+        sql.SQL("lag(m.metrics->'metrics'->{m}->>'source') OVER o AS {a}").format(
+            m=sql.Literal(metric), a=sql.Identifier(f"prev_{metric}")) for metric in METRICS)
+    statement = sql.SQL(
+        """WITH RECURSIVE s AS (
+               (SELECT shard FROM shardctl.metric_samples ORDER BY shard LIMIT 1)
+               UNION ALL
+               SELECT (SELECT m.shard FROM shardctl.metric_samples m WHERE m.shard > s.shard ORDER BY m.shard LIMIT 1)
+               FROM s WHERE s.shard IS NOT NULL),
+           w AS (
+               SELECT m.*, row_number() OVER o AS n,
+                      row_number() OVER (PARTITION BY m.shard ORDER BY m.at DESC, m.id DESC) AS newest, {lags}
+               FROM s CROSS JOIN LATERAL (
+                   SELECT shard, server, at, id, reading, metrics FROM shardctl.metric_samples m
+                   WHERE m.shard = s.shard ORDER BY at DESC, id DESC LIMIT %s) m
+               WHERE s.shard IS NOT NULL
+               WINDOW o AS (PARTITION BY m.shard ORDER BY m.at, m.id))
+           SELECT w.shard, array_agg(w.server ORDER BY w.n),
+                  array_agg((extract(epoch FROM w.at) * 1000000)::int8 ORDER BY w.n),
+                  array_agg(CASE WHEN jsonb_typeof(w.metrics->'interval_s') = 'number'
+                                 THEN (w.metrics->>'interval_s')::float8 END ORDER BY w.n), {per_metric},
+                  (array_agg(w.reading) FILTER (WHERE w.newest = 1))[1]
+           FROM w GROUP BY w.shard ORDER BY w.shard""").format(
+        lags=lags, per_metric=sql.SQL(", ").join(per_metric))
+    with conn.cursor(binary=True) as cursor:  # binary arrays: no text parsing of every float
+        return cursor.execute(statement, (per_shard,)).fetchall()
+
+
 def load_hourly_columns(conn: psycopg.Connection, since: datetime,
                         shards: list[str] | None = None) -> list[tuple]:
     """The 1-hour buckets from `since`, one row per shard: (shard, bucket starts, then one array

@@ -336,12 +336,20 @@ class Forecast(Frozen):
         return value
 
 
+# The most shards one database may have. Every shard is a PostgreSQL database of its own (about
+# 7.5 MB and 300 files when empty, a connection for each look at it), so the cost of a shard count
+# is the servers' to bear, and shardctl plans thousands (bench/plan_live.py measures 1,024). The
+# bound is for typos: `shards: 1000000` is refused at its line instead of planned as a million
+# databases; 65,536 even ranges are still named by two-byte prefixes (orders/0001-0002).
+MAX_SHARDS = 65_536
+
+
 class AutoSplit(Frozen):
     enabled: bool = True
     check_every: Duration = Field(60.0, description="how often the daemon looks for hot shards, e.g. 1m")
     cooldown: Duration = Field(1800.0, description="no second split or merge of a shard within this time, e.g. 30m")
     targets: int = Field(2, ge=2, le=16, description="shards one split produces")
-    max_shards: int = Field(256, ge=1, description="never split a database beyond this many shards")
+    max_shards: int = Field(4096, ge=1, le=MAX_SHARDS, description="never split a database beyond this many shards")
     max_concurrent: int = Field(1, ge=1, description="splits and merges running at once")
     retire_after: Duration = Field(
         3600.0, description="keep a split or merged source read-only this long, then drop it"
@@ -559,7 +567,7 @@ class Database(Frozen):
         description="ordered schema steps applied to every shard; append new steps, never edit applied ones",
         json_schema_extra=_one_or_many,
     )
-    shards: int = Field(1, ge=1, le=256, description="the shard count wanted: raising it plans even splits,"
+    shards: int = Field(1, ge=1, le=MAX_SHARDS, description="the shard count wanted: raising it plans even splits,"
                         " lowering it merges; load may split beyond it up to autosplit.max_shards")
     placement: list[Name] = Field(min_length=1, description="servers the shards are placed on, round-robin",
                                   json_schema_extra={"uniqueItems": True})

@@ -18,7 +18,7 @@ counts toward cold, nor toward hot without known hot samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.config.models import Policy, span
 from engine.observe.metrics import METRICS, UNITS, Sample
+from engine.observe.series import Row, as_series
+
+Point = Sample | Row  # a sample as a model, or read in place from a series' columns
 
 State = Literal["hot", "cold", "normal", "unknown", "stale"]
 ACTING_STATES = ("hot", "cold")
@@ -107,17 +110,17 @@ def _time(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _measured_since(sample: Sample, cap: float) -> datetime:
+def _measured_since(sample: Point, cap: float) -> datetime:
     """Where the time a sample measured starts: a sample stands for its interval, at most one
     policy interval (a rate averaged over a long gap could hide a spike)."""
     return sample.at - timedelta(seconds=min(sample.interval_s or 0.0, cap))
 
 
-def _run(newest_first: list[Sample], metric: str, inside: Callable[[float], bool], need: float,
-         max_gap: float, cap: float) -> list[tuple[Sample, float]]:
+def _run(newest_first: Sequence[Point], metric: str, inside: Callable[[float], bool], need: float,
+         max_gap: float, cap: float) -> list[tuple[Point, float]]:
     """The unbroken run of newest samples whose value is `inside`, cut once it covers `need`
     seconds: an unknown value, a value outside, or a gap over `max_gap` ends it."""
-    run: list[tuple[Sample, float]] = []
+    run: list[tuple[Point, float]] = []
     for sample in newest_first:
         value = sample.value(metric)
         if value is None or not inside(value):
@@ -130,11 +133,11 @@ def _run(newest_first: list[Sample], metric: str, inside: Callable[[float], bool
     return run
 
 
-def _covered(run: list[tuple[Sample, float]], cap: float) -> float:
+def _covered(run: list[tuple[Point, float]], cap: float) -> float:
     return (run[0][0].at - _measured_since(run[-1][0], cap)).total_seconds() if run else 0.0
 
 
-def _evidence(shard: str, metric: str, kind: Literal["hot", "cold"], run: list[tuple[Sample, float]],
+def _evidence(shard: str, metric: str, kind: Literal["hot", "cold"], run: list[tuple[Point, float]],
               threshold: float, window: float, policy: Policy, locations: dict) -> Evidence:
     values = [v for _, v in run]
     return Evidence(
@@ -153,12 +156,13 @@ def _under(threshold: float) -> Callable[[float], bool]:
     return lambda value: value < threshold
 
 
-def judged(samples: tuple[Sample, ...], at: datetime | None) -> list[Sample]:
-    """The samples up to the judged instant, newest first."""
-    return [s for s in reversed(samples) if at is None or s.at <= at]
+def judged(samples: Sequence[Sample], at: datetime | None) -> Sequence[Row]:
+    """The samples up to the judged instant, newest first (read from the series' columns as the
+    runs reach them: most runs end at the newest sample)."""
+    return as_series(samples).newest_first(at)
 
 
-def assess(shard: str, samples: tuple[Sample, ...], policy: Policy,
+def assess(shard: str, samples: Sequence[Sample], policy: Policy,
            locations: dict[tuple[str, str], str] | None = None, at: datetime | None = None) -> Assessment:
     """`at` is the instant judged (the observation's metrics_at; default the newest sample);
     `locations[(kind, metric)]` is the file:line the threshold came from."""
@@ -206,7 +210,7 @@ def assess(shard: str, samples: tuple[Sample, ...], policy: Policy,
     return Assessment(shard=shard, state="normal", near=tuple(near), samples=len(newest_first))
 
 
-def _cold(shard: str, newest_first: list[Sample], policy: Policy, locations: dict) -> tuple[Evidence, ...]:
+def _cold(shard: str, newest_first: Sequence[Point], policy: Policy, locations: dict) -> tuple[Evidence, ...]:
     """Every metric with a cold threshold under it for `cold_for`. Unknown never counts as cold
     (as the Kubernetes HPA takes a missing metric as "not low" when it scales in): a round with
     no sample (a gap of a whole interval or more) breaks the run as an unknown value does."""
@@ -224,12 +228,12 @@ def _cold(shard: str, newest_first: list[Sample], policy: Policy, locations: dic
     return tuple(evidence)
 
 
-def _source(sample: Sample, metric: str) -> str:
+def _source(sample: Point, metric: str) -> str:
     mv = sample.metrics.get(metric)
     return mv.source if mv else "unknown"
 
 
-def premise_holds(evidence: Evidence, samples: tuple[Sample, ...], policy: Policy,
+def premise_holds(evidence: Evidence, samples: Sequence[Sample], policy: Policy,
                   at: datetime | None = None) -> tuple[bool, str]:
     """Does a saved plan's premise still hold on the samples of the evidence's window before
     `at`? With hysteresis: every known value stays beyond the tolerance bound (module doc)."""

@@ -41,9 +41,18 @@ SELECT current_setting('server_version_num')::int,
          AND has_function_privilege('pg_switch_wal()', 'EXECUTE'),
        has_function_privilege('pg_backup_start(text, boolean)', 'EXECUTE')
          AND has_function_privilege('pg_backup_stop(boolean)', 'EXECUTE'),
-       extract(epoch FROM clock_timestamp())::float8
+       extract(epoch FROM clock_timestamp())::float8,
+       coalesce(current_setting('max_active_replication_origins', true),
+                current_setting('max_replication_slots'))::int,
+       (SELECT count(*) FROM pg_subscription)::int,
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'logical replication %'
+          AND backend_type <> 'logical replication launcher')::int,
+       current_setting('max_sync_workers_per_subscription')::int,
+       coalesce(current_setting('max_parallel_apply_workers_per_subscription', true), '0')::int,
+       coalesce((SELECT array_agg(name::text ORDER BY name) FROM pg_settings WHERE pending_restart), '{}')
 FROM pg_roles r WHERE r.rolname = current_user
 """
+ORIGINS = "SELECT count(*)::int FROM pg_replication_origin_status"
 
 FIELDS = ("version_num", "superuser", "createdb", "replication", "monitor", "create_subscription",
           "origin_progress", "wal_level", "max_replication_slots", "used_replication_slots", "max_wal_senders",
@@ -51,7 +60,8 @@ FIELDS = ("version_num", "superuser", "createdb", "replication", "monitor", "cre
           "max_slot_wal_keep_size_bytes", "stat_statements_loaded", "stat_statements_created",
           "buffercache_created", "stat_statements_track", "max_connections", "reserved_connections",
           "connections", "role_connection_limit", "role", "ssl_library", "restore_points", "backup_functions",
-          "clock_epoch")
+          "clock_epoch", "max_replication_origins", "used_replication_origins", "used_replication_workers",
+          "max_sync_workers_per_subscription", "max_parallel_apply_workers_per_subscription", "pending_restart")
 
 
 def read(conn: psycopg.Connection) -> Capabilities:
@@ -64,6 +74,11 @@ def read(conn: psycopg.Connection) -> Capabilities:
     after = time.time()
     values = dict(zip(FIELDS, row, strict=True))
     values["clock_offset_s"] = round(values.pop("clock_epoch") - (before + after) / 2, 3)
+    values["pending_restart"] = tuple(values["pending_restart"])
+    if values["superuser"]:
+        # the origins with state (table-sync workers' too); only a superuser may read them, and a
+        # CASE cannot guard it: a function's EXECUTE privilege is checked when the plan starts
+        values["used_replication_origins"] = one(conn.execute(ORIGINS))[0]
     if values["max_slot_wal_keep_size_bytes"] is not None and values["max_slot_wal_keep_size_bytes"] < 0:
         values["max_slot_wal_keep_size_bytes"] = -1  # unlimited
     return Capabilities(**values)

@@ -182,3 +182,110 @@ def describe_error(error: BaseException) -> str:
         return error.summary
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return redact(text)
+
+
+def fan_out_grouped(groups: dict[str, dict[str, Callable[[Watch], T]]], deadline: float, per_group: int = 4,
+                    workers: int = MAX_WORKERS, what: str = "server",
+                    setting: str = "the inventory's deadline") -> dict[str, dict[str, Outcome[T]]]:
+    """Many jobs per server (one per shard database): at most `per_group` of a group's jobs run
+    at once and `workers` in all, taking the groups in turn; a group has `deadline` seconds from
+    its first job's start for all of its jobs. Past it, its running jobs are cut off (as in
+    fan_out) and the ones not started are not run: their outcome is `late`, so a server that hangs
+    costs its own jobs and at most `per_group` workers for `deadline`, never the other groups'."""
+    return _Grouped(groups, deadline, per_group, what, setting).run(workers)
+
+
+class _Grouped(Generic[T]):
+    """fan_out_grouped's bookkeeping, shared by its worker threads under one condition."""
+
+    def __init__(self, groups: dict[str, dict[str, Callable[[Watch], T]]], deadline: float, per_group: int,
+                 what: str, setting: str):
+        self.groups, self.deadline, self.per_group = groups, deadline, per_group
+        self.what, self.setting = what, setting
+        self.pending = {group: sorted(jobs) for group, jobs in groups.items() if jobs}
+        self.outcomes: dict[str, dict[str, Outcome[T]]] = {group: {} for group in groups}
+        self.total = sum(len(jobs) for jobs in self.pending.values())
+        self.lock = threading.Condition()
+        self.running: dict[str, int] = dict.fromkeys(self.pending, 0)
+        self.started: dict[str, float] = {}
+        self.active: dict[tuple[str, str], Watch] = {}
+        self.order = sorted(self.pending)
+        self.turn = 0
+
+    def _late(self, group: str, seconds: float = 0.0) -> Outcome[T]:
+        return Outcome(error=late_reason(self.what, group, self.deadline, self.setting), late=True, seconds=seconds)
+
+    def _overdue(self, group: str, now: float) -> bool:
+        return group in self.started and now - self.started[group] >= self.deadline
+
+    def _expire(self, now: float) -> None:
+        """Under the lock: a group past its deadline has the rest of its jobs never run."""
+        for group in [g for g in self.order if self.pending.get(g) and self._overdue(g, now)]:
+            for name in self.pending.pop(group):
+                self.outcomes[group][name] = self._late(group)
+
+    def _next_group(self) -> str | None:
+        for i in range(len(self.order)):
+            group = self.order[(self.turn + i) % len(self.order)]
+            if self.pending.get(group) and self.running[group] < self.per_group:
+                self.turn = (self.turn + i + 1) % len(self.order)
+                return group
+        return None
+
+    def _take(self) -> tuple[str, str] | None:
+        """The next job to run (the groups in turn), or None when every job has been taken."""
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                self._expire(now)
+                if not any(self.pending.values()):
+                    return None
+                group = self._next_group()
+                if group is not None:
+                    self.running[group] += 1
+                    self.started.setdefault(group, now)
+                    return group, self.pending[group].pop(0)
+                self.lock.wait(0.05)
+
+    def _worker(self) -> None:
+        while (job := self._take()) is not None:
+            group, name = job
+            watch = Watch(max(0.05, self.deadline - (time.monotonic() - self.started[group])))
+            watch.start()
+            with self.lock:
+                self.active[job] = watch
+            t0 = time.monotonic()
+            try:
+                value = self.groups[group][name](watch)
+                outcome: Outcome[T] = Outcome(value=value, seconds=round(time.monotonic() - t0, 3))
+            except BaseException as exc:
+                outcome = Outcome(error=describe_error(exc), seconds=round(time.monotonic() - t0, 3), exception=exc)
+            with self.lock:
+                self.active.pop(job, None)
+                self.running[group] -= 1
+                if watch.cut:
+                    outcome = self._late(group, outcome.seconds)
+                self.outcomes[group].setdefault(name, outcome)
+                self.lock.notify_all()
+
+    def run(self, workers: int) -> dict[str, dict[str, Outcome[T]]]:
+        if not self.pending:
+            return self.outcomes
+        threads = [threading.Thread(target=self._worker, name="shardctl-read", daemon=True)
+                   for _ in range(max(1, min(workers, self.total, self.per_group * len(self.pending))))]
+        for thread in threads:
+            thread.start()
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                self._expire(now)
+                for (group, name), watch in list(self.active.items()):
+                    if self._overdue(group, now) and not watch.cut:
+                        watch.cut_off()
+                    if group in self.started and now - self.started[group] >= self.deadline + GRACE:
+                        # cut and still not back: given up on, its thread ends on its own
+                        self.active.pop((group, name))
+                        self.outcomes[group].setdefault(name, self._late(group))
+                if sum(len(o) for o in self.outcomes.values()) >= self.total:
+                    return self.outcomes
+                self.lock.wait(0.05)  # woken by every job that ends

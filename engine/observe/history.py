@@ -16,27 +16,34 @@ from engine.detect.forecast import MAX_FIT_HOURS, QUIET_SHARE
 from engine.observe import cleaning, recorded, rollup
 from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.models import CatalogShard, HourlySeries, Observation
-from engine.observe.sampling import LiveSampler, SampleRound
+from engine.observe.sampling import FIRST_GAP, Begun, LiveSampler, SampleRound
+from engine.observe.series import Series
 from engine.servers.fleet import Fleet
 
 DEFAULT_HISTORY = Policy().history_samples
 
 
 def stored_history(conn: psycopg.Connection | None,
-                   per_shard: int = 1000) -> tuple[dict[str, list[Sample]], dict[str, Reading]]:
-    """The newest `per_shard` stored samples per shard (oldest first) and the newest stored
-    reading per shard. Hours of raw samples may be kept; a window needs only its own."""
-    samples: dict[str, list[Sample]] = {}
+                   per_shard: int = 1000) -> tuple[dict[str, Series], dict[str, Reading]]:
+    """The newest `per_shard` stored samples per shard (oldest first, in columns) and the newest
+    stored reading per shard. Hours of raw samples may be kept; a window needs only its own."""
+    samples: dict[str, Series] = {}
     last: dict[str, Reading] = {}
     if conn is None:
         return samples, last
-    for reading_json, sample_json in store.load_samples(conn, per_shard):
+    n = len(METRICS)
+    for row in store.load_windows(conn, per_shard):
+        shard, servers, at, interval = row[0], row[1], row[2], row[3]
+        metric_columns = row[4:4 + 3 * n]
+        samples[shard] = Series.columns(
+            shard, servers, at, interval,
+            values={m: metric_columns[3 * i] for i, m in enumerate(METRICS)},
+            sources={m: list(zip(metric_columns[3 * i + 1] or (), metric_columns[3 * i + 2] or (), strict=True))
+                     for i, m in enumerate(METRICS)})
         try:
-            reading, sample = Reading.model_validate(reading_json), Sample.model_validate(sample_json)
+            last[shard] = Reading.model_validate(row[4 + 3 * n])
         except ValidationError:
-            continue  # a row written by another version: skip it rather than guess
-        samples.setdefault(sample.shard, []).append(sample)
-        last[reading.shard] = reading
+            continue  # a row written by another version: no previous reading rather than a guess
     return samples, last
 
 
@@ -163,43 +170,131 @@ def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]
 
 
 def with_metrics(desired: Desired, fleet: Fleet, conn: psycopg.Connection | None, observation: Observation,
-                 metrics_file: str | recorded.Recording | None = None) -> Observation:
-    """`metrics_file`: a recording to judge instead of live metrics, as a path or read already."""
-    now = observation.now()
-    if metrics_file:
-        # A what-if on a recording: the load is judged as of the recording's newest sample, while
-        # the catalog's own events (cooldowns, expiry, grace periods) stay judged at the present.
-        recording = metrics_file if isinstance(metrics_file, recorded.Recording) else recorded.read(metrics_file)
-        samples, notes, metrics_file = recording.samples, recording.notes, recording.path
-        latest = max((s.at for window in samples.values() for s in window), default=now)
-        # a recording long enough for a forecast is rolled up as the catalog would have
-        hourly = rollup.series_of(s for window in samples.values() for s in window)
-        return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {metrics_file}",
-                                              "metrics_notes": notes, "taken_at": now, "metrics_at": latest,
-                                              "hourly": hourly, "moves": _moves(conn)})
-    shards = monitored_shards(observation)
-    history, last = stored_history(conn, deepest_window(desired))
-    metrics_at = now
-    late: tuple[str, ...] = ()
-    if shards:
-        with LiveSampler(fleet, deadline=deadline(desired)) as sampler:
-            seed_recent(sampler, desired, last)
-            fresh = sampler.sample_round(shards)
+                 metrics_file: str | recorded.Recording | None = None,
+                 sampler: LiveSampler | None = None) -> Observation:
+    """`metrics_file`: a recording to judge instead of live metrics, as a path or read already.
+    The stored window plus a fresh sample (LiveMetrics), with nothing of the caller's between
+    its readings."""
+    live = LiveMetrics(desired, fleet, conn, observation, metrics_file, sampler)
+    try:
+        live.settle()
+        return live.finish(observation)
+    finally:
+        live.close()
+
+
+class LiveMetrics:
+    """The load a plan judges, read around the plan's other work instead of around a sleep.
+
+    Made right after the inventory: it reads the stored window from the catalog and, where it
+    is fresh (every monitored shard has a sample newer than one `metrics.interval`: the daemon or
+    `metrics collect` runs), uses it as it is. Otherwise a stored reading of the last few
+    intervals is the previous one, and the shards without one get a first reading now. The
+    caller then does its work (a plan inspects every shard), `settle()` takes the second reading of
+    the servers whose rates come from pg_stat_database (flushed at most once a second: they wait
+    out the second, before that work could count), and `finish(observation, spent)` the others',
+    leaving out of each shard's statement counts what the inspection ran there (`spent`)."""
+
+    def __init__(self, desired: Desired, fleet: Fleet, conn: psycopg.Connection | None, observation: Observation,
+                 metrics_file: str | recorded.Recording | None = None, sampler: LiveSampler | None = None):
+        self.desired, self.conn, self.now = desired, conn, observation.now()
+        self.recording = (metrics_file if isinstance(metrics_file, recorded.Recording) or not metrics_file
+                          else recorded.read(metrics_file))
+        self.shards = monitored_shards(observation)
+        self.sampler: LiveSampler | None = None
+        self.owned = False
+        self.begun: Begun | None = None
+        self.rounds: list[SampleRound] = []
+        self.history: dict[str, Series] = {}
+        self.fresh_from_store = False
+        if self.recording:
+            return
+        self.history, last = stored_history(conn, deepest_window(desired))
+        self.fresh_from_store = bool(self.shards) and all(
+            _newer_than_interval(desired, s.address, self.history.get(s.address), self.now) for s in self.shards)
+        if self.shards and not self.fresh_from_store:
+            self.owned = sampler is None
+            self.sampler = sampler or LiveSampler(fleet, deadline=deadline(desired))
+            seed_recent(self.sampler, desired, last)
+            self.begun = self.sampler.begin(self.shards)
+        self.long = long_history(conn, self.shards, self.now, desired)
+
+    def settle(self) -> None:
+        """The second reading of the shards whose rates come from pg_stat_database and had no
+        previous one: taken before the caller's work on the shards, once their gap has passed."""
+        if self.sampler is None or self.begun is None:
+            return
+        slow = [s for s in self.shards if self.begun.gaps.get(s.server, 0.0) >= FIRST_GAP]
+        if slow:
+            self.rounds.append(self.sampler.sample_round(slow, self.begun))
+
+    def finish(self, observation: Observation, spent: dict[str, tuple[int, float]] | None = None) -> Observation:
+        """The observation with its metrics: the stored window and this plan's fresh sample."""
+        if self.recording:
+            return _recorded(self.recording, observation, self.now, self.conn)
+        metrics_at = self.now
+        if self.sampler is not None:
+            done = {a for r in self.rounds for a in (*r.pairs, *r.unknown)}
+            rest = [s for s in self.shards if s.address not in done]
+            if rest:
+                self.rounds.append(self.sampler.sample_round(rest, self.begun, own=_counted(observation, spent)))
+        late: list[str] = []
+        history = dict(self.history)
+        for fresh in self.rounds:
             for address, (_, sample) in fresh.pairs.items():
-                history.setdefault(address, []).append(sample)
+                history[address] = _with(history.get(address), sample)
                 metrics_at = max(metrics_at, sample.at)  # the fresh round is what the load is judged at
             # a server that did not answer in time: its shards' newest sample is unknown, so no
             # verdict rests on their older history, and the notes say which server and why
             for address, sample in fresh.unknown.items():
-                history.setdefault(address, []).append(sample)
-            late = fresh.notes()
-    limits = history_limits(desired, shards)
-    cleaned, notes = cleaning.clean(history)
-    notes = (*late, *notes)
-    window = {a: v[-limits.get(a, DEFAULT_HISTORY):] for a, v in cleaned.items()}
-    return observation.model_copy(update={"metrics": window, "metrics_source": "live", "metrics_notes": notes,
-                                          "taken_at": now, "metrics_at": metrics_at,
-                                          **long_history(conn, shards, now, desired)})
+                history[address] = _with(history.get(address), sample)
+            late.extend(fresh.notes())
+        limits = history_limits(self.desired, self.shards)
+        cleaned, notes = cleaning.clean(history)
+        window = {a: v[-limits.get(a, DEFAULT_HISTORY):] for a, v in cleaned.items()}
+        return observation.model_copy(update={
+            "metrics": window, "metrics_source": "live", "metrics_notes": (*sorted(set(late)), *notes),
+            "taken_at": self.now, "metrics_at": metrics_at, **self.long})
+
+    def close(self) -> None:
+        if self.owned and self.sampler is not None:
+            self.sampler.close()
+
+
+def _recorded(recording: recorded.Recording, observation: Observation, now: datetime,
+              conn: psycopg.Connection | None) -> Observation:
+    """A what-if on a recording: the load is judged as of the recording's newest sample, while
+    the catalog's own events (cooldowns, expiry, grace periods) stay judged at the present."""
+    samples = recording.samples
+    latest = max((s.at(len(s) - 1) for s in samples.values() if len(s)), default=now)
+    # a recording long enough for a forecast is rolled up as the catalog would have
+    hourly = rollup.series_of(s for window in samples.values() for s in window)
+    return observation.model_copy(update={"metrics": samples, "metrics_source": f"recorded {recording.path}",
+                                          "metrics_notes": recording.notes, "taken_at": now, "metrics_at": latest,
+                                          "hourly": hourly, "moves": _moves(conn)})
+
+
+def _newer_than_interval(desired: Desired, address: str, window: Series | None, now: datetime) -> bool:
+    if not window:
+        return False
+    db = desired.databases.get(address.split("/")[0])
+    interval = db.effective_policy.metrics.interval if db else Policy().metrics.interval
+    return (now - window.at(len(window) - 1)).total_seconds() <= interval
+
+
+def _with(window: Series | None, sample: Sample) -> Series:
+    return Series.of([sample]) if window is None else window.appended(sample)
+
+
+def _counted(observation: Observation, spent: dict[str, tuple[int, float]] | None) -> dict[str, tuple[int, float]]:
+    """What the plan's inspection ran on each shard, where pg_stat_statements counts it (its
+    `track` is not `none`)."""
+    if not spent:
+        return {}
+    counting = {name for name, live in observation.servers.items()
+                if live.capabilities is None or live.capabilities.stat_statements_track != "none"}
+    by_address = {s.address: s.server for db in observation.catalog.databases.values() for s in db.shards}
+    return {a: cost for a, cost in spent.items() if by_address.get(a) in counting}
 
 
 def collect(desired: Desired, conn: psycopg.Connection, observation: Observation,
@@ -223,9 +318,9 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
     stored, notes = cleaning.clean(stored_history(conn, deepest_window(desired))[0])
     shards = monitored_shards(observation)
     limits = history_limits(desired, shards)
-    window: dict[str, tuple[Sample, ...]] = {}
+    window: dict[str, Series] = {}
     for shard in sorted(shards, key=lambda s: s.address):
-        window[shard.address] = stored.get(shard.address, ())[-limits[shard.address]:]
+        window[shard.address] = stored.get(shard.address, Series.of((), shard.address))[-limits[shard.address]:]
     return observation.model_copy(update={"metrics": window, "metrics_source": "live (daemon history)",
                                           "metrics_notes": notes, "taken_at": now, "metrics_at": now,
                                           **long_history(conn, shards, now, desired)})

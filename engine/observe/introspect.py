@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -50,22 +51,80 @@ WHERE c.relkind = 'S' AND n.nspname NOT IN {_EXCLUDED}
 """
 
 
+# the four reads of a snapshot in one statement (one round trip), each row tagged with its part
+SNAPSHOT = f"""
+SELECT 'c', rel, kind, name, definition FROM ({COLUMNS}) c(rel, kind, name, definition)
+UNION ALL SELECT 'k', rel, NULL, name, definition FROM ({CONSTRAINTS}) k(rel, name, definition)
+UNION ALL SELECT 'i', rel, NULL, name, definition FROM ({INDEXES}) i(rel, name, definition)
+UNION ALL SELECT 's', rel, NULL, NULL, NULL FROM ({SEQUENCES}) s(rel)
+"""
+# The rows each system catalog a schema lives in has had written (cumulative statistics): every
+# change to a schema writes some, so equal counts say the schema is the one read before
+# (engine.observe.schema_cache). pg_type and pg_namespace: a renamed type or schema changes how
+# columns and tables are named.
+SCHEMA_CATALOGS = ("pg_class", "pg_attribute", "pg_attrdef", "pg_constraint", "pg_index", "pg_type", "pg_namespace")
+_WRITTEN = ", ".join(f"pg_stat_get_tuples_inserted('pg_catalog.{c}'::regclass) + pg_stat_get_tuples_updated("
+                     f"'pg_catalog.{c}'::regclass) + pg_stat_get_tuples_deleted('pg_catalog.{c}'::regclass)"
+                     for c in SCHEMA_CATALOGS)
+# what a plan reads of every shard, in one statement: the catalog signature, its size (rebalancing
+# weighs it), its ledger of schema steps (a shard always has one) and last what the statement
+# has cost so far (ms): a plan leaves its own work out of the shard's rates
+LIGHT = f"""
+SELECT d.oid::int8, extract(epoch FROM pg_postmaster_start_time())::text,
+       coalesce(extract(epoch FROM pg_stat_get_db_stat_reset_time(d.oid))::text, ''),
+       current_setting('track_counts') = 'on', pg_database_size(d.oid), ARRAY[{_WRITTEN}]::int8[],
+       {{ledger}}, extract(epoch FROM clock_timestamp() - statement_timestamp())::float8 * 1000
+FROM pg_database d WHERE d.datname = current_database()
+"""
+LEDGER = "(SELECT array_agg(sha256 ORDER BY seq) FROM _shardctl.schema_steps)"
+KINDS = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
+
+
+@dataclass(frozen=True)
+class ShardFacts:
+    signature: list | None  # what says the schema is unchanged (None: the server's statistics cannot)
+    steps: tuple[str, ...]  # sha256 of the steps in the shard's own ledger, in order
+    size_bytes: int
+    statements: int  # what reading them ran on the shard, and for how long (ms)
+    ms: float
+
+
 def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
+    return _snapshot(conn.execute(SNAPSHOT).fetchall())
+
+
+def shard_facts(conn: psycopg.Connection) -> ShardFacts:
+    """A shard's catalog signature, size and ledger of applied steps, in one statement (two for a
+    database without the ledger: then it has applied none). `conn` in autocommit."""
+    try:
+        row = one(conn.execute(LIGHT.format(ledger=LEDGER)))
+        statements = 1
+    except psycopg.errors.UndefinedTable:
+        row = one(conn.execute(LIGHT.format(ledger="NULL::text[]")))
+        statements = 1  # a statement that failed is not counted by pg_stat_statements
+    oid, started, reset, counting, size, written, steps, ms = row
+    signature = [int(oid), started, reset, *map(int, written)] if counting else None
+    return ShardFacts(signature, tuple(steps or ()), int(size), statements, float(ms))
+
+
+def _snapshot(rows: list[tuple]) -> dict[str, Any]:
     tables: dict[str, dict[str, Any]] = {}
 
     def table(name: str) -> dict[str, Any]:
         return tables.setdefault(name, {"columns": {}, "constraints": {}, "indexes": {}})
 
-    for relname, kind, column, definition in conn.execute(COLUMNS):
-        entry = table(relname)
-        entry["kind"] = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view",
-                         "f": "foreign table"}[kind]
-        entry["columns"][column] = definition
-    for relname, name, definition in conn.execute(CONSTRAINTS):
-        table(relname)["constraints"][name] = definition
-    for relname, name, definition in conn.execute(INDEXES):
-        table(relname)["indexes"][name] = definition
-    sequences = sorted(r[0] for r in conn.execute(SEQUENCES))
+    # the parts in the order the snapshot always read them: columns, constraints, indexes
+    for part in ("c", "k", "i"):
+        for tag, relname, kind, name, definition in rows:
+            if tag != part:
+                continue
+            entry = table(relname)
+            if tag == "c":
+                entry["kind"] = KINDS[kind]
+                entry["columns"][name] = definition
+            else:
+                entry["constraints" if tag == "k" else "indexes"][name] = definition
+    sequences = sorted(r[1] for r in rows if r[0] == "s")
     return {"tables": dict(sorted(tables.items())), "sequences": sequences}
 
 
@@ -90,13 +149,15 @@ ORDER BY 1, 2
 """
 
 
-def holdings(conn: psycopg.Connection) -> tuple[int, bool, int]:
-    """What a database holds: (rows, exact, size in bytes). Rows are counted exactly up to
-    EXACT_ROWS per table and estimated from pg_class.reltuples beyond that (exact is False)."""
+def holdings(conn: psycopg.Connection) -> tuple[int, bool, int, int]:
+    """What a database holds: (rows, exact, size in bytes, statements run). Rows are counted
+    exactly up to EXACT_ROWS per table and estimated from pg_class.reltuples beyond that (exact is
+    False)."""
     from psycopg import sql
 
     rows, exact = 0, True
-    for schema, table, reltuples in conn.execute(TABLES).fetchall():
+    tables = conn.execute(TABLES).fetchall()
+    for schema, table, reltuples in tables:
         counted = one(conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM ONLY {}.{} LIMIT %s) s").format(
             sql.Identifier(schema), sql.Identifier(table)), (EXACT_ROWS + 1,)))[0]
         if counted > EXACT_ROWS:
@@ -104,4 +165,4 @@ def holdings(conn: psycopg.Connection) -> tuple[int, bool, int]:
         else:
             rows += counted
     size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
-    return rows, exact, int(size)
+    return rows, exact, int(size), len(tables) + 2

@@ -128,7 +128,7 @@ def derive(prev: Reading | None, cur: Reading, capacity: Capacity, clock_ticks: 
         if calls and exec_ms is not None:
             metrics["latency_ms"] = MetricValue(value=round(exec_ms / calls, 3),
                                                 source="pg_stat_statements mean exec time")
-        elif xacts and active is not None:
+        elif calls is None and xacts and active is not None:  # no statement counts to go by
             metrics["latency_ms"] = MetricValue(value=round(active / xacts, 3),
                                                 source="active_time per transaction (no pg_stat_statements)")
         # nothing ran in the interval: latency stays unknown rather than zero

@@ -6,11 +6,17 @@ Frozen models, so a plan computed from an observation can always be explained fr
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, model_validator
 
+from engine.observe import series
 from engine.observe.metrics import Sample
+from engine.observe.series import Series
+
+# A shard's sample window: a Series (columns), from a Series or a list of Samples; as JSON, the samples.
+Window = Annotated[Series, PlainValidator(series.validate),
+                   PlainSerializer(lambda s: [x.model_dump(mode="json") for x in s], when_used="json")]
 
 
 class Frozen(BaseModel):
@@ -165,7 +171,13 @@ class LiveShard(Frozen):
     applied_steps: tuple[str, ...] = ()  # sha256 of the steps in the shard's own ledger
     schema_fingerprint: str | None = None
     schema_snapshot: dict[str, Any] | None = None
-    holding: Holding | None = None  # None: not counted (no access), so it may hold rows
+    holding: Holding | None = None  # None: not counted (no access, or not at risk), so it may hold rows
+    size_bytes: int | None = None  # pg_database_size, read with the schema
+
+    @property
+    def size(self) -> int | None:
+        """Its size in bytes, from whichever read it (None: unknown)."""
+        return self.size_bytes if self.size_bytes is not None else self.holding.size_bytes if self.holding else None
 
 
 class Capabilities(Frozen):
@@ -199,6 +211,13 @@ class Capabilities(Frozen):
     restore_points: bool = False  # EXECUTE on pg_create_restore_point(text) and pg_switch_wal() (backups)
     backup_functions: bool = False  # EXECUTE on pg_backup_start and pg_backup_stop (Barman's backup check)
     clock_offset_s: float  # the server's clock minus this host's
+    # the replication budget (engine/plan/budget.py); None: not read (an older observation)
+    max_replication_origins: int | None = None  # max_active_replication_origins (18), max_replication_slots before
+    used_replication_origins: int | None = None  # origins with state (superuser), else subscriptions
+    used_replication_workers: int | None = None  # logical replication workers running (apply, table sync, parallel)
+    max_sync_workers_per_subscription: int | None = None
+    max_parallel_apply_workers_per_subscription: int | None = None  # 16+
+    pending_restart: tuple[str, ...] = ()  # settings changed in the files and waiting for a restart
 
 
 class ReplicationObject(Frozen):
@@ -279,9 +298,10 @@ class Observation(Frozen):
     catalog: CatalogState
     servers: dict[str, LiveServer]
     shards: dict[str, LiveShard]  # by address, e.g. "orders/-40"
-    metrics: dict[str, tuple[Sample, ...]] = {}  # sample window per shard address, oldest first
+    metrics: dict[str, Window] = {}  # sample window per shard address, oldest first (engine.observe.series)
     metrics_source: str = "none"  # "live", "recorded FILE" or "none"
     metrics_notes: tuple[str, ...] = ()  # what cleaning the samples dropped or folded, for the plan's notes
+    inventory_notes: tuple[str, ...] = ()  # servers whose shards could not be looked into, and why
     branch_schemas: dict[str, dict[str, Any]] = {}  # live schema of each active branch
     branch_holdings: dict[str, Holding] = {}  # rows and size of each active branch
     # The wall clock when the observation was made: cooldowns, branch expiry and retirement

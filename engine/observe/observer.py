@@ -1,14 +1,21 @@
 """Take an observation: read the catalog, then look at every declared server and shard.
 
-Read-only. One connection per server for its inventory, servers read at once, each within a
-deadline; one per existing shard for its schema
-snapshot (the schema lives in each database, so there is no cheaper way to see it).
+Read-only. Servers are read at once, each within a deadline, on one connection each (the
+metric sampler's, when one is running: engine.observe.sampling). Shards too (the schema lives in
+each database, so each needs a connection of its own): at most PER_SERVER of one server's at a
+time and fanout.MAX_WORKERS in all, each with one query for its schema snapshot and its ledger of
+steps (engine.observe.introspect.shard_facts); a server's shards share its deadline, so a server
+that hangs costs only its own shards, which stay unknown (never missing) with the reason. Rows
+and sizes (what a destruction would lose) are counted only for the databases a plan could
+destroy: counting reads up to 100,000 rows a table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -18,21 +25,29 @@ from engine.clock import Clock, system_clock
 from engine.errors import redact
 from engine.observe import capabilities, fanout, introspect, replication
 from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
+from engine.observe.schema_cache import SchemaCache
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
 
+if TYPE_CHECKING:
+    from engine.observe.sampling import LiveSampler
+
 INVENTORY_DEADLINE = 10.0  # seconds one server's inventory may take, connecting included
+PER_SERVER = 4  # shard databases of one server read at once
+APPLICATION = "shardctl-inventory"  # the metric readings leave these sessions out (engine.observe.collectors)
 
 
 def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True,
-            clock: Clock = system_clock, deadline: float = INVENTORY_DEADLINE) -> Observation:
-    """`inspect_schemas=False` skips the per-shard connections (metric rounds need only the
-    catalog and the servers, and every query on a shard would count as load on it). Servers are
-    inspected at once, each within `deadline` seconds; a late one is unreachable, with why."""
+            clock: Clock = system_clock, deadline: float = INVENTORY_DEADLINE,
+            sampler: LiveSampler | None = None) -> Observation:
+    """`inspect_schemas=False` skips the shards (metric rounds need only the catalog and the
+    servers, and every query on a shard would count as load on it). Servers are inspected at
+    once, each within `deadline` seconds; a late one is unreachable, with why. With a
+    `sampler`, its kept connection to each server is used (and kept)."""
     taken_at = clock()
     catalog = store.read(catalog_conn) if catalog_conn is not None else CatalogState(exists=False)
-    servers = inspect_servers(fleet, sorted(fleet.servers), deadline)
+    servers = inspect_servers(fleet, sorted(fleet.servers), deadline, sampler)
     observation = Observation(catalog=catalog, servers=servers, shards={}, taken_at=taken_at)
     if catalog_conn is not None and any(b.data == "backup" for b in fleet.desired.branches.values()):
         observation = observation.model_copy(update={"backup_sources": backup_catalog.sources(
@@ -40,10 +55,35 @@ def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schem
     return inspect_shards(fleet, observation) if inspect_schemas else observation
 
 
-def inspect_shards(fleet: Fleet, observation: Observation) -> Observation:
-    """Look into every shard the catalog knows: does it exist, what schema does it have."""
+def at_risk(fleet: Fleet, catalog: CatalogState) -> set[str]:
+    """The recorded databases a plan could destroy (no longer declared, or re-keyed): only their
+    shards' rows are counted. A database renamed by `moved:` is not among them."""
+    desired = fleet.desired
+    renamed = {old for old, _ in desired.moved.values()}
+    out = set()
+    for name, recorded in catalog.databases.items():
+        declared = desired.databases.get(name)
+        if declared is None:
+            if name not in renamed:
+                out.add(name)
+        elif (declared.spec.shard_key.column, declared.spec.shard_key.type) != (recorded.key_column,
+                                                                                recorded.key_type):
+            out.add(name)
+    return out
+
+
+def inspect_shards(fleet: Fleet, observation: Observation, deadline: float = INVENTORY_DEADLINE,
+                   per_server: int = PER_SERVER, spent: dict[str, tuple[int, float]] | None = None) -> Observation:
+    """Look into every shard the catalog knows, and every active branch: does it exist, what
+    schema does it have (and, for what a plan could destroy, what it holds). A shard on a server
+    that does not answer, or that runs out of its deadline, is left out: unknown, not missing,
+    so the planner does not act on it; the plan's notes say which server and why. `spent` is
+    filled with what looking cost each shard (statements, ms), for the metric sampler."""
     catalog, servers = observation.catalog, observation.servers
+    count = at_risk(fleet, catalog)
+    cache = SchemaCache.for_config(fleet.desired.directory)
     shards: dict[str, LiveShard] = {}
+    jobs: dict[str, dict[str, Callable[[fanout.Watch], object]]] = {}
     for database in catalog.databases.values():
         for shard in database.shards:
             live = servers.get(shard.server)
@@ -52,53 +92,98 @@ def inspect_shards(fleet: Fleet, observation: Observation) -> Observation:
             if shard.dbname not in live.databases:
                 shards[shard.address] = LiveShard(exists=False)
                 continue
-            try:
-                # one read-only transaction: one transaction in the shard's statistics, not six
-                with fleet.servers[shard.server].connect(shard.dbname, autocommit=False) as conn:
-                    conn.read_only = True
-                    snap = introspect.snapshot(conn)
-                    steps = introspect.applied_steps(conn)
-                    holding = _holding(conn)
-                    conn.rollback()
-                shards[shard.address] = LiveShard(
-                    exists=True, applied_steps=steps,
-                    schema_fingerprint=introspect.fingerprint(snap), schema_snapshot=snap, holding=holding,
-                )
-            except ServerUnreachable:
-                continue
-    branches: dict = {}
-    branch_holdings: dict = {}
+            jobs.setdefault(shard.server, {})[f"shard {shard.address}"] = _shard_job(
+                fleet, shard.server, shard.dbname, holdings=database.name in count, cache=cache)
     for branch in catalog.branches.values():
         live = servers.get(branch.server)
         if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
             continue
-        try:
-            with fleet.servers[branch.server].connect(branch.dbname) as conn:
-                branches[branch.name] = introspect.snapshot(conn)
-                holding = _holding(conn)
-                if holding is not None:
-                    branch_holdings[branch.name] = holding
-        except ServerUnreachable:
-            continue
+        jobs.setdefault(branch.server, {})[f"branch {branch.name}"] = _branch_job(fleet, branch.server, branch.dbname)
+    outcomes = fanout.fan_out_grouped(jobs, deadline, per_group=per_server)
+    branches: dict = {}
+    branch_holdings: dict = {}
+    silent: dict[str, str] = {}
+    for server, results in sorted(outcomes.items()):
+        for name, outcome in sorted(results.items()):
+            kind, _, key = name.partition(" ")
+            if not outcome.ok or outcome.value is None:
+                if isinstance(outcome.exception, psycopg.Error | ServerUnreachable) or outcome.late:
+                    silent.setdefault(server, outcome.error or "no answer")
+                    continue  # unknown
+                if outcome.exception is not None:
+                    raise outcome.exception
+                continue
+            if kind == "shard":
+                shard_value: tuple[LiveShard, tuple[int, float]] = outcome.value  # type: ignore[assignment]
+                shards[key] = shard_value[0]
+                if spent is not None:
+                    spent[key] = shard_value[1]
+            else:
+                branch_value: tuple[dict, Holding | None] = outcome.value  # type: ignore[assignment]
+                branches[key] = branch_value[0]
+                if branch_value[1] is not None:
+                    branch_holdings[key] = branch_value[1]
+    cache.save(keep={SchemaCache.key(s.server, s.dbname) for d in catalog.databases.values() for s in d.shards})
+    notes = tuple(f"server {server}: its shards' schemas could not be read ({why}); they are unknown this plan,"
+                  " and nothing is planned on them" for server, why in sorted(silent.items()))
     return observation.model_copy(update={"shards": shards, "branch_schemas": branches,
-                                          "branch_holdings": branch_holdings})
+                                          "branch_holdings": branch_holdings,
+                                          "inventory_notes": observation.inventory_notes + notes})
 
 
-def _holding(conn: psycopg.Connection) -> Holding | None:
-    """Rows and size, or None when they cannot be read (then the database may hold rows)."""
+def _connect(fleet: Fleet, server: str, dbname: str, watch: fanout.Watch):
+    handle = fleet.servers[server]
+    params = {"connect_timeout": watch.connect_timeout(), **handle.params(dbname), "application_name": APPLICATION}
     try:
-        with conn.transaction():
-            rows, exact, size = introspect.holdings(conn)
+        return psycopg.connect(**params, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise ServerUnreachable(server, dbname, exc, handle.how_to_reach()) from None
+
+
+def _shard_job(fleet: Fleet, server: str, dbname: str, holdings: bool,
+               cache: SchemaCache) -> Callable[[fanout.Watch], tuple[LiveShard, tuple[int, float]]]:
+    def read(watch: fanout.Watch) -> tuple[LiveShard, tuple[int, float]]:
+        with _connect(fleet, server, dbname, watch) as conn, watch.connection(conn):
+            facts = introspect.shard_facts(conn)
+            statements, started = facts.statements, time.monotonic()
+            snap = cache.get(server, dbname, facts.signature)
+            if snap is None:
+                snap = introspect.snapshot(conn)
+                cache.put(server, dbname, facts.signature, snap)
+                statements += 1
+            holding, counted = _holding(conn) if holdings else (None, 0)
+            statements += counted
+        cost = (statements, facts.ms + (time.monotonic() - started) * 1000 * (statements > facts.statements))
+        return LiveShard(exists=True, applied_steps=facts.steps, schema_snapshot=snap,
+                         schema_fingerprint=introspect.fingerprint(snap), holding=holding,
+                         size_bytes=facts.size_bytes), cost
+    return read
+
+
+def _branch_job(fleet: Fleet, server: str, dbname: str) -> Callable[[fanout.Watch], tuple]:
+    def read(watch: fanout.Watch) -> tuple:
+        with _connect(fleet, server, dbname, watch) as conn, watch.connection(conn):
+            return introspect.snapshot(conn), _holding(conn)[0]
+    return read
+
+
+def _holding(conn: psycopg.Connection) -> tuple[Holding | None, int]:
+    """Rows and size, or None when they cannot be read (then the database may hold rows), and
+    the statements that took (in autocommit: one per table, and two more)."""
+    try:
+        rows, exact, size, statements = introspect.holdings(conn)
     except psycopg.Error:
-        return None
-    return Holding(rows=rows, exact=exact, size_bytes=size)
+        return None, 0
+    return Holding(rows=rows, exact=exact, size_bytes=size), statements
 
 
-def inspect_servers(fleet: Fleet, names: list[str], deadline: float = INVENTORY_DEADLINE) -> dict[str, LiveServer]:
+def inspect_servers(fleet: Fleet, names: list[str], deadline: float = INVENTORY_DEADLINE,
+                    sampler: LiveSampler | None = None) -> dict[str, LiveServer]:
     """Every named server inspected at once (engine.observe.fanout), each within `deadline`: a
-    server that accepts and never answers is unreachable with that reason, and delays no other."""
+    server that accepts and never answers is unreachable with that reason, and delays no other.
+    With a `sampler`, on its kept connection to each server."""
     def job(name: str) -> Callable[[fanout.Watch], LiveServer]:
-        return lambda watch: inspect_server(fleet, name, watch)
+        return lambda watch: inspect_server(fleet, name, watch, sampler)
 
     setting = "metrics.deadline" if deadline != INVENTORY_DEADLINE else "the inventory's deadline"
     outcomes = fanout.fan_out({name: job(name) for name in names}, deadline, setting=setting)
@@ -111,33 +196,41 @@ def inspect_servers(fleet: Fleet, names: list[str], deadline: float = INVENTORY_
             for name in names}
 
 
-def inspect_server(fleet: Fleet, name: str, watch: fanout.Watch | None = None) -> LiveServer:
+SERVER = "SELECT current_setting('server_version'), current_setting('wal_level'), array(SELECT datname::text" \
+         " FROM pg_database WHERE NOT datistemplate ORDER BY datname)"
+
+
+def inspect_server(fleet: Fleet, name: str, watch: fanout.Watch | None = None,
+                   sampler: LiveSampler | None = None) -> LiveServer:
     """One server's version, wal_level and databases; unreachable is a value, not an error. With
-    a `watch` (from fan_out), connecting and reading are bounded by its deadline."""
-    timeout = watch.connect_timeout() if watch is not None else "10"
+    a `watch` (from fan_out), connecting and reading are bounded by its deadline; with a
+    `sampler` (and a watch), on the sampler's kept connection."""
+    def read(conn: psycopg.Connection) -> LiveServer:
+        version, wal_level, databases = one(conn.execute(SERVER))
+        try:
+            found = capabilities.read(conn)
+        except psycopg.Error:
+            if watch is not None and watch.cut:
+                raise
+            found = None  # unknown: no check is failed for it, doctor says it could not read them
+        try:
+            embedded = fleet.servers[name].embedded
+            objects = replication.read(conn, embedded.log_file if embedded is not None else None)
+        except psycopg.Error:
+            if watch is not None and watch.cut:
+                raise
+            objects = None  # not readable by this role: the links' state is unknown, never missing
+        return LiveServer(name=name, reachable=True, version=version, wal_level=wal_level,
+                          databases=tuple(databases), capabilities=found, replication=objects)
+
     try:
+        if sampler is not None and watch is not None:
+            return sampler.on_server(fleet.servers[name], watch, read)
+        timeout = watch.connect_timeout() if watch is not None else "10"
         with fleet.servers[name].connect(connect_timeout=timeout) as conn, \
                 (watch.connection(conn) if watch is not None else contextlib.nullcontext(conn)):
-            version = one(conn.execute("SHOW server_version"))[0]
-            wal_level = one(conn.execute("SHOW wal_level"))[0]
-            databases = tuple(r[0] for r in conn.execute(
-                "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY datname"))
-            try:
-                found = capabilities.read(conn)
-            except psycopg.Error:
-                if watch is not None and watch.cut:
-                    raise
-                found = None  # unknown: no check is failed for it, doctor says it could not read them
-            try:
-                embedded = fleet.servers[name].embedded
-                objects = replication.read(conn, embedded.log_file if embedded is not None else None)
-            except psycopg.Error:
-                if watch is not None and watch.cut:
-                    raise
-                objects = None  # not readable by this role: the links' state is unknown, never missing
+            return read(conn)
     except ServerUnreachable as exc:
         return LiveServer(name=name, reachable=False, error=exc.summary)
     except psycopg.Error as exc:
         return LiveServer(name=name, reachable=False, error=redact(str(exc)))
-    return LiveServer(name=name, reachable=True, version=version, wal_level=wal_level, databases=databases,
-                      capabilities=found, replication=objects)

@@ -27,6 +27,7 @@ from engine import files
 from engine.errors import UserError
 from engine.observe import cleaning
 from engine.observe.metrics import METRICS, Sample
+from engine.observe.series import Series
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Recording:
     and hands it on (a file that cannot be read fails the command before any server is started)."""
 
     path: str
-    samples: dict[str, tuple[Sample, ...]]
+    samples: dict[str, Series]
     notes: tuple[str, ...]
 
 
@@ -44,11 +45,11 @@ def read(path: str | Path) -> Recording:
     return Recording(str(path), samples, notes)
 
 
-def load(path: str | Path) -> dict[str, tuple[Sample, ...]]:
+def load(path: str | Path) -> dict[str, Series]:
     return load_with_notes(path)[0]
 
 
-def load_with_notes(path: str | Path) -> tuple[dict[str, tuple[Sample, ...]], tuple[str, ...]]:
+def load_with_notes(path: str | Path) -> tuple[dict[str, Series], tuple[str, ...]]:
     """The samples per shard, cleaned (engine.observe.cleaning), and the notes of what cleaning
     folded or rejected. A time without a zone is refused, naming the file and the sample. The
     file must be a regular file of at most MAX_METRICS_BYTES, nested at most MAX_JSON_DEPTH."""

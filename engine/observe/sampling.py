@@ -28,7 +28,12 @@ from engine.servers.connect import ServerHandle, ServerUnreachable
 from engine.servers.fleet import Fleet
 
 TIER3_EVERY = 60.0
-FIRST_GAP = 1.0  # seconds between the two readings when there is no previous one
+# Seconds the two readings of a first sample are at least apart. Rates from pg_stat_statements
+# count every statement as it finishes, so any gap measures them; a short one only averages over
+# less, hence a small floor. pg_stat_database's counters are flushed by busy backends at most once
+# a second, so a rate from them over less is noise.
+MIN_GAP = 0.25
+FIRST_GAP = 1.0
 CLOCK_TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
@@ -63,6 +68,25 @@ ORDER BY 1
 """
 
 
+
+
+@dataclass(frozen=True)
+class Begun:
+    """The first readings of a sample whose shards had no previous one (LiveSampler.begin): when
+    they were taken, the least gap the second must keep (per server: FIRST_GAP where its rates
+    come from pg_stat_database, MIN_GAP where from pg_stat_statements) and the servers that
+    did not answer (not asked again)."""
+
+    started: float
+    gaps: dict[str, float]
+    missing: dict[str, str]
+
+    def wait(self, servers: set[str] | None = None) -> None:
+        """Until the least gap of these servers (all by default) has passed since the readings."""
+        gap = max((g for s, g in self.gaps.items() if servers is None or s in servers), default=0.0)
+        remaining = self.started + gap - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
 
 
 @dataclass(frozen=True)
@@ -134,7 +158,7 @@ class LiveSampler:
         with self._lock:
             return self._slots.setdefault(name, _Slot())
 
-    def _on_server(self, handle: ServerHandle, watch: fanout.Watch, work):
+    def on_server(self, handle: ServerHandle, watch: fanout.Watch, work):
         """Run `work(conn)` on the server's kept connection (made when there is none, within the
         deadline); the connection is cut if the deadline passes. A kept connection that fails at
         once (the server restarted since) is replaced and the work tried once more."""
@@ -208,7 +232,7 @@ class LiveSampler:
                     round_readings = collector.collect(handle, conn, server_shards, round_readings, full)
             return round_readings
 
-        return lambda watch: self._on_server(handle, watch, work)
+        return lambda watch: self.on_server(handle, watch, work)
 
     def replication(self, servers: list[str]) -> dict[str, list[tuple[str, float | None, float | None]]]:
         """Physical standbys of each server and how far behind they replay: (name, lag in bytes,
@@ -216,7 +240,7 @@ class LiveSampler:
         A server that does not answer in time, or does not let this role see the figures, gives
         none."""
         def reader(handle: ServerHandle):
-            return lambda watch: self._on_server(handle, watch, lambda conn: conn.execute(REPLICATION_QUERY).fetchall())
+            return lambda watch: self.on_server(handle, watch, lambda conn: conn.execute(REPLICATION_QUERY).fetchall())
 
         jobs = {name: reader(self.fleet.servers[name]) for name in servers if name in self.fleet.servers}
         found: dict[str, list[tuple[str, float | None, float | None]]] = {}
@@ -233,7 +257,7 @@ class LiveSampler:
         not answer in time, or does not let this role read them, gives none (unknown)."""
         def reader(handle: ServerHandle):
             log_file = handle.embedded.log_file if handle.embedded is not None else None
-            return lambda watch: self._on_server(handle, watch, lambda conn: replication.read(conn, log_file))
+            return lambda watch: self.on_server(handle, watch, lambda conn: replication.read(conn, log_file))
 
         jobs = {name: reader(self.fleet.servers[name]) for name in servers if name in self.fleet.servers}
         return {name: outcome.value for name, outcome in sorted(fanout.fan_out(jobs, self.deadline,
@@ -243,28 +267,47 @@ class LiveSampler:
     def sample(self, shards: list[CatalogShard]) -> dict[str, tuple[Reading, Sample]]:
         return self.sample_round(shards).pairs
 
-    def sample_round(self, shards: list[CatalogShard]) -> SampleRound:
-        """A fresh sample per shard. Without a previous reading, read twice FIRST_GAP apart.
-        Shards of a server that did not answer in time get an unknown sample, with the reason."""
+    def begin(self, shards: list[CatalogShard]) -> Begun:
+        """First readings of the shards that have no previous one (kept as their previous), so
+        that the next round makes rates; the caller does its other work in between (a plan
+        inspects the shards) and hands the result to sample_round."""
+        with self._lock:
+            need = [s for s in shards if s.address not in self._last]
+        if not need:
+            return Begun(started=time.monotonic(), gaps={}, missing={})
+        first, missing = self.read_round(need, full=False)
+        started = time.monotonic()
+        self.seed(first)
+        gaps: dict[str, float] = {}
+        for reading in first.values():
+            gap = MIN_GAP if "calls" in reading.counters else FIRST_GAP
+            gaps[reading.server] = max(gaps.get(reading.server, 0.0), gap)
+        return Begun(started=started, gaps=gaps, missing=missing)
+
+    def sample_round(self, shards: list[CatalogShard], begun: Begun | None = None,
+                     own: dict[str, tuple[int, float]] | None = None) -> SampleRound:
+        """A fresh sample per shard. Without a previous reading, one is taken first (`begin`, or
+        `begun` when the caller took it before other work) and the second keeps the least gap
+        after it. `own`: per shard address, the statements shardctl itself ran on it since the
+        first reading and their time in ms (a plan's inspection), left out of its rates. Shards
+        of a server that did not answer in time get an unknown sample, with the reason."""
+        begun = begun if begun is not None else self.begin(shards)
+        begun.wait({s.server for s in shards})
         with self._lock:
             previous = dict(self._last)
-        first_missing: dict[str, str] = {}
-        if any(s.address not in previous for s in shards):
-            first, first_missing = self.read_round(shards, full=False)
-            previous = {**first, **previous}
-            time.sleep(FIRST_GAP)
         # a server that was late on the first reading is not asked again: it would cost the
         # round its deadline a second time
-        asked = [s for s in shards if s.server not in first_missing]
+        asked = [s for s in shards if s.server not in begun.missing]
         full = any(_tier3_due(previous.get(s.address)) for s in asked)
         current, missing = self.read_round(asked, full=full) if asked else ({}, {})
-        missing = {**first_missing, **missing}
+        missing = {**begun.missing, **missing}
         out: dict[str, tuple[Reading, Sample]] = {}
         for address, reading in current.items():
             prev = previous.get(address)
             reading = _carry_tier3(prev, reading, full)
             handle = self.fleet.servers[reading.server]
-            derived = derive(prev, reading, capacity_for(handle, reading), CLOCK_TICKS)
+            judged = _without_own(reading, prev, (own or {}).get(address))
+            derived = derive(prev, judged, capacity_for(handle, reading), CLOCK_TICKS)
             # nothing impossible is stored: a NaN, infinite or negative value becomes unknown
             (derived,), _ = cleaning.clean_window(address, [derived])
             out[address] = (reading, derived)
@@ -273,6 +316,20 @@ class LiveSampler:
         unknown = {s.address: Sample(shard=s.address, server=s.server, at=at, metrics=dict.fromkeys(METRICS))
                    for s in shards if s.address not in out and s.server in missing}
         return SampleRound(pairs=out, unknown=unknown, missing=missing)
+
+
+def _without_own(reading: Reading, prev: Reading | None, own: tuple[int, float] | None) -> Reading:
+    """The reading less the statements shardctl ran on the shard since `prev` (its own
+    inspection), so that they are not counted as the shard's load. Only pg_stat_statements'
+    counts are corrected: they are exact per statement; pg_stat_database's are read around no
+    such work (engine.observe.history)."""
+    if own is None or prev is None or "calls" not in reading.counters or "calls" not in prev.counters:
+        return reading
+    calls, ms = own
+    counters = {**reading.counters, "calls": reading.counters["calls"] - calls}
+    if "exec_ms" in counters:
+        counters["exec_ms"] = max(prev.counters.get("exec_ms", 0.0), counters["exec_ms"] - ms)
+    return reading.model_copy(update={"counters": counters})
 
 
 def _tier3_due(prev: Reading | None) -> bool:

@@ -286,3 +286,30 @@ def tls_check(live: LiveServer) -> Check | None:
                  fix="" if caps.ssl_library else "as a move's target, this server's subscriptions cannot reach a"
                  " source with sslmode require or verify-*: use a build with SSL (Debian's packages have it) or place"
                  " targets elsewhere", warning=True)
+
+
+def budget_check(live: LiveServer, need, embedded: bool) -> Check | None:
+    """Whether the server's replication settings hold the most the declared fleet needs of it at
+    once (engine/plan/budget.py: its replicas' links, the largest move through it, backups),
+    naming each setting short with the number needed. An embedded server is sized by shardctl:
+    a shortfall there waits for its restart."""
+    from engine.plan import budget
+
+    caps = live.capabilities
+    if caps is None or not live.reachable:
+        return None
+    short = budget.shortfalls(live.name, caps, need)
+    if not short:
+        most = ", ".join(f"{budget.setting(r, caps.version_num // 10000)} {need[r]} of {limit}"
+                         for r, limit in budget.limits(caps).items() if limit is not None)
+        return Check(server=live.name, name="replication budget", ok=True,
+                     found=f"the fleet needs at most {most}")
+    found = "; ".join(f"{setting} = {now}, the fleet needs up to {needed} ({why})"
+                      for _, setting, now, needed, why in short)
+    if embedded:
+        fix = ("shardctl has written the settings the fleet needs to the server's shardctl.conf; they take effect"
+               " when it restarts (`shardctl down`, then `shardctl up`)")
+    else:
+        fix = "; ".join(f"ALTER SYSTEM SET {setting} = {budget.with_headroom(needed)}"
+                        for _, setting, _, needed, _ in short) + "; then restart the server"
+    return Check(server=live.name, name="replication budget", ok=False, found=found, fix=fix)

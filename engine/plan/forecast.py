@@ -84,7 +84,7 @@ def forecast_actions(desired: Desired, observation: Observation, planned: list) 
         due = False
         for position, (crossing, address, _, _) in enumerate(batch, start=len(ours) + 1):
             live = observation.shards.get(address)
-            size = live.holding.size_bytes if live and live.holding else None
+            size = live.size if live else None
             leads[address] = lead_time(observation.moves, size, policy.forecast.lead_margin,
                                        policy.forecast.default_move).queued(position, policy.autosplit.max_concurrent)
             due |= crossing - now <= timedelta(seconds=leads[address].seconds)

@@ -144,7 +144,7 @@ def _plan_database(db: DesiredDatabase, shards: list[CatalogShard], hot: list[As
                              f" declared shard count ({floor}); lower `shards:` to allow merges")
                 break
             blocked = (preconditions(db, [left, right], observation)
-                       or capable_targets([left.server, right.server, *db.spec.placement], observation)[1]
+                       or capable_targets(db.spec.placement, observation)[1]
                        or name_taken(db, observation, [KeyRange(left.lo, right.hi)])
                        or _merged_too_busy(policy, verdicts[left.address], verdicts[right.address])
                        or _merged_forecast_hot(policy, [left, right], observation))
@@ -268,11 +268,10 @@ def key_in_primary_key(table_info: dict, key: str) -> bool:
 
 
 def _latest_storage(observation: Observation, address: str) -> float | None:
-    for sample in reversed(observation.metrics.get(address, ())):
-        value = sample.value("storage_percent")
-        if value is not None:
-            return value
-    return None
+    window = observation.metrics.get(address)
+    # read from the column: building a Sample for each of thousands of shards' windows cost seconds
+    values = window.values("storage_percent") if window is not None else []
+    return next((v for v in reversed(values) if v is not None), None)
 
 
 def storage_by_server(observation: Observation) -> dict[str, float]:
@@ -343,9 +342,11 @@ def merge_action(db: DesiredDatabase, shards: list[CatalogShard], observation: O
     joint = KeyRange(shards[0].lo, shards[-1].hi)
     # the target lives where the larger source is (less data moves); sources within 10% of the
     # largest count as equal (moving either costs about the same), and among them the server
-    # holding fewer of the database's shards, then the less loaded one, wins; a server that
-    # cannot take a move's target only when none of the sources' can
-    able = set(capable_targets([s.server for s in shards], observation)[0])
+    # holding fewer of the database's shards, then the less loaded one, wins. Only a server of
+    # the declared placement that can take a move's target: a source left on another server
+    # (one being drained, one of another major version) never draws the target there
+    placement = list(db.spec.placement)
+    able = set(capable_targets([s.server for s in shards if s.server in placement], observation)[0])
     candidates = [s for s in shards if s.server in able] or shards
     size = {s.address: _latest_storage(observation, s.address) or 0.0 for s in candidates}
     largest = max(size.values())
@@ -353,8 +354,8 @@ def merge_action(db: DesiredDatabase, shards: list[CatalogShard], observation: O
     held = held or {}
     home = min(similar, key=lambda s: (held.get(s.server, 0), storage.get(s.server, 0.0),
                                        s.server != shards[0].server)).server
-    if home not in able:  # elsewhere in the placement, then
-        home = next(iter(capable_targets(db.spec.placement, observation)[0]), home)
+    if home not in able:  # elsewhere in the placement, then (the callers hold a merge none of it can take)
+        home = next(iter(capable_targets(placement, observation)[0]), placement[0])
     return MergeShards(
         database=db.name, sources=tuple(_spec(s) for s in shards),
         target=ShardSpec(name=joint.name, lo=joint.lo, hi=joint.hi, server=home, dbname=physical_name(db.name, joint)),

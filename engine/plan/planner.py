@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from deepdiff import DeepDiff
 from pydantic import ValidationError
 
 import engine
@@ -24,7 +23,7 @@ from engine.keyspace import even_ranges, physical_name
 from engine.observe import replication
 from engine.observe.models import CatalogDatabase, Observation
 from engine.observe.replica_links import broken_text, replica_links
-from engine.plan import checks, identity, rightsizing
+from engine.plan import budget, checks, identity, rightsizing
 from engine.plan.forecast import forecast_actions
 from engine.plan.load import load_actions
 from engine.plan.models import (
@@ -159,7 +158,9 @@ def plan(desired: Desired, observation: Observation, requests: Requests | None =
     _plan_load(p, busy)
     _plan_rebalance(p)
     _replicas_and_moves(p)
+    _within_budgets(p)
     _observe_fleet_drift(p)
+    p.warnings.extend(observation.inventory_notes)  # shards that could not be looked into, and why
     p.warnings.extend(_unknown_metrics(desired, observation))
     p.warnings.extend(a.describe() for a in rightsizing.fleet_advice(desired, observation))
     p.problems.extend(_unreachable_targets(desired, observation, p.actions))
@@ -628,6 +629,30 @@ def _replicas_and_moves(p: _Planning) -> None:
             p.warnings.append(
                 f"{action.address}: the replica waits for this plan's {move.kind.replace('_', ' ')} of"
                 f" {move.address}: it is made from the shards that are active then (apply again after it)")
+
+
+def _within_budgets(p: _Planning) -> None:
+    """Moves and replica links queued within what each server's replication settings allow
+    (engine/plan/budget.py): one that never could is refused, naming the setting and the number it
+    needs; one that could once others' links are gone waits for a later plan, said so. An
+    embedded server whose settings the declared fleet has outgrown is named, with the restart
+    that raises them."""
+    embedded = frozenset(n for n, s in p.desired.servers.items() if s.embedded)
+    admission = budget.admit(p.actions, p.observation, embedded)
+    p.actions[:] = admission.kept
+    p.warnings.extend(admission.waiting)
+    for server, message in admission.problems:
+        p.problems.append(Diagnostic(p.desired.where("servers", server) or Location(p.desired.files[0]), message,
+                                     "`shardctl doctor` compares every server's replication settings with what the"
+                                     " fleet needs"))
+    for name in sorted(embedded):
+        live = p.observation.servers.get(name)
+        caps = live.capabilities if live is not None else None
+        pending = sorted(set(caps.pending_restart) & set(budget.EMBEDDED_SETTINGS)) if caps is not None else []
+        if pending:
+            p.warnings.append(f"server.{name}: {', '.join(pending)} {'were' if len(pending) > 1 else 'was'} raised for"
+                              " the declared fleet and take effect when it restarts (`shardctl down`, then"
+                              " `shardctl up`)")
 
 
 def _unfollowable(action, replicas: list, servers: dict) -> str | None:
@@ -1268,6 +1293,8 @@ def _resume_create(db: DesiredDatabase, recorded: CatalogDatabase) -> CreateData
 def _changes(before: DatabaseSettings, after: DatabaseSettings) -> tuple[AttributeChange, ...]:
     if before == after:
         return ()
+    from deepdiff import DeepDiff  # a plan of no change never needs it: imported when settings changed
+
     diff = DeepDiff(before.model_dump(mode="json"), after.model_dump(mode="json"), ignore_order=False,
                     verbose_level=2)
     out: list[AttributeChange] = []
@@ -1294,6 +1321,8 @@ def _dotted(path: str) -> str:
 
 
 def _schema_diff(recorded: dict[str, Any], live: dict[str, Any]) -> tuple[str, ...]:
+    from deepdiff import DeepDiff
+
     diff = DeepDiff(recorded, live, verbose_level=2)
     lines = []
     for kind, entries in diff.items():

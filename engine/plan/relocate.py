@@ -92,9 +92,9 @@ def rebalance(db: DesiredDatabase, recorded: CatalogDatabase, observation: Obser
         live = observation.shards.get(shard.address)
         if live is None or not live.exists:
             return [], []  # not inspected (planning from a recording), or dropped (drift recreates it first)
-        if live.holding is None or live.holding.size_bytes is None:
+        if live.size is None:
             return [], [f"database.{db.name}: rebalancing waits: the size of {shard.address} could not be read"]
-        sizes[shard.address] = live.holding.size_bytes
+        sizes[shard.address] = live.size
     declared = {s: capacity.get(s) for s in placement}
     weights = {s: float(c or 1.0) for s, c in declared.items()} if all(declared.values()) else dict.fromkeys(
         placement, 1.0)

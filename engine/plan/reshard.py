@@ -169,7 +169,7 @@ def _merges_to(db: DesiredDatabase, shards: list[CatalogShard], wanted: int, obs
         address = f"shard.{group[0].address}"
         waiting = _waiting(db, observation, [KeyRange(group[0].lo, group[-1].hi)], address, text)
         blocked = (preconditions(db, group, observation)
-                   or capable_targets([*(s.server for s in group), *db.spec.placement], observation)[1])
+                   or capable_targets(db.spec.placement, observation)[1])
         if waiting is not None or blocked:
             waits.append(waiting or Waiting(address=address, reason=f"{text}, and they cannot be merged: {blocked}"))
             continue
@@ -241,7 +241,7 @@ def manual_actions(desired: Desired, observation: Observation,
         for shard in group:
             claim(shard, request)
         blocked = (preconditions(db, group, observation)
-                   or capable_targets([*(s.server for s in group), *db.spec.placement], observation)[1]
+                   or capable_targets(db.spec.placement, observation)[1]
                    or name_taken(db, observation, [KeyRange(group[0].lo, group[-1].hi)]))
         if blocked:
             raise UserError(f"`{request}`: {' + '.join(s.address for s in group)} cannot be merged: {blocked}")

@@ -15,6 +15,7 @@ so two pieces of advice never count on each other's room.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict
@@ -91,7 +92,7 @@ def _time(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def server_load(shards: list[CatalogShard], metrics: dict[str, tuple[Sample, ...]],
+def server_load(shards: list[CatalogShard], metrics: Mapping[str, Sequence[Sample]],
                 metric_names: list[str]) -> dict[datetime, dict[str, float]]:
     """Per instant, each metric summed over the server's shards; an instant where some shard's
     value is unknown (or missing) is left out for that metric. Sums and counts as it goes: a
@@ -126,7 +127,7 @@ def _peaks(series: dict[datetime, dict[str, float]], metric_names: list[str]) ->
     return {m: max(t[m] for t in full) for m in metric_names}
 
 
-def _shard_peaks(shard: CatalogShard, metrics: dict[str, tuple[Sample, ...]], names: list[str]) -> dict[str, float]:
+def _shard_peaks(shard: CatalogShard, metrics: Mapping[str, Sequence[Sample]], names: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for metric in names:
         values = [v for s in metrics.get(shard.address, ()) if (v := s.value(metric)) is not None]
@@ -213,7 +214,7 @@ def _layout(observation: Observation) -> tuple[dict[str, list[CatalogShard]], di
     return shards_by_server, placement
 
 
-def _may_span(window: tuple[Sample, ...], over: float) -> bool:
+def _may_span(window: Sequence[Sample], over: float) -> bool:
     return len(window) > 1 and (window[-1].at - window[0].at).total_seconds() + (window[0].interval_s or 0.0) >= over
 
 

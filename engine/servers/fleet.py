@@ -11,7 +11,7 @@ from psycopg import errors, sql
 
 from engine.config.loader import Desired
 from engine.errors import UserError
-from engine.servers import adoption
+from engine.servers import adoption, embedded
 from engine.servers.connect import ServerHandle, handles
 from engine.servers.embedded import EmbeddedServer
 
@@ -40,17 +40,38 @@ class Fleet:
         return (server, dbname) == (self.desired.catalog_server, self.desired.catalog_database)
 
     def start_embedded(self, say: Callable[[str], None] = lambda _: None) -> list[str]:
-        """Start declared embedded servers that are not running; a local runtime concern, not a
-        change to the fleet, so plan may do it too."""
+        """Start declared embedded servers that are not running, configured for the replication
+        the declared fleet needs (engine/plan/budget.py); a local runtime concern, not a change
+        to the fleet, so plan may do it too. A running server whose settings fall short has them
+        written for its next start, and is named with what a restart would raise."""
         started = []
+        needs = None
         for name, handle in sorted(self.servers.items()):
             server = handle.embedded
-            if server is not None and not server.running_pid():
+            if server is None:
+                continue
+            if needs is None:
+                from engine.plan import budget
+
+                needs = budget.fleet_needs(self.desired)
+            settings = _replication_settings(needs[name], server.major())
+            if not server.running_pid():
                 say(f"Starting embedded server {name}...")
-                server.start(say, adopting=self.adopting)
+                server.start(say, settings, adopting=self.adopting)
                 started.append(name)
-            elif server is not None:
-                server.close_to_others(say)  # one an older version started: owner-only at once
+                continue
+            server.close_to_others(say)  # one an older version started: owner-only at once
+            if server.initialized() and server.configure(settings):
+                with contextlib.suppress(psycopg.Error), handle.connect() as conn:
+                    running = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                                                (sorted(settings),)).fetchall())
+                    raised = [f"{k} {running[k]} -> {v}" for k, v in sorted(settings.items())
+                              if k in running and int(running[k]) < v]
+                    if raised:
+                        conn.execute("SELECT pg_reload_conf()")  # marks them pending_restart
+                        say(f"Server {name}: the declared fleet needs more replication than it runs with"
+                            f" ({', '.join(raised)}); written to its settings, they take effect when it"
+                            " restarts (`shardctl down`, then `shardctl up`)")
         return started
 
     def undeclared_embedded(self) -> list[EmbeddedServer]:
@@ -80,3 +101,10 @@ class Fleet:
             # it belongs to this directory, and records how each server is reached now (adoption.py)
             adoption.settle(self, conn, adopt=self.adopting)
             yield conn
+
+
+def _replication_settings(need, major: int) -> dict[str, int]:
+    from engine.plan import budget
+
+    floors = {k: int(v) for k, v in embedded.SETTINGS.items() if k in budget.EMBEDDED_SETTINGS}
+    return budget.embedded_settings(need, major, floors)

@@ -626,7 +626,7 @@ def _with_unknown(observation: Observation, unknown: dict[str, Sample]) -> Obser
     for address, sample in unknown.items():
         stored = window.get(address)
         if stored is not None and (not stored or stored[-1].at < sample.at):
-            window[address] = (*stored, sample)
+            window[address] = stored.appended(sample)
     return observation.model_copy(update={"metrics": window})
 
 

@@ -1,6 +1,7 @@
 """The `postgres` collector: every shard of a server from one connection, a few queries.
 
-Tier 1 (every round): pg_stat_database joined with pg_stat_activity. Tier 2 (every round, when
+Tier 1 (every round): pg_stat_database joined with pg_stat_activity (a plan's own inspection
+sessions, `shardctl-inventory`, left out of the connections: engine.observe.observer). Tier 2 (every round, when
 the extension is loaded): pg_stat_statements grouped by database. Tier 3 (full rounds only):
 pg_database_size and pg_buffercache. The queries are the ones measured in
 shared/METRICS-BRANCH-NOTES.md; they run unchanged as a member of pg_monitor.
@@ -23,7 +24,8 @@ SELECT d.datname, s.xact_commit + s.xact_rollback AS xacts, s.active_time AS act
        coalesce(a.conns, 0) AS conns
 FROM pg_database d JOIN pg_stat_database s ON s.datid = d.oid
 LEFT JOIN (SELECT datid, count(*) AS conns
-           FROM pg_stat_activity WHERE backend_type = 'client backend' GROUP BY datid) a
+           FROM pg_stat_activity WHERE backend_type = 'client backend'
+             AND application_name IS DISTINCT FROM 'shardctl-inventory' GROUP BY datid) a
        ON a.datid = d.oid
 WHERE d.datname = ANY(%s)
 """

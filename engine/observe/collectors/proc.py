@@ -20,6 +20,7 @@ from engine.servers.connect import ServerHandle
 PIDS = """
 SELECT datname, pid FROM pg_stat_activity
 WHERE backend_type = 'client backend' AND datname = ANY(%s) AND pid <> pg_backend_pid()
+  AND application_name IS DISTINCT FROM 'shardctl-inventory'
 """
 
 
