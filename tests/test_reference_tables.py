@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 
+from engine.actions.reference import link_name
 from engine.client import ShardClient
+from engine.plan.models import ShardSpec
 from engine.servers.embedded import EmbeddedServer
-from movers import Writer, active_shards, all_rows, hot_file, preload
+from movers import Writer, active_shards, all_rows, floor_below_shards, hot_file, preload
 
 COUNTRIES = "CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);\n"
 
@@ -151,3 +153,82 @@ def test_a_reference_table_stays_identical_on_every_shard_through_a_split_under_
     assert all(s.startswith("shardctl_ref_") for s in slots) and len(slots) == 6  # 5 active + the retired source
     with fleet.connect("b") as conn:
         assert conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall() == []
+
+
+BRANCHES = """
+branches:
+  mirror:
+    from: orders
+    data: replica
+    server: b
+  dev:
+    from: orders
+    data: full
+    server: b
+"""
+
+
+def _replica_matches_the_source(fleet, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _countries(fleet, "b", "branch_mirror") != _countries(fleet, "a", "orders_reference"):
+        assert time.monotonic() < deadline, "the replica's countries differ from the source's"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_reference_table_through_a_schema_step_branches_a_merge_and_the_retired_shards_drop(fleet):
+    _declare(fleet)
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    catalog = _catalog_params(fleet)
+    with ShardClient(catalog, "orders") as client:
+        client.reference(lambda c: c.execute("INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan')"))
+    # a schema step that changes the reference table reaches the source and every copy
+    fleet.write("schema/003_region.sql", "ALTER TABLE countries ADD COLUMN region text;\n")
+    text = fleet.read("fleet.yaml").replace("schema/002_countries.sql]", "schema/002_countries.sql,"
+                                            " schema/003_region.sql]")
+    fleet.write("fleet.yaml", text)
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    with ShardClient(catalog, "orders") as client:
+        client.reference(lambda c: c.execute("INSERT INTO countries VALUES ('br', 'Brazil', 'americas')"))
+    _copies_match_the_source(fleet, active_shards(fleet))
+    for _name, _lo, _hi, server, dbname in active_shards(fleet):
+        with fleet.connect(server, dbname) as conn:
+            assert conn.execute("SELECT region FROM countries WHERE code = 'br'").fetchone() == ("americas",)
+
+    # a replica follows the source for the reference table; a full branch copies it once, its own to write
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + BRANCHES)
+    made = fleet.cli("apply", "--auto-approve")
+    assert made.code == 0, made.both
+    _replica_matches_the_source(fleet)
+    assert _countries(fleet, "b", "branch_dev") == _countries(fleet, "a", "orders_reference")
+    with fleet.connect("b", "branch_dev") as conn:
+        conn.execute("INSERT INTO countries VALUES ('it', 'Italy', 'europe')")
+
+    # a merge by hand while the reference table is written (`shards: 2` keeps it)
+    floor_below_shards(fleet, 2)
+    countries = ReferenceWriter(catalog)
+    countries.start()
+    try:
+        merged = fleet.cli("apply", "--auto-approve", "-merge", "orders/-40,40-80")
+    finally:
+        countries.stop()
+    assert merged.code == 0, merged.both
+    assert "Merge complete" in merged.out and countries.errors == [] and countries.writes > 20
+    shards = active_shards(fleet)
+    assert [s[0] for s in shards] == ["-80", "80-c0", "c0-"]
+    assert len(_copies_match_the_source(fleet, shards)) > 10
+    with ShardClient(catalog, "orders") as client:
+        client.reference(lambda c: c.execute("UPDATE countries SET name = 'République française' WHERE code = 'fr'"))
+    _copies_match_the_source(fleet, shards)
+    _replica_matches_the_source(fleet)
+
+    # the retired shards dropped: their links to the source go with them
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + "policies:\n  default:\n    autosplit: {retire_after: 0s}\n")
+    dropped = fleet.cli("apply", "--auto-approve")
+    assert dropped.code == 0 and "orders_min_40" not in fleet.databases("a"), dropped.both
+    with fleet.connect("a") as conn:
+        slots = sorted(r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots"
+                                                  " WHERE slot_name LIKE 'shardctl_ref_%%'"))
+    assert slots == sorted(link_name(ShardSpec(name=s[0], lo=s[1], hi=s[2], server=s[3], dbname=s[4]))
+                           for s in shards)
+    assert fleet.cli("plan", "--detailed-exitcode").code == 0

@@ -146,9 +146,14 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     if action.data == "replica":
         names = []
+        with op.step(f"link {action.branch} reference"):
+            name = replica.reference_link(ctx, action.branch, target, action.database, tables)
+        if name is not None:
+            names.append(name)  # the reference tables follow their source, not the first shard
         for index, shard in enumerate(action.shards):
             with op.step(f"link {action.branch} {shard.name}", dbname=shard.dbname):
-                names.append(replica.attach(ctx, action.branch, target, shard, tables, first=index == 0))
+                names.append(replica.attach(ctx, action.branch, target, shard, tables,
+                                            first=index == 0 and name is None))
         with op.step(f"sync {action.branch}"):
             replica.wait_synced(ctx, target, names, ctx.say)
             with ctx.fleet.servers[target.server].connect() as conn:

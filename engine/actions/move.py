@@ -858,7 +858,7 @@ class Move:
         for branch, copy in replica.followers(self.ctx, self.database):
             with self.step(f"follow {branch}", replica=copy.dbname):
                 for target in self.targets:
-                    replica.follow(self.ctx, branch, copy, target, self.key_column)
+                    replica.follow(self.ctx, branch, copy, target, self.key_column, self.database)
 
     def hand_over(self) -> None:
         """After the flip: each replica leaves the retired sources for the targets."""
