@@ -62,3 +62,21 @@ def test_a_reference_declaration_replication_could_not_keep_is_refused(tmp_path,
     assert result.code == 1, result.both
     assert result.err.startswith(expected), result.err
     assert "Traceback" not in result.both
+
+
+def test_a_reference_link_of_no_shard_the_catalog_knows_is_an_orphan():
+    from engine.observe.models import CatalogDatabase, CatalogShard, CatalogState, LiveServer, ReplicationObject
+    from engine.observe.replication import orphans, reference_link
+
+    shard = CatalogShard(database="orders", name="-80", lo=None, hi=0, server="b", dbname="orders_min_80",
+                         state="active")
+    database = CatalogDatabase(name="orders", key_column="customer_id", key_type="bigint", protect=False,
+                               policy_name="default", policy={}, placement=("a", "b"), state="active",
+                               schema_steps=(), shards=(shard,), reference_tables=("public.countries",))
+    kept, gone = reference_link("b", "orders_min_80"), reference_link("b", "orders_min_40")
+    slots = tuple(ReplicationObject(kind="slot", name=n, database="orders_reference", active=False)
+                  for n in (kept, gone))
+    found = orphans(CatalogState(exists=True, databases={"orders": database}),
+                    {"a": LiveServer(name="a", reachable=True, replication=slots)})
+    assert [(o.object.name, o.why) for o in found] == [
+        (gone, "a shard's link to its reference tables' source, and no shard in the catalog owns it")]

@@ -26,7 +26,6 @@ Every function is safe to run again: it looks at what exists before it acts.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
 
@@ -40,12 +39,12 @@ from engine.catalog import store
 from engine.config.names import reference_dbname
 from engine.config.sqlcheck import qualified
 from engine.errors import UserError
+from engine.observe.replication import reference_link
 from engine.plan.models import ShardSpec, StepSpec
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
 
 PUBLICATION = "shardctl_ref"
-LINK_PREFIX = "shardctl_ref_"
 COPY_TRIGGER = "shardctl_reference"  # on a shard's copy of a reference table
 SHARDED_TRIGGER = "shardctl_sharded"  # on the source's (empty) sharded tables
 SYNC_TIMEOUT = 600.0  # seconds the initial copy of the reference tables may take before we say so
@@ -62,9 +61,8 @@ GUARDED = f"""EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.t
 
 
 def link_name(shard: ShardSpec) -> str:
-    """The subscription on a shard and its slot on the source's server: unique in the fleet (a
-    relocated shard's two copies share a database name on two servers)."""
-    return LINK_PREFIX + hashlib.sha256(f"{shard.server}/{shard.dbname}".encode()).hexdigest()[:10]
+    """The subscription on a shard and its slot on the source's server."""
+    return reference_link(shard.server, shard.dbname)
 
 
 def source_of(ctx: ApplyContext, database: str) -> ShardSpec | None:
