@@ -176,7 +176,7 @@ def _replica_matches_the_source(fleet, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.slow
-def test_a_reference_table_through_a_schema_step_branches_a_merge_and_the_retired_shards_drop(fleet):
+def test_a_reference_table_through_a_schema_step_branches_a_merge_a_drop_and_moves(fleet):
     _declare(fleet)
     assert fleet.cli("apply", "--auto-approve").code == 0
     catalog = _catalog_params(fleet)
@@ -232,3 +232,13 @@ def test_a_reference_table_through_a_schema_step_branches_a_merge_and_the_retire
     assert slots == sorted(link_name(ShardSpec(name=s[0], lo=s[1], hi=s[2], server=s[3], dbname=s[4]))
                            for s in shards)
     assert fleet.cli("plan", "--detailed-exitcode").code == 0
+
+    # shards moved to another server (placement changed) get their copy before they take over
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("placement: [a, b]", "placement: [b]"))
+    moved = fleet.cli("apply", "--auto-approve")
+    assert moved.code == 0, moved.both
+    shards = active_shards(fleet)
+    assert {s[3] for s in shards} == {"b"}
+    with ShardClient(catalog, "orders") as client:
+        client.reference(lambda c: c.execute("DELETE FROM countries WHERE code = 'jp'"))
+    assert ("jp", "Japan", None) not in _copies_match_the_source(fleet, shards)
