@@ -4,6 +4,7 @@ writer changes sharded rows, and carried through a split: every shard's copy, th
 included, is the source's, and the sharded rows are exact."""
 
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -242,3 +243,30 @@ def test_a_reference_table_through_a_schema_step_branches_a_merge_a_drop_and_mov
     with ShardClient(catalog, "orders") as client:
         client.reference(lambda c: c.execute("DELETE FROM countries WHERE code = 'jp'"))
     assert ("jp", "Japan", None) not in _copies_match_the_source(fleet, shards)
+
+
+@pytest.mark.slow
+def test_a_reference_table_declared_later_is_copied_everywhere_and_one_dropped_leaves_nothing(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    _declare(fleet)
+    plan = fleet.cli("plan")
+    assert "~ reference_tables" in plan.out and "002_countries" in plan.out, plan.out
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    with ShardClient(_catalog_params(fleet), "orders") as client:
+        client.reference(lambda c: c.execute("INSERT INTO countries VALUES ('fr', 'France')"))
+    assert _copies_match_the_source(fleet, active_shards(fleet)) == [("fr", "France")]
+    assert fleet.cli("plan", "--detailed-exitcode").code == 0
+
+    # dropped by a schema step and no longer declared: the source and every link go
+    fleet.write("schema/003_drop.sql", "DROP TABLE countries;\n")
+    text = fleet.read("fleet.yaml").replace("schema/002_countries.sql]", "schema/002_countries.sql,"
+                                            " schema/003_drop.sql]")
+    fleet.write("fleet.yaml", re.sub(r"\n    reference_tables: \[countries\][^\n]*", "", text))
+    dropped = fleet.cli("apply", "--auto-approve")
+    assert dropped.code == 0, dropped.both
+    assert "orders_reference" not in fleet.databases("a")
+    for server in ("a", "b"):
+        with fleet.connect(server) as conn:
+            assert conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall() == []
+            assert conn.execute("SELECT subname FROM pg_subscription").fetchall() == []
+    assert fleet.cli("plan", "--detailed-exitcode").code == 0

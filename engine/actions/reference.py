@@ -127,19 +127,20 @@ def ensure_source(ctx: ApplyContext, database: str, tables: tuple[str, ...],
     apply_steps(ctx, source, steps)
     with ctx.fleet.servers[source.server].connect(source.dbname) as conn:
         present = [r[0] for r in conn.execute(USER_TABLES)]
-        missing = sorted(set(tables) - set(present))
-        if missing:
-            raise UserError(f"reference table {missing[0]} of {database} does not exist after its schema steps",
-                            "create it in a schema step, or remove it from reference_tables")
         conn.execute(_guard_function(
             "sharded_table", f"% is sharded: write its rows through the shards (ShardClient), not into"
                              f" {source.dbname}, which holds the reference tables of {database}"))
         _set_triggers(conn, SHARDED_TRIGGER, "sharded_table", [t for t in present if t not in tables])
-        members = sql.SQL(", ").join(_split(t) for t in tables)
-        if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)).fetchone():
-            conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(PUBLICATION), members))
-        else:
-            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(PUBLICATION), members))
+        # validate makes sure the steps create every declared table; one a newer step dropped (its
+        # declaration goes in the same plan, by a settings change after the steps) left the
+        # publication with it
+        published = [t for t in tables if t in present]
+        exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)).fetchone()
+        if published:
+            members = sql.SQL(", ").join(_split(t) for t in published)
+            conn.execute(sql.SQL("{} PUBLICATION {} {} TABLE {}").format(
+                sql.SQL("ALTER" if exists else "CREATE"), sql.Identifier(PUBLICATION),
+                sql.SQL("SET" if exists else "FOR"), members))
     return source
 
 
