@@ -4,7 +4,6 @@ out), and refuses a declaration that could not be kept by replication (no such t
 key, a table that carries the shard key), each at its line."""
 
 import pytest
-
 from conftest import run_cli
 
 FLEET = """\

@@ -3,6 +3,7 @@
 writer changes sharded rows, and carried through a split: every shard's copy, the new ones
 included, is the source's, and the sharded rows are exact."""
 
+import json
 import random
 import re
 import threading
@@ -11,12 +12,13 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pytest
+from movers import Writer, active_shards, all_rows, floor_below_shards, hot_file, preload
 
 from engine.actions.reference import link_name
+from engine.catalog.journal import FAILPOINT_ENV
 from engine.client import ShardClient
 from engine.plan.models import ShardSpec
 from engine.servers.embedded import EmbeddedServer
-from movers import Writer, active_shards, all_rows, floor_below_shards, hot_file, preload
 
 COUNTRIES = "CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);\n"
 
@@ -107,16 +109,16 @@ def test_a_reference_table_stays_identical_on_every_shard_through_a_split_under_
     assert _copies_match_the_source(fleet, shards) == [("fr", "France"), ("jp", "Japan")]
 
     # every copy is the source's: a write on a shard is refused, as is a sharded row in the source
-    name, lo, hi, server, dbname = shards[0]
+    server, dbname = shards[0][3:]
     with fleet.connect(server, dbname) as conn:
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="public.countries is a reference table:"
-                           " write it in orders_reference on server a"):
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match=re.escape(
+                "public.countries is a reference table: write it in orders_reference on server a")):
             conn.execute("INSERT INTO countries VALUES ('de', 'Germany')")
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="reference table"):
             conn.execute("TRUNCATE countries")
-    with fleet.connect("a", "orders_reference") as conn:
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="public.customers is sharded"):
-            conn.execute("INSERT INTO customers (customer_id, name) VALUES (1, 'x')")
+    with fleet.connect("a", "orders_reference") as conn, \
+            pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match=re.escape("public.customers is sharded")):
+        conn.execute("INSERT INTO customers (customer_id, name) VALUES (1, 'x')")
     assert fleet.cli("plan", "--detailed-exitcode").code == 0  # the fleet matches: nothing pending
 
     # a split under a writer of sharded rows and a writer of the reference table
@@ -146,9 +148,9 @@ def test_a_reference_table_stays_identical_on_every_shard_through_a_split_under_
     copy = _copies_match_the_source(fleet, shards)
     assert len(copy) >= 10
     # the new shards' copies are guarded too, and the move left only the reference links behind
-    with fleet.connect(shards[1][3], shards[1][4]) as conn:
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="reference table"):
-            conn.execute("DELETE FROM countries")
+    with fleet.connect(shards[1][3], shards[1][4]) as conn, \
+            pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="reference table"):
+        conn.execute("DELETE FROM countries")
     with fleet.connect("a") as conn:
         slots = {r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots")}
     assert all(s.startswith("shardctl_ref_") for s in slots) and len(slots) == 6  # 5 active + the retired source
@@ -227,11 +229,7 @@ def test_a_reference_table_through_a_schema_step_branches_a_merge_a_drop_and_mov
     fleet.write("fleet.yaml", fleet.read("fleet.yaml") + "policies:\n  default:\n    autosplit: {retire_after: 0s}\n")
     dropped = fleet.cli("apply", "--auto-approve")
     assert dropped.code == 0 and "orders_min_40" not in fleet.databases("a"), dropped.both
-    with fleet.connect("a") as conn:
-        slots = sorted(r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots"
-                                                  " WHERE slot_name LIKE 'shardctl_ref_%%'"))
-    assert slots == sorted(link_name(ShardSpec(name=s[0], lo=s[1], hi=s[2], server=s[3], dbname=s[4]))
-                           for s in shards)
+    assert _reference_slots(fleet) == _links_of(shards)
     assert fleet.cli("plan", "--detailed-exitcode").code == 0
 
     # shards moved to another server (placement changed) get their copy before they take over
@@ -270,3 +268,40 @@ def test_a_reference_table_declared_later_is_copied_everywhere_and_one_dropped_l
             assert conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall() == []
             assert conn.execute("SELECT subname FROM pg_subscription").fetchall() == []
     assert fleet.cli("plan", "--detailed-exitcode").code == 0
+
+
+def _reference_slots(fleet) -> list[str]:
+    with fleet.connect("a") as conn:
+        return sorted(r[0] for r in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'shardctl_ref_%%'"))
+
+
+def _links_of(shards) -> list[str]:
+    return sorted(link_name(ShardSpec(name=s[0], lo=s[1], hi=s[2], server=s[3], dbname=s[4])) for s in shards)
+
+
+@pytest.mark.slow
+def test_a_split_killed_after_its_targets_got_their_copy_aborts_without_leaving_their_links(fleet):
+    _declare(fleet)
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    with ShardClient(_catalog_params(fleet), "orders") as client:
+        client.reference(lambda c: c.execute("INSERT INTO countries VALUES ('fr', 'France')"))
+    preload(fleet, customers=2000)
+    hot_file(fleet.base / "hot.json")
+    before = active_shards(fleet)
+    killed = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json",
+                       env={FAILPOINT_ENV: "split orders/40-80: publish"})
+    assert killed.code == -9, killed.both
+    assert len(_reference_slots(fleet)) == 6  # the 4 shards' and the 2 targets'
+    (op,) = json.loads(fleet.cli("status", "--json").out)["interrupted"]
+    aborted = fleet.cli("abort", str(op["id"]))
+    assert aborted.code == 0, aborted.both
+    assert _reference_slots(fleet) == _links_of(before)
+    # killed at the same point again, the rerun resumes and finishes with every copy the source's
+    assert fleet.cli("apply", "--auto-approve", "--metrics", "hot.json",
+                     env={FAILPOINT_ENV: "split orders/40-80: publish"}).code == -9
+    resumed = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json")
+    assert resumed.code == 0 and "Split complete" in resumed.out, resumed.both
+    shards = active_shards(fleet)
+    assert _copies_match_the_source(fleet, shards) == [("fr", "France")]
+    assert set(_links_of(shards)) <= set(_reference_slots(fleet))
