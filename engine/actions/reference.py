@@ -33,7 +33,7 @@ import psycopg
 from psycopg import sql
 
 from engine.actions.base import ApplyContext, apply_steps, drop_database, ensure_database
-from engine.actions.replica import drop_slot, drop_subscription
+from engine.actions.replica import drop_slot, drop_subscription, reference_source
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
 from engine.config.names import reference_dbname
@@ -67,10 +67,7 @@ def link_name(shard: ShardSpec) -> str:
 
 def source_of(ctx: ApplyContext, database: str) -> ShardSpec | None:
     """The database's reference source as the catalog records it, or None when it has none."""
-    recorded = store.reference_of(ctx.catalog, database)
-    if recorded is None:
-        return None
-    return ShardSpec(name="reference", lo=None, hi=None, server=recorded[1], dbname=recorded[2])
+    return reference_source(ctx, database)
 
 
 def tables_of(ctx: ApplyContext, database: str) -> tuple[str, ...]:
