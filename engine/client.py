@@ -11,6 +11,11 @@ raised by shardctl's fence during a split or merge) or a shard that is gone make
 re-read the map and retry on the new owner, until `retry_timeout`. While it waits it connects to
 the shard that will own the key and listens for the catalog's notification of the flip, so the
 first write after the cutover costs neither a poll interval nor a connection's setup.
+
+Reference tables (declared in `reference_tables:`) are written in the database's reference
+source, whatever shard is concerned, and read on any shard:
+
+    client.reference(lambda conn: conn.execute("INSERT INTO countries VALUES ('fr', 'France')"))
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ class ShardClient:
         self.shards: list[Shard] = []
         self._starts: list[int] = []
         self.upcoming: list[Shard] = []  # shards a move is filling: they own their range after its flip
+        self.reference_source: Shard | None = None  # where the reference tables are written
         self._servers: dict[str, dict[str, Any]] = {}
         self.retries = 0
         self._catalog_conn: psycopg.Connection | None = None
@@ -126,11 +132,13 @@ class ShardClient:
 
     def _refresh(self, conn: psycopg.Connection) -> None:
         self.epoch = one(conn.execute("SELECT epoch FROM shardctl.state"))[0]
-        row = conn.execute("SELECT key_type FROM shardctl.databases WHERE name = %s AND state = 'active'",
-                           (self.database,)).fetchone()
+        # the reference column is read by name from the row's JSON: a catalog older than it has none
+        row = conn.execute("SELECT key_type, to_jsonb(d) -> 'reference' FROM shardctl.databases d"
+                           " WHERE name = %s AND state = 'active'", (self.database,)).fetchone()
         if row is None:
             raise LookupError(f"no active sharded database {self.database!r} in the catalog")
         self.key_type = row[0]
+        self.reference_source = Shard("reference", None, None, row[1]["server"], row[1]["dbname"]) if row[1] else None
         shards = [(r[0], Shard(*r[1:])) for r in conn.execute(
             "SELECT state, name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s"
             " AND state IN ('active', 'moving') ORDER BY lo NULLS FIRST", (self.database,))]
@@ -186,6 +194,17 @@ class ShardClient:
                     self._warm(key)
                     self._wait_for_routing(min(0.05, max(0.0, deadline - time.monotonic())))
                     self.refresh()  # the new owner at once, not after another refusal by the old one
+
+    def reference(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run `work(conn)` in one transaction on the reference source, where the database's
+        reference tables are written; every shard receives the change by replication."""
+        if self.reference_source is None:
+            self.refresh()
+        if self.reference_source is None:
+            raise LookupError(f"database {self.database!r} declares no reference_tables")
+        conn = self._connection(self.reference_source)
+        with conn.transaction():
+            return work(conn)
 
     def _warm(self, key: Any) -> None:
         """Connect now to the shard that is about to own `key`, so that the first write after the

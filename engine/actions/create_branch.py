@@ -147,9 +147,14 @@ def _fill(ctx: ApplyContext, op: Operation, action: CreateBranch | ResetBranch, 
             size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     if action.data == "replica":
         names = []
+        with op.step(f"link {action.branch} reference"):
+            name = replica.reference_link(ctx, action.branch, target, action.database, tables)
+        if name is not None:
+            names.append(name)  # the reference tables follow their source, not the first shard
         for index, shard in enumerate(action.shards):
             with op.step(f"link {action.branch} {shard.name}", dbname=shard.dbname):
-                names.append(replica.attach(ctx, action.branch, target, shard, tables, first=index == 0))
+                names.append(replica.attach(ctx, action.branch, target, shard, tables,
+                                            first=index == 0 and name is None))
         with op.step(f"sync {action.branch}"):
             replica.wait_synced(ctx, target, names, ctx.say)
             with ctx.fleet.servers[target.server].connect() as conn:
@@ -266,6 +271,9 @@ def _post_data(ctx: ApplyContext, target: ShardSpec, text: str) -> None:
     header = text[:starts[0]]
     entries = [(m.group("type"), text[m.start():end]) for m, end in zip(_TOC.finditer(text), [*starts[1:], len(text)],
                                                                         strict=True)]
+    # the triggers that guard a shard's copy of a reference table call shardctl's own functions,
+    # which the dump leaves out: the branch's copy is its own to write
+    entries = [(kind, body) for kind, body in entries if not (kind == "TRIGGER" and "_shardctl." in body)]
     indexes = [body for kind, body in entries if kind in ("CONSTRAINT", "INDEX")]
     rest = [body for kind, body in entries if kind not in ("CONSTRAINT", "INDEX")]
     setting = f"SET maintenance_work_mem = '{INDEX_MEMORY}';\n"

@@ -1,8 +1,11 @@
 """Create a sharded database: catalog rows first (state 'creating'), then each shard database
-and its schema, then the database turns 'active' and starts to route."""
+and its schema, then its reference source and every shard's copy of the reference tables (when
+it declares any: engine/actions/reference.py), then the database turns 'active' and starts to
+route."""
 
 from __future__ import annotations
 
+from engine.actions import reference
 from engine.actions.base import ApplyContext, Timer, apply_steps, ensure_database, record_schema
 from engine.catalog import store
 from engine.plan.models import CreateDatabase
@@ -30,6 +33,7 @@ def execute(action: CreateDatabase, ctx: ApplyContext) -> None:
             apply_steps(ctx, shard, action.steps)
             record_schema(ctx, action.database, shard)
         ctx.say(f"{action.address}: shard {shard.name} ready on {shard.server} [{timer} elapsed]")
+    reference.reconcile(ctx, op, action.database, action.settings.reference_tables, action.steps, action.shards)
     with op.step(f"activate {action.database}"), ctx.catalog.transaction():
         store.record_steps(ctx.catalog, action.database, [(s.seq, s.name, s.sha256, s.sql) for s in action.steps])
         store.set_database_state(ctx.catalog, action.database, "active")

@@ -1,7 +1,9 @@
-"""Destroy a database: mark it 'destroying' (it stops routing), drop every shard, forget it."""
+"""Destroy a database: mark it 'destroying' (it stops routing), drop every shard and its
+reference source, forget it."""
 
 from __future__ import annotations
 
+from engine.actions import reference
 from engine.actions.base import ApplyContext, Timer, drop_database
 from engine.actions.leftovers import unlink_database
 from engine.catalog import store
@@ -19,6 +21,8 @@ def execute(action: DestroyDatabase, ctx: ApplyContext) -> None:
         with op.step(f"drop {action.database}/{shard.name}", server=shard.server, dbname=shard.dbname):
             unlink_database(ctx, shard)  # a link left into or out of it would stop the drop
             drop_database(ctx, shard)
+    with op.step(f"drop {action.database} reference source"):
+        reference.drop_source(ctx, action.database)
     with op.step(f"forget {action.database}"), ctx.catalog.transaction():
         store.delete_database(ctx.catalog, action.database)
         store.bump_serial(ctx.catalog)

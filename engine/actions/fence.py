@@ -70,6 +70,8 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from engine.actions.reference import COPY_TRIGGER
+
 GUARD_TRIGGERS = ("shardctl_fence", "shardctl_fence_truncate")
 DRAIN_LIMIT = 0.5  # seconds the armed fence waits for transactions that wrote before it, at most
 
@@ -102,10 +104,12 @@ END
 $$;
 """
 
-# every table of the shard, partitions included (a statement on a partition fires only its own)
-TABLES = """
+# every table of the shard, partitions included (a statement on a partition fires only its own),
+# but a reference table's copy: its source's replication writes it, and it is not the move's
+NOT_REFERENCE = f"NOT EXISTS (SELECT 1 FROM pg_trigger r WHERE r.tgrelid = c.oid AND r.tgname = '{COPY_TRIGGER}')"
+TABLES = f"""
 SELECT n.nspname, c.relname, c.oid::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+ WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' AND {NOT_REFERENCE}
    AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl') AND n.nspname NOT LIKE 'pg_toast%%'
  ORDER BY 1, 2
 """
@@ -123,6 +127,7 @@ def unguarded(conn: psycopg.Connection) -> list[tuple[str, str]]:
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'"
         " AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl') AND n.nspname NOT LIKE 'pg_toast%%'"
+        f" AND {NOT_REFERENCE}"
         " AND (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = ANY(%s) AND t.tgenabled = 'A'"
         "      AND t.tgfoid = '_shardctl.fence()'::regprocedure) < 2 ORDER BY 1, 2", (list(GUARD_TRIGGERS),))]
 

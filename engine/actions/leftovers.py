@@ -15,6 +15,7 @@ import re
 
 from psycopg import sql
 
+from engine.actions import reference
 from engine.actions.base import ApplyContext
 from engine.actions.replica import drop_slot, drop_subscription
 from engine.catalog import store
@@ -88,6 +89,7 @@ def unlink_database(ctx: ApplyContext, shard: ShardSpec) -> None:
     handle = ctx.fleet.servers.get(shard.server)
     if handle is None:
         return  # drop_database says so
+    reference.detach(ctx, shard)  # its copy of the reference tables: the slot is on the source's server
     with handle.connect() as conn:
         if not store.database_exists(conn, shard.dbname):
             return

@@ -12,6 +12,7 @@ import hashlib
 
 from psycopg.types.json import Jsonb
 
+from engine.actions import reference
 from engine.actions.base import ApplyContext, Timer, apply_steps, record_schema
 from engine.catalog import store
 from engine.observe import introspect
@@ -34,6 +35,10 @@ def execute(action: MergeBranchSchema, ctx: ApplyContext) -> None:
         with op.step(f"schema {action.database}/{shard.name}", server=shard.server):
             apply_steps(ctx, shard, (step,))
             record_schema(ctx, action.database, shard)
+    tables = reference.tables_of(ctx, action.database)
+    if tables:  # the reference source runs every step the shards run, after them
+        with op.step(f"schema {action.database} reference source"):
+            reference.ensure_source(ctx, action.database, tables, (step,))
     branch = one(ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s",
                                      (action.branch,)))
     with ctx.fleet.servers[branch[0]].connect(branch[1]) as conn:

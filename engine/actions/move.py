@@ -5,7 +5,9 @@ range filter (a split: one source, N filtered links; a merge: N sources, one tar
 The steps, each journaled and each safe to run again after a crash:
 
   record     targets enter the catalog as 'moving' (not routed)
-  targets    target databases created with the database's schema steps
+  targets    target databases created with the database's schema steps, and given their copy
+             of the reference tables (engine/actions/reference.py; the move itself leaves
+             reference tables out of its publications, comparison and fence)
   publish    per link: a row-filtered publication and an explicit logical slot on the source
   subscribe  per link: a subscription on the target (create_slot = false, binary, sync commit)
   guard      per source table: a statement trigger that refuses writes once the fence is armed
@@ -54,7 +56,7 @@ import psycopg
 from psycopg import errors, sql
 from pydantic import ValidationError
 
-from engine.actions import fence, replica
+from engine.actions import fence, reference, replica
 from engine.actions.base import (
     ApplyContext,
     apply_steps,
@@ -278,12 +280,13 @@ class Move:
         return self.table_cache[shard.name]
 
     def _read_tables(self, shard: ShardSpec) -> list[tuple[str, str]]:
+        """The sharded tables: a reference table's copy is the reference source's to keep."""
         with self.connect(shard) as conn:
             return [(r[0], r[1]) for r in conn.execute(
                 "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                 " WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition"
                 " AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
-                " AND n.nspname NOT LIKE 'pg_toast%%' ORDER BY 1, 2")]
+                f" AND n.nspname NOT LIKE 'pg_toast%%' AND NOT {reference.GUARDED} ORDER BY 1, 2")]
 
     def range_filter(self, target: ShardSpec) -> sql.Composable:
         h = strays.key_hash(self.key_column, self.key_type)
@@ -335,6 +338,18 @@ class Move:
                 apply_steps(self.ctx, target, steps)
                 with self.connect(target) as conn:
                     conn.execute(fence.MARKS)
+            self.attach_reference()
+
+    def attach_reference(self) -> None:
+        """Each target subscribes to the reference source and has its copy before the move's own
+        links exist (its reference tables are guarded by then: they are not the move's)."""
+        source = reference.source_of(self.ctx, self.database)
+        if source is None:
+            return
+        tables = reference.tables_of(self.ctx, self.database)
+        for target in self.targets:
+            reference.attach(self.ctx, source, target, tables)
+        reference.wait_synced(self.ctx, self.targets, self.say)
 
     def check_replica_identity(self) -> None:
         """A row filter on a column outside the replica identity breaks UPDATE and DELETE on the
@@ -342,10 +357,10 @@ class Move:
         for source in self.sources:
             with self.connect(source) as conn:
                 bad = [f"{r[0]}.{r[1]}" for r in conn.execute(
-                    """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    f"""SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                          AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')
-                         AND n.nspname NOT LIKE 'pg_toast%%' AND c.relreplident <> 'f'
+                         AND n.nspname NOT LIKE 'pg_toast%%' AND c.relreplident <> 'f' AND NOT {reference.GUARDED}
                          AND NOT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a
                                          ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
                                          WHERE i.indrelid = c.oid AND i.indisprimary AND a.attname = %s)
@@ -1012,7 +1027,7 @@ class Move:
         for branch, copy in replica.followers(self.ctx, self.database):
             with self.step(f"follow {branch}", replica=copy.dbname):
                 for target in self.targets:
-                    replica.follow(self.ctx, branch, copy, target, self.key_column)
+                    replica.follow(self.ctx, branch, copy, target, self.key_column, self.database)
 
     def hand_over(self) -> None:
         """After the flip: each replica leaves the retired sources for the targets."""
@@ -1146,6 +1161,7 @@ class Move:
         self.lift_fence()
         self.remove_guard()
         for target in self.targets:
+            reference.detach(self.ctx, target)
             drop_database(self.ctx, target)
         with self.ctx.catalog.transaction():
             for target in self.targets:

@@ -1,7 +1,9 @@
-"""Recreate a shard database that was dropped outside shardctl, empty, with its schema."""
+"""Recreate a shard database that was dropped outside shardctl, empty, with its schema and its
+copy of the reference tables."""
 
 from __future__ import annotations
 
+from engine.actions import reference
 from engine.actions.base import ApplyContext, Timer, apply_steps, ensure_database, record_schema
 from engine.catalog import store
 from engine.plan.models import RecreateShard
@@ -15,6 +17,13 @@ def execute(action: RecreateShard, ctx: ApplyContext) -> None:
         ensure_database(ctx, action.shard)
     with op.step(f"schema {action.database}/{action.shard.name}"):
         apply_steps(ctx, action.shard, action.steps)
+    source = reference.source_of(ctx, action.database)
+    if source is not None:
+        with op.step(f"reference link {action.database}/{action.shard.name}"):
+            reference.detach(ctx, action.shard)  # the dropped database's slot on the source is stale
+            reference.attach(ctx, source, action.shard, reference.tables_of(ctx, action.database))
+            reference.wait_synced(ctx, [action.shard], lambda text: ctx.say(f"{action.address}: {text}"))
+    with op.step(f"record {action.database}/{action.shard.name}"):
         record_schema(ctx, action.database, action.shard)
     with ctx.catalog.transaction():
         store.bump_serial(ctx.catalog)

@@ -1,9 +1,11 @@
 """The links of a `data: replica` branch: one read-only database holding every row of a sharded
 database, kept current by logical replication from each of its active shards.
 
-Per shard: a publication of its tables (reference tables, present in every shard, only from the
-first shard, so they are copied once), a logical slot made beforehand, and on the replica a
-subscription to it (password-free, engine/actions/subscription.py) whose initial table sync
+Per shard: a publication of its tables (declared reference tables are not among them: the
+replica subscribes to the database's reference source for those, as the shards do,
+engine/actions/reference.py; tables without the shard key of a database that declares none,
+only from the first shard, so they are copied once), a logical slot made beforehand, and on
+the replica a subscription to it (password-free, engine/actions/subscription.py) whose initial table sync
 copies the shard's rows; the shards' rows are disjoint, so the replica is their union. This
 module owns the names of those objects, making them, waiting for the initial copy, removing
 them (before the replica's database is dropped or rebuilt: a database holding subscriptions
@@ -128,7 +130,15 @@ def detach_recorded(ctx: ApplyContext, branch: str, target: ShardSpec, database:
     shards = [ShardSpec(name=r[0], lo=r[1], hi=r[2], server=r[3], dbname=r[4]) for r in ctx.catalog.execute(
         "SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s ORDER BY lo NULLS FIRST",
         (database,)).fetchall()]
-    detach(ctx, branch, target, shards)
+    source = reference_source(ctx, database)
+    detach(ctx, branch, target, shards + ([source] if source else []))
+
+
+def reference_source(ctx: ApplyContext, database: str) -> ShardSpec | None:
+    """The database's reference source (engine/actions/reference.py), which a replica follows for
+    the reference tables; None when it declares none."""
+    recorded = store.reference_of(ctx.catalog, database)
+    return ShardSpec(name="reference", lo=None, hi=None, server=recorded[1], dbname=recorded[2]) if recorded else None
 
 
 def drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> None:
@@ -237,7 +247,7 @@ def followers(ctx: ApplyContext, database: str) -> list[tuple[str, ShardSpec]]:
 
 def tables_with_key(conn: psycopg.Connection, key_column: str) -> list[tuple[str, str, bool]]:
     """The database's tables as (schema, table, has the shard key): those without it are
-    reference tables, copied and published from the first shard only."""
+    reference tables, copied from the first shard only (or followed from the reference source)."""
     return [(r[0], r[1], r[2]) for r in conn.execute(
         "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
         " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -245,16 +255,31 @@ def tables_with_key(conn: psycopg.Connection, key_column: str) -> list[tuple[str
         " ORDER BY 1, 2", (key_column,))]
 
 
-def follow(ctx: ApplyContext, branch: str, replica: ShardSpec, target: ShardSpec, key_column: str) -> None:
+def reference_link(ctx: ApplyContext, branch: str, target: ShardSpec, database: str,
+                   tables: list[tuple[str, str, bool]]) -> str | None:
+    """The replica's link to the reference source, for the reference tables (those of TABLES
+    without the shard key); None when the database declares none. Its rows reach the shards by
+    replication, so a shard's link (origin = none after a move) would not carry them."""
+    source = reference_source(ctx, database)
+    if source is None:
+        return None
+    return attach(ctx, branch, target, source, [t for t in tables if not t[2]], first=True)
+
+
+def follow(ctx: ApplyContext, branch: str, replica: ShardSpec, target: ShardSpec, key_column: str,
+           database: str) -> None:
     """Before a move's cutover: the replica's link to one of its targets, disabled, taking only
     the target's own writes (origin = none) from the slot made now. Safe to repeat: what exists
     is kept (its slot must not be made again, or writes before the new one would be skipped)."""
     name = link_name(branch, target.dbname)
     with ctx.fleet.servers[target.server].connect(target.dbname) as conn:
         if not conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication(branch),)).fetchone():
-            # reference tables (no shard key) come from the first shard only, as when the replica was made
+            # tables without the shard key come from the first shard only, as when the replica was made,
+            # or from the reference source (declared reference tables)
+            source = reference_source(ctx, database)
             chosen = [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t))
-                      for s, t, has_key in tables_with_key(conn, key_column) if has_key or target.lo is None]
+                      for s, t, has_key in tables_with_key(conn, key_column)
+                      if has_key or (target.lo is None and source is None)]
             conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
                 sql.Identifier(publication(branch)), sql.SQL(", ").join(chosen)))
         if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone():

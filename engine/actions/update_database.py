@@ -1,10 +1,14 @@
-"""Record changed database settings (policy, thresholds, protection, placement) in the catalog."""
+"""Record changed database settings (policy, thresholds, protection, placement) in the catalog;
+changed reference tables are published, copied or let go on every active shard
+(engine/actions/reference.py)."""
 
 from __future__ import annotations
 
+from engine.actions import reference
 from engine.actions.base import ApplyContext
+from engine.actions.move import database_steps
 from engine.catalog import store
-from engine.plan.models import UpdateDatabase
+from engine.plan.models import ShardSpec, UpdateDatabase
 from engine.rows import one
 
 
@@ -23,6 +27,12 @@ def execute(action: UpdateDatabase, ctx: ApplyContext) -> None:
         store.bump_serial(ctx.catalog)
         store.add_history(ctx.catalog, "update_database", action.address,
                           {"changes": [c.model_dump(mode="json") for c in action.changes]})
+    if any(c.path == "reference_tables" for c in action.changes):
+        shards = [ShardSpec(name=r[0], lo=r[1], hi=r[2], server=r[3], dbname=r[4]) for r in ctx.catalog.execute(
+            "SELECT name, lo, hi, server, dbname FROM shardctl.shards WHERE database = %s AND state = 'active'"
+            " ORDER BY lo NULLS FIRST", (action.database,)).fetchall()]
+        reference.reconcile(ctx, op, action.database, action.settings.reference_tables,
+                            database_steps(ctx, action.database), shards)
     op.finish()
     ctx.counts["changed"] += 1
     ctx.say(f"{action.address}: Modifications complete")

@@ -368,8 +368,15 @@ INSERT INTO shardctl.owned_databases (server, dbname)
     ON CONFLICT DO NOTHING;
 """
 
+V11_REFERENCE = r"""
+-- a database's reference tables and their source (engine/actions/reference.py): the tables, and
+-- the server and database they are written in, {"tables": [...], "server": ..., "dbname": ...};
+-- NULL: it declares none
+ALTER TABLE shardctl.databases ADD COLUMN reference jsonb;
+"""
+
 MIGRATIONS: list[str] = [V1, V2, V3, V4, V5_HISTORY, V6_BRANCHES, V7_CAPACITY, V8_REPLICA, V9_BACKUPS,
-                         V10_OWNERSHIP]
+                         V10_OWNERSHIP, V11_REFERENCE]
 VERSION = len(MIGRATIONS)
 
 

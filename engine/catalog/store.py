@@ -85,15 +85,17 @@ def read(conn: psycopg.Connection) -> CatalogState:
     lowered, kept = declared_changes(conn)
     databases = {}
     declared = "declared_shards" if version >= schema.MIGRATIONS.index(schema.V7_CAPACITY) + 1 else "NULL"
+    reference = "reference" if version >= schema.MIGRATIONS.index(schema.V11_REFERENCE) + 1 else "NULL"
     for row in conn.execute(
-        sql.SQL("SELECT name, key_column, key_type, protect, policy_name, policy, placement, state, {}"
-                " FROM shardctl.databases ORDER BY name").format(sql.SQL(declared))  # a static column or NULL
+        sql.SQL("SELECT name, key_column, key_type, protect, policy_name, policy, placement, state, {}, {}"
+                " FROM shardctl.databases ORDER BY name").format(sql.SQL(declared), sql.SQL(reference))  # static
     ):
         databases[row[0]] = CatalogDatabase(
             name=row[0], key_column=row[1], key_type=row[2], protect=row[3], policy_name=row[4], policy=row[5],
             placement=tuple(row[6]), state=row[7], schema_steps=tuple(steps.get(row[0], [])),
             shards=tuple(shards.get(row[0], [])), declared_shards=row[8],
             shards_lowered=row[0] in lowered, kept_shards=kept.get(row[0], 0),
+            reference_tables=tuple((row[9] or {}).get("tables", ())),
         )
     events = tuple(
         ReshardEvent(at=e["at"], database=e["detail"].get("database", e["address"].split(".", 1)[-1].split("/")[0]),
@@ -145,6 +147,21 @@ def upsert_database(conn: psycopg.Connection, *, name: str, key_column: str, key
         """,
         (name, key_column, key_type, protect, policy_name, Jsonb(policy), placement, state, declared_shards),
     )
+
+
+def set_reference(conn: psycopg.Connection, database: str, tables: tuple[str, ...], server: str,
+                  dbname: str) -> None:
+    """The database's reference tables and where their source is (None of them: no source)."""
+    conn.execute("UPDATE shardctl.databases SET reference = %s, updated_at = now() WHERE name = %s",
+                 (Jsonb({"tables": list(tables), "server": server, "dbname": dbname}) if tables else None, database))
+
+
+def reference_of(conn: psycopg.Connection, database: str) -> tuple[tuple[str, ...], str, str] | None:
+    """(tables, server, dbname) of the database's reference source, or None when it has none."""
+    row = conn.execute("SELECT reference FROM shardctl.databases WHERE name = %s", (database,)).fetchone()
+    if row is None or not row[0]:
+        return None
+    return tuple(row[0]["tables"]), row[0]["server"], row[0]["dbname"]
 
 
 def set_database_state(conn: psycopg.Connection, name: str, state: str) -> None:

@@ -672,7 +672,8 @@ def _name_clashes(found: _Gathered, databases: dict[str, DesiredDatabase], catal
         {name: db.location for name, db in databases.items()},
         {new: (old, where) for new, (old, where) in found.moved.items() if new in databases},
         {name: (branch.server, doc.loc(("branches", name))) for name, (branch, doc) in found.branches.items()},
-        (catalog_server, catalog_database, catalog_at)))
+        (catalog_server, catalog_database, catalog_at),
+        {name: db.location for name, db in databases.items() if db.spec.reference_tables}))
 
 
 def _record_sources(doc: _Doc, sources: dict[Path_, Location]) -> None:
@@ -743,9 +744,11 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
         steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
     if len(steps) == len(database.schema_):
         shard_key = database.shard_key
+        reference = {table: doc.value_loc(("databases", name, "reference_tables", i))
+                     for i, table in enumerate(database.reference_tables)}
         key_problems.extend(
             sqlcheck.key_problems(
-                [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type
+                [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type, reference
             )
         )
     return steps

@@ -12,10 +12,21 @@ import re
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 # Names become parts of PostgreSQL identifiers and file paths: keep them boring on purpose.
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+# a table as written unquoted in SQL (PostgreSQL folds it to lower case), with or without its schema
+TABLE_PATTERN = r"^([a-z_][a-z0-9_$]{0,62}\.)?[a-z_][a-z0-9_$]{0,62}$"
 COLUMN_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -575,6 +586,12 @@ class Database(Frozen):
     thresholds: PolicyOverrides = PolicyOverrides()
     protect: bool = Field(False, description="refuse any plan that would destroy this database")
     resharding: bool = Field(True, description="plan splits of hot shards and merges of cold ones for this database")
+    reference_tables: list[Annotated[str, Field(pattern=TABLE_PATTERN)]] = Field(
+        default_factory=list,
+        description="tables without the shard key (countries, currencies...), present whole on every shard: written"
+                    " only in the database's reference source (`<database>_reference` on the catalog's server) and"
+                    " kept identical on every shard by logical replication from it; `table` or `schema.table`",
+        json_schema_extra={"uniqueItems": True})
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
@@ -583,13 +600,13 @@ class Database(Frozen):
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, (str, dict)) else value
 
-    @field_validator("placement")
+    @field_validator("placement", "reference_tables")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
+    def _unique(cls, value: list[str], info: ValidationInfo) -> list[str]:
         seen = set()
         for name in value:
             if name in seen:
-                raise ValueError(f"server {name!r} is listed twice")
+                raise ValueError(f"{'server' if info.field_name == 'placement' else 'table'} {name!r} is listed twice")
             seen.add(name)
         return value
 

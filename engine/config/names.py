@@ -3,8 +3,9 @@
 What shardctl creates, by declaration: the control database (catalog) on its server; every
 shard of a sharded database, named `DB_LO_HI` (orders_min_40, orders_40_80, ...) and placed,
 moved and retired on any server, so claimed on all of them (a database renamed with `moved`
-keeps its old prefix); and each branch, `branch_NAME` on its server (replicas and instant
-clones are branches). Two declarations that would make the same database on the same server
+keeps its old prefix); each branch, `branch_NAME` on its server (replicas and instant
+clones are branches); and the reference source `DB_reference` of a database that declares
+reference tables, on the catalog's server. Two declarations that would make the same database on the same server
 are refused here, at validate, each naming the other's line: one of them would otherwise take
 the other's database, or drop it (a branch rebuilt over the catalog once did).
 
@@ -24,6 +25,7 @@ from engine.errors import Diagnostic, Location
 # bounds, which hold no underscore: the prefix of any name is found in one match
 SHARD_NAME = re.compile(r"^(?P<db>.+)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
 BRANCH_PREFIX = "branch_"
+REFERENCE_SUFFIX = "_reference"
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Claim:
     """A database name, or for shards every name with a prefix, that one declaration makes."""
 
     what: str  # "branch 'dev'", "the control database", "database 'orders'"
-    kind: str  # catalog | shards | branch
+    kind: str  # catalog | shards | branch | reference
     where: Location
     server: str | None  # None: any server
     dbname: str | None = None  # a name, or
@@ -45,11 +47,21 @@ def branch_dbname(name: str) -> str:
     return f"{BRANCH_PREFIX}{name}"
 
 
+def reference_dbname(database: str) -> str:
+    """The reference source's database: where a database's reference tables are written."""
+    return f"{database}{REFERENCE_SUFFIX}"
+
+
 def claims(databases: dict[str, Location], renamed_from: dict[str, tuple[str, Location]],
-           branches: dict[str, tuple[str, Location]], catalog: tuple[str | None, str, Location]) -> list[Claim]:
+           branches: dict[str, tuple[str, Location]], catalog: tuple[str | None, str, Location],
+           reference: dict[str, Location] | None = None) -> list[Claim]:
     """`databases`: name -> where declared; `renamed_from`: new name -> (old name, where the
-    rename is); `branches`: name -> (server, where); `catalog`: (server, database, where)."""
+    rename is); `branches`: name -> (server, where); `catalog`: (server, database, where);
+    `reference`: the databases that declare reference tables -> where."""
     out = [Claim("the control database", "catalog", catalog[2], catalog[0], dbname=catalog[1])]
+    for name, where in (reference or {}).items():
+        out.append(Claim(f"the reference source of database {name!r}", "reference", where, catalog[0],
+                         dbname=reference_dbname(name)))
     for name, where in databases.items():
         out.append(Claim(f"database {name!r}", "shards", where, None, shard_prefix=name))
     for new, (old, where) in renamed_from.items():

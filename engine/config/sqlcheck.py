@@ -1,7 +1,8 @@
 """What the schema steps of a database declare, read with pglast without touching a server.
 
 Two checks that `validate` makes so that `plan` never meets them later: every sharded table
-carries the shard key column, of the declared type, in its primary key; and no statement
+carries the shard key column, of the declared type, in its primary key (a declared reference
+table instead carries no shard key, and a primary key for its replication); and no statement
 reaches outside its own database (server files, programs, roles, server settings, untrusted
 languages, other databases) unless the step says `allow_outside_database: true`.
 """
@@ -63,9 +64,16 @@ def _primary_key(constraint) -> tuple[str, ...] | None:
     return None
 
 
-def key_problems(steps, key_column: str, key_type: str) -> list[Diagnostic]:
+def qualified(table: str) -> str:
+    """A table's name with its schema: `countries` is `public.countries`."""
+    return table if "." in table else f"public.{table}"
+
+
+def key_problems(steps, key_column: str, key_type: str,
+                 reference: dict[str, Location] | None = None) -> list[Diagnostic]:
     """`steps` are (sql, base location) pairs in order. The tables they leave behind must each
-    carry `key_column` of `key_type` in their primary key."""
+    carry `key_column` of `key_type` in their primary key, except the declared REFERENCE tables
+    (name -> where declared), which must exist, have a primary key and no shard key column."""
     tables: dict[str, _Table] = {}
     for sql, base in steps:
         try:
@@ -90,7 +98,7 @@ def key_problems(steps, key_column: str, key_type: str) -> list[Diagnostic]:
                 renamed = tables.pop(_table_name(stmt.relation), None)
                 if renamed is not None:
                     tables[stmt.newname] = renamed
-    return _key_findings(tables, key_column, key_type)
+    return _key_findings(tables, key_column, key_type, reference or {})
 
 
 def _create_table(tables: dict[str, _Table], stmt: ast.CreateStmt, location: Location) -> None:
@@ -127,14 +135,34 @@ def _alter_table(table: _Table, stmt: ast.AlterTableStmt) -> None:
             table.columns[cmd.name] = _type_name(definition.typeName)
 
 
-def _key_findings(tables: dict[str, _Table], key_column: str, key_type: str) -> list[Diagnostic]:
+def _key_findings(tables: dict[str, _Table], key_column: str, key_type: str,
+                  reference: dict[str, Location]) -> list[Diagnostic]:
     out = []
     accepted = KEY_TYPES[key_type]
+    declared = {qualified(name): (name, where) for name, where in reference.items()}
+    made = {qualified(name) for name in tables}
+    for full, (name, where) in sorted(declared.items()):
+        if full not in made:
+            out.append(Diagnostic(where, f"reference table {name} is not created by the schema steps",
+                                  "create it in a schema step, or remove it from reference_tables"))
     for name, table in tables.items():
-        if key_column not in table.columns:
+        if qualified(name) in declared:
+            if key_column in table.columns:
+                out.append(Diagnostic(declared[qualified(name)][1], f"reference table {name} has the shard key"
+                                      f" column {key_column}: its rows would belong to shards",
+                                      "a reference table is one without the shard key, whole on every shard:"
+                                      f" remove it from reference_tables (it is sharded by {key_column}), or drop"
+                                      " the column from it"))
+            elif not table.primary_key:
+                out.append(Diagnostic(table.location, f"reference table {name} has no primary key",
+                                      "declare one: every shard's copy is kept by logical replication, which"
+                                      " needs it to apply updates and deletes"))
+        elif key_column not in table.columns:
             out.append(Diagnostic(table.location, f"table {name} has no column {key_column}, the shard key",
                                   f"every sharded table carries the shard key: add `{key_column} {key_type}` to it"
-                                  f" and to its primary key, or fix shard_key.column if it is mistyped"))
+                                  f" and to its primary key, or fix shard_key.column if it is mistyped; a table"
+                                  " whose rows every shard needs whole (countries, currencies) is declared in"
+                                  " the database's reference_tables instead"))
         elif table.columns[key_column] not in accepted:
             out.append(Diagnostic(table.location, f"column {name}.{key_column} is {table.columns[key_column]}, but"
                                   f" the shard key is declared {key_type}",

@@ -64,6 +64,7 @@ class CatalogDatabase(Frozen):
     # unless those (which are kept) account for the difference
     shards_lowered: bool = False
     kept_shards: int = 0
+    reference_tables: tuple[str, ...] = ()  # as last applied (engine/actions/reference.py)
 
 
 class ReshardEvent(Frozen):

@@ -2,7 +2,8 @@
 
 Everything shardctl replicates with is named by it: a move's links and verification slots
 `shardctl_op<operation>_<n>` / `shardctl_op<operation>_v<n>` (engine/actions/move.py), a replica
-branch's links `shardctl_rep_...` (engine/observe/replica_links.py). One query per server reads
+branch's links `shardctl_rep_...` (engine/observe/replica_links.py), a shard's link to its
+database's reference source `shardctl_ref_...` (engine/actions/reference.py). One query per server reads
 them all from the cluster-wide catalogs (slots, and subscriptions with their apply worker and
 error counters): the inventory runs it, and the daemon every collection round.
 
@@ -10,8 +11,8 @@ From those readings, without touching a database:
 
 - orphans: objects of a move whose operation is not running (it finished, or was aborted, and
   left them: a server did not answer, or an older shardctl claimed a cleanup it had not done),
-  and replica links of no branch the catalog knows. A slot retains its server's WAL for as long
-  as it exists; `shardctl orphans --remove` drops them.
+  replica links of no branch the catalog knows, and reference links of no shard it knows. A
+  slot retains its server's WAL for as long as it exists; `shardctl orphans --remove` drops them.
 - broken links: an enabled subscription with no apply worker running cannot reach its
   publisher (a rotated password, a server gone); the subscriber's own log says why, and the
   reason is read from it where shardctl may (an embedded server's log file, or
@@ -20,6 +21,7 @@ From those readings, without touching a database:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -29,6 +31,13 @@ from engine.observe.models import CatalogState, Frozen, LiveServer, ReplicationO
 from engine.observe.replica_links import SLOT_PREFIX, publication
 
 OPERATION_NAME = re.compile(r"^shardctl_op(?P<operation>[0-9]+)_v?[0-9]+$")
+REFERENCE_PREFIX = "shardctl_ref_"
+
+
+def reference_link(server: str, dbname: str) -> str:
+    """A shard's subscription to its reference source, and its slot on the source's server:
+    unique in the fleet (a relocated shard's two copies share a database name on two servers)."""
+    return REFERENCE_PREFIX + hashlib.sha256(f"{server}/{dbname}".encode()).hexdigest()[:10]
 LOG_TAIL = 256 << 10  # bytes of a server's log read for the reason a link is broken
 
 # one statement, both cluster-wide catalogs: slots (None figures on a standby: no WAL position of
@@ -128,6 +137,7 @@ def orphans(catalog: CatalogState, servers: dict[str, LiveServer]) -> list[Orpha
         return []
     running = running_operations(catalog)
     branches = {publication(b) for b in catalog.branches}
+    shards = {reference_link(s.server, s.dbname) for d in catalog.databases.values() for s in d.shards}
     out = []
     for name, live in sorted(servers.items()):
         for obj in live.replication or ():
@@ -140,6 +150,10 @@ def orphans(catalog: CatalogState, servers: dict[str, LiveServer]) -> list[Orpha
             elif obj.name.startswith(SLOT_PREFIX) and not any(obj.name.startswith(p + "_") for p in branches):
                 out.append(Orphan(server=name, object=obj, operation=None,
                                   why="a replica branch's link, and no branch in the catalog owns it"))
+            elif obj.name.startswith(REFERENCE_PREFIX) and obj.name not in shards:
+                out.append(Orphan(server=name, object=obj, operation=None,
+                                  why="a shard's link to its reference tables' source, and no shard in the catalog"
+                                      " owns it"))
     return out
 
 

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from engine.config.loader import Desired, DesiredDatabase
 from engine.config.models import Policy, span
+from engine.config.sqlcheck import qualified
 from engine.detect.detector import Assessment, assess
 from engine.detect.forecast import merged_forecast_hot
 from engine.keyspace import KeyRange, physical_name
@@ -234,6 +235,7 @@ def preconditions(db: DesiredDatabase, shards: list[CatalogShard], observation: 
     """Why rows of these shards cannot move with logical replication, or None. Checked on what
     was observed; the executor checks again before it creates anything."""
     key = db.spec.shard_key.column
+    reference = {qualified(t) for t in db.spec.reference_tables}  # replicated from their source, not moved
     for shard in shards:
         server = observation.servers.get(shard.server)
         if server is not None and server.reachable and server.wal_level != "logical":
@@ -244,7 +246,7 @@ def preconditions(db: DesiredDatabase, shards: list[CatalogShard], observation: 
         live = observation.shards.get(shard.address)
         snapshot = live.schema_snapshot if live else None
         for table, info in sorted((snapshot or {}).get("tables", {}).items()):
-            if info.get("kind") not in ("table", "partitioned table"):
+            if info.get("kind") not in ("table", "partitioned table") or qualified(table) in reference:
                 continue
             if not key_in_primary_key(info, key):
                 return (f"table {table} has no primary key that contains the shard key {key} (a row filter needs"

@@ -62,6 +62,7 @@ class DatabaseSettings(Frozen):
     policy: dict[str, Any]
     placement: tuple[str, ...]
     shards: int | None = None  # the declared shard count (None: a catalog from before it was recorded)
+    reference_tables: tuple[str, ...] = ()  # schema-qualified, sorted: whole on every shard, from one source
 
 
 class MoveSettings(Frozen):

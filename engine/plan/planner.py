@@ -18,6 +18,7 @@ from pydantic import ValidationError
 import engine
 from engine.config import models
 from engine.config.loader import Desired, DesiredDatabase
+from engine.config.sqlcheck import qualified
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe import replication
@@ -67,13 +68,13 @@ def settings_of(db: DesiredDatabase) -> DatabaseSettings:
     return DatabaseSettings(
         protect=db.spec.protect, policy_name=db.policy_name,
         policy=db.effective_policy.model_dump(mode="json"), placement=tuple(db.spec.placement),
-        shards=db.spec.shards,
+        shards=db.spec.shards, reference_tables=tuple(sorted({qualified(t) for t in db.spec.reference_tables})),
     )
 
 
 def _recorded_settings(db: CatalogDatabase) -> DatabaseSettings:
     return DatabaseSettings(protect=db.protect, policy_name=db.policy_name, policy=_with_defaults(db.policy),
-                            placement=db.placement)
+                            placement=db.placement, reference_tables=db.reference_tables)
 
 
 def _recorded_policy(db: CatalogDatabase) -> models.Policy:
@@ -1308,9 +1309,10 @@ def _changes(before: DatabaseSettings, after: DatabaseSettings) -> tuple[Attribu
             elif kind in ("dictionary_item_removed", "iterable_item_removed"):
                 out.append(AttributeChange(path=dotted, before=value, after=None))
     # list-valued settings read better whole than item by item
-    if before.placement != after.placement:
-        out = [c for c in out if not c.path.startswith("placement")]
-        out.append(AttributeChange(path="placement", before=list(before.placement), after=list(after.placement)))
+    for name in ("placement", "reference_tables"):
+        if getattr(before, name) != getattr(after, name):
+            out = [c for c in out if not c.path.startswith(name)]
+            out.append(AttributeChange(path=name, before=list(getattr(before, name)), after=list(getattr(after, name))))
     return tuple(sorted(out, key=lambda c: c.path))
 
 
