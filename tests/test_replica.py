@@ -346,7 +346,10 @@ def _planned_with_a_replica(tmp_path, versions: dict[str, str], state: str = "ac
     branches = {} if state is None else {"mirror": CatalogBranch(
         name="mirror", parent="orders", data="replica", sample_percent=None, server="b", dbname="branch_mirror",
         state=state, created_at=now, expires_at=now + timedelta(days=7))}
-    servers = {n: s.model_copy(update={"version": versions.get(n, s.version)}) for n, s in observation.servers.items()}
+    # the replica's database exists on b (a recorded branch without it is one dropped by hand)
+    servers = {n: s.model_copy(update={"version": versions.get(n, s.version), "databases": (
+        *s.databases, *(("branch_mirror",) if n == "b" and state is not None else ()))})
+        for n, s in observation.servers.items()}
     observation = observation.model_copy(update={
         "servers": servers, "catalog": observation.catalog.model_copy(update={"branches": branches})})
     return planner.plan(desired, observation, Requests(splits=splits))

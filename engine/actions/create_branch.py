@@ -40,7 +40,7 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
     resumed = action.operation is not None
     ctx.say(f"{action.address}: {'Rebuilding (' + action.reason.text + ')' if resumed else 'Creating'}...")
     op = ctx.resume_or_begin(action)
-    expires = ctx.now() + timedelta(seconds=action.ttl_seconds)
+    expires = ctx.now() + timedelta(seconds=action.ttl_seconds)  # from its (re)creation, as plan compares it
     with op.step(f"record {action.branch}"), ctx.catalog.transaction():
         # a resumed operation owns the row in whatever state it left it (a reset now declared elsewhere)
         left = ctx.catalog.execute("SELECT server, dbname FROM shardctl.branches WHERE name = %s"
@@ -49,14 +49,16 @@ def execute(action: CreateBranch, ctx: ApplyContext) -> None:
             # the half-built database of an earlier try elsewhere (another server): nobody's work
             drop_database(ctx, ShardSpec(name=action.branch, lo=None, hi=None, server=left[0], dbname=left[1]))
         ctx.catalog.execute(
-            "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, expires_at,"
-            " reset_token, source_at) VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s, %s, %s) ON CONFLICT (name)"
+            "INSERT INTO shardctl.branches (name, parent, data, sample_percent, server, dbname, state, created_at,"
+            " expires_at, reset_token, source_at) VALUES (%s, %s, %s, %s, %s, %s, 'creating', %s, %s, %s, %s)"
+            " ON CONFLICT (name)"
             " DO UPDATE SET parent = excluded.parent, data = excluded.data, sample_percent = excluded.sample_percent,"
-            " server = excluded.server, dbname = excluded.dbname, expires_at = excluded.expires_at,"
+            " server = excluded.server, dbname = excluded.dbname, created_at = excluded.created_at,"
+            " expires_at = excluded.expires_at,"
             " reset_token = excluded.reset_token, source_at = excluded.source_at, state = 'creating'"
             " WHERE shardctl.branches.state = 'creating' OR %s",
             (action.branch, action.database, action.data, action.sample_percent, action.server, action.dbname,
-             expires, action.reset_token, action.at, resumed))
+             ctx.now(), expires, action.reset_token, action.at, resumed))  # the ttl runs from this creation
     rows, size, base = build(ctx, op, action)
     with op.step(f"activate {action.branch}"), ctx.catalog.transaction():
         ctx.catalog.execute("UPDATE shardctl.branches SET state = 'active', base_schema = %s, size_bytes = %s"
