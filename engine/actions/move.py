@@ -52,6 +52,7 @@ from functools import partial
 
 import psycopg
 from psycopg import errors, sql
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
 from engine.actions import fence, replica
@@ -197,6 +198,9 @@ class Move:
     error_baseline: dict[str, tuple[int, int]] = field(default_factory=dict)  # per link: errors when the step began
     step_began: float = 0.0  # monotonic: when the current sync or converge step began
     inherited_pause: bool = False  # the pause began with an interrupted run's fence
+    # where the pause goes: ms since the fence armed at which each point inside it was reached
+    # (each step's journal row written, each wait over), kept in the flip's history row
+    pause_marks: dict[str, float] = field(default_factory=dict)
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence armed (writes to the range fail) to now; taken
@@ -204,6 +208,11 @@ class Move:
         kept in the history and shown. A resumed run whose sources an interrupted run had
         fenced counts from that first fence."""
         return round((time.monotonic() - self.fenced_since) * 1000, 1) if self.fenced_since is not None else 0.0
+
+    def mark(self, point: str) -> None:
+        """Note when a point inside the pause was reached (nothing before the fence is armed)."""
+        if self.fenced_since is not None:
+            self.pause_marks[point] = self.pause_ms()
 
     def fenced_for(self) -> float | None:
         """How long this operation's fence has held the sources (the longest, in seconds, on each
@@ -693,6 +702,7 @@ class Move:
                                       "drain_ms": drain_ms}
                 with self.behind("the fence's mark was not written"):
                     marks = self._marks(conns)
+                self.mark("marked")
             record.update(self.fence_figures)
             record["fenced_at"] = round(time.time() - (time.monotonic() - (self.fenced_since or began)), 3)
             return marks
@@ -728,8 +738,10 @@ class Move:
                 for source in self.sources:
                     fence.arm(conns[source.name], self.op.id)
                 armed = time.monotonic()
+                self.mark("armed")
                 left = self._drain(conns, oids, first_seen)
                 if not left:
+                    self.mark("drained")
                     return attempt, round((time.monotonic() - armed) * 1000, 1)
                 in_the_way = left
                 self._disarm(conns)
@@ -777,6 +789,7 @@ class Move:
             fence.disarm(conns[source.name], self.op.id)
         self.fenced_since = None
         self.inherited_pause = False
+        self.pause_marks.clear()
 
     def _marks(self, conns: dict[str, psycopg.Connection]) -> dict[str, str]:
         """The mark on each source, after the drain: every write that got past the guard committed
@@ -935,6 +948,7 @@ class Move:
         Each within `moves.fence_timeout`. Returns the decoded changes (a future: verify reads
         it, and a stray row found there fails the move as verification does) and its deadline."""
         with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
+            self.mark("catch up begun")
             def sequences() -> None:
                 started = time.monotonic()
                 journal.points(f"{self.label}: sequences")
@@ -951,7 +965,9 @@ class Move:
             with self.behind("the targets did not confirm the fence's mark"):
                 self.wait_confirmed(fence_lsns, self.settings.fence_timeout, "the fence's mark",
                                     stamps=self.fence_stamps, fenced=True)
+            self.mark("confirmed")
             self.within(setting, deadline, "the targets' sequences were not set")
+            self.mark("sequences set")
             return changes, deadline
 
     def compare(self) -> Comparison:
@@ -977,14 +993,17 @@ class Move:
         """Behind the fence: the keys left by the comparison and those changed since; the
         decoding (by its deadline) and the comparison each within `moves.fence_timeout`."""
         with self.step("verify"):
+            self.mark("verify begun")
             try:
                 new = self.within(*changes, "the sources' last changes were not decoded")
             except VerifyRestart as truncated:
                 raise MoveFailed(f"{self.label}: {truncated} was truncated just before the fence",
                                  "the fence is lifted: the source takes writes again; apply again to compare anew"
                                  ) from None
+            self.mark("decoded")
             with self.behind("the last keys were not compared"):
                 self.verified_keys = comparison.final(new, timeout=self.settings.fence_timeout)
+            self.mark("compared")
             return comparison.figures
 
     def set_sequences(self) -> None:
@@ -1095,6 +1114,7 @@ class Move:
         # one transaction holds the routing change and the journal's record of it; behind the
         # fence, bounded like every wait there (a catalog table someone keeps locked)
         with self.step("flip", atomic=True), self.behind("the routing flip did not commit"):
+            self.mark("flip begun")
             self.ctx.catalog.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
                 sql.Literal(f"{round(self.settings.fence_timeout * 1000)}ms")))
             if self.relocation:
@@ -1114,15 +1134,20 @@ class Move:
             ranges = [[s.lo, s.hi] for s in self.sources] + [[t.lo, t.hi] for t in self.targets]
             self.history_id = store.add_history(self.ctx.catalog, history["event"], history["address"],
                                                 {**history, "database": self.database, "ranges": ranges})
+            self.mark("flip written")
+        self.mark("flip committed")
 
-    def record_pause(self) -> float:
+    def record_pause(self, flip_s: float) -> float:
         """Once the flip has committed: the pause, fence to flip committed, into the flip's history
         row (which could only hold the figure as of its own writing). The one figure: printed,
-        stored, and shown by status, the dashboard and /metrics from the history."""
+        stored, and shown by status, the dashboard and /metrics from the history. With it, where
+        the pause went (`pause_marks`) and the flip's own duration (`timings.flip`, seconds)."""
         pause = self.pause_ms()
         if self.history_id is not None:
-            self.ctx.catalog.execute("UPDATE shardctl.history SET detail = detail || jsonb_build_object('pause_ms', %s)"
-                                     " WHERE id = %s", (pause, self.history_id))
+            self.ctx.catalog.execute(
+                "UPDATE shardctl.history SET detail = jsonb_set(detail, '{timings,flip}', to_jsonb(%s::float8))"
+                " || jsonb_build_object('pause_ms', %s, 'pause_marks', %s::jsonb) WHERE id = %s",
+                (flip_s, pause, Jsonb(self.pause_marks), self.history_id))
         return pause
 
     def _flip_names(self) -> None:
@@ -1338,8 +1363,11 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
             # between tries, a key round: what changed while the fence waited is not left for
             # behind it (a fence that waited 7 s once left 35,000 keys to recheck in the pause)
             fence_lsn = timed("fence", lambda: move.fence(between=lambda: comparison.key_rounds(final=True)))
+            move.mark("fence recorded")
             changes = timed("catch_up", lambda: move.catch_up(fence_lsn, comparison, timings))
+            move.mark("catch up recorded")
             figures = timed("verify", lambda: move.verify(comparison, changes))
+            move.mark("verify recorded")
         except VerificationFailed:
             move.release()
             move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
@@ -1360,7 +1388,7 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
             if not _cut_over_or_unknown(move):
                 move.lift_fence_after_failure()
             raise
-    pause = move.record_pause()
+    pause = move.record_pause(timings["flip"])
     move.say(f"writes to the range paused for {pause:.1f} ms (fence to flip committed"
              + (", from the fence an interrupted run left)" if move.inherited_pause else ")"))
     return figures
