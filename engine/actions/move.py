@@ -61,7 +61,6 @@ from engine.actions.base import (
     apply_steps,
     drop_database,
     ensure_database,
-    record_schema,
 )
 from engine.actions.compare import Changes, Comparison, VerifyRestart, background
 from engine.actions.fence import DRAIN_LIMIT
@@ -72,7 +71,7 @@ from engine.catalog.journal import Operation
 from engine.client import ROUTING_CHANNEL
 from engine.config.models import Moves, Policy
 from engine.errors import UserError
-from engine.observe import strays
+from engine.observe import introspect, strays
 from engine.plan.models import MoveSettings, ShardSpec, StepSpec, transit_name
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
@@ -201,6 +200,8 @@ class Move:
     # where the pause goes: ms since the fence armed at which each point inside it was reached
     # (each step's journal row written, each wait over), kept in the flip's history row
     pause_marks: dict[str, float] = field(default_factory=dict)
+    # per target: its schema (fingerprint, snapshot) as the flip records it, read before the fence
+    target_schemas: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence armed (writes to the range fail) to now; taken
@@ -686,7 +687,7 @@ class Move:
         tries again; after `moves.fence_timeout` the fence gives up naming who was in the way,
         and the sources take writes as before. A merge arms its sources only when none of them
         has such a writer, so one source is never held read-only while another waits."""
-        with self.step("fence") as record:
+        with self.step("fence", durable=False) as record:
             began = time.monotonic()
             # an interrupted run's fence still holds: the range has been unwritable since then
             held = self.fenced_for()
@@ -947,7 +948,7 @@ class Move:
         second held connections); the sources' changes since the last key round are decoded.
         Each within `moves.fence_timeout`. Returns the decoded changes (a future: verify reads
         it, and a stray row found there fails the move as verification does) and its deadline."""
-        with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
+        with self.step("catch up", durable=False, lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
             self.mark("catch up begun")
             def sequences() -> None:
                 started = time.monotonic()
@@ -992,7 +993,7 @@ class Move:
     def verify(self, comparison: Comparison, changes: tuple[Future, float]) -> dict[str, dict[str, int]]:
         """Behind the fence: the keys left by the comparison and those changed since; the
         decoding (by its deadline) and the comparison each within `moves.fence_timeout`."""
-        with self.step("verify"):
+        with self.step("verify", durable=False):
             self.mark("verify begun")
             try:
                 new = self.within(*changes, "the sources' last changes were not decoded")
@@ -1113,7 +1114,7 @@ class Move:
     def flip(self, history: dict) -> None:
         # one transaction holds the routing change and the journal's record of it; behind the
         # fence, bounded like every wait there (a catalog table someone keeps locked)
-        with self.step("flip", atomic=True), self.behind("the routing flip did not commit"):
+        with self.step("flip", atomic=True, durable=False), self.behind("the routing flip did not commit"):
             self.mark("flip begun")
             self.ctx.catalog.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
                 sql.Literal(f"{round(self.settings.fence_timeout * 1000)}ms")))
@@ -1121,7 +1122,7 @@ class Move:
                 self._flip_names()
             else:
                 for target in self.targets:
-                    record_schema(self.ctx, self.database, target, state="active")
+                    self._record_target_schema(target.name, target.name)
             for source in self.sources:
                 self.ctx.catalog.execute(
                     "UPDATE shardctl.shards SET state = 'retired', retired_at = now()"
@@ -1136,6 +1137,21 @@ class Move:
                                                 {**history, "database": self.database, "ranges": ranges})
             self.mark("flip written")
         self.mark("flip committed")
+
+    def read_target_schemas(self) -> None:
+        """Each target's schema as the flip records it, read on the held connections before the
+        fence: inside it, a new connection and four catalog queries per target lengthened the
+        pause. The same as at the flip: no DDL runs while a move is unfinished, and setting the
+        sequences behind the fence changes values, not the snapshot (names only)."""
+        for target in self.targets:
+            with self.session(target) as conn:
+                snap = introspect.snapshot(conn)
+            self.target_schemas[target.name] = (introspect.fingerprint(snap), snap)
+
+    def _record_target_schema(self, target: str, name: str) -> None:
+        """The target's row (NAME in the catalog) active, with the schema read before the fence."""
+        fingerprint, snap = self.target_schemas[target]
+        store.set_shard_schema(self.ctx.catalog, self.database, name, fingerprint, snap, "active")
 
     def record_pause(self, flip_s: float) -> float:
         """Once the flip has committed: the pause, fence to flip committed, into the flip's history
@@ -1158,7 +1174,7 @@ class Move:
                                      (transit_name(source.name, source.server), self.database, source.name))
             self.ctx.catalog.execute("UPDATE shardctl.shards SET name = %s WHERE database = %s AND name = %s",
                                      (source.name, self.database, target.name))
-            record_schema(self.ctx, self.database, target.model_copy(update={"name": source.name}), state="active")
+            self._record_target_schema(target.name, source.name)
 
     def abort(self, state: str = "aborted") -> None:
         """Undo an operation that has not flipped: replication objects, fence, targets. After the
@@ -1358,6 +1374,7 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
     # waits for the flip instead of parking the range read-only; before the fence, it parks
     if journal.stop_requested():
         raise journal.Interrupted("stopped before the fence; apply again to continue")
+    move.read_target_schemas()  # what the flip records, read before the fence
     with journal.until_done(), move.bounded():
         try:
             # between tries, a key round: what changed while the fence waited is not left for
