@@ -414,7 +414,8 @@ def report_clients(rows: int, clients: int, moves: list[dict], load: tuple) -> N
             print(f"  {label:44s} {spread([m[key] for m in of])}")
         for step in ("fence", "catch_up", "sequences", "verify", "flip"):
             print(f"  step {step:40s} {spread([m['timings'].get(step, 0) * 1000 for m in of])}")
-        points = list(dict.fromkeys(p for m in of for p in m["pause_marks"]))
+        points = sorted({p for m in of for p in m["pause_marks"]},  # in the order reached
+                        key=lambda p: percentile([m["pause_marks"].get(p, 0) for m in of], 0.5))
         if points:  # the pause's points in order, ms since the fence armed (history's pause_marks)
             print("  inside the pause (ms since armed; each row = its point, not a duration):")
             for point in points:

@@ -795,13 +795,22 @@ class Move:
     def _marks(self, conns: dict[str, psycopg.Connection]) -> dict[str, str]:
         """The mark on each source, after the drain: every write that got past the guard committed
         before it, so a target that has applied the mark has applied all of them."""
-        marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
-        for source in self.sources:
-            marks[source.name], self.fence_stamps[source.name] = one(conns[source.name].execute(
+        def mark(source: ShardSpec) -> tuple[str, int]:
+            row = one(conns[source.name].execute(
                 "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
                 " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
                 " RETURNING pg_current_wal_insert_lsn()::text, (extract(epoch FROM at) * 1000000)::bigint",
                 (self.op.id, source.name)))
+            return row[0], row[1]
+
+        # a merge's marks at once, each on its own connection: each commit waits for its server's
+        # WAL flush (the targets' subscriptions only receive flushed WAL), one after the other
+        # those waits added up inside the pause
+        rows = ([mark(self.sources[0])] if len(self.sources) == 1
+                else [job.result() for job in [background(partial(mark, source)) for source in self.sources]])
+        marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
+        for source, (lsn, stamp) in zip(self.sources, rows, strict=True):
+            marks[source.name], self.fence_stamps[source.name] = lsn, stamp
         return marks
 
     def lift_fence(self) -> None:
