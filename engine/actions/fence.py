@@ -11,7 +11,8 @@ The parts, all in the source database:
   operation whose fence refuses them. A sequence because its value is not MVCC: `setval` is
   seen at once by every session, whatever its snapshot (a REPEATABLE READ transaction that
   began before the fence reads the flag as set, where it would read a flag table's old row).
-  `setval` is WAL-logged and flushed by its transaction's commit: a fence survives a crash.
+  `setval` is WAL-logged; the arm's commit does not wait for its flush (`arm` says why), the
+  mark's commit does and flushes the arm with it: a fence that has its mark survives a crash.
 - `_shardctl.fence_state`, one row per armed operation with the moment it was armed: where a
   resumed run reads how long the range has been unwritable.
 
