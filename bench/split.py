@@ -296,6 +296,7 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], clients: in
         "rows_differ": rows_differ(fleet, retired, targets, {k for w in writers for _, db, k in w.accepted
                                                               if db not in sources}),
         "timings": detail["timings"], "copy_s": (copy_end - copy_start).total_seconds(),
+        "pause_marks": detail.get("pause_marks", {}),  # where the pause went (ms since the arm)
     }
     print(f"  [{kind}, {clients} clients] " + json.dumps({k: v for k, v in out.items() if k != "timings"}), flush=True)
     # the retired sources go now, so that their range names are free for the next move
@@ -411,8 +412,14 @@ def report_clients(rows: int, clients: int, moves: list[dict], load: tuple) -> N
                            ("pgbench latency p99 during the copy", "copy_p99_ms"),
                            ("pgbench latency max during the copy", "copy_max_ms")):
             print(f"  {label:44s} {spread([m[key] for m in of])}")
-        for step in ("fence", "catch_up", "sequences", "verify"):
+        for step in ("fence", "catch_up", "sequences", "verify", "flip"):
             print(f"  step {step:40s} {spread([m['timings'].get(step, 0) * 1000 for m in of])}")
+        points = sorted({p for m in of for p in m["pause_marks"]},  # in the order reached
+                        key=lambda p: percentile([m["pause_marks"].get(p, 0) for m in of], 0.5))
+        if points:  # the pause's points in order, ms since the fence armed (history's pause_marks)
+            print("  inside the pause (ms since armed; each row = its point, not a duration):")
+            for point in points:
+                print(f"    {point:42s} {spread([m['pause_marks'].get(point, 0) for m in of])}")
         print(f"  fence tries: {', '.join(str(m['tries']) for m in of)}; pgbench transactions running while it"
               f" was taken: {', '.join(str(m['fence_tx']) for m in of)}")
         ratios = [m["copy_throughput"] for m in of]

@@ -1,6 +1,7 @@
 """Online splits and merges on two real servers, under a concurrent writer and with the apply
 process killed at every journaled step: nothing lost, duplicated or misplaced."""
 
+import itertools
 import json
 
 import pytest
@@ -68,6 +69,8 @@ def test_a_split_under_a_concurrent_writer_loses_nothing(loaded):
         (event,) = conn.execute("SELECT detail FROM shardctl.history WHERE event = 'split_shard'").fetchone()
         assert event["verification"] and event["evidence"][0]["metric"] == "queries_per_second"
         assert 0 < event["pause_ms"] < 5000 and "verified_changed_keys" in event
+        _pause_breakdown_kept(conn, event)
+    _flip_recorded_the_targets_schema(loaded)
     # the retired source is read-only, and a later plan drops it when the grace period is over
     with loaded.connect("b", "orders_40_80") as conn:
         with pytest.raises(Exception, match="read-only"):
@@ -84,6 +87,42 @@ def test_a_merge_under_a_concurrent_writer_loses_nothing(loaded):
     result, _ = _moved_under_load(loaded, "cold.json")
     assert "Merge complete" in result.out
     assert [s[0] for s in active_shards(loaded)] == ["-80", "80-c0", "c0-"]
+    with loaded.catalog() as conn:
+        (event,) = conn.execute("SELECT detail FROM shardctl.history WHERE event = 'merge_shards'").fetchone()
+        _pause_breakdown_kept(conn, event)
+    _flip_recorded_the_targets_schema(loaded)
+
+
+# the points inside the pause, in the order the move reaches them
+PAUSE_POINTS = ["armed", "drained", "marked", "fence recorded", "catch up begun", "confirmed", "sequences set",
+                "catch up recorded", "verify begun", "decoded", "compared", "verify recorded", "flip begun",
+                "flip written", "flip committed"]
+
+
+def _pause_breakdown_kept(conn, event: dict) -> None:
+    """The history keeps where the pause went and the flip's own duration; the journal still
+    has every step behind the fence, though their rows no longer wait for the catalog's flush."""
+    marks = event["pause_marks"]
+    assert set(marks) == set(PAUSE_POINTS), marks
+    assert all(marks[a] <= marks[b] for a, b in itertools.pairwise(PAUSE_POINTS)), marks
+    assert marks["flip committed"] <= event["pause_ms"], (marks, event["pause_ms"])
+    assert event["timings"]["flip"] > 0
+    steps = conn.execute("SELECT step, status FROM shardctl.journal WHERE operation = %s ORDER BY seq",
+                         (event["operation"],)).fetchall()
+    for step in ("fence", "catch up", "verify", "flip"):
+        assert [s for name, s in steps if name.endswith(f": {step}")] == ["begin", "done"], steps
+
+
+def _flip_recorded_the_targets_schema(fleet) -> None:
+    """The schema the flip recorded for the new shards (read before the fence) is theirs."""
+    from engine.observe import introspect
+
+    with fleet.catalog() as conn:
+        recorded = conn.execute("SELECT server, dbname, schema_fingerprint FROM shardctl.shards"
+                                " WHERE database = 'orders' AND state = 'active'").fetchall()
+    for server, dbname, fingerprint in recorded:
+        with fleet.connect(server, dbname) as conn:
+            assert introspect.fingerprint(introspect.snapshot(conn)) == fingerprint, dbname
 
 
 @pytest.mark.parametrize("step", ["record", "targets", "publish", "subscribe", "guard", "sync", "compare", "converge",

@@ -54,6 +54,7 @@ from functools import partial
 
 import psycopg
 from psycopg import errors, sql
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
 from engine.actions import fence, reference, replica
@@ -62,7 +63,6 @@ from engine.actions.base import (
     apply_steps,
     drop_database,
     ensure_database,
-    record_schema,
 )
 from engine.actions.compare import Changes, Comparison, VerifyRestart, background
 from engine.actions.fence import DRAIN_LIMIT
@@ -73,7 +73,7 @@ from engine.catalog.journal import Operation
 from engine.client import ROUTING_CHANNEL
 from engine.config.models import Moves, Policy
 from engine.errors import UserError
-from engine.observe import strays
+from engine.observe import introspect, strays
 from engine.plan.models import MoveSettings, ShardSpec, StepSpec, transit_name
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
@@ -199,6 +199,11 @@ class Move:
     error_baseline: dict[str, tuple[int, int]] = field(default_factory=dict)  # per link: errors when the step began
     step_began: float = 0.0  # monotonic: when the current sync or converge step began
     inherited_pause: bool = False  # the pause began with an interrupted run's fence
+    # where the pause goes: ms since the fence armed at which each point inside it was reached
+    # (each step's journal row written, each wait over), kept in the flip's history row
+    pause_marks: dict[str, float] = field(default_factory=dict)
+    # per target: its schema (fingerprint, snapshot) as the flip records it, read before the fence
+    target_schemas: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
     def pause_ms(self) -> float:
         """The one pause figure: from the fence armed (writes to the range fail) to now; taken
@@ -206,6 +211,11 @@ class Move:
         kept in the history and shown. A resumed run whose sources an interrupted run had
         fenced counts from that first fence."""
         return round((time.monotonic() - self.fenced_since) * 1000, 1) if self.fenced_since is not None else 0.0
+
+    def mark(self, point: str) -> None:
+        """Note when a point inside the pause was reached (nothing before the fence is armed)."""
+        if self.fenced_since is not None:
+            self.pause_marks[point] = self.pause_ms()
 
     def fenced_for(self) -> float | None:
         """How long this operation's fence has held the sources (the longest, in seconds, on each
@@ -692,7 +702,7 @@ class Move:
         tries again; after `moves.fence_timeout` the fence gives up naming who was in the way,
         and the sources take writes as before. A merge arms its sources only when none of them
         has such a writer, so one source is never held read-only while another waits."""
-        with self.step("fence") as record:
+        with self.step("fence", durable=False) as record:
             began = time.monotonic()
             # an interrupted run's fence still holds: the range has been unwritable since then
             held = self.fenced_for()
@@ -708,6 +718,7 @@ class Move:
                                       "drain_ms": drain_ms}
                 with self.behind("the fence's mark was not written"):
                     marks = self._marks(conns)
+                self.mark("marked")
             record.update(self.fence_figures)
             record["fenced_at"] = round(time.time() - (time.monotonic() - (self.fenced_since or began)), 3)
             return marks
@@ -743,8 +754,10 @@ class Move:
                 for source in self.sources:
                     fence.arm(conns[source.name], self.op.id)
                 armed = time.monotonic()
+                self.mark("armed")
                 left = self._drain(conns, oids, first_seen)
                 if not left:
+                    self.mark("drained")
                     return attempt, round((time.monotonic() - armed) * 1000, 1)
                 in_the_way = left
                 self._disarm(conns)
@@ -792,17 +805,27 @@ class Move:
             fence.disarm(conns[source.name], self.op.id)
         self.fenced_since = None
         self.inherited_pause = False
+        self.pause_marks.clear()
 
     def _marks(self, conns: dict[str, psycopg.Connection]) -> dict[str, str]:
         """The mark on each source, after the drain: every write that got past the guard committed
         before it, so a target that has applied the mark has applied all of them."""
-        marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
-        for source in self.sources:
-            marks[source.name], self.fence_stamps[source.name] = one(conns[source.name].execute(
+        def mark(source: ShardSpec) -> tuple[str, int]:
+            row = one(conns[source.name].execute(
                 "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
                 " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
                 " RETURNING pg_current_wal_insert_lsn()::text, (extract(epoch FROM at) * 1000000)::bigint",
                 (self.op.id, source.name)))
+            return row[0], row[1]
+
+        # a merge's marks at once, each on its own connection: each commit waits for its server's
+        # WAL flush (the targets' subscriptions only receive flushed WAL), one after the other
+        # those waits added up inside the pause
+        rows = ([mark(self.sources[0])] if len(self.sources) == 1
+                else [job.result() for job in [background(partial(mark, source)) for source in self.sources]])
+        marks: dict[str, str] = {}  # per source: LSNs of different servers do not compare
+        for source, (lsn, stamp) in zip(self.sources, rows, strict=True):
+            marks[source.name], self.fence_stamps[source.name] = lsn, stamp
         return marks
 
     def lift_fence(self) -> None:
@@ -949,7 +972,8 @@ class Move:
         second held connections); the sources' changes since the last key round are decoded.
         Each within `moves.fence_timeout`. Returns the decoded changes (a future: verify reads
         it, and a stray row found there fails the move as verification does) and its deadline."""
-        with self.step("catch up", lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
+        with self.step("catch up", durable=False, lsn=" ".join(f"{k}={v}" for k, v in sorted(fence_lsns.items()))):
+            self.mark("catch up begun")
             def sequences() -> None:
                 started = time.monotonic()
                 journal.points(f"{self.label}: sequences")
@@ -966,7 +990,9 @@ class Move:
             with self.behind("the targets did not confirm the fence's mark"):
                 self.wait_confirmed(fence_lsns, self.settings.fence_timeout, "the fence's mark",
                                     stamps=self.fence_stamps, fenced=True)
+            self.mark("confirmed")
             self.within(setting, deadline, "the targets' sequences were not set")
+            self.mark("sequences set")
             return changes, deadline
 
     def compare(self) -> Comparison:
@@ -991,15 +1017,18 @@ class Move:
     def verify(self, comparison: Comparison, changes: tuple[Future, float]) -> dict[str, dict[str, int]]:
         """Behind the fence: the keys left by the comparison and those changed since; the
         decoding (by its deadline) and the comparison each within `moves.fence_timeout`."""
-        with self.step("verify"):
+        with self.step("verify", durable=False):
+            self.mark("verify begun")
             try:
                 new = self.within(*changes, "the sources' last changes were not decoded")
             except VerifyRestart as truncated:
                 raise MoveFailed(f"{self.label}: {truncated} was truncated just before the fence",
                                  "the fence is lifted: the source takes writes again; apply again to compare anew"
                                  ) from None
+            self.mark("decoded")
             with self.behind("the last keys were not compared"):
                 self.verified_keys = comparison.final(new, timeout=self.settings.fence_timeout)
+            self.mark("compared")
             return comparison.figures
 
     def set_sequences(self) -> None:
@@ -1109,14 +1138,15 @@ class Move:
     def flip(self, history: dict) -> None:
         # one transaction holds the routing change and the journal's record of it; behind the
         # fence, bounded like every wait there (a catalog table someone keeps locked)
-        with self.step("flip", atomic=True), self.behind("the routing flip did not commit"):
+        with self.step("flip", atomic=True, durable=False), self.behind("the routing flip did not commit"):
+            self.mark("flip begun")
             self.ctx.catalog.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
                 sql.Literal(f"{round(self.settings.fence_timeout * 1000)}ms")))
             if self.relocation:
                 self._flip_names()
             else:
                 for target in self.targets:
-                    record_schema(self.ctx, self.database, target, state="active")
+                    self._record_target_schema(target.name, target.name)
             for source in self.sources:
                 self.ctx.catalog.execute(
                     "UPDATE shardctl.shards SET state = 'retired', retired_at = now()"
@@ -1129,15 +1159,35 @@ class Move:
             ranges = [[s.lo, s.hi] for s in self.sources] + [[t.lo, t.hi] for t in self.targets]
             self.history_id = store.add_history(self.ctx.catalog, history["event"], history["address"],
                                                 {**history, "database": self.database, "ranges": ranges})
+            self.mark("flip written")
+        self.mark("flip committed")
 
-    def record_pause(self) -> float:
+    def read_target_schemas(self) -> None:
+        """Each target's schema as the flip records it, read on the held connections before the
+        fence: inside it, a new connection and four catalog queries per target lengthened the
+        pause. The same as at the flip: no DDL runs while a move is unfinished, and setting the
+        sequences behind the fence changes values, not the snapshot (names only)."""
+        for target in self.targets:
+            with self.session(target) as conn:
+                snap = introspect.snapshot(conn)
+            self.target_schemas[target.name] = (introspect.fingerprint(snap), snap)
+
+    def _record_target_schema(self, target: str, name: str) -> None:
+        """The target's row (NAME in the catalog) active, with the schema read before the fence."""
+        fingerprint, snap = self.target_schemas[target]
+        store.set_shard_schema(self.ctx.catalog, self.database, name, fingerprint, snap, "active")
+
+    def record_pause(self, flip_s: float) -> float:
         """Once the flip has committed: the pause, fence to flip committed, into the flip's history
         row (which could only hold the figure as of its own writing). The one figure: printed,
-        stored, and shown by status, the dashboard and /metrics from the history."""
+        stored, and shown by status, the dashboard and /metrics from the history. With it, where
+        the pause went (`pause_marks`) and the flip's own duration (`timings.flip`, seconds)."""
         pause = self.pause_ms()
         if self.history_id is not None:
-            self.ctx.catalog.execute("UPDATE shardctl.history SET detail = detail || jsonb_build_object('pause_ms', %s)"
-                                     " WHERE id = %s", (pause, self.history_id))
+            self.ctx.catalog.execute(
+                "UPDATE shardctl.history SET detail = jsonb_set(detail, '{timings,flip}', to_jsonb(%s::float8))"
+                " || jsonb_build_object('pause_ms', %s, 'pause_marks', %s::jsonb) WHERE id = %s",
+                (flip_s, pause, Jsonb(self.pause_marks), self.history_id))
         return pause
 
     def _flip_names(self) -> None:
@@ -1148,7 +1198,7 @@ class Move:
                                      (transit_name(source.name, source.server), self.database, source.name))
             self.ctx.catalog.execute("UPDATE shardctl.shards SET name = %s WHERE database = %s AND name = %s",
                                      (source.name, self.database, target.name))
-            record_schema(self.ctx, self.database, target.model_copy(update={"name": source.name}), state="active")
+            self._record_target_schema(target.name, source.name)
 
     def abort(self, state: str = "aborted") -> None:
         """Undo an operation that has not flipped: replication objects, fence, targets. After the
@@ -1349,13 +1399,17 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
     # waits for the flip instead of parking the range read-only; before the fence, it parks
     if journal.stop_requested():
         raise journal.Interrupted("stopped before the fence; apply again to continue")
+    move.read_target_schemas()  # what the flip records, read before the fence
     with journal.until_done(), move.bounded():
         try:
             # between tries, a key round: what changed while the fence waited is not left for
             # behind it (a fence that waited 7 s once left 35,000 keys to recheck in the pause)
             fence_lsn = timed("fence", lambda: move.fence(between=lambda: comparison.key_rounds(final=True)))
+            move.mark("fence recorded")
             changes = timed("catch_up", lambda: move.catch_up(fence_lsn, comparison, timings))
+            move.mark("catch up recorded")
             figures = timed("verify", lambda: move.verify(comparison, changes))
+            move.mark("verify recorded")
         except VerificationFailed:
             move.release()
             move.abort(state="failed")  # the copy is wrong: remove it all, the source as it was
@@ -1376,7 +1430,7 @@ def _copy_compare_cutover(move: Move, on_flip: Callable[[], dict], timed: Callab
             if not _cut_over_or_unknown(move):
                 move.lift_fence_after_failure()
             raise
-    pause = move.record_pause()
+    pause = move.record_pause(timings["flip"])
     move.say(f"writes to the range paused for {pause:.1f} ms (fence to flip committed"
              + (", from the fence an interrupted run left)" if move.inherited_pause else ")"))
     return figures

@@ -94,14 +94,20 @@ class Operation:
         return cls(conn, op_id)
 
     @contextmanager
-    def step(self, name: str, atomic: bool = False, **detail: Any) -> Iterator[dict[str, Any]]:
+    def step(self, name: str, atomic: bool = False, durable: bool = True,
+             **detail: Any) -> Iterator[dict[str, Any]]:
         """Record the step's 'begin', run it, record 'done' (or 'failed'). The block may add
         figures to the dict it is given; they are kept in the 'done' row. ATOMIC: the block runs
         in a catalog transaction that also holds the 'done' row, so no crash separates what the
-        step changed in the catalog from the journal's record of it."""
+        step changed in the catalog from the journal's record of it. DURABLE=False: the 'begin'
+        and (non-atomic) 'done' rows commit without waiting for the catalog's WAL flush, for a
+        step whose rows, lost with the catalog server, only mean the step is run again (the
+        steps behind the fence: each flush there lengthened the pause). The next durable commit
+        (the flip's) flushes them too; an atomic step's own transaction and 'failed' rows are
+        always durable."""
         if _stop_requested and not getattr(_unstoppable, "depth", 0):
             raise Interrupted(f"stopped before step {name!r}; apply again to continue")
-        self._record(name, "begin", detail)
+        self._record(name, "begin", detail, durable)
         points(name)
         outcome: dict[str, Any] = {}
         try:
@@ -118,7 +124,7 @@ class Operation:
                                               else type(exc).__name__})
             raise
         if not atomic:
-            self._record(name, "done", {**detail, **outcome})
+            self._record(name, "done", {**detail, **outcome}, durable)
 
     def progress(self, figures: dict[str, Any]) -> None:
         """The latest progress of a long step (rows, rates, lag, ETA), for `status` and the daemon.
@@ -135,13 +141,20 @@ class Operation:
         self.conn.execute("UPDATE shardctl.operations SET state = %s, finished_at = now() WHERE id = %s",
                           (state, self.id))
 
-    def _record(self, step: str, status: str, detail: dict[str, Any]) -> None:
+    def _record(self, step: str, status: str, detail: dict[str, Any], durable: bool = True) -> None:
         if self.conn.closed:
             return
+        values = (self.id, step, status, Jsonb({k: str(v) for k, v in detail.items()}))
+        if durable or self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self.conn.execute(
+                "INSERT INTO shardctl.journal (operation, step, status, detail) VALUES (%s, %s, %s, %s)", values)
+            return
+        # one round trip: synchronous_commit off for this statement's own (implicit) transaction
+        # only, read when it commits; the connection's setting is untouched
         self.conn.execute(
-            "INSERT INTO shardctl.journal (operation, step, status, detail) VALUES (%s, %s, %s, %s)",
-            (self.id, step, status, Jsonb({k: str(v) for k, v in detail.items()})),
-        )
+            "INSERT INTO shardctl.journal (operation, step, status, detail)"
+            " SELECT %s, %s, %s, %s FROM (SELECT set_config('synchronous_commit', 'off', true)) AS lazily",
+            values)
 
 
 def points(name: str) -> None:
