@@ -236,6 +236,7 @@ def test_seasonality_follows_the_declared_time_zone_across_daylight_saving():
     assert wape(local) < wape(utc) and wape(local) < 0.06, (wape(local), wape(utc))
 
 
+@pytest.mark.slow  # 17 fits of three weeks each: 100-200 s; the shape's replays run in the suite
 def test_a_flat_noisy_shard_never_crosses_by_one_hour_at_the_edge_of_its_band():
     s = shape("flat_noisy")
     for day in range(4, 21):
@@ -244,7 +245,8 @@ def test_a_flat_noisy_shard_never_crosses_by_one_hour_at_the_edge_of_its_band():
         assert max(f.deciding) < s.threshold
 
 
-@pytest.mark.parametrize("kind", ["nights", "spikes", "quiet"])
+@pytest.mark.parametrize("kind", [pytest.param("nights", marks=pytest.mark.slow),  # 3 weeks replayed: minutes
+                                  "spikes", "quiet"])
 def test_no_flapping_and_nothing_on_bursts_or_a_quiet_shard(kind):
     """Nights near zero turn split shards cold (merge bait): the reactive policy merges them and
     splits again next day; the predictive one holds the merge back while the merged load is
