@@ -206,6 +206,7 @@ def test_moves_on_disjoint_servers_run_at_once_under_a_writer(applied):
     _no_replication_left(fleet, ("a", "b", "c", "d"))
 
 
+@pytest.mark.slow  # the kill at the fence and the parallel moves under a writer run in the suite
 def test_parallel_moves_killed_midway_converge_on_rerun(applied):
     fleet = applied
     _with_c(fleet, "[c, d]")

@@ -215,6 +215,7 @@ def _drop_retired(fleet):
 
 
 @pytest.mark.stress
+@pytest.mark.slow  # ten moves in a row (minutes): one split and one merge under writers run in the suite
 def test_ten_moves_under_a_concurrent_writer(loaded):
     """Five cycles of splitting a hot shard and merging its halves back, each under the writer."""
     from movers import load_file

@@ -161,7 +161,7 @@ def test_infinite_and_nan_rates_are_unknown_never_hot(tmp_path, bad):
     assert any("rejected as unknown (not a measurement): queries_per_second" in w for w in checked.warnings[-1])
 
 
-@pytest.mark.parametrize("bad", [-5.0, math.nan])
+@pytest.mark.parametrize("bad", [pytest.param(-5.0, marks=pytest.mark.slow), math.nan])  # each replays 440 rounds
 def test_negative_and_nan_rates_are_unknown_never_cold(tmp_path, bad):
     """Split by a real load, then the children report impossible rates for longer than
     cold_for: never a merge. The same children reporting a real 5/s do merge (the control)."""
