@@ -38,6 +38,7 @@ from engine.servers.connect import ServerHandle
 from engine.servers.embedded import (
     PORT,
     EmbeddedServer,
+    _exists,
     _let_server_reach,
     _system_user,
     bin_dir,
@@ -256,21 +257,11 @@ def sweep(config_dir: Path, running: set[int]) -> list[str]:
     removed = []
     for scratch, owner in owned(config_dir):
         operation, pid = owner.get("operation"), owner.get("pid")
-        if operation in running or (operation is None and isinstance(pid, int) and _alive(pid)):
+        if operation in running or (operation is None and isinstance(pid, int) and _exists(pid)):
             continue
         scratch.remove()
         removed.append(scratch.label)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def role_for(handle: ServerHandle) -> str:
