@@ -122,6 +122,44 @@ def run_cli(*args: str, cwd: Path, input: str | None = None, env: dict | None = 
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+def wait_until(predicate, what: str, timeout: float = 30.0, every: float = 0.1):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+class Background:
+    """A CLI command running in the background, its standard error in a file that tests can wait on."""
+
+    def __init__(self, *args: str, cwd: Path, err_path: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDCTL_")}
+        env["NO_COLOR"] = "1"
+        self.err_path = err_path
+        self._err = err_path.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=self._err, stdin=subprocess.DEVNULL, text=True, env=env)
+
+    def wait_for_err(self, text: str, timeout: float = 60.0) -> None:
+        """Wait until the command has said `text` on standard error (it fails if the command ends first)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.err_path.read_text():
+            assert self.proc.poll() is None, f"ended ({self.proc.returncode}) before saying {text!r}: " \
+                                             f"{self.err_path.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"did not say {text!r} within {timeout:.0f}s"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 120.0) -> Result:
+        out, _ = self.proc.communicate(timeout=timeout)
+        self._err.close()
+        return Result(self.proc.returncode, out, self.err_path.read_text())
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"not strict JSON: {name}")
 

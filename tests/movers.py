@@ -119,6 +119,15 @@ class Writer:
         self._stop.set()
         self._thread.join(timeout=120)
 
+    def goes_on(self, writes: int = 20, timeout: float = 60.0) -> None:
+        """Wait until this writer has committed `writes` more changes (it fails on an error)."""
+        goal = self.writes + writes
+        deadline = time.monotonic() + timeout
+        while self.writes < goal and not self.errors:
+            assert time.monotonic() < deadline, f"the writer made {self.writes} of {goal} writes in {timeout:.0f}s"
+            time.sleep(0.01)
+        assert not self.errors, self.errors
+
     def _loop(self) -> None:
         rng = random.Random(7)
         next_id = self.start_id
@@ -223,8 +232,9 @@ def apply_under_writer(fleet, *args: str):
     writer.start(before)
     try:
         result = fleet.cli("apply", "--auto-approve", *args)
+        if result.code == 0:  # (else the assertion below says why)
+            writer.goes_on()  # writes continue on the new shards after the cutover
     finally:
-        time.sleep(0.5)  # writes continue on the new shards after the cutover
         writer.stop()
     assert result.code == 0, result.both
     assert writer.errors == [] and writer.writes > 50, writer.errors

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import FleetDir, every_step
+from conftest import FleetDir, every_step, wait_until
 from engine.catalog.journal import FAILPOINT_ENV
 from engine.client import ShardClient
 from engine.servers.embedded import EmbeddedServer
@@ -230,8 +230,6 @@ def test_the_restore_drill_passes_and_fails_loudly_when_a_wal_segment_is_gone(ba
 def test_a_branch_restored_to_a_time_before_a_split_reads_the_shard_map_of_that_time(backed_up):
     """Rows A, the moment T, rows B, a split, rows C: the branch at T holds A and neither B nor C,
     read from the shard the catalog's map of T names (the split's source, retired since)."""
-    from datetime import UTC, datetime
-
     fleet, _, _ = backed_up
     catalog = EmbeddedServer("a", fleet.path / ".shardctl/servers/a").conninfo("shardctl")
 
@@ -241,9 +239,8 @@ def test_a_branch_restored_to_a_time_before_a_split_reads_the_shard_map_of_that_
                 client.execute(key, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)", (key, "timed"))
 
     insert(6_000_000)
-    time.sleep(0.5)
-    moment = datetime.now(UTC)
-    time.sleep(0.5)
+    with fleet.catalog() as conn:  # the servers' clock, after every commit of A and before any of B
+        moment = conn.execute("SELECT clock_timestamp()").fetchone()[0]
     insert(7_000_000)
     split = fleet.cli("apply", "-split", "orders/80-c0", "--auto-approve")
     assert split.code == 0, split.both
@@ -293,7 +290,7 @@ def test_the_daemon_keeps_wal_streaming_and_takes_a_backup_when_one_is_due(backe
     for process in json.loads(listed.stdout)["a"]:  # the receiver `backups create` started, stopped here
         if process["name"] == "receive-wal":
             os.kill(int(process["pid"]), signal.SIGTERM)
-    stopped = _wait(lambda: not _streaming(fleet, "a"), "the receiver of a to stop")
+    stopped = wait_until(lambda: not _streaming(fleet, "a"), "the receiver of a to stop")
     assert stopped
     with fleet.catalog() as conn:  # the newest base backups ended two days ago: due under `every: 1d`
         conn.execute("UPDATE shardctl.backups SET end_at = end_at - interval '2 days'")
@@ -317,16 +314,6 @@ def _streaming(fleet, server: str) -> bool:
     with fleet.connect(server) as conn:
         row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'shardctl_backup'").fetchone()
     return bool(row and row[0])
-
-
-def _wait(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("step", every_step(["backup a", "backup b", "point", "archive a", "retention"],

@@ -2,10 +2,10 @@
 database each, never writing to the parent; expiry and removal."""
 
 import threading
-import time
 
 import pytest
 
+from conftest import wait_until
 from engine.servers.embedded import EmbeddedServer
 from movers import Writer, active_shards, all_rows, preload
 
@@ -86,9 +86,13 @@ def test_an_expired_branch_is_deleted_and_not_made_again(parent):
                  "    server: a\n    ttl: 2s\n")
     assert parent.cli("apply", "--auto-approve").code == 0
     assert "branch_brief" in parent.databases("a")
-    time.sleep(2.5)
-    plan = parent.cli("plan")
-    assert "# branch.brief will be destroyed" in plan.out and "its ttl ran out at" in plan.out
+
+    def expired_plan():
+        plan = parent.cli("plan")
+        return plan if plan.code == 0 and "# branch.brief will be destroyed" in plan.out else None
+
+    plan = wait_until(expired_plan, "the plan to see the 2s ttl run out", timeout=60, every=0.5)
+    assert "its ttl ran out at" in plan.out
     assert parent.cli("apply", "--auto-approve").code == 0
     assert "branch_brief" not in parent.databases("a")
     again = parent.cli("plan", "--detailed-exitcode")
@@ -170,7 +174,16 @@ def _log_lock_waits(fleet) -> dict:
             conn.execute("SELECT pg_reload_conf()")
         log = EmbeddedServer(server, fleet.path / ".shardctl" / "servers" / server).log_file
         ends[server] = (log, log.stat().st_size)
-    time.sleep(0.5)  # the reload reaches every backend
+
+    def reloaded() -> bool:  # a new session sees the reloaded settings
+        for server in ("a", "b"):
+            with fleet.connect(server) as conn:
+                if conn.execute("SELECT current_setting('log_lock_waits'), current_setting('deadlock_timeout')"
+                                ).fetchone() != ("on", "10ms"):
+                    return False
+        return True
+
+    wait_until(reloaded, "the servers to reload log_lock_waits")
     return ends
 
 
@@ -192,11 +205,9 @@ def test_writers_never_wait_while_a_full_branch_is_made_and_reset(parent):
         locker.execute("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")
         waiter = threading.Thread(target=lambda: blocked.execute("UPDATE customers SET name = name WHERE false"))
         waiter.start()
-        time.sleep(0.2)
+        wait_until(lambda: "still waiting for" in _logged_since(ends), "the held writer to be logged")
         locker.execute("COMMIT")
         waiter.join()
-    time.sleep(0.2)
-    assert "still waiting for" in _logged_since(ends)
 
     ends = _log_lock_waits(parent)
     before, _ = all_rows(parent)
@@ -207,7 +218,7 @@ def test_writers_never_wait_while_a_full_branch_is_made_and_reset(parent):
         parent.write("fleet.yaml", parent.read("fleet.yaml") + BRANCHES.split("  dev_sample:")[0])
         applied = parent.cli("apply", "--auto-approve")
         reset = parent.cli("branches", "reset", "dev_full")  # a reset reads the parent the same way
-        time.sleep(0.3)
+        writer.goes_on()  # and the writer goes on after it
     finally:
         writer.stop()
     assert applied.code == 0, applied.both

@@ -140,7 +140,7 @@ def _chromium() -> str:
 
 
 @pytest.mark.parametrize("width", [390, 1280])
-def test_the_page_fits_the_width_without_sideways_scroll(tmp_path, width):
+def test_in_chromium_the_page_fits_the_width_without_sideways_scroll(tmp_path, width):
     """Headless Chromium will not open a window narrower than 500 px, so the page is laid out in
     an iframe of the width (as a phone's viewport); the probe is in the test's wrapper page,
     never in the dashboard, which has no script."""

@@ -2,12 +2,10 @@
 fleet gives 0; an apply in flight is waited for."""
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
+from conftest import Background
 from engine.catalog.lock import apply_lock
 
 
@@ -61,11 +59,10 @@ def test_an_edited_yaml_is_drift_of_the_configuration(applied):
 def test_drift_waits_for_an_apply_in_flight(applied):
     conn = applied.catalog()
     with apply_lock(conn, "apply"):
-        proc = subprocess.Popen([sys.executable, "-m", "engine", "-C", "fleet", "drift", "--detailed-exitcode"],
-                                cwd=applied.base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.5)
-        assert proc.poll() is None, "drift must wait while an apply holds the lock"
+        drift = Background("-C", "fleet", "drift", "--detailed-exitcode", cwd=applied.base,
+                           err_path=applied.base / "drift.err")
+        drift.wait_for_err("Waiting for an apply in flight to finish...")
+        assert drift.proc.poll() is None, "drift must wait while an apply holds the lock"
     conn.close()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out + err
-    assert "Waiting for an apply in flight to finish..." in err
+    result = drift.finish()
+    assert result.code == 0, result.both

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import every_step
+from conftest import every_step, wait_until
 import test_branches
 from movers import Writer, active_shards, all_rows
 from test_branches import _log_lock_waits, _logged_since, _parent_sums, _sums
@@ -79,7 +79,7 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
         plan = parent.cli("plan")
         assert "branch.mirror will be created" in plan.out, plan.both
         applied = parent.cli("apply", "--auto-approve")
-        time.sleep(1.0)  # writes after the initial copy, streamed
+        writer.goes_on()  # writes after the initial copy, streamed
     finally:
         writer.stop()
     assert applied.code == 0, applied.both
@@ -125,8 +125,9 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
         conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
         conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
         conn.execute(f'DROP SUBSCRIPTION "{sub}"')
-    with parent.connect(server, dbname) as conn:
-        time.sleep(0.5)
+    with parent.connect(server, dbname) as conn:  # once its walsender has gone
+        wait_until(lambda: conn.execute("SELECT NOT active FROM pg_replication_slots WHERE slot_name = %s",
+                                        (link_name("mirror", dbname),)).fetchone()[0], "the link's walsender to end")
         conn.execute("SELECT pg_drop_replication_slot(%s)", (link_name("mirror", dbname),))
     drift = json.loads(parent.cli("drift", "--format", "json").out)
     assert drift["status"] == "drifted", drift
@@ -300,7 +301,7 @@ def test_a_replica_follows_a_split_a_merge_and_a_drain_under_a_writer(parent):
         split = parent.cli("apply", "--auto-approve", "-split", "orders/-40")
         assert split.code == 0, split.both
         assert "the replica follows" in split.out, split.out
-        time.sleep(0.5)  # writes to the new shards, streamed
+        writer.goes_on()  # writes to the new shards, streamed
         _follows_exactly_the_active_shards(parent)
         merge = parent.cli("apply", "--auto-approve", "-merge", "orders/40-80,80-c0")
         assert merge.code == 0, merge.both
@@ -310,7 +311,7 @@ def test_a_replica_follows_a_split_a_merge_and_a_drain_under_a_writer(parent):
         drain = parent.cli("apply", "--auto-approve")
         assert drain.code == 0, drain.both
         assert "move_shard" in parent.cli("history", "--json").out or "move" in drain.out
-        time.sleep(0.5)
+        writer.goes_on()
     finally:
         writer.stop()
     assert writer.errors == [] and writer.writes > 50

@@ -2,11 +2,10 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import run_cli
+from conftest import Background, run_cli
 from engine.catalog.lock import apply_lock
 
 
@@ -67,16 +66,15 @@ def test_lock_timeout_waits_for_the_holder(applied):
                                                                      "    policy: default\n    protect: true\n"))
     conn = applied.catalog()
     with apply_lock(conn, "apply"):
-        proc = subprocess.Popen([sys.executable, "-m", "engine", "-C", "fleet", "apply", "--auto-approve",
-                                 "--lock-timeout", "60s"], cwd=applied.base, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        time.sleep(3)
-        assert proc.poll() is None, "apply should wait while the lock is held"
+        apply = Background("-C", "fleet", "apply", "--auto-approve", "--lock-timeout", "60s", cwd=applied.base,
+                           err_path=applied.base / "apply.err")
+        # a notice: standard error, as in every command
+        apply.wait_for_err("Acquiring state lock. This may take a few moments...")
+        assert apply.proc.poll() is None, "apply should wait while the lock is held"
     conn.close()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out + err
-    assert "Acquiring state lock. This may take a few moments..." in err  # a notice: standard error, as in every command
-    assert "Apply complete!" in out
+    result = apply.finish()
+    assert result.code == 0, result.both
+    assert "Apply complete!" in result.out
 
 
 def test_prompt_accepts_only_yes(applied):

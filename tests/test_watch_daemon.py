@@ -202,8 +202,11 @@ def test_sustained_load_splits_the_hot_shard_and_the_cooldown_holds_back_a_secon
     assert [s[0] for s in active_shards(fleet)] == ["-40", "40-60", "60-80", "80-c0", "c0-"]
 
 
-def test_pause_holds_automation_and_the_dashboard_shows_the_hot_shard(watched):
+def test_pause_holds_automation_and_chromium_shows_the_hot_shard_on_the_dashboard(watched):
+    """Every assertion but the rendered page runs without Chromium; the page's needs Chromium (skipped
+    at the end where it is missing, failed on CI)."""
     fleet, watch = watched["fleet"], watched["watch"]
+    chromium = _chromium()
     paused = fleet.cli("pause", "--reason", "maintenance window")
     assert paused.code == 0 and "paused" in paused.out
     watch.wait("the pause seen", lambda: watch.status()["paused"], timeout=3)  # interval is 1s
@@ -215,25 +218,45 @@ def test_pause_holds_automation_and_the_dashboard_shows_the_hot_shard(watched):
         status = watch.status()
         assert any(a.startswith("shard.orders/-40") for a in status["alerts"]) or \
             watch.wait("the hot alert", lambda: watch.status()["alerts"], timeout=10)
-        _dashboard_in_chromium(watch, [s[0] for s in active_shards(fleet)])
+        if chromium:
+            _dashboard_in_chromium(chromium, watch, [s[0] for s in active_shards(fleet)])
         _metrics_parse(watch)
         # the HTTP kill switch needs the token
         assert watch.post("/api/resume")[0] == 401
         assert watch.post("/api/resume", token="wrong")[0] == 401
-        time.sleep(3)
+        # two more planning rounds with the hot shard still hot: neither may split it
+        _wait_for_rounds(watch, 2)
         assert _splits(watch, "shard.orders/-40") == []
     finally:
         bench.terminate()
         bench.wait()
     assert watch.get("/api/status")["paused"]
+    if not chromium:
+        pytest.skip("chromium is not installed (apt-get install chromium): the dashboard's page was not rendered;"
+                    " every other assertion of this test passed")
 
 
-def _dashboard_in_chromium(watch: Watch, shards: list[str]) -> None:
+def _wait_for_rounds(watch: Watch, rounds: int) -> None:
+    """Wait until the daemon has planned `rounds` more times than it had when called."""
+    seen = [watch.status()["planned_at"]]
+
+    def advanced() -> bool:
+        now = watch.status()["planned_at"]
+        if now != seen[-1]:
+            seen.append(now)
+        return len(seen) > rounds
+
+    watch.wait(f"{rounds} more planning rounds", advanced, timeout=60)
+
+
+def _chromium() -> str | None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    if chromium is None and os.environ.get("CI"):
+        pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
+    return chromium
+
+
+def _dashboard_in_chromium(chromium: str, watch: Watch, shards: list[str]) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
