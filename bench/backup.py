@@ -41,11 +41,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from branch import BYTES_PER_EVENT, EVENTS_PER_CUSTOMER, SCHEMA, env_for, fill, filesystem, quiet, timed  # noqa: E402
-
-from engine import workflow  # noqa: E402
-from engine.servers.embedded import bin_dir  # noqa: E402
-from engine.servers.fleet import Fleet  # noqa: E402
+from branch import BYTES_PER_EVENT, EVENTS_PER_CUSTOMER, SCHEMA, env_for, filesystem, fill, quiet, timed
+from engine import workflow
+from engine.servers.embedded import bin_dir
+from engine.servers.fleet import Fleet
 
 FLEET = """\
 servers:

@@ -48,11 +48,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from psycopg import pq  # noqa: E402
+from psycopg import pq
 
-from engine import workflow  # noqa: E402
-from engine.servers.embedded import bin_dir  # noqa: E402
-from engine.servers.fleet import Fleet  # noqa: E402
+from engine import workflow
+from engine.servers.embedded import bin_dir
+from engine.servers.fleet import Fleet
 
 SCHEMA = """\
 CREATE TABLE customers (customer_id bigint PRIMARY KEY, name text NOT NULL,

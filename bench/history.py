@@ -32,11 +32,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.catalog import schema, store  # noqa: E402
-from engine.config.models import Retention  # noqa: E402
-from engine.observe.metrics import METRICS, MetricValue, Reading, Sample  # noqa: E402
-from engine.observe.rollup import rollup_rows  # noqa: E402
-from engine.servers.embedded import EmbeddedServer  # noqa: E402
+from engine.catalog import schema, store
+from engine.config.models import Retention
+from engine.observe.metrics import METRICS, MetricValue, Reading, Sample
+from engine.observe.rollup import rollup_rows
+from engine.servers.embedded import EmbeddedServer
 
 INTERVAL = 10.0
 DAYS = 30
@@ -97,8 +97,8 @@ def run(conn: psycopg.Connection, pid: int, shards: list[str], rounds: int, mode
 
 
 def bytes_per_row(conn: psycopg.Connection, table: str, where: str = "") -> float:
-    size = conn.execute(f"SELECT pg_total_relation_size('shardctl.{table}')").fetchone()[0]  # noqa: S608 (static)
-    count = conn.execute(f"SELECT count(*) FROM shardctl.{table} {where}").fetchone()[0]  # noqa: S608
+    size = conn.execute(f"SELECT pg_total_relation_size('shardctl.{table}')").fetchone()[0]
+    count = conn.execute(f"SELECT count(*) FROM shardctl.{table} {where}").fetchone()[0]
     return size / max(count, 1)
 
 
@@ -110,7 +110,7 @@ def fill_rollups(conn: psycopg.Connection, shards: list[str], days: int) -> None
     for resolution in (60, 3600):
         count = days * 86400 // resolution
         conn.execute(
-            f"INSERT INTO shardctl.metric_rollups (shard, resolution, bucket, samples, {columns})"  # noqa: S608
+            f"INSERT INTO shardctl.metric_rollups (shard, resolution, bucket, samples, {columns})"
             f" SELECT s, {resolution}, timestamptz '2025-12-01' + make_interval(secs => {resolution} * g), n, {values}"
             f" FROM unnest(%s::text[]) s, generate_series(0, {count - 1}) g, (SELECT {resolution // 10} AS n) k",
             (shards,))

@@ -33,12 +33,12 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config.models import Server  # noqa: E402
-from engine.observe.sampling import LiveSampler  # noqa: E402
-from engine.servers.fleet import Fleet  # noqa: E402
-from engine.observe.models import CatalogShard  # noqa: E402
-from engine.servers.connect import ServerHandle  # noqa: E402
-from engine.servers.embedded import bin_dir  # noqa: E402
+from engine.config.models import Server
+from engine.observe.models import CatalogShard
+from engine.observe.sampling import LiveSampler
+from engine.servers.connect import ServerHandle
+from engine.servers.embedded import bin_dir
+from engine.servers.fleet import Fleet
 
 NAIVE = """
 SELECT s.xact_commit + s.xact_rollback, s.active_time, s.numbackends, pg_database_size(current_database())
@@ -236,9 +236,10 @@ def main() -> None:
                         p.wait()
                 print(f"{label}:")
                 print(f"  connection per database (baseline) {per_db * 1000:9.1f} ms")
-                print(f"  interval round, warm connection     {interval * 1000:9.1f} ms   {per_db / interval:7.1f}x cheaper")
-                print(f"  interval round, new connection      {cold * 1000:9.1f} ms   {per_db / cold:7.1f}x cheaper")
-                print(f"  full round (+ sizes, buffer cache)  {full * 1000:9.1f} ms   {per_db / full:7.1f}x cheaper")
+                for what, seconds in (("interval round, warm connection", interval),
+                                      ("interval round, new connection", cold),
+                                      ("full round (+ sizes, buffer cache)", full)):
+                    print(f"  {what:<36}{seconds * 1000:9.1f} ms   {per_db / seconds:7.1f}x cheaper")
             sampler.close()
         finally:
             server.stop()

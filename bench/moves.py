@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import workflow  # noqa: E402
-from engine.servers.fleet import Fleet  # noqa: E402
+from engine import workflow
+from engine.servers.fleet import Fleet
 
 FLEET = """\
 servers:

@@ -18,20 +18,27 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import loader  # noqa: E402
-from engine.keyspace import even_ranges, physical_name  # noqa: E402
-from engine.observe.metrics import METRICS  # noqa: E402
-from engine.observe.models import (  # noqa: E402
-    AppliedStep, CatalogDatabase, CatalogShard, CatalogState, HourlySeries, LiveServer, LiveShard, Observation,
+from engine.config import loader
+from engine.keyspace import even_ranges, physical_name
+from engine.observe.metrics import METRICS
+from engine.observe.models import (
+    AppliedStep,
+    CatalogDatabase,
+    CatalogShard,
+    CatalogState,
+    HourlySeries,
+    LiveServer,
+    LiveShard,
+    Observation,
 )
-from engine.observe.series import Series, micros  # noqa: E402
-from engine.plan import planner  # noqa: E402
-from engine.render.renderers import render  # noqa: E402
+from engine.observe.series import Series, micros
+from engine.plan import planner
+from engine.render.renderers import render
 
 SCHEMA = "CREATE TABLE t (k bigint PRIMARY KEY, v text);"
 
@@ -48,7 +55,7 @@ def build(tmp: Path, databases: int, shards: int, servers: int):
     desired = loader.load(tmp, cwd=tmp)
     load_s = time.perf_counter() - started
 
-    now = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
     fingerprint = "f" * 64
     catalog_dbs, live, metrics = {}, {}, {}
     for d, (name, db) in enumerate(desired.databases.items()):
@@ -67,14 +74,15 @@ def build(tmp: Path, databases: int, shards: int, servers: int):
                 [10.0] * 31, {m: [20000.0 if hot and m == "queries_per_second" else 500.0
                                   if m == "queries_per_second" else 30.0] * 31 for m in METRICS},
                 {m: [(0, "recorded")] for m in METRICS})
+        applied = tuple(AppliedStep(seq=i + 1, name=s.name, sha256=s.sha256) for i, s in enumerate(db.schema_steps))
         catalog_dbs[name] = CatalogDatabase(
             name=name, key_column="k", key_type="bigint", protect=False, policy_name=db.policy_name,
             policy=settings.policy, placement=settings.placement, state="active",
-            schema_steps=tuple(AppliedStep(seq=i + 1, name=s.name, sha256=s.sha256) for i, s in enumerate(db.schema_steps)),
-            shards=tuple(rows))
+            schema_steps=applied, shards=tuple(rows))
     observation = Observation(
         catalog=CatalogState(exists=True, schema_version=2, serial=1, epoch=1, databases=catalog_dbs),
-        servers={n: LiveServer(name=n, reachable=True, version="18.6", wal_level="logical", databases=()) for n in names},
+        servers={n: LiveServer(name=n, reachable=True, version="18.6", wal_level="logical", databases=())
+                 for n in names},
         shards=live, metrics=metrics, metrics_source="recorded", taken_at=now)
     return desired, observation, load_s
 
@@ -89,7 +97,8 @@ def with_hourly(observation: Observation, days: int) -> Observation:
     hourly = {}
     for n, address in enumerate(sorted(observation.metrics)):
         peak = 9000.0 if n % 100 == 1 else 3300.0
-        qps = tuple(peak * (0.6 + 0.4 * math.cos(2 * math.pi * i / 24)) * (1.02 ** (i / 24 - days)) for i in range(len(at)))
+        qps = tuple(peak * (0.6 + 0.4 * math.cos(2 * math.pi * i / 24)) * (1.02 ** (i / 24 - days))
+                    for i in range(len(at)))
         hourly[address] = HourlySeries(at=at, values={m: qps if m == "queries_per_second" else (30.0,) * len(at)
                                                       for m in METRICS})
     return observation.model_copy(update={"hourly": hourly})
@@ -120,7 +129,8 @@ def main() -> None:
     print(f"{total} shards, {len(observation.catalog.databases)} databases, {len(observation.servers)} servers")
     print(f"  config load (YAML -> validated models)      {load_s * 1000:8.1f} ms")
     print(f"  baseline: serialise the observation once    {baseline * 1000:8.1f} ms")
-    print(f"  plan (diff + detection + load actions)      {plan_s * 1000:8.1f} ms   {plan_s / baseline:5.2f}x the baseline")
+    print(f"  plan (diff + detection + load actions)      {plan_s * 1000:8.1f} ms"
+          f"   {plan_s / baseline:5.2f}x the baseline")
     print(f"  render text / json                          {text_s * 1000:8.1f} / {json_s * 1000:.1f} ms")
     print(f"  actions: {len(plan.actions)} ({', '.join(f'{v} {k}' for k, v in plan.summary.by_kind.items())})")
     print(f"  peak RSS: config, observation, plans, renders {rss_mb:6.1f} MB")

@@ -19,18 +19,19 @@ import argparse
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ruamel.yaml import YAML  # noqa: E402
+from ruamel.yaml import YAML
 
-from engine.config import loader  # noqa: E402
-from engine.errors import ConfigError  # noqa: E402
+from engine.config import loader
+from engine.errors import ConfigError
 
 BOMB = "servers:\n  a: {embedded: true}\n" + "".join(
     f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
-    for p, c in zip([None] + list("abcdefgh"), "abcdefghi"))
+    for p, c in pairwise([None, *"abcdefghi"]))
 
 
 def config(target_bytes: int) -> str:
@@ -104,7 +105,8 @@ def main() -> None:
         validates += timed(lambda: loader.load(tmp, cwd=tmp), 1)
     baseline, validate = min(baselines), min(validates)
     ratios = sorted(v / b for v, b in zip(validates, baselines, strict=True))
-    print(f"baseline: ruamel.yaml safe load      {baseline:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in baselines)})")
+    print(f"baseline: ruamel.yaml safe load      {baseline:8.2f} s"
+          f"   (runs: {', '.join(f'{t:.2f}' for t in baselines)})")
     print(f"shardctl validate (loader.load)      {validate:8.2f} s   {validate / baseline:.2f}x the baseline"
           f"   (runs: {', '.join(f'{t:.2f}' for t in validates)}; per-run ratios {ratios[0]:.2f}-{ratios[-1]:.2f})")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+
 def pytest_addoption(parser):
     parser.addoption("--travel", metavar="ISO8601", default=None,
                      help="run the in-process tests with the clock moved to this instant (it keeps ticking);"

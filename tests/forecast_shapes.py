@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from traces import Shape, shape
-
 from engine.config.models import Policy
 from engine.detect.backtest import Trace, TraceResult, replay_together
 from engine.detect.forecast import Lineage, lead_time
 from engine.observe import rollup
 from engine.observe.models import MoveRecord
+from traces import Shape, shape
 
 MOVE = 2700.0  # the replayed moves take 45 minutes
 LEAD = lead_time([MoveRecord(kind="split_shard", seconds=MOVE, size_bytes=5e9)], 5e9, 3600, 3600)
@@ -147,11 +146,10 @@ def plan_replay(name: str, directory, seed: int = 1, every: timedelta = timedelt
     """Plans in `forecast.mode: act`, one an hour (at a quarter past) from the first hour a
     forecast is possible, on the hourly history so far and the newest half hour of samples,
     until the first split planned on a forecast: when, against the shape's crossing."""
-    from test_load_planning import _observation
-    from traces import QUIET, samples
-
     from engine.config import loader
     from engine.plan import planner
+    from test_load_planning import _observation
+    from traces import QUIET, samples
 
     s = shape(name, seed)
     (directory / "fleet.yaml").write_text(PLAN_FLEET.format(metric=s.metric, threshold=s.threshold,

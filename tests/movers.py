@@ -16,7 +16,6 @@ from engine.client import ShardClient, hashint8extended
 from engine.keyspace import even_ranges
 from traces import samples, to_file
 
-
 # recorded windows long enough for the default policy: hot sustained for 5 minutes, cold for 30
 HOT_SAMPLES = 36  # 6 minutes at 10 s
 COLD_SAMPLES = 190  # 31.5 minutes at 10 s
@@ -40,7 +39,7 @@ def cold_file(path, shards: int = 4) -> None:
 def load_file(path, fleet, hot: tuple[str, ...] = (), cold: tuple[str, ...] = ()) -> None:
     """Samples for the shards active now: the named ones hot or cold, the rest in between."""
     windows = {}
-    for name, lo, hi, server, dbname in active_shards(fleet):
+    for name, _lo, _hi, server, _dbname in active_shards(fleet):
         address = f"orders/{name}"
         qps = 15000.0 if address in hot else 5.0 if address in cold else 500.0
         windows[address] = samples(address, {"queries_per_second": [qps] * COLD_SAMPLES}, server=server)
@@ -65,7 +64,7 @@ def active_shards(fleet) -> list[tuple[str, int | None, int | None, str, str]]:
 
 def preload(fleet, customers: int = 20000) -> None:
     """Customers 1..N, each on the shard that owns it, written straight into the shards."""
-    for name, lo, hi, server, dbname in active_shards(fleet):
+    for _name, lo, hi, server, dbname in active_shards(fleet):
         with fleet.connect(server, dbname) as conn:
             conn.execute(
                 "INSERT INTO customers (customer_id, name) SELECT g, 'c' || g FROM generate_series(1, %s) g"
@@ -138,7 +137,8 @@ class Writer:
                 try:
                     if roll < 0.5 or len(self.expected) < 100:
                         cid, next_id = next_id, next_id + 1
-                        client.execute(cid, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)", (cid, f"n{cid}"))
+                        client.execute(cid, "INSERT INTO customers (customer_id, name) VALUES (%s, %s)",
+                                       (cid, f"n{cid}"))
                         self.expected[cid] = f"n{cid}"
                     elif roll < 0.8:
                         cid = rng.choice(list(self.expected))

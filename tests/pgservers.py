@@ -127,8 +127,9 @@ def _prepare_roles(server: Server) -> None:
 def _demote() -> tuple[str | None, dict]:
     """As root, the server runs as the wheel's system user: subprocess's user=/group= with no
     supplementary groups, as engine/servers/embedded.py starts its own."""
-    from engine.servers.embedded import _system_user
     import pwd
+
+    from engine.servers.embedded import _system_user
 
     user = _system_user()
     if user is None:
@@ -143,7 +144,7 @@ def _chown_tree(path: Path, user: str | None) -> None:
     import pwd
 
     entry = pwd.getpwnam(user)
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for f in files:
             os.chown(os.path.join(root, f), entry.pw_uid, entry.pw_gid)

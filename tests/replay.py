@@ -14,11 +14,9 @@ the window is cleaned as the daemon's own stored window is (engine.observe.clean
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable
-
-from traces import QUIET, START
 
 from engine.keyspace import KeyRange, even_ranges, physical_name
 from engine.observe import cleaning
@@ -34,8 +32,10 @@ from engine.observe.models import (
 )
 from engine.plan import planner
 from engine.watch.daemon import decide_round
+from traces import QUIET, START
 
 SPACE = 2 ** 64
+Traces = dict[str, list[float | None]]  # initial range name -> a value per tick (None: no sample)
 
 
 def _span(lo: int | None, hi: int | None) -> tuple[int, int]:
@@ -56,8 +56,8 @@ class Taken:
 @dataclass
 class Replay:
     desired: object
-    traces: dict[str, list[float | None]]  # initial range name -> queries per second per tick
-    gauges: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)  # metric -> traces like the above
+    traces: Traces  # queries per second
+    gauges: dict[str, Traces] = field(default_factory=dict)  # metric -> its traces
     interval: float = 10.0
     servers_down: dict[str, range] = field(default_factory=dict)  # server -> ticks it does not answer
     paused: bool = False
@@ -82,7 +82,7 @@ class Replay:
                                             database="orders", ranges=((None, None),)))
         self.taken: list[Taken] = []
 
-    def _load(self, shard: CatalogShard, tick: int, traces: dict[str, list[float | None]] | None = None) -> float | None:
+    def _load(self, shard: CatalogShard, tick: int, traces: Traces | None = None) -> float | None:
         """The shard's share of the traces of the ranges it overlaps (additive metrics)."""
         traces = self.traces if traces is None else traces
         lo, hi = _span(shard.lo, shard.hi)

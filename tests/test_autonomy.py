@@ -69,7 +69,8 @@ def test_config_changes_wait_for_a_person_and_hold_back_automation_on_that_datab
     decision = decide(_plan(_schema(), _split()), paused=False)
     assert decision.autonomous == ()
     assert [(p.kind, p.why.split(":")[0]) for p in decision.pending] == [
-        ("apply_schema", "apply schema"), ("split_shard", "a person's change to orders is pending; automation waits for it")]
+        ("apply_schema", "apply schema"),
+        ("split_shard", "a person's change to orders is pending; automation waits for it")]
     # but an interrupted move is finished even then: DDL waits for it, not the other way round
     resumed = _split(operation=3, cause="resume")
     assert decide(_plan(_schema(), resumed), paused=False).autonomous == (resumed,)

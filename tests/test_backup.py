@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -299,8 +298,12 @@ def test_the_daemon_keeps_wal_streaming_and_takes_a_backup_when_one_is_due(backe
         watch.wait("WAL streaming of a again", lambda: watch.events("wal_streaming_started"))
         done = watch.wait("a scheduled base backup", lambda: watch.events("backup_done"), timeout=180)
         assert done[0]["servers"] == ["a", "b"] and done[0]["restore_point"].startswith("backup-op")
-        metrics = watch.wait("the backup series", lambda: (lambda t: t if 'shardctl_backup_wal_streaming{server="a"} 1.0'
-                             in t else None)(watch.text("/metrics")), timeout=60)
+
+        def streaming_series() -> str | None:
+            text = watch.text("/metrics")
+            return text if 'shardctl_backup_wal_streaming{server="a"} 1.0' in text else None
+
+        metrics = watch.wait("the backup series", streaming_series, timeout=60)
         assert 'shardctl_backup_age_seconds{server="b"}' in metrics and "shardctl_backup_wal_lag_bytes" in metrics
         assert "<h2>Backups</h2>" in watch.text("/") and watch.status()["backups"][0]["server"] == "a"
         status = fleet.cli("status")

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from conftest import every_step
-
 from engine.catalog.journal import FAILPOINT_ENV
 from movers import active_shards, preload
 
@@ -63,7 +62,10 @@ def _unfinished_is_shown(fleet, step: str, text: str) -> int:
     return op["id"]
 
 
-@pytest.mark.parametrize("step", every_step(["record", "database", "pre-data", "data", "post-data", "activate"], always="data"))
+CREATION_STEPS = ["record", "database", "pre-data", "data", "post-data", "activate"]
+
+
+@pytest.mark.parametrize("step", every_step(CREATION_STEPS, always="data"))
 def test_a_branch_creation_killed_at_each_step_is_shown_then_rebuilt(parent, step):
     parent.write("fleet.yaml", parent.read("fleet.yaml") + BRANCH)
     killed = parent.cli("apply", "--auto-approve", env={FAILPOINT_ENV: f"{step} dev"})
@@ -132,7 +134,10 @@ def _merged_everywhere(fleet) -> None:
                             ).fetchone() == (1,)
 
 
-@pytest.mark.parametrize("step", every_step(["schema orders/-40", "schema orders/80-c0", "record feat schema"], always="schema orders/80-c0"))
+MERGE_STEPS = ["schema orders/-40", "schema orders/80-c0", "record feat schema"]
+
+
+@pytest.mark.parametrize("step", every_step(MERGE_STEPS, always="schema orders/80-c0"))
 def test_a_schema_merge_killed_at_each_step_resumes_and_converges(parent, step):
     parent.write("fleet.yaml", parent.read("fleet.yaml") + MERGE_BRANCH)
     assert parent.cli("apply", "--auto-approve").code == 0

@@ -32,7 +32,7 @@ def _sums(conn, table):
 
 def _parent_sums(fleet, table):
     count = total = 0
-    for name, lo, hi, server, dbname in active_shards(fleet):
+    for _name, _lo, _hi, server, dbname in active_shards(fleet):
         with fleet.connect(server, dbname) as conn:
             c, t = _sums(conn, table)
             count, total = count + c, total + t
@@ -43,7 +43,7 @@ def _parent_sums(fleet, table):
 def parent(fleet):
     assert fleet.cli("apply", "--auto-approve").code == 0
     preload(fleet, customers=8000)
-    for name, lo, hi, server, dbname in active_shards(fleet):
+    for _name, _lo, _hi, server, dbname in active_shards(fleet):
         with fleet.connect(server, dbname) as conn:
             conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
                          " SELECT customer_id, k, k * 1.5 FROM customers, generate_series(1, 2) k")
@@ -127,13 +127,13 @@ def test_a_branch_schema_change_merges_into_every_shard(parent):
     doc = __import__("json").loads(parent.cli("plan", "--format", "json").out)
     assert doc["actions"][0]["findings"][0][0] == "warning"
     assert parent.cli("apply", "--auto-approve").code == 0
-    for name, lo, hi, server, dbname in active_shards(parent):
+    for _name, _lo, _hi, server, dbname in active_shards(parent):
         with parent.connect(server, dbname) as conn:
             assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_note'").fetchone() == (1,)
     assert parent.cli("plan", "--detailed-exitcode").code == 0  # every shard now equals the branch
 
     # a shard dropped by hand afterwards comes back with the merged step too, not only the YAML's
-    (name, lo, hi, server, dbname), *_ = active_shards(parent)
+    (_name, _lo, _hi, server, dbname), *_ = active_shards(parent)
     with parent.connect(server) as conn:
         conn.execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
     recreated = parent.cli("apply", "--auto-approve")
@@ -157,8 +157,9 @@ def test_a_schema_merge_is_refused_when_a_shard_drifted_or_it_drops_data(parent)
     assert "set allow_destructive: true" in plan.out
     with parent.connect("a", "orders_80_c0") as conn:  # a hotfix on one shard since the branch was made
         conn.execute("CREATE INDEX hotfix ON customers (name)")
-    parent.write("fleet.yaml", parent.read("fleet.yaml").replace("    merge_schema: true\n",
-                                                                 "    merge_schema: true\n    allow_destructive: true\n"))
+    destructive = parent.read("fleet.yaml").replace("    merge_schema: true\n",
+                                                    "    merge_schema: true\n    allow_destructive: true\n")
+    parent.write("fleet.yaml", destructive)
     plan = parent.cli("plan")
     assert "schema merge refused: orders/80-c0 no longer match the schema the branch was made from" in plan.out
 
@@ -199,7 +200,7 @@ def _logged_since(ends: dict) -> str:
 def test_writers_never_wait_while_a_full_branch_is_made_and_reset(parent):
     ends = _log_lock_waits(parent)
     # the check itself works: a writer held by a table lock for 200 ms is logged
-    (name, lo, hi, server, dbname), *_ = active_shards(parent)
+    (_name, _lo, _hi, server, dbname), *_ = active_shards(parent)
     with parent.connect(server, dbname) as locker, parent.connect(server, dbname) as blocked:
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")

@@ -18,9 +18,8 @@ from psycopg import sql
 
 import pgservers
 from conftest import EXAMPLES, FleetDir, run_cli
-from test_watch_daemon import Watch
-
 from engine.servers.embedded import EmbeddedServer
+from test_watch_daemon import Watch
 
 FLEET = """\
 servers:

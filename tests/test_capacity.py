@@ -8,12 +8,11 @@ from __future__ import annotations
 import re
 
 from conftest import FleetDir
+from engine.plan import planner
+from engine.plan.reshard import Requests
 from movers import active_shards, all_rows, preload
 from test_load_planning import _observation
 from test_resharding import _declaring, _moves, _with
-
-from engine.plan import planner
-from engine.plan.reshard import Requests
 
 
 def _grace_over(fleet: FleetDir) -> None:
@@ -154,10 +153,9 @@ def test_a_branch_ttl_edited_moves_its_expiry_and_a_branch_dropped_by_hand_is_dr
 # ---------------------------------------------------------------------------- item 9: unknown is never cold
 
 def test_unknown_samples_never_count_toward_cold(tmp_path):
-    from traces import samples
-
     from engine.config.models import Policy
     from engine.detect.detector import assess, premise_holds
+    from traces import samples
 
     policy = Policy.model_validate({"hot": {"queries_per_second": 10000}, "cold": {"queries_per_second": 100},
                                     "detection": {"sustain": "1m", "cold_for": "5m", "max_age": "5m"}})
@@ -255,7 +253,6 @@ def test_a_copied_directory_is_refused_then_adopted_and_its_client_writes_only_i
     import subprocess
 
     from conftest import run_cli
-
     from engine.client import ShardClient
 
     assert fleet.cli("apply", "--auto-approve").code == 0

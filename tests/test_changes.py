@@ -8,6 +8,9 @@ import pytest
 
 from conftest import assert_golden
 
+# the quickstart fleet's shards: (server, database)
+SHARDS = [("a", "orders_min_40"), ("b", "orders_40_80"), ("a", "orders_80_c0"), ("b", "orders_c0_max")]
+
 INVOICES = """
   invoices:
     shard_key: {column: account, type: text}
@@ -41,7 +44,7 @@ def test_a_new_schema_step_is_planned_and_applied_to_every_shard(applied):
     assert_golden("schema_step.txt", plan.out)
     assert_golden("schema_step.md", applied.cli("plan", "--format", "markdown").out)
     assert applied.cli("apply", "--auto-approve").code == 0
-    for server, dbname in [("a", "orders_min_40"), ("b", "orders_40_80"), ("a", "orders_80_c0"), ("b", "orders_c0_max")]:
+    for server, dbname in SHARDS:
         with applied.connect(server, dbname) as conn:
             assert conn.execute("SELECT count(*) FROM information_schema.columns"
                                 " WHERE table_name = 'orders' AND column_name = 'note'").fetchone() == (1,)
@@ -53,7 +56,8 @@ def test_editing_an_applied_schema_step_is_refused_with_its_location(applied):
     sql.write_text(sql.read_text() + "\nCREATE INDEX extra ON customers (name);\n")
     result = applied.cli("plan")
     assert result.code == 1
-    assert "fleet/fleet.yaml:17:13: error: schema step 'schema/001_init.sql' was changed after it was applied" in result.err
+    assert ("fleet/fleet.yaml:17:13: error: schema step 'schema/001_init.sql' was changed after it was applied"
+            in result.err)
     assert "append-only" in result.err
 
 
@@ -108,7 +112,8 @@ def test_changing_the_shard_key_of_a_protected_database_is_refused_at_the_line(a
 
 
 def test_a_threshold_change_is_an_in_place_policy_update(applied):
-    _edit(applied, "    policy: default\n", "    policy: default\n    thresholds:\n      hot: {queries_per_second: 5000}\n")
+    _edit(applied, "    policy: default\n",
+          "    policy: default\n    thresholds:\n      hot: {queries_per_second: 5000}\n")
     plan = applied.cli("plan", "--detailed-exitcode")
     assert plan.code == 2
     assert_golden("threshold.txt", plan.out)

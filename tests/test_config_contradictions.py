@@ -32,8 +32,10 @@ def _err(tmp_path, policy: str, shards: int = 1, extra: str = "") -> str:
                                   " cold.cpu_percent (10) is not under hot.cpu_percent (5) by the 10% tolerance"),
     ("    cold: {queries_per_second: 20000}\n", "fleet.yaml:11:3: error: policy 'p' with what it inherits is invalid:"
                                               " cold.queries_per_second (20000) is not under hot.queries_per_second"),
-    ("    autosplit: {check_every: 1s}\n", "fleet.yaml:12:17: error: autosplit.check_every (1s) is shorter than metrics.interval (10s)"),
-    ("    metrics: {interval: 2m}\n", "fleet.yaml:12:15: error: autosplit.check_every (60s) is shorter than metrics.interval (120s)"),
+    ("    autosplit: {check_every: 1s}\n", "fleet.yaml:12:17: error: autosplit.check_every (1s)"
+                                         " is shorter than metrics.interval (10s)"),
+    ("    metrics: {interval: 2m}\n", "fleet.yaml:12:15: error: autosplit.check_every (60s)"
+                                    " is shorter than metrics.interval (120s)"),
     ("    metrics: {history: 5}\n", "fleet.yaml:12:5: error: metrics.history (5 samples, 50s at 10s) cannot cover"),
     ("    autosplit: {max_shards: 2}\n", "fleet.yaml:8:5: error: shards (4) is above autosplit.max_shards (2)"),
 ])

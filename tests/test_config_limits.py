@@ -4,6 +4,7 @@ Each refusal is a clear error at file:line:column (or the file, when the file it
 import os
 import re
 import time
+from itertools import pairwise
 
 import pytest
 
@@ -12,7 +13,7 @@ from engine.errors import ConfigError
 
 SERVERS = "servers:\n  a: {embedded: true}\n"
 BOMB = "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
-               for p, c in zip([None] + list("abcdefgh"), "abcdefghi"))
+               for p, c in pairwise([None, *"abcdefghi"]))
 
 
 def _problems(tmp_path, text: str | bytes, name="fleet.yaml") -> str:

@@ -26,7 +26,8 @@ def _validate(tmp_path, s1, s2="SELECT 1;\n", key="{column: customer_id, type: b
 @pytest.mark.parametrize("s1,s2", [
     ("CREATE TABLE t (customer_id bigint PRIMARY KEY);\n", "SELECT 1;\n"),
     ("CREATE TABLE t (customer_id bigserial, id int, PRIMARY KEY (customer_id, id));\n", "SELECT 1;\n"),
-    ("CREATE TABLE t (id int);\n", "ALTER TABLE t ADD COLUMN customer_id int8;\nALTER TABLE t ADD PRIMARY KEY (customer_id, id);\n"),
+    ("CREATE TABLE t (id int);\n",
+     "ALTER TABLE t ADD COLUMN customer_id int8;\nALTER TABLE t ADD PRIMARY KEY (customer_id, id);\n"),
     ("CREATE TABLE t (id int PRIMARY KEY);\n", "DROP TABLE t;\n"),
     ("CREATE TABLE p (customer_id bigint, PRIMARY KEY (customer_id)) PARTITION BY HASH (customer_id);\n",
      "CREATE TABLE p0 PARTITION OF p FOR VALUES WITH (MODULUS 2, REMAINDER 0);\n"),

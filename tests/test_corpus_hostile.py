@@ -34,7 +34,8 @@ def test_the_hostile_corpus_is_large_and_covers_every_class():
     assert len(HOSTILE) >= 150
     for prefix in ("key-", "moved-", "allow-destroy-", "bomb-", "deep-", "number-", "duration-", "size-", "nonfinite-",
                    "nul-", "control-char-", "not-utf8-", "unclosed-", "merge-", "tag-", "extends-", "schema-",
-                   "secret-", "type-", "name-", "names-", "contra-", "sql-", "broken-symlink", "directory-named-yaml", "only-"):
+                   "secret-", "type-", "name-", "names-", "contra-", "sql-", "broken-symlink", "directory-named-yaml",
+                   "only-"):
         assert any(name.startswith(prefix) for name in HOSTILE), prefix
 
 

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -19,7 +19,7 @@ from engine.plan.models import Plan
 from engine.render.dashboard import chart, keyspace, render_dashboard, render_picture
 from engine.snapshot import BranchView, HistoryEntry, Pending, ReplicaView, ShardView, Snapshot
 
-NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
 
 def _series(values: list[float | None]) -> list[tuple]:
@@ -30,7 +30,7 @@ def _series(values: list[float | None]) -> list[tuple]:
 def _snapshot(**changes) -> Snapshot:
     hot = ShardView(address="orders/-80", database="orders", name="-80", server="a", load="hot",
                     evidence=("orders/-80: queries_per_second 15,000/s > 10,000/s in 5 of 5 samples",),
-                    latest=dict(zip(METRICS, (15000.0, 40.0, 2.0, 1.0, 3.0, 0.5))),
+                    latest=dict(zip(METRICS, (15000.0, 40.0, 2.0, 1.0, 3.0, 0.5), strict=True)),
                     hot_thresholds={"queries_per_second": 10000.0, "cpu_percent": 80.0, "latency_ms": 100.0}, hi=0)
     quiet = ShardView(address="orders/80-", database="orders", name="80-", server="b", load="unknown", lo=0)
     base = Snapshot(
@@ -73,7 +73,7 @@ def test_an_unknown_stretch_breaks_the_chart_line_and_the_threshold_is_drawn():
 
 
 def _metrics(qps, cpu, mem, disk, conns=2.0, latency=0.5):
-    return dict(zip(METRICS, (qps, cpu, mem, disk, conns, latency)))
+    return dict(zip(METRICS, (qps, cpu, mem, disk, conns, latency), strict=True))
 
 
 def _busy_fleet() -> Snapshot:
@@ -109,7 +109,8 @@ def test_the_pictures_are_pinned(picture):
 def test_the_keyspace_bar_is_the_shards_share_in_key_order_coloured_by_load():
     (orders, sessions) = keyspace(_busy_fleet().shards)
     assert [(s["name"], s["load"], s["width"]) for s in orders["segments"]] == [
-        ("-40", "hot", "25.000"), ("40-80", "normal", "25.000"), ("80-c0", "cold", "25.000"), ("c0-", "stale", "25.000")]
+        ("-40", "hot", "25.000"), ("40-80", "normal", "25.000"),
+        ("80-c0", "cold", "25.000"), ("c0-", "stale", "25.000")]
     assert sessions["segments"][0]["width"] == "100.000" and round(orders["covered"]) == 100
     page = render_dashboard(_busy_fleet(), {}, now=NOW)
     assert '<div class="seg hot" style="width:25.000%"' in page
@@ -157,8 +158,8 @@ def test_in_chromium_the_page_fits_the_width_without_sideways_scroll(tmp_path, w
                '</iframe><pre id="probe">not measured</pre></body></html>')
     (tmp_path / "wrapper.html").write_text(wrapper)
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-             f"--window-size={max(width + 50, 800)},1000"]
+             "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={max(width + 50, 800)},1000"]
     dom = subprocess.run([_chromium(), *flags, "--dump-dom", (tmp_path / "wrapper.html").as_uri()],
                          capture_output=True, text=True, timeout=120)
     found = re.search(r"scroll=(\d+) client=(\d+)", dom.stdout)

@@ -14,7 +14,7 @@ def with_rows(fleet):
     result = fleet.cli("apply", "--auto-approve")
     assert result.code == 0, result.both
     preload(fleet, customers=200)
-    for name, lo, hi, server, dbname in active_shards(fleet):
+    for _name, _lo, _hi, server, dbname in active_shards(fleet):
         with fleet.connect(server, dbname) as conn:
             conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
                          " SELECT customer_id, k, 9.99 FROM customers, generate_series(1, 2) k")
@@ -30,7 +30,7 @@ def _shards(fleet, database="orders"):
 
 def _rows(fleet, database="orders") -> tuple[int, int]:
     customers = orders = 0
-    for name, lo, hi, server, dbname in _shards(fleet, database):
+    for _name, _lo, _hi, server, dbname in _shards(fleet, database):
         with fleet.connect(server, dbname) as conn:
             customers += conn.execute("SELECT count(*) FROM customers").fetchone()[0]
             orders += conn.execute("SELECT count(*) FROM orders").fetchone()[0]
@@ -94,9 +94,10 @@ def test_removing_a_database_with_rows_needs_allow_destroy(with_rows):
 
 def test_a_declared_rename_keeps_every_row(with_rows):
     before = {}
-    for name, lo, hi, server, dbname in active_shards(with_rows):
+    for _name, _lo, _hi, server, dbname in active_shards(with_rows):
         with with_rows.connect(server, dbname) as conn:
-            before[dbname] = conn.execute("SELECT count(*), sum(hash_record_extended(c, 0)) FROM customers c").fetchone()
+            before[dbname] = conn.execute(
+                "SELECT count(*), sum(hash_record_extended(c, 0)) FROM customers c").fetchone()
     _edit(with_rows, "databases:\n  orders:", "moved:\n  - {from: orders, to: sales}\ndatabases:\n  sales:")
     plan = with_rows.cli("plan", "--detailed-exitcode")
     assert plan.code == 2, plan.both
@@ -111,7 +112,7 @@ def test_a_declared_rename_keeps_every_row(with_rows):
         assert conn.execute("SELECT DISTINCT database FROM shardctl.shards").fetchall() == [("sales",)]
         routed = conn.execute("SELECT r.dbname FROM shardctl.route('sales', 42::bigint) r").fetchone()[0]
     after = {}
-    for name, lo, hi, server, dbname in _shards(with_rows, "sales"):
+    for _name, _lo, _hi, server, dbname in _shards(with_rows, "sales"):
         with with_rows.connect(server, dbname) as conn:
             after[dbname] = conn.execute("SELECT count(*), sum(hash_record_extended(c, 0)) FROM customers c").fetchone()
     assert after == before and routed in after

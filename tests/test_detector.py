@@ -3,6 +3,7 @@ and says what was judged; spikes, hovering, stale and unknown data never are; a 
 over a whole day never flaps between split and merge."""
 
 from datetime import timedelta
+from itertools import pairwise
 
 from engine.config.models import Policy
 from engine.detect.detector import assess, premise_holds
@@ -29,7 +30,8 @@ def test_sustained_load_is_hot_with_evidence_of_what_was_judged():
     assert verdict.state == "hot"
     assert_verdict_consistent(verdict)
     (evidence,) = verdict.evidence
-    assert (evidence.metric, evidence.low, evidence.high, evidence.threshold) == ("queries_per_second", 12000, 15000, 10000)
+    assert (evidence.metric, evidence.low, evidence.high, evidence.threshold) == (
+        "queries_per_second", 12000, 15000, 10000)
     assert evidence.samples == 6 and evidence.window_seconds == 60
     assert (evidence.since, evidence.until) == (trace[1].at - timedelta(seconds=10), trace[-1].at)
     assert evidence.policy_location == "policies/default.yaml:9:7"
@@ -78,7 +80,7 @@ def test_a_diurnal_curve_never_flaps_between_split_and_merge():
                                    "detection": {"sustain": "30m", "cold_for": "1h"}})
     trace = samples("s", {"queries_per_second": diurnal(20, 20000)}, interval=600)
     states = _states(trace, daily)
-    changes = [(a, b) for a, b in zip(states, states[1:]) if a != b]
+    changes = [(a, b) for a, b in pairwise(states) if a != b]
     assert ("cold", "hot") not in changes and ("hot", "cold") not in changes
     assert sum(1 for a, b in changes if b == "hot") == 1 and "cold" in states
 
@@ -89,7 +91,8 @@ def test_a_server_down_is_unknown_and_never_an_action():
 
 
 def test_a_server_that_just_went_down_is_unknown_even_after_hot_samples():
-    hot_then_down = samples("s", {"queries_per_second": [20000] * 8}) + unknown("s", 1, start=START + timedelta(seconds=80))
+    hot = samples("s", {"queries_per_second": [20000] * 8})
+    hot_then_down = hot + unknown("s", 1, start=START + timedelta(seconds=80))
     assert assess("s", hot_then_down, POLICY).state == "unknown"
 
 
@@ -133,7 +136,8 @@ def test_premises_hold_with_hysteresis_and_fail_on_a_real_cool_down():
     assert premise_holds(evidence, dipped, POLICY) == (True, "")
     cooled = samples("s", {"queries_per_second": [2000] * 7})
     held, why = premise_holds(evidence, cooled, POLICY)
-    assert not held and "queries_per_second is 2,000/s now; 6 of 6 samples of the last 1m were at or under 9,000/s" in why
+    assert not held
+    assert "queries_per_second is 2,000/s now; 6 of 6 samples of the last 1m were at or under 9,000/s" in why
     held, why = premise_holds(evidence, unknown("s", 7), POLICY)
     assert not held and "unknown" in why
     held, why = premise_holds(evidence, hot, POLICY, at=hot[-1].at + timedelta(minutes=5))
@@ -141,7 +145,8 @@ def test_premises_hold_with_hysteresis_and_fail_on_a_real_cool_down():
 
 
 def test_the_sample_count_form_is_read_as_a_time():
-    counted = Policy.model_validate({"hot": {"queries_per_second": 10000}, "detection": {"hot_samples": 3, "window": 5}})
+    counted = Policy.model_validate({"hot": {"queries_per_second": 10000},
+                                     "detection": {"hot_samples": 3, "window": 5}})
     assert counted.sustain_seconds == 30
     assert assess("s", samples("s", {"queries_per_second": [100, 20000, 20000, 20000]}), counted).state == "hot"
 

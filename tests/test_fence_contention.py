@@ -19,7 +19,7 @@ def test_a_fence_blocked_by_an_idle_transaction_gives_up_naming_it(fleet):
     preload(fleet, customers=2000)
     hot_file(fleet.base / "hot.json")
     before, _ = all_rows(fleet)
-    name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
+    _name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
     params = {**fleet_params(fleet, server, dbname), "application_name": "stuck-app"}
     held = HeldApply(fleet, "split orders/40-80: arm", "--metrics", "hot.json")
     blocker = psycopg.connect(**params)  # a transaction left open after a write: it keeps its lock
@@ -152,7 +152,7 @@ def test_an_autovacuum_holding_the_lock_is_cancelled_not_waited_out(fleet):
     preload(fleet, customers=20000)
     hot_file(fleet.base / "hot.json")
     before, _ = all_rows(fleet)
-    name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
+    _name, _lo, _hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
     with fleet.connect(server) as conn:
         conn.autocommit = True
         conn.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
@@ -169,7 +169,8 @@ def test_an_autovacuum_holding_the_lock_is_cancelled_not_waited_out(fleet):
             time.sleep(0.2)
     # publishing waits without a lock timeout, so PostgreSQL cancels that autovacuum; the pause
     # before the guard lets the next one start (naptime 1 s) and hold the lock the guard needs
-    result = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json", env={SLOWPOINT_ENV: "split orders/40-80: guard=4"})
+    result = fleet.cli("apply", "--auto-approve", "--metrics", "hot.json",
+                       env={SLOWPOINT_ENV: "split orders/40-80: guard=4"})
     assert result.code == 0, result.both
     assert "cancelled an autovacuum" in result.out + result.err, result.both
     rows, problems = all_rows(fleet)

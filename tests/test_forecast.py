@@ -14,13 +14,13 @@ from datetime import timedelta
 from itertools import pairwise
 
 import pytest
-from forecast_shapes import LEAD, MOVE, backtest, lineages_of, plan_replay, policy_for, traces_of
-from traces import SHAPES, START, multi_day, shape
 
 from engine.detect.backtest import Trace, replay
 from engine.detect.forecast import Lineage, about, fit, lead_time, storage_note
 from engine.observe import rollup
 from engine.observe.models import MoveRecord
+from forecast_shapes import LEAD, MOVE, backtest, lineages_of, plan_replay, policy_for, traces_of
+from traces import SHAPES, START, multi_day, shape
 
 QPS = "queries_per_second"
 THRESHOLD = 10000.0
@@ -290,7 +290,6 @@ def test_shardctl_forecast_backtest_replays_a_recorded_file(tmp_path):
     import json
 
     from conftest import FleetDir
-
     from engine.observe import recorded
 
     fleet = FleetDir(tmp_path)
@@ -320,7 +319,8 @@ def test_an_unknown_time_zone_is_refused_with_the_way_forward(tmp_path):
     from conftest import FleetDir
 
     fleet = FleetDir(tmp_path)
-    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + "\npolicies:\n  default:\n    forecast: {time_zone: Mars/Olympus}\n")
+    mars = "\npolicies:\n  default:\n    forecast: {time_zone: Mars/Olympus}\n"
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + mars)
     result = fleet.cli("validate")
     assert result.code == 1 and "unknown time zone 'Mars/Olympus'" in result.err and "Europe/Paris" in result.err
     assert "fleet.yaml" in result.err and "Traceback" not in result.err

@@ -84,7 +84,8 @@ def test_in_act_mode_a_forecast_split_is_planned_and_applied_for_real(fleet):
     after, problems = all_rows(fleet)
     assert after == before and problems == []
     with fleet.catalog() as conn:
-        reason = conn.execute("SELECT detail->>'reason' FROM shardctl.history WHERE event = 'split_shard'").fetchone()[0]
+        (reason,) = conn.execute("SELECT detail->>'reason' FROM shardctl.history"
+                                 " WHERE event = 'split_shard'").fetchone()
         moves = store.finished_moves(conn)
     assert reason.startswith("orders/-40 is forecast to cross")
     assert [m.kind for m in moves] == ["split_shard"] and moves[0].seconds > 0  # the next lead time is measured

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from test_load_planning import FLEET, _desired, _observation
-from traces import START, multi_day, samples
-
 from engine.detect.backtest import Trace
 from engine.observe import rollup
 from engine.plan import planner
 from engine.render.renderers import render
+from test_load_planning import FLEET, _desired, _observation
+from traces import START, multi_day, samples
 
 QPS = "queries_per_second"
 NAMES = ["orders/-40", "orders/40-80", "orders/80-c0", "orders/c0-"]

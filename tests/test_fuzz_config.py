@@ -10,7 +10,6 @@ import shutil
 import signal
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -7,13 +7,13 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from traces import START, samples
 
 from engine.catalog import schema, store
 from engine.config.models import Retention
 from engine.observe import history, rollup
 from engine.observe.metrics import Reading
 from engine.servers.embedded import EmbeddedServer
+from traces import START, samples
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """The keyspace is divided without gaps or overlaps, and names round-trip."""
 
+from itertools import pairwise
+
 import pytest
 
 from engine.keyspace import SIGNED_MIN, KeyRange, even_ranges, parse_name
@@ -10,7 +12,7 @@ def test_even_ranges_cover_the_keyspace_exactly_once(parts):
     ranges = even_ranges(parts)
     assert len(ranges) == parts
     assert ranges[0].lo is None and ranges[-1].hi is None
-    for left, right in zip(ranges, ranges[1:]):
+    for left, right in pairwise(ranges):
         assert left.hi == right.lo
     widths = [r.hi_unsigned - r.lo_unsigned for r in ranges]
     assert max(widths) - min(widths) <= 2**64 // parts // 8  # even, within the byte rounding

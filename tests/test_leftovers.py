@@ -15,9 +15,6 @@ import json
 import pytest
 
 from conftest import FleetDir
-from movers import active_shards, all_rows, preload
-from test_server_crash import _kill_mid_move
-
 from engine import workflow
 from engine.catalog.journal import FAILPOINT_ENV
 from engine.observe.observer import observe
@@ -26,6 +23,8 @@ from engine.servers.fleet import Fleet
 from engine.watch.daemon import replication_views
 from engine.watch.prometheus import exposition
 from engine.watch.view import Snapshot, View, now
+from movers import active_shards, all_rows, preload
+from test_server_crash import _kill_mid_move
 
 SPLIT = "split orders/40-80"
 

@@ -34,7 +34,7 @@ def test_load_on_one_shard_splits_exactly_that_shard(hot_ready):
         doc = json.loads(hot_ready.cli("plan", "--format", "json", "-out", "split.plan").out)
         status = json.loads(hot_ready.cli("status", "--json").out)
     finally:
-        out, err = bench.communicate(timeout=60)
+        _out, err = bench.communicate(timeout=60)
     assert bench.returncode == 0, err
     (split,) = doc["actions"]
     assert split["kind"] == "split_shard" and split["source"]["name"] == "40-80"

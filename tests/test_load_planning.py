@@ -9,7 +9,13 @@ from conftest import assert_golden
 from engine.config import loader
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.models import (
-    AppliedStep, CatalogDatabase, CatalogShard, CatalogState, LiveServer, Observation, ReshardEvent,
+    AppliedStep,
+    CatalogDatabase,
+    CatalogShard,
+    CatalogState,
+    LiveServer,
+    Observation,
+    ReshardEvent,
 )
 from engine.plan import planner
 from engine.render.renderers import render
@@ -188,7 +194,8 @@ def test_a_shard_near_its_threshold_gets_a_warning_not_an_action(tmp_path):
     windows["orders/80-c0"] = samples("orders/80-c0", {"latency_ms": [99] * 26 + [98, 103, 99, 101, 97]})
     plan = planner.plan(desired, _observation(desired, windows))
     assert plan.actions == ()
-    assert any(w.startswith("shard.orders/80-c0: latency_ms 97 ms is near the hot threshold 100 ms") for w in plan.warnings)
+    near = "shard.orders/80-c0: latency_ms 97 ms is near the hot threshold 100 ms"
+    assert any(w.startswith(near) for w in plan.warnings)
     windows["orders/80-c0"] = samples("orders/80-c0", {"latency_ms": [99] * 27 + [101] * 4})
     plan = planner.plan(desired, _observation(desired, windows))
     assert plan.actions == ()

@@ -67,7 +67,8 @@ def test_a_bad_samples_file_is_a_clear_error(applied_fleet):
         "  - {shard: orders/-40, server: a, at: 2026-11-26T10:00:10, metrics: {}}\n")
     result = applied_fleet.cli("plan", "--metrics", "naive.yaml")
     assert result.code == 1 and "Traceback" not in result.err and "This is a bug" not in result.err
-    assert result.err.startswith("Error: naive.yaml: sample 2 (orders/-40): the time 2026-11-26T10:00:10 has no time zone")
+    assert result.err.startswith(
+        "Error: naive.yaml: sample 2 (orders/-40): the time 2026-11-26T10:00:10 has no time zone")
 
 
 def test_impossible_recorded_values_are_unknown_with_a_note_and_the_json_plan_is_strict(applied_fleet):
@@ -85,10 +86,9 @@ def test_a_v1_catalog_is_migrated_forward_by_apply(fleet):
     assert fleet.cli("up").code == 0
     with fleet.connect("a") as admin:
         admin.execute("CREATE DATABASE shardctl")
-    with fleet.catalog() as conn:
-        with conn.transaction():
-            conn.execute(schema.MIGRATIONS[0])
-            conn.execute("INSERT INTO shardctl.meta VALUES ('schema_version', '1')")
+    with fleet.catalog() as conn, conn.transaction():
+        conn.execute(schema.MIGRATIONS[0])
+        conn.execute("INSERT INTO shardctl.meta VALUES ('schema_version', '1')")
     collect = fleet.cli("metrics", "collect")
     assert collect.code == 1 and "run `shardctl apply` to upgrade it" in collect.err
     assert fleet.cli("plan", "--detailed-exitcode").code == 2  # plan reads a v1 catalog as it is

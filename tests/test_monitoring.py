@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from ruamel.yaml import YAML
@@ -22,7 +22,7 @@ from engine.watch.view import BackupView, BranchLinkView, OrphanView, ReplicaVie
 MONITORING = EXAMPLES / "monitoring"
 RULES = MONITORING / "shardctl-alerts.yml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
-NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 def _promtool() -> str:

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-from movers import active_shards, load_file, preload
 
 from engine.catalog import store
 from engine.client import hashint8extended
@@ -21,6 +20,7 @@ from engine.servers.embedded import EmbeddedServer, bin_dir
 from engine.watch.daemon import _history_entry
 from engine.watch.prometheus import exposition
 from engine.watch.view import Snapshot, View
+from movers import active_shards, load_file, preload
 
 # The fence locks customers, then orders (name order). These two scripts write in both orders.
 SAME_ORDER = """\
@@ -135,7 +135,7 @@ def test_split_then_merge_under_32_clients_in_both_lock_orders(loaded):
 
 
 def split_and_merge(loaded, clients: int) -> None:
-    _, lo, hi, server, dbname = shard(loaded, "40-80")
+    _, _lo, _hi, server, dbname = shard(loaded, "40-80")
     load_file(loaded.base / "split.json", loaded, hot=("orders/40-80",))
     bench = start_pgbench(loaded, server, dbname, clients=clients)
     result = loaded.cli("apply", "--auto-approve", "--metrics", "split.json")
@@ -205,7 +205,7 @@ def test_the_copy_throttle_copies_one_link_at_a_time_under_pgbench(loaded):
         "autosplit: {cooldown: 0s}", "autosplit: {cooldown: 0s}\n    moves: {copy_streams: 1}"))
     load_file(loaded.base / "neutral.json", loaded)
     assert loaded.cli("apply", "--auto-approve", "--metrics", "neutral.json").code == 0  # the setting first
-    _, lo, hi, server, dbname = shard(loaded, "40-80")
+    _, _lo, _hi, server, dbname = shard(loaded, "40-80")
     with loaded.connect(server, dbname) as conn:  # a copy that takes long enough to watch
         conn.execute("INSERT INTO orders (customer_id, order_id, amount)"
                      " SELECT customer_id, g, 1 FROM customers, generate_series(1, 40) g")

@@ -13,14 +13,13 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 from conftest import EXAMPLES, FleetDir, run_cli
-from traces import START, samples
-
 from engine.config.models import Policy
 from engine.detect.detector import assess
 from engine.render.dashboard import chart, render_dashboard
 from engine.status import _shard_row, render_status
 from engine.watch.http import api_status
 from engine.watch.view import ShardView, Snapshot, View
+from traces import START, samples
 
 POLICY = Policy.model_validate({
     "hot": {"queries_per_second": 10000, "cpu_percent": 80, "latency_ms": 100},

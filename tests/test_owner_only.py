@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import FleetDir
 
+from conftest import FleetDir
 from engine.servers.embedded import SYSTEM_USER, EmbeddedServer, _chown, bin_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another OS user (nobody) needs root")

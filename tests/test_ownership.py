@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from conftest import run_cli
+from engine.catalog.journal import FAILPOINT_ENV
 from movers import preload
 from untouched import catalog_intact, server_state
-
-from engine.catalog.journal import FAILPOINT_ENV
 
 CATALOG_AS_BRANCH = "catalog: {server: a, database: branch_dev}\n"
 BRANCH = "branches:\n  dev:\n    from: orders\n    data: {data}\n    server: {server}\n"

@@ -5,16 +5,20 @@ import json
 
 from conftest import assert_golden
 
+# the quickstart fleet's shards: (server, database)
+SHARDS = [("a", "orders_min_40"), ("b", "orders_40_80"), ("a", "orders_80_c0"), ("b", "orders_c0_max")]
+
 
 def test_apply_creates_every_shard_on_both_servers(applied_fleet):
     assert {"orders_min_40", "orders_80_c0", "shardctl"} <= applied_fleet.databases("a")
     assert {"orders_40_80", "orders_c0_max"} <= applied_fleet.databases("b")
-    for server, dbname in [("a", "orders_min_40"), ("b", "orders_40_80"), ("a", "orders_80_c0"), ("b", "orders_c0_max")]:
+    for server, dbname in SHARDS:
         with applied_fleet.connect(server, dbname) as conn:
             tables = {r[0] for r in conn.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
             assert tables == {"customers", "orders"}
-            pk = conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'orders_pkey'").fetchone()
+            pk = conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+                              " WHERE conname = 'orders_pkey'").fetchone()
             assert pk == ("PRIMARY KEY (customer_id, order_id)",)
 
 

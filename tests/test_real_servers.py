@@ -115,7 +115,7 @@ def test_a_split_from_15_to_18_under_a_writer_is_an_online_major_upgrade(real):
     preload(real)
     hot_file(real.base / "hot.json")  # orders/40-80, placed on b (PostgreSQL 15)
     assert [s[3] for s in active_shards(real) if s[0] == "40-80"] == ["b"]
-    result = _under_a_writer(real, "hot.json", 10_000_000)
+    _under_a_writer(real, "hot.json", 10_000_000)
     with real.catalog() as conn:
         (event,) = conn.execute("SELECT detail FROM shardctl.history WHERE event = 'split_shard'").fetchone()
     assert 0 < event["pause_ms"] < 5000, event["pause_ms"]  # catch-up through the slot: no superuser
@@ -172,10 +172,9 @@ def test_a_failed_subscription_leaves_no_password_in_the_log_nor_the_error(real)
     from engine.actions.subscription import create_subscription
 
     secret = "Zq" + real.servers["a"].password[::-1]
-    with real.connect("a", "shardctl") as conn:
-        with pytest.raises(psycopg.Error) as failed:
-            create_subscription(conn, "leak_probe", f"host=127.0.0.1 port=1 user=x password={secret} dbname=d",
-                                publication="p", slot="s", streaming="on")
+    with real.connect("a", "shardctl") as conn, pytest.raises(psycopg.Error) as failed:
+        create_subscription(conn, "leak_probe", f"host=127.0.0.1 port=1 user=x password={secret} dbname=d",
+                            publication="p", slot="s", streaming="on")
     assert secret not in str(failed.value) and "publisher" in str(failed.value)
     # the server logs the failed statement moments later: wait for it, then read it
 
@@ -231,7 +230,7 @@ def test_each_privilege_removed_in_turn_is_named_by_doctor_and_refused_by_plan(r
             real.write("fleet.yaml", fleet_yaml + "  extra:\n    shard_key: {column: customer_id, type: bigint}\n"
                        "    schema: schema/001_init.sql\n    shards: 1\n    placement: [a]\n")
             plan = real.cli("plan")
-            assert plan.code == 1 and f"server 'a' fails the check 'CREATEDB'" in plan.err, plan.both
+            assert plan.code == 1 and "server 'a' fails the check 'CREATEDB'" in plan.err, plan.both
             assert "ALTER ROLE shardctl CREATEDB" in plan.err
             assert real.cli("apply", "--auto-approve").code == 1
             with real.connect("a") as conn:
@@ -433,8 +432,9 @@ def test_a_service_and_a_passfile_reach_the_source_and_the_subscription_too(real
         shards = conn.execute("SELECT name, server FROM shardctl.shards WHERE database = 'events'"
                               " AND state = 'active' ORDER BY lo NULLS FIRST").fetchall()
     assert shards == [("-80", "b"), ("80-", "a")]
-    windows = {f"events/{name}": samples(f"events/{name}", {"queries_per_second": [15000.0 if name == "-80" else 5.0] * 40},
-                                         server=server) for name, server in shards}
+    qps = {"-80": 15000.0, "80-": 5.0}
+    windows = {f"events/{name}": samples(f"events/{name}", {"queries_per_second": [qps[name]] * 40}, server=server)
+               for name, server in shards}
     (real.base / "hot-events.json").write_text(json.dumps(to_file(windows)))
     try:
         doctor = real.cli("doctor", env=env)
@@ -464,8 +464,8 @@ def test_metrics_that_cannot_be_read_say_why_and_a_missing_grant_loses_no_round(
     import json
 
     fleet_yaml = real.read("fleet.yaml")
-    real.write("fleet.yaml", fleet_yaml.replace("a: {dsn_env: PG18_DSN, capacity: {storage: 20GiB, memory: 4GiB, cpus: 2}}",
-                                                "a: {dsn_env: PG18_DSN}"))
+    with_capacity = "a: {dsn_env: PG18_DSN, capacity: {storage: 20GiB, memory: 4GiB, cpus: 2}}"
+    real.write("fleet.yaml", fleet_yaml.replace(with_capacity, "a: {dsn_env: PG18_DSN}"))
     with real.servers["a"].admin_connect() as admin:
         admin.execute("REVOKE pg_monitor FROM shardctl")
     try:
@@ -543,8 +543,9 @@ def test_sslmode_verify_full_is_honoured_for_shardctl_and_spelled_out_for_subscr
     b = real.servers["b"]
     with b.admin_connect() as admin:
         admin.execute("ALTER SYSTEM SET ssl = on")
-        admin.execute(psycopg.sql.SQL("ALTER SYSTEM SET ssl_cert_file = {}").format(psycopg.sql.Literal(str(certs / "server.crt"))))
-        admin.execute(psycopg.sql.SQL("ALTER SYSTEM SET ssl_key_file = {}").format(psycopg.sql.Literal(str(certs / "server.key"))))
+        cert, key = (psycopg.sql.Literal(str(certs / name)) for name in ("server.crt", "server.key"))
+        admin.execute(psycopg.sql.SQL("ALTER SYSTEM SET ssl_cert_file = {}").format(cert))
+        admin.execute(psycopg.sql.SQL("ALTER SYSTEM SET ssl_key_file = {}").format(key))
         admin.execute("SELECT pg_reload_conf()")
 
     def ssl_on() -> bool:

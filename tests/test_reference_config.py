@@ -4,6 +4,7 @@ out), and refuses a declaration that could not be kept by replication (no such t
 key, a table that carries the shard key), each at its line."""
 
 import pytest
+
 from conftest import run_cli
 
 FLEET = """\

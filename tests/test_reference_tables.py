@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pytest
-from movers import Writer, active_shards, all_rows, floor_below_shards, hot_file, preload
 
 from engine.actions.reference import link_name
 from engine.catalog.journal import FAILPOINT_ENV
 from engine.client import ShardClient
 from engine.plan.models import ShardSpec
 from engine.servers.embedded import EmbeddedServer
+from movers import Writer, active_shards, all_rows, floor_below_shards, hot_file, preload
 
 COUNTRIES = "CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);\n"
 

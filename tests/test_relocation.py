@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import assert_golden, every_step
-from engine.render.renderers import render
 from engine.catalog.journal import FAILPOINT_ENV
+from engine.render.renderers import render
 from movers import active_shards, all_rows, apply_under_writer, preload
 
 # ---------------------------------------------------------------------------- planning, no servers
@@ -64,14 +64,15 @@ def test_a_server_added_to_placement_gets_shards_until_no_move_brings_storage_cl
     (move,) = plan.actions
     assert [(b.server, b.before_shards, b.after_shards) for b in move.balance] == [("a", 2, 1), ("b", 2, 2),
                                                                                    ("c", 0, 1)]
-    assert "c -100% (rebalance.tolerance_percent 10)" in move.reason.text and "a is +50% off its target" in move.reason.text
+    assert "c -100% (rebalance.tolerance_percent 10)" in move.reason.text
+    assert "a is +50% off its target" in move.reason.text
     assert_golden("rebalance.txt", render(plan, "text", colour=False))
     # after it: 1, 2, 1 is as close as whole shards get; nothing more is planned
     assert _moved(_planned(tmp_path, sizes, {"-40": "c", "40-80": "b", "80-c0": "a", "c0-": "b"})) == []
 
 
 def test_rebalancing_is_weighed_by_capacity_and_held_to_the_policy_limits(tmp_path):
-    sizes = {r: 100 for r in ["-20", "20-40", "40-60", "60-80", "80-a0", "a0-c0", "c0-e0", "e0-"]}
+    sizes = dict.fromkeys(["-20", "20-40", "40-60", "60-80", "80-a0", "a0-c0", "c0-e0", "e0-"], 100)
     layout = {name: "ab"[i % 2] for i, name in enumerate(sizes)}
     # c has twice the capacity: its target is half the storage, 4 of 8 shards, in one plan of at most 2 per server
     plan = _planned(tmp_path, sizes, layout, capacity="200GiB")
@@ -128,7 +129,7 @@ def test_a_server_dropped_from_placement_is_drained_under_a_writer_then_removabl
     assert "orders/40-80 (active)" in refused.err and "remove it from every database's placement" in refused.err
     fleet.write("fleet.yaml", with_c)
 
-    result, writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
+    result, _writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
     assert result.out.count("Move to c complete") == 2
     assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "a", "40-80": "c", "80-c0": "a", "c0-": "c"}
     with fleet.catalog() as conn:
@@ -196,7 +197,7 @@ def test_moves_on_disjoint_servers_run_at_once_under_a_writer(applied):
     fleet = applied
     _with_c(fleet, "[c, d]")
     fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("\ndatabases:", SERVER_D + "\ndatabases:", 1))
-    result, writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
+    result, _writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
     assert result.out.count("Running 2 moves at once") == 2, result.out
     assert {s[0]: s[3] for s in active_shards(fleet)} == {"-40": "c", "40-80": "d", "80-c0": "c", "c0-": "d"}
     spans = _spans(fleet)
@@ -234,7 +235,7 @@ def test_a_server_added_to_placement_is_filled_under_a_writer_then_another_drain
     _with_c(fleet, "[a, b, c]")
     plan = fleet.cli("plan")
     assert "rebalancing the storage of orders" in plan.out and "-> c (" in plan.out, plan.out
-    result, writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
+    _result, writer = apply_under_writer(fleet)  # nothing lost, duplicated or misplaced
     per_server = [s[3] for s in active_shards(fleet)]
     assert sorted(per_server.count(s) for s in "abc") == [1, 1, 2]  # as even as four shards get on three
     assert "No changes." in fleet.cli("plan").out  # balanced: nothing more is planned

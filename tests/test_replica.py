@@ -10,17 +10,16 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import every_step, wait_until
 import test_branches
-from movers import Writer, active_shards, all_rows
-from test_branches import _log_lock_waits, _logged_since, _parent_sums, _sums
-
+from conftest import every_step, wait_until
 from engine.catalog.journal import FAILPOINT_ENV
 from engine.observe.replica_links import link_name
 from engine.servers.embedded import EmbeddedServer
 from engine.snapshot import BranchLinkView
 from engine.watch.prometheus import exposition
 from engine.watch.view import Snapshot, View
+from movers import Writer, active_shards, all_rows
+from test_branches import _log_lock_waits, _logged_since, _parent_sums, _sums
 
 parent = test_branches.parent  # the same 4-shard parent with customers and their orders
 
@@ -146,7 +145,8 @@ def test_a_replica_copies_every_shard_and_follows_writes_without_making_writers_
     assert _links(parent) == []
 
 
-@pytest.mark.parametrize("step", every_step(["link mirror 40-80", "sync mirror", "activate mirror"], always="sync mirror"))
+@pytest.mark.parametrize("step", every_step(["link mirror 40-80", "sync mirror", "activate mirror"],
+                                            always="sync mirror"))
 def test_a_replica_creation_killed_at_a_step_is_rebuilt_with_exactly_one_link_per_shard(parent, step):
     parent.write("fleet.yaml", parent.read("fleet.yaml") + REPLICA)
     killed = parent.cli("apply", "--auto-approve", env={FAILPOINT_ENV: step})

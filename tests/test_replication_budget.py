@@ -9,14 +9,14 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import EXAMPLES
-from movers import active_shards, preload
-from test_privilege_needs import live
 
+from conftest import EXAMPLES
 from engine.config import loader
 from engine.observe.models import CatalogState, Observation
 from engine.plan import budget
 from engine.servers.embedded import wheel_major
+from movers import active_shards, preload
+from test_privilege_needs import live
 
 REPLICA = "branches:\n  mirror:\n    from: orders\n    data: replica\n    server: b\n"
 SHARDS = 12  # over PostgreSQL 18's default max_active_replication_origins (10)

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import click
@@ -30,7 +31,7 @@ def _mixed_windows():
 
 
 def test_markdown_for_splits_a_merge_and_branches_is_pinned(tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from engine.observe.models import CatalogBranch
 
@@ -45,8 +46,8 @@ def test_markdown_for_splits_a_merge_and_branches_is_pinned(tmp_path):
     windows["orders/-40"] = samples("orders/-40", {"queries_per_second": [21000] * COLD_FOR})
     observation = _observation(desired, windows)
     expired = CatalogBranch(name="spike", parent="orders", data="schema", sample_percent=None, server="a",
-                            dbname="branch_spike", state="active", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
-                            expires_at=datetime(2026, 1, 8, tzinfo=timezone.utc))
+                            dbname="branch_spike", state="active", created_at=datetime(2026, 1, 1, tzinfo=UTC),
+                            expires_at=datetime(2026, 1, 8, tzinfo=UTC))
     observation = observation.model_copy(update={"catalog": observation.catalog.model_copy(
         update={"branches": {"spike": expired}})})
     plan = planner.plan(desired, observation)
@@ -131,8 +132,8 @@ def applied_git_fleet(fleet):
     (fleet.base / ".gitignore").write_text(".shardctl/\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=fleet.base, check=True)
-    subprocess.run(git + ["add", "fleet", ".gitignore"], cwd=fleet.base, check=True)
-    subprocess.run(git + ["commit", "-qm", "fleet"], cwd=fleet.base, check=True)
+    subprocess.run([*git, "add", "fleet", ".gitignore"], cwd=fleet.base, check=True)
+    subprocess.run([*git, "commit", "-qm", "fleet"], cwd=fleet.base, check=True)
     windows = {n: samples(n, {"queries_per_second": [q] * SUSTAINED}, server="ab"[i % 2])
                for i, (n, q) in enumerate(MIXED.items())}
     (fleet.base / "mixed.json").write_text(json.dumps({"samples": [s.model_dump(mode="json")

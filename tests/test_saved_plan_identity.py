@@ -10,11 +10,11 @@ import json
 import re
 
 import pytest
+
 from conftest import FleetDir, run_cli
+from engine.catalog.journal import FAILPOINT_ENV
 from movers import active_shards, hot_file, preload
 from untouched import catalog_intact, server_state
-
-from engine.catalog.journal import FAILPOINT_ENV
 
 EXTRA = ("  extra:\n    shard_key: {column: customer_id, type: bigint}\n    schema: schema/001_init.sql\n"
          "    shards: 2\n    placement: [a, b]\n")

@@ -20,15 +20,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import FleetDir
-from movers import CrashWriter, active_shards, all_rows, floor_below_shards, preload
-
+from conftest import FleetDir, wait_until
 from engine.catalog.journal import FAILPOINT_ENV, HOLDPOINT_ENV
 from engine.client import hashint8extended
 from engine.servers.embedded import EmbeddedServer
+from movers import CrashWriter, active_shards, all_rows, floor_below_shards, preload
 
 FLEET = """\
 servers:
@@ -54,8 +54,8 @@ SPLIT, MERGE = "split orders/40-80", "merge orders/-80"
 # whose server is killed: the catalog's; a source's (and none of the targets'); a target's
 ROLES = {SPLIT: {"catalog": "a", "source": "c", "target": "b"},
          MERGE: {"catalog": "a", "source": "b", "target": "c"}}  # a merge's target is on a source's server
-STEPS = ["record", "targets", "publish", "subscribe", "guard", "sync", "compare", "converge", "fence", "catch up", "verify",
-         "flip", "flip, committed", "cleanup"]
+STEPS = ["record", "targets", "publish", "subscribe", "guard", "sync", "compare", "converge", "fence", "catch up",
+         "verify", "flip", "flip, committed", "cleanup"]
 # one step per role in the README's command: the catalog and a target right after the cutover's
 # commit (the journal once lost the first, cleanup once skipped the second), the source behind its
 # fence (the resumed run keeps it and reports the whole outage)
@@ -284,10 +284,8 @@ def test_a_zombie_is_not_a_running_server():
 
     child = subprocess.Popen(["true"])
     try:
-        deadline = time.monotonic() + 10
-        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        stat = Path(f"/proc/{child.pid}/stat")  # its state follows the command name, in parentheses
+        wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "the child to exit", timeout=10)
         os.kill(child.pid, 0)  # the kernel still knows it
         assert not _alive(child.pid)
     finally:

@@ -60,7 +60,7 @@ def _moved_under_load(fleet, metrics: str):
 
 
 def test_a_split_under_a_concurrent_writer_loses_nothing(loaded):
-    result, writer = _moved_under_load(loaded, "hot.json")
+    result, _writer = _moved_under_load(loaded, "hot.json")
     assert "Split complete" in result.out
     names = [s[0] for s in active_shards(loaded)]
     assert names == ["-40", "40-60", "60-80", "80-c0", "c0-"]
@@ -72,9 +72,8 @@ def test_a_split_under_a_concurrent_writer_loses_nothing(loaded):
         _pause_breakdown_kept(conn, event)
     _flip_recorded_the_targets_schema(loaded)
     # the retired source is read-only, and a later plan drops it when the grace period is over
-    with loaded.connect("b", "orders_40_80") as conn:
-        with pytest.raises(Exception, match="read-only"):
-            conn.execute("INSERT INTO customers VALUES (-1, 'x')")
+    with loaded.connect("b", "orders_40_80") as conn, pytest.raises(Exception, match="read-only"):
+        conn.execute("INSERT INTO customers VALUES (-1, 'x')")
     loaded.write("fleet.yaml", loaded.read("fleet.yaml") + "policies:\n  default:\n    autosplit: {retire_after: 0s}\n")
     plan = loaded.cli("plan")
     assert "# shard.orders/40-80 will be destroyed" in plan.out
@@ -187,14 +186,15 @@ def test_abort_before_the_fence_leaves_the_source_as_it_was(loaded):
 
 
 def test_a_table_without_the_shard_key_in_its_primary_key_refuses_the_split(loaded):
-    (loaded.path / "schema" / "002_events.sql").write_text("CREATE TABLE events (id bigint PRIMARY KEY, customer_id bigint);\n")
+    events = "CREATE TABLE events (id bigint PRIMARY KEY, customer_id bigint);\n"
+    (loaded.path / "schema" / "002_events.sql").write_text(events)
     original = loaded.read("fleet.yaml")
     loaded.write("fleet.yaml", original.replace(
         "schema: schema/001_init.sql", "schema: [schema/001_init.sql, schema/002_events.sql]"))
     refused = loaded.cli("validate")  # declared in the YAML, it never reaches a shard
     assert refused.code == 1 and "table events has (id); its primary key must include" in refused.err
     loaded.write("fleet.yaml", original)
-    for name, lo, hi, server, dbname in active_shards(loaded):  # made outside shardctl: drift
+    for _name, _lo, _hi, server, dbname in active_shards(loaded):  # made outside shardctl: drift
         with loaded.connect(server, dbname) as conn:
             conn.execute("CREATE TABLE events (id bigint PRIMARY KEY, customer_id bigint)")
     plan = loaded.cli("plan", "--metrics", "hot.json", "--detailed-exitcode")
@@ -247,7 +247,7 @@ def test_a_schema_change_waits_for_an_interrupted_move(loaded):
     assert "# schema.orders will be updated" not in plan.out
     assert loaded.cli("apply", "--auto-approve", "--metrics", "hot.json").code == 0  # finishes the split
     assert loaded.cli("apply", "--auto-approve", "--metrics", "hot.json").code == 0  # then the schema step
-    for name, lo, hi, server, dbname in active_shards(loaded):
+    for _name, _lo, _hi, server, dbname in active_shards(loaded):
         with loaded.connect(server, dbname) as conn:
             assert conn.execute("SELECT count(*) FROM information_schema.columns"
                                 " WHERE table_name = 'customers' AND column_name = 'note'").fetchone() == (1,)
@@ -260,7 +260,7 @@ def test_a_copy_whose_wal_the_source_removed_is_undone_with_the_reason(loaded):
     before, _ = all_rows(loaded)
     killed = loaded.cli("apply", "--auto-approve", "--metrics", "hot.json", env={FAILPOINT_ENV: f"{SPLIT}: subscribe"})
     assert killed.code != 0
-    name, lo, hi, server, dbname = next(s for s in active_shards(loaded) if s[0] == "40-80")
+    _name, _lo, _hi, server, dbname = next(s for s in active_shards(loaded) if s[0] == "40-80")
     with loaded.connect(server) as conn:  # the slots wait unread; the source writes 48 MB of WAL past them
         conn.autocommit = True
         conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")

@@ -12,14 +12,13 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 from conftest import assert_golden
-from test_one_truth import POLICY, _database
-from traces import START
-
 from engine.detect.detector import assess
 from engine.keyspace import even_ranges, physical_name
 from engine.observe.metrics import METRICS
 from engine.observe.series import Series, micros
 from engine.status import BUSIEST, SPARK_WIDTH, _shard_row, render_status, sparkline
+from test_one_truth import POLICY, _database
+from traces import START
 
 SHARDS = 256
 SAMPLES = 720  # two hours at 10 s

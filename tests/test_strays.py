@@ -28,7 +28,7 @@ def test_strays_show_as_drift_hold_the_split_and_move_home(fleet):
     saved = fleet.cli("plan", "--metrics", "hot.json", "-out", "split.plan")  # made before the strays exist
     assert saved.code == 0 and "will be split" in saved.out
 
-    name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
+    _name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
     planted = _strays_for(lo, hi, 3)
     with fleet.connect(server, dbname) as conn:  # an application writing past routing
         for cid in planted:
@@ -75,7 +75,7 @@ def test_a_stray_written_during_a_move_fails_it_and_leaves_the_source_as_it_was(
     preload(fleet, customers=2000)
     hot_file(fleet.base / "hot.json")
     before, _ = all_rows(fleet)
-    name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
+    _name, lo, hi, server, dbname = next(s for s in active_shards(fleet) if s[0] == "40-80")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDCTL_")}
     env.update({"NO_COLOR": "1", SLOWPOINT_ENV: "split orders/40-80: converge=4"})
     proc = subprocess.Popen([sys.executable, "-m", "engine", "-C", "fleet", "apply", "--auto-approve", "--metrics",

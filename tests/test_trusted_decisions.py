@@ -12,17 +12,17 @@ import re
 from datetime import timedelta
 
 import pytest
-from conftest import strict_json
-from replay import Replay
-from test_load_planning import FLEET
-from traces import START, samples, spike
-from verdicts import assert_evidence_consistent, assert_verdict_consistent
 
+from conftest import strict_json
 from engine.config import loader
 from engine.errors import ConfigError, UserError
 from engine.observe import recorded
 from engine.plan import load as load_rules
 from engine.render.renderers import render_json
+from replay import Replay
+from test_load_planning import FLEET
+from traces import START, samples, spike
+from verdicts import assert_evidence_consistent, assert_verdict_consistent
 
 POLICY = FLEET + """\
     policy: elastic
@@ -196,7 +196,7 @@ def test_a_recorded_time_without_a_zone_is_refused_naming_the_file_and_sample(tm
     assert "2026-11-26T10:00:00Z" in message  # how to write it
     yaml_path = tmp_path / "naive.yaml"
     yaml_path.write_text("samples:\n  - {shard: orders/-40, server: a, at: 2026-11-26 10:00:00, metrics: {}}\n")
-    with pytest.raises(UserError, match="sample 1 .*has no time zone"):
+    with pytest.raises(UserError, match=r"sample 1 .*has no time zone"):
         recorded.load(yaml_path)
 
 
@@ -349,10 +349,9 @@ def test_a_noisy_crossing_is_reported_once_each_way(tmp_path):
 def test_no_merge_whose_summed_peaks_come_within_the_tolerance_of_a_hot_threshold(tmp_path):
     """Hysteresis between cold and hot: two shards each under the cold threshold would together
     be within 10% of the hot one, and the merged shard would be split again."""
-    from test_load_planning import COLD_FOR, _observation
-
     from engine.keyspace import even_ranges
     from engine.plan import planner
+    from test_load_planning import COLD_FOR, _observation
 
     policy = FLEET + "    policy: tight\npolicies:\n  tight:\n    hot: {queries_per_second: 1000}\n" \
                      "    cold: {queries_per_second: 500}\n"

@@ -22,11 +22,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, FleetDir
-from movers import active_shards, all_rows, pgbench, preload
 
+from conftest import ROOT, FleetDir
 from engine.catalog.journal import FAILPOINT_ENV, SLOWPOINT_ENV
 from engine.catalog.lock import apply_lock
+from movers import active_shards, all_rows, pgbench, preload
 
 TOKEN = "test-token-7f3a"
 FAST_POLICY = """
@@ -363,8 +363,8 @@ def test_sigterm_during_a_split_exits_0_and_never_leaves_the_source_fenced(watch
     watch = _start_alone(watched, env={SLOWPOINT_ENV: f"split orders/{shard}: {slow_step}=4"})
     bench = pgbench(fleet, *source, seconds=90)
     try:
-        watch.wait(f"the split at {slow_step}", lambda: _last_step(fleet, shard) == f"split orders/{shard}: {slow_step}",
-                   timeout=60)
+        slowed = f"split orders/{shard}: {slow_step}"
+        watch.wait(f"the split at {slow_step}", lambda: _last_step(fleet, shard) == slowed, timeout=60)
         assert watch.stop(signal.SIGTERM) == 0
         assert watch.events("apply_parked") and watch.events("stopped")
         with fleet.connect(*source) as conn, conn.transaction(force_rollback=True):
@@ -417,7 +417,8 @@ def test_expired_branches_and_retired_shards_are_removed_by_the_daemon(watched):
         assert "pid" in deferred[0]["holder"] and watch.status()["role"] == "leader"
 
     def removed_by_daemon(event: str) -> list[dict]:
-        return [h for h in watch.get("/api/history")["history"] if h["event"] == event and h["actor"].startswith("daemon")]
+        history = watch.get("/api/history")["history"]
+        return [h for h in history if h["event"] == event and h["actor"].startswith("daemon")]
 
     (deleted,) = watch.wait("the expired branch deleted", lambda: removed_by_daemon("delete_branch"), timeout=60)
     assert deleted["address"] == "branch.brief" and "branch_brief" not in fleet.databases("a")

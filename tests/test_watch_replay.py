@@ -5,11 +5,11 @@ is never acted on."""
 from datetime import timedelta
 
 import pytest
+
+from engine.config import loader
 from replay import Replay, flapping_pairs
 from test_load_planning import FLEET  # the same two-shard fleet, given an elastic policy below
 from traces import diurnal, hovering, spike
-
-from engine.config import loader
 
 ELASTIC = FLEET + """\
     policy: elastic

@@ -4,11 +4,11 @@ shape the catalog stores and `plan --metrics FILE` reads."""
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from engine.observe.metrics import METRICS, MetricValue, Sample
 
-START = datetime(2026, 11, 26, 10, 0, 0, tzinfo=timezone.utc)
+START = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
 QUIET = {"queries_per_second": 5.0, "cpu_percent": 1.0, "memory_percent": 2.0, "storage_percent": 1.0,
          "connections": 1.0, "latency_ms": 0.5}
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 HERE = Path(__file__).parent / "hostile"
@@ -73,7 +74,7 @@ case("allow-destroy-unknown-key", S + db() + "allow_destroy:\n  database: [order
 
 # ---- hangs and blow-ups ---------------------------------------------------------------------------
 BOMB = "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
-               for p, c in zip([None] + list("abcdefgh"), "abcdefghi"))
+               for p, c in pairwise([None, *"abcdefghi"]))
 case("bomb-billion-laughs", S + "x-bomb:\n" + "".join("  " + line + "\n" for line in BOMB.splitlines()), schema="unparsed")
 case("bomb-top-level", S + BOMB, schema="unparsed")
 case("bomb-in-policy", S + "policies:\n  p:\n    description: &d [" + ",".join(["x"] * 100) + "]\n"
@@ -81,7 +82,7 @@ case("bomb-in-policy", S + "policies:\n  p:\n    description: &d [" + ",".join([
      schema="unparsed")
 case("bomb-mapping", S + "a: &a {" + ", ".join(f"k{i}: v" for i in range(40)) + "}\n"
      + "".join(f"{c}: &{c} {{" + ", ".join(f"k{i}: *{p}" for i in range(40)) + "}\n"
-               for p, c in zip("abcd", "bcde")), schema="unparsed")
+               for p, c in pairwise("abcde")), schema="unparsed")
 case("deep-flow-sequence", S + "policies: " + "[" * 5000 + "]" * 5000 + "\n", schema="unparsed")
 case("deep-flow-mapping", S + "policies: " + "{a: " * 200 + "1" + "}" * 200 + "\n", schema="unparsed")
 case("deep-block", S + "policies:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(100)) + "  " * 101 + "x\n",
@@ -333,8 +334,7 @@ def write() -> None:
         d = HERE / name
         d.mkdir(parents=True)
         yaml = spec["yaml"]
-        header = b"" if isinstance(yaml, bytes) and not yaml.startswith(b"servers") else b""
-        (d / "fleet.yaml").write_bytes(header + (yaml if isinstance(yaml, bytes) else yaml.encode()))
+        (d / "fleet.yaml").write_bytes(yaml if isinstance(yaml, bytes) else yaml.encode())
         for key in ("sql", "s2"):
             content = spec.get(key)
             if content is not None:
