@@ -87,6 +87,8 @@ def timed_plan(directory: Path) -> float:
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"plan did not say 'no changes' (exit {result.returncode}):\n{result.stdout}{result.stderr}")
+    if "could not be read" in result.stdout + result.stderr:  # shards left unknown past the deadline
+        raise SystemExit(f"plan did not read every shard:\n{result.stdout}{result.stderr}")
     return seconds
 
 
