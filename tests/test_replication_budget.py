@@ -6,6 +6,7 @@ before anything is made."""
 
 import re
 import shutil
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -13,13 +14,15 @@ import pytest
 from conftest import EXAMPLES
 from engine.config import loader
 from engine.observe.models import CatalogState, Observation
+from engine.observe.replica_links import link_name
 from engine.plan import budget
-from engine.servers.embedded import wheel_major
-from movers import active_shards, preload
+from engine.servers.embedded import EmbeddedServer, wheel_major
+from movers import Writer, active_shards, all_rows, preload
 from test_privilege_needs import live
 
 REPLICA = "branches:\n  mirror:\n    from: orders\n    data: replica\n    server: b\n"
 SHARDS = 12  # over PostgreSQL 18's default max_active_replication_origins (10)
+MANY = 64  # the size issue 27 asks a replica to be built and to follow a split at
 
 
 def _setting(fleet, server: str, name: str) -> int:
@@ -54,6 +57,62 @@ def test_a_replica_of_a_database_of_more_shards_than_the_default_origins_is_buil
         assert conn.execute("SELECT count(*) FROM customers").fetchone() == (3000,)
     doctor = fleet.cli("doctor")
     assert "replication budget" in doctor.out and "the fleet needs at most" in doctor.out, doctor.both
+    assert fleet.cli("plan", "--detailed-exitcode").code == 0
+
+
+def _replica_rows(fleet) -> dict[int, str]:
+    with fleet.connect("b", "branch_mirror") as conn:
+        return dict(conn.execute("SELECT customer_id, name FROM customers").fetchall())
+
+
+def _subscriptions(fleet) -> list[str]:
+    with fleet.connect("b", "branch_mirror") as conn:
+        return sorted(r[0] for r in conn.execute("SELECT subname FROM pg_subscription WHERE subenabled"))
+
+
+@pytest.mark.slow  # 64 shards made, linked and split on embedded servers: minutes on a busy machine
+def test_a_replica_of_a_64_shard_database_is_built_and_follows_a_split_under_a_writer(fleet):
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml").replace("shards: 4", f"shards: {MANY}"))
+    made = fleet.cli("apply", "--auto-approve")
+    assert made.code == 0, made.both
+    assert len(active_shards(fleet)) == MANY
+    preload(fleet, customers=6400)
+    fleet.write("fleet.yaml", fleet.read("fleet.yaml") + REPLICA)
+    # the running servers were sized for the fleet without the replica: the settings it needs
+    # are written, and apply refuses, before anything is made, until they are restarted
+    refused = fleet.cli("apply", "--auto-approve")
+    assert refused.code == 1 and "take effect when it restarts" in refused.err, refused.both
+    assert "branch_mirror" not in fleet.databases("b")
+    assert fleet.cli("down").code == 0 and fleet.cli("up").code == 0
+    linked = fleet.cli("apply", "--auto-approve")
+    assert linked.code == 0, linked.both
+    assert f"replica in sync with {MANY} shards" in linked.out, linked.out
+    assert len(_replica_rows(fleet)) == 6400
+
+    # a split of the database while the replica follows it, under a writer routed by the catalog
+    before, _ = all_rows(fleet)
+    (first, *_rest) = active_shards(fleet)
+    catalog = EmbeddedServer("a", fleet.path / ".shardctl" / "servers" / "a").conninfo("shardctl")
+    writer = Writer(catalog, start_id=max(before) + 1_000_000)
+    writer.start({})
+    try:
+        split = fleet.cli("apply", "--auto-approve", "-split", f"orders/{first[0]}")
+        assert split.code == 0, split.both
+        assert "the replica follows" in split.out, split.out
+        time.sleep(0.5)  # writes to the new shards, streamed
+    finally:
+        writer.stop()
+    assert writer.errors == [] and writer.writes > 50
+    shards = active_shards(fleet)
+    assert len(shards) == MANY + 1 and first[0] not in {s[0] for s in shards}
+    rows, problems = all_rows(fleet)
+    assert problems == [] and rows == {**before, **writer.expected}
+    deadline = time.monotonic() + 120
+    while _replica_rows(fleet) != rows and time.monotonic() < deadline:
+        time.sleep(0.5)  # the last writes are streamed
+    assert _replica_rows(fleet) == rows  # every row of the 65 shards, none of the retired copy's twice
+    # exactly one link per active shard: the split's targets linked, the retired source's gone
+    assert _subscriptions(fleet) == sorted(link_name("mirror", dbname) for *_, dbname in shards)
     assert fleet.cli("plan", "--detailed-exitcode").code == 0
 
 

@@ -60,6 +60,13 @@ def _rejected_in_samples(shard: str, samples: list[Sample], rejected: list[tuple
     return Series.of(measured, shard=shard)
 
 
+def clean_sample(sample: Sample) -> Sample:
+    """One fresh sample with its values that cannot be a measurement made unknown (what
+    clean_window does to a window of one, without building the window)."""
+    metrics = {name: None if mv is None or _bad(mv.value) else mv for name, mv in sample.metrics.items()}
+    return sample if metrics == sample.metrics else sample.model_copy(update={"metrics": metrics})
+
+
 def clean_window(shard: str, samples: Series | Iterable[Sample]) -> tuple[Series, tuple[str, ...]]:
     """One shard's samples, cleaned, oldest first (a Series), with a note for each kind of thing
     dropped. Samples without a time zone are dropped here (recorded files are refused earlier,

@@ -237,7 +237,9 @@ class LiveMetrics:
             done = {a for r in self.rounds for a in (*r.pairs, *r.unknown)}
             rest = [s for s in self.shards if s.address not in done]
             if rest:
-                self.rounds.append(self.sampler.sample_round(rest, self.begun, own=_counted(observation, spent)))
+                sizes = {a: live.size_bytes for a, live in observation.shards.items() if live.size_bytes is not None}
+                self.rounds.append(self.sampler.sample_round(rest, self.begun, own=_counted(observation, spent),
+                                                             sizes=sizes))
         late: list[str] = []
         history = dict(self.history)
         for fresh in self.rounds:

@@ -66,24 +66,31 @@ SCHEMA_CATALOGS = ("pg_class", "pg_attribute", "pg_attrdef", "pg_constraint", "p
 _WRITTEN = ", ".join(f"pg_stat_get_tuples_inserted('pg_catalog.{c}'::regclass) + pg_stat_get_tuples_updated("
                      f"'pg_catalog.{c}'::regclass) + pg_stat_get_tuples_deleted('pg_catalog.{c}'::regclass)"
                      for c in SCHEMA_CATALOGS)
-# what a plan reads of every shard, in one statement: the catalog signature, its size (rebalancing
-# weighs it), its ledger of schema steps (a shard always has one) and last what the statement
-# has cost so far (ms): a plan leaves its own work out of the shard's rates
+# The rows written to the shard's ledger of schema steps, -1 without one: counted from the
+# statistics by the table's oid, the table itself is not opened (in a new backend, opening it and
+# planning a read of it costs more than the connection did).
+_LEDGER_WRITTEN = ("coalesce((SELECT pg_stat_get_tuples_inserted(r) + pg_stat_get_tuples_updated(r)"
+                   " + pg_stat_get_tuples_deleted(r) FROM to_regclass('_shardctl.schema_steps') r"
+                   " WHERE r IS NOT NULL), -1)")
+# what a plan reads of every shard, in one statement: the signature of its schema and ledger,
+# its size (rebalancing weighs it) and last what the statement has cost so far (ms): a plan
+# leaves its own work out of the shard's rates. The ledger itself (LEDGER) and the schema
+# (SNAPSHOT) are read only when the signature is not the one they were cached under.
 LIGHT = f"""
 SELECT d.oid::int8, extract(epoch FROM pg_postmaster_start_time())::text,
        coalesce(extract(epoch FROM pg_stat_get_db_stat_reset_time(d.oid))::text, ''),
-       current_setting('track_counts') = 'on', pg_database_size(d.oid), ARRAY[{_WRITTEN}]::int8[],
-       {{ledger}}, extract(epoch FROM clock_timestamp() - statement_timestamp())::float8 * 1000
+       current_setting('track_counts') = 'on', pg_database_size(d.oid),
+       ARRAY[{_WRITTEN}, {_LEDGER_WRITTEN}]::int8[],
+       extract(epoch FROM clock_timestamp() - statement_timestamp())::float8 * 1000
 FROM pg_database d WHERE d.datname = current_database()
 """
-LEDGER = "(SELECT array_agg(sha256 ORDER BY seq) FROM _shardctl.schema_steps)"
+LEDGER = "SELECT sha256 FROM _shardctl.schema_steps ORDER BY seq"
 KINDS = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
 
 
 @dataclass(frozen=True)
 class ShardFacts:
-    signature: list | None  # what says the schema is unchanged (None: the server's statistics cannot)
-    steps: tuple[str, ...]  # sha256 of the steps in the shard's own ledger, in order
+    signature: list | None  # what says the schema and ledger are unchanged (None: the statistics cannot)
     size_bytes: int
     statements: int  # what reading them ran on the shard, and for how long (ms)
     ms: float
@@ -94,17 +101,10 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
 
 
 def shard_facts(conn: psycopg.Connection) -> ShardFacts:
-    """A shard's catalog signature, size and ledger of applied steps, in one statement (two for a
-    database without the ledger: then it has applied none). `conn` in autocommit."""
-    try:
-        row = one(conn.execute(LIGHT.format(ledger=LEDGER)))
-        statements = 1
-    except psycopg.errors.UndefinedTable:
-        row = one(conn.execute(LIGHT.format(ledger="NULL::text[]")))
-        statements = 1  # a statement that failed is not counted by pg_stat_statements
-    oid, started, reset, counting, size, written, steps, ms = row
+    """A shard's signature (its schema's and its ledger's) and size, in one statement."""
+    oid, started, reset, counting, size, written, ms = one(conn.execute(LIGHT))
     signature = [int(oid), started, reset, *map(int, written)] if counting else None
-    return ShardFacts(signature, tuple(steps or ()), int(size), statements, float(ms))
+    return ShardFacts(signature, int(size), 1, float(ms))
 
 
 def _snapshot(rows: list[tuple]) -> dict[str, Any]:
@@ -133,10 +133,12 @@ def fingerprint(snap: dict[str, Any]) -> str:
 
 
 def applied_steps(conn: psycopg.Connection) -> tuple[str, ...]:
-    """The shard's own ledger of schema steps (sha256, in order); empty when there is none."""
-    if not one(conn.execute("SELECT to_regclass('_shardctl.schema_steps') IS NOT NULL"))[0]:
+    """The shard's own ledger of schema steps (sha256, in order); empty when there is none. One
+    statement (a statement that fails is not counted by pg_stat_statements). `conn` in autocommit."""
+    try:
+        return tuple(r[0] for r in conn.execute(LEDGER))
+    except psycopg.errors.UndefinedTable:
         return ()
-    return tuple(r[0] for r in conn.execute("SELECT sha256 FROM _shardctl.schema_steps ORDER BY seq"))
 
 
 # Rows are counted exactly up to this many per table (a bounded scan), estimated beyond it.

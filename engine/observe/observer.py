@@ -3,11 +3,12 @@
 Read-only. Servers are read at once, each within a deadline, on one connection each (the
 metric sampler's, when one is running: engine.observe.sampling). Shards too (the schema lives in
 each database, so each needs a connection of its own): at most PER_SERVER of one server's at a
-time and fanout.MAX_WORKERS in all, each with one query for its schema snapshot and its ledger of
-steps (engine.observe.introspect.shard_facts); a server's shards share its deadline, so a server
-that hangs costs only its own shards, which stay unknown (never missing) with the reason. Rows
-and sizes (what a destruction would lose) are counted only for the databases a plan could
-destroy: counting reads up to 100,000 rows a table.
+time and fanout.MAX_WORKERS in all, each with one query for the signature of its schema and its
+ledger of steps (engine.observe.introspect.shard_facts), and two more, for them, only when they
+are not cached under that signature (engine.observe.schema_cache); a server's shards share its
+deadline, so a server that hangs costs only its own shards, which stay unknown (never missing)
+with the reason. Rows and sizes (what a destruction would lose) are counted only for the
+databases a plan could destroy: counting reads up to 100,000 rows a table.
 """
 
 from __future__ import annotations
@@ -146,15 +147,17 @@ def _shard_job(fleet: Fleet, server: str, dbname: str, holdings: bool,
         with _connect(fleet, server, dbname, watch) as conn, watch.connection(conn):
             facts = introspect.shard_facts(conn)
             statements, started = facts.statements, time.monotonic()
-            snap = cache.get(server, dbname, facts.signature)
-            if snap is None:
-                snap = introspect.snapshot(conn)
-                cache.put(server, dbname, facts.signature, snap)
-                statements += 1
+            cached = cache.get(server, dbname, facts.signature)
+            if cached is None:
+                steps, snap = introspect.applied_steps(conn), introspect.snapshot(conn)
+                cache.put(server, dbname, facts.signature, snap, steps)
+                statements += 2  # a shard always has its ledger (a failed read is not counted)
+            else:
+                snap, steps = cached
             holding, counted = _holding(conn) if holdings else (None, 0)
             statements += counted
         cost = (statements, facts.ms + (time.monotonic() - started) * 1000 * (statements > facts.statements))
-        return LiveShard(exists=True, applied_steps=facts.steps, schema_snapshot=snap,
+        return LiveShard(exists=True, applied_steps=steps, schema_snapshot=snap,
                          schema_fingerprint=introspect.fingerprint(snap), holding=holding,
                          size_bytes=facts.size_bytes), cost
     return read

@@ -202,10 +202,12 @@ class LiveSampler:
         """One round's readings (see read_round)."""
         return self.read_round(shards, full)[0]
 
-    def read_round(self, shards: list[CatalogShard], full: bool) -> tuple[dict[str, Reading], dict[str, str]]:
+    def read_round(self, shards: list[CatalogShard], full: bool,
+                   sizes: dict[str, int] | None = None) -> tuple[dict[str, Reading], dict[str, str]]:
         """One round: every server at once, each collector once per server, each server within
         the deadline. Returns the readings and, per server that gave none, why (unknown, never
-        zero)."""
+        zero). `sizes`: shards' database sizes read a moment ago (a plan's inspection): a full
+        round does not read them again."""
         by_server: dict[str, list[CatalogShard]] = {}
         for shard in shards:
             by_server.setdefault(shard.server, []).append(shard)
@@ -213,7 +215,7 @@ class LiveSampler:
         for server_name, server_shards in by_server.items():
             handle = self.fleet.servers.get(server_name)
             if handle is not None:
-                jobs[server_name] = self._reader(handle, server_shards, full)
+                jobs[server_name] = self._reader(handle, server_shards, full, sizes if full else None)
         outcomes = fanout.fan_out(jobs, self.deadline, workers=self.workers)
         readings: dict[str, Reading] = {}
         missing: dict[str, str] = {}
@@ -224,9 +226,15 @@ class LiveSampler:
                 missing[name] = outcome.error or "no reading"
         return readings, missing
 
-    def _reader(self, handle: ServerHandle, server_shards: list[CatalogShard], full: bool):
+    def _reader(self, handle: ServerHandle, server_shards: list[CatalogShard], full: bool,
+                sizes: dict[str, int] | None = None):
         def work(conn: psycopg.Connection) -> dict[str, Reading]:
-            round_readings: dict[str, Reading] = {}
+            # the sizes known already, as the readings the collectors enrich (engine.observe.collectors)
+            at = datetime.now(UTC)
+            round_readings: dict[str, Reading] = {
+                s.address: Reading(shard=s.address, server=handle.name, dbname=s.dbname, at=at,
+                                   gauges={"size_bytes": float(sizes[s.address])})
+                for s in server_shards if sizes and s.address in sizes}
             for collector in self.collectors:
                 if collector.applies_to(handle):
                     round_readings = collector.collect(handle, conn, server_shards, round_readings, full)
@@ -285,12 +293,14 @@ class LiveSampler:
         return Begun(started=started, gaps=gaps, missing=missing)
 
     def sample_round(self, shards: list[CatalogShard], begun: Begun | None = None,
-                     own: dict[str, tuple[int, float]] | None = None) -> SampleRound:
+                     own: dict[str, tuple[int, float]] | None = None,
+                     sizes: dict[str, int] | None = None) -> SampleRound:
         """A fresh sample per shard. Without a previous reading, one is taken first (`begin`, or
         `begun` when the caller took it before other work) and the second keeps the least gap
         after it. `own`: per shard address, the statements shardctl itself ran on it since the
-        first reading and their time in ms (a plan's inspection), left out of its rates. Shards
-        of a server that did not answer in time get an unknown sample, with the reason."""
+        first reading and their time in ms (a plan's inspection), left out of its rates; `sizes`
+        what it read of their sizes (see read_round). Shards of a server that did not answer in
+        time get an unknown sample, with the reason."""
         begun = begun if begun is not None else self.begin(shards)
         begun.wait({s.server for s in shards})
         with self._lock:
@@ -299,18 +309,21 @@ class LiveSampler:
         # round its deadline a second time
         asked = [s for s in shards if s.server not in begun.missing]
         full = any(_tier3_due(previous.get(s.address)) for s in asked)
-        current, missing = self.read_round(asked, full=full) if asked else ({}, {})
+        current, missing = self.read_round(asked, full=full, sizes=sizes) if asked else ({}, {})
         missing = {**begun.missing, **missing}
         out: dict[str, tuple[Reading, Sample]] = {}
+        # one server's capacity is the same for all its shards in a round (it reads the disk)
+        capacities: dict[tuple[str, str | None], Capacity] = {}
         for address, reading in current.items():
             prev = previous.get(address)
             reading = _carry_tier3(prev, reading, full)
-            handle = self.fleet.servers[reading.server]
+            key = (reading.server, reading.notes.get("shared_buffers_bytes"))
+            if key not in capacities:
+                capacities[key] = capacity_for(self.fleet.servers[reading.server], reading)
             judged = _without_own(reading, prev, (own or {}).get(address))
-            derived = derive(prev, judged, capacity_for(handle, reading), CLOCK_TICKS)
+            derived = derive(prev, judged, capacities[key], CLOCK_TICKS)
             # nothing impossible is stored: a NaN, infinite or negative value becomes unknown
-            (derived,), _ = cleaning.clean_window(address, [derived])
-            out[address] = (reading, derived)
+            out[address] = (reading, cleaning.clean_sample(derived))
         self.seed({a: r for a, (r, _) in out.items()})
         at = datetime.now(UTC)
         unknown = {s.address: Sample(shard=s.address, server=s.server, at=at, metrics=dict.fromkeys(METRICS))

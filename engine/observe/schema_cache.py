@@ -1,4 +1,4 @@
-"""A local cache of shard schema snapshots, kept by their databases' catalog signatures.
+"""A local cache of shard schema snapshots and ledgers, kept by their databases' signatures.
 
 Reading a shard's whole schema costs its new connection about three times what the connection
 and a trivial query cost (the catalogs it reads must first be loaded into the new backend's
@@ -9,10 +9,12 @@ as the shard's ledger (engine.observe.introspect.LIGHT), nearly for free. The sn
 time is reused while the signature is the same (the database's oid, the server's start, its
 statistics' last reset, and the rows written to pg_class, pg_attribute, pg_attrdef,
 pg_constraint, pg_index, pg_type and pg_namespace), for at most MAX_AGE; anything else reads
-the schema again. The cost of that: a session's statistics reach the counters when it ends,
-or at the latest about ten seconds after its transaction (PostgreSQL flushes them no more
-often), so a change made by hand may show in a plan that much later; with `track_counts = off`
-nothing is cached.
+the schema again. The shard's ledger of applied steps (`_shardctl.schema_steps`) is kept the same
+way, under the rows written to it: opening that table in a new backend cost as much again as
+the connection, and it changes only when a step is recorded. The cost of that: a session's
+statistics reach the counters when it ends, or at the latest about ten seconds after its
+transaction (PostgreSQL flushes them no more often), so a change made by hand may show in a
+plan that much later; with `track_counts = off` nothing is cached.
 
 The cache is a file under the config directory's `.shardctl/` (mode 0600): a plan writes it,
 never the fleet; a plan without it (CI, another laptop) reads every schema. It never decides
@@ -31,7 +33,7 @@ from engine.servers import private
 
 MAX_AGE = 3600.0  # seconds a cached snapshot is trusted without a full read
 FILE = Path(".shardctl") / "cache" / "schemas.json"
-VERSION = 1
+VERSION = 2  # 2: the ledger's steps beside the snapshot
 
 
 class SchemaCache:
@@ -57,20 +59,26 @@ class SchemaCache:
     def key(server: str, dbname: str) -> str:
         return f"{server}/{dbname}"
 
-    def get(self, server: str, dbname: str, signature: list | None) -> dict[str, Any] | None:
-        """The snapshot cached under this signature, while it is young enough; else None."""
+    def get(self, server: str, dbname: str, signature: list | None) -> tuple[dict[str, Any], tuple[str, ...]] | None:
+        """The snapshot and the ledger's steps cached under this signature, while they are young
+        enough; else None."""
         if signature is None:
             return None
         entry = self._entries.get(self.key(server, dbname))
         if not entry or entry.get("signature") != signature or time.time() - entry.get("at", 0) > MAX_AGE:
             return None
-        return entry.get("snapshot")
+        snapshot, steps = entry.get("snapshot"), entry.get("steps")
+        if not isinstance(snapshot, dict) or not isinstance(steps, list):
+            return None
+        return snapshot, tuple(steps)
 
-    def put(self, server: str, dbname: str, signature: list | None, snapshot: dict[str, Any]) -> None:
+    def put(self, server: str, dbname: str, signature: list | None, snapshot: dict[str, Any],
+            steps: tuple[str, ...]) -> None:
         if signature is None:
             return
         with self._lock:
-            self._entries[self.key(server, dbname)] = {"signature": signature, "at": time.time(), "snapshot": snapshot}
+            self._entries[self.key(server, dbname)] = {"signature": signature, "at": time.time(),
+                                                       "snapshot": snapshot, "steps": list(steps)}
             self._changed = True
 
     def save(self, keep: set[str] | None = None) -> None:

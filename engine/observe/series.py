@@ -290,7 +290,8 @@ class Row:
         return self._s.server_at(self._i)
 
     def value(self, metric: str) -> float | None:
-        return self._s.value_at(self._i, metric)
+        value = self._s._values[_INDEX[metric]][self._i]  # Series.value_at, inlined: the detector's inner loop
+        return None if value != value else value  # NaN (unknown) is the only value unequal to itself
 
     @property
     def metrics(self) -> dict[str, MetricValue | None]:
@@ -331,8 +332,11 @@ class NewestFirst(Sequence[Row]):
         return self._rows[index]
 
     def __iter__(self) -> Iterator[Row]:
-        for i in range(self._end):
-            yield self[i]
+        rows, series, end = self._rows, self._series, self._end
+        for i in range(end):
+            if i == len(rows):
+                rows.append(Row(series, end - 1 - i))
+            yield rows[i]
 
     def __bool__(self) -> bool:
         return self._end > 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import UserError
-from engine.keyspace import KeyRange
+from engine.keyspace import SIGNED_MIN, KeyRange
 from engine.observe.models import CatalogDatabase, CatalogShard, Observation
 from engine.plan.load import (
     capable_targets,
@@ -52,7 +52,9 @@ class Requests:
 
 
 def _active(recorded: CatalogDatabase) -> list[CatalogShard]:
-    return sorted((s for s in recorded.shards if s.state == "active"), key=lambda s: KeyRange(s.lo, s.hi).lo_unsigned)
+    # by lower bound, the bottom (None) first: KeyRange(lo, hi).lo_unsigned without making the range
+    return sorted((s for s in recorded.shards if s.state == "active"),
+                  key=lambda s: 0 if s.lo is None else s.lo - SIGNED_MIN)
 
 
 def _width(shards: list[CatalogShard]) -> int:

@@ -6,7 +6,9 @@ a computed summary, with sorted keys. Colour is ANSI, on when asked and NO_COLOR
 
 from __future__ import annotations
 
+import contextlib
 import json
+from functools import cache
 from pathlib import Path
 
 import jinja2
@@ -18,10 +20,30 @@ _ANSI = {"bold": "1", "green": "32", "yellow": "33", "red": "31", "cyan": "36"}
 _SIGN_COLOURS = {"+": "green", "~": "yellow", "-": "red", "-/+": "red"}
 
 
+class _CompiledTemplates(jinja2.FileSystemBytecodeCache):
+    """Templates compiled once and kept between runs, in jinja2's own per-user cache directory
+    (mode 0700, its owner checked; an entry is used only for the same template source): every
+    `plan` would otherwise parse and compile them again at start-up. A cache that cannot be
+    written is no cache, never an error."""
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        with contextlib.suppress(OSError):
+            super().dump_bytecode(bucket)
+
+
+@cache
+def _compiled() -> jinja2.BytecodeCache | None:
+    try:
+        return _CompiledTemplates()
+    except (OSError, RuntimeError):  # no safe directory of this user's: compile every time
+        return None
+
+
 def _environment(colour: bool) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
         autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+        bytecode_cache=_compiled(),
     )
 
     def paint(text: str, name: str) -> str:

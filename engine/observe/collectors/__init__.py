@@ -31,7 +31,8 @@ class Collector(ABC):
                 readings: dict[str, Reading], full: bool) -> dict[str, Reading]:
         """Return `readings` with what this collector adds (new values, never mutation).
         `conn` is the round's one connection to the server (autocommit, database postgres).
-        `full` asks for the slower tier too (sizes, buffer shares)."""
+        `full` asks for the slower tier too (sizes, buffer shares); a size already in `readings`
+        (read by a plan's inspection a moment before) need not be read again."""
 
 
 _lock = threading.Lock()

@@ -94,11 +94,13 @@ class PostgresCollector(Collector):
                 except psycopg.Error:
                     pass  # created but not preloaded: tier 2 stays unknown
             notes = {"shared_buffers_bytes": self._shared_buffers(server, conn)}
-            if full:
+            # sizes already in the readings (a plan's inspection read them a moment ago) are not read again
+            unsized = [n for n in names if "size_bytes" not in getattr(out.get(by_db[n].address), "gauges", {})]
+            if full and unsized:
                 # each in a savepoint: a missing grant (pg_monitor) loses that metric, not the round
                 try:
                     with conn.transaction():
-                        sizes = conn.execute(SIZES, (names,)).fetchall()
+                        sizes = conn.execute(SIZES, (unsized,)).fetchall()
                     for datname, size in sizes:
                         gauges[datname]["size_bytes"] = float(size)
                 except psycopg.errors.InsufficientPrivilege:
