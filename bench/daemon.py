@@ -135,7 +135,7 @@ def main() -> None:
 
             # the schema re-read the daemon does every SCHEMA_EVERY seconds, timed on the same code
             from engine.config import loader
-            from engine.observe.observer import inspect_shards, observe
+            from engine.collect.observer import inspect_shards, observe
             from engine.servers.fleet import Fleet
 
             desired = loader.load(base / "fleet")

@@ -34,7 +34,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config.models import Server  # noqa: E402
-from engine.observe.sampling import LiveSampler  # noqa: E402
+from engine.collect.sampling import LiveSampler  # noqa: E402
 from engine.servers.fleet import Fleet  # noqa: E402
 from engine.observe.models import CatalogShard  # noqa: E402
 from engine.servers.connect import ServerHandle  # noqa: E402

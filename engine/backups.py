@@ -36,20 +36,20 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
-from engine.actions.locking import with_lock_retries_all
-from engine.actions.replica import tables_with_key
 from engine.catalog import backups as catalog
 from engine.catalog import schema
 from engine.catalog.journal import Operation
 from engine.catalog.lock import who
 from engine.config.loader import Desired
 from engine.errors import UserError
+from engine.observe.introspect import tables_with_key
 from engine.observe.models import MapShard, RestorePoint
 from engine.rows import one
 from engine.servers import scratch
 from engine.servers.barman import SLOT, Barman, lsn_value
 from engine.servers.connect import ServerHandle
 from engine.servers.fleet import Fleet
+from engine.servers.locking import with_lock_retries_all
 
 Say = Callable[[str], None]
 KIND = "create_backup"

@@ -12,12 +12,13 @@ from rich.table import Table
 
 from engine import backups
 from engine.catalog import control, journal, store
+from engine.collect import history
+from engine.collect.observer import inspect_servers, observe
 from engine.config.loader import Desired
 from engine.config.models import span
 from engine.detect.forecast import shard_outlook
-from engine.observe import history, replication
+from engine.observe import replication
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
-from engine.observe.observer import inspect_servers, observe
 from engine.observe.recorded import Recording
 from engine.observe.replica_links import broken_text, replica_links
 from engine.observe.series import as_series

@@ -13,7 +13,7 @@ from psycopg import errors, sql
 
 from engine.actions import fence
 from engine.actions.create_branch import without_fence
-from engine.actions.locking import write_holders
+from engine.servers.locking import write_holders
 from engine.observe import introspect
 from engine.servers.embedded import EmbeddedServer, bin_dir
 

@@ -96,7 +96,7 @@ def test_a_batch_of_minutes_stored_in_the_catalog_is_judged_on_the_level_it_held
     fitted on the level each hour held for the sustain, read from the 1-minute history, and
     crosses; a shard whose bursts last two minutes gets no such level."""
     from engine.config import loader
-    from engine.observe import history
+    from engine.collect import history
 
     end = datetime.now(UTC).replace(second=0, microsecond=0)
     rows = []

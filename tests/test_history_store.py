@@ -11,7 +11,8 @@ from traces import START, samples
 
 from engine.catalog import schema, store
 from engine.config.models import Retention
-from engine.observe import history, rollup
+from engine.collect import history
+from engine.observe import rollup
 from engine.observe.metrics import Reading
 from engine.servers.embedded import EmbeddedServer
 

@@ -20,7 +20,7 @@ from test_server_crash import _kill_mid_move
 
 from engine import workflow
 from engine.catalog.journal import FAILPOINT_ENV
-from engine.observe.observer import observe
+from engine.collect.observer import observe
 from engine.render.dashboard import render_dashboard
 from engine.servers.fleet import Fleet
 from engine.watch.daemon import replication_views

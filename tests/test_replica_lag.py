@@ -10,7 +10,7 @@ import pytest
 from conftest import FleetDir
 from engine import workflow
 from engine.errors import UserError
-from engine.observe.sampling import LiveSampler
+from engine.collect.sampling import LiveSampler
 from engine.servers.embedded import EmbeddedServer, _chown, _system_user, bin_dir
 from engine.servers.fleet import Fleet
 from engine.snapshot import ReplicaView, Snapshot

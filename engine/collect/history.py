@@ -10,13 +10,13 @@ import psycopg
 from pydantic import ValidationError
 
 from engine.catalog import store
+from engine.collect.sampling import FIRST_GAP, Begun, LiveSampler, SampleRound
 from engine.config.loader import Desired
 from engine.config.models import Policy, Retention
 from engine.detect.forecast import MAX_FIT_HOURS, QUIET_SHARE
 from engine.observe import cleaning, recorded, rollup
 from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.models import CatalogShard, HourlySeries, Observation
-from engine.observe.sampling import FIRST_GAP, Begun, LiveSampler, SampleRound
 from engine.observe.series import Series
 from engine.servers.fleet import Fleet
 

@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from engine.collect.collectors import Collector, default_collectors
 from engine.config.models import DEFAULT_DEADLINE
 from engine.observe import cleaning, fanout, replication
-from engine.observe.collectors import Collector, default_collectors
 from engine.observe.metrics import METRICS, Capacity, Reading, Sample, derive
 from engine.observe.models import CatalogShard, ReplicationObject
 from engine.servers.connect import ServerHandle, ServerUnreachable
@@ -322,7 +322,7 @@ def _without_own(reading: Reading, prev: Reading | None, own: tuple[int, float] 
     """The reading less the statements shardctl ran on the shard since `prev` (its own
     inspection), so that they are not counted as the shard's load. Only pg_stat_statements'
     counts are corrected: they are exact per statement; pg_stat_database's are read around no
-    such work (engine.observe.history)."""
+    such work (engine.collect.history)."""
     if own is None or prev is None or "calls" not in reading.counters or "calls" not in prev.counters:
         return reading
     calls, ms = own
