@@ -18,9 +18,10 @@ from engine.collect.observer import inspect_shards, observe
 from engine.collect.sampling import LiveSampler
 from engine.config import loader
 from engine.config.loader import Desired
-from engine.config.models import Policy, span
+from engine.config.models import Policy
 from engine.detect.detector import premise_holds
 from engine.detect.forecast import STORAGE_HORIZON, LoadForecast, outlook
+from engine.durations import span
 from engine.errors import ConfigError, UserError
 from engine.observe import strays
 from engine.observe.models import Observation

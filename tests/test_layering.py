@@ -211,3 +211,39 @@ def test_no_module_imports_from_a_layer_above_its_own():
                     for module, imports in _full_module_graph().items() for imported in imports
                     if _layer(imported) > _layer(module))
     assert upward == []
+
+
+# Modules that still read the wall clock themselves, each with the issue that ends it.
+OWN_CLOCK = {
+    "actions/move.py",  # issue 32 ("stages" rewrites it): fenced_at from time.time()
+}
+
+
+def test_every_now_comes_from_the_clock():
+    """engine/clock.py is the one source of now (tests pin it); a monotonic timer that measures
+    a duration is not a now and stays allowed."""
+    reading = sorted(str(path.relative_to(ENGINE)) for path in ENGINE.rglob("*.py")
+                     if path.name != "clock.py" and any(call in path.read_text() for call in
+                                                        ("datetime.now(", "datetime.utcnow(", "time.time(", "date.today(")))
+    assert reading == sorted(OWN_CLOCK)
+
+
+def test_every_model_is_frozen_on_the_one_base():
+    """engine/frozen.py's Frozen (or its Declared, for what users write) under every pydantic model."""
+    import importlib
+    import pkgutil
+
+    from pydantic import BaseModel
+
+    import engine
+    from engine.frozen import Frozen
+
+    others = set()
+    for info in pkgutil.walk_packages(engine.__path__, "engine."):
+        if info.name == "engine.__main__":
+            continue
+        module = importlib.import_module(info.name)
+        others |= {f"{value.__module__}.{value.__qualname__}" for value in vars(module).values()
+                   if isinstance(value, type) and issubclass(value, BaseModel) and value.__module__ == info.name
+                   and not issubclass(value, Frozen) and value is not Frozen}
+    assert sorted(others) == []

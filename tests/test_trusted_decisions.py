@@ -21,7 +21,7 @@ from verdicts import assert_evidence_consistent, assert_verdict_consistent
 from engine.config import loader
 from engine.errors import ConfigError, UserError
 from engine.observe import recorded
-from engine.plan import load as load_rules
+from engine.plan import load_rules
 from engine.render.renderers import render_json
 
 POLICY = FLEET + """\

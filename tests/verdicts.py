@@ -4,7 +4,7 @@ of the threshold, the judged span at least the policy's window, and the line say
 from __future__ import annotations
 
 from engine.detect.detector import Assessment, Evidence
-from engine.config.models import span
+from engine.durations import span
 
 
 def assert_evidence_consistent(evidence: Evidence) -> None:

@@ -15,10 +15,11 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import psycopg
 
+from engine.clock import system_clock
 from engine.collect.collectors import Collector, default_collectors
 from engine.config.models import DEFAULT_DEADLINE
 from engine.observe import cleaning, fanout, replication
@@ -312,7 +313,7 @@ class LiveSampler:
             (derived,), _ = cleaning.clean_window(address, [derived])
             out[address] = (reading, derived)
         self.seed({a: r for a, (r, _) in out.items()})
-        at = datetime.now(UTC)
+        at = system_clock()
         unknown = {s.address: Sample(shard=s.address, server=s.server, at=at, metrics=dict.fromkeys(METRICS))
                    for s in shards if s.address not in out and s.server in missing}
         return SampleRound(pairs=out, unknown=unknown, missing=missing)
@@ -335,7 +336,7 @@ def _without_own(reading: Reading, prev: Reading | None, own: tuple[int, float] 
 def _tier3_due(prev: Reading | None) -> bool:
     if prev is None or "tier3_at" not in prev.notes:
         return True
-    age = datetime.now(prev.at.tzinfo) - datetime.fromisoformat(prev.notes["tier3_at"])
+    age = system_clock() - datetime.fromisoformat(prev.notes["tier3_at"])
     return age >= timedelta(seconds=TIER3_EVERY)
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
+from engine.clock import system_clock
 from engine.servers import private
 
 MAX_AGE = 3600.0  # seconds a cached snapshot is trusted without a full read
@@ -62,7 +62,9 @@ class SchemaCache:
         if signature is None:
             return None
         entry = self._entries.get(self.key(server, dbname))
-        if not entry or entry.get("signature") != signature or time.time() - entry.get("at", 0) > MAX_AGE:
+        if not entry or entry.get("signature") != signature:
+            return None
+        if system_clock().timestamp() - entry.get("at", 0) > MAX_AGE:  # kept on disk: wall-clock seconds
             return None
         return entry.get("snapshot")
 
@@ -70,7 +72,8 @@ class SchemaCache:
         if signature is None:
             return
         with self._lock:
-            self._entries[self.key(server, dbname)] = {"signature": signature, "at": time.time(), "snapshot": snapshot}
+            self._entries[self.key(server, dbname)] = {"signature": signature, "at": system_clock().timestamp(),
+                                                       "snapshot": snapshot}
             self._changed = True
 
     def save(self, keep: set[str] | None = None) -> None:

@@ -38,8 +38,7 @@ from engine.observe import replication
 from engine.observe.metrics import METRICS, Sample
 from engine.observe.models import Observation
 from engine.observe.replica_links import broken_text, replica_links
-from engine.plan import load as load_rules
-from engine.plan import planner, rightsizing
+from engine.plan import load_rules, planner, rightsizing
 from engine.plan.forecast import lineages
 from engine.plan.models import Plan
 from engine.render.renderers import render_text

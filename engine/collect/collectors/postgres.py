@@ -9,10 +9,9 @@ shared/METRICS-BRANCH-NOTES.md; they run unchanged as a member of pg_monitor.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import psycopg
 
+from engine.clock import system_clock
 from engine.collect.collectors.base import Collector, register
 from engine.observe.metrics import Reading
 from engine.observe.models import CatalogShard
@@ -75,7 +74,7 @@ class PostgresCollector(Collector):
         names = sorted(by_db)
         out = dict(readings)
         with conn.transaction():  # one snapshot of the statistics for the round
-            at = datetime.now(UTC)
+            at = system_clock()
             extensions = self._extensions(server, conn)
             counters: dict[str, dict[str, float]] = {n: {} for n in names}
             gauges: dict[str, dict[str, float]] = {n: {} for n in names}
