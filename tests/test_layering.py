@@ -222,9 +222,9 @@ OWN_CLOCK = {
 def test_every_now_comes_from_the_clock():
     """engine/clock.py is the one source of now (tests pin it); a monotonic timer that measures
     a duration is not a now and stays allowed."""
+    calls = ("datetime.now(", "datetime.utcnow(", "time.time(", "date.today(")
     reading = sorted(str(path.relative_to(ENGINE)) for path in ENGINE.rglob("*.py")
-                     if path.name != "clock.py" and any(call in path.read_text() for call in
-                                                        ("datetime.now(", "datetime.utcnow(", "time.time(", "date.today(")))
+                     if path.name != "clock.py" and any(call in path.read_text() for call in calls))
     assert reading == sorted(OWN_CLOCK)
 
 
