@@ -416,24 +416,7 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
             col, justify="right" if col not in ("shard", "server", "database", "load") else "left", no_wrap=True
         )
     for s in listed:
-        latest = {
-            m: _cell(v["value"] if v else None) if s["state"] == "active" else "-" for m, v in s["metrics"].items()
-        }  # a retired shard has no live load
-        load = s["load"] if s["state"] == "active" else s["state"]
-        style = LOAD_STYLES.get(load, "")
-        table.add_row(
-            f"{db['name']}/{s['name']}",
-            s["server"],
-            *((s["dbname"],) if not hidden else ()),
-            f"[{style}]{load}[/]" if style else load,
-            latest["queries_per_second"],
-            latest["cpu_percent"],
-            latest["memory_percent"],
-            latest["storage_percent"],
-            latest["connections"],
-            latest["latency_ms"],
-            sparkline(s["query_rate_history"]),
-        )
+        table.add_row(*_shard_cells(db["name"], s, with_database=not hidden))
     console.print(table)
     if hidden:
         rates = [r for s in hidden if (r := (s["metrics"].get("queries_per_second") or {}).get("value")) is not None]
@@ -441,12 +424,39 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
                       + (f" (q/s {_cell(min(rates))} to {_cell(max(rates))})" if rates else "")
                       + ": `shardctl status --json` lists every shard", markup=False)
     for s in db["shards"]:
-        for line in s["summary"]:
-            console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
-        for note in s["notes"]:
-            console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
-        for line in s.get("outlook", []):
-            console.print(f"  FORECAST {db['name']}/{s['name']}: {line}")
+        _print_shard_lines(console, db["name"], s)
+
+
+def _shard_cells(database: str, s: dict[str, Any], with_database: bool) -> list[str]:
+    """One shard's row of its database's table."""
+    latest = {
+        m: _cell(v["value"] if v else None) if s["state"] == "active" else "-" for m, v in s["metrics"].items()
+    }  # a retired shard has no live load
+    load = s["load"] if s["state"] == "active" else s["state"]
+    style = LOAD_STYLES.get(load, "")
+    return [
+        f"{database}/{s['name']}",
+        s["server"],
+        *((s["dbname"],) if with_database else ()),
+        f"[{style}]{load}[/]" if style else load,
+        latest["queries_per_second"],
+        latest["cpu_percent"],
+        latest["memory_percent"],
+        latest["storage_percent"],
+        latest["connections"],
+        latest["latency_ms"],
+        sparkline(s["query_rate_history"]),
+    ]
+
+
+def _print_shard_lines(console: Console, database: str, s: dict[str, Any]) -> None:
+    """What is said of one shard under the table: why it is hot or cold, notes, its forecast."""
+    for line in s["summary"]:
+        console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
+    for note in s["notes"]:
+        console.print(f"  {NOTE_LABELS[note['kind']]}: {database}/{s['name']}: {note['text']}")
+    for line in s.get("outlook", []):
+        console.print(f"  FORECAST {database}/{s['name']}: {line}")
 
 
 def _listed(shards: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

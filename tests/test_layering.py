@@ -67,29 +67,6 @@ def test_the_daemon_and_its_http_module_do_not_import_each_other():
     assert "engine.watch.http.serve" in _imports(ENGINE / "watch" / "daemon.py")
 
 
-def _module_graph() -> dict[str, set[str]]:
-    graph = {}
-    for path in ENGINE.rglob("*.py"):
-        name = "engine." + ".".join(path.relative_to(ENGINE).with_suffix("").parts)
-        name = name.removesuffix(".__init__")
-        graph[name] = set()
-        for imported in _imports(path):
-            parts = imported.split(".")
-            for cut in range(len(parts), 1, -1):
-                candidate = ".".join(parts[:cut])
-                if candidate != name and (ENGINE.parent / (candidate.replace(".", "/") + ".py")).exists():
-                    graph[name].add(candidate)
-                    break
-    return graph
-
-
-def test_no_two_watch_modules_import_each_other():
-    graph = _module_graph()
-    pairs = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, set())
-                   and a.startswith("engine.watch") and b.startswith("engine.watch"))
-    assert pairs == [], pairs
-
-
 LAYERS = (  # bottom first; a module belongs to the first layer with a prefix that matches it
     ("engine", "engine.clock", "engine.errors", "engine.files", "engine.rows", "engine.keyspace",
      "engine.frozen", "engine.durations", "engine.client"),

@@ -207,26 +207,22 @@ def backup_checks(live: LiveServer) -> list[Check]:
     role, su = _role(caps), caps.superuser
     needed = ("backups",)
     grant = BACKUP_GRANT.format(role=role)
-    out = [
-        Check(server=live.name, name="backups: REPLICATION", ok=su or caps.replication,
-              found=f"role {role}" + ("" if su or caps.replication else " lacks REPLICATION"),
-              fix="" if su or caps.replication else f"ALTER ROLE {role} REPLICATION; and a `replication` line for it"
-              " in pg_hba.conf (pg_basebackup and pg_receivewal are physical replication)", needed_by=needed),
-        Check(server=live.name, name="backups: restore points", ok=su or caps.restore_points,
-              found=f"role {role}" + ("" if su or caps.restore_points else " may not create restore points or"
-                                      " switch WAL segments"), fix="" if su or caps.restore_points else grant,
-              needed_by=needed),
-        Check(server=live.name, name="backups: base backups", ok=su or (caps.backup_functions and caps.monitor),
-              found=f"role {role}" + ("" if su or (caps.backup_functions and caps.monitor) else
-                                      " lacks what Barman checks: EXECUTE on pg_backup_start/stop and pg_monitor"),
-              fix="" if su or (caps.backup_functions and caps.monitor) else f"{grant} GRANT pg_monitor TO {role};",
-              needed_by=needed)]
+    checks = _Checks(live.name, [])
+    replicates, points, base = su or caps.replication, su or caps.restore_points, su or (
+        caps.backup_functions and caps.monitor)
+    checks.add("backups: REPLICATION", replicates, f"role {role}" + ("" if replicates else " lacks REPLICATION"),
+               f"ALTER ROLE {role} REPLICATION; and a `replication` line for it in pg_hba.conf (pg_basebackup and"
+               " pg_receivewal are physical replication)", needed)
+    checks.add("backups: restore points", points, f"role {role}" + (
+        "" if points else " may not create restore points or switch WAL segments"), grant, needed)
+    checks.add("backups: base backups", base, f"role {role}" + (
+        "" if base else " lacks what Barman checks: EXECUTE on pg_backup_start/stop and pg_monitor"),
+        f"{grant} GRANT pg_monitor TO {role};", needed)
     free = caps.max_wal_senders - caps.used_wal_senders
-    out.append(Check(server=live.name, name="backups: WAL senders", ok=free >= 1,
-                     found=f"{free} of {caps.max_wal_senders} free", fix="" if free >= 1 else
-                     "ALTER SYSTEM SET max_wal_senders = 32; then restart (WAL streaming holds one, a base backup"
-                     " one more)", needed_by=needed))
-    return out
+    checks.add("backups: WAL senders", free >= 1, f"{free} of {caps.max_wal_senders} free",
+               "ALTER SYSTEM SET max_wal_senders = 32; then restart (WAL streaming holds one, a base backup"
+               " one more)", needed)
+    return checks.out
 
 
 def failing(live: LiveServer | None, purpose: str) -> list[Check]:

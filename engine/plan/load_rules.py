@@ -2,8 +2,8 @@
 
 The detector says which shards are hot or cold and why; this module applies the rules around
 acting on that: the global and per-database switches, the cooldown after a split or merge of an
-overlapping range, the maximum shard count, the maximum of operations per plan, and where the
-new shards go (another server first, the least loaded by storage).
+overlapping range, the maximum shard count, the maximum of operations per plan. Whether shards
+may move and where the new ones go is engine/plan/placement.py's.
 """
 
 from __future__ import annotations

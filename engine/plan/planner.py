@@ -599,6 +599,12 @@ def _replicas_and_moves(p: _Planning) -> None:
     does not answer (its links could not be made). A replica's build or reset waits while this
     plan moves its parent's shards: it is made from the shards active when the plan was made.
     A destroy or rename of a replicated database waits until the replica is deleted."""
+    _hold_what_replicas_cannot_follow(p)
+    _replicas_wait_for_moves(p)
+
+
+def _hold_what_replicas_cannot_follow(p: _Planning) -> None:
+    """New moves a replica could not follow, and destroys or renames of a replicated database."""
     replicated = _replicated(p.desired, p.observation)
     deleted = {a.branch for a in p.actions if a.kind == "delete_branch"}
     # the replicas a move links to: those active when it runs (one being built waits for the move)
@@ -622,6 +628,10 @@ def _replicas_and_moves(p: _Planning) -> None:
             p.warnings.append(
                 f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names});"
                 " delete the replica first (remove it from the configuration and apply)")
+
+
+def _replicas_wait_for_moves(p: _Planning) -> None:
+    """A replica's build or reset waits while this plan moves its parent's shards."""
     moving = {a.database: a for a in p.actions if a.kind in MOVE_KINDS}
     for action in list(p.actions):
         if action.kind in ("create_branch", "reset_branch") and action.data == "replica" \
