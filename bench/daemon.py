@@ -134,8 +134,8 @@ def main() -> None:
             assert st["shards"] == args.shards, st
 
             # the schema re-read the daemon does every SCHEMA_EVERY seconds, timed on the same code
+            from engine.collect.observer import inspect_shards, observe
             from engine.config import loader
-            from engine.observe.observer import inspect_shards, observe
             from engine.servers.fleet import Fleet
 
             desired = loader.load(base / "fleet")

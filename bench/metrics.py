@@ -33,9 +33,9 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.collect.sampling import LiveSampler
 from engine.config.models import Server
 from engine.observe.models import CatalogShard
-from engine.observe.sampling import LiveSampler
 from engine.servers.connect import ServerHandle
 from engine.servers.embedded import bin_dir
 from engine.servers.fleet import Fleet

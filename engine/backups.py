@@ -36,20 +36,21 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
-from engine.actions.locking import with_lock_retries_all
-from engine.actions.replica import tables_with_key
 from engine.catalog import backups as catalog
 from engine.catalog import schema
 from engine.catalog.journal import Operation
 from engine.catalog.lock import who
+from engine.clock import system_clock
 from engine.config.loader import Desired
 from engine.errors import UserError
+from engine.observe.introspect import tables_with_key
 from engine.observe.models import MapShard, RestorePoint
 from engine.rows import one
 from engine.servers import scratch
 from engine.servers.barman import SLOT, Barman, lsn_value
 from engine.servers.connect import ServerHandle
 from engine.servers.fleet import Fleet
+from engine.servers.locking import with_lock_retries_all
 
 Say = Callable[[str], None]
 KIND = "create_backup"
@@ -218,7 +219,7 @@ def place_point(fleet: Fleet, catalog_conn: psycopg.Connection, servers: list[st
             sums = _checksums(shards) if checksums else None
             for shard in shards:
                 shard.conn.rollback()
-        created = datetime.now(UTC)
+        created = system_clock()
         point = RestorePoint(name=name, kind=kind, operation=operation, created_at=created,
                              pause_ms=round(pause_ms, 1), servers=where,
                              shard_map={db: tuple(specs) for db, specs in shard_map.items()}, checksums=sums)
@@ -408,7 +409,7 @@ def _base_backups(barman: Barman, fleet: Fleet, conn: psycopg.Connection, op: Op
 
     def one_server(server: str) -> None:
         with op.step(f"backup {server}"):
-            started, begin = time.monotonic(), datetime.now(UTC)
+            started, begin = time.monotonic(), system_clock()
             name = f"shardctl-op{op.id}"
             adopted = _adopt(barman, server, name, say) if resumed else None
             if adopted is not None:
@@ -419,7 +420,7 @@ def _base_backups(barman: Barman, fleet: Fleet, conn: psycopg.Connection, op: Op
                 with _writing(fleet.servers[server]):
                     backup_id, size = barman.backup(server, name)
             # one statement on the catalog connection, which the servers' threads share (no transaction block)
-            catalog.record_backup(conn, server, backup_id, op.id, begin, datetime.now(UTC), size)
+            catalog.record_backup(conn, server, backup_id, op.id, begin, system_clock(), size)
             say(f"Base backup {backup_id} of server {server}: {_size(size)} in {time.monotonic() - started:.1f}s")
 
     if not todo:

@@ -755,9 +755,10 @@ def forecast(obj: Ctx, backtest: bool, metrics_file: str | None, metric: str, as
 
     from engine import workflow
     from engine.clock import system_clock
+    from engine.collect import history
     from engine.detect import backtest as bt
     from engine.detect.forecast import MAX_FIT_HOURS, lead_time
-    from engine.observe import history, recorded, rollup
+    from engine.observe import recorded, rollup
     from engine.servers.fleet import Fleet
 
     desired = workflow.load(obj.config_dir)
@@ -820,9 +821,9 @@ def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
     import time
 
     from engine import workflow
-    from engine.observe import history
-    from engine.observe.observer import observe
-    from engine.observe.sampling import LiveSampler
+    from engine.collect import history
+    from engine.collect.observer import observe
+    from engine.collect.sampling import LiveSampler
     from engine.servers.fleet import Fleet
     from engine.status import state_line
 
@@ -863,7 +864,8 @@ def metrics_export(obj: Ctx, out: str | None) -> None:
     from ruamel.yaml import YAML
 
     from engine import workflow
-    from engine.observe import history, recorded
+    from engine.collect import history
+    from engine.observe import recorded
     from engine.servers.fleet import Fleet
 
     desired = workflow.load(obj.config_dir)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import psycopg
 
 from engine.catalog import schema, store
+from engine.collect.observer import inspect_servers
 from engine.config.loader import Desired
 from engine.errors import UserError
 from engine.observe.models import CatalogState, LiveServer
-from engine.observe.observer import inspect_servers
 from engine.observe.replication import Orphan, orphans
 from engine.plan import budget
 from engine.plan.checks import (

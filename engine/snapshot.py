@@ -11,15 +11,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engine.detect.forecast import LoadForecast
+from engine.frozen import Frozen
 from engine.observe.metrics import METRICS
 from engine.plan.models import Plan
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
 
 
 class Pending(Frozen):

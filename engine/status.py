@@ -12,19 +12,20 @@ from rich.table import Table
 
 from engine import backups
 from engine.catalog import control, journal, store
+from engine.collect import history
+from engine.collect.observer import inspect_servers, observe
 from engine.config.loader import Desired
-from engine.config.models import span
 from engine.detect.forecast import shard_outlook
-from engine.observe import history, replication
+from engine.durations import span
+from engine.observe import replication
 from engine.observe.metrics import METRICS, UNITS, Reading, Sample
-from engine.observe.observer import inspect_servers, observe
 from engine.observe.recorded import Recording
 from engine.observe.replica_links import broken_text, replica_links
 from engine.observe.series import as_series
 from engine.plan import rightsizing
 from engine.plan.checks import metric_gaps
 from engine.plan.forecast import lineages
-from engine.plan.load import assessments
+from engine.plan.load_rules import assessments
 from engine.plan.models import MOVE_KINDS
 from engine.servers.fleet import Fleet
 
@@ -68,21 +69,10 @@ def state_line(pairs: dict[str, tuple[Reading, Sample]]) -> str:
 
 def collect(desired: Desired, metrics_file: str | Recording | None = None) -> dict[str, Any]:
     fleet = Fleet(desired)
-    servers: list[dict[str, Any]] = []
     stopped = {name for name, handle in fleet.servers.items()
                if handle.embedded is not None and not handle.embedded.running_pid()}
     inventory = inspect_servers(fleet, sorted(set(fleet.servers) - stopped))  # at once, each within a deadline
-    for name, handle in sorted(fleet.servers.items()):
-        embedded = handle.embedded
-        if name in stopped:
-            servers.append(dict(name=name, kind="embedded", state="stopped", version=None,
-                                connection=handle.describe()))
-            continue
-        live = inventory[name]
-        servers.append(dict(name=name, kind="embedded" if embedded else "external",
-                            state="running" if live.reachable else f"unreachable: {live.error}",
-                            version=live.version, connection=handle.describe(),
-                            unknown_metrics=metric_gaps(name, desired.servers[name], live) if live.reachable else {}))
+    servers = _server_rows(desired, fleet, stopped, inventory)
     # servers the YAML no longer declares: named, never managed (`down` stops an embedded one)
     undeclared = [dict(name=e.name, kind="embedded", state="running" if e.running_pid() else "stopped",
                        where=str(e.root)) for e in fleet.undeclared_embedded()]
@@ -101,63 +91,96 @@ def collect(desired: Desired, metrics_file: str | Recording | None = None) -> di
             report["catalog"] = {"server": desired.catalog_server, "state": "not created yet (run shardctl apply)",
                                  "connection": catalog_connection}
             return report
-        state = store.read(conn)
-        known = {u["name"] for u in undeclared}
-        undeclared += [dict(name=name, kind=kind, state="recorded by the catalog", where=connection)
-                       for name, kind, connection in conn.execute("SELECT name, kind, connection FROM shardctl.servers"
-                                                                  " ORDER BY name")
-                       if name not in fleet.servers and name not in known]
-        observation = history.with_metrics(desired, fleet, conn, observe(fleet, conn, inspect_schemas=False),
-                                           metrics_file)
-        verdicts = assessments(desired, observation)
-        report["metrics_source"] = observation.metrics_source
-        report["advice"] = [{"server": a.server, "moves": [m.model_dump() for m in a.moves], "blocked": a.blocked,
-                             "text": a.describe()} for a in rightsizing.fleet_advice(desired, observation)]
-        report["catalog"] = {
-            "server": desired.catalog_server,
-            "database": desired.catalog_database,
-            "state": "ok",
-            "serial": state.serial,
-            "epoch": state.epoch,
-            "connection": catalog_connection,
-            "schema_version": state.schema_version,
-        }
-        families = lineages(observation)
-        for db in state.databases.values():
-            report["databases"].append(dict(
-                name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
-                policy=db.policy_name, schema_steps=[s.name for s in db.schema_steps],
-                shards=[dict(_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address)),
-                             outlook=outlook(desired, s, observation, families)) for s in db.shards],
-            ))
-        report["replicas"] = [dict(branch=r.branch, parent=r.parent, server=r.server,
-                                   max_lag_bytes=r.max_lag_bytes, missing=list(r.missing),
-                                   broken=[link.shard for link in r.broken],
-                                   links=[link.model_dump() for link in r.links])
-                              for r in replica_links(state, inventory)]
-        report["orphans"] = [orphan_row(o) for o in replication.orphans(state, inventory)]
-        # with the apply lock held elsewhere, running operations are that process's, not interrupted
-        running, in_flight = journal.interrupted(conn), state.apply_in_flight
-        for op in running:  # what each still holds on the servers that answered (a cleanup left it)
-            op["objects"] = [dict(server=server, kind=o.kind, name=o.name, database=o.database,
-                                  retained_bytes=o.retained_bytes, text=replication.describe(o))
-                             for server, o in replication.of_operation(inventory, op["id"])]
-        report["recent_moves"] = recent_moves(conn)
-        report["interrupted"] = [] if in_flight else running
-        report["in_progress"] = [dict(op, by=in_flight) for op in running] if in_flight else []
-        _backups_in_flight(report, conn)
-        report["backups"] = [dict(vars(b), age_seconds=None if b.last_backup_at is None else
-                                  round((observation.now() - b.last_backup_at).total_seconds()))
-                             for b in backups.states(desired, fleet, conn)]
-        if state.schema_version >= 4:
-            switch, leader = control.read_control(conn), control.read_leader(conn)
-            report["automation"] = {
-                "paused": switch.paused, "reason": switch.reason if switch.paused else "",
-                "paused_by": switch.changed_by if switch.paused else None, "changed_by": switch.changed_by,
-                "daemon": None if leader is None else {"who": leader.who, "listen": leader.listen,
-                                                       "heartbeat": leader.heartbeat},
-            }
+        _from_the_catalog(report, desired, fleet, conn, inventory, metrics_file, catalog_connection)
     return report
+
+
+def _server_rows(desired: Desired, fleet: Fleet, stopped: set[str], inventory) -> list[dict[str, Any]]:
+    servers: list[dict[str, Any]] = []
+    for name, handle in sorted(fleet.servers.items()):
+        embedded = handle.embedded
+        if name in stopped:
+            servers.append(dict(name=name, kind="embedded", state="stopped", version=None,
+                                connection=handle.describe()))
+            continue
+        live = inventory[name]
+        servers.append(dict(name=name, kind="embedded" if embedded else "external",
+                            state="running" if live.reachable else f"unreachable: {live.error}",
+                            version=live.version, connection=handle.describe(),
+                            unknown_metrics=metric_gaps(name, desired.servers[name], live) if live.reachable else {}))
+    return servers
+
+
+def _from_the_catalog(report: dict[str, Any], desired: Desired, fleet: Fleet, conn, inventory,
+                      metrics_file: str | Recording | None, catalog_connection: str | None) -> None:
+    """What the catalog (and the observation made through it) adds to REPORT, in place."""
+    state = store.read(conn)
+    known = {u["name"] for u in report["undeclared_servers"]}
+    report["undeclared_servers"] += [
+        dict(name=name, kind=kind, state="recorded by the catalog", where=connection)
+        for name, kind, connection in conn.execute("SELECT name, kind, connection FROM shardctl.servers ORDER BY name")
+        if name not in fleet.servers and name not in known]
+    observation = history.with_metrics(desired, fleet, conn, observe(fleet, conn, inspect_schemas=False),
+                                       metrics_file)
+    report["metrics_source"] = observation.metrics_source
+    report["advice"] = [{"server": a.server, "moves": [m.model_dump() for m in a.moves], "blocked": a.blocked,
+                         "text": a.describe()} for a in rightsizing.fleet_advice(desired, observation)]
+    report["catalog"] = {
+        "server": desired.catalog_server,
+        "database": desired.catalog_database,
+        "state": "ok",
+        "serial": state.serial,
+        "epoch": state.epoch,
+        "connection": catalog_connection,
+        "schema_version": state.schema_version,
+    }
+    report["databases"] += _database_rows(desired, state, observation)
+    report["replicas"] = [dict(branch=r.branch, parent=r.parent, server=r.server,
+                               max_lag_bytes=r.max_lag_bytes, missing=list(r.missing),
+                               broken=[link.shard for link in r.broken],
+                               links=[link.model_dump() for link in r.links])
+                          for r in replica_links(state, inventory)]
+    report["orphans"] = [orphan_row(o) for o in replication.orphans(state, inventory)]
+    _operations(report, conn, state, inventory)
+    report["backups"] = [dict(vars(b), age_seconds=None if b.last_backup_at is None else
+                              round((observation.now() - b.last_backup_at).total_seconds()))
+                         for b in backups.states(desired, fleet, conn)]
+    if state.schema_version >= 4:
+        report["automation"] = _automation(conn)
+
+
+def _database_rows(desired: Desired, state, observation) -> list[dict[str, Any]]:
+    verdicts = assessments(desired, observation)
+    families = lineages(observation)
+    return [dict(name=db.name, shard_key=f"{db.key_column} ({db.key_type})", state=db.state, protect=db.protect,
+                 policy=db.policy_name, schema_steps=[s.name for s in db.schema_steps],
+                 shards=[dict(_shard_row(s, observation.metrics.get(s.address, ()), verdicts.get(s.address)),
+                              outlook=outlook(desired, s, observation, families)) for s in db.shards])
+            for db in state.databases.values()]
+
+
+def _operations(report: dict[str, Any], conn, state, inventory) -> None:
+    """Recent moves, and the operations interrupted or in progress with what each still holds."""
+    # with the apply lock held elsewhere, running operations are that process's, not interrupted
+    running, in_flight = journal.interrupted(conn), state.apply_in_flight
+    for op in running:  # what each still holds on the servers that answered (a cleanup left it)
+        op["objects"] = [dict(server=server, kind=o.kind, name=o.name, database=o.database,
+                              retained_bytes=o.retained_bytes, text=replication.describe(o))
+                         for server, o in replication.of_operation(inventory, op["id"])]
+    report["recent_moves"] = recent_moves(conn)
+    report["interrupted"] = [] if in_flight else running
+    report["in_progress"] = [dict(op, by=in_flight) for op in running] if in_flight else []
+    _backups_in_flight(report, conn)
+
+
+def _automation(conn) -> dict[str, Any]:
+    switch, leader = control.read_control(conn), control.read_leader(conn)
+    return {
+        "paused": switch.paused, "reason": switch.reason if switch.paused else "",
+        "paused_by": switch.changed_by if switch.paused else None, "changed_by": switch.changed_by,
+        "daemon": None if leader is None else {"who": leader.who, "listen": leader.listen,
+                                               "heartbeat": leader.heartbeat},
+    }
 
 
 def _backups_in_flight(report: dict[str, Any], conn) -> None:
@@ -314,8 +337,8 @@ def _print_backups(console: Console, rows: list[dict[str, Any]]) -> None:
     for b in rows:
         age = b["age_seconds"]
         backup = ("no base backup yet (`shardctl backups create`)" if age is None else
-                  f"last base backup {_age(age)} ago" + (f" (OVERDUE: backups.every is {span(b['every_seconds'])})"
-                                                         if age > b["every_seconds"] else ""))
+                  f"last base backup {span(max(age, 0))} ago"
+                  + (f" (OVERDUE: backups.every is {span(b['every_seconds'])})" if age > b["every_seconds"] else ""))
         if b["streaming"] is None:
             wal = "WAL streaming unknown (the server did not answer)"
         elif b["streaming"]:
@@ -326,12 +349,6 @@ def _print_backups(console: Console, rows: list[dict[str, Any]]) -> None:
                                          else "") + ": the watch daemon keeps it running"
         point = f"; newest restore point {b['last_point']}" if b["last_point"] else ""
         console.print(f"Backups of {b['server']}: {backup}; {wal}{point}", markup=False)
-
-
-def _age(seconds: float) -> str:
-    seconds = max(seconds, 0)
-    return (f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200
-            else f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d")
 
 
 def _print_orphans(console: Console, orphans: list[dict[str, Any]]) -> None:
@@ -399,24 +416,7 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
             col, justify="right" if col not in ("shard", "server", "database", "load") else "left", no_wrap=True
         )
     for s in listed:
-        latest = {
-            m: _cell(v["value"] if v else None) if s["state"] == "active" else "-" for m, v in s["metrics"].items()
-        }  # a retired shard has no live load
-        load = s["load"] if s["state"] == "active" else s["state"]
-        style = LOAD_STYLES.get(load, "")
-        table.add_row(
-            f"{db['name']}/{s['name']}",
-            s["server"],
-            *((s["dbname"],) if not hidden else ()),
-            f"[{style}]{load}[/]" if style else load,
-            latest["queries_per_second"],
-            latest["cpu_percent"],
-            latest["memory_percent"],
-            latest["storage_percent"],
-            latest["connections"],
-            latest["latency_ms"],
-            sparkline(s["query_rate_history"]),
-        )
+        table.add_row(*_shard_cells(db["name"], s, with_database=not hidden))
     console.print(table)
     if hidden:
         rates = [r for s in hidden if (r := (s["metrics"].get("queries_per_second") or {}).get("value")) is not None]
@@ -424,12 +424,39 @@ def _print_database(console: Console, db: dict[str, Any]) -> None:
                       + (f" (q/s {_cell(min(rates))} to {_cell(max(rates))})" if rates else "")
                       + ": `shardctl status --json` lists every shard", markup=False)
     for s in db["shards"]:
-        for line in s["summary"]:
-            console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
-        for note in s["notes"]:
-            console.print(f"  {NOTE_LABELS[note['kind']]}: {db['name']}/{s['name']}: {note['text']}")
-        for line in s.get("outlook", []):
-            console.print(f"  FORECAST {db['name']}/{s['name']}: {line}")
+        _print_shard_lines(console, db["name"], s)
+
+
+def _shard_cells(database: str, s: dict[str, Any], with_database: bool) -> list[str]:
+    """One shard's row of its database's table."""
+    latest = {
+        m: _cell(v["value"] if v else None) if s["state"] == "active" else "-" for m, v in s["metrics"].items()
+    }  # a retired shard has no live load
+    load = s["load"] if s["state"] == "active" else s["state"]
+    style = LOAD_STYLES.get(load, "")
+    return [
+        f"{database}/{s['name']}",
+        s["server"],
+        *((s["dbname"],) if with_database else ()),
+        f"[{style}]{load}[/]" if style else load,
+        latest["queries_per_second"],
+        latest["cpu_percent"],
+        latest["memory_percent"],
+        latest["storage_percent"],
+        latest["connections"],
+        latest["latency_ms"],
+        sparkline(s["query_rate_history"]),
+    ]
+
+
+def _print_shard_lines(console: Console, database: str, s: dict[str, Any]) -> None:
+    """What is said of one shard under the table: why it is hot or cold, notes, its forecast."""
+    for line in s["summary"]:
+        console.print(f"  {'HOT' if s['load'] == 'hot' else 'COLD'} {line}")
+    for note in s["notes"]:
+        console.print(f"  {NOTE_LABELS[note['kind']]}: {database}/{s['name']}: {note['text']}")
+    for line in s.get("outlook", []):
+        console.print(f"  FORECAST {database}/{s['name']}: {line}")
 
 
 def _listed(shards: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

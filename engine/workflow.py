@@ -13,17 +13,19 @@ from typing import TYPE_CHECKING
 
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
+from engine.collect import history
+from engine.collect.observer import inspect_shards, observe
+from engine.collect.sampling import LiveSampler
 from engine.config import loader
 from engine.config.loader import Desired
-from engine.config.models import Policy, span
+from engine.config.models import Policy
 from engine.detect.detector import premise_holds
 from engine.detect.forecast import STORAGE_HORIZON, LoadForecast, outlook
+from engine.durations import span
 from engine.errors import ConfigError, UserError
-from engine.observe import history, strays
+from engine.observe import strays
 from engine.observe.models import Observation
-from engine.observe.observer import inspect_shards, observe
 from engine.observe.recorded import Recording
-from engine.observe.sampling import LiveSampler
 from engine.plan import identity, planner
 from engine.plan.forecast import lineages
 from engine.plan.models import LOAD_CAUSES, LOAD_KINDS, MergeShards, Plan, ShardSpec, SplitShard
@@ -550,8 +552,8 @@ def orphans(desired: Desired, remove: bool, *, lock_timeout: float = 0.0, say: S
     the apply lock, each a journaled step. Returns how many are left."""
     from engine.actions import leftovers
     from engine.actions.base import ApplyContext
+    from engine.collect.observer import inspect_servers
     from engine.observe import replication
-    from engine.observe.observer import inspect_servers
 
     fleet = Fleet(desired)
     fleet.start_embedded(notice or say)

@@ -22,9 +22,9 @@ from psycopg import sql
 
 from conftest import FleetDir
 from engine import workflow
+from engine.collect.observer import inspect_servers
+from engine.collect.sampling import LiveSampler
 from engine.observe.models import CatalogShard
-from engine.observe.observer import inspect_servers
-from engine.observe.sampling import LiveSampler
 from engine.servers.embedded import EmbeddedServer
 from engine.servers.fleet import Fleet
 

@@ -126,7 +126,7 @@ def test_servers_show_their_capacity_use_and_a_silent_one_says_so():
 
 def test_the_running_move_shows_its_progress():
     text = render_picture("move", _busy_fleet(), NOW)
-    assert "split orders/-40" in text and 'aria-label="25% done"' in text and "about 2m left in this phase" in text
+    assert "split orders/-40" in text and 'aria-label="25% done"' in text and "about 2m30s left in this phase" in text
     idle = render_picture("move", _snapshot(), NOW)
     assert "No split or merge is running." in idle
 

@@ -13,9 +13,9 @@ from psycopg import errors, sql
 
 from engine.actions import fence
 from engine.actions.create_branch import without_fence
-from engine.actions.locking import write_holders
 from engine.observe import introspect
 from engine.servers.embedded import EmbeddedServer, bin_dir
+from engine.servers.locking import write_holders
 
 SCHEMA = """
 CREATE TABLE parent (id bigint PRIMARY KEY, name text NOT NULL DEFAULT '');

@@ -96,8 +96,8 @@ def test_a_batch_of_minutes_stored_in_the_catalog_is_judged_on_the_level_it_held
     4,000/s, stored as the daemon stores it (1-minute and 1-hour rollups): the plan's forecast is
     fitted on the level each hour held for the sustain, read from the 1-minute history, and
     crosses; a shard whose bursts last two minutes gets no such level."""
+    from engine.collect import history
     from engine.config import loader
-    from engine.observe import history
 
     end = datetime.now(UTC).replace(second=0, microsecond=0)
     rows = []

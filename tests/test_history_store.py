@@ -9,8 +9,9 @@ import psycopg
 import pytest
 
 from engine.catalog import schema, store
+from engine.collect import history
 from engine.config.models import Retention
-from engine.observe import history, rollup
+from engine.observe import rollup
 from engine.observe.metrics import Reading
 from engine.servers.embedded import EmbeddedServer
 from traces import START, samples

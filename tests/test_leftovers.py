@@ -17,7 +17,7 @@ import pytest
 from conftest import FleetDir
 from engine import workflow
 from engine.catalog.journal import FAILPOINT_ENV
-from engine.observe.observer import observe
+from engine.collect.observer import observe
 from engine.render.dashboard import render_dashboard
 from engine.servers.fleet import Fleet
 from engine.watch.daemon import replication_views

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import FleetDir
 from engine import workflow
+from engine.collect.sampling import LiveSampler
 from engine.errors import UserError
-from engine.observe.sampling import LiveSampler
 from engine.servers.embedded import EmbeddedServer, _chown, _system_user, bin_dir
 from engine.servers.fleet import Fleet
 from engine.snapshot import ReplicaView, Snapshot

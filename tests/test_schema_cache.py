@@ -1,4 +1,4 @@
-"""The schema cache on real servers (engine/observe/schema_cache.py): a plan reads each shard's
+"""The schema cache on real servers (engine/collect/schema_cache.py): a plan reads each shard's
 signature, and its schema and ledger of steps only when the signature changed since they were
 cached; a change made by hand, to the schema or to the ledger, is read again once the session
 that made it has ended."""
@@ -8,7 +8,7 @@ import stat
 import time
 
 from engine import workflow
-from engine.observe.schema_cache import FILE
+from engine.collect.schema_cache import FILE
 
 SHARD = ("a", "orders_min_40", "orders/-40")
 

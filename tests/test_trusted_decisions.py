@@ -17,7 +17,7 @@ from conftest import strict_json
 from engine.config import loader
 from engine.errors import ConfigError, UserError
 from engine.observe import recorded
-from engine.plan import load as load_rules
+from engine.plan import load_rules
 from engine.render.renderers import render_json
 from replay import Replay
 from test_load_planning import FLEET
@@ -252,9 +252,9 @@ def test_a_plan_over_a_dirty_recording_is_strict_json_with_the_notes(tmp_path):
 
 @pytest.mark.parametrize("policy, message", [
     ("    metrics: {interval: 1m}\n    detection: {sustain: 90s}\n",
-     "detection.sustain (90s) is shorter than two metrics intervals (2 x 1m)"),
+     "detection.sustain (1m30s) is shorter than two metrics intervals (2 x 1m)"),
     ("    detection: {cold_for: 15s}\n", "detection.cold_for (15s) is shorter than two metrics intervals (2 x 10s)"),
-    ("    metrics: {history: 20}\n", "metrics.history (20 samples, 200s at 10s) cannot cover"),
+    ("    metrics: {history: 20}\n", "metrics.history (20 samples, 3m20s at 10s) cannot cover"),
     ("    detection: {sustain: 5m, hot_samples: 3}\n", "give either sustain (a time, e.g. 5m) or hot_samples"),
     ("    hot: {queries_per_second: 1000}\n    cold: {queries_per_second: 950}\n",
      "cold.queries_per_second (950) is not under hot.queries_per_second (1000) by the 10% tolerance"),

@@ -3,8 +3,8 @@ of the threshold, the judged span at least the policy's window, and the line say
 
 from __future__ import annotations
 
-from engine.config.models import span
 from engine.detect.detector import Assessment, Evidence
+from engine.durations import span
 
 
 def assert_evidence_consistent(evidence: Evidence) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from engine.actions import reference
 from engine.actions.base import ApplyContext, Timer, drop_database
-from engine.actions.leftovers import unlink_database
 from engine.catalog import store
 from engine.plan.models import DestroyDatabase
 
@@ -19,7 +18,7 @@ def execute(action: DestroyDatabase, ctx: ApplyContext) -> None:
         store.bump_serial(ctx.catalog)
     for shard in action.shards:
         with op.step(f"drop {action.database}/{shard.name}", server=shard.server, dbname=shard.dbname):
-            unlink_database(ctx, shard)  # a link left into or out of it would stop the drop
+            reference.unlink_shard(ctx, shard)  # a link left into or out of it would stop the drop
             drop_database(ctx, shard)
     with op.step(f"drop {action.database} reference source"):
         reference.drop_source(ctx, action.database)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from engine.actions import reference
 from engine.actions.base import ApplyContext, drop_database
-from engine.actions.leftovers import unlink_database
 from engine.catalog import store
 from engine.plan.models import DropRetiredShard
 
@@ -12,7 +12,7 @@ def execute(action: DropRetiredShard, ctx: ApplyContext) -> None:
     ctx.say(f"{action.address}: Destroying retired shard...")
     op = ctx.begin(action.kind, action.address)
     with op.step(f"drop {action.database}/{action.shard.name}", dbname=action.shard.dbname):
-        unlink_database(ctx, action.shard)  # a link left into or out of it would stop the drop
+        reference.unlink_shard(ctx, action.shard)  # a link left into or out of it would stop the drop
         drop_database(ctx, action.shard)
     with ctx.catalog.transaction():
         ctx.catalog.execute("DELETE FROM shardctl.shards WHERE database = %s AND name = %s AND state = 'retired'",

@@ -17,7 +17,7 @@ The parts, all in the source database:
   resumed run reads how long the range has been unwritable.
 
 The guard goes up during the copy, long before the fence, one table per short transaction
-(`CREATE TRIGGER` takes SHARE ROW EXCLUSIVE on that table alone; engine/actions/locking.py
+(`CREATE TRIGGER` takes SHARE ROW EXCLUSIVE on that table alone; engine/servers/locking.py
 retries it with a lock timeout far below deadlock_timeout). Holding at most one lock and
 waiting on none while holding it, it cannot close a cycle with the application's
 transactions; a writer waits behind it at most that lock timeout. It refuses nothing yet.

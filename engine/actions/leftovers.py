@@ -15,7 +15,6 @@ import re
 
 from psycopg import sql
 
-from engine.actions import reference
 from engine.actions.base import ApplyContext
 from engine.actions.replica import drop_slot, drop_subscription
 from engine.catalog import store
@@ -85,11 +84,11 @@ def unlink_database(ctx: ApplyContext, shard: ShardSpec) -> None:
     shardctl's naming: DROP DATABASE refuses a database that has one) and out of it (its slots,
     and the subscriptions elsewhere that stream from them: an active slot also stops the drop,
     and a subscription left without its slot would fail forever). A subscriber whose server does
-    not answer keeps its subscription: it shows as an orphan until `shardctl orphans --remove`."""
+    not answer keeps its subscription: it shows as an orphan until `shardctl orphans --remove`.
+    A shard's link to its reference source is reference.detach's: callers detach it first."""
     handle = ctx.fleet.servers.get(shard.server)
     if handle is None:
         return  # drop_database says so
-    reference.detach(ctx, shard)  # its copy of the reference tables: the slot is on the source's server
     with handle.connect() as conn:
         if not store.database_exists(conn, shard.dbname):
             return

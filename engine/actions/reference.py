@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 
 from engine.actions.base import ApplyContext, apply_steps, drop_database, ensure_database
+from engine.actions.leftovers import unlink_database
 from engine.actions.replica import drop_slot, drop_subscription, reference_source
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
@@ -200,6 +201,14 @@ def wait_synced(ctx: ApplyContext, shards: Iterable[ShardSpec], say, timeout: fl
     say("reference tables copied")
 
 
+def unlink_shard(ctx: ApplyContext, shard: ShardSpec) -> None:
+    """Before a shard's database is dropped: its link to the reference source, then whatever else
+    replicates into or out of it (engine/actions/leftovers.py)."""
+    if shard.server in ctx.fleet.servers:
+        detach(ctx, shard)  # its copy of the reference tables: the slot is on the source's server
+    unlink_database(ctx, shard)
+
+
 def detach(ctx: ApplyContext, shard: ShardSpec) -> None:
     """Before a shard's database is dropped: its subscription to the source, and its slot (with
     the slots of an unfinished table copy) on whichever server holds them. A database or server
@@ -257,13 +266,11 @@ def reconcile(ctx: ApplyContext, op, database: str, tables: tuple[str, ...], ste
 
 def drop_source(ctx: ApplyContext, database: str) -> None:
     """The source database, its slots and every subscription to it, then its catalog record."""
-    from engine.actions.leftovers import unlink_database  # leftovers detaches shards through this module
-
     source = source_of(ctx, database)
     if source is None:
         return
     if source.server in ctx.fleet.servers:
-        unlink_database(ctx, source)
+        unlink_shard(ctx, source)
         drop_database(ctx, source)
     with ctx.catalog.transaction():
         store.set_reference(ctx.catalog, database, (), source.server, source.dbname)

@@ -36,6 +36,7 @@ from engine.actions.base import ApplyContext, creating
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
 from engine.errors import UserError
+from engine.observe.introspect import tables_with_key
 from engine.observe.replica_links import link_name, publication
 from engine.plan.models import ShardSpec
 from engine.rows import one
@@ -243,16 +244,6 @@ def followers(ctx: ApplyContext, database: str) -> list[tuple[str, ShardSpec]]:
     return [(r[0], ShardSpec(name=r[0], lo=None, hi=None, server=r[1], dbname=r[2])) for r in ctx.catalog.execute(
         "SELECT name, server, dbname FROM shardctl.branches WHERE parent = %s AND data = 'replica'"
         " AND state = 'active' ORDER BY name", (database,)).fetchall()]
-
-
-def tables_with_key(conn: psycopg.Connection, key_column: str) -> list[tuple[str, str, bool]]:
-    """The database's tables as (schema, table, has the shard key): those without it are
-    reference tables, copied from the first shard only (or followed from the reference source)."""
-    return [(r[0], r[1], r[2]) for r in conn.execute(
-        "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
-        " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
-        " ORDER BY 1, 2", (key_column,))]
 
 
 def reference_link(ctx: ApplyContext, branch: str, target: ShardSpec, database: str,

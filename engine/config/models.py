@@ -13,7 +13,6 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -22,6 +21,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from engine.durations import span
+from engine.frozen import Declared
 
 # Names become parts of PostgreSQL identifiers and file paths: keep them boring on purpose.
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
@@ -107,15 +109,10 @@ Duration = Annotated[
 ]
 
 
-class Frozen(BaseModel):
-    # strict: "4" is not 4 and yes/1/"true" are not booleans, exactly as the JSON Schema says
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
-
-
 # ---------------------------------------------------------------------------- servers
 
 
-class Capacity(Frozen):
+class Capacity(Declared):
     """What the server may use; percentages in metrics and plans are against these."""
 
     storage: Size | None = Field(None, description="disk space for shard databases, e.g. 20GiB")
@@ -139,7 +136,7 @@ def _backup_every(value: float | None) -> float | None:
     return value
 
 
-class ServerBackups(Frozen):
+class ServerBackups(Declared):
     """This server's backups, where they differ from the fleet-wide `backups:` (each setting
     not given here is the fleet's)."""
 
@@ -156,10 +153,10 @@ class ServerBackups(Frozen):
         return _backup_every(value)
 
 
-class Server(Frozen):
+class Server(Declared):
     """One PostgreSQL server. Exactly one of embedded, dsn_env or service."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, json_schema_extra={"oneOf": [
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
         {"required": ["embedded"], "properties": {"embedded": {"const": True}}},
         {"required": ["dsn_env"], "properties": {"dsn_env": {"type": "string"}}},
         {"required": ["service"], "properties": {"service": {"type": "string"}}},
@@ -192,7 +189,7 @@ class Server(Frozen):
 # ---------------------------------------------------------------------------- policies
 
 
-class HotThresholds(Frozen):
+class HotThresholds(Declared):
     """A shard is hot when any one of these is exceeded (sustained, see `detection`)."""
 
     queries_per_second: float | None = Field(None, gt=0)
@@ -207,7 +204,7 @@ class ColdThresholds(HotThresholds):
     """A shard is cold when every one of these holds (below), over the longer cold window."""
 
 
-class Detection(Frozen):
+class Detection(Declared):
     """When load counts as hot or cold, in time. Hot: over a hot threshold for `sustain` without a
     break; cold: under every cold threshold for `cold_for`; either only on samples newer than
     `max_age`. The tolerance never moves a threshold: it is the hysteresis that keeps opposite
@@ -265,18 +262,10 @@ DEFAULT_COLD_FOR = 1800.0
 DEFAULT_MAX_AGE_INTERVALS = 3
 
 
-def span(seconds: float) -> str:
-    """300 -> '5m', 5400 -> '90m', 7200 -> '2h', 45 -> '45s'."""
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s" if float(seconds).is_integer() else f"{seconds:.3g}s"
-
-
 DEFAULT_DEADLINE = 5.0  # seconds one server's reading may take in a round
 
 
-class Retention(Frozen):
+class Retention(Declared):
     """How long the catalog keeps each resolution of a shard's metric history."""
 
     raw: Duration = Field(21600.0, description="raw samples (one per interval), e.g. 6h; never fewer than"
@@ -293,7 +282,7 @@ class Retention(Frozen):
         return self
 
 
-class Metrics(Frozen):
+class Metrics(Declared):
     interval: Duration = Field(10.0, description="collection interval, e.g. 10s")
     history: int | None = Field(
         None, ge=2, le=100000, description="samples kept per shard (default: enough to cover the longer of"
@@ -317,7 +306,7 @@ class Metrics(Frozen):
         return seconds
 
 
-class Forecast(Frozen):
+class Forecast(Declared):
     """Predictive splits: a forecast of each shard's load from its hourly history."""
 
     mode: Literal["off", "advise", "act"] = Field(
@@ -355,7 +344,7 @@ class Forecast(Frozen):
 MAX_SHARDS = 65_536
 
 
-class AutoSplit(Frozen):
+class AutoSplit(Declared):
     enabled: bool = True
     check_every: Duration = Field(60.0, description="how often the daemon looks for hot shards, e.g. 1m")
     cooldown: Duration = Field(1800.0, description="no second split or merge of a shard within this time, e.g. 30m")
@@ -367,11 +356,11 @@ class AutoSplit(Frozen):
     )
 
 
-class AutoMerge(Frozen):
+class AutoMerge(Declared):
     enabled: bool = False
 
 
-class Rebalance(Frozen):
+class Rebalance(Declared):
     """Moves that even out each database's storage over its placement's servers, in proportion to
     their declared capacity.storage (equal shares where it is not declared)."""
 
@@ -384,7 +373,7 @@ class Rebalance(Frozen):
     max_per_server: int = Field(2, ge=1, description="rebalancing moves into or out of one server in one plan")
 
 
-class Moves(Frozen):
+class Moves(Declared):
     """How a split or merge moves rows: how long it waits for replication, how short the pause."""
 
     converge_timeout: Duration = Field(
@@ -408,7 +397,7 @@ class Moves(Frozen):
                     " overlap; 1 runs them one after another")
 
 
-class RightSizing(Frozen):
+class RightSizing(Declared):
     """When a server counts as underused, and how much room the others must keep if its shards
     moved onto them: advice only, never an action. Read from the `default` policy (a server
     serves every database)."""
@@ -429,7 +418,7 @@ class RightSizing(Frozen):
                                         ("storage_percent", self.storage_percent)) if v is not None}
 
 
-class Policy(Frozen):
+class Policy(Declared):
     """When a shard is hot or cold, and what automation may do about it."""
 
     description: str | None = None
@@ -512,7 +501,7 @@ def needed_samples(policy: Policy) -> int:
     return int(-(-longest // policy.metrics.interval)) + 3  # the span, both ends, and one late sample
 
 
-class PolicyOverrides(Frozen):
+class PolicyOverrides(Declared):
     """Per-database thresholds that override the referenced policy, key by key."""
 
     hot: HotThresholds = HotThresholds()
@@ -522,14 +511,14 @@ class PolicyOverrides(Frozen):
 # ---------------------------------------------------------------------------- databases
 
 
-class ShardKey(Frozen):
+class ShardKey(Declared):
     column: str = Field(pattern=COLUMN_PATTERN, description="the shard key column, present in every sharded table")
     type: Literal["bigint", "text"] = Field(
         description="bigint hashes with hashint8extended, text with hashtextextended"
     )
 
 
-class InlineSchema(Frozen):
+class InlineSchema(Declared):
     """A step in mapping form: inline SQL ({name, sql}) or a file ({file}), with its flags."""
 
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,100}$",
@@ -540,7 +529,7 @@ class InlineSchema(Frozen):
         False, description="let this step reach outside its database (COPY to or from files or programs, ALTER"
         " SYSTEM, roles, untrusted languages, server files); refused otherwise")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, json_schema_extra={"oneOf": [
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
         {"required": ["name", "sql"], "not": {"required": ["file"]}},
         {"required": ["file"], "not": {"anyOf": [{"required": ["name"]}, {"required": ["sql"]}]}},
     ]})
@@ -568,7 +557,7 @@ def _one_or_many(schema: dict) -> None:
     schema["anyOf"] = [items, {"type": "array", "items": items, "minItems": 1}]
 
 
-class Database(Frozen):
+class Database(Declared):
     """A logical sharded database; each shard is one physical PostgreSQL database."""
 
     shard_key: ShardKey
@@ -593,7 +582,7 @@ class Database(Frozen):
                     " kept identical on every shard by logical replication from it; `table` or `schema.table`",
         json_schema_extra={"uniqueItems": True})
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     @field_validator("schema_", mode="before")
     @classmethod
@@ -611,7 +600,7 @@ class Database(Frozen):
         return value
 
 
-class CatalogSettings(Frozen):
+class CatalogSettings(Declared):
     server: Name | None = Field(
         None, description="the server holding the control database (default: the first embedded one)"
     )
@@ -622,7 +611,7 @@ class CatalogSettings(Frozen):
     )
 
 
-class Backups(Frozen):
+class Backups(Declared):
     """Backups of every server by Barman: base backups on a schedule, WAL streamed continuously
     over a replication slot, kept by a retention policy. Declared once for the fleet; a server's
     own `backups:` overrides it (or turns it off with `enabled: false`)."""
@@ -649,7 +638,7 @@ AT_PATTERN = (r"^(latest|[a-z0-9][a-z0-9_.-]{0,62}|[0-9]{4}-[0-9]{2}-[0-9]{2}[T 
               r"(:[0-9]{2}([.][0-9]{1,6})?)?(Z|[+-][0-9]{2}(:?[0-9]{2})?))$")
 
 
-class Branch(Frozen):
+class Branch(Declared):
     """A development copy of a sharded database: one ordinary database on one server."""
 
     from_: Name = Field(alias="from", description="the sharded database it is made from, or a `data: replica`"
@@ -670,7 +659,7 @@ class Branch(Frozen):
         None, description="change this value (a date, a counter) to re-make the branch from its parent's current"
         " data: it keeps its name, server, connection string and expiry; its own rows and schema changes go")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     @property
     def ttl_declared(self) -> bool:
@@ -683,11 +672,11 @@ class Branch(Frozen):
         return self
 
 
-class ReshardingSettings(Frozen):
+class ReshardingSettings(Declared):
     enabled: bool = Field(True, description="global switch: plan no load-driven splits or merges anywhere when false")
 
 
-class AllowDestroy(Frozen):
+class AllowDestroy(Declared):
     """Consent to destroy data: each entry approves destroying that one database or branch with
     its rows. Without it, a plan that would destroy rows is refused. Remove it once applied."""
 
@@ -695,13 +684,13 @@ class AllowDestroy(Frozen):
     branches: list[Name] = Field([], description="branches that may be dropped with their rows")
 
 
-class Moved(Frozen):
+class Moved(Declared):
     """A rename: the database recorded as `from` is now declared as `to`; names change, data stays."""
 
     from_: Name = Field(alias="from", description="the name it was applied under")
     to: Name = Field(description="the name it is declared under now")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
 
 def _named(schema: dict) -> None:
@@ -709,7 +698,7 @@ def _named(schema: dict) -> None:
     schema["propertyNames"] = {"pattern": NAME_PATTERN}
 
 
-class ConfigFile(Frozen):
+class ConfigFile(Declared):
     """One YAML document. Documents of a config directory are merged; names must be unique."""
 
     servers: dict[Name, Server] = Field({}, json_schema_extra=_named)
@@ -723,9 +712,6 @@ class ConfigFile(Frozen):
     moved: list[Moved] = []
 
     model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        strict=True,
         title="shardctl configuration",
         json_schema_extra={"$id": "https://shardctl.dev/schemas/shardctl.schema.json"},
     )

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from engine.config.models import ColdThresholds, HotThresholds, Policy, span
-from engine.detect.detector import assess
+from engine.config.models import ColdThresholds, HotThresholds, Policy
+from engine.detect.detector import Assessment, assess
 from engine.detect.forecast import QUIET_SHARE, LeadTime, Lineage, LoadForecast, counted, fit, highs, lead_time, series
+from engine.durations import span
+from engine.frozen import Frozen
 from engine.observe import rollup
 from engine.observe.metrics import METRICS, UNITS, MetricValue, Sample
 from engine.observe.models import HourlySeries
@@ -43,8 +43,6 @@ ERROR_HOURS = 48  # the forecast's error is judged over the next 48 hours (WAPE)
 ERROR_EVERY = 6  # ... of a forecast made every sixth hour
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Trace(Frozen):
@@ -235,19 +233,10 @@ def _decide(states: list[_State], offsets: list[int], step: int, at: datetime, p
             lead: LeadTime, predictive: bool) -> None:
     live = [s for s, offset in zip(states, offsets, strict=True) if 0 <= step - offset < len(s.trace.values)]
     if predictive:
-        for s in live:
-            if s.refreshed is None or at - s.refreshed >= timedelta(hours=1):
-                s.forecast = _fit(s.trace, policy, s.hourly, at, 1.0 / s.shards, s.lineage, threshold)
-                s.refreshed = at
+        _refresh_forecasts(live, at, policy, threshold)
     busy = sum(1 for s in states if s.pending)
     ready = [s for s in live if not s.pending and not (s.last_event is not None and at < s.last_event + cooldown)]
-    verdicts = {}
-    for s in ready:
-        newest = s.window[-1][1] if s.window else None
-        if newest is None or (newest <= threshold and (cold_threshold is None or newest >= cold_threshold)):
-            continue  # neither hot nor cold can be judged on a window whose newest load is between them
-        samples = tuple(_sample(s.trace.name, s.trace.metric, t, s.trace.interval, v) for t, v in s.window)
-        verdicts[s.trace.name] = assess(s.trace.name, samples, policy, at=at)
+    verdicts = _verdicts(ready, at, policy, threshold, cold_threshold)
     for s in ready:  # the load first, as in a plan
         verdict = verdicts.get(s.trace.name)
         if verdict is not None and verdict.state == "hot" and busy < slots:
@@ -257,15 +246,42 @@ def _decide(states: list[_State], offsets: list[int], step: int, at: datetime, p
         busy = _split_ahead(live, ready, busy, at, threshold, slots, move_seconds, lead)
     for s in ready:
         verdict = verdicts.get(s.trace.name)
-        if s.pending or verdict is None or verdict.state != "cold" or s.shards <= 1 or not policy.automerge.enabled:
-            continue
-        if 2 * max(e.high for e in verdict.evidence) >= threshold * (1 - tol) or busy >= slots:
-            continue
-        merged = _fit(s.trace, policy, s.hourly, at, 2.0 / s.shards, s.lineage, threshold) if predictive else None
-        if merged is not None and merged.crossing(threshold) is not None:
-            continue  # the merged shard is forecast to be hot again within the horizon
-        s.start("merge", "load", at, move_seconds, verdict.evidence[0].describe())
-        busy += 1
+        if verdict is not None and busy < slots and _merges(s, verdict, at, policy, threshold, tol, predictive):
+            s.start("merge", "load", at, move_seconds, verdict.evidence[0].describe())
+            busy += 1
+
+
+def _refresh_forecasts(live: list[_State], at: datetime, policy: Policy, threshold: float) -> None:
+    """Each live trace's forecast, refitted hourly."""
+    for s in live:
+        if s.refreshed is None or at - s.refreshed >= timedelta(hours=1):
+            s.forecast = _fit(s.trace, policy, s.hourly, at, 1.0 / s.shards, s.lineage, threshold)
+            s.refreshed = at
+
+
+def _verdicts(ready: list[_State], at: datetime, policy: Policy, threshold: float,
+              cold_threshold: float | None) -> dict[str, Assessment]:
+    """The detector's verdict on each ready trace whose newest load is hot or cold."""
+    verdicts = {}
+    for s in ready:
+        newest = s.window[-1][1] if s.window else None
+        if newest is None or (newest <= threshold and (cold_threshold is None or newest >= cold_threshold)):
+            continue  # neither hot nor cold can be judged on a window whose newest load is between them
+        samples = tuple(_sample(s.trace.name, s.trace.metric, t, s.trace.interval, v) for t, v in s.window)
+        verdicts[s.trace.name] = assess(s.trace.name, samples, policy, at=at)
+    return verdicts
+
+
+def _merges(s: _State, verdict: Assessment, at: datetime, policy: Policy, threshold: float, tol: float,
+            predictive: bool) -> bool:
+    """A cold trace's shards merge: automerge is on, the merged load stays clear of the threshold,
+    and (predicting) the merged shard is not forecast to be hot again within the horizon."""
+    if s.pending or verdict.state != "cold" or s.shards <= 1 or not policy.automerge.enabled:
+        return False
+    if 2 * max(e.high for e in verdict.evidence) >= threshold * (1 - tol):
+        return False
+    merged = _fit(s.trace, policy, s.hourly, at, 2.0 / s.shards, s.lineage, threshold) if predictive else None
+    return merged is None or merged.crossing(threshold) is None
 
 
 def _split_ahead(live: list[_State], ready: list[_State], busy: int, at: datetime, threshold: float, slots: int,

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from engine.config.models import Policy, span
+from engine.config.models import Policy
+from engine.durations import span
+from engine.frozen import Frozen
 from engine.observe.metrics import METRICS, UNITS, Sample
 from engine.observe.series import Row, as_series
 
@@ -34,8 +34,6 @@ State = Literal["hot", "cold", "normal", "unknown", "stale"]
 ACTING_STATES = ("hot", "cold")
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Evidence(Frozen):

@@ -56,9 +56,9 @@ from statistics import median
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict
-
-from engine.config.models import Policy, span
+from engine.config.models import Policy
+from engine.durations import span
+from engine.frozen import Frozen
 from engine.observe.metrics import METRICS, UNITS
 from engine.observe.models import HourlySeries, MoveRecord
 
@@ -77,8 +77,6 @@ SHIFT_HOLDS = 24  # hours a step must have held to be the new level
 FILLS_LINEARLY = ("storage_percent",)
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class LoadForecast(Frozen):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import psycopg
 
+from engine.clock import system_clock
 from engine.observe.models import Capabilities
 from engine.rows import one
 
@@ -67,11 +68,9 @@ FIELDS = ("version_num", "superuser", "createdb", "replication", "monitor", "cre
 def read(conn: psycopg.Connection) -> Capabilities:
     """The server's capabilities; its clock as an offset from this host's (the midpoint of the
     round trip), so that two servers' offsets give their skew."""
-    import time
-
-    before = time.time()
+    before = system_clock().timestamp()
     row = one(conn.execute(QUERY))
-    after = time.time()
+    after = system_clock().timestamp()
     values = dict(zip(FIELDS, row, strict=True))
     values["clock_offset_s"] = round(values.pop("clock_epoch") - (before + after) / 2, 3)
     values["pending_restart"] = tuple(values["pending_restart"])

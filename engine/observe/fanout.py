@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 import psycopg
 
-from engine.config.models import span
+from engine.durations import span
 
 T = TypeVar("T")
 

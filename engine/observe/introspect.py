@@ -60,7 +60,7 @@ UNION ALL SELECT 's', rel, NULL, NULL, NULL FROM ({SEQUENCES}) s(rel)
 """
 # The rows each system catalog a schema lives in has had written (cumulative statistics): every
 # change to a schema writes some, so equal counts say the schema is the one read before
-# (engine.observe.schema_cache). pg_type and pg_namespace: a renamed type or schema changes how
+# (engine.collect.schema_cache). pg_type and pg_namespace: a renamed type or schema changes how
 # columns and tables are named.
 SCHEMA_CATALOGS = ("pg_class", "pg_attribute", "pg_attrdef", "pg_constraint", "pg_index", "pg_type", "pg_namespace")
 _WRITTEN = ", ".join(f"pg_stat_get_tuples_inserted('pg_catalog.{c}'::regclass) + pg_stat_get_tuples_updated("
@@ -168,3 +168,13 @@ def holdings(conn: psycopg.Connection) -> tuple[int, bool, int, int]:
             rows += counted
     size = one(conn.execute("SELECT pg_database_size(current_database())"))[0]
     return rows, exact, int(size), len(tables) + 2
+
+
+def tables_with_key(conn: psycopg.Connection, key_column: str) -> list[tuple[str, str, bool]]:
+    """The database's tables as (schema, table, has the shard key): those without it are
+    reference tables, copied from the first shard only (or followed from the reference source)."""
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        "SELECT n.nspname, c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid"
+        " AND a.attname = %s AND NOT a.attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
+        " ORDER BY 1, 2", (key_column,))]

@@ -14,16 +14,16 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import ConfigDict, field_validator
 from pydantic.dataclasses import dataclass
+
+from engine.frozen import Frozen
 
 METRICS = ("queries_per_second", "cpu_percent", "memory_percent", "storage_percent", "connections", "latency_ms")
 UNITS = {"queries_per_second": "/s", "cpu_percent": "%", "memory_percent": "%", "storage_percent": "%",
          "connections": "", "latency_ms": " ms"}
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 @dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))

@@ -5,11 +5,13 @@ Frozen models, so a plan computed from an observation can always be explained fr
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, model_validator
+from pydantic import PlainSerializer, PlainValidator, model_validator
 
+from engine.clock import system_clock
+from engine.frozen import Frozen
 from engine.observe import series
 from engine.observe.metrics import Sample
 from engine.observe.series import Series
@@ -19,8 +21,6 @@ Window = Annotated[Series, PlainValidator(series.validate),
                    PlainSerializer(lambda s: [x.model_dump(mode="json") for x in s], when_used="json")]
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class AppliedStep(Frozen):
@@ -323,7 +323,7 @@ class Observation(Frozen):
 
     def now(self) -> datetime:
         """The observation's wall clock (the present when it was not recorded)."""
-        return self.taken_at or datetime.now(UTC)
+        return self.taken_at or system_clock()
 
     @property
     def serial(self) -> int:

@@ -24,8 +24,9 @@ Purposes (what a server is used for by an action):
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from collections.abc import Callable
 
+from engine.frozen import Frozen
 from engine.observe.models import Capabilities, LiveServer
 from engine.observe.replication import Orphan, size_text
 
@@ -34,9 +35,7 @@ SKEW_WARN_S = 1.0
 HEADROOM = 10  # connections a move may open at once on one server (sources, targets, comparison)
 
 
-class Check(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Check(Frozen):
     server: str
     name: str
     ok: bool | None  # None: could not be judged
@@ -70,13 +69,30 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
         return [Check(server=name, name="privileges", ok=None, found="could not read the server's settings and"
                       " the role's privileges", fix="", warning=True)]
     role, major = _role(caps), caps.version_num // 10000
-    out = [Check(server=name, name="version", ok=major >= SUPPORTED_MAJOR, found=f"PostgreSQL {live.version}",
-                 fix=f"PostgreSQL {SUPPORTED_MAJOR} or later is needed", needed_by=everything)]
+    checks = _Checks(name, [Check(server=name, name="version", ok=major >= SUPPORTED_MAJOR,
+                                  found=f"PostgreSQL {live.version}",
+                                  fix=f"PostgreSQL {SUPPORTED_MAJOR} or later is needed", needed_by=everything)])
+    _replication(checks.add, caps, source, target)
+    _warnings(checks.add, caps)
+    _headroom(checks.add, caps, catalog_offset_s, everything)
+    _privileges(checks.add, caps, role, major, source, target)
+    return checks.out
 
-    def add(check_name, ok, found, fix, needed_by=(), warning=False):
-        out.append(Check(server=name, name=check_name, ok=ok, found=found, fix=fix if not ok else "",
-                         needed_by=tuple(needed_by), warning=warning))
 
+class _Checks:
+    """One server's checks, in the order they are made."""
+
+    def __init__(self, server: str, out: list[Check]) -> None:
+        self.server, self.out = server, out
+
+    def add(self, check_name, ok, found, fix, needed_by=(), warning=False) -> None:
+        self.out.append(Check(server=self.server, name=check_name, ok=ok, found=found, fix=fix if not ok else "",
+                              needed_by=tuple(needed_by), warning=warning))
+
+
+def _replication(add: Callable[..., None], caps: Capabilities, source: tuple[str, ...],
+                 target: tuple[str, ...]) -> None:
+    """Room for logical replication: a move's or replica's source, and its target."""
     add("wal_level", caps.wal_level == "logical", f"wal_level = {caps.wal_level}",
         "ALTER SYSTEM SET wal_level = logical; then restart the server", source)
     free_slots = caps.max_replication_slots - caps.used_replication_slots
@@ -91,6 +107,10 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
         f" max_worker_processes = {caps.max_worker_processes}",
         "ALTER SYSTEM SET max_logical_replication_workers = 16; ALTER SYSTEM SET max_worker_processes = 32;"
         " then restart", target)
+
+
+def _warnings(add: Callable[..., None], caps: Capabilities) -> None:
+    """What degrades without refusing anything: WAL a slot may retain, metrics left unknown."""
     keep = caps.max_slot_wal_keep_size_bytes
     add("max_slot_wal_keep_size", keep is not None and keep >= 0,
         "unlimited" if keep is None or keep < 0 else f"{keep // 1048576} MB",
@@ -111,6 +131,11 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
     add("pg_buffercache", caps.buffercache_created, "created" if caps.buffercache_created else "not created",
         "CREATE EXTENSION pg_buffercache; in the postgres database (memory stays unknown without it)",
         warning=True)
+
+
+def _headroom(add: Callable[..., None], caps: Capabilities, catalog_offset_s: float | None,
+              everything: tuple[str, ...]) -> None:
+    """Connections free for a move, and the clock against the catalog's server."""
     free = caps.max_connections - caps.reserved_connections - caps.connections
     if caps.role_connection_limit >= 0:
         free = min(free, caps.role_connection_limit)
@@ -122,6 +147,11 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
         add("clock skew", abs(skew) <= SKEW_WARN_S, f"{skew:+.3f}s against the catalog's server",
             "synchronise the servers' clocks (NTP): cooldowns, sample ages and branch expiry compare them",
             warning=True)
+
+
+def _privileges(add: Callable[..., None], caps: Capabilities, role: str, major: int, source: tuple[str, ...],
+                target: tuple[str, ...]) -> None:
+    """What shardctl's role may do on the server."""
     su = " (superuser)" if caps.superuser else ""
     add("CREATEDB", caps.superuser or caps.createdb, f"role {role}{su}" + ("" if caps.superuser or caps.createdb
                                                                          else " lacks CREATEDB"),
@@ -147,7 +177,6 @@ def server_checks(live: LiveServer, catalog_offset_s: float | None = None) -> li
     add("pg_monitor", caps.superuser or caps.monitor,
         f"role {role}{su}" + ("" if caps.superuser or caps.monitor else " sees only its own sessions' statistics"),
         f"GRANT pg_monitor TO {role}; (metrics of every database; without it they are unknown)", warning=True)
-    return out
 
 
 def origin_check(live: LiveServer) -> Check | None:
@@ -178,26 +207,22 @@ def backup_checks(live: LiveServer) -> list[Check]:
     role, su = _role(caps), caps.superuser
     needed = ("backups",)
     grant = BACKUP_GRANT.format(role=role)
-    out = [
-        Check(server=live.name, name="backups: REPLICATION", ok=su or caps.replication,
-              found=f"role {role}" + ("" if su or caps.replication else " lacks REPLICATION"),
-              fix="" if su or caps.replication else f"ALTER ROLE {role} REPLICATION; and a `replication` line for it"
-              " in pg_hba.conf (pg_basebackup and pg_receivewal are physical replication)", needed_by=needed),
-        Check(server=live.name, name="backups: restore points", ok=su or caps.restore_points,
-              found=f"role {role}" + ("" if su or caps.restore_points else " may not create restore points or"
-                                      " switch WAL segments"), fix="" if su or caps.restore_points else grant,
-              needed_by=needed),
-        Check(server=live.name, name="backups: base backups", ok=su or (caps.backup_functions and caps.monitor),
-              found=f"role {role}" + ("" if su or (caps.backup_functions and caps.monitor) else
-                                      " lacks what Barman checks: EXECUTE on pg_backup_start/stop and pg_monitor"),
-              fix="" if su or (caps.backup_functions and caps.monitor) else f"{grant} GRANT pg_monitor TO {role};",
-              needed_by=needed)]
+    checks = _Checks(live.name, [])
+    replicates, points, base = su or caps.replication, su or caps.restore_points, su or (
+        caps.backup_functions and caps.monitor)
+    checks.add("backups: REPLICATION", replicates, f"role {role}" + ("" if replicates else " lacks REPLICATION"),
+               f"ALTER ROLE {role} REPLICATION; and a `replication` line for it in pg_hba.conf (pg_basebackup and"
+               " pg_receivewal are physical replication)", needed)
+    checks.add("backups: restore points", points, f"role {role}" + (
+        "" if points else " may not create restore points or switch WAL segments"), grant, needed)
+    checks.add("backups: base backups", base, f"role {role}" + (
+        "" if base else " lacks what Barman checks: EXECUTE on pg_backup_start/stop and pg_monitor"),
+        f"{grant} GRANT pg_monitor TO {role};", needed)
     free = caps.max_wal_senders - caps.used_wal_senders
-    out.append(Check(server=live.name, name="backups: WAL senders", ok=free >= 1,
-                     found=f"{free} of {caps.max_wal_senders} free", fix="" if free >= 1 else
-                     "ALTER SYSTEM SET max_wal_senders = 32; then restart (WAL streaming holds one, a base backup"
-                     " one more)", needed_by=needed))
-    return out
+    checks.add("backups: WAL senders", free >= 1, f"{free} of {caps.max_wal_senders} free",
+               "ALTER SYSTEM SET max_wal_senders = 32; then restart (WAL streaming holds one, a base backup"
+               " one more)", needed)
+    return checks.out
 
 
 def failing(live: LiveServer | None, purpose: str) -> list[Check]:

@@ -11,7 +11,7 @@ size, measured from the catalog) plus `forecast.lead_margin`. When any of them i
 lead time, the plan splits the first of the batch (as many as max_concurrent allows) with the
 forecast, its band, the crossing and the history it was fitted on as evidence. In `advise`
 mode (forecast-only, the default) the same finding is a note in the plan and the PR comment and
-nothing acts. A forecast never plans a merge (engine.plan.load holds a merge back when the
+nothing acts. A forecast never plans a merge (engine/plan/load_rules.py holds a merge back when the
 merged shard is forecast hot). The same rules as a load split apply: resharding switches,
 cooldown (judged at the present, as the load path does: the catalog's events happened in real
 time, even when the load is a recording's), max_shards, max_concurrent, the preconditions of a
@@ -23,7 +23,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from engine.config.loader import Desired, DesiredDatabase
-from engine.config.models import span
 from engine.detect.forecast import (
     STORAGE_HORIZON,
     History,
@@ -35,20 +34,21 @@ from engine.detect.forecast import (
     outlook,
     storage_note,
 )
+from engine.durations import span
 from engine.keyspace import KeyRange, parse_name
 from engine.observe.metrics import METRICS, UNITS
 from engine.observe.models import CatalogShard, HourlySeries, Observation
-from engine.plan.load import (
-    _overlaps,
-    _spec,
+from engine.plan.load_rules import judged_at
+from engine.plan.models import Reason, SplitShard
+from engine.plan.placement import (
     capable_targets,
-    judged_at,
     name_taken,
+    overlaps,
     preconditions,
+    spec_of,
     split_targets,
     storage_by_server,
 )
-from engine.plan.models import Reason, SplitShard
 
 
 def forecast_actions(desired: Desired, observation: Observation, planned: list) -> tuple[list[SplitShard], list[str]]:
@@ -194,7 +194,7 @@ def _consider(db: DesiredDatabase, shard: CatalogShard, forecast: LoadForecast, 
     text = (f"{shard.address} is forecast to cross the hot threshold of {forecast.metric} in about"
             f" {about(crossing - now)}, within the lead time {span(round(lead.seconds))}")
     targets = split_targets(db, shard, storage, able, policy.autosplit.targets)
-    return SplitShard(database=db.name, source=_spec(shard), targets=targets,
+    return SplitShard(database=db.name, source=spec_of(shard), targets=targets,
                       evidence=(), automatic=policy.autosplit.enabled, lead_time=lead.why,
                       forecast=forecast.model_copy(update={"threshold": threshold, "judged_at": now}),
                       reason=Reason(cause="forecast", text=text)), None
@@ -211,7 +211,7 @@ def _why_not(db: DesiredDatabase, shard: CatalogShard, observation: Observation,
     cooldown = timedelta(seconds=policy.autosplit.cooldown)
     for event in observation.catalog.reshard_events:
         if (event.database == db.name and event.at + cooldown > now and cooldown > timedelta(0)
-                and any(_overlaps((shard.lo, shard.hi), r) for r in event.ranges)):
+                and any(overlaps((shard.lo, shard.hi), r) for r in event.ranges)):
             return f"held back by the cooldown until {(event.at + cooldown).strftime('%Y-%m-%dT%H:%M:%SZ')}"
     active = [s for s in observation.catalog.databases[db.name].shards if s.state == "active"]
     ours = [a for a in planned if a.database == db.name]

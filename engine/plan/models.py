@@ -10,10 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engine.detect.detector import Evidence
 from engine.detect.forecast import LoadForecast
+from engine.frozen import Frozen
 
 # 2: evidence says what was judged (low, high, samples, since, until, window_seconds)
 # 3: the plan records the fleet it was made for and how the YAML declared what it acts on
@@ -24,8 +25,6 @@ Cause = Literal["config", "drift", "resume", "load", "forecast", "manual"]  # ma
 Symbol = Literal["create", "update", "delete", "replace"]
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Reason(Frozen):

@@ -19,6 +19,7 @@ import engine
 from engine.config import models
 from engine.config.loader import Desired, DesiredDatabase
 from engine.config.sqlcheck import qualified
+from engine.durations import span
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
 from engine.observe import replication
@@ -26,7 +27,7 @@ from engine.observe.models import CatalogDatabase, Observation
 from engine.observe.replica_links import broken_text, replica_links
 from engine.plan import budget, checks, identity, rightsizing
 from engine.plan.forecast import forecast_actions
-from engine.plan.load import load_actions
+from engine.plan.load_rules import load_actions
 from engine.plan.models import (
     MOVE_KINDS,
     ApplySchema,
@@ -598,6 +599,12 @@ def _replicas_and_moves(p: _Planning) -> None:
     does not answer (its links could not be made). A replica's build or reset waits while this
     plan moves its parent's shards: it is made from the shards active when the plan was made.
     A destroy or rename of a replicated database waits until the replica is deleted."""
+    _hold_what_replicas_cannot_follow(p)
+    _replicas_wait_for_moves(p)
+
+
+def _hold_what_replicas_cannot_follow(p: _Planning) -> None:
+    """New moves a replica could not follow, and destroys or renames of a replicated database."""
     replicated = _replicated(p.desired, p.observation)
     deleted = {a.branch for a in p.actions if a.kind == "delete_branch"}
     # the replicas a move links to: those active when it runs (one being built waits for the move)
@@ -621,6 +628,10 @@ def _replicas_and_moves(p: _Planning) -> None:
             p.warnings.append(
                 f"{action.address}: {action.kind.replace('_', ' ')} held: {action.database} has a replica ({names});"
                 " delete the replica first (remove it from the configuration and apply)")
+
+
+def _replicas_wait_for_moves(p: _Planning) -> None:
+    """A replica's build or reset waits while this plan moves its parent's shards."""
     moving = {a.database: a for a in p.actions if a.kind in MOVE_KINDS}
     for action in list(p.actions):
         if action.kind in ("create_branch", "reset_branch") and action.data == "replica" \
@@ -848,17 +859,12 @@ def _update_branch(have, branch, expires, where) -> UpdateBranch:
     stamp = "%Y-%m-%dT%H:%M:%SZ"
     return UpdateBranch(
         database=have.parent, branch=have.name, server=have.server, dbname=have.dbname, expires_at=expires,
-        changes=(AttributeChange(path="ttl", before=_ttl_text(before), after=_ttl_text(branch.ttl)),
+        changes=(AttributeChange(path="ttl", before=span(before), after=span(branch.ttl)),
                  AttributeChange(path="expires_at", before=have.expires_at.strftime(stamp),
                                  after=expires.strftime(stamp))),
         reason=Reason(cause="config", text=f"ttl changed at {where}: the branch now expires"
-                                           f" {expires.strftime(stamp)}, {_ttl_text(branch.ttl)} after its"
+                                           f" {expires.strftime(stamp)}, {span(branch.ttl)} after its"
                                            f" creation"))
-
-
-def _ttl_text(seconds: float) -> str:
-    days = seconds / 86400
-    return f"{days:g}d" if days >= 1 and days.is_integer() else models.span(seconds)
 
 
 def _undeclared_branches(desired: Desired, observation: Observation, pending: dict, merging: dict) -> list:
@@ -920,43 +926,18 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
             return None, f"branch.{name}: waits until replica {replica_name} is made (the next apply clones it)"
         clone_of = ShardSpec(name=replica_name, lo=None, hi=None, server=replica.server, dbname=replica.dbname)
         branch = branch.model_copy(update={"from_": source, "data": data})
-    parent = observation.catalog.databases.get(branch.from_)
-    if parent is None or parent.state != "active":
-        return None, (f"branch.{name}: waits until {branch.from_} exists" if have is None and unfinished is None
-                      else f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
-    moving = [m for m in observation.catalog.pending_moves if m.database == branch.from_]
-    if branch.data == "replica" and (moving or any(s.state in ("creating", "moving") for s in parent.shards)):
-        what = f"operation {moving[0].operation} ({moving[0].kind})" if moving else "a move"
-        return None, (f"branch.{name}: a replica waits until {what} of {branch.from_} is finished"
-                      " (run `shardctl apply` to finish it, or `shardctl abort` it)")
-    shards = tuple(_shard_spec(s) for s in parent.shards if s.state == "active")
-    at = None
-    if branch.data == "backup":
-        found = _restored_shards(name, branch, observation, desired)
-        if isinstance(found, str):
-            return None, found
-        at, shards = found
+    found = _branch_shards(name, branch, have, unfinished, observation, desired)
+    if isinstance(found, str):
+        return None, found
+    at, shards = found
     sample = branch.sample_percent if branch.data == "sample" else None
-    resetting = (unfinished is not None and unfinished.kind == "reset_branch") or (
-        have is not None and have.state in ("active", "resetting"))
-    if resetting and have is not None and (have.parent, have.data, have.server) == (branch.from_, branch.data,
-                                                                                     branch.server):
+    if _resets(branch, have, unfinished):
         token = _token(branch.reset) if unfinished is None else unfinished.action.get("reset_token")
-        if unfinished is not None or have.state == "resetting":
-            why = (f"operation {unfinished.operation} was interrupted while resetting branch {name} (its database"
-                   f" may be half-built): apply rebuilds it from the start (`shardctl abort {unfinished.operation}`"
-                   " drops it instead)" if unfinished else
-                   f"an earlier apply did not finish resetting branch {name}: apply rebuilds it from the start")
-            cause: Cause = "resume"
-        else:
-            why = (f"its declared reset value changed ({have.reset_token or 'none'} -> {token}) at {where}:"
-                   " it is made again from the parent's current data")
-            cause = "config"
         return ResetBranch(
             database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
             dbname=have.dbname, shards=shards, reset_token=token,
-            operation=unfinished.operation if unfinished else None, reason=Reason(cause=cause, text=why),
-            clone_of=clone_of, at=at), None
+            operation=unfinished.operation if unfinished else None,
+            reason=_reset_reason(name, have, unfinished, token, where), clone_of=clone_of, at=at), None
     create = CreateBranch(
         database=branch.from_, branch=name, data=branch.data, sample_percent=sample, server=branch.server,
         dbname=f"branch_{name}", ttl_seconds=branch.ttl, ttl_declared=branch.ttl_declared, shards=shards,
@@ -966,6 +947,50 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
                              + (f": restored from backups to {at}" if at else "")))
     if have is None and unfinished is None:
         return create, None
+    return create.model_copy(update={"reason": _rebuild_reason(name, branch, have, unfinished)}), None
+
+
+def _branch_shards(name: str, branch, have, unfinished, observation: Observation,
+                   desired: Desired) -> tuple[str | None, tuple[ShardSpec, ...]] | str:
+    """The branch's moment (a `data: backup` branch's, else None) and the parent's shards it is
+    made from, or the note that says what it waits for."""
+    parent = observation.catalog.databases.get(branch.from_)
+    if parent is None or parent.state != "active":
+        return (f"branch.{name}: waits until {branch.from_} exists" if have is None and unfinished is None
+                else f"branch.{name}: was left half-built, and waits until {branch.from_} exists again")
+    moving = [m for m in observation.catalog.pending_moves if m.database == branch.from_]
+    if branch.data == "replica" and (moving or any(s.state in ("creating", "moving") for s in parent.shards)):
+        what = f"operation {moving[0].operation} ({moving[0].kind})" if moving else "a move"
+        return (f"branch.{name}: a replica waits until {what} of {branch.from_} is finished"
+                " (run `shardctl apply` to finish it, or `shardctl abort` it)")
+    if branch.data == "backup":
+        return _restored_shards(name, branch, observation, desired)
+    return None, tuple(_shard_spec(s) for s in parent.shards if s.state == "active")
+
+
+def _resets(branch, have, unfinished) -> bool:
+    """The branch exists (or was being reset) as declared: it is made again, not created."""
+    resetting = (unfinished is not None and unfinished.kind == "reset_branch") or (
+        have is not None and have.state in ("active", "resetting"))
+    return resetting and have is not None and (have.parent, have.data, have.server) == (
+        branch.from_, branch.data, branch.server)
+
+
+def _reset_reason(name: str, have, unfinished, token: str | None, where) -> Reason:
+    if unfinished is not None:
+        return Reason(cause="resume", text=(
+            f"operation {unfinished.operation} was interrupted while resetting branch {name} (its database"
+            f" may be half-built): apply rebuilds it from the start (`shardctl abort {unfinished.operation}`"
+            " drops it instead)"))
+    if have.state == "resetting":
+        return Reason(cause="resume", text=f"an earlier apply did not finish resetting branch {name}: apply"
+                      " rebuilds it from the start")
+    return Reason(cause="config", text=f"its declared reset value changed ({have.reset_token or 'none'} -> {token})"
+                  f" at {where}: it is made again from the parent's current data")
+
+
+def _rebuild_reason(name: str, branch, have, unfinished) -> Reason:
+    """Why a half-built branch is built again from the start."""
     op = f"operation {unfinished.operation}" if unfinished else "an earlier apply"
     at = f" at step {unfinished.last_step!r}" if unfinished and unfinished.last_step else ""
     moved = have is not None and (have.server, have.dbname) != (branch.server, f"branch_{name}")
@@ -974,7 +999,7 @@ def _build_branch(name: str, branch, have, unfinished, where, observation: Obser
                                  if moved and have else "")
             + "; removing the branch from the configuration deletes it instead"
             + (f" (`shardctl abort {unfinished.operation}` drops it now)" if unfinished else ""))
-    return create.model_copy(update={"reason": Reason(cause="resume", text=text)}), None
+    return Reason(cause="resume", text=text)
 
 
 def _restored_shards(name: str, branch, observation: Observation,

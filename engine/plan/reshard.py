@@ -28,7 +28,8 @@ from engine.config.loader import Desired, DesiredDatabase
 from engine.errors import UserError
 from engine.keyspace import SIGNED_MIN, KeyRange
 from engine.observe.models import CatalogDatabase, CatalogShard, Observation
-from engine.plan.load import (
+from engine.plan.models import MergeShards, Reason, SplitShard, Waiting
+from engine.plan.placement import (
     capable_targets,
     merge_action,
     name_taken,
@@ -37,7 +38,6 @@ from engine.plan.load import (
     storage_by_server,
     taken,
 )
-from engine.plan.models import MergeShards, Reason, SplitShard, Waiting
 
 
 @dataclass(frozen=True)

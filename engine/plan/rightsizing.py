@@ -18,18 +18,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
-from pydantic import BaseModel, ConfigDict
-
 from engine.config import models
 from engine.config.loader import Desired
+from engine.durations import span
+from engine.frozen import Frozen
 from engine.observe.metrics import UNITS, Sample
 from engine.observe.models import CatalogShard, Observation
 
 CAPACITY_FIELD = {"cpu_percent": "cpus", "memory_percent": "memory", "storage_percent": "storage"}
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Move(Frozen):
@@ -54,7 +52,7 @@ class ServerAdvice(Frozen):
     source: str = "policy"  # where the thresholds come from, file:line
 
     def describe(self) -> str:
-        measured = _duration((self.until - self.since).total_seconds())
+        measured = span((self.until - self.since).total_seconds())
         under = ", ".join(f"{_label(m)} {_pct(v)} (under {_pct(self.thresholds[m])})"
                           for m, v in sorted(self.peaks.items()))
         head = (f"server.{self.server}: right-sizing: its load stayed far under its capacity for {measured}"
@@ -69,14 +67,6 @@ class ServerAdvice(Frozen):
             tail = (f"; it could be retired by moving {moves} ({after}; under {_pct(self.target_max_percent)}),"
                     " then removing it from every placement")
         return f"{head}{tail}; advice only, nothing is planned; thresholds from {self.source}"
-
-
-def _duration(seconds: float) -> str:
-    """1810 -> '30m10s', 7200 -> '2h': a measured span, in the units a person reads."""
-    whole = round(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return "".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
 
 
 def _label(metric: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from engine.config.loader import Desired
 from engine.detect.backtest import compare_policies
 from engine.observe.models import Observation
-from engine.plan.load import assessments
+from engine.plan.load_rules import assessments
 from engine.plan.models import PolicyWhatIf, WhatIfChange, WhatIfKind
 
 

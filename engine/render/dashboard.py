@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jinja2
 
+from engine.clock import system_clock
+from engine.durations import span
 from engine.observe.metrics import METRICS, UNITS
 from engine.snapshot import Snapshot, move_eta_seconds
 
@@ -36,9 +38,7 @@ def _ago(at: datetime | None, now: datetime) -> str:
         return "never"
     seconds = (now - at).total_seconds()
     future = seconds < 0
-    seconds = abs(seconds)
-    text = (f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200
-            else f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d")
+    text = span(abs(seconds))
     return f"in {text}" if future else f"{text} ago"
 
 
@@ -165,19 +165,13 @@ def move(snapshot: Snapshot, now: datetime) -> dict | None:
     eta = move_eta_seconds(p)
     return {"step": p.get("step") or activity, "phase": phase or "starting", "done": done,
             "width": f"{done:.1f}" if done is not None else None, "detail": detail,
-            "eta": None if eta is None else _span(eta), "since": _ago(since, now),
+            "eta": None if eta is None else span(eta), "since": _ago(since, now),
             "reported": _ago(reported, now) if reported else None, "text": p.get("text"),
             "by": None if snapshot.activity_since is not None else activity}
 
 
-def _span(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
-
-
 def render_dashboard(snapshot: Snapshot, series: dict[str, list[tuple]], now: datetime | None = None) -> str:
-    now = now or datetime.now(UTC)
+    now = now or system_clock()
     shards = []
     for shard in snapshot.shards:
         points = series.get(shard.address, [])

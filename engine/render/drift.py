@@ -13,22 +13,17 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
+from engine.frozen import Frozen
 from engine.plan.models import LOAD_CAUSES, Plan
 from engine.render.view import VERBS, VERBS_BY_KIND
 
 
-class Finding(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Finding(Frozen):
     address: str
     summary: str
 
 
-class DriftReport(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class DriftReport(Frozen):
     format_version: int = 1
     status: Literal["ok", "drifted"]
     config: tuple[Finding, ...]

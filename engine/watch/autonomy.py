@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict
-
+from engine.frozen import Frozen
 from engine.plan.models import (
     LOAD_CAUSES,
     ApplySchema,
@@ -40,9 +39,7 @@ PERSON = "a person applies it (`shardctl apply`)"
 RESHAPING = (DestroyDatabase, ApplySchema, UpdateDatabase, RecreateShard, MergeBranchSchema, RenameDatabase)
 
 
-class Decision(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class Decision(Frozen):
     autonomous: tuple = ()  # actions, in plan order
     pending: tuple[Pending, ...] = ()
     paused: bool = False

@@ -27,18 +27,18 @@ from engine import backups, workflow
 from engine.catalog import backups as backup_catalog
 from engine.catalog import control, journal, lock, schema, store
 from engine.catalog.lock import who as lock_who
+from engine.collect import history
+from engine.collect.observer import inspect_shards, observe
+from engine.collect.sampling import LiveSampler
 from engine.config import loader
 from engine.config.loader import Desired
 from engine.detect.forecast import shard_outlook
 from engine.errors import ConfigError, LockHeldError, UserError, redact
-from engine.observe import history, replication
+from engine.observe import replication
 from engine.observe.metrics import METRICS, Sample
 from engine.observe.models import Observation
-from engine.observe.observer import inspect_shards, observe
 from engine.observe.replica_links import broken_text, replica_links
-from engine.observe.sampling import LiveSampler
-from engine.plan import load as load_rules
-from engine.plan import planner, rightsizing
+from engine.plan import load_rules, planner, rightsizing
 from engine.plan.forecast import lineages
 from engine.plan.models import Plan
 from engine.render.renderers import render_text

@@ -8,8 +8,6 @@ replica links (lag, missing, broken) and leftover replication.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -17,6 +15,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
+from engine.clock import system_clock
 from engine.observe.metrics import METRICS
 from engine.snapshot import move_eta_seconds
 from engine.watch.view import View
@@ -217,7 +216,7 @@ def _backups(snap):
                                   labels=["server"])
     lag = GaugeMetricFamily("shardctl_backup_wal_lag_bytes", "WAL the server has written that its backups have"
                             " not received yet", labels=["server"])
-    now = datetime.now(UTC)
+    now = system_clock()
     for b in snap.backups:
         if b.last_backup_at is not None:
             last.add_metric([b.server], b.last_backup_at.timestamp())

@@ -10,9 +10,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from engine.clock import system_clock
 from engine.observe.metrics import METRICS
 from engine.snapshot import (
     BackupView,
@@ -109,4 +110,4 @@ class View:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    return system_clock()

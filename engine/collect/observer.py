@@ -1,11 +1,11 @@
 """Take an observation: read the catalog, then look at every declared server and shard.
 
 Read-only. Servers are read at once, each within a deadline, on one connection each (the
-metric sampler's, when one is running: engine.observe.sampling). Shards too (the schema lives in
+metric sampler's, when one is running: engine.collect.sampling). Shards too (the schema lives in
 each database, so each needs a connection of its own): at most PER_SERVER of one server's at a
 time and fanout.MAX_WORKERS in all, each with one query for the signature of its schema and its
 ledger of steps (engine.observe.introspect.shard_facts), and two more, for them, only when they
-are not cached under that signature (engine.observe.schema_cache); a server's shards share its
+are not cached under that signature (engine.collect.schema_cache); a server's shards share its
 deadline, so a server that hangs costs only its own shards, which stay unknown (never missing)
 with the reason. Rows and sizes (what a destruction would lose) are counted only for the
 databases a plan could destroy: counting reads up to 100,000 rows a table.
@@ -23,20 +23,20 @@ import psycopg
 from engine.catalog import backups as backup_catalog
 from engine.catalog import store
 from engine.clock import Clock, system_clock
+from engine.collect.schema_cache import SchemaCache
 from engine.errors import redact
 from engine.observe import capabilities, fanout, introspect, replication
 from engine.observe.models import CatalogState, Holding, LiveServer, LiveShard, Observation
-from engine.observe.schema_cache import SchemaCache
 from engine.rows import one
 from engine.servers.connect import ServerUnreachable
 from engine.servers.fleet import Fleet
 
 if TYPE_CHECKING:
-    from engine.observe.sampling import LiveSampler
+    from engine.collect.sampling import LiveSampler
 
 INVENTORY_DEADLINE = 10.0  # seconds one server's inventory may take, connecting included
 PER_SERVER = 4  # shard databases of one server read at once
-APPLICATION = "shardctl-inventory"  # the metric readings leave these sessions out (engine.observe.collectors)
+APPLICATION = "shardctl-inventory"  # the metric readings leave these sessions out (engine.collect.collectors)
 
 
 def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True,

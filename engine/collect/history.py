@@ -4,19 +4,20 @@ or a recorded file instead of both (what-if planning, CI without database access
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import psycopg
 from pydantic import ValidationError
 
 from engine.catalog import store
+from engine.clock import system_clock
+from engine.collect.sampling import FIRST_GAP, Begun, LiveSampler, SampleRound
 from engine.config.loader import Desired
 from engine.config.models import Policy, Retention
 from engine.detect.forecast import MAX_FIT_HOURS, QUIET_SHARE
 from engine.observe import cleaning, recorded, rollup
 from engine.observe.metrics import METRICS, Reading, Sample
 from engine.observe.models import CatalogShard, HourlySeries, Observation
-from engine.observe.sampling import FIRST_GAP, Begun, LiveSampler, SampleRound
 from engine.observe.series import Series
 from engine.servers.fleet import Fleet
 
@@ -159,7 +160,7 @@ def held_peaks(conn: psycopg.Connection, hourly: dict[str, HourlySeries], desire
 def seed_recent(sampler: LiveSampler, desired: Desired, last: dict[str, Reading]) -> None:
     """Reuse a stored reading as the 'previous' one only while it is recent enough to make a
     meaningful rate (five intervals, at least a minute)."""
-    now = datetime.now(UTC)
+    now = system_clock()
     fresh = {}
     for address, reading in last.items():
         db = desired.databases.get(address.split("/")[0])
@@ -316,7 +317,7 @@ def stored_window(desired: Desired, conn: psycopg.Connection, observation: Obser
     whose newest sample is older than the policy's detection.max_age (collection stalled) is
     judged `stale` by the detector, and one on a server that does not answer has no window here
     (unknown): nothing acts on an old picture."""
-    now = now or datetime.now(UTC)
+    now = now or system_clock()
     stored, notes = cleaning.clean(stored_history(conn, deepest_window(desired))[0])
     shards = monitored_shards(observation)
     limits = history_limits(desired, shards)

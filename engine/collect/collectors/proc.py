@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from engine.observe.collectors import Collector, register
+from engine.collect.collectors.base import Collector, register
 from engine.observe.metrics import Reading
 from engine.observe.models import CatalogShard
 from engine.servers.connect import ServerHandle

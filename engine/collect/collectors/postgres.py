@@ -1,7 +1,7 @@
 """The `postgres` collector: every shard of a server from one connection, a few queries.
 
 Tier 1 (every round): pg_stat_database joined with pg_stat_activity (a plan's own inspection
-sessions, `shardctl-inventory`, left out of the connections: engine.observe.observer). Tier 2 (every round, when
+sessions, `shardctl-inventory`, left out of the connections: engine.collect.observer). Tier 2 (every round, when
 the extension is loaded): pg_stat_statements grouped by database. Tier 3 (full rounds only):
 pg_database_size and pg_buffercache. The queries are the ones measured in
 shared/METRICS-BRANCH-NOTES.md; they run unchanged as a member of pg_monitor.
@@ -9,11 +9,10 @@ shared/METRICS-BRANCH-NOTES.md; they run unchanged as a member of pg_monitor.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import psycopg
 
-from engine.observe.collectors import Collector, register
+from engine.clock import system_clock
+from engine.collect.collectors.base import Collector, register
 from engine.observe.metrics import Reading
 from engine.observe.models import CatalogShard
 from engine.rows import one
@@ -75,7 +74,7 @@ class PostgresCollector(Collector):
         names = sorted(by_db)
         out = dict(readings)
         with conn.transaction():  # one snapshot of the statistics for the round
-            at = datetime.now(UTC)
+            at = system_clock()
             extensions = self._extensions(server, conn)
             counters: dict[str, dict[str, float]] = {n: {} for n in names}
             gauges: dict[str, dict[str, float]] = {n: {} for n in names}

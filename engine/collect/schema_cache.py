@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
+from engine.clock import system_clock
 from engine.servers import private
 
 MAX_AGE = 3600.0  # seconds a cached snapshot is trusted without a full read
@@ -65,7 +65,9 @@ class SchemaCache:
         if signature is None:
             return None
         entry = self._entries.get(self.key(server, dbname))
-        if not entry or entry.get("signature") != signature or time.time() - entry.get("at", 0) > MAX_AGE:
+        if not entry or entry.get("signature") != signature:
+            return None
+        if system_clock().timestamp() - entry.get("at", 0) > MAX_AGE:  # kept on disk: wall-clock seconds
             return None
         snapshot, steps = entry.get("snapshot"), entry.get("steps")
         if not isinstance(snapshot, dict) or not isinstance(steps, list):
@@ -77,7 +79,7 @@ class SchemaCache:
         if signature is None:
             return
         with self._lock:
-            self._entries[self.key(server, dbname)] = {"signature": signature, "at": time.time(),
+            self._entries[self.key(server, dbname)] = {"signature": signature, "at": system_clock().timestamp(),
                                                        "snapshot": snapshot, "steps": list(steps)}
             self._changed = True
 

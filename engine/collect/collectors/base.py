@@ -1,10 +1,5 @@
-"""Metric collectors: a registry others can extend.
-
-A collector reads one server's shards in one round and returns or enriches `Reading`s. The
-built-in ones are `postgres` (statistics views, one connection per server) and `proc` (real
-CPU of backends from the host's /proc, for servers on this host). Third-party collectors
-register through the `shardctl.collectors` entry-point group, or `register()` at run time.
-"""
+"""The collector interface and its registry (built-in collectors and plugins register here;
+engine/collect/collectors/__init__.py lists the ones a round uses)."""
 
 from __future__ import annotations
 
@@ -55,12 +50,3 @@ def available() -> dict[str, type[Collector]]:
                 cls = ep.load()
                 _registry.setdefault(cls.name, cls)
         return dict(_registry)
-
-
-def default_collectors() -> list[Collector]:
-    from engine.observe.collectors import postgres, proc  # noqa: F401  (registers them)
-
-    found = available()
-    return [found["postgres"](), found["proc"]()] + [
-        cls() for name, cls in sorted(found.items()) if name not in ("postgres", "proc")
-    ]

@@ -15,13 +15,14 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import psycopg
 
+from engine.clock import system_clock
+from engine.collect.collectors import Collector, default_collectors
 from engine.config.models import DEFAULT_DEADLINE
 from engine.observe import cleaning, fanout, replication
-from engine.observe.collectors import Collector, default_collectors
 from engine.observe.metrics import METRICS, Capacity, Reading, Sample, derive
 from engine.observe.models import CatalogShard, ReplicationObject
 from engine.servers.connect import ServerHandle, ServerUnreachable
@@ -229,8 +230,8 @@ class LiveSampler:
     def _reader(self, handle: ServerHandle, server_shards: list[CatalogShard], full: bool,
                 sizes: dict[str, int] | None = None):
         def work(conn: psycopg.Connection) -> dict[str, Reading]:
-            # the sizes known already, as the readings the collectors enrich (engine.observe.collectors)
-            at = datetime.now(UTC)
+            # the sizes known already, as the readings the collectors enrich (engine.collect.collectors)
+            at = system_clock()
             round_readings: dict[str, Reading] = {
                 s.address: Reading(shard=s.address, server=handle.name, dbname=s.dbname, at=at,
                                    gauges={"size_bytes": float(sizes[s.address])})
@@ -325,7 +326,7 @@ class LiveSampler:
             # nothing impossible is stored: a NaN, infinite or negative value becomes unknown
             out[address] = (reading, cleaning.clean_sample(derived))
         self.seed({a: r for a, (r, _) in out.items()})
-        at = datetime.now(UTC)
+        at = system_clock()
         unknown = {s.address: Sample(shard=s.address, server=s.server, at=at, metrics=dict.fromkeys(METRICS))
                    for s in shards if s.address not in out and s.server in missing}
         return SampleRound(pairs=out, unknown=unknown, missing=missing)
@@ -335,7 +336,7 @@ def _without_own(reading: Reading, prev: Reading | None, own: tuple[int, float] 
     """The reading less the statements shardctl ran on the shard since `prev` (its own
     inspection), so that they are not counted as the shard's load. Only pg_stat_statements'
     counts are corrected: they are exact per statement; pg_stat_database's are read around no
-    such work (engine.observe.history)."""
+    such work (engine.collect.history)."""
     if own is None or prev is None or "calls" not in reading.counters or "calls" not in prev.counters:
         return reading
     calls, ms = own
@@ -348,7 +349,7 @@ def _without_own(reading: Reading, prev: Reading | None, own: tuple[int, float] 
 def _tier3_due(prev: Reading | None) -> bool:
     if prev is None or "tier3_at" not in prev.notes:
         return True
-    age = datetime.now(prev.at.tzinfo) - datetime.fromisoformat(prev.notes["tier3_at"])
+    age = system_clock() - datetime.fromisoformat(prev.notes["tier3_at"])
     return age >= timedelta(seconds=TIER3_EVERY)
 
 
