@@ -118,6 +118,16 @@ def main() -> None:
     print(f"floor, 8 at a time:          {spread(floors8)}")
     print(f"floor, one after another:    {spread(floors1)}")
     print(f"plan / floor (8 at a time):  {statistics.median(plans) / statistics.median(floors8):.2f}x")
+    from record import Record  # the bench's record, rendered into docs/BENCHMARKS.md by bench/report.py
+
+    record = Record(f"plan_live-{args.shards}")
+    record.fact("shards", args.shards)
+    record.measure("first", "first plan after apply (every schema read, no schema cache yet)", [first], "s")
+    record.measure("floor8", "floor: a new connection and `SELECT 1` per shard database, 8 at a time", floors8, "s")
+    record.measure("floor1", "floor: the same, one after another", floors1, "s")
+    record.measure("plan", "`shardctl plan --detailed-exitcode`, no changes, a new process", plans, "s",
+                   baseline="floor8")
+    record.write()
 
 
 if __name__ == "__main__":
