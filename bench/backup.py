@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from branch import BYTES_PER_EVENT, EVENTS_PER_CUSTOMER, SCHEMA, env_for, fill, filesystem, quiet, timed  # noqa: E402
+from branch import BYTES_PER_EVENT, EVENTS_PER_CUSTOMER, SCHEMA, env_for, filesystem, fill, quiet, timed  # noqa: E402
 from record import Record  # noqa: E402
 
 from engine import workflow  # noqa: E402
@@ -203,7 +203,8 @@ def run(fleet_dir: Path, base: Path, customers: int, runs: int, record: Record) 
               f" {phase:.1f} s); pg_dump + pg_restore {rows['dump'][-1]:.1f} s; branch at {point} {own:.1f} s"
               f" (apply {wall:.1f} s); load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    record.measure("basebackup", "baseline: `pg_basebackup --checkpoint=fast` of a and b at once", rows["basebackup"], "s")
+    record.measure("basebackup", "baseline: `pg_basebackup --checkpoint=fast` of a and b at once",
+                   rows["basebackup"], "s")
     record.measure("create", "`shardctl backups create`, whole (base backups, restore point with every shard"
                    " counted and checksummed, WAL archived, retention)", rows["create"], "s", baseline="basebackup")
     record.measure("phase", "its base backups alone (Barman, until the WAL they need is archived)", rows["phase"], "s",

@@ -51,7 +51,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from psycopg import pq  # noqa: E402
-
 from record import Record  # noqa: E402
 
 from engine import workflow  # noqa: E402

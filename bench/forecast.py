@@ -30,6 +30,7 @@ from forecast_shapes import Judged, backtest, plan_replay  # noqa: E402
 from record import Record  # noqa: E402
 from traces import SHAPES, shape  # noqa: E402
 
+
 def run_one(job: tuple[str, int]) -> tuple[str, int, Judged, Judged, float]:
     name, seed = job
     started = time.perf_counter()

@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from record import Record  # noqa: E402
 
 from engine.config.models import Server  # noqa: E402
-from engine.observe.sampling import LiveSampler  # noqa: E402
-from engine.servers.fleet import Fleet  # noqa: E402
 from engine.observe.models import CatalogShard  # noqa: E402
+from engine.observe.sampling import LiveSampler  # noqa: E402
 from engine.servers.connect import ServerHandle  # noqa: E402
 from engine.servers.embedded import bin_dir  # noqa: E402
+from engine.servers.fleet import Fleet  # noqa: E402
 
 NAIVE = """
 SELECT s.xact_commit + s.xact_rollback, s.active_time, s.numbackends
@@ -286,7 +286,8 @@ def main() -> None:
                 print(f"  interval round, warm connection     {interval * 1000:9.1f} ms   {per_db / interval:7.1f}x cheaper")
                 print(f"  interval round, new connection      {cold * 1000:9.1f} ms   {per_db / cold:7.1f}x cheaper")
                 print(f"  connection per database with sizes  {per_db_size * 1000:9.1f} ms")
-                print(f"  full round (+ sizes, buffer cache)  {full * 1000:9.1f} ms   {per_db_size / full:7.1f}x cheaper")
+                print(f"  full round (+ sizes, buffer cache)  {full * 1000:9.1f} ms"
+                      f"   {per_db_size / full:7.1f}x cheaper")
             sampler.close()
         finally:
             server.stop()

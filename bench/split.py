@@ -479,7 +479,8 @@ def write_record(record: Record, size: int, clients_list: list[int], result: dic
     """Every move's figures in the record: p50 / p99 / max over the cycles per client count and kind."""
     record.fact(f"{size}.rows", result["rows"])
     if "baseline_s" in result:
-        record.measure(f"{size}.baseline_copy", f"{size:,} rows: baseline, the raw binary COPY pipe of the shard's table",
+        record.measure(f"{size}.baseline_copy",
+                       f"{size:,} rows: baseline, the raw binary COPY pipe of the shard's table",
                        [result["baseline_s"]], "s")
         record.measure(f"{size}.quiet_copy", f"{size:,} rows: the split's copy phase without pgbench",
                        [result["copy_s"]], "s", baseline=f"{size}.baseline_copy")

@@ -24,9 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ruamel.yaml import YAML  # noqa: E402
-
 from record import Record  # noqa: E402
+from ruamel.yaml import YAML  # noqa: E402
 
 from engine.config import loader  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402

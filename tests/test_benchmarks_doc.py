@@ -53,7 +53,7 @@ def test_each_rendered_section_names_command_runs_and_spread():
         command = re.search(r"Command: `([^`]+)`", body).group(1)
         assert command in {rec["command"] for rec in found.values()}
         assert "Load average" in body
-        assert "| runs | median | min – max |" in body
+        assert "| runs | median | min to max |" in body
 
 
 def test_a_section_without_its_record_says_so_and_is_listed(tmp_path):
@@ -79,8 +79,8 @@ def test_records_render_with_their_ratios_and_percentiles(tmp_path):
     assert data["measures"][2]["percentiles"] == {"p50": 200.0, "p99": 300.0, "max": 300.0, "n": 3}
     body = sections(report.render(tmp_path))["Moves in parallel: one at a time against two (`bench/moves.py`)"]
     assert "`python bench/moves.py --rows 10`" in body
-    assert "| one at a time (`parallel1`) | 3 | 11.0 s | 10.0 – 12.0 | 10.0, 12.0, 11.0 | - |" in body
-    assert "0.500x (0.500 – 0.750, run by run) vs `parallel1`" in body
+    assert "| one at a time (`parallel1`) | 3 | 11.0 s | 10.0 to 12.0 | 10.0, 12.0, 11.0 | - |" in body
+    assert "0.500x (0.500 to 0.750, run by run) vs `parallel1`" in body
 
 
 def test_the_prose_states_no_figure():
