@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def render(directory: Path = RECORDS) -> str:
     env.filters.update(number=number, figure=figure, load=load)
     found = records(directory)
     text = env.get_template(TEMPLATE).render(records=found, shown_runs=SHOWN_RUNS)
-    return "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
+    text = "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", text)  # the template's blocks leave runs of blank lines
 
 
 def main() -> None:
