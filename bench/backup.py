@@ -206,15 +206,16 @@ def run(fleet_dir: Path, base: Path, customers: int, runs: int, record: Record) 
     record.measure("basebackup", "baseline: `pg_basebackup --checkpoint=fast` of a and b at once",
                    rows["basebackup"], "s")
     record.measure("create", "`shardctl backups create`, whole (base backups, restore point with every shard"
-                   " counted and checksummed, WAL archived, retention)", rows["create"], "s", baseline="basebackup")
+                   " counted and checksummed, WAL archived, retention)", rows["create"], "s", baseline="basebackup",
+                   paired=True)
     record.measure("phase", "its base backups alone (Barman, until the WAL they need is archived)", rows["phase"], "s",
-                   baseline="basebackup")
+                   baseline="basebackup", paired=True)
     record.measure("dump", "baseline: `pg_dump -Fd -j2` + `pg_restore -j2` of the same rows as one database",
                    rows["dump"], "s")
     record.measure("branch", "branch restored to a restore point (`data: backup`), the executor's own time",
-                   rows["branch"], "s", baseline="dump")
+                   rows["branch"], "s", baseline="dump", paired=True)
     record.measure("apply", "the same branch, the whole `shardctl apply` (a new process) as the user waits",
-                   rows["apply"], "s", baseline="dump")
+                   rows["apply"], "s", baseline="dump", paired=True)
 
     def cell(key: str) -> str:
         values = rows[key]

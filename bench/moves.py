@@ -114,11 +114,11 @@ def main() -> None:
     record.measure("parallel1", "baseline: one apply of 4 moves, one move at a time (`moves.parallel: 1`)",
                    seconds[1], "s")
     record.measure("parallel2", "one apply of 4 moves, two at a time (`moves.parallel: 2`)", seconds[2], "s",
-                   baseline="parallel1")
+                   baseline="parallel1", paired=True)
     record.measure("rate1", "baseline: shards moved per minute, one at a time", [4 * 60 / v for v in seconds[1]],
                    "shards/min")
     record.measure("rate2", "shards moved per minute, two at a time", [4 * 60 / v for v in seconds[2]],
-                   "shards/min", baseline="rate1")
+                   "shards/min", baseline="rate1", paired=True)
     record.write()
 
 

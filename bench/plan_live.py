@@ -126,7 +126,7 @@ def main() -> None:
     record.measure("floor8", "floor: a new connection and `SELECT 1` per shard database, 8 at a time", floors8, "s")
     record.measure("floor1", "floor: the same, one after another", floors1, "s")
     record.measure("plan", "`shardctl plan --detailed-exitcode`, no changes, a new process", plans, "s",
-                   baseline="floor8")
+                   baseline="floor8", paired=True)  # each plan run follows its floor run
     record.write()
 
 

@@ -4,8 +4,8 @@ docs/BENCHMARKS.md is rendered from these records by bench/report.py, so a figur
 a bench measured and wrote down here, never one typed by hand. A record holds the exact
 command (the bench's own argv), the load average before and after the run, and per measure
 every run's value with its median, min and max; a measure compared with a baseline names it,
-and its ratio is taken run by run against the baseline of the same run where both have one
-value per run (else median against median).
+and its ratio is taken run by run against the baseline of the same run where the bench
+alternates them (`paired=True`, one value each per run), else median against median.
 
     rec = Record("branch")                     # docs/bench/branch.json
     rec.measure("baseline", "pg_dump + pg_restore", [28.8], "s")
@@ -49,16 +49,17 @@ class Record:
         self.facts: dict = {}
 
     def measure(self, key: str, label: str, runs: list[float], unit: str, *,
-                baseline: str | None = None, ratio_of: str = "median") -> dict:
-        """Every run's value of one measure; BASELINE names the measure doing the same work."""
+                baseline: str | None = None, paired: bool = False) -> dict:
+        """Every run's value of one measure; BASELINE names the measure doing the same work,
+        PAIRED says the bench ran them alternately (run i of each is one pair)."""
         if not runs:
             raise ValueError(f"measure {key}: no runs")
         entry: dict = {"key": key, "label": label, "unit": unit, "runs": [float(v) for v in runs],
                        **spread(runs), "baseline": baseline}
         if baseline is not None:
             base = self.get(baseline)
-            if len(base["runs"]) == len(runs):
-                each = [v / b for v, b in zip(runs, base["runs"], strict=True) if b]
+            if paired and len(base["runs"]) == len(runs):
+                each = [v / b for v, b in zip(runs, base["runs"], strict=True)]
                 entry["ratio"] = {**spread(each), "paired": True}
             else:
                 entry["ratio"] = {**spread([entry["median"] / base["median"]]), "paired": False}

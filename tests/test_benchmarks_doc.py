@@ -68,7 +68,8 @@ def test_records_render_with_their_ratios_and_percentiles(tmp_path):
     """A record written by bench/record.py renders its runs, spread and ratio, unrounded facts aside."""
     rec = record.Record("moves", argv=[str(ROOT / "bench" / "moves.py"), "--rows", "10"])
     rec.measure("parallel1", "one at a time", [10.0, 12.0, 11.0], "s")
-    rec.measure("parallel2", "two at a time", [5.0, 9.0, 5.5], "s", baseline="parallel1")
+    rec.measure("parallel2", "two at a time", [5.0, 9.0, 5.5], "s", baseline="parallel1", paired=True)
+    rec.measure("apart", "measured in a block of its own", [22.0, 33.0, 11.0], "s", baseline="parallel1")
     rec.cycles("pause", "pause", [100.0, 300.0, 200.0], "ms")
     rec.fact("rows", 10)
     path = rec.write(tmp_path)
@@ -76,11 +77,13 @@ def test_records_render_with_their_ratios_and_percentiles(tmp_path):
     assert data["command"] == "python bench/moves.py --rows 10"
     ratio = data["measures"][1]["ratio"]
     assert ratio["paired"] and ratio["min"] == pytest.approx(0.5) and ratio["max"] == pytest.approx(0.75)
-    assert data["measures"][2]["percentiles"] == {"p50": 200.0, "p99": 300.0, "max": 300.0, "n": 3}
+    assert data["measures"][2]["ratio"] == {"median": 2.0, "min": 2.0, "max": 2.0, "n": 1, "paired": False}
+    assert data["measures"][3]["percentiles"] == {"p50": 200.0, "p99": 300.0, "max": 300.0, "n": 3}
     body = sections(report.render(tmp_path))["Moves in parallel: one at a time against two (`bench/moves.py`)"]
     assert "`python bench/moves.py --rows 10`" in body
     assert "| one at a time (`parallel1`) | 3 | 11.0 s | 10.0 to 12.0 | 10.0, 12.0, 11.0 | - |" in body
     assert "0.500x (0.500 to 0.750, run by run) vs `parallel1`" in body
+    assert "2.00x (median / median) vs `parallel1`" in body
 
 
 def test_the_prose_states_no_figure():
