@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    load_before = os.getloadavg()  # for the record written at the end
     with tempfile.TemporaryDirectory(prefix="shardctl-plan-live-") as tmp:
         directory = Path(tmp)
         (directory / "fleet.yaml").write_text(FLEET.replace("SHARDS", str(args.shards)))
@@ -120,7 +121,7 @@ def main() -> None:
     print(f"plan / floor (8 at a time):  {statistics.median(plans) / statistics.median(floors8):.2f}x")
     from record import Record  # the bench's record, rendered into docs/BENCHMARKS.md by bench/report.py
 
-    record = Record(f"plan_live-{args.shards}")
+    record = Record(f"plan_live-{args.shards}", load_before=load_before)
     record.fact("shards", args.shards)
     record.measure("first", "first plan after apply (every schema read, no schema cache yet)", [first], "s")
     record.measure("floor8", "floor: a new connection and `SELECT 1` per shard database, 8 at a time", floors8, "s")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--hourly-days", type=int, default=0,
                         help="also plan with this many days of hourly history per shard (forecasts)")
     args = parser.parse_args()
+    load_before = os.getloadavg()  # for the record written at the end
     with tempfile.TemporaryDirectory() as tmp:
         desired, observation, load_s = build(Path(tmp), args.databases, args.shards, args.servers)
     total = sum(len(d.shards) for d in observation.catalog.databases.values())
@@ -133,7 +135,7 @@ def main() -> None:
               f"   (+{(forecast_s - plan_s) * 1000:.0f} ms for forecasts; {notes} forecast notes)")
     from record import Record  # the bench's record, rendered into docs/BENCHMARKS.md by bench/report.py
 
-    record = Record("plan_scale")
+    record = Record("plan_scale", load_before=load_before)
     record.fact("shards", total)
     record.fact("config_load_ms", round(load_s * 1000))
     record.fact("peak_rss_mb", round(rss_mb, 1))

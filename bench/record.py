@@ -40,11 +40,13 @@ def percentiles(values: list[float]) -> dict:
 class Record:
     """One bench run's record; NAME is the file's stem (a variant of a bench gets its own name)."""
 
-    def __init__(self, name: str, argv: list[str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str] | None = None, load_before: tuple[float, ...] | None = None
+                 ) -> None:
+        """LOAD_BEFORE: the load average the bench took at its start, when the record is made later."""
         self.name = name
         args = sys.argv if argv is None else argv
         self.command = "python " + shlex.join([_relative(args[0]), *args[1:]])
-        self.load_before = list(os.getloadavg())
+        self.load_before = list(os.getloadavg() if load_before is None else load_before)
         self.measures: list[dict] = []
         self.facts: dict = {}
 
