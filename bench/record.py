@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 RECORDS = Path(__file__).resolve().parent.parent / "docs" / "bench"
+# a trial run (small sizes while changing a bench) writes elsewhere, never over the published record
+OUT = Path(os.environ.get("SHARDCTL_BENCH_RECORDS", RECORDS))
 
 
 def spread(values: list[float]) -> dict:
@@ -85,7 +87,7 @@ class Record:
         self.facts[key] = value
 
     def write(self, directory: Path | None = None) -> Path:
-        directory = directory or RECORDS
+        directory = directory or OUT
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.name}.json"
         data = {"name": self.name, "command": self.command, "load_before": self.load_before,
