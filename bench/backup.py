@@ -45,6 +45,7 @@ from branch import BYTES_PER_EVENT, EVENTS_PER_CUSTOMER, SCHEMA, env_for, filesy
 from engine import workflow
 from engine.servers.embedded import bin_dir
 from engine.servers.fleet import Fleet
+from record import Record
 
 FLEET = """\
 servers:
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
     parser.add_argument("--keep", default=None, help="work in this directory and keep it (default: a temporary one)")
     args = parser.parse_args()
+    record = Record("backup")
+    record.fact("size_mb_asked", args.size)
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-backup-"))
     fleet_dir = base / "fleet"
     fleet_dir.mkdir(parents=True, exist_ok=True)
@@ -143,14 +146,15 @@ def main() -> None:
     customers = max(1, args.size * 1024 * 1024 // (BYTES_PER_EVENT * EVENTS_PER_CUSTOMER))
     print(f"working in {base} ({filesystem(base)}); load average {os.getloadavg()[0]:.2f}", flush=True)
     try:
-        run(fleet_dir, base, customers, args.runs)
+        run(fleet_dir, base, customers, args.runs, record)
+        record.write()
     finally:
         subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "down"], capture_output=True)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def run(fleet_dir: Path, base: Path, customers: int, runs: int) -> None:
+def run(fleet_dir: Path, base: Path, customers: int, runs: int, record: Record) -> None:
     shardctl(fleet_dir, "apply", "--auto-approve")
     fleet = Fleet(workflow.load(str(fleet_dir)))
     with fleet.catalog() as catalog:
@@ -175,6 +179,9 @@ def run(fleet_dir: Path, base: Path, customers: int, runs: int) -> None:
             clusters[server] = conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database").fetchone()[0]
     print(f"parent: {sizes / 2**20:,.0f} MB over 4 shards; servers a and b: "
           f"{sum(clusters.values()) / 2**20:,.0f} MB in all", flush=True)
+    record.fact("customers", customers)
+    record.fact("shards_mb", round(sizes / 2**20))
+    record.fact("servers_mb", round(sum(clusters.values()) / 2**20))
     shardctl(fleet_dir, "backups", "create")  # WAL streaming starts; the first backup is not measured
 
     rows: dict[str, list[float]] = {k: [] for k in ("basebackup", "create", "phase", "dump", "branch", "apply")}
@@ -194,6 +201,20 @@ def run(fleet_dir: Path, base: Path, customers: int, runs: int) -> None:
         print(f"run {i + 1}: pg_basebackup {rows['basebackup'][-1]:.1f} s; backups create {whole:.1f} s (base backups"
               f" {phase:.1f} s); pg_dump + pg_restore {rows['dump'][-1]:.1f} s; branch at {point} {own:.1f} s"
               f" (apply {wall:.1f} s); load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    record.measure("basebackup", "baseline: `pg_basebackup --checkpoint=fast` of a and b at once",
+                   rows["basebackup"], "s")
+    record.measure("create", "`shardctl backups create`, whole (base backups, restore point with every shard"
+                   " counted and checksummed, WAL archived, retention)", rows["create"], "s", baseline="basebackup",
+                   paired=True)
+    record.measure("phase", "its base backups alone (Barman, until the WAL they need is archived)", rows["phase"], "s",
+                   baseline="basebackup", paired=True)
+    record.measure("dump", "baseline: `pg_dump -Fd -j2` + `pg_restore -j2` of the same rows as one database",
+                   rows["dump"], "s")
+    record.measure("branch", "branch restored to a restore point (`data: backup`), the executor's own time",
+                   rows["branch"], "s", baseline="dump", paired=True)
+    record.measure("apply", "the same branch, the whole `shardctl apply` (a new process) as the user waits",
+                   rows["apply"], "s", baseline="dump", paired=True)
 
     def cell(key: str) -> str:
         values = rows[key]

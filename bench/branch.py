@@ -1,6 +1,6 @@
 """Branches of a sharded database against what users do today, in one run.
 
-    python bench/branch.py [--size 1024] [--keep DIR] [--xfs MOUNTPOINT]
+    python bench/branch.py [--size 1024] [--runs 3] [--keep DIR] [--xfs MOUNTPOINT]
 
 A 4-shard database (two embedded servers, two shards each) is filled with --size MB of rows
 (customers, and their events with a ~150-byte payload, a foreign key and a secondary index).
@@ -18,7 +18,9 @@ step before).
    branch> STRATEGY FILE_COPY` (with `file_copy_method = clone` where PostgreSQL 18 accepts it
    for this filesystem); then the features: a `data: replica` branch (its initial sync, one
    subscription per shard) and an instant branch `from:` that replica (its subscriptions
-   paused, the clone, resumed), each made by `shardctl apply`.
+   paused, the clone, resumed), each made by `shardctl apply`. The instant branch is made --runs
+   times (a new branch each time): the clone as the executor times it, and the whole `shardctl
+   apply` in a new process as the user waits for it (start-up, observing, planning, the clone).
 
 4. With --xfs MOUNTPOINT, all of it runs on that mount (the servers' data directories, the dump):
    on XFS made with reflink, PostgreSQL 18's `file_copy_method = clone` clones the files, so the
@@ -53,6 +55,7 @@ from psycopg import pq
 from engine import workflow
 from engine.servers.embedded import bin_dir
 from engine.servers.fleet import Fleet
+from record import Record
 
 SCHEMA = """\
 CREATE TABLE customers (customer_id bigint PRIMARY KEY, name text NOT NULL,
@@ -150,7 +153,9 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="work in this directory and keep it (default: a temporary one)")
     parser.add_argument("--xfs", default=None, metavar="MOUNTPOINT",
                         help="run it all on this mount (XFS made with reflink: file copies are clones)")
+    parser.add_argument("--runs", type=int, default=3, help="instant branches made, one after another (default 3)")
     args = parser.parse_args()
+    record = Record("branch-xfs" if args.xfs else "branch")
     if args.keep:
         base = Path(args.keep)
     else:
@@ -165,7 +170,9 @@ def main() -> None:
     customers = max(1, args.size * 1024 * 1024 // (BYTES_PER_EVENT * EVENTS_PER_CUSTOMER))
     print(f"working in {base} ({filesystem(base)})")
     try:
-        run(fleet_dir, base, customers)
+        run(fleet_dir, base, customers, args.runs, record)
+        record.fact("filesystem", filesystem(base))
+        record.write()
     finally:
         subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "down"], capture_output=True)
         if not args.keep:
@@ -182,7 +189,7 @@ def filesystem(path: Path) -> str:
     return kind
 
 
-def run(fleet_dir: Path, base: Path, customers: int) -> float:
+def run(fleet_dir: Path, base: Path, customers: int, runs: int, record: Record) -> float:
     """The fleet, the data, the baseline and the branches; returns the baseline's seconds."""
     created = subprocess.run([sys.executable, "-m", "engine", "-C", str(fleet_dir), "apply", "--auto-approve"],
                              capture_output=True, text=True)
@@ -206,6 +213,9 @@ def run(fleet_dir: Path, base: Path, customers: int) -> float:
         fill(conn, customers)
         whole = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     print(f"parent: {sizes / 2**20:,.0f} MB over 4 shards; the same rows as one database: {whole / 2**20:,.0f} MB")
+    record.fact("customers", customers)
+    record.fact("shards_mb", round(sizes / 2**20))
+    record.fact("whole_mb", round(whole / 2**20))
 
     dump_dir = base / "dump"
     quiet(fleet)
@@ -218,6 +228,9 @@ def run(fleet_dir: Path, base: Path, customers: int) -> float:
                                            env=env_for(fleet.servers["b"].params("restored")), check=True))
     baseline = dump + restore
     print(f"baseline pg_dump -Fd -j2 + pg_restore -j2: {baseline:.1f} s (dump {dump:.1f}, restore {restore:.1f})")
+    record.measure("dump", "`pg_dump -Fd -j2` of the one database", [dump], "s")
+    record.measure("restore", "`pg_restore -j2` of it into a new database", [restore], "s")
+    record.measure("baseline", "baseline: `pg_dump -Fd -j2` + `pg_restore -j2` (one database)", [baseline], "s")
 
     with (fleet_dir / "fleet.yaml").open("a") as f:
         f.write("branches:\n")
@@ -229,23 +242,41 @@ def run(fleet_dir: Path, base: Path, customers: int) -> float:
         quiet(fleet)
         own, wall = apply_branch(fleet_dir, name, spec)
         rows.append((label, own, wall))
+        record.measure(name, f"{label}: the executor's own time", [own], "s", baseline="baseline")
+        record.measure(f"{name}_apply", f"{label}: the whole `shardctl apply`, as the user waits", [wall], "s",
+                       baseline="baseline")
         print(f"{label}: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s", flush=True)
     quiet(fleet)
     seconds, method = file_copy(fleet, "b", "branch_full", "instant_probe")
     rows.append((f"mechanism only: CREATE DATABASE .. STRATEGY FILE_COPY of the full branch ({method})",
                  seconds, None))
     print(f"FILE_COPY ({method}) of the full branch: {seconds:.2f} s ({seconds / baseline:.2f}x)")
+    record.measure("file_copy", f"mechanism only: `CREATE DATABASE .. STRATEGY FILE_COPY` of the full branch"
+                   f" (file_copy_method = {method})", [seconds], "s", baseline="baseline")
 
     # a replica (initial copy by a subscription per shard), then an instant branch cloned from it
     quiet(fleet)
     own, wall = apply_branch(fleet_dir, "mirror", "{from: orders, data: replica, server: b}")
     rows.append(("replica: initial sync from 4 shards", own, wall))
+    record.measure("replica", "replica (`data: replica`): initial sync, the executor's own time", [own], "s",
+                   baseline="baseline")
+    record.measure("replica_apply", "replica: the whole `shardctl apply`, as the user waits", [wall], "s",
+                   baseline="baseline")
     print(f"replica initial sync: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s",
           flush=True)
-    quiet(fleet)
-    own, wall = apply_branch(fleet_dir, "instant", "{from: mirror, server: b}")
-    rows.append(("instant branch: clone of the replica (subscriptions paused and resumed)", own, wall))
-    print(f"instant branch: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s", flush=True)
+    clones, applies = [], []
+    for i in range(runs):
+        quiet(fleet)
+        own, wall = apply_branch(fleet_dir, f"instant{i}", "{from: mirror, server: b}")
+        clones.append(own)
+        applies.append(wall)
+        rows.append(("instant branch: clone of the replica (subscriptions paused and resumed)", own, wall))
+        print(f"instant branch: {own:.2f} s ({own / baseline:.2f}x the baseline); whole apply {wall:.2f} s",
+              flush=True)
+    record.measure("instant", "instant branch (`from:` the replica): pause its subscriptions, FILE_COPY, resume;"
+                   " the executor's own time", clones, "s", baseline="baseline")
+    record.measure("instant_apply", "instant branch: the whole `shardctl apply` in a new process, as the user"
+                   " waits for it", applies, "s", baseline="baseline")
 
     print("\n| | time | vs baseline | whole apply |\n| --- | --- | --- | --- |")
     for label, secs, wall in rows:

@@ -8,7 +8,8 @@ Sets up one embedded server with two databases of N shards in all (through `shar
 window. The baseline runs the one-shot commands a cron job would, and measures their CPU with
 getrusage. The daemon re-reads every shard's schema every 10 minutes (drift); that cost is
 timed in-process on the same code and reported amortized, since a short window may miss it.
-Goal (issue 6): at most 2% of one core.
+The window is read in --windows parts (each one run), the cron baseline repeated --windows times.
+Goal (issue 6): at most 2% of one core. Writes its record (bench/record.py) to docs/bench/daemon.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
 from engine.watch.daemon import SCHEMA_EVERY  # noqa: E402
+from record import Record  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -93,7 +97,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--warmup", type=float, default=30.0)
+    parser.add_argument("--windows", type=int, default=3, help="the window in this many runs (default 3)")
     args = parser.parse_args()
+    record = Record("daemon")
 
     with tempfile.TemporaryDirectory(prefix="shardctl-bench-daemon-") as tmp:
         base = Path(tmp)
@@ -124,7 +130,11 @@ def main() -> None:
                 time.sleep(0.5)
             time.sleep(args.warmup)
             cpu0, wall0 = cpu_seconds(daemon.pid), time.monotonic()
-            time.sleep(args.seconds)
+            shares = []
+            for _ in range(args.windows):
+                c, w = cpu_seconds(daemon.pid), time.monotonic()
+                time.sleep(args.seconds / args.windows)
+                shares.append((cpu_seconds(daemon.pid) - c) / (time.monotonic() - w))
             cpu1, wall1 = cpu_seconds(daemon.pid), time.monotonic()
             st = status(port)
             share = (cpu1 - cpu0) / (wall1 - wall0)
@@ -148,15 +158,17 @@ def main() -> None:
             amortized = inspect_cpu / SCHEMA_EVERY
 
             # baseline: cron doing the same work with one-shot commands
-            rounds = 3
-            before = children_cpu()
-            for _ in range(rounds):
+            collects, plans = [], []
+            for _ in range(args.windows):
+                before = children_cpu()
                 cli("metrics", "collect", "--count", "1", cwd=base)
-            collect_cpu = (children_cpu() - before) / rounds
-            before = children_cpu()
-            cli("plan", cwd=base)
-            plan_cpu = children_cpu() - before
-            cron_share = (collect_cpu + plan_cpu / 6) / 10.0
+                collects.append(children_cpu() - before)
+                before = children_cpu()
+                cli("plan", cwd=base)
+                plans.append(children_cpu() - before)
+            collect_cpu, plan_cpu = sorted(collects)[len(collects) // 2], sorted(plans)[len(plans) // 2]
+            crons = [(c + p / 6) / 10.0 for c, p in zip(collects, plans, strict=True)]
+            cron_share = sorted(crons)[len(crons) // 2]
         finally:
             cli("down", cwd=base)
 
@@ -167,6 +179,19 @@ def main() -> None:
     print(f"cron baseline: metrics collect {collect_cpu:.2f}s CPU per 10s interval + plan {plan_cpu:.2f}s per minute"
           f" = {cron_share * 100:.1f}% of one core")
     print(f"ratio: the daemon uses {cron_share / total:.0f}x less CPU than cron doing the same")
+    record.fact("shards", args.shards)
+    record.fact("seconds", args.seconds)
+    record.fact("rss_mb", round(memory))
+    record.measure("collect_cpu", "`shardctl metrics collect --count 1`, CPU seconds (cron, every 10 s)", collects, "s")
+    record.measure("plan_cpu", "`shardctl plan`, CPU seconds (cron, every minute)", plans, "s")
+    record.measure("cron", "baseline: cron doing the same work, share of one core", [c * 100 for c in crons], "%")
+    record.measure("daemon", f"daemon, share of one core over windows of {args.seconds / args.windows:g} s",
+                   [v * 100 for v in shares], "%", baseline="cron")
+    record.measure("schema_reread", f"every shard's schema re-read (every {SCHEMA_EVERY:.0f} s), CPU seconds",
+                   [inspect_cpu], "s")
+    record.measure("daemon_total", "daemon in all: its window share + the schema re-read amortized",
+                   [(v + amortized) * 100 for v in shares], "%", baseline="cron")
+    record.write()
 
 
 if __name__ == "__main__":

@@ -3,18 +3,18 @@ decision an SRE would take against what the backtest and plans in `forecast.mode
 forecast's error (48-hour WAPE), the lead time of the first split ahead, false and missed splits,
 and the time over the hot threshold against the reactive policy replayed in the same run.
 
-    python bench/forecast.py --seeds 1 2 3 [--jobs 2] [--write docs/BENCHMARKS.md]
+    python bench/forecast.py --seeds 1 2 3 [--jobs 2]
 
 The shapes are tests/traces.py's `shape` (one value a minute, noise and levels drawn from the
-seed); the judging is tests/forecast_shapes.py's, the same the tests assert. With --write, the
-section between the markers in the file is replaced by the table this run printed, with the
-command, the seeds and the load average (nothing in it is typed by hand).
+seed); the judging is tests/forecast_shapes.py's, the same the tests assert. Writes its record
+(bench/record.py) to docs/bench/forecast.json: the table this run printed, each replay's seconds,
+forecast error and hot time (reactive, the baseline, against predictive); bench/report.py renders
+it into docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -27,9 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from forecast_shapes import Judged, backtest, plan_replay  # noqa: E402
+from record import Record  # noqa: E402
 from traces import SHAPES, shape  # noqa: E402
-
-BEGIN, END = "<!-- bench/forecast.py: begin -->", "<!-- bench/forecast.py: end -->"
 
 
 def run_one(job: tuple[str, int]) -> tuple[str, int, Judged, Judged, float]:
@@ -92,25 +91,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--write", type=Path, default=None, help="replace the section between the markers here")
     args = parser.parse_args()
+    record = Record("forecast")
     started = time.perf_counter()
     jobs = [(name, seed) for name in args.shapes for seed in args.seeds]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_one, jobs))
-    load = os.getloadavg()
-    command = "python bench/forecast.py " + " ".join(
-        ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs)]
-        + (["--shapes", *args.shapes] if args.shapes != list(SHAPES) else []))
-    lines = [f"Command: `{command}` ({len(jobs)} replays of a backtest and a plan replay each, seeds"
-             f" {', '.join(map(str, args.seeds))}; {time.perf_counter() - started:.0f} s; load average"
-             f" {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}).", "", *table(results, args.seeds, args.shapes)]
+    lines = table(results, args.seeds, args.shapes)
     print("\n".join(lines))
-    if args.write:
-        text = args.write.read_text()
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        args.write.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail)
+    record.fact("seeds", args.seeds)
+    record.fact("replays", len(jobs))
+    record.fact("whole_run_s", round(time.perf_counter() - started))
+    record.fact("table", lines)
+    record.measure("replay_s", "one shape and seed: a backtest and a plan replay", [r[4] for r in results], "s")
+    record.measure("wape", "forecast error, 48 h WAPE, every replay that forecast",
+                   [j.wape for _, _, j, _, _ in results if j.wape is not None], "%")
+    splits = [j for n, _, j, _, _ in results if shape(n).decision == "split"]
+    record.measure("reactive_hot", "baseline: time over the hot threshold, reactive policy, shapes where a split"
+                   " ahead is right", [j.reactive_hot / 60 for j in splits], "min")
+    record.measure("predictive_hot", "the same replays, predictive (forecast.mode: act)",
+                   [j.predictive_hot / 60 for j in splits], "min", baseline="reactive_hot")
+    record.write()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ What is measured, and what is extrapolated (30 days x 8,640 rounds would take ho
 - size: bytes per row measured on the tables filled here (raw rows by the rounds; rollup rows
   by `--fill-days` of 1-minute and 1-hour buckets generated in SQL for every shard), times the
   rows each layout holds after 30 days: raw for all 30 days (baseline) against raw for
-  metrics.retention.raw (6 h) + 1-minute buckets for 8 days + 1-hour buckets for 30 days.
+  metrics.retention.raw (6 h) + 1-minute buckets for 8 days + 1-hour buckets for 30 days. Each
+  layout's raw rows are sized by its own table: the baseline's (raw rows only, no deletes) and
+  the rollup run's (raw rows churned through their retention, the space its deletes freed
+  included), so neither side is given the other's row size.
+- spread: the CPU is taken per chunk of rounds (--chunks, default 6), each chunk one run.
+Writes its record (bench/record.py) to docs/bench/history.json.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from engine.config.models import Retention
 from engine.observe.metrics import METRICS, MetricValue, Reading, Sample
 from engine.observe.rollup import rollup_rows
 from engine.servers.embedded import EmbeddedServer
+from record import Record
 
 INTERVAL = 10.0
 DAYS = 30
@@ -75,13 +81,19 @@ def round_of(shards: list[str], at: datetime, i: int) -> list[tuple[Reading, Sam
     return rows
 
 
-def run(conn: psycopg.Connection, pid: int, shards: list[str], rounds: int, mode: str) -> float:
-    """CPU seconds per round."""
+def run(conn: psycopg.Connection, pid: int, shards: list[str], rounds: int, mode: str, chunks: int) -> list[float]:
+    """CPU seconds per round, one figure per chunk of rounds."""
     start = datetime(2026, 1, 1, tzinfo=UTC)
     keep = dict.fromkeys(shards, 33)
     retention = dict.fromkeys(shards, Retention(raw=1200))
+    per_chunk = max(1, rounds // chunks)
+    out = []
     cpu0, srv0 = time.process_time(), server_cpu(pid)
     for i in range(rounds):
+        if i and i % per_chunk == 0:
+            cpu1, srv1 = time.process_time(), server_cpu(pid)
+            out.append((cpu1 - cpu0 + srv1 - srv0) / per_chunk)
+            cpu0, srv0 = cpu1, srv1
         rows = round_of(shards, start + timedelta(seconds=INTERVAL * i), i)
         if mode == "rollups":
             store.save_samples(conn, rows, keep, retention)
@@ -93,7 +105,10 @@ def run(conn: psycopg.Connection, pid: int, shards: list[str], rounds: int, mode
                     ([s.shard for _, s in rows], [s.server for _, s in rows], [s.at for _, s in rows],
                      [psycopg.types.json.Jsonb(r.model_dump(mode="json")) for r, _ in rows],
                      [psycopg.types.json.Jsonb(s.model_dump(mode="json")) for _, s in rows]))
-    return (time.process_time() - cpu0 + server_cpu(pid) - srv0) / rounds
+    done = rounds - per_chunk * len(out)
+    if done:
+        out.append((time.process_time() - cpu0 + server_cpu(pid) - srv0) / done)
+    return out
 
 
 def bytes_per_row(conn: psycopg.Connection, table: str, where: str = "") -> float:
@@ -122,7 +137,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=360)
     parser.add_argument("--fill-days", type=int, default=1)
+    parser.add_argument("--chunks", type=int, default=6, help="the rounds in this many chunks: one CPU figure each")
     args = parser.parse_args()
+    record = Record("history")
     shards = [f"orders/{i:04x}" for i in range(args.shards)]
     retention = Retention()
     with tempfile.TemporaryDirectory(prefix="shardctl-bench-history-") as tmp:
@@ -137,7 +154,7 @@ def main() -> None:
             for mode, dbname in (("raw", "raw_only"), ("rollups", "rolled")):
                 with psycopg.connect(**server.conninfo(dbname), autocommit=True) as conn:
                     schema.migrate(conn)
-                    results[mode] = run(conn, pid, shards, args.rounds, mode)
+                    results[mode] = run(conn, pid, shards, args.rounds, mode, args.chunks)
                     conn.execute("VACUUM ANALYZE shardctl.metric_samples")
                     results[mode + "_raw_row"] = bytes_per_row(conn, "metric_samples")
                     if mode == "rollups":
@@ -150,10 +167,9 @@ def main() -> None:
     per_day = 86400 / INTERVAL
     raw_rows = args.shards * per_day * DAYS
     baseline = raw_rows * results["raw_raw_row"]
-    # the raw rows are the same in both layouts: sized by the baseline table, which has no dead
-    # rows (the rollup run's raw table, churned through a 20-minute retention, is mostly free
-    # space that autovacuum hands back to the next inserts; printed above for what it is)
-    kept_raw = args.shards * retention.raw / INTERVAL * results["raw_raw_row"]
+    # each layout's raw rows at the size measured in its own table: the rollup layout's raw
+    # table is churned by its retention, and what its deletes free is space it holds
+    kept_raw = args.shards * retention.raw / INTERVAL * results["rollups_raw_row"]
     minute = args.shards * min(retention.minute, DAYS * 86400) / 60 * results["minute_row"]
     hour = args.shards * min(retention.hour, DAYS * 86400) / 3600 * results["minute_row"]
     rolled = kept_raw + minute + hour
@@ -167,10 +183,30 @@ def main() -> None:
           f" 1-minute {retention.minute / 86400:g} d {minute / gib:.2f} GiB + 1-hour {DAYS} d {hour / gib:.3f} GiB)"
           f" = {baseline / rolled:.1f}x smaller; it stops growing at the hour retention ({retention.hour / 86400:g} d)"
           f" (raw only grows {args.shards * per_day * results['raw_raw_row'] / gib:.2f} GiB a day)")
-    print(f"collection CPU per round (client + catalog server): raw only {results['raw'] * 1000:.1f} ms,"
-          f" rollups + retention {results['rollups'] * 1000:.1f} ms"
-          f" ({results['rollups'] / results['raw']:.2f}x; {results['rollup_rows_per_round']} bucket upserts a round);"
-          f" {results['rollups'] / INTERVAL * 100:.2f}% of one core at a {INTERVAL:g} s interval")
+    record.fact("shards", args.shards)
+    record.fact("rounds", args.rounds)
+    record.fact("days", DAYS)
+    record.fact("raw_rows_baseline", raw_rows)
+    record.fact("bucket_upserts_per_round", results["rollup_rows_per_round"])
+    record.measure("raw_row", "bytes per raw row, baseline table (raw rows only)", [results["raw_raw_row"]], "B")
+    record.measure("rolled_raw_row", "bytes per live raw row, the rollup run's table (retention deletes)",
+                   [results["rollups_raw_row"]], "B", baseline="raw_row")
+    record.measure("bucket_row", "bytes per rollup bucket", [results["minute_row"]], "B")
+    record.measure("size_raw", f"baseline: catalog size after {DAYS} days, raw samples only", [baseline / gib], "GiB")
+    record.measure("size_rollups", f"catalog size after {DAYS} days, rollups (raw {retention.raw / 3600:g} h"
+                   f" + 1-minute {retention.minute / 86400:g} d + 1-hour {DAYS} d)", [rolled / gib], "GiB",
+                   baseline="size_raw")
+    record.measure("growth_raw", "baseline: growth a day, for ever", [args.shards * per_day * results["raw_raw_row"]
+                                                                        / gib], "GiB")
+    cpu_raw = record.measure("cpu_raw", "baseline: collection CPU per round, raw insert only (client + catalog server)",
+                             [v * 1000 for v in results["raw"]], "ms")
+    cpu_rolled = record.measure("cpu_rollups", "collection CPU per round, rollups + retention deletes",
+                                [v * 1000 for v in results["rollups"]], "ms", baseline="cpu_raw")
+    print(f"collection CPU per round (client + catalog server, median of {len(results['raw'])} chunks): raw only"
+          f" {cpu_raw['median']:.1f} ms, rollups + retention {cpu_rolled['median']:.1f} ms"
+          f" ({cpu_rolled['ratio']['median']:.2f}x; {results['rollup_rows_per_round']} bucket upserts a round);"
+          f" {cpu_rolled['median'] / 1000 / INTERVAL * 100:.2f}% of one core at a {INTERVAL:g} s interval")
+    record.write()
 
 
 if __name__ == "__main__":

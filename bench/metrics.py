@@ -4,14 +4,17 @@
     python bench/metrics.py --fleet [--servers 20] [--shards 15]   # many servers, one of them hung
 
 One server: a round over 300 shard databases against the naive way (a new connection per
-database); the naive baseline runs the same per-database counters query the round answers for
-all databases at once.
+database). Each round has a baseline that reads the same things: the interval round (counters,
+no sizes) against a connection per database reading the counters; the full round (counters,
+`pg_database_size`, `pg_buffercache`) against a connection per database reading the counters and
+`pg_database_size` (the buffer cache is not read by it: that baseline does less than the round).
 
 Many servers (--fleet): the round as shardctl runs it (servers read at once, each within the
 metrics deadline) against the same servers read one after another on kept connections (the
 way rounds ran before, kept here as the baseline), first with every server healthy, then with
 one server stopped with SIGSTOP (every process of it: it accepts connections and never
 answers). Reports the rounds' medians, the ratio, and how many shards each round read.
+Writes its record (bench/record.py): docs/bench/metrics.json, or metrics-fleet.json with --fleet.
 """
 
 from __future__ import annotations
@@ -39,8 +42,13 @@ from engine.observe.models import CatalogShard
 from engine.servers.connect import ServerHandle
 from engine.servers.embedded import bin_dir
 from engine.servers.fleet import Fleet
+from record import Record
 
 NAIVE = """
+SELECT s.xact_commit + s.xact_rollback, s.active_time, s.numbackends
+FROM pg_stat_database s WHERE s.datname = current_database()
+"""
+NAIVE_WITH_SIZE = """
 SELECT s.xact_commit + s.xact_rollback, s.active_time, s.numbackends, pg_database_size(current_database())
 FROM pg_stat_database s WHERE s.datname = current_database()
 """
@@ -76,6 +84,9 @@ def sequential_round(sampler: LiveSampler, handles: dict, shards: list[CatalogSh
 
 def fleet_case(args) -> None:
     started_all = time.perf_counter()
+    record = Record("metrics-fleet")
+    record.fact("servers", args.servers)
+    record.fact("shards_per_server", args.shards)
     with tempfile.TemporaryDirectory(prefix="shardctl-bench-fleet-") as tmp:
         handles = {f"s{i:02d}": ServerHandle(f"s{i:02d}", Server(embedded=True), Path(tmp))
                    for i in range(args.servers)}
@@ -106,17 +117,24 @@ def fleet_case(args) -> None:
             concurrent()
             sequential()  # both warm: a kept connection to every server
 
-            def measure(fn, repeat):
+            def measure(fn, repeat, key=None, label="", baseline=None):
                 times, counts = [], []
                 for _ in range(repeat):
                     start = time.perf_counter()
                     counts.append(fn())
                     times.append(time.perf_counter() - start)
+                if key:
+                    record.measure(key, label, [t * 1000 for t in times], "ms", baseline=baseline)
+                    record.fact(f"{key}.shards_read_min", min(counts))
                 return statistics.median(times), min(counts)
 
             total = len(shards)
-            par, par_read = measure(concurrent, args.rounds)
-            seq, seq_read = measure(sequential, args.rounds)
+            record.fact("shards", total)
+            seq, seq_read = measure(sequential, args.rounds, "sequential",
+                                    "healthy: one server after another on kept connections (baseline)")
+            par, par_read = measure(concurrent, args.rounds, "concurrent",
+                                    f"healthy: servers read at once, {args.deadline:g} s deadline",
+                                    baseline="sequential")
             print(f"healthy fleet, {args.servers} servers x {args.shards} shards ({total} shards):")
             print(f"  one after another (baseline)   {seq * 1000:8.1f} ms   {seq_read}/{total} shards read")
             label = f"at once, {args.deadline:g}s deadline"
@@ -127,7 +145,8 @@ def fleet_case(args) -> None:
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:
-                par_h, par_h_read = measure(concurrent, max(3, args.rounds // 4))
+                par_h, par_h_read = measure(concurrent, max(3, args.rounds // 4), "hung_concurrent",
+                                            "one server hung (SIGSTOP): servers read at once")
                 _, missing = sampler.read_round(shards, full=False)
                 # the baseline blocks on the hung server's kept connection for as long as it hangs:
                 # run it in a thread and give up waiting after --baseline-wait seconds
@@ -146,9 +165,12 @@ def fleet_case(args) -> None:
                 thread.join(args.baseline_wait)
                 print(f"one server ({hung_name}, {args.shards} shards) stopped with SIGSTOP:")
                 if thread.is_alive():
+                    record.fact("hung_sequential", f"did not finish in {args.baseline_wait:g} s")
                     print(f"  one after another (baseline)   did not finish in {args.baseline_wait:g}s:"
                           f" blocked on {hung_name}, every server after it unread")
                 else:
+                    record.fact("hung_sequential", f"{outcome['seconds'] * 1000:.1f} ms,"
+                                f" {outcome.get('read', 0)}/{total} shards read")
                     print(f"  one after another (baseline)   {outcome['seconds'] * 1000:8.1f} ms"
                           f"   {outcome.get('read', 0)}/{total} shards read {outcome.get('error', '')}")
                 print(f"  {label:<30} {par_h * 1000:8.1f} ms   {par_h_read}/{total}"
@@ -165,6 +187,8 @@ def fleet_case(args) -> None:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 list(pool.map(lambda s: s.stop(), servers))
     print(f"whole run {time.perf_counter() - started_all:.0f}s")
+    record.fact("whole_run_s", round(time.perf_counter() - started_all))
+    record.write()
 
 
 def main() -> None:
@@ -183,6 +207,8 @@ def main() -> None:
         fleet_case(args)
         return
 
+    record = Record("metrics")
+    record.fact("databases", args.databases)
     with tempfile.TemporaryDirectory(prefix="shardctl-bench-") as tmp:
         handle = ServerHandle("bench", Server(embedded=True), Path(tmp))
         server = handle.embedded
@@ -209,10 +235,15 @@ def main() -> None:
                 with LiveSampler(sampler.fleet) as once:
                     once.read(shards, full=False)
 
-            def naive():
+            def naive():  # what the interval round reads: counters, no sizes
                 for name in names:
                     with handle.connect(name) as conn:
                         conn.execute(NAIVE).fetchone()
+
+            def naive_with_size():  # what the full round reads but the buffer cache
+                for name in names:
+                    with handle.connect(name) as conn:
+                        conn.execute(NAIVE_WITH_SIZE).fetchone()
 
             for label in ("idle", "under load"):
                 bench = None
@@ -226,10 +257,25 @@ def main() -> None:
                     time.sleep(2)
                 try:
                     round_interval()  # warm the pool
-                    interval = statistics.median(timed(round_interval, args.rounds))
-                    full = statistics.median(timed(round_full, max(3, args.rounds // 4)))
-                    cold = statistics.median(timed(cold_round, 5))
-                    per_db = statistics.median(timed(naive, 3))
+                    ms = lambda values: [v * 1000 for v in values]  # noqa: E731
+                    naive_runs = record.measure(f"{label}.naive", f"{label}: baseline, a new connection per"
+                                                " database reading the counters", ms(timed(naive, 5)), "ms")
+                    record.measure(f"{label}.interval", f"{label}: interval round, warm pooled connection"
+                                   " (counters, tiers 1+2 and /proc CPU)", ms(timed(round_interval, args.rounds)),
+                                   "ms", baseline=f"{label}.naive")
+                    record.measure(f"{label}.cold", f"{label}: interval round, new connection (what a one-shot"
+                                   " CLI command pays)", ms(timed(cold_round, 5)), "ms", baseline=f"{label}.naive")
+                    sized = record.measure(f"{label}.naive_size", f"{label}: baseline, a new connection per"
+                                           " database reading the counters and `pg_database_size`",
+                                           ms(timed(naive_with_size, 5)), "ms")
+                    record.measure(f"{label}.full", f"{label}: full round (+ `pg_database_size` and"
+                                   " `pg_buffercache`)", ms(timed(round_full, max(5, args.rounds // 4))), "ms",
+                                   baseline=f"{label}.naive_size")
+                    per_db = naive_runs["median"] / 1000
+                    per_db_size = sized["median"] / 1000
+                    interval = record.get(f"{label}.interval")["median"] / 1000
+                    cold = record.get(f"{label}.cold")["median"] / 1000
+                    full = record.get(f"{label}.full")["median"] / 1000
                 finally:
                     for p in bench or []:
                         p.terminate()
@@ -237,12 +283,15 @@ def main() -> None:
                 print(f"{label}:")
                 print(f"  connection per database (baseline) {per_db * 1000:9.1f} ms")
                 for what, seconds in (("interval round, warm connection", interval),
-                                      ("interval round, new connection", cold),
-                                      ("full round (+ sizes, buffer cache)", full)):
+                                      ("interval round, new connection", cold)):
                     print(f"  {what:<36}{seconds * 1000:9.1f} ms   {per_db / seconds:7.1f}x cheaper")
+                print(f"  connection per database with sizes  {per_db_size * 1000:9.1f} ms")
+                print(f"  full round (+ sizes, buffer cache)  {full * 1000:9.1f} ms"
+                      f"   {per_db_size / full:7.1f}x cheaper")
             sampler.close()
         finally:
             server.stop()
+    record.write()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ with `moves.parallel: 1` (one move at a time: the baseline) and once with `moves
 (a->c beside b->d), alternating which goes first so that neither always meets warm caches. The
 same rows move each time. Timed: the apply that moves the shards (observe, plan, four moves);
 the apply that drops the retired copies between them is not. Prints shards moved per minute
-for each setting and the ratio, from the same run.
+for each setting and the ratio, from the same run, and writes its record (bench/record.py) to
+docs/bench/moves.json: every apply's seconds (the ratio of seconds is the inverse of the rate's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import workflow
 from engine.servers.fleet import Fleet
+from record import Record
 
 FLEET = """\
 servers:
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400_000, help="customers over the 4 shards")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    record = Record("moves")
     with tempfile.TemporaryDirectory(prefix="shardctl-moves-") as tmp:
         fleet_dir = Path(tmp) / "fleet"
         fleet_dir.mkdir()
@@ -106,6 +109,16 @@ def main() -> None:
     print(f"one move at a time (moves.parallel 1): {rate[1]:.1f} shards/min")
     print(f"two at a time      (moves.parallel 2): {rate[2]:.1f} shards/min")
     print(f"ratio: {rate[2] / rate[1]:.2f}x")
+    record.fact("rows", args.rows)
+    record.measure("parallel1", "baseline: one apply of 4 moves, one move at a time (`moves.parallel: 1`)",
+                   seconds[1], "s")
+    record.measure("parallel2", "one apply of 4 moves, two at a time (`moves.parallel: 2`)", seconds[2], "s",
+                   baseline="parallel1", paired=True)
+    record.measure("rate1", "baseline: shards moved per minute, one at a time", [4 * 60 / v for v in seconds[1]],
+                   "shards/min")
+    record.measure("rate2", "shards moved per minute, two at a time", [4 * 60 / v for v in seconds[2]],
+                   "shards/min", baseline="rate1", paired=True)
+    record.write()
 
 
 if __name__ == "__main__":

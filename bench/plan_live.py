@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    load_before = os.getloadavg()  # for the record written at the end
     with tempfile.TemporaryDirectory(prefix="shardctl-plan-live-") as tmp:
         directory = Path(tmp)
         (directory / "fleet.yaml").write_text(FLEET.replace("SHARDS", str(args.shards)))
@@ -127,6 +128,16 @@ def main() -> None:
     print(f"floor, 8 at a time:          {spread(floors8)}")
     print(f"floor, one after another:    {spread(floors1)}")
     print(f"plan / floor (8 at a time):  {statistics.median(plans) / statistics.median(floors8):.2f}x")
+    from record import Record  # the bench's record, rendered into docs/BENCHMARKS.md by bench/report.py
+
+    record = Record(f"plan_live-{args.shards}", load_before=load_before)
+    record.fact("shards", args.shards)
+    record.measure("first", "first plan after apply (every schema read, no schema cache yet)", [first], "s")
+    record.measure("floor8", "floor: a new connection and `SELECT 1` per shard database, 8 at a time", floors8, "s")
+    record.measure("floor1", "floor: the same, one after another", floors1, "s")
+    record.measure("plan", "`shardctl plan --detailed-exitcode`, no changes, a new process", plans, "s",
+                   baseline="floor8", paired=True)  # each plan run follows its floor run
+    record.write()
 
 
 if __name__ == "__main__":

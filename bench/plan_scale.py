@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -113,18 +114,20 @@ def main() -> None:
     parser.add_argument("--hourly-days", type=int, default=0,
                         help="also plan with this many days of hourly history per shard (forecasts)")
     args = parser.parse_args()
+    load_before = os.getloadavg()  # for the record written at the end
     with tempfile.TemporaryDirectory() as tmp:
         desired, observation, load_s = build(Path(tmp), args.databases, args.shards, args.servers)
     total = sum(len(d.shards) for d in observation.catalog.databases.values())
 
     plans = []
-    plan_s = statistics.median(_timed(lambda: plans.append(planner.plan(desired, observation)), args.repeat))
+    plan_runs = _timed(lambda: plans.append(planner.plan(desired, observation)), args.repeat)
+    plan_s = statistics.median(plan_runs)
     plan = plans[-1]
     text_s = statistics.median(_timed(lambda: render(plan, "text"), args.repeat))
     json_s = statistics.median(_timed(lambda: render(plan, "json"), args.repeat))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the baseline's big dict
-    baseline = statistics.median(
-        _timed(lambda: json.dumps(observation.model_dump(mode="json")), args.repeat))
+    baseline_runs = _timed(lambda: json.dumps(observation.model_dump(mode="json")), args.repeat)
+    baseline = statistics.median(baseline_runs)
 
     print(f"{total} shards, {len(observation.catalog.databases)} databases, {len(observation.servers)} servers")
     print(f"  config load (YAML -> validated models)      {load_s * 1000:8.1f} ms")
@@ -140,6 +143,18 @@ def main() -> None:
         notes = sum("forecast" in w for w in plans[-1].warnings)
         print(f"  plan with {args.hourly_days} days of hourly history a shard   {forecast_s * 1000:8.1f} ms"
               f"   (+{(forecast_s - plan_s) * 1000:.0f} ms for forecasts; {notes} forecast notes)")
+    from record import Record  # the bench's record, rendered into docs/BENCHMARKS.md by bench/report.py
+
+    record = Record("plan_scale", load_before=load_before)
+    record.fact("shards", total)
+    record.fact("config_load_ms", round(load_s * 1000))
+    record.fact("peak_rss_mb", round(rss_mb, 1))
+    record.fact("actions", len(plan.actions))
+    record.measure("serialise", "baseline: serialise the observation to JSON once", [v * 1000 for v in baseline_runs],
+                   "ms")
+    record.measure("plan", "plan (diff, drift, detection, load actions)", [v * 1000 for v in plan_runs], "ms",
+                   baseline="serialise")
+    record.write()
 
 
 def _timed(fn, repeat: int) -> list[float]:

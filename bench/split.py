@@ -26,7 +26,9 @@ Per move, from the journal's timestamps and pgbench's per-transaction log:
 
 Prints p50 / p99 / max over the cycles per size, client count and kind, with the load average.
 `--baseline`: the raw COPY pipe and a split without load first (the copy phase's ratio);
-`--throttle`: one split and merge more with `moves.copy_streams: 1` (its effect on pgbench).
+`--throttle`: as many splits and merges more (--cycles) with `moves.copy_streams: 1` and the first
+client count, against the unthrottled moves of that count (its effect on pgbench).
+Writes its record (bench/record.py) to docs/bench/split.json.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from engine import workflow
 from engine.client import ShardClient, hashint8extended
 from engine.servers.embedded import bin_dir
 from engine.servers.fleet import Fleet
+from record import Record
 
 FLEET = """\
 servers:
@@ -381,9 +384,12 @@ def run_size(rows_wanted: int, clients_list: list[int], cycles: int, baseline: b
                     "autosplit: {cooldown: 0s, retire_after: 0s}\n    moves: {copy_streams: 1}"))
                 workflow.apply(workflow.load(str(fleet_dir)), None, metrics_file=samples_file(fleet_dir, {}))
                 clients = clients_list[0]
-                out["throttled"] = [move(fleet_dir, fleet, "split", ["-80"], clients, rows_wanted * 2, "thr-split"),
-                                    move(fleet_dir, fleet, "merge", ["-40", "40-80"], clients, rows_wanted * 2,
-                                         "thr-merge")]
+                out["throttled"] = []
+                for cycle in range(cycles):
+                    out["throttled"] += [
+                        move(fleet_dir, fleet, "split", ["-80"], clients, rows_wanted * 2, f"thr-{cycle}-split"),
+                        move(fleet_dir, fleet, "merge", ["-40", "40-80"], clients, rows_wanted * 2,
+                             f"thr-{cycle}-merge")]
         finally:
             for handle in fleet.servers.values():
                 handle.embedded.stop()
@@ -442,14 +448,70 @@ def main() -> None:
     parser.add_argument("--throttle", action="store_true", help="a split and merge more with moves.copy_streams: 1")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    record = Record("split")
     for size in (int(s) for s in args.sizes.split(",")):
         result = run_size(size, clients, args.cycles, args.baseline, args.throttle)
+        write_record(record, size, clients, result)
         if args.baseline:
             print(f"\nbaseline raw COPY pipe {result['baseline_s']:.2f} s; split copy phase without load"
                   f" {result['copy_s']:.2f} s = {result['baseline_s'] / result['copy_s']:.2f}x its throughput")
         for m in result.get("throttled", []):
             print(f"copy throttle, {m['kind']}: pgbench during the copy {m['copy_throughput']:.2f}x of before,"
                   f" copy phase {m['copy_s']:.1f} s")
+    record.write()
+
+
+CYCLE_FIGURES = (("acquired_ms", "fence acquired (step start to armed and drained)", "ms"),
+                 ("drain_ms", "of which the drain (waiting for earlier writers)", "ms"),
+                 ("pause_ms", "locked: pause, fence armed to routing flip committed", "ms"),
+                 ("unwritable_ms", "locked as the client writers saw it (last source write to first target write)",
+                  "ms"),
+                 ("fence_p99_ms", "pgbench latency p99 while the fence was taken", "ms"),
+                 ("fence_max_ms", "pgbench latency max while the fence was taken", "ms"),
+                 ("copy_p99_ms", "pgbench latency p99 during the copy", "ms"),
+                 ("copy_max_ms", "pgbench latency max during the copy", "ms"),
+                 ("copy_throughput", "pgbench throughput during the copy, against the 2.5 s before the move", "x"),
+                 ("copy_s", "copy phase", "s"))
+
+
+def write_record(record: Record, size: int, clients_list: list[int], result: dict) -> None:
+    """Every move's figures in the record: p50 / p99 / max over the cycles per client count and kind."""
+    record.fact(f"{size}.rows", result["rows"])
+    if "baseline_s" in result:
+        record.measure(f"{size}.baseline_copy",
+                       f"{size:,} rows: baseline, the raw binary COPY pipe of the shard's table",
+                       [result["baseline_s"]], "s")
+        record.measure(f"{size}.quiet_copy", f"{size:,} rows: the split's copy phase without pgbench",
+                       [result["copy_s"]], "s", baseline=f"{size}.baseline_copy")
+    groups = [(f"{c} clients", result["moves"][c]) for c in clients_list]
+    if result.get("throttled"):
+        groups.append((f"{clients_list[0]} clients, copy throttle", result["throttled"]))
+    for group, moves in groups:
+        for kind in ("split", "merge"):
+            of = [m for m in moves if m["kind"] == kind]
+            if not of:
+                continue
+            prefix = f"{size:,} rows, {group}, {kind}s"
+            for key, label, unit in CYCLE_FIGURES:
+                record.cycles(f"{size}.{group}.{kind}.{key}", f"{prefix}: {label}", [m[key] for m in of], unit)
+            for step in ("fence", "catch_up", "verify", "flip"):
+                record.cycles(f"{size}.{group}.{kind}.step.{step}", f"{prefix}: step {step}",
+                              [m["timings"].get(step, 0) * 1000 for m in of], "ms")
+            record.fact(f"{size}.{group}.{kind}.fence_tries", [m["tries"] for m in of])
+            record.fact(f"{size}.{group}.{kind}.pgbench_failures", sum(len(m["failures"]) for m in of))
+            record.fact(f"{size}.{group}.{kind}.printed_pause_equals_stored",
+                        sum(m["pause_ms"] == m["pause_printed_ms"] for m in of))
+            record.fact(f"{size}.{group}.{kind}.rows_equal", sum(not m["rows_differ"] for m in of))
+            record.fact(f"{size}.{group}.{kind}.moves", len(of))
+    if result.get("throttled"):
+        group = f"{clients_list[0]} clients"
+        for kind in ("split", "merge"):
+            for key, label in (("copy_throughput", "pgbench throughput during the copy"), ("copy_s", "copy phase")):
+                base = record.get(f"{size}.{group}.{kind}.{key}")
+                throttled = record.get(f"{size}.{group}, copy throttle.{kind}.{key}")
+                record.measure(f"{size}.throttle.{kind}.{key}", f"{size:,} rows, {group}, {kind}s: {label},"
+                               f" with the throttle against without", throttled["runs"], throttled["unit"],
+                               baseline=base["key"])
 
 
 if __name__ == "__main__":

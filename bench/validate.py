@@ -10,7 +10,8 @@ quadratic time and memory before issue 26). The baseline, measured in the same r
 `YAML(typ="safe").load_all` of the same text: the least any loader must do. `validate` is
 `engine.config.loader.load` (positions, limits, models, cross-references, every schema step's
 SQL parsed and checked). Best of --repeat runs each. Goal (issue 13): at most 2x the baseline;
-the alias bomb refused in under 1 s.
+the alias bomb refused in under 1 s. Writes its record (bench/record.py) to docs/bench/validate.json
+(validate-policies.json with --shape policies).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ruamel.yaml import YAML
 
 from engine.config import loader
 from engine.errors import ConfigError
+from record import Record
 
 BOMB = "servers:\n  a: {embedded: true}\n" + "".join(
     f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--shape", choices=["databases", "policies"], default="databases")
     args = parser.parse_args()
+    record = Record("validate" if args.shape == "databases" else f"validate-{args.shape}")
     tmp = Path(tempfile.mkdtemp(prefix="shardctl-bench-validate-"))
     text = (config if args.shape == "databases" else policies_config)(int(args.mib * 2**20))
     (tmp / "fleet.yaml").write_text(text)
@@ -122,7 +125,17 @@ def main() -> None:
         else:
             raise AssertionError("the alias bomb was accepted")
 
-    print(f"alias bomb (9 levels x 9 aliases) refused in {best(refuse, args.repeat) * 1000:.0f} ms")
+    bombs = timed(refuse, args.repeat)
+    print(f"alias bomb (9 levels x 9 aliases) refused in {min(bombs) * 1000:.0f} ms")
+    record.fact("mib", round(len(text.encode()) / 2**20, 1))
+    record.fact("databases", text.count("shard_key:"))
+    record.fact("policies", text.count("\n  p"))
+    record.fact("lines", text.count("\n"))
+    record.measure("safe_load", "baseline: ruamel.yaml `YAML(typ=\"safe\").load_all` of the same text", baselines, "s")
+    record.measure("validate", "`shardctl validate` (engine.config.loader.load)", validates, "s",
+                   baseline="safe_load", paired=True)  # they alternate
+    record.measure("bomb", "alias bomb (9 levels of 9 aliases) refused", [b * 1000 for b in bombs], "ms")
+    record.write()
 
 
 if __name__ == "__main__":
