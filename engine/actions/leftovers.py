@@ -15,9 +15,8 @@ import re
 
 from psycopg import sql
 
-from engine.actions import reference
 from engine.actions.base import ApplyContext
-from engine.actions.replica import drop_slot, drop_subscription
+from engine.actions.replica import detach_reference, drop_slot, drop_subscription
 from engine.catalog import store
 from engine.observe.models import CatalogState, LiveServer
 from engine.observe.replica_links import publication
@@ -89,7 +88,7 @@ def unlink_database(ctx: ApplyContext, shard: ShardSpec) -> None:
     handle = ctx.fleet.servers.get(shard.server)
     if handle is None:
         return  # drop_database says so
-    reference.detach(ctx, shard)  # its copy of the reference tables: the slot is on the source's server
+    detach_reference(ctx, shard)  # its copy of the reference tables: the slot is on the source's server
     with handle.connect() as conn:
         if not store.database_exists(conn, shard.dbname):
             return
