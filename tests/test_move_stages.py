@@ -39,7 +39,7 @@ def test_every_planned_stage_has_a_visitor_and_an_unknown_kind_raises():
 
 def test_a_stage_that_needs_an_earlier_one_refuses_to_run_without_it():
     evaluator = stages.Evaluator(live=None, on_flip=dict)  # type: ignore[arg-type]
-    with pytest.raises(stages.UnknownStage, match="before the stage whose result it needs"):
+    with pytest.raises(stages.StagesOutOfOrder, match="before the stage whose result it needs"):
         evaluator.visit(stages.Stage("last rounds"), stages.Carried())
 
 

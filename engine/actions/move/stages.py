@@ -101,7 +101,11 @@ T = TypeVar("T")
 
 
 class UnknownStage(Exception):
-    pass
+    """A stage of a kind the evaluator has no visitor for."""
+
+
+class StagesOutOfOrder(Exception):
+    """A stage ran before the stage whose result it needs."""
 
 
 def run(live: Live, on_flip: Callable[[], dict]) -> dict:
@@ -246,5 +250,5 @@ class Evaluator:
 def _need(value: T | None) -> T:
     """What an earlier stage handed on; its absence means the stages are out of order."""
     if value is None:
-        raise UnknownStage("a move's stage ran before the stage whose result it needs")
+        raise StagesOutOfOrder("a move's stage ran before the stage whose result it needs")
     return value
