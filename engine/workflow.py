@@ -334,8 +334,8 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
           notice: Say | None = None) -> None:
     """Roll back a split or merge that has not passed its cutover: its subscriptions, slots,
     publications, fence and target databases go; the sources are left as they were."""
-    from engine.actions import move
     from engine.actions.base import ApplyContext
+    from engine.actions.move import cleanup, start
     from engine.catalog.journal import Operation
 
     fleet = Fleet(desired)
@@ -363,9 +363,9 @@ def abort(desired: Desired, operation: int, *, lock_timeout: float = 0.0, say: S
                                 "`shardctl apply` finishes it (only its hand-over and cleanup are left). To go"
                                 f" back, move the range again with a new operation: {move_back(action)}")
             ctx = ApplyContext(fleet=fleet, catalog=conn, plan_serial=store.current_serial(conn), say=say)
-            mv = move.for_action(ctx, action, Operation(conn, operation), label=f"abort {operation}")
+            live = start.live_for(ctx, action, Operation(conn, operation), label=f"abort {operation}")
             say(f"Aborting operation {operation} ({p.kind} {action.address}, stopped at {p.last_step!r})...")
-            mv.abort()
+            cleanup.abort(live)
             store.add_history(conn, "abort", action.address, {"operation": operation, "last_step": p.last_step})
             say(f"Operation {operation} aborted: replication objects, fence and targets removed;"
                 " the source is as it was.")

@@ -58,8 +58,8 @@ def batches(actions, limit_of: Callable[[object], int]) -> list[list]:
 
 
 def execute_all(actions, ctx: ApplyContext) -> None:
-    def limit_of(action) -> int:  # moves.parallel as planned (engine.actions.move.settings_for)
-        from engine.actions.move import settings_for
+    def limit_of(action) -> int:  # moves.parallel as planned (engine.actions.move.spec.settings_for)
+        from engine.actions.move.spec import settings_for
 
         return settings_for(ctx, action).parallel
 

@@ -17,7 +17,7 @@ make its slot); the initial table sync copies the tables, and the changes stream
 On the shard, the reference tables refuse writes (`shardctl_reference` triggers, ENABLE: they
 fire for sessions, never for the apply worker, which runs as a replica): every copy is the
 source's. These triggers are also how a move tells a reference table from a sharded one
-(engine/actions/move.py leaves them out of its publications, comparison and fence): a new
+(engine/actions/move/ leaves them out of its publications, comparison and fence): a new
 shard made by a split, merge or move is attached here before its flip, and a retired one is
 detached before its database is dropped (engine/actions/leftovers.py).
 
@@ -34,7 +34,7 @@ from psycopg import sql
 
 from engine.actions.base import ApplyContext, apply_steps, drop_database, ensure_database
 from engine.actions.leftovers import unlink_database
-from engine.actions.replica import drop_slot, drop_subscription, reference_source
+from engine.actions.replica import detach_reference, reference_source
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
 from engine.config.names import reference_dbname
@@ -43,7 +43,6 @@ from engine.errors import UserError
 from engine.observe.replication import reference_link
 from engine.plan.models import ShardSpec, StepSpec
 from engine.rows import one
-from engine.servers.connect import ServerUnreachable
 
 PUBLICATION = "shardctl_ref"
 COPY_TRIGGER = "shardctl_reference"  # on a shard's copy of a reference table
@@ -57,7 +56,7 @@ SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oi
    AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl') AND n.nspname NOT LIKE 'pg_toast%%'
  ORDER BY 1"""
 
-# the tables of a shard that are reference copies: what engine/actions/move.py leaves out
+# the tables of a shard that are reference copies: what engine/actions/move/ leaves out
 GUARDED = f"""EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = '{COPY_TRIGGER}')"""
 
 
@@ -211,31 +210,8 @@ def unlink_shard(ctx: ApplyContext, shard: ShardSpec) -> None:
 
 def detach(ctx: ApplyContext, shard: ShardSpec) -> None:
     """Before a shard's database is dropped: its subscription to the source, and its slot (with
-    the slots of an unfinished table copy) on whichever server holds them. A database or server
-    already gone holds nothing."""
-    name = link_name(shard)
-    handle = ctx.fleet.servers.get(shard.server)
-    sync_prefix = None
-    if handle is not None:
-        with handle.connect() as conn:
-            exists = store.database_exists(conn, shard.dbname)
-        if exists:
-            with handle.connect(shard.dbname) as conn:
-                row = conn.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (name,)).fetchone()
-                if row is not None:
-                    sync_prefix = f"pg_{row[0]}_sync_"
-                drop_subscription(conn, name)
-    for _, server in sorted(ctx.fleet.servers.items()):
-        try:
-            with server.connect() as conn:
-                slots = [r[0] for r in conn.execute(
-                    "SELECT slot_name FROM pg_replication_slots WHERE slot_name = %s"
-                    " OR (%s::text IS NOT NULL AND starts_with(slot_name, %s)) ORDER BY 1",
-                    (name, sync_prefix, sync_prefix or ""))]
-                for slot in slots:
-                    drop_slot(conn, slot)
-        except ServerUnreachable:
-            continue
+    the slots of an unfinished table copy) on whichever server holds them (replica.py does it)."""
+    detach_reference(ctx, shard)
 
 
 def reconcile(ctx: ApplyContext, op, database: str, tables: tuple[str, ...], steps: tuple[StepSpec, ...],

@@ -13,7 +13,7 @@ cannot be dropped, and a forgotten slot would keep the shard's WAL forever). The
 observed lag are engine/observe/replica_links.py's.
 
 A replica follows its parent through splits, merges and moves (`follow`, `hand_over`, `unfollow`,
-called by the move at its steps, engine/actions/move.py). Before the cutover, each target gets
+called by the move at its stages, engine/actions/move/). Before the cutover, each target gets
 its own link, made with its slot but left disabled, with `origin = none`: the target's rows
 arrive by the move's own replication (its table copy and applied changes carry a replication
 origin), so this link skips all of them and carries only what is written on the target itself,
@@ -36,10 +36,12 @@ from engine.actions.base import ApplyContext, creating
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
 from engine.errors import UserError
+from engine.observe import replication
 from engine.observe.introspect import tables_with_key
 from engine.observe.replica_links import link_name, publication
 from engine.plan.models import ShardSpec
 from engine.rows import one
+from engine.servers.connect import ServerUnreachable
 
 SYNC_POLL = 0.2  # seconds between looks at the initial copy's progress
 NEXT = "_next"  # a successor link's subscription, until the hand-over gives it its slot's name
@@ -140,6 +142,35 @@ def reference_source(ctx: ApplyContext, database: str) -> ShardSpec | None:
     the reference tables; None when it declares none."""
     recorded = store.reference_of(ctx.catalog, database)
     return ShardSpec(name="reference", lo=None, hi=None, server=recorded[1], dbname=recorded[2]) if recorded else None
+
+
+def detach_reference(ctx: ApplyContext, shard: ShardSpec) -> None:
+    """Before a shard's database is dropped: its subscription to the source, and its slot (with
+    the slots of an unfinished table copy) on whichever server holds them. A database or server
+    already gone holds nothing."""
+    name = replication.reference_link(shard.server, shard.dbname)  # reference.link_name
+    handle = ctx.fleet.servers.get(shard.server)
+    sync_prefix = None
+    if handle is not None:
+        with handle.connect() as conn:
+            exists = store.database_exists(conn, shard.dbname)
+        if exists:
+            with handle.connect(shard.dbname) as conn:
+                row = conn.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (name,)).fetchone()
+                if row is not None:
+                    sync_prefix = f"pg_{row[0]}_sync_"
+                drop_subscription(conn, name)
+    for _, server in sorted(ctx.fleet.servers.items()):
+        try:
+            with server.connect() as conn:
+                slots = [r[0] for r in conn.execute(
+                    "SELECT slot_name FROM pg_replication_slots WHERE slot_name = %s"
+                    " OR (%s::text IS NOT NULL AND starts_with(slot_name, %s)) ORDER BY 1",
+                    (name, sync_prefix, sync_prefix or ""))]
+                for slot in slots:
+                    drop_slot(conn, slot)
+        except ServerUnreachable:
+            continue
 
 
 def drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> None:

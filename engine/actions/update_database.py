@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from engine.actions import reference
 from engine.actions.base import ApplyContext
-from engine.actions.move import database_steps
+from engine.actions.move.spec import database_steps
 from engine.catalog import store
 from engine.plan.models import ShardSpec, UpdateDatabase
 from engine.rows import one

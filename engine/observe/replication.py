@@ -1,7 +1,7 @@
 """shardctl's replication objects as each server holds them, and what is wrong with them.
 
 Everything shardctl replicates with is named by it: a move's links and verification slots
-`shardctl_op<operation>_<n>` / `shardctl_op<operation>_v<n>` (engine/actions/move.py), a replica
+`shardctl_op<operation>_<n>` / `shardctl_op<operation>_v<n>` (engine/actions/move/), a replica
 branch's links `shardctl_rep_...` (engine/observe/replica_links.py), a shard's link to its
 database's reference source `shardctl_ref_...` (engine/actions/reference.py). One query per server reads
 them all from the cluster-wide catalogs (slots, and subscriptions with their apply worker and

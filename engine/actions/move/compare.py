@@ -1,5 +1,7 @@
-"""Verification of a move: every row compared while writes go on, and inside the fence only the
-rows that changed since.
+"""The compare stage, and the verification behind the fence: every row compared while writes
+go on, and inside the fence only the rows that changed since. It receives what it needs (the
+move's spec, its live connections) and hands on the Comparison: the keys left to recheck, and
+the changes read so far, for the fence's key rounds, the catch-up's decoding and verify.
 
 Why this shape: verifying every row inside the write pause made the pause grow with the shard
 (about 0.45 s per million rows). Here the pause costs what changed, not what exists:
@@ -27,22 +29,22 @@ changed. So both reads saw the same value, or there is a real difference.
 from __future__ import annotations
 
 import re
-import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, wait
+from collections.abc import Iterable
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
 
 from psycopg import errors, sql
 
+from engine.actions.move.confirm import wait_confirmed
+from engine.actions.move.errors import MoveFailed
+from engine.actions.move.live import Live, background
+from engine.actions.move.spec import MoveSpec
 from engine.observe.strays import key_hash, outside
-
-if TYPE_CHECKING:
-    from engine.actions.move import Move
-    from engine.plan.models import ShardSpec
+from engine.plan.models import ShardSpec
+from engine.rows import one
 
 BUCKET_SHIFT = 52  # a 64-bit hash >> 52: 4,096 buckets
 ROW_ROUND_LIMIT = 200_000  # rows fetched one by one in a round, at most, before we call it a real difference
@@ -54,24 +56,6 @@ FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left fo
 
 class VerifyRestart(Exception):
     """A TRUNCATE during the comparison: start it over."""
-
-
-def background(work: Callable[[], object]) -> Future:
-    """`work()` in a daemon thread, as a future. Behind the fence a result is waited for with a
-    deadline, and a thread that overran it (a statement the server never answers) must not hold
-    the process at its exit as a pool's threads would: it is left behind."""
-    future: Future = Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(work())
-        except BaseException as exc:  # the waiter re-raises it
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True, name="shardctl-move").start()
-    return future
 
 
 @dataclass
@@ -127,9 +111,13 @@ def parse_changes(lines: Iterable[str], key_column: str, key_type: str) -> Chang
 
 @dataclass
 class Comparison:
-    """The state of one move's verification, between the full round and the fence."""
+    """The compare stage's state, from the full round to the fence: what it has read of the
+    sources' changes and the keys still to recheck. It receives what it needs (the move's spec
+    and its live connections) and hands on itself, to the fence (its key rounds between tries)
+    and to catch-up and verify (the changes up to the mark, the final comparison)."""
 
-    move: Move
+    spec: MoveSpec
+    live: Live
     started: dict[str, str] = field(default_factory=dict)  # per source: the slot's consistent point
     changes: Changes = field(default_factory=Changes)
     left: dict[tuple[str, tuple[str, str]], set] = field(default_factory=dict)  # (target, table) -> keys
@@ -141,22 +129,22 @@ class Comparison:
     # ------------------------------------------------------------------ the slot
 
     def slot(self, source: ShardSpec) -> str:
-        return f"shardctl_op{self.move.op.id}_v{self.move.sources.index(source)}"
+        return self.spec.verify_slot(source)
 
     def begin(self) -> None:
         """A fresh verification slot per source (a resumed operation compares from scratch)."""
         self.drop_slots()
-        for source in self.move.sources:
-            with self.move.connect(source) as conn:
-                self.started[source.name] = conn.execute(
+        for source in self.spec.sources:
+            with self.live.connect(source) as conn:
+                self.started[source.name] = one(conn.execute(
                     "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'test_decoding')",
-                    (self.slot(source),)).fetchone()[0]
+                    (self.slot(source),)))[0]
         self.changes = Changes()
 
     def drop_slots(self) -> None:
-        for i, source in enumerate(self.move.sources):
-            name = f"shardctl_op{self.move.op.id}_v{i}"
-            with self.move.connect(source) as conn:
+        for source in self.spec.sources:
+            name = self.slot(source)
+            with self.live.connect(source) as conn:
                 if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone():
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
 
@@ -164,24 +152,24 @@ class Comparison:
         """Consume the changes since the last read (up to `upto` per source, else all), remember
         them, and return them."""
         def read(source: ShardSpec) -> Changes:
-            with self.move.session(source) as conn:
+            with self.live.session(source) as conn:
                 self._log_snapshot(conn, source)
                 rows = conn.execute(
                     "SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
                     " 'skip-empty-xacts', '1', 'include-xids', '0')",
                     (self.slot(source), (upto or {}).get(source.name))).fetchall()
-                changed = parse_changes((r[0] for r in rows), self.move.key_column, self.move.key_type)
+                changed = parse_changes((r[0] for r in rows), self.spec.key_column, self.spec.key_type)
                 self._refuse_strays(conn, source, changed)
                 return changed
 
         new = Changes()
-        if len(self.move.sources) == 1:
-            new.merge(read(self.move.sources[0]))
+        if len(self.spec.sources) == 1:
+            new.merge(read(self.spec.sources[0]))
         else:  # a merge's sources are decoded at once, each on its own server
-            for job in [background(partial(read, source)) for source in self.move.sources]:
+            for job in [background(partial(read, source)) for source in self.spec.sources]:
                 new.merge(job.result())
         # a reference table's copy is truncated by its source's replication, not the move's concern
-        new.truncated &= {table for source in self.move.sources for table in self.move.tables(source)}
+        new.truncated &= {table for source in self.spec.sources for table in self.live.tables(source)}
         if new.truncated:
             raise VerifyRestart(", ".join(f"{s}.{t}" for s, t in sorted(new.truncated)))
         self.changes.merge(new)
@@ -209,30 +197,30 @@ class Comparison:
         keys = set().union(*changed.keys.values()) if changed.keys else set()
         if not keys:
             return
-        column = self.move.key_column
-        stray = conn.execute(sql.SQL("SELECT count(*) FROM unnest({}) AS u({}) WHERE {}").format(
-            self._key_array(), sql.Identifier(column), outside(column, self.move.key_type, source.lo, source.hi)),
-            (sorted(keys),)).fetchone()[0]
+        column = self.spec.key_column
+        stray = one(conn.execute(sql.SQL("SELECT count(*) FROM unnest({}) AS u({}) WHERE {}").format(
+            self._key_array(), sql.Identifier(column), outside(column, self.spec.key_type, source.lo, source.hi)),
+            (sorted(keys),)))[0]
         if stray:
-            raise self.move.failure(
+            raise self.live.failure(
                 f"{stray} rows were written into {source.dbname} during the move with a {column} outside its range"
-                f" (straight into the database, past routing); `shardctl strays {self.move.database}/{source.name}"
+                f" (straight into the database, past routing); `shardctl strays {self.spec.database}/{source.name}"
                 " --move` puts them where they belong, then apply again")
 
     # ------------------------------------------------------------------ reading both sides
 
     def _hash(self) -> sql.Composable:
-        return key_hash(self.move.key_column, self.move.key_type)
+        return key_hash(self.spec.key_column, self.spec.key_type)
 
     def _sides(self, target: ShardSpec) -> list[tuple[ShardSpec, sql.Composable]]:
         """The target (every row it holds) and the sources that feed it (their rows for it)."""
         sides: list[tuple[ShardSpec, sql.Composable]] = [(target, sql.SQL("true"))]
-        for link in self.move.links:
+        for link in self.spec.links:
             if link.target == target:
-                sides.append((link.source, self.move.range_filter(target) if link.filtered else sql.SQL("true")))
+                sides.append((link.source, self.spec.range_filter(target) if link.filtered else sql.SQL("true")))
         return sides
 
-    def _run(self, jobs: list[tuple[ShardSpec, sql.Composable, tuple]],
+    def _run(self, jobs: list[tuple[ShardSpec, sql.Composed, tuple]],
              timeout: float | None = None) -> list[list[tuple]]:
         """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
         other on the move's held connection: shards live on different servers and cores, and no
@@ -244,7 +232,7 @@ class Comparison:
         results: list[list[tuple]] = [[] for _ in jobs]
 
         def run_shard(indexes: list[int]) -> None:
-            with self.move.session(jobs[indexes[0]][0]) as conn:
+            with self.live.session(jobs[indexes[0]][0]) as conn:
                 for i in indexes:
                     _, query, params = jobs[i]
                     try:
@@ -263,7 +251,7 @@ class Comparison:
         return results
 
     def _grouped_jobs(self, target: ShardSpec, table: tuple[str, str], group: sql.Composable,
-                      where: sql.Composable, params: tuple) -> list[tuple[ShardSpec, sql.Composable, tuple]]:
+                      where: sql.Composable, params: tuple) -> list[tuple[ShardSpec, sql.Composed, tuple]]:
         """The queries for one table of one target: the target first, then its sources."""
         qualified = sql.SQL("{}.{}").format(sql.Identifier(table[0]), sql.Identifier(table[1]))
         return [(shard, sql.SQL(
@@ -287,13 +275,13 @@ class Comparison:
         return self._sum_sides(self._run(self._grouped_jobs(target, table, group, where, params)))
 
     def _key_array(self) -> sql.Composable:
-        return sql.SQL("%s::bigint[]" if self.move.key_type == "bigint" else "%s::text[]")
+        return sql.SQL("%s::bigint[]" if self.spec.key_type == "bigint" else "%s::text[]")
 
     def _differing(self, checks: list[tuple[ShardSpec, tuple[str, str], set]],
                    timeout: float | None = None) -> list[set]:
         """For each (target, table, keys): the keys whose rows differ between the target and its
         sources. Every check in one parallel batch (one thread per shard), within TIMEOUT."""
-        key = sql.Identifier(self.move.key_column)
+        key = sql.Identifier(self.spec.key_column)
         batches = [self._grouped_jobs(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
                                       (sorted(keys),)) if keys else []
                    for target, table, keys in checks]
@@ -315,10 +303,10 @@ class Comparison:
     def wait_applied(self) -> None:
         """Until every target has applied (and made durable) its sources' WAL as of now."""
         marks = {}
-        for source in self.move.sources:
-            with self.move.session(source) as conn:
-                marks[source.name] = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
-        self.move.wait_confirmed(marks, timeout=self.move.settings.converge_timeout, what="the comparison")
+        for source in self.spec.sources:
+            with self.live.session(source) as conn:
+                marks[source.name] = one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0]
+        wait_confirmed(self.live, marks, timeout=self.spec.settings.converge_timeout, what="the comparison")
 
     # ------------------------------------------------------------------ the rounds
 
@@ -327,8 +315,8 @@ class Comparison:
         self.read_changes()
         self.wait_applied()
         mismatched: dict[tuple[str, tuple[str, str]], tuple[ShardSpec, set]] = {}
-        for target in self.move.targets:
-            for table in self.move.tables(target):
+        for target in self.spec.targets:
+            for table in self.live.tables(target):
                 bucket = sql.SQL("({}) >> {}").format(self._hash(), sql.Literal(BUCKET_SHIFT))
                 ours, theirs = self._grouped(target, table, bucket, sql.SQL("true"), ())
                 self.figures[f"{target.name}:{table[0]}.{table[1]}"] = {
@@ -337,8 +325,8 @@ class Comparison:
                 if differing:
                     mismatched[(target.name, table)] = (target, differing)
         self.read_changes()
-        for target in self.move.targets:
-            for table in self.move.tables(target):
+        for target in self.spec.targets:
+            for table in self.live.tables(target):
                 self.left[(target.name, table)] = set(self.changes.of(table))
         for (_name, table), (target, buckets) in mismatched.items():
             suspects = self._rows_in_buckets(target, table, buckets) - self.changes.of(table)
@@ -347,11 +335,11 @@ class Comparison:
     def _rows_in_buckets(self, target: ShardSpec, table: tuple[str, str], buckets: set) -> set:
         """Keys whose rows differ within the given buckets (compared row by row, by key)."""
         bucket = sql.SQL("({}) >> {}").format(self._hash(), sql.Literal(BUCKET_SHIFT))
-        key = sql.Identifier(self.move.key_column)
+        key = sql.Identifier(self.spec.key_column)
         where = sql.SQL("{} = ANY(%s::bigint[])").format(bucket)
         ours, theirs = self._grouped(target, table, key, where, (sorted(buckets),))
         if len(ours) + len(theirs) > ROW_ROUND_LIMIT:
-            raise self.move.failure(f"{len(buckets)} parts of {table[0]}.{table[1]} differ in more rows than"
+            raise self.live.failure(f"{len(buckets)} parts of {table[0]}.{table[1]} differ in more rows than"
                                     " writes during the comparison explain")
         return {k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))}
 
@@ -369,8 +357,8 @@ class Comparison:
             suspects -= changed
         if suspects:
             sample = ", ".join(str(k) for k in sorted(suspects, key=str)[:5])
-            raise self.move.failure(f"{len(suspects)} rows of {table[0]}.{table[1]} on {target.dbname} differ from"
-                                    f" the source and were not changed meanwhile ({self.move.key_column} {sample})")
+            raise self.live.failure(f"{len(suspects)} rows of {table[0]}.{table[1]} on {target.dbname} differ from"
+                                    f" the source and were not changed meanwhile ({self.spec.key_column} {sample})")
 
     def key_rounds(self, final: bool = False) -> None:
         """Recheck the changed keys while writes go on, until what is left is small. `final`:
@@ -410,7 +398,7 @@ class Comparison:
             before = after
 
     def _target(self, name: str) -> ShardSpec:
-        return next(t for t in self.move.targets if t.name == name)
+        return next(t for t in self.spec.targets if t.name == name)
 
     def final(self, new: Changes, timeout: float | None = None) -> int:
         """Inside the fence, after catch-up: the keys left and `new`, those changed since (read
@@ -418,11 +406,33 @@ class Comparison:
         within TIMEOUT (else FutureTimeout). Returns how many keys were compared; raises on any
         difference."""
         checks = [(target, table, self.left.get((target.name, table), set()) | new.of(table))
-                  for target in self.move.targets for table in self.move.tables(target)]
+                  for target in self.spec.targets for table in self.live.tables(target)]
         for (target, table, _), differing in zip(checks, self._differing(checks, timeout), strict=True):
             if differing:
                 sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
-                raise self.move.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
-                                        f" differ from the fenced source ({self.move.key_column} {sample})")
+                raise self.live.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
+                                        f" differ from the fenced source ({self.spec.key_column} {sample})")
         return sum(len(keys) for _, _, keys in checks)
 
+
+
+def compare(live: Live) -> Comparison:
+    """The compare stage: every row compared while writes go on; a TRUNCATE meanwhile starts it
+    over (three times at most). Hands on the comparison, with the keys left to recheck."""
+    spec = live.spec
+    with live.step("compare"):
+        for _attempt in range(3):
+            comparison = Comparison(spec, live)
+            try:
+                comparison.begin()
+                comparison.full_round()
+                comparison.key_rounds()
+                left = sum(len(v) for v in comparison.left.values())
+                live.progress(phase="compared", keys_left=left, rounds=comparison.rounds,
+                              text=f"compared every row while writes went on; {left} changed keys left to"
+                                   " recheck behind the fence")
+                return comparison
+            except VerifyRestart as truncated:
+                live.say(f"a TRUNCATE of {truncated} during the comparison: comparing again")
+        raise MoveFailed(f"{spec.label}: tables were truncated during every comparison",
+                         f"apply again when the TRUNCATEs are over; {live.source_state()}")

@@ -1,0 +1,248 @@
+"""The fence stage, and lifting it: how a move stops writes on its sources without a table lock
+(engine/actions/fence.py says why that is sound), and gives them back after a failure or an
+abort.
+
+The stage hands on `Fenced`: each source's mark (its LSN, and the mark's time for a target
+whose role cannot read replication origins), how the fence was taken, and the pause as it
+stands. A resumed run whose sources an interrupted run fenced keeps that fence and counts the
+pause from it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import partial
+
+import psycopg
+from psycopg import sql
+
+from engine.actions import fence
+from engine.actions.fence import DRAIN_LIMIT
+from engine.actions.move.live import Live, background
+from engine.actions.move.spec import Pause
+from engine.catalog import journal
+from engine.clock import system_clock
+from engine.errors import UserError
+from engine.plan.models import ShardSpec
+from engine.rows import one
+from engine.servers.locking import Blocker, LockContention, with_lock_retries, write_holders
+
+LIFT_TIMEOUT_S = 10  # a statement that disarms the fence takes no lock: this is for a server that stalls
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """What the fence hands on to the catch-up, the verification and the flip."""
+
+    marks: dict[str, str]  # per source: its mark's LSN (LSNs of different servers do not compare)
+    stamps: dict[str, int]  # per source: its mark's time, in microseconds
+    figures: dict[str, float]  # how the fence was taken, for the history
+    pause: Pause
+
+
+@dataclass
+class _Attempts:
+    """The fence's tries so far: when it began trying, who was in the way, whom it has seen
+    writing (a writer's virtual transaction -> when first seen), and the pause while it holds."""
+
+    started: float
+    pause: Pause
+    first_seen: dict[str, float] = field(default_factory=dict)
+    in_the_way: list[Blocker] = field(default_factory=list)
+    count: int = 0
+
+
+def fence_stage(live: Live, between: Callable[[], None] | None = None) -> Fenced:
+    """Stop writes on every source.
+
+    No table lock: while a transaction has held a write lock on a source longer than
+    DRAIN_LIMIT, wait with the source writable; then arm every source's guard, and wait (at
+    most DRAIN_LIMIT) for the transactions that wrote before it to end; then the marks. A drain
+    that overruns disarms every source and tries again; after `moves.fence_timeout` the fence
+    gives up naming who was in the way, and the sources take writes as before. A merge arms its
+    sources only when none of them has such a writer, so one source is never held read-only
+    while another waits. BETWEEN: run between tries (the comparison's key round)."""
+    with live.step("fence", durable=False) as record:
+        began = time.monotonic()
+        # an interrupted run's fence still holds: the range has been unwritable since then
+        held = live.fenced_for()
+        pause = Pause(since=time.monotonic() - held, inherited=True) if held is not None else Pause()
+        with ExitStack() as stack:
+            conns = {s.name: stack.enter_context(live.session(s)) for s in live.spec.sources}
+            oids = {name: [oid for _, _, oid in fence.tables(conn)] for name, conn in conns.items()}
+            with live.behind("the fence was not taken"):
+                taken = _take(live, conns, oids, _Attempts(started=time.monotonic(), pause=pause), between)
+            figures = {"tries": taken.count, "acquired_ms": round((time.monotonic() - began) * 1000, 1),
+                       "drain_ms": taken.drain_ms}
+            with live.behind("the fence's mark was not written"):
+                marks, stamps = _marks(live, conns)
+            pause = taken.pause.marked("marked", time.monotonic())
+        record.update(figures)
+        since = pause.since if pause.since is not None else began
+        record["fenced_at"] = round(system_clock().timestamp() - (time.monotonic() - since), 3)
+        return Fenced(marks=marks, stamps=stamps, figures=figures, pause=pause)
+
+
+@dataclass(frozen=True)
+class _Taken:
+    count: int  # tries
+    drain_ms: float  # the last drain's
+    pause: Pause
+
+
+def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]], tries: _Attempts,
+          between: Callable[[], None] | None) -> _Taken:
+    """Arm and drain, trying again until it holds or `moves.fence_timeout` has passed. Returns
+    the tries, the last drain's milliseconds and the pause since the arm."""
+    rng = random.Random()
+    while True:
+        tries.count += 1
+        now = time.monotonic()
+        holders = [h for name in conns for h in write_holders(conns[name], oids[name])]
+        for h in holders:
+            tries.first_seen.setdefault(h.vxid, now)
+        # a writer's age from its transaction's start, or (another role's, without
+        # pg_read_all_stats) since we first saw it
+        old = [h for h in holders
+               if h.pid is None or max(h.xact_age_s or 0.0, now - tries.first_seen[h.vxid]) > DRAIN_LIMIT]
+        if old:
+            tries.in_the_way = old
+            if tries.pause.since is not None:  # an interrupted run's fence: writable while we wait
+                tries.pause = _disarm(live, conns)
+        else:
+            taken = _arm_and_drain(live, conns, oids, tries)
+            if taken is not None:
+                return taken
+        _give_up_after_budget(live, tries)
+        if tries.count == 1 or tries.count % 10 == 0:
+            live.say(f"waiting to fence writes: try {tries.count} gave way to "
+                     + ", ".join(f"pid {b.pid} ({b.application_name or 'no application_name'}, {b.state})"
+                                 for b in tries.in_the_way[:5]))
+        time.sleep(min(0.5, 0.02 * tries.count) * (0.5 + rng.random()))
+        if between is not None:
+            between()
+
+
+def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
+                   tries: _Attempts) -> _Taken | None:
+    """One try: arm every source, drain. The fence taken, or None (disarmed again)."""
+    journal.points(f"{live.spec.label}: arm")  # a test point: kill, hold or slow the fence right here
+    if tries.pause.since is None:
+        tries.pause = Pause(since=time.monotonic())  # before the flag: the pause is never understated
+    for source in live.spec.sources:
+        fence.arm(conns[source.name], live.spec.operation)
+    armed = time.monotonic()
+    tries.pause = tries.pause.marked("armed", armed)
+    left = _drain(conns, oids, tries.first_seen)
+    if not left:
+        pause = tries.pause.marked("drained", time.monotonic())
+        return _Taken(tries.count, round((time.monotonic() - armed) * 1000, 1), pause)
+    tries.in_the_way = left
+    tries.pause = _disarm(live, conns)
+    live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for transactions that wrote before it"
+             f" ({', '.join(b.describe() for b in left[:3])}); lifted, trying again")
+    return None
+
+
+def _give_up_after_budget(live: Live, tries: _Attempts) -> None:
+    elapsed = time.monotonic() - tries.started
+    if elapsed < live.spec.settings.fence_timeout:
+        return
+    names = ", ".join(s.dbname for s in live.spec.sources)
+    who = "; ".join(b.describe() for b in tries.in_the_way[:5])
+    first = next((b.pid for b in tries.in_the_way if b.pid is not None), None)
+    raise LockContention(
+        f"could not fence writes on {names}: {tries.count} tries over {elapsed:.1f}s; blocked by {who}",
+        "nothing changed: the shard takes writes as before. A transaction that keeps writing to these"
+        " tables for long (idle in transaction?) must end first"
+        + (f" (SELECT pg_terminate_backend({first}) ends it)" if first else "") + "; then apply again")
+
+
+def _drain(conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
+           first_seen: dict[str, float]) -> list[Blocker]:
+    """After the arm: until every transaction holding a write lock on a source has ended, at
+    most DRAIN_LIMIT; those still running then (empty: drained)."""
+    holders = {name: {h.vxid: h for h in write_holders(conns[name], oids[name])} for name in conns}
+    now = time.monotonic()
+    for found in holders.values():
+        for vxid in found:
+            first_seen.setdefault(vxid, now)
+    waiting = {name: set(found) for name, found in holders.items()}
+    until = time.monotonic() + DRAIN_LIMIT
+    while True:
+        waiting = {name: fence.drained(conns[name], vxids) for name, vxids in waiting.items()}
+        if not any(waiting.values()):
+            return []
+        if time.monotonic() > until:
+            return [holders[name][v] for name, vxids in waiting.items() for v in sorted(vxids)]
+        time.sleep(0.002)
+
+
+def _disarm(live: Live, conns: dict[str, psycopg.Connection]) -> Pause:
+    """Every source takes writes again: no pause any longer."""
+    for source in live.spec.sources:
+        fence.disarm(conns[source.name], live.spec.operation)
+    return Pause()
+
+
+def _marks(live: Live, conns: dict[str, psycopg.Connection]) -> tuple[dict[str, str], dict[str, int]]:
+    """The mark on each source, after the drain: every write that got past the guard committed
+    before it, so a target that has applied the mark has applied all of them. Per source: its
+    LSN, and its time in microseconds."""
+    sources = live.spec.sources
+
+    def mark(source: ShardSpec) -> tuple[str, int]:
+        row = one(conns[source.name].execute(
+            "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
+            " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
+            " RETURNING pg_current_wal_insert_lsn()::text, (extract(epoch FROM at) * 1000000)::bigint",
+            (live.spec.operation, source.name)))
+        return row[0], row[1]
+
+    # a merge's marks at once, each on its own connection: each commit waits for its server's
+    # WAL flush (the targets' subscriptions only receive flushed WAL), one after the other
+    # those waits added up inside the pause
+    rows = ([mark(sources[0])] if len(sources) == 1
+            else [job.result() for job in [background(partial(mark, source)) for source in sources]])
+    marks = {source.name: lsn for source, (lsn, _) in zip(sources, rows, strict=True)}
+    stamps = {source.name: stamp for source, (_, stamp) in zip(sources, rows, strict=True)}
+    return marks, stamps
+
+
+def lift(live: Live) -> None:
+    """Disarm every source's guard: they take writes again. No table lock: nothing can hold it
+    back but a source that does not answer (then ServerUnreachable)."""
+    for source in live.spec.sources:
+        with live.connect(source) as conn:
+            conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(f"{LIFT_TIMEOUT_S}s")))
+            fence.disarm(conn, live.spec.operation)
+
+
+def lift_after_failure(live: Live) -> None:
+    """Whatever went wrong behind the fence, the source takes writes again; a source that does
+    not answer keeps its fence (source_state says so, and a rerun or abort lifts it)."""
+    try:
+        lift(live)
+    except (UserError, psycopg.Error) as exc:
+        live.say(f"the fence could not be lifted ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__});"
+                 f" writes to the range fail until `shardctl apply` finishes the move or"
+                 f" `shardctl abort {live.spec.operation}` undoes it")
+
+
+def remove_guard(live: Live) -> None:
+    """Drop the guard triggers (an abort): one table per short transaction, as they were made."""
+    for source in live.spec.sources:
+        with live.connect(source) as conn:
+            tables = fence.guarded(conn)
+        if not tables:
+            continue
+        with live.connect(source, autocommit=False) as conn:
+            for schema, table in tables:
+                relation = sql.Identifier(schema, table)
+                with_lock_retries(conn, fence.uninstall(relation), relations=[relation.as_string(conn)],
+                                  what=f"remove the fence's guard from {schema}.{table} of {source.dbname}",
+                                  say=live.say, budget_s=live.spec.settings.fence_timeout)

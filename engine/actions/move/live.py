@@ -1,0 +1,212 @@
+"""The live side of one move: what the stages share that is not data. The apply context, the
+operation's journal, the connections held from the copy to the flip, and two caches read once
+per run (each source's tables, whether a target's role may read replication origins). Also
+what every stage says and journals through, and the bounds behind the fence.
+
+Stages receive it explicitly; the state they hand on is theirs (frozen values in
+engine/actions/move/spec.py and the stage modules), not fields of this object.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors, sql
+
+from engine.actions import fence, reference
+from engine.actions.base import ApplyContext
+from engine.actions.move.errors import MoveFailed, overrun, verification_failed
+from engine.actions.move.spec import MoveSpec
+from engine.catalog import store
+from engine.catalog.journal import Operation
+from engine.durations import span
+from engine.errors import UserError
+from engine.plan.models import ShardSpec
+
+
+def background(work: Callable[[], object]) -> Future:
+    """`work()` in a daemon thread, as a future. Behind the fence a result is waited for with a
+    deadline, and a thread that overran it (a statement the server never answers) must not hold
+    the process at its exit as a pool's threads would: it is left behind."""
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # the waiter re-raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="shardctl-move").start()
+    return future
+
+
+@dataclass
+class Live:
+    ctx: ApplyContext
+    op: Operation
+    spec: MoveSpec
+    held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
+    table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
+
+    # ------------------------------------------------------------------ saying and journaling
+
+    def step(self, name: str, **detail: Any) -> AbstractContextManager[dict[str, Any]]:
+        return self.op.step(f"{self.spec.label}: {name}", **detail)
+
+    def say(self, text: str) -> None:
+        self.ctx.say(f"{self.spec.label}: {text}")
+
+    def progress(self, text: str | None = None, **figures: Any) -> None:
+        """A progress report: printed (when there is text), and kept for `status` and the daemon."""
+        if text:
+            self.say(text)
+        report = {"step": self.spec.label, **figures, **({"text": text} if text else {})}
+        self.op.progress(report)
+        self.ctx.progress(report)
+
+    def failure(self, text: str) -> MoveFailed:
+        return verification_failed(self.spec.label, text)
+
+    # ------------------------------------------------------------------ connections
+
+    def connect(self, shard: ShardSpec, **kw: Any) -> AbstractContextManager[psycopg.Connection]:
+        return self.ctx.fleet.servers[shard.server].connect(shard.dbname, **kw)
+
+    def session(self, shard: ShardSpec, second: bool = False) -> AbstractContextManager[psycopg.Connection]:
+        """The connection held open from the copy to the flip when there is one, else a new one.
+        Held because the steps poll every few milliseconds: a new connection each time forked a
+        backend on the source's server per poll (tens per second during the copy), and setting
+        one up inside the fence lengthened the pause."""
+        held = self.held.get(shard.name + "#2" if second else shard.name)
+        return nullcontext(held) if held is not None else self.connect(shard)
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Two connections per source and target, for the steps from the copy to the flip (the
+        second for what runs beside the first behind the fence)."""
+        with ExitStack() as stack:
+            for shard in (*self.spec.sources, *self.spec.targets):
+                for name in (shard.name, shard.name + "#2"):
+                    if name not in self.held:
+                        self.held[name] = stack.enter_context(self.connect(shard))
+            try:
+                yield
+            finally:
+                self.held.clear()
+
+    def release(self) -> None:
+        """Close the held connections now (a target's database is about to be dropped)."""
+        for conn in self.held.values():
+            conn.close()
+        self.held.clear()
+
+    @contextmanager
+    def database(self, shard: ShardSpec) -> Iterator[psycopg.Connection | None]:
+        """A connection to the shard's database, or None when its server answers and the database
+        does not exist (dropped already). A server that does not answer raises ServerUnreachable."""
+        handle = self.ctx.fleet.servers.get(shard.server)
+        if handle is None:
+            raise MoveFailed(f"{self.spec.label}: server {shard.server!r} of {shard.dbname} is no longer declared",
+                             "declare it again so shardctl can remove what the move made there")
+        with handle.connect() as conn:
+            exists = store.database_exists(conn, shard.dbname)
+        if not exists:
+            yield None
+            return
+        with handle.connect(shard.dbname) as conn:
+            yield conn
+
+    def tables(self, shard: ShardSpec) -> list[tuple[str, str]]:
+        """The shard's sharded tables, read once per run (DDL waits while a move is unfinished, and
+        the fence must not spend a connection on this); a reference table's copy is the reference
+        source's to keep."""
+        if shard.name not in self.table_cache:
+            with self.connect(shard) as conn:
+                self.table_cache[shard.name] = [(r[0], r[1]) for r in conn.execute(
+                    "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition"
+                    " AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_shardctl')"
+                    f" AND n.nspname NOT LIKE 'pg_toast%%' AND NOT {reference.GUARDED} ORDER BY 1, 2")]
+        return self.table_cache[shard.name]
+
+    # ------------------------------------------------------------------ the sources' state
+
+    def fenced_for(self) -> float | None:
+        """How long this operation's fence has held the sources (the longest, in seconds, on each
+        source's own clock), from the moment it was armed; None when no source is fenced. A fence
+        outlives the process that made it: an apply killed behind it leaves the range unwritable
+        until a rerun flips it or an abort lifts it."""
+        longest = None
+        for source in self.spec.sources:
+            with self.connect(source) as conn:
+                held = fence.armed_for(conn, self.spec.operation)
+            if held is not None:
+                longest = max(longest or 0.0, held)
+        return longest
+
+    def source_state(self) -> str:
+        """What is true of the sources now, said in a failure's way forward: fenced (an
+        interrupted run's fence holds: writes to the range fail) or taking writes."""
+        names = ", ".join(f"{s.dbname} on server {s.server}" for s in self.spec.sources)
+        operation = self.spec.operation
+        try:
+            fenced = self.fenced_for()
+        except (UserError, psycopg.OperationalError):
+            return (f"whether the source ({names}) is still fenced is unknown: its server does not answer;"
+                    f" `shardctl apply` resumes the move once it does, `shardctl abort {operation}` undoes it")
+        if fenced is None:
+            return (f"the source ({names}) takes writes as before; `shardctl apply` resumes the move,"
+                    f" `shardctl abort {operation}` removes what it created")
+        return (f"the source ({names}) is still fenced by an interrupted run, for {span(fenced)} now: writes"
+                f" to the range fail until `shardctl apply` finishes the move, or `shardctl abort {operation}`"
+                " lifts the fence and removes the copy")
+
+    # ------------------------------------------------------------------ behind the fence
+
+    @contextmanager
+    def bounded(self) -> Iterator[None]:
+        """From the fence to the flip: every statement on the held connections ends within
+        `moves.fence_timeout` (a lock wait, a hung query), and then raises."""
+        limit = sql.SQL("SET statement_timeout = {}").format(
+            sql.Literal(f"{round(self.spec.settings.fence_timeout * 1000)}ms"))
+        for conn in self.held.values():
+            conn.execute(limit)
+        try:
+            yield
+        finally:
+            for conn in self.held.values():
+                if not conn.closed and not conn.broken:
+                    with suppress(psycopg.Error):
+                        conn.execute("RESET statement_timeout")
+
+    @contextmanager
+    def behind(self, what: str) -> Iterator[None]:
+        """A wait behind the fence: a statement its statement_timeout cancelled, or a thread's
+        result not there by its deadline, is the fence's overrun; what still runs on the held
+        connections is cancelled, and MoveFailed says WHAT did not finish."""
+        try:
+            yield
+        except (FutureTimeout, errors.QueryCanceled):
+            for conn in self.held.values():
+                with suppress(psycopg.Error):
+                    conn.cancel_safe(timeout=1.0)
+            raise self.overrun(what) from None
+
+    def within(self, future: Future, deadline: float, what: str) -> Any:
+        """The future's result by the deadline (monotonic), else the fence's overrun."""
+        with self.behind(what):
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def overrun(self, what: str) -> MoveFailed:
+        return overrun(self.spec.label, self.spec.operation, self.spec.settings.fence_timeout, what)
