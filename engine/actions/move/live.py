@@ -168,7 +168,7 @@ class Live:
         if fenced is None:
             return (f"the source ({names}) takes writes as before; `shardctl apply` resumes the move,"
                     f" `shardctl abort {operation}` removes what it created")
-        return (f"the source ({names}) is still fenced by an interrupted run, for {span(fenced)} now: writes"
+        return (f"the source ({names}) is still fenced by an interrupted run, for {span(round(fenced))} now: writes"
                 f" to the range fail until `shardctl apply` finishes the move, or `shardctl abort {operation}`"
                 " lifts the fence and removes the copy")
 

@@ -129,7 +129,7 @@ def _caught_up(live: Live, now: Progress, rates: RateMeter, final: bool) -> None
 def _tell_copy(live: Live, now: Progress, rates: RateMeter, expected_tables: int, expected_rows: int) -> None:
     rows_rate = rates.copy_rate
     remaining = max(0, expected_rows - now.copied_rows)
-    eta = f", ETA {span(remaining / rows_rate)}" if rows_rate > 0 and expected_rows else ", ETA unknown"
+    eta = f", ETA {span(round(remaining / rows_rate))}" if rows_rate > 0 and expected_rows else ", ETA unknown"
     of = f" of ~{expected_rows:,}" if expected_rows else ""
     live.progress(phase="copy", tables_ready=now.ready, tables=expected_tables, rows_copied=now.copied_rows,
                   rows_expected=expected_rows, bytes_copied=now.copied_bytes, rows_per_s=round(rows_rate),
@@ -140,7 +140,7 @@ def _tell_copy(live: Live, now: Progress, rates: RateMeter, expected_tables: int
 
 def _tell_catch_up(live: Live, now: Progress, rates: RateMeter) -> None:
     gain = rates.apply_rate - rates.wal_rate
-    eta = f", ETA {span(now.lag / gain)}" if gain > 0 else ", not converging yet"
+    eta = f", ETA {span(round(now.lag / gain))}" if gain > 0 else ", not converging yet"
     live.progress(phase="catch-up", lag_bytes=now.lag, wal_rate=rates.wal_rate, apply_rate=rates.apply_rate,
                   text=f"catching up: lag {now.lag / 1e6:.1f} MB, source writes"
                        f" {rates.wal_rate / 1e6:.1f} MB/s, targets apply"
@@ -169,7 +169,7 @@ def _refuse_failing(live: Live, watch: _Watch) -> None:
     raise MoveFailed(
         f"{live.spec.label}: replication into {link.target.dbname} on server {link.target.server} is"
         f" failing: {apply_errors} apply errors and {sync_errors} table-sync errors in the"
-        f" {span(time.monotonic() - watch.began)} since this step began",
+        f" {span(round(time.monotonic() - watch.began))} since this step began",
         f"server {link.target.server}'s log says why (look for subscription {live.spec.link_name(link)})."
         f" Fix the cause; {live.source_state()}")
 
