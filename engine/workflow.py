@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.catalog import journal, schema, store
@@ -16,6 +17,7 @@ from engine.catalog.lock import apply_lock
 from engine.collect import history
 from engine.collect.observer import inspect_shards, observe
 from engine.collect.sampling import LiveSampler
+from engine.collect.sql_cache import CleanSql
 from engine.config import loader
 from engine.config.loader import Desired
 from engine.config.models import Policy
@@ -116,8 +118,11 @@ class Planned:
 
 def load(config_dir: str) -> Desired:
     """The config as plan and apply see it: a schema without the shard key is refused by the
-    planner, which then also names what a shard-key change would destroy."""
-    desired = loader.load(config_dir, defer_key_checks=True)
+    planner, which then also names what a shard-key change would destroy. The schema SQL that
+    was found clean before is not parsed again (engine.collect.sql_cache)."""
+    known_clean = CleanSql.for_config(Path(config_dir).resolve())
+    desired = loader.load(config_dir, defer_key_checks=True, known_clean=known_clean)
+    known_clean.save()
     catalog = desired.servers.get(desired.catalog_server or "")
     never_applied = catalog is not None and catalog.embedded and not (desired.directory / ".shardctl").exists()
     if desired.key_problems and never_applied:
