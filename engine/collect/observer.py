@@ -80,26 +80,9 @@ def inspect_shards(fleet: Fleet, observation: Observation, deadline: float = INV
     that does not answer, or that runs out of its deadline, is left out: unknown, not missing,
     so the planner does not act on it; the plan's notes say which server and why. `spent` is
     filled with what looking cost each shard (statements, ms), for the metric sampler."""
-    catalog, servers = observation.catalog, observation.servers
-    count = at_risk(fleet, catalog)
+    catalog = observation.catalog
     cache = SchemaCache.for_config(fleet.desired.directory)
-    shards: dict[str, LiveShard] = {}
-    jobs: dict[str, dict[str, Callable[[fanout.Watch], object]]] = {}
-    for database in catalog.databases.values():
-        for shard in database.shards:
-            live = servers.get(shard.server)
-            if live is None or not live.reachable:
-                continue  # unknown, not missing: the planner must not act on it
-            if shard.dbname not in live.databases:
-                shards[shard.address] = LiveShard(exists=False)
-                continue
-            jobs.setdefault(shard.server, {})[f"shard {shard.address}"] = _shard_job(
-                fleet, shard.server, shard.dbname, holdings=database.name in count, cache=cache)
-    for branch in catalog.branches.values():
-        live = servers.get(branch.server)
-        if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
-            continue
-        jobs.setdefault(branch.server, {})[f"branch {branch.name}"] = _branch_job(fleet, branch.server, branch.dbname)
+    shards, jobs = _jobs(fleet, observation, cache)
     outcomes = fanout.fan_out_grouped(jobs, deadline, per_group=per_server)
     branches: dict = {}
     branch_holdings: dict = {}
@@ -132,19 +115,56 @@ def inspect_shards(fleet: Fleet, observation: Observation, deadline: float = INV
                                           "inventory_notes": observation.inventory_notes + notes})
 
 
-def _connect(fleet: Fleet, server: str, dbname: str, watch: fanout.Watch):
-    handle = fleet.servers[server]
-    params = {"connect_timeout": watch.connect_timeout(), **handle.params(dbname), "application_name": APPLICATION}
+def _jobs(fleet: Fleet, observation: Observation, cache: SchemaCache,
+          ) -> tuple[dict[str, LiveShard], dict[str, dict[str, Callable[[fanout.Watch], object]]]]:
+    """The shards known not to exist, and a job per shard and active branch to look into, by
+    server (none on a server that did not answer: unknown, not missing)."""
+    catalog, servers = observation.catalog, observation.servers
+    count = at_risk(fleet, catalog)
+    shards: dict[str, LiveShard] = {}
+    jobs: dict[str, dict[str, Callable[[fanout.Watch], object]]] = {}
+    params: dict[str, dict] = {}  # one server's for all its databases (an embedded one's are read from files)
+
+    def reach(server: str, dbname: str) -> dict:
+        if server not in params:
+            params[server] = fleet.servers[server].params()
+        return {**params[server], "dbname": dbname}
+
+    for database in catalog.databases.values():
+        for shard in database.shards:
+            live = servers.get(shard.server)
+            if live is None or not live.reachable:
+                continue  # unknown, not missing: the planner must not act on it
+            if shard.dbname not in live.databases:
+                shards[shard.address] = LiveShard(exists=False)
+                continue
+            jobs.setdefault(shard.server, {})[f"shard {shard.address}"] = _shard_job(
+                fleet, shard.server, reach(shard.server, shard.dbname), holdings=database.name in count, cache=cache)
+    for branch in catalog.branches.values():
+        live = servers.get(branch.server)
+        if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
+            continue
+        jobs.setdefault(branch.server, {})[f"branch {branch.name}"] = _branch_job(
+            fleet, branch.server, reach(branch.server, branch.dbname))
+    return shards, jobs
+
+
+def _connect(fleet: Fleet, server: str, params: dict, watch: fanout.Watch):
+    """`params`: the server's, with the database's name (ServerHandle.params)."""
     try:
-        return psycopg.connect(**params, autocommit=True)
+        # a DSN's own connect_timeout wins over the watch's, and the inventory's name over a DSN's
+        reading = {"connect_timeout": watch.connect_timeout(), **params, "application_name": APPLICATION}
+        return psycopg.connect(**reading, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise ServerUnreachable(server, dbname, exc, handle.how_to_reach()) from None
+        raise ServerUnreachable(server, params["dbname"], exc, fleet.servers[server].how_to_reach()) from None
 
 
-def _shard_job(fleet: Fleet, server: str, dbname: str, holdings: bool,
+def _shard_job(fleet: Fleet, server: str, params: dict, holdings: bool,
                cache: SchemaCache) -> Callable[[fanout.Watch], tuple[LiveShard, tuple[int, float]]]:
+    dbname = params["dbname"]
+
     def read(watch: fanout.Watch) -> tuple[LiveShard, tuple[int, float]]:
-        with _connect(fleet, server, dbname, watch) as conn, watch.connection(conn):
+        with _connect(fleet, server, params, watch) as conn, watch.connection(conn):
             facts = introspect.shard_facts(conn)
             statements, started = facts.statements, time.monotonic()
             cached = cache.get(server, dbname, facts.signature)
@@ -163,9 +183,9 @@ def _shard_job(fleet: Fleet, server: str, dbname: str, holdings: bool,
     return read
 
 
-def _branch_job(fleet: Fleet, server: str, dbname: str) -> Callable[[fanout.Watch], tuple]:
+def _branch_job(fleet: Fleet, server: str, params: dict) -> Callable[[fanout.Watch], tuple]:
     def read(watch: fanout.Watch) -> tuple:
-        with _connect(fleet, server, dbname, watch) as conn, watch.connection(conn):
+        with _connect(fleet, server, params, watch) as conn, watch.connection(conn):
             return introspect.snapshot(conn), _holding(conn)[0]
     return read
 
