@@ -23,6 +23,8 @@ import psycopg
 from engine.catalog import backups as backup_catalog
 from engine.catalog import store
 from engine.clock import Clock, system_clock
+from engine.collect import early as early_connections
+from engine.collect.early import APPLICATION, EarlyConnections
 from engine.collect.schema_cache import SchemaCache
 from engine.errors import redact
 from engine.observe import capabilities, fanout, introspect, replication
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 
 INVENTORY_DEADLINE = 10.0  # seconds one server's inventory may take, connecting included
 PER_SERVER = 4  # shard databases of one server read at once
-APPLICATION = "shardctl-inventory"  # the metric readings leave these sessions out (engine.collect.collectors)
 
 
 def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True,
@@ -74,15 +75,17 @@ def at_risk(fleet: Fleet, catalog: CatalogState) -> set[str]:
 
 
 def inspect_shards(fleet: Fleet, observation: Observation, deadline: float = INVENTORY_DEADLINE,
-                   per_server: int = PER_SERVER, spent: dict[str, tuple[int, float]] | None = None) -> Observation:
+                   per_server: int = PER_SERVER, spent: dict[str, tuple[int, float]] | None = None,
+                   early: EarlyConnections | None = None) -> Observation:
     """Look into every shard the catalog knows, and every active branch: does it exist, what
     schema does it have (and, for what a plan could destroy, what it holds). A shard on a server
     that does not answer, or that runs out of its deadline, is left out: unknown, not missing,
     so the planner does not act on it; the plan's notes say which server and why. `spent` is
-    filled with what looking cost each shard (statements, ms), for the metric sampler."""
+    filled with what looking cost each shard (statements, ms), for the metric sampler. With
+    `early`, a connection it opened for a shard's database is used (engine.collect.early)."""
     catalog = observation.catalog
     cache = SchemaCache.for_config(fleet.desired.directory)
-    shards, jobs = _jobs(fleet, observation, cache)
+    shards, jobs = _jobs(fleet, observation, cache, early)
     outcomes = fanout.fan_out_grouped(jobs, deadline, per_group=per_server)
     branches: dict = {}
     branch_holdings: dict = {}
@@ -115,19 +118,23 @@ def inspect_shards(fleet: Fleet, observation: Observation, deadline: float = INV
                                           "inventory_notes": observation.inventory_notes + notes})
 
 
-def _jobs(fleet: Fleet, observation: Observation, cache: SchemaCache,
+def _jobs(fleet: Fleet, observation: Observation, cache: SchemaCache, early: EarlyConnections | None,
           ) -> tuple[dict[str, LiveShard], dict[str, dict[str, Callable[[fanout.Watch], object]]]]:
     """The shards known not to exist, and a job per shard and active branch to look into, by
-    server (none on a server that did not answer: unknown, not missing)."""
+    server (none on a server that did not answer: unknown, not missing). Their databases, in the
+    order they are read, are kept for the next plan's early connections."""
     catalog, servers = observation.catalog, observation.servers
     count = at_risk(fleet, catalog)
     shards: dict[str, LiveShard] = {}
     jobs: dict[str, dict[str, Callable[[fanout.Watch], object]]] = {}
     params: dict[str, dict] = {}  # one server's for all its databases (an embedded one's are read from files)
 
-    def reach(server: str, dbname: str) -> dict:
+    databases: dict[str, dict[str, str]] = {}  # server -> job -> database
+
+    def reach(server: str, job: str, dbname: str) -> dict:
         if server not in params:
             params[server] = fleet.servers[server].params()
+        databases.setdefault(server, {})[job] = dbname
         return {**params[server], "dbname": dbname}
 
     for database in catalog.databases.values():
@@ -138,19 +145,27 @@ def _jobs(fleet: Fleet, observation: Observation, cache: SchemaCache,
             if shard.dbname not in live.databases:
                 shards[shard.address] = LiveShard(exists=False)
                 continue
-            jobs.setdefault(shard.server, {})[f"shard {shard.address}"] = _shard_job(
-                fleet, shard.server, reach(shard.server, shard.dbname), holdings=database.name in count, cache=cache)
+            job = f"shard {shard.address}"
+            jobs.setdefault(shard.server, {})[job] = _shard_job(
+                fleet, shard.server, reach(shard.server, job, shard.dbname), database.name in count, cache, early)
     for branch in catalog.branches.values():
         live = servers.get(branch.server)
         if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
             continue
-        jobs.setdefault(branch.server, {})[f"branch {branch.name}"] = _branch_job(
-            fleet, branch.server, reach(branch.server, branch.dbname))
+        job = f"branch {branch.name}"
+        jobs.setdefault(branch.server, {})[job] = _branch_job(fleet, branch.server,
+                                                              reach(branch.server, job, branch.dbname), early)
+    early_connections.remember(fleet.desired.directory, {
+        server: (early_connections.recipe(fleet.servers[server]), [by_job[j] for j in sorted(by_job)])
+        for server, by_job in databases.items()})
     return shards, jobs
 
 
-def _connect(fleet: Fleet, server: str, params: dict, watch: fanout.Watch):
+def _connect(fleet: Fleet, server: str, params: dict, watch: fanout.Watch, early: EarlyConnections | None):
     """`params`: the server's, with the database's name (ServerHandle.params)."""
+    opened = early.take(server, params, timeout=watch.remaining()) if early is not None else None
+    if opened is not None:
+        return opened
     try:
         # a DSN's own connect_timeout wins over the watch's, and the inventory's name over a DSN's
         reading = {"connect_timeout": watch.connect_timeout(), **params, "application_name": APPLICATION}
@@ -159,12 +174,12 @@ def _connect(fleet: Fleet, server: str, params: dict, watch: fanout.Watch):
         raise ServerUnreachable(server, params["dbname"], exc, fleet.servers[server].how_to_reach()) from None
 
 
-def _shard_job(fleet: Fleet, server: str, params: dict, holdings: bool,
-               cache: SchemaCache) -> Callable[[fanout.Watch], tuple[LiveShard, tuple[int, float]]]:
+def _shard_job(fleet: Fleet, server: str, params: dict, holdings: bool, cache: SchemaCache,
+               early: EarlyConnections | None) -> Callable[[fanout.Watch], tuple[LiveShard, tuple[int, float]]]:
     dbname = params["dbname"]
 
     def read(watch: fanout.Watch) -> tuple[LiveShard, tuple[int, float]]:
-        with _connect(fleet, server, params, watch) as conn, watch.connection(conn):
+        with _connect(fleet, server, params, watch, early) as conn, watch.connection(conn):
             facts = introspect.shard_facts(conn)
             statements, started = facts.statements, time.monotonic()
             cached = cache.get(server, dbname, facts.signature)
@@ -183,9 +198,10 @@ def _shard_job(fleet: Fleet, server: str, params: dict, holdings: bool,
     return read
 
 
-def _branch_job(fleet: Fleet, server: str, params: dict) -> Callable[[fanout.Watch], tuple]:
+def _branch_job(fleet: Fleet, server: str, params: dict,
+                early: EarlyConnections | None) -> Callable[[fanout.Watch], tuple]:
     def read(watch: fanout.Watch) -> tuple:
-        with _connect(fleet, server, params, watch) as conn, watch.connection(conn):
+        with _connect(fleet, server, params, watch, early) as conn, watch.connection(conn):
             return introspect.snapshot(conn), _holding(conn)[0]
     return read
 
