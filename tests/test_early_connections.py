@@ -53,6 +53,7 @@ def test_the_inspection_takes_the_connections_opened_early_and_sees_the_same(app
     assert stat.S_IMODE(record.stat().st_mode) == 0o600
     servers = json.loads(record.read_text())["servers"]
     assert sum(len(s["databases"]) for s in servers.values()) == 4
+    assert all(0 < s["recipe"]["ahead"] <= early.MAX_AHEAD for s in servers.values())  # from each one's room
 
     Counting.taken = 0
     opened = Counting.start(fleet.path)
@@ -105,7 +106,9 @@ def test_a_server_that_does_not_answer_is_not_waited_for(applied_fleet, tmp_path
 def test_a_dsn_is_kept_as_the_name_of_its_variable(monkeypatch):
     monkeypatch.setenv("ORDERS_DSN", "host=db.example port=6432 user=app password=s3cret dbname=postgres")
     handle = ServerHandle("a", models.Server(dsn_env="ORDERS_DSN"), Path("/nowhere"))
-    kept = early.recipe(handle)
-    assert kept == {"dsn_env": "ORDERS_DSN"}
+    kept = early.recipe(handle, free=70)
+    assert kept == {"dsn_env": "ORDERS_DSN", "ahead": 35}  # half of what was free
+    assert early.recipe(handle, free=1)["ahead"] == 0  # a server with no room: nothing opened ahead
+    assert early.recipe(handle, free=None)["ahead"] == early.DEFAULT_AHEAD
     # read again when the next plan starts: the same parameters the fleet gives, secret included
     assert early._params(kept, "orders_min_40") == handle.params("orders_min_40")

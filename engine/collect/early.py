@@ -10,10 +10,12 @@ inspection takes a connection only when it was opened with exactly the parameter
 gives now for that database (else it connects as before), and runs its statements after the
 metric sampler's first reading, as before. What this changes is only when the connections open.
 
-Bounded: at most AHEAD connections per server open and not yet taken, WORKERS at once, each
-connect within CONNECT_TIMEOUT; a server that fails once is not tried again (the inspection
-then connects, and reports, as before), and the inspection never waits for a connect in flight
-beyond that timeout. What is not taken is closed at the end.
+Bounded: per server, open and not yet taken, at most half the connections it had free at the
+last inventory (max_connections less the reserved and the sessions then open) and at most
+MAX_AHEAD (DEFAULT_AHEAD when it was not known); WORKERS at once, each connect within
+CONNECT_TIMEOUT; a server that fails once is not tried again (the inspection then connects, and
+reports, as before), and the inspection never waits for a connect in flight beyond that
+timeout. What is not taken is closed at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 FILE = Path(".shardctl") / "cache" / "connect.json"
 VERSION = 1
 APPLICATION = "shardctl-inventory"  # the metric readings leave these sessions out (engine.collect.collectors)
-AHEAD = 16  # connections per server opened and not yet taken
+MAX_AHEAD = 128  # connections per server opened and not yet taken
+DEFAULT_AHEAD = 16  # the same for a server whose free connections were not known
 WORKERS = 8
 CONNECT_TIMEOUT = "2"  # seconds (libpq's least)
 
@@ -58,11 +61,13 @@ def _params(recipe: dict[str, Any], dbname: str) -> dict[str, Any] | None:
     return params
 
 
-def recipe(handle) -> dict[str, Any]:
-    """How a server is reached, without a secret: a DSN by the name of its variable."""
+def recipe(handle, free: int | None) -> dict[str, Any]:
+    """How a server is reached, without a secret (a DSN by the name of its variable), and how many
+    connections may be opened ahead on it, from `free`: those it had free just now."""
+    ahead = DEFAULT_AHEAD if free is None else max(0, min(MAX_AHEAD, free // 2))
     if handle.spec.dsn_env:
-        return {"dsn_env": handle.spec.dsn_env}
-    return {"params": {k: v for k, v in handle.params().items() if k != "dbname"}}
+        return {"dsn_env": handle.spec.dsn_env, "ahead": ahead}
+    return {"params": {k: v for k, v in handle.params().items() if k != "dbname"}, "ahead": ahead}
 
 
 def remember(directory: Path, servers: dict[str, tuple[dict[str, Any], list[str]]]) -> None:
@@ -88,8 +93,9 @@ def remember(directory: Path, servers: dict[str, tuple[dict[str, Any], list[str]
 
 
 class EarlyConnections:
-    def __init__(self, queue: list[tuple[str, dict[str, Any]]]):
+    def __init__(self, queue: list[tuple[str, dict[str, Any]]], ahead: dict[str, int]):
         self._queue = queue  # (server, params) in the order they will be asked for
+        self._ahead = ahead
         self._cond = threading.Condition()
         self._state: dict[str, Any] = {_key(p): _QUEUED for _, p in queue}
         self._open: dict[str, int] = {}
@@ -105,13 +111,15 @@ class EarlyConnections:
             servers = data["servers"] if data.get("version") == VERSION else {}
             lists = [[(name, p) for db in entry["databases"] if (p := _params(entry["recipe"], db)) is not None]
                      for name, entry in sorted(servers.items())]
+            ahead = {name: min(MAX_AHEAD, int(entry["recipe"].get("ahead", DEFAULT_AHEAD)))
+                     for name, entry in servers.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         # the servers in turn, as the inspection takes them (engine.observe.fanout.fan_out_grouped)
         queue = [item for turn in _interleave(lists) for item in turn]
         if not queue:
             return None
-        early = cls(queue)
+        early = cls(queue, ahead)
         for _ in range(min(WORKERS, len(queue))):
             threading.Thread(target=early._work, name="shardctl-early", daemon=True).start()
         return early
@@ -127,7 +135,7 @@ class EarlyConnections:
                     if i == self._next:
                         self._next += 1
                     continue
-                if self._open.get(server, 0) >= AHEAD:
+                if self._open.get(server, 0) >= self._ahead.get(server, 0):
                     waiting = True
                     continue
                 self._state[key] = _CONNECTING
@@ -135,7 +143,7 @@ class EarlyConnections:
                 return server, key, params
             if not waiting:
                 return None
-            self._cond.wait()
+            self._cond.wait()  # for a connection to be taken
         return None
 
     def _work(self) -> None:

@@ -156,9 +156,19 @@ def _jobs(fleet: Fleet, observation: Observation, cache: SchemaCache, early: Ear
         jobs.setdefault(branch.server, {})[job] = _branch_job(fleet, branch.server,
                                                               reach(branch.server, job, branch.dbname), early)
     early_connections.remember(fleet.desired.directory, {
-        server: (early_connections.recipe(fleet.servers[server]), [by_job[j] for j in sorted(by_job)])
+        server: (early_connections.recipe(fleet.servers[server], _free(servers[server])),
+                 [by_job[j] for j in sorted(by_job)])
         for server, by_job in databases.items()})
     return shards, jobs
+
+
+def _free(server: LiveServer) -> int | None:
+    """The connections a server had free (for the role) when inspected; None when not known."""
+    caps = server.capabilities
+    if caps is None:
+        return None
+    free = caps.max_connections - caps.reserved_connections - caps.connections
+    return min(free, caps.role_connection_limit) if caps.role_connection_limit >= 0 else free
 
 
 def _connect(fleet: Fleet, server: str, params: dict, watch: fanout.Watch, early: EarlyConnections | None):
