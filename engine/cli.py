@@ -1027,6 +1027,19 @@ def interrupted_hint(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    finally:
+        # The command is done and the process ends: what is left is freed with the process, not
+        # by the collector's last full pass over every object (50-90 ms after a plan at 256 shards).
+        # Nothing is skipped that must run: atexit handlers still run, files and connections are
+        # closed by their owners before this point.
+        import gc
+
+        gc.freeze()
+
+
+def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rv = cli.main(args=argv, prog_name="shardctl", standalone_mode=False)
