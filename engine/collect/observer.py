@@ -7,8 +7,10 @@ time and fanout.MAX_WORKERS in all, each with one query for the signature of its
 ledger of steps (engine.observe.introspect.shard_facts), and two more, for them, only when they
 are not cached under that signature (engine.collect.schema_cache); a server's shards share its
 deadline, so a server that hangs costs only its own shards, which stay unknown (never missing)
-with the reason. Rows and sizes (what a destruction would lose) are counted only for the
-databases a plan could destroy: counting reads up to 100,000 rows a table.
+with the reason. A plan hands in the connections it opened while it started
+(engine.collect.early): a shard's is used only when opened with exactly the parameters the fleet
+gives now. Rows and sizes (what a destruction would lose) are counted only for the databases a
+plan could destroy: counting reads up to 100,000 rows a table.
 """
 
 from __future__ import annotations
@@ -128,8 +130,7 @@ def _jobs(fleet: Fleet, observation: Observation, cache: SchemaCache, early: Ear
     shards: dict[str, LiveShard] = {}
     jobs: dict[str, dict[str, Callable[[fanout.Watch], object]]] = {}
     params: dict[str, dict] = {}  # one server's for all its databases (an embedded one's are read from files)
-
-    databases: dict[str, dict[str, str]] = {}  # server -> job -> database
+    databases: dict[str, dict[str, str]] = {}  # server -> job -> database, for the next plan's early connections
 
     def reach(server: str, job: str, dbname: str) -> dict:
         if server not in params:
