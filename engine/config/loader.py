@@ -757,21 +757,28 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
                 known_clean.add(checked)
         steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
     if len(steps) == len(database.schema_):
-        shard_key = database.shard_key
         reference = {table: doc.value_loc(("databases", name, "reference_tables", i))
                      for i, table in enumerate(database.reference_tables)}
-        checked = known_clean.key("shard key", shard_key.column, shard_key.type, json.dumps(sorted(reference)),
-                                  json.dumps([s.sql for s in steps])) if known_clean else ""
-        if not known_clean or checked not in known_clean:
-            from engine.config import sqlcheck  # pglast: only where a check runs
-
-            found_wrong = sqlcheck.key_problems(
-                [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type, reference
-            )
-            key_problems.extend(found_wrong)
-            if known_clean and not found_wrong:
-                known_clean.add(checked)
+        key_problems.extend(_key_problems(steps, database.shard_key, reference, known_clean))
     return steps
+
+
+def _key_problems(steps: list[SchemaStep], shard_key: models.ShardKey, reference: dict[str, Location],
+                  known_clean: KnownClean | None) -> list[Diagnostic]:
+    """The shard key check of all of a database's steps (engine.config.sqlcheck.key_problems),
+    unless it found nothing before for the same steps, key and reference tables."""
+    checked = known_clean.key("shard key", shard_key.column, shard_key.type, json.dumps(sorted(reference)),
+                              json.dumps([s.sql for s in steps])) if known_clean else ""
+    if known_clean and checked in known_clean:
+        return []
+    from engine.config import sqlcheck  # pglast: only where a check runs
+
+    found_wrong = sqlcheck.key_problems(
+        [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type, reference
+    )
+    if known_clean and not found_wrong:
+        known_clean.add(checked)
+    return found_wrong
 
 
 def _step_problems(sql: str, where: Location, allowed: bool) -> list[Diagnostic]:
