@@ -83,6 +83,21 @@ def test_a_connection_opened_with_other_parameters_is_not_used(applied_fleet):
     assert "options" not in record.read_text()
 
 
+def test_a_database_gone_since_the_last_plan_costs_only_its_own_connection(applied_fleet, monkeypatch):
+    fleet = applied_fleet
+    monkeypatch.setattr(early, "WORKERS", 1)  # one after another: the failure comes first
+    assert fleet.cli("plan").code == 0
+    record = fleet.path / early.FILE
+    data = json.loads(record.read_text())
+    data["servers"]["a"]["databases"].insert(0, "orders_retired_by_apply")  # dropped since
+    record.write_text(json.dumps(data))
+    Counting.taken = 0
+    planned = _plan(fleet, Counting.start(fleet.path))
+    assert Counting.taken == 4  # the server's other databases were still opened early
+    assert not planned.plan.has_changes
+    _none_left_open(fleet)
+
+
 def test_a_server_that_does_not_answer_is_not_waited_for(applied_fleet, tmp_path):
     fleet = applied_fleet
     assert fleet.cli("plan").code == 0

@@ -13,8 +13,8 @@ metric sampler's first reading, as before. What this changes is only when the co
 Bounded: per server, open and not yet taken, at most half the connections it had free at the
 last inventory (max_connections less the reserved and the sessions then open) and at most
 MAX_AHEAD (DEFAULT_AHEAD when it was not known); WORKERS at once, each connect within
-CONNECT_TIMEOUT; a server that fails once is not tried again (the inspection then connects, and
-reports, as before), and the inspection never waits for a connect in flight beyond that
+CONNECT_TIMEOUT; a server that fails GIVE_UP times is not tried again (the inspection then
+connects, and reports, as before), and the inspection never waits for a connect in flight beyond that
 timeout. What is not taken is closed at the end.
 """
 
@@ -33,6 +33,7 @@ MAX_AHEAD = 128  # connections per server opened and not yet taken
 DEFAULT_AHEAD = 16  # the same for a server whose free connections were not known
 WORKERS = 8
 CONNECT_TIMEOUT = "2"  # seconds (libpq's least)
+GIVE_UP = 3  # failed connects after which a server is not tried again
 
 _QUEUED, _CONNECTING, _FAILED, _TAKEN = "queued", "connecting", "failed", "taken"
 
@@ -100,6 +101,7 @@ class EarlyConnections:
         self._state: dict[str, Any] = {_key(p): _QUEUED for _, p in queue}
         self._open: dict[str, int] = {}
         self._failed: set[str] = set()
+        self._failures: dict[str, int] = {}
         self._next = 0
         self._closed = False
 
@@ -160,7 +162,11 @@ class EarlyConnections:
                                           "application_name": APPLICATION}, autocommit=True)
             except Exception:  # any failure: the inspection connects, and reports, itself
                 with self._cond:
-                    self._failed.add(server)
+                    # one database may be gone since (a shard retired by apply); a server that
+                    # fails GIVE_UP times is down or refuses: it is not tried again
+                    self._failures[server] = self._failures.get(server, 0) + 1
+                    if self._failures[server] >= GIVE_UP:
+                        self._failed.add(server)
                     self._state[key] = _FAILED
                     self._open[server] -= 1
                     self._cond.notify_all()
