@@ -34,6 +34,7 @@ DEFAULT_AHEAD = 16  # the same for a server whose free connections were not know
 WORKERS = 8
 CONNECT_TIMEOUT = "2"  # seconds (libpq's least)
 GIVE_UP = 3  # failed connects after which a server is not tried again
+WAIT = 2.5  # seconds `take` waits for a connect in flight (it ends within CONNECT_TIMEOUT anyway)
 
 _QUEUED, _CONNECTING, _FAILED, _TAKEN = "queued", "connecting", "failed", "taken"
 
@@ -183,10 +184,10 @@ class EarlyConnections:
 
     def take(self, server: str, params: dict[str, Any], timeout: float):
         """The connection opened for exactly these parameters, or None (then the caller
-        connects): one in flight is waited for, at most `timeout` seconds."""
+        connects): one in flight is waited for, at most `timeout` and WAIT seconds."""
         key = _key(params)
         with self._cond:
-            self._cond.wait_for(lambda: self._state.get(key) != _CONNECTING, timeout=timeout)
+            self._cond.wait_for(lambda: self._state.get(key) != _CONNECTING, timeout=min(timeout, WAIT))
             found = self._state.get(key)
             self._state[key] = _TAKEN
             if found is None or isinstance(found, str):
