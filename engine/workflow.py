@@ -9,13 +9,16 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.catalog import journal, schema, store
 from engine.catalog.lock import apply_lock
 from engine.collect import history
+from engine.collect.early import EarlyConnections
 from engine.collect.observer import inspect_shards, observe
 from engine.collect.sampling import LiveSampler
+from engine.collect.sql_cache import CleanSql
 from engine.config import loader
 from engine.config.loader import Desired
 from engine.config.models import Policy
@@ -116,8 +119,11 @@ class Planned:
 
 def load(config_dir: str) -> Desired:
     """The config as plan and apply see it: a schema without the shard key is refused by the
-    planner, which then also names what a shard-key change would destroy."""
-    desired = loader.load(config_dir, defer_key_checks=True)
+    planner, which then also names what a shard-key change would destroy. The schema SQL that
+    was found clean before is not parsed again (engine.collect.sql_cache)."""
+    known_clean = CleanSql.for_config(Path(config_dir).resolve())
+    desired = loader.load(config_dir, defer_key_checks=True, known_clean=known_clean)
+    known_clean.save()
     catalog = desired.servers.get(desired.catalog_server or "")
     never_applied = catalog is not None and catalog.embedded and not (desired.directory / ".shardctl").exists()
     if desired.key_problems and never_applied:
@@ -127,19 +133,19 @@ def load(config_dir: str) -> Desired:
 
 def make_plan(desired: Desired, say: Say = lambda _: None, metrics_file: str | Recording | None = None,
               wait_for_apply: float | None = None, baseline: tuple[Desired, str] | None = None,
-              requests: Requests | None = None) -> Planned:
+              requests: Requests | None = None, early: EarlyConnections | None = None) -> Planned:
     """Observe and plan. With `wait_for_apply` (seconds), first wait for the apply lock, so that
     an apply in flight is not seen half done (drift checks). `requests`: splits and merges asked
-    for by hand."""
+    for by hand; `early`: the shards' connections opened while the command started."""
     fleet = Fleet(desired)
     fleet.start_embedded(say)
     with fleet.catalog(create=False) as conn:
         if conn is not None and wait_for_apply is not None and schema.installed_version(conn):
             with apply_lock(conn, "drift check", timeout=wait_for_apply,
                             on_wait=lambda: say("Waiting for an apply in flight to finish...")):
-                observation = observe_all(desired, fleet, conn, metrics_file)
+                observation = observe_all(desired, fleet, conn, metrics_file, early)
         else:
-            observation = observe_all(desired, fleet, conn, metrics_file)
+            observation = observe_all(desired, fleet, conn, metrics_file, early)
     observation, plan = plan_with_strays(desired, fleet, observation, requests)
     if baseline is not None:
         from engine.plan import whatif
@@ -178,7 +184,8 @@ def count_strays(fleet: Fleet, plan: Plan) -> dict[str, dict[str, int]]:
     return found
 
 
-def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | Recording | None = None) -> Observation:
+def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | Recording | None = None,
+                early: EarlyConnections | None = None) -> Observation:
     """Catalog and servers, then load and the shards' schemas, on one connection per server
     (kept by the metric sampler) and one per shard. The load's two readings, where the catalog
     has no fresh sample, are taken around the shards' inspection, whose own statements are left
@@ -188,7 +195,7 @@ def observe_all(desired: Desired, fleet: Fleet, conn, metrics_file: str | Record
         live = history.LiveMetrics(desired, fleet, conn, observation, metrics_file, sampler)
         live.settle()
         spent: dict[str, tuple[int, float]] = {}
-        observation = inspect_shards(fleet, observation, spent=spent)
+        observation = inspect_shards(fleet, observation, spent=spent, early=early)
         return live.finish(observation, spent)
 
 

@@ -37,8 +37,7 @@ from engine.actions.leftovers import unlink_database
 from engine.actions.replica import detach_reference, reference_source
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
-from engine.config.names import reference_dbname
-from engine.config.sqlcheck import qualified
+from engine.config.names import qualified, reference_dbname
 from engine.errors import UserError
 from engine.observe.replication import reference_link
 from engine.plan.models import ShardSpec, StepSpec

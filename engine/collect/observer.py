@@ -7,8 +7,10 @@ time and fanout.MAX_WORKERS in all, each with one query for the signature of its
 ledger of steps (engine.observe.introspect.shard_facts), and two more, for them, only when they
 are not cached under that signature (engine.collect.schema_cache); a server's shards share its
 deadline, so a server that hangs costs only its own shards, which stay unknown (never missing)
-with the reason. Rows and sizes (what a destruction would lose) are counted only for the
-databases a plan could destroy: counting reads up to 100,000 rows a table.
+with the reason. A plan hands in the connections it opened while it started
+(engine.collect.early): a shard's is used only when opened with exactly the parameters the fleet
+gives now. Rows and sizes (what a destruction would lose) are counted only for the databases a
+plan could destroy: counting reads up to 100,000 rows a table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import psycopg
 from engine.catalog import backups as backup_catalog
 from engine.catalog import store
 from engine.clock import Clock, system_clock
+from engine.collect import early as early_connections
+from engine.collect.early import APPLICATION, EarlyConnections
 from engine.collect.schema_cache import SchemaCache
 from engine.errors import redact
 from engine.observe import capabilities, fanout, introspect, replication
@@ -36,7 +40,6 @@ if TYPE_CHECKING:
 
 INVENTORY_DEADLINE = 10.0  # seconds one server's inventory may take, connecting included
 PER_SERVER = 4  # shard databases of one server read at once
-APPLICATION = "shardctl-inventory"  # the metric readings leave these sessions out (engine.collect.collectors)
 
 
 def observe(fleet: Fleet, catalog_conn: psycopg.Connection | None, inspect_schemas: bool = True,
@@ -74,32 +77,17 @@ def at_risk(fleet: Fleet, catalog: CatalogState) -> set[str]:
 
 
 def inspect_shards(fleet: Fleet, observation: Observation, deadline: float = INVENTORY_DEADLINE,
-                   per_server: int = PER_SERVER, spent: dict[str, tuple[int, float]] | None = None) -> Observation:
+                   per_server: int = PER_SERVER, spent: dict[str, tuple[int, float]] | None = None,
+                   early: EarlyConnections | None = None) -> Observation:
     """Look into every shard the catalog knows, and every active branch: does it exist, what
     schema does it have (and, for what a plan could destroy, what it holds). A shard on a server
     that does not answer, or that runs out of its deadline, is left out: unknown, not missing,
     so the planner does not act on it; the plan's notes say which server and why. `spent` is
-    filled with what looking cost each shard (statements, ms), for the metric sampler."""
-    catalog, servers = observation.catalog, observation.servers
-    count = at_risk(fleet, catalog)
+    filled with what looking cost each shard (statements, ms), for the metric sampler. With
+    `early`, a connection it opened for a shard's database is used (engine.collect.early)."""
+    catalog = observation.catalog
     cache = SchemaCache.for_config(fleet.desired.directory)
-    shards: dict[str, LiveShard] = {}
-    jobs: dict[str, dict[str, Callable[[fanout.Watch], object]]] = {}
-    for database in catalog.databases.values():
-        for shard in database.shards:
-            live = servers.get(shard.server)
-            if live is None or not live.reachable:
-                continue  # unknown, not missing: the planner must not act on it
-            if shard.dbname not in live.databases:
-                shards[shard.address] = LiveShard(exists=False)
-                continue
-            jobs.setdefault(shard.server, {})[f"shard {shard.address}"] = _shard_job(
-                fleet, shard.server, shard.dbname, holdings=database.name in count, cache=cache)
-    for branch in catalog.branches.values():
-        live = servers.get(branch.server)
-        if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
-            continue
-        jobs.setdefault(branch.server, {})[f"branch {branch.name}"] = _branch_job(fleet, branch.server, branch.dbname)
+    shards, jobs = _jobs(fleet, observation, cache, early)
     outcomes = fanout.fan_out_grouped(jobs, deadline, per_group=per_server)
     branches: dict = {}
     branch_holdings: dict = {}
@@ -132,19 +120,77 @@ def inspect_shards(fleet: Fleet, observation: Observation, deadline: float = INV
                                           "inventory_notes": observation.inventory_notes + notes})
 
 
-def _connect(fleet: Fleet, server: str, dbname: str, watch: fanout.Watch):
-    handle = fleet.servers[server]
-    params = {"connect_timeout": watch.connect_timeout(), **handle.params(dbname), "application_name": APPLICATION}
+def _jobs(fleet: Fleet, observation: Observation, cache: SchemaCache, early: EarlyConnections | None,
+          ) -> tuple[dict[str, LiveShard], dict[str, dict[str, Callable[[fanout.Watch], object]]]]:
+    """The shards known not to exist, and a job per shard and active branch to look into, by
+    server (none on a server that did not answer: unknown, not missing). Their databases, in the
+    order they are read, are kept for the next plan's early connections."""
+    catalog, servers = observation.catalog, observation.servers
+    count = at_risk(fleet, catalog)
+    shards: dict[str, LiveShard] = {}
+    jobs: dict[str, dict[str, Callable[[fanout.Watch], object]]] = {}
+    params: dict[str, dict] = {}  # one server's for all its databases (an embedded one's are read from files)
+    databases: dict[str, dict[str, str]] = {}  # server -> job -> database, for the next plan's early connections
+
+    def reach(server: str, job: str, dbname: str) -> dict:
+        if server not in params:
+            params[server] = fleet.servers[server].params()
+        databases.setdefault(server, {})[job] = dbname
+        return {**params[server], "dbname": dbname}
+
+    for database in catalog.databases.values():
+        for shard in database.shards:
+            live = servers.get(shard.server)
+            if live is None or not live.reachable:
+                continue  # unknown, not missing: the planner must not act on it
+            if shard.dbname not in live.databases:
+                shards[shard.address] = LiveShard(exists=False)
+                continue
+            job = f"shard {shard.address}"
+            jobs.setdefault(shard.server, {})[job] = _shard_job(
+                fleet, shard.server, reach(shard.server, job, shard.dbname), database.name in count, cache, early)
+    for branch in catalog.branches.values():
+        live = servers.get(branch.server)
+        if branch.state != "active" or live is None or not live.reachable or branch.dbname not in live.databases:
+            continue
+        job = f"branch {branch.name}"
+        jobs.setdefault(branch.server, {})[job] = _branch_job(fleet, branch.server,
+                                                              reach(branch.server, job, branch.dbname), early)
+    early_connections.remember(fleet.desired.directory, {
+        server: (early_connections.recipe(fleet.servers[server], _free(servers[server])),
+                 [by_job[j] for j in sorted(by_job)])
+        for server, by_job in databases.items()})
+    return shards, jobs
+
+
+def _free(server: LiveServer) -> int | None:
+    """The connections a server had free (for the role) when inspected; None when not known."""
+    caps = server.capabilities
+    if caps is None:
+        return None
+    free = caps.max_connections - caps.reserved_connections - caps.connections
+    return min(free, caps.role_connection_limit) if caps.role_connection_limit >= 0 else free
+
+
+def _connect(fleet: Fleet, server: str, params: dict, watch: fanout.Watch, early: EarlyConnections | None):
+    """`params`: the server's, with the database's name (ServerHandle.params)."""
+    opened = early.take(server, params, timeout=watch.remaining()) if early is not None else None
+    if opened is not None:
+        return opened
     try:
-        return psycopg.connect(**params, autocommit=True)
+        # a DSN's own connect_timeout wins over the watch's, and the inventory's name over a DSN's
+        reading = {"connect_timeout": watch.connect_timeout(), **params, "application_name": APPLICATION}
+        return psycopg.connect(**reading, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise ServerUnreachable(server, dbname, exc, handle.how_to_reach()) from None
+        raise ServerUnreachable(server, params["dbname"], exc, fleet.servers[server].how_to_reach()) from None
 
 
-def _shard_job(fleet: Fleet, server: str, dbname: str, holdings: bool,
-               cache: SchemaCache) -> Callable[[fanout.Watch], tuple[LiveShard, tuple[int, float]]]:
+def _shard_job(fleet: Fleet, server: str, params: dict, holdings: bool, cache: SchemaCache,
+               early: EarlyConnections | None) -> Callable[[fanout.Watch], tuple[LiveShard, tuple[int, float]]]:
+    dbname = params["dbname"]
+
     def read(watch: fanout.Watch) -> tuple[LiveShard, tuple[int, float]]:
-        with _connect(fleet, server, dbname, watch) as conn, watch.connection(conn):
+        with _connect(fleet, server, params, watch, early) as conn, watch.connection(conn):
             facts = introspect.shard_facts(conn)
             statements, started = facts.statements, time.monotonic()
             cached = cache.get(server, dbname, facts.signature)
@@ -163,9 +209,10 @@ def _shard_job(fleet: Fleet, server: str, dbname: str, holdings: bool,
     return read
 
 
-def _branch_job(fleet: Fleet, server: str, dbname: str) -> Callable[[fanout.Watch], tuple]:
+def _branch_job(fleet: Fleet, server: str, params: dict,
+                early: EarlyConnections | None) -> Callable[[fanout.Watch], tuple]:
     def read(watch: fanout.Watch) -> tuple:
-        with _connect(fleet, server, dbname, watch) as conn, watch.connection(conn):
+        with _connect(fleet, server, params, watch, early) as conn, watch.connection(conn):
             return introspect.snapshot(conn), _holding(conn)[0]
     return read
 

@@ -33,7 +33,7 @@ from engine.servers import private
 
 MAX_AGE = 3600.0  # seconds a cached snapshot is trusted without a full read
 FILE = Path(".shardctl") / "cache" / "schemas.json"
-VERSION = 2  # 2: the ledger's steps beside the snapshot
+VERSION = 3  # 2: the ledger's steps beside the snapshot; 3: the signature's instants in ISO 8601, UTC
 
 
 class SchemaCache:

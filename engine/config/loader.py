@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import re
 import typing
@@ -18,12 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Any
+from typing import Any, Protocol
 
-import pglast
 from pydantic import BaseModel, ValidationError
 
-from engine.config import models, names, sqlcheck, yamlread
+from engine.config import models, names, yamlread
 from engine.errors import SECRET_KEY, ConfigError, Diagnostic, Location
 
 PRESET_DIRS = (
@@ -35,6 +35,17 @@ PLURALS = {"policy": "policies"}
 _SECRET_FIELD = re.compile(SECRET_KEY, re.IGNORECASE)
 
 Path_ = tuple[Any, ...]
+
+
+class KnownClean(Protocol):
+    """The SQL checks that found nothing before (engine.collect.sql_cache): a check whose key is
+    known is not run again, which spares a plan of unchanged files importing pglast."""
+
+    def key(self, check: str, *inputs: str) -> str: ...
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def add(self, key: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -273,10 +284,13 @@ def preset_files() -> list[Path]:
     return []
 
 
-def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False) -> Desired:
+def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False,
+         known_clean: KnownClean | None = None) -> Desired:
     """Load and validate a config directory. Raises ConfigError listing every problem found.
     With `defer_key_checks`, problems of the shard key in the schema are returned in
-    `key_problems` (the planner reports them with what a key change would destroy).
+    `key_problems` (the planner reports them with what a key change would destroy). With
+    `known_clean`, the schema SQL checks that found nothing before are not run again, and those
+    that find nothing now are added to it.
 
     In stages, each adding what it finds wrong to the same list of problems: read the files
     (presets first), gather what each file declares, resolve policy inheritance, check the
@@ -296,7 +310,7 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     found.policies = _resolve_inheritance(found.policies, found.problems)
     _check_references(found)
     key_problems: list[Diagnostic] = []
-    resolved = _resolve_databases(found, root, cwd, key_problems)
+    resolved = _resolve_databases(found, root, cwd, key_problems, known_clean)
     catalog_server, catalog_database = _choose_catalog(found, resolved, files, cwd)
     problems = found.problems
     backups = _resolve_backups(found, root)
@@ -506,8 +520,8 @@ def _branches_from_backups(found: _Gathered, backups: dict[str, models.Backups])
     return out
 
 
-def _resolve_databases(found: _Gathered, root: Path, cwd: Path,
-                       key_problems: list[Diagnostic]) -> dict[str, DesiredDatabase]:
+def _resolve_databases(found: _Gathered, root: Path, cwd: Path, key_problems: list[Diagnostic],
+                       known_clean: KnownClean | None = None) -> dict[str, DesiredDatabase]:
     """Stage 5: each database with its placement checked, its effective policy and its schema steps."""
     problems, servers, policies = found.problems, found.servers, found.policies
     resolved: dict[str, DesiredDatabase] = {}
@@ -519,7 +533,7 @@ def _resolve_databases(found: _Gathered, root: Path, cwd: Path,
             problems.append(
                 _unknown_ref("policy", database.policy, doc.value_loc(("databases", name, "policy")), policies)
             )
-        steps = _schema_steps(name, database, doc, root, cwd, problems, key_problems)
+        steps = _schema_steps(name, database, doc, root, cwd, problems, key_problems, known_clean)
         policy = policies.get(database.policy)
         effective = (_effective_policy(policy.effective or policy.policy, database.thresholds)
                      if policy else models.Policy())
@@ -697,7 +711,8 @@ def _unknown_ref(kind: str, name: str, where: Location, known: dict) -> Diagnost
 
 
 def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, cwd: Path,
-                  problems: list[Diagnostic], key_problems: list[Diagnostic]) -> list[SchemaStep]:
+                  problems: list[Diagnostic], key_problems: list[Diagnostic],
+                  known_clean: KnownClean | None = None) -> list[SchemaStep]:
     steps: list[SchemaStep] = []
     seen: dict[str, Location] = {}
     listed = isinstance(doc.data["databases"][name]["schema"], list)
@@ -732,26 +747,48 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
             )
             continue
         seen[step_name] = where
-        problem = _sql_problem(sql, sql_location)
-        if problem:
-            problems.append(problem)
-            continue
-        if not allowed:
-            outside = sqlcheck.outside_problems(sql, sql_location)
-            if outside:
-                problems.extend(outside)
+        checked = known_clean.key("step", "syntax" if allowed else "syntax, outside", sql) if known_clean else ""
+        if not known_clean or checked not in known_clean:
+            found_wrong = _step_problems(sql, sql_location, allowed)
+            if found_wrong:
+                problems.extend(found_wrong)
                 continue
+            if known_clean:
+                known_clean.add(checked)
         steps.append(SchemaStep(step_name, sql, hashlib.sha256(sql.encode()).hexdigest(), where, sql_location))
     if len(steps) == len(database.schema_):
-        shard_key = database.shard_key
         reference = {table: doc.value_loc(("databases", name, "reference_tables", i))
                      for i, table in enumerate(database.reference_tables)}
-        key_problems.extend(
-            sqlcheck.key_problems(
-                [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type, reference
-            )
-        )
+        key_problems.extend(_key_problems(steps, database.shard_key, reference, known_clean))
     return steps
+
+
+def _key_problems(steps: list[SchemaStep], shard_key: models.ShardKey, reference: dict[str, Location],
+                  known_clean: KnownClean | None) -> list[Diagnostic]:
+    """The shard key check of all of a database's steps (engine.config.sqlcheck.key_problems),
+    unless it found nothing before for the same steps, key and reference tables."""
+    checked = known_clean.key("shard key", shard_key.column, shard_key.type, json.dumps(sorted(reference)),
+                              json.dumps([s.sql for s in steps])) if known_clean else ""
+    if known_clean and checked in known_clean:
+        return []
+    from engine.config import sqlcheck  # pglast: only where a check runs
+
+    found_wrong = sqlcheck.key_problems(
+        [(s.sql, s.sql_location or s.location) for s in steps], shard_key.column, shard_key.type, reference
+    )
+    if known_clean and not found_wrong:
+        known_clean.add(checked)
+    return found_wrong
+
+
+def _step_problems(sql: str, where: Location, allowed: bool) -> list[Diagnostic]:
+    """One step's SQL: its syntax, and unless `allowed`, what reaches outside its database."""
+    from engine.config import sqlcheck  # pglast: only where a check runs
+
+    problem = _sql_problem(sql, where)
+    if problem:
+        return [problem]
+    return [] if allowed else sqlcheck.outside_problems(sql, where)
 
 
 def _shown(step: str) -> str:
@@ -793,6 +830,8 @@ def _outside(step: str, root: Path, cwd: Path, where: Location) -> Diagnostic:
 
 
 def _sql_problem(sql: str, where: Location) -> Diagnostic | None:
+    import pglast
+
     try:
         statements = pglast.parse_sql(sql)
     except pglast.parser.ParseError as exc:

@@ -9,6 +9,9 @@ reference tables, on the catalog's server. Two declarations that would make the 
 are refused here, at validate, each naming the other's line: one of them would otherwise take
 the other's database, or drop it (a branch rebuilt over the catalog once did).
 
+A table's name with its schema (`qualified`) is here too: the SQL checks, the planner and the
+reference tables' copy compare tables by it.
+
 Names already taken on the servers (a database made by hand, a shard of a renamed database)
 are the planner's to refuse (engine.plan.planner, `_taken_names`), and apply creates or drops
 only what the catalog records as its own (engine.actions.base).
@@ -26,6 +29,11 @@ from engine.errors import Diagnostic, Location
 SHARD_NAME = re.compile(r"^(?P<db>.+)_(?:min|[0-9a-f]{2,16})_(?:max|[0-9a-f]{2,16})$")
 BRANCH_PREFIX = "branch_"
 REFERENCE_SUFFIX = "_reference"
+
+
+def qualified(table: str) -> str:
+    """A table's name with its schema: `countries` is `public.countries`."""
+    return table if "." in table else f"public.{table}"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pglast
 from pglast import ast, enums
 
+from engine.config.names import qualified
 from engine.errors import Diagnostic, Location
 
 # the type names pglast reports for each declared key type
@@ -62,11 +63,6 @@ def _primary_key(constraint) -> tuple[str, ...] | None:
     if constraint.contype == enums.ConstrType.CONSTR_PRIMARY and constraint.keys:
         return tuple(k.sval for k in constraint.keys)
     return None
-
-
-def qualified(table: str) -> str:
-    """A table's name with its schema: `countries` is `public.countries`."""
-    return table if "." in table else f"public.{table}"
 
 
 def key_problems(steps, key_column: str, key_type: str,

@@ -205,7 +205,7 @@ class Capabilities(Frozen):
     stat_statements_track: str
     max_connections: int
     reserved_connections: int
-    connections: int
+    connections: int  # client sessions, shardctl's own inventory's left out (they end with the inventory)
     role_connection_limit: int
     role: str = ""
     ssl_library: str = ""  # empty: built without SSL (its subscriptions cannot use TLS)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from engine.config.loader import DesiredDatabase
-from engine.config.sqlcheck import qualified
+from engine.config.names import qualified
 from engine.durations import span
 from engine.keyspace import KeyRange, physical_name
 from engine.observe import strays

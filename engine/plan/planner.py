@@ -18,7 +18,7 @@ from pydantic import ValidationError
 import engine
 from engine.config import models
 from engine.config.loader import Desired, DesiredDatabase
-from engine.config.sqlcheck import qualified
+from engine.config.names import qualified
 from engine.durations import span
 from engine.errors import ConfigError, Diagnostic, Location
 from engine.keyspace import even_ranges, physical_name
