@@ -29,10 +29,11 @@ changed. So both reads saw the same value, or there is a real difference.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures import wait
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -42,6 +43,7 @@ from engine.actions.move.confirm import wait_confirmed
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.live import Live, background
 from engine.actions.move.spec import MoveSpec
+from engine.catalog import journal
 from engine.observe.strays import key_hash, outside
 from engine.plan.models import ShardSpec
 from engine.rows import one
@@ -148,11 +150,11 @@ class Comparison:
                 if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone():
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
 
-    def read_changes(self, upto: dict[str, str] | None = None) -> Changes:
+    def read_changes(self, upto: dict[str, str] | None = None, lane: int = 1) -> Changes:
         """Consume the changes since the last read (up to `upto` per source, else all), remember
         them, and return them."""
         def read(source: ShardSpec) -> Changes:
-            with self.live.session(source) as conn:
+            with self.live.session(source, lane) as conn:
                 self._log_snapshot(conn, source)
                 rows = conn.execute(
                     "SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
@@ -221,7 +223,7 @@ class Comparison:
         return sides
 
     def _run(self, jobs: list[tuple[ShardSpec, sql.Composed, tuple]],
-             timeout: float | None = None) -> list[list[tuple]]:
+             timeout: float | None = None, lane: int = 1) -> list[list[tuple]]:
         """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
         other on the move's held connection: shards live on different servers and cores, and no
         connection's setup is paid in a round or in the fence. TIMEOUT (behind the fence): the
@@ -232,7 +234,7 @@ class Comparison:
         results: list[list[tuple]] = [[] for _ in jobs]
 
         def run_shard(indexes: list[int]) -> None:
-            with self.live.session(jobs[indexes[0]][0]) as conn:
+            with self.live.session(jobs[indexes[0]][0], lane) as conn:
                 for i in indexes:
                     _, query, params = jobs[i]
                     try:
@@ -263,12 +265,7 @@ class Comparison:
     @staticmethod
     def _sum_sides(results: list[list[tuple]]) -> tuple[dict, dict]:
         """(target's groups, the sources' groups summed): group -> (rows, checksum)."""
-        theirs: dict = {}
-        for rows in results[1:]:
-            for g, count, total in rows:
-                c, t = theirs.get(g, (0, 0))
-                theirs[g] = (c + count, t + int(total))
-        return {g: (count, int(total)) for g, count, total in results[0]}, theirs
+        return _summed(results[:1]), _summed(results[1:])
 
     def _grouped(self, target: ShardSpec, table: tuple[str, str], group: sql.Composable,
                  where: sql.Composable, params: tuple) -> tuple[dict, dict]:
@@ -277,24 +274,30 @@ class Comparison:
     def _key_array(self) -> sql.Composable:
         return sql.SQL("%s::bigint[]" if self.spec.key_type == "bigint" else "%s::text[]")
 
+    def _key_sums(self, checks: list[tuple[ShardSpec, tuple[str, str], set, set]], timeout: float | None = None,
+                  lane: int = 1) -> list[tuple[dict, dict]]:
+        """For each (target, table, keys read on the target, keys read on its sources): per key,
+        (rows, checksum) on the target and summed over its sources. Every check in one parallel
+        batch (one thread per shard), within TIMEOUT."""
+        key = sql.Identifier(self.spec.key_column)
+        where = sql.SQL("{} = ANY({})").format(key, self._key_array())
+        batches = [(self._grouped_jobs(target, table, key, where, (sorted(on_target),))[:1] if on_target else [],
+                    self._grouped_jobs(target, table, key, where, (sorted(on_sources),))[1:] if on_sources else [])
+                   for target, table, on_target, on_sources in checks]
+        results = self._run([job for ours, theirs in batches for job in (*ours, *theirs)], timeout, lane)
+        out: list[tuple[dict, dict]] = []
+        for ours, theirs in batches:
+            on_target, results = results[:len(ours)], results[len(ours):]
+            on_sources, results = results[:len(theirs)], results[len(theirs):]
+            out.append((_summed(on_target), _summed(on_sources)))
+        return out
+
     def _differing(self, checks: list[tuple[ShardSpec, tuple[str, str], set]],
                    timeout: float | None = None) -> list[set]:
         """For each (target, table, keys): the keys whose rows differ between the target and its
         sources. Every check in one parallel batch (one thread per shard), within TIMEOUT."""
-        key = sql.Identifier(self.spec.key_column)
-        batches = [self._grouped_jobs(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
-                                      (sorted(keys),)) if keys else []
-                   for target, table, keys in checks]
-        results = self._run([job for batch in batches for job in batch], timeout)
-        out: list[set] = []
-        for batch in batches:
-            mine, results = results[:len(batch)], results[len(batch):]
-            if not batch:
-                out.append(set())
-                continue
-            ours, theirs = self._sum_sides(mine)
-            out.append({k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))})
-        return out
+        sums = self._key_sums([(target, table, keys, keys) for target, table, keys in checks], timeout)
+        return [_differ(keys, ours, theirs) for (_, _, keys), (ours, theirs) in zip(checks, sums, strict=True)]
 
     def _by_key(self, target: ShardSpec, table: tuple[str, str], keys: set) -> set:
         """Keys whose rows differ between the target and its sources."""
@@ -400,20 +403,114 @@ class Comparison:
     def _target(self, name: str) -> ShardSpec:
         return next(t for t in self.spec.targets if t.name == name)
 
-    def final(self, new: Changes, timeout: float | None = None) -> int:
+    def read_ahead(self) -> Changes:
+        """Behind the fence while it drains (Ahead): the changes the sources have flushed so far,
+        on their lane 3. Their keys join those left to recheck at once, so whatever becomes of
+        this fence (lifted again: the next key round rechecks them) none is lost."""
+        new = self.read_changes(lane=3)
+        for target, table in self.left:
+            self.left[(target, table)] |= new.of(table)
+        return new
+
+    def sources_side(self) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
+        """Once the fence has drained (the sources can change no longer): the sources' side of
+        every key left to recheck, on their lane 3. (target, table) -> (keys, their sums)."""
+        journal.points(f"{self.spec.label}: ahead")  # a test point: slow the read ahead right here
+        checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
+            (self._target(name), table, set(), set(keys)) for (name, table), keys in self.left.items()]
+        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lane=3)
+        return {(target.name, table): (keys, theirs)
+                for (target, table, _, keys), (_, theirs) in zip(checks, sums, strict=True)}
+
+    def final(self, new: Changes, ahead: Ahead | None = None, timeout: float | None = None) -> int:
         """Inside the fence, after catch-up: the keys left and `new`, those changed since (read
         up to the fence with `read_changes`), every table and target in one parallel batch,
-        within TIMEOUT (else FutureTimeout). Returns how many keys were compared; raises on any
-        difference."""
-        checks = [(target, table, self.left.get((target.name, table), set()) | new.of(table))
-                  for target in self.spec.targets for table in self.live.tables(target)]
-        for (target, table, _), differing in zip(checks, self._differing(checks, timeout), strict=True):
+        within TIMEOUT (else FutureTimeout). The sources' side of the keys AHEAD read while the
+        fence drained is not read again: only the targets' (they are caught up only now).
+        Returns how many keys were compared; raises on any difference."""
+        known = ahead.sums(timeout) if ahead is not None else {}
+        checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = []
+        for target in self.spec.targets:
+            for table in self.live.tables(target):
+                keys = self.left.get((target.name, table), set()) | new.of(table)
+                checks.append((target, table, keys, keys - known.get((target.name, table), (set(), {}))[0]))
+        for (target, table, keys, _), (ours, theirs) in zip(checks, self._key_sums(checks, timeout), strict=True):
+            differing = _differ(keys, ours, {**known.get((target.name, table), (set(), {}))[1], **theirs})
             if differing:
                 sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
                 raise self.live.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
                                         f" differ from the fenced source ({self.spec.key_column} {sample})")
-        return sum(len(keys) for _, _, keys in checks)
+        return sum(len(keys) for _, _, keys, _ in checks)
 
+
+class Ahead:
+    """The verification's work ahead of the catch-up, done while the fence drains and marks,
+    in one thread on each source's lane 3 (the fence holds lane 1, the sequences lane 2):
+
+    1. From the arm: decode what the sources have flushed so far (`read_ahead`). The catch-up
+       then decodes only what is left up to the mark: the arm-to-mark WAL, not everything since
+       the last key round (under 32 pgbench clients, 20-25 ms of decoding inside the pause).
+    2. Once the fence has drained (`frozen`): read the sources' side of every key left to
+       recheck (`sources_side`). Nothing can change a source any longer (engine/actions/fence.py
+       says why), so what is read now is what a read after the mark would read; the final
+       comparison reads only the targets' side of those keys, once they have caught up.
+
+    A fence lifted again (`lifted`) ends the work after step 1: the keys it read are among
+    those left, for the next key round. Its errors (a TRUNCATE, rows out of range) are raised
+    to whoever waits for it, as the catch-up's own decoding raises them."""
+
+    def __init__(self, comparison: Comparison):
+        self.comparison = comparison
+        self.decoded: Future = Future()
+        self._summed: Future = Future()
+        self._decided = threading.Event()
+        self._frozen = False
+        self._bound = comparison.spec.settings.fence_timeout
+        threading.Thread(target=self._work, daemon=True, name="shardctl-ahead").start()
+
+    def _work(self) -> None:
+        try:
+            self.decoded.set_result(self.comparison.read_ahead())
+            if not self._decided.wait(self._bound) or not self._frozen:
+                self._summed.set_result({})
+                return
+            self._summed.set_result(self.comparison.sources_side())
+        except BaseException as exc:  # the waiters re-raise it
+            for future in (self.decoded, self._summed):
+                if not future.done():
+                    future.set_exception(exc)
+
+    def frozen(self) -> None:
+        """The fence has drained: the sources' side may be read."""
+        self._frozen = True
+        self._decided.set()
+
+    def lifted(self) -> None:
+        """The fence was lifted again: wait for the decoding (it holds the slot the next key
+        round reads)."""
+        self._decided.set()
+        self.decoded.result(timeout=self._bound)
+
+    def wait_decoded(self, timeout: float | None) -> None:
+        self.decoded.result(timeout=timeout)
+
+    def sums(self, timeout: float | None) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
+        return self._summed.result(timeout=timeout)
+
+
+def _summed(results: list[list[tuple]]) -> dict:
+    """Groups summed over every side in RESULTS: group -> (rows, checksum)."""
+    out: dict = {}
+    for rows in results:
+        for g, count, total in rows:
+            c, t = out.get(g, (0, 0))
+            out[g] = (c + count, t + int(total))
+    return out
+
+
+def _differ(keys: set, ours: dict, theirs: dict) -> set:
+    """The keys whose (rows, checksum) differ between the two sides (absent: no rows)."""
+    return {k for k in keys | set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))}
 
 
 def compare(live: Live) -> Comparison:

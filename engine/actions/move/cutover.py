@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine.actions.move.compare import Changes, Comparison, VerifyRestart
+from engine.actions.move.compare import Ahead, Changes, Comparison, VerifyRestart
 from engine.actions.move.confirm import wait_confirmed
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.fencing import Fenced
@@ -40,6 +40,7 @@ class CaughtUp:
     deadline: float  # monotonic
     sequences_s: float
     pause: Pause
+    ahead: Ahead | None  # the sources' side of the keys left, read while the fence drained
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def catch_up(live: Live, fenced: Fenced, comparison: Comparison) -> CaughtUp:
 
         def decode() -> Changes:
             journal.points(f"{label}: changes")
+            if fenced.ahead is not None:  # what it decoded while the fence drained: only the rest here
+                fenced.ahead.wait_decoded(max(0.0, deadline - time.monotonic()))
             return comparison.read_changes(marks)
 
         deadline = time.monotonic() + fence_timeout
@@ -97,7 +100,7 @@ def catch_up(live: Live, fenced: Fenced, comparison: Comparison) -> CaughtUp:
         pause = pause.marked("confirmed", time.monotonic())
         sequences_s = live.within(setting, deadline, "the targets' sequences were not set")
         pause = pause.marked("sequences set", time.monotonic())
-        return CaughtUp(changes=changes, deadline=deadline, sequences_s=sequences_s, pause=pause)
+        return CaughtUp(changes=changes, deadline=deadline, sequences_s=sequences_s, pause=pause, ahead=fenced.ahead)
 
 
 def _set_sequences(live: Live) -> None:
@@ -105,7 +108,7 @@ def _set_sequences(live: Live) -> None:
     connections, so that it runs beside the catch-up and the decoding."""
     last: dict[tuple[str, str], tuple[int, int]] = {}
     for source in live.spec.sources:
-        with live.session(source, second=True) as conn:
+        with live.session(source, lane=2) as conn:
             for schema, name, value, maximum in conn.execute(
                     "SELECT schemaname, sequencename, coalesce(last_value, start_value), max_value"
                     " FROM pg_sequences WHERE schemaname <> '_shardctl'"):
@@ -113,7 +116,7 @@ def _set_sequences(live: Live) -> None:
                 last[(schema, name)] = (max(prev[0], value), maximum)
     targets = live.spec.targets
     for i, target in enumerate(targets):
-        with live.session(target, second=True) as conn:
+        with live.session(target, lane=2) as conn:
             for (schema, name), (value, maximum) in last.items():
                 # disjoint blocks: each target continues in its own range past the source
                 gap = min(10**9, max(1, (maximum - value) // (len(targets) + 1)))
@@ -134,7 +137,7 @@ def verify(live: Live, comparison: Comparison, caught_up: CaughtUp) -> Verified:
                              ) from None
         pause = pause.marked("decoded", time.monotonic())
         with live.behind("the last keys were not compared"):
-            keys = comparison.final(new, timeout=live.spec.settings.fence_timeout)
+            keys = comparison.final(new, caught_up.ahead, timeout=live.spec.settings.fence_timeout)
         pause = pause.marked("compared", time.monotonic())
         return Verified(figures=comparison.figures, keys=keys, pause=pause)
 

@@ -50,6 +50,10 @@ def background(work: Callable[[], object]) -> Future:
     return future
 
 
+def _lane(name: str, lane: int) -> str:
+    return name if lane == 1 else f"{name}#{lane}"
+
+
 @dataclass
 class Live:
     ctx: ApplyContext
@@ -83,21 +87,24 @@ class Live:
     def connect(self, shard: ShardSpec, **kw: Any) -> AbstractContextManager[psycopg.Connection]:
         return self.ctx.fleet.servers[shard.server].connect(shard.dbname, **kw)
 
-    def session(self, shard: ShardSpec, second: bool = False) -> AbstractContextManager[psycopg.Connection]:
+    def session(self, shard: ShardSpec, lane: int = 1) -> AbstractContextManager[psycopg.Connection]:
         """The connection held open from the copy to the flip when there is one, else a new one.
         Held because the steps poll every few milliseconds: a new connection each time forked a
         backend on the source's server per poll (tens per second during the copy), and setting
-        one up inside the fence lengthened the pause."""
-        held = self.held.get(shard.name + "#2" if second else shard.name)
+        one up inside the fence lengthened the pause. LANE: 1 for the steps; 2 for what runs
+        beside them behind the fence (the sequences); 3, on a source, for the verification's
+        work ahead while the fence drains (engine/actions/move/compare.py Ahead)."""
+        held = self.held.get(_lane(shard.name, lane))
         return nullcontext(held) if held is not None else self.connect(shard)
 
     @contextmanager
     def holding(self) -> Iterator[None]:
-        """Two connections per source and target, for the steps from the copy to the flip (the
-        second for what runs beside the first behind the fence)."""
+        """The held connections, for the steps from the copy to the flip: lanes 1 and 2 of
+        every source and target, lane 3 of every source."""
         with ExitStack() as stack:
-            for shard in (*self.spec.sources, *self.spec.targets):
-                for name in (shard.name, shard.name + "#2"):
+            for shard, lanes in [*((s, (1, 2, 3)) for s in self.spec.sources),
+                                 *((t, (1, 2)) for t in self.spec.targets)]:
+                for name in (_lane(shard.name, lane) for lane in lanes):
                     if name not in self.held:
                         self.held[name] = stack.enter_context(self.connect(shard))
             try:
