@@ -3,9 +3,10 @@ the fence is lifted (the source takes writes again, as a writer straight into it
 journal's step says what did not finish, and the rerun finishes the same move.
 
 The hangs are real database conditions where there is one (a table a test session keeps
-locked: the source's mark table, a target's, the source's table, the catalog's routing) and a
+locked: the source's mark table, a target's, a target's table, the catalog's routing) and a
 slowpoint inside the thread where there is none (the sequences, the decoding, the sources' side
-read ahead while the fence drains: a thread whose result is not there by its deadline). One representative runs in the README's command."""
+read ahead while the fence drains: a thread whose result is not there by its deadline). One
+representative runs in the README's command."""
 
 from __future__ import annotations
 

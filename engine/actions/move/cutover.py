@@ -54,6 +54,7 @@ class Verified:
 class Flipped:
     history_id: int
     pause: Pause
+    committed: float  # monotonic: the routing flip committed, where the pause ends
 
 
 def target_schemas(live: Live) -> TargetSchemas:
@@ -146,9 +147,19 @@ def flip(live: Live, schemas: TargetSchemas, pause: Pause, history: dict) -> Fli
     """Catalog: targets active, sources retired, new routing epoch. One transaction holds the
     routing change and the journal's record of it; behind the fence, bounded like every wait
     there (a catalog table someone keeps locked)."""
-    spec, catalog = live.spec, live.ctx.catalog
     with live.step("flip", atomic=True, durable=False), live.behind("the routing flip did not commit"):
         pause = pause.marked("flip begun", time.monotonic())
+        history_id = _flip_statements(live, schemas, history)
+        pause = pause.marked("flip written", time.monotonic())
+    committed = time.monotonic()
+    return Flipped(history_id=history_id, pause=pause.marked("flip committed", committed), committed=committed)
+
+
+def _flip_statements(live: Live, schemas: TargetSchemas, history: dict) -> int:
+    """The flip's statements, pipelined: sent together, not one round trip each (about ten,
+    3-14 ms of the pause under load). Returns the flip's history row."""
+    spec, catalog = live.spec, live.ctx.catalog
+    with catalog.pipeline():
         catalog.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
             sql.Literal(f"{round(spec.settings.fence_timeout * 1000)}ms")))
         if spec.relocation:
@@ -165,10 +176,8 @@ def flip(live: Live, schemas: TargetSchemas, pause: Pause, history: dict) -> Fli
         catalog.execute("SELECT pg_notify(%s, %s)", (ROUTING_CHANNEL, spec.database))
         store.bump_serial(catalog)
         ranges = [[s.lo, s.hi] for s in spec.sources] + [[t.lo, t.hi] for t in spec.targets]
-        history_id = store.add_history(catalog, history["event"], history["address"],
-                                       {**history, "database": spec.database, "ranges": ranges})
-        pause = pause.marked("flip written", time.monotonic())
-    return Flipped(history_id=history_id, pause=pause.marked("flip committed", time.monotonic()))
+        return store.add_history(catalog, history["event"], history["address"],
+                                 {**history, "database": spec.database, "ranges": ranges})
 
 
 def _flip_names(live: Live, schemas: TargetSchemas) -> None:
@@ -194,7 +203,7 @@ def record_pause(live: Live, flipped: Flipped, flip_s: float) -> float:
     row (which could only hold the figure as of its own writing). The one figure: printed,
     stored, and shown by status, the dashboard and /metrics from the history. With it, where
     the pause went (`pause_marks`) and the flip's own duration (`timings.flip`, seconds)."""
-    pause = flipped.pause.ms(time.monotonic())
+    pause = flipped.pause.ms(flipped.committed)
     live.ctx.catalog.execute(
         "UPDATE shardctl.history SET detail = jsonb_set(detail, '{timings,flip}', to_jsonb(%s::float8))"
         " || jsonb_build_object('pause_ms', %s, 'pause_marks', %s::jsonb) WHERE id = %s",
