@@ -275,14 +275,16 @@ class Comparison:
         return sql.SQL("%s::bigint[]" if self.spec.key_type == "bigint" else "%s::text[]")
 
     def _key_sums(self, checks: list[tuple[ShardSpec, tuple[str, str], set, set]], timeout: float | None = None,
-                  lane: int = 1) -> list[tuple[dict, dict]]:
-        """For each (target, table, keys read on the target, keys read on its sources): per key,
-        (rows, checksum) on the target and summed over its sources. Every check in one parallel
-        batch (one thread per shard), within TIMEOUT."""
+                  lane: int = 1, by_key: bool = True) -> list[tuple[dict, dict]]:
+        """For each (target, table, keys read on the target, keys read on its sources): per key
+        (BY_KEY), else for all those keys together (group 0), (rows, checksum) on the target and
+        summed over its sources. Every check in one parallel batch (one thread per shard), within
+        TIMEOUT."""
         key = sql.Identifier(self.spec.key_column)
+        group = key if by_key else sql.SQL("0")
         where = sql.SQL("{} = ANY({})").format(key, self._key_array())
-        batches = [(self._grouped_jobs(target, table, key, where, (sorted(on_target),))[:1] if on_target else [],
-                    self._grouped_jobs(target, table, key, where, (sorted(on_sources),))[1:] if on_sources else [])
+        batches = [(self._grouped_jobs(target, table, group, where, (sorted(on_target),))[:1] if on_target else [],
+                    self._grouped_jobs(target, table, group, where, (sorted(on_sources),))[1:] if on_sources else [])
                    for target, table, on_target, on_sources in checks]
         results = self._run([job for ours, theirs in batches for job in (*ours, *theirs)], timeout, lane)
         out: list[tuple[dict, dict]] = []
@@ -403,44 +405,64 @@ class Comparison:
     def _target(self, name: str) -> ShardSpec:
         return next(t for t in self.spec.targets if t.name == name)
 
-    def read_ahead(self) -> Changes:
-        """Behind the fence while it drains (Ahead): the changes the sources have flushed so far,
-        on their lane 3. Their keys join those left to recheck at once, so whatever becomes of
-        this fence (lifted again: the next key round rechecks them) none is lost."""
-        new = self.read_changes(lane=3)
+    def read_ahead(self, lane: int = 3) -> Changes:
+        """The changes the sources have flushed so far, their keys joining those left to recheck
+        at once (whatever becomes of the fence, none is lost: a fence lifted again leaves them
+        for the next key round). Behind the fence while it drains (Ahead), on lane 3."""
+        new = self.read_changes(lane=lane)
         for target, table in self.left:
             self.left[(target, table)] |= new.of(table)
         return new
 
+    def read_up(self, reads: int = 3, enough_s: float = 0.02) -> None:
+        """Just before the fence arms: decode what the sources wrote since the last key round,
+        again while a read takes long. Decoding runs at a few times the writers' pace, so each
+        read leaves a fraction of the one before; what is left to decode inside the fence is
+        the last of it (under 32 pgbench clients, decoding since the last round took 40-150 ms
+        of the pause)."""
+        for _ in range(reads):
+            started = time.monotonic()
+            self.read_ahead(lane=1)
+            if time.monotonic() - started < enough_s:
+                return
+
     def sources_side(self) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
         """Once the fence has drained (the sources can change no longer): the sources' side of
-        every key left to recheck, on their lane 3. (target, table) -> (keys, their sums)."""
+        every key left to recheck, all keys of a table together, on their lane 3.
+        (target, table) -> (keys, their sums)."""
         journal.points(f"{self.spec.label}: ahead")  # a test point: slow the read ahead right here
         checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
             (self._target(name), table, set(), set(keys)) for (name, table), keys in self.left.items()]
-        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lane=3)
+        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lane=3, by_key=False)
         return {(target.name, table): (keys, theirs)
                 for (target, table, _, keys), (_, theirs) in zip(checks, sums, strict=True)}
 
     def final(self, new: Changes, ahead: Ahead | None = None, timeout: float | None = None) -> int:
         """Inside the fence, after catch-up: the keys left and `new`, those changed since (read
         up to the fence with `read_changes`), every table and target in one parallel batch,
-        within TIMEOUT (else FutureTimeout). The sources' side of the keys AHEAD read while the
-        fence drained is not read again: only the targets' (they are caught up only now).
-        Returns how many keys were compared; raises on any difference."""
+        within TIMEOUT (else FutureTimeout). All keys of a table are summed together (one row
+        per side, not one per key): only where the sums differ are they compared key by key, to
+        name the rows. The sources' side of the keys AHEAD read while the fence drained is not
+        read again: only the targets' (they are caught up only now). Returns how many keys were
+        compared; raises on any difference."""
         known = ahead.sums(timeout) if ahead is not None else {}
         checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = []
         for target in self.spec.targets:
             for table in self.live.tables(target):
                 keys = self.left.get((target.name, table), set()) | new.of(table)
                 checks.append((target, table, keys, keys - known.get((target.name, table), (set(), {}))[0]))
-        for (target, table, keys, _), (ours, theirs) in zip(checks, self._key_sums(checks, timeout), strict=True):
-            differing = _differ(keys, ours, {**known.get((target.name, table), (set(), {}))[1], **theirs})
-            if differing:
-                sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
-                raise self.live.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
-                                        f" differ from the fenced source ({self.spec.key_column} {sample})")
+        sums = self._key_sums(checks, timeout, by_key=False)
+        for (target, table, keys, _), (ours, theirs) in zip(checks, sums, strict=True):
+            if ours != _summed([list(_rows(theirs)), list(_rows(known.get((target.name, table), (set(), {}))[1]))]):
+                self._fail_final(target, table, keys, timeout)
         return sum(len(keys) for _, _, keys, _ in checks)
+
+    def _fail_final(self, target: ShardSpec, table: tuple[str, str], keys: set, timeout: float | None) -> None:
+        differing = self._differing([(target, table, keys)], timeout)[0]
+        sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
+        raise self.live.failure(f"{len(differing) or 'some'} rows of {table[0]}.{table[1]} on {target.dbname}"
+                                f" differ from the fenced source"
+                                + (f" ({self.spec.key_column} {sample})" if sample else ""))
 
 
 class Ahead:
@@ -506,6 +528,11 @@ def _summed(results: list[list[tuple]]) -> dict:
             c, t = out.get(g, (0, 0))
             out[g] = (c + count, t + int(total))
     return out
+
+
+def _rows(sums: dict) -> Iterable[tuple]:
+    """A sums dict back as rows (group, rows, checksum), to be summed with others."""
+    return ((g, count, total) for g, (count, total) in sums.items())
 
 
 def _differ(keys: set, ours: dict, theirs: dict) -> set:

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from engine.actions import fence
 from engine.actions.fence import DRAIN_LIMIT
-from engine.actions.move.compare import Ahead
+from engine.actions.move.compare import Ahead, Comparison
 from engine.actions.move.live import Live, background
 from engine.actions.move.spec import Pause
 from engine.catalog import journal
@@ -86,8 +86,7 @@ def ready(live: Live) -> Ready:
     return Ready(oids=oids, since=None if longest is None else time.monotonic() - longest)
 
 
-def fence_stage(live: Live, prepared: Ready, between: Callable[[], None] | None = None,
-                look_ahead: Callable[[], Ahead] | None = None) -> Fenced:
+def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
     """Stop writes on every source.
 
     No table lock: while a transaction has held a write lock on a source longer than
@@ -96,9 +95,12 @@ def fence_stage(live: Live, prepared: Ready, between: Callable[[], None] | None 
     that overruns disarms every source and tries again; after `moves.fence_timeout` the fence
     gives up naming who was in the way, and the sources take writes as before. A merge arms its
     sources only when none of them has such a writer, so one source is never held read-only
-    while another waits. BETWEEN: run between tries (the comparison's key round). LOOK_AHEAD:
-    begun at each arm, told when the fence has drained or is lifted again (compare.py Ahead).
-    PREPARED: what `ready` read before the last key rounds."""
+    while another waits. PREPARED: what `ready` read before the last key rounds.
+
+    The COMPARISON's part: just before each arm it decodes what changed since its last round
+    (`read_up`); from the arm, its work ahead (compare.py Ahead) is told when the fence has
+    drained or is lifted again; between tries, a key round (what changed while the fence waited
+    is not left for behind it: a fence that waited 7 s once left 35,000 keys to recheck)."""
     with live.step("fence", durable=False) as record:
         began = time.monotonic()
         oids = prepared.oids
@@ -106,7 +108,7 @@ def fence_stage(live: Live, prepared: Ready, between: Callable[[], None] | None 
         with ExitStack() as stack:
             conns = {s.name: stack.enter_context(live.session(s)) for s in live.spec.sources}
             with live.behind("the fence was not taken"):
-                taken = _take(live, conns, oids, _Attempts(started=time.monotonic(), pause=pause), between, look_ahead)
+                taken = _take(live, conns, oids, _Attempts(started=time.monotonic(), pause=pause), comparison)
             figures = {"tries": taken.count, "acquired_ms": round((time.monotonic() - began) * 1000, 1),
                        "drain_ms": taken.drain_ms}
             with live.behind("the fence's mark was not written"):
@@ -127,12 +129,13 @@ class _Taken:
 
 
 def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]], tries: _Attempts,
-          between: Callable[[], None] | None, look_ahead: Callable[[], Ahead] | None) -> _Taken:
+          comparison: Comparison) -> _Taken:
     """Arm and drain, trying again until it holds or `moves.fence_timeout` has passed. Returns
     the tries, the last drain's milliseconds and the pause since the arm."""
     rng = random.Random()
     while True:
         tries.count += 1
+        comparison.read_up()
         now = time.monotonic()
         holders = [h for name in conns for h in write_holders(conns[name], oids[name])]
         for h in holders:
@@ -146,7 +149,7 @@ def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list
             if tries.pause.since is not None:  # an interrupted run's fence: writable while we wait
                 tries.pause = _disarm(live, conns)
         else:
-            taken = _arm_and_drain(live, conns, oids, tries, look_ahead)
+            taken = _arm_and_drain(live, conns, oids, tries, comparison)
             if taken is not None:
                 return taken
         _give_up_after_budget(live, tries)
@@ -155,12 +158,11 @@ def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list
                      + ", ".join(f"pid {b.pid} ({b.application_name or 'no application_name'}, {b.state})"
                                  for b in tries.in_the_way[:5]))
         time.sleep(min(0.5, 0.02 * tries.count) * (0.5 + rng.random()))
-        if between is not None:
-            between()
+        comparison.key_rounds(final=True)
 
 
 def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
-                   tries: _Attempts, look_ahead: Callable[[], Ahead] | None) -> _Taken | None:
+                   tries: _Attempts, comparison: Comparison) -> _Taken | None:
     """One try: arm every source, drain. The fence taken, or None (disarmed again)."""
     journal.points(f"{live.spec.label}: arm")  # a test point: kill, hold or slow the fence right here
     if tries.pause.since is None:
@@ -168,17 +170,15 @@ def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[
     _on_each(live, lambda source: fence.arm(conns[source.name], live.spec.operation))
     armed = time.monotonic()
     tries.pause = tries.pause.marked("armed", armed)
-    ahead = look_ahead() if look_ahead is not None else None
+    ahead = Ahead(comparison)
     left = _drain(conns, oids, tries.first_seen)
     if not left:
         pause = tries.pause.marked("drained", time.monotonic())
-        if ahead is not None:
-            ahead.frozen()
+        ahead.frozen()
         return _Taken(tries.count, round((time.monotonic() - armed) * 1000, 1), pause, ahead)
     tries.in_the_way = left
     tries.pause = _disarm(live, conns)
-    if ahead is not None:
-        ahead.lifted()
+    ahead.lifted()
     live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for transactions that wrote before it"
              f" ({', '.join(b.describe() for b in left[:3])}); lifted, trying again")
     return None

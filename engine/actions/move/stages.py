@@ -23,7 +23,7 @@ import psycopg
 
 from engine.actions.base import ApplyContext
 from engine.actions.move import cleanup, cutover, fencing, prepare, sync
-from engine.actions.move.compare import Ahead, Comparison, compare
+from engine.actions.move.compare import Comparison, compare
 from engine.actions.move.cutover import CaughtUp, Flipped, TargetSchemas, Verified
 from engine.actions.move.errors import VerificationFailed
 from engine.actions.move.fencing import Fenced
@@ -213,10 +213,7 @@ class Evaluator:
 
     def _fence(self, carried: Carried) -> Carried:
         comparison = _need(carried.comparison)
-        # between tries, a key round: what changed while the fence waited is not left for
-        # behind it (a fence that waited 7 s once left 35,000 keys to recheck in the pause)
-        fenced = fencing.fence_stage(self.live, _need(carried.ready), between=lambda: comparison.key_rounds(final=True),
-                                     look_ahead=lambda: Ahead(comparison))
+        fenced = fencing.fence_stage(self.live, _need(carried.ready), comparison)
         return replace(carried, fenced=replace(fenced, pause=fenced.pause.marked("fence recorded", time.monotonic())))
 
     def _catch_up(self, carried: Carried) -> Carried:
