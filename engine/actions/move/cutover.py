@@ -40,7 +40,7 @@ class CaughtUp:
     deadline: float  # monotonic
     sequences_s: float
     pause: Pause
-    ahead: Ahead | None  # the sources' side of the keys left, read while the fence drained
+    ahead: Ahead  # the sources' side of the keys left, read while the fence drained
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ def catch_up(live: Live, fenced: Fenced, comparison: Comparison) -> CaughtUp:
 
         def decode() -> Changes:
             journal.points(f"{label}: changes")
-            if fenced.ahead is not None:  # what it decoded while the fence drained: only the rest here
-                fenced.ahead.wait_decoded(max(0.0, deadline - time.monotonic()))
+            # what was decoded while the fence drained: only the rest here
+            fenced.ahead.wait_decoded(max(0.0, deadline - time.monotonic()))
             return comparison.read_changes(marks)
 
         deadline = time.monotonic() + fence_timeout
