@@ -5,7 +5,7 @@ comparison must recheck."""
 
 from __future__ import annotations
 
-from engine.actions.move.compare import parse_changes
+from engine.actions.move.decoding import parse_changes
 
 LINES = [
     "BEGIN",

@@ -28,22 +28,25 @@ changed. So both reads saw the same value, or there is a real difference.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
+import psycopg
 from psycopg import errors, sql
 
 from engine.actions.move.confirm import wait_confirmed
+from engine.actions.move.decoding import Changes, Decoder, parse_changes
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.live import Live, background
 from engine.actions.move.spec import MoveSpec
 from engine.catalog import journal
+from engine.durations import span
 from engine.observe.strays import key_hash, outside
 from engine.plan.models import ShardSpec
 from engine.rows import one
@@ -58,74 +61,6 @@ FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left fo
 
 class VerifyRestart(Exception):
     """A TRUNCATE during the comparison: start it over."""
-
-
-@dataclass
-class Changes:
-    """Keys changed per table since the verification slot's start, parsed from test_decoding."""
-
-    keys: dict[tuple[str, str], set] = field(default_factory=dict)
-    truncated: set[tuple[str, str]] = field(default_factory=set)
-
-    def merge(self, other: Changes) -> None:
-        for table, keys in other.keys.items():
-            self.keys.setdefault(table, set()).update(keys)
-        self.truncated |= other.truncated
-
-    def of(self, table: tuple[str, str]) -> set:
-        return self.keys.get(table, set())
-
-    def count(self) -> int:
-        return sum(len(v) for v in self.keys.values())
-
-
-_IDENT = r'(?:"(?:[^"]|"")*"|[^."\s:]+)'
-_HEAD = re.compile(rf'table ({_IDENT})\.({_IDENT}): (INSERT|UPDATE|DELETE|TRUNCATE):')
-# a key's value as test_decoding writes it: a bigint bare, a text quoted; NULL never a key
-_VALUE = {"bigint": r"(null|-?\d+)", "text": r"('(?:[^']|'')*'|null)"}
-
-
-def _unquote_ident(text: str) -> str:
-    return text[1:-1].replace('""', '"') if text.startswith('"') else text
-
-
-def parse_changes(lines: Iterable[str], key_column: str, key_type: str) -> Changes:
-    """Changed shard keys from test_decoding's lines, e.g.
-    `table public.orders: UPDATE: customer_id[bigint]:42 order_id[bigint]:7 ...`.
-
-    Each line's head (table and operation) is parsed once per distinct head, and the key is
-    searched from where the head ends: thousands of lines are parsed behind the fence, where
-    the per-line work was about 4 us a line under load."""
-    quoted = key_column if re.fullmatch(r"[a-z_][a-z0-9_]*", key_column) else '"' + key_column.replace('"', '""') + '"'
-    key = re.compile(rf"\s{re.escape(quoted)}\[[^\]]*\]:{_VALUE[key_type]}")
-    as_key = int if key_type == "bigint" else str
-    out = Changes()
-    heads: dict[str, tuple[tuple[str, str], bool]] = {}
-    for line in lines:
-        if not line.startswith("table "):
-            continue  # BEGIN, COMMIT, messages
-        match = _HEAD.match(line)
-        if not match:
-            continue
-        head = heads.get(match.group(0))
-        if head is None:
-            head = heads[match.group(0)] = ((_unquote_ident(match.group(1)), _unquote_ident(match.group(2))),
-                                            match.group(3) == "TRUNCATE")
-        table, truncate = head
-        if truncate:
-            out.truncated.add(table)
-            continue
-        found = key.findall(line, match.end())
-        if not found:
-            continue
-        keys = out.keys.setdefault(table, set())
-        for value in found:
-            if value == "null":
-                continue
-            if value.startswith("'"):
-                value = value[1:-1].replace("''", "'")
-            keys.add(as_key(value))
-    return out
 
 
 @dataclass
@@ -144,6 +79,8 @@ class Comparison:
     rounds: int = 0
     log: list[dict] = field(default_factory=list)  # per key round: keys compared, keys left, ms
     no_snapshot_log: set[str] = field(default_factory=set)  # sources where pg_log_standby_snapshot() is not ours
+    decoder: Decoder | None = None  # reading the slots continuously (from the last rounds to the flip)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ the slot
 
@@ -172,14 +109,7 @@ class Comparison:
         them, and return them."""
         def read(source: ShardSpec) -> Changes:
             with self.live.session(source, lane) as conn:
-                self._log_snapshot(conn, source)
-                rows = conn.execute(
-                    "SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
-                    " 'skip-empty-xacts', '1', 'include-xids', '0')",
-                    (self.slot(source), (upto or {}).get(source.name))).fetchall()
-                changed = parse_changes((r[0] for r in rows), self.spec.key_column, self.spec.key_type)
-                self._refuse_strays(conn, source, changed)
-                return changed
+                return self.read_slot(conn, source, (upto or {}).get(source.name))
 
         new = Changes()
         if len(self.spec.sources) == 1:
@@ -187,12 +117,62 @@ class Comparison:
         else:  # a merge's sources are decoded at once, each on its own server
             for job in [background(partial(read, source)) for source in self.spec.sources]:
                 new.merge(job.result())
+        return self._took(new)
+
+    def read_slot(self, conn: psycopg.Connection, source: ShardSpec, upto: str | None = None) -> Changes:
+        """One read of SOURCE's slot on CONN, up to UPTO (else all); rows written out of its
+        range refused."""
+        self._log_snapshot(conn, source)
+        rows = conn.execute("SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
+                            " 'skip-empty-xacts', '1', 'include-xids', '0')", (self.slot(source), upto)).fetchall()
+        changed = parse_changes((r[0] for r in rows), self.spec.key_column, self.spec.key_type)
+        self._refuse_strays(conn, source, changed)
+        return changed
+
+    def _took(self, new: Changes) -> Changes:
+        """NEW, read from the slots, remembered; a TRUNCATE among them starts the comparison over."""
         # a reference table's copy is truncated by its source's replication, not the move's concern
         new.truncated &= {table for source in self.spec.sources for table in self.live.tables(source)}
         if new.truncated:
             raise VerifyRestart(", ".join(f"{s}.{t}" for s, t in sorted(new.truncated)))
-        self.changes.merge(new)
+        with self._lock:  # behind the fence, Ahead and the catch-up take at once
+            self.changes.merge(new)
         return new
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """The slots read continuously (engine/actions/move/decoding.py says why) until the
+        block ends or the move lets its connections go."""
+        decoder = Decoder(self.live, self.read_slot).start()
+        self.decoder = decoder
+        self.live.on_release(decoder.stop)
+        try:
+            yield
+        finally:
+            decoder.stop()
+            self.decoder = None
+
+    def changes_now(self, lane: int = 1, timeout: float | None = None) -> Changes:
+        """The changes since the last read, up to now (a key round's end): from the decoder when
+        it runs (once it has read past the sources' WAL as of now), else read here."""
+        if self.decoder is None:
+            return self.read_changes(lane=lane)
+        now: dict[str, str] = {}
+        for source in self.spec.sources:
+            with self.live.session(source, lane) as conn:
+                now[source.name] = one(conn.execute("SELECT pg_current_wal_flush_lsn()::text"))[0]
+        timeout = timeout or self.spec.settings.converge_timeout
+        try:
+            return self._took(self.decoder.take(now, timeout))
+        except FutureTimeout:
+            raise MoveFailed(f"{self.spec.label}: the sources' changes were not decoded within {span(timeout)}",
+                             "the source takes writes as before; apply again to compare anew") from None
+
+    def changes_upto(self, marks: dict[str, str], timeout: float) -> Changes:
+        """Behind the fence: the changes up to the fence's marks (FutureTimeout after TIMEOUT)."""
+        if self.decoder is None:
+            return self.read_changes(marks)
+        return self._took(self.decoder.take(marks, timeout))
 
     def _log_snapshot(self, conn, source: ShardSpec) -> None:
         """Let the slot's restart point follow its reads. A logical slot restarts decoding from
@@ -396,7 +376,7 @@ class Comparison:
             found = self._differing([(self._target(k[0]), k[1], keys) for k, keys in before.items()])
             differing = dict(zip(before, found, strict=True))
             compared = time.monotonic()
-            new = self.read_changes()
+            new = self.changes_now()
             for k in before:
                 # settled: equal in this round and unchanged during it; the rest goes round again
                 self.left[k] = differing[k] | new.of(k[1])
@@ -422,11 +402,10 @@ class Comparison:
     def _target(self, name: str) -> ShardSpec:
         return next(t for t in self.spec.targets if t.name == name)
 
-    def read_ahead(self, lane: int = 3) -> Changes:
-        """The changes the sources have flushed so far, their keys joining those left to recheck
-        at once (whatever becomes of the fence, none is lost: a fence lifted again leaves them
-        for the next key round). Behind the fence while it drains (Ahead), on lane 3."""
-        new = self.read_changes(lane=lane)
+    def read_ahead(self) -> Changes:
+        """Once the fence has drained (Ahead): the changes up to now, on the sources' lane 4,
+        their keys joining those left to recheck."""
+        new = self.changes_now(lane=4, timeout=self.spec.settings.fence_timeout)
         for target, table in self.left:
             self.left[(target, table)] |= new.of(table)
         return new
@@ -438,7 +417,7 @@ class Comparison:
         journal.points(f"{self.spec.label}: ahead")  # a test point: slow the read ahead right here
         checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
             (self._target(name), table, set(), set(keys)) for (name, table), keys in self.left.items()]
-        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lane=3, by_key=False)
+        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lane=4, by_key=False)
         return {(target.name, table): (keys, theirs)
                 for (target, table, _, keys), (_, theirs) in zip(checks, sums, strict=True)}
 
@@ -471,55 +450,24 @@ class Comparison:
 
 
 class Ahead:
-    """The verification's work ahead of the catch-up, done while the fence drains and marks,
-    in one thread on each source's lane 3 (the fence holds lane 1, the sequences lane 2):
-
-    1. From the arm: decode what the sources have flushed so far (`read_ahead`). The catch-up
-       then decodes only what is left up to the mark: the arm-to-mark WAL, not everything since
-       the last key round (under 32 pgbench clients, 20-25 ms of decoding inside the pause).
-    2. Once the fence has drained (`frozen`): read the sources' side of every key left to
-       recheck (`sources_side`). Nothing can change a source any longer (engine/actions/fence.py
-       says why), so what is read now is what a read after the mark would read; the final
-       comparison reads only the targets' side of those keys, once they have caught up.
-
-    A fence lifted again (`lifted`) ends the work after step 1: the keys it read are among
-    those left, for the next key round. Its errors (a TRUNCATE, rows out of range) are raised
-    to whoever waits for it, as the catch-up's own decoding raises them."""
+    """The verification's work ahead of the catch-up, begun once the fence has drained, in one
+    thread on the sources' lane 4 (the fence holds lane 1, the sequences lane 2, the decoder
+    lane 3): take the changes decoded up to now into the keys left to recheck, then read the
+    sources' side of every one of them (`sources_side`). Nothing can change a source any longer
+    (engine/actions/fence.py says why), so what is read now is what a read after the mark would
+    read: the final comparison reads only the targets' side of those keys, once they have caught
+    up, while this runs beside the mark and the catch-up. Its errors (a TRUNCATE, rows out of
+    range) are raised to whoever waits for its sums."""
 
     def __init__(self, comparison: Comparison):
-        self.comparison = comparison
-        self.decoded: Future = Future()
-        self._summed: Future = Future()
-        self._decided = threading.Event()
-        self._frozen = False
-        self._bound = comparison.spec.settings.fence_timeout
-        threading.Thread(target=self._work, daemon=True, name="shardctl-ahead").start()
+        self._summed = background(self._work(comparison))
 
-    def _work(self) -> None:
-        try:
-            self.decoded.set_result(self.comparison.read_ahead())
-            if not self._decided.wait(self._bound) or not self._frozen:
-                self._summed.set_result({})
-                return
-            self._summed.set_result(self.comparison.sources_side())
-        except BaseException as exc:  # the waiters re-raise it
-            for future in (self.decoded, self._summed):
-                if not future.done():
-                    future.set_exception(exc)
-
-    def frozen(self) -> None:
-        """The fence has drained: the sources' side may be read."""
-        self._frozen = True
-        self._decided.set()
-
-    def lifted(self) -> None:
-        """The fence was lifted again: wait for the decoding (it holds the slot the next key
-        round reads)."""
-        self._decided.set()
-        self.decoded.result(timeout=self._bound)
-
-    def wait_decoded(self, timeout: float | None) -> None:
-        self.decoded.result(timeout=timeout)
+    @staticmethod
+    def _work(comparison: Comparison) -> Callable[[], dict]:
+        def work() -> dict:
+            comparison.read_ahead()
+            return comparison.sources_side()
+        return work
 
     def sums(self, timeout: float | None) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
         return self._summed.result(timeout=timeout)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine.actions.move.compare import Ahead, Changes, Comparison, VerifyRestart
+from engine.actions.move.compare import Ahead, Comparison, VerifyRestart
 from engine.actions.move.confirm import wait_confirmed
+from engine.actions.move.decoding import Changes
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.fencing import Fenced
 from engine.actions.move.live import Live, background
@@ -89,9 +90,7 @@ def catch_up(live: Live, fenced: Fenced, comparison: Comparison) -> CaughtUp:
 
         def decode() -> Changes:
             journal.points(f"{label}: changes")
-            # what was decoded while the fence drained: only the rest here
-            fenced.ahead.wait_decoded(max(0.0, deadline - time.monotonic()))
-            return comparison.read_changes(marks)
+            return comparison.changes_upto(marks, max(0.0, deadline - time.monotonic()))
 
         deadline = time.monotonic() + fence_timeout
         setting = background(sequences)

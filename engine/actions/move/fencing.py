@@ -97,8 +97,8 @@ def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
     sources only when none of them has such a writer, so one source is never held read-only
     while another waits. PREPARED: what `ready` read before the last key rounds.
 
-    The COMPARISON's part: from each arm, its work ahead (compare.py Ahead), told when the
-    fence has drained or is lifted again; between tries, a key round (what changed while the
+    The COMPARISON's part: once the fence has drained, its work ahead (compare.py Ahead);
+    between tries, a key round (what changed while the
     fence waited is not left for behind it: a fence that waited 7 s once left 35,000 keys to
     recheck). Nothing else runs between the last key round and the arm: every key written
     meanwhile is one more to compare behind the fence (decoding before the arm, tried, made
@@ -171,15 +171,13 @@ def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[
     _on_each(live, lambda source: fence.arm(conns[source.name], live.spec.operation))
     armed = time.monotonic()
     tries.pause = tries.pause.marked("armed", armed)
-    ahead = Ahead(comparison)
     left = _drain(conns, oids, tries.first_seen)
     if not left:
         pause = tries.pause.marked("drained", time.monotonic())
-        ahead.frozen()
+        ahead = Ahead(comparison)  # the sources can change no longer: their side of the keys, now
         return _Taken(tries.count, round((time.monotonic() - armed) * 1000, 1), pause, ahead)
     tries.in_the_way = left
     tries.pause = _disarm(live, conns)
-    ahead.lifted()
     live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for transactions that wrote before it"
              f" ({', '.join(b.describe() for b in left[:3])}); lifted, trying again")
     return None

@@ -63,6 +63,7 @@ class Live:
     held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
+    stops: list[Callable[[], None]] = field(default_factory=list)  # called before the held connections close
 
     # ------------------------------------------------------------------ saying and journaling
 
@@ -93,17 +94,18 @@ class Live:
         Held because the steps poll every few milliseconds: a new connection each time forked a
         backend on the source's server per poll (tens per second during the copy), and setting
         one up inside the fence lengthened the pause. LANE: 1 for the steps; 2 for what runs
-        beside them behind the fence (the sequences); 3, on a source, for the verification's
-        work ahead while the fence drains (engine/actions/move/compare.py Ahead)."""
+        beside them behind the fence (the sequences); on a source, 3 for the decoder
+        (engine/actions/move/decoding.py) and 4 for the verification's work ahead while the
+        fence marks (engine/actions/move/compare.py Ahead)."""
         held = self.held.get(_lane(shard.name, lane))
         return nullcontext(held) if held is not None else self.connect(shard)
 
     @contextmanager
     def holding(self) -> Iterator[None]:
         """The held connections, for the steps from the copy to the flip: lanes 1 and 2 of
-        every source and target, lane 3 of every source."""
+        every source and target, lanes 3 and 4 of every source."""
         with ExitStack() as stack:
-            for shard, lanes in [*((s, (1, 2, 3)) for s in self.spec.sources),
+            for shard, lanes in [*((s, (1, 2, 3, 4)) for s in self.spec.sources),
                                  *((t, (1, 2)) for t in self.spec.targets)]:
                 for name in (_lane(shard.name, lane) for lane in lanes):
                     if name not in self.held:
@@ -111,10 +113,20 @@ class Live:
             try:
                 yield
             finally:
+                self._stop_all()
                 self.held.clear()
+
+    def on_release(self, stop: Callable[[], None]) -> None:
+        """STOP is called before the held connections close (work in threads that uses them)."""
+        self.stops.append(stop)
+
+    def _stop_all(self) -> None:
+        while self.stops:
+            self.stops.pop()()
 
     def release(self) -> None:
         """Close the held connections now (a target's database is about to be dropped)."""
+        self._stop_all()
         for conn in self.held.values():
             conn.close()
         self.held.clear()

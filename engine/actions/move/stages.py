@@ -196,7 +196,10 @@ class Evaluator:
         return replace(carried, comparison=compare(self.live))
 
     def _last_rounds(self, carried: Carried) -> Carried:
-        _need(carried.comparison).last_rounds()
+        comparison = _need(carried.comparison)
+        # from here to the flip the slots are read as they are written (decoding.py says why)
+        self._held.enter_context(comparison.decoding())
+        comparison.last_rounds()
         return carried
 
     def _schemas(self, carried: Carried) -> Carried:
