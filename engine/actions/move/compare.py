@@ -19,6 +19,14 @@ Why this shape: verifying every row inside the write pause made the pause grow w
    change.
 4. Inside the fence, after catch-up: the keys left and every key changed since the last round
    are compared once more. Nothing can change any longer, so any difference fails the move.
+   Each side of a table's keys is summed as one (rows, checksum), compared key by key only to
+   name a difference; the sources' side of the keys known when the fence drained is read then
+   (Ahead), beside the mark and the catch-up, so that behind the fence only the targets wait.
+
+What makes the pause: the keys left at the fence, about what the writers change during the
+last round and until the drain. So from the last rounds on the slots are decoded as they are
+written (engine/actions/move/decoding.py), and nothing but the check for long writers stands
+between the last round and the arm (fencing.Ready is read before the rounds).
 
 The reasoning behind "a row absent from the changes is equal on both sides": its value on the
 source has not changed during the round; the target had applied everything up to the round's
@@ -129,6 +137,21 @@ class Comparison:
         self._refuse_strays(conn, source, changed)
         return changed
 
+    def read_flushed(self, conn: psycopg.Connection, source: ShardSpec, log_snapshot: bool) -> tuple[Changes, str]:
+        """One read of SOURCE's slot on CONN up to the WAL flushed when it begins, in one round
+        trip (the decoder's, over and over): the changes, and that LSN (every transaction that
+        committed before it has been read). LOG_SNAPSHOT: let the restart point follow first."""
+        if log_snapshot:
+            self._log_snapshot(conn, source)
+        # the lateral reference makes the flush position be read first, and the decoding stop there
+        rows = conn.execute(
+            "SELECT f.at::text, c.data FROM (SELECT pg_current_wal_flush_lsn() AS at OFFSET 0) f"
+            " LEFT JOIN LATERAL pg_logical_slot_get_changes(%s, f.at, NULL, 'skip-empty-xacts', '1',"
+            " 'include-xids', '0') c ON true", (self.slot(source),)).fetchall()
+        changed = parse_changes((r[1] for r in rows if r[1] is not None), self.spec.key_column, self.spec.key_type)
+        self._refuse_strays(conn, source, changed)
+        return changed, rows[0][0]
+
     def _took(self, new: Changes) -> Changes:
         """NEW, read from the slots, remembered; a TRUNCATE among them starts the comparison over."""
         # a reference table's copy is truncated by its source's replication, not the move's concern
@@ -143,7 +166,7 @@ class Comparison:
     def decoding(self) -> Iterator[None]:
         """The slots read continuously (engine/actions/move/decoding.py says why) until the
         block ends or the move lets its connections go."""
-        decoder = Decoder(self.live, self.read_slot).start()
+        decoder = Decoder(self.live, self.read_flushed).start()
         self.decoder = decoder
         self.live.on_release(decoder.stop)
         try:

@@ -24,9 +24,9 @@ import psycopg
 
 from engine.actions.move.live import Live
 from engine.plan.models import ShardSpec
-from engine.rows import one
 
 IDLE_S = 0.005  # a decoder that found nothing reads again after this
+SNAPSHOT_EVERY_S = 0.2  # how often the decoder lets its slot's restart point follow
 
 
 @dataclass
@@ -108,11 +108,12 @@ class Decoder:
     lane 3, keeping what it read until it is taken. `take(upto)` waits until every source has
     been read past its LSN in UPTO (the decoder's lag), and hands over everything read so far.
 
-    READ decodes one source on a connection (engine/actions/move/compare.py: the slot read,
-    with its checks for rows out of range). An error there (rows out of range, a server gone)
+    READ decodes one source on a connection up to the WAL flushed when it begins, and says that
+    LSN (engine/actions/move/compare.py read_flushed: one round trip, with the check for rows
+    out of range). An error there (rows out of range, a server gone)
     ends the decoder and is raised to whoever takes next."""
 
-    def __init__(self, live: Live, read: Callable[[psycopg.Connection, ShardSpec], Changes]):
+    def __init__(self, live: Live, read: Callable[[psycopg.Connection, ShardSpec, bool], tuple[Changes, str]]):
         self.live = live
         self.read = read
         self._changed = threading.Condition()
@@ -134,13 +135,15 @@ class Decoder:
         try:
             with self.live.session(source, 3) as conn:
                 self._conns.append(conn)
+                logged = 0.0
                 while not self._stopping.is_set():
-                    # the read decodes up to the WAL flushed when it begins: at least up to here
-                    flushed = lsn(one(conn.execute("SELECT pg_current_wal_flush_lsn()::text"))[0])
-                    changed = self.read(conn, source)
+                    # the restart point follows every SNAPSHOT_EVERY_S, not at every read (each is a WAL record)
+                    log_snapshot = time.monotonic() - logged > SNAPSHOT_EVERY_S
+                    logged = time.monotonic() if log_snapshot else logged
+                    changed, flushed = self.read(conn, source, log_snapshot)
                     with self._changed:
                         self._pending.merge(changed)
-                        self._covered[source.name] = flushed
+                        self._covered[source.name] = lsn(flushed)
                         self._changed.notify_all()
                     if not changed.keys and not changed.truncated:
                         self._stopping.wait(IDLE_S)
