@@ -279,14 +279,24 @@ def lift_after_failure(live: Live) -> None:
 
 def remove_guard(live: Live) -> None:
     """Drop the guard triggers (an abort): one table per short transaction, as they were made."""
+    table_by_table(live, fence.guarded, fence.uninstall,
+                   lambda source, schema, table: f"remove the fence's guard from {schema}.{table} of {source.dbname}")
+
+
+def table_by_table(live: Live, find: Callable[[psycopg.Connection], list[tuple[str, str]]],
+                   change: Callable[[sql.Identifier], Callable[[psycopg.Connection], None]],
+                   what: Callable[[ShardSpec, str, str], str]) -> None:
+    """On every source, CHANGE each table that FIND lists, one table per short transaction with
+    a lock timeout and retries (engine/servers/locking.py): how the guard's triggers are made
+    and dropped, never holding more than one table's lock."""
     for source in live.spec.sources:
         with live.connect(source) as conn:
-            tables = fence.guarded(conn)
+            tables = find(conn)
         if not tables:
             continue
         with live.connect(source, autocommit=False) as conn:
             for schema, table in tables:
                 relation = sql.Identifier(schema, table)
-                with_lock_retries(conn, fence.uninstall(relation), relations=[relation.as_string(conn)],
-                                  what=f"remove the fence's guard from {schema}.{table} of {source.dbname}",
-                                  say=live.say, budget_s=live.spec.settings.fence_timeout)
+                with_lock_retries(conn, change(relation), relations=[relation.as_string(conn)],
+                                  what=what(source, schema, table), say=live.say,
+                                  budget_s=live.spec.settings.fence_timeout)
