@@ -300,6 +300,8 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], clients: in
                                                               if db not in sources}),
         "timings": detail["timings"], "copy_s": (copy_end - copy_start).total_seconds(),
         "pause_marks": detail.get("pause_marks", {}),  # where the pause went (ms since the arm)
+        "fence_keys": int(detail.get("verified_changed_keys", 0)),  # keys compared behind the fence
+        "last_round": (detail.get("key_rounds") or [{}])[-1],  # the last key round before the fence
     }
     print(f"  [{kind}, {clients} clients] " + json.dumps({k: v for k, v in out.items() if k != "timings"}), flush=True)
     # the retired sources go now, so that their range names are free for the next move
@@ -426,6 +428,7 @@ def report_clients(rows: int, clients: int, moves: list[dict], load: tuple) -> N
             print("  inside the pause (ms since armed; each row = its point, not a duration):")
             for point in points:
                 print(f"    {point:42s} {spread([m['pause_marks'].get(point, 0) for m in of])}")
+        print(f"  keys compared behind the fence: {spread([m['fence_keys'] for m in of])}")
         print(f"  fence tries: {', '.join(str(m['tries']) for m in of)}; pgbench transactions running while it"
               f" was taken: {', '.join(str(m['fence_tx']) for m in of)}")
         ratios = [m["copy_throughput"] for m in of]

@@ -3,9 +3,10 @@ the fence is lifted (the source takes writes again, as a writer straight into it
 journal's step says what did not finish, and the rerun finishes the same move.
 
 The hangs are real database conditions where there is one (a table a test session keeps
-locked: the source's mark table, a target's, the source's table, the catalog's routing) and a
-slowpoint inside the thread where there is none (the sequences, the decoding: a thread whose
-result is not there by its deadline). One representative runs in the README's command."""
+locked: the source's mark table, a target's, a target's table, the catalog's routing) and a
+slowpoint inside the thread where there is none (the sequences, the decoding, the sources' side
+read ahead while the fence drains: a thread whose result is not there by its deadline). One
+representative runs in the README's command."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ CASES = {
                  "catch up", "the targets did not confirm the fence's mark"),
     "sequences": (None, None, "sequences", "catch up", "the targets' sequences were not set"),
     "changes": (None, None, "changes", "verify", "the sources' last changes were not decoded"),
-    "verify": ("verify", ("source", "LOCK TABLE customers IN ACCESS EXCLUSIVE MODE"), None,
+    # the sources' side was read while the fence drained: behind it, the targets' is what waits
+    "verify": ("verify", ("target", "LOCK TABLE customers IN ACCESS EXCLUSIVE MODE"), None,
                "verify", "the last keys were not compared"),
+    "ahead": (None, None, "ahead", "verify", "the last keys were not compared"),
     "flip": ("flip", ("catalog", "LOCK TABLE shardctl.state IN EXCLUSIVE MODE"), None,
              "flip", "the routing flip did not commit"),
 }

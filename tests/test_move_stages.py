@@ -15,7 +15,7 @@ from test_layering import _full_module_graph
 def test_before_the_cutover_every_stage_runs_again_from_the_top_after_it_only_hand_over_and_cleanup():
     fresh = [s.kind for s in stages.stages_for(stages.Recorded(operation=7, cut_over=False))]
     assert fresh == ["record", "targets", "publish", "subscribe", "guard", "follow", "hold", "sync", "compare",
-                     "converge", "last rounds", "schemas", "bound", "fence", "catch up", "verify", "flip", "pause",
+                     "converge", "schemas", "last rounds", "bound", "fence", "catch up", "verify", "flip", "pause",
                      "release", "hand over", "cleanup"]
     flipped = [s.kind for s in stages.stages_for(stages.Recorded(operation=7, cut_over=True))]
     assert flipped == ["hand over", "cleanup"]

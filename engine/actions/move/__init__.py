@@ -19,12 +19,17 @@ kind. The journal step each writes is in quotes:
   sync       "sync": wait until every table is copied and the slots' lag is small        sync.py
   compare    "compare": every row compared while writes go on; hands on the Comparison
                                                                                      compare.py
-  converge   "converge": the lag small again; then the last key rounds (not journaled)
+  converge   "converge": the lag small again; then what the flip and the fence need is read,
+             and the last key rounds run (not journaled) while the slots are decoded as they
+             are written (decoding.py)
   fence      "fence": arm the guard (a flag: no table lock), drain, mark; hands on the marks
-             and the pause (engine/actions/fence.py: why it is sound)               fencing.py
+             and the pause (engine/actions/fence.py: why it is sound); once drained, the
+             sources' side of the keys left is read beside the mark (compare.py Ahead)
+                                                                                    fencing.py
   catch up   "catch up": targets apply up to the mark; sequences set past the sources' in
-             disjoint blocks; the sources' last changes decoded                      cutover.py
+             disjoint blocks; the sources' last changes taken from the decoder      cutover.py
   verify     "verify": the keys left and those changed since, frozen sources vs targets
+             (the targets' side, and the sources' side of what Ahead did not read)
   flip       "flip": targets active, sources retired, new routing epoch (one transaction);
              then the pause recorded into the flip's history row
   hand over  "hand over <branch>": per replica, the links to the targets enabled, those to the

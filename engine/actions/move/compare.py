@@ -19,6 +19,14 @@ Why this shape: verifying every row inside the write pause made the pause grow w
    change.
 4. Inside the fence, after catch-up: the keys left and every key changed since the last round
    are compared once more. Nothing can change any longer, so any difference fails the move.
+   Each side of a table's keys is summed as one (rows, checksum), compared key by key only to
+   name a difference; the sources' side of the keys known when the fence drained is read then
+   (Ahead), beside the mark and the catch-up, so that behind the fence only the targets wait.
+
+What makes the pause: the keys left at the fence, about what the writers change during the
+last round and until the drain. So from the last rounds on the slots are decoded as they are
+written (engine/actions/move/decoding.py), and nothing but the check for long writers stands
+between the last round and the arm (fencing.Ready is read before the rounds).
 
 The reasoning behind "a row absent from the changes is equal on both sides": its value on the
 source has not changed during the round; the target had applied everything up to the round's
@@ -28,20 +36,25 @@ changed. So both reads saw the same value, or there is a real difference.
 
 from __future__ import annotations
 
-import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
+import psycopg
 from psycopg import errors, sql
 
 from engine.actions.move.confirm import wait_confirmed
+from engine.actions.move.decoding import Changes, Decoder, parse_changes
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.live import Live, background
 from engine.actions.move.spec import MoveSpec
+from engine.catalog import journal
+from engine.durations import span
 from engine.observe.strays import key_hash, outside
 from engine.plan.models import ShardSpec
 from engine.rows import one
@@ -56,57 +69,6 @@ FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left fo
 
 class VerifyRestart(Exception):
     """A TRUNCATE during the comparison: start it over."""
-
-
-@dataclass
-class Changes:
-    """Keys changed per table since the verification slot's start, parsed from test_decoding."""
-
-    keys: dict[tuple[str, str], set] = field(default_factory=dict)
-    truncated: set[tuple[str, str]] = field(default_factory=set)
-
-    def merge(self, other: Changes) -> None:
-        for table, keys in other.keys.items():
-            self.keys.setdefault(table, set()).update(keys)
-        self.truncated |= other.truncated
-
-    def of(self, table: tuple[str, str]) -> set:
-        return self.keys.get(table, set())
-
-    def count(self) -> int:
-        return sum(len(v) for v in self.keys.values())
-
-
-_IDENT = r'(?:"(?:[^"]|"")*"|[^."\s:]+)'
-_LINE = re.compile(rf'^table ({_IDENT})\.({_IDENT}): (INSERT|UPDATE|DELETE|TRUNCATE):(.*)$', re.S)
-_VALUE = r"('(?:[^']|'')*'|null|[^\s]+)"
-
-
-def _unquote_ident(text: str) -> str:
-    return text[1:-1].replace('""', '"') if text.startswith('"') else text
-
-
-def parse_changes(lines: Iterable[str], key_column: str, key_type: str) -> Changes:
-    """Changed shard keys from test_decoding's lines, e.g.
-    `table public.orders: UPDATE: customer_id[bigint]:42 order_id[bigint]:7 ...`."""
-    quoted = key_column if re.fullmatch(r"[a-z_][a-z0-9_]*", key_column) else '"' + key_column.replace('"', '""') + '"'
-    key = re.compile(rf"(?:^|\s){re.escape(quoted)}\[[^\]]*\]:{_VALUE}")
-    out = Changes()
-    for line in lines:
-        match = _LINE.match(line)
-        if not match:
-            continue  # BEGIN, COMMIT, messages
-        table = (_unquote_ident(match.group(1)), _unquote_ident(match.group(2)))
-        if match.group(3) == "TRUNCATE":
-            out.truncated.add(table)
-            continue
-        for value in key.findall(match.group(4)):
-            if value == "null":
-                continue
-            if value.startswith("'"):
-                value = value[1:-1].replace("''", "'")
-            out.keys.setdefault(table, set()).add(int(value) if key_type == "bigint" else value)
-    return out
 
 
 @dataclass
@@ -125,6 +87,8 @@ class Comparison:
     rounds: int = 0
     log: list[dict] = field(default_factory=list)  # per key round: keys compared, keys left, ms
     no_snapshot_log: set[str] = field(default_factory=set)  # sources where pg_log_standby_snapshot() is not ours
+    decoder: Decoder | None = None  # reading the slots continuously (from the last rounds to the flip)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ the slot
 
@@ -148,19 +112,12 @@ class Comparison:
                 if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone():
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
 
-    def read_changes(self, upto: dict[str, str] | None = None) -> Changes:
+    def read_changes(self, upto: dict[str, str] | None = None, lane: int = 1) -> Changes:
         """Consume the changes since the last read (up to `upto` per source, else all), remember
         them, and return them."""
         def read(source: ShardSpec) -> Changes:
-            with self.live.session(source) as conn:
-                self._log_snapshot(conn, source)
-                rows = conn.execute(
-                    "SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
-                    " 'skip-empty-xacts', '1', 'include-xids', '0')",
-                    (self.slot(source), (upto or {}).get(source.name))).fetchall()
-                changed = parse_changes((r[0] for r in rows), self.spec.key_column, self.spec.key_type)
-                self._refuse_strays(conn, source, changed)
-                return changed
+            with self.live.session(source, lane) as conn:
+                return self.read_slot(conn, source, (upto or {}).get(source.name))
 
         new = Changes()
         if len(self.spec.sources) == 1:
@@ -168,12 +125,77 @@ class Comparison:
         else:  # a merge's sources are decoded at once, each on its own server
             for job in [background(partial(read, source)) for source in self.spec.sources]:
                 new.merge(job.result())
+        return self._took(new)
+
+    def read_slot(self, conn: psycopg.Connection, source: ShardSpec, upto: str | None = None) -> Changes:
+        """One read of SOURCE's slot on CONN, up to UPTO (else all); rows written out of its
+        range refused."""
+        self._log_snapshot(conn, source)
+        rows = conn.execute("SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
+                            " 'skip-empty-xacts', '1', 'include-xids', '0')", (self.slot(source), upto)).fetchall()
+        changed = parse_changes((r[0] for r in rows), self.spec.key_column, self.spec.key_type)
+        self._refuse_strays(conn, source, changed)
+        return changed
+
+    def read_flushed(self, conn: psycopg.Connection, source: ShardSpec, log_snapshot: bool) -> tuple[Changes, str]:
+        """One read of SOURCE's slot on CONN up to the WAL flushed when it begins, in one round
+        trip (the decoder's, over and over): the changes, and that LSN (every transaction that
+        committed before it has been read). LOG_SNAPSHOT: let the restart point follow first."""
+        if log_snapshot:
+            self._log_snapshot(conn, source)
+        # the lateral reference makes the flush position be read first, and the decoding stop there
+        rows = conn.execute(
+            "SELECT f.at::text, c.data FROM (SELECT pg_current_wal_flush_lsn() AS at OFFSET 0) f"
+            " LEFT JOIN LATERAL pg_logical_slot_get_changes(%s, f.at, NULL, 'skip-empty-xacts', '1',"
+            " 'include-xids', '0') c ON true", (self.slot(source),)).fetchall()
+        changed = parse_changes((r[1] for r in rows if r[1] is not None), self.spec.key_column, self.spec.key_type)
+        self._refuse_strays(conn, source, changed)
+        return changed, rows[0][0]
+
+    def _took(self, new: Changes) -> Changes:
+        """NEW, read from the slots, remembered; a TRUNCATE among them starts the comparison over."""
         # a reference table's copy is truncated by its source's replication, not the move's concern
         new.truncated &= {table for source in self.spec.sources for table in self.live.tables(source)}
         if new.truncated:
             raise VerifyRestart(", ".join(f"{s}.{t}" for s, t in sorted(new.truncated)))
-        self.changes.merge(new)
+        with self._lock:  # behind the fence, Ahead and the catch-up take at once
+            self.changes.merge(new)
         return new
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """The slots read continuously (engine/actions/move/decoding.py says why) until the
+        block ends or the move lets its connections go."""
+        decoder = Decoder(self.live, self.read_flushed).start()
+        self.decoder = decoder
+        self.live.on_release(decoder.stop)
+        try:
+            yield
+        finally:
+            decoder.stop()
+            self.decoder = None
+
+    def changes_now(self, lane: int = 1, timeout: float | None = None) -> Changes:
+        """The changes since the last read, up to now (a key round's end): from the decoder when
+        it runs (once it has read past the sources' WAL as of now), else read here."""
+        if self.decoder is None:
+            return self.read_changes(lane=lane)
+        now: dict[str, str] = {}
+        for source in self.spec.sources:
+            with self.live.session(source, lane) as conn:
+                now[source.name] = one(conn.execute("SELECT pg_current_wal_flush_lsn()::text"))[0]
+        timeout = timeout or self.spec.settings.converge_timeout
+        try:
+            return self._took(self.decoder.take(now, timeout))
+        except FutureTimeout:
+            raise MoveFailed(f"{self.spec.label}: the sources' changes were not decoded within {span(timeout)}",
+                             "the source takes writes as before; apply again to compare anew") from None
+
+    def changes_upto(self, marks: dict[str, str], timeout: float) -> Changes:
+        """Behind the fence: the changes up to the fence's marks (FutureTimeout after TIMEOUT)."""
+        if self.decoder is None:
+            return self.read_changes(marks)
+        return self._took(self.decoder.take(marks, timeout))
 
     def _log_snapshot(self, conn, source: ShardSpec) -> None:
         """Let the slot's restart point follow its reads. A logical slot restarts decoding from
@@ -221,7 +243,7 @@ class Comparison:
         return sides
 
     def _run(self, jobs: list[tuple[ShardSpec, sql.Composed, tuple]],
-             timeout: float | None = None) -> list[list[tuple]]:
+             timeout: float | None = None, lane: int = 1) -> list[list[tuple]]:
         """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
         other on the move's held connection: shards live on different servers and cores, and no
         connection's setup is paid in a round or in the fence. TIMEOUT (behind the fence): the
@@ -232,7 +254,7 @@ class Comparison:
         results: list[list[tuple]] = [[] for _ in jobs]
 
         def run_shard(indexes: list[int]) -> None:
-            with self.live.session(jobs[indexes[0]][0]) as conn:
+            with self.live.session(jobs[indexes[0]][0], lane) as conn:
                 for i in indexes:
                     _, query, params = jobs[i]
                     try:
@@ -263,12 +285,7 @@ class Comparison:
     @staticmethod
     def _sum_sides(results: list[list[tuple]]) -> tuple[dict, dict]:
         """(target's groups, the sources' groups summed): group -> (rows, checksum)."""
-        theirs: dict = {}
-        for rows in results[1:]:
-            for g, count, total in rows:
-                c, t = theirs.get(g, (0, 0))
-                theirs[g] = (c + count, t + int(total))
-        return {g: (count, int(total)) for g, count, total in results[0]}, theirs
+        return _summed(results[:1]), _summed(results[1:])
 
     def _grouped(self, target: ShardSpec, table: tuple[str, str], group: sql.Composable,
                  where: sql.Composable, params: tuple) -> tuple[dict, dict]:
@@ -277,24 +294,32 @@ class Comparison:
     def _key_array(self) -> sql.Composable:
         return sql.SQL("%s::bigint[]" if self.spec.key_type == "bigint" else "%s::text[]")
 
+    def _key_sums(self, checks: list[tuple[ShardSpec, tuple[str, str], set, set]], timeout: float | None = None,
+                  lane: int = 1, by_key: bool = True) -> list[tuple[dict, dict]]:
+        """For each (target, table, keys read on the target, keys read on its sources): per key
+        (BY_KEY), else for all those keys together (group 0), (rows, checksum) on the target and
+        summed over its sources. Every check in one parallel batch (one thread per shard), within
+        TIMEOUT."""
+        key = sql.Identifier(self.spec.key_column)
+        group = key if by_key else sql.SQL("0")
+        where = sql.SQL("{} = ANY({})").format(key, self._key_array())
+        batches = [(self._grouped_jobs(target, table, group, where, (sorted(on_target),))[:1] if on_target else [],
+                    self._grouped_jobs(target, table, group, where, (sorted(on_sources),))[1:] if on_sources else [])
+                   for target, table, on_target, on_sources in checks]
+        results = self._run([job for ours, theirs in batches for job in (*ours, *theirs)], timeout, lane)
+        out: list[tuple[dict, dict]] = []
+        for ours, theirs in batches:
+            on_target, results = results[:len(ours)], results[len(ours):]
+            on_sources, results = results[:len(theirs)], results[len(theirs):]
+            out.append((_summed(on_target), _summed(on_sources)))
+        return out
+
     def _differing(self, checks: list[tuple[ShardSpec, tuple[str, str], set]],
                    timeout: float | None = None) -> list[set]:
         """For each (target, table, keys): the keys whose rows differ between the target and its
         sources. Every check in one parallel batch (one thread per shard), within TIMEOUT."""
-        key = sql.Identifier(self.spec.key_column)
-        batches = [self._grouped_jobs(target, table, key, sql.SQL("{} = ANY({})").format(key, self._key_array()),
-                                      (sorted(keys),)) if keys else []
-                   for target, table, keys in checks]
-        results = self._run([job for batch in batches for job in batch], timeout)
-        out: list[set] = []
-        for batch in batches:
-            mine, results = results[:len(batch)], results[len(batch):]
-            if not batch:
-                out.append(set())
-                continue
-            ours, theirs = self._sum_sides(mine)
-            out.append({k for k in set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))})
-        return out
+        sums = self._key_sums([(target, table, keys, keys) for target, table, keys in checks], timeout)
+        return [_differ(keys, ours, theirs) for (_, _, keys), (ours, theirs) in zip(checks, sums, strict=True)]
 
     def _by_key(self, target: ShardSpec, table: tuple[str, str], keys: set) -> set:
         """Keys whose rows differ between the target and its sources."""
@@ -374,7 +399,7 @@ class Comparison:
             found = self._differing([(self._target(k[0]), k[1], keys) for k, keys in before.items()])
             differing = dict(zip(before, found, strict=True))
             compared = time.monotonic()
-            new = self.read_changes()
+            new = self.changes_now()
             for k in before:
                 # settled: equal in this round and unchanged during it; the rest goes round again
                 self.left[k] = differing[k] | new.of(k[1])
@@ -400,20 +425,95 @@ class Comparison:
     def _target(self, name: str) -> ShardSpec:
         return next(t for t in self.spec.targets if t.name == name)
 
-    def final(self, new: Changes, timeout: float | None = None) -> int:
+    def read_ahead(self) -> Changes:
+        """Once the fence has drained (Ahead): the changes up to now, on the sources' lane 4,
+        their keys joining those left to recheck."""
+        new = self.changes_now(lane=4, timeout=self.spec.settings.fence_timeout)
+        for target, table in self.left:
+            self.left[(target, table)] |= new.of(table)
+        return new
+
+    def sources_side(self) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
+        """Once the fence has drained (the sources can change no longer): the sources' side of
+        every key left to recheck, all keys of a table together, on their lane 3.
+        (target, table) -> (keys, their sums)."""
+        journal.points(f"{self.spec.label}: ahead")  # a test point: slow the read ahead right here
+        checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
+            (self._target(name), table, set(), set(keys)) for (name, table), keys in self.left.items()]
+        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lane=4, by_key=False)
+        return {(target.name, table): (keys, theirs)
+                for (target, table, _, keys), (_, theirs) in zip(checks, sums, strict=True)}
+
+    def final(self, new: Changes, ahead: Ahead | None = None, timeout: float | None = None) -> int:
         """Inside the fence, after catch-up: the keys left and `new`, those changed since (read
         up to the fence with `read_changes`), every table and target in one parallel batch,
-        within TIMEOUT (else FutureTimeout). Returns how many keys were compared; raises on any
-        difference."""
-        checks = [(target, table, self.left.get((target.name, table), set()) | new.of(table))
-                  for target in self.spec.targets for table in self.live.tables(target)]
-        for (target, table, _), differing in zip(checks, self._differing(checks, timeout), strict=True):
-            if differing:
-                sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
-                raise self.live.failure(f"{len(differing)} rows of {table[0]}.{table[1]} on {target.dbname}"
-                                        f" differ from the fenced source ({self.spec.key_column} {sample})")
-        return sum(len(keys) for _, _, keys in checks)
+        within TIMEOUT (else FutureTimeout). All keys of a table are summed together (one row
+        per side, not one per key): only where the sums differ are they compared key by key, to
+        name the rows. The sources' side of the keys AHEAD read while the fence drained is not
+        read again: only the targets' (they are caught up only now). Returns how many keys were
+        compared; raises on any difference."""
+        known = ahead.sums(timeout) if ahead is not None else {}
+        checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = []
+        for target in self.spec.targets:
+            for table in self.live.tables(target):
+                keys = self.left.get((target.name, table), set()) | new.of(table)
+                checks.append((target, table, keys, keys - known.get((target.name, table), (set(), {}))[0]))
+        sums = self._key_sums(checks, timeout, by_key=False)
+        for (target, table, keys, _), (ours, theirs) in zip(checks, sums, strict=True):
+            if ours != _summed([list(_rows(theirs)), list(_rows(known.get((target.name, table), (set(), {}))[1]))]):
+                self._fail_final(target, table, keys, timeout)
+        return sum(len(keys) for _, _, keys, _ in checks)
 
+    def _fail_final(self, target: ShardSpec, table: tuple[str, str], keys: set, timeout: float | None) -> None:
+        differing = self._differing([(target, table, keys)], timeout)[0]
+        sample = ", ".join(str(k) for k in sorted(differing, key=str)[:5])
+        raise self.live.failure(f"{len(differing) or 'some'} rows of {table[0]}.{table[1]} on {target.dbname}"
+                                f" differ from the fenced source"
+                                + (f" ({self.spec.key_column} {sample})" if sample else ""))
+
+
+class Ahead:
+    """The verification's work ahead of the catch-up, begun once the fence has drained, in one
+    thread on the sources' lane 4 (the fence holds lane 1, the sequences lane 2, the decoder
+    lane 3): take the changes decoded up to now into the keys left to recheck, then read the
+    sources' side of every one of them (`sources_side`). Nothing can change a source any longer
+    (engine/actions/fence.py says why), so what is read now is what a read after the mark would
+    read: the final comparison reads only the targets' side of those keys, once they have caught
+    up, while this runs beside the mark and the catch-up. Its errors (a TRUNCATE, rows out of
+    range) are raised to whoever waits for its sums."""
+
+    def __init__(self, comparison: Comparison):
+        self._summed = background(self._work(comparison))
+
+    @staticmethod
+    def _work(comparison: Comparison) -> Callable[[], dict]:
+        def work() -> dict:
+            comparison.read_ahead()
+            return comparison.sources_side()
+        return work
+
+    def sums(self, timeout: float | None) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
+        return self._summed.result(timeout=timeout)
+
+
+def _summed(results: list[list[tuple]]) -> dict:
+    """Groups summed over every side in RESULTS: group -> (rows, checksum)."""
+    out: dict = {}
+    for rows in results:
+        for g, count, total in rows:
+            c, t = out.get(g, (0, 0))
+            out[g] = (c + count, t + int(total))
+    return out
+
+
+def _rows(sums: dict) -> Iterable[tuple]:
+    """A sums dict back as rows (group, rows, checksum), to be summed with others."""
+    return ((g, count, total) for g, (count, total) in sums.items())
+
+
+def _differ(keys: set, ours: dict, theirs: dict) -> set:
+    """The keys whose (rows, checksum) differ between the two sides (absent: no rows)."""
+    return {k for k in keys | set(ours) | set(theirs) if ours.get(k, (0, 0)) != theirs.get(k, (0, 0))}
 
 
 def compare(live: Live) -> Comparison:

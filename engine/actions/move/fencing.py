@@ -16,12 +16,14 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
 
 from engine.actions import fence
 from engine.actions.fence import DRAIN_LIMIT
+from engine.actions.move.compare import Ahead, Comparison
 from engine.actions.move.live import Live, background
 from engine.actions.move.spec import Pause
 from engine.catalog import journal
@@ -30,6 +32,8 @@ from engine.errors import UserError
 from engine.plan.models import ShardSpec
 from engine.rows import one
 from engine.servers.locking import Blocker, LockContention, with_lock_retries, write_holders
+
+T = TypeVar("T")
 
 LIFT_TIMEOUT_S = 10  # a statement that disarms the fence takes no lock: this is for a server that stalls
 
@@ -42,6 +46,7 @@ class Fenced:
     stamps: dict[str, int]  # per source: its mark's time, in microseconds
     figures: dict[str, float]  # how the fence was taken, for the history
     pause: Pause
+    ahead: Ahead  # the verification's work begun while the fence drained
 
 
 @dataclass
@@ -56,7 +61,32 @@ class _Attempts:
     count: int = 0
 
 
-def fence_stage(live: Live, between: Callable[[], None] | None = None) -> Fenced:
+@dataclass(frozen=True)
+class Ready:
+    """What the fence reads before the last key rounds, so that nothing stands between the last
+    round and the arm but the check for long writers: every key written in that gap is one more
+    to compare behind the fence (a merge's new connections and catalog reads there took
+    150-180 ms under 32 pgbench clients, about 1,000 keys)."""
+
+    oids: dict[str, list[int]]  # per source: the tables the guard covers
+    since: float | None  # an interrupted run's fence: when it was armed (monotonic), else None
+
+
+def ready(live: Live) -> Ready:
+    """The sources' guarded tables, and whether an interrupted run's fence still holds (the
+    range has been unwritable since then), read on the held connections."""
+    oids: dict[str, list[int]] = {}
+    longest = None
+    for source in live.spec.sources:
+        with live.session(source) as conn:
+            oids[source.name] = [oid for _, _, oid in fence.tables(conn)]
+            held = fence.armed_for(conn, live.spec.operation)
+        if held is not None:
+            longest = max(longest or 0.0, held)
+    return Ready(oids=oids, since=None if longest is None else time.monotonic() - longest)
+
+
+def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
     """Stop writes on every source.
 
     No table lock: while a transaction has held a write lock on a source longer than
@@ -65,17 +95,22 @@ def fence_stage(live: Live, between: Callable[[], None] | None = None) -> Fenced
     that overruns disarms every source and tries again; after `moves.fence_timeout` the fence
     gives up naming who was in the way, and the sources take writes as before. A merge arms its
     sources only when none of them has such a writer, so one source is never held read-only
-    while another waits. BETWEEN: run between tries (the comparison's key round)."""
+    while another waits. PREPARED: what `ready` read before the last key rounds.
+
+    The COMPARISON's part: once the fence has drained, its work ahead (compare.py Ahead);
+    between tries, a key round (what changed while the
+    fence waited is not left for behind it: a fence that waited 7 s once left 35,000 keys to
+    recheck). Nothing else runs between the last key round and the arm: every key written
+    meanwhile is one more to compare behind the fence (decoding before the arm, tried, made
+    the pause longer: 2,300-6,200 keys behind it instead of 1,500-3,600)."""
     with live.step("fence", durable=False) as record:
         began = time.monotonic()
-        # an interrupted run's fence still holds: the range has been unwritable since then
-        held = live.fenced_for()
-        pause = Pause(since=time.monotonic() - held, inherited=True) if held is not None else Pause()
+        oids = prepared.oids
+        pause = Pause(since=prepared.since, inherited=True) if prepared.since is not None else Pause()
         with ExitStack() as stack:
             conns = {s.name: stack.enter_context(live.session(s)) for s in live.spec.sources}
-            oids = {name: [oid for _, _, oid in fence.tables(conn)] for name, conn in conns.items()}
             with live.behind("the fence was not taken"):
-                taken = _take(live, conns, oids, _Attempts(started=time.monotonic(), pause=pause), between)
+                taken = _take(live, conns, oids, _Attempts(started=time.monotonic(), pause=pause), comparison)
             figures = {"tries": taken.count, "acquired_ms": round((time.monotonic() - began) * 1000, 1),
                        "drain_ms": taken.drain_ms}
             with live.behind("the fence's mark was not written"):
@@ -84,7 +119,7 @@ def fence_stage(live: Live, between: Callable[[], None] | None = None) -> Fenced
         record.update(figures)
         since = pause.since if pause.since is not None else began
         record["fenced_at"] = round(system_clock().timestamp() - (time.monotonic() - since), 3)
-        return Fenced(marks=marks, stamps=stamps, figures=figures, pause=pause)
+        return Fenced(marks=marks, stamps=stamps, figures=figures, pause=pause, ahead=taken.ahead)
 
 
 @dataclass(frozen=True)
@@ -92,10 +127,11 @@ class _Taken:
     count: int  # tries
     drain_ms: float  # the last drain's
     pause: Pause
+    ahead: Ahead
 
 
 def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]], tries: _Attempts,
-          between: Callable[[], None] | None) -> _Taken:
+          comparison: Comparison) -> _Taken:
     """Arm and drain, trying again until it holds or `moves.fence_timeout` has passed. Returns
     the tries, the last drain's milliseconds and the pause since the arm."""
     rng = random.Random()
@@ -114,7 +150,7 @@ def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list
             if tries.pause.since is not None:  # an interrupted run's fence: writable while we wait
                 tries.pause = _disarm(live, conns)
         else:
-            taken = _arm_and_drain(live, conns, oids, tries)
+            taken = _arm_and_drain(live, conns, oids, tries, comparison)
             if taken is not None:
                 return taken
         _give_up_after_budget(live, tries)
@@ -123,29 +159,39 @@ def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list
                      + ", ".join(f"pid {b.pid} ({b.application_name or 'no application_name'}, {b.state})"
                                  for b in tries.in_the_way[:5]))
         time.sleep(min(0.5, 0.02 * tries.count) * (0.5 + rng.random()))
-        if between is not None:
-            between()
+        comparison.key_rounds(final=True)
 
 
 def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
-                   tries: _Attempts) -> _Taken | None:
+                   tries: _Attempts, comparison: Comparison) -> _Taken | None:
     """One try: arm every source, drain. The fence taken, or None (disarmed again)."""
     journal.points(f"{live.spec.label}: arm")  # a test point: kill, hold or slow the fence right here
     if tries.pause.since is None:
         tries.pause = Pause(since=time.monotonic())  # before the flag: the pause is never understated
-    for source in live.spec.sources:
-        fence.arm(conns[source.name], live.spec.operation)
+    _on_each(live, lambda source: fence.arm(conns[source.name], live.spec.operation))
     armed = time.monotonic()
     tries.pause = tries.pause.marked("armed", armed)
     left = _drain(conns, oids, tries.first_seen)
     if not left:
         pause = tries.pause.marked("drained", time.monotonic())
-        return _Taken(tries.count, round((time.monotonic() - armed) * 1000, 1), pause)
+        ahead = Ahead(comparison)  # the sources can change no longer: their side of the keys, now
+        return _Taken(tries.count, round((time.monotonic() - armed) * 1000, 1), pause, ahead)
     tries.in_the_way = left
     tries.pause = _disarm(live, conns)
     live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for transactions that wrote before it"
              f" ({', '.join(b.describe() for b in left[:3])}); lifted, trying again")
     return None
+
+
+def _on_each(live: Live, work: Callable[[ShardSpec], T]) -> list[T]:
+    """WORK on every source, in the sources' order: a merge's at once, each on its own
+    connection and server (the arm and the mark one after the other added their round trips,
+    and the mark's WAL flush, up inside the pause: 18-57 ms to arm two sources under 32
+    pgbench clients)."""
+    sources = live.spec.sources
+    if len(sources) == 1:
+        return [work(sources[0])]
+    return [job.result() for job in [background(partial(work, source)) for source in sources]]
 
 
 def _give_up_after_budget(live: Live, tries: _Attempts) -> None:
@@ -203,11 +249,9 @@ def _marks(live: Live, conns: dict[str, psycopg.Connection]) -> tuple[dict[str, 
             (live.spec.operation, source.name)))
         return row[0], row[1]
 
-    # a merge's marks at once, each on its own connection: each commit waits for its server's
-    # WAL flush (the targets' subscriptions only receive flushed WAL), one after the other
-    # those waits added up inside the pause
-    rows = ([mark(sources[0])] if len(sources) == 1
-            else [job.result() for job in [background(partial(mark, source)) for source in sources]])
+    # each commit waits for its server's WAL flush (the targets' subscriptions only receive
+    # flushed WAL): a merge's marks one after the other added those waits up inside the pause
+    rows = _on_each(live, mark)
     marks = {source.name: lsn for source, (lsn, _) in zip(sources, rows, strict=True)}
     stamps = {source.name: stamp for source, (_, stamp) in zip(sources, rows, strict=True)}
     return marks, stamps
@@ -235,14 +279,24 @@ def lift_after_failure(live: Live) -> None:
 
 def remove_guard(live: Live) -> None:
     """Drop the guard triggers (an abort): one table per short transaction, as they were made."""
+    table_by_table(live, fence.guarded, fence.uninstall,
+                   lambda source, schema, table: f"remove the fence's guard from {schema}.{table} of {source.dbname}")
+
+
+def table_by_table(live: Live, find: Callable[[psycopg.Connection], list[tuple[str, str]]],
+                   change: Callable[[sql.Identifier], Callable[[psycopg.Connection], None]],
+                   what: Callable[[ShardSpec, str, str], str]) -> None:
+    """On every source, CHANGE each table that FIND lists, one table per short transaction with
+    a lock timeout and retries (engine/servers/locking.py): how the guard's triggers are made
+    and dropped, never holding more than one table's lock."""
     for source in live.spec.sources:
         with live.connect(source) as conn:
-            tables = fence.guarded(conn)
+            tables = find(conn)
         if not tables:
             continue
         with live.connect(source, autocommit=False) as conn:
             for schema, table in tables:
                 relation = sql.Identifier(schema, table)
-                with_lock_retries(conn, fence.uninstall(relation), relations=[relation.as_string(conn)],
-                                  what=f"remove the fence's guard from {schema}.{table} of {source.dbname}",
-                                  say=live.say, budget_s=live.spec.settings.fence_timeout)
+                with_lock_retries(conn, change(relation), relations=[relation.as_string(conn)],
+                                  what=what(source, schema, table), say=live.say,
+                                  budget_s=live.spec.settings.fence_timeout)

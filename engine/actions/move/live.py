@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -50,6 +51,10 @@ def background(work: Callable[[], object]) -> Future:
     return future
 
 
+def _lane(name: str, lane: int) -> str:
+    return name if lane == 1 else f"{name}#{lane}"
+
+
 @dataclass
 class Live:
     ctx: ApplyContext
@@ -58,6 +63,7 @@ class Live:
     held: dict[str, psycopg.Connection] = field(default_factory=dict)  # shard name -> connection, through the fence
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
+    stops: list[Callable[[], None]] = field(default_factory=list)  # called before the held connections close
 
     # ------------------------------------------------------------------ saying and journaling
 
@@ -83,30 +89,44 @@ class Live:
     def connect(self, shard: ShardSpec, **kw: Any) -> AbstractContextManager[psycopg.Connection]:
         return self.ctx.fleet.servers[shard.server].connect(shard.dbname, **kw)
 
-    def session(self, shard: ShardSpec, second: bool = False) -> AbstractContextManager[psycopg.Connection]:
+    def session(self, shard: ShardSpec, lane: int = 1) -> AbstractContextManager[psycopg.Connection]:
         """The connection held open from the copy to the flip when there is one, else a new one.
         Held because the steps poll every few milliseconds: a new connection each time forked a
         backend on the source's server per poll (tens per second during the copy), and setting
-        one up inside the fence lengthened the pause."""
-        held = self.held.get(shard.name + "#2" if second else shard.name)
+        one up inside the fence lengthened the pause. LANE: 1 for the steps; 2 for what runs
+        beside them behind the fence (the sequences); on a source, 3 for the decoder
+        (engine/actions/move/decoding.py) and 4 for the verification's work ahead while the
+        fence marks (engine/actions/move/compare.py Ahead)."""
+        held = self.held.get(_lane(shard.name, lane))
         return nullcontext(held) if held is not None else self.connect(shard)
 
     @contextmanager
     def holding(self) -> Iterator[None]:
-        """Two connections per source and target, for the steps from the copy to the flip (the
-        second for what runs beside the first behind the fence)."""
+        """The held connections, for the steps from the copy to the flip: lanes 1 and 2 of
+        every source and target, lanes 3 and 4 of every source."""
         with ExitStack() as stack:
-            for shard in (*self.spec.sources, *self.spec.targets):
-                for name in (shard.name, shard.name + "#2"):
+            for shard, lanes in [*((s, (1, 2, 3, 4)) for s in self.spec.sources),
+                                 *((t, (1, 2)) for t in self.spec.targets)]:
+                for name in (_lane(shard.name, lane) for lane in lanes):
                     if name not in self.held:
                         self.held[name] = stack.enter_context(self.connect(shard))
             try:
                 yield
             finally:
+                self._stop_all()
                 self.held.clear()
+
+    def on_release(self, stop: Callable[[], None]) -> None:
+        """STOP is called before the held connections close (work in threads that uses them)."""
+        self.stops.append(stop)
+
+    def _stop_all(self) -> None:
+        while self.stops:
+            self.stops.pop()()
 
     def release(self) -> None:
         """Close the held connections now (a target's database is about to be dropped)."""
+        self._stop_all()
         for conn in self.held.values():
             conn.close()
         self.held.clear()
@@ -180,8 +200,10 @@ class Live:
         `moves.fence_timeout` (a lock wait, a hung query), and then raises."""
         limit = sql.SQL("SET statement_timeout = {}").format(
             sql.Literal(f"{round(self.spec.settings.fence_timeout * 1000)}ms"))
-        for conn in self.held.values():
-            conn.execute(limit)
+        # at once: one after the other, seven or eight round trips lay between the last key
+        # round and the arm, each letting more keys change
+        for job in [background(partial(conn.execute, limit)) for conn in self.held.values()]:
+            job.result()
         try:
             yield
         finally:

@@ -12,11 +12,11 @@ from psycopg import sql
 from engine.actions import fence, reference, replica
 from engine.actions.base import apply_steps, ensure_database
 from engine.actions.move.errors import MoveFailed, subscription_failed
+from engine.actions.move.fencing import table_by_table
 from engine.actions.move.live import Live
 from engine.actions.subscription import create_subscription, resolved_conninfo
 from engine.catalog import store
 from engine.errors import UserError
-from engine.servers.locking import with_lock_retries
 
 
 def record(live: Live) -> None:
@@ -153,18 +153,9 @@ def guard(live: Live) -> None:
     table per short transaction with a lock timeout and retries (engine/actions/fence.py).
     They refuse nothing until the fence arms them; a table guarded already is skipped."""
     with live.step("guard"):
-        for source in live.spec.sources:
-            with live.connect(source) as conn:
-                missing = fence.unguarded(conn)
-            if not missing:
-                continue
-            with live.connect(source, autocommit=False) as conn:
-                for schema, table in missing:
-                    relation = sql.Identifier(schema, table)
-                    with_lock_retries(conn, fence.install(relation), relations=[relation.as_string(conn)],
-                                      what=f"fence writes on {source.dbname} (installing its guard on"
-                                           f" {schema}.{table})",
-                                      say=live.say, budget_s=live.spec.settings.fence_timeout)
+        table_by_table(live, fence.unguarded, fence.install,
+                       lambda source, schema, table: f"fence writes on {source.dbname} (installing its guard on"
+                                                     f" {schema}.{table})")
 
 
 def follow(live: Live) -> None:

@@ -50,8 +50,10 @@ COPY_TO_FLIP = (
     Stage("sync", "sync", "undo"),  # a copy that can never finish (CopyLost) is undone like a wrong one
     Stage("compare", "compare", "undo"),
     Stage("converge", "converge", "undo"),  # the comparison took time: lag small again
+    # a stop request parks the move here; what the flip records and the fence needs, read
+    # before the last rounds (nothing but the fence's check for long writers after them)
+    Stage("schemas"),
     Stage("last rounds", None, "undo"),  # what changed while it converged: fewer keys behind the fence
-    Stage("schemas"),  # a stop request parks the move here; what the flip records, read before the fence
     Stage("bound"),  # from here to the flip a stop request waits, every statement is bounded
     Stage("fence", "fence", "fenced"),
     Stage("catch up", "catch_up", "fenced"),
@@ -91,6 +93,7 @@ class Carried:
 
     comparison: Comparison | None = None
     schemas: TargetSchemas | None = None
+    ready: fencing.Ready | None = None
     fenced: Fenced | None = None
     caught_up: CaughtUp | None = None
     verified: Verified | None = None
@@ -193,7 +196,10 @@ class Evaluator:
         return replace(carried, comparison=compare(self.live))
 
     def _last_rounds(self, carried: Carried) -> Carried:
-        _need(carried.comparison).last_rounds()
+        comparison = _need(carried.comparison)
+        # from here to the flip the slots are read as they are written (decoding.py says why)
+        self._held.enter_context(comparison.decoding())
+        comparison.last_rounds()
         return carried
 
     def _schemas(self, carried: Carried) -> Carried:
@@ -201,7 +207,7 @@ class Evaluator:
         # waits for the flip instead of parking the range read-only; before the fence, it parks
         if journal.stop_requested():
             raise journal.Interrupted("stopped before the fence; apply again to continue")
-        return replace(carried, schemas=cutover.target_schemas(self.live))
+        return replace(carried, schemas=cutover.target_schemas(self.live), ready=fencing.ready(self.live))
 
     def _bound(self, carried: Carried) -> Carried:
         self._bounds.enter_context(journal.until_done())
@@ -210,9 +216,7 @@ class Evaluator:
 
     def _fence(self, carried: Carried) -> Carried:
         comparison = _need(carried.comparison)
-        # between tries, a key round: what changed while the fence waited is not left for
-        # behind it (a fence that waited 7 s once left 35,000 keys to recheck in the pause)
-        fenced = fencing.fence_stage(self.live, between=lambda: comparison.key_rounds(final=True))
+        fenced = fencing.fence_stage(self.live, _need(carried.ready), comparison)
         return replace(carried, fenced=replace(fenced, pause=fenced.pause.marked("fence recorded", time.monotonic())))
 
     def _catch_up(self, carried: Carried) -> Carried:
