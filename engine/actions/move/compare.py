@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait
 from contextlib import contextmanager
@@ -175,27 +175,33 @@ class Comparison:
             decoder.stop()
             self.decoder = None
 
-    def changes_now(self, lane: int = 1, timeout: float | None = None) -> Changes:
+    def changes_now(self) -> Changes:
         """The changes since the last read, up to now (a key round's end): from the decoder when
         it runs (once it has read past the sources' WAL as of now), else read here."""
         if self.decoder is None:
-            return self.read_changes(lane=lane)
-        now: dict[str, str] = {}
-        for source in self.spec.sources:
-            with self.live.session(source, lane) as conn:
-                now[source.name] = one(conn.execute("SELECT pg_current_wal_flush_lsn()::text"))[0]
-        timeout = timeout or self.spec.settings.converge_timeout
+            return self.read_changes()
+        timeout = self.spec.settings.converge_timeout
         try:
-            return self._took(self.decoder.take(now, timeout))
+            return self.changes_upto(self._flushed(lane=1), timeout)
         except FutureTimeout:
             raise MoveFailed(f"{self.spec.label}: the sources' changes were not decoded within {span(timeout)}",
                              "the source takes writes as before; apply again to compare anew") from None
 
-    def changes_upto(self, marks: dict[str, str], timeout: float) -> Changes:
-        """Behind the fence: the changes up to the fence's marks (FutureTimeout after TIMEOUT)."""
+    def changes_upto(self, upto: dict[str, str], timeout: float, lane: int = 1) -> Changes:
+        """The changes up to UPTO per source (the fence's marks, or now): from the decoder when it
+        runs, else read here on LANE. Behind the fence its FutureTimeout after TIMEOUT is the
+        fence's overrun."""
         if self.decoder is None:
-            return self.read_changes(marks)
-        return self._took(self.decoder.take(marks, timeout))
+            return self.read_changes(upto, lane)
+        return self._took(self.decoder.take(upto, timeout))
+
+    def _flushed(self, lane: int) -> dict[str, str]:
+        """Each source's WAL flushed as of now."""
+        now: dict[str, str] = {}
+        for source in self.spec.sources:
+            with self.live.session(source, lane) as conn:
+                now[source.name] = one(conn.execute("SELECT pg_current_wal_flush_lsn()::text"))[0]
+        return now
 
     def _log_snapshot(self, conn, source: ShardSpec) -> None:
         """Let the slot's restart point follow its reads. A logical slot restarts decoding from
@@ -428,7 +434,7 @@ class Comparison:
     def read_ahead(self) -> Changes:
         """Once the fence has drained (Ahead): the changes up to now, on the sources' lane 4,
         their keys joining those left to recheck."""
-        new = self.changes_now(lane=4, timeout=self.spec.settings.fence_timeout)
+        new = self.changes_upto(self._flushed(lane=4), self.spec.settings.fence_timeout, lane=4)
         for target, table in self.left:
             self.left[(target, table)] |= new.of(table)
         return new
@@ -483,14 +489,11 @@ class Ahead:
     range) are raised to whoever waits for its sums."""
 
     def __init__(self, comparison: Comparison):
-        self._summed = background(self._work(comparison))
-
-    @staticmethod
-    def _work(comparison: Comparison) -> Callable[[], dict]:
         def work() -> dict:
             comparison.read_ahead()
             return comparison.sources_side()
-        return work
+
+        self._summed = background(work)
 
     def sums(self, timeout: float | None) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
         return self._summed.result(timeout=timeout)
