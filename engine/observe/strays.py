@@ -33,6 +33,20 @@ def outside(key_column: str, key_type: str, lo: int | None, hi: int | None) -> s
     return sql.SQL(" OR ").join(parts) if parts else sql.SQL("false")
 
 
+def key_positions(conn: psycopg.Connection, key_column: str, key_type: str, keys: set) -> dict:
+    """Each of KEYS's keyspace position (key_hash, computed by the server: the same function
+    every range filter uses): key -> position."""
+    column = sql.Identifier(key_column)
+    array = sql.SQL("%s::bigint[]" if key_type == "bigint" else "%s::text[]")
+    return dict(conn.execute(sql.SQL("SELECT {}, {} FROM unnest({}) AS u({})").format(
+        column, key_hash(key_column, key_type), array, column), (sorted(keys),)).fetchall())
+
+
+def within(lo: int | None, hi: int | None, at: int) -> bool:
+    """Whether keyspace position AT falls in the range [lo, hi) (None: unbounded)."""
+    return (lo is None or at >= lo) and (hi is None or at < hi)
+
+
 def count(conn: psycopg.Connection, key_column: str, key_type: str, lo: int | None, hi: int | None) -> dict[str, int]:
     """Stray rows per table (schema.table) that has the key column; tables without strays are left out."""
     tables = conn.execute(

@@ -35,11 +35,15 @@ class Changes:
 
     keys: dict[tuple[str, str], set] = field(default_factory=dict)
     truncated: set[tuple[str, str]] = field(default_factory=set)
+    # a split's or a merge's keys: key -> its keyspace position (the hash its target's range is cut by), read
+    # on the source with the check for rows out of range
+    positions: dict = field(default_factory=dict)
 
     def merge(self, other: Changes) -> None:
         for table, keys in other.keys.items():
             self.keys.setdefault(table, set()).update(keys)
         self.truncated |= other.truncated
+        self.positions.update(other.positions)
 
     def of(self, table: tuple[str, str]) -> set:
         return self.keys.get(table, set())
