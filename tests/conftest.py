@@ -62,8 +62,9 @@ def _session_basetemp() -> Path | None:
     starts; the embedded servers run as their own OS user when the tests run as root, so a
     second session started beside a first one (two developers' runs, an editor's test runner)
     cut the first one's servers off their data directories mid-test. Each session here gets a
-    fresh directory that no other session touches. Sessions older than a day are pruned so
-    that failed tests' directories (kept for their logs) do not pile up."""
+    fresh directory that no other session touches. A session that passed removes its directory
+    at its end (`pytest_sessionfinish`: a suite run leaves 2-3 GB of server data); a failed
+    one's is kept for its logs, and pruned by a session a day later."""
     try:
         SESSIONS_ROOT.mkdir(mode=0o700, exist_ok=True)
         if SESSIONS_ROOT.is_symlink() or SESSIONS_ROOT.stat().st_uid != os.getuid():
@@ -82,13 +83,20 @@ def _session_basetemp() -> Path | None:
 def pytest_configure(config):
     # xdist's workers take their basetemp from the controller, under the controller's
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
-        config.option.basetemp = _session_basetemp()
+        config.option.basetemp = config._shardctl_session_dir = _session_basetemp()
     destination = config.getoption("--travel")
     if destination:
         import time_machine
 
         config._shardctl_travel = time_machine.travel(destination, tick=True)
         config._shardctl_travel.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    made = getattr(config, "_shardctl_session_dir", None)
+    if made is not None and exitstatus == 0:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def pytest_unconfigure(config):
