@@ -65,6 +65,12 @@ KEY_ROUNDS = 12
 SETTLED_ENOUGH = 500  # keys left to recheck in the fence: stop the key rounds once at or below this
 SUSPECT_ROUNDS = 3
 FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left for the fence
+# the held connections of every shard that a comparison by key reads on at once: both of a
+# target's, and lanes 1 and 2 of a source, free but for the sequences' moment in the catch-up
+# (the decoder holds lane 3, the work ahead lane 4). Two backends per shard instead of one:
+# under 32 pgbench writers on 2 cores a round's share of the CPU doubled
+BOTH_LANES = (1, 2)
+PART_KEYS_AT_LEAST = 200
 
 
 class VerifyRestart(Exception):
@@ -255,17 +261,20 @@ class Comparison:
         return sides
 
     def _run(self, jobs: list[tuple[ShardSpec, sql.Composed, tuple]],
-             timeout: float | None = None, lane: int = 1) -> list[list[tuple]]:
-        """Every job's rows, in order. One thread per shard runs that shard's jobs one after the
-        other on the move's held connection: shards live on different servers and cores, and no
-        connection's setup is paid in a round or in the fence. TIMEOUT (behind the fence): the
-        seconds they may take together, else FutureTimeout."""
-        by_shard: dict[str, list[int]] = {}
+             timeout: float | None = None, lanes: tuple[int, ...] = (1,)) -> list[list[tuple]]:
+        """Every job's rows, in order. One thread per shard and lane runs its jobs one after the
+        other on the move's held connection of that lane, a shard's jobs dealt out over LANES:
+        shards live on different servers and cores, and no connection's setup is paid in a round
+        or in the fence. TIMEOUT (behind the fence): the seconds they may take together, else
+        FutureTimeout."""
+        by_session: dict[tuple[str, int], list[int]] = {}
+        dealt: dict[str, int] = {}
         for i, (shard, _, _) in enumerate(jobs):
-            by_shard.setdefault(shard.name, []).append(i)
+            turn = dealt[shard.name] = dealt.get(shard.name, -1) + 1
+            by_session.setdefault((shard.name, lanes[turn % len(lanes)]), []).append(i)
         results: list[list[tuple]] = [[] for _ in jobs]
 
-        def run_shard(indexes: list[int]) -> None:
+        def run_session(lane: int, indexes: list[int]) -> None:
             with self.live.session(jobs[indexes[0]][0], lane) as conn:
                 for i in indexes:
                     _, query, params = jobs[i]
@@ -276,7 +285,7 @@ class Comparison:
                                                              "hashtextextended(t::text, 0)")
                         results[i] = conn.execute(text, params).fetchall()
 
-        running = [background(partial(run_shard, group)) for group in by_shard.values()]
+        running = [background(partial(run_session, lane, group)) for (_, lane), group in by_session.items()]
         _, late = wait(running, timeout=timeout)
         if late:
             raise FutureTimeout(f"{len(late)} of {len(running)} shards did not answer within {timeout}s")
@@ -307,11 +316,13 @@ class Comparison:
         return sql.SQL("%s::bigint[]" if self.spec.key_type == "bigint" else "%s::text[]")
 
     def _key_sums(self, checks: list[tuple[ShardSpec, tuple[str, str], set, set]], timeout: float | None = None,
-                  lane: int = 1, by_key: bool = True) -> list[tuple[dict, dict]]:
+                  lanes: tuple[int, ...] = BOTH_LANES, by_key: bool = True) -> list[tuple[dict, dict]]:
         """For each (target, table, keys read on the target, keys read on its sources): per key
         (BY_KEY), else for all those keys together (group 0), (rows, checksum) on the target and
         summed over its sources. Each of a merge's sources is asked only for the keys in its range
-        (`placed`). Every check in one parallel batch (one thread per shard), within TIMEOUT."""
+        (`placed`). A side's keys are cut into one part per lane, read at once on each shard's
+        connections of LANES (sums add up over disjoint parts). Every check in one parallel
+        batch, within TIMEOUT."""
         key = sql.Identifier(self.spec.key_column)
         group = key if by_key else sql.SQL("0")
         where = sql.SQL("{} = ANY({})").format(key, self._key_array())
@@ -319,11 +330,12 @@ class Comparison:
         batches = []
         for target, table, on_target, on_sources in checks:
             jobs = self._grouped_jobs(target, table, group, where, ())
-            ours = [(shard, query, (sorted(on_target),)) for shard, query, _ in jobs[:1] if on_target]
-            theirs = [(shard, query, (sorted(mine),)) for shard, query, _ in jobs[1:]
-                      if (mine := placed(shard, on_sources, positions))]
+            ours = [(shard, query, (part,)) for shard, query, _ in jobs[:1]
+                    for part in _parts(on_target, len(lanes))]
+            theirs = [(shard, query, (part,)) for shard, query, _ in jobs[1:]
+                      for part in _parts(placed(shard, on_sources, positions), len(lanes))]
             batches.append((ours, theirs))
-        results = self._run([job for ours, theirs in batches for job in (*ours, *theirs)], timeout, lane)
+        results = self._run([job for ours, theirs in batches for job in (*ours, *theirs)], timeout, lanes)
         out: list[tuple[dict, dict]] = []
         for ours, theirs in batches:
             read_ours, results = results[:len(ours)], results[len(ours):]
@@ -457,7 +469,7 @@ class Comparison:
         journal.points(f"{self.spec.label}: ahead")  # a test point: slow the read ahead right here
         checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
             (self._target(name), table, set(), set(keys)) for (name, table), keys in self.left.items()]
-        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lane=4, by_key=False)
+        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lanes=(4,), by_key=False)
         return {(target.name, table): (keys, theirs)
                 for (target, table, _, keys), (_, theirs) in zip(checks, sums, strict=True)}
 
@@ -500,9 +512,13 @@ class Ahead:
     range) are raised to whoever waits for its sums."""
 
     def __init__(self, comparison: Comparison):
+        self.done_at: float | None = None  # when its sums were read (monotonic), for the pause's marks
+
         def work() -> dict:
             comparison.read_ahead()
-            return comparison.sources_side()
+            sums = comparison.sources_side()
+            self.done_at = time.monotonic()
+            return sums
 
         self._summed = background(work)
 
@@ -518,6 +534,15 @@ def _summed(results: list[list[tuple]]) -> dict:
             c, t = out.get(g, (0, 0))
             out[g] = (c + count, t + int(total))
     return out
+
+
+def _parts(keys: set, count: int) -> list[list]:
+    """KEYS sorted and cut into COUNT parts of about the same size (fewer when there are few
+    keys: a part's round trip is not worth less than PART_KEYS_AT_LEAST keys); none for none."""
+    ordered = sorted(keys)
+    count = max(1, min(count, len(ordered) // PART_KEYS_AT_LEAST))
+    size = -(-len(ordered) // count) if ordered else 0
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)] if ordered else []
 
 
 def placed(shard: ShardSpec, keys: set, positions: dict) -> set:
