@@ -141,10 +141,11 @@ def _display(path: Path, cwd: Path) -> str:
         return str(path)
 
 
-def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path) -> list[_Doc]:
+def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path,
+                    parsed: yamlread.ParsedDocs | None) -> list[_Doc]:
     docs: list[_Doc] = []
     for file in files:
-        docs.extend(yamlread.read(file, _display(file, cwd), problems))
+        docs.extend(yamlread.read(file, _display(file, cwd), problems, parsed))
     return docs
 
 
@@ -285,12 +286,13 @@ def preset_files() -> list[Path]:
 
 
 def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False,
-         known_clean: KnownClean | None = None) -> Desired:
+         known_clean: KnownClean | None = None, parsed: yamlread.ParsedDocs | None = None) -> Desired:
     """Load and validate a config directory. Raises ConfigError listing every problem found.
     With `defer_key_checks`, problems of the shard key in the schema are returned in
     `key_problems` (the planner reports them with what a key change would destroy). With
     `known_clean`, the schema SQL checks that found nothing before are not run again, and those
-    that find nothing now are added to it.
+    that find nothing now are added to it. With `parsed`, a file parsed before without a problem
+    is not parsed again (engine.config.yamlread), and those parsed now are added to it.
 
     In stages, each adding what it finds wrong to the same list of problems: read the files
     (presets first), gather what each file declares, resolve policy inheritance, check the
@@ -299,10 +301,10 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     cwd = cwd or Path.cwd()
     root, files = _config_directory(directory, cwd)
     found = _Gathered()
-    preset_docs = _read_documents(preset_files(), found.problems, cwd)
+    preset_docs = _read_documents(preset_files(), found.problems, cwd, parsed)
     for doc in preset_docs:
         doc.display = f"policies/{doc.file.name}"  # the same on every machine, installed or not
-    docs = _read_documents(files, found.problems, cwd)
+    docs = _read_documents(files, found.problems, cwd, parsed)
     for doc in preset_docs:
         _gather(found, doc, is_preset=True)
     for doc in docs:
