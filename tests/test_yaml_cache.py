@@ -44,7 +44,7 @@ print(sorted(sys.modules))
 # Modules of other commands, or of a plan's first load: a plan of unchanged files needs none of them.
 NOT_FOR_PLAN = ("ruamel", "pglast", "rich", "watchfiles", "psycopg_pool", "engine.actions", "engine.watch",
                 "engine.render.dashboard", "engine.backups", "engine.status", "engine.doctor", "engine.plan.whatif",
-                "engine.detect.backtest", "engine.config.yamlcompose", "engine.config.sqlcheck")
+                "engine.detect.backtest", "engine.config.yamlread", "engine.config.sqlcheck")
 
 
 def _fleet(path: Path, shards: int = 2) -> Path:

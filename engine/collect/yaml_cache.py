@@ -1,11 +1,11 @@
 """The config files already parsed, remembered so that a plan of unchanged files parses no YAML.
 
 Every load (engine.config.loader) reads each config file and the shipped policy presets with
-ruamel.yaml (engine.config.yamlcompose). Importing ruamel and composing the documents are most of
+ruamel.yaml (engine.config.yamlread). Importing ruamel and composing the documents are most of
 what reading a config costs (about 40 ms of a plan's start on a quiet machine). A file parsed
 without a problem is remembered as its documents (plain data and the line and column of every
-key and value, engine.config.yamlread.stored) under the sha256 of its text and of what parsed it
-(engine/config/yamlread.py and yamlcompose.py, ruamel.yaml's version): the same text parsed by
+key and value, engine.config.yamldocs.stored) under the sha256 of its text and of what parsed it
+(engine/config/yamldocs.py and yamlread.py, ruamel.yaml's version): the same text parsed by
 the same code gives the same documents. A file with a problem is never remembered: it is parsed
 every time, to say where. Everything after the parse (the models, the references, the SQL
 checks) runs on every load as before.
@@ -26,7 +26,7 @@ from engine.servers import private
 
 FILE = Path(".shardctl") / "cache" / "yaml.json"
 VERSION = 1
-_PARSERS = tuple(Path(__file__).parent.parent / "config" / name for name in ("yamlread.py", "yamlcompose.py"))
+_PARSERS = tuple(Path(__file__).parent.parent / "config" / name for name in ("yamldocs.py", "yamlread.py"))
 
 
 def _parser() -> str:
