@@ -19,6 +19,7 @@ from engine.collect.early import EarlyConnections
 from engine.collect.observer import inspect_shards, observe
 from engine.collect.sampling import LiveSampler
 from engine.collect.sql_cache import CleanSql
+from engine.collect.yaml_cache import ParsedYaml
 from engine.config import loader
 from engine.config.loader import Desired
 from engine.config.models import Policy
@@ -120,10 +121,13 @@ class Planned:
 def load(config_dir: str) -> Desired:
     """The config as plan and apply see it: a schema without the shard key is refused by the
     planner, which then also names what a shard-key change would destroy. The schema SQL that
-    was found clean before is not parsed again (engine.collect.sql_cache)."""
+    was found clean before is not parsed again (engine.collect.sql_cache), nor the YAML of files
+    parsed before (engine.collect.yaml_cache)."""
     known_clean = CleanSql.for_config(Path(config_dir).resolve())
-    desired = loader.load(config_dir, defer_key_checks=True, known_clean=known_clean)
+    parsed = ParsedYaml.for_config(Path(config_dir).resolve())
+    desired = loader.load(config_dir, defer_key_checks=True, known_clean=known_clean, parsed=parsed)
     known_clean.save()
+    parsed.save()
     catalog = desired.servers.get(desired.catalog_server or "")
     never_applied = catalog is not None and catalog.embedded and not (desired.directory / ".shardctl").exists()
     if desired.key_problems and never_applied:

@@ -9,6 +9,7 @@ database's effective policy. Nothing here touches a server or writes a file.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from engine.config import models, names, yamlread
+from engine.config import models, names, yamldocs
 from engine.errors import SECRET_KEY, ConfigError, Diagnostic, Location
 
 PRESET_DIRS = (
@@ -131,7 +132,7 @@ class Desired:
 # ---------------------------------------------------------------------------- YAML with positions
 
 
-_Doc = yamlread.Doc
+_Doc = yamldocs.Doc
 
 
 def _display(path: Path, cwd: Path) -> str:
@@ -141,10 +142,33 @@ def _display(path: Path, cwd: Path) -> str:
         return str(path)
 
 
-def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path) -> list[_Doc]:
+def _read_documents(files: list[Path], problems: list[Diagnostic], cwd: Path,
+                    parsed: yamldocs.ParsedDocs | None) -> list[_Doc]:
     docs: list[_Doc] = []
     for file in files:
-        docs.extend(yamlread.read(file, _display(file, cwd), problems))
+        docs.extend(_read(file, _display(file, cwd), problems, parsed))
+    return docs
+
+
+def _read(file: Path, display: str, problems: list[Diagnostic], parsed: yamldocs.ParsedDocs | None) -> list[_Doc]:
+    """A file's documents: from `parsed` when its text was parsed before without a problem, else
+    parsed now (ruamel is imported only then, engine.config.yamldocs) and added to `parsed`."""
+    text, problem = yamldocs.check_file(file, display)
+    if problem or text is None:
+        problems.append(problem or Diagnostic(Location(display), "cannot read the file"))
+        return []
+    if parsed is not None and (known := parsed.get(text)) is not None:
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # not what `stored` writes: parsed again
+            return [yamldocs.restored(k, file, display) for k in known]
+    from engine.config import yamlread
+
+    found: list[Diagnostic] = []
+    docs = yamlread.read_text(text, file, display, found)
+    problems.extend(found)
+    if parsed is not None and not found:
+        kept = [yamldocs.stored(doc) for doc in docs]
+        if all(k is not None for k in kept):
+            parsed.put(text, [k for k in kept if k is not None])
     return docs
 
 
@@ -285,12 +309,13 @@ def preset_files() -> list[Path]:
 
 
 def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool = False,
-         known_clean: KnownClean | None = None) -> Desired:
+         known_clean: KnownClean | None = None, parsed: yamldocs.ParsedDocs | None = None) -> Desired:
     """Load and validate a config directory. Raises ConfigError listing every problem found.
     With `defer_key_checks`, problems of the shard key in the schema are returned in
     `key_problems` (the planner reports them with what a key change would destroy). With
     `known_clean`, the schema SQL checks that found nothing before are not run again, and those
-    that find nothing now are added to it.
+    that find nothing now are added to it. With `parsed`, a file parsed before without a problem
+    is not parsed again (engine.config.yamldocs), and those parsed now are added to it.
 
     In stages, each adding what it finds wrong to the same list of problems: read the files
     (presets first), gather what each file declares, resolve policy inheritance, check the
@@ -299,10 +324,10 @@ def load(directory: str | Path, cwd: Path | None = None, defer_key_checks: bool 
     cwd = cwd or Path.cwd()
     root, files = _config_directory(directory, cwd)
     found = _Gathered()
-    preset_docs = _read_documents(preset_files(), found.problems, cwd)
+    preset_docs = _read_documents(preset_files(), found.problems, cwd, parsed)
     for doc in preset_docs:
         doc.display = f"policies/{doc.file.name}"  # the same on every machine, installed or not
-    docs = _read_documents(files, found.problems, cwd)
+    docs = _read_documents(files, found.problems, cwd, parsed)
     for doc in preset_docs:
         _gather(found, doc, is_preset=True)
     for doc in docs:
@@ -727,7 +752,7 @@ def _schema_steps(name: str, database: models.Database, doc: _Doc, root: Path, c
             if problem:
                 problems.append(problem)
                 continue
-            text, problem = yamlread.check_file(path, _display(path, cwd), printable=False)
+            text, problem = yamldocs.check_file(path, _display(path, cwd), printable=False)
             if problem or text is None:
                 problem = problem or Diagnostic(Location(_display(path, cwd)), "cannot be read")
                 at = problem.location if problem.location.line else where  # the file as a whole: the step's line

@@ -6,6 +6,9 @@ would hang or crash a loader: alias expansion beyond a bound (an alias is shared
 nesting beyond a depth, files beyond a size, numbers beyond a range, NaN and infinities, NUL and
 other control characters, and tags other than the core ones. Merge keys (`<<: *x`,
 `<<: [*a, {...}]`) work. Every refusal is a Diagnostic at file:line:column.
+
+The file's checks (size, UTF-8, printable) and the documents' shape are engine.config.yamldocs,
+which imports no ruamel: the loader comes here only for a file not parsed before.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,48 +23,14 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from engine.config.yamldocs import Doc, Path_, check_file, line_col
 from engine.errors import Diagnostic, Location
-from engine.files import Unreadable, bounded_bytes
 
-MAX_FILE_BYTES = 32 * 2**20  # a config file larger than this is refused unread
 MAX_DEPTH = 64  # nesting of mappings and sequences
 MAX_ALIAS_EXPANSION = 100_000  # values that aliases may add to a document beyond its own
 MAX_NUMBER_CHARS = 40  # digits of a number literal; longer ones are refused before conversion
 
-Path_ = tuple[Any, ...]
 T = "tag:yaml.org,2002:"
-# YAML 1.2 printable: tab, LF, CR, and everything from space on except DEL, C1 controls (but
-# NEL), surrogates and the two non-characters
-_NOT_PRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-@dataclass
-class Doc:
-    """One YAML document: plain data, and where each path's key and value are."""
-
-    file: Path
-    display: str
-    data: Any
-    keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
-    values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
-    start: tuple[int, int] = (1, 1)
-
-    def loc(self, path: Path_) -> Location:
-        """The key at `path` if it exists, else the nearest parent that does."""
-        best = self.start
-        current: Path_ = ()
-        for item in path:  # items that name nothing here (a union tag, a missing key) are passed over
-            candidate = (*current, item)
-            if candidate in self.keys:
-                current, best = candidate, self.keys[candidate]
-        return Location(self.display, *best)
-
-    def value_loc(self, path: Path_) -> Location:
-        """The value at `path` (for errors about a value, not its key)."""
-        path = tuple(path)
-        if path in self.values:
-            return Location(self.display, *self.values[path])
-        return self.loc(path)
 
 
 class _Refused(Exception):
@@ -73,43 +41,6 @@ class _Refused(Exception):
 
 def _pos(mark) -> tuple[int, int]:
     return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
-
-
-def _line_col(text: str, index: int) -> tuple[int, int]:
-    line = text.count("\n", 0, index) + 1
-    return line, index - (text.rfind("\n", 0, index) + 1) + 1
-
-
-def check_file(file: Path, display: str, printable: bool = True) -> tuple[str | None, Diagnostic | None]:
-    """The file's text, or why it cannot be read as one (never its content). `printable`: refuse
-    every control character YAML refuses; otherwise (SQL) only NUL."""
-    try:
-        raw = bounded_bytes(file, MAX_FILE_BYTES)
-    except Unreadable as exc:
-        hint = {"too_large": "split the configuration over several files",
-                "not_regular": "config files are ordinary files; move anything else out of the directory",
-                "missing": "remove it, or point it at a file that exists",
-                "broken_link": "remove it, or point it at a file that exists"}.get(exc.reason, exc.hint)
-        message = {"not_regular": "not a regular file", "missing": "the file has disappeared"}.get(exc.reason,
-                                                                                                  exc.message)
-        return None, Diagnostic(Location(display), message, hint)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        good = raw[:exc.start].decode("utf-8")
-        return None, Diagnostic(Location(display, *_line_col(good, len(good))),
-                                f"the file is not UTF-8: byte 0x{raw[exc.start]:02x} cannot start a character here",
-                                "save the file as UTF-8")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    bad = _NOT_PRINTABLE.search(text) if printable else re.search("\x00", text)
-    if bad:
-        char = bad.group()
-        what = "a NUL byte" if char == "\0" else f"the control character U+{ord(char):04X}"
-        return None, Diagnostic(Location(display, *_line_col(text, bad.start())),
-                                f"{what} is not allowed in {'YAML' if printable else 'a schema file'}",
-                                "remove it (the file must hold printable text only)")
-    return text, None
 
 
 def read(file: Path, display: str, problems: list[Diagnostic]) -> list[Doc]:
@@ -174,14 +105,14 @@ def _deep_position(text: str) -> tuple[int, int]:
         if char in "[{":
             depth += 1
             if depth > MAX_DEPTH:
-                return _line_col(text, index)
+                return line_col(text, index)
         elif char in "]}":
             depth -= 1
         elif char == "\n":
             indent = len(text[index + 1:index + 1 + 4 * MAX_DEPTH + 1]) - len(
                 text[index + 1:index + 1 + 4 * MAX_DEPTH + 1].lstrip(" -"))
             if indent > 2 * MAX_DEPTH:
-                return _line_col(text, index + 1)
+                return line_col(text, index + 1)
     return 1, 1
 
 

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
 from engine import files
 from engine.errors import UserError
@@ -80,7 +78,11 @@ def load_with_notes(path: str | Path) -> tuple[dict[str, Series], tuple[str, ...
 
 def _load_yaml(path: Path) -> Any:
     """YAML (ruamel's safe loader: aliases are shared, never copied), after the same size and
-    flow-nesting bounds as JSON; block nesting deep enough to exhaust the parser is refused too."""
+    flow-nesting bounds as JSON; block nesting deep enough to exhaust the parser is refused too.
+    ruamel is imported here: a plan without --metrics reads no YAML but its config (cached)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     text = files.read_text(path, "metrics file", files.MAX_METRICS_BYTES)
     if files.json_depth(_YAML_QUOTED.sub("", text), files.MAX_JSON_DEPTH) > files.MAX_JSON_DEPTH:
         raise UserError(f"metrics file {path} nests deeper than {files.MAX_JSON_DEPTH} levels",
