@@ -168,7 +168,10 @@ def points(name: str) -> None:
     holdpoint = os.environ.get(HOLDPOINT_ENV, "")
     if "=" in holdpoint and name.startswith(holdpoint.rsplit("=", 1)[0]):
         release = Path(holdpoint.rsplit("=", 1)[1])
-        Path(f"{release}.held").write_text(name)
+        # written whole, then renamed: a test that sees the file reads the point's name, never ''
+        staged = Path(f"{release}.held.{os.getpid()}")
+        staged.write_text(name)
+        staged.replace(Path(f"{release}.held"))
         deadline = time.monotonic() + HOLD_LIMIT
         while not release.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
