@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 
-from engine.servers import private
+from engine.collect import cache_file
 
 FILE = Path(".shardctl") / "cache" / "sql.json"
 VERSION = 1
@@ -28,11 +27,8 @@ _CHECKERS = tuple(Path(__file__).parent.parent / "config" / name for name in ("s
 
 
 def _checker() -> str:
-    """What a verdict depends on besides its input: the checking code and the parser's version."""
-    digest = hashlib.sha256(metadata.version("pglast").encode())
-    for path in _CHECKERS:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    """What the remembered results depend on besides their input: our code and the library's version."""
+    return cache_file.fingerprint("pglast", _CHECKERS)
 
 
 class CleanSql:
@@ -44,13 +40,9 @@ class CleanSql:
         self._asked: set[str] = set()
         if path is None:
             return
-        try:
-            self.checker = _checker()
-            data = json.loads(path.read_text())
-        except (OSError, ValueError, metadata.PackageNotFoundError):
-            return  # none yet, or unreadable: every check runs
-        if (isinstance(data, dict) and data.get("version") == VERSION and data.get("checker") == self.checker
-                and isinstance(data.get("clean"), list)):
+        self.checker = _checker()
+        data = cache_file.read(path, VERSION, "checker", self.checker)  # None: every check runs
+        if data is not None and isinstance(data.get("clean"), list):
             self._loaded = {k for k in data["clean"] if isinstance(k, str)}
             self._clean = set(self._loaded)
 
@@ -74,12 +66,7 @@ class CleanSql:
         """Write back the verdicts this load asked for, when they differ from the file's (the
         verdicts of SQL no longer declared are dropped)."""
         clean = self._clean & self._asked
-        if self.path is None or not self.checker or clean == self._loaded or not self.path.parent.parent.is_dir():
+        if self.path is None or not self.checker or clean == self._loaded:
             return
-        try:
-            self.path.parent.mkdir(exist_ok=True, mode=0o700)
-            private.write_private(self.path, json.dumps({"version": VERSION, "checker": self.checker,
-                                                         "clean": sorted(clean)}), None)
-        except OSError:
-            return
-        self._loaded = clean
+        if cache_file.write(self.path, {"version": VERSION, "checker": self.checker, "clean": sorted(clean)}):
+            self._loaded = clean

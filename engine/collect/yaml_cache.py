@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 
-from engine.servers import private
+from engine.collect import cache_file
 
 FILE = Path(".shardctl") / "cache" / "yaml.json"
 VERSION = 1
@@ -30,11 +29,8 @@ _PARSERS = tuple(Path(__file__).parent.parent / "config" / name for name in ("ya
 
 
 def _parser() -> str:
-    """What parsed documents depend on besides the text: the parsing code and ruamel's version."""
-    digest = hashlib.sha256(metadata.version("ruamel.yaml").encode())
-    for path in _PARSERS:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    """What the remembered results depend on besides their input: our code and the library's version."""
+    return cache_file.fingerprint("ruamel.yaml", _PARSERS)
 
 
 def _no_constant(name: str) -> None:
@@ -50,13 +46,9 @@ class ParsedYaml:
         self._changed = False
         if path is None:
             return
-        try:
-            self.parser = _parser()
-            data = json.loads(path.read_text(), parse_constant=_no_constant)
-        except (OSError, ValueError, metadata.PackageNotFoundError):
-            return  # none yet, or unreadable: every file is parsed
-        if (isinstance(data, dict) and data.get("version") == VERSION and data.get("parser") == self.parser
-                and isinstance(data.get("files"), dict)):
+        self.parser = _parser()
+        data = cache_file.read(path, VERSION, "parser", self.parser, _no_constant)  # None: every file is parsed
+        if data is not None and isinstance(data.get("files"), dict):
             self._files = {k: v for k, v in data["files"].items() if isinstance(v, list)}
 
     @classmethod
@@ -84,15 +76,11 @@ class ParsedYaml:
     def save(self) -> None:
         """Write back the files this load read, when something changed (the documents of files
         no longer read are dropped)."""
-        if self.path is None or not self.parser or not self.path.parent.parent.is_dir():
+        if self.path is None or not self.parser:
             return
         kept = {k: v for k, v in self._files.items() if k in self._asked}
         if not self._changed and len(kept) == len(self._files):
             return
-        try:
-            self.path.parent.mkdir(exist_ok=True, mode=0o700)
-            private.write_private(self.path, json.dumps({"version": VERSION, "parser": self.parser,
-                                                         "files": dict(sorted(kept.items()))}), None)
-        except OSError:
-            return
-        self._files, self._changed = kept, False
+        stored = {"version": VERSION, "parser": self.parser, "files": dict(sorted(kept.items()))}
+        if cache_file.write(self.path, stored):
+            self._files, self._changed = kept, False
