@@ -73,13 +73,15 @@ class Ready:
 
 def ready(live: Live) -> Ready:
     """The sources' guarded tables, and whether an interrupted run's fence still holds (the
-    range has been unwritable since then), read on the held connections."""
+    range has been unwritable since then), read on the held connections; and the fence's
+    statement run once there without its wait (engine/actions/fence.py drain_and_mark, WARM)."""
     oids: dict[str, list[int]] = {}
     longest = None
     for source in live.spec.sources:
         with live.session(source) as conn:
             oids[source.name] = [oid for _, _, oid in fence.tables(conn)]
             held = fence.armed_for(conn, live.spec.operation)
+            fence.drain_and_mark(conn, live.spec.operation, source.name, oids[source.name], DRAIN_LIMIT, warm=True)
         if held is not None:
             longest = max(longest or 0.0, held)
     return Ready(oids=oids, since=None if longest is None else time.monotonic() - longest)
