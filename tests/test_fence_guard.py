@@ -164,6 +164,8 @@ def test_the_drain_waits_for_commits_checked_before_the_arm_and_a_truncate_but_n
         aborted.execute("TRUNCATE events_1")
         with pytest.raises(errors.UniqueViolation):
             aborted.execute("INSERT INTO parent VALUES (1)")  # its transaction can never commit now
+        warmed = fence.drain_and_mark(conn, OPERATION, "s", oids, 5.0, warm=True)  # before the fence: no wait
+        assert warmed.drained_s < 1.0 and fence.armed_for(conn, OPERATION) is None
         fence.arm(conn, OPERATION)
         overran = fence.drain_and_mark(conn, OPERATION, "s", oids, 0.05)
         vxid = "SELECT virtualtransaction FROM pg_locks WHERE pid = %s AND locktype = 'virtualxid'"
@@ -172,7 +174,8 @@ def test_the_drain_waits_for_commits_checked_before_the_arm_and_a_truncate_but_n
         truncated.rollback()
         overran = fence.drain_and_mark(conn, OPERATION, "s", oids, 0.05)
         assert overran.waiting == {conn.execute(vxid, (early.info.backend_pid,)).fetchone()[0]}
-        assert conn.execute("SELECT count(*) FROM _shardctl.fence_marks").fetchone() == (0,)  # no mark
+        assert conn.execute("SELECT (extract(epoch FROM at) * 1000000)::bigint FROM _shardctl.fence_marks"
+                            ).fetchall() == [(warmed.stamp,)]  # the warm-up's, no new mark
         later = threading.Timer(0.2, early.commit)  # it passed its check before the arm: it commits
         later.start()
         drained = fence.drain_and_mark(conn, OPERATION, "s", oids, 5.0)

@@ -99,7 +99,7 @@ from engine.servers.locking import LOCK_TIMEOUT_MS
 
 GUARD_TRIGGERS = ("shardctl_fence", "shardctl_fence_truncate", "shardctl_fence_commit")
 COMMIT_TRIGGER = "shardctl_fence_commit"
-DRAIN_LIMIT = 0.5  # seconds the armed fence waits for transactions that wrote before it, at most
+DRAIN_LIMIT = 0.5  # seconds the armed fence waits for the commits under way (and a TRUNCATE), at most
 
 MARKS = """
 CREATE SCHEMA IF NOT EXISTS _shardctl;

@@ -91,19 +91,21 @@ def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
     """Stop writes on every source.
 
     No table lock: while a transaction has held a write lock on a source longer than
-    DRAIN_LIMIT, wait with the source writable; then arm every source's guard, and wait (at
-    most DRAIN_LIMIT) for the transactions that wrote before it to end; then the marks. A drain
-    that overruns disarms every source and tries again; after `moves.fence_timeout` the fence
-    gives up naming who was in the way, and the sources take writes as before. A merge arms its
-    sources only when none of them has such a writer, so one source is never held read-only
-    while another waits. PREPARED: what `ready` read before the last key rounds.
+    DRAIN_LIMIT, wait with the source writable; then arm every source's guard, and on each wait
+    (at most DRAIN_LIMIT) for the commits under way and write its mark, in one statement
+    (engine/actions/fence.py: a transaction that wrote before the arm and commits after it is
+    refused, not waited for). A drain that overruns disarms every source and tries again;
+    after `moves.fence_timeout` the fence gives up naming who was in the way, and the sources
+    take writes as before. A merge arms its sources only when none of them has such a writer,
+    so one source is never held read-only while another waits. PREPARED: what `ready` read
+    before the last key rounds.
 
     The COMPARISON's part: once the fence has drained, its work ahead (compare.py Ahead);
-    between tries, a key round (what changed while the
-    fence waited is not left for behind it: a fence that waited 7 s once left 35,000 keys to
-    recheck). Nothing else runs between the last key round and the arm: every key written
-    meanwhile is one more to compare behind the fence (decoding before the arm, tried, made
-    the pause longer: 2,300-6,200 keys behind it instead of 1,500-3,600)."""
+    between tries, a key round (what changed while the fence waited is not left for behind it:
+    a fence that waited 7 s once left 35,000 keys to recheck). Nothing else runs between the
+    last key round and the arm: every key written meanwhile is one more to compare behind the
+    fence (decoding before the arm, tried, made the pause longer: 2,300-6,200 keys behind it
+    instead of 1,500-3,600)."""
     with live.step("fence", durable=False) as record:
         began = time.monotonic()
         oids = prepared.oids
@@ -185,16 +187,16 @@ def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[
         # the servers' own measure of the drain, on this clock: the mark followed it at once
         drained = min(marked, armed + max(d.drained_s for d in drains.values()))
         pause = tries.pause.marked("drained", drained).marked("marked", marked)
-        ahead = Ahead(comparison)  # the sources can change no longer: their side of the keys, now
-        return _Taken(tries.count, round((drained - armed) * 1000, 1), pause, ahead,
-                      marks={n: str(d.lsn) for n, d in drains.items()},
+        marks = {n: str(d.lsn) for n, d in drains.items()}
+        ahead = Ahead(comparison, marks)  # the sources can change no longer: their side of the keys, now
+        return _Taken(tries.count, round((drained - armed) * 1000, 1), pause, ahead, marks=marks,
                       stamps={n: int(d.stamp or 0) for n, d in drains.items()})
     tries.in_the_way = [h for name, vxids in left.items() for h in write_holders(conns[name], oids[name])
                         if h.vxid in vxids] or tries.in_the_way
     for h in tries.in_the_way:
         tries.first_seen.setdefault(h.vxid, armed)
     tries.pause = _disarm(live, conns)
-    live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for transactions that wrote before it"
+    live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for commits under way"
              f" ({', '.join(b.describe() for b in tries.in_the_way[:3])}); lifted, trying again")
     return None
 

@@ -9,6 +9,7 @@ engine/actions/move/spec.py and the stage modules), not fields of this object.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from engine.catalog.journal import Operation
 from engine.durations import span
 from engine.errors import UserError
 from engine.plan.models import ShardSpec
+
+FENCE_SWITCH_INTERVAL_S = 0.0005  # the GIL's switch interval from the fence to the flip (Live.bounded)
 
 
 def background(work: Callable[[], object]) -> Future:
@@ -204,9 +207,15 @@ class Live:
         # round and the arm, each letting more keys change
         for job in [background(partial(conn.execute, limit)) for conn in self.held.values()]:
             job.result()
+        # behind the fence the steps wait on round trips while the decoder and the work ahead
+        # parse and sum in other threads: a reply waited up to the interpreter's switch interval
+        # (5 ms) for the thread that held the GIL, on every round trip of the pause
+        switches = sys.getswitchinterval()
+        sys.setswitchinterval(FENCE_SWITCH_INTERVAL_S)
         try:
             yield
         finally:
+            sys.setswitchinterval(switches)
             for conn in self.held.values():
                 if not conn.closed and not conn.broken:
                     with suppress(psycopg.Error):
