@@ -127,6 +127,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     began timestamptz := clock_timestamp();
     marked timestamptz;
+    session_lock_timeout text := current_setting('lock_timeout');
 BEGIN
     -- a TRUNCATE that ran before the arm: its transaction holds ACCESS EXCLUSIVE until it ends
     waiting := ARRAY(SELECT DISTINCT l.virtualtransaction FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
@@ -168,6 +169,9 @@ BEGIN
             END IF;
         END;
     END LOOP;
+    -- the mark waits as any statement behind the fence does (statement_timeout): a lock on the
+    -- marks' table is not a commit under way
+    PERFORM set_config('lock_timeout', session_lock_timeout, true);
     marked := clock_timestamp();
     drained_s := extract(epoch FROM marked - began);
     INSERT INTO _shardctl.fence_marks (operation, source, at) VALUES (op, src, marked)
