@@ -139,8 +139,9 @@ def test_a_write_made_before_the_arm_is_refused_at_its_commit_after_it_and_never
                 writer.execute("SET session_replication_role = replica")
             writer.execute(statement)  # written while the fence was not armed, not yet committed
         fence.arm(conn, OPERATION)
-        drained = fence.drain_and_mark(conn, OPERATION, "s", oids, 5.0)
-        assert drained.waiting == frozenset() and drained.lsn is not None  # nobody waited for
+        drained = fence.drain(conn, OPERATION, "s", oids, 5.0)
+        assert drained.waiting == frozenset() and drained.drained_s < 1.0  # nobody waited for
+        assert fence.mark(conn, OPERATION, "s").lsn is not None
         for writer in writers.values():
             with pytest.raises(errors.ReadOnlySqlTransaction, match="re-resolve the route"):
                 writer.commit()
@@ -164,28 +165,30 @@ def test_the_drain_waits_for_commits_checked_before_the_arm_and_a_truncate_but_n
         aborted.execute("TRUNCATE events_1")
         with pytest.raises(errors.UniqueViolation):
             aborted.execute("INSERT INTO parent VALUES (1)")  # its transaction can never commit now
-        warmed = fence.drain_and_mark(conn, OPERATION, "s", oids, 5.0, warm=True)  # before the fence: no wait
-        assert warmed.drained_s < 1.0 and fence.armed_for(conn, OPERATION) is None
+        fence.warm(conn, OPERATION, "s", oids)  # before the fence: no wait, no flag
+        assert fence.armed_for(conn, OPERATION) is None
+        stamps = "SELECT (extract(epoch FROM at) * 1000000)::bigint FROM _shardctl.fence_marks"
+        (warmed,) = conn.execute(stamps).fetchone()
         fence.arm(conn, OPERATION)
-        overran = fence.drain_and_mark(conn, OPERATION, "s", oids, 0.05)
+        overran = fence.drain(conn, OPERATION, "s", oids, 0.05)
         vxid = "SELECT virtualtransaction FROM pg_locks WHERE pid = %s AND locktype = 'virtualxid'"
         assert overran.waiting == {conn.execute(vxid, (truncated.info.backend_pid,)).fetchone()[0]}
         assert overran.lsn is None and overran.drained_s >= 0.05
         truncated.rollback()
-        overran = fence.drain_and_mark(conn, OPERATION, "s", oids, 0.05)
+        overran = fence.drain(conn, OPERATION, "s", oids, 0.05)
         assert overran.waiting == {conn.execute(vxid, (early.info.backend_pid,)).fetchone()[0]}
-        assert conn.execute("SELECT (extract(epoch FROM at) * 1000000)::bigint FROM _shardctl.fence_marks"
-                            ).fetchall() == [(warmed.stamp,)]  # the warm-up's, no new mark
+        assert conn.execute(stamps).fetchall() == [(warmed,)]  # the warm-up's, no new mark
         later = threading.Timer(0.2, early.commit)  # it passed its check before the arm: it commits
         later.start()
-        drained = fence.drain_and_mark(conn, OPERATION, "s", oids, 5.0)
+        drained = fence.drain(conn, OPERATION, "s", oids, 5.0)
         later.join()
         assert drained.waiting == frozenset() and 0.1 < drained.drained_s < 5.0
+        marked = fence.mark(conn, OPERATION, "s")
         lsn, stamp, name = conn.execute(
             "SELECT pg_current_wal_insert_lsn() >= %s::pg_lsn, (extract(epoch FROM at) * 1000000)::bigint,"
             " (SELECT name FROM parent WHERE id = 9) FROM _shardctl.fence_marks WHERE operation = %s AND source = 's'",
-            (drained.lsn, OPERATION)).fetchone()
-        assert lsn and stamp == drained.stamp and name == "early"  # the mark, after the commit it waited for
+            (marked.lsn, OPERATION)).fetchone()
+        assert lsn and stamp == marked.stamp and name == "early"  # the mark, after the commit it waited for
         for c in (early, truncated, aborted):
             c.close()
 

@@ -43,10 +43,13 @@ The fence itself takes no table lock:
    its table until it ends, and the drain waits for it to end (like CREATE INDEX
    CONCURRENTLY's wait for older transactions; one in an aborted state can never commit and is
    not waited for).
-3. Mark: a row in `_shardctl.fence_marks`, written by the same statement as the drain, right
-   after it (`drain_and_mark`). Every write that got past the guards committed before it, so
-   its commit precedes the mark's in the WAL, and a target that has applied the mark has
-   applied all of them (logical replication applies in commit order).
+   One statement on the server (`drain`), which writes nothing: its commit waits for no WAL
+   flush.
+3. Mark: a row in `_shardctl.fence_marks`, written after the drain (`mark`). Every write that
+   got past the guards committed before it, so its commit precedes the mark's in the WAL, and
+   a target that has applied the mark has applied all of them (logical replication applies in
+   commit order). The drain's commit-lock wait ended before the mark began, and a commit that
+   takes the lock after the drain reads the flag set: the mark need not hold the lock.
 
 Why nothing that commits after the mark can change a source table. A row written in a
 transaction queues its commit guard (the first such row of the transaction does; the others
@@ -117,25 +120,26 @@ CREATE TABLE IF NOT EXISTS _shardctl.fence_marks (
 COMMIT_LOCK = (0x73686172, 0x6463746C)
 MESSAGE = "shard is read-only: shardctl is moving or has moved its rows; re-resolve the route"
 
-# The drain and the mark in one statement, on the server (see `drain_and_mark`). pg_locks is read
-# anew at each call; pg_stat_clear_snapshot, lest pg_stat_activity be kept as the transaction first
-# read it (the documented rule for statistics views).
+# The drain and the mark, each one statement on the server (`drain`, `mark`, and `warm`: both, once,
+# without their waits). pg_locks is read anew at each call; pg_stat_clear_snapshot, lest
+# pg_stat_activity be kept as the transaction first read it (the documented rule for statistics views).
 DRAIN_AND_MARK = f"""
 CREATE OR REPLACE FUNCTION _shardctl.drain_and_mark(op bigint, src text, guarded oid[], limit_s float8, lock_ms int,
-    warm boolean, OUT lsn text, OUT stamp bigint, OUT drained_s float8, OUT waiting text[])
+    what text, OUT lsn text, OUT stamp bigint, OUT drained_s float8, OUT waiting text[])
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     began timestamptz := clock_timestamp();
     marked timestamptz;
     session_lock_timeout text := current_setting('lock_timeout');
 BEGIN
+  IF what <> 'mark' THEN  -- 'drain', or 'warm': every statement of both once, without their waits
     -- a TRUNCATE that ran before the arm: its transaction holds ACCESS EXCLUSIVE until it ends
     waiting := ARRAY(SELECT DISTINCT l.virtualtransaction FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
                       WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'AccessExclusiveLock'
                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                         AND l.relation = ANY(guarded) AND l.pid IS DISTINCT FROM pg_backend_pid()
                         AND a.state IS DISTINCT FROM 'idle in transaction (aborted)');
-    WHILE cardinality(waiting) > 0 AND NOT warm LOOP
+    WHILE cardinality(waiting) > 0 AND what = 'drain' LOOP
         IF clock_timestamp() - began > make_interval(secs => limit_s) THEN
             drained_s := extract(epoch FROM clock_timestamp() - began);
             RETURN;
@@ -154,7 +158,7 @@ BEGIN
         PERFORM set_config('lock_timeout', greatest(1, least(
             lock_ms, (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 250)::int,
             (limit_s * 1000 - extract(epoch FROM clock_timestamp() - began) * 1000)::int))::text, true);
-        EXIT WHEN warm;
+        EXIT WHEN what = 'warm';
         BEGIN
             PERFORM pg_advisory_xact_lock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
             EXIT;
@@ -172,8 +176,13 @@ BEGIN
     -- the mark waits as any statement behind the fence does (statement_timeout): a lock on the
     -- marks' table is not a commit under way
     PERFORM set_config('lock_timeout', session_lock_timeout, true);
+    drained_s := extract(epoch FROM clock_timestamp() - began);
+    IF what = 'drain' THEN
+        lsn := pg_current_wal_flush_lsn()::text;  -- every commit the drain waited for is flushed
+        RETURN;
+    END IF;
+  END IF;
     marked := clock_timestamp();
-    drained_s := extract(epoch FROM marked - began);
     INSERT INTO _shardctl.fence_marks (operation, source, at) VALUES (op, src, marked)
         ON CONFLICT (operation, source) DO UPDATE SET at = excluded.at;
     lsn := pg_current_wal_insert_lsn()::text;
@@ -339,9 +348,9 @@ def armed_for(conn: psycopg.Connection, operation: int) -> float | None:
 
 @dataclass(frozen=True)
 class Drained:
-    """One source's drain: its mark (LSN, and time in microseconds) once every transaction that
-    wrote before the arm has ended; or, past the limit, those still running (their virtual
-    transaction ids) and no mark."""
+    """One source's drain: once every commit that may still land has ended, its WAL flushed then
+    (LSN); or, past the limit, those still running (their virtual transaction ids) and no LSN.
+    A mark: its LSN and its time in microseconds (STAMP)."""
 
     lsn: str | None
     stamp: int | None
@@ -349,24 +358,35 @@ class Drained:
     waiting: frozenset[str]
 
 
-def drain_and_mark(conn: psycopg.Connection, operation: int, source: str, oids: list[int],
-                   limit_s: float, warm: bool = False) -> Drained:
+def drain(conn: psycopg.Connection, operation: int, source: str, oids: list[int], limit_s: float) -> Drained:
     """After the arm (autocommit connection): wait, at most LIMIT_S, for the commits that passed
-    the commit guard before the arm (and for a TRUNCATE's transaction), then write the mark; one
-    statement, on the server (module docstring, 2 and 3).
+    the commit guard before the arm (and for a TRUNCATE's transaction); one statement, on the
+    server (module docstring, 2).
 
     On the server rather than polled from here: under 32 pgbench writers on two cores each
-    poll's round trip and then the mark's waited for CPU twice (this process, then the
-    backend): 30-90 ms of drain and 25-60 ms from the drain to the mark. The mark's INSERT
-    follows the drain at once, in the same transaction (its commit waits for the WAL flush: the
-    targets' subscriptions only receive flushed WAL). Its `at` is the drain's moment, not the
-    transaction's start.
+    poll's round trip waited for CPU twice (this process, then the backend), 30-90 ms of drain.
+    It writes nothing, so its commit waits for no WAL flush: the mark's does, 25-100 ms under
+    that load (the disk busy), and the work ahead of the verification runs meanwhile."""
+    return _step(conn, operation, source, oids, limit_s, "drain")
 
-    WARM: before the fence, the same statement without the wait (and with no effect but a mark
-    row, which the real mark overwrites): the backend compiles the function and reads the
-    catalogs it needs then, not behind the fence (4-5 ms on a fresh connection against 1.1-1.3,
-    idle; under load that first time took 40 ms and more)."""
+
+def mark(conn: psycopg.Connection, operation: int, source: str) -> Drained:
+    """After the drain: the mark row. Its commit waits for the WAL flush (the targets'
+    subscriptions only receive flushed WAL); its `at` is the statement's moment."""
+    return _step(conn, operation, source, [], 0.0, "mark")
+
+
+def warm(conn: psycopg.Connection, operation: int, source: str, oids: list[int]) -> None:
+    """Before the fence, the drain's and the mark's statements without their waits (and with no
+    effect but a mark row, which the real mark overwrites): the backend compiles the function
+    and reads the catalogs it needs then, not behind the fence (4-5 ms on a fresh connection
+    against 1.1-1.3 ms after, idle; under load that first time took 40 ms and more)."""
+    _step(conn, operation, source, oids, 0.0, "warm")
+
+
+def _step(conn: psycopg.Connection, operation: int, source: str, oids: list[int], limit_s: float,
+          what: str) -> Drained:
     row = one(conn.execute("SELECT lsn, stamp, drained_s, waiting"
                            " FROM _shardctl.drain_and_mark(%s, %s, %s::oid[], %s, %s, %s)",
-                           (operation, source, oids, limit_s, LOCK_TIMEOUT_MS, warm)))
-    return Drained(lsn=row[0], stamp=row[1], drained_s=float(row[2]), waiting=frozenset(row[3] or ()))
+                           (operation, source, oids, limit_s, LOCK_TIMEOUT_MS, what)))
+    return Drained(lsn=row[0], stamp=row[1], drained_s=float(row[2] or 0.0), waiting=frozenset(row[3] or ()))

@@ -70,6 +70,9 @@ FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left fo
 # (the decoder holds lane 3, the work ahead lane 4). Two backends per shard instead of one:
 # under 32 pgbench writers on 2 cores a round's share of the CPU doubled
 BOTH_LANES = (1, 2)
+# the work ahead behind the fence: lane 4, and lane 2 (the sequences read it once, at the catch-up's
+# start); lane 1 is the catch-up's, which asks the sources' slots while the targets catch up
+AHEAD_LANES = (4, 2)
 PART_KEYS_AT_LEAST = 200
 
 
@@ -463,13 +466,14 @@ class Comparison:
         return new
 
     def sources_side(self) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
-        """Once the fence has drained (the sources can change no longer): the sources' side of
-        every key left to recheck, all keys of a table together, on their lane 3.
+        """Once the fence has its marks (the sources can change no longer): the sources' side of
+        every key left to recheck, all keys of a table together, on their lanes 4 and 2
+        (AHEAD_LANES).
         (target, table) -> (keys, their sums)."""
         journal.points(f"{self.spec.label}: ahead")  # a test point: slow the read ahead right here
         checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
             (self._target(name), table, set(), set(keys)) for (name, table), keys in self.left.items()]
-        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lanes=(4,), by_key=False)
+        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lanes=AHEAD_LANES, by_key=False)
         return {(target.name, table): (keys, theirs)
                 for (target, table, _, keys), (_, theirs) in zip(checks, sums, strict=True)}
 
@@ -512,10 +516,10 @@ class Comparison:
 
 
 class Ahead:
-    """The verification's work ahead of the catch-up, begun once the fence has its marks, in one
-    thread on the sources' lane 4 (the fence holds lane 1, the sequences lane 2, the decoder
-    lane 3): take the changes decoded up to the marks into the keys left to recheck (`taken`),
-    then read the sources' side of every one of them (`sources_side`). Nothing can change a
+    """The verification's work ahead of the catch-up, begun once the fence has its marks, on the
+    sources' lanes 4 and 2 (AHEAD_LANES: the catch-up holds lane 1, the decoder lane 3): take
+    the changes decoded up to the marks into the keys left to recheck (`taken`), then read the
+    sources' side of every one of them (`sources_side`). Nothing can change a
     source any longer (engine/actions/fence.py says why), so what is read now is what a read
     after the catch-up would read: the final comparison reads the targets' side of those keys,
     once they have caught up, while this runs beside the catch-up. Its errors (a TRUNCATE, rows

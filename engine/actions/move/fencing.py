@@ -74,14 +74,14 @@ class Ready:
 def ready(live: Live) -> Ready:
     """The sources' guarded tables, and whether an interrupted run's fence still holds (the
     range has been unwritable since then), read on the held connections; and the fence's
-    statement run once there without its wait (engine/actions/fence.py drain_and_mark, WARM)."""
+    statements run once there without their waits (engine/actions/fence.py warm)."""
     oids: dict[str, list[int]] = {}
     longest = None
     for source in live.spec.sources:
         with live.session(source) as conn:
             oids[source.name] = [oid for _, _, oid in fence.tables(conn)]
             held = fence.armed_for(conn, live.spec.operation)
-            fence.drain_and_mark(conn, live.spec.operation, source.name, oids[source.name], DRAIN_LIMIT, warm=True)
+            fence.warm(conn, live.spec.operation, source.name, oids[source.name])
         if held is not None:
             longest = max(longest or 0.0, held)
     return Ready(oids=oids, since=None if longest is None else time.monotonic() - longest)
@@ -92,9 +92,9 @@ def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
 
     No table lock: while a transaction has held a write lock on a source longer than
     DRAIN_LIMIT, wait with the source writable; then arm every source's guard, and on each wait
-    (at most DRAIN_LIMIT) for the commits under way and write its mark, in one statement
-    (engine/actions/fence.py: a transaction that wrote before the arm and commits after it is
-    refused, not waited for). A drain that overruns disarms every source and tries again;
+    (at most DRAIN_LIMIT) for the commits under way, one statement on the server, then write
+    its mark (engine/actions/fence.py: a transaction that wrote before the arm and commits after
+    it is refused, not waited for). A drain that overruns disarms every source and tries again;
     after `moves.fence_timeout` the fence gives up naming who was in the way, and the sources
     take writes as before. A merge arms its sources only when none of them has such a writer,
     so one source is never held read-only while another waits. PREPARED: what `ready` read
@@ -167,9 +167,9 @@ def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list
 
 def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
                    tries: _Attempts, comparison: Comparison) -> _Taken | None:
-    """One try: arm every source, then on each (a merge's at once) drain and mark in one
-    statement (engine/actions/fence.py drain_and_mark). The fence taken, or None (disarmed
-    again)."""
+    """One try: arm every source, then on each (a merge's at once) drain, one statement on the
+    server (engine/actions/fence.py drain). Drained, the work ahead begins, beside the marks
+    (whose commits wait for a WAL flush). The fence taken, or None (disarmed again)."""
     journal.points(f"{live.spec.label}: arm")  # a test point: kill, hold or slow the fence right here
     if tries.pause.since is None:
         tries.pause = Pause(since=time.monotonic())  # before the flag: the pause is never understated
@@ -177,20 +177,23 @@ def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[
     _on_each(live, lambda source: fence.arm(conns[source.name], operation))
     armed = time.monotonic()
     tries.pause = tries.pause.marked("armed", armed)
-    with live.behind("the fence's mark was not written"):
-        drains = dict(zip([s.name for s in live.spec.sources], _on_each(
-            live, lambda source: fence.drain_and_mark(conns[source.name], operation, source.name,
-                                                      oids[source.name], DRAIN_LIMIT)), strict=True))
-    marked = time.monotonic()
+    names = [s.name for s in live.spec.sources]
+    with live.behind("the fence did not drain"):
+        drains = dict(zip(names, _on_each(live, lambda source: fence.drain(
+            conns[source.name], operation, source.name, oids[source.name], DRAIN_LIMIT)), strict=True))
     left = {name: d.waiting for name, d in drains.items() if d.waiting}
     if not left:
-        # the servers' own measure of the drain, on this clock: the mark followed it at once
-        drained = min(marked, armed + max(d.drained_s for d in drains.values()))
-        pause = tries.pause.marked("drained", drained).marked("marked", marked)
-        marks = {n: str(d.lsn) for n, d in drains.items()}
-        ahead = Ahead(comparison, marks)  # the sources can change no longer: their side of the keys, now
-        return _Taken(tries.count, round((drained - armed) * 1000, 1), pause, ahead, marks=marks,
-                      stamps={n: int(d.stamp or 0) for n, d in drains.items()})
+        drained = time.monotonic()
+        pause = tries.pause.marked("drained", drained)
+        # the sources can change no longer: their side of the keys, now, beside the marks
+        ahead = Ahead(comparison, {n: str(d.lsn) for n, d in drains.items()})
+        with live.behind("the fence's mark was not written"):
+            marks = dict(zip(names, _on_each(live, lambda source: fence.mark(conns[source.name], operation,
+                                                                               source.name)), strict=True))
+        pause = pause.marked("marked", time.monotonic())
+        return _Taken(tries.count, round((drained - armed) * 1000, 1), pause, ahead,
+                      marks={n: str(m.lsn) for n, m in marks.items()},
+                      stamps={n: int(m.stamp or 0) for n, m in marks.items()})
     tries.in_the_way = [h for name, vxids in left.items() for h in write_holders(conns[name], oids[name])
                         if h.vxid in vxids] or tries.in_the_way
     for h in tries.in_the_way:
