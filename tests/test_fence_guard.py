@@ -1,11 +1,13 @@
 """The fence's guard on a real server (engine/actions/fence.py): disarmed it lets every write
 through; armed it refuses every way of writing a table with SQLSTATE 25006, whatever the
-writer's isolation level, role or session_replication_role; the drain sees exactly the
-transactions that may still commit a write; the guard is no schema drift and no branch's."""
+writer's isolation level, role or session_replication_role, and refuses the commit of a
+transaction that wrote before it; the drain waits for exactly the commits that may still land;
+the guard is no schema drift and no branch's."""
 
 from __future__ import annotations
 
 import subprocess
+import threading
 
 import psycopg
 import pytest
@@ -15,7 +17,6 @@ from engine.actions import fence
 from engine.actions.create_branch import without_fence
 from engine.observe import introspect
 from engine.servers.embedded import EmbeddedServer, bin_dir
-from engine.servers.locking import write_holders
 
 SCHEMA = """
 CREATE TABLE parent (id bigint PRIMARY KEY, name text NOT NULL DEFAULT '');
@@ -119,24 +120,76 @@ def test_the_guard_refuses_every_write_once_armed_and_none_before(shard):
         snapshot_holder.close()
 
 
-def test_the_drain_waits_for_writers_only_and_never_for_an_aborted_transaction(shard):
+def test_a_write_made_before_the_arm_is_refused_at_its_commit_after_it_and_never_waited_for(shard):
+    params, _ = shard
+    rows = "SELECT (SELECT count(*) FROM parent), (SELECT string_agg(name, ',' ORDER BY id) FROM parent)," \
+           " (SELECT count(*) FROM child), (SELECT count(*) FROM events)"
+    with psycopg.connect(**params, autocommit=True) as conn:
+        _guard(conn)
+        oids = [oid for _, _, oid in fence.tables(conn)]
+        before = conn.execute(rows).fetchone()
+        writers = {}
+        for name, statement in WRITES.items():
+            if name == "truncate":
+                continue
+            writer = writers[name] = psycopg.connect(**params)
+            if name == "merge":
+                writer.execute("SET ROLE shardctl_guard_app")  # no privilege on _shardctl: told, not denied
+            if name == "upsert":
+                writer.execute("SET session_replication_role = replica")
+            writer.execute(statement)  # written while the fence was not armed, not yet committed
+        fence.arm(conn, OPERATION)
+        drained = fence.drain(conn, OPERATION, "s", oids, 5.0)
+        assert drained.waiting == frozenset() and drained.drained_s < 1.0  # nobody waited for
+        assert fence.mark(conn, OPERATION, "s").lsn is not None
+        for writer in writers.values():
+            with pytest.raises(errors.ReadOnlySqlTransaction, match="re-resolve the route"):
+                writer.commit()
+            writer.close()
+        assert conn.execute(rows).fetchone() == before
+        fence.disarm(conn, OPERATION)
+        with psycopg.connect(**params) as writer:  # disarmed: a commit passes again
+            writer.execute(WRITES["update"])
+        assert conn.execute("SELECT name FROM parent WHERE id = 2").fetchone() == ("x",)
+
+
+def test_the_drain_waits_for_commits_checked_before_the_arm_and_a_truncate_but_not_an_aborted_one(shard):
     params, _ = shard
     with psycopg.connect(**params, autocommit=True) as conn:
         _guard(conn)
         oids = [oid for _, _, oid in fence.tables(conn)]
-        reader, wrote, aborted = (psycopg.connect(**params) for _ in range(3))
-        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        reader.execute("SELECT count(*) FROM parent")  # a long report: holds a snapshot, writes nothing
-        wrote.execute("UPDATE parent SET name = 'held' WHERE id = 9")  # idle in transaction after a write
-        aborted.execute("INSERT INTO parent VALUES (5000)")
+        early, truncated, aborted = (psycopg.connect(**params) for _ in range(3))
+        early.execute("SET CONSTRAINTS ALL IMMEDIATE")  # its commit guard runs with each statement
+        early.execute("UPDATE parent SET name = 'early' WHERE id = 9")
+        truncated.execute("TRUNCATE child")
+        aborted.execute("TRUNCATE events_1")
         with pytest.raises(errors.UniqueViolation):
-            aborted.execute("INSERT INTO parent VALUES (5000)")  # its transaction can never commit now
-        holders = write_holders(conn, oids)
-        assert [h.pid for h in holders] == [wrote.info.backend_pid]
-        assert fence.drained(conn, {h.vxid for h in holders}) == {holders[0].vxid}
-        wrote.commit()
-        assert fence.drained(conn, {h.vxid for h in holders}) == set()
-        for c in (reader, wrote, aborted):
+            aborted.execute("INSERT INTO parent VALUES (1)")  # its transaction can never commit now
+        fence.warm(conn, OPERATION, "s", oids)  # before the fence: no wait, no flag
+        assert fence.armed_for(conn, OPERATION) is None
+        stamps = "SELECT (extract(epoch FROM at) * 1000000)::bigint FROM _shardctl.fence_marks"
+        (warmed,) = conn.execute(stamps).fetchone()
+        fence.arm(conn, OPERATION)
+        overran = fence.drain(conn, OPERATION, "s", oids, 0.05)
+        vxid = "SELECT virtualtransaction FROM pg_locks WHERE pid = %s AND locktype = 'virtualxid'"
+        assert overran.waiting == {conn.execute(vxid, (truncated.info.backend_pid,)).fetchone()[0]}
+        assert overran.lsn is None and overran.drained_s >= 0.05
+        truncated.rollback()
+        overran = fence.drain(conn, OPERATION, "s", oids, 0.05)
+        assert overran.waiting == {conn.execute(vxid, (early.info.backend_pid,)).fetchone()[0]}
+        assert conn.execute(stamps).fetchall() == [(warmed,)]  # the warm-up's, no new mark
+        later = threading.Timer(0.2, early.commit)  # it passed its check before the arm: it commits
+        later.start()
+        drained = fence.drain(conn, OPERATION, "s", oids, 5.0)
+        later.join()
+        assert drained.waiting == frozenset() and 0.1 < drained.drained_s < 5.0
+        marked = fence.mark(conn, OPERATION, "s")
+        lsn, stamp, name = conn.execute(
+            "SELECT pg_current_wal_insert_lsn() >= %s::pg_lsn, (extract(epoch FROM at) * 1000000)::bigint,"
+            " (SELECT name FROM parent WHERE id = 9) FROM _shardctl.fence_marks WHERE operation = %s AND source = 's'",
+            (marked.lsn, OPERATION)).fetchone()
+        assert lsn and stamp == marked.stamp and name == "early"  # the mark, after the commit it waited for
+        for c in (early, truncated, aborted):
             c.close()
 
 

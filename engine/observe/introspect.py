@@ -39,6 +39,7 @@ FROM pg_constraint co
 JOIN pg_class c ON c.oid = co.conrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname NOT IN {_EXCLUDED}
+  AND NOT (co.contype = 't' AND co.conname = 'shardctl_fence_commit')  -- a move's guard (actions/fence.py)
 """
 
 INDEXES = f"""

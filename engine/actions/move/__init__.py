@@ -13,8 +13,9 @@ kind. The journal step each writes is in quotes:
              leaves reference tables out of its publications, comparison and fence)
   publish    "publish": per link, a row-filtered publication and an explicit logical slot
   subscribe  "subscribe": per link, a subscription on the target (create_slot = false)
-  guard      "guard": per source table, a statement trigger that refuses writes once the fence
-             is armed (one table per short transaction, while the copy runs)
+  guard      "guard": per source table, statement triggers that refuse writes once the fence
+             is armed and a deferred one that refuses the commit of a transaction that wrote
+             before it (one table per short transaction, while the copy runs)
   follow     "follow <branch>": per replica of the database, a disabled link to each target
   sync       "sync": wait until every table is copied and the slots' lag is small        sync.py
   compare    "compare": every row compared while writes go on; hands on the Comparison
@@ -22,14 +23,15 @@ kind. The journal step each writes is in quotes:
   converge   "converge": the lag small again; then what the flip and the fence need is read,
              and the last key rounds run (not journaled) while the slots are decoded as they
              are written (decoding.py)
-  fence      "fence": arm the guard (a flag: no table lock), drain, mark; hands on the marks
-             and the pause (engine/actions/fence.py: why it is sound); once drained, the
-             sources' side of the keys left is read beside the mark (compare.py Ahead)
+  fence      "fence": arm the guard (a flag: no table lock), then drain (the commits under
+             way) and mark in one statement on the server; hands on the marks and the pause
+             (engine/actions/fence.py: why it is sound); once marked, the sources' side of
+             the keys left is read beside the catch-up (compare.py Ahead)
                                                                                     fencing.py
   catch up   "catch up": targets apply up to the mark; sequences set past the sources' in
              disjoint blocks; the sources' last changes taken from the decoder      cutover.py
   verify     "verify": the keys left and those changed since, frozen sources vs targets
-             (the targets' side, and the sources' side of what Ahead did not read)
+             (the targets' side, beside Ahead's; the sources' side of what Ahead did not read)
   flip       "flip": targets active, sources retired, new routing epoch (one transaction);
              then the pause recorded into the flip's history row
   hand over  "hand over <branch>": per replica, the links to the targets enabled, those to the

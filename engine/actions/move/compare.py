@@ -39,8 +39,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -70,6 +70,9 @@ FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left fo
 # (the decoder holds lane 3, the work ahead lane 4). Two backends per shard instead of one:
 # under 32 pgbench writers on 2 cores a round's share of the CPU doubled
 BOTH_LANES = (1, 2)
+# the work ahead behind the fence: lane 4, and lane 2 (the sequences read it once, at the catch-up's
+# start); lane 1 is the catch-up's, which asks the sources' slots while the targets catch up
+AHEAD_LANES = (4, 2)
 PART_KEYS_AT_LEAST = 200
 
 
@@ -454,22 +457,23 @@ class Comparison:
     def _target(self, name: str) -> ShardSpec:
         return next(t for t in self.spec.targets if t.name == name)
 
-    def read_ahead(self) -> Changes:
-        """Once the fence has drained (Ahead): the changes up to now, on the sources' lane 4,
-        their keys joining those left to recheck."""
-        new = self.changes_upto(self._flushed(lane=4), self.spec.settings.fence_timeout, lane=4)
+    def read_ahead(self, upto: dict[str, str]) -> Changes:
+        """Once the fence has its marks (Ahead): the changes up to them (nothing can change a
+        source after its mark), their keys joining those left to recheck."""
+        new = self.changes_upto(upto, self.spec.settings.fence_timeout, lane=4)
         for name, table in self.left:
             self.left[(name, table)] |= placed(self._target(name), new.of(table), new.positions)
         return new
 
     def sources_side(self) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
-        """Once the fence has drained (the sources can change no longer): the sources' side of
-        every key left to recheck, all keys of a table together, on their lane 3.
+        """Once the fence has its marks (the sources can change no longer): the sources' side of
+        every key left to recheck, all keys of a table together, on their lanes 4 and 2
+        (AHEAD_LANES).
         (target, table) -> (keys, their sums)."""
         journal.points(f"{self.spec.label}: ahead")  # a test point: slow the read ahead right here
         checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
             (self._target(name), table, set(), set(keys)) for (name, table), keys in self.left.items()]
-        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lanes=(4,), by_key=False)
+        sums = self._key_sums(checks, timeout=self.spec.settings.fence_timeout, lanes=AHEAD_LANES, by_key=False)
         return {(target.name, table): (keys, theirs)
                 for (target, table, _, keys), (_, theirs) in zip(checks, sums, strict=True)}
 
@@ -478,20 +482,30 @@ class Comparison:
         up to the fence with `read_changes`), every table and target in one parallel batch,
         within TIMEOUT (else FutureTimeout). All keys of a table are summed together (one row
         per side, not one per key): only where the sums differ are they compared key by key, to
-        name the rows. The sources' side of the keys AHEAD read while the fence drained is not
-        read again: only the targets' (they are caught up only now). Returns how many keys were
-        compared; raises on any difference."""
-        known = ahead.sums(timeout) if ahead is not None else {}
-        checks: list[tuple[ShardSpec, tuple[str, str], set, set]] = []
+        name the rows. The sources' side of the keys AHEAD took is read by it, beside the
+        targets' side read here (they are caught up only now): once AHEAD has taken its changes,
+        both sides are read at once, on different servers. Returns how many keys were compared;
+        raises on any difference."""
+        if ahead is not None:
+            ahead.taken(timeout)  # the keys it took from the decoder are among those left from here
+        checks: list[tuple[ShardSpec, tuple[str, str], set]] = []
         for target in self.spec.targets:
             for table in self.live.tables(target):
                 keys = self.left.get((target.name, table), set()) | placed(target, new.of(table), new.positions)
-                checks.append((target, table, keys, keys - known.get((target.name, table), (set(), {}))[0]))
-        sums = self._key_sums(checks, timeout, by_key=False)
-        for (target, table, keys, _), (ours, theirs) in zip(checks, sums, strict=True):
+                checks.append((target, table, keys))
+        on_targets: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
+            (target, table, keys, set()) for target, table, keys in checks]
+        targets_side = background(partial(self._key_sums, on_targets, timeout, by_key=False))
+        known = ahead.sums(timeout) if ahead is not None else {}
+        unread: list[tuple[ShardSpec, tuple[str, str], set, set]] = [
+            (target, table, set(), keys - known.get((target.name, table), (set(), {}))[0])
+            for target, table, keys in checks]
+        sources_side = self._key_sums(unread, timeout, by_key=False)
+        ours_side = targets_side.result(timeout=timeout)
+        for (target, table, keys), (ours, _), (_, theirs) in zip(checks, ours_side, sources_side, strict=True):
             if ours != _summed([list(_rows(theirs)), list(_rows(known.get((target.name, table), (set(), {}))[1]))]):
                 self._fail_final(target, table, keys, timeout)
-        return sum(len(keys) for _, _, keys, _ in checks)
+        return sum(len(keys) for _, _, keys in checks)
 
     def _fail_final(self, target: ShardSpec, table: tuple[str, str], keys: set, timeout: float | None) -> None:
         differing = self._differing([(target, table, keys)], timeout)[0]
@@ -502,25 +516,35 @@ class Comparison:
 
 
 class Ahead:
-    """The verification's work ahead of the catch-up, begun once the fence has drained, in one
-    thread on the sources' lane 4 (the fence holds lane 1, the sequences lane 2, the decoder
-    lane 3): take the changes decoded up to now into the keys left to recheck, then read the
-    sources' side of every one of them (`sources_side`). Nothing can change a source any longer
-    (engine/actions/fence.py says why), so what is read now is what a read after the mark would
-    read: the final comparison reads only the targets' side of those keys, once they have caught
-    up, while this runs beside the mark and the catch-up. Its errors (a TRUNCATE, rows out of
-    range) are raised to whoever waits for its sums."""
+    """The verification's work ahead of the catch-up, begun once the fence has its marks, on the
+    sources' lanes 4 and 2 (AHEAD_LANES: the catch-up holds lane 1, the decoder lane 3): take
+    the changes decoded up to the marks into the keys left to recheck (`taken`), then read the
+    sources' side of every one of them (`sources_side`). Nothing can change a
+    source any longer (engine/actions/fence.py says why), so what is read now is what a read
+    after the catch-up would read: the final comparison reads the targets' side of those keys,
+    once they have caught up, while this runs beside the catch-up. Its errors (a TRUNCATE, rows
+    out of range) are raised to whoever waits for it."""
 
-    def __init__(self, comparison: Comparison):
+    def __init__(self, comparison: Comparison, upto: dict[str, str]):
         self.done_at: float | None = None  # when its sums were read (monotonic), for the pause's marks
+        self._taken: Future = Future()
 
         def work() -> dict:
-            comparison.read_ahead()
+            try:
+                comparison.read_ahead(upto)
+            except BaseException as exc:
+                self._taken.set_exception(exc)
+                raise
+            self._taken.set_result(None)
             sums = comparison.sources_side()
             self.done_at = time.monotonic()
             return sums
 
         self._summed = background(work)
+
+    def taken(self, timeout: float | None) -> None:
+        """Until the changes up to the marks have been taken into the keys left."""
+        self._taken.result(timeout=timeout)
 
     def sums(self, timeout: float | None) -> dict[tuple[str, tuple[str, str]], tuple[set, dict]]:
         return self._summed.result(timeout=timeout)

@@ -26,7 +26,7 @@ from engine.actions.move.live import Live
 from engine.plan.models import ShardSpec
 
 IDLE_S = 0.005  # a decoder that found nothing reads again after this
-SNAPSHOT_EVERY_S = 0.2  # how often the decoder lets its slot's restart point follow
+SNAPSHOT_EVERY_S = 0.05  # how often the decoder lets its slot's restart point follow
 
 
 @dataclass

@@ -30,7 +30,6 @@ from engine.catalog import journal
 from engine.clock import system_clock
 from engine.errors import UserError
 from engine.plan.models import ShardSpec
-from engine.rows import one
 from engine.servers.locking import Blocker, LockContention, with_lock_retries, write_holders
 
 T = TypeVar("T")
@@ -74,13 +73,15 @@ class Ready:
 
 def ready(live: Live) -> Ready:
     """The sources' guarded tables, and whether an interrupted run's fence still holds (the
-    range has been unwritable since then), read on the held connections."""
+    range has been unwritable since then), read on the held connections; and the fence's
+    statements run once there without their waits (engine/actions/fence.py warm)."""
     oids: dict[str, list[int]] = {}
     longest = None
     for source in live.spec.sources:
         with live.session(source) as conn:
             oids[source.name] = [oid for _, _, oid in fence.tables(conn)]
             held = fence.armed_for(conn, live.spec.operation)
+            fence.warm(conn, live.spec.operation, source.name, oids[source.name])
         if held is not None:
             longest = max(longest or 0.0, held)
     return Ready(oids=oids, since=None if longest is None else time.monotonic() - longest)
@@ -90,19 +91,21 @@ def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
     """Stop writes on every source.
 
     No table lock: while a transaction has held a write lock on a source longer than
-    DRAIN_LIMIT, wait with the source writable; then arm every source's guard, and wait (at
-    most DRAIN_LIMIT) for the transactions that wrote before it to end; then the marks. A drain
-    that overruns disarms every source and tries again; after `moves.fence_timeout` the fence
-    gives up naming who was in the way, and the sources take writes as before. A merge arms its
-    sources only when none of them has such a writer, so one source is never held read-only
-    while another waits. PREPARED: what `ready` read before the last key rounds.
+    DRAIN_LIMIT, wait with the source writable; then arm every source's guard, and on each wait
+    (at most DRAIN_LIMIT) for the commits under way, one statement on the server, then write
+    its mark (engine/actions/fence.py: a transaction that wrote before the arm and commits after
+    it is refused, not waited for). A drain that overruns disarms every source and tries again;
+    after `moves.fence_timeout` the fence gives up naming who was in the way, and the sources
+    take writes as before. A merge arms its sources only when none of them has such a writer,
+    so one source is never held read-only while another waits. PREPARED: what `ready` read
+    before the last key rounds.
 
     The COMPARISON's part: once the fence has drained, its work ahead (compare.py Ahead);
-    between tries, a key round (what changed while the
-    fence waited is not left for behind it: a fence that waited 7 s once left 35,000 keys to
-    recheck). Nothing else runs between the last key round and the arm: every key written
-    meanwhile is one more to compare behind the fence (decoding before the arm, tried, made
-    the pause longer: 2,300-6,200 keys behind it instead of 1,500-3,600)."""
+    between tries, a key round (what changed while the fence waited is not left for behind it:
+    a fence that waited 7 s once left 35,000 keys to recheck). Nothing else runs between the
+    last key round and the arm: every key written meanwhile is one more to compare behind the
+    fence (decoding before the arm, tried, made the pause longer: 2,300-6,200 keys behind it
+    instead of 1,500-3,600)."""
     with live.step("fence", durable=False) as record:
         began = time.monotonic()
         oids = prepared.oids
@@ -113,9 +116,7 @@ def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
                 taken = _take(live, conns, oids, _Attempts(started=time.monotonic(), pause=pause), comparison)
             figures = {"tries": taken.count, "acquired_ms": round((time.monotonic() - began) * 1000, 1),
                        "drain_ms": taken.drain_ms}
-            with live.behind("the fence's mark was not written"):
-                marks, stamps = _marks(live, conns)
-            pause = taken.pause.marked("marked", time.monotonic())
+        marks, stamps, pause = taken.marks, taken.stamps, taken.pause
         record.update(figures)
         since = pause.since if pause.since is not None else began
         record["fenced_at"] = round(system_clock().timestamp() - (time.monotonic() - since), 3)
@@ -128,6 +129,8 @@ class _Taken:
     drain_ms: float  # the last drain's
     pause: Pause
     ahead: Ahead
+    marks: dict[str, str]  # per source: its mark's LSN
+    stamps: dict[str, int]  # per source: its mark's time, in microseconds
 
 
 def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]], tries: _Attempts,
@@ -164,22 +167,40 @@ def _take(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list
 
 def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
                    tries: _Attempts, comparison: Comparison) -> _Taken | None:
-    """One try: arm every source, drain. The fence taken, or None (disarmed again)."""
+    """One try: arm every source, then on each (a merge's at once) drain, one statement on the
+    server (engine/actions/fence.py drain). Drained, the work ahead begins, beside the marks
+    (whose commits wait for a WAL flush). The fence taken, or None (disarmed again)."""
     journal.points(f"{live.spec.label}: arm")  # a test point: kill, hold or slow the fence right here
     if tries.pause.since is None:
         tries.pause = Pause(since=time.monotonic())  # before the flag: the pause is never understated
-    _on_each(live, lambda source: fence.arm(conns[source.name], live.spec.operation))
+    operation = live.spec.operation
+    _on_each(live, lambda source: fence.arm(conns[source.name], operation))
     armed = time.monotonic()
     tries.pause = tries.pause.marked("armed", armed)
-    left = _drain(conns, oids, tries.first_seen)
+    names = [s.name for s in live.spec.sources]
+    with live.behind("the fence did not drain"):
+        drains = dict(zip(names, _on_each(live, lambda source: fence.drain(
+            conns[source.name], operation, source.name, oids[source.name], DRAIN_LIMIT)), strict=True))
+    left = {name: d.waiting for name, d in drains.items() if d.waiting}
     if not left:
-        pause = tries.pause.marked("drained", time.monotonic())
-        ahead = Ahead(comparison)  # the sources can change no longer: their side of the keys, now
-        return _Taken(tries.count, round((time.monotonic() - armed) * 1000, 1), pause, ahead)
-    tries.in_the_way = left
+        drained = time.monotonic()
+        pause = tries.pause.marked("drained", drained)
+        # the sources can change no longer: their side of the keys, now, beside the marks
+        ahead = Ahead(comparison, {n: str(d.lsn) for n, d in drains.items()})
+        with live.behind("the fence's mark was not written"):
+            marks = dict(zip(names, _on_each(live, lambda source: fence.mark(conns[source.name], operation,
+                                                                               source.name)), strict=True))
+        pause = pause.marked("marked", time.monotonic())
+        return _Taken(tries.count, round((drained - armed) * 1000, 1), pause, ahead,
+                      marks={n: str(m.lsn) for n, m in marks.items()},
+                      stamps={n: int(m.stamp or 0) for n, m in marks.items()})
+    tries.in_the_way = [h for name, vxids in left.items() for h in write_holders(conns[name], oids[name])
+                        if h.vxid in vxids] or tries.in_the_way
+    for h in tries.in_the_way:
+        tries.first_seen.setdefault(h.vxid, armed)
     tries.pause = _disarm(live, conns)
-    live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for transactions that wrote before it"
-             f" ({', '.join(b.describe() for b in left[:3])}); lifted, trying again")
+    live.say(f"the fence waited {DRAIN_LIMIT * 1000:.0f} ms for commits under way"
+             f" ({', '.join(b.describe() for b in tries.in_the_way[:3])}); lifted, trying again")
     return None
 
 
@@ -208,53 +229,11 @@ def _give_up_after_budget(live: Live, tries: _Attempts) -> None:
         + (f" (SELECT pg_terminate_backend({first}) ends it)" if first else "") + "; then apply again")
 
 
-def _drain(conns: dict[str, psycopg.Connection], oids: dict[str, list[int]],
-           first_seen: dict[str, float]) -> list[Blocker]:
-    """After the arm: until every transaction holding a write lock on a source has ended, at
-    most DRAIN_LIMIT; those still running then (empty: drained)."""
-    holders = {name: {h.vxid: h for h in write_holders(conns[name], oids[name])} for name in conns}
-    now = time.monotonic()
-    for found in holders.values():
-        for vxid in found:
-            first_seen.setdefault(vxid, now)
-    waiting = {name: set(found) for name, found in holders.items()}
-    until = time.monotonic() + DRAIN_LIMIT
-    while True:
-        waiting = {name: fence.drained(conns[name], vxids) for name, vxids in waiting.items()}
-        if not any(waiting.values()):
-            return []
-        if time.monotonic() > until:
-            return [holders[name][v] for name, vxids in waiting.items() for v in sorted(vxids)]
-        time.sleep(0.002)
-
-
 def _disarm(live: Live, conns: dict[str, psycopg.Connection]) -> Pause:
     """Every source takes writes again: no pause any longer."""
     for source in live.spec.sources:
         fence.disarm(conns[source.name], live.spec.operation)
     return Pause()
-
-
-def _marks(live: Live, conns: dict[str, psycopg.Connection]) -> tuple[dict[str, str], dict[str, int]]:
-    """The mark on each source, after the drain: every write that got past the guard committed
-    before it, so a target that has applied the mark has applied all of them. Per source: its
-    LSN, and its time in microseconds."""
-    sources = live.spec.sources
-
-    def mark(source: ShardSpec) -> tuple[str, int]:
-        row = one(conns[source.name].execute(
-            "INSERT INTO _shardctl.fence_marks (operation, source) VALUES (%s, %s)"
-            " ON CONFLICT (operation, source) DO UPDATE SET at = now()"
-            " RETURNING pg_current_wal_insert_lsn()::text, (extract(epoch FROM at) * 1000000)::bigint",
-            (live.spec.operation, source.name)))
-        return row[0], row[1]
-
-    # each commit waits for its server's WAL flush (the targets' subscriptions only receive
-    # flushed WAL): a merge's marks one after the other added those waits up inside the pause
-    rows = _on_each(live, mark)
-    marks = {source.name: lsn for source, (lsn, _) in zip(sources, rows, strict=True)}
-    stamps = {source.name: stamp for source, (_, stamp) in zip(sources, rows, strict=True)}
-    return marks, stamps
 
 
 def lift(live: Live) -> None:

@@ -9,6 +9,7 @@ engine/actions/move/spec.py and the stage modules), not fields of this object.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from engine.catalog.journal import Operation
 from engine.durations import span
 from engine.errors import UserError
 from engine.plan.models import ShardSpec
+
+FENCE_SWITCH_INTERVAL_S = 0.0005  # the GIL's switch interval from the fence to the flip (Live.bounded)
 
 
 def background(work: Callable[[], object]) -> Future:
@@ -64,6 +67,7 @@ class Live:
     table_cache: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     origins: dict[str, bool] = field(default_factory=dict)  # per target: may this role read origin progress
     stops: list[Callable[[], None]] = field(default_factory=list)  # called before the held connections close
+    journal_aside: psycopg.Connection | None = None  # the catalog, for the journal's rows behind the fence
 
     # ------------------------------------------------------------------ saying and journaling
 
@@ -103,18 +107,22 @@ class Live:
     @contextmanager
     def holding(self) -> Iterator[None]:
         """The held connections, for the steps from the copy to the flip: lanes 1 and 2 of
-        every source and target, lanes 3 and 4 of every source."""
+        every source and target, lanes 3 and 4 of every source; and one to the catalog, where
+        the journal's rows behind the fence are written aside (`bounded`)."""
         with ExitStack() as stack:
             for shard, lanes in [*((s, (1, 2, 3, 4)) for s in self.spec.sources),
                                  *((t, (1, 2)) for t in self.spec.targets)]:
                 for name in (_lane(shard.name, lane) for lane in lanes):
                     if name not in self.held:
                         self.held[name] = stack.enter_context(self.connect(shard))
+            fleet = self.ctx.fleet
+            self.journal_aside = stack.enter_context(fleet.catalog_server.connect(fleet.desired.catalog_database))
             try:
                 yield
             finally:
                 self._stop_all()
                 self.held.clear()
+                self.journal_aside = None
 
     def on_release(self, stop: Callable[[], None]) -> None:
         """STOP is called before the held connections close (work in threads that uses them)."""
@@ -197,16 +205,24 @@ class Live:
     @contextmanager
     def bounded(self) -> Iterator[None]:
         """From the fence to the flip: every statement on the held connections ends within
-        `moves.fence_timeout` (a lock wait, a hung query), and then raises."""
+        `moves.fence_timeout` (a lock wait, a hung query), and then raises; the journal's
+        non-durable rows are written aside (engine/catalog/journal.py Operation.rows_aside)."""
         limit = sql.SQL("SET statement_timeout = {}").format(
             sql.Literal(f"{round(self.spec.settings.fence_timeout * 1000)}ms"))
         # at once: one after the other, seven or eight round trips lay between the last key
         # round and the arm, each letting more keys change
         for job in [background(partial(conn.execute, limit)) for conn in self.held.values()]:
             job.result()
+        # behind the fence the steps wait on round trips while the decoder and the work ahead
+        # parse and sum in other threads: a reply waited up to the interpreter's switch interval
+        # (5 ms) for the thread that held the GIL, on every round trip of the pause
+        switches = sys.getswitchinterval()
+        sys.setswitchinterval(FENCE_SWITCH_INTERVAL_S)
         try:
-            yield
+            with self.op.rows_aside(self.journal_aside) if self.journal_aside is not None else nullcontext():
+                yield
         finally:
+            sys.setswitchinterval(switches)
             for conn in self.held.values():
                 if not conn.closed and not conn.broken:
                     with suppress(psycopg.Error):
