@@ -884,9 +884,11 @@ def metrics_collect(obj: Ctx, count: int, interval: float | None) -> None:
             raise UserError("the catalog is older than this shardctl", "run `shardctl apply` to upgrade it")
         with LiveSampler(fleet, deadline=history.deadline(desired)) as sampler:
             history.seed_recent(sampler, desired, history.stored_history(conn, per_shard=1)[1])
+            started = time.monotonic()
             for i in range(count):
-                if i:
-                    time.sleep(gap)
+                if i:  # every GAP from the first sample's start, not GAP after each: a slow
+                    # collection stretched the spacing past 1.5 intervals, which breaks a cold run
+                    time.sleep(max(0.0, started + i * gap - time.monotonic()))
                 fresh = history.collect(desired, conn, observe(fleet, conn, inspect_schemas=False), sampler)
                 click.echo(f"sample {i + 1}/{count}: {state_line(fresh.pairs)}")
                 for note in fresh.notes():
