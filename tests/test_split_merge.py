@@ -102,10 +102,10 @@ def _pause_breakdown_kept(conn, event: dict) -> None:
     """The history keeps where the pause went and the flip's own duration; the journal still
     has every step behind the fence, though their rows no longer wait for the catalog's flush."""
     marks = event["pause_marks"]
-    assert set(marks) == {*PAUSE_POINTS, "sources read ahead"}, marks
+    assert set(marks) == {*PAUSE_POINTS, "changes taken ahead", "sources read ahead"}, marks
     assert all(marks[a] <= marks[b] for a, b in itertools.pairwise(PAUSE_POINTS)), marks
     # the work ahead runs beside the mark and the catch-up: from the drain, done by the comparison
-    assert marks["drained"] <= marks["sources read ahead"] <= marks["compared"], marks
+    assert marks["drained"] <= marks["changes taken ahead"] <= marks["sources read ahead"] <= marks["compared"], marks
     assert marks["flip committed"] <= event["pause_ms"], (marks, event["pause_ms"])
     assert event["timings"]["flip"] > 0
     steps = conn.execute("SELECT step, status FROM shardctl.journal WHERE operation = %s ORDER BY seq",

@@ -48,13 +48,17 @@ from functools import partial
 import psycopg
 from psycopg import errors, sql
 
+from engine.actions import replica
+from engine.actions.move import streaming
 from engine.actions.move.confirm import wait_confirmed
 from engine.actions.move.decoding import Changes, Decoder, parse_changes
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.live import Live, background
 from engine.actions.move.spec import MoveSpec
+from engine.actions.move.streaming import SlotStream
 from engine.catalog import journal
 from engine.durations import span
+from engine.errors import redact
 from engine.observe.strays import key_hash, key_positions, outside, within
 from engine.plan.models import ShardSpec
 from engine.rows import one
@@ -115,11 +119,10 @@ class Comparison:
         self.changes = Changes()
 
     def drop_slots(self) -> None:
+        """Each source's slot, dropped; a stream an interrupted run left lets go of it first."""
         for source in self.spec.sources:
-            name = self.slot(source)
             with self.live.connect(source) as conn:
-                if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone():
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                replica.drop_slot(conn, self.slot(source))
 
     def read_changes(self, upto: dict[str, str] | None = None, lane: int = 1) -> Changes:
         """Consume the changes since the last read (up to `upto` per source, else all), remember
@@ -175,7 +178,7 @@ class Comparison:
     def decoding(self) -> Iterator[None]:
         """The slots read continuously (engine/actions/move/decoding.py says why) until the
         block ends or the move lets its connections go."""
-        decoder = Decoder(self.live, self.read_flushed).start()
+        decoder = Decoder(self.live, self.read_flushed, stream=self._stream, parse=self._parsed).start()
         self.decoder = decoder
         self.live.on_release(decoder.stop)
         try:
@@ -183,6 +186,20 @@ class Comparison:
         finally:
             decoder.stop()
             self.decoder = None
+
+    def _stream(self, source: ShardSpec) -> tuple[SlotStream | None, str]:
+        """SOURCE's slot as a stream (engine/actions/move/streaming.py), or None and why not."""
+        stream, why = streaming.opened(self.live.ctx.fleet.servers[source.server].params(source.dbname),
+                                       self.slot(source), source.server)
+        if stream is None:
+            self.live.say(f"the verification slot on {source.dbname} is read with SQL, not streamed: {redact(why)}")
+        return stream, why
+
+    def _parsed(self, conn: psycopg.Connection, source: ShardSpec, lines: list[str]) -> Changes:
+        """Streamed lines as changes; rows written out of SOURCE's range refused (on CONN)."""
+        changed = parse_changes(lines, self.spec.key_column, self.spec.key_type)
+        self._refuse_strays(conn, source, changed)
+        return changed
 
     def changes_now(self) -> Changes:
         """The changes since the last read, up to now (a key round's end): from the decoder when
@@ -527,6 +544,7 @@ class Ahead:
 
     def __init__(self, comparison: Comparison, upto: dict[str, str]):
         self.done_at: float | None = None  # when its sums were read (monotonic), for the pause's marks
+        self.taken_at: float | None = None  # when it had the changes up to the marks (monotonic), likewise
         self._taken: Future = Future()
 
         def work() -> dict:
@@ -535,6 +553,7 @@ class Ahead:
             except BaseException as exc:
                 self._taken.set_exception(exc)
                 raise
+            self.taken_at = time.monotonic()
             self._taken.set_result(None)
             sums = comparison.sources_side()
             self.done_at = time.monotonic()

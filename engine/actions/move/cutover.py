@@ -138,6 +138,8 @@ def verify(live: Live, comparison: Comparison, caught_up: CaughtUp) -> Verified:
         pause = pause.marked("decoded", time.monotonic())
         with live.behind("the last keys were not compared"):
             keys = comparison.final(new, caught_up.ahead, timeout=live.spec.settings.fence_timeout)
+        if caught_up.ahead.taken_at is not None:
+            pause = pause.marked("changes taken ahead", caught_up.ahead.taken_at)
         if caught_up.ahead.done_at is not None:
             pause = pause.marked("sources read ahead", caught_up.ahead.done_at)
         pause = pause.marked("compared", time.monotonic())

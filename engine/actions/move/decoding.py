@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 import psycopg
 
 from engine.actions.move.live import Live
+from engine.actions.move.streaming import SlotStream
 from engine.plan.models import ShardSpec
 
 IDLE_S = 0.005  # a decoder that found nothing reads again after this
+STREAM_WAIT_S = 0.05  # a stream with nothing new: how long a read waits (and so how soon it sees a stop)
 SNAPSHOT_EVERY_S = 0.05  # how often the decoder lets its slot's restart point follow
 
 
@@ -117,9 +119,14 @@ class Decoder:
     out of range). An error there (rows out of range, a server gone)
     ends the decoder and is raised to whoever takes next."""
 
-    def __init__(self, live: Live, read: Callable[[psycopg.Connection, ShardSpec, bool], tuple[Changes, str]]):
+    def __init__(self, live: Live, read: Callable[[psycopg.Connection, ShardSpec, bool], tuple[Changes, str]],
+                 stream: Callable[[ShardSpec], tuple[SlotStream | None, str]] | None = None,
+                 parse: Callable[[psycopg.Connection, ShardSpec, list[str]], Changes] | None = None):
         self.live = live
         self.read = read
+        self.stream = stream
+        self.parse = parse
+        self.polled: dict[str, str] = {}  # sources read with SQL instead of streamed: why
         self._changed = threading.Condition()
         self._pending = Changes()
         self._covered: dict[str, int] = {}  # per source: every change up to this LSN has been read
@@ -127,6 +134,7 @@ class Decoder:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: list[psycopg.Connection] = []
+        self._streams: list[SlotStream] = []
 
     def start(self) -> Decoder:
         for source in self.live.spec.sources:
@@ -139,23 +147,50 @@ class Decoder:
         try:
             with self.live.session(source, 3) as conn:
                 self._conns.append(conn)
-                logged = 0.0
-                while not self._stopping.is_set():
-                    # the restart point follows every SNAPSHOT_EVERY_S, not at every read (each is a WAL record)
-                    log_snapshot = time.monotonic() - logged > SNAPSHOT_EVERY_S
-                    logged = time.monotonic() if log_snapshot else logged
-                    changed, flushed = self.read(conn, source, log_snapshot)
-                    with self._changed:
-                        self._pending.merge(changed)
-                        self._covered[source.name] = lsn(flushed)
-                        self._changed.notify_all()
-                    if not changed.keys and not changed.truncated:
-                        self._stopping.wait(IDLE_S)
+                stream, why = self.stream(source) if self.stream is not None else (None, "")
+                if stream is None:
+                    if why:
+                        self.polled[source.name] = why
+                    self._poll(conn, source)
+                    return
+                self._streams.append(stream)
+                try:
+                    self._streamed(stream, conn, source)
+                finally:
+                    stream.close()
         except BaseException as exc:  # raised to the next take
             with self._changed:
                 if not self._stopping.is_set():
                     self._error = exc
                 self._changed.notify_all()
+
+    def _poll(self, conn: psycopg.Connection, source: ShardSpec) -> None:
+        """The slot read with SQL over and over (where it cannot be streamed)."""
+        logged = 0.0
+        while not self._stopping.is_set():
+            # the restart point follows every SNAPSHOT_EVERY_S, not at every read (each is a WAL record)
+            log_snapshot = time.monotonic() - logged > SNAPSHOT_EVERY_S
+            logged = time.monotonic() if log_snapshot else logged
+            changed, flushed = self.read(conn, source, log_snapshot)
+            self._publish(source, changed, lsn(flushed))
+            if not changed.keys and not changed.truncated:
+                self._stopping.wait(IDLE_S)
+
+    def _streamed(self, stream: SlotStream, conn: psycopg.Connection, source: ShardSpec) -> None:
+        """The slot streamed (engine/actions/move/streaming.py): what arrives is parsed (and
+        checked for rows out of range on CONN) and handed on with how far it covers."""
+        assert self.parse is not None
+        while not self._stopping.is_set():
+            got = stream.read(STREAM_WAIT_S)
+            changed = self.parse(conn, source, got.lines) if got.lines else Changes()
+            self._publish(source, changed, got.covered)
+            stream.confirm(got.covered)
+
+    def _publish(self, source: ShardSpec, changed: Changes, covered: int) -> None:
+        with self._changed:
+            self._pending.merge(changed)
+            self._covered[source.name] = max(covered, self._covered.get(source.name, 0))
+            self._changed.notify_all()
 
     def take(self, upto: dict[str, str], timeout: float) -> Changes:
         """Everything read so far, once every source has been read past its LSN in UPTO; within

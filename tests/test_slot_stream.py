@@ -1,0 +1,93 @@
+"""The verification slot streamed over the replication protocol (engine/actions/move/streaming.py),
+on a real server: it hands on every change committed, and how far it has read reaches the WAL
+flushed, with writers going on and with none (the keepalive a caught-up walsender sends); a
+slot it cannot stream says why instead of failing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from engine.actions.move.decoding import lsn, parse_changes
+from engine.actions.move.streaming import opened
+from movers import active_shards
+from test_fence_contention import fleet_params
+
+SLOT = "shardctl_test_stream"
+
+
+def read_until(stream, upto: int, timeout: float = 30.0) -> tuple[list[str], int]:
+    """Everything the stream hands on until it has covered UPTO."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    covered = 0
+    while covered < upto:
+        assert time.monotonic() < deadline, f"covered {covered}, not {upto}, after {timeout}s"
+        got = stream.read(0.05)
+        lines += got.lines
+        assert got.covered >= covered  # never goes back
+        covered = got.covered
+        stream.confirm(covered)
+    return lines, covered
+
+
+def flushed(conn) -> int:
+    return lsn(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
+
+
+def test_a_streamed_slot_hands_on_every_committed_change_and_covers_the_wal_flushed(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    _, _, _, server, dbname = active_shards(fleet)[0]
+    params = fleet_params(fleet, server, dbname)
+    with psycopg.connect(**params, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (SLOT,))
+        stream, why = opened(params, SLOT, server)
+        assert stream is not None, why
+        try:
+            # writers going on: 4 threads, each its own customers, committed one by one
+            def write(first: int) -> None:
+                with psycopg.connect(**params, autocommit=True) as writer:
+                    for key in range(first, first + 250):
+                        writer.execute("INSERT INTO customers (customer_id, name) VALUES (%s, 'x')", (key,))
+
+            writers = [threading.Thread(target=write, args=(1_000_000 + i * 1000,)) for i in range(4)]
+            for t in writers:
+                t.start()
+            for t in writers:
+                t.join()
+            lines, _ = read_until(stream, flushed(conn))
+            keys = parse_changes(lines, "customer_id", "bigint").of(("public", "customers"))
+            assert keys == {1_000_000 + i * 1000 + k for i in range(4) for k in range(250)}
+
+            # nothing written since: the walsender's keepalive still says how far it has read
+            idle_at = flushed(conn)
+            lines, covered = read_until(stream, idle_at)
+            assert covered >= idle_at and not parse_changes(lines, "customer_id", "bigint").keys
+
+            # an uncommitted change is not handed on; once committed, it is
+            with psycopg.connect(**params) as open_tx:
+                open_tx.execute("INSERT INTO customers (customer_id, name) VALUES (2000001, 'late')")
+                conn.execute("INSERT INTO customers (customer_id, name) VALUES (2000002, 'x')")
+                lines, _ = read_until(stream, flushed(conn))
+                assert parse_changes(lines, "customer_id", "bigint").of(("public", "customers")) == {2000002}
+                open_tx.commit()
+            lines, _ = read_until(stream, flushed(conn))
+            assert parse_changes(lines, "customer_id", "bigint").of(("public", "customers")) == {2000001}
+        finally:
+            stream.close()
+        # the walsender lets go of the slot once the stream is closed
+        deadline = time.monotonic() + 10
+        while conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                           (SLOT,)).fetchone()[0] is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
+
+
+def test_a_slot_that_cannot_be_streamed_says_why(fleet):
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    _, _, _, server, dbname = active_shards(fleet)[0]
+    stream, why = opened(fleet_params(fleet, server, dbname), "no_such_slot", server)
+    assert stream is None and "no_such_slot" in why and "does not exist" in why
