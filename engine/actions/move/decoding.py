@@ -8,6 +8,10 @@ round's comparison) and again inside the fence. Every key written during a round
 compare in the next, and at the end behind the fence, so the rounds did not shrink what was left.
 Decoded as it is written, a round's changes are there when its comparison ends (the wait is the
 decoder's lag), and the fence's decoding is the last few milliseconds of it.
+
+Each slot is streamed where it can be (engine/actions/move/streaming.py: every change decoded
+once); else it is read with SQL over and over, each read decoding again from the slot's restart
+point, which the decoder lets follow every SNAPSHOT_EVERY_S.
 """
 
 from __future__ import annotations
@@ -110,14 +114,17 @@ def lsn(text: str) -> int:
 
 
 class Decoder:
-    """Reads each source's verification slot over and over, in one thread per source on its
-    lane 3, keeping what it read until it is taken. `take(upto)` waits until every source has
-    been read past its LSN in UPTO (the decoder's lag), and hands over everything read so far.
+    """Follows each source's verification slot, in one thread per source (with its lane 3 for
+    the check for rows out of range), keeping what it read until it is taken. `take(upto)` waits
+    until every source has been read past its LSN in UPTO (the decoder's lag), and hands over
+    everything read so far.
 
-    READ decodes one source on a connection up to the WAL flushed when it begins, and says that
-    LSN (engine/actions/move/compare.py read_flushed: one round trip, with the check for rows
-    out of range). An error there (rows out of range, a server gone)
-    ends the decoder and is raised to whoever takes next."""
+    STREAM opens a source's slot as a stream (or says why it cannot), and PARSE turns what it
+    sent into changes, checked for rows out of range. Where there is no stream, READ decodes one
+    source on a connection up to the WAL flushed when it begins, and says that LSN
+    (engine/actions/move/compare.py read_flushed: one round trip, with that check), over and
+    over. An error (rows out of range, a server gone) ends the decoder and is raised to whoever
+    takes next."""
 
     def __init__(self, live: Live, read: Callable[[psycopg.Connection, ShardSpec, bool], tuple[Changes, str]],
                  stream: Callable[[ShardSpec], tuple[SlotStream | None, str]] | None = None,
