@@ -70,12 +70,12 @@ SETTLED_ENOUGH = 500  # keys left to recheck in the fence: stop the key rounds o
 SUSPECT_ROUNDS = 3
 FENCE_KEYS = 100  # the last rounds stop once at most this many keys are left for the fence
 # the held connections of every shard that a comparison by key reads on at once: both of a
-# target's, and lanes 1 and 2 of a source, free but for the sequences' moment in the catch-up
-# (the decoder holds lane 3, the work ahead lane 4). Two backends per shard instead of one:
+# target's, and lanes 1 and 2 of a source (the decoder holds lane 3, the work ahead lane 4, the
+# sequences' values their own). Two backends per shard instead of one:
 # under 32 pgbench writers on 2 cores a round's share of the CPU doubled
 BOTH_LANES = (1, 2)
-# the work ahead behind the fence: lane 4, and lane 2 (the sequences read it once, at the catch-up's
-# start); lane 1 is the catch-up's, which asks the sources' slots while the targets catch up
+# the work ahead behind the fence: lanes 4 and 2; lane 1 is the catch-up's, which asks the sources'
+# slots while the targets catch up
 AHEAD_LANES = (4, 2)
 PART_KEYS_AT_LEAST = 200
 

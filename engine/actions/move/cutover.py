@@ -21,7 +21,7 @@ from engine.actions.move.confirm import wait_confirmed
 from engine.actions.move.decoding import Changes
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.fencing import Fenced
-from engine.actions.move.live import Live, background
+from engine.actions.move.live import SEQUENCES_LANE, Live, background
 from engine.actions.move.spec import Pause
 from engine.catalog import journal, store
 from engine.client import ROUTING_CHANNEL
@@ -104,11 +104,12 @@ def catch_up(live: Live, fenced: Fenced, comparison: Comparison) -> CaughtUp:
 
 
 def _set_sequences(live: Live) -> None:
-    """Past the sources' values, in disjoint blocks per target; on the second held
-    connections, so that it runs beside the catch-up and the decoding."""
+    """Past the sources' values, in disjoint blocks per target; read on the sources' lane of
+    their own and set on the targets' second held connections, so that it runs beside the
+    catch-up, the decoding and the work ahead."""
     last: dict[tuple[str, str], tuple[int, int]] = {}
     for source in live.spec.sources:
-        with live.session(source, lane=2) as conn:
+        with live.session(source, lane=SEQUENCES_LANE) as conn:
             for schema, name, value, maximum in conn.execute(
                     "SELECT schemaname, sequencename, coalesce(last_value, start_value), max_value"
                     " FROM pg_sequences WHERE schemaname <> '_shardctl'"):

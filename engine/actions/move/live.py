@@ -54,6 +54,9 @@ def background(work: Callable[[], object]) -> Future:
     return future
 
 
+SEQUENCES_LANE = 5  # a source's held connection for its sequences' values, behind the fence
+
+
 def _lane(name: str, lane: int) -> str:
     return name if lane == 1 else f"{name}#{lane}"
 
@@ -98,19 +101,21 @@ class Live:
         Held because the steps poll every few milliseconds: a new connection each time forked a
         backend on the source's server per poll (tens per second during the copy), and setting
         one up inside the fence lengthened the pause. LANE: 1 for the steps; 2 for what runs
-        beside them behind the fence (the sequences); on a source, 3 for the decoder
-        (engine/actions/move/decoding.py) and 4 for the verification's work ahead while the
-        fence marks (engine/actions/move/compare.py Ahead)."""
+        beside them behind the fence (on a target, the sequences set); on a source, 3 for the
+        decoder (engine/actions/move/decoding.py), 4 and 2 for the verification's work ahead
+        while the fence marks (engine/actions/move/compare.py Ahead), and SEQUENCES_LANE for
+        the sequences' values read beside it (on lane 2 they waited for the work ahead: up to
+        50 ms of a merge's pause at 32 writers, 8M rows)."""
         held = self.held.get(_lane(shard.name, lane))
         return nullcontext(held) if held is not None else self.connect(shard)
 
     @contextmanager
     def holding(self) -> Iterator[None]:
         """The held connections, for the steps from the copy to the flip: lanes 1 and 2 of
-        every source and target, lanes 3 and 4 of every source; and one to the catalog, where
-        the journal's rows behind the fence are written aside (`bounded`)."""
+        every source and target, lanes 3, 4 and SEQUENCES_LANE of every source; and one to the
+        catalog, where the journal's rows behind the fence are written aside (`bounded`)."""
         with ExitStack() as stack:
-            for shard, lanes in [*((s, (1, 2, 3, 4)) for s in self.spec.sources),
+            for shard, lanes in [*((s, (1, 2, 3, 4, SEQUENCES_LANE)) for s in self.spec.sources),
                                  *((t, (1, 2)) for t in self.spec.targets)]:
                 for name in (_lane(shard.name, lane) for lane in lanes):
                     if name not in self.held:
