@@ -34,7 +34,12 @@ def read_until(stream, upto: int, timeout: float = 30.0) -> tuple[list[str], int
 
 
 def flushed(conn) -> int:
-    return lsn(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
+    """An LSN every transaction committed so far is before, and that the stream will reach: the
+    WAL inserted so far, then a commit of ours (an xid, no row) flushes it whole. (The flush
+    position alone can fall inside a record flushed in part, reached only at the next flush.)"""
+    at = lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+    conn.execute("SELECT pg_current_xact_id()")
+    return at
 
 
 def test_a_streamed_slot_hands_on_every_committed_change_and_covers_the_wal_flushed(fleet):
@@ -77,13 +82,7 @@ def test_a_streamed_slot_hands_on_every_committed_change_and_covers_the_wal_flus
             assert parse_changes(lines, "customer_id", "bigint").of(("public", "customers")) == {2000001}
         finally:
             stream.close()
-        # the walsender lets go of the slot once the stream is closed
-        deadline = time.monotonic() + 10
-        while conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
-                           (SLOT,)).fetchone()[0] is not None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
+        release_and_drop(conn)
 
 
 def test_a_slot_that_cannot_be_streamed_says_why(fleet):
@@ -91,3 +90,63 @@ def test_a_slot_that_cannot_be_streamed_says_why(fleet):
     _, _, _, server, dbname = active_shards(fleet)[0]
     stream, why = opened(fleet_params(fleet, server, dbname), "no_such_slot", server)
     assert stream is None and "no_such_slot" in why and "does not exist" in why
+
+
+def test_an_lsn_inside_a_record_flushed_in_part_is_reached_once_a_commit_flushes_the_rest(fleet):
+    """Why the decoder nudges an idle source (decoding.py _streamed): the WAL writer flushes
+    whole pages, so the flush position can fall inside the record an open transaction is
+    writing; the walsender decodes whole records, and the stream does not reach that position
+    until something flushes the rest. One commit of an xid does."""
+    assert fleet.cli("apply", "--auto-approve").code == 0
+    _, _, _, server, dbname = active_shards(fleet)[0]
+    params = fleet_params(fleet, server, dbname)
+    with psycopg.connect(**params, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (SLOT,))
+        stream, why = opened(params, SLOT, server)
+        assert stream is not None, why
+        try:
+            read_until(stream, flushed(conn))
+            with psycopg.connect(**params) as open_tx:
+                # rows of random text (incompressible), a few pages of WAL, left uncommitted
+                open_tx.execute("INSERT INTO customers (customer_id, name)"
+                                " SELECT g, string_agg(md5(random()::text), '')"
+                                " FROM generate_series(3000001, 3000040) g, generate_series(1, 40) GROUP BY g")
+                inserted = lsn(open_tx.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+                # the WAL writer flushes the whole pages written so far, not the last partial one
+                deadline = time.monotonic() + 10
+                while (at := flushed_only(conn)) % 8192 != 0 or at >= inserted:
+                    assert time.monotonic() < deadline, f"the flush position {at} is not inside the open WAL"
+                    time.sleep(0.05)
+                reached = covered_within(stream, at, 1.0)
+                assert reached < at, "reached without a flush: nothing to nudge here"
+                conn.execute("SELECT pg_current_xact_id()")
+                assert covered_within(stream, at, 10.0) >= at
+                open_tx.rollback()
+        finally:
+            stream.close()
+        release_and_drop(conn)
+
+
+def flushed_only(conn) -> int:
+    return lsn(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
+
+
+def covered_within(stream, upto: int, seconds: float) -> int:
+    """How far the stream has covered once it reaches UPTO, or after SECONDS."""
+    deadline = time.monotonic() + seconds
+    covered = 0
+    while covered < upto and time.monotonic() < deadline:
+        got = stream.read(0.05)
+        covered = got.covered
+        stream.confirm(covered)
+    return covered
+
+
+def release_and_drop(conn) -> None:
+    """The walsender lets go of the slot once the stream is closed; then it is dropped."""
+    deadline = time.monotonic() + 10
+    while conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                       (SLOT,)).fetchone()[0] is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))

@@ -174,8 +174,9 @@ def detach_reference(ctx: ApplyContext, shard: ShardSpec) -> None:
 
 
 def drop_slot(conn: psycopg.Connection, name: str, patience: float = 10.0) -> None:
-    """Drop our slot; a walsender still serving a just-disabled subscription lets go of it in a
-    moment (and is ended if it does not: the slot is ours and its subscription is gone)."""
+    """Drop our slot; a walsender still serving a just-disabled subscription, or a move's
+    verification stream just closed, lets go of it in a moment (and is ended if it does not:
+    the slot is ours and what read it is gone)."""
     deadline = time.monotonic() + patience
     while True:
         row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()

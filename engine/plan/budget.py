@@ -6,7 +6,9 @@ that would pass it, and a move or a replica that meets the refusal half built is
 
   slots    max_replication_slots: a move's link (one per target), its comparison's slot, each
            table-sync worker's temporary slot on the source, a replica's link per shard, a backup
-  senders  max_wal_senders: one per streaming link and per table-sync worker, two for a backup
+  senders  max_wal_senders: one per streaming link and per table-sync worker, one per comparison
+           slot (streamed from the last key rounds to the flip, when the table syncs are done),
+           two for a backup
   origins  max_active_replication_origins (PostgreSQL 18; max_replication_slots before): one per
            subscription on the server (its state is kept while it exists, enabled or not) and
            one per table-sync worker copying into it
@@ -94,9 +96,10 @@ def _parallel(caps: Capabilities | None) -> int:
 
 def link_out(use: Use, n: int, sync: int, what: str, compare: int = 0) -> None:
     """The source side of `n` links (slots and WAL senders), `sync` table-sync workers copying
-    from it at once, and `compare` comparison slots (read by SQL, no WAL sender)."""
+    from it at once, and `compare` comparison slots (streamed once the copy is done: a WAL
+    sender each, never beside the table syncs')."""
     use.add("slots", n + sync + compare, what)
-    use.add("senders", n + sync, what)
+    use.add("senders", n + max(sync, compare), what)
 
 
 def link_in(use: Use, n: int, sync: int, parallel: int, what: str) -> None:

@@ -32,6 +32,7 @@ from engine.plan.models import ShardSpec
 
 IDLE_S = 0.005  # a decoder that found nothing reads again after this
 STREAM_WAIT_S = 0.05  # a stream with nothing new: how long a read waits (and so how soon it sees a stop)
+NUDGE_AFTER_S = 0.1  # a take waiting this long on an idle stream: one commit flushes the WAL (_streamed)
 SNAPSHOT_EVERY_S = 0.05  # how often the decoder lets its slot's restart point follow
 
 
@@ -129,19 +130,21 @@ class Decoder:
     def __init__(self, live: Live, read: Callable[[psycopg.Connection, ShardSpec, bool], tuple[Changes, str]],
                  stream: Callable[[ShardSpec], tuple[SlotStream | None, str]] | None = None,
                  parse: Callable[[psycopg.Connection, ShardSpec, list[str]], Changes] | None = None):
+        if stream is not None and parse is None:
+            raise ValueError("a decoder that streams needs PARSE")
         self.live = live
         self.read = read
         self.stream = stream
         self.parse = parse
-        self.polled: dict[str, str] = {}  # sources read with SQL instead of streamed: why
         self._changed = threading.Condition()
         self._pending = Changes()
-        self._covered: dict[str, int] = {}  # per source: every change up to this LSN has been read
+        # per source: every transaction that committed before this LSN has been read
+        self._covered: dict[str, int] = {}
+        self._wanted: dict[str, int] = {}  # per source: the furthest LSN a take waits for
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: list[psycopg.Connection] = []
-        self._streams: list[SlotStream] = []
 
     def start(self) -> Decoder:
         for source in self.live.spec.sources:
@@ -154,13 +157,10 @@ class Decoder:
         try:
             with self.live.session(source, 3) as conn:
                 self._conns.append(conn)
-                stream, why = self.stream(source) if self.stream is not None else (None, "")
+                stream, _why = self.stream(source) if self.stream is not None else (None, "")
                 if stream is None:
-                    if why:
-                        self.polled[source.name] = why
                     self._poll(conn, source)
                     return
-                self._streams.append(stream)
                 try:
                     self._streamed(stream, conn, source)
                 finally:
@@ -185,13 +185,26 @@ class Decoder:
 
     def _streamed(self, stream: SlotStream, conn: psycopg.Connection, source: ShardSpec) -> None:
         """The slot streamed (engine/actions/move/streaming.py): what arrives is parsed (and
-        checked for rows out of range on CONN) and handed on with how far it covers."""
-        assert self.parse is not None
+        checked for rows out of range on CONN) and handed on with how far it covers.
+
+        A take can wait for an LSN inside a record the server has flushed only in part (the WAL
+        writer flushes whole pages): the walsender decodes whole records, so on a source with
+        nothing more to flush the stream would not reach it until something commits. After
+        NUDGE_AFTER_S without getting nearer, one commit of ours (an xid, no row) flushes it."""
+        parse = self.parse
+        assert parse is not None  # checked in __init__
+        nearer = time.monotonic()
         while not self._stopping.is_set():
             got = stream.read(STREAM_WAIT_S)
-            changed = self.parse(conn, source, got.lines) if got.lines else Changes()
+            changed = parse(conn, source, got.lines) if got.lines else Changes()
+            before = self._covered.get(source.name, 0)
             self._publish(source, changed, got.covered)
             stream.confirm(got.covered)
+            if got.covered > before or got.covered >= self._wanted.get(source.name, 0):
+                nearer = time.monotonic()
+            elif time.monotonic() - nearer > NUDGE_AFTER_S:
+                conn.execute("SELECT pg_current_xact_id()")
+                nearer = time.monotonic()
 
     def _publish(self, source: ShardSpec, changed: Changes, covered: int) -> None:
         with self._changed:
@@ -205,6 +218,8 @@ class Decoder:
         deadline = time.monotonic() + timeout
         wanted = {name: lsn(at) for name, at in upto.items()}
         with self._changed:
+            for name, at in wanted.items():
+                self._wanted[name] = max(at, self._wanted.get(name, 0))
             while True:
                 if self._error is not None:
                     raise self._error
@@ -220,6 +235,8 @@ class Decoder:
         """Stop reading: a read under way is cancelled (the slot must be free to be read or
         dropped next)."""
         self._stopping.set()
+        with self._changed:  # a take waiting is told at once
+            self._changed.notify_all()
         for conn in self._conns:
             if not conn.closed:
                 with contextlib.suppress(psycopg.Error):
