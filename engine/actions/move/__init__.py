@@ -25,11 +25,12 @@ kind. The journal step each writes is in quotes:
              are written (decoding.py)
   fence      "fence": arm the guard (a flag: no table lock), then drain (the commits under
              way) and mark in one statement on the server; hands on the marks and the pause
-             (engine/actions/fence.py: why it is sound); once marked, the sources' side of
-             the keys left is read beside the catch-up (compare.py Ahead)
+             (engine/actions/fence.py: why it is sound); once drained, the sources' side of
+             the keys left is read (compare.py Ahead) and the targets' sequences are set past
+             the sources' in disjoint blocks (sequences.py), beside the marks and the catch-up
                                                                                     fencing.py
-  catch up   "catch up": targets apply up to the mark; sequences set past the sources' in
-             disjoint blocks; the sources' last changes taken from the decoder      cutover.py
+  catch up   "catch up": targets apply up to the mark; the sequences' setting waited for; the
+             sources' last changes taken from the decoder                           cutover.py
   verify     "verify": the keys left and those changed since, frozen sources vs targets
              (the targets' side, beside Ahead's; the sources' side of what Ahead did not read)
   flip       "flip": targets active, sources retired, new routing epoch (one transaction);

@@ -21,7 +21,7 @@ from engine.actions.move.confirm import wait_confirmed
 from engine.actions.move.decoding import Changes
 from engine.actions.move.errors import MoveFailed
 from engine.actions.move.fencing import Fenced
-from engine.actions.move.live import SEQUENCES_LANE, Live, background
+from engine.actions.move.live import Live, background
 from engine.actions.move.spec import Pause
 from engine.catalog import journal, store
 from engine.client import ROUTING_CHANNEL
@@ -73,56 +73,27 @@ def target_schemas(live: Live) -> TargetSchemas:
 
 def catch_up(live: Live, fenced: Fenced, comparison: Comparison) -> CaughtUp:
     """Behind the fence, three things at once, each on its own servers' connections: the
-    targets apply up to the fence's mark; the sequences are set on the targets (on the
-    second held connections); the sources' changes since the last key round are decoded.
-    Each within `moves.fence_timeout`. The decoded changes are verify's to read (a stray row
+    targets apply up to the fence's mark; the sequences are set on the targets (begun when the
+    fence drained: engine/actions/move/sequences.py); the sources' changes since the last key
+    round are decoded. Each within `moves.fence_timeout`. The decoded changes are verify's to read (a stray row
     found there fails the move as verification does)."""
     marks, label = fenced.marks, live.spec.label
     fence_timeout = live.spec.settings.fence_timeout
     with live.step("catch up", durable=False, lsn=" ".join(f"{k}={v}" for k, v in sorted(marks.items()))):
         pause = fenced.pause.marked("catch up begun", time.monotonic())
 
-        def sequences() -> float:
-            started = time.monotonic()
-            journal.points(f"{label}: sequences")
-            _set_sequences(live)
-            return round(time.monotonic() - started, 3)
-
         def decode() -> Changes:
             journal.points(f"{label}: changes")
             return comparison.changes_upto(marks, max(0.0, deadline - time.monotonic()))
 
         deadline = time.monotonic() + fence_timeout
-        setting = background(sequences)
         changes = background(decode)
         with live.behind("the targets did not confirm the fence's mark"):
             wait_confirmed(live, marks, fence_timeout, "the fence's mark", stamps=fenced.stamps, fenced=True)
         pause = pause.marked("confirmed", time.monotonic())
-        sequences_s = live.within(setting, deadline, "the targets' sequences were not set")
+        sequences_s = live.within(fenced.sequences, deadline, "the targets' sequences were not set")
         pause = pause.marked("sequences set", time.monotonic())
         return CaughtUp(changes=changes, deadline=deadline, sequences_s=sequences_s, pause=pause, ahead=fenced.ahead)
-
-
-def _set_sequences(live: Live) -> None:
-    """Past the sources' values, in disjoint blocks per target; read on the sources' lane of
-    their own and set on the targets' second held connections, so that it runs beside the
-    catch-up, the decoding and the work ahead."""
-    last: dict[tuple[str, str], tuple[int, int]] = {}
-    for source in live.spec.sources:
-        with live.session(source, lane=SEQUENCES_LANE) as conn:
-            for schema, name, value, maximum in conn.execute(
-                    "SELECT schemaname, sequencename, coalesce(last_value, start_value), max_value"
-                    " FROM pg_sequences WHERE schemaname <> '_shardctl'"):
-                prev = last.get((schema, name), (value, maximum))
-                last[(schema, name)] = (max(prev[0], value), maximum)
-    targets = live.spec.targets
-    for i, target in enumerate(targets):
-        with live.session(target, lane=2) as conn:
-            for (schema, name), (value, maximum) in last.items():
-                # disjoint blocks: each target continues in its own range past the source
-                gap = min(10**9, max(1, (maximum - value) // (len(targets) + 1)))
-                conn.execute("SELECT setval(%s, %s, true)",
-                             (sql.Identifier(schema, name).as_string(conn), value + i * gap + 1))
 
 
 def verify(live: Live, comparison: Comparison, caught_up: CaughtUp) -> Verified:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,6 +24,7 @@ from psycopg import sql
 
 from engine.actions import fence
 from engine.actions.fence import DRAIN_LIMIT
+from engine.actions.move import sequences
 from engine.actions.move.compare import Ahead, Comparison
 from engine.actions.move.live import Live, background
 from engine.actions.move.spec import Pause
@@ -46,6 +48,7 @@ class Fenced:
     figures: dict[str, float]  # how the fence was taken, for the history
     pause: Pause
     ahead: Ahead  # the verification's work begun while the fence drained
+    sequences: Future  # the targets' sequences being set since the fence drained (sequences.py)
 
 
 @dataclass
@@ -120,7 +123,8 @@ def fence_stage(live: Live, prepared: Ready, comparison: Comparison) -> Fenced:
         record.update(figures)
         since = pause.since if pause.since is not None else began
         record["fenced_at"] = round(system_clock().timestamp() - (time.monotonic() - since), 3)
-        return Fenced(marks=marks, stamps=stamps, figures=figures, pause=pause, ahead=taken.ahead)
+        return Fenced(marks=marks, stamps=stamps, figures=figures, pause=pause, ahead=taken.ahead,
+                      sequences=taken.sequences)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class _Taken:
     drain_ms: float  # the last drain's
     pause: Pause
     ahead: Ahead
+    sequences: Future
     marks: dict[str, str]  # per source: its mark's LSN
     stamps: dict[str, int]  # per source: its mark's time, in microseconds
 
@@ -169,7 +174,8 @@ def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[
                    tries: _Attempts, comparison: Comparison) -> _Taken | None:
     """One try: arm every source, then on each (a merge's at once) drain, one statement on the
     server (engine/actions/fence.py drain). Drained, the work ahead begins, beside the marks
-    (whose commits wait for a WAL flush). The fence taken, or None (disarmed again)."""
+    (whose commits wait for a WAL flush), and so does the setting of the targets' sequences. The
+    fence taken, or None (disarmed again)."""
     journal.points(f"{live.spec.label}: arm")  # a test point: kill, hold or slow the fence right here
     if tries.pause.since is None:
         tries.pause = Pause(since=time.monotonic())  # before the flag: the pause is never understated
@@ -187,11 +193,12 @@ def _arm_and_drain(live: Live, conns: dict[str, psycopg.Connection], oids: dict[
         pause = tries.pause.marked("drained", drained)
         # the sources can change no longer: their side of the keys, now, beside the marks
         ahead = Ahead(comparison, {n: str(d.lsn) for n, d in drains.items()})
+        setting = sequences.begin(live)
         with live.behind("the fence's mark was not written"):
             marks = dict(zip(names, _on_each(live, lambda source: fence.mark(conns[source.name], operation,
                                                                                source.name)), strict=True))
         pause = pause.marked("marked", time.monotonic())
-        return _Taken(tries.count, round((drained - armed) * 1000, 1), pause, ahead,
+        return _Taken(tries.count, round((drained - armed) * 1000, 1), pause, ahead, setting,
                       marks={n: str(m.lsn) for n, m in marks.items()},
                       stamps={n: int(m.stamp or 0) for n, m in marks.items()})
     tries.in_the_way = [h for name, vxids in left.items() for h in write_holders(conns[name], oids[name])
