@@ -149,9 +149,7 @@ class Comparison:
         self._log_snapshot(conn, source)
         rows = conn.execute("SELECT data FROM pg_logical_slot_get_changes(%s, %s::pg_lsn, NULL,"
                             " 'skip-empty-xacts', '1', 'include-xids', '0')", (self.slot(source), upto)).fetchall()
-        changed = parse_changes((r[0] for r in rows), self.spec.key_column, self.spec.key_type)
-        self._refuse_strays(conn, source, changed)
-        return changed
+        return self._parsed(conn, source, [r[0] for r in rows])
 
     def read_flushed(self, conn: psycopg.Connection, source: ShardSpec, log_snapshot: bool) -> tuple[Changes, str]:
         """One read of SOURCE's slot on CONN up to the WAL flushed when it begins, in one round
@@ -164,9 +162,7 @@ class Comparison:
             "SELECT f.at::text, c.data FROM (SELECT pg_current_wal_flush_lsn() AS at OFFSET 0) f"
             " LEFT JOIN LATERAL pg_logical_slot_get_changes(%s, f.at, NULL, 'skip-empty-xacts', '1',"
             " 'include-xids', '0') c ON true", (self.slot(source),)).fetchall()
-        changed = parse_changes((r[1] for r in rows if r[1] is not None), self.spec.key_column, self.spec.key_type)
-        self._refuse_strays(conn, source, changed)
-        return changed, rows[0][0]
+        return self._parsed(conn, source, [r[1] for r in rows if r[1] is not None]), rows[0][0]
 
     def _took(self, new: Changes) -> Changes:
         """NEW, read from the slots, remembered; a TRUNCATE among them starts the comparison over."""
@@ -191,16 +187,17 @@ class Comparison:
             decoder.stop()
             self.decoder = None
 
-    def _stream(self, source: ShardSpec) -> tuple[SlotStream | None, str]:
-        """SOURCE's slot as a stream (engine/actions/move/streaming.py), or None and why not."""
+    def _stream(self, source: ShardSpec) -> SlotStream | None:
+        """SOURCE's slot as a stream (engine/actions/move/streaming.py), or None, said why."""
         stream, why = streaming.opened(self.live.ctx.fleet.servers[source.server].params(source.dbname),
                                        self.slot(source), source.server)
         if stream is None:
             self.live.say(f"the verification slot on {source.dbname} is read with SQL, not streamed: {redact(why)}")
-        return stream, why
+        return stream
 
     def _parsed(self, conn: psycopg.Connection, source: ShardSpec, lines: list[str]) -> Changes:
-        """Streamed lines as changes; rows written out of SOURCE's range refused (on CONN)."""
+        """test_decoding's lines (streamed or read with SQL) as changes; rows written out of
+        SOURCE's range refused (on CONN)."""
         changed = parse_changes(lines, self.spec.key_column, self.spec.key_type)
         self._refuse_strays(conn, source, changed)
         return changed

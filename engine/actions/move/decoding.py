@@ -120,15 +120,16 @@ class Decoder:
     until every source has been read past its LSN in UPTO (the decoder's lag), and hands over
     everything read so far.
 
-    STREAM opens a source's slot as a stream (or says why it cannot), and PARSE turns what it
-    sent into changes, checked for rows out of range. Where there is no stream, READ decodes one
+    STREAM opens a source's slot as a stream (or None, having said why it cannot), and PARSE
+    turns what it sent into changes, checked for rows out of range. Where there is no stream,
+    READ decodes one
     source on a connection up to the WAL flushed when it begins, and says that LSN
     (engine/actions/move/compare.py read_flushed: one round trip, with that check), over and
     over. An error (rows out of range, a server gone) ends the decoder and is raised to whoever
     takes next."""
 
     def __init__(self, live: Live, read: Callable[[psycopg.Connection, ShardSpec, bool], tuple[Changes, str]],
-                 stream: Callable[[ShardSpec], tuple[SlotStream | None, str]] | None = None,
+                 stream: Callable[[ShardSpec], SlotStream | None] | None = None,
                  parse: Callable[[psycopg.Connection, ShardSpec, list[str]], Changes] | None = None):
         if stream is not None and parse is None:
             raise ValueError("a decoder that streams needs PARSE")
@@ -157,7 +158,7 @@ class Decoder:
         try:
             with self.live.session(source, 3) as conn:
                 self._conns.append(conn)
-                stream, _why = self.stream(source) if self.stream is not None else (None, "")
+                stream = self.stream(source) if self.stream is not None else None
                 if stream is None:
                     self._poll(conn, source)
                     return
