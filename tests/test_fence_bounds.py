@@ -27,7 +27,7 @@ CASES = {
              "fence", "the fence's mark was not written"),
     "catch up": ("fence", ("target", "LOCK TABLE _shardctl.fence_marks IN ACCESS EXCLUSIVE MODE"), None,
                  "catch up", "the targets did not confirm the fence's mark"),
-    "sequences": (None, None, "sequences", "catch up", "the targets' sequences were not set"),
+    "sequences": (None, None, "sequences", "verify", "the targets' sequences were not set"),
     "changes": (None, None, "changes", "verify", "the sources' last changes were not decoded"),
     # the sources' side was read while the fence drained: behind it, the targets' is what waits
     "verify": ("verify", ("target", "LOCK TABLE customers IN ACCESS EXCLUSIVE MODE"), None,

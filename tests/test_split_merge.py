@@ -93,9 +93,9 @@ def test_a_merge_under_a_concurrent_writer_loses_nothing(loaded):
 
 
 # the points inside the pause, in the order the move reaches them
-PAUSE_POINTS = ["armed", "drained", "marked", "fence recorded", "catch up begun", "confirmed", "sequences set",
-                "catch up recorded", "verify begun", "decoded", "compared", "verify recorded", "flip begun",
-                "flip written", "flip committed"]
+PAUSE_POINTS = ["armed", "drained", "marked", "fence recorded", "catch up begun", "confirmed",
+                "catch up recorded", "verify begun", "decoded", "compared", "sequences set", "verify recorded",
+                "flip begun", "flip written", "flip committed"]
 
 
 def _pause_breakdown_kept(conn, event: dict) -> None:

@@ -29,10 +29,11 @@ kind. The journal step each writes is in quotes:
              the keys left is read (compare.py Ahead) and the targets' sequences are set past
              the sources' in disjoint blocks (sequences.py), beside the marks and the catch-up
                                                                                     fencing.py
-  catch up   "catch up": targets apply up to the mark; the sequences' setting waited for; the
-             sources' last changes taken from the decoder                           cutover.py
+  catch up   "catch up": targets apply up to the mark; the sources' last changes taken from
+             the decoder                                                            cutover.py
   verify     "verify": the keys left and those changed since, frozen sources vs targets
-             (the targets' side, beside Ahead's; the sources' side of what Ahead did not read)
+             (the targets' side, beside Ahead's; the sources' side of what Ahead did not read);
+             then the sequences' setting waited for
   flip       "flip": targets active, sources retired, new routing epoch (one transaction);
              then the pause recorded into the flip's history row
   hand over  "hand over <branch>": per replica, the links to the targets enabled, those to the

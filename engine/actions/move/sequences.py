@@ -22,7 +22,8 @@ from engine.catalog import journal
 
 def begin(live: Live) -> Future:
     """Set the targets' sequences in the background; the future's result is the seconds it
-    took. Catch-up waits for it by its deadline (engine/actions/move/cutover.py)."""
+    took. Verify waits for it, once the keys are compared, by the catch-up's deadline
+    (engine/actions/move/cutover.py)."""
 
     def setting() -> float:
         started = time.monotonic()

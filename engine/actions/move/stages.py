@@ -221,12 +221,12 @@ class Evaluator:
 
     def _catch_up(self, carried: Carried) -> Carried:
         caught_up = cutover.catch_up(self.live, _need(carried.fenced), _need(carried.comparison))
-        self.timings["sequences"] = caught_up.sequences_s
         pause = caught_up.pause.marked("catch up recorded", time.monotonic())
         return replace(carried, caught_up=replace(caught_up, pause=pause))
 
     def _verify(self, carried: Carried) -> Carried:
         verified = cutover.verify(self.live, _need(carried.comparison), _need(carried.caught_up))
+        self.timings["sequences"] = verified.sequences_s
         pause = verified.pause.marked("verify recorded", time.monotonic())
         return replace(carried, verified=replace(verified, pause=pause))
 
