@@ -122,9 +122,8 @@ class Decoder:
 
     STREAM opens a source's slot as a stream (or None, having said why it cannot), and PARSE
     turns what it sent into changes, checked for rows out of range. Where there is no stream,
-    READ decodes one
-    source on a connection up to the WAL flushed when it begins, and says that LSN
-    (engine/actions/move/compare.py read_flushed: one round trip, with that check), over and
+    READ decodes one source on a connection up to the WAL flushed when it begins, and says that
+    LSN (engine/actions/move/compare.py read_flushed: one round trip, with that check), over and
     over. An error (rows out of range, a server gone) ends the decoder and is raised to whoever
     takes next."""
 
