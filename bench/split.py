@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import workflow
 from engine.client import ShardClient, hashint8extended
+from engine.errors import UserError
 from engine.servers.embedded import bin_dir
 from engine.servers.fleet import Fleet
 from record import Record
@@ -265,12 +266,14 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], clients: in
     time.sleep(3)
     printed: list[str] = []
     load = os.getloadavg()[0]
-    workflow.apply(workflow.load(str(fleet_dir)), None, say=printed.append, metrics_file=metrics)
-    time.sleep(1)
-    for w in writers:
-        w.stop_flag.set()
-        w.join()
-    reports = [r for b in benches for r in b.stop()]
+    try:
+        workflow.apply(workflow.load(str(fleet_dir)), None, say=printed.append, metrics_file=metrics)
+        time.sleep(1)
+    finally:  # a move that fails (MoveFailed) leaves no pgbench or writer running behind it
+        for w in writers:
+            w.stop_flag.set()
+            w.join()
+        reports = [r for b in benches for r in b.stop()]
     with fleet.catalog() as conn:
         detail = conn.execute("SELECT detail FROM shardctl.history WHERE event IN ('split_shard', 'merge_shards')"
                               " ORDER BY id DESC LIMIT 1").fetchone()[0]
@@ -374,13 +377,21 @@ def run_size(rows_wanted: int, clients_list: list[int], cycles: int, baseline: b
             for clients in clients_list:
                 done = out["moves"][clients] = []
                 started = os.getloadavg()
-                for cycle in range(cycles):
-                    done.append(move(fleet_dir, fleet, "split", ["-80"], clients, rows_wanted * 2,
-                                     f"{clients}-{cycle}-split"))
-                    done.append(move(fleet_dir, fleet, "merge", ["-40", "40-80"], clients, rows_wanted * 2,
-                                     f"{clients}-{cycle}-merge"))
+                try:
+                    for cycle in range(cycles):
+                        done.append(move(fleet_dir, fleet, "split", ["-80"], clients, rows_wanted * 2,
+                                         f"{clients}-{cycle}-split"))
+                        done.append(move(fleet_dir, fleet, "merge", ["-40", "40-80"], clients, rows_wanted * 2,
+                                         f"{clients}-{cycle}-merge"))
+                except UserError as failed:
+                    # a move that failed is a result too: kept in the record with the moves before it;
+                    # the fleet is left mid-move, so the run ends here
+                    out["failed"] = {"clients": clients, "move": len(done) + 1, "error": str(failed)}
+                    print(f"\nmove {len(done) + 1} with {clients} clients failed: {failed}", flush=True)
                 out.setdefault("load", {})[clients] = (started, os.getloadavg())
                 report_clients(out["rows"], clients, done, out["load"][clients])
+                if "failed" in out:
+                    break
             if throttle:
                 (fleet_dir / "fleet.yaml").write_text(FLEET.replace(
                     "autosplit: {cooldown: 0s, retire_after: 0s}",
@@ -489,7 +500,9 @@ def write_record(record: Record, size: int, clients_list: list[int], result: dic
                        [result["baseline_s"]], "s")
         record.measure(f"{size}.quiet_copy", f"{size:,} rows: the split's copy phase without pgbench",
                        [result["copy_s"]], "s", baseline=f"{size}.baseline_copy")
-    groups = [(f"{c} clients", result["moves"][c]) for c in clients_list]
+    if "failed" in result:
+        record.fact(f"{size}.failed_move", result["failed"])
+    groups = [(f"{c} clients", result["moves"][c]) for c in clients_list if c in result["moves"]]
     if result.get("throttled"):
         groups.append((f"{clients_list[0]} clients, copy throttle", result["throttled"]))
     for group, moves in groups:
