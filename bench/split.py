@@ -364,9 +364,13 @@ def run_size(rows_wanted: int, clients_list: list[int], cycles: int, baseline: b
             for handle in fleet.servers.values():
                 # both servers hold sources and targets here, so each one's WAL carries the copy
                 # into its targets as well as pgbench: the embedded 2GB cap per slot is too small
-                # for an 8M-row move under load (the move would fail, naming the setting)
+                # for an 8M-row move under load (the move would fail, naming the setting). With
+                # the default 1GB max_wal_size, checkpoints come every few seconds of an 8M copy
+                # under 32 writers and their full-page writes multiply the WAL the slots hold
+                # (a 32-writer run lost its 9th move's tablesync slot to the cap)
                 with handle.connect() as conn:
                     conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '16GB'")
+                    conn.execute("ALTER SYSTEM SET max_wal_size = '16GB'")
                     conn.execute("SELECT pg_reload_conf()")
             out["rows"] = load_shard(fleet, "-80", rows_wanted)
             if baseline:
