@@ -4,6 +4,7 @@ written, in under 5 s. And the JSON Schema agrees with the CLI on every invalid 
 judge: where a rule is one JSON Schema can express, both refuse."""
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -41,6 +42,25 @@ def test_the_hostile_corpus_is_large_and_covers_every_class():
 
 def _snapshot(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) + ("@" if p.is_symlink() else "") for p in root.rglob("*"))
+
+
+def test_the_corpus_is_what_its_generator_writes(tmp_path, monkeypatch):
+    """A case edited by hand would be lost at the next regeneration: every file the generator
+    writes is on disk as written (expect.txt is recorded separately, with --expect)."""
+    monkeypatch.syspath_prepend(str(CORPUS))
+    import generate_hostile
+
+    monkeypatch.setattr(generate_hostile, "HERE", tmp_path / "hostile")
+    generate_hostile.write()
+    written = sorted(p.relative_to(tmp_path / "hostile") for p in (tmp_path / "hostile").rglob("*")
+                     if p.is_file() and not p.is_symlink())
+    assert len(written) > len(HOSTILE)
+    for rel in written:
+        assert (CORPUS / "hostile" / rel).read_bytes() == (tmp_path / "hostile" / rel).read_bytes(), rel
+    made = tmp_path / "hostile"
+    links = [p.relative_to(made) for p in made.rglob("*") if p.is_symlink()]
+    assert links and all(os.readlink(CORPUS / "hostile" / rel) == os.readlink(made / rel) for rel in links)
+    assert sorted(p.name for p in (tmp_path / "hostile").iterdir()) == HOSTILE
 
 
 @pytest.mark.parametrize("case", HOSTILE)

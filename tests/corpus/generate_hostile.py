@@ -242,7 +242,7 @@ for name, body in [
     ("contra-check-every-zero", "autosplit: {check_every: 0}"),
     ("contra-check-every-below-interval", "metrics: {interval: 30s}\nautosplit: {check_every: 10s}"),
     ("contra-interval-longer-than-check", "metrics: {interval: 2h}"),
-    ("contra-window-over-history", "detection: {window: 20, hot_samples: 3}"),
+    ("contra-window-over-history", "detection: {sustain: 10m}\nmetrics: {history: 20}"),
     ("contra-cold-window-over-history", "metrics: {history: 5}"),
     ("contra-hot-samples-over-window", "detection: {hot_samples: 9, window: 4}"),
 ]:
