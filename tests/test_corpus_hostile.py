@@ -50,17 +50,16 @@ def test_the_corpus_is_what_its_generator_writes(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(CORPUS))
     import generate_hostile
 
-    monkeypatch.setattr(generate_hostile, "HERE", tmp_path / "hostile")
+    made = tmp_path / "hostile"
+    monkeypatch.setattr(generate_hostile, "HERE", made)
     generate_hostile.write()
-    written = sorted(p.relative_to(tmp_path / "hostile") for p in (tmp_path / "hostile").rglob("*")
-                     if p.is_file() and not p.is_symlink())
+    written = sorted(p.relative_to(made) for p in made.rglob("*") if p.is_file() and not p.is_symlink())
     assert len(written) > len(HOSTILE)
     for rel in written:
-        assert (CORPUS / "hostile" / rel).read_bytes() == (tmp_path / "hostile" / rel).read_bytes(), rel
-    made = tmp_path / "hostile"
+        assert (CORPUS / "hostile" / rel).read_bytes() == (made / rel).read_bytes(), rel
     links = [p.relative_to(made) for p in made.rglob("*") if p.is_symlink()]
     assert links and all(os.readlink(CORPUS / "hostile" / rel) == os.readlink(made / rel) for rel in links)
-    assert sorted(p.name for p in (tmp_path / "hostile").iterdir()) == HOSTILE
+    assert sorted(p.name for p in made.iterdir()) == HOSTILE
 
 
 @pytest.mark.parametrize("case", HOSTILE)
