@@ -150,6 +150,9 @@ def unwritable_ms(writers: list[Writer], sources: set[str]) -> float:
 class Bench:
     """pgbench on one source: C/2 clients in each lock order, every transaction logged."""
 
+    # --apply-nice: pgbench in its own session, so its CPU share is not the apply's (favour)
+    own_session = False
+
     def __init__(self, fleet_dir: Path, fleet: Fleet, server: str, dbname: str, clients: int, maxid: int, tag: str):
         self.logs = fleet_dir.parent / "pgbench" / tag
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -162,7 +165,8 @@ class Bench:
                 [str(bin_dir() / "pgbench"), "-n", "-c", str(max(1, clients // 2)), "-j", "1", "-T", "3600",
                  "--failures-detailed", "-l", f"--log-prefix={self.logs / order}", "-D", f"maxid={maxid}",
                  "-f", str(script), "-h", str(embedded.socket_dir), "-p", "5432", "-U", "postgres", dbname],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.logs))
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.logs,
+                start_new_session=self.own_session))
 
     def stop(self) -> list[str]:
         """pgbench's reports; the processes stop at the fence's refusal, or are stopped here."""
@@ -458,6 +462,45 @@ def report_clients(rows: int, clients: int, moves: list[dict], load: tuple) -> N
         print(f"  copy phase: {', '.join(f'{c:.1f}' for c in (m['copy_s'] for m in of))} s")
 
 
+def own_session() -> None:
+    """This process in a session (an autogroup) of its own, so that the nice set on it is not
+    the shell's too. A process group leader (a command run in a terminal's foreground) may not
+    call setsid: it forks, the child goes on in a new session, and the parent waits for it."""
+    try:
+        os.setsid()
+        return
+    except PermissionError:
+        pass
+    child = os.fork()
+    if child:
+        _, status = os.waitpid(child, 0)
+        os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+    os.setsid()
+
+
+def favour_apply(nice: int) -> None:
+    """The measurement condition of `--apply-nice`: this process (the apply, and the client
+    writers' threads) gets the CPU share of an autogroup at NICE, and pgbench runs in sessions of
+    its own.
+
+    Why: with the kernel's autogroups (`/proc/sys/kernel/sched_autogroup_enabled`), the CPU is
+    shared between sessions first, and every PostgreSQL backend is a session of its own. On this
+    bench's two cores the apply's process then gets one share in about 35 (one per writer's
+    backend, walsender and apply worker), a few percent of a core, where in production shardctl
+    runs on a host of its own and the writers' clients on theirs. The servers' backends, ours
+    and the writers', still share the two cores as before. The default (0) keeps everything in
+    one session, as the records before this option were made."""
+    own_session()
+    try:
+        Path("/proc/self/autogroup").write_text(str(nice))
+    except OSError as exc:
+        raise SystemExit(f"--apply-nice {nice}: cannot set this process's autogroup nice ({exc});"
+                         " it needs CAP_SYS_NICE (root) and a kernel with autogroups") from None
+    Bench.own_session = True
+    print(f"measurement condition: the apply's autogroup at nice {nice}: {Path('/proc/self/autogroup').read_text()}"
+          .strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000000,8000000", help="rows in the moving shard, comma-separated")
@@ -465,11 +508,20 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=5, help="splits (and merges back) per size and client count")
     parser.add_argument("--baseline", action="store_true", help="the raw COPY pipe and a split without load first")
     parser.add_argument("--throttle", action="store_true", help="a split and merge more with moves.copy_streams: 1")
+    parser.add_argument("--apply-nice", type=int, default=0, metavar="N",
+                        help="the apply's CPU share as if shardctl ran on a host of its own (see favour_apply);"
+                             " e.g. -10. The record is then split-<sizes>-favoured.json")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     # the quick run (hundreds of thousands of rows) is `split`; the long ones keep their own record
-    record = Record("split" if max(sizes) < 1_000_000 else "split-" + "-".join(f"{s / 1e6:g}m" for s in sizes))
+    name = "split" if max(sizes) < 1_000_000 else "split-" + "-".join(f"{s / 1e6:g}m" for s in sizes)
+    if args.apply_nice:
+        favour_apply(args.apply_nice)
+        name += "-favoured"
+    record = Record(name)
+    if args.apply_nice:
+        record.fact("apply_autogroup_nice", args.apply_nice)
     for size in sizes:
         result = run_size(size, clients, args.cycles, args.baseline, args.throttle)
         write_record(record, size, clients, result)
