@@ -1,0 +1,33 @@
+"""When the last key rounds before the fence stop (engine/actions/move/compare.py fence_now): once
+few keys are left, or once the rounds stop improving; never right after a round that left far
+more keys than the fewest before it."""
+
+from engine.actions.move.compare import FENCE_KEYS, fence_now
+
+
+def test_few_keys_left_fence_at_once_even_after_the_first_round():
+    assert fence_now([FENCE_KEYS])
+    assert fence_now([5_000, 40])
+
+
+def test_the_first_round_alone_never_decides():
+    assert not fence_now([FENCE_KEYS + 1])
+    assert not fence_now([9_000])
+
+
+def test_rounds_go_on_while_each_improves_by_a_fifth():
+    assert not fence_now([4_000, 3_000])
+    assert not fence_now([4_000, 3_000, 2_000])
+
+
+def test_rounds_that_stopped_improving_fence():
+    assert fence_now([4_000, 3_500])  # within a fifth of the fewest: a plateau
+    assert fence_now([4_000, 3_000, 3_100])
+    assert fence_now([2_000, 2_400])  # a little worse, still the plateau's level
+
+
+def test_a_round_that_left_far_more_than_the_fewest_is_followed_by_another():
+    # the merge whose last round left 6,944 keys after one that left about 2,700 (a 307 ms pause)
+    assert not fence_now([3_100, 2_753, 6_756])
+    # the next round back near the fewest: fence then
+    assert fence_now([3_100, 2_753, 6_756, 2_900])
