@@ -211,6 +211,25 @@ def journal_times(fleet: Fleet, operation: int) -> dict[tuple[str, str], datetim
     return out
 
 
+def fence_window(fleet: Fleet, detail: dict, logged_begin: float) -> tuple[float, float]:
+    """When the fence was being taken, wall-clock: from its step's start to the drain. Placed by
+    the apply's own clock: the moment the pause began (the fence step's `fenced_at`) and the
+    drain's mark in the pause, less the acquisition. The journal row of the step's start is
+    written aside behind the fence, and its `at` came late by up to the whole acquisition: the
+    window then held none of pgbench's transactions. LOGGED_BEGIN (that row's time) serves where
+    the figures are missing (a fence inherited from an interrupted run)."""
+    with fleet.catalog() as conn:
+        row = conn.execute("SELECT detail FROM shardctl.journal WHERE operation = %s AND step LIKE '%%: fence'"
+                           " AND status = 'done' ORDER BY seq LIMIT 1", (detail["operation"],)).fetchone()
+    fenced_at = (row[0] or {}).get("fenced_at") if row else None
+    drained = detail.get("pause_marks", {}).get("drained")
+    acquired_s = detail["fence"]["acquired_ms"] / 1000
+    if fenced_at is None or drained is None:
+        return logged_begin, logged_begin + acquired_s
+    end = float(fenced_at) + drained / 1000
+    return end - acquired_s, end
+
+
 def during(transactions: list[tuple[float, float]], start: float, end: float) -> list[float]:
     """Latencies (ms) of the transactions that were running at some moment of [start, end]."""
     return [lat * 1000 for t, lat in transactions if t >= start and t - lat <= end]
@@ -283,8 +302,7 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], clients: in
                               " ORDER BY id DESC LIMIT 1").fetchone()[0]
     at = journal_times(fleet, detail["operation"])
     began, copy_start, copy_end = at[("record", "begin")], at[("subscribe", "begin")], at[("sync", "done")]
-    fence_start = at[("fence", "begin")].timestamp()
-    acquired = fence_start + detail["fence"]["acquired_ms"] / 1000
+    fence_start, acquired = fence_window(fleet, detail, at[("fence", "begin")].timestamp())
     txs = [t for b in benches for t in b.transactions()]
     during_copy = during(txs, copy_start.timestamp(), copy_end.timestamp())
     during_fence = during(txs, fence_start, acquired)
@@ -299,6 +317,8 @@ def move(fleet_dir: Path, fleet: Fleet, kind: str, names: list[str], clients: in
         "unwritable_ms": unwritable_ms(writers, sources),
         "fence_p99_ms": percentile(during_fence, 0.99) if during_fence else 0.0,
         "fence_max_ms": max(during_fence, default=0.0), "fence_tx": len(during_fence),
+        # how late the journal's row of the fence step's start was against the apply's clock
+        "fence_row_late_ms": round((at[("fence", "begin")].timestamp() - fence_start) * 1000, 1),
         "copy_p99_ms": percentile(during_copy, 0.99) if during_copy else 0.0,
         "copy_max_ms": max(during_copy, default=0.0),
         "copy_throughput": rate(txs, copy_start.timestamp(), copy_end.timestamp())
