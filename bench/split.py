@@ -14,7 +14,7 @@ split of the shard and a merge of its halves back, each while:
 - two `engine.client` writers insert keys of the moving range and re-route at the cutover.
 
 Per move, from the journal's timestamps and pgbench's per-transaction log:
-- acquisition: from the fence step's start to the fence held (armed and drained), as the history
+- acquisition: from the fence step's start to the fence held (armed, drained and marked), as the history
   records it, with the tries and the drain;
 - locked: the pause (fence armed to routing flip committed, the history's pause_ms, which must
   equal the printed figure) and, as the application sees it, from the last write a source
@@ -41,6 +41,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -214,20 +215,20 @@ def journal_times(fleet: Fleet, operation: int) -> dict[tuple[str, str], datetim
 def fence_window(fleet: Fleet, detail: dict, logged_begin: float) -> tuple[float, float]:
     """When the fence was being taken, wall-clock: from its step's start to the drain. Placed by
     the apply's own clock: the moment the pause began (the fence step's `fenced_at`) and the
-    drain's mark in the pause, less the acquisition. The journal row of the step's start is
-    written aside behind the fence, and its `at` came late by up to the whole acquisition: the
-    window then held none of pgbench's transactions. LOGGED_BEGIN (that row's time) serves where
-    the figures are missing (a fence inherited from an interrupted run)."""
+    pause's marks. `acquired_ms` runs from the step's start to the marks written, so the start
+    is the marks' moment less it. The journal row of the step's start is written aside behind
+    the fence, and its `at` came late by up to the whole acquisition: that window then held
+    none of pgbench's transactions. LOGGED_BEGIN (that row's time) serves where the figures are
+    missing (a history written before the pause had its marks)."""
     with fleet.catalog() as conn:
         row = conn.execute("SELECT detail FROM shardctl.journal WHERE operation = %s AND step LIKE '%%: fence'"
-                           " AND status = 'done' ORDER BY seq LIMIT 1", (detail["operation"],)).fetchone()
+                           " AND status = 'done' ORDER BY seq DESC LIMIT 1", (detail["operation"],)).fetchone()
     fenced_at = (row[0] or {}).get("fenced_at") if row else None
-    drained = detail.get("pause_marks", {}).get("drained")
+    marks = detail.get("pause_marks", {})
     acquired_s = detail["fence"]["acquired_ms"] / 1000
-    if fenced_at is None or drained is None:
+    if fenced_at is None or "drained" not in marks or "marked" not in marks:
         return logged_begin, logged_begin + acquired_s
-    end = float(fenced_at) + drained / 1000
-    return end - acquired_s, end
+    return float(fenced_at) + marks["marked"] / 1000 - acquired_s, float(fenced_at) + marks["drained"] / 1000
 
 
 def during(transactions: list[tuple[float, float]], start: float, end: float) -> list[float]:
@@ -451,7 +452,7 @@ def report_clients(rows: int, clients: int, moves: list[dict], load: tuple) -> N
         if not of:
             continue
         print(f"{kind}s ({len(of)}):")
-        for label, key in (("fence acquired (step start to armed+drained)", "acquired_ms"),
+        for label, key in (("fence acquired (step start to armed, drained, marked)", "acquired_ms"),
                            ("  of which the drain", "drain_ms"),
                            ("locked: pause, fence armed to flip committed", "pause_ms"),
                            ("locked as the client writers saw it", "unwritable_ms"),
@@ -492,9 +493,16 @@ def own_session() -> None:
     except PermissionError:
         pass
     child = os.fork()
-    if child:
-        _, status = os.waitpid(child, 0)
-        os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+    if child:  # the parent only waits; Ctrl-C (which reaches it, in the terminal's group) is passed on
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, lambda got, _frame: os.kill(child, got))
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        os._exit(os.waitstatus_to_exitcode(status))
     os.setsid()
 
 
@@ -554,7 +562,7 @@ def main() -> None:
     record.write()
 
 
-CYCLE_FIGURES = (("acquired_ms", "fence acquired (step start to armed and drained)", "ms"),
+CYCLE_FIGURES = (("acquired_ms", "fence acquired (step start to armed, drained and marked)", "ms"),
                  ("drain_ms", "of which the drain (waiting for earlier writers)", "ms"),
                  ("pause_ms", "locked: pause, fence armed to routing flip committed", "ms"),
                  ("unwritable_ms", "locked as the client writers saw it (last source write to first target write)",
