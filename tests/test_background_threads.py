@@ -6,8 +6,19 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from engine.actions.move.live import _Threads, background
+
+
+def idle_becomes(threads: _Threads, count: int, within_s: float = 10.0) -> bool:
+    """Until COUNT threads wait for work (they count themselves as they begin to wait)."""
+    deadline = time.monotonic() + within_s
+    while threads._idle != count:
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.001)
+    return True
 
 
 def test_work_runs_and_its_result_or_error_reaches_the_waiter():
@@ -20,28 +31,45 @@ def test_work_runs_and_its_result_or_error_reaches_the_waiter():
     assert isinstance(error, ValueError) and str(error) == "no such row"
 
 
-def test_work_one_after_the_other_reuses_one_thread():
+def test_work_after_work_runs_on_the_thread_kept_from_before():
     threads = _Threads()
-    seen: set[int] = set()
-    for _ in range(20):
+    seen: list[int] = []
+    for _ in range(5):
         done = threading.Event()
 
         def work(done: threading.Event = done) -> None:
-            seen.add(threading.get_ident())
+            seen.append(threading.get_ident())
             done.set()
 
         threads.run(work)
         assert done.wait(10)
-    # a thread is idle again only once it has asked for more work: at most one more was started
-    # while the first was between its work and its next wait
-    assert len(seen) <= 2
+        assert idle_becomes(threads, 1)
+    assert len(set(seen)) == 1
+
+
+def test_prestarted_threads_take_work_side_by_side_without_starting_more():
+    threads = _Threads()
+    threads.prestart(4)
+    assert idle_becomes(threads, 4)
+    running = threading.active_count()
+    barrier = threading.Barrier(4, timeout=10)
+    passed = threading.Semaphore(0)
+
+    def meet() -> None:
+        barrier.wait()  # passes only when four threads run this at the same time
+        passed.release()
+
+    for _ in range(4):
+        threads.run(meet)
+    assert threading.active_count() == running
+    assert all(passed.acquire(timeout=10) for _ in range(4))
 
 
 def test_a_thread_held_by_work_that_never_ends_does_not_hold_up_the_next():
     threads = _Threads()
     threads.prestart(1)
-    release = threading.Event()
-    started = threading.Event()
+    assert idle_becomes(threads, 1)
+    release, started, done = threading.Event(), threading.Event(), threading.Event()
 
     def hangs() -> None:
         started.set()
@@ -49,28 +77,9 @@ def test_a_thread_held_by_work_that_never_ends_does_not_hold_up_the_next():
 
     threads.run(hangs)
     assert started.wait(10)
-    done = threading.Event()
     threads.run(done.set)  # no idle thread: one is started for it
     assert done.wait(10)
     release.set()
-
-
-def test_prestarted_threads_take_work_at_once_side_by_side():
-    threads = _Threads()
-    threads.prestart(4)
-    barrier = threading.Barrier(4, timeout=10)
-    passed = threading.Semaphore(0)
-    idents: set[int] = set()
-
-    def meet() -> None:
-        barrier.wait()  # passes only when four threads run this at the same time
-        idents.add(threading.get_ident())
-        passed.release()
-
-    for _ in range(4):
-        threads.run(meet)
-    assert all(passed.acquire(timeout=10) for _ in range(4))
-    assert len(idents) == 4
 
 
 def test_a_forked_child_starts_with_no_kept_threads():
