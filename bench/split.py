@@ -496,12 +496,7 @@ def own_session() -> None:
     if child:  # the parent only waits; Ctrl-C (which reaches it, in the terminal's group) is passed on
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, lambda got, _frame: os.kill(child, got))
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
+        _, status = os.waitpid(child, 0)  # retried by Python across the signals (PEP 475)
         os._exit(os.waitstatus_to_exitcode(status))
     os.setsid()
 
