@@ -8,6 +8,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from engine.actions.move.live import _Threads, background
 
 
@@ -80,6 +82,24 @@ def test_a_thread_held_by_work_that_never_ends_does_not_hold_up_the_next():
     threads.run(done.set)  # no idle thread: one is started for it
     assert done.wait(10)
     release.set()
+
+
+def test_a_thread_that_cannot_be_started_raises_and_leaves_nothing_behind(monkeypatch):
+    threads = _Threads()
+    ran = threading.Event()
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", no_thread)
+        with pytest.raises(RuntimeError):
+            threads.run(ran.set)
+    assert threads._idle == 0 and threads._work.empty()
+    done = threading.Event()
+    threads.run(done.set)  # threads can be had again: the next work runs, the failed one does not
+    assert done.wait(10)
+    assert not ran.is_set()
 
 
 def test_a_forked_child_starts_with_no_kept_threads():

@@ -62,49 +62,53 @@ def background(work: Callable[[], object]) -> Future:
 
 class _Threads:
     """Daemon threads that wait for work and are kept once started: work goes to one that is
-    idle, and a thread is started only when none is (so work that waits for other work never
-    waits for a thread). A thread left behind by a statement that never ends is simply not idle."""
+    idle, else to a new thread, handed it as it starts (so work that waits for other work never
+    waits for a thread). A thread is counted idle by itself, as it waits; one left behind by a
+    statement that never ends is simply never idle again."""
 
     def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """None kept (a forked child has none of its parent's threads)."""
         self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting for work, not yet promised any
 
-    def forget(self) -> None:
-        """None kept (a forked child has none of its parent's threads)."""
-        self._work = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-
     def run(self, work: Callable[[], None]) -> None:
         with self._lock:
-            start = self._idle == 0
-            if not start:
+            if self._idle:
                 self._idle -= 1
-        self._work.put(work)
-        if start:
-            threading.Thread(target=self._serve, daemon=True, name="shardctl-move").start()
+                self._work.put(work)
+                return
+        self._start(work)
 
     def prestart(self, count: int) -> None:
-        """At least COUNT idle threads, started now (before the work that must not wait for one)."""
+        """About COUNT idle threads, started now (before the work that must not wait for one)."""
         with self._lock:
             missing = max(0, count - self._idle)
-            self._idle += missing
         for _ in range(missing):
-            threading.Thread(target=self._serve, daemon=True, name="shardctl-move").start()
+            self._start(None)
 
-    def _serve(self) -> None:
+    def _start(self, first: Callable[[], None] | None) -> None:
+        # a start that fails (no thread to be had) raises to the caller, and nothing was counted
+        threading.Thread(target=self._serve, args=(first,), daemon=True, name="shardctl-move").start()
+
+    def _serve(self, work: Callable[[], None] | None) -> None:
         while True:
-            self._work.get()()
+            if work is not None:
+                work()  # background's run: it never raises
             with self._lock:
                 self._idle += 1
+            work = self._work.get()
 
 
 _THREADS = _Threads()
 os.register_at_fork(after_in_child=_THREADS.forget)
-# threads a move's steps run on at once, at most: a merge's key round reads on two lanes of three
-# shards, and behind the fence the work ahead, the sequences, the catch-up and the verification
-# run side by side (started with the held connections, outside the pause)
+# threads a move runs on at once, kept ready: behind the fence `bounded` sets the statement
+# timeout on every held connection at once (five per source and two per target: 12 for a merge
+# of two sources), and the work ahead, the sequences, the catch-up and the verification run side
+# by side; a key round reads on two lanes of each shard. More are started when needed.
 PRESTARTED_THREADS = 16
 
 
