@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -220,7 +220,13 @@ def _on_each(live: Live, work: Callable[[ShardSpec], T]) -> list[T]:
     others = [background(partial(work, source)) for source in sources[1:]]
     # the first on this thread, which would only wait: a thread handed the work waited for the CPU
     # first (the arm of a merge's two sources came 23 ms after the pause began, a split's 1-2 ms)
-    first = work(sources[0])
+    try:
+        first = work(sources[0])
+    except BaseException:
+        # the others end first (each statement is bounded behind the fence): whoever handles
+        # this lifts the fence, and an arm still under way on another source must not come after
+        wait(others, timeout=live.spec.settings.fence_timeout)
+        raise
     return [first, *(job.result() for job in others)]
 
 
