@@ -150,9 +150,10 @@ def _crash_and_recover(fleet, kind: str, role: str, step: str, args: list[str]) 
         victim = ROLES[kind][role]
         # behind the fence the verification's work ahead reads the source from the drain on, beside
         # the hold, and a killed postmaster's backends answer a moment longer: the killed run could
-        # read all it needs and flip without its source (sound: CI once saw it, and no rerun then
-        # had a pause to report), which is not this case, a source dying while the fence still
-        # needs it. Slowed 2 s, the work ahead meets the dead server, well within the fence's bound.
+        # read all it needs and flip without its source (sound; the likely reading of a CI run in
+        # which no rerun had a pause to report), which is not this case, a source dying while the
+        # fence still needs it. Slowed 2 s, the work ahead meets the dead server, well within the
+        # fence's bound.
         slow = {SLOWPOINT_ENV: f"{kind}: ahead=2"} if (role, step) == ("source", "catch up") else None
         killed = _kill_mid_move(fleet, kind, step, victim, args, slow)
         both = killed.stdout + killed.stderr
